@@ -1,0 +1,206 @@
+"""Image transforms and collation shared by the built-in datamodules.
+
+Training follows the DELG recipe (``_ImageNetCrop`` in tensorflow/models ``research/delf``
+``googlelandmarks.py``): a random box as TF's ``sample_distorted_bounding_box`` draws it
+(aspect ratio 3/4-4/3 drawn uniformly, area 8-100 % of the image, the box covering at least
+10 % of the image, 100 attempts, else the whole image), resized to a square with area
+interpolation; no flip, no colour jitter.
+
+Evaluation follows DELG's ``ResizeImage``: the long side is capped at ``max_side`` (never
+enlarged unless ``upscale``), new size ``round(side * factor)``, bilinear with antialiasing as
+PIL's resize does. A query is first cropped to its box with PIL's ``crop`` semantics
+(coordinates rounded half-to-even, outside pixels black) and then resized by the factor the
+full image would get, so crop and database share one scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip, to_float
+
+
+def _to_float(image: Tensor) -> Tensor:
+    """uint8 (3,H,W) -> float32 in [0, 1]; float input is returned as float32."""
+    if image.dtype == torch.uint8:
+        return to_float(image)
+    return image.float()
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
+    min_object_covered: float = 0.1,
+    max_attempts: int = 100,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """Draw a crop ``(top, left, h, w)`` the way TF's ``sample_distorted_bounding_box`` does.
+
+    Each attempt draws an aspect ratio (w/h) uniformly, then an integer height uniformly
+    between the heights giving the smallest and largest allowed area; the box is kept when it
+    fits and its area fraction lies in ``area_range`` and is at least ``min_object_covered``
+    (the whole image is the only object). After ``max_attempts`` misses the whole image is used.
+    """
+    total = float(height * width)
+    lo_area = max(area_range[0], min_object_covered) * total
+    hi_area = area_range[1] * total
+    for _ in range(max_attempts):
+        u = torch.rand((), generator=generator).item()
+        aspect = aspect_range[0] + u * (aspect_range[1] - aspect_range[0])
+        min_h = int(round(math.sqrt(lo_area / aspect)))
+        max_h = int(round(math.sqrt(hi_area / aspect)))
+        max_h = min(max_h, height, int((width + 0.5 - 1e-7) / aspect))
+        if max_h < 1 or min_h > max_h:
+            continue
+        h = min_h + int(torch.randint(max_h - min_h + 1, (), generator=generator).item())
+        w = int(round(h * aspect))
+        area = h * w
+        if w < 1 or w > width or h > height or area < lo_area or area > hi_area:
+            continue
+        top = int(torch.randint(height - h + 1, (), generator=generator).item())
+        left = int(torch.randint(width - w + 1, (), generator=generator).item())
+        return top, left, h, w
+    return 0, 0, height, width
+
+
+class TrainTransform:
+    """DELG training augmentation: random box (see :func:`sample_crop_box`) -> square ``image_size``.
+
+    Takes a uint8 or float (3,H,W) tensor and returns float32 (3, image_size, image_size) in [0, 1].
+    ``interpolation`` is ``"area"`` (DELG; box averaging) or ``"bilinear"`` (antialiased).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 512,
+        area_range: tuple[float, float] = (0.08, 1.0),
+        aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
+        min_object_covered: float = 0.1,
+        interpolation: str = "area",
+    ) -> None:
+        if interpolation not in ("area", "bilinear"):
+            raise ValueError(f"interpolation must be 'area' or 'bilinear', got {interpolation!r}")
+        self.image_size = int(image_size)
+        self.area_range = (float(area_range[0]), float(area_range[1]))
+        self.aspect_range = (float(aspect_range[0]), float(aspect_range[1]))
+        self.min_object_covered = float(min_object_covered)
+        self.interpolation = interpolation
+
+    def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _, height, width = image.shape
+        top, left, h, w = sample_crop_box(
+            height, width, self.area_range, self.aspect_range, self.min_object_covered,
+            generator=generator,
+        )
+        crop = _to_float(image[:, top : top + h, left : left + w])
+        size = [self.image_size, self.image_size]
+        if self.interpolation == "area":
+            out = F.interpolate(crop[None], size=size, mode="area")[0]
+        else:
+            out = F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False,
+                                antialias=True)[0]
+        return out.clamp_(0.0, 1.0)
+
+
+def eval_scale(height: int, width: int, max_side: int | None, upscale: bool = False) -> float:
+    """The resize factor DELG applies to a full image: ``max_side / long side`` when the long
+    side exceeds ``max_side`` (or always, with ``upscale``), else 1."""
+    if max_side is None:
+        return 1.0
+    long_side = max(height, width)
+    if long_side > max_side or (upscale and long_side != max_side):
+        return max_side / long_side
+    return 1.0
+
+
+def resize_by(image: Tensor, factor: float) -> Tensor:
+    """Resize a (3,H,W) tensor to ``(round(H*f), round(W*f))`` (at least 1), bilinear + antialias."""
+    if factor == 1.0:
+        return image
+    _, height, width = image.shape
+    size = [max(1, int(round(height * factor))), max(1, int(round(width * factor)))]
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def pil_crop(image: Tensor, box: Sequence[float]) -> Tensor:
+    """Crop (C,H,W) like ``PIL.Image.crop(box)``: ``box = (x1, y1, x2, y2)``, each coordinate
+    rounded with Python's ``round`` (half to even); pixels outside the image are zeros."""
+    if len(box) != 4:
+        raise ValueError(f"crop box must have 4 numbers (x1, y1, x2, y2), got {list(box)!r}")
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"crop box {list(box)!r} has right < left or lower < upper")
+    channels, height, width = image.shape
+    out = image.new_zeros((channels, y1 - y0, x1 - x0))
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if sx1 > sx0 and sy1 > sy0:
+        out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+class EvalTransform:
+    """Evaluation resize: long side capped at ``max_side`` (DELG default 1024), aspect kept.
+
+    ``__call__(image, box=None)`` takes a uint8 (3,H,W) full image; with ``box`` the image is
+    cropped first (:func:`pil_crop`) and scaled by the factor of the full image. Returns float32
+    (3,h,w) in [0, 1].
+    """
+
+    def __init__(self, max_side: int | None = 1024, upscale: bool = False) -> None:
+        self.max_side = max_side
+        self.upscale = upscale
+
+    def __call__(self, image: Tensor, box: Sequence[float] | None = None) -> Tensor:
+        _, height, width = image.shape
+        factor = eval_scale(height, width, self.max_side, self.upscale)
+        if box is not None:
+            image = pil_crop(image, box)
+        return _to_float(resize_by(image, factor)).clamp_(0.0, 1.0)
+
+
+class EvalImageDataset(Dataset):
+    """Eval images in EvalSet order: ``{"image": float (3,h,w) in [0, 1], "index": int}``.
+
+    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query. With a skip
+    policy an unreadable image becomes a black ``placeholder_size`` square, so every index keeps
+    its place in the ground truth; the policy counts and logs it.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: EvalTransform, policy: LoadPolicy,
+                 boxes: Sequence[Sequence[float]] | None = None, placeholder_size: int = 64) -> None:
+        self.paths = list(paths)
+        self.boxes = list(boxes) if boxes is not None else []
+        if len(self.boxes) > len(self.paths):
+            raise ValueError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
+        self.transform, self.policy, self.placeholder_size = transform, policy, placeholder_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        box = self.boxes[index] if index < len(self.boxes) else None
+        # A whole image can be shrunk while decoding (same factor); a crop needs the full image.
+        cap = self.transform.max_side if box is None and not self.transform.upscale else None
+        image = load_image_or_skip(self.paths[index], self.policy, max_side=cap)
+        if image is None:
+            side = self.placeholder_size
+            return {"image": torch.zeros(3, side, side), "index": index}
+        return {"image": self.transform(image, box), "index": index}
+
+
+def collate_eval(items: list[dict]) -> dict:
+    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor}``."""
+    return {
+        "image": [item["image"] for item in items],
+        "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
+    }

@@ -1,0 +1,125 @@
+"""``minilandmarks``: the embedded default dataset, built on first use from real photos.
+
+The builder (:mod:`datamodules.minilandmarks_build`) writes the training split in the GLDv2
+layout and the benchmark in the revisitop layout; this datamodule reads them back through the
+real :class:`~datamodules.gldv2.GLDv2DataModule` and
+:class:`~datamodules.revisitop.RevisitopDataModule`, so the demo exercises the same readers a
+user's GLDv2 / ROxford run does.
+
+Stages: ``fit`` trains on GLDv2-layout views; ``validate`` is GLDv2's per-class hold-out
+(recognition by kNN, cheap); ``test`` is the revisitop-protocol benchmark (mAP Easy/Medium/Hard).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from datamodules.gldv2 import GLDv2DataModule
+from datamodules.minilandmarks_build import DATASET_NAME, GLDV2_SUBDIR, REVISITOP_SUBDIR, build_minilandmarks
+from datamodules.revisitop import RevisitopDataModule
+from retrieval_lightning.data.types import EvalSet
+
+
+def default_cache_root() -> str:
+    """``$RETRIEVAL_LIGHTNING_CACHE`` or ``~/.cache/retrieval_lightning``."""
+    return os.environ.get("RETRIEVAL_LIGHTNING_CACHE", os.path.join(Path.home(), ".cache", "retrieval_lightning"))
+
+
+class MiniLandmarksDataModule(pl.LightningDataModule):
+    """Build-on-first-use landmark benchmark from the photos in scikit-image (+ any ``photo_dirs``).
+
+    Args:
+        root: where built datasets are cached (one sub-directory per build configuration).
+        photo_dirs: extra folders of real photos (e.g. ``../shared/data/photos``).
+        seed: build seed (views, split); the same inputs give byte-identical datasets.
+        build_size: long side of the generated views.
+        image_size: training crop size; eval_max_side: long side of evaluation images.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        photo_dirs: list[str] | None = None,
+        seed: int = 0,
+        build_size: int = 256,
+        image_size: int = 192,
+        eval_max_side: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        validation_split: float = 0.2,
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root or os.path.join(default_cache_root(), "minilandmarks")
+        self.photo_dirs = [Path(p) for p in (photo_dirs or [])]
+        missing = [str(p) for p in self.photo_dirs if not p.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"minilandmarks photo_dirs not found: {missing}")
+        self._dir: Path | None = None
+        self._train: GLDv2DataModule | None = None
+        self._bench: RevisitopDataModule | None = None
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The built dataset (built now if this configuration has not been built before)."""
+        if self._dir is None:
+            self._dir = Path(build_minilandmarks(
+                Path(self.root), self.photo_dirs, seed=self.hparams.seed, image_size=self.hparams.build_size,
+            ))
+        return self._dir
+
+    @property
+    def train_module(self) -> GLDv2DataModule:
+        if self._train is None:
+            hp = self.hparams
+            self._train = GLDv2DataModule(
+                root=str(self.dataset_dir / GLDV2_SUBDIR), train_set="clean", image_size=hp.image_size,
+                eval_max_side=hp.eval_max_side, batch_size=hp.batch_size, eval_batch_size=hp.eval_batch_size,
+                num_workers=hp.num_workers, validation_split=hp.validation_split, val_sets=["holdout"],
+                test_sets=["holdout"], holdout_num_classes=None, on_error=hp.on_error,
+            )
+        return self._train
+
+    @property
+    def benchmark_module(self) -> RevisitopDataModule:
+        if self._bench is None:
+            hp = self.hparams
+            self._bench = RevisitopDataModule(
+                root=str(self.dataset_dir / REVISITOP_SUBDIR), datasets=[DATASET_NAME], max_side=hp.eval_max_side,
+                eval_batch_size=hp.eval_batch_size, num_workers=hp.num_workers, on_error=hp.on_error,
+            )
+        return self._bench
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_module.num_classes
+
+    def prepare_data(self) -> None:
+        _ = self.dataset_dir
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_module.setup("fit")
+
+    def eval_sets(self, stage: str) -> list[EvalSet]:
+        if stage in ("fit", "validate"):
+            return self.train_module.eval_sets("validate")
+        return self.benchmark_module.eval_sets(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_module.train_dataloader()
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.train_module.val_dataloader()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.benchmark_module.test_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.benchmark_module.predict_dataloader()

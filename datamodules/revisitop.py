@@ -1,0 +1,255 @@
+"""Revisited Oxford and Paris (revisitop) ground truth, query crops, +1M distractors, datamodule.
+
+The ground truth is ``gnd_<name>.pkl`` (filipradenovic/revisitop, as cnnimageretrieval-pytorch
+reads it): a dict with ``imlist`` (database names, no extension), ``qimlist`` (query names) and
+``gnd`` (per query ``bbx`` = [x1, y1, x2, y2] and 0-based ``easy``/``hard``/``junk`` indices).
+Images are ``<dataset dir>/jpg/<name>.jpg``; the dataset dir is ``<root>/<name>`` or, as the
+official ``download.py`` lays it out, ``<root>/datasets/<name>``.
+
+Queries are cropped to ``bbx`` with PIL's ``crop`` (coordinates rounded half-to-even) and resized
+by the factor the full image would get, as DELG's ``extract_features.py`` does; database images
+are used whole. ``revisitop1m.txt`` lists distractors by relative path with extension; they are
+appended after the database so ground-truth indices stay valid.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules._transforms import EvalImageDataset, EvalTransform, collate_eval
+from retrieval_lightning.data.io import LoadPolicy
+from retrieval_lightning.data.types import EvalSet
+
+GT_KEYS = ("easy", "hard", "junk")
+
+
+class RevisitopFormatError(ValueError):
+    """A revisitop ground-truth or list file is malformed (names the file, query and key)."""
+
+
+@dataclass
+class RevisitopData:
+    """One revisited dataset: names, validated ground truth and where its images are."""
+
+    name: str
+    directory: str
+    gnd_path: str
+    imlist: list[str]
+    qimlist: list[str]
+    gnd: list[dict[str, list]]
+
+    def image_path(self, image_name: str) -> str:
+        return os.path.join(self.directory, "jpg", f"{image_name}.jpg")
+
+    @property
+    def query_paths(self) -> list[str]:
+        return [self.image_path(q) for q in self.qimlist]
+
+    @property
+    def database_paths(self) -> list[str]:
+        return [self.image_path(d) for d in self.imlist]
+
+
+def find_dataset_dir(root: str, name: str) -> str:
+    """``<root>/<name>`` if it holds ``gnd_<name>.pkl``, else ``<root>/datasets/<name>``."""
+    candidates = [os.path.join(root, name), os.path.join(root, "datasets", name)]
+    for directory in candidates:
+        if os.path.isfile(os.path.join(directory, f"gnd_{name}.pkl")):
+            return directory
+    tried = ", ".join(os.path.join(c, f"gnd_{name}.pkl") for c in candidates)
+    raise FileNotFoundError(f"revisitop dataset {name!r}: no ground truth found (tried {tried})")
+
+
+def _as_index_list(value: Any, where: str, n_db: int) -> list[int]:
+    items = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(items, (int, float)):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise RevisitopFormatError(f"{where}: expected a list of indices, got {type(value).__name__}")
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not (
+            isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
+        ):
+            raise RevisitopFormatError(f"{where}: index {v!r} is not an integer")
+        i = int(v)
+        if not 0 <= i < n_db:
+            raise RevisitopFormatError(f"{where}: index {i} out of range [0, {n_db})")
+        out.append(i)
+    return out
+
+
+def _as_box(value: Any, where: str) -> list[float]:
+    try:
+        box = [float(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    except (TypeError, ValueError):
+        raise RevisitopFormatError(f"{where}: bbx must be 4 numbers, got {value!r}") from None
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise RevisitopFormatError(f"{where}: bbx must be 4 finite numbers [x1, y1, x2, y2], got {box}")
+    if box[2] < box[0] or box[3] < box[1]:
+        raise RevisitopFormatError(f"{where}: bbx {box} has x2 < x1 or y2 < y1")
+    return box
+
+
+def validate_gnd(cfg: Any, path: str) -> tuple[list[str], list[str], list[dict[str, list]]]:
+    """Check a loaded ``gnd_*.pkl`` dict; returns (imlist, qimlist, gnd) as plain lists."""
+    if not isinstance(cfg, dict):
+        raise RevisitopFormatError(f"{path}: expected a dict, got {type(cfg).__name__}")
+    for key in ("imlist", "qimlist", "gnd"):
+        if key not in cfg:
+            raise RevisitopFormatError(f"{path}: missing key {key!r} (has {sorted(cfg)})")
+    imlist, qimlist = [str(x) for x in cfg["imlist"]], [str(x) for x in cfg["qimlist"]]
+    if len(cfg["gnd"]) != len(qimlist):
+        raise RevisitopFormatError(f"{path}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
+    gnd = []
+    for q, entry in enumerate(cfg["gnd"]):
+        label = f"{path}: query {q} ({qimlist[q]})"
+        if not isinstance(entry, dict):
+            raise RevisitopFormatError(f"{label}: expected a dict, got {type(entry).__name__}")
+        for key in ("bbx",) + GT_KEYS:
+            if key not in entry:
+                raise RevisitopFormatError(f"{label}: missing key {key!r}")
+        clean = {key: _as_index_list(entry[key], f"{label}: key {key!r}", len(imlist)) for key in GT_KEYS}
+        clean["bbx"] = _as_box(entry["bbx"], f"{label}: key 'bbx'")
+        gnd.append(clean)
+    return imlist, qimlist, gnd
+
+
+def load_revisitop(root: str, name: str) -> RevisitopData:
+    """Read and validate ``gnd_<name>.pkl`` under ``root`` (see :func:`find_dataset_dir`)."""
+    directory = find_dataset_dir(root, name)
+    path = os.path.join(directory, f"gnd_{name}.pkl")
+    try:
+        with open(path, "rb") as handle:
+            cfg = pickle.load(handle)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise RevisitopFormatError(f"{path}: not a readable pickle ({exc})") from exc
+    imlist, qimlist, gnd = validate_gnd(cfg, path)
+    return RevisitopData(name, directory, path, imlist, qimlist, gnd)
+
+
+def read_distractor_list(path: str, limit: int | None = None) -> list[str]:
+    """Relative image paths (with extension) from ``revisitop1m.txt``, in file order."""
+    names: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            entry = line.strip()
+            if not entry:
+                continue
+            if os.path.isabs(entry) or ".." in entry.split("/"):
+                raise RevisitopFormatError(f"{path}: line {line_no}: expected a relative path, got {entry!r}")
+            names.append(entry)
+            if limit is not None and len(names) >= limit:
+                break
+    if not names:
+        raise RevisitopFormatError(f"{path}: lists no distractor images")
+    return names
+
+
+class RevisitopDataModule(L.LightningDataModule):
+    """Evaluation on revisited Oxford/Paris (optionally +1M distractors); no training data.
+
+    One :class:`EvalSet` per entry of ``datasets`` (protocol ``revisitop``), for every stage:
+    70 cropped queries, then the database, then any distractors. ``ground_truth`` is the list
+    of per-query ``{"easy", "hard", "junk", "bbx"}`` dicts (0-based database indices).
+    ``distractors`` points at ``revisitop1m.txt``; its images are under ``distractors_root``
+    (default: ``jpg/`` next to the list, the official layout). ``max_distractors`` keeps the first
+    N (a scaled-down run; the set is then named ``+<N>d`` instead of ``+1m``).
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        datasets: list[str] | None = None,
+        distractors: str | None = None,
+        distractors_root: str | None = None,
+        max_distractors: int | None = None,
+        max_side: int | None = 1024,
+        upscale: bool = False,
+        crop_queries: bool = True,
+        eval_batch_size: int = 8,
+        num_workers: int = 4,
+        pin_memory: bool = False,
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root
+        self.datasets = list(datasets) if datasets is not None else ["roxford5k", "rparis6k"]
+        if not self.datasets:
+            raise ValueError("RevisitopDataModule needs at least one dataset name")
+        self.policy = LoadPolicy(on_error=on_error)
+        self.transform = EvalTransform(max_side, upscale=upscale)
+        self._sets: list[EvalSet] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """0: revisitop is for evaluation only."""
+        return 0
+
+    def _distractors(self) -> tuple[list[str], list[str]]:
+        hp = self.hparams
+        if hp.distractors is None:
+            return [], []
+        names = read_distractor_list(hp.distractors, hp.max_distractors)
+        base = hp.distractors_root or os.path.join(os.path.dirname(hp.distractors), "jpg")
+        return names, [os.path.join(base, n) for n in names]
+
+    def _build(self) -> list[EvalSet]:
+        d_names, d_paths = self._distractors()
+        suffix = ""
+        if d_names:
+            suffix = "+1m" if self.hparams.max_distractors is None else f"+{len(d_names)}d"
+        sets = []
+        for name in self.datasets:
+            data = load_revisitop(self.root, name)
+            boxes = [g["bbx"] for g in data.gnd] if self.hparams.crop_queries else None
+            paths = data.query_paths + data.database_paths + d_paths
+            dataset = EvalImageDataset(paths, self.transform, self.policy, boxes=boxes)
+            sets.append(EvalSet(
+                name=name + suffix, dataset=dataset, n_queries=len(data.qimlist), protocol="revisitop",
+                ground_truth=data.gnd, image_ids=data.qimlist + data.imlist + d_names,
+            ))
+        return sets
+
+    def eval_sets(self, stage: str) -> list[EvalSet]:
+        """The same sets for ``fit``/``validate``/``test``/``predict``, in ``datasets`` order."""
+        if stage not in ("fit", "validate", "test", "predict"):
+            raise ValueError(f"unknown stage {stage!r}; expected fit, validate, test or predict")
+        if self._sets is None:
+            self._sets = self._build()
+        return self._sets
+
+    def setup(self, stage: str | None = None) -> None:
+        self.eval_sets(stage or "test")
+
+    def train_dataloader(self) -> DataLoader:
+        raise RuntimeError(
+            "RevisitopDataModule has no training data (revisited Oxford/Paris are evaluation "
+            "benchmarks); train on another datamodule, e.g. gldv2, and evaluate with this one."
+        )
+
+    def _loaders(self, stage: str) -> list[DataLoader]:
+        hp = self.hparams
+        return [
+            DataLoader(s.dataset, batch_size=hp.eval_batch_size, shuffle=False, collate_fn=collate_eval,
+                       num_workers=hp.num_workers, pin_memory=hp.pin_memory)
+            for s in self.eval_sets(stage)
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._loaders("validate")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._loaders("predict")

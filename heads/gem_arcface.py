@@ -1,0 +1,91 @@
+"""DELG's global head: GeM pooling, a whitening FC, L2 — trained with an angular-margin classifier.
+
+``margin="arcface"`` is DELG (s = sqrt(dim), m = 0.1); ``margin="curricularface"`` is the CVNet
+global variant (learnable GeM p, typically m = 0.15 or more).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval_lightning.head import GlobalHead
+from retrieval_lightning.layers import CosineClassifier, GeM, build_margin
+
+
+class GemArcFaceHead(GlobalHead):
+    """GeM + FC whitening + L2, with an ArcFace/CurricularFace cosine classifier for training.
+
+    Args:
+        stage: backbone stage pooled (``conv5`` in DELG and CVNet).
+        dim: descriptor size; ``None`` keeps the stage's channel count (2048 for ResNet-50).
+        p, learn_p: GeM exponent and whether it is trained (with ``p_lr_mult`` × lr, no decay).
+        margin: ``"arcface"`` or ``"curricularface"``; ``margin_m`` in radians.
+        scale: logit scale; ``None`` is ``sqrt(dim)`` (DELG: 45.25 for 2048).
+        whiten_init: ``"identity"`` starts the whitening FC as the identity (a semi-orthogonal map
+            when ``dim`` differs), so an untrained head is plain GeM on the pretrained backbone;
+            ``"random"`` is PyTorch's default initialisation.
+    """
+
+    def __init__(
+        self,
+        stage: str = "conv5",
+        dim: int | None = None,
+        p: float = 3.0,
+        learn_p: bool = False,
+        margin: str = "arcface",
+        margin_m: float = 0.1,
+        scale: float | None = None,
+        p_lr_mult: float = 10.0,
+        whiten_init: str = "identity",
+    ) -> None:
+        super().__init__()
+        self.stages = (stage,)
+        self.stage = stage
+        self.requested_dim = dim
+        self.gem = GeM(p=p, learn_p=learn_p)
+        self.margin_kind = margin
+        self.margin_m = margin_m
+        self.requested_scale = scale
+        self.p_lr_mult = p_lr_mult
+        if whiten_init not in ("identity", "random"):
+            raise ValueError(f"whiten_init must be 'identity' or 'random', got {whiten_init!r}")
+        self.whiten_init = whiten_init
+        build_margin(margin, 1.0, margin_m)  # validate the name now, not at build time
+
+    def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
+        channels = stage_channels[self.stage]
+        self._dim = int(self.requested_dim or channels)
+        self.whiten = nn.Linear(channels, self._dim, bias=True)
+        if self.whiten_init == "identity":
+            nn.init.orthogonal_(self.whiten.weight) if self._dim != channels else nn.init.eye_(self.whiten.weight)
+            nn.init.zeros_(self.whiten.bias)
+        scale = self.requested_scale if self.requested_scale is not None else math.sqrt(self._dim)
+        self.classifier = CosineClassifier(self._dim, num_classes) if num_classes > 0 else None
+        self.margin = build_margin(self.margin_kind, scale, self.margin_m)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def pool(self, features: Mapping[str, Tensor]) -> Tensor:
+        return self.whiten(self.gem(features[self.stage]))
+
+    def embed(self, features: Mapping[str, Tensor]) -> Tensor:
+        return F.normalize(self.pool(features), dim=-1)
+
+    def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        if self.classifier is None:
+            raise RuntimeError("GemArcFaceHead was built with num_classes=0: it cannot be trained")
+        logits = self.margin(self.classifier(self.pool(features)), labels)
+        return {"arcface" if self.margin_kind == "arcface" else self.margin_kind: F.cross_entropy(logits, labels)}
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "gem.p"]
+        groups = [{"params": rest, "lr": lr}]
+        if self.gem.learn_p and self.gem.p.requires_grad:
+            groups.append({"params": [self.gem.p], "lr": lr * self.p_lr_mult, "weight_decay": 0.0})
+        return groups

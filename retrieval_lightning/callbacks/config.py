@@ -1,0 +1,42 @@
+"""Save the resolved LightningCLI config without the ``config.yaml`` clash with W&B.
+
+Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir``; with a
+``WandbLogger`` that directory is shared by every run and W&B writes its own ``config.yaml``,
+so a second run fails. Here, when a W&B logger is attached, the config goes into the run's own
+directory and into ``run.config`` (so it is searchable in the W&B UI); otherwise Lightning's
+behaviour is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Resolved config → W&B ``run.config`` and ``<run dir>/lightning_config.yaml``."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        loggers = _wandb_loggers(trainer)
+        if not loggers:
+            self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            for logger in loggers:
+                run = logger.experiment
+                path = os.path.join(run.dir, "lightning_config.yaml")
+                self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+                run.config.update(self.config.as_dict(), allow_val_change=True)
+        self.already_saved = True
+        trainer.strategy.barrier()
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)

@@ -1,0 +1,94 @@
+"""A picture of each evaluation: queries with their top-k results, correct ones marked.
+
+People judge a retrieval model by looking at what it returns; this callback saves a PNG per eval
+set after every validation/test epoch (under ``<log_dir>/gallery/``) and sends it to W&B when a
+``WandbLogger`` is attached. Borders: green = positive, red = negative, grey = junk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+_COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
+
+
+def _thumbnail(image: Tensor):
+    return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title: str, path: Path,
+                 max_queries: int = 4, k: int = 5) -> Path:
+    """Draw ``max_queries`` rows: query, then its top ``k`` database images with relevance borders."""
+    rows = min(max_queries, topk.shape[0])
+    cols = min(k, topk.shape[1]) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    for r in range(rows):
+        query = dataset[r]["image"]
+        axes[r][0].imshow(_thumbnail(query))
+        axes[r][0].set_title(f"query {r}", fontsize=8)
+        for c in range(1, cols):
+            db_index = int(topk[r, c - 1])
+            ax = axes[r][c]
+            ax.imshow(_thumbnail(dataset[n_queries + db_index]["image"]))
+            mark = int(relevance[r, c - 1])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(_COLOURS[mark])
+                spine.set_linewidth(4)
+            ax.set_title(f"#{c} db {db_index}", fontsize=8, color=_COLOURS[mark])
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+class RetrievalGallery(pl.Callback):
+    """Save (and log to W&B) a query/top-k picture for every eval set after each evaluation."""
+
+    def __init__(self, max_queries: int = 4, k: int = 5, output_dir: str | None = None) -> None:
+        self.max_queries = max_queries
+        self.k = k
+        self.output_dir = output_dir
+        self.saved: list[Path] = []
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        results = getattr(pl_module, "last_eval", {})
+        if not results or trainer.datamodule is None:
+            return
+        sets = {s.name: s for s in trainer.datamodule.eval_sets(stage)}
+        root = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir or ".") / "gallery"
+        for name, result in results.items():
+            if name not in sets:
+                continue
+            eval_set = sets[name]
+            path = root / f"{stage}_{name}_step{trainer.global_step}.png"
+            headline = ", ".join(f"{k} {v:.1f}" for k, v in list(result.metrics.items())[:3])
+            draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
+                         f"{stage} {name} (step {trainer.global_step}): {headline}", path,
+                         self.max_queries, self.k)
+            self.saved.append(path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"{stage}/{name}/gallery", images=[os.fspath(path)],
+                                     step=trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw(trainer, pl_module, "test")

@@ -1,0 +1,68 @@
+"""Sample and ground-truth types: the only thing datamodules and the core agree on.
+
+Images travel as float32 RGB tensors in [0, 1] of shape (3, H, W); normalisation belongs to
+the backbone (ImageNet statistics, BGR for CVNet weights), so datamodules stay model-agnostic.
+
+Training items are dicts ``{"image": (3,H,W) float, "label": int, "index": int}``.
+Evaluation items are dicts ``{"image": (3,H,W) float, "index": int}`` where ``index`` is the
+item's position in its :class:`EvalSet` dataset, so results gathered from DDP ranks (whose
+sampler pads with repeats) can be de-duplicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence, TypedDict
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class TrainSample(TypedDict):
+    image: Tensor
+    label: int
+    index: int
+
+
+class RevisitopQuery(TypedDict, total=False):
+    """Ground truth of one query in the revisitop convention (0-based database indices)."""
+
+    bbx: Sequence[float]
+    easy: Sequence[int]
+    hard: Sequence[int]
+    junk: Sequence[int]
+
+
+@dataclass
+class EvalSet:
+    """One retrieval benchmark as one dataset: the queries first, then the database.
+
+    ``protocol`` names a metric protocol of :mod:`retrieval_lightning.evaluation`
+    (``"revisitop"``, ``"gldv2_retrieval"``, ``"gldv2_recognition"``) and ``ground_truth`` is
+    what that protocol takes:
+
+    - ``revisitop``: list (one per query) of :class:`RevisitopQuery`.
+    - ``gldv2_retrieval``: ``{"solution": {query_id: [index_ids]}, "query_ids": [...],
+      "db_ids": [...]}`` with ids in dataset order.
+    - ``gldv2_recognition``: ``{"solution": {query_id: [landmark ids]}, "query_ids": [...],
+      "db_labels": [landmark id per database item]}``.
+    """
+
+    name: str
+    dataset: Dataset
+    n_queries: int
+    protocol: str
+    ground_truth: Any
+    image_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        total = len(self.dataset)  # type: ignore[arg-type]
+        if not 0 < self.n_queries < total:
+            raise ValueError(
+                f"EvalSet {self.name!r}: n_queries={self.n_queries} must be in (0, {total}) "
+                "(the dataset holds queries then database)"
+            )
+
+    @property
+    def n_database(self) -> int:
+        return len(self.dataset) - self.n_queries  # type: ignore[arg-type]

@@ -1,0 +1,6 @@
+"""Reusable layers for heads: pooling and margin-based classifiers."""
+
+from retrieval_lightning.layers.gem import GeM
+from retrieval_lightning.layers.margins import ArcFaceMargin, CosineClassifier, CurricularFaceMargin, build_margin
+
+__all__ = ["GeM", "ArcFaceMargin", "CosineClassifier", "CurricularFaceMargin", "build_margin"]

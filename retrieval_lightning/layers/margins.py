@@ -1,0 +1,101 @@
+"""Cosine classifiers with additive angular margins: ArcFace (DELG) and CurricularFace (CVNet).
+
+Margin math runs in fp32 with autocast disabled, and cosines are clamped away from +-1 before
+``acos`` (its gradient is infinite there, which turns into NaNs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_COS_EPS = 1e-7
+
+
+class CosineClassifier(nn.Module):
+    """Bias-free linear layer on L2-normalised inputs and weights: returns cosines (B, n_classes)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        if num_classes <= 0:
+            raise ValueError(f"a margin classifier needs num_classes > 0, got {num_classes}")
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(F.normalize(x.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
+
+
+class ArcFaceMargin(nn.Module):
+    """ArcFace: ``s * cos(theta_y + m)`` for the target class when ``theta_y <= pi - m``, only in training."""
+
+    def __init__(self, scale: float, margin: float = 0.1) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.margin = float(margin)
+
+    def forward(self, cosine: Tensor, labels: Tensor) -> Tensor:
+        with torch.autocast(device_type=cosine.device.type, enabled=False):
+            cosine = cosine.float()
+            if not self.training or self.margin == 0.0:
+                return cosine * self.scale
+            target = cosine.gather(1, labels[:, None]).clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+            theta = torch.acos(target)
+            apply = theta <= math.pi - self.margin
+            with_margin = torch.where(apply, torch.cos(theta + self.margin), target)
+            logits = cosine.scatter(1, labels[:, None], with_margin)
+            return logits * self.scale
+
+
+class CurricularFaceMargin(nn.Module):
+    """CurricularFace (Huang et al. 2020): ArcFace plus adaptive re-weighting of hard negatives.
+
+    The running statistic ``t`` (moving average of the target cosine, momentum 0.01) is updated
+    from the batch gathered over all DDP ranks, so every rank keeps the same value.
+    """
+
+    def __init__(self, scale: float, margin: float = 0.5, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros(1))
+        self.threshold = math.cos(math.pi - self.margin)
+        self.mm = math.sin(math.pi - self.margin) * self.margin
+
+    def _update_t(self, target: Tensor) -> None:
+        stats = torch.stack([target.sum(), torch.tensor(float(target.numel()), device=target.device)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        mean = stats[0] / stats[1].clamp(min=1.0)
+        self.t.mul_(1.0 - self.momentum).add_(self.momentum * mean)
+
+    def forward(self, cosine: Tensor, labels: Tensor) -> Tensor:
+        with torch.autocast(device_type=cosine.device.type, enabled=False):
+            cosine = cosine.float().clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+            if not self.training:
+                return cosine * self.scale
+            target = cosine.gather(1, labels[:, None])
+            sin_target = torch.sqrt(1.0 - target.pow(2))
+            cos_target_m = target * math.cos(self.margin) - sin_target * math.sin(self.margin)
+            hard = cosine > cos_target_m
+            final_target = torch.where(target > self.threshold, cos_target_m, target - self.mm)
+            with torch.no_grad():
+                self._update_t(target.detach())
+            t = self.t.to(cosine.dtype)
+            logits = torch.where(hard, cosine * (t + cosine), cosine)
+            logits = logits.scatter(1, labels[:, None], final_target)
+            return logits * self.scale
+
+
+def build_margin(kind: str, scale: float, margin: float) -> nn.Module:
+    """Margin by name: ``arcface`` or ``curricularface``."""
+    kinds = {"arcface": ArcFaceMargin, "curricularface": CurricularFaceMargin}
+    if kind not in kinds:
+        raise ValueError(f"unknown margin {kind!r}; choose one of {sorted(kinds)}")
+    return kinds[kind](scale=scale, margin=margin)

@@ -1,0 +1,29 @@
+"""Retrieval metrics as plain functions: revisitop (ROxford/RParis) and Google Landmarks v2."""
+
+from retrieval_lightning.metrics.gldv2 import (
+    global_average_precision,
+    mean_average_precision,
+    mean_precisions,
+    top1_accuracy,
+)
+from retrieval_lightning.metrics.revisitop import (
+    compute_ap,
+    compute_map,
+    compute_map_from_scores,
+    evaluate_revisitop,
+    evaluate_revisitop_from_scores,
+    protocol_gnd,
+)
+
+__all__ = [
+    "compute_ap",
+    "compute_map",
+    "compute_map_from_scores",
+    "evaluate_revisitop",
+    "evaluate_revisitop_from_scores",
+    "global_average_precision",
+    "mean_average_precision",
+    "mean_precisions",
+    "protocol_gnd",
+    "top1_accuracy",
+]

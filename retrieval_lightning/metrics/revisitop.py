@@ -1,0 +1,377 @@
+"""Revisited Oxford/Paris metrics: trapezoid mAP and mP@k with junk, per Easy/Medium/Hard protocol.
+
+Written from the protocol of Radenovic et al. (CVPR 2018), see REFERENCE §4. Two doors share one
+kernel, so their results agree to the last bit:
+
+- from a ranking (:func:`compute_map`, :func:`evaluate_revisitop`), the reference's interface;
+- from scores (:func:`compute_map_from_scores`, :func:`evaluate_revisitop_from_scores`), which
+  only counts, for each ground-truth item, how many database items outrank it, so a database of
+  a million images is never sorted.
+
+Sums run in the reference's order (over positives, then over queries), so the values equal the
+reference implementation's exactly, not just up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+Kappas = Sequence[int]
+ScoreSource = Union[np.ndarray, torch.Tensor, Callable[[], Iterable[Any]]]
+
+PROTOCOLS = {"easy": "E", "medium": "M", "hard": "H"}
+
+
+def compute_ap(positions: Sequence[int] | np.ndarray, n_positives: int) -> float:
+    """Trapezoid average precision of one query.
+
+    ``positions`` are the sorted 0-based positions of the retrieved positives, already shifted
+    down by the junk ranked before them; ``n_positives`` counts all positives, retrieved or not.
+    Positive ``j`` at position ``r`` adds ``((j / r if r else 1) + (j + 1) / (r + 1)) / 2 / n``.
+    """
+    if n_positives <= 0:
+        raise ValueError(f"compute_ap: n_positives must be positive, got {n_positives}")
+    pos = np.asarray(positions, dtype=np.int64).ravel()
+    if pos.size == 0:
+        return 0.0
+    if pos[0] < 0 or (pos.size > 1 and np.any(np.diff(pos) < 0)):
+        raise ValueError(f"compute_ap: positions must be sorted and non-negative, got {pos.tolist()}")
+    if pos.size > n_positives:
+        raise ValueError(f"compute_ap: {pos.size} positions for only {n_positives} positives")
+    rank = pos.astype(np.float64)
+    j = np.arange(pos.size, dtype=np.float64)
+    before = np.where(pos > 0, j / np.where(pos > 0, rank, 1.0), 1.0)
+    after = (j + 1.0) / (rank + 1.0)
+    terms = (before + after) * (1.0 / n_positives) / 2.0
+    return float(np.cumsum(terms)[-1])
+
+
+def _query_metrics(
+    ok_pos: np.ndarray, junk_pos: np.ndarray, n_ok: int, kappas: Kappas
+) -> tuple[float, np.ndarray]:
+    """AP and P@k of one query from the raw positions (-1: not retrieved) of its positives and junk."""
+    retrieved = np.sort(ok_pos[ok_pos >= 0])
+    junk = np.sort(junk_pos[junk_pos >= 0])
+    shifted = retrieved - np.searchsorted(junk, retrieved, side="left")
+    ap = compute_ap(shifted, n_ok)
+    precisions = np.zeros(len(kappas))
+    if shifted.size:
+        one_based = shifted + 1
+        last = int(one_based[-1])
+        for i, k in enumerate(kappas):
+            window = min(last, k)
+            precisions[i] = np.count_nonzero(one_based <= window) / window
+    return ap, precisions
+
+
+def _ids(value: Any, where: str) -> np.ndarray:
+    """Sorted unique database indices from one ground-truth list; duplicates count once."""
+    try:
+        ids = np.asarray(value if value is not None else [], dtype=np.int64).ravel()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: expected a list of database indices, got {value!r}") from err
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{where}: negative database index {int(ids.min())}")
+    return np.unique(ids)
+
+
+def _check_kappas(kappas: Kappas) -> tuple[int, ...]:
+    out = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in out):
+        raise ValueError(f"kappas must be positive integers, got {list(kappas)}")
+    return out
+
+
+def _ok_junk(gnd: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validate ``{"ok", "junk"}`` ground truth; a missing ``junk`` means none."""
+    out = []
+    for q, entry in enumerate(gnd):
+        if "ok" not in entry:
+            raise ValueError(f"gnd[{q}] has no 'ok' key (keys: {sorted(entry)}); use protocol_gnd first")
+        out.append((_ids(entry["ok"], f"gnd[{q}]['ok']"), _ids(entry.get("junk"), f"gnd[{q}]['junk']")))
+    return out
+
+
+def protocol_gnd(gnd_revisitop: Sequence[Mapping[str, Any]], protocol: str) -> list[dict[str, np.ndarray]]:
+    """Turn revisitop ground truth (``easy``/``hard``/``junk`` per query) into ``ok``/``junk``.
+
+    Easy: ok = easy, junk = junk ∪ hard. Medium: ok = easy ∪ hard, junk = junk.
+    Hard: ok = hard, junk = junk ∪ easy. A missing ``junk`` key means no junk.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown revisitop protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
+    out = []
+    for q, entry in enumerate(gnd_revisitop):
+        for key in ("easy", "hard"):
+            if key not in entry:
+                raise ValueError(f"gnd[{q}] has no {key!r} key (keys: {sorted(entry)})")
+        easy = _ids(entry["easy"], f"gnd[{q}]['easy']")
+        hard = _ids(entry["hard"], f"gnd[{q}]['hard']")
+        junk = _ids(entry.get("junk"), f"gnd[{q}]['junk']")
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": np.union1d(junk, hard)})
+        elif protocol == "medium":
+            out.append({"ok": np.union1d(easy, hard), "junk": junk})
+        else:
+            out.append({"ok": hard, "junk": np.union1d(junk, easy)})
+    return out
+
+
+def _mean_metrics(
+    items: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    gnd: list[tuple[np.ndarray, np.ndarray]],
+    kappas: tuple[int, ...],
+) -> tuple[float, np.ndarray]:
+    """Mean AP and mP@k over the queries that have positives, given each query's item positions."""
+    total = 0.0
+    mean_precisions = np.zeros(len(kappas))
+    counted = 0
+    for q, (ok, junk) in enumerate(gnd):
+        if ok.size == 0:
+            continue
+        ok_pos = positions[q][np.searchsorted(items[q], ok)]
+        junk_pos = positions[q][np.searchsorted(items[q], junk)]
+        ap, precisions = _query_metrics(ok_pos, junk_pos, ok.size, kappas)
+        total = total + ap
+        mean_precisions = mean_precisions + precisions
+        counted += 1
+    if counted == 0:
+        return float("nan"), np.full(len(kappas), np.nan)
+    return total / counted, mean_precisions / counted
+
+
+def _union_items(gnd: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    return [np.union1d(ok, junk) for ok, junk in gnd]
+
+
+def _ranking_positions(ranks: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Position of each item in each query's ranking column, -1 where the ranking omits it."""
+    if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be a 2-D integer array (n_db, n_queries), got {ranks.dtype} {ranks.shape}")
+    n_ranked, n_queries = ranks.shape
+    if len(items) != n_queries:
+        raise ValueError(f"ranks has {n_queries} query columns but gnd has {len(items)} queries")
+    if ranks.size and ranks.min() < 0:
+        raise ValueError(f"ranks holds a negative database index {int(ranks.min())}")
+    upper = max([int(ranks.max()) + 1 if ranks.size else 0] + [int(i[-1]) + 1 for i in items if i.size])
+    inverse = np.full(upper, -1, dtype=np.int64)
+    order = np.arange(n_ranked, dtype=np.int64)
+    out = []
+    for q in range(n_queries):
+        column = ranks[:, q]
+        inverse[column] = order
+        if not np.array_equal(inverse[column], order):
+            raise ValueError(f"ranks column {q} lists a database index more than once")
+        out.append(inverse[items[q]])
+        inverse[column] = -1
+    return out
+
+
+def compute_map(
+    ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Kappas = (1, 5, 10)
+) -> tuple[float, np.ndarray]:
+    """Mean AP and mean P@k (fractions in [0, 1]) of rankings against ``{"ok", "junk"}`` ground truth.
+
+    ``ranks[:, q]`` lists database indices best first for query ``q``; it may be shorter than the
+    database, then positives missing from it count as not retrieved. Queries without positives
+    are left out of both means (all left out: NaN); a query whose ranking holds no positive scores
+    0 (the reference crashes there).
+    """
+    checked = _ok_junk(gnd)
+    items = _union_items(checked)
+    positions = _ranking_positions(np.asarray(ranks), items)
+    return _mean_metrics(items, positions, checked, _check_kappas(kappas))
+
+
+def _revisitop_items(gnd_revisitop: Sequence[Mapping[str, Any]]) -> tuple[list[np.ndarray], dict]:
+    """Every query's ground-truth items, and the ok/junk split of each protocol."""
+    per_protocol = {name: _ok_junk(protocol_gnd(gnd_revisitop, name)) for name in PROTOCOLS}
+    items = _union_items(per_protocol["medium"])
+    return items, per_protocol
+
+
+def _report(per_protocol: dict, items, positions, kappas: Kappas) -> dict[str, float]:
+    kappas = _check_kappas(kappas)
+    out: dict[str, float] = {}
+    for name, suffix in PROTOCOLS.items():
+        mean_ap, mean_precisions = _mean_metrics(items, positions, per_protocol[name], kappas)
+        out[f"mAP_{suffix}"] = 100.0 * mean_ap
+        for k, value in zip(kappas, mean_precisions):
+            out[f"mP@{k}_{suffix}"] = 100.0 * float(value)
+    return out
+
+
+def evaluate_revisitop(
+    ranks: np.ndarray, gnd_revisitop: Sequence[Mapping[str, Any]], kappas: Kappas = (1, 5, 10)
+) -> dict[str, float]:
+    """Easy/Medium/Hard mAP and mP@k in percent (``mAP_E``, ``mP@5_H``, ...) from rankings.
+
+    Positions are looked up once for all three protocols; ``ranks`` is as in :func:`compute_map`.
+    """
+    items, per_protocol = _revisitop_items(gnd_revisitop)
+    positions = _ranking_positions(np.asarray(ranks), items)
+    return _report(per_protocol, items, positions, kappas)
+
+
+def _as_scores(chunk: Any, n_queries: int, where: str) -> torch.Tensor:
+    tensor = torch.as_tensor(chunk)
+    if tensor.ndim != 2 or tensor.shape[0] != n_queries:
+        raise ValueError(f"{where}: expected scores of shape ({n_queries}, n), got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    elif tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    if torch.isnan(tensor).any():
+        query = int(torch.isnan(tensor).any(dim=1).nonzero()[0])
+        raise ValueError(f"{where}: scores of query {query} contain NaN")
+    return tensor
+
+
+def _chunk_source(
+    scores: ScoreSource, n_queries: int, chunk_size: int
+) -> tuple[Callable[[], Iterable[torch.Tensor]], torch.Tensor | None]:
+    """A callable yielding (n_queries, C) score chunks in database order, and the full matrix if given."""
+    if callable(scores):
+        def chunks() -> Iterable[torch.Tensor]:
+            for i, chunk in enumerate(scores()):
+                yield _as_scores(chunk, n_queries, f"score chunk {i}")
+
+        return chunks, None
+    full = torch.as_tensor(scores)
+    if full.ndim != 2 or full.shape[0] != n_queries:
+        raise ValueError(f"scores must have shape (n_queries={n_queries}, n_db), got {tuple(full.shape)}")
+
+    def slices() -> Iterable[torch.Tensor]:
+        for start in range(0, full.shape[1], chunk_size):
+            yield _as_scores(full[:, start : start + chunk_size], n_queries, f"scores[:, {start}:]")
+
+    return slices, full
+
+
+def _item_scores(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    full: torch.Tensor | None,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor | None, int]:
+    """Scores of the ground-truth items (+inf in padding) and the database size."""
+    if full is not None:
+        n_db = full.shape[1]
+        if n_db == 0:
+            return None, 0
+        picked = full.gather(1, index.clamp(max=n_db - 1).to(full.device))
+        picked = _as_scores(picked, index.shape[0], "scores")
+        return picked.masked_fill(~valid.to(picked.device), float("inf")), n_db
+    picked = None
+    n_db = 0
+    rows = torch.arange(index.shape[0]).unsqueeze(1).expand_as(index)
+    for chunk in chunks():
+        if picked is None:
+            picked = torch.full(index.shape, float("inf"), dtype=chunk.dtype, device=chunk.device)
+        inside = (valid & (index >= n_db) & (index < n_db + chunk.shape[1])).to(chunk.device)
+        picked[inside] = chunk[rows.to(chunk.device)[inside], index.to(chunk.device)[inside] - n_db]
+        n_db += chunk.shape[1]
+    return picked, n_db
+
+
+def _score_positions(
+    scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int
+) -> list[np.ndarray]:
+    """Position of each item in the stable descending sort of each query's scores, without sorting.
+
+    Position of item i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. Per query the item scores are
+    sorted into M thresholds; every database score falls into one of M + 1 buckets (a batched
+    searchsorted), a histogram of buckets gives the strictly-higher counts, and the rare database
+    scores equal to a threshold are kept to resolve ties by database index.
+    """
+    n_queries = len(items)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunks, full = _chunk_source(scores, n_queries, chunk_size)
+    width = max([1] + [i.size for i in items])
+    index = torch.zeros(n_queries, width, dtype=torch.int64)
+    valid = torch.zeros(n_queries, width, dtype=torch.bool)
+    for q, ids in enumerate(items):
+        index[q, : ids.size] = torch.from_numpy(ids)
+        valid[q, : ids.size] = True
+    thresholds, n_db = _item_scores(chunks, full, index, valid)
+    for q, ids in enumerate(items):
+        if ids.size and ids[-1] >= n_db:
+            raise ValueError(f"gnd[{q}] names database index {int(ids[-1])} but scores cover only {n_db} items")
+    if thresholds is None or n_db == 0:
+        return [np.full(ids.size, -1, dtype=np.int64) for ids in items]
+
+    device = thresholds.device
+    index = index.to(device)
+    rows = torch.arange(n_queries, device=device).unsqueeze(1).expand(-1, width)
+    sorted_thresholds = torch.sort(thresholds, dim=1).values.contiguous()
+    bucket_of_item = torch.searchsorted(sorted_thresholds, thresholds.contiguous(), side="left")
+    offsets = (torch.arange(n_queries, device=device) * (width + 1)).unsqueeze(1)
+    histogram = torch.zeros(n_queries * (width + 1), dtype=torch.int64, device=device)
+    ties = []
+    start = 0
+    for chunk in chunks():
+        if chunk.dtype != sorted_thresholds.dtype:
+            raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones {sorted_thresholds.dtype}")
+        chunk = chunk.contiguous()
+        bucket = torch.searchsorted(sorted_thresholds, chunk, side="left")
+        histogram += torch.bincount((bucket + offsets).reshape(-1), minlength=histogram.numel())
+        nearest = sorted_thresholds.gather(1, bucket.clamp(max=width - 1))
+        query, column = ((bucket < width) & (nearest == chunk)).nonzero(as_tuple=True)
+        ties.append(torch.stack([query, bucket[query, column], column + start]))
+        start += chunk.shape[1]
+    if start != n_db:
+        raise ValueError(f"the score source yielded {start} database items on its second pass, {n_db} on its first")
+
+    at_or_above = histogram.view(n_queries, width + 1).flip(1).cumsum(1).flip(1)
+    higher = at_or_above.gather(1, bucket_of_item + 1)
+    tie = torch.cat(ties, dim=1)
+    tie_keys = torch.sort((tie[0] * (width + 1) + tie[1]) * n_db + tie[2]).values
+    group = (rows * (width + 1) + bucket_of_item) * n_db
+    earlier_equal = torch.searchsorted(tie_keys, (group + index).reshape(-1)) - torch.searchsorted(
+        tie_keys, group.reshape(-1)
+    )
+    position = (higher + earlier_equal.view(n_queries, width)).cpu().numpy()
+    return [position[q, : ids.size] for q, ids in enumerate(items)]
+
+
+def compute_map_from_scores(
+    scores: ScoreSource,
+    gnd: Sequence[Mapping[str, Any]],
+    kappas: Kappas = (1, 5, 10),
+    *,
+    chunk_size: int = 65536,
+) -> tuple[float, np.ndarray]:
+    """:func:`compute_map` of the full ranking by descending score, without sorting the database.
+
+    ``scores`` is a (n_queries, n_db) array or tensor, or a callable returning a fresh iterable
+    of (n_queries, C) chunks in database order (it is called twice). Ties are ordered as a stable
+    descending argsort orders them, lower database index first, so the result equals
+    ``compute_map(np.argsort(-scores, axis=1, kind="stable").T, gnd)`` exactly. NaN is rejected.
+    """
+    checked = _ok_junk(gnd)
+    items = _union_items(checked)
+    positions = _score_positions(scores, items, chunk_size)
+    return _mean_metrics(items, positions, checked, _check_kappas(kappas))
+
+
+def evaluate_revisitop_from_scores(
+    scores: ScoreSource,
+    gnd_revisitop: Sequence[Mapping[str, Any]],
+    kappas: Kappas = (1, 5, 10),
+    *,
+    chunk_size: int = 65536,
+) -> dict[str, float]:
+    """:func:`evaluate_revisitop` of the ranking by descending score (ties: lower index first).
+
+    One counting pass over the scores serves all three protocols; see
+    :func:`compute_map_from_scores` for the accepted ``scores``.
+    """
+    items, per_protocol = _revisitop_items(gnd_revisitop)
+    positions = _score_positions(scores, items, chunk_size)
+    return _report(per_protocol, items, positions, kappas)

@@ -1,0 +1,112 @@
+"""Backbone: named stages for any timm CNN, the EfficientNet-Lite0 package weights, safe loading."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from skimage import data
+
+from retrieval_lightning.backbone import Backbone, WeightsMismatchError, map_state_dict_in_order
+from retrieval_lightning.checkpoints import CheckpointLoadError, load_tensor_file
+
+EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4", "conv5")).eval()
+
+
+def test_named_stages_for_resnet_and_efficientnet() -> None:
+    r = Backbone("resnet18", stages=("conv4", "conv5")).eval()
+    out = r(torch.rand(1, 3, 64, 96))
+    assert out["conv4"].shape == (1, 256, 4, 6) and out["conv5"].shape == (1, 512, 2, 3)
+    assert r.stage_reductions["conv4"] == 16 and r.stage_reductions["conv5"] == 32
+    with pytest.raises(ValueError, match="unknown backbone stages"):
+        Backbone("resnet18", stages=("layer9",))
+
+
+def test_lite0_package_weights_recognise_the_cat(lite0: Backbone) -> None:
+    import timm
+
+    classifier = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    classifier.load_state_dict(
+        {**classifier.state_dict(), **{k: v for k, v in lite0.model.state_dict().items()}}, strict=False
+    )
+    # the classifier layer is not in the features model: map it from the package file too
+    from retrieval_lightning.backbone import efficientnet_lite0_package_file
+
+    full = map_state_dict_in_order(load_tensor_file(efficientnet_lite0_package_file()), classifier.state_dict(), "t")
+    classifier.load_state_dict(full)
+    image = torch.tensor(data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    x = lite0.normalize(F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True))
+    top3 = classifier(x).topk(3).indices[0].tolist()
+    assert top3[0] in (EGYPTIAN_CAT, TABBY, TIGER_CAT)
+    # and the backbone features equal the classifier's own trunk
+    torch.testing.assert_close(lite0.model(x)[4], classifier.blocks(classifier.bn1(classifier.conv_stem(x))))
+
+
+def test_in_order_mapping_refuses_shape_mismatch() -> None:
+    src = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    with pytest.raises(WeightsMismatchError, match="tensor #1 'b'.*\\(4,\\).*\\(5,\\)"):
+        map_state_dict_in_order(src, {"x": torch.zeros(2, 3), "y": torch.zeros(5)}, "test")
+    with pytest.raises(WeightsMismatchError, match="2 tensors in the file, the model has 1"):
+        map_state_dict_in_order(src, {"x": torch.zeros(2, 3)}, "test")
+
+
+def test_lite0_package_refuses_other_architectures() -> None:
+    with pytest.raises(WeightsMismatchError, match="only fit timm 'efficientnet_lite0'"):
+        Backbone("resnet18", weights="efficientnet_lite0_package")
+
+
+def test_local_weights_file_safetensors_and_torch(tmp_path: Path) -> None:
+    source = Backbone("resnet18")
+    state = {f"backbone.model.{k}": v.clone() for k, v in source.model.state_dict().items()}
+    st_path = tmp_path / "w.safetensors"
+    save_file(state, str(st_path))
+    loaded = Backbone("resnet18", weights=str(st_path))
+    for k, v in source.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v)
+    pt_path = tmp_path / "w.pth"
+    torch.save({"state_dict": state}, pt_path)
+    Backbone("resnet18", weights=str(pt_path))
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
+    state = Backbone("resnet18").model.state_dict()
+    state["conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsMismatchError, match="conv1.weight"):
+        Backbone("resnet18", weights=str(path))
+    torch.save({"unrelated": torch.zeros(1)}, path)
+    with pytest.raises(WeightsMismatchError, match="missing"):
+        Backbone("resnet18", weights=str(path))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("executed!",))
+
+
+def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(CheckpointLoadError, match="weights_only"):
+        load_tensor_file(path)
+    with pytest.raises(CheckpointLoadError, match="not found"):
+        load_tensor_file(tmp_path / "missing.pth")
+
+
+def test_bgr_input_order_flips_channels() -> None:
+    rgb = Backbone("resnet18", mean=(0, 0, 0), std=(1, 1, 1))
+    bgr = Backbone("resnet18", input_order="bgr", mean=(0, 0, 0), std=(1, 1, 1))
+    x = torch.rand(1, 3, 4, 4)
+    torch.testing.assert_close(bgr.normalize(x), x.flip(1))
+    torch.testing.assert_close(rgb.normalize(x), x)

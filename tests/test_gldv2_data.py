@@ -1,0 +1,380 @@
+"""GLDv2 readers, split, sampler, transforms and datamodule on a tiny dataset in the official format."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from datamodules._transforms import TrainTransform, collate_eval, sample_crop_box
+from datamodules.gldv2 import (
+    ClassBalancedSampler,
+    GLDv2DataModule,
+    GLDv2FormatError,
+    image_path,
+    read_id_csv,
+    read_recognition_solution,
+    read_retrieval_solution,
+    read_train_clean_csv,
+    read_train_csv,
+    remap_labels,
+    split_train_val,
+)
+
+
+def _hex_id(prefix: str, i: int) -> str:
+    return f"{prefix}{i:015x}"[-16:].replace(" ", "0")
+
+
+def _write(path, text: str) -> str:
+    with open(path, "w") as handle:
+        handle.write(text)
+    return str(path)
+
+
+def _jpg(root, split: str, image_id: str, color: tuple[int, int, int], size=(24, 18)) -> None:
+    path = image_path(str(root), split, image_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path, quality=95)
+
+
+# landmark_id -> number of training images; 12 and 40 have a single image.
+CLASS_SIZES = {7: 5, 3: 4, 12: 1, 20: 3, 40: 1}
+CLEAN = (7, 3, 12)
+
+
+@pytest.fixture(scope="module")
+def gld(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gldv2")
+    train_rows, clean_rows, by_class = [], [], {}
+    n = 0
+    for landmark, count in CLASS_SIZES.items():
+        for _ in range(count):
+            image_id = _hex_id("a", n)
+            n += 1
+            by_class.setdefault(landmark, []).append(image_id)
+            train_rows.append(f"{image_id},http://x.org/{image_id}.jpg,{landmark}")
+            _jpg(root, "train", image_id, (10 * landmark % 255, 50, 90))
+    for landmark in CLEAN:
+        clean_rows.append(f"{landmark},{' '.join(by_class[landmark])}")
+    _write(root / "train.csv", "id,url,landmark_id\n" + "\n".join(train_rows) + "\n")
+    _write(root / "train_clean.csv", "landmark_id,images\n" + "\n".join(clean_rows) + "\n")
+    index_ids = [_hex_id("b", i) for i in range(4)]
+    test_ids = [_hex_id("c", i) for i in range(4)]
+    for i, x in enumerate(index_ids):
+        _jpg(root, "index", x, (200, 20 * i, 0), size=(40, 30))
+    for i, x in enumerate(test_ids):
+        _jpg(root, "test", x, (0, 20 * i, 200), size=(30, 40))
+    _write(root / "index.csv", "id\n" + "\n".join(index_ids) + "\n")
+    _write(root / "test.csv", "id\n" + "\n".join(test_ids) + "\n")
+    _write(root / "retrieval_solution_v2.1.csv", "id,images,Usage\n"
+           f"{test_ids[0]},{index_ids[0]} {index_ids[2]},Public\n"
+           f"{test_ids[1]},{index_ids[1]},Private\n"
+           f"{test_ids[2]},None,Ignored\n"
+           f"{test_ids[3]},{index_ids[3]},Public\n")
+    _write(root / "recognition_solution_v2.1.csv", "id,landmarks,Usage\n"
+           f"{test_ids[0]},7,Public\n"
+           f"{test_ids[1]},3 20,Private\n"
+           f"{test_ids[2]},,Ignored\n"
+           f"{test_ids[3]},,Public\n")
+    return {"root": root, "by_class": by_class, "index": index_ids, "test": test_ids}
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_read_train_csv_and_clean(gld):
+    full = read_train_csv(str(gld["root"] / "train.csv"))
+    assert len(full) == sum(CLASS_SIZES.values())
+    assert full.ids[:5] == gld["by_class"][7]
+    assert full.landmark_ids.tolist() == [lm for lm, c in CLASS_SIZES.items() for _ in range(c)]
+    clean = read_train_clean_csv(str(gld["root"] / "train_clean.csv"))
+    assert clean.ids == gld["by_class"][7] + gld["by_class"][3] + gld["by_class"][12]
+    assert clean.landmark_ids.tolist() == [7] * 5 + [3] * 4 + [12]
+
+
+def test_malformed_rows_name_file_and_row(tmp_path, caplog):
+    path = _write(tmp_path / "train.csv", "id,url,landmark_id\n"
+                  "0123456789abcdef,http://a,1\n"
+                  "1123456789abcdef,http://b,2\n"
+                  "2123456789abcdef,http://c,notanint\n"
+                  "3123456789abcdef,http://d\n"
+                  "4123456789abcdef,http://e,5\n")
+    with pytest.raises(GLDv2FormatError, match=r"train\.csv: row 4: landmark_id 'notanint'"):
+        read_train_csv(path)
+    with caplog.at_level(logging.WARNING):
+        table = read_train_csv(path, on_error="skip")
+    assert table.ids == ["0123456789abcdef", "1123456789abcdef", "4123456789abcdef"]
+    assert "skipped 2 malformed rows" in caplog.text and "row 5" in caplog.text
+
+    bad_header = _write(tmp_path / "h.csv", "image,url,landmark\nx,y,1\n")
+    with pytest.raises(GLDv2FormatError, match=r"h\.csv: row 1: header"):
+        read_train_csv(bad_header)
+
+    clean = _write(tmp_path / "clean.csv", "landmark_id,images\n1,aaaaaaaa bbbbbbbb\n2,cccccccc aaaaaaaa\n")
+    with pytest.raises(GLDv2FormatError, match=r"clean\.csv: row 3: image id\(s\) listed twice"):
+        read_train_clean_csv(clean)
+    empty = _write(tmp_path / "clean2.csv", "landmark_id,images\n1,aaaaaaaa\n2,\n")
+    with pytest.raises(GLDv2FormatError, match=r"clean2\.csv: row 3: bad image id"):
+        read_train_clean_csv(empty)
+
+
+def test_solutions_usage_and_ignored(gld, tmp_path):
+    t, i = gld["test"], gld["index"]
+    path = str(gld["root"] / "retrieval_solution_v2.1.csv")
+    assert read_retrieval_solution(path, "Public") == {t[0]: [i[0], i[2]], t[3]: [i[3]]}
+    assert read_retrieval_solution(path, "Private") == {t[1]: [i[1]]}
+    assert set(read_retrieval_solution(path, "All")) == {t[0], t[1], t[3]}
+    rec = str(gld["root"] / "recognition_solution_v2.1.csv")
+    assert read_recognition_solution(rec, "Public") == {t[0]: [7], t[3]: []}
+    assert read_recognition_solution(rec, "Private") == {t[1]: [3, 20]}
+
+    none_row = _write(tmp_path / "r.csv", "id,images,Usage\nabcdef012,None,Public\n")
+    assert read_retrieval_solution(none_row, "Public") == {"abcdef012": []}
+    bad = _write(tmp_path / "bad.csv", "id,landmarks,Usage\nabc123,1,Public\nabc124,2,Secret\n")
+    with pytest.raises(GLDv2FormatError, match=r"bad\.csv: row 3: Usage 'Secret'"):
+        read_recognition_solution(bad, "Public")
+    with pytest.raises(ValueError, match="usage"):
+        read_recognition_solution(rec, "public")
+
+
+def test_read_id_csv_and_image_path(gld):
+    assert read_id_csv(str(gld["root"] / "index.csv")) == gld["index"]
+    assert image_path("/d", "train", "6e158a47eb2ca3f6") == "/d/train/6/e/1/6e158a47eb2ca3f6.jpg"
+
+
+def test_parse_speed_200k_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200_000
+    lm = rng.integers(0, 200_000, n)
+    lines = [f"{i:016x},https://upload.wikimedia.org/wikipedia/commons/{i}.jpg,{lm[i]}" for i in range(n)]
+    path = _write(tmp_path / "big.csv", "id,url,landmark_id\n" + "\n".join(lines) + "\n")
+    start = time.perf_counter()
+    table = read_train_csv(path)
+    labels, classes = remap_labels(table.landmark_ids)
+    elapsed = time.perf_counter() - start
+    assert len(table) == n and classes.size == np.unique(lm).size
+    # 4.1M rows at this rate stay well under a minute; generous bound for a loaded CI machine.
+    assert elapsed < 3.0, f"parsing 200k rows took {elapsed:.2f}s"
+
+
+# ----------------------------------------------------------------------------- remap and split
+
+
+def test_remap_sorted_order():
+    labels, classes = remap_labels(np.array([7, 3, 12, 7, 100, 3]))
+    assert classes.tolist() == [3, 7, 12, 100]
+    assert labels.tolist() == [1, 0, 2, 1, 3, 0]
+
+
+def _official_split(labels, fraction, seed):
+    """A literal transcription of the algorithm of build_image_dataset.py (string stacking and all)."""
+    file_ids = [f"id{k}" for k in range(len(labels))]
+    attrs = np.stack((file_ids, file_ids, [str(x) for x in labels]))
+    groups: dict = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    rs = np.random.RandomState(np.random.MT19937(np.random.SeedSequence(seed)))
+    val, train = [], []
+    for _, indexes in groups.items():
+        sub = attrs[:, indexes]
+        cols = np.arange(sub.shape[1])
+        rs.shuffle(cols)
+        sub = sub[:, cols]
+        cut = max(1, int(fraction * sub.shape[1]))
+        val += [int(x[2:]) for x in sub[1, :cut]]
+        train += [int(x[2:]) for x in sub[1, cut:]]
+    return train, val
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_split_matches_official_algorithm(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 40, 400) ** 2 % 97  # uneven class sizes, unsorted first appearance
+    labels[:3] = [500, 501, 502]  # single-image classes
+    train, val = split_train_val(labels, 0.2, seed)
+    ref_train, ref_val = _official_split(labels.tolist(), 0.2, seed)
+    assert train.tolist() == ref_train and val.tolist() == ref_val
+    assert sorted(train.tolist() + val.tolist()) == list(range(400))
+    for single in (0, 1, 2):
+        assert single in val.tolist()
+    for cls in np.unique(labels):
+        n = int((labels == cls).sum())
+        assert int((labels[val] == cls).sum()) == max(1, int(0.2 * n))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_class_balanced_sampler_frequencies_and_determinism():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    uniform = ClassBalancedSampler(labels, power=0.0, num_samples=30000, seed=1)
+    drawn = labels[np.array(list(uniform))]
+    freq = np.bincount(drawn, minlength=3) / drawn.size
+    assert np.allclose(freq, 1 / 3, atol=0.02)
+    natural = ClassBalancedSampler(labels, power=1.0, num_samples=30000, seed=1)
+    freq = np.bincount(labels[np.array(list(natural))], minlength=3) / 30000
+    assert np.allclose(freq, [0.9, 0.09, 0.01], atol=0.01)
+    # Every image of the small class is reachable, indices stay in range.
+    picks = np.array(list(uniform))
+    assert set(picks[labels[picks] == 2].tolist()) == set(range(990, 1000))
+    again = ClassBalancedSampler(labels, power=0.0, num_samples=30000, seed=1)
+    assert list(again) == list(uniform)
+    again.set_epoch(1)
+    assert list(again) != list(uniform)
+
+
+def test_class_balanced_sampler_under_lightning_ddp_wrapper():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    labels = np.repeat(np.arange(7), [1, 2, 3, 5, 8, 13, 21])
+    shards, positions = [], []
+    for rank in range(2):
+        sampler = ClassBalancedSampler(labels, power=0.5, num_samples=40, seed=3)
+        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        wrapper.set_epoch(2)
+        shards.append(list(wrapper))
+        positions.append(list(DistributedSampler.__iter__(wrapper)))
+        assert sampler.epoch == 2  # Lightning's wrapper forwards set_epoch
+    assert set(positions[0]).isdisjoint(positions[1])
+    assert sorted(positions[0] + positions[1]) == list(range(40))
+    reference = ClassBalancedSampler(labels, power=0.5, num_samples=40, seed=3)
+    reference.set_epoch(2)
+    assert sorted(shards[0] + shards[1]) == sorted(reference)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_sample_crop_box_constraints():
+    gen = torch.Generator().manual_seed(0)
+    fractions = []
+    for _ in range(300):
+        top, left, h, w = sample_crop_box(300, 400, generator=gen)
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+        frac = h * w / (300 * 400)
+        fractions.append(frac)
+        if (h, w) != (300, 400):
+            assert 0.1 <= frac <= 1.0
+            assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert min(fractions) < 0.3 and max(fractions) > 0.8
+
+
+def test_train_transform_output():
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    out = TrainTransform(32)(image, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    flat = torch.full((3, 40, 40), 128, dtype=torch.uint8)
+    assert torch.allclose(TrainTransform(16)(flat), torch.full((3, 16, 16), 128 / 255))
+
+
+def test_collate_eval_variable_sizes():
+    items = [{"image": torch.zeros(3, 5, 7), "index": 3}, {"image": torch.zeros(3, 9, 2), "index": 0}]
+    batch = collate_eval(items)
+    assert [t.shape for t in batch["image"]] == [(3, 5, 7), (3, 9, 2)]
+    assert batch["index"].dtype == torch.long and batch["index"].tolist() == [3, 0]
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+def _dm(gld, **kw) -> GLDv2DataModule:
+    args = dict(root=str(gld["root"]), image_size=16, batch_size=4, eval_batch_size=3, num_workers=0,
+                eval_max_side=20, usage="Public", holdout_num_classes=None)
+    args.update(kw)
+    return GLDv2DataModule(**args)
+
+
+def test_num_classes_before_setup(gld):
+    assert _dm(gld).num_classes == len(CLEAN)
+    full = _dm(gld, train_set="full")
+    assert full.num_classes == len(CLASS_SIZES)
+    assert full.class_landmark_ids.tolist() == sorted(CLASS_SIZES)
+
+
+def test_train_split_and_dataloader(gld):
+    dm = _dm(gld, train_set="full")
+    dm.setup("fit")
+    val_ids = set(dm.split_ids("val"))
+    train_ids = set(dm.split_ids("train"))
+    assert not val_ids & train_ids and len(val_ids | train_ids) == sum(CLASS_SIZES.values())
+    # int(0.2 * n) with a floor of one: 5 -> 1, 4 -> 1, 3 -> 1, 1 -> 1 (single images go to val).
+    assert len(val_ids) == 5
+    assert gld["by_class"][12][0] in val_ids and gld["by_class"][40][0] in val_ids
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+    sorted_ids = sorted(CLASS_SIZES)
+    for label, index in zip(batch["label"].tolist(), batch["index"].tolist()):
+        path = dm.train_dataset.paths[index]
+        image_id = os.path.basename(path)[:-4]
+        true_landmark = next(lm for lm, ids in gld["by_class"].items() if image_id in ids)
+        assert sorted_ids[label] == true_landmark
+
+
+def test_balanced_sampling_dataloader(gld):
+    dm = _dm(gld, train_set="full", sampling="balanced", validation_split=0.0, val_sets=[])
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ClassBalancedSampler)
+    assert len(list(loader)) == sum(CLASS_SIZES.values()) // 4
+
+
+def test_eval_sets_and_loaders(gld):
+    dm = _dm(gld, train_set="full")
+    retrieval, recognition = dm.eval_sets("test")
+    t, i = gld["test"], gld["index"]
+    assert retrieval.protocol == "gldv2_retrieval" and retrieval.n_queries == 2
+    assert retrieval.ground_truth["query_ids"] == [t[0], t[3]]
+    assert retrieval.ground_truth["db_ids"] == i
+    assert retrieval.ground_truth["solution"] == {t[0]: [i[0], i[2]], t[3]: [i[3]]}
+    assert retrieval.image_ids == [t[0], t[3]] + i and len(retrieval.dataset) == 6
+    assert recognition.protocol == "gldv2_recognition"
+    assert recognition.ground_truth["solution"] == {t[0]: [7], t[3]: []}
+    assert recognition.n_database == sum(CLASS_SIZES.values())
+    assert recognition.ground_truth["db_labels"] == [lm for lm, c in CLASS_SIZES.items() for _ in range(c)]
+
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2
+    seen = []
+    for batch in loaders[0]:
+        assert isinstance(batch["image"], list) and batch["index"].dtype == torch.long
+        seen += batch["index"].tolist()
+        for image in batch["image"]:
+            assert image.dtype == torch.float32 and max(image.shape[1:]) == 20
+    assert seen == list(range(6))
+    query = retrieval.dataset[0]["image"]  # test images are 30x40 (w x h) blue-ish
+    assert query.shape == (3, 20, 15) and query[2].mean() > 0.7
+    db = retrieval.dataset[2]["image"]  # index images are 40x30
+    assert db.shape == (3, 15, 20) and db[0].mean() > 0.7
+
+
+def test_holdout_eval_set(gld):
+    dm = _dm(gld, train_set="full")
+    (holdout,) = dm.eval_sets("validate")
+    assert holdout.name == "gldv2_holdout" and holdout.protocol == "gldv2_recognition"
+    # Classes with images on both sides of the split: 7, 3, 20 (12 and 40 are val-only).
+    assert holdout.n_queries == 3 and holdout.n_database == 4 + 3 + 2
+    truth = holdout.ground_truth
+    assert sorted(v[0] for v in truth["solution"].values()) == [3, 7, 20]
+    assert set(truth["db_labels"]) == {3, 7, 20}
+    assert len(dm.val_dataloader()) == 1
+    capped = _dm(gld, train_set="full", holdout_num_classes=2)
+    (small,) = capped.eval_sets("validate")
+    assert small.n_queries == 2 and len(set(small.ground_truth["db_labels"])) == 2
+
+
+def test_bad_arguments_and_missing_index_ids(gld, tmp_path):
+    with pytest.raises(ValueError, match="train_set"):
+        _dm(gld, train_set="dirty")
+    with pytest.raises(ValueError, match="unknown GLDv2 eval set"):
+        _dm(gld, test_sets=["retrieval", "nope"])
+    sol = _write(tmp_path / "sol.csv", f"id,images,Usage\n{gld['test'][0]},ffffffffffffffff,Public\n")
+    dm = _dm(gld, retrieval_solution_csv=sol, test_sets=["retrieval"])
+    with pytest.raises(GLDv2FormatError, match="ffffffffffffffff.*index.csv"):
+        dm.eval_sets("test")

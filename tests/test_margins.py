@@ -1,0 +1,79 @@
+"""ArcFace / CurricularFace margins against direct formulas, fp32 under autocast, no NaN at |cos|=1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from retrieval_lightning.layers import ArcFaceMargin, CosineClassifier, CurricularFaceMargin, GeM
+
+
+def test_arcface_adds_margin_to_target_angle_only() -> None:
+    cos = torch.tensor([[0.5, 0.2, -0.3], [0.1, 0.9, 0.0]])
+    labels = torch.tensor([0, 1])
+    m, s = 0.1, 45.25
+    out = ArcFaceMargin(scale=s, margin=m).train()(cos, labels)
+    expected = cos.clone()
+    expected[0, 0] = math.cos(math.acos(0.5) + m)
+    expected[1, 1] = math.cos(math.acos(0.9) + m)
+    torch.testing.assert_close(out, expected * s)
+
+
+def test_arcface_skips_margin_when_theta_beyond_pi_minus_m() -> None:
+    cos = torch.tensor([[-0.999, 0.3]])
+    out = ArcFaceMargin(scale=1.0, margin=0.1).train()(cos, torch.tensor([0]))
+    assert abs(float(out[0, 0]) - (-0.999)) < 1e-5  # theta > pi - m: left unchanged
+
+
+def test_arcface_eval_has_no_margin() -> None:
+    cos = torch.rand(3, 4)
+    out = ArcFaceMargin(scale=2.0, margin=0.3).eval()(cos, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out, cos * 2.0)
+
+
+def test_no_nan_gradient_at_unit_cosine() -> None:
+    emb = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    clf = CosineClassifier(2, 2)
+    with torch.no_grad():
+        clf.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    for margin in (ArcFaceMargin(10.0, 0.1), CurricularFaceMargin(10.0, 0.5)):
+        logits = margin.train()(clf(emb), torch.tensor([0]))
+        F.cross_entropy(logits, torch.tensor([0])).backward()
+        assert torch.isfinite(emb.grad).all() and torch.isfinite(clf.weight.grad).all()
+        emb.grad = None
+        clf.weight.grad = None
+
+
+def test_margin_math_stays_fp32_under_bf16_autocast() -> None:
+    clf = CosineClassifier(8, 3)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ArcFaceMargin(8.0, 0.1).train()(clf(x), torch.tensor([0, 1, 2, 0]))
+    assert logits.dtype == torch.float32
+
+
+def test_curricularface_matches_formula_and_updates_t() -> None:
+    cos = torch.tensor([[0.6, 0.7, 0.1], [0.2, 0.3, 0.9]])
+    labels = torch.tensor([0, 2])
+    m, s = 0.5, 4.0
+    head = CurricularFaceMargin(scale=s, margin=m, momentum=0.01).train()
+    out = head(cos, labels)
+    target = cos.gather(1, labels[:, None])
+    t = 0.01 * float(target.mean())
+    torch.testing.assert_close(head.t, torch.tensor([t]))
+    ctm = target * math.cos(m) - torch.sqrt(1 - target**2) * math.sin(m)
+    expected = torch.where(cos > ctm, cos * (t + cos), cos)
+    final = torch.where(target > math.cos(math.pi - m), ctm, target - math.sin(math.pi - m) * m)
+    expected = expected.scatter(1, labels[:, None], final)
+    torch.testing.assert_close(out, expected * s)
+
+
+def test_gem_matches_definition_and_p1_is_average_pooling() -> None:
+    x = torch.rand(2, 3, 5, 4) + 0.1
+    torch.testing.assert_close(GeM(p=3.0)(x), x.pow(3).mean(dim=(2, 3)).pow(1 / 3))
+    torch.testing.assert_close(GeM(p=1.0)(x), x.mean(dim=(2, 3)))
+    learn = GeM(p=3.0, learn_p=True)
+    learn(x).sum().backward()
+    assert learn.p.grad is not None

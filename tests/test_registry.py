@@ -1,0 +1,96 @@
+"""Registry behaviour: lazy listing, short names, clear errors (unknown, duplicate, broken plugin)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from retrieval_lightning.head import Head
+from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, Registry, describe_plugins
+
+
+def make_distribution(root: Path, dist: str, module: str, source: str, heads: dict[str, str]) -> None:
+    """A minimal installed distribution: a module plus a .dist-info with entry points."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in heads.items())
+    (info / "entry_points.txt").write_text(f"[retrieval_lightning.heads]\n{lines}\n")
+
+
+@pytest.fixture
+def extra_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def fresh_heads() -> Registry:
+    return Registry(HEADS.group, "head", "retrieval_lightning.head_plugins", HEADS._check)
+
+
+def test_builtin_plugins_are_registered() -> None:
+    assert "gem_arcface" in HEADS.names()
+    assert {"minilandmarks", "gldv2", "revisitop"} <= set(DATAMODULES.names())
+    entry = HEADS.entry("gem_arcface")
+    assert entry.distribution == "retrieval-lightning"
+    assert issubclass(HEADS.get("gem_arcface"), Head)
+
+
+def test_listing_imports_nothing(extra_path: Path) -> None:
+    make_distribution(extra_path, "lazy-dist", "lazy_head_mod", "raise RuntimeError('imported!')\n",
+                      {"lazy_head": "lazy_head_mod:X"})
+    registry = fresh_heads()
+    assert "lazy_head" in registry.names()
+    assert "lazy_head_mod" not in sys.modules
+
+
+def test_unknown_name_lists_and_suggests() -> None:
+    with pytest.raises(PluginError) as err:
+        HEADS.get("gem_arcfce")
+    msg = str(err.value)
+    assert "did you mean 'gem_arcface'" in msg and "gem_arcface" in msg and "retrieval_lightning.heads" in msg
+
+
+def test_duplicate_name_across_distributions_names_both(extra_path: Path) -> None:
+    make_distribution(extra_path, "first-dist", "dup_a", "X = 1\n", {"twin": "dup_a:X"})
+    make_distribution(extra_path, "second-dist", "dup_b", "X = 2\n", {"twin": "dup_b:X"})
+    with pytest.raises(PluginError) as err:
+        fresh_heads().names()
+    assert "first-dist" in str(err.value) and "second-dist" in str(err.value) and "twin" in str(err.value)
+
+
+def test_import_failure_names_plugin_distribution_and_cause(extra_path: Path) -> None:
+    make_distribution(extra_path, "broken-dist", "broken_head_mod", "import not_a_real_module_xyz\n",
+                      {"broken": "broken_head_mod:Head"})
+    with pytest.raises(PluginError) as err:
+        fresh_heads().get("broken")
+    msg = str(err.value)
+    assert "'broken'" in msg and "broken-dist" in msg and "not_a_real_module_xyz" in msg
+
+
+def test_non_head_class_is_rejected(extra_path: Path) -> None:
+    make_distribution(extra_path, "wrong-dist", "wrong_head_mod", "class NotAHead: pass\n",
+                      {"wrong": "wrong_head_mod:NotAHead"})
+    with pytest.raises(PluginError, match="not a subclass of retrieval_lightning.head.Head"):
+        fresh_heads().get("wrong")
+
+
+def test_alias_is_importable_by_short_name() -> None:
+    import retrieval_lightning.head_plugins as aliases
+
+    alias = aliases.gem_arcface
+    assert alias.__name__ == "gem_arcface"
+    assert issubclass(alias, HEADS.get("gem_arcface"))
+    assert aliases.gem_arcface is alias
+    with pytest.raises(PluginError, match="unknown head"):
+        getattr(aliases, "no_such_head")
+
+
+def test_describe_plugins_reports_role_and_distribution() -> None:
+    rows = {(r["kind"], r["name"]): r for r in describe_plugins()}
+    assert rows[("head", "gem_arcface")]["role"] == "global"
+    assert rows[("datamodule", "gldv2")]["distribution"] == "retrieval-lightning"
