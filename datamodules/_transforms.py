@@ -170,18 +170,24 @@ class EvalTransform:
 class EvalImageDataset(Dataset):
     """Eval images in EvalSet order: ``{"image": float (3,h,w) in [0, 1], "index": int}``.
 
-    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query. With a skip
-    policy an unreadable image becomes a black ``placeholder_size`` square, so every index keeps
-    its place in the ground truth; the policy counts and logs it.
+    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query. With
+    ``fast_decode`` a whole image is shrunk while it is decoded (``load_image(max_side=...)``,
+    reduced-DCT JPEG decoding): the same factor, but a side ending in exactly .5 rounds up
+    there rather than half-to-even as DELG does, so keep it off where exactness matters more
+    than decoding time. With a skip policy an unreadable image becomes a black
+    ``placeholder_size`` square, so every index keeps its place in the ground truth; the policy
+    counts and logs it.
     """
 
     def __init__(self, paths: Sequence[str], transform: EvalTransform, policy: LoadPolicy,
-                 boxes: Sequence[Sequence[float]] | None = None, placeholder_size: int = 64) -> None:
-        self.paths = list(paths)
+                 boxes: Sequence[Sequence[float]] | None = None, placeholder_size: int = 64,
+                 fast_decode: bool = False) -> None:
+        self.paths = paths
         self.boxes = list(boxes) if boxes is not None else []
         if len(self.boxes) > len(self.paths):
             raise ValueError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
         self.transform, self.policy, self.placeholder_size = transform, policy, placeholder_size
+        self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -189,8 +195,8 @@ class EvalImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         box = self.boxes[index] if index < len(self.boxes) else None
-        # A whole image can be shrunk while decoding (same factor); a crop needs the full image.
-        cap = self.transform.max_side if box is None and not self.transform.upscale else None
+        whole = box is None and not self.transform.upscale
+        cap = self.transform.max_side if self.fast_decode and whole else None
         image = load_image_or_skip(self.paths[index], self.policy, max_side=cap)
         if image is None:
             side = self.placeholder_size

@@ -6,7 +6,8 @@ unless absolute). The readers follow tensorflow/models ``research/delf``:
 
 - ``train_clean.csv`` (``landmark_id,images``): labels remapped to ``0..N-1`` in sorted order of
   ``landmark_id`` (``build_image_dataset.py``); ``train.csv`` (``id,url,landmark_id``) gets the
-  same remap (an identity for v2.1, whose landmark ids are ``0..203093``).
+  same remap (the official code keeps raw ids for the full set; the remap keeps the classifier
+  contiguous whatever ids the file holds).
 - validation split: per class, in order of the class's first appearance, a permutation from one
   ``RandomState(MT19937(SeedSequence(seed)))`` shuffles the class's images and the first
   ``max(1, int(fraction * n))`` go to validation. So a class with a single image has it in
@@ -24,22 +25,23 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, collate_eval
-from retrieval_lightning.data.io import LoadPolicy, load_image, load_image_or_skip
+from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
 log = logging.getLogger(__name__)
 
 USAGES = ("Public", "Private", "Ignored")
 EVAL_SET_KINDS = ("retrieval", "recognition", "holdout")
+_FIELD_LIMIT = 2**31 - 1
 
 
 class GLDv2FormatError(ValueError):
@@ -78,9 +80,15 @@ class _RowErrors:
             log.warning("%s: skipped %d malformed rows", self.path, self.count)
 
 
-def _open_csv(path: str, required: Sequence[str]) -> tuple[Iterator[list[str]], dict[str, int], object]:
-    """Open a CSV, check its header holds ``required`` columns, return (reader, column index, file)."""
-    handle = open(path, newline="", encoding="utf-8")
+def _open_csv(path: str, required: Sequence[str]) -> tuple[Any, dict[str, int], TextIO]:
+    """Open a CSV, check its header holds ``required`` columns, return (reader, column index, file).
+
+    ``train_clean.csv`` lists thousands of ids in one field for the largest landmarks, beyond the
+    csv module's default 128 KiB field limit, so the (process-wide) limit is raised first.
+    """
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    handle = open(path, newline="", encoding="utf-8", errors="replace")
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None:
@@ -97,17 +105,21 @@ def _open_csv(path: str, required: Sequence[str]) -> tuple[Iterator[list[str]], 
 
 
 def _valid_id(image_id: str) -> bool:
-    return len(image_id) >= 3 and image_id.isalnum()
+    return len(image_id) >= 3 and image_id.isascii() and image_id.isalnum()
 
 
 def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
-    """Read ``train.csv`` (``id,url,landmark_id``); rows are numbered from 1 (the header)."""
+    """Read ``train.csv`` (``id,url,landmark_id``); rows are numbered from 1 (the header).
+
+    One pass of the csv module (quoted URLs with commas are fine): about 2 s per million rows on
+    a slow 2-core machine. The first bad row raises; ``on_error="skip"`` skips, counts and logs.
+    """
     reader, col, handle = _open_csv(path, ("id", "url", "landmark_id"))
     errors = _RowErrors(path, on_error)
     ids: list[str] = []
     landmarks: list[int] = []
     i_id, i_lm, width = col["id"], col["landmark_id"], len(col)
-    with handle:  # type: ignore[attr-defined]
+    with handle:
         for row in reader:
             if len(row) != width:
                 errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
@@ -135,7 +147,7 @@ def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
     landmarks: list[int] = []
     seen: set[str] = set()
     i_lm, i_im, width = col["landmark_id"], col["images"], len(col)
-    with handle:  # type: ignore[attr-defined]
+    with handle:
         for row in reader:
             if len(row) != width:
                 errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
@@ -167,7 +179,7 @@ def read_id_csv(path: str, on_error: str = "raise") -> list[str]:
     errors = _RowErrors(path, on_error)
     ids: list[str] = []
     i_id = col["id"]
-    with handle:  # type: ignore[attr-defined]
+    with handle:
         for row in reader:
             if len(row) <= i_id or not _valid_id(row[i_id]):
                 errors(reader.line_num, f"bad image id in {row!r}")
@@ -191,7 +203,7 @@ def _read_solution(path: str, column: str, usage: str, parse, on_error: str) -> 
     errors = _RowErrors(path, on_error)
     solution: dict = {}
     i_id, i_gt, i_use, width = col["id"], col[column], col["Usage"], len(col)
-    with handle:  # type: ignore[attr-defined]
+    with handle:
         for row in reader:
             if len(row) != width:
                 errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
@@ -274,6 +286,33 @@ def image_path(root: str, split: str, image_id: str) -> str:
     return os.path.join(root, split, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
 
 
+class ImagePaths(SequenceABC):
+    """Image paths of consecutive ``(split, ids)`` segments, built on access.
+
+    Ids are held as one fixed-width bytes array per segment instead of millions of Python
+    strings, so forked DataLoader workers do not copy them page by page as they read.
+    """
+
+    def __init__(self, root: str, segments: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.root = root
+        self._splits = [split for split, _ in segments]
+        self._ids = [np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=bytes)
+                     for _, ids in segments]
+        self._ends = np.cumsum([len(ids) for ids in self._ids])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range [0, {len(self)})")
+        seg = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[seg - 1]) if seg else 0
+        image_id = self._ids[seg][index - start].decode("ascii")
+        return image_path(self.root, self._splits[seg], image_id)
+
+
 class ClassBalancedSampler(Sampler[int]):
     """Draw a class with probability proportional to ``count ** power``, then one of its images.
 
@@ -316,6 +355,17 @@ class ClassBalancedSampler(Sampler[int]):
         return iter(picks.tolist())
 
 
+@dataclass
+class _TrainState:
+    """The chosen training set once read: table, labels 0..N-1, their landmark ids, the split."""
+
+    table: TrainTable
+    labels: np.ndarray
+    classes: np.ndarray
+    train_pos: np.ndarray
+    val_pos: np.ndarray
+
+
 class GLDv2TrainDataset(Dataset):
     """Training images: ``{"image": float (3,S,S), "label": int, "index": int}``.
 
@@ -325,7 +375,7 @@ class GLDv2TrainDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: TrainTransform,
                  policy: LoadPolicy, max_side: int | None = None) -> None:
-        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
+        self.paths, self.labels = paths, np.asarray(labels, dtype=np.int64)
         self.transform, self.policy, self.max_side = transform, policy, max_side
 
     def __len__(self) -> int:
@@ -351,6 +401,15 @@ class GLDv2DataModule(L.LightningDataModule):
       protocol ``gldv2_recognition``, ``db_labels`` are original landmark ids.
     - ``holdout``: validation-split images of ``holdout_num_classes`` classes vs the training
       split of those classes; protocol ``gldv2_recognition``. Cheap enough to run every epoch.
+
+    ``train_set`` picks ``clean`` (81,313 classes in v2.1) or ``full`` (203,094); ``num_classes``
+    reads that CSV on first use, so the CLI can link it into the model before ``setup``.
+    ``usage`` is ``Public``, ``Private`` or ``All``. ``sampling="balanced"`` uses
+    :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; Lightning shards
+    either under DDP. Eval images are decoded at reduced size when they exceed ``eval_max_side``
+    (see :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same
+    before the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
+    counting and logging them.
     """
 
     def __init__(
@@ -402,66 +461,61 @@ class GLDv2DataModule(L.LightningDataModule):
         self.policy = LoadPolicy(on_error=on_error)
         self.train_transform = TrainTransform(image_size, interpolation=interpolation)
         self.eval_transform = EvalTransform(eval_max_side, upscale=eval_upscale)
-        self._table: TrainTable | None = None
-        self._labels: np.ndarray | None = None
-        self._classes: np.ndarray | None = None
-        self._split: tuple[np.ndarray, np.ndarray] | None = None
+        self._state: _TrainState | None = None
         self._eval_cache: dict[str, EvalSet] = {}
         self.train_dataset: GLDv2TrainDataset | None = None
 
     def _path(self, name: str) -> str:
         return name if os.path.isabs(name) else os.path.join(self.root, name)
 
-    def _load_train(self) -> None:
-        if self._table is not None:
-            return
+    def _train_state(self) -> _TrainState:
+        """Read the training CSV, remap labels and split, once."""
+        if self._state is not None:
+            return self._state
         hp = self.hparams
         if self.train_set == "clean":
-            self._table = read_train_clean_csv(self._path(hp.train_clean_csv), hp.on_error)
+            table = read_train_clean_csv(self._path(hp.train_clean_csv), hp.on_error)
         else:
-            self._table = read_train_csv(self._path(hp.train_csv), hp.on_error)
-        if len(self._table) == 0:
+            table = read_train_csv(self._path(hp.train_csv), hp.on_error)
+        if len(table) == 0:
             raise GLDv2FormatError(f"no training images listed for train_set={self.train_set!r}")
-        self._labels, self._classes = remap_labels(self._table.landmark_ids)
+        labels, classes = remap_labels(table.landmark_ids)
         if hp.validation_split > 0:
-            self._split = split_train_val(self._labels, hp.validation_split, hp.split_seed)
+            train_pos, val_pos = split_train_val(labels, hp.validation_split, hp.split_seed)
         else:
-            self._split = (np.arange(len(self._table)), np.zeros(0, dtype=np.int64))
+            train_pos, val_pos = np.arange(len(table)), np.zeros(0, dtype=np.int64)
+        self._state = _TrainState(table, labels, classes, train_pos, val_pos)
+        return self._state
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the chosen training set (reads its CSV once, before ``setup``)."""
-        self._load_train()
-        return int(self._classes.size)  # type: ignore[union-attr]
+        return int(self._train_state().classes.size)
 
     @property
     def class_landmark_ids(self) -> np.ndarray:
         """Original ``landmark_id`` of each label ``0..N-1``."""
-        self._load_train()
-        return self._classes  # type: ignore[return-value]
+        return self._train_state().classes
 
     def split_ids(self, which: str) -> list[str]:
         """Image ids of the ``"train"`` or ``"val"`` part of the split."""
-        self._load_train()
-        positions = self._split[0 if which == "train" else 1]  # type: ignore[index]
-        return [self._table.ids[i] for i in positions]  # type: ignore[union-attr]
+        st = self._train_state()
+        return [st.table.ids[i] for i in (st.train_pos if which == "train" else st.val_pos)]
 
     def setup(self, stage: str | None = None) -> None:
-        self._load_train()
+        st = self._train_state()
         if stage in (None, "fit") and self.train_dataset is None:
-            train_pos = self._split[0]  # type: ignore[index]
-            if train_pos.size == 0:
+            if st.train_pos.size == 0:
                 raise GLDv2FormatError("the training split is empty (every class went to validation)")
-            ids = self._table.ids  # type: ignore[union-attr]
             self.train_dataset = GLDv2TrainDataset(
-                [image_path(self.root, "train", ids[i]) for i in train_pos],
-                self._labels[train_pos],  # type: ignore[index]
-                self.train_transform, self.policy, self.hparams.train_max_side,
+                ImagePaths(self.root, [("train", [st.table.ids[i] for i in st.train_pos])]),
+                st.labels[st.train_pos], self.train_transform, self.policy, self.hparams.train_max_side,
             )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        assert self.train_dataset is not None
         hp = self.hparams
         sampler = None
         if hp.sampling == "balanced":
@@ -476,58 +530,52 @@ class GLDv2DataModule(L.LightningDataModule):
         if kind in self._eval_cache:
             return self._eval_cache[kind]
         hp = self.hparams
-        self._load_train()
+        st = self._train_state()
         if kind == "retrieval":
-            solution = read_retrieval_solution(self._path(hp.retrieval_solution_csv), self.usage, hp.on_error)
-            db_ids = read_id_csv(self._path(hp.index_csv), hp.on_error)
+            solution_csv, index_csv = self._path(hp.retrieval_solution_csv), self._path(hp.index_csv)
+            solution = read_retrieval_solution(solution_csv, self.usage, hp.on_error)
+            db_ids = read_id_csv(index_csv, hp.on_error)
             known = set(db_ids)
             for qid, gt in solution.items():
                 missing = [x for x in gt if x not in known]
                 if missing:
                     raise GLDv2FormatError(
-                        f"{self._path(hp.retrieval_solution_csv)}: query {qid} lists index ids "
-                        f"{missing[:3]} absent from {self._path(hp.index_csv)}")
+                        f"{solution_csv}: query {qid} lists index ids {missing[:3]} absent from {index_csv}")
             query_ids = list(solution)
-            paths = [image_path(self.root, "test", q) for q in query_ids]
-            paths += [image_path(self.root, "index", d) for d in db_ids]
+            paths = ImagePaths(self.root, [("test", query_ids), ("index", db_ids)])
             truth = {"solution": solution, "query_ids": query_ids, "db_ids": db_ids}
             protocol, name = "gldv2_retrieval", "gldv2_retrieval"
         elif kind == "recognition":
             solution = read_recognition_solution(self._path(hp.recognition_solution_csv), self.usage, hp.on_error)
-            query_ids = list(solution)
-            db_ids = list(self._table.ids)  # type: ignore[union-attr]
-            db_labels = self._table.landmark_ids.tolist()  # type: ignore[union-attr]
-            paths = [image_path(self.root, "test", q) for q in query_ids]
-            paths += [image_path(self.root, "train", d) for d in db_ids]
-            truth = {"solution": solution, "query_ids": query_ids, "db_labels": db_labels}
+            query_ids, db_ids = list(solution), list(st.table.ids)
+            paths = ImagePaths(self.root, [("test", query_ids), ("train", db_ids)])
+            truth = {"solution": solution, "query_ids": query_ids, "db_labels": st.table.landmark_ids.tolist()}
             protocol, name = "gldv2_recognition", "gldv2_recognition"
         else:
-            query_pos, db_pos = self._holdout_positions()
-            ids, landmarks = self._table.ids, self._table.landmark_ids  # type: ignore[union-attr]
+            query_pos, db_pos = self._holdout_positions(st)
+            ids, landmarks = st.table.ids, st.table.landmark_ids
             query_ids = [ids[i] for i in query_pos]
             db_ids = [ids[i] for i in db_pos]
             solution = {ids[i]: [int(landmarks[i])] for i in query_pos}
-            paths = [image_path(self.root, "train", x) for x in query_ids + db_ids]
+            paths = ImagePaths(self.root, [("train", query_ids + db_ids)])
             truth = {"solution": solution, "query_ids": query_ids, "db_labels": landmarks[db_pos].tolist()}
             protocol, name = "gldv2_recognition", "gldv2_holdout"
         if not query_ids:
             raise GLDv2FormatError(f"GLDv2 eval set {name!r} has no queries (usage={self.usage!r})")
-        dataset = EvalImageDataset(paths, self.eval_transform, self.policy)
+        dataset = EvalImageDataset(paths, self.eval_transform, self.policy, fast_decode=True)
         result = EvalSet(name=name, dataset=dataset, n_queries=len(query_ids), protocol=protocol,
                          ground_truth=truth, image_ids=query_ids + db_ids)
         self._eval_cache[kind] = result
         return result
 
-    def _holdout_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    def _holdout_positions(self, st: _TrainState) -> tuple[np.ndarray, np.ndarray]:
         """Val images (queries) and train images (database) of a seeded choice of classes."""
-        train_pos, val_pos = self._split  # type: ignore[misc]
-        labels = self._labels
-        both = np.intersect1d(labels[train_pos], labels[val_pos])  # type: ignore[index]
+        both = np.intersect1d(st.labels[st.train_pos], st.labels[st.val_pos])
         n = self.hparams.holdout_num_classes
         if n is not None and n < both.size:
             both = np.sort(np.random.default_rng(self.hparams.split_seed).choice(both, n, replace=False))
-        keep_q = val_pos[np.isin(labels[val_pos], both)]  # type: ignore[index]
-        keep_db = train_pos[np.isin(labels[train_pos], both)]  # type: ignore[index]
+        keep_q = st.val_pos[np.isin(st.labels[st.val_pos], both)]
+        keep_db = st.train_pos[np.isin(st.labels[st.train_pos], both)]
         return keep_q, keep_db
 
     def eval_sets(self, stage: str) -> list[EvalSet]:

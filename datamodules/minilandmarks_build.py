@@ -229,7 +229,10 @@ def _count(items: Iterable[Any]) -> dict[Any, int]:
 
 
 class _Photo:
-    """A decoded photo as a uint8 RGB pyramid (2x2 box filter); level k is 2**k times smaller."""
+    """A decoded photo as a uint8 RGBX pyramid (2x2 box filter); level k is 2**k times smaller.
+
+    Four channels so that a pixel is one uint32 and bilinear gathers are one lookup each.
+    """
 
     def __init__(self, source: PhotoSource) -> None:
         try:
@@ -240,7 +243,7 @@ class _Photo:
         except Exception as exc:  # PIL raises many types for broken files
             raise PhotoReadError(f"minilandmarks: cannot read photo {source.path}: {exc}") from exc
         self.width, self.height = rgb.size
-        self.levels = [np.asarray(rgb, dtype=np.uint8)]
+        self.levels = [np.ascontiguousarray(np.asarray(rgb.convert("RGBA"), dtype=np.uint8))]
         while min(self.levels[-1].shape[:2]) >= 64:
             a = self.levels[-1].astype(np.float32)
             a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2), (0, 0)), mode="edge")
@@ -267,25 +270,27 @@ def _warp(photo: _Photo, hom: np.ndarray, width: int, height: int) -> tuple[np.n
     level = int(np.clip(round(math.log2(1.0 / max(scale, 1e-6))), 0, len(photo.levels) - 1))
     img = photo.levels[level]
     lh, lw = img.shape[:2]
-    inv = np.diag([0.5**level, 0.5**level, 1.0]) @ inv
-    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    pts = inv @ np.stack([u.ravel(), v.ravel(), np.ones(u.size)])
-    w = pts[2]
+    inv = (np.diag([0.5**level, 0.5**level, 1.0]) @ inv).astype(np.float32)
+    u = np.arange(width, dtype=np.float32) + 0.5
+    v = np.arange(height, dtype=np.float32)[:, None] + 0.5
+    w = inv[2, 0] * u + inv[2, 1] * v + inv[2, 2]
     ok = w > 1e-9
-    safe = np.where(ok, w, 1.0)
-    x, y = pts[0] / safe, pts[1] / safe
-    inside = ok & (x >= 0) & (x < lw) & (y >= 0) & (y < lh)
+    w = np.where(ok, w, np.float32(1.0))
+    x = ((inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]) / w).ravel()
+    y = ((inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]) / w).ravel()
+    inside = ok.ravel() & (x >= 0) & (x < lw) & (y >= 0) & (y < lh)
     xi = np.clip(x - 0.5, 0, lw - 1)
     yi = np.clip(y - 0.5, 0, lh - 1)
-    x0 = np.minimum(np.floor(xi).astype(np.int64), lw - 2 if lw > 1 else 0)
-    y0 = np.minimum(np.floor(yi).astype(np.int64), lh - 2 if lh > 1 else 0)
-    fx = (xi - x0).astype(np.float32)[:, None]
-    fy = (yi - y0).astype(np.float32)[:, None]
-    flat = img.reshape(-1, 3)
+    x0 = np.minimum(xi.astype(np.int64), max(lw - 2, 0))
+    y0 = np.minimum(yi.astype(np.int64), max(lh - 2, 0))
+    fx = (xi - x0)[:, None]
+    fy = (yi - y0)[:, None]
     x1 = np.minimum(x0 + 1, lw - 1)
     y1 = np.minimum(y0 + 1, lh - 1)
+    packed = img.reshape(-1).view(np.uint32)
+
     def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        return flat[yy * lw + xx].astype(np.float32)
+        return packed[yy * lw + xx].view(np.uint8).reshape(-1, 4)[:, :3].astype(np.float32)
 
     top = at(y0, x0) * (1 - fx) + at(y0, x1) * fx
     bottom = at(y1, x0) * (1 - fx) + at(y1, x1) * fx
@@ -557,8 +562,8 @@ def _render(plan: _Plan, photos: list[_Photo], fillers: list[int], seed: int) ->
     grey = img.mean(axis=2, keepdims=True)
     img = grey + (img - grey) * p["saturation"]
     img = (img - 128.0) * p["contrast"] + 128.0
-    img = 255.0 * np.power(np.clip(img, 0, 255) / 255.0, p["gamma"])
-    out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    lut = np.rint(255.0 * np.power(np.arange(256) / 255.0, p["gamma"])).astype(np.uint8)
+    out = Image.fromarray(lut[np.clip(np.rint(img), 0, 255).astype(np.uint8)])
     if p["blur_sigma"] > 0:
         out = out.filter(ImageFilter.GaussianBlur(p["blur_sigma"]))
     if p["noise_sigma"] > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -218,6 +219,10 @@ class RetrievalModule(pl.LightningModule):
             desc = gathered["desc"].cpu()
             expected = len(eval_set.dataset)
             if len(index) != expected or not torch.equal(index.cpu(), torch.arange(expected)):
+                if self._eval_is_partial(prefix):
+                    rank_zero_warn(f"{prefix}: eval set {eval_set.name!r} only partly evaluated "
+                                   f"({len(index)}/{expected} items, batch limits): metrics skipped")
+                    continue
                 raise RuntimeError(
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
@@ -227,6 +232,11 @@ class RetrievalModule(pl.LightningModule):
                 # computed from identical gathered data on every rank: no sync needed, no rank-0-only hang
                 self.log(f"{prefix}/{eval_set.name}/{key}", value, add_dataloader_idx=False, sync_dist=False)
         self._eval_buffers.clear()
+
+    def _eval_is_partial(self, prefix: str) -> bool:
+        trainer = self.trainer
+        limit = trainer.limit_val_batches if prefix == "val" else trainer.limit_test_batches
+        return bool(trainer.fast_dev_run) or limit != 1.0
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Per-item outputs for the feature store: dataset index and fp16 global descriptor."""

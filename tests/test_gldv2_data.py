@@ -17,6 +17,7 @@ from datamodules.gldv2 import (
     ClassBalancedSampler,
     GLDv2DataModule,
     GLDv2FormatError,
+    ImagePaths,
     image_path,
     read_id_csv,
     read_recognition_solution,
@@ -378,3 +379,58 @@ def test_bad_arguments_and_missing_index_ids(gld, tmp_path):
     dm = _dm(gld, retrieval_solution_csv=sol, test_sets=["retrieval"])
     with pytest.raises(GLDv2FormatError, match="ffffffffffffffff.*index.csv"):
         dm.eval_sets("test")
+
+
+def test_quoted_url_with_comma_and_clean_csv_field_limit(tmp_path):
+    quoted = _write(tmp_path / "quoted.csv", "id,url,landmark_id\n"
+                    '0123456789abcdef,"http://a/x,1.jpg",4\n1123456789abcdef,http://b/y.jpg,2\n')
+    table = read_train_csv(quoted)
+    assert table.ids == ["0123456789abcdef", "1123456789abcdef"] and table.landmark_ids.tolist() == [4, 2]
+    # The largest landmarks list more ids in one field than the csv module's default 128 KiB limit.
+    many = [f"{i:016x}" for i in range(10_000)]
+    big = _write(tmp_path / "big_clean.csv", "landmark_id,images\n5," + " ".join(many) + "\n9,ffffffffffffffff\n")
+    clean = read_train_clean_csv(big)
+    assert len(clean) == 10_001 and clean.landmark_ids[-1] == 9
+
+
+def test_image_paths_segments():
+    paths = ImagePaths("/r", [("test", ["abc123", "abd999"]), ("index", np.array(["fff000"]))])
+    assert len(paths) == 3
+    assert paths[0] == "/r/test/a/b/c/abc123.jpg" and paths[2] == "/r/index/f/f/f/fff000.jpg"
+    with pytest.raises(IndexError):
+        paths[3]
+
+
+def test_unreadable_images_raise_or_skip(gld, tmp_path, caplog):
+    from retrieval_lightning.data.io import ImageLoadError, LoadPolicy
+
+    from datamodules._transforms import EvalImageDataset, EvalTransform
+    from datamodules.gldv2 import GLDv2TrainDataset
+
+    good = image_path(str(gld["root"]), "train", gld["by_class"][7][0])
+    missing = str(tmp_path / "missing.jpg")
+    raising = GLDv2TrainDataset([missing, good], np.array([0, 1]), TrainTransform(8), LoadPolicy("raise"))
+    with pytest.raises(ImageLoadError, match="missing.jpg"):
+        raising[0]
+    policy = LoadPolicy("skip")
+    skipping = GLDv2TrainDataset([missing, good], np.array([0, 1]), TrainTransform(8), policy)
+    with caplog.at_level(logging.WARNING):
+        item = skipping[0]
+    assert item["index"] == 1 and item["label"] == 1 and policy.count == 1
+    evals = EvalImageDataset([good, missing], EvalTransform(16), LoadPolicy("skip"))
+    assert evals[1]["index"] == 1 and evals[1]["image"].abs().sum() == 0
+
+
+def test_constructor_signature_is_cli_friendly():
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    for name, param in inspect.signature(GLDv2DataModule.__init__).parameters.items():
+        if name != "self":
+            assert param.annotation is not inspect.Parameter.empty, name
+            assert param.default is not inspect.Parameter.empty, name
+    parser = ArgumentParser()
+    parser.add_class_arguments(GLDv2DataModule, "data")
+    cfg = parser.parse_args(["--data.train_set=full", "--data.test_sets=[retrieval]", "--data.train_max_side=800"])
+    assert cfg.data.train_set == "full" and cfg.data.test_sets == ["retrieval"] and cfg.data.train_max_side == 800

@@ -217,6 +217,21 @@ def test_scores_path_equals_stable_argsort_exactly(seed):
         np.testing.assert_array_equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_path_exact_when_ground_truth_scores_span_a_huge_range(dtype):
+    """Extreme ground-truth scores make the counting bins coarse, so most items need exact comparison."""
+    rng = np.random.default_rng(5)
+    scores = (rng.integers(0, 40, size=(6, 200)) / 8).astype(dtype)
+    gnd = random_gnd(rng, 6, 200)
+    for q, entry in enumerate(gnd):
+        if len(entry["ok"]) >= 2:
+            scores[q, entry["ok"][0]], scores[q, entry["ok"][1]] = 1e30, -1e30
+    expected = compute_map(stable_ranks(scores), gnd)
+    got = compute_map_from_scores(scores, gnd, chunk_size=50)
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
 def test_scores_path_accepts_tensors_and_chunk_callables():
     rng = np.random.default_rng(7)
     scores = tied_scores(rng, 5, 101)
@@ -230,6 +245,8 @@ def test_scores_path_accepts_tensors_and_chunk_callables():
             yield torch.from_numpy(scores[:, start : start + 13])
 
     assert evaluate_revisitop_from_scores(chunks, gnd) == expected
+    with pytest.raises(TypeError, match="fresh iterator"):
+        evaluate_revisitop_from_scores(chunks(), gnd)
 
 
 def test_scores_path_matches_naive_on_tie_free_scores():

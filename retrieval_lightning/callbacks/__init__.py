@@ -2,5 +2,6 @@
 
 from retrieval_lightning.callbacks.config import SaveConfigToLoggers
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
+from retrieval_lightning.callbacks.metrics_json import MetricsToJson
 
-__all__ = ["RetrievalGallery", "SaveConfigToLoggers"]
+__all__ = ["MetricsToJson", "RetrievalGallery", "SaveConfigToLoggers"]

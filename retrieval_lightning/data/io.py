@@ -243,9 +243,9 @@ def _resize(img: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Antialiased bilinear resize of a uint8 (C, H, W) tensor (equal to PIL's BILINEAR +/- 1)."""
     batch = img.unsqueeze(0)
     if img.device.type == "cpu":
-        out = F.interpolate(batch, size=(height, width), mode="nearest")
+        out = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         return out[0]
-    out = F.interpolate(batch.float(), size=(height, width), mode="nearest")
+    out = F.interpolate(batch.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -14,7 +14,7 @@ reference implementation's exactly, not just up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -218,65 +218,113 @@ def evaluate_revisitop(
     return _report(per_protocol, items, positions, kappas)
 
 
-def _as_scores(chunk: Any, n_queries: int, where: str) -> torch.Tensor:
-    tensor = torch.as_tensor(chunk)
-    if tensor.ndim != 2 or tensor.shape[0] != n_queries:
-        raise ValueError(f"{where}: expected scores of shape ({n_queries}, n), got {tuple(tensor.shape)}")
-    if not tensor.is_floating_point():
-        tensor = tensor.to(torch.float64)
-    elif tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.float()
-    if torch.isnan(tensor).any():
-        query = int(torch.isnan(tensor).any(dim=1).nonzero()[0])
+_BINS = 1 << 14
+
+
+def _float_array(values: Any) -> np.ndarray:
+    """Scores as a float numpy array; half precision widens exactly to float32, integers to float64."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach()
+        if values.dtype in (torch.float16, torch.bfloat16):
+            values = values.float()
+        values = values.cpu().numpy()
+    array = np.asarray(values)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float64)
+    return array
+
+
+def _as_scores(chunk: Any, n_queries: int, where: str) -> np.ndarray:
+    """A checked (n_queries, C) float chunk: NaN has no place in a ranking, so it is rejected."""
+    array = _float_array(chunk)
+    if array.ndim != 2 or array.shape[0] != n_queries:
+        raise ValueError(f"{where}: expected scores of shape ({n_queries}, n), got {array.shape}")
+    if np.isnan(array).any():
+        query = int(np.flatnonzero(np.isnan(array).any(axis=1))[0])
         raise ValueError(f"{where}: scores of query {query} contain NaN")
-    return tensor
+    return array
 
 
 def _chunk_source(
     scores: ScoreSource, n_queries: int, chunk_size: int
-) -> tuple[Callable[[], Iterable[torch.Tensor]], torch.Tensor | None]:
+) -> tuple[Callable[[], Iterable[np.ndarray]], Any]:
     """A callable yielding (n_queries, C) score chunks in database order, and the full matrix if given."""
     if callable(scores):
-        def chunks() -> Iterable[torch.Tensor]:
+        def chunks() -> Iterable[np.ndarray]:
             for i, chunk in enumerate(scores()):
                 yield _as_scores(chunk, n_queries, f"score chunk {i}")
 
         return chunks, None
-    full = torch.as_tensor(scores)
-    if full.ndim != 2 or full.shape[0] != n_queries:
-        raise ValueError(f"scores must have shape (n_queries={n_queries}, n_db), got {tuple(full.shape)}")
+    if isinstance(scores, Iterator):
+        raise TypeError("scores are read twice: pass a callable that returns a fresh iterator of chunks, "
+                        "not an iterator")
+    scores = scores.detach() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[0] != n_queries:
+        raise ValueError(f"scores must have shape (n_queries={n_queries}, n_db), got {tuple(scores.shape)}")
 
-    def slices() -> Iterable[torch.Tensor]:
-        for start in range(0, full.shape[1], chunk_size):
-            yield _as_scores(full[:, start : start + chunk_size], n_queries, f"scores[:, {start}:]")
+    def slices() -> Iterable[np.ndarray]:
+        for start in range(0, scores.shape[1], chunk_size):
+            yield _as_scores(scores[:, start : start + chunk_size], n_queries, f"scores[:, {start}:]")
 
-    return slices, full
+    return slices, scores
 
 
 def _item_scores(
-    chunks: Callable[[], Iterable[torch.Tensor]],
-    full: torch.Tensor | None,
-    index: torch.Tensor,
-    valid: torch.Tensor,
-) -> tuple[torch.Tensor | None, int]:
-    """Scores of the ground-truth items (+inf in padding) and the database size."""
+    chunks: Callable[[], Iterable[np.ndarray]], full: Any, items: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], int]:
+    """Each query's ground-truth item scores (first pass) and the database size."""
     if full is not None:
         n_db = full.shape[1]
-        if n_db == 0:
-            return None, 0
-        picked = full.gather(1, index.clamp(max=n_db - 1).to(full.device))
-        picked = _as_scores(picked, index.shape[0], "scores")
-        return picked.masked_fill(~valid.to(picked.device), float("inf")), n_db
-    picked = None
+        for q, ids in enumerate(items):
+            if ids.size and ids[-1] >= n_db:
+                raise ValueError(f"gnd[{q}] names database index {int(ids[-1])} but scores cover only {n_db} items")
+        if isinstance(full, torch.Tensor):
+            return [_float_array(full[q, torch.from_numpy(ids)]) for q, ids in enumerate(items)], n_db
+        return [_float_array(full[q, ids]) for q, ids in enumerate(items)], n_db
+    picked: list[np.ndarray | None] = [None] * len(items)
     n_db = 0
-    rows = torch.arange(index.shape[0]).unsqueeze(1).expand_as(index)
     for chunk in chunks():
-        if picked is None:
-            picked = torch.full(index.shape, float("inf"), dtype=chunk.dtype, device=chunk.device)
-        inside = (valid & (index >= n_db) & (index < n_db + chunk.shape[1])).to(chunk.device)
-        picked[inside] = chunk[rows.to(chunk.device)[inside], index.to(chunk.device)[inside] - n_db]
+        for q, ids in enumerate(items):
+            if picked[q] is None:
+                picked[q] = np.zeros(ids.size, dtype=chunk.dtype)
+            inside = (ids >= n_db) & (ids < n_db + chunk.shape[1])
+            picked[q][inside] = chunk[q, ids[inside] - n_db]
         n_db += chunk.shape[1]
-    return picked, n_db
+    for q, ids in enumerate(items):
+        if ids.size and ids[-1] >= n_db:
+            raise ValueError(f"gnd[{q}] names database index {int(ids[-1])} but scores cover only {n_db} items")
+    return [p if p is not None else np.zeros(0) for p in picked], n_db
+
+
+class _Bins:
+    """Monotone bucketing of one query's scores into _BINS + 3 bins spanning its ground-truth scores.
+
+    ``floor(clip((x - lo) * scale))`` is non-decreasing in x in any IEEE precision, so a score in a
+    higher bin than a threshold is strictly greater than it; only scores sharing a bin with some
+    threshold need an exact comparison.
+    """
+
+    count = _BINS + 3
+
+    def __init__(self, thresholds: np.ndarray) -> None:
+        dtype = thresholds.dtype
+        finite = thresholds[np.isfinite(thresholds)]
+        info = np.finfo(dtype)
+        span = float(finite.max()) - float(finite.min()) if finite.size else 0.0
+        scale = _BINS / span if span > 0 else 1.0
+        self.lo = dtype.type(finite.min() if finite.size else 0)
+        self.scale = dtype.type(min(max(scale, float(info.tiny)), float(info.max)))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x - self.lo
+        y *= self.scale
+        np.clip(y, -1, _BINS + 1, out=y)
+        np.floor(y, out=y)
+        out = y.astype(np.intp)
+        out += 1
+        return out
 
 
 def _score_positions(
@@ -284,60 +332,65 @@ def _score_positions(
 ) -> list[np.ndarray]:
     """Position of each item in the stable descending sort of each query's scores, without sorting.
 
-    Position of item i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. Per query the item scores are
-    sorted into M thresholds; every database score falls into one of M + 1 buckets (a batched
-    searchsorted), a histogram of buckets gives the strictly-higher counts, and the rare database
-    scores equal to a threshold are kept to resolve ties by database index.
+    Position of item i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. Per query, a histogram of
+    monotone bins counts the scores above each item's bin; the few scores sharing a bin with an
+    item are compared exactly, and those equal to an item's score are kept to break ties by index.
     """
     n_queries = len(items)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks, full = _chunk_source(scores, n_queries, chunk_size)
-    width = max([1] + [i.size for i in items])
-    index = torch.zeros(n_queries, width, dtype=torch.int64)
-    valid = torch.zeros(n_queries, width, dtype=torch.bool)
-    for q, ids in enumerate(items):
-        index[q, : ids.size] = torch.from_numpy(ids)
-        valid[q, : ids.size] = True
-    thresholds, n_db = _item_scores(chunks, full, index, valid)
-    for q, ids in enumerate(items):
-        if ids.size and ids[-1] >= n_db:
-            raise ValueError(f"gnd[{q}] names database index {int(ids[-1])} but scores cover only {n_db} items")
-    if thresholds is None or n_db == 0:
+    item_scores, n_db = _item_scores(chunks, full, items)
+    if n_db == 0:
         return [np.full(ids.size, -1, dtype=np.int64) for ids in items]
 
-    device = thresholds.device
-    index = index.to(device)
-    rows = torch.arange(n_queries, device=device).unsqueeze(1).expand(-1, width)
-    sorted_thresholds = torch.sort(thresholds, dim=1).values.contiguous()
-    bucket_of_item = torch.searchsorted(sorted_thresholds, thresholds.contiguous(), side="left")
-    offsets = (torch.arange(n_queries, device=device) * (width + 1)).unsqueeze(1)
-    histogram = torch.zeros(n_queries * (width + 1), dtype=torch.int64, device=device)
-    ties = []
+    width = max([1] + [ids.size for ids in items]) + 1
+    bins = [_Bins(values) for values in item_scores]
+    sorted_scores = [np.sort(values) for values in item_scores]
+    sorted_bins = [binner(values) for binner, values in zip(bins, sorted_scores)]
+    occupied = np.zeros((n_queries, _Bins.count), dtype=bool)
+    for q, (binner, values) in enumerate(zip(bins, item_scores)):
+        occupied[q, binner(values)] = True
+    histogram = np.zeros((n_queries, _Bins.count), dtype=np.int64)
+    same_bin_above = np.zeros((n_queries, width), dtype=np.int64)
+    ties = [np.zeros(0, dtype=np.int64)]
     start = 0
     for chunk in chunks():
-        if chunk.dtype != sorted_thresholds.dtype:
-            raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones {sorted_thresholds.dtype}")
-        chunk = chunk.contiguous()
-        bucket = torch.searchsorted(sorted_thresholds, chunk, side="left")
-        histogram += torch.bincount((bucket + offsets).reshape(-1), minlength=histogram.numel())
-        nearest = sorted_thresholds.gather(1, bucket.clamp(max=width - 1))
-        query, column = ((bucket < width) & (nearest == chunk)).nonzero(as_tuple=True)
-        ties.append(torch.stack([query, bucket[query, column], column + start]))
+        if chunk.dtype != sorted_scores[0].dtype:
+            raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones were "
+                             f"{sorted_scores[0].dtype}")
+        for q in range(n_queries):
+            if items[q].size == 0:
+                continue
+            row = chunk[q]
+            row_bins = bins[q](row)
+            histogram[q] += np.bincount(row_bins, minlength=_Bins.count)
+            near = np.flatnonzero(occupied[q].take(row_bins))
+            if near.size == 0:
+                continue
+            near_scores = row[near]
+            below = np.searchsorted(sorted_scores[q], near_scores, side="left")
+            bin_start = np.searchsorted(sorted_bins[q], row_bins[near], side="left")
+            same_bin_above[q] += np.bincount(bin_start, minlength=width) - np.bincount(below, minlength=width)
+            equal = sorted_scores[q][np.minimum(below, items[q].size - 1)] == near_scores
+            equal &= below < items[q].size
+            ties.append((q * width + below[equal]) * n_db + start + near[equal])
         start += chunk.shape[1]
     if start != n_db:
         raise ValueError(f"the score source yielded {start} database items on its second pass, {n_db} on its first")
 
-    at_or_above = histogram.view(n_queries, width + 1).flip(1).cumsum(1).flip(1)
-    higher = at_or_above.gather(1, bucket_of_item + 1)
-    tie = torch.cat(ties, dim=1)
-    tie_keys = torch.sort((tie[0] * (width + 1) + tie[1]) * n_db + tie[2]).values
-    group = (rows * (width + 1) + bucket_of_item) * n_db
-    earlier_equal = torch.searchsorted(tie_keys, (group + index).reshape(-1)) - torch.searchsorted(
-        tie_keys, group.reshape(-1)
-    )
-    position = (higher + earlier_equal.view(n_queries, width)).cpu().numpy()
-    return [position[q, : ids.size] for q, ids in enumerate(items)]
+    at_or_above = np.zeros((n_queries, _Bins.count + 1), dtype=np.int64)
+    at_or_above[:, :-1] = histogram[:, ::-1].cumsum(axis=1)[:, ::-1]
+    same_bin_above = same_bin_above.cumsum(axis=1)
+    tie_keys = np.sort(np.concatenate(ties))
+    positions = []
+    for q, ids in enumerate(items):
+        first_equal = np.searchsorted(sorted_scores[q], item_scores[q], side="left")
+        higher = at_or_above[q, bins[q](item_scores[q]) + 1] + same_bin_above[q, first_equal]
+        group = (q * width + first_equal) * n_db
+        earlier_equal = np.searchsorted(tie_keys, group + ids) - np.searchsorted(tie_keys, group)
+        positions.append(higher + earlier_equal)
+    return positions
 
 
 def compute_map_from_scores(
@@ -345,7 +398,7 @@ def compute_map_from_scores(
     gnd: Sequence[Mapping[str, Any]],
     kappas: Kappas = (1, 5, 10),
     *,
-    chunk_size: int = 65536,
+    chunk_size: int = 1 << 20,
 ) -> tuple[float, np.ndarray]:
     """:func:`compute_map` of the full ranking by descending score, without sorting the database.
 
@@ -365,7 +418,7 @@ def evaluate_revisitop_from_scores(
     gnd_revisitop: Sequence[Mapping[str, Any]],
     kappas: Kappas = (1, 5, 10),
     *,
-    chunk_size: int = 65536,
+    chunk_size: int = 1 << 20,
 ) -> dict[str, float]:
     """:func:`evaluate_revisitop` of the ranking by descending score (ties: lower index first).
 

@@ -1,0 +1,41 @@
+"""Helpers for tests that run the CLI: a tiny shared minilandmarks build and subprocess runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("retrieval-lightning"))
+
+#: overrides that turn experiments/demo.yaml into a seconds-long CPU run
+TINY_DATA = [
+    "--data.init_args.build_size=128",
+    "--data.init_args.image_size=96",
+    "--data.init_args.eval_max_side=96",
+    "--data.init_args.batch_size=8",
+]
+
+
+def cli_env(extra_pythonpath: str | None = None, threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("WANDB_API_KEY", None)
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    proc = subprocess.run([CLI, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"retrieval-lightning {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(directory: Path, stage: str, rank: int = 0) -> dict[str, float]:
+    return json.loads((directory / f"{stage}_rank{rank}.json").read_text())

@@ -1,0 +1,77 @@
+"""The CLI: plugins listing, short names in configs, dotlist overrides, every experiment config exercised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO, TINY_DATA, cli_env, read_metrics, run_cli
+from retrieval_lightning.cli import run_lightning_cli
+from retrieval_lightning.registry import HEADS
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def test_plugins_command_lists_heads_and_datamodules(tmp_path: Path) -> None:
+    out = run_cli(["plugins"], cwd=tmp_path).stdout
+    lines = {line.split()[1]: line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith(" ")}
+    assert lines["gem_arcface"][:3] == ["head", "gem_arcface", "global"]
+    for name in ("minilandmarks", "gldv2", "revisitop"):
+        assert lines[name][0] == "datamodule" and lines[name][3] == "retrieval-lightning"
+
+
+def test_short_names_and_dotlist_override(cache_root: Path, tmp_path: Path) -> None:
+    cli = run_lightning_cli(
+        ["--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+         "--model.heads.global.init_args.margin_m=0.2", "--model.optim.lr=0.5", *TINY_DATA,
+         "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    head = cli.model.heads["global"]
+    assert isinstance(head, HEADS.get("gem_arcface"))
+    assert head.margin_m == 0.2 and head.margin.margin == 0.2
+    assert cli.model.optim.lr == 0.5
+    assert cli.model.num_classes == cli.datamodule.num_classes > 1  # linked from the datamodule
+    assert head.classifier.weight.shape[0] == cli.model.num_classes
+
+
+def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
+    data = yaml.safe_load(config.read_text())["data"]["class_path"]
+    common = [
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}/wandb",
+        "--model.backbone.init_args.name=efficientnet_lite0",
+        "--model.backbone.init_args.weights=efficientnet_lite0_package",
+        f"--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
+        f"--trainer.callbacks.output_dir={tmp_path}/metrics",
+    ]
+    if data == "minilandmarks":
+        return common + [f"--data.init_args.root={cache_root}", *TINY_DATA]
+    from datamodules.minilandmarks import MiniLandmarksDataModule
+
+    built = MiniLandmarksDataModule(root=str(cache_root), build_size=128).dataset_dir
+    if data == "gldv2":
+        return common + [f"--data.init_args.root={built / 'gldv2'}", "--data.init_args.image_size=96",
+                         "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+                         "--data.init_args.eval_max_side=96", "--data.init_args.test_sets=[holdout]"]
+    if data == "revisitop":
+        return common + [f"--data.init_args.root={built / 'revisitop'}", "--data.init_args.datasets=[minilandmarks]",
+                         "--data.init_args.max_side=96", "--data.init_args.num_workers=0"]
+    raise AssertionError(f"{config.name}: no test overrides for datamodule {data!r}; add them here")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[c.stem for c in EXPERIMENTS])
+def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_root: Path, tmp_path: Path) -> None:
+    overrides = _overrides_for(config, cache_root, tmp_path)
+    data = yaml.safe_load(config.read_text())["data"]["class_path"]
+    env = cli_env(threads=2)
+    if data != "revisitop":  # revisitop is evaluation-only
+        run_cli(["fit", "--config", str(config), *overrides], cwd=tmp_path, env=env)
+    run_cli(["test", "--config", str(config), *overrides], cwd=tmp_path, env=env)
+    metrics = read_metrics(tmp_path / "metrics", "test")
+    assert metrics, f"{config.name}: no test metrics"
+    assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics

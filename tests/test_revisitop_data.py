@@ -1,0 +1,217 @@
+"""Revisitop ground truth, query crops, +1M distractors and datamodule on a tiny official-format dataset."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules._transforms import EvalTransform, pil_crop
+from datamodules.revisitop import (
+    RevisitopDataModule,
+    RevisitopFormatError,
+    load_revisitop,
+    read_distractor_list,
+)
+
+N_DB = 5
+
+
+def _noise_jpg(path: str, size: tuple[int, int], seed: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    # Smooth noise keeps JPEG artefacts small, so decoded pixels are stable.
+    small = rng.integers(0, 256, (size[1] // 4 + 1, size[0] // 4 + 1, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=98)
+
+
+def _make_dataset(directory, name: str, query_sizes, boxes, seed: int) -> dict:
+    imlist = [f"{name}_db_{i}" for i in range(N_DB)]
+    qimlist = [f"{name}_q_{i}" for i in range(len(query_sizes))]
+    for i, db in enumerate(imlist):
+        _noise_jpg(os.path.join(directory, "jpg", db + ".jpg"), (48, 36), seed + i)
+    for i, (q, size) in enumerate(zip(qimlist, query_sizes)):
+        _noise_jpg(os.path.join(directory, "jpg", q + ".jpg"), size, seed + 100 + i)
+    gnd = [
+        {"bbx": np.array(boxes[i], dtype=np.float64), "easy": np.array([0, 2]), "hard": [1],
+         "junk": np.array([4], dtype=np.int64)}
+        for i in range(len(qimlist))
+    ]
+    cfg = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+    with open(os.path.join(directory, f"gnd_{name}.pkl"), "wb") as handle:
+        pickle.dump(cfg, handle)
+    return cfg
+
+
+# Boxes with .5 coordinates: PIL rounds half to even (2.5 -> 2, 3.5 -> 4, 40.5 -> 40).
+OX_BOXES = [[2.5, 3.5, 40.5, 27.2], [10.0, 0.0, 30.0, 50.0]]
+OX_SIZES = [(60, 40), (40, 64)]
+
+
+@pytest.fixture(scope="module")
+def rop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("revisitop")
+    ox = _make_dataset(str(root / "datasets" / "roxford5k"), "roxford5k", OX_SIZES, OX_BOXES, 0)
+    pa = _make_dataset(str(root / "rparis6k"), "rparis6k", [(50, 30)], [[-3.0, 1.0, 20.0, 35.0]], 50)
+    distractor_names = ["0a/img_a.jpg", "0b/img_b.jpg", "0b/img_c.jpg"]
+    for k, rel in enumerate(distractor_names):
+        Image.new("RGB", (30 + k, 20), (250, 10 * k, 5)).save(_mk(root / "revisitop1m" / "jpg" / rel))
+    listing = root / "revisitop1m" / "revisitop1m.txt"
+    listing.write_text("\n".join(distractor_names) + "\n")
+    return {"root": str(root), "ox": ox, "pa": pa, "distractors": str(listing), "d_names": distractor_names}
+
+
+def _mk(path) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return str(path)
+
+
+def test_load_both_layouts(rop):
+    ox = load_revisitop(rop["root"], "roxford5k")
+    assert ox.directory.endswith(os.path.join("datasets", "roxford5k"))
+    assert ox.imlist == rop["ox"]["imlist"] and ox.qimlist == rop["ox"]["qimlist"]
+    assert ox.gnd[0] == {"easy": [0, 2], "hard": [1], "junk": [4], "bbx": OX_BOXES[0]}
+    pa = load_revisitop(rop["root"], "rparis6k")
+    assert pa.directory.endswith("rparis6k") and len(pa.qimlist) == 1
+    assert pa.database_paths[0].endswith(os.path.join("rparis6k", "jpg", "rparis6k_db_0.jpg"))
+    with pytest.raises(FileNotFoundError, match="gnd_rmissing.pkl"):
+        load_revisitop(rop["root"], "rmissing")
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda c: c["gnd"][1].update(hard=[1, N_DB]), r"query 1 \(q1\): key 'hard': index 5 out of range"),
+        (lambda c: c["gnd"][0].update(bbx=[1, 2, 3]), r"query 0 \(q0\): key 'bbx': bbx must be 4"),
+        (lambda c: c["gnd"][0].update(bbx=[5, 2, 3, 9]), r"query 0 \(q0\): key 'bbx'.*x2 < x1"),
+        (lambda c: c["gnd"][1].pop("junk"), r"query 1 \(q1\): missing key 'junk'"),
+        (lambda c: c["gnd"][0].update(easy=[0.5]), r"query 0 \(q0\): key 'easy': index 0.5 is not an integer"),
+        (lambda c: c.pop("qimlist"), r"missing key 'qimlist'"),
+        (lambda c: c["gnd"].pop(), r"1 gnd entries for 2 queries"),
+    ],
+)
+def test_ground_truth_validation_names_file_query_key(tmp_path, mutate, pattern):
+    cfg = {"imlist": [f"d{i}" for i in range(N_DB)], "qimlist": ["q0", "q1"],
+           "gnd": [{"bbx": [0, 0, 4, 4], "easy": [0], "hard": [1], "junk": []} for _ in range(2)]}
+    mutate(cfg)
+    os.makedirs(tmp_path / "rtest")
+    with open(tmp_path / "rtest" / "gnd_rtest.pkl", "wb") as handle:
+        pickle.dump(cfg, handle)
+    with pytest.raises(RevisitopFormatError, match=pattern) as info:
+        load_revisitop(str(tmp_path), "rtest")
+    assert "gnd_rtest.pkl" in str(info.value)
+
+
+def _pil_reference(path: str, box, factor: float | None) -> torch.Tensor:
+    img = Image.open(path).convert("RGB").crop(box)
+    if factor is not None:
+        w, h = img.size
+        img = img.resize((round(w * factor), round(h * factor)), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+def test_pil_crop_matches_pil_including_rounding_and_padding(rop):
+    path = load_revisitop(rop["root"], "roxford5k").query_paths[0]
+    pil = Image.open(path).convert("RGB")
+    tensor = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    for box in (OX_BOXES[0], [0.5, 1.5, 2.5, 3.5], [-5.2, -1.0, 70.0, 45.5], [3, 3, 3, 9]):
+        ref = torch.from_numpy(np.asarray(pil.crop(box)).copy()).reshape(-1)
+        got = pil_crop(tensor, box).permute(1, 2, 0).reshape(-1)
+        assert torch.equal(got, ref), box
+
+
+def test_query_crops_full_size_and_scaled(rop):
+    data = load_revisitop(rop["root"], "roxford5k")
+    full = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], max_side=None, num_workers=0)
+    (es,) = full.eval_sets("test")
+    for q in range(2):
+        ref = _pil_reference(data.query_paths[q], OX_BOXES[q], None)
+        assert torch.equal(es.dataset[q]["image"], ref)
+    # Query 0: full image 60x40, max_side 30 -> factor 0.5; crop (2,4,40,27) is 38x23 -> 19x12 (round half even 11.5 -> 12).
+    small = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], max_side=30, num_workers=0)
+    (es,) = small.eval_sets("test")
+    got = es.dataset[0]["image"]
+    ref = _pil_reference(data.query_paths[0], OX_BOXES[0], 0.5)
+    assert got.shape == ref.shape == (3, 12, 19)
+    assert (got - ref).abs().max() <= 3 / 255
+    # Query 1 is portrait 40x64: factor 30/64, crop 20x50 -> 9x23 (9.375 -> 9, 23.4375 -> 23).
+    assert es.dataset[1]["image"].shape == (3, 23, 9)
+    # Database images are whole, scaled by their own factor (48x36 -> 30x22.5 -> 30x22).
+    assert es.dataset[2]["image"].shape == (3, 22, 30)
+
+
+def test_eval_transform_no_upscale_by_default():
+    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    assert EvalTransform(64)(image).shape == (3, 10, 20)
+    assert EvalTransform(64, upscale=True)(image).shape == (3, 32, 64)
+
+
+def test_datamodule_sets_and_loaders(rop):
+    dm = RevisitopDataModule(root=rop["root"], eval_batch_size=3, num_workers=0, max_side=40)
+    assert dm.num_classes == 0
+    ox, pa = dm.eval_sets("test")
+    assert [ox.name, pa.name] == ["roxford5k", "rparis6k"]
+    assert ox.protocol == pa.protocol == "revisitop"
+    assert ox.n_queries == 2 and ox.n_database == N_DB and pa.n_queries == 1
+    assert ox.ground_truth[1]["easy"] == [0, 2] and ox.ground_truth[1]["bbx"] == OX_BOXES[1]
+    assert ox.image_ids == rop["ox"]["qimlist"] + rop["ox"]["imlist"]
+    assert dm.eval_sets("validate") == dm.eval_sets("predict") == [ox, pa]
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2 and len(dm.val_dataloader()) == 2
+    indices = []
+    for batch in loaders[0]:
+        assert isinstance(batch["image"], list) and batch["index"].dtype == torch.long
+        assert all(t.dtype == torch.float32 and t.shape[0] == 3 and 0 <= t.min() and t.max() <= 1
+                   for t in batch["image"])
+        indices += batch["index"].tolist()
+    assert indices == list(range(2 + N_DB))
+    # Paris query box starts at x = -3: PIL pads with black, so the first 3 columns are zero.
+    (pa_full,) = RevisitopDataModule(root=rop["root"], datasets=["rparis6k"], max_side=None,
+                                     num_workers=0).eval_sets("test")
+    assert pa_full.dataset[0]["image"][:, :, :3].abs().max() == 0
+    with pytest.raises(RuntimeError, match="no training data"):
+        dm.train_dataloader()
+
+
+def test_distractors_appended_after_database(rop):
+    dm = RevisitopDataModule(root=rop["root"], datasets=["roxford5k", "rparis6k"],
+                             distractors=rop["distractors"], max_side=None, num_workers=0)
+    ox, pa = dm.eval_sets("test")
+    assert ox.name == "roxford5k+1m" and pa.name == "rparis6k+1m"
+    assert len(ox.dataset) == 2 + N_DB + 3 and ox.n_database == N_DB + 3
+    assert ox.image_ids[2 + N_DB :] == rop["d_names"]
+    assert ox.ground_truth[0]["easy"] == [0, 2]  # indices untouched: database still starts at 0
+    for k in range(3):
+        image = ox.dataset[2 + N_DB + k]["image"]
+        assert image.shape == (3, 20, 30 + k) and image[0].mean() > 0.9
+    db0 = ox.dataset[2]["image"]
+    assert db0.shape == (3, 36, 48)
+    limited = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], distractors=rop["distractors"],
+                                  max_distractors=2, num_workers=0)
+    (es,) = limited.eval_sets("test")
+    assert es.name == "roxford5k+2d" and es.n_database == N_DB + 2
+
+
+def test_distractor_list_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(RevisitopFormatError, match="empty.txt: lists no distractor"):
+        read_distractor_list(str(empty))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a/b.jpg\n/abs/c.jpg\n")
+    with pytest.raises(RevisitopFormatError, match=r"bad.txt: line 2: expected a relative path"):
+        read_distractor_list(str(bad))
+
+
+def test_constructor_signature_is_cli_friendly():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(RevisitopDataModule, "data")
+    cfg = parser.parse_args(["--data.datasets=[roxford5k]", "--data.distractors=/x/revisitop1m.txt"])
+    assert cfg.data.datasets == ["roxford5k"] and cfg.data.distractors == "/x/revisitop1m.txt"
+    assert cfg.data.max_side == 1024
