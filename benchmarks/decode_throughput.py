@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -140,9 +141,8 @@ def main() -> None:
         mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{len(paths)} JPEGs of {args.width}x{args.height}, mean {mean_kb:.0f} KiB, torch threads {args.threads}")
 
-        rates = compare(
-            lambda p: load_image(p, max_side=args.max_side), lambda p: pil_resized(p, args.max_side), paths, args.repeats
-        )
+        ours = partial(load_image, max_side=args.max_side)
+        rates = compare(ours, partial(pil_resized, max_side=args.max_side), paths, args.repeats)
         _report(f"decode + resize to max_side={args.max_side}", rates, "PIL open+resize")
         rates = compare(load_image, pil_full, paths, args.repeats)
         _report("full-size decode", rates, "PIL open+convert")

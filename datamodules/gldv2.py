@@ -465,6 +465,27 @@ class GLDv2DataModule(L.LightningDataModule):
         self._eval_cache: dict[str, EvalSet] = {}
         self.train_dataset: GLDv2TrainDataset | None = None
 
+    @classmethod
+    def download(
+        cls,
+        root: str,
+        splits: str = "train,index,test",
+        base_url: str | None = None,
+        workers: int = 4,
+        max_archives: int | None = None,
+        keep_archives: bool = False,
+    ) -> str:
+        """Download GLDv2 (csv files and md5-checked image tars, resumable) into ``root``.
+
+        ``splits`` is a comma-separated subset of train,index,test; ``max_archives`` fetches
+        only the first archives of each split.
+        """
+        from datamodules.downloads import GLDV2_BASE_URL, download_gldv2
+
+        summary = download_gldv2(root, splits=splits, base_url=base_url or GLDV2_BASE_URL, workers=workers,
+                                 max_archives=max_archives, keep_archives=keep_archives)
+        return str(summary)
+
     def _path(self, name: str) -> str:
         return name if os.path.isabs(name) else os.path.join(self.root, name)
 

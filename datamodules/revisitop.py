@@ -190,6 +190,27 @@ class RevisitopDataModule(L.LightningDataModule):
         self.transform = EvalTransform(max_side, upscale=upscale)
         self._sets: list[EvalSet] | None = None
 
+    @classmethod
+    def download(
+        cls,
+        root: str,
+        datasets: str = "roxford5k,rparis6k",
+        base_url: dict[str, str] | None = None,
+        workers: int = 4,
+        max_archives: int | None = None,
+        keep_archives: bool = False,
+    ) -> str:
+        """Download Revisited Oxford/Paris (and revisitop1m) into ``root`` in the official layout.
+
+        ``datasets`` is a comma-separated subset of roxford5k,rparis6k,revisitop1m; ``base_url``
+        overrides hosts by key (oxford, paris, gnd, revisitop1m).
+        """
+        from datamodules.downloads import download_revisitop
+
+        summary = download_revisitop(root, datasets=datasets, base_url=base_url or {}, workers=workers,
+                                     max_archives=max_archives, keep_archives=keep_archives)
+        return str(summary)
+
     @property
     def num_classes(self) -> int:
         """0: revisitop is for evaluation only."""

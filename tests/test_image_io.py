@@ -79,7 +79,17 @@ def test_png_is_lossless(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "JPEG"), ("L", "PNG"), ("1", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("P", "GIF")],
+    [
+        ("L", "JPEG"),
+        ("L", "PNG"),
+        ("1", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("P", "GIF"),
+    ],
 )
 def test_modes_become_rgb_like_pil(tmp_path: Path, mode: str, fmt: str) -> None:
     rgb = Image.fromarray(_photo_like(24, 18, seed=1))
@@ -98,6 +108,15 @@ def test_modes_become_rgb_like_pil(tmp_path: Path, mode: str, fmt: str) -> None:
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 18, 24)
     tolerance = 2 if fmt == "JPEG" else 0
     assert np.abs(_hwc(out).astype(int) - _pil_reference(path).astype(int)).max() <= tolerance
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpeg_on_the_draft_path(tmp_path: Path, mode: str) -> None:
+    path = _save(Image.fromarray(_photo_like(128, 96, seed=2)).convert(mode), tmp_path / "d.jpg", quality=95)
+    out = load_image(path, max_side=32)
+    assert tuple(out.shape) == (3, 24, 32)
+    ref = np.asarray(Image.fromarray(_pil_reference(path)).resize((32, 24), Image.BILINEAR))
+    assert np.abs(_hwc(out).astype(int) - ref.astype(int)).mean() < 4
 
 
 def test_palette_with_transparency_converts_without_warning(tmp_path: Path) -> None:
@@ -153,9 +172,13 @@ def test_orientation_on_png_path(tmp_path: Path) -> None:
     assert image_size(path) == (20, 30)
 
 
-@pytest.mark.parametrize(("width", "height", "max_side"), [(200, 120, 50), (120, 200, 50), (200, 120, 150), (91, 37, 40)])
+@pytest.mark.parametrize(
+    ("width", "height", "max_side"), [(200, 120, 50), (120, 200, 50), (200, 120, 150), (91, 37, 40)]
+)
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_max_side_caps_long_side_and_keeps_aspect(tmp_path: Path, width: int, height: int, max_side: int, fmt: str) -> None:
+def test_max_side_caps_long_side_and_keeps_aspect(
+    tmp_path: Path, width: int, height: int, max_side: int, fmt: str
+) -> None:
     path = _save(Image.fromarray(_photo_like(width, height)), tmp_path / f"m.{fmt.lower()}", format=fmt)
     out = load_image(path, max_side=max_side)
     out_h, out_w = out.shape[1:]
@@ -177,7 +200,7 @@ def test_large_jpeg_uses_reduced_dct_decoding(tmp_path: Path, monkeypatch: pytes
     calls: list[tuple[int, int]] = []
     original = JpegImageFile.draft
 
-    def spy(self, mode, size):  # noqa: ANN001
+    def spy(self: JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> object:
         result = original(self, mode, size)
         calls.append(self.size)
         return result
@@ -220,9 +243,18 @@ def _corrupt_files(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize(
-    "name", ["truncated_jpeg", "random_bytes", "jpeg_magic_then_garbage", "empty", "text_named_png", "missing", "directory"]
-)
+_BAD_FILES = [
+    "truncated_jpeg",
+    "random_bytes",
+    "jpeg_magic_then_garbage",
+    "empty",
+    "text_named_png",
+    "missing",
+    "directory",
+]
+
+
+@pytest.mark.parametrize("name", _BAD_FILES)
 @pytest.mark.parametrize("max_side", [None, 16])
 def test_bad_files_raise_naming_the_path(tmp_path: Path, name: str, max_side: int | None) -> None:
     path = _corrupt_files(tmp_path)[name]

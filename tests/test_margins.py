@@ -77,3 +77,21 @@ def test_gem_matches_definition_and_p1_is_average_pooling() -> None:
     learn = GeM(p=3.0, learn_p=True)
     learn(x).sum().backward()
     assert learn.p.grad is not None
+
+
+def test_curricularface_statistic_is_identical_across_ddp_ranks(tmp_path) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parent / "scripts" / "curricularface_ddp.py"
+    subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], check=True, timeout=120)
+    t0, t1 = (json.loads((tmp_path / f"t{r}.json").read_text()) for r in (0, 1))
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    assert t0 == t1
+    assert abs(t0 - expected) < 1e-6 and abs(expected) > 1e-4
