@@ -45,14 +45,27 @@ Labelling rule (test database view ``d`` against query ``q`` of the same photo)
     Views of *another* photo of the scene (a real second view) are hard when at least 40 % of
     their own photo is visible, else junk. Every query gets one view sampled near itself for an
     easy positive and one with strong zoom/rotation/perspective/occlusion for a hard positive
-    (re-sampled up to 8 times until the rule agrees). Distractor views are in no list.
+    (re-sampled up to 8 times until the rule agrees; a failure is listed under ``warnings`` in
+    ``.complete``). Distractor views are in no list.
+
+Queries
+    Per test scene, ``queries_per_landmark`` views of its first photo (sorted by name): even ones
+    show most of the photo, odd ones a zoomed part; both may show distractor-photo context around
+    the photo, so ``bbx`` (the bounding box of the photo's pixels in the query) matters.
 
 Layout under the returned directory ``<root>/minilandmarks-<hash12>/``
     ``gldv2/train.csv`` (``id,url,landmark_id``), ``gldv2/train_clean.csv``
     (``landmark_id,images``), ``gldv2/train_label_to_category.csv``, ``gldv2/train/a/b/c/<id>.jpg``;
     ``revisitop/minilandmarks/gnd_minilandmarks.pkl`` (``imlist``, ``qimlist``, ``gnd``) and
-    ``revisitop/minilandmarks/jpg/<name>.jpg``; ``sources.tsv`` and ``views.jsonl`` (every view's
-    transform and parameters); ``.complete`` (JSON manifest, written last).
+    ``revisitop/minilandmarks/jpg/<name>.jpg``; ``sources.tsv`` (name, scene, split, sha256, size
+    of every photo); ``views.jsonl`` (one JSON object per image: ``name``, ``file``, ``role``
+    train/query/db/distractor, ``scene``, ``source``, ``source_size``, ``size``, ``homography``,
+    ``crop_box`` (source-space bounding box of the shown quadrilateral, clipped to the photo),
+    ``params`` (tier, zoom, rotation, perspective, quad, occluders, photometric, background),
+    ``visible_fraction``, and ``labels`` {query name: easy/hard/junk} or ``bbx``);
+    ``.complete`` (JSON manifest: config, hash, counts, warnings; written last). Image names are
+    16 hex digits derived from the seed and the source photo's hash; ``imlist`` and ``qimlist``
+    are sorted by name, so a landmark's images are not contiguous.
 
 Idempotence and atomicity
     ``<hash12>`` is the SHA-256 of the builder version, every build parameter and the sorted
@@ -205,7 +218,7 @@ def _manifest_scenes(folder: Path) -> dict[Path, tuple[str, bool]]:
     return scenes
 
 
-_SUFFIX = re.compile(r"^(?P<base>.*[a-z].*?)(?:[_\-\s]?(?:left|right)|(?<=[a-z])[LRAB]|(?<=[a-zA-Z])\d)$")
+_SUFFIX = re.compile(r"^(?P<base>.*[a-z].*?)(?:[_\-\s]?(?i:left|right)|(?<=[a-z])[LRAB]|(?<=[a-zA-Z])\d)$")
 
 
 def _stem_scene_key(stem: str) -> str:
@@ -229,12 +242,14 @@ def _count(items: Iterable[Any]) -> dict[Any, int]:
 
 
 class _Photo:
-    """A decoded photo as a uint8 RGBX pyramid (2x2 box filter); level k is 2**k times smaller.
+    """A decoded photo as a uint8 RGBX pyramid (2x2 box filter); level k is ``base * 2**k`` times smaller.
 
-    Four channels so that a pixel is one uint32 and bilinear gathers are one lookup each.
+    Four channels so that a pixel is one uint32 and bilinear gathers are one lookup each. Photos
+    whose long side exceeds ``max_side`` are first box-reduced by the integer ``base`` to bound
+    memory; ``width``/``height`` stay those of the original photo, the frame of every homography.
     """
 
-    def __init__(self, source: PhotoSource) -> None:
+    def __init__(self, source: PhotoSource, max_side: int = 1600) -> None:
         try:
             with Image.open(source.path) as im:
                 im.load()
@@ -243,6 +258,9 @@ class _Photo:
         except Exception as exc:  # PIL raises many types for broken files
             raise PhotoReadError(f"minilandmarks: cannot read photo {source.path}: {exc}") from exc
         self.width, self.height = rgb.size
+        self.base = max(1, math.ceil(max(rgb.size) / max_side))
+        if self.base > 1:
+            rgb = rgb.reduce(self.base)
         self.levels = [np.ascontiguousarray(np.asarray(rgb.convert("RGBA"), dtype=np.uint8))]
         while min(self.levels[-1].shape[:2]) >= 64:
             a = self.levels[-1].astype(np.float32)
@@ -267,10 +285,11 @@ def _warp(photo: _Photo, hom: np.ndarray, width: int, height: int) -> tuple[np.n
     inv = np.linalg.inv(hom)
     centre = inv @ np.array([width / 2, height / 2, 1.0])
     scale = _local_scale(hom, centre[:2] / centre[2])
-    level = int(np.clip(round(math.log2(1.0 / max(scale, 1e-6))), 0, len(photo.levels) - 1))
+    level = int(np.clip(round(math.log2(1.0 / max(scale * photo.base, 1e-6))), 0, len(photo.levels) - 1))
     img = photo.levels[level]
     lh, lw = img.shape[:2]
-    inv = (np.diag([0.5**level, 0.5**level, 1.0]) @ inv).astype(np.float32)
+    shrink = 1.0 / (photo.base * 2**level)
+    inv = (np.diag([shrink, shrink, 1.0]) @ inv).astype(np.float32)
     u = np.arange(width, dtype=np.float32) + 0.5
     v = np.arange(height, dtype=np.float32)[:, None] + 0.5
     w = inv[2, 0] * u + inv[2, 1] * v + inv[2, 2]
@@ -391,10 +410,12 @@ def _sample_geometry(
     fit = min(w, h * vw / vh)
     for _ in range(20):
         if anchor is not None:
-            zoom = anchor["zoom"] * (
-                math.exp(rng.normal(0, 0.08)) if tier == "easy" else float(rng.choice([rng.uniform(0.5, 0.65), rng.uniform(1.5, 1.9)]))
-            )
-            rot = anchor["rotation_deg"] + (rng.uniform(-4, 4) if tier == "easy" else rng.choice([-1, 1]) * rng.uniform(20, 40))
+            if tier == "easy":
+                zoom = anchor["zoom"] * math.exp(rng.normal(0, 0.08))
+                rot = anchor["rotation_deg"] + rng.uniform(-4, 4)
+            else:
+                zoom = anchor["zoom"] * float(rng.choice([rng.uniform(0.5, 0.65), rng.uniform(1.5, 1.9)]))
+                rot = anchor["rotation_deg"] + rng.choice([-1, 1]) * rng.uniform(20, 40)
             shift = 0.04 if tier == "easy" else 0.1
             cw = fit / zoom
             cx = anchor["centre"][0] + rng.normal(0, shift) * cw
@@ -514,7 +535,8 @@ def _label(query: _Plan, db: _Plan, grid: np.ndarray) -> str:
     med = float(np.median(scales))
     if max(med, 1 / med) > 1.5 or np.percentile(scales, 95) / np.percentile(scales, 5) > 1.3:
         return _HARD
-    centre = _jacobian(db.hom, pts.mean(0, keepdims=True)) @ np.linalg.inv(_jacobian(query.hom, pts.mean(0, keepdims=True)))
+    mid = pts.mean(0, keepdims=True)
+    centre = _jacobian(db.hom, mid) @ np.linalg.inv(_jacobian(query.hom, mid))
     sv = np.linalg.svd(centre[0], compute_uv=False)
     angle = math.degrees(math.atan2(centre[0, 1, 0] - centre[0, 0, 1], centre[0, 0, 0] + centre[0, 1, 1]))
     if sv[0] / sv[1] > 1.3 or abs(angle) > 20:
@@ -550,7 +572,9 @@ def _render(plan: _Plan, photos: list[_Photo], fillers: list[int], seed: int) ->
         back = _colour_field(rng, (vw, vh))
     img = np.where(inside[..., None], img, back)
     cols, rows = np.flatnonzero(inside.any(axis=0)), np.flatnonzero(inside.any(axis=1))
-    bbx = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)] if cols.size else [0.0, 0.0, float(vw), float(vh)]
+    bbx = [0.0, 0.0, float(vw), float(vh)]
+    if cols.size:
+        bbx = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
     for x1, y1, x2, y2, kind in plan.params["occluders"]:
         x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
         if kind == "patch" and fillers:
@@ -625,7 +649,10 @@ class _Layout:
     warnings: list[str] = field(default_factory=list)
 
 
-def _plan_dataset(sources: list[PhotoSource], sizes: list[tuple[int, int]], roles: dict[str, str], cfg: dict[str, Any]) -> _Layout:
+def _plan_dataset(
+    sources: list[PhotoSource], sizes: list[tuple[int, int]], roles: dict[str, str], cfg: dict[str, Any]
+) -> _Layout:
+    """Decide every view (geometry, occluders, photometry) and every label; no pixels yet."""
     seed, size = cfg["seed"], cfg["image_size"]
     grids = [_source_grid(*wh) for wh in sizes]
     by_scene: dict[str, list[int]] = {}
@@ -643,10 +670,14 @@ def _plan_dataset(sources: list[PhotoSource], sizes: list[tuple[int, int]], role
         out.landmarks[landmark] = scene
         for i in by_scene[scene]:
             for k in range(cfg["views_train"]):
-                out.train.append((plan(i, "train", _TRAIN_TIERS[k % len(_TRAIN_TIERS)], str(k), fill="field"), landmark))
+                tier = _TRAIN_TIERS[k % len(_TRAIN_TIERS)]
+                out.train.append((plan(i, "train", tier, str(k), fill="field"), landmark))
     for scene in sorted(s for s, r in roles.items() if r == "test"):
         primary, *others = by_scene[scene]
-        queries = [plan(primary, "query", "query" if k % 2 == 0 else "query_part", str(k)) for k in range(cfg["queries_per_landmark"])]
+        queries = [
+            plan(primary, "query", "query" if k % 2 == 0 else "query_part", str(k))
+            for k in range(cfg["queries_per_landmark"])
+        ]
         db: list[_Plan] = []
         for qi, query in enumerate(queries):
             for tier in (_EASY, _HARD):
@@ -772,7 +803,9 @@ def _build_into(out: Path, sources: list[PhotoSource], cfg: dict[str, Any], dige
 
     def path_of(p: _Plan) -> Path:
         vid = ids[p.key]
-        return gld / "train" / vid[0] / vid[1] / vid[2] / f"{vid}.jpg" if p.role == "train" else rop / "jpg" / f"{vid}.jpg"
+        if p.role == "train":
+            return gld / "train" / vid[0] / vid[1] / vid[2] / f"{vid}.jpg"
+        return rop / "jpg" / f"{vid}.jpg"
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -812,7 +845,8 @@ def _build_into(out: Path, sources: list[PhotoSource], cfg: dict[str, Any], dige
             writer.writerow([s.name, s.scene, roles[s.scene], s.sha256, w, h])
     with (out / "views.jsonl").open("w", encoding="utf-8") as fh:
         for p in plans:
-            fh.write(json.dumps(_view_record(p, ids, sources, sizes, path_of(p).relative_to(out), layout), sort_keys=True) + "\n")
+            record = _view_record(p, ids, sources, sizes, path_of(p).relative_to(out), layout)
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
     counts = {
         "train_images": len(layout.train), "train_landmarks": len(layout.landmarks),
         "queries": len(layout.queries), "database": len(layout.database),
@@ -852,7 +886,8 @@ def _view_record(
     src = sources[p.photo]
     quad = np.asarray(p.params["quad"])
     w, h = sizes[p.photo]
-    crop = [max(0.0, quad[:, 0].min()), max(0.0, quad[:, 1].min()), min(float(w), quad[:, 0].max()), min(float(h), quad[:, 1].max())]
+    lo, hi = np.maximum(quad.min(axis=0), 0.0), np.minimum(quad.max(axis=0), [w, h])
+    crop = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
     record = {
         "name": ids[p.key], "file": rel.as_posix(), "role": p.role,
         "split": "train" if p.role == "train" else "test", "scene": layout.scene_of[p.key],
