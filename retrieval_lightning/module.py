@@ -215,7 +215,7 @@ class RetrievalModule(pl.LightningModule):
             chunks = self._eval_buffers.get(idx, [])
             index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, self.global_head.dim)
-            index, gathered = gather_dedupe(index.to(self.device), desc=desc.to(self.device))
+            index, gathered = gather_dedupe(self, index, desc=desc)
             desc = gathered["desc"].cpu()
             expected = len(eval_set.dataset)
             if len(index) != expected or not torch.equal(index.cpu(), torch.arange(expected)):

@@ -1,7 +1,7 @@
 """A picture of each evaluation: queries with their top-k results, correct ones marked.
 
 People judge a retrieval model by looking at what it returns; this callback saves a PNG per eval
-set after every validation/test epoch (under ``<log_dir>/gallery/``) and sends it to W&B when a
+set after every validation/test epoch (under ``<default_root_dir>/gallery/``) and sends it to W&B when a
 ``WandbLogger`` is attached. Borders: green = positive, red = negative, grey = junk.
 """
 
@@ -71,13 +71,14 @@ class RetrievalGallery(pl.Callback):
         if not results or trainer.datamodule is None:
             return
         sets = {s.name: s for s in trainer.datamodule.eval_sets(stage)}
-        root = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir or ".") / "gallery"
+        root = Path(self.output_dir or trainer.default_root_dir) / "gallery"
         for name, result in results.items():
             if name not in sets:
                 continue
             eval_set = sets[name]
             path = root / f"{stage}_{name}_step{trainer.global_step}.png"
-            headline = ", ".join(f"{k} {v:.1f}" for k, v in list(result.metrics.items())[:3])
+            keys = [k for k in result.metrics if k.startswith("mAP")] or list(result.metrics)
+            headline = ", ".join(f"{k} {result.metrics[k]:.1f}" for k in keys[:3])
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
                          f"{stage} {name} (step {trainer.global_step}): {headline}", path,
                          self.max_queries, self.k)

@@ -12,6 +12,7 @@ inner-product index (exact, same top-k as :func:`topk_search`) or IVF-PQ for ver
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -55,19 +56,53 @@ def _sorted_topk(scores: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]
 
 
 def _block_topk(scores: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
-    """Top-k of one (Q, B) score block; when the k-th value is tied, keep the lowest columns."""
-    vals, cols = torch.topk(scores, k, dim=1, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    ties_in_block = (scores == kth).sum(dim=1)
-    ties_taken = (vals == kth).sum(dim=1)
-    for row in torch.nonzero(ties_in_block > ties_taken).flatten().tolist():
-        # more columns share the k-th score than topk kept: take every column >= k-th value,
-        # which are ascending, then a stable sort keeps the lowest ones among equals
-        candidates = torch.nonzero(scores[row] >= kth[row]).flatten()
+    """Top-k of one (Q, B) score block; when the k-th value is tied, keep the lowest columns.
+
+    ``topk`` does not say which of several equal values it keeps, so it is asked for k + 1: when
+    the (k+1)-th value is below the k-th, the k kept are the only candidates; otherwise that row
+    is redone from every column scoring at least the k-th value (rare: exact ties).
+    """
+    width = scores.shape[1]
+    if width <= k:
+        cols = torch.arange(width, device=scores.device).expand(scores.shape[0], width)
+        return scores.clone(), cols + offset
+    vals, cols = torch.topk(scores, k + 1, dim=1, sorted=True)
+    tied = torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten().tolist()
+    vals, cols = vals[:, :k].clone(), cols[:, :k].clone()
+    for row in tied:
+        candidates = torch.nonzero(scores[row] >= vals[row, k - 1]).flatten()
         order = torch.sort(scores[row, candidates], descending=True, stable=True).indices[:k]
         cols[row] = candidates[order]
         vals[row] = scores[row, cols[row]]
     return vals, cols + offset
+
+
+def _scan(
+    db: Tensor, q: Tensor, lo: int, hi: int, k: int, chunk_size: int, sub_chunk: int
+) -> tuple[Tensor, Tensor]:
+    """Candidates (Q, <=k) of database rows [lo, hi): fp32 copies of sub-chunks, one topk per chunk."""
+    nq, dim = q.shape
+    device = q.device
+    buf = torch.empty(min(sub_chunk, chunk_size), dim, device=device)
+    block = torch.empty(nq, min(chunk_size, hi - lo), device=device)
+    best_s = torch.empty(nq, 0, device=device)
+    best_i = torch.empty(nq, 0, dtype=torch.long, device=device)
+    pending_s: list[Tensor] = []
+    pending_i: list[Tensor] = []
+    for start in range(lo, hi, chunk_size):
+        stop = min(start + chunk_size, hi)
+        for a in range(start, stop, sub_chunk):
+            b = min(a + sub_chunk, stop)
+            rows = buf[: b - a]
+            rows.copy_(db[a:b], non_blocking=True)
+            block[:, a - start : b - start] = q @ rows.T
+        vals, cols = _block_topk(block[:, : stop - start], k, start)
+        pending_s.append(vals)
+        pending_i.append(cols)
+        if len(pending_s) >= 16:
+            best_s, best_i = _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)
+            pending_s, pending_i = [], []
+    return _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)
 
 
 def topk_search(
@@ -77,6 +112,7 @@ def topk_search(
     chunk_size: int = DEFAULT_CHUNK,
     sub_chunk: int = DEFAULT_SUB_CHUNK,
     device: str | torch.device | None = None,
+    num_threads: int | None = None,
     kind: str = "global",
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k inner products of every query against the database, in bounded memory.
@@ -85,6 +121,11 @@ def topk_search(
     :class:`FeatureStore` (its ``kind``). Returns ``scores`` (Q, k') float32 and ``indices``
     (Q, k') int64 row positions with k' = min(k, N), sorted by score descending and, among equal
     scores, by index ascending. ``device`` defaults to CUDA when available.
+
+    On CPU the rows are split into ``num_threads`` contiguous ranges (default: torch's intra-op
+    thread count) scanned by Python threads that each run torch single-threaded: many small
+    matrix products parallelise better that way than through OpenMP. Torch's thread count is
+    restored afterwards.
     """
     db = as_tensor(database, kind)
     if db.dim() != 2:
@@ -104,30 +145,45 @@ def topk_search(
     nq = q.shape[0]
     if n == 0 or nq == 0:
         return torch.empty(nq, 0), torch.empty(nq, 0, dtype=torch.long)
-    sub_chunk = min(sub_chunk, chunk_size)
-    chunk_size = min(chunk_size, n)
-    buf = torch.empty(sub_chunk, dim, device=device)
-    block = torch.empty(chunk_size, nq, device=device)
-    best_s = torch.empty(nq, 0, device=device)
-    best_i = torch.empty(nq, 0, dtype=torch.long, device=device)
-    pending_s: list[Tensor] = []
-    pending_i: list[Tensor] = []
+    workers = 1 if device.type != "cpu" else (num_threads or torch.get_num_threads())
+    workers = max(1, min(workers, n // max(sub_chunk, 1)))
     with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            for a in range(start, stop, sub_chunk):
-                b = min(a + sub_chunk, stop)
-                rows = buf[: b - a]
-                rows.copy_(db[a:b], non_blocking=True)
-                torch.mm(rows, q.T, out=block[a - start : b - start])
-            vals, cols = _block_topk(block[: stop - start].T, min(k, stop - start), start)
-            pending_s.append(vals)
-            pending_i.append(cols)
-            if len(pending_s) >= 16:
-                best_s, best_i = _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)
-                pending_s, pending_i = [], []
-        best_s, best_i = _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)
-    return best_s.cpu(), best_i.cpu()
+        if workers == 1:
+            scores, indices = _scan(db, q, 0, n, k, chunk_size, sub_chunk)
+        else:
+            scores, indices = _threaded_scan(db, q, n, k, chunk_size, sub_chunk, workers)
+    return scores.cpu(), indices.cpu()
+
+
+def _threaded_scan(
+    db: Tensor, q: Tensor, n: int, k: int, chunk_size: int, sub_chunk: int, workers: int
+) -> tuple[Tensor, Tensor]:
+    bounds = [n * i // workers for i in range(workers + 1)]
+    results: list[tuple[Tensor, Tensor] | None] = [None] * workers
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                results[i] = _scan(db, q, bounds[i], bounds[i + 1], k, chunk_size, sub_chunk)
+        except BaseException as err:  # re-raised in the caller's thread
+            errors.append(err)
+
+    previous = torch.get_num_threads()
+    threads = [threading.Thread(target=work, args=(i,), name=f"topk-search-{i}") for i in range(workers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
+    scores = torch.cat([r[0] for r in results if r is not None], 1)
+    indices = torch.cat([r[1] for r in results if r is not None], 1)
+    return _sorted_topk(scores, indices, k)
 
 
 def _import_faiss() -> Any:

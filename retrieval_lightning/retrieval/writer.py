@@ -1,0 +1,355 @@
+"""Write database features during ``trainer.predict`` as atomic, resumable per-rank shards.
+
+:class:`FeatureStoreWriter` is a Lightning prediction writer. Each rank buffers its
+``predict_step`` outputs and flushes every ``shard_size`` samples to
+``shard-r<rank>-s<seq>.npz`` (written under a temporary name, then ``os.replace``d, so a shard
+that exists is complete). A shard lists the dataset indices it holds, so after an interruption
+:func:`completed_indices` says what is done and :func:`remaining_subset` gives the dataset
+positions still to extract, whatever the world size of either run. :func:`merge_shards` then
+builds the final :class:`~.store.FeatureStore`, sorted by dataset index.
+
+What ``predict_step`` must return: a dict with ``"index"`` (B,) integer dataset indices and one
+entry per stored *kind*: a tensor (B, ...) for a fixed per-image shape, or a list of B tensors
+(n_i, ...) for a ragged kind (local features). ``"global"`` is stored as fp16 by default.
+Call ``trainer.predict(..., return_predictions=False)`` so outputs are not also kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from .store import FeatureStore, KindSpec, check_kind_name, identity_differences, normalize_identity
+
+_SHARD_RE = re.compile(r"^shard-r(\d+)-s(\d+)\.npz$")
+_META_KEY = "__meta__"
+DEFAULT_DTYPES = {"global": "float16"}
+
+
+def shard_name(rank: int, seq: int) -> str:
+    return f"shard-r{rank:04d}-s{seq:06d}.npz"
+
+
+def list_shards(output_dir: str | os.PathLike) -> list[Path]:
+    """Finished shards in ``output_dir``, in (rank, sequence) order; temporary files are ignored."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _SHARD_RE.match(p.name))
+
+
+def module_identity(module: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+    """A store identity: sha256 of the module's state dict plus caller-given config entries."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        if isinstance(value, Tensor):
+            digest.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return normalize_identity({"weights_sha256": digest.hexdigest(), **extra})
+
+
+def _read_meta(shard: Path) -> dict[str, Any]:
+    try:
+        with np.load(shard, allow_pickle=False) as z:
+            meta = json.loads(str(z[_META_KEY]))
+            meta["index"] = np.asarray(z["index"], dtype=np.int64)
+            meta["lengths"] = {
+                kind: np.diff(z[f"{kind}.offsets"]) for kind, spec in meta["kinds"].items() if spec["ragged"]
+            }
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"feature shard {shard} is unreadable or not a shard: {err}") from None
+    return meta
+
+
+def _check_identity(shard: Path, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    diffs = identity_differences(stored, expected)
+    if diffs:
+        raise ValueError(
+            f"feature shard {shard} was written by a different model or config "
+            f"({'; '.join(diffs)}); use a fresh output directory or the same model"
+        )
+
+
+def completed_indices(
+    output_dir: str | os.PathLike, expect_identity: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Sorted unique dataset indices held by the finished shards of ``output_dir``."""
+    expected = None if expect_identity is None else normalize_identity(expect_identity)
+    found = [np.empty(0, dtype=np.int64)]
+    for shard in list_shards(output_dir):
+        meta = _read_meta(shard)
+        if expected is not None:
+            _check_identity(shard, meta["identity"], expected)
+        found.append(meta["index"])
+    return np.unique(np.concatenate(found))
+
+
+def remaining_subset(
+    dataset: Dataset,
+    output_dir: str | os.PathLike,
+    indices: Sequence[int] | np.ndarray | None = None,
+    expect_identity: Mapping[str, Any] | None = None,
+) -> Subset:
+    """The part of ``dataset`` whose features are not yet in ``output_dir``'s shards.
+
+    Position ``p`` of the dataset carries dataset index ``indices[p]`` (default ``p``, as for
+    :class:`~retrieval_lightning.data.types.EvalSet` datasets). May be empty: skip ``predict`` then.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    carried = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(carried) != n:
+        raise ValueError(f"remaining_subset: {len(carried)} indices given for a dataset of {n} items")
+    done = completed_indices(output_dir, expect_identity)
+    todo = np.nonzero(~np.isin(carried, done))[0]
+    return Subset(dataset, todo.tolist())
+
+
+def _to_numpy(value: Tensor | np.ndarray, dtype: str | None) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        value = value.numpy()
+    arr = np.asarray(value)
+    return arr.astype(dtype, copy=False) if dtype else arr
+
+
+class FeatureStoreWriter(BasePredictionWriter):
+    """Buffers ``predict_step`` outputs per rank and writes them as atomic shards of ``shard_size``.
+
+    ``model_identity`` (e.g. :func:`module_identity`) is written into every shard and the merged
+    store; shards of another identity already in ``output_dir`` make :meth:`setup` fail.
+    ``dtypes`` maps kinds to the numpy dtype they are stored in (default: ``global`` in fp16).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        shard_size: int = 4096,
+        model_identity: Mapping[str, Any] | None = None,
+        dtypes: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.output_dir = Path(output_dir)
+        self.shard_size = int(shard_size)
+        self.identity = normalize_identity(model_identity)
+        self.dtypes = dict(DEFAULT_DTYPES if dtypes is None else dtypes)
+        self._rank = 0
+        self._seq = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._buffered = 0
+        self.shards_written: list[Path] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._rank = int(trainer.global_rank)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        seqs = [-1]
+        for shard in list_shards(self.output_dir):
+            match = _SHARD_RE.match(shard.name)
+            if match and int(match.group(1)) == self._rank:
+                seqs.append(int(match.group(2)))
+        self._seq = max(seqs) + 1
+        first = next(iter(list_shards(self.output_dir)), None)
+        if first is not None:
+            _check_identity(first, _read_meta(first)["identity"], self.identity)
+        self._buffer, self._buffered = [], 0
+
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if dataloader_idx:
+            raise ValueError("FeatureStoreWriter writes one dataset: predict with a single dataloader")
+        self._buffer.append(self._convert(prediction, batch_idx))
+        self._buffered += len(self._buffer[-1]["index"])
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        if self._buffered:
+            self._flush(self._buffered)
+
+    def _convert(self, prediction: Any, batch_idx: int) -> dict[str, Any]:
+        if not isinstance(prediction, Mapping) or "index" not in prediction:
+            raise TypeError(
+                f"predict_step must return a dict with an 'index' entry (batch {batch_idx}), "
+                f"got {type(prediction).__name__}"
+                + (f" with keys {sorted(prediction)}" if isinstance(prediction, Mapping) else "")
+            )
+        index = _to_numpy(prediction["index"], "int64").reshape(-1)
+        out: dict[str, Any] = {"index": index}
+        for kind, value in prediction.items():
+            if kind == "index":
+                continue
+            check_kind_name(kind)
+            dtype = self.dtypes.get(kind)
+            if isinstance(value, (list, tuple)):
+                parts = [_to_numpy(v, dtype) for v in value]
+            else:
+                parts = _to_numpy(value, dtype)
+            if len(parts) != len(index):
+                raise ValueError(
+                    f"predict_step output {kind!r} has {len(parts)} entries for {len(index)} indices (batch {batch_idx})"
+                )
+            out[kind] = parts
+        return out
+
+    def _take(self, n: int) -> dict[str, Any]:
+        """Remove and return the first ``n`` buffered samples as one batch."""
+        merged: dict[str, Any] = {}
+        for kind in self._buffer[0]:
+            values = [b[kind] for b in self._buffer]
+            if isinstance(values[0], list):
+                merged[kind] = [part for v in values for part in v]
+            else:
+                try:
+                    merged[kind] = np.concatenate(values)
+                except ValueError as err:
+                    raise ValueError(f"predict_step output {kind!r} changes shape between batches: {err}") from None
+        head = {k: v[:n] for k, v in merged.items()}
+        rest = {k: v[n:] for k, v in merged.items()}
+        self._buffered -= n
+        self._buffer = [rest] if self._buffered else []
+        return head
+
+    def _flush(self, n: int) -> None:
+        batch = self._take(n)
+        arrays: dict[str, np.ndarray] = {"index": batch["index"]}
+        kinds: dict[str, Any] = {}
+        for kind, value in batch.items():
+            if kind == "index":
+                continue
+            if isinstance(value, list):
+                row_shape = value[0].shape[1:]
+                bad = next((i for i, v in enumerate(value) if v.shape[1:] != row_shape), None)
+                if bad is not None:
+                    raise ValueError(
+                        f"ragged kind {kind!r}: rows of dataset index {batch['index'][bad]} have shape "
+                        f"{value[bad].shape[1:]}, others {row_shape}"
+                    )
+                arrays[kind] = np.concatenate(value)
+                arrays[f"{kind}.offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in value])]).astype(np.int64)
+                spec = KindSpec(value[0].dtype.name, row_shape, ragged=True)
+            else:
+                arrays[kind] = value
+                spec = KindSpec(value.dtype.name, value.shape[1:])
+            kinds[kind] = spec.to_json()
+        meta = {"identity": self.identity, "kinds": kinds, "count": int(n)}
+        arrays[_META_KEY] = np.array(json.dumps(meta, sort_keys=True))
+        final = self.output_dir / shard_name(self._rank, self._seq)
+        tmp = self.output_dir / f".{final.name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        self.shards_written.append(final)
+        self._seq += 1
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for every (s, l), without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def merge_shards(
+    output_dir: str | os.PathLike,
+    store_path: str | os.PathLike | None = None,
+    expect_identity: Mapping[str, Any] | None = None,
+    expected_indices: Sequence[int] | np.ndarray | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FeatureStore:
+    """Merge every shard of ``output_dir`` into a store (default ``output_dir/store``) sorted by index.
+
+    A dataset index present in several shards (a sampler's repeats, a rerun) is taken from the
+    first shard in (rank, sequence) order. ``expected_indices`` makes a missing index an error.
+    """
+    shards = list_shards(output_dir)
+    if not shards:
+        raise FileNotFoundError(f"no feature shards (shard-r*-s*.npz) in {output_dir}")
+    metas = [_read_meta(s) for s in tqdm(shards, desc="reading shard headers", disable=not progress)]
+    first = metas[0]
+    identity = first["identity"]
+    if expect_identity is not None:
+        _check_identity(shards[0], identity, normalize_identity(expect_identity))
+    for shard, meta in zip(shards, metas):
+        _check_identity(shard, meta["identity"], identity)
+        if meta["kinds"] != first["kinds"]:
+            raise ValueError(f"feature shard {shard} stores kinds {meta['kinds']}, {shards[0]} stores {first['kinds']}")
+    kinds = {k: KindSpec(v["dtype"], tuple(v["shape"]), v["ragged"]) for k, v in first["kinds"].items()}
+
+    all_index = np.concatenate([m["index"] for m in metas])
+    src_shard = np.concatenate([np.full(len(m["index"]), i) for i, m in enumerate(metas)])
+    src_row = np.concatenate([np.arange(len(m["index"])) for m in metas])
+    order = np.argsort(all_index, kind="stable")
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = all_index[order][1:] != all_index[order][:-1]
+    chosen = order[keep]
+    final_index = all_index[chosen]
+    if expected_indices is not None:
+        expected = np.unique(np.asarray(expected_indices, dtype=np.int64))
+        missing = np.setdiff1d(expected, final_index)
+        extra = np.setdiff1d(final_index, expected)
+        if missing.size or extra.size:
+            raise ValueError(
+                f"shards in {output_dir}: {missing.size} expected dataset indices missing "
+                f"(first {missing[:5].tolist()}), {extra.size} unexpected (first {extra[:5].tolist()})"
+            )
+    lengths = {
+        k: np.array([metas[s]["lengths"][k][r] for s, r in zip(src_shard[chosen], src_row[chosen])], dtype=np.int64)
+        for k, spec in kinds.items()
+        if spec.ragged
+    }
+    store_path = Path(output_dir) / "store" if store_path is None else Path(store_path)
+    builder = FeatureStore.create(store_path, kinds, len(final_index), identity, lengths, overwrite)
+    try:
+        builder.index[:] = final_index
+        dest_of_chosen = np.arange(len(chosen))
+        for s, shard in enumerate(tqdm(shards, desc="merging feature shards", disable=not progress)):
+            mine = src_shard[chosen] == s
+            if not mine.any():
+                continue
+            local, dest = src_row[chosen][mine], dest_of_chosen[mine]
+            with np.load(shard, allow_pickle=False) as z:
+                for kind, spec in kinds.items():
+                    data = z[kind]
+                    if not spec.ragged:
+                        builder.array(kind)[dest] = data[local]
+                        continue
+                    offsets = z[f"{kind}.offsets"]
+                    src_rows = _ranges(offsets[local], offsets[local + 1] - offsets[local])
+                    dst_off = builder.offsets[kind]
+                    dst_rows = _ranges(dst_off[dest], dst_off[dest + 1] - dst_off[dest])
+                    builder.array(kind)[dst_rows] = data[src_rows]
+        return builder.commit()
+    except BaseException:
+        builder.abort()
+        raise

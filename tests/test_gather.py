@@ -1,0 +1,78 @@
+"""gather_dedupe: one process without a process group, and two gloo processes with uneven counts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from retrieval_lightning.retrieval.gather import gather_dedupe
+
+
+def test_single_process_dedupes_and_sorts() -> None:
+    index = torch.tensor([5, 1, 3, 1, 5, 0])
+    values = torch.tensor([[50.0, 5], [10, 1], [30, 3], [11, 1], [51, 5], [0, 0]])
+    flags = torch.tensor([True, False, True, False, True, False])
+    got_index, arrays = gather_dedupe(None, index, values=values, flags=flags)
+    assert got_index.tolist() == [0, 1, 3, 5]
+    # the first occurrence of a repeated index wins
+    assert arrays["values"].tolist() == [[0, 0], [10, 1], [30, 3], [50, 5]]
+    assert arrays["flags"].tolist() == [False, False, True, True]
+
+
+def test_single_process_rejects_mismatched_rows() -> None:
+    try:
+        gather_dedupe(None, torch.arange(3), feats=torch.zeros(4, 2))
+    except ValueError as err:
+        assert "'feats'" in str(err) and "3 rows" in str(err)
+    else:
+        raise AssertionError("mismatched rows were accepted")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    from retrieval_lightning.retrieval.gather import gather_dedupe
+
+    def main(rank, port, out):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        # rank 0 holds 0, 2, 4, 6, 8; rank 1 holds 1, 3, 5 and pads with 0 (a sampler repeat)
+        index = torch.tensor([0, 2, 4, 6, 8]) if rank == 0 else torch.tensor([1, 3, 5, 0])
+        feats = (index[:, None, None] * torch.ones(1, 2, 3)).half()
+        flags = index % 3 == 0
+        got, arrays = gather_dedupe(None, index, feats=feats, flags=flags, count=index * 10)
+        torch.save({"index": got, **arrays}, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.start_processes(main, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, start_method="fork")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
+    script = tmp_path / "gather_ddp.py"
+    script.write_text(SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    want_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
+    for res in results:
+        assert torch.equal(res["index"], want_index)
+        assert res["feats"].dtype == torch.float16 and res["feats"].shape == (8, 2, 3)
+        assert torch.equal(res["feats"], (want_index[:, None, None] * torch.ones(1, 2, 3)).half())
+        assert torch.equal(res["flags"], want_index % 3 == 0)
+        assert torch.equal(res["count"], want_index * 10)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

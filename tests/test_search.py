@@ -1,0 +1,160 @@
+"""Chunked exact top-k against a full stable argsort; FAISS against the chunked path; αQE and DBA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lightning.retrieval.postprocess import (
+    PostProcessConfig,
+    alpha_query_expansion,
+    database_augmentation,
+    postprocessed_search,
+)
+from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
+from retrieval_lightning.retrieval.store import FeatureStore
+
+
+def reference_topk(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full score matrix in float64, then a stable sort by (score descending, index ascending)."""
+    scores = queries.astype(np.float64) @ database.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "chunk_size", "sub_chunk", "threads", "low", "high", "dim"),
+    [
+        (1000, 10, 128, 32, 1, -2, 3, 6),
+        (1000, 50, 97, 13, 2, -2, 3, 6),
+        (257, 300, 64, 64, 2, -2, 3, 6),
+        (3000, 1, 1000, 250, 3, -2, 3, 6),
+        (5, 5, 2, 1, 1, -2, 3, 6),
+        # scores in {0, 1, 2}: a quarter of the rows tie for the best score, so one chunk alone
+        # holds more tied rows than k and must keep its lowest indices
+        (1000, 100, 500, 100, 1, 0, 2, 2),
+        (2000, 150, 1500, 64, 2, 0, 2, 2),
+    ],
+)
+def test_topk_equals_full_argsort_with_many_ties(n, k, chunk_size, sub_chunk, threads, low, high, dim) -> None:
+    # small integer vectors: every dot product is exact in fp32 and many scores are tied, so the
+    # lower-index-first rule decides which rows make the cut
+    gen = torch.Generator().manual_seed(n + k)
+    database = torch.randint(low, high, (n, dim), generator=gen).to(torch.float16)
+    queries = torch.randint(max(low, 1), high, (9, dim), generator=gen).float()
+    scores, indices = topk_search(
+        queries, database, k, chunk_size=chunk_size, sub_chunk=sub_chunk, num_threads=threads, device="cpu"
+    )
+    want_scores, want_indices = reference_topk(queries.numpy(), database.float().numpy(), k)
+    assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+    assert indices.shape == (9, min(k, n))
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_array_equal(scores.numpy(), want_scores.astype(np.float32))
+
+
+def test_topk_on_random_fp16_memmap_store(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    database = rng.standard_normal((4000, 32)).astype(np.float16)
+    queries = rng.standard_normal((7, 32)).astype(np.float32)
+    store = FeatureStore.from_arrays(tmp_path / "s", {"global": database})
+    scores, indices = topk_search(queries, store, 25, chunk_size=512, sub_chunk=100, device="cpu")
+    want_scores, want_indices = reference_topk(queries, database.astype(np.float32), 25)
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, atol=1e-5)
+    assert torch.get_num_threads() >= 1  # the threaded scan restores torch's thread count
+
+
+def test_topk_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 4\)"):
+        topk_search(torch.zeros(2, 3), torch.zeros(10, 4), 1)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        topk_search(torch.zeros(2, 4), torch.zeros(10, 4), 0)
+
+
+@pytest.mark.parametrize("n_queries", [5, 30])  # FAISS switches to BLAS from 20 queries on
+def test_faiss_flat_equals_chunked(n_queries) -> None:
+    rng = np.random.default_rng(n_queries)
+    database = rng.standard_normal((3000, 48)).astype(np.float16)
+    queries = rng.standard_normal((n_queries, 48)).astype(np.float32)
+    # two BLAS libraries may round a dot product differently in the last bit, which could swap
+    # two scores closer than that; this data has no such near-ties, so the ranks must be equal
+    want_scores, _ = reference_topk(queries, database.astype(np.float32), 41)
+    assert -np.diff(want_scores, axis=1).min() > 1e-5
+    searcher = FaissSearcher(48, "flat")
+    searcher.add(database, chunk_size=700)
+    assert searcher.ntotal == 3000
+    f_scores, f_indices = searcher.search(queries, 40)
+    c_scores, c_indices = topk_search(queries, database, 40, chunk_size=512, sub_chunk=128, device="cpu")
+    np.testing.assert_array_equal(f_indices.numpy(), c_indices.numpy())
+    np.testing.assert_allclose(f_scores.numpy(), c_scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_faiss_ivfpq_finds_near_duplicates() -> None:
+    rng = np.random.default_rng(3)
+    database = rng.standard_normal((2000, 32)).astype(np.float32)
+    database /= np.linalg.norm(database, axis=1, keepdims=True)
+    searcher = FaissSearcher(32, "ivfpq", nlist=8, m=8, nbits=6, nprobe=8)
+    searcher.add(database)
+    queries = database[:50] + 0.01 * rng.standard_normal((50, 32)).astype(np.float32)
+    _, indices = searcher.search(queries, 5)
+    assert indices.shape == (50, 5)
+    assert (indices[:, 0].numpy() == np.arange(50)).mean() >= 0.9
+    with pytest.raises(ValueError, match="divisible by m=7"):
+        FaissSearcher(32, "ivfpq", m=7)
+    with pytest.raises(ValueError, match="unknown FAISS index_type 'hnsw'"):
+        FaissSearcher(32, "hnsw")
+
+
+def _unit(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_alpha_query_expansion_matches_formula() -> None:
+    rng = np.random.default_rng(4)
+    database, queries = _unit(rng, (50, 8)), _unit(rng, (3, 8))
+    ranked = np.argsort(-(queries @ database.T), axis=1)[:, :5]
+    expanded = alpha_query_expansion(queries, database, ranked, n=3, alpha=2.0).numpy()
+    for q, row, got in zip(queries, ranked, expanded):
+        want = q.astype(np.float64).copy()
+        for j in row[:3]:
+            want += max(float(q @ database[j]), 0.0) ** 2.0 * database[j]
+        np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6)
+
+
+def test_database_augmentation_chunked_equals_naive(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    database = _unit(rng, (300, 16))
+    sims = database.astype(np.float64) @ database.T
+    naive = np.empty_like(database, dtype=np.float64)
+    for i in range(len(database)):
+        nn = np.argsort(-sims[i], kind="stable")[:3]
+        naive[i] = (np.clip(sims[i, nn], 0, None) ** 3.0) @ database[nn]
+    naive /= np.linalg.norm(naive, axis=1, keepdims=True)
+    out = np.lib.format.open_memmap(tmp_path / "dba.npy", mode="w+", dtype=np.float32, shape=database.shape)
+    got = database_augmentation(database, k=3, alpha=3.0, chunk_rows=64, out=out, chunk_size=50, device="cpu")
+    assert got is out
+    np.testing.assert_allclose(np.asarray(out), naive, atol=1e-5)
+
+
+def test_postprocessing_is_off_by_default_and_applies_when_asked() -> None:
+    rng = np.random.default_rng(6)
+    database, queries = _unit(rng, (400, 16)), _unit(rng, (4, 16))
+    config = PostProcessConfig()
+    assert not config.enabled
+    plain = topk_search(queries, database, 10, device="cpu")
+    default = postprocessed_search(queries, database, 10, config, device="cpu")
+    assert torch.equal(plain[1], default[1])
+    qe = PostProcessConfig(query_expansion=True, qe_n=2, qe_alpha=3.0)
+    ranked = plain[1].numpy()
+    want = topk_search(alpha_query_expansion(queries, database, ranked, 2, 3.0), database, 10, device="cpu")
+    got = postprocessed_search(queries, database, 10, qe, device="cpu")
+    assert torch.equal(got[1], want[1])
+    both = PostProcessConfig(query_expansion=True, dba=True, dba_k=2)
+    augmented = database_augmentation(database, 2, 3.0, device="cpu")
+    _, first = topk_search(queries, augmented, 10, device="cpu")
+    want = topk_search(alpha_query_expansion(queries, augmented, first, 2, 3.0), augmented, 10, device="cpu")
+    assert torch.equal(postprocessed_search(queries, database, 10, both, device="cpu")[1], want[1])
+    with pytest.raises(ValueError, match="qe_n"):
+        PostProcessConfig(qe_n=0)

@@ -1,0 +1,109 @@
+"""FeatureStore: round trip, ragged kinds, read-only memory maps, identity refusal, atomic creation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retrieval_lightning.retrieval.store import FeatureStore, KindSpec, StoreIdentityError
+
+IDENTITY = {"model": "tiny", "weights_sha256": "abc123", "scales": [0.707, 1.0, 1.414]}
+
+
+@pytest.fixture()
+def arrays() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "global": rng.standard_normal((7, 5)).astype(np.float16),
+        "verifier": rng.standard_normal((7, 2, 3)).astype(np.float32),
+        "local_desc": [rng.standard_normal((n, 4)).astype(np.float32) for n in (3, 0, 1, 5, 2, 2, 4)],
+    }
+
+
+def test_round_trip_fixed_and_ragged(tmp_path, arrays) -> None:
+    index = np.array([2, 3, 5, 8, 13, 21, 34])
+    FeatureStore.from_arrays(tmp_path / "s", arrays, IDENTITY, index=index)
+    store = FeatureStore.open(tmp_path / "s", expect_identity=IDENTITY)
+    assert len(store) == 7
+    np.testing.assert_array_equal(store.index, index)
+    np.testing.assert_array_equal(store.array("global"), arrays["global"])
+    assert store.array("global").dtype == np.float16
+    np.testing.assert_array_equal(store.get("verifier", [6, 0, 3]), arrays["verifier"][[6, 0, 3]])
+    got = store.get("local_desc", [3, 1, 0])
+    for part, want in zip(got, [arrays["local_desc"][i] for i in (3, 1, 0)]):
+        np.testing.assert_array_equal(part, want)
+    assert got[1].shape == (0, 4)
+    np.testing.assert_array_equal(store.rows_of([21, 2]), [5, 0])
+    with pytest.raises(KeyError, match="dataset index 4"):
+        store.rows_of([4])
+
+
+def test_manifest_and_bytes_per_image(tmp_path, arrays) -> None:
+    store = FeatureStore.from_arrays(tmp_path / "s", arrays, IDENTITY)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["format"] == "retrieval-lightning-feature-store" and manifest["version"] == 1
+    assert manifest["count"] == 7
+    assert manifest["kinds"]["global"] == {
+        "dtype": "float16", "shape": [5], "ragged": False, "rows": 7, "bytes_per_image": 10.0
+    }
+    assert manifest["kinds"]["local_desc"]["rows"] == 17
+    assert store.bytes_per_image["verifier"] == 24.0
+    # ragged: 17 rows of 4 float32 plus 8 offsets of int64, spread over 7 images
+    assert store.bytes_per_image["local_desc"] == pytest.approx((17 * 16 + 8 * 8) / 7)
+    assert store.kinds["local_desc"] == KindSpec("float32", (4,), ragged=True)
+
+
+def test_opened_store_is_read_only(tmp_path, arrays) -> None:
+    FeatureStore.from_arrays(tmp_path / "s", arrays, IDENTITY)
+    store = FeatureStore.open(tmp_path / "s")
+    data = store.array("global")
+    assert isinstance(data, np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        data[0, 0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        store.index[0] = 99
+
+
+def test_identity_mismatch_names_the_differences(tmp_path, arrays) -> None:
+    FeatureStore.from_arrays(tmp_path / "s", arrays, IDENTITY)
+    other = {**IDENTITY, "weights_sha256": "fff", "image_size": 512}
+    with pytest.raises(StoreIdentityError) as err:
+        FeatureStore.open(tmp_path / "s", expect_identity=other)
+    message = str(err.value)
+    assert str(tmp_path / "s") in message
+    assert "'weights_sha256': store has 'abc123', expected 'fff'" in message
+    assert "'image_size' missing in store" in message
+    assert "scales" not in message
+    # tuples and lists are the same identity once written as JSON
+    FeatureStore.open(tmp_path / "s", expect_identity={**IDENTITY, "scales": (0.707, 1.0, 1.414)})
+
+
+def test_builder_is_atomic_and_refuses_overwrite(tmp_path) -> None:
+    builder = FeatureStore.create(tmp_path / "s", {"global": KindSpec("float16", (3,))}, count=4, identity=IDENTITY)
+    builder.index[:] = np.arange(4)
+    builder.array("global")[:] = 1
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        FeatureStore.open(tmp_path / "s")  # not published before commit
+    store = builder.commit()
+    assert store.get("global", [3]).tolist() == [[1, 1, 1]]
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary directory left behind
+    with pytest.raises(FileExistsError, match="already exists"):
+        FeatureStore.create(tmp_path / "s", {"global": KindSpec("float16", (3,))}, count=4)
+
+
+def test_bad_inputs_are_named(tmp_path, arrays) -> None:
+    with pytest.raises(ValueError, match="strictly increasing"):
+        FeatureStore.from_arrays(tmp_path / "a", {"global": arrays["global"]}, index=[0, 1, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="'bad.name' is invalid"):
+        FeatureStore.from_arrays(tmp_path / "b", {"bad.name": arrays["global"]})
+    store = FeatureStore.from_arrays(tmp_path / "c", arrays)
+    with pytest.raises(KeyError, match="no kind 'missing'"):
+        store.get("missing", [0])
+    with pytest.raises(IndexError, match="row 7 out of range"):
+        store.get("global", [7])
+    with pytest.raises(ValueError, match="format version 2"):
+        manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+        (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+        FeatureStore.open(tmp_path / "c")

@@ -1,0 +1,39 @@
+"""W&B (offline, no API key): the resolved config reaches the run, twice in one directory without the
+`config.yaml` clash; the query/top-k gallery picture is saved and logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from helpers import REPO, TINY_DATA, cli_env, run_cli
+
+
+@pytest.mark.slow
+def test_config_and_gallery_reach_wandb_offline(cache_root: Path, tmp_path: Path) -> None:
+    save_dir = tmp_path / "wandb_runs"
+    args = ["test", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}", *TINY_DATA,
+            f"--trainer.default_root_dir={tmp_path}/out", f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--model.heads.global.init_args.margin_m=0.123"]
+    env = cli_env(threads=2)
+    env["WANDB_DIR"] = str(save_dir)
+    run_cli(args, cwd=tmp_path, env=env)
+    run_cli(args, cwd=tmp_path, env=env)  # a second run in the same save_dir must not clash
+
+    runs = sorted(save_dir.rglob("offline-run-*"))
+    assert len(runs) == 2, runs
+    for run in runs:
+        saved = yaml.safe_load((run / "files" / "lightning_config.yaml").read_text())
+        assert saved["model"]["heads"]["global"]["init_args"]["margin_m"] == 0.123
+        wandb_config = yaml.safe_load((run / "files" / "config.yaml").read_text())
+        assert "model" in wandb_config and "trainer" in wandb_config
+        media = list((run / "files" / "media" / "images").rglob("*.png"))
+        assert media, f"no gallery image logged to {run}"
+
+    pictures = sorted((tmp_path / "out").rglob("gallery/test_minilandmarks_step0.png"))
+    assert pictures
+    with Image.open(pictures[0]) as picture:
+        assert picture.width > 400 and picture.height > 200

@@ -1,0 +1,235 @@
+"""FeatureStoreWriter: shards, identity, resume, merge; a 2-process DDP run killed and restarted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lightning.retrieval.store import FeatureStore
+from retrieval_lightning.retrieval.writer import (
+    completed_indices,
+    list_shards,
+    merge_shards,
+    module_identity,
+    remaining_subset,
+)
+
+N_ITEMS = 30
+IDENTITY = {"model": "tiny-sine", "version": 1}
+
+# A tiny deterministic extractor. Every output depends on the sample alone (elementwise maths,
+# no batch-size-dependent kernels), so any split into ranks and batches gives the same bytes.
+SCRIPT = textwrap.dedent(
+    """
+    import argparse, os
+    import torch
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+    from retrieval_lightning.retrieval.writer import FeatureStoreWriter, remaining_subset
+
+    class Items(Dataset):
+        def __len__(self):
+            return N_ITEMS
+
+        def __getitem__(self, i):
+            return {"index": i, "x": torch.full((4,), float(i))}
+
+    class Tiny(L.LightningModule):
+        def __init__(self, crash_after):
+            super().__init__()
+            self.freq = torch.nn.Parameter(torch.linspace(0.1, 0.8, 8), requires_grad=False)
+            self.crash_after = crash_after
+
+        def predict_step(self, batch, batch_idx):
+            if self.crash_after is not None and self.global_rank == 0 and batch_idx == self.crash_after:
+                os._exit(17)  # a crash: no clean-up, no flush of the buffered samples
+            x = batch["x"][:, :1]
+            glob = torch.nn.functional.normalize(torch.sin(x * self.freq), dim=1)
+            local = [torch.arange(int(i) % 4 * 3, dtype=torch.float32).reshape(-1, 3) + float(i)
+                     for i in batch["index"]]
+            return {"index": batch["index"], "global": glob, "local_desc": local}
+
+    def run(out, devices, crash_after):
+        data = remaining_subset(Items(), out)
+        if len(data):
+            writer = FeatureStoreWriter(out, shard_size=4, model_identity=IDENTITY)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[writer],
+            )
+            trainer.predict(Tiny(crash_after), DataLoader(data, batch_size=2), return_predictions=False)
+
+    if __name__ == "__main__":
+        p = argparse.ArgumentParser()
+        p.add_argument("--out")
+        p.add_argument("--devices", type=int)
+        p.add_argument("--crash-after", type=int, default=None)
+        args = p.parse_args()
+        run(args.out, args.devices, args.crash_after)
+    """
+).replace("N_ITEMS", str(N_ITEMS)).replace("IDENTITY)", f"{IDENTITY!r})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _extract(script: Path, out: Path, devices: int, crash_after: int | None = None) -> int:
+    """Run the script on ``devices`` ranks and return rank 0's exit code.
+
+    The ranks are started together, as torchrun would (``LOCAL_RANK`` set, so Lightning does not
+    re-launch them one after the other). A crashed rank 0 leaves the others waiting for it:
+    they are killed once rank 0 is gone.
+    """
+    cmd = [sys.executable, str(script), "--out", str(out), "--devices", str(devices)]
+    if crash_after is not None:
+        cmd += ["--crash-after", str(crash_after)]
+    port = str(_free_port())
+    procs = []
+    for rank in range(devices):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_RANK": str(rank),
+               "NODE_RANK": "0", "WORLD_SIZE": str(devices), "GLOO_SOCKET_IFNAME": "lo"}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        output, _ = procs[0].communicate(timeout=120)
+        if crash_after is None:
+            for proc in procs[1:]:
+                proc.communicate(timeout=60)
+                assert proc.returncode == 0, f"rank {procs.index(proc)} failed"
+    finally:
+        for proc in procs[1:]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    if crash_after is None:
+        assert procs[0].returncode == 0, output.decode()[-3000:]
+    return procs[0].returncode
+
+
+def _load_script(script: Path):
+    spec = importlib.util.spec_from_file_location("extract_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _store_bytes(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.slow
+def test_killed_two_process_extraction_resumes_to_identical_store(tmp_path) -> None:
+    script = tmp_path / "extract.py"
+    script.write_text(SCRIPT)
+
+    # the uninterrupted single-process run, in this process (one device: no DDP, no relaunch)
+    single = tmp_path / "single"
+    extractor = _load_script(script)
+    extractor.run(single, devices=1, crash_after=None)
+    reference = merge_shards(single, progress=False, expect_identity=IDENTITY, expected_indices=range(N_ITEMS))
+
+    parts = tmp_path / "ddp"
+    assert _extract(script, parts, devices=2, crash_after=5) == 17
+    done = completed_indices(parts, IDENTITY)
+    assert 0 < len(done) < N_ITEMS, done  # killed part-way, after some shards were written
+    (parts / ".shard-r0000-s000099.npz.tmp-1").write_bytes(b"half a shard")  # never counted
+    assert len(remaining_subset(list(range(N_ITEMS)), parts)) == N_ITEMS - len(done)
+
+    _extract(script, parts, devices=2)
+    assert len(completed_indices(parts)) == N_ITEMS
+    merged = merge_shards(parts, progress=False, expect_identity=IDENTITY, expected_indices=range(N_ITEMS))
+
+    assert _store_bytes(merged.path) == _store_bytes(reference.path)
+    assert merged.array("global").dtype == np.float16
+    np.testing.assert_array_equal(merged.index, np.arange(N_ITEMS))
+    for i in (0, 7, 29):
+        want = np.arange(i % 4 * 3, dtype=np.float32).reshape(-1, 3) + i
+        np.testing.assert_array_equal(merged.get("local_desc", [i])[0], want)
+
+
+# ---- in-process checks (one device, no relaunch) ---------------------------------------------
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i}
+
+
+def _predict(out: Path, data, identity=IDENTITY, shard_size: int = 4, dim: int = 3) -> None:
+    import lightning as L
+
+    from retrieval_lightning.retrieval.writer import FeatureStoreWriter
+
+    class Module(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            idx = batch["index"]
+            return {"index": idx, "global": idx[:, None].float().repeat(1, dim) / 64}
+
+    writer = FeatureStoreWriter(out, shard_size=shard_size, model_identity=identity)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
+    )
+    trainer.predict(Module(), torch.utils.data.DataLoader(data, batch_size=3), return_predictions=False)
+
+
+def test_shards_are_sized_named_and_resumable(tmp_path) -> None:
+    _predict(tmp_path, torch.utils.data.Subset(_Items(20), range(10)))
+    names = [p.name for p in list_shards(tmp_path)]
+    assert names == ["shard-r0000-s000000.npz", "shard-r0000-s000001.npz", "shard-r0000-s000002.npz"]
+    with np.load(tmp_path / names[0]) as z:
+        assert z["index"].tolist() == [0, 1, 2, 3] and z["global"].dtype == np.float16
+        assert json.loads(str(z["__meta__"]))["identity"] == IDENTITY
+    rest = remaining_subset(_Items(20), tmp_path, expect_identity=IDENTITY)
+    assert list(rest.indices) == list(range(10, 20))
+    _predict(tmp_path, rest)  # the rerun continues the sequence instead of overwriting shards
+    assert [p.name for p in list_shards(tmp_path)][3] == "shard-r0000-s000003.npz"
+    store = merge_shards(tmp_path, expected_indices=range(20), progress=False)
+    np.testing.assert_array_equal(store.array("global")[:, 0], (np.arange(20) / 64).astype(np.float16))
+    assert store.bytes_per_image == {"global": 6.0}
+    assert FeatureStore.open(tmp_path / "store", expect_identity=IDENTITY).count == 20
+
+
+def test_other_model_identity_is_refused(tmp_path) -> None:
+    _predict(tmp_path, _Items(5))
+    with pytest.raises(ValueError, match="different model or config.*'version': store has 1, expected 2"):
+        _predict(tmp_path, _Items(5), identity={**IDENTITY, "version": 2})
+    with pytest.raises(ValueError, match="different model or config"):
+        completed_indices(tmp_path, {"model": "other", "version": 1})
+
+
+def test_merge_reports_missing_indices(tmp_path) -> None:
+    _predict(tmp_path, torch.utils.data.Subset(_Items(9), [0, 1, 2, 5]))
+    with pytest.raises(ValueError, match=r"5 expected dataset indices missing \(first \[3, 4, 6, 7, 8\]\)"):
+        merge_shards(tmp_path, expected_indices=range(9), progress=False)
+    with pytest.raises(FileNotFoundError, match="no feature shards"):
+        merge_shards(tmp_path / "empty", progress=False)
+
+
+def test_module_identity_tracks_weights() -> None:
+    a = torch.nn.Linear(3, 2)
+    same = torch.nn.Linear(3, 2)
+    same.load_state_dict(a.state_dict())
+    assert module_identity(a, size=512) == module_identity(same, size=512)
+    with torch.no_grad():
+        same.bias[0] += 1
+    assert module_identity(a)["weights_sha256"] != module_identity(same)["weights_sha256"]
