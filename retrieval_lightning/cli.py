@@ -40,6 +40,7 @@ class RetrievalCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = dict(LightningCLI.subcommands())
         commands["finetune"] = {"model", "datamodule"}
+        commands["extract"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

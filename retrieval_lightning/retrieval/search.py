@@ -7,7 +7,9 @@ so ties come out lower database index first, exactly as a full stable argsort wo
 Peak memory beyond the (memory-mapped) database is a few chunk buffers, whatever N is.
 
 :class:`FaissSearcher` is the optional FAISS backend (``pip install .[faiss]``): a flat
-inner-product index (exact, same top-k as :func:`topk_search`) or IVF-PQ for very large sets.
+inner-product index (exact: the same top-k as :func:`topk_search`, except that two scores within
+a last-bit rounding of each other may come out swapped, since FAISS's BLAS sums in another order)
+or IVF-PQ for very large sets.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _scan(
         vals, cols = _block_topk(block[:, : stop - start], k, start)
         pending_s.append(vals)
         pending_i.append(cols)
-        if len(pending_s) >= 16:
+        if len(pending_s) >= 16:  # keep the candidate list bounded whatever N is
             best_s, best_i = _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)
             pending_s, pending_i = [], []
     return _sorted_topk(torch.cat([best_s, *pending_s], 1), torch.cat([best_i, *pending_i], 1), k)

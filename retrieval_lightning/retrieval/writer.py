@@ -211,7 +211,8 @@ class FeatureStoreWriter(BasePredictionWriter):
                 parts = _to_numpy(value, dtype)
             if len(parts) != len(index):
                 raise ValueError(
-                    f"predict_step output {kind!r} has {len(parts)} entries for {len(index)} indices (batch {batch_idx})"
+                    f"predict_step output {kind!r} has {len(parts)} entries for {len(index)} indices "
+                    f"(batch {batch_idx})"
                 )
             out[kind] = parts
         return out
