@@ -72,8 +72,18 @@ def test_topk_rejects_bad_shapes() -> None:
         topk_search(torch.zeros(2, 4), torch.zeros(10, 4), 0)
 
 
+@pytest.fixture()
+def faiss_one_thread():
+    """FAISS's OpenMP barriers crawl when other processes hold the cores; the tests check results."""
+    import faiss  # installed with the [faiss] extra, as in the dev environment
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)
+
+
 @pytest.mark.parametrize("n_queries", [5, 30])  # FAISS switches to BLAS from 20 queries on
-def test_faiss_flat_equals_chunked(n_queries) -> None:
+def test_faiss_flat_equals_chunked(n_queries, faiss_one_thread) -> None:
     rng = np.random.default_rng(n_queries)
     database = rng.standard_normal((3000, 48)).astype(np.float16)
     queries = rng.standard_normal((n_queries, 48)).astype(np.float32)
@@ -90,7 +100,7 @@ def test_faiss_flat_equals_chunked(n_queries) -> None:
     np.testing.assert_allclose(f_scores.numpy(), c_scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_faiss_ivfpq_finds_near_duplicates() -> None:
+def test_faiss_ivfpq_finds_near_duplicates(faiss_one_thread) -> None:
     rng = np.random.default_rng(3)
     database = rng.standard_normal((2000, 32)).astype(np.float32)
     database /= np.linalg.norm(database, axis=1, keepdims=True)
