@@ -83,7 +83,7 @@ def lightning_loop(images: torch.Tensor, labels: torch.Tensor, steps: int, warmu
     loader = DataLoader(RepeatedBatch(images, labels, steps + warmup), batch_size=len(images), shuffle=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         gradient_clip_val=10.0, limit_val_batches=0, num_sanity_val_steps=0)
+                         gradient_clip_val=10.0, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
     return (timer.end - timer.start) / timer.count
 
