@@ -210,3 +210,14 @@ def collate_eval(items: list[dict]) -> dict:
         "image": [item["image"] for item in items],
         "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
     }
+
+
+def eval_loaders(eval_sets: Sequence, batch_size: int, num_workers: int, pin_memory: bool = False) -> list:
+    """One ordered, unshuffled loader per EvalSet (Lightning adds the DDP sampler; the core de-duplicates)."""
+    from torch.utils.data import DataLoader
+
+    return [
+        DataLoader(s.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval,
+                   num_workers=num_workers, pin_memory=pin_memory)
+        for s in eval_sets
+    ]

@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules._transforms import EvalImageDataset, EvalTransform, collate_eval
+from datamodules._transforms import EvalImageDataset, EvalTransform, eval_loaders
 from retrieval_lightning.data.io import LoadPolicy
 from retrieval_lightning.data.types import EvalSet
 
@@ -260,11 +260,7 @@ class RevisitopDataModule(L.LightningDataModule):
 
     def _loaders(self, stage: str) -> list[DataLoader]:
         hp = self.hparams
-        return [
-            DataLoader(s.dataset, batch_size=hp.eval_batch_size, shuffle=False, collate_fn=collate_eval,
-                       num_workers=hp.num_workers, pin_memory=hp.pin_memory)
-            for s in self.eval_sets(stage)
-        ]
+        return eval_loaders(self.eval_sets(stage), hp.eval_batch_size, hp.num_workers, hp.pin_memory)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._loaders("validate")

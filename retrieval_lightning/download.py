@@ -1,11 +1,12 @@
-"""Resumable, verified, parallel downloads and safe archive extraction; knows no dataset.
+"""Resumable, verified, parallel downloads; knows no dataset.
 
 Why it exists: benchmark datasets come as hundreds of large archives on plain HTTP servers. A
 download must survive interruptions (``.part`` files continued with HTTP ``Range``; a server
 that ignores ``Range`` is handled by starting over), must never trust a corrupt archive (md5
 against a published digest; a bad file is deleted, re-fetched a bounded number of times and
-never extracted), must never let an archive write outside its target directory, and a second
-run must be a no-op (a marker file per completed item). HTTP goes through ``urllib`` only.
+never extracted), must never let an archive write outside its target directory (extraction is
+:mod:`retrieval_lightning.archives`, re-exported here), and a second run must be a no-op (a
+marker file per completed item). HTTP goes through ``urllib`` only.
 
 Markers live next to each downloaded file: ``.<name>.done`` once the file is complete and
 verified, ``.<name>.extracted`` once it has been unpacked (the archive itself may then be
@@ -14,25 +15,35 @@ deleted).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import json
 import os
 import re
-import stat
-import tarfile
 import threading
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterator, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
+
+from retrieval_lightning.archives import CorruptArchiveError, UnsafeArchiveError, extract_archive
+
+__all__ = [
+    "ChecksumError",
+    "CorruptArchiveError",
+    "DownloadError",
+    "DownloadSummary",
+    "RemoteFile",
+    "UnsafeArchiveError",
+    "download_files",
+    "extract_archive",
+    "file_md5",
+    "read_md5_list",
+]
 
 _CHUNK = 1 << 20
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -47,16 +58,8 @@ class ChecksumError(DownloadError):
     """A file stayed corrupt (md5 mismatch or unreadable archive) after every allowed re-fetch."""
 
 
-class UnsafeArchiveError(ValueError):
-    """An archive member would be written outside the target directory, or is not a file."""
-
-
 class _Transient(Exception):
     """A failure worth retrying (dropped connection, 5xx); the ``.part`` file is kept."""
-
-
-class _CorruptArchive(Exception):
-    """The archive cannot be read to its end; it must be fetched again."""
 
 
 @dataclass(frozen=True)
@@ -126,157 +129,6 @@ def read_md5_list(path: Path, name: str | None = None) -> str:
             raise ValueError(f"{path}:{lineno}: {fields[0]!r} is not an md5 digest")
         return digest
     raise ValueError(f"{path}: no md5 digest" + (f" for {name}" if name else ""))
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-@dataclass(frozen=True)
-class _Member:
-    name: str
-    kind: str  # "file", "dir", "symlink", "hardlink" or "other"
-    link: str
-    open: Callable[[], IO[bytes]]
-
-
-def _normalise(archive: Path, member: str, name: str) -> PurePosixPath:
-    """Resolve ``.``/``..`` lexically; refuse absolute paths and anything climbing above the root."""
-    text = name.replace("\\", "/")
-    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        raise UnsafeArchiveError(f"{archive}: member {member!r} uses an absolute path {name!r}")
-    parts: list[str] = []
-    for part in text.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                raise UnsafeArchiveError(f"{archive}: member {member!r} escapes the target directory via {name!r}")
-            parts.pop()
-        else:
-            parts.append(part)
-    return PurePosixPath(*parts)
-
-
-def _tar_members(tar: tarfile.TarFile, size: int | None) -> Iterator[_Member]:
-    for info in tar:
-        if size is not None and info.isreg() and info.offset_data + info.size > size:
-            raise _CorruptArchive(f"member {info.name!r} is cut short")
-        kind = ("file" if info.isreg() else "dir" if info.isdir() else "symlink" if info.issym()
-                else "hardlink" if info.islnk() else "other")
-        yield _Member(info.name, kind, info.linkname, lambda info=info: tar.extractfile(info))
-
-
-def _zip_members(archive: zipfile.ZipFile) -> Iterator[_Member]:
-    for info in archive.infolist():
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode):
-            yield _Member(info.filename, "symlink", archive.read(info).decode(), lambda info=info: archive.open(info))
-        else:
-            kind = "dir" if info.is_dir() else "file"
-            yield _Member(info.filename, kind, "", lambda info=info: archive.open(info))
-
-
-def _check(archive: Path, member: _Member) -> PurePosixPath:
-    """The member's safe relative path; raises if it or its link target leaves the root."""
-    rel = _normalise(archive, member.name, member.name)
-    if not rel.parts and member.kind != "dir":
-        raise UnsafeArchiveError(f"{archive}: member {member.name!r} would replace the target directory itself")
-    if member.kind == "other":
-        raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device or fifo; refusing it")
-    if member.kind == "symlink":
-        if member.link.startswith("/"):
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} links outside to {member.link!r}")
-        _normalise(archive, member.name, str(rel.parent / member.link))
-    if member.kind == "hardlink":
-        _normalise(archive, member.name, member.link)
-    return rel
-
-
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root + os.sep)
-
-
-def _guard(archive: Path, member: str, root: str, directory: Path) -> Path:
-    """Refuse a directory that resolves outside ``root`` through a link; checked before creating it."""
-    if not _inside(root, os.path.realpath(directory)):
-        raise UnsafeArchiveError(f"{archive}: member {member!r} would be written outside {root} through a link")
-    return directory
-
-
-def _write(source: IO[bytes], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.extracting")
-    with source, open(tmp, "wb") as out:
-        while chunk := source.read(_CHUNK):
-            out.write(chunk)
-    os.replace(tmp, path)
-
-
-def extract_archive(archive: Path, target: Path, flatten: bool = False) -> int:
-    """Unpack ``archive`` into ``target`` after checking every member; returns files written.
-
-    The whole member list is checked before anything is written: an absolute path, a ``..``
-    climbing out, a link pointing outside or a device member raises
-    :class:`UnsafeArchiveError` naming the archive and the member. ``flatten`` keeps regular
-    files only, under their base names (links and directories are skipped).
-    """
-    archive, target = Path(archive), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    root = os.path.realpath(target)
-    try:
-        if zipfile.is_zipfile(archive):
-            handle: tarfile.TarFile | zipfile.ZipFile = zipfile.ZipFile(archive)
-        else:
-            handle = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-        raise _CorruptArchive(f"{archive}: cannot open archive: {exc}") from exc
-    with handle:
-        try:
-            if isinstance(handle, zipfile.ZipFile):
-                if (bad := handle.testzip()) is not None:
-                    raise _CorruptArchive(f"{archive}: member {bad!r} fails its CRC")
-                members = list(_zip_members(handle))
-            else:
-                size = archive.stat().st_size if _is_plain_tar(archive) else None
-                members = list(_tar_members(handle, size))
-            checked = [(member, _check(archive, member)) for member in members]
-            return _unpack(archive, checked, target, root, flatten)
-        except (tarfile.ReadError, EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
-            raise _CorruptArchive(f"{archive}: cannot be read to its end: {exc}") from exc
-
-
-def _is_plain_tar(archive: Path) -> bool:
-    with open(archive, "rb") as handle:
-        head = handle.read(4)
-    return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zX"))
-
-
-def _unpack(archive: Path, checked: Sequence[tuple[_Member, PurePosixPath]], target: Path,
-            root: str, flatten: bool) -> int:
-    written = 0
-    for member, rel in checked:
-        if flatten:
-            if member.kind in ("file", "hardlink") and rel.name:
-                _guard(archive, member.name, root, target)
-                _write(member.open(), target / rel.name)
-                written += 1
-            continue
-        path = target / rel
-        if member.kind == "dir":
-            _guard(archive, member.name, root, path).mkdir(parents=True, exist_ok=True)
-        elif member.kind in ("file", "hardlink"):
-            _guard(archive, member.name, root, path.parent)
-            _write(member.open(), path)
-            written += 1
-        else:
-            _guard(archive, member.name, root, path.parent)
-            if not _inside(root, os.path.realpath(path.parent / member.link)):
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} links outside to {member.link!r}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink() or path.exists():
-                path.unlink()
-            os.symlink(member.link, path)
-    return written
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -444,7 +296,7 @@ def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int) -> _Ou
             return outcome
         try:
             count = extract_archive(item.dest, item.extract_to, item.flatten)
-        except _CorruptArchive as exc:
+        except CorruptArchiveError as exc:
             item.dest.unlink()
             done.unlink()
             verified = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,16 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
 
 def read_metrics(directory: Path, stage: str, rank: int = 0) -> dict[str, float]:
     return json.loads((directory / f"{stage}_rank{rank}.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_env() -> dict[str, str]:
+    """Environment for a 2-process gloo run: one thread per process, a free loopback port."""
+    env = cli_env(threads=1)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return env

@@ -6,32 +6,19 @@ Run as CLI subprocesses: ``strategy="ddp"`` re-launches ``sys.argv``, which insi
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_DATA, cli_env, read_metrics, run_cli
+from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli
 
 DEMO = str(REPO / "experiments/demo.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def common(cache_root: Path, out: Path) -> list[str]:
     return ["--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA, "--trainer.logger=false",
             f"--trainer.default_root_dir={out}", "--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
             f"--trainer.callbacks.output_dir={out}/metrics"]
-
-
-def ddp_env() -> dict[str, str]:
-    env = cli_env(threads=1)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return env
 
 
 @pytest.mark.slow

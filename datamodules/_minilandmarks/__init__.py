@@ -1,0 +1,1 @@
+"""Private machinery of :mod:`datamodules.minilandmarks_build` (sources, geometry, labels, planning, pixels)."""

@@ -1,0 +1,61 @@
+"""`retrieval-lightning extract`: a 2-process extraction killed part-way and restarted gives a store
+byte-identical to an uninterrupted 1-process run (real model, real CLI, gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import CLI, REPO, TINY_DATA, cli_env, ddp_env, run_cli
+
+SHARD = 8
+
+
+def args(cache_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+            *TINY_DATA, "--trainer.logger=false", f"--trainer.default_root_dir={out}",
+            f"--output_dir={out}/features", f"--shard_size={SHARD}", *extra]
+
+
+def kill_after_first_shards(command: list[str], shard_dir: Path, cwd: Path, env: dict[str, str]) -> None:
+    """Start the run in its own process group and SIGKILL the whole group once two shards exist."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(shard_dir.glob("shard-*.npz"))) >= 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    run_cli(args(cache_root, single, "--trainer.devices=1"), cwd=tmp_path, env=cli_env(threads=1))
+    reference = store_files(single / "features" / "minilandmarks" / "store")
+    assert {"manifest.json", "index.npy", "global.npy"} <= set(reference)
+
+    ddp = tmp_path / "ddp"
+    ddp_args = args(cache_root, ddp, "--trainer.devices=2", "--trainer.strategy=ddp")
+    shard_dir = ddp / "features" / "minilandmarks"
+    kill_after_first_shards([CLI, *ddp_args], shard_dir, tmp_path, ddp_env())
+    shards_before = len(list(shard_dir.glob("shard-*.npz")))
+    assert shards_before >= 2 and not (shard_dir / "store").exists(), "the run was not interrupted part-way"
+
+    run_cli(ddp_args, cwd=tmp_path, env=ddp_env())
+    assert store_files(shard_dir / "store") == reference
