@@ -28,6 +28,8 @@ class GemArcFaceHead(GlobalHead):
         whiten_init: ``"identity"`` starts the whitening FC as the identity (a semi-orthogonal map
             when ``dim`` differs), so an untrained head is plain GeM on the pretrained backbone;
             ``"random"`` is PyTorch's default initialisation.
+        whiten_lr_mult: learning-rate factor of the whitening FC (fine-tuning on few classes
+            wants it small, so the descriptor space is not bent towards the training classes).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class GemArcFaceHead(GlobalHead):
         scale: float | None = None,
         p_lr_mult: float = 10.0,
         whiten_init: str = "identity",
+        whiten_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.stages = (stage,)
@@ -54,6 +57,7 @@ class GemArcFaceHead(GlobalHead):
         if whiten_init not in ("identity", "random"):
             raise ValueError(f"whiten_init must be 'identity' or 'random', got {whiten_init!r}")
         self.whiten_init = whiten_init
+        self.whiten_lr_mult = whiten_lr_mult
         build_margin(margin, 1.0, margin_m)  # validate the name now, not at build time
 
     def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
@@ -84,8 +88,10 @@ class GemArcFaceHead(GlobalHead):
         return {"arcface" if self.margin_kind == "arcface" else self.margin_kind: F.cross_entropy(logits, labels)}
 
     def parameter_groups(self, lr: float) -> list[dict]:
-        rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "gem.p"]
-        groups = [{"params": rest, "lr": lr}]
+        whiten = [p for p in self.whiten.parameters() if p.requires_grad]
+        rest = [p for n, p in self.named_parameters()
+                if p.requires_grad and n != "gem.p" and not n.startswith("whiten.")]
+        groups = [{"params": rest, "lr": lr}, {"params": whiten, "lr": lr * self.whiten_lr_mult}]
         if self.gem.learn_p and self.gem.p.requires_grad:
             groups.append({"params": [self.gem.p], "lr": lr * self.p_lr_mult, "weight_decay": 0.0})
         return groups

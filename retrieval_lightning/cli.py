@@ -104,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "plugins":
         return print_plugins()
     if argv and argv[0] == "download":
-        return run_download(argv[1:])
+        try:
+            return run_download(argv[1:])
+        except PluginError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     run_lightning_cli(argv)
     return 0
 

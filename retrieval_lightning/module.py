@@ -46,6 +46,9 @@ class RetrievalModule(pl.LightningModule):
         optim: optimiser and LR schedule (see :class:`~retrieval_lightning.optim.OptimConfig`).
         eval_scales: image scales of the multi-scale global descriptor.
         search_chunk: database rows scored at once during search (memory bound).
+        freeze_bn: keep the backbone's BatchNorm statistics fixed while training (as
+            cnnimageretrieval-pytorch fine-tunes): small or oddly distributed fine-tuning sets
+            otherwise drag the ImageNet statistics away from what the test images need.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class RetrievalModule(pl.LightningModule):
         optim: OptimConfig | None = None,
         eval_scales: Sequence[float] = DEFAULT_EVAL_SCALES,
         search_chunk: int = 65536,
+        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
@@ -86,6 +90,7 @@ class RetrievalModule(pl.LightningModule):
         self.optim = optim or OptimConfig()
         self.eval_scales = tuple(float(s) for s in eval_scales)
         self.search_chunk = int(search_chunk)
+        self.freeze_bn = bool(freeze_bn)
         self._apply_freeze()
         if init_from:
             self.initialise_from(init_from)
@@ -104,6 +109,10 @@ class RetrievalModule(pl.LightningModule):
         super().train(mode)
         for module in self._frozen_modules():
             module.eval()  # frozen BatchNorm keeps its running statistics
+        if mode and self.freeze_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def initialise_from(self, path: str) -> None:

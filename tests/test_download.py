@@ -416,3 +416,17 @@ def test_safe_archives_extract_tar_links_and_zip(tmp_path):
     with pytest.raises(UnsafeArchiveError, match=r"good\.zip: member '\.\./bad\.txt'"):
         extract_archive(zipped, tmp_path / "zout")
     assert not (tmp_path / "bad.txt").exists() and not (tmp_path / "zout/x").exists()
+
+
+def test_cli_download_subcommand_reaches_the_datamodule_download(server, tmp_path, capsys):
+    from retrieval_lightning.cli import main
+
+    expected = _gldv2(server)
+    code = main(["download", "gldv2", "--root", str(tmp_path), "--splits", "train",
+                 "--base_url", f"{server.base}/google-landmark", "--workers", "2", "--max_archives", "2"])
+    assert code == 0
+    tree = _tree(tmp_path)
+    assert {rel: tree[rel] for rel in expected} == expected
+    assert "fetched" in capsys.readouterr().out
+    assert main(["download", "gldv3", "--root", str(tmp_path)]) == 2
+    assert "did you mean 'gldv2'" in capsys.readouterr().err
