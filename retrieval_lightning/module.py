@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,7 +135,8 @@ class RetrievalModule(pl.LightningModule):
         self.load_state_dict(matched, strict=False)
         skipped = len(own) - len(matched)
         if skipped:
-            print(f"init_from {path}: loaded {len(matched)} tensors, {skipped} model tensors kept their initialisation")
+            rank_zero_info(f"init_from {path}: loaded {len(matched)} tensors, {skipped} model tensors kept "
+                           "their initialisation")
 
     # ------------------------------------------------------------------ training
     @property

@@ -1,0 +1,118 @@
+"""RetrievalModule: loss weighting, gradient stop, freezing, BN freezing, param groups, init_from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.module import IncompatibleCheckpointError, RetrievalModule
+from retrieval_lightning.optim import OptimConfig, build_optimizer
+from retrieval_lightning.registry import HEADS
+
+GemArcFace = HEADS.get("gem_arcface")
+
+
+def make(num_classes: int = 4, **kwargs) -> RetrievalModule:
+    torch.manual_seed(0)
+    return RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(**kwargs.pop("head", {}))},
+                           num_classes=num_classes, **kwargs)
+
+
+def batch(n: int = 4) -> dict:
+    torch.manual_seed(1)
+    return {"image": torch.rand(n, 3, 64, 64), "label": torch.arange(n) % 4, "index": torch.arange(n)}
+
+
+def test_untrained_head_is_plain_gem_of_the_backbone() -> None:
+    module = make().eval()
+    x = batch()["image"]
+    gem = module.heads["global"].gem(module.backbone(x)["conv5"])
+    torch.testing.assert_close(module.heads["global"].embed(module.backbone(x)), torch.nn.functional.normalize(gem))
+
+
+def test_training_step_trains_backbone_and_head_and_logs_weighted_loss() -> None:
+    module = make(loss_weights={"global": 2.0})
+    module.train()
+    loss = module.training_step(batch(), 0)
+    raw = module.heads["global"].losses(module.backbone(batch()["image"]), batch()["label"])["arcface"]
+    torch.testing.assert_close(loss, 2.0 * raw, rtol=1e-4, atol=1e-4)
+    loss.backward()
+    assert module.backbone.model.conv1.weight.grad is not None
+    assert module.heads["global"].classifier.weight.grad is not None
+
+
+def test_detach_stops_gradients_into_the_backbone() -> None:
+    module = make(detach=["global"])
+    module.train()
+    module.training_step(batch(), 0).backward()
+    assert module.backbone.model.conv1.weight.grad is None
+    assert module.heads["global"].whiten.weight.grad is not None
+
+
+def test_frozen_backbone_keeps_weights_and_bn_statistics() -> None:
+    module = make(freeze=["backbone"])
+    module.train()
+    bn = module.backbone.model.bn1
+    before = bn.running_mean.clone()
+    module.training_step(batch(), 0)
+    assert not bn.training and torch.equal(bn.running_mean, before)
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+
+
+def test_freeze_bn_keeps_statistics_but_trains_weights() -> None:
+    module = make(freeze_bn=True)
+    module.train()
+    bn = module.backbone.model.bn1
+    before = bn.running_mean.clone()
+    module.training_step(batch(), 0).backward()
+    assert torch.equal(bn.running_mean, before) and bn.weight.grad is not None
+
+
+def test_unknown_role_and_mismatched_role_are_rejected() -> None:
+    with pytest.raises(ValueError, match="not a role"):
+        RetrievalModule(Backbone("resnet18"), {"globl": GemArcFace()}, num_classes=2)
+    with pytest.raises(ValueError, match="configured under 'local'"):
+        RetrievalModule(Backbone("resnet18"), {"local": GemArcFace()}, num_classes=2)
+    with pytest.raises(ValueError, match="not configured heads"):
+        make(freeze=["verifier"])
+
+
+def test_parameter_groups_give_learnable_p_ten_times_the_lr_without_decay() -> None:
+    module = make(head={"learn_p": True}, optim=OptimConfig(lr=0.1, backbone_lr_mult=0.5, weight_decay=1e-4))
+    groups = []
+    groups.append({"params": list(module.backbone.parameters()), "lr": 0.05})
+    groups.extend(module.heads["global"].parameter_groups(0.1))
+    optim = build_optimizer(module.optim, groups, total_steps=10)["optimizer"]
+    p_group = next(g for g in optim.param_groups if any(p is module.heads["global"].gem.p for p in g["params"]))
+    assert p_group["lr"] == pytest.approx(1.0) and p_group["weight_decay"] == 0.0
+    assert optim.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_linear_schedule_decays_to_zero() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = build_optimizer(OptimConfig(lr=1.0), [{"params": [param], "lr": 1.0}], total_steps=4)
+    sched = cfg["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(4):
+        lrs.append(sched.get_last_lr()[0])
+        cfg["optimizer"].step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25]) and sched.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_init_from_copies_fitting_tensors_and_rejects_shape_conflicts(tmp_path: Path) -> None:
+    source = make()
+    with torch.no_grad():
+        source.heads["global"].whiten.weight.mul_(3.0)
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    target = make(init_from=str(path))
+    torch.testing.assert_close(target.heads["global"].whiten.weight, source.heads["global"].whiten.weight)
+    with pytest.raises(IncompatibleCheckpointError, match="classifier.weight"):
+        make(num_classes=7, init_from=str(path))
+    torch.save({"state_dict": {"unrelated.weight": torch.zeros(1)}}, path)
+    with pytest.raises(IncompatibleCheckpointError, match="no tensor name matches"):
+        make(init_from=str(path))
