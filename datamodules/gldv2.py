@@ -120,6 +120,7 @@ class GLDv2DataModule(L.LightningDataModule):
         image_size: int = 512,
         train_max_side: int | None = None,
         interpolation: str = "area",
+        crop_area_min: float = 0.08,
         eval_max_side: int | None = 1024,
         eval_upscale: bool = False,
         sampling: str = "shuffle",
@@ -152,7 +153,7 @@ class GLDv2DataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.root, self.train_set, self.usage = root, train_set, usage
         self.policy = LoadPolicy(on_error=on_error)
-        self.train_transform = TrainTransform(image_size, interpolation=interpolation)
+        self.train_transform = TrainTransform(image_size, area_range=(crop_area_min, 1.0), interpolation=interpolation)
         self.eval_transform = EvalTransform(eval_max_side, upscale=eval_upscale)
         self._state: _TrainState | None = None
         self._eval_cache: dict[str, EvalSet] = {}

@@ -38,6 +38,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         seed: build seed (views, split); the same inputs give byte-identical datasets.
         build_size: long side of the generated views.
         image_size: training crop size; eval_max_side: long side of evaluation images.
+        crop_area_min: smallest random-resized-crop area (DELG: 0.08; the views are already
+            crops of their photo, so fine-tuning here wants larger ones).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         validation_split: float = 0.2,
+        crop_area_min: float = 0.08,
         on_error: str = "raise",
     ) -> None:
         super().__init__()
@@ -82,7 +85,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
                 root=str(self.dataset_dir / GLDV2_SUBDIR), train_set="clean", image_size=hp.image_size,
                 eval_max_side=hp.eval_max_side, batch_size=hp.batch_size, eval_batch_size=hp.eval_batch_size,
                 num_workers=hp.num_workers, validation_split=hp.validation_split, val_sets=["holdout"],
-                test_sets=["holdout"], holdout_num_classes=None, on_error=hp.on_error,
+                test_sets=["holdout"], holdout_num_classes=None, crop_area_min=hp.crop_area_min,
+                on_error=hp.on_error,
             )
         return self._train
 

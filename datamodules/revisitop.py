@@ -123,13 +123,30 @@ def validate_gnd(cfg: Any, path: str) -> tuple[list[str], list[str], list[dict[s
     return imlist, qimlist, gnd
 
 
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a ground-truth file never runs code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} (ground truth holds only lists and arrays)")
+
+
 def load_revisitop(root: str, name: str) -> RevisitopData:
     """Read and validate ``gnd_<name>.pkl`` under ``root`` (see :func:`find_dataset_dir`)."""
     directory = find_dataset_dir(root, name)
     path = os.path.join(directory, f"gnd_{name}.pkl")
     try:
         with open(path, "rb") as handle:
-            cfg = pickle.load(handle)
+            cfg = _GroundTruthUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
         raise RevisitopFormatError(f"{path}: not a readable pickle ({exc})") from exc
     imlist, qimlist, gnd = validate_gnd(cfg, path)

@@ -215,3 +215,22 @@ def test_constructor_signature_is_cli_friendly():
     cfg = parser.parse_args(["--data.datasets=[roxford5k]", "--data.distractors=/x/revisitop1m.txt"])
     assert cfg.data.datasets == ["roxford5k"] and cfg.data.distractors == "/x/revisitop1m.txt"
     assert cfg.data.max_side == 1024
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_ground_truth_pickle_that_would_run_code_is_refused(tmp_path):
+    directory = tmp_path / "evil"
+    (directory / "jpg").mkdir(parents=True)
+    with open(directory / "gnd_evil.pkl", "wb") as fh:
+        pickle.dump({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1, 1], "easy": [0], "hard": [],
+                                                               "junk": [], "x": _RunsCode()}]}, fh)
+    with pytest.raises(RevisitopFormatError, match="refused to load"):
+        load_revisitop(str(tmp_path), "evil")
+    with open(directory / "gnd_evil.pkl", "wb") as fh:  # numpy index arrays are fine
+        pickle.dump({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0.0, 0.0, 1.0, 1.0], "easy": np.array([0]),
+                                                               "hard": np.array([], dtype=np.int64), "junk": []}]}, fh)
+    assert load_revisitop(str(tmp_path), "evil").gnd[0]["easy"] == [0]
