@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,6 +31,9 @@ class GemArcFaceHead(GlobalHead):
             ``"random"`` is PyTorch's default initialisation.
         whiten_lr_mult: learning-rate factor of the whitening FC (fine-tuning on few classes
             wants it small, so the descriptor space is not bent towards the training classes).
+        imprint: start the classifier from each class's mean descriptor of the training set
+            (weight imprinting) instead of random weights, so the first gradients reaching a
+            pretrained backbone come from a sensible classifier rather than a random one.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class GemArcFaceHead(GlobalHead):
         p_lr_mult: float = 10.0,
         whiten_init: str = "identity",
         whiten_lr_mult: float = 1.0,
+        imprint: bool = False,
     ) -> None:
         super().__init__()
         self.stages = (stage,)
@@ -58,6 +63,7 @@ class GemArcFaceHead(GlobalHead):
             raise ValueError(f"whiten_init must be 'identity' or 'random', got {whiten_init!r}")
         self.whiten_init = whiten_init
         self.whiten_lr_mult = whiten_lr_mult
+        self.wants_imprint = imprint
         build_margin(margin, 1.0, margin_m)  # validate the name now, not at build time
 
     def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
@@ -86,6 +92,15 @@ class GemArcFaceHead(GlobalHead):
             raise RuntimeError("GemArcFaceHead was built with num_classes=0: it cannot be trained")
         logits = self.margin(self.classifier(self.pool(features)), labels)
         return {"arcface" if self.margin_kind == "arcface" else self.margin_kind: F.cross_entropy(logits, labels)}
+
+    @torch.no_grad()
+    def imprint(self, class_sums: Tensor, class_counts: Tensor) -> None:
+        """Set each class's weight to the direction of its summed training descriptors (``pool``)."""
+        if self.classifier is None:
+            raise RuntimeError("imprinting needs a classifier (num_classes > 0)")
+        seen = class_counts > 0
+        weight = self.classifier.weight
+        weight[seen] = F.normalize(class_sums[seen].to(weight), dim=-1)
 
     def parameter_groups(self, lr: float) -> list[dict]:
         whiten = [p for p in self.whiten.parameters() if p.requires_grad]

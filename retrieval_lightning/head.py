@@ -83,8 +83,15 @@ class GlobalHead(Head):
         raise NotImplementedError
 
     def pool(self, features: Mapping[str, Tensor]) -> Tensor:
-        """Descriptor before the final projection/normalisation (for multi-scale pooling)."""
+        """The descriptor the training classifier sees (before L2 normalisation)."""
         raise NotImplementedError
+
+    #: set by heads that want their classifier imprinted from training descriptors at fit start
+    wants_imprint: bool = False
+
+    def imprint(self, class_sums: Tensor, class_counts: Tensor) -> None:
+        """Initialise the classifier from per-class sums of :meth:`pool` over the training set."""
+        raise NotImplementedError(f"{type(self).__name__} does not support imprinting")
 
 
 def check_unit_norm(x: Tensor, what: str, atol: float = 1e-3) -> None:

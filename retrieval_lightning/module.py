@@ -164,6 +164,32 @@ class RetrievalModule(pl.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         return total
 
+    def on_fit_start(self) -> None:
+        for role, head in self.heads.items():
+            if isinstance(head, GlobalHead) and head.wants_imprint and role not in self.frozen:
+                self._imprint(head)
+
+    @torch.no_grad()
+    def _imprint(self, head: GlobalHead) -> None:
+        """One pass over this rank's training batches; sums are reduced over ranks, so all agree."""
+        was_training = self.training
+        self.eval()
+        sums = torch.zeros(self.num_classes, head.dim, device=self.device)
+        counts = torch.zeros(self.num_classes, device=self.device)
+        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.trainer.train_dataloader
+        for i, batch in enumerate(loader):
+            if i % self.trainer.world_size != self.trainer.global_rank:
+                continue  # each rank takes every world_size-th batch; the sums are reduced below
+            images, labels = batch["image"].to(self.device), batch["label"].to(self.device)
+            pooled = head.pool({s: f for s, f in self.backbone(images).items() if s in head.stages})
+            sums.index_add_(0, labels, F.normalize(pooled.float(), dim=-1))
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        head.imprint(sums, counts)
+        rank_zero_info(f"imprinted {int((counts > 0).sum())}/{self.num_classes} classes of the {head.role} head")
+        self.train(was_training)
+
     def configure_optimizers(self) -> Any:
         groups = []
         if "backbone" not in self.frozen:

@@ -116,3 +116,37 @@ def test_init_from_copies_fitting_tensors_and_rejects_shape_conflicts(tmp_path: 
     torch.save({"state_dict": {"unrelated.weight": torch.zeros(1)}}, path)
     with pytest.raises(IncompatibleCheckpointError, match="no tensor name matches"):
         make(init_from=str(path))
+
+
+class _TinyData(__import__("lightning").pytorch.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.items = [{"image": torch.rand(3, 64, 64), "label": i % 3, "index": i} for i in range(9)]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.items, batch_size=4)
+
+
+def test_imprinting_sets_class_weights_to_mean_training_descriptors() -> None:
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+
+    module = make(num_classes=3, head={"imprint": True})
+    data = _TinyData()
+    snapshot = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshot["w"] = pl_module.heads["global"].classifier.weight.detach().clone()
+
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         accelerator="cpu", callbacks=[Snapshot()])
+    trainer.fit(module, datamodule=data)
+    reference = make(num_classes=3).eval()
+    with torch.no_grad():
+        pooled = torch.stack([F.normalize(reference.heads["global"].pool(reference.backbone(it["image"][None]))[0], dim=0)
+                              for it in data.items])
+    labels = torch.tensor([it["label"] for it in data.items])
+    expected = F.normalize(torch.stack([pooled[labels == c].sum(0) for c in range(3)]), dim=-1)
+    torch.testing.assert_close(snapshot["w"], expected, atol=1e-4, rtol=1e-4)
