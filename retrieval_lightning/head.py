@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Mapping
 
-import torch
 from torch import Tensor, nn
 
 ROLES = ("global", "local", "verifier", "sparsifier")
@@ -93,9 +92,3 @@ class GlobalHead(Head):
         """Initialise the classifier from per-class sums of :meth:`pool` over the training set."""
         raise NotImplementedError(f"{type(self).__name__} does not support imprinting")
 
-
-def check_unit_norm(x: Tensor, what: str, atol: float = 1e-3) -> None:
-    """Raise if rows of ``x`` are not L2-normalised (used by contract tests and debug paths)."""
-    norms = x.float().norm(dim=-1)
-    if not torch.allclose(norms, torch.ones_like(norms), atol=atol):
-        raise AssertionError(f"{what}: descriptors are not L2-normalised (norms {norms[:4].tolist()}...)")

@@ -138,13 +138,6 @@ class Registry:
             )
         return self._aliases[name]
 
-    def name_of(self, cls: type) -> str | None:
-        """The registered name of an already-loaded class, if any."""
-        for name, obj in self._loaded.items():
-            if obj is cls:
-                return name
-        return None
-
 
 def _check_head(obj: object) -> str | None:
     from retrieval_lightning.head import ROLES, Head

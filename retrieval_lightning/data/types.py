@@ -53,6 +53,7 @@ class EvalSet:
     n_queries: int
     protocol: str
     ground_truth: Any
+    #: names of the items in dataset order (queries then database), for reports and pictures
     image_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
