@@ -9,9 +9,10 @@ head reads and the number of training classes, and creates the parameters.
 Roles and their inference method:
 
 - ``global``: :meth:`GlobalHead.embed` ``(features) -> (B, D)`` L2-normalised descriptors.
-- ``local``: ``extract(features, meta) -> (keypoints, descriptors, scores)``.
-- ``verifier``: ``dense(features)`` for storage, ``score(query, candidates) -> (K,)``.
-- ``sparsifier``: ``sparsify(dense)`` to a smaller stored form the verifier still scores.
+- ``local`` / ``verifier`` (:class:`RerankHead`): ``entry_kinds()``, ``extract_entries(images,
+  features_at)`` and ``score(query, candidates, seeds) -> (K,)``; the core stores entries, builds
+  shortlists, calls ``score`` and fuses it with the global score.
+- ``sparsifier`` (:class:`SparsifierHead`): ``sparsify`` / ``densify`` the verifier's stored form.
 
 Every head returns its named training losses from :meth:`Head.losses`; the module weights and
 sums them and logs each as ``train/<role>/<name>``.
@@ -19,7 +20,8 @@ sums them and logs each as ``train/<role>/<name>``.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -92,3 +94,92 @@ class GlobalHead(Head):
         """Initialise the classifier from per-class sums of :meth:`pool` over the training set."""
         raise NotImplementedError(f"{type(self).__name__} does not support imprinting")
 
+
+
+#: ``features_at(images) -> {stage: map}``: the backbone as a re-ranking head sees it. ``images`` is a
+#: (B, 3, H, W) float RGB batch in [0, 1] at whatever size the head chose (the head resizes for its own
+#: scales); the callable normalises, runs the backbone and returns the stages the head reads.
+FeatureFn = Callable[[Tensor], Mapping[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    """One array a re-ranking head stores per database image.
+
+    ``dtype`` is a numpy dtype name (``float16``, ``uint8``, ``int32`` ...), ``shape`` the shape of
+    one row. ``ragged=False``: exactly one row per image (entry tensor of shape ``shape``).
+    ``ragged=True``: any number of rows per image (entry tensor of shape ``(n, *shape)``), e.g. local
+    keypoints, or a dense map whose size follows the image stored as ``(h*w, C)`` rows next to a
+    fixed ``(2,)`` kind holding ``(h, w)``.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    ragged: bool = False
+
+
+class RerankHead(Head):
+    """A re-ranking head (role ``local`` or ``verifier``): re-scores a query's global shortlist.
+
+    The core (:mod:`retrieval_lightning.retrieval.rerank`) knows exactly three things about it:
+
+    - :meth:`entry_kinds` ``() -> {name: EntryKind}``: what is stored per image;
+    - :meth:`extract_entries` ``(images, features_at) -> list[{name: Tensor}]``: one entry per image
+      (queries and database alike), each tensor matching its :class:`EntryKind`; ``images`` is a
+      list of (3, H, W) float RGB tensors in [0, 1], possibly of different sizes;
+    - :meth:`score` ``(query, candidates, seeds) -> (K,) float tensor``: one query entry against K
+      candidate entries; higher is more similar. ``seeds[k]`` is a per-(query, candidate) seed for
+      anything random (RANSAC), so scores do not depend on the rank or order they are computed in.
+
+    Entries reach :meth:`score` as CPU tensors read back from the store, in the stored dtype.
+    """
+
+    def entry_kinds(self) -> dict[str, EntryKind]:
+        raise NotImplementedError
+
+    def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def score(
+        self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class LocalHead(RerankHead):
+    """Local features (keypoints, descriptors) scored by geometric verification (DELG)."""
+
+    role: ClassVar[str] = "local"
+
+
+class VerifierHead(RerankHead):
+    """Dense features scored by a learned verifier network (CVNet)."""
+
+    role: ClassVar[str] = "verifier"
+
+
+class SparsifierHead(Head):
+    """Rewrites a verifier's stored entry into a smaller form the verifier still scores (CVNet-DS).
+
+    - :meth:`entry_kinds` ``(verifier_kinds) -> {name: EntryKind}``: the sparse stored form;
+    - :meth:`sparsify` ``(entries) -> entries``: dense verifier entries of database images -> sparse
+      (applied at extraction; queries stay dense);
+    - :meth:`densify` ``(entries) -> entries``: back to the verifier's form (unselected positions
+      zero) right before :meth:`RerankHead.score`.
+
+    :meth:`attach` is called once by the module with the verifier it serves.
+    """
+
+    role: ClassVar[str] = "sparsifier"
+
+    def attach(self, verifier: RerankHead) -> None:
+        self.verifier = [verifier]  # a list: not registered as a submodule (no duplicate parameters)
+
+    def entry_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> dict[str, EntryKind]:
+        raise NotImplementedError
+
+    def sparsify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
