@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from retrieval_lightning.checkpoints import load_tensor_file
+from retrieval_lightning.head import record_init_args
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,6 +91,7 @@ class Backbone(nn.Module):
         channels_last: use channels-last memory format on CUDA (ignored on CPU).
     """
 
+    @record_init_args
     def __init__(
         self,
         name: str = "resnet50",
@@ -125,6 +127,11 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if weights not in (None, "timm"):
             self.load_weights(weights)
+
+    @property
+    def init_args(self) -> dict:
+        """Constructor arguments (self-contained checkpoints rebuild the backbone from them)."""
+        return dict(self.__dict__.get("_init_args", {}))
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -20,12 +20,40 @@ sums them and logs each as ``train/<role>/<name>``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from torch import Tensor, nn
 
 ROLES = ("global", "local", "verifier", "sparsifier")
+
+
+def record_init_args(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap ``__init__`` so the outermost call stores its bound arguments in ``self._init_args``.
+
+    Self-contained checkpoints rebuild every head from these (plain values only: heads take plain
+    constructor arguments, the contract of this module).
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            recorded: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    recorded.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    recorded[name] = list(value) if isinstance(value, tuple) else value
+            self.__dict__["_init_args"] = recorded
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Head(nn.Module):
@@ -43,6 +71,13 @@ class Head(nn.Module):
         super().__init_subclass__(**kwargs)
         if cls.role and cls.role not in ROLES:
             raise TypeError(f"{cls.__qualname__}.role={cls.role!r} is not one of {ROLES}")
+        if "__init__" in cls.__dict__:
+            cls.__init__ = record_init_args(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments this head was made with (what a checkpoint needs to rebuild it)."""
+        return dict(self.__dict__.get("_init_args", {}))
 
     @property
     def is_built(self) -> bool:
