@@ -126,68 +126,57 @@ def _to_numpy(value: Tensor | np.ndarray, dtype: str | None) -> np.ndarray:
     return arr.astype(dtype, copy=False) if dtype else arr
 
 
-class FeatureStoreWriter(BasePredictionWriter):
-    """Buffers ``predict_step`` outputs per rank and writes them as atomic shards of ``shard_size``.
+class ShardWriter:
+    """Buffers per-item outputs of one rank and writes them as atomic shards of ``shard_size`` items.
 
-    ``model_identity`` (e.g. :func:`module_identity`) is written into every shard and the merged
-    store; shards of another identity already in ``output_dir`` make :meth:`setup` fail.
-    ``dtypes`` maps kinds to the numpy dtype they are stored in (default: ``global`` in fp16).
+    The one code path for database features at every scale: the ``extract`` command (through
+    :class:`FeatureStoreWriter`) and re-ranked evaluation both write through it. Items are dicts of
+    kinds: ``index`` (B,) plus, per kind, an array (B, ...) or a list of B arrays (ragged kinds).
+    ``identity`` is written into every shard; shards of another identity already in
+    ``output_dir`` are refused. ``dtypes`` maps kinds to the numpy dtype they are stored in.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
+        rank: int = 0,
         shard_size: int = 4096,
-        model_identity: Mapping[str, Any] | None = None,
+        identity: Mapping[str, Any] | None = None,
         dtypes: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(write_interval="batch")
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.output_dir = Path(output_dir)
+        self.rank = int(rank)
         self.shard_size = int(shard_size)
-        self.identity = normalize_identity(model_identity)
+        self.identity = normalize_identity(identity)
         self.dtypes = dict(DEFAULT_DTYPES if dtypes is None else dtypes)
-        self._rank = 0
-        self._seq = 0
-        self._buffer: list[dict[str, Any]] = []
-        self._buffered = 0
-        self.shards_written: list[Path] = []
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._rank = int(trainer.global_rank)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         seqs = [-1]
         for shard in list_shards(self.output_dir):
             match = _SHARD_RE.match(shard.name)
-            if match and int(match.group(1)) == self._rank:
+            if match and int(match.group(1)) == self.rank:
                 seqs.append(int(match.group(2)))
         self._seq = max(seqs) + 1
         first = next(iter(list_shards(self.output_dir)), None)
         if first is not None:
             _check_identity(first, _read_meta(first)["identity"], self.identity)
-        self._buffer, self._buffered = [], 0
+        self._buffer: list[dict[str, Any]] = []
+        self._buffered = 0
+        self.shards_written: list[Path] = []
 
-    def write_on_batch_end(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if dataloader_idx:
-            raise ValueError("FeatureStoreWriter writes one dataset: predict with a single dataloader")
-        self._buffer.append(self._convert(prediction, batch_idx))
-        self._buffered += len(self._buffer[-1]["index"])
+    def add(self, prediction: Mapping[str, Any], batch_idx: int = 0) -> None:
+        """Buffer one batch of outputs; full shards are written as soon as they are complete."""
+        item = self._convert(prediction, batch_idx)
+        if not len(item["index"]):
+            return
+        self._buffer.append(item)
+        self._buffered += len(item["index"])
         while self._buffered >= self.shard_size:
             self._flush(self.shard_size)
 
-    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_predict_epoch_end(trainer, pl_module)
+    def close(self) -> None:
+        """Write what is buffered as a last, smaller shard."""
         if self._buffered:
             self._flush(self._buffered)
 
@@ -259,7 +248,7 @@ class FeatureStoreWriter(BasePredictionWriter):
             kinds[kind] = spec.to_json()
         meta = {"identity": self.identity, "kinds": kinds, "count": int(n)}
         arrays[_META_KEY] = np.array(json.dumps(meta, sort_keys=True))
-        final = self.output_dir / shard_name(self._rank, self._seq)
+        final = self.output_dir / shard_name(self.rank, self._seq)
         tmp = self.output_dir / f".{final.name}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -268,6 +257,59 @@ class FeatureStoreWriter(BasePredictionWriter):
         os.replace(tmp, final)
         self.shards_written.append(final)
         self._seq += 1
+
+
+class FeatureStoreWriter(BasePredictionWriter):
+    """Lightning callback writing ``predict_step`` outputs through a per-rank :class:`ShardWriter`.
+
+    ``model_identity`` (e.g. :func:`module_identity`) is written into every shard and the merged
+    store; shards of another identity already in ``output_dir`` make :meth:`setup` fail.
+    ``dtypes`` maps kinds to the numpy dtype they are stored in (default: ``global`` in fp16).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        shard_size: int = 4096,
+        model_identity: Mapping[str, Any] | None = None,
+        dtypes: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.output_dir = Path(output_dir)
+        self.shard_size = int(shard_size)
+        self.identity = normalize_identity(model_identity)
+        self.dtypes = dict(DEFAULT_DTYPES if dtypes is None else dtypes)
+        self._writer: ShardWriter | None = None
+        self.shards_written: list[Path] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._writer = ShardWriter(
+            self.output_dir, int(trainer.global_rank), self.shard_size, self.identity, self.dtypes
+        )
+        self.shards_written = self._writer.shards_written
+
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if dataloader_idx:
+            raise ValueError("FeatureStoreWriter writes one dataset: predict with a single dataloader")
+        assert self._writer is not None, "setup() runs before the first batch"
+        self._writer.add(prediction, batch_idx)
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
