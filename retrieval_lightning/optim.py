@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,11 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
-def _schedule(cfg: OptimConfig, total_steps: int):
-    import math
+class UnboundedScheduleError(ValueError):
+    """A schedule that decays over the run was asked for, but the run has no step bound."""
 
+
+def _schedule(cfg: OptimConfig, total_steps: int):
     total = max(1, int(total_steps))
 
     def factor(step: int) -> float:
@@ -48,10 +51,34 @@ def _schedule(cfg: OptimConfig, total_steps: int):
     return factor
 
 
-def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | int) -> dict[str, Any]:
-    """Optimiser over ``groups`` (which may carry their own lr/decay) and a per-step LambdaLR."""
+def check_total_steps(cfg: OptimConfig, total_steps: float | int | None) -> int:
+    """The step count a decaying schedule spans; an unbounded run is an error, not a 1-step schedule.
+
+    Lightning reports ``estimated_stepping_batches`` as ``inf`` when neither ``max_steps`` nor
+    ``max_epochs`` bounds the run, or the training loader has no length (an iterable dataset).
+    A linear or cosine decay over "1 step" would train the whole run at learning rate 0.
+    """
+    if cfg.schedule == "constant":
+        return 1 if total_steps is None or not math.isfinite(float(total_steps)) else max(1, int(total_steps))
+    if total_steps is None or not math.isfinite(float(total_steps)) or int(total_steps) < 1:
+        raise UnboundedScheduleError(
+            f"the {cfg.schedule!r} learning-rate schedule decays over the whole run, but the run has no "
+            f"step bound (Lightning estimates {total_steps} optimiser steps: max_steps=-1 with max_epochs=-1, "
+            "or a training loader without a length, e.g. an iterable dataset). Set trainer.max_steps "
+            "(or max_epochs with a sized loader), or use optim.schedule=constant"
+        )
+    return int(total_steps)
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | int | None) -> dict[str, Any]:
+    """Optimiser over ``groups`` (which may carry their own lr/decay) and a per-step LambdaLR.
+
+    ``total_steps`` is the run's optimiser-step count (``trainer.estimated_stepping_batches``);
+    linear and cosine schedules need it finite (:class:`UnboundedScheduleError` otherwise).
+    """
     if cfg.schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; use linear, cosine or constant")
+    total = check_total_steps(cfg, total_steps)
     for group in groups:
         group.setdefault("weight_decay", cfg.weight_decay)
     if cfg.name == "sgd":
@@ -60,7 +87,5 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | i
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}; use sgd or adamw")
-    if total_steps in (None, float("inf")):
-        total_steps = 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, int(total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,94 @@
+"""Optimiser construction: schedules need a step bound; `configure_optimizers` groups and lrs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.optim import OptimConfig, UnboundedScheduleError, build_optimizer
+from retrieval_lightning.registry import HEADS
+
+GemArcFace = HEADS.get("gem_arcface")
+
+
+def make(**kwargs) -> RetrievalModule:
+    torch.manual_seed(0)
+    return RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=3, **kwargs)
+
+
+def attach(module: RetrievalModule, steps: float) -> RetrievalModule:
+    """What configure_optimizers reads from the trainer: the run's optimiser-step count."""
+    module.trainer = SimpleNamespace(estimated_stepping_batches=steps)  # type: ignore[assignment]
+    return module
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [float("inf"), -1, None])
+def test_decaying_schedule_without_step_bound_is_an_error(schedule: str, steps) -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(UnboundedScheduleError, match="no step bound.*max_steps"):
+        build_optimizer(OptimConfig(schedule=schedule), [{"params": [param]}], total_steps=steps)
+
+
+def test_constant_schedule_needs_no_step_bound() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = build_optimizer(OptimConfig(lr=0.5, schedule="constant"), [{"params": [param]}], total_steps=float("inf"))
+    sched = cfg["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        cfg["optimizer"].step()
+        sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.5])
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield {"image": torch.rand(3, 32, 32), "label": 0, "index": 0}
+
+
+@pytest.mark.parametrize("trainer_args", [{"max_steps": -1, "max_epochs": -1}, {"max_epochs": 2}])
+def test_fit_without_step_bound_fails_before_training(trainer_args: dict) -> None:
+    """Unbounded epochs, or an iterable dataset (Lightning then knows no step count)."""
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                         enable_model_summary=False, **trainer_args)
+    loader = torch.utils.data.DataLoader(_Endless(), batch_size=2)
+    with pytest.raises(UnboundedScheduleError, match="no step bound"):
+        trainer.fit(make(), train_dataloaders=loader)
+    assert trainer.global_step == 0
+
+
+def test_configure_optimizers_backbone_lr_multiplier_and_schedule() -> None:
+    module = attach(make(optim=OptimConfig(lr=0.1, backbone_lr_mult=0.25, weight_decay=1e-4)), 10)
+    cfg = module.configure_optimizers()
+    optim, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    backbone = {id(p) for p in module.backbone.parameters()}
+    head = {id(p) for p in module.heads["global"].parameters()}
+    grouped = [id(p) for g in optim.param_groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == backbone | head
+    for group in optim.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= backbone or ids <= head
+        assert group["lr"] == pytest.approx(0.025 if ids <= backbone else 0.1)
+    for _ in range(10):
+        optim.step()
+        sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.0] * len(optim.param_groups))
+
+
+def test_configure_optimizers_leaves_frozen_modules_out() -> None:
+    module = attach(make(freeze=["backbone"]), 5)
+    grouped = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in module.heads["global"].parameters()}
+    assert not grouped & {id(p) for p in module.backbone.parameters()}
+    with pytest.raises(ValueError, match="everything is frozen"):
+        attach(make(freeze=["backbone", "global"]), 5).configure_optimizers()
+
+
+def test_configure_optimizers_refuses_unbounded_run() -> None:
+    with pytest.raises(UnboundedScheduleError):
+        attach(make(), float("inf")).configure_optimizers()
