@@ -32,6 +32,14 @@ class PluginError(LookupError):
     """Any registry failure: unknown, duplicated or broken plugin."""
 
 
+class UnknownPluginError(PluginError, AttributeError):
+    """No plugin of that name is declared.
+
+    Also an ``AttributeError``, so ``hasattr(head_plugins, name)`` and ``getattr(..., default)``
+    on the alias modules answer False / the default instead of raising.
+    """
+
+
 @dataclass(frozen=True)
 class PluginEntry:
     name: str
@@ -91,7 +99,7 @@ class Registry:
             known = sorted(entries)
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PluginError(
+            raise UnknownPluginError(
                 f"unknown {self.kind} {name!r}{hint} Registered {self.kind}s "
                 f"(entry-point group {self.group!r}): {', '.join(known) or 'none'}"
             )

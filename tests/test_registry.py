@@ -90,6 +90,27 @@ def test_alias_is_importable_by_short_name() -> None:
         getattr(aliases, "no_such_head")
 
 
+def test_alias_modules_answer_hasattr_for_unknown_names() -> None:
+    import retrieval_lightning.datamodule_plugins as data_aliases
+    import retrieval_lightning.head_plugins as head_aliases
+
+    assert hasattr(head_aliases, "gem_arcface") and hasattr(data_aliases, "minilandmarks")
+    assert not hasattr(head_aliases, "no_such_head") and not hasattr(data_aliases, "no_such_data")
+    assert getattr(head_aliases, "no_such_head", None) is None
+    with pytest.raises(AttributeError, match="did you mean 'gem_arcface'"):
+        head_aliases.gem_arcfce
+
+
+def test_alias_of_a_broken_plugin_is_not_mistaken_for_a_missing_name(extra_path: Path) -> None:
+    import retrieval_lightning.head_plugins as aliases
+
+    make_distribution(extra_path, "broken-alias-dist", "broken_alias_mod", "import not_a_real_module_xyz\n",
+                      {"broken_alias": "broken_alias_mod:Head"})
+    with pytest.raises(PluginError, match="failed to import") as err:
+        hasattr(aliases, "broken_alias")
+    assert not isinstance(err.value, AttributeError)
+
+
 def test_describe_plugins_reports_role_and_distribution() -> None:
     rows = {(r["kind"], r["name"]): r for r in describe_plugins()}
     assert rows[("head", "gem_arcface")]["role"] == "global"
