@@ -12,7 +12,7 @@ from retrieval_lightning.retrieval.postprocess import (
     database_augmentation,
     postprocessed_search,
 )
-from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
+from retrieval_lightning.retrieval.search import FaissSearcher, IncompleteSearchError, topk_search
 from retrieval_lightning.retrieval.store import FeatureStore
 
 
@@ -58,11 +58,17 @@ def test_topk_on_random_fp16_memmap_store(tmp_path) -> None:
     database = rng.standard_normal((4000, 32)).astype(np.float16)
     queries = rng.standard_normal((7, 32)).astype(np.float32)
     store = FeatureStore.from_arrays(tmp_path / "s", {"global": database})
-    scores, indices = topk_search(queries, store, 25, chunk_size=512, sub_chunk=100, device="cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # differs from the 2 scan threads, each of which runs torch single-threaded
+    try:
+        scores, indices = topk_search(queries, store, 25, chunk_size=512, sub_chunk=100, device="cpu", num_threads=2)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    assert after == 3  # the threaded scan restores the caller's thread count
     want_scores, want_indices = reference_topk(queries, database.astype(np.float32), 25)
     np.testing.assert_array_equal(indices.numpy(), want_indices)
     np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, atol=1e-5)
-    assert torch.get_num_threads() >= 1  # the threaded scan restores torch's thread count
 
 
 def test_topk_rejects_bad_shapes() -> None:
@@ -114,6 +120,23 @@ def test_faiss_ivfpq_finds_near_duplicates(faiss_one_thread) -> None:
         FaissSearcher(32, "ivfpq", m=7)
     with pytest.raises(ValueError, match="unknown FAISS index_type 'hnsw'"):
         FaissSearcher(32, "hnsw")
+
+
+def test_faiss_never_returns_padding_ids(faiss_one_thread) -> None:
+    """FAISS pads short result lists with id -1 (the last item, to Python indexing)."""
+    rng = np.random.default_rng(5)
+    database = _unit(rng, (600, 16))
+    flat = FaissSearcher(16, "flat")
+    flat.add(database[:7])
+    scores, indices = flat.search(database[:3], 10)  # k > ntotal: k' = ntotal, as topk_search
+    assert indices.shape == (3, 7) and (indices >= 0).all()
+    np.testing.assert_array_equal(indices.numpy(), topk_search(database[:3], database[:7], 10, device="cpu")[1].numpy())
+    ivf = FaissSearcher(16, "ivfpq", nlist=16, m=4, nbits=4, nprobe=1, train_size=600)
+    ivf.add(database)
+    with pytest.raises(IncompleteSearchError, match="fewer than k=300.*raise nprobe"):
+        ivf.search(database[:4], 300)  # one probed list of ~600/16 items cannot fill 300 results
+    ivf.index.nprobe = 16
+    assert (ivf.search(database[:4], 300)[1] >= 0).all()
 
 
 def _unit(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

@@ -188,6 +188,10 @@ def _threaded_scan(
     return _sorted_topk(scores, indices, k)
 
 
+class IncompleteSearchError(RuntimeError):
+    """An approximate index found fewer than k results for some query (FAISS pads with id -1)."""
+
+
 def _import_faiss() -> Any:
     try:
         import faiss  # noqa: PLC0415 - optional dependency
@@ -251,8 +255,29 @@ class FaissSearcher:
             self.index.add(self._fp32(db[start : start + chunk_size]))
 
     def search(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
-        """Top-k as ``(scores (Q, k) float32, indices (Q, k) int64)``, like :func:`topk_search`."""
-        scores, indices = self.index.search(self._fp32(queries), int(k))
+        """Top-k as ``(scores (Q, k') float32, indices (Q, k') int64)``, like :func:`topk_search`.
+
+        ``k' = min(k, ntotal)``. FAISS pads a result list it cannot fill with id -1, which Python
+        indexing would read as the last database item; such a list (IVF probing fewer than k'
+        items) raises :class:`IncompleteSearchError` instead of ever returning -1.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._fp32(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}) to match the index, got {tuple(q.shape)}")
+        k = min(int(k), self.ntotal)
+        if k == 0:
+            return torch.empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.long)
+        scores, indices = self.index.search(q, k)
+        short = np.nonzero((indices < 0).any(axis=1))[0]
+        if short.size:
+            found = int((indices[short[0]] >= 0).sum())
+            raise IncompleteSearchError(
+                f"FAISS {self.index_type} index returned fewer than k={k} results for {short.size} of "
+                f"{len(q)} queries (query {int(short[0])}: {found}); the probed inverted lists hold too few "
+                f"items: raise nprobe (now {getattr(self.index, 'nprobe', '-')}) or lower k"
+            )
         return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
 
     @property
