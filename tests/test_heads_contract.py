@@ -7,7 +7,9 @@ import io
 import pytest
 import torch
 
-from retrieval_lightning.head import ROLES, GlobalHead, Head
+import torch.nn.functional as F
+
+from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead
 from retrieval_lightning.registry import HEADS
 
 STAGE_CHANNELS = {"conv1": 8, "conv2": 12, "conv3": 16, "conv4": 24, "conv5": 32}
@@ -56,8 +58,35 @@ def test_inference_output_by_role(head: Head) -> None:
         out = head.embed(tiny_features())
         assert out.shape == (4, head.dim) and out.dtype == torch.float32
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+    elif isinstance(head, RerankHead):
+        check_rerank_head(head)
     else:  # pragma: no cover - other roles arrive with their heads
         pytest.fail(f"no contract check written for role {head.role}")
+
+
+def tiny_features_at(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stand-in backbone made of real ops: average pooling at each stage's stride, fixed 1x1 convs."""
+    gen = torch.Generator().manual_seed(0)
+    return {s: F.conv2d(F.avg_pool2d(images, STRIDES[s], ceil_mode=True), torch.randn(c, 3, 1, 1, generator=gen))
+            for s, c in STAGE_CHANNELS.items()}
+
+
+def check_rerank_head(head: RerankHead) -> None:
+    """Entries match their declared kinds; ``score`` gives one finite float per candidate."""
+    kinds = head.entry_kinds()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 80, 80, generator=gen)]
+    with torch.no_grad():
+        entries = head.extract_entries(images, tiny_features_at)
+    assert len(entries) == 2
+    for entry in entries:
+        assert set(entry) == set(kinds)
+        for name, kind in kinds.items():
+            value = entry[name]
+            assert str(value.dtype).removeprefix("torch.") == kind.dtype, name
+            assert tuple(value.shape[1:] if kind.ragged else value.shape) == tuple(kind.shape), name
+    scores = head.score(entries[0], entries, [0, 1])
+    assert scores.shape == (2,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
 
 
 def test_state_dict_round_trip(head: Head) -> None:

@@ -1,0 +1,201 @@
+"""DELG's local head: attention + autoencoder on conv4, multi-scale keypoints, geometric verification.
+
+Training (REFERENCE.md §1): the conv4 map is detached (the local losses never train the backbone;
+configure ``detach: [local]`` on the module as well). Attention: 1x1 conv C -> hidden, BN, ReLU,
+1x1 conv hidden -> 1, softplus. Autoencoder: 1x1 conv C -> dim (no activation: the local
+descriptor), 1x1 conv dim -> C + ReLU (the reconstruction). The attention loss classifies the
+attention-weighted mean of the per-location L2-normalised reconstruction with a linear classifier
+(with bias); the reconstruction loss is the MSE between conv4 and its reconstruction.
+
+Inference: the paper's 7-scale pyramid; every conv4 cell of every scale is a candidate keypoint
+at its receptive-field centre (traced from the backbone's real ops, :mod:`heads._delg.receptive_field`),
+mapped back to the original image's pixels; the cells with attention >= ``attention_threshold``
+(if set), then the ``max_keypoints`` strongest across scales, are kept. Descriptors are stored
+L2-normalised as fp16, or as packed sign bits (16 bytes per 128-D feature) with ``binarize``.
+A pair's score is its inlier count from :func:`retrieval_lightning.retrieval.geometry.verify_shortlist`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads._delg.extraction import (
+    PAPER_SCALES,
+    ScaleFeatures,
+    cell_keypoints,
+    pack_signs,
+    resize,
+    resized_size,
+    select,
+    usable_scales,
+)
+from heads._delg.receptive_field import CentreCache
+from retrieval_lightning.head import EntryKind, FeatureFn, LocalHead
+from retrieval_lightning.retrieval.geometry import verify_shortlist
+
+
+class DelgLocalHead(LocalHead):
+    """DELG local features (attention + autoencoder), scored by RANSAC inlier counts.
+
+    Args:
+        stage: backbone stage read (DELG: ``conv4``).
+        dim: local descriptor size (the autoencoder's bottleneck; DELG: 128).
+        attention_hidden: width of the attention network's hidden 1x1 conv (DELG: 512).
+        reconstruction_weight: factor on the reconstruction MSE inside this head's losses
+            (DELG: 10.0). The module weighs each *head* once (``loss_weights: {local: 1.0}``),
+            so the returned ``reconstruction`` loss is already multiplied by this factor and
+            the two local losses come back weighted relative to each other as in the paper.
+        scales: image pyramid of extraction (default: the paper's 7 scales).
+        max_keypoints: keep the N strongest cells by attention across scales (None: all).
+        attention_threshold: keep only cells with attention >= this (None: no threshold).
+        min_side: skip pyramid levels whose short side would be below this many pixels.
+        binarize: store sign bits (``descriptor_bits``) instead of fp16 ``descriptors``.
+        matching, ratio, max_distance, max_hamming, model, method, threshold, max_iters:
+            options of :func:`~retrieval_lightning.retrieval.geometry.match_and_verify`.
+        workers: threads verifying a shortlist (None: one per CPU).
+    """
+
+    def __init__(
+        self,
+        stage: str = "conv4",
+        dim: int = 128,
+        attention_hidden: int = 512,
+        reconstruction_weight: float = 10.0,
+        scales: Sequence[float] = PAPER_SCALES,
+        max_keypoints: int | None = 1000,
+        attention_threshold: float | None = None,
+        min_side: int = 32,
+        binarize: bool = False,
+        matching: str = "mutual",
+        ratio: float | None = None,
+        max_distance: float = 1.0,
+        max_hamming: int | None = None,
+        model: str = "affine",
+        method: str = "ransac",
+        threshold: float = 20.0,
+        max_iters: int = 5000,
+        workers: int | None = None,
+    ) -> None:
+        super().__init__()
+        if binarize and dim % 8:
+            raise ValueError(f"binarize needs dim divisible by 8, got {dim}")
+        self.stages = (stage,)
+        self.stage = stage
+        self.dim = int(dim)
+        self.attention_hidden = int(attention_hidden)
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.scales = tuple(float(s) for s in scales)
+        self.max_keypoints = max_keypoints
+        self.attention_threshold = attention_threshold
+        self.min_side = int(min_side)
+        self.binarize = bool(binarize)
+        self.match_options = dict(
+            matching=matching, ratio=ratio, max_distance=max_distance, max_hamming=max_hamming,
+            model=model, method=method, threshold=threshold, max_iters=max_iters,
+        )
+        self.workers = workers
+        self._centres = CentreCache()
+
+    def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
+        channels = stage_channels[self.stage]
+        self.attention = nn.Sequential(
+            nn.Conv2d(channels, self.attention_hidden, 1),
+            nn.BatchNorm2d(self.attention_hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(self.attention_hidden, 1, 1),
+            nn.Softplus(),
+        )
+        self.encoder = nn.Conv2d(channels, self.dim, 1)
+        self.decoder = nn.Conv2d(self.dim, channels, 1)
+        self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else None
+
+    # ------------------------------------------------------------------ training
+    def forward_maps(self, conv4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, C, h, w) -> attention (B, 1, h, w), descriptors (B, dim, h, w), reconstruction (B, C, h, w)."""
+        encoded = self.encoder(conv4)
+        return self.attention(conv4), encoded, F.relu(self.decoder(encoded))
+
+    def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        if self.classifier is None:
+            raise RuntimeError("DelgLocalHead was built with num_classes=0: it cannot be trained")
+        conv4 = features[self.stage].detach().float()  # the gradient stop of DELG, whatever the module does
+        attention, _, reconstruction = self.forward_maps(conv4)
+        pooled = (F.normalize(reconstruction, dim=1) * attention).mean(dim=(2, 3))
+        return {
+            "attention": F.cross_entropy(self.classifier(pooled), labels),
+            "reconstruction": self.reconstruction_weight * F.mse_loss(reconstruction, conv4),
+        }
+
+    # ------------------------------------------------------------------ extraction
+    def entry_kinds(self) -> dict[str, EntryKind]:
+        kinds = {"keypoints": EntryKind("float32", (2,), True)}
+        if self.binarize:
+            kinds["descriptor_bits"] = EntryKind("uint8", (self.dim // 8,), True)
+        else:
+            kinds["descriptors"] = EntryKind("float16", (self.dim,), True)
+        kinds["attention"] = EntryKind("float16", (), True)
+        kinds["scale"] = EntryKind("float16", (), True)
+        return kinds
+
+    @torch.no_grad()
+    def _levels(self, image: Tensor, features_at: FeatureFn) -> list[ScaleFeatures]:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        levels = []
+        for scale in usable_scales(height, width, self.scales, self.min_side):
+            size = resized_size(height, width, scale)
+            conv4, centres = self._centres(features_at, resize(image, size), self.stage)
+            attention, encoded, _ = self.forward_maps(conv4.float())
+            h, w = conv4.shape[-2:]
+            levels.append(ScaleFeatures(
+                keypoints=cell_keypoints(centres, (h, w), size, (height, width)),
+                attention=attention[0, 0].reshape(-1).cpu(),
+                descriptors=encoded[0].reshape(self.dim, -1).t().cpu(),
+                scale=size[1] / width,
+            ))
+        return levels
+
+    def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn) -> list[dict[str, Tensor]]:
+        """One entry per (3, H, W) RGB [0, 1] image; keypoints in that image's pixels (x, y)."""
+        was_training = self.training
+        self.eval()  # extraction is inference: BatchNorm uses its running statistics
+        try:
+            entries = []
+            for image in images:
+                chosen = select(self._levels(image, features_at), self.attention_threshold, self.max_keypoints)
+                entry = {"keypoints": chosen["keypoints"].float().contiguous()}
+                if self.binarize:
+                    entry["descriptor_bits"] = pack_signs(chosen["descriptors"])
+                else:
+                    entry["descriptors"] = chosen["descriptors"].half()
+                entry["attention"] = chosen["attention"].half()
+                entry["scale"] = chosen["scale"].half()
+                entries.append(entry)
+            return entries
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ scoring
+    def _numpy_features(self, entry: Mapping[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        key = "descriptor_bits" if self.binarize else "descriptors"
+        if key not in entry:
+            raise KeyError(f"entry has no {key!r} (binarize={self.binarize}); it has {sorted(entry)}")
+        keypoints = entry["keypoints"].detach().cpu().numpy().astype(np.float32, copy=False)
+        return keypoints, entry[key].detach().cpu().numpy()
+
+    def score(
+        self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
+    ) -> Tensor:
+        """Inlier counts (float) of the query against each candidate (geometric verification)."""
+        if not candidates:
+            return torch.zeros(0)
+        q_kp, q_desc = self._numpy_features(query)
+        results = verify_shortlist(
+            q_kp, q_desc, [self._numpy_features(c) for c in candidates], [int(s) for s in seeds],
+            workers=self.workers, **self.match_options,
+        )
+        return torch.tensor([float(r.inliers) for r in results], dtype=torch.float32)
