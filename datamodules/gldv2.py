@@ -15,13 +15,16 @@ from typing import Sequence
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
+from datamodules.hide_and_seek import HideAndSeek
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
-from datamodules.sampling import ClassBalancedSampler
+from datamodules.pairs import PairBatchSampler, PairMiner, PairSampling
+from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
@@ -74,12 +77,16 @@ class GLDv2TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """``index`` or ``(index, augmentation_seed)`` (from :class:`~datamodules.sampling.EpochSampler`):
+        with a seed, the random crop depends on it alone, not on the process or worker state."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         for step in range(min(len(self.paths), 50)):
             i = (int(index) + step) % len(self.paths)
             image = load_image_or_skip(self.paths[i], self.policy, max_side=self.max_side)
             if image is not None:
-                return {"image": self.transform(image), "label": int(self.labels[i]), "index": i}
+                return {"image": self.transform(image, generator=generator), "label": int(self.labels[i]), "index": i}
         raise RuntimeError(f"no readable training image near index {index} (first tried {self.paths[index]})")
 
 
@@ -98,11 +105,15 @@ class GLDv2DataModule(L.LightningDataModule):
     ``train_set`` picks ``clean`` (81,313 classes in v2.1) or ``full`` (203,094); ``num_classes``
     reads that CSV on first use, so the CLI can link it into the model before ``setup``.
     ``usage`` is ``Public``, ``Private`` or ``All``. ``sampling="balanced"`` uses
-    :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; Lightning shards
-    either under DDP. Eval images are decoded at reduced size when they exceed ``eval_max_side``
-    (see :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same
-    before the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
-    counting and logging them.
+    :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; both shard
+    themselves under DDP and resume mid-epoch (:mod:`datamodules.sampling`). Eval images are
+    decoded at reduced size when they exceed ``eval_max_side`` (see
+    :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same before
+    the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
+    counting and logging them. ``sampling="pairs"`` trains a verifier: batches of (anchor,
+    positive, hard negatives) groups (:mod:`datamodules.pairs`, options ``pairs``; ``batch_size``
+    is then ``pairs.batch_size``), mined by the ``HardNegativeMining`` callback through
+    :attr:`pair_miner`. ``hide_and_seek`` hides grid patches of training images, more as steps pass.
     """
 
     def __init__(
@@ -134,12 +145,14 @@ class GLDv2DataModule(L.LightningDataModule):
         test_sets: list[str] | None = None,
         holdout_num_classes: int | None = 1000,
         on_error: str = "raise",
+        pairs: PairSampling | None = None,
+        hide_and_seek: HideAndSeek | None = None,
     ) -> None:
         super().__init__()
         if train_set not in ("clean", "full"):
             raise ValueError(f"train_set must be 'clean' or 'full', got {train_set!r}")
-        if sampling not in ("shuffle", "balanced"):
-            raise ValueError(f"sampling must be 'shuffle' or 'balanced', got {sampling!r}")
+        if sampling not in ("shuffle", "balanced", "pairs"):
+            raise ValueError(f"sampling must be 'shuffle', 'balanced' or 'pairs', got {sampling!r}")
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         selected_usages(usage)
@@ -158,6 +171,9 @@ class GLDv2DataModule(L.LightningDataModule):
         self._state: _TrainState | None = None
         self._eval_cache: dict[str, EvalSet] = {}
         self.train_dataset: GLDv2TrainDataset | None = None
+        self.pairs = (pairs or PairSampling()) if sampling == "pairs" else None
+        self.hide_and_seek = hide_and_seek
+        self._pair_miner: PairMiner | None = None
 
     @classmethod
     def download(
@@ -232,14 +248,54 @@ class GLDv2DataModule(L.LightningDataModule):
             self.setup("fit")
         assert self.train_dataset is not None
         hp = self.hparams
-        sampler = None
+        if self.pairs is not None:
+            return DataLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
+                              num_workers=hp.num_workers, pin_memory=hp.pin_memory,
+                              persistent_workers=hp.num_workers > 0)
+        # the sampler shards itself (rank, world size from the trainer) and is resumable mid-epoch
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer is not None else {}
+        sampler: EpochSampler
         if hp.sampling == "balanced":
-            sampler = ClassBalancedSampler(self.train_dataset.labels, hp.balance_power, seed=hp.sampler_seed)
-        return DataLoader(
-            self.train_dataset, batch_size=hp.batch_size, shuffle=sampler is None, sampler=sampler,
+            sampler = ClassBalancedSampler(self.train_dataset.labels, hp.balance_power, seed=hp.sampler_seed, **ranks)
+        else:
+            sampler = ShuffleSampler(len(self.train_dataset), seed=hp.sampler_seed, **ranks)
+        return ResumableDataLoader(
+            self.train_dataset, batch_size=hp.batch_size, sampler=sampler,
             drop_last=True, num_workers=hp.num_workers, pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0,
         )
+
+    # ------------------------------------------------------------ pair batches (verifier training)
+    @property
+    def pair_miner(self) -> PairMiner | None:
+        """The hard-negative state of ``sampling="pairs"`` (what ``HardNegativeMining`` fills), else None."""
+        if self.pairs is None:
+            return None
+        if self._pair_miner is None:
+            if self.train_dataset is None:
+                self.setup("fit")
+            assert self.train_dataset is not None
+            self._pair_miner = PairMiner(self.train_dataset.labels, self.pairs, self._mining_dataset)
+        return self._pair_miner
+
+    def _mining_dataset(self, positions: np.ndarray) -> EvalImageDataset:
+        """Deterministic (eval-transform) views of training positions, ``index`` = row in ``positions``."""
+        assert self.train_dataset is not None and self.pairs is not None
+        paths = [self.train_dataset.paths[int(i)] for i in positions]
+        return EvalImageDataset(paths, EvalTransform(self.pairs.mining_max_side), self.policy, fast_decode=True)
+
+    def train_batch_transform(self, batch: dict, step: int, rank: int = 0) -> dict:
+        """Hide-and-Seek on a training batch (on its device) at ``step``; identity without it."""
+        if self.hide_and_seek is not None and isinstance(batch, dict) and "label" in batch:
+            batch = {**batch, "image": self.hide_and_seek.apply(batch["image"], step, rank)}
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            batch = self.train_batch_transform(batch, trainer.global_step, trainer.global_rank)
+        return batch
 
     def _eval_set(self, kind: str) -> EvalSet:
         if kind in self._eval_cache:

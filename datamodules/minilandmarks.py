@@ -19,6 +19,8 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from datamodules.gldv2 import GLDv2DataModule
+from datamodules.hide_and_seek import HideAndSeek
+from datamodules.pairs import PairMiner, PairSampling
 from datamodules.minilandmarks_build import DATASET_NAME, GLDV2_SUBDIR, REVISITOP_SUBDIR, build_minilandmarks
 from datamodules.revisitop import RevisitopDataModule
 from retrieval_lightning.data.types import EvalSet
@@ -40,6 +42,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         image_size: training crop size; eval_max_side: long side of evaluation images.
         crop_area_min: smallest random-resized-crop area (DELG: 0.08; the views are already
             crops of their photo, so fine-tuning here wants larger ones).
+        sampling, pairs, hide_and_seek: as :class:`~datamodules.gldv2.GLDv2DataModule`
+            (``sampling: pairs`` trains a verifier on mined pair batches).
     """
 
     def __init__(
@@ -56,6 +60,9 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         validation_split: float = 0.2,
         crop_area_min: float = 0.08,
         on_error: str = "raise",
+        sampling: str = "shuffle",
+        pairs: PairSampling | None = None,
+        hide_and_seek: HideAndSeek | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,7 +93,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
                 eval_max_side=hp.eval_max_side, batch_size=hp.batch_size, eval_batch_size=hp.eval_batch_size,
                 num_workers=hp.num_workers, validation_split=hp.validation_split, val_sets=["holdout"],
                 test_sets=["holdout"], holdout_num_classes=None, crop_area_min=hp.crop_area_min,
-                on_error=hp.on_error,
+                on_error=hp.on_error, sampling=hp.sampling, pairs=hp.pairs, hide_and_seek=hp.hide_and_seek,
             )
         return self._train
 
@@ -117,7 +124,19 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         return self.benchmark_module.eval_sets(stage)
 
     def train_dataloader(self) -> DataLoader:
+        self.train_module.trainer = self.trainer  # the training sampler shards itself by the trainer's rank
         return self.train_module.train_dataloader()
+
+    @property
+    def pair_miner(self) -> PairMiner | None:
+        """The training module's hard-negative state (``sampling: pairs``), for ``HardNegativeMining``."""
+        return self.train_module.pair_miner
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            batch = self.train_module.train_batch_transform(batch, trainer.global_step, trainer.global_rank)
+        return batch
 
     def val_dataloader(self) -> list[DataLoader]:
         return self.train_module.val_dataloader()

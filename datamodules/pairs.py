@@ -1,0 +1,247 @@
+"""Pair batches for training a verifier: groups of (anchor, positive, hard negatives).
+
+Why: a verifier (CVNet's correlation network) learns same/different from pairs formed inside a
+batch; random pairs of a landmark dataset are almost all trivially different, so every batch is
+composed of groups ``[anchor, positive, n_1 .. n_k]`` where the positive shares the anchor's
+label and the negatives are images of *other* labels that the current global descriptor places
+nearest to the anchor (Radenović et al.'s mining; CVNet-DS's recipe names hard-negative mining).
+
+Who does what:
+
+- :class:`PairMiner` owns the mined table (shared by every copy of the sampler, because Lightning
+  re-instantiates the batch sampler under DDP with the same arguments). It implements the
+  duck-typed protocol of :class:`retrieval_lightning.callbacks.HardNegativeMining`: ``pool(epoch)``,
+  ``pool_dataset(positions)``, ``labels``, ``table_width``, ``distinct_labels``, ``set_negatives``.
+- :class:`PairBatchSampler` draws the epoch's groups from ``(seed, epoch)``; before the first
+  mining (or for an anchor the table does not cover) the negatives are random images of other
+  labels. Every rank draws the same list and keeps its own strided share, so ranks are disjoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, Dataset, Sampler
+
+
+@dataclass
+class PairSampling:
+    """Options of pair-batch training (``sampling: pairs`` in the GLDv2 / minilandmarks datamodules).
+
+    Args:
+        groups_per_batch: groups per batch; a batch holds ``groups_per_batch * (2 + negatives)`` images.
+        negatives: hard negatives per anchor.
+        candidates: negatives are drawn among the ``candidates`` nearest other-label images
+            (``None``: exactly the ``negatives`` nearest).
+        distinct_labels: the negatives of one anchor come from distinct labels.
+        pool_size: mine over a random subset of this many training images, redrawn each epoch
+            (``None``: the whole training set; set it for GLDv2 scale).
+        groups_per_epoch: groups per epoch over all ranks (``None``: one per pool image).
+        mining_max_side: long side of the images embedded for mining.
+        seed: seed of the draws (combined with the epoch).
+    """
+
+    groups_per_batch: int = 4
+    negatives: int = 5
+    candidates: int | None = None
+    distinct_labels: bool = True
+    pool_size: int | None = None
+    groups_per_epoch: int | None = None
+    mining_max_side: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.groups_per_batch < 1 or self.negatives < 1:
+            raise ValueError("PairSampling needs groups_per_batch >= 1 and negatives >= 1")
+        if self.candidates is not None and self.candidates < self.negatives:
+            raise ValueError(f"candidates ({self.candidates}) must be >= negatives ({self.negatives})")
+
+    @property
+    def group_size(self) -> int:
+        return 2 + self.negatives
+
+    @property
+    def batch_size(self) -> int:
+        return self.groups_per_batch * self.group_size
+
+
+class PairMiner:
+    """Mining state: the epoch's pool and the nearest other-label images of every mined anchor.
+
+    ``make_dataset(positions)`` returns a Dataset of ``{"image": (3,h,w) float in [0,1], "index": i}``
+    with ``i`` the row in ``positions`` (deterministic eval-style images of those training images).
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, config: PairSampling,
+                 make_dataset: Callable[[np.ndarray], Dataset] | None = None) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.labels.ndim != 1 or self.labels.size == 0:
+            raise ValueError("PairMiner needs a non-empty 1-D label array")
+        self.config = config
+        self._make_dataset = make_dataset
+        order = np.argsort(self.labels, kind="stable")
+        uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
+        self.members = {int(c): order[s:s + n] for c, s, n in zip(uniq, starts, counts)}
+        self.classes = uniq
+        self.has_positive = (counts >= 2)[np.searchsorted(uniq, self.labels)]
+        if int((counts >= 2).sum()) == 0:
+            raise ValueError("pair sampling needs at least one label with two images")
+        if uniq.size < 2:
+            raise ValueError("pair sampling needs at least two labels (negatives are other labels)")
+        self._table_pos = np.zeros(0, dtype=np.int64)  # mined anchors, sorted
+        self._table = np.zeros((0, self.table_width), dtype=np.int64)
+        self.mined_epoch: int | None = None
+
+    # ---------------------------------------------------------------- protocol of the mining callback
+    @property
+    def table_width(self) -> int:
+        return int(self.config.candidates or self.config.negatives)
+
+    @property
+    def distinct_labels(self) -> bool:
+        return bool(self.config.distinct_labels)
+
+    @property
+    def mining_max_side(self) -> int:
+        return int(self.config.mining_max_side)
+
+    def pool(self, epoch: int) -> np.ndarray:
+        """Training positions mined (and used as anchors) in ``epoch``: all, or a seeded subset, sorted."""
+        n = self.labels.size
+        size = self.config.pool_size
+        if size is None or size >= n:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng([self.config.seed, int(epoch), 1])
+        return np.sort(rng.choice(n, size=int(size), replace=False)).astype(np.int64)
+
+    def pool_dataset(self, positions: np.ndarray) -> Dataset:
+        if self._make_dataset is None:
+            raise RuntimeError("this PairMiner was made without make_dataset: it cannot be mined")
+        return self._make_dataset(np.asarray(positions, dtype=np.int64))
+
+    def set_negatives(self, epoch: int, positions: np.ndarray, neighbours: np.ndarray) -> None:
+        """Install the mined table: ``neighbours[i]`` = nearest other-label positions of ``positions[i]``
+        (nearest first, ``-1`` where fewer were found)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        neighbours = np.asarray(neighbours, dtype=np.int64).reshape(len(positions), -1)
+        order = np.argsort(positions, kind="stable")
+        self._table_pos, self._table = positions[order], neighbours[order]
+        self.mined_epoch = int(epoch)
+
+    # ---------------------------------------------------------------- drawing groups
+    def mined_negatives(self, anchor: int) -> np.ndarray | None:
+        """The anchor's mined row (valid entries only), or ``None`` if the table does not cover it."""
+        i = int(np.searchsorted(self._table_pos, anchor))
+        if i >= self._table_pos.size or self._table_pos[i] != anchor:
+            return None
+        row = self._table[i]
+        return row[row >= 0]
+
+    def _random_negatives(self, anchor_label: int, count: int, exclude_labels: set[int],
+                          rng: np.random.Generator) -> list[int]:
+        """``count`` random images of labels other than the anchor's (and, with ``distinct_labels``,
+        of distinct labels not in ``exclude_labels`` while enough remain); rejection sampling, so
+        the cost does not grow with the number of classes."""
+        out: list[int] = []
+        banned = set(exclude_labels) | {anchor_label}
+        distinct = self.config.distinct_labels and self.classes.size - len(banned) >= count
+        while len(out) < count:
+            label = int(self.classes[rng.integers(self.classes.size)])
+            if label == anchor_label or (distinct and label in banned):
+                continue
+            banned.add(label)
+            members = self.members[label]
+            out.append(int(members[rng.integers(members.size)]))
+        return out
+
+    def group(self, anchor: int, rng: np.random.Generator) -> list[int]:
+        """``[anchor, positive, negatives...]`` (dataset positions)."""
+        label = int(self.labels[anchor])
+        members = self.members[label]
+        others = members[members != anchor]
+        positive = int(others[rng.integers(others.size)])
+        k = self.config.negatives
+        negatives: list[int] = []
+        mined = self.mined_negatives(anchor)
+        if mined is not None and mined.size:
+            take = min(k, mined.size)
+            if mined.size > take:  # a random subset of the candidates, kept nearest-first
+                mined = mined[np.sort(rng.choice(mined.size, size=take, replace=False))]
+            negatives = [int(x) for x in mined[:take]]
+        if len(negatives) < k:
+            used = {int(self.labels[n]) for n in negatives} if self.config.distinct_labels else set()
+            negatives += self._random_negatives(label, k - len(negatives), used, rng)
+        return [int(anchor), positive] + negatives[:k]
+
+
+class PairBatchSampler(BatchSampler):
+    """Batches of ``groups_per_batch`` groups; one epoch's groups depend only on ``(seed, epoch)``
+    and the mined table.
+
+    DDP: ``rank``/``world_size`` come from ``sampler`` when Lightning injects a
+    ``DistributedSampler`` (it re-instantiates this class with the same arguments and
+    ``sampler=DistributedSampler(...)``, whose ``set_epoch`` it then calls), else from the
+    arguments, else from ``torch.distributed``. Each rank keeps ``groups[rank::world_size]``,
+    truncated so every rank has the same number of batches.
+    """
+
+    def __init__(self, miner: PairMiner, sampler: Sampler | None = None, batch_size: int | None = None,
+                 drop_last: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
+        self.miner = miner
+        self.config = miner.config
+        self.batch_size = self.config.batch_size  # images per batch; the argument is for Lightning only
+        self.drop_last = True
+        self.sampler = sampler if sampler is not None else self  # Lightning calls sampler.set_epoch
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        if self.sampler is not self and hasattr(self.sampler, "epoch"):
+            return int(self.sampler.epoch)
+        return self.epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.sampler is not self and hasattr(self.sampler, "num_replicas"):
+            return int(self.sampler.rank), int(self.sampler.num_replicas)
+        if self._world is not None:
+            return int(self._rank or 0), int(self._world)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _groups_per_epoch(self) -> int:
+        if self.config.groups_per_epoch is not None:
+            return int(self.config.groups_per_epoch)
+        size = self.config.pool_size
+        n = self.miner.labels.size
+        return n if size is None else min(int(size), n)
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        return (self._groups_per_epoch() // world) // self.config.groups_per_batch
+
+    def epoch_groups(self, epoch: int) -> list[list[int]]:
+        """All ranks' groups of ``epoch`` (anchors from the epoch's pool, shuffled, cycled as needed)."""
+        rng = np.random.default_rng([self.config.seed, int(epoch), 0])
+        pool = self.miner.pool(epoch)
+        eligible = pool[self.miner.has_positive[pool]]
+        if eligible.size == 0:
+            raise ValueError(f"epoch {epoch}: no image of the pool has a positive (a same-label image)")
+        total = self._groups_per_epoch()
+        reps = -(-total // eligible.size)
+        anchors = np.concatenate([rng.permutation(eligible) for _ in range(reps)])[:total]
+        return [self.miner.group(int(a), rng) for a in anchors]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, world = self._rank_world()
+        groups = self.epoch_groups(self._current_epoch())
+        mine = groups[rank::world][: len(groups) // world]
+        gpb = self.config.groups_per_batch
+        for start in range(0, len(mine) - gpb + 1, gpb):
+            yield [i for g in mine[start:start + gpb] for i in g]

@@ -1,0 +1,178 @@
+"""Hard-negative mining from the current global descriptors, refreshed every epoch.
+
+Why: pair/triplet losses learn little from random negatives (almost all trivially different);
+the informative ones are the other-landmark images the global model ranks nearest to the anchor
+(Radenović et al.; CVNet-DS's recipe). The global descriptors change while training, so the
+table is rebuilt every ``every_n_epochs`` epochs, just before that epoch's batches are drawn.
+
+Generic by design (the core never imports a datamodule): the datamodule exposes ``pair_miner``,
+any object with
+
+- ``pool(epoch) -> np.ndarray``: training-set positions to mine over (and draw anchors from);
+- ``pool_dataset(positions) -> Dataset`` of ``{"image": (3,h,w) RGB float in [0,1], "index": i}``,
+  ``i`` the row in ``positions``;
+- ``labels`` (one per training position), ``table_width``, ``distinct_labels``;
+- ``set_negatives(epoch, positions, neighbours)``, ``mined_epoch``.
+
+Under DDP each rank embeds a strided share of the pool, the descriptors are all-gathered, rank 0
+builds the table and broadcasts it, so every rank's sampler draws from the same table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from retrieval_lightning.retrieval.gather import gather_dedupe
+
+
+def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = True,
+                        chunk: int = 1024) -> Tensor:
+    """For every row, the ``k`` rows of other labels with the largest inner product, nearest first.
+
+    ``distinct``: at most one row per label (the nearest of that label). Returns (N, k) int64
+    row indices, ``-1`` where fewer than ``k`` exist. Ties are broken by the lower row index.
+    """
+    n = desc.shape[0]
+    labels = labels.reshape(-1).long()
+    out = torch.full((n, k), -1, dtype=torch.long)
+    if n == 0 or k == 0:
+        return out
+    desc = desc.float()
+    width = min(n, k * 4 + 16) if distinct else min(n, k)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        sims = desc[rows] @ desc.T
+        sims[labels[rows, None] == labels[None, :]] = float("-inf")
+        for r, (vals, idx) in enumerate(zip(*_topk_stable(sims, width))):
+            picked: list[int] = []
+            seen: set[int] = set()
+            for v, j in zip(vals.tolist(), idx.tolist()):
+                if v == float("-inf") or len(picked) == k:
+                    break
+                lab = int(labels[j])
+                if distinct and lab in seen:
+                    continue
+                seen.add(lab)
+                picked.append(j)
+            if distinct and len(picked) < k and width < n and vals[-1] != float("-inf"):
+                full_vals, full_idx = _topk_stable(sims[r:r + 1], n)  # rare: a row needs to look further
+                picked, seen = [], set()
+                for v, j in zip(full_vals[0].tolist(), full_idx[0].tolist()):
+                    lab = int(labels[j])
+                    if v == float("-inf") or len(picked) == k:
+                        break
+                    if lab not in seen:
+                        seen.add(lab)
+                        picked.append(j)
+            if picked:
+                out[start + r, : len(picked)] = torch.tensor(picked)
+    return out
+
+
+def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k by value, ties by lower index (a stable descending sort, as a full argsort would give)."""
+    order = torch.sort(sims, dim=1, descending=True, stable=True)
+    return order.values[:, :k], order.indices[:, :k]
+
+
+class HardNegativeMining(pl.Callback):
+    """Rebuild the datamodule's hard-negative table from the model's global descriptors.
+
+    Args:
+        every_n_epochs: mine at epochs ``first_epoch``, ``first_epoch + every_n_epochs``, ...
+        first_epoch: epochs before it use random negatives.
+        multiscale: embed with the module's multi-scale ``embed_batch`` (else one scale, cheaper).
+        batch_size, num_workers: of the loader over the pool images.
+        chunk: rows of the similarity matrix computed at once.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, first_epoch: int = 0, multiscale: bool = False,
+                 batch_size: int = 16, num_workers: int = 0, chunk: int = 1024) -> None:
+        if every_n_epochs < 1 or first_epoch < 0:
+            raise ValueError("HardNegativeMining needs every_n_epochs >= 1 and first_epoch >= 0")
+        self.every_n_epochs, self.first_epoch = int(every_n_epochs), int(first_epoch)
+        self.multiscale = bool(multiscale)
+        self.batch_size, self.num_workers, self.chunk = int(batch_size), int(num_workers), int(chunk)
+
+    def _due(self, epoch: int) -> bool:
+        return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every_n_epochs == 0
+
+    @staticmethod
+    def _miner(trainer: pl.Trainer) -> Any:
+        miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
+        if miner is None:
+            raise RuntimeError("HardNegativeMining needs a datamodule exposing `pair_miner` "
+                               "(e.g. gldv2 / minilandmarks with sampling: pairs)")
+        return miner
+
+    # The first epoch's batch iterator is created before on_train_epoch_start, later ones after it.
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_mine(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_mine(trainer, pl_module)
+
+    def _maybe_mine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        miner = self._miner(trainer)
+        if self._due(epoch) and miner.mined_epoch != epoch:
+            self.mine(trainer, pl_module, miner, epoch)
+
+    @torch.no_grad()
+    def embed_pool(self, pl_module: Any, dataset: Any, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """This rank's share of the pool: ``(rows, descriptors)``."""
+        share = Subset(dataset, list(range(rank, len(dataset), world_size)))
+        loader = DataLoader(share, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=lambda items: items)
+        rows, descs = [], []
+        for items in loader:
+            images = [item["image"].to(pl_module.device) for item in items]
+            rows.extend(int(item["index"]) for item in items)
+            descs.append(self._embed(pl_module, images).float().cpu())
+        dim = pl_module.global_head.dim
+        return torch.tensor(rows, dtype=torch.long), (torch.cat(descs) if descs else torch.zeros(0, dim))
+
+    def _embed(self, pl_module: Any, images: list[Tensor]) -> Tensor:
+        if self.multiscale:
+            return pl_module.embed_batch(images)
+        head = pl_module.global_head
+        out: list[Tensor | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        for idx in by_shape.values():  # same-size images in one backbone call
+            desc = head.embed(pl_module.backbone(torch.stack([images[i] for i in idx])))
+            for i, d in zip(idx, F.normalize(desc.float(), dim=-1)):
+                out[i] = d
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def mine(self, trainer: pl.Trainer, pl_module: Any, miner: Any, epoch: int) -> None:
+        positions = np.asarray(miner.pool(epoch), dtype=np.int64)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            rows, desc = self.embed_pool(pl_module, miner.pool_dataset(positions),
+                                         trainer.global_rank, trainer.world_size)
+        finally:
+            pl_module.train(was_training)
+        rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
+        if rows.numel() != positions.size:
+            raise RuntimeError(f"mining gathered {rows.numel()} descriptors for a pool of {positions.size}")
+        neighbours = None
+        if trainer.global_rank == 0:
+            labels = torch.as_tensor(np.asarray(miner.labels)[positions])
+            table = nearest_other_label(gathered["desc"], labels, int(miner.table_width),
+                                        bool(miner.distinct_labels), self.chunk).numpy()
+            neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
+        neighbours = trainer.strategy.broadcast(neighbours, src=0)
+        miner.set_negatives(epoch, positions, neighbours)
+        rank_zero_info(f"hard-negative mining, epoch {epoch}: {positions.size} images, "
+                       f"{int((neighbours >= 0).sum())} negatives")

@@ -1,0 +1,222 @@
+"""CVNet verifier training recipe: pair batches with mined hard negatives, Hide-and-Seek, configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+from datamodules.hide_and_seek import HideAndSeek
+from datamodules.pairs import PairBatchSampler, PairMiner, PairSampling
+from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, nearest_other_label
+
+REPO = Path(__file__).resolve().parents[1]
+# 9 labels of 1..6 images (label 8 has one image: never an anchor, still a negative)
+LABELS = np.repeat(np.arange(9), [3, 4, 2, 6, 5, 3, 2, 4, 1])
+
+
+def _groups(batches: list[list[int]], size: int) -> list[list[int]]:
+    return [b[i:i + size] for b in batches for i in range(0, len(b), size)]
+
+
+def _brute_nearest(desc: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Independent reference: full argsort per row, skip own label and repeated labels."""
+    sims = desc @ desc.T
+    out = np.full((len(desc), k), -1)
+    for r in range(len(desc)):
+        order = sorted(range(len(desc)), key=lambda j: (-sims[r, j], j))
+        picked, seen = [], set()
+        for j in order:
+            if labels[j] != labels[r] and labels[j] not in seen:
+                seen.add(labels[j])
+                picked.append(j)
+        out[r, :min(k, len(picked))] = picked[:k]
+    return out
+
+
+def test_groups_have_same_label_positive_and_other_label_negatives() -> None:
+    config = PairSampling(groups_per_batch=3, negatives=3, seed=1)
+    sampler = PairBatchSampler(PairMiner(LABELS, config))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == LABELS.size // 3
+    assert all(len(b) == config.batch_size == 15 for b in batches)
+    for anchor, positive, *negatives in _groups(batches, config.group_size):
+        assert anchor != positive and LABELS[anchor] == LABELS[positive]
+        neg_labels = LABELS[negatives]
+        assert (neg_labels != LABELS[anchor]).all() and len(set(neg_labels)) == 3  # distinct labels
+        assert LABELS[anchor] != 8  # a single-image label has no positive
+
+
+def test_negatives_are_the_mined_nearest_and_change_after_refresh() -> None:
+    gen = torch.Generator().manual_seed(0)
+    config = PairSampling(groups_per_batch=2, negatives=2)
+    miner = PairMiner(LABELS, config)
+    sampler = PairBatchSampler(miner)
+    before = _groups(list(sampler), config.group_size)  # random negatives: nothing mined yet
+    tables = []
+    for _ in range(2):  # two "epochs" of a changing global model
+        desc = F.normalize(torch.randn(LABELS.size, 8, generator=gen), dim=1)
+        table = nearest_other_label(desc, torch.as_tensor(LABELS), k=2, distinct=True, chunk=7).numpy()
+        np.testing.assert_array_equal(table, _brute_nearest(desc.numpy(), LABELS, 2))
+        miner.set_negatives(0, np.arange(LABELS.size), table)
+        groups = _groups(list(sampler), config.group_size)
+        for anchor, _, *negatives in groups:
+            assert negatives == table[anchor].tolist()  # exactly the nearest other-label images
+        tables.append(groups)
+    assert [g[2:] for g in tables[0]] != [g[2:] for g in tables[1]] != [g[2:] for g in before]
+
+
+def test_candidates_pool_and_positions_mapping() -> None:
+    config = PairSampling(groups_per_batch=1, negatives=2, candidates=4, pool_size=20, distinct_labels=False)
+    miner = PairMiner(LABELS, config)
+    pools = [miner.pool(e) for e in range(3)]
+    assert all(p.size == 20 and len(set(p)) == 20 for p in pools) and not np.array_equal(pools[0], pools[1])
+    table = np.stack([(np.arange(4) + 5 * p) % LABELS.size for p in pools[1]])
+    miner.set_negatives(1, pools[1], table)
+    sampler = PairBatchSampler(miner)
+    sampler.set_epoch(1)
+    for anchor, _, *negatives in _groups(list(sampler), config.group_size):
+        assert anchor in pools[1]
+        row = table[np.searchsorted(pools[1], anchor)].tolist()
+        assert negatives == [x for x in row if x in negatives] and set(negatives) <= set(row)
+
+
+def test_ranks_disjoint_and_deterministic_per_epoch_through_lightning_injection() -> None:
+    """Lightning re-instantiates a BatchSampler subclass with a DistributedSampler under DDP."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+
+    config = PairSampling(groups_per_batch=2, negatives=1, seed=4)
+    miner = PairMiner(LABELS, config)
+    dataset = list(range(LABELS.size))
+    per_rank = []
+    for rank in range(2):
+        with _replace_dunder_methods(BatchSampler):
+            loader = DataLoader(dataset, batch_sampler=PairBatchSampler(miner))
+        dist = DistributedSampler(dataset, num_replicas=2, rank=rank)
+        loader = _update_dataloader(loader, dist)
+        assert isinstance(loader.batch_sampler, PairBatchSampler) and loader.batch_sampler.miner is miner
+        epochs = []
+        for epoch in (3, 3, 4):
+            loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning's _set_sampler_epoch reaches
+            epochs.append([b.tolist() for b in loader])
+        assert epochs[0] == epochs[1] and epochs[0] != epochs[2]
+        per_rank.append(_groups(epochs[0], config.group_size))
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    anchors = [{g[0] for g in groups} for groups in per_rank]
+    assert anchors[0].isdisjoint(anchors[1])
+    reference = PairBatchSampler(miner).epoch_groups(3)
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(reference[: 2 * len(per_rank[0])])
+
+
+class _TinyModule(torch.nn.Module):
+    """What the callback touches of a RetrievalModule: backbone, global_head.embed/dim, device."""
+
+    def __init__(self, proj: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = proj
+        self.backbone = lambda x: {"conv5": x.mean(dim=(2, 3))}
+        self.global_head = SimpleNamespace(dim=proj.shape[1], embed=lambda f: F.normalize(f["conv5"] @ self.proj, dim=1))
+        self.device = torch.device("cpu")
+
+
+def test_callback_mines_pool_from_descriptors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    colours = torch.rand(LABELS.size, 3, generator=gen)
+    config = PairSampling(groups_per_batch=2, negatives=2)
+    dataset = [{"image": colours[i].view(3, 1, 1).expand(3, 6, 5).clone(), "index": i} for i in range(LABELS.size)]
+    miner = PairMiner(LABELS, config, make_dataset=lambda pos: [dict(dataset[p], index=r) for r, p in enumerate(pos)])
+    module = _TinyModule(torch.randn(3, 4, generator=gen))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=2, datamodule=SimpleNamespace(pair_miner=miner),
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    callback = HardNegativeMining(first_epoch=1, every_n_epochs=1, batch_size=4)
+    callback.on_train_epoch_start(trainer, module)
+    assert miner.mined_epoch == 2
+    desc = F.normalize(colours @ module.proj, dim=1).numpy()
+    expected = _brute_nearest(desc, LABELS, 2)
+    for anchor, _, *negatives in _groups(list(PairBatchSampler(miner)), config.group_size):
+        assert negatives == expected[anchor].tolist()
+    trainer.current_epoch = 0  # before first_epoch: no mining
+    miner.mined_epoch = None
+    callback.on_train_epoch_start(trainer, module)
+    assert miner.mined_epoch is None
+
+
+def test_hide_and_seek_schedule_and_hidden_fraction() -> None:
+    has = HideAndSeek(start=0.1, end=0.5, warmup_steps=100, delay_steps=20, grid=4)
+    assert [has.share(s) for s in (0, 19, 20, 70, 120, 10_000)] == pytest.approx([0, 0, 0.1, 0.3, 0.5, 0.5])
+    images = torch.rand(400, 3, 30, 26)
+    assert has.apply(images, step=5) is images
+    for step, share in ((70, 0.3), (500, 0.5)):
+        out = has.apply(images, step)
+        hidden = (out != images).any(dim=1)  # pixels changed by hiding
+        fill = torch.tensor(has.fill).view(1, 3, 1, 1)
+        assert torch.equal(out[:, :, :, :][hidden[:, None].expand_as(out)],
+                           fill.expand_as(out)[hidden[:, None].expand_as(out)])
+        assert float(hidden.float().mean()) == pytest.approx(share, abs=0.03)
+        mask = has.masks(400, 30, 26, step)
+        per_cell = mask[:, [0, 8, 15, 23], :][:, :, [0, 7, 13, 20]]  # one pixel in each of the 4x4 cells
+        assert torch.equal(mask.float().mean(dim=(1, 2)) > 0, per_cell.flatten(1).any(dim=1))
+        assert torch.equal(has.apply(images, step), out)  # deterministic per step
+    assert not torch.equal(has.masks(8, 30, 26, 500), has.masks(8, 30, 26, 501))
+
+
+def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datamodules.gldv2 import GLDv2DataModule, image_path
+
+    rows = []
+    for i, label in enumerate(LABELS):
+        image_id = f"{i:016x}"
+        path = image_path(str(tmp_path), "train", image_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (20, 16), (20 * int(label), 40, 9 * i)).save(path)
+        rows.append((image_id, int(label)))
+    (tmp_path / "train.csv").write_text("id,url,landmark_id\n" + "".join(f"{i},u,{lab}\n" for i, lab in rows))
+    has = HideAndSeek(start=1.0, end=1.0, warmup_steps=0)
+    dm = GLDv2DataModule(root=str(tmp_path), train_set="full", sampling="pairs", validation_split=0.0,
+                         val_sets=[], test_sets=[], image_size=16, num_workers=0, hide_and_seek=has,
+                         pairs=PairSampling(groups_per_batch=2, negatives=2, mining_max_side=12))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 16, 16)
+    labels = batch["label"].view(2, 4)
+    assert (labels[:, 0] == labels[:, 1]).all() and (labels[:, 2:] != labels[:, :1]).all()
+    pool = dm.pair_miner.pool_dataset(np.array([3, 5]))
+    assert pool[1]["index"] == 1 and max(pool[1]["image"].shape[1:]) == 12
+    hidden = dm.train_batch_transform(batch, step=0)["image"]
+    assert torch.allclose(hidden, torch.tensor(has.fill).view(1, 3, 1, 1).expand_as(hidden))
+
+
+NEW_CONFIGS = ["cvnet_r50_gldv2.yaml", "cvnet_demo.yaml"]
+
+
+@pytest.mark.parametrize("name", NEW_CONFIGS)
+def test_configs_parse_and_instantiate(name: str, cache_root: Path, tmp_path: Path) -> None:
+    from retrieval_lightning.cli import run_lightning_cli
+
+    config = REPO / "experiments" / name
+    text = yaml.safe_load(config.read_text())
+    assert text["model"]["freeze"] == ["backbone", "global"]
+    assert text["data"]["init_args"]["sampling"] == "pairs"
+    args = ["--config", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_from=null"]
+    if text["data"]["class_path"] == "minilandmarks":
+        args += [f"--data.init_args.root={cache_root}", "--data.init_args.build_size=128"]
+    else:
+        from datamodules.minilandmarks import MiniLandmarksDataModule
+
+        built = MiniLandmarksDataModule(root=str(cache_root), build_size=128).dataset_dir
+        args += [f"--data.init_args.root={built / 'gldv2'}", "--model.backbone.init_args.weights=null",
+                 "--model.backbone.init_args.name=resnet18"]
+    cli = run_lightning_cli(args, run=False)
+    assert set(cli.model.heads) == {"global", "verifier"}
+    assert cli.datamodule.pair_miner is not None
+    assert any(isinstance(c, HardNegativeMining) for c in cli.trainer.callbacks)
