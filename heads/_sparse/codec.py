@@ -1,0 +1,95 @@
+"""Sparse stored form of one projected verifier level: kept positions plus their feature rows.
+
+A dense level is ``(h*w, P)`` rows (row ``y*w + x``) with its ``(h, w)``. The sparse form keeps
+only selected rows: ``<level>_pos`` (row numbers, int16 or int32), ``<level>_val`` (the rows, fp16,
+or int8 with a scale per row (``<level>_scale`` fp16, one per kept row) or per image (one fp32)),
+and the unchanged ``<level>_hw``. :func:`decode_level` scatters the rows back into zeros, so the
+verifier scores a sparse entry through its dense code path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from retrieval_lightning.head import EntryKind
+
+VALUE_DTYPES = ("float16", "int8")
+SCALE_MODES = ("row", "image")
+INDEX_DTYPES = ("int16", "int32")
+
+
+def check_options(value_dtype: str, scale: str, index_dtype: str) -> None:
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {VALUE_DTYPES}, got {value_dtype!r}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"int8 scale must be one of {SCALE_MODES}, got {scale!r}")
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype!r}")
+
+
+def sparse_kinds(level: str, channels: int, value_dtype: str, scale: str, index_dtype: str) -> dict[str, EntryKind]:
+    """The stored kinds replacing the dense kind ``level`` (its ``<level>_hw`` is kept as is)."""
+    kinds = {
+        f"{level}_pos": EntryKind(index_dtype, (), ragged=True),
+        f"{level}_val": EntryKind(value_dtype, (channels,), ragged=True),
+    }
+    if value_dtype == "int8":
+        kinds[f"{level}_scale"] = (EntryKind("float16", (), ragged=True) if scale == "row"
+                                   else EntryKind("float32", (1,), ragged=False))
+    return kinds
+
+
+def quantize_int8(rows: Tensor, scale: str) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of ``rows`` (k, P): values and the scale (per row fp16 (k,), per image fp32 (1,))."""
+    rows = rows.float()
+    if scale == "row":
+        s = (rows.abs().amax(dim=1) / 127.0).half()
+        s_used = s.float().unsqueeze(1)
+    else:
+        s = (rows.abs().amax() / 127.0).reshape(1)
+        s_used = s.reshape(1, 1)
+    q = torch.where(s_used > 0, rows / s_used.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(rows))
+    return q.round().clamp_(-127, 127).to(torch.int8), s
+
+
+def encode_level(level: str, rows: Tensor, positions: Tensor, value_dtype: str, scale: str,
+                 index_dtype: str) -> dict[str, Tensor]:
+    """Keep ``rows[positions]`` of a dense level (n, P); ``positions`` sorted, 1-D."""
+    n = rows.shape[0]
+    if index_dtype == "int16" and n > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"{level}: {n} locations do not fit int16 positions; use index_dtype='int32'")
+    kept = rows[positions]
+    out = {f"{level}_pos": positions.to(getattr(torch, index_dtype)).cpu()}
+    if value_dtype == "float16":
+        out[f"{level}_val"] = kept.half().cpu()
+    else:
+        q, s = quantize_int8(kept, scale)
+        out[f"{level}_val"], out[f"{level}_scale"] = q.cpu(), s.cpu()
+    return out
+
+
+def decode_level(level: str, parts: dict[str, Tensor], hw: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
+    """Dense ``(h*w, P)`` rows of ``level``: stored rows at their positions, zeros elsewhere."""
+    h, w = (int(v) for v in hw.reshape(-1)[:2])
+    pos = parts[f"{level}_pos"].long().reshape(-1)
+    val = parts[f"{level}_val"]
+    if val.dtype == torch.int8:
+        s = parts[f"{level}_scale"].float()
+        values = val.float() * (s.reshape(-1, 1) if s.numel() == val.shape[0] and s.ndim == 1 else s.reshape(1, 1))
+    else:
+        values = val.float()
+    dense = torch.zeros(h * w, val.shape[1], dtype=torch.float32)
+    dense[pos] = values
+    return dense.to(dtype)
+
+
+def bytes_per_image(kinds: dict[str, EntryKind], rows: dict[str, float], ragged_overhead: int = 8) -> float:
+    """Stored bytes of one image: fixed kinds' row bytes, ragged kinds' ``rows * row bytes`` plus
+    the store's int64 offset per ragged kind (``retrieval_lightning.retrieval.store`` layout)."""
+    total = 0.0
+    for name, kind in kinds.items():
+        row = np.dtype(kind.dtype).itemsize * int(np.prod(kind.shape, dtype=np.int64))
+        total += row * rows[name] + ragged_overhead if kind.ragged else row
+    return total

@@ -1,0 +1,89 @@
+"""Which locations of a level to keep: the extraction top-k and its training relaxations.
+
+Why two relaxations: ``topk`` keeps exactly the extraction budget in every training step (the
+verifier sees the sparsity it will see at test time) and lets gradients reach the logits through
+a sigmoid around the k-th perturbed logit; ``concrete`` (binary Gumbel / concrete, one coin per
+location) lets the kept fraction float, held at the target by :func:`budget_loss`. Both are
+straight-through: the forward mask is exactly 0/1, so a dropped location contributes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+RELAXATIONS = ("topk", "concrete")
+
+
+def keep_count(n: int, keep_ratio: float | None = None, budget: int | None = None, total: int | None = None) -> int:
+    """Locations kept out of ``n``: ``round(keep_ratio * n)``, or a per-image ``budget`` shared by
+    levels in proportion to their size (``total`` = locations of all levels); at least 1, at most n."""
+    if n <= 0:
+        return 0
+    if budget is not None:
+        share = budget * n / max(int(total or n), 1)
+        return int(min(n, max(1, round(share))))
+    if keep_ratio is None:
+        raise ValueError("give keep_ratio or budget")
+    return int(min(n, max(1, round(keep_ratio * n))))
+
+
+def topk_positions(logits: Tensor, k: int) -> Tensor:
+    """Deterministic top-k of a 1-D logit vector, returned sorted by position.
+
+    A stable descending sort breaks ties by the lower position, so equal logits (e.g. zero
+    feature rows) select the same locations on every run and machine.
+    """
+    order = torch.sort(logits.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def gumbel_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).clamp_(1e-6, 1.0 - 1e-6)
+    return -torch.log(-torch.log(u))
+
+
+def topk_st_mask(logits: Tensor, k: int, tau: float, noise: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Straight-through Gumbel top-k over the last dim of ``logits`` (B, N) -> (B, N) mask.
+
+    Forward: exactly ``k`` ones per row, the top-k of the perturbed logits (Gumbel-top-k samples k
+    locations without replacement from softmax(logits)). Backward: the gradient of
+    ``sigmoid((g - t) / tau)``, ``t`` halfway between the k-th and (k+1)-th perturbed logits.
+    """
+    n = logits.shape[-1]
+    g = logits + gumbel_like(logits, generator) if noise else logits
+    if k >= n:
+        return torch.ones_like(logits)
+    top = torch.topk(g.detach(), k + 1, dim=-1).values
+    threshold = 0.5 * (top[..., k - 1] + top[..., k]) if k > 0 else top[..., 0] + 1.0
+    soft = torch.sigmoid((g - threshold.unsqueeze(-1)) / tau)
+    hard = (g.detach() > threshold.unsqueeze(-1)).to(logits.dtype)
+    return hard + (soft - soft.detach())  # exactly 0/1 forward
+
+
+def concrete_st_mask(logits: Tensor, tau: float, noise: bool = True,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Straight-through binary concrete: keep where ``sigmoid((l + logistic noise) / tau) > 0.5``."""
+    if noise:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        u = u.clamp(1e-6, 1.0 - 1e-6)
+        logits = logits + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(logits / tau)
+    hard = (soft.detach() > 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly 0/1 forward
+
+
+def budget_loss(logits: Tensor, target: float) -> Tensor:
+    """Squared gap between the expected kept fraction ``mean(sigmoid(logits))`` and ``target``."""
+    return (torch.sigmoid(logits).mean() - target) ** 2
+
+
+def temperature(step: int, start: float, end: float, steps: int) -> float:
+    """Geometric annealing from ``start`` to ``end`` over ``steps`` training steps, then flat."""
+    if steps <= 0 or start == end:
+        return float(end)
+    t = min(max(step, 0), steps) / steps
+    return float(math.exp((1.0 - t) * math.log(start) + t * math.log(end)))

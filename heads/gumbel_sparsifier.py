@@ -1,0 +1,294 @@
+"""CVNet-DS: learn which database locations of the verifier's projected levels to store.
+
+Why: CVNet must store every database image's dense projected pyramid (5.2 MiB fp32 at 768x1024),
+which does not scale to a million images. This head scores every location of a database image's
+levels with a small conv net, keeps the top ones, and stores only those (positions + fp16/int8
+rows); the verifier scores the scattered-back map through its dense code path, dropped locations
+being zero. The keep scores are learned end to end through the verifier's pair loss with a
+straight-through Gumbel relaxation (:mod:`heads._sparse.selection`), plus a budget term.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads._sparse import codec
+from heads._sparse.masked import accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
+from heads._sparse.selection import (
+    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, temperature, topk_positions, topk_st_mask,
+)
+from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
+
+SELECTIONS = ("learned", "norm", "random")
+ESTIMATORS = ("auto", "straight_through", "score_function")
+
+
+class GumbelSparsifierHead(SparsifierHead):
+    """Per-location keep logits on the database side, trained through the attached verifier.
+
+    Args:
+        stage: backbone stage the verifier projects (its ``project`` input).
+        proj_dim: channels of the verifier's projected levels (must match the verifier).
+        num_levels: pyramid levels (CVNet: 3); each has its own learned logit offset.
+        hidden: width of the keep-score conv net.
+        keep_ratio: fraction of each level's locations kept at extraction (and the training
+            target); ignored when ``budget`` is set.
+        budget: a fixed number of locations per image instead, shared by levels in proportion
+            to their size.
+        relaxation: ``topk`` (exactly the extraction count in every step) or ``concrete``
+            (per-location coins, the count held by the budget term).
+        tau_start, tau_end, tau_steps: geometric temperature schedule of the relaxation.
+        budget_weight: weight of the budget term (returned already weighted).
+        selection: ``learned``; ``norm`` (top-k by feature norm) and ``random`` are the
+            baselines the sparsity benchmark compares with.
+        value_dtype, int8_scale, index_dtype: the stored form (:mod:`heads._sparse.codec`).
+        negatives_per_anchor: in-batch negative pairs per image (positives: every image with a
+            same-label partner).
+        estimator: how the pair loss reaches the keep logits (:mod:`heads._sparse.masked`):
+            ``straight_through`` needs a verifier whose ``pair_logits`` takes ``db_masks``;
+            ``score_function`` works with any verifier; ``auto`` picks the first available.
+    """
+
+    def __init__(
+        self,
+        stage: str = "conv4",
+        proj_dim: int = 256,
+        num_levels: int = 3,
+        hidden: int = 32,
+        keep_ratio: float = 0.08,
+        budget: int | None = None,
+        relaxation: str = "topk",
+        tau_start: float = 1.0,
+        tau_end: float = 0.1,
+        tau_steps: int = 1000,
+        budget_weight: float = 1.0,
+        selection: str = "learned",
+        value_dtype: str = "int8",
+        int8_scale: str = "row",
+        index_dtype: str = "int16",
+        negatives_per_anchor: int = 1,
+        estimator: str = "auto",
+    ) -> None:
+        super().__init__()
+        if relaxation not in RELAXATIONS:
+            raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if budget is None and not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        codec.check_options(value_dtype, int8_scale, index_dtype)
+        self.stages = (stage,)
+        self.stage = stage
+        self.proj_dim, self.num_levels, self.hidden = int(proj_dim), int(num_levels), int(hidden)
+        self.keep_ratio, self.budget = float(keep_ratio), (None if budget is None else int(budget))
+        self.relaxation = relaxation
+        self.tau_start, self.tau_end, self.tau_steps = float(tau_start), float(tau_end), int(tau_steps)
+        self.budget_weight = float(budget_weight)
+        self.selection = selection
+        self.value_dtype, self.int8_scale, self.index_dtype = value_dtype, int8_scale, index_dtype
+        self.negatives_per_anchor = int(negatives_per_anchor)
+
+    def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
+        p, h = self.proj_dim, self.hidden
+        # input: the L2-normalised row and its standardised log-norm (what the verifier's cosine
+        # ignores but a saliency score wants)
+        self.scorer = nn.Sequential(
+            nn.Conv2d(p + 1, h, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(h, h, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(h, 1, 1),
+        )
+        nn.init.zeros_(self.scorer[-1].weight)  # untrained = top-k by feature norm, a sane start
+        nn.init.zeros_(self.scorer[-1].bias)
+        self.norm_weight = nn.Parameter(torch.ones(()))
+        self.level_bias = nn.Parameter(torch.zeros(self.num_levels))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ verifier
+    def attach(self, verifier: RerankHead) -> None:
+        if self.stage not in getattr(verifier, "stages", (self.stage,)):
+            raise ValueError(f"sparsifier reads {self.stage!r} but the verifier reads {verifier.stages}")
+        width = getattr(verifier, "proj_dim", None)
+        if width is not None and int(width) != self.proj_dim:
+            raise ValueError(f"sparsifier proj_dim={self.proj_dim} but the verifier projects to {width} channels")
+        super().attach(verifier)
+
+    def _verifier(self) -> RerankHead:
+        if not getattr(self, "verifier", None):
+            raise RuntimeError("GumbelSparsifierHead needs attach(verifier) before training or extraction")
+        return self.verifier[0]
+
+    # ------------------------------------------------------------------ scores
+    def keep_logits(self, level: Tensor, index: int) -> Tensor:
+        """Keep logits (B, h*w) of projected level ``index`` (B, P, h, w)."""
+        level = level.float()
+        lognorm = torch.log(level.norm(dim=1, keepdim=True) + 1e-6)
+        mean = lognorm.mean(dim=(2, 3), keepdim=True)
+        std = lognorm.std(dim=(2, 3), keepdim=True, unbiased=False) if lognorm[0].numel() > 1 else None
+        z = (lognorm - mean) / (std + 1e-6) if std is not None else lognorm - mean
+        x = torch.cat([F.normalize(level, dim=1), z], dim=1)
+        logits = self.norm_weight * z + self.scorer(x) + self.level_bias[min(index, self.num_levels - 1)]
+        return logits.flatten(1)
+
+    def _counts(self, sizes: Sequence[int]) -> list[int]:
+        total = sum(sizes)
+        return [keep_count(n, self.keep_ratio, self.budget, total) for n in sizes]
+
+    def target_fraction(self, sizes: Sequence[int]) -> float:
+        return sum(self._counts(sizes)) / max(sum(sizes), 1)
+
+    def temperature(self) -> float:
+        return temperature(int(self.step), self.tau_start, self.tau_end, self.tau_steps)
+
+    # ------------------------------------------------------------------ training
+    def pairs(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """In-batch (query, database, same) pairs: each image with its next same-label partner,
+        and with its next ``negatives_per_anchor`` other-label images (cyclic order)."""
+        lab = labels.tolist()
+        n = len(lab)
+        q, d, same = [], [], []
+        for i in range(n):
+            order = [(i + s) % n for s in range(1, n)]
+            pos = next((j for j in order if lab[j] == lab[i]), None)
+            if pos is not None:
+                q.append(i), d.append(pos), same.append(1)
+            for j in [j for j in order if lab[j] != lab[i]][: self.negatives_per_anchor]:
+                q.append(i), d.append(j), same.append(0)
+        dev = labels.device
+        return (torch.tensor(q, dtype=torch.long, device=dev), torch.tensor(d, dtype=torch.long, device=dev),
+                torch.tensor(same, dtype=torch.long, device=dev))
+
+    def relaxed_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> list[Tensor]:
+        """Straight-through 0/1 masks (B, h*w) per level for the current temperature."""
+        tau = self.temperature()
+        counts = self._counts(sizes)
+        if self.relaxation == "topk":
+            return [topk_st_mask(lg, k, tau) for lg, k in zip(logits, counts)]
+        return [concrete_st_mask(lg, tau) for lg in logits]
+
+    def sampled_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """Hard masks drawn from the keep distribution and their summed log-probability (B,)."""
+        masks, logp = [], []
+        for lg, k in zip(logits, self._counts(sizes)):
+            if self.relaxation == "topk":
+                g = lg.detach() + gumbel_like(lg.detach())
+                hard = torch.zeros_like(lg).scatter_(1, torch.topk(g, k, dim=1).indices, 1.0)
+                logp.append(plackett_luce_logprob(lg, g, k))
+            else:
+                hard = torch.bernoulli(torch.sigmoid(lg.detach()))
+                logp.append(bernoulli_logprob(lg, hard))
+            masks.append(hard)
+        return masks, torch.stack(logp).sum(0)
+
+    def greedy_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> list[Tensor]:
+        """The extraction's deterministic top-k, as 0/1 masks."""
+        return [torch.zeros_like(lg).scatter_(1, torch.topk(lg.detach(), k, dim=1).indices, 1.0)
+                for lg, k in zip(logits, self._counts(sizes))]
+
+    def uses_straight_through(self) -> bool:
+        if self.estimator == "auto":
+            return accepts_db_masks(self._verifier())
+        return self.estimator == "straight_through"
+
+    def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        verifier = self._verifier()
+        levels = verifier.project(features[self.stage])
+        q_idx, d_idx, same = self.pairs(labels)
+        if len(same) == 0:
+            raise ValueError("a batch of one image forms no pair")
+        shapes = [lv.shape[2:] for lv in levels]
+        sizes = [h * w for h, w in shapes]
+        q_levels, d_levels = [lv[q_idx] for lv in levels], [lv[d_idx] for lv in levels]
+        logits = [self.keep_logits(lv, i) for i, lv in enumerate(d_levels)]
+
+        def as_maps(masks: Sequence[Tensor]) -> list[Tensor]:
+            return [m.reshape(-1, *hw) for m, hw in zip(masks, shapes)]
+
+        out: dict[str, Tensor] = {}
+        if self.uses_straight_through():
+            pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.relaxed_masks(logits, sizes)))
+            out["pair_ce"] = F.cross_entropy(pair.float(), same)
+        else:
+            masks, logp = self.sampled_masks(logits, sizes)
+            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks)).float(), same,
+                                 reduction="none")
+            with torch.no_grad():
+                greedy = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.greedy_masks(logits, sizes)))
+                baseline = F.cross_entropy(greedy.float(), same, reduction="none")
+            out["pair_ce"] = ce.mean()
+            # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
+            out["score_function"] = ((ce.detach() - baseline) * logp).mean()
+        target = self.target_fraction(sizes)
+        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, target) for lg in logits]).mean()
+        if self.training:
+            self.step += 1
+        return out
+
+    # ------------------------------------------------------------------ storage
+    @staticmethod
+    def dense_levels(kinds: Mapping[str, EntryKind]) -> list[str]:
+        """Names of the verifier's dense level kinds: ragged (h*w, P) rows with a ``<name>_hw`` kind."""
+        names = [n for n, k in kinds.items() if k.ragged and len(k.shape) == 1 and f"{n}_hw" in kinds]
+        return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+    def entry_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> dict[str, EntryKind]:
+        out: dict[str, EntryKind] = {}
+        levels = self.dense_levels(verifier_kinds)
+        for name, kind in verifier_kinds.items():
+            if name in levels:
+                out.update(codec.sparse_kinds(name, kind.shape[0], self.value_dtype, self.int8_scale, self.index_dtype))
+            else:
+                out[name] = kind
+        return out
+
+    def _entry_levels(self, entry: Mapping[str, Tensor]) -> list[str]:
+        names = [n for n in entry if f"{n}_hw" in entry and entry[n].ndim == 2]
+        return self.dense_levels({n: EntryKind("float16", (1,), True) for n in names} |
+                                 {f"{n}_hw": EntryKind("int32", (2,)) for n in names})
+
+    def _positions(self, rows: Tensor, hw: Tensor, index: int, k: int) -> Tensor:
+        h, w = (int(v) for v in hw.reshape(-1)[:2])
+        if self.selection == "random":
+            data = rows.detach().cpu().contiguous().view(torch.int16).numpy().tobytes()
+            gen = torch.Generator().manual_seed(zlib.crc32(data) ^ index)
+            return torch.sort(torch.randperm(rows.shape[0], generator=gen)[:k]).values
+        if self.selection == "norm":
+            return topk_positions(rows.float().norm(dim=1), k)
+        param = self.norm_weight
+        level = rows.to(param.device, torch.float32).t().reshape(1, -1, h, w)
+        return topk_positions(self.keep_logits(level, index)[0].cpu(), k)
+
+    @torch.no_grad()
+    def sparsify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Dense verifier entries (database images) -> only the top locations of every level."""
+        out = []
+        for entry in entries:
+            levels = self._entry_levels(entry)
+            counts = self._counts([entry[n].shape[0] for n in levels])
+            sparse = {k: v for k, v in entry.items() if k not in levels}
+            for i, (name, k) in enumerate(zip(levels, counts)):
+                rows = entry[name]
+                pos = self._positions(rows, entry[f"{name}_hw"], i, k)
+                sparse.update(codec.encode_level(name, rows, pos, self.value_dtype, self.int8_scale, self.index_dtype))
+            out.append(sparse)
+        return out
+
+    def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Sparse entries -> the verifier's dense form (dropped rows zero); dense entries pass through."""
+        out = []
+        for entry in entries:
+            names = sorted({k[: -len("_pos")] for k in entry if k.endswith("_pos") and f"{k[:-4]}_val" in entry})
+            dense = {k: v for k, v in entry.items()
+                     if not any(k in (f"{n}_pos", f"{n}_val", f"{n}_scale") for n in names)}
+            for name in names:
+                dense[name] = codec.decode_level(name, entry, entry[f"{name}_hw"])
+            out.append(dense)
+        return out

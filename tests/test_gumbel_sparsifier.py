@@ -1,0 +1,155 @@
+"""CVNet-DS sparsifier: selection, relaxations, budget term, sparse codec, and dense parity through
+the real CVNet verifier (keep ratio 1.0 reproduces the dense scores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heads._sparse import codec
+from heads._sparse.masked import plackett_luce_logprob
+from heads._sparse.selection import (
+    budget_loss, concrete_st_mask, keep_count, temperature, topk_positions, topk_st_mask,
+)
+from heads.gumbel_sparsifier import GumbelSparsifierHead
+from retrieval_lightning.head import EntryKind
+
+P = 8
+
+
+def dense_entry(seed: int = 0, shapes=((3, 4), (4, 5), (6, 8))) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    entry = {}
+    for i, (h, w) in enumerate(shapes):
+        entry[f"level{i}"] = torch.randn(h * w, P, generator=g).half()
+        entry[f"level{i}_hw"] = torch.tensor([h, w], dtype=torch.int32)
+    return entry
+
+
+def built_head(**kwargs) -> GumbelSparsifierHead:
+    head = GumbelSparsifierHead(proj_dim=P, hidden=4, **kwargs)
+    head.build({"conv4": 16}, 0)
+    return head.eval()
+
+
+def test_keep_count_ratio_and_budget() -> None:
+    assert keep_count(100, 0.08) == 8 and keep_count(5, 0.01) == 1 and keep_count(10, 1.0) == 10
+    sizes = [768, 1530, 3072]
+    counts = [keep_count(n, budget=430, total=sum(sizes)) for n in sizes]
+    assert abs(sum(counts) - 430) <= 2 and counts[2] > counts[1] > counts[0]
+
+
+def test_topk_is_deterministic_sorted_and_breaks_ties_by_position() -> None:
+    logits = torch.tensor([0.5, 2.0, 2.0, -1.0, 2.0, 0.7])
+    assert topk_positions(logits, 2).tolist() == [1, 2]
+    assert topk_positions(logits, 4).tolist() == [1, 2, 4, 5]
+
+
+def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:
+    entry = dense_entry()
+    head = built_head(keep_ratio=0.25, value_dtype="float16")
+    a, b = head.sparsify([entry])[0], head.sparsify([entry])[0]
+    for i, n in enumerate([12, 20, 48]):
+        assert len(a[f"level{i}_pos"]) == round(0.25 * n)
+        assert torch.equal(a[f"level{i}_pos"], b[f"level{i}_pos"])
+        assert (a[f"level{i}_pos"].diff() > 0).all()
+    budget = built_head(budget=20, value_dtype="float16").sparsify([entry])[0]
+    assert sum(len(budget[f"level{i}_pos"]) for i in range(3)) == 20
+    # an untrained head keeps the rows of largest norm (zero-initialised scorer)
+    rows = entry["level2"].float()
+    assert set(a["level2_pos"].tolist()) == set(torch.topk(rows.norm(dim=1), 12).indices.tolist())
+
+
+@pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image")])
+def test_codec_round_trip(value_dtype: str, scale: str) -> None:
+    entry = dense_entry(1)
+    head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale)
+    sparse = head.sparsify([entry])[0]
+    kinds = head.entry_kinds({"level0": EntryKind("float16", (P,), True), "level0_hw": EntryKind("int32", (2,)),
+                              "level1": EntryKind("float16", (P,), True), "level1_hw": EntryKind("int32", (2,)),
+                              "level2": EntryKind("float16", (P,), True), "level2_hw": EntryKind("int32", (2,))})
+    assert set(kinds) == set(sparse)
+    for name, kind in kinds.items():  # entries match their declared kinds
+        t = sparse[name]
+        assert str(t.dtype).removeprefix("torch.") == kind.dtype, name
+        assert tuple(t.shape[1:] if kind.ragged else t.shape) == kind.shape, name
+    dense = head.densify([sparse])[0]
+    for i in range(3):
+        rows, pos = entry[f"level{i}"].float(), sparse[f"level{i}_pos"].long()
+        back = dense[f"level{i}"].float()
+        assert back.dtype == torch.float32 or dense[f"level{i}"].dtype == torch.float16
+        dropped = torch.ones(len(rows), dtype=torch.bool)
+        dropped[pos] = False
+        assert (back[dropped] == 0).all()
+        if value_dtype == "float16":
+            assert torch.equal(back[pos], rows[pos])
+        else:  # symmetric int8: error at most half a quantisation step (plus the fp16 scale's rounding)
+            step = rows[pos].abs().amax(dim=1, keepdim=True) / 127 if scale == "row" else rows[pos].abs().max() / 127
+            assert ((back[pos] - rows[pos]).abs() <= 0.51 * step + 1e-3).all()
+            assert (back[pos] - rows[pos]).abs().max() > 0  # it did quantise
+
+
+def test_int16_positions_overflow_is_refused() -> None:
+    with pytest.raises(ValueError, match="int32"):
+        codec.encode_level("level0", torch.zeros(40000, 2), torch.arange(3), "float16", "row", "int16")
+
+
+def test_bytes_per_image_at_r50_shapes_meets_the_goal() -> None:
+    kinds = {f"level{i}_hw": EntryKind("int32", (2,)) for i in range(3)}
+    rows = {}
+    for i, n in enumerate([24 * 32, 34 * 45, 48 * 64]):
+        kinds.update(codec.sparse_kinds(f"level{i}", 256, "int8", "row", "int16"))
+        for k in ("pos", "val", "scale"):
+            rows[f"level{i}_{k}"] = keep_count(n, 0.08)
+    nbytes = codec.bytes_per_image(kinds, rows)
+    assert nbytes <= 120 * 1024 and 12 * 2**20 / nbytes >= 100
+
+
+def test_topk_straight_through_is_hard_and_passes_gradients() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20, requires_grad=True)
+    mask = topk_st_mask(logits, 5, tau=0.5)
+    assert torch.equal(mask.detach().sum(1), torch.full((3,), 5.0))
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    (mask * torch.arange(20.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    # without noise it is the deterministic top-k
+    plain = topk_st_mask(logits.detach(), 5, tau=0.5, noise=False)
+    assert torch.equal(plain[0].nonzero().flatten(), topk_positions(logits[0].detach(), 5))
+
+
+def test_concrete_straight_through_passes_gradients() -> None:
+    logits = torch.zeros(2, 50, requires_grad=True)
+    mask = concrete_st_mask(logits, tau=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    mask.sum().backward()
+    assert (logits.grad > 0).all()
+
+
+def test_budget_loss_pulls_the_kept_fraction_to_the_target() -> None:
+    logits = torch.zeros(4, 100, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    before = concrete_st_mask(logits.detach(), 1.0, generator=gen).mean().item()
+    for _ in range(200):
+        opt.zero_grad()
+        budget_loss(logits, 0.1).backward()
+        opt.step()
+    after = concrete_st_mask(logits.detach(), 1.0, generator=gen).mean().item()
+    assert abs(before - 0.5) < 0.1 and abs(after - 0.1) < 0.05
+    assert abs(torch.sigmoid(logits).mean().item() - 0.1) < 0.01
+
+
+def test_temperature_schedule() -> None:
+    assert temperature(0, 2.0, 0.5, 100) == pytest.approx(2.0)
+    assert temperature(50, 2.0, 0.5, 100) == pytest.approx(1.0)
+    assert temperature(500, 2.0, 0.5, 100) == pytest.approx(0.5)
+
+
+def test_plackett_luce_logprob_matches_enumeration() -> None:
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5]])
+    perturbed = torch.tensor([[0.0, 1.0, 3.0, -2.0]])  # order 2, 1, 0, 3
+    p = torch.softmax(logits[0], 0)
+    expected = torch.log(p[2]) + torch.log(p[1] / (1 - p[2]))
+    torch.testing.assert_close(plackett_luce_logprob(logits, perturbed, 2)[0], expected)
