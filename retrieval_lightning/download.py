@@ -254,15 +254,24 @@ class _Outcome:
 
 
 def _expected_md5(item: RemoteFile, fetcher: _Fetcher) -> str | None:
+    """The published digest; a cached md5 list that cannot be read is fetched again once."""
     if item.md5 is not None:
         return item.md5.lower()
     if item.md5_url is None or item.md5_dest is None:
         return None
-    if not item.md5_dest.exists():
-        part = item.md5_dest.with_name(item.md5_dest.name + ".part")
-        fetcher.fetch(item.md5_url, part)
-        os.replace(part, item.md5_dest)
-    return read_md5_list(item.md5_dest, item.dest.name)
+    for attempt in range(2):
+        if not item.md5_dest.exists():
+            part = item.md5_dest.with_name(item.md5_dest.name + ".part")
+            fetcher.fetch(item.md5_url, part)
+            os.replace(part, item.md5_dest)
+        try:
+            return read_md5_list(item.md5_dest, item.dest.name)
+        except (ValueError, UnicodeDecodeError) as exc:
+            item.md5_dest.unlink()
+            if attempt:
+                raise DownloadError(f"{item.md5_url}: the md5 list saved as {item.md5_dest} is malformed "
+                                    f"after a fresh download ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int) -> _Outcome:

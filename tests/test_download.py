@@ -430,3 +430,46 @@ def test_cli_download_subcommand_reaches_the_datamodule_download(server, tmp_pat
     assert "fetched" in capsys.readouterr().out
     assert main(["download", "gldv3", "--root", str(tmp_path)]) == 2
     assert "did you mean 'gldv2'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 12: md5 lists, malformed archives
+
+
+def test_malformed_cached_md5_list_is_fetched_again(server, tmp_path):
+    expected = _gldv2(server)
+    listing = tmp_path / "train/md5.images_000.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_text("<html>503 Service Unavailable</html>\n")  # what a killed earlier run may have kept
+    download_gldv2(tmp_path, splits="train", base_url=f"{server.base}/google-landmark", max_archives=2, **FAST)
+    assert server.requests("/google-landmark/md5sum/train/md5.images_000.txt") == [None]
+    assert listing.read_text().split()[1] == "images_000.tar"
+    tree = _tree(tmp_path)
+    assert {rel: tree[rel] for rel in expected} == expected
+
+
+def test_md5_list_that_stays_malformed_is_a_download_error_naming_it(server, tmp_path):
+    _gldv2(server)
+    server.bodies["/google-landmark/md5sum/train/md5.images_001.txt"] = [b"Not Found\n"]
+    with pytest.raises(DownloadError, match=r"md5\.images_001\.txt.*malformed"):
+        download_gldv2(tmp_path, splits="train", base_url=f"{server.base}/google-landmark", max_archives=2, **FAST)
+    assert not (tmp_path / "train/images_001.tar").exists()
+    assert not (tmp_path / "train/.images_001.tar.extracted").exists()
+
+
+@pytest.mark.parametrize("bad", ["cut_header", "hardlink_missing"])
+def test_malformed_archive_without_md5_is_refetched_and_nothing_stays_half_extracted(server, tmp_path, bad):
+    _revisitop(server)
+    path = "/oxford/oxbuild_images-v1.tgz"
+    good = server.bodies[path][0]
+    if bad == "cut_header":  # a plain tar (no gzip) cut inside its second header
+        whole = _tar({"oxbuild_images/cut_000000.jpg": b"x" * 100, "oxbuild_images/cut_000001.jpg": b"y"})
+        body = whole[:1024 + 200]
+    else:
+        body = _tar({"oxbuild_images/cut_000000.jpg": b"x"},
+                    links={"oxbuild_images/cut_000001.jpg": (tarfile.LNKTYPE, "oxbuild_images/none.jpg")}, gz=True)
+    server.bodies[path] = [body, good]
+    summary = download_revisitop(tmp_path, datasets=("roxford5k",), base_url=_hosts(server), **FAST)
+    assert len(server.requests(path)) == 2
+    assert summary.refetched == [str(tmp_path / "datasets/roxford5k/oxbuild_images-v1.tgz")]
+    names = sorted(p.name for p in (tmp_path / "datasets/roxford5k/jpg").iterdir())
+    assert names == [f"oxford_{k:06d}.jpg" for k in range(4)]  # nothing of the bad archive was kept
