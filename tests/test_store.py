@@ -107,3 +107,70 @@ def test_bad_inputs_are_named(tmp_path, arrays) -> None:
         manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
         (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
         FeatureStore.open(tmp_path / "c")
+
+
+def _crash_while_building(path) -> int:
+    """A process that dies (no Python clean-up) in the middle of writing a store; returns its pid."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, numpy as np\n"
+        "from retrieval_lightning.retrieval.store import FeatureStore, KindSpec\n"
+        "b = FeatureStore.create(sys.argv[1], {'global': KindSpec('float16', (64,))}, count=1000)\n"
+        "b.array('global')[:] = 1\n"
+        "print(os.getpid(), flush=True)\n"
+        "os._exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    return int(proc.stdout.split()[0])
+
+
+def test_build_folder_of_a_crashed_process_is_removed_by_the_next_create(tmp_path) -> None:
+    import os
+    import socket
+
+    pid = _crash_while_building(tmp_path / "s")
+    hidden = [p.name for p in tmp_path.iterdir()]
+    assert len(hidden) == 1 and hidden[0].startswith(".s.building-") and hidden[0].endswith(f"-{pid}")
+    live = tmp_path / f".s.building-{socket.gethostname()}-{os.getppid()}"  # a concurrent live builder
+    other_host = tmp_path / f".s.building-{socket.gethostname()}x-{pid}"  # cannot be checked from here
+    other_store = tmp_path / f".t.building-{pid}"  # another store's folder
+    for folder in (live, other_host, other_store):
+        folder.mkdir()
+    FeatureStore.from_arrays(tmp_path / "s", {"global": np.ones((2, 3), np.float16)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s", live.name, other_host.name, other_store.name])
+
+
+def test_replacing_a_store_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch) -> None:
+    import os
+
+    path = tmp_path / "s"
+    FeatureStore.from_arrays(path, {"global": np.zeros((2, 3), np.float16)}, IDENTITY)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).startswith(str(tmp_path / ".s.building")) and str(dst) == str(path):
+            raise OSError("disk vanished while publishing the new store")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk vanished"):
+        FeatureStore.from_arrays(path, {"global": np.ones((2, 3), np.float16)}, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    old = FeatureStore.open(path, expect_identity=IDENTITY)  # the old store survived, whole
+    assert old.get("global", [0, 1]).tolist() == [[0, 0, 0]] * 2
+    new = FeatureStore.from_arrays(path, {"global": np.ones((2, 3), np.float16)}, overwrite=True)
+    assert new.get("global", [1]).tolist() == [[1, 1, 1]]
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_old_store_moved_aside_by_a_crashed_replace_is_put_back(tmp_path) -> None:
+    from retrieval_lightning.retrieval.store import clean_stale_builds
+
+    pid = _crash_while_building(tmp_path / "probe")  # a pid that is certainly dead
+    aside = tmp_path / f".s.replaced-{pid}"
+    FeatureStore.from_arrays(aside, {"global": np.zeros((2, 3), np.float16)}, IDENTITY)
+    clean_stale_builds(tmp_path / "s")
+    assert FeatureStore.open(tmp_path / "s", expect_identity=IDENTITY).count == 2 and not aside.exists()

@@ -233,3 +233,36 @@ def test_module_identity_tracks_weights() -> None:
     with torch.no_grad():
         same.bias[0] += 1
     assert module_identity(a)["weights_sha256"] != module_identity(same)["weights_sha256"]
+
+
+def _shards(out: Path, n: int, shard_size: int = 4) -> list[Path]:
+    from retrieval_lightning.retrieval.writer import ShardWriter
+
+    writer = ShardWriter(out, rank=0, shard_size=shard_size, identity=IDENTITY)
+    idx = np.arange(n)
+    writer.add({"index": idx, "global": np.repeat(idx[:, None] / 64, 3, axis=1)})
+    writer.close()
+    return list_shards(out)
+
+
+def test_truncated_shard_is_reported_by_name(tmp_path) -> None:
+    shards = _shards(tmp_path, 10)
+    raw = shards[1].read_bytes()
+    shards[1].write_bytes(raw[: len(raw) // 2])  # a copy cut short: zipfile.BadZipFile inside numpy
+    for call in (lambda: completed_indices(tmp_path, IDENTITY), lambda: merge_shards(tmp_path, progress=False)):
+        with pytest.raises(ValueError, match=rf"feature shard \S*{shards[1].name} is damaged.*BadZipFile"):
+            call()
+
+
+def test_corrupted_shard_member_is_reported_by_name_and_leaves_no_build_folder(tmp_path) -> None:
+    shards = _shards(tmp_path, 10)
+    raw = bytearray(shards[2].read_bytes())
+    data = (np.repeat(np.arange(8, 10)[:, None] / 64, 3, axis=1)).astype(np.float16).tobytes()
+    pos = raw.find(data)
+    assert pos > 0
+    raw[pos + 1] ^= 0xFF  # headers and index intact; the descriptors fail their CRC
+    shards[2].write_bytes(bytes(raw))
+    assert completed_indices(tmp_path, IDENTITY).tolist() == list(range(10))
+    with pytest.raises(ValueError, match=rf"feature shard \S*{shards[2].name} is damaged.*CRC"):
+        merge_shards(tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []

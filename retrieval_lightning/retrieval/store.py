@@ -19,7 +19,9 @@ wrote the store (a hash of the model config and weights): :meth:`FeatureStore.op
 whose identity differs from the expected one, naming the keys that differ.
 
 A store is built in a hidden sibling directory and renamed into place only once complete, so a
-directory with a ``manifest.json`` is never half-written.
+directory with a ``manifest.json`` is never half-written. Replacing a store moves the old one
+aside, renames the new one in, and only then deletes the old one. Hidden build folders left by a
+crashed process (possibly many GB) are removed by the next :meth:`FeatureStore.create` of that path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .workdirs import atomic_write_text, clean_stale_builds, replace_dir, work_dir
 
 FORMAT_NAME = "retrieval-lightning-feature-store"
 FORMAT_VERSION = 1
@@ -99,15 +103,6 @@ def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any])
     return diffs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class StoreBuilder:
     """A store being written: memory-mapped arrays to fill, then :meth:`commit` to publish it."""
 
@@ -125,7 +120,7 @@ class StoreBuilder:
         self.kinds = dict(kinds)
         self.identity = normalize_identity(identity)
         self._overwrite = overwrite
-        self._tmp = path.with_name(f".{path.name}.building-{os.getpid()}")
+        self._tmp = work_dir(path, "building")
         if self._tmp.exists():
             shutil.rmtree(self._tmp)
         self._tmp.mkdir(parents=True)
@@ -192,16 +187,14 @@ class StoreBuilder:
             "count": self.count,
             "kinds": kinds_json,
         }
-        _atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self._arrays.clear()
         self.offsets.clear()
         del self.index
-        if self.path.exists():
-            if not self._overwrite:
-                shutil.rmtree(self._tmp)
-                raise FileExistsError(f"feature store {self.path} already exists (pass overwrite=True)")
-            shutil.rmtree(self.path)
-        os.replace(self._tmp, self.path)
+        if self.path.exists() and not self._overwrite:
+            shutil.rmtree(self._tmp)
+            raise FileExistsError(f"feature store {self.path} already exists (pass overwrite=True)")
+        replace_dir(self._tmp, self.path)
         return FeatureStore.open(self.path)
 
     def abort(self) -> None:
@@ -247,6 +240,7 @@ class FeatureStore:
         path = Path(path)
         for name in kinds:
             check_kind_name(name)
+        clean_stale_builds(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"feature store {path} already exists (pass overwrite=True)")
         lengths = {k: np.asarray(v) for k, v in (ragged_lengths or {}).items()}

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,6 +61,25 @@ def module_identity(module: torch.nn.Module, **extra: Any) -> dict[str, Any]:
     return normalize_identity({"weights_sha256": digest.hexdigest(), **extra})
 
 
+#: what numpy/zipfile raise for a truncated or corrupted shard (BadZipFile is none of the others)
+_DAMAGED = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def _damaged(shard: Path, err: BaseException) -> ValueError:
+    return ValueError(
+        f"feature shard {shard} is damaged or not a shard ({type(err).__name__}: {err}); delete it and "
+        "rerun the extraction: only its images are extracted again"
+    )
+
+
+def _member(z: Any, shard: Path, key: str) -> np.ndarray:
+    """One array of an open shard; a damaged member (bad CRC, cut short) is an error naming the shard."""
+    try:
+        return z[key]
+    except _DAMAGED as err:
+        raise _damaged(shard, err) from None
+
+
 def _read_meta(shard: Path) -> dict[str, Any]:
     try:
         with np.load(shard, allow_pickle=False) as z:
@@ -68,8 +88,8 @@ def _read_meta(shard: Path) -> dict[str, Any]:
             meta["lengths"] = {
                 kind: np.diff(z[f"{kind}.offsets"]) for kind, spec in meta["kinds"].items() if spec["ragged"]
             }
-    except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"feature shard {shard} is unreadable or not a shard: {err}") from None
+    except _DAMAGED as err:
+        raise _damaged(shard, err) from None
     return meta
 
 
@@ -381,13 +401,17 @@ def merge_shards(
             if not mine.any():
                 continue
             local, dest = src_row[chosen][mine], dest_of_chosen[mine]
-            with np.load(shard, allow_pickle=False) as z:
+            try:
+                archive = np.load(shard, allow_pickle=False)
+            except _DAMAGED as err:
+                raise _damaged(shard, err) from None
+            with archive as z:
                 for kind, spec in kinds.items():
-                    data = z[kind]
+                    data = _member(z, shard, kind)
                     if not spec.ragged:
                         builder.array(kind)[dest] = data[local]
                         continue
-                    offsets = z[f"{kind}.offsets"]
+                    offsets = _member(z, shard, f"{kind}.offsets")
                     src_rows = _ranges(offsets[local], offsets[local + 1] - offsets[local])
                     dst_off = builder.offsets[kind]
                     dst_rows = _ranges(dst_off[dest], dst_off[dest + 1] - dst_off[dest])

@@ -1,0 +1,89 @@
+"""Hidden sibling folders a store is built in, and the clean-up of those a crashed process left.
+
+A merge into ROxford+1M or the GLDv2 index writes GBs into ``.<name>.building-<host>-<pid>``
+before renaming it into place; a crash must not leave that behind for ever, and a live
+concurrent builder's folder must not be touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def work_dir(path: Path, purpose: str) -> Path:
+    """Hidden sibling of ``path`` owned by this process: ``.<name>.<purpose>-<host>-<pid>``."""
+    return path.with_name(f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}")
+
+
+def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden build folders of ``path`` whose process (on this host) is gone.
+
+    A crash during a merge leaves ``.<name>.building-<host>-<pid>``; a crash while replacing a store
+    can leave the old store at ``.<name>.replaced-<host>-<pid>``, which is put back when ``path``
+    is missing (the new store never made it in) and deleted otherwise. Folders of live processes
+    and of other hosts (whose processes cannot be checked from here) are left alone.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(building|replaced)-(?:(.+)-)?(\d+)$")
+    host = socket.gethostname()
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in sorted(path.parent.iterdir()):
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir():
+            continue
+        purpose, owner_host, pid = match.group(1), match.group(2), int(match.group(3))
+        if (owner_host not in (None, host)) or _process_alive(pid):
+            continue
+        if purpose == "replaced" and not path.exists():
+            os.replace(entry, path)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move the finished folder ``new`` to ``path``; an existing ``path`` is deleted only afterwards.
+
+    The old folder is renamed aside first, so a crash at any point leaves a complete folder at
+    ``path`` or the old one aside (put back by :func:`clean_stale_builds`), never nothing.
+    """
+    if not path.exists():
+        os.replace(new, path)
+        return
+    aside = work_dir(path, "replaced")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
