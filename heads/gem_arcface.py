@@ -36,6 +36,8 @@ class GemArcFaceHead(GlobalHead):
             pretrained backbone come from a sensible classifier rather than a random one.
     """
 
+    training_only = ("classifier.",)
+
     def __init__(
         self,
         stage: str = "conv5",

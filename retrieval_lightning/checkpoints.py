@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,8 +41,56 @@ def load_tensor_file(path: str | Path) -> dict:
 
 
 def state_dict_of(checkpoint: dict) -> dict[str, Tensor]:
-    """The model state dict inside a Lightning checkpoint, an official ``model_state`` file or a bare dict."""
+    """The model state dict inside a Lightning checkpoint, an official ``model_state`` file or a bare dict.
+
+    Every way this project loads weights (backbone weights, ``init_from``, ``extract``/``test``
+    checkpoints, ``load_from_checkpoint``) unwraps files through this function.
+    """
     for key in ("state_dict", "model_state"):
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
     return checkpoint
+
+
+#: key of the architecture record in a self-contained checkpoint
+ARCHITECTURE_KEY = "retrieval_lightning"
+ARCHITECTURE_FORMAT = 1
+
+
+class IncompatibleWeightsError(ValueError):
+    """A state dict that does not fit the model it is loaded into (names what is missing, extra, mis-shaped)."""
+
+
+def check_state_fits(
+    own: dict[str, Tensor],
+    state: dict[str, Tensor],
+    optional: Callable[[str], bool],
+    source: str,
+) -> dict[str, Tensor]:
+    """The one strictness policy of full-model loads (``test --ckpt_path``, ``extract``, ``load_from_checkpoint``).
+
+    Every tensor of the model must be in ``state`` with the same shape, and every tensor of ``state``
+    must be in the model, except tensors ``optional(name)`` declares training-only (a classifier
+    over the training classes, absent from an evaluation-only model built with ``num_classes=0``):
+    those are dropped when the model lacks them and keep their initialisation when the file lacks
+    them. Returns the filtered state dict; raises :class:`IncompatibleWeightsError` otherwise.
+    ``init_from`` is the partial load of a recipe's earlier stage and has its own rule (see
+    :meth:`RetrievalModule.initialise_from`).
+    """
+    missing = [k for k in own if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in own and not optional(k)]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model tensors missing from the file (first {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors in the file the model does not have (first {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shapes differ ({'; '.join(shapes[:5])})")
+        raise IncompatibleWeightsError(f"{source} does not fit this model: " + "; ".join(parts))
+    return {k: v for k, v in state.items() if k in own}

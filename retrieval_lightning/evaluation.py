@@ -1,27 +1,46 @@
 """Metric protocols: from gathered descriptors of an :class:`EvalSet` to logged metrics.
 
-A protocol is a function ``(queries (Q, D), database (N, D), ground_truth, chunk) -> EvalResult``
-registered in :data:`PROTOCOLS` under the name an ``EvalSet.protocol`` carries. Scores are inner
-products computed chunk by chunk over the database, so no Q×N matrix is ever held.
+A :class:`Protocol` is registered in :data:`PROTOCOLS` under the name an ``EvalSet.protocol``
+carries. It has two functions:
+
+- ``evaluate(queries (Q, D), database (N, D), ground_truth, chunk, reranked=None, device=None)
+  -> EvalResult``: scores are inner products computed chunk by chunk over the database, so no
+  Q×N matrix is ever held. ``reranked`` (from :mod:`retrieval_lightning.retrieval.rerank`) maps a
+  *variant* to one array per query of database positions that come first, in that order; the rest
+  of the database follows in global order. Without it the metrics are the global-only ones.
+- ``exclusions(ground_truth, n_queries) -> {variant: [positions per query]}``: the database items
+  that a shortlist of that variant must skip (revisitop: each protocol's junk, so Easy, Medium and
+  Hard get their own shortlist of K non-junk items, as the official CVNet and DELG testers do).
+  The variant ``"all"`` means one ranking serves every metric.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
+from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
 from retrieval_lightning.metrics.revisitop import evaluate_revisitop_from_scores
 from retrieval_lightning.retrieval.search import topk_search
 
 #: how many results per query are kept for pictures and inspection
 SHORTLIST = 10
+#: the variant name of a single ranking used for every metric
+ALL = "all"
 
 POSITIVE, NEGATIVE, JUNK = 1, 0, -1
+
+Rankings = Mapping[str, Sequence[np.ndarray]]
+
+
+class NonFiniteDescriptorError(ValueError):
+    """A descriptor holds NaN or Inf: a ranking built on it would be meaningless."""
 
 
 @dataclass
@@ -34,10 +53,26 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _score_chunks(queries: Tensor, database: Tensor, chunk: int) -> Callable[[], Iterator[Tensor]]:
+def _score_chunks(
+    queries: Tensor, database: Tensor, chunk: int, first: Sequence[np.ndarray] | None = None
+) -> Callable[[], Iterator[Tensor]]:
+    """Score chunks in database order; ``first[q]`` positions get scores above any inner product."""
+
     def chunks() -> Iterator[Tensor]:
+        q = queries.float()
         for start in range(0, database.shape[0], chunk):
-            yield queries.float() @ database[start:start + chunk].float().T
+            scores = q @ database[start:start + chunk].float().T
+            if first is not None:
+                stop = start + scores.shape[1]
+                for qi, order in enumerate(first):
+                    order = np.asarray(order, dtype=np.int64)
+                    inside = (order >= start) & (order < stop)
+                    if inside.any():
+                        rank = np.nonzero(inside)[0]
+                        scores[qi, torch.from_numpy(order[inside] - start)] = torch.from_numpy(
+                            (1e6 - rank).astype(np.float32)
+                        )
+            yield scores
 
     return chunks
 
@@ -50,22 +85,81 @@ def _mark(topk: Tensor, positive: list[set[int]], junk: list[set[int]]) -> Tenso
     return marks
 
 
-def revisitop_protocol(queries: Tensor, database: Tensor, ground_truth: list[dict], chunk: int) -> EvalResult:
+def _leading(
+    queries: Tensor, database: Tensor, k: int, chunk: int, first: Sequence[np.ndarray] | None, device: Any
+) -> tuple[Tensor, Tensor]:
+    """Top ``k`` positions per query: ``first[q]`` in order, then the global ranking without them."""
+    extra = 0 if first is None else max((len(f) for f in first), default=0)
+    scores, topk = topk_search(queries, database, k=min(k + extra, database.shape[0]), chunk_size=chunk,
+                               device=device)
+    if first is None:
+        return scores[:, :k], topk[:, :k]
+    rows, score_rows = [], []
+    for q, order in enumerate(first):
+        order = [int(i) for i in order]
+        taken = set(order)
+        rest = [(int(i), float(s)) for i, s in zip(topk[q].tolist(), scores[q].tolist()) if int(i) not in taken]
+        glob = {int(i): float(s) for i, s in zip(topk[q].tolist(), scores[q].tolist())}
+        merged = [(i, glob.get(i, float(queries[q].float() @ database[i].float()))) for i in order] + rest
+        rows.append([i for i, _ in merged[:k]])
+        score_rows.append([s for _, s in merged[:k]])
+    return torch.tensor(score_rows, dtype=torch.float32), torch.tensor(rows, dtype=torch.long)
+
+
+def revisitop_exclusions(ground_truth: list[dict], n_queries: int) -> dict[str, list[np.ndarray]]:
+    """Per protocol, the junk a shortlist skips: Easy junk ∪ hard, Medium junk, Hard junk ∪ easy."""
+    out: dict[str, list[np.ndarray]] = {"easy": [], "medium": [], "hard": []}
+    for g in ground_truth:
+        easy, hard = np.asarray(g.get("easy", []), np.int64), np.asarray(g.get("hard", []), np.int64)
+        junk = np.asarray(g.get("junk", []), np.int64)
+        out["easy"].append(np.union1d(junk, hard))
+        out["medium"].append(junk)
+        out["hard"].append(np.union1d(junk, easy))
+    return out
+
+
+def no_exclusions(ground_truth: Any, n_queries: int) -> dict[str, list[np.ndarray]]:
+    """Protocols without junk: one shortlist per query serves every metric."""
+    return {ALL: [np.zeros(0, np.int64) for _ in range(n_queries)]}
+
+
+def revisitop_protocol(
+    queries: Tensor, database: Tensor, ground_truth: list[dict], chunk: int,
+    reranked: Rankings | None = None, device: Any = None,
+) -> EvalResult:
     """Revisited Oxford/Paris: mAP and mP@1/5/10 for Easy, Medium and Hard (percent)."""
     if len(ground_truth) != queries.shape[0]:
         raise ValueError(f"revisitop ground truth has {len(ground_truth)} queries, extracted {queries.shape[0]}")
-    metrics = evaluate_revisitop_from_scores(_score_chunks(queries, database, chunk), ground_truth, chunk_size=chunk)
-    _, topk = topk_search(queries, database, k=min(SHORTLIST, database.shape[0]), chunk_size=chunk)
+    if reranked is None:
+        metrics = evaluate_revisitop_from_scores(_score_chunks(queries, database, chunk), ground_truth,
+                                                 chunk_size=chunk)
+        shown = None
+    else:
+        metrics = {}
+        for variant, first in reranked.items():
+            values = evaluate_revisitop_from_scores(_score_chunks(queries, database, chunk, first), ground_truth,
+                                                    chunk_size=chunk)
+            if variant == ALL:
+                metrics.update(values)
+            else:
+                suffix = f"_{REVISITOP_SUFFIX[variant]}"
+                metrics.update({k: v for k, v in values.items() if k.endswith(suffix)})
+        shown = reranked.get("medium", reranked.get(ALL))
+    _, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, shown, device)
     positive = [set(g.get("easy", [])) | set(g.get("hard", [])) for g in ground_truth]
     junk = [set(g.get("junk", [])) for g in ground_truth]
     return EvalResult(metrics, topk, _mark(topk, positive, junk))
 
 
-def gldv2_retrieval_protocol(queries: Tensor, database: Tensor, ground_truth: dict, chunk: int) -> EvalResult:
+def gldv2_retrieval_protocol(
+    queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
+    reranked: Rankings | None = None, device: Any = None,
+) -> EvalResult:
     """GLDv2 retrieval: mAP@100 over the queries that have ground truth (percent)."""
     query_ids, db_ids, solution = ground_truth["query_ids"], ground_truth["db_ids"], ground_truth["solution"]
     k = min(100, database.shape[0])
-    _, topk = topk_search(queries, database, k=k, chunk_size=chunk)
+    first = None if reranked is None else reranked[ALL]
+    _, topk = _leading(queries, database, k, chunk, first, device)
     predictions = {qid: [db_ids[i] for i in row] for qid, row in zip(query_ids, topk.tolist())}
     metrics = {"mAP@100": 100.0 * gldv2_metrics.mean_average_precision(predictions, solution, max_predictions=100)}
     db_pos = {i: n for n, i in enumerate(db_ids)}
@@ -74,10 +168,17 @@ def gldv2_retrieval_protocol(queries: Tensor, database: Tensor, ground_truth: di
     return EvalResult(metrics, short, _mark(short, positive, [set() for _ in query_ids]))
 
 
-def gldv2_recognition_protocol(queries: Tensor, database: Tensor, ground_truth: dict, chunk: int) -> EvalResult:
-    """GLDv2 recognition by label transfer from the nearest training image: GAP and accuracy (percent)."""
+def gldv2_recognition_protocol(
+    queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
+    reranked: Rankings | None = None, device: Any = None,
+) -> EvalResult:
+    """GLDv2 recognition by label transfer from the first-ranked training image: GAP and accuracy (percent).
+
+    The confidence is the global similarity of that image, also after re-ranking.
+    """
     query_ids, db_labels, solution = ground_truth["query_ids"], ground_truth["db_labels"], ground_truth["solution"]
-    scores, topk = topk_search(queries, database, k=min(SHORTLIST, database.shape[0]), chunk_size=chunk)
+    first = None if reranked is None else reranked[ALL]
+    scores, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, first, device)
     predictions = {qid: (db_labels[row[0]], float(s[0])) for qid, row, s in zip(query_ids, topk.tolist(), scores)}
     metrics = {
         "GAP": 100.0 * gldv2_metrics.global_average_precision(predictions, solution),
@@ -92,18 +193,48 @@ def gldv2_recognition_protocol(queries: Tensor, database: Tensor, ground_truth: 
     return EvalResult(metrics, topk, marks)
 
 
-PROTOCOLS: dict[str, Callable[[Tensor, Tensor, Any, int], EvalResult]] = {
-    "revisitop": revisitop_protocol,
-    "gldv2_retrieval": gldv2_retrieval_protocol,
-    "gldv2_recognition": gldv2_recognition_protocol,
+@dataclass(frozen=True)
+class Protocol:
+    """A metric protocol: how to evaluate, and which items each shortlist variant skips."""
+
+    evaluate: Callable[..., EvalResult]
+    exclusions: Callable[[Any, int], dict[str, list[np.ndarray]]]
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "revisitop": Protocol(revisitop_protocol, revisitop_exclusions),
+    "gldv2_retrieval": Protocol(gldv2_retrieval_protocol, no_exclusions),
+    "gldv2_recognition": Protocol(gldv2_recognition_protocol, no_exclusions),
 }
 
 
-def evaluate_eval_set(eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536) -> EvalResult:
-    """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate."""
+def protocol_of(eval_set: EvalSet) -> Protocol:
     if eval_set.protocol not in PROTOCOLS:
         raise ValueError(
             f"eval set {eval_set.name!r} asks for protocol {eval_set.protocol!r}; known: {sorted(PROTOCOLS)}"
         )
+    return PROTOCOLS[eval_set.protocol]
+
+
+def check_finite(eval_set: EvalSet, descriptors: Tensor) -> None:
+    """Raise :class:`NonFiniteDescriptorError` naming the images whose descriptors hold NaN or Inf."""
+    bad = torch.nonzero(~torch.isfinite(descriptors.float()).all(dim=1)).flatten().tolist()
+    if not bad:
+        return
+    names = [eval_set.image_ids[i] if i < len(eval_set.image_ids) else f"item {i}" for i in bad[:5]]
+    raise NonFiniteDescriptorError(
+        f"eval set {eval_set.name!r}: {len(bad)} descriptor(s) contain NaN/Inf, e.g. {names} "
+        "(a diverged model or a broken image); refusing to rank them"
+    )
+
+
+def evaluate_eval_set(
+    eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536,
+    reranked: Rankings | None = None, device: Any = None,
+) -> EvalResult:
+    """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate."""
+    protocol = protocol_of(eval_set)
+    check_finite(eval_set, descriptors)
     queries, database = descriptors[: eval_set.n_queries], descriptors[eval_set.n_queries:]
-    return PROTOCOLS[eval_set.protocol](queries, database, eval_set.ground_truth, chunk)
+    device = device if device is not None else "cpu"
+    return protocol.evaluate(queries, database, eval_set.ground_truth, chunk, reranked=reranked, device=device)

@@ -62,6 +62,9 @@ class Head(nn.Module):
     role: ClassVar[str] = ""
     #: backbone stages read, by name (``conv4``, ``conv5``, ...); may be overridden per instance
     stages: tuple[str, ...] = ("conv5",)
+    #: state-dict prefixes (inside the head) that exist only for training, e.g. a classifier over the
+    #: training classes: a model built for evaluation (``num_classes=0``) loads checkpoints without them
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()

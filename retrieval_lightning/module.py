@@ -8,6 +8,8 @@ set's metric protocol on every rank, so every rank logs identical values.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -17,12 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval_lightning.backbone import Backbone
-from retrieval_lightning.checkpoints import load_tensor_file, state_dict_of
+from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, check_state_fits, load_tensor_file, state_dict_of
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
-from retrieval_lightning.head import ROLES, GlobalHead, Head
+from retrieval_lightning.imprint import imprint_heads
+from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.retrieval.gather import gather_dedupe
+from retrieval_lightning.model_record import architecture_of, build_from_architecture
+from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
+from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
+from retrieval_lightning.retrieval.writer import module_identity
 
 DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
 
@@ -49,6 +56,9 @@ class RetrievalModule(pl.LightningModule):
         freeze_bn: keep the backbone's BatchNorm statistics fixed while training (as
             cnnimageretrieval-pytorch fine-tunes): small or oddly distributed fine-tuning sets
             otherwise drag the ImageNet statistics away from what the test images need.
+        rerank: how ``test``/``validate`` re-rank the global shortlist when a re-ranking head
+            (``local`` or ``verifier``) is configured (see
+            :class:`~retrieval_lightning.retrieval.rerank.RerankConfig`).
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class RetrievalModule(pl.LightningModule):
         eval_scales: Sequence[float] = DEFAULT_EVAL_SCALES,
         search_chunk: int = 65536,
         freeze_bn: bool = False,
+        rerank: RerankConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
@@ -91,11 +102,16 @@ class RetrievalModule(pl.LightningModule):
         self.eval_scales = tuple(float(s) for s in eval_scales)
         self.search_chunk = int(search_chunk)
         self.freeze_bn = bool(freeze_bn)
+        self.rerank = rerank if rerank is not None else RerankConfig()
+        self._attach_rerank_heads()
         self._apply_freeze()
         if init_from:
             self.initialise_from(init_from)
         self._eval_buffers: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._rerank_writers: dict[int, RerankEntryWriter] = {}
+        #: per eval set, the last evaluation (re-ranked when the model re-ranks) and its global-only one
         self.last_eval: dict[str, EvalResult] = {}
+        self.last_eval_global: dict[str, EvalResult] = {}
 
     # ------------------------------------------------------------------ set-up
     def _frozen_modules(self) -> list[nn.Module]:
@@ -114,6 +130,64 @@ class RetrievalModule(pl.LightningModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    def _attach_rerank_heads(self) -> None:
+        rerankers = [r for r, h in self.heads.items() if isinstance(h, RerankHead)]
+        if len(rerankers) > 1:
+            raise ValueError(f"configure one re-ranking head (local or verifier), got {rerankers}")
+        sparsifier = self.heads["sparsifier"] if "sparsifier" in self.heads else None
+        if sparsifier is not None:
+            verifier = self.heads["verifier"] if "verifier" in self.heads else None
+            if not isinstance(sparsifier, SparsifierHead) or verifier is None:
+                raise ValueError("a sparsifier head rewrites a verifier's entries: configure heads.verifier too")
+            sparsifier.attach(verifier)
+
+    def is_training_only(self, name: str) -> bool:
+        """Whether a state-dict entry exists only for training (see ``Head.training_only``)."""
+        for role, head in self.heads.items():
+            prefix = f"heads.{role}."
+            if name.startswith(prefix) and any(name[len(prefix):].startswith(t) for t in head.training_only):
+                return True
+        return False
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a full model's weights under :func:`~retrieval_lightning.checkpoints.check_state_fits`."""
+        state = check_state_fits(self.state_dict(), state_dict_of(load_tensor_file(path)), self.is_training_only,
+                                 str(path))
+        self.load_state_dict(state, strict=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``test --ckpt_path`` / resume: apply the strictness policy before Lightning's strict load."""
+        own = self.state_dict()
+        state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint")
+        for key in [k for k in own if k not in state]:
+            state[key] = own[key]  # training-only tensors the file lacks keep their initialisation
+        checkpoint["state_dict"] = state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write a self-contained checkpoint (weights + architecture) without a Trainer."""
+        torch.save({"state_dict": self.state_dict(), ARCHITECTURE_KEY: architecture_of(self),
+                    "pytorch-lightning_version": pl.__version__}, str(path))
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: Any = None, **overrides: Any
+    ) -> "RetrievalModule":
+        """Rebuild backbone and heads from the checkpoint's own record (no config file), then load weights.
+
+        ``overrides`` replace module arguments of the record (e.g. ``rerank=RerankConfig(k=20)``).
+        """
+        checkpoint = load_tensor_file(checkpoint_path)
+        module = build_from_architecture(checkpoint, str(checkpoint_path), overrides)
+        state = check_state_fits(module.state_dict(), state_dict_of(checkpoint), module.is_training_only,
+                                 str(checkpoint_path))
+        module.load_state_dict(state, strict=False)
+        if map_location is not None:
+            module.to(map_location)
+        return module.eval()
 
     def initialise_from(self, path: str) -> None:
         """Copy every fitting tensor of a checkpoint; a shape conflict is an error naming the key."""
@@ -165,30 +239,8 @@ class RetrievalModule(pl.LightningModule):
         return total
 
     def on_fit_start(self) -> None:
-        for role, head in self.heads.items():
-            if isinstance(head, GlobalHead) and head.wants_imprint and role not in self.frozen:
-                self._imprint(head)
-
-    @torch.no_grad()
-    def _imprint(self, head: GlobalHead) -> None:
-        """One pass over this rank's training batches; sums are reduced over ranks, so all agree."""
-        was_training = self.training
-        self.eval()
-        sums = torch.zeros(self.num_classes, head.dim, device=self.device)
-        counts = torch.zeros(self.num_classes, device=self.device)
-        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.trainer.train_dataloader
-        for i, batch in enumerate(loader):
-            if i % self.trainer.world_size != self.trainer.global_rank:
-                continue  # each rank takes every world_size-th batch; the sums are reduced below
-            images, labels = batch["image"].to(self.device), batch["label"].to(self.device)
-            pooled = head.pool({s: f for s, f in self.backbone(images).items() if s in head.stages})
-            sums.index_add_(0, labels, F.normalize(pooled.float(), dim=-1))
-            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        head.imprint(sums, counts)
-        rank_zero_info(f"imprinted {int((counts > 0).sum())}/{self.num_classes} classes of the {head.role} head")
-        self.train(was_training)
+        # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
+        imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 
     def configure_optimizers(self) -> Any:
         groups = []
@@ -202,14 +254,14 @@ class RetrievalModule(pl.LightningModule):
             raise ValueError("everything is frozen: nothing to train")
         return build_optimizer(self.optim, groups, self.trainer.estimated_stepping_batches)
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def embed_image(self, image: Tensor) -> Tensor:
         """Multi-scale global descriptor of one (3, H, W) image: L2 per scale, summed, L2 (DELG)."""
         head = self.global_head
         acc = None
         for scale in self.eval_scales:
-            x = image[None]
+            x = image[None].to(self.device)
             if scale != 1.0:
                 x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
             desc = head.embed(self.backbone(x))[0].float()
@@ -219,21 +271,128 @@ class RetrievalModule(pl.LightningModule):
     def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         return torch.stack([self.embed_image(img) for img in images])
 
+    @property
+    def rerank_head(self) -> RerankHead | None:
+        """The configured re-ranking head (role ``local`` or ``verifier``), if any."""
+        return next((h for h in self.heads.values() if isinstance(h, RerankHead)), None)
+
+    @property
+    def sparsifier(self) -> SparsifierHead | None:
+        head = self.heads["sparsifier"] if "sparsifier" in self.heads else None
+        return head if isinstance(head, SparsifierHead) else None
+
+    def _require_rerank_head(self) -> RerankHead:
+        head = self.rerank_head
+        if head is None:
+            raise RuntimeError(f"this model has no re-ranking head (heads: {sorted(self.heads)})")
+        return head
+
+    @property
+    def rerank_prefix(self) -> str:
+        """Stores name re-ranking kinds ``<role>-<name>`` (beside ``global``)."""
+        return f"{self._require_rerank_head().role}-"
+
+    def features_at(self, images: Tensor) -> dict[str, Tensor]:
+        """The backbone as a re-ranking head sees it: (B, 3, h, w) RGB in [0, 1] -> {stage: map}."""
+        return self.backbone(images.to(self.device))
+
+    def rerank_entry_kinds(self, database: bool = True) -> dict[str, EntryKind]:
+        """What is stored per image: the head's kinds, rewritten by the sparsifier for database images."""
+        kinds = self._require_rerank_head().entry_kinds()
+        if database and self.sparsifier is not None:
+            kinds = self.sparsifier.entry_kinds(kinds)
+        return kinds
+
+    @torch.no_grad()
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]:
+        """Per image, what is stored for the re-ranking head (after the sparsifier for database images).
+
+        ``images`` are (3, H, W) float RGB in [0, 1]; the model applies its own normalisation.
+        """
+        head = self._require_rerank_head()
+        entries = head.extract_entries([img.to(self.device).float() for img in images], self.features_at)
+        if database and self.sparsifier is not None:
+            entries = self.sparsifier.sparsify(entries)
+        return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
+
+    def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Stored database entries -> what the re-ranking head scores (the sparsifier's inverse)."""
+        return self.sparsifier.densify(entries) if self.sparsifier is not None else entries
+
+    @torch.no_grad()
+    def score_entries(
+        self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
+    ) -> Tensor:
+        return self._require_rerank_head().score(query, candidates, seeds)
+
+    @torch.no_grad()
+    def rerank_scores(
+        self, query_image: Tensor, candidates: Sequence[Tensor] | Sequence[Mapping[str, Tensor]],
+        seeds: Sequence[int] | None = None,
+    ) -> Tensor:
+        """(K,) re-ranking scores of a query image against K candidate images or stored entries."""
+        query = self.rerank_entries([query_image], database=False)[0]
+        if len(candidates) and isinstance(candidates[0], Tensor):
+            entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
+        else:
+            entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
+        entries = self.densify_entries(entries)
+        seeds = list(seeds) if seeds is not None else pair_seeds(0, range(len(entries)))
+        return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
+
+    # ------------------------------------------------------------------ evaluation
     def _eval_sets(self, stage: str) -> list[EvalSet]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_sets"):
             raise RuntimeError("evaluation needs a datamodule with eval_sets(stage)")
         return datamodule.eval_sets(stage)
 
+    def _reranks(self) -> bool:
+        return self.rerank_head is not None and self.rerank.enabled
+
+    def entry_identity(self) -> dict[str, Any]:
+        """Identity of stored entries: the weights plus everything that shapes an entry."""
+        kinds = {f"{side}:{k}": [v.dtype, list(v.shape), v.ragged]
+                 for side, db in (("q", False), ("db", True)) for k, v in self.rerank_entry_kinds(db).items()}
+        heads = {role: [type(h).__name__, h.init_args] for role, h in self.heads.items()}
+        return module_identity(self, model_class=type(self).__name__, kinds=kinds, heads=heads)
+
+    def _start_eval(self, prefix: str, stage: str) -> None:
+        self._eval_buffers.clear()
+        self._rerank_writers: dict[int, RerankEntryWriter] = {}
+        if not self._reranks() or self.trainer.sanity_checking:
+            return
+        identity = self.entry_identity()
+        tag = identity["weights_sha256"][:16]
+        root = Path(self.rerank.store_dir or Path(self.trainer.default_root_dir) / "rerank_store")
+        for idx, eval_set in enumerate(self._eval_sets(stage)):
+            parent = root / prefix / eval_set.name
+            if self.trainer.is_global_zero and parent.is_dir():
+                for old in parent.iterdir():  # entries of earlier weights (earlier epochs) are never read again
+                    if old.is_dir() and old.name != tag:
+                        shutil.rmtree(old, ignore_errors=True)
+            self._rerank_writers[idx] = RerankEntryWriter(
+                self, eval_set, parent / tag, identity, rank=self.global_rank, shard_size=self.rerank.shard_size
+            )
+
     def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         desc = self.embed_batch(batch["image"])
         self._eval_buffers.setdefault(dataloader_idx, []).append((batch["index"].detach().cpu(), desc.cpu()))
+        writer = getattr(self, "_rerank_writers", {}).get(dataloader_idx)
+        if writer is not None:
+            writer.add(batch["image"], batch["index"])
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val", "validate")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test", "test")
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val", "validate")
@@ -242,11 +401,14 @@ class RetrievalModule(pl.LightningModule):
         self._finish_eval("test", "test")
 
     def _finish_eval(self, prefix: str, stage: str) -> None:
+        writers = getattr(self, "_rerank_writers", {})
+        self._rerank_writers = {}
         if self.trainer.sanity_checking:
             self._eval_buffers.clear()
             return
         eval_sets = self._eval_sets(stage)
         self.last_eval = {}
+        self.last_eval_global = {}
         for idx, eval_set in enumerate(eval_sets):
             chunks = self._eval_buffers.get(idx, [])
             index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
@@ -254,6 +416,9 @@ class RetrievalModule(pl.LightningModule):
             index, gathered = gather_dedupe(self, index, desc=desc)
             desc = gathered["desc"].cpu()
             expected = len(eval_set.dataset)
+            writer = writers.get(idx)
+            if writer is not None:
+                writer.close()
             if len(index) != expected or not torch.equal(index.cpu(), torch.arange(expected)):
                 if self._eval_is_partial(prefix):
                     rank_zero_warn(f"{prefix}: eval set {eval_set.name!r} only partly evaluated "
@@ -262,18 +427,45 @@ class RetrievalModule(pl.LightningModule):
                 raise RuntimeError(
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
-            result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk)
+            result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device)
+            self.last_eval_global[eval_set.name] = result
             self.last_eval[eval_set.name] = result
-            for key, value in result.metrics.items():
-                # computed from identical gathered data on every rank: no sync needed, no rank-0-only hang
-                self.log(f"{prefix}/{eval_set.name}/{key}", value, add_dataloader_idx=False, sync_dist=False)
+            # computed from identical gathered data on every rank: no sync needed, no rank-0-only hang
+            self._log_metrics(f"{prefix}/{eval_set.name}", result.metrics)
+            if writer is not None:
+                reranked = self._rerank_eval_set(writer, eval_set, desc)
+                self.last_eval[eval_set.name] = reranked
+                self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
+
+    def _log_metrics(self, prefix: str, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self.log(f"{prefix}/{key}", value, add_dataloader_idx=False, sync_dist=False)
+
+    def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor) -> EvalResult:
+        strategy = self.trainer.strategy
+        strategy.barrier()
+        if self.trainer.is_global_zero:
+            writer.merge()
+        strategy.barrier()
+        query_store, db_store = writer.open()
+        return evaluate_reranked(
+            self, eval_set, desc, query_store, db_store, self.rerank,
+            rank=self.global_rank, world_size=self.trainer.world_size, chunk=self.search_chunk,
+            device=self.device, progress=self.trainer.is_global_zero,
+        )
 
     def _eval_is_partial(self, prefix: str) -> bool:
         trainer = self.trainer
         limit = trainer.limit_val_batches if prefix == "val" else trainer.limit_test_batches
-        return bool(trainer.fast_dev_run) or limit != 1.0
+        full = isinstance(limit, float) and limit == 1.0
+        return bool(trainer.fast_dev_run) or not full
 
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Per-item outputs for the feature store: dataset index and fp16 global descriptor."""
-        return {"index": batch["index"], "global": self.embed_batch(batch["image"]).half()}
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per-item outputs for the feature store: dataset index, fp16 global descriptor, re-ranking entries."""
+        out: dict[str, Any] = {"index": batch["index"], "global": self.embed_batch(batch["image"]).half()}
+        if self.rerank_head is not None:
+            entries = self.rerank_entries(batch["image"], database=True)
+            for name in entries[0] if entries else ():
+                out[self.rerank_prefix + name] = [e[name] for e in entries]
+        return out

@@ -1,0 +1,116 @@
+"""Self-contained checkpoints: the record of how a model was built, and the model rebuilt from it.
+
+A checkpoint written by :class:`~retrieval_lightning.module.RetrievalModule` (through Lightning or
+``save_checkpoint``) carries, beside its weights, an *architecture record*: the backbone's and every
+head's class and constructor arguments (heads recorded by registry name, so plugins resolve through
+the registry on load) and the module's own arguments. ``load_from_checkpoint(path)`` needs nothing
+else: no config file, no datamodule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Any, Mapping
+
+from retrieval_lightning.checkpoints import ARCHITECTURE_FORMAT, ARCHITECTURE_KEY, CheckpointLoadError
+from retrieval_lightning.registry import HEADS, PluginError
+
+if TYPE_CHECKING:
+    from retrieval_lightning.module import RetrievalModule
+
+#: the alias module through which configs name heads (``class_path: gem_arcface``)
+_ALIAS_MODULE = "retrieval_lightning.head_plugins"
+
+
+def _import_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def head_class_path(cls: type) -> str:
+    """The registry name of a head class when it has one (also for config aliases), else its import path."""
+    if cls.__module__ == _ALIAS_MODULE:
+        return cls.__qualname__
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for name, entry in HEADS.entries().items():
+        if entry.target == target:
+            return name
+    return _import_path(cls)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in (sorted(value) if isinstance(value, set) else value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot record {type(value).__name__} in a checkpoint's architecture: {value!r}")
+
+
+def architecture_of(module: "RetrievalModule") -> dict[str, Any]:
+    """The architecture record of a module (plain values only: loads with ``weights_only=True``)."""
+    backbone_args = dict(module.backbone.init_args)
+    backbone_args["weights"] = None  # the checkpoint's weights replace whatever the backbone started from
+    return {
+        "format": ARCHITECTURE_FORMAT,
+        "backbone": {"class_path": _import_path(type(module.backbone)), "init_args": _plain(backbone_args)},
+        "heads": {
+            role: {"class_path": head_class_path(type(head)), "init_args": _plain(head.init_args)}
+            for role, head in module.heads.items()
+        },
+        "module": _plain({
+            "num_classes": module.num_classes,
+            "loss_weights": module.loss_weights,
+            "detach": sorted(module.detach),
+            "freeze": sorted(module.frozen),
+            "optim": module.optim,
+            "eval_scales": list(module.eval_scales),
+            "search_chunk": module.search_chunk,
+            "freeze_bn": module.freeze_bn,
+            "rerank": module.rerank,
+        }),
+    }
+
+
+def _resolve(class_path: str, what: str) -> type:
+    if "." not in class_path or class_path.startswith(_ALIAS_MODULE + "."):
+        return HEADS.get(class_path.rsplit(".", 1)[-1])
+    module_name, _, attr = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointLoadError(f"{what} class {class_path!r} cannot be imported: {exc}") from exc
+
+
+def build_from_architecture(checkpoint: Mapping[str, Any], source: str, overrides: Mapping[str, Any]) -> "RetrievalModule":
+    """A fresh, unloaded module built from a checkpoint's architecture record."""
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.optim import OptimConfig
+    from retrieval_lightning.retrieval.rerank import RerankConfig
+
+    record = checkpoint.get(ARCHITECTURE_KEY)
+    if not isinstance(record, Mapping):
+        raise CheckpointLoadError(
+            f"{source} has no architecture record (written before self-contained checkpoints, or not by "
+            "retrieval-lightning): build the model from its config and load it with init_from"
+        )
+    if record.get("format") != ARCHITECTURE_FORMAT:
+        raise CheckpointLoadError(f"{source}: architecture record format {record.get('format')!r}, "
+                                  f"this version reads {ARCHITECTURE_FORMAT}")
+    backbone_cls = _resolve(record["backbone"]["class_path"], "backbone")
+    backbone = backbone_cls(**record["backbone"]["init_args"])
+    heads = {}
+    for role, spec in record["heads"].items():
+        try:
+            cls = _resolve(spec["class_path"], f"head {role!r}")
+        except PluginError as exc:
+            raise CheckpointLoadError(f"{source}: head {role!r}: {exc}") from exc
+        heads[role] = cls(**spec["init_args"])
+    args = dict(record["module"])
+    args["optim"] = OptimConfig(**args["optim"])
+    args["rerank"] = RerankConfig(**args["rerank"])
+    args.update(overrides)
+    return RetrievalModule(backbone=backbone, heads=heads, **args)

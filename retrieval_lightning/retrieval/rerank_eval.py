@@ -1,0 +1,209 @@
+"""Re-ranked evaluation of one eval set: entries → per-rank shards → stores → shortlists → scores → metrics.
+
+:class:`RerankEntryWriter` is fed batches during the evaluation loop (or by :func:`extract_entries`
+in a notebook) and writes the re-ranking entries of queries and database images through
+:class:`~retrieval_lightning.retrieval.writer.ShardWriter`, the code path of ``extract``: per-rank
+atomic shards, resumable (items already in shards of the same model are skipped), merged into one
+store per side. :func:`evaluate_reranked` then splits the queries over the ranks; each rank reads
+only its queries' shortlisted rows, scores them, and every rank gathers all scores and computes the
+same metrics.
+
+The model is anything with the small inference API of
+:class:`~retrieval_lightning.module.RetrievalModule`: ``rerank_entry_kinds(database)``,
+``rerank_entries(images, database)``, ``score_entries(query, candidates, seeds)``,
+``densify_entries(entries)`` and ``rerank_prefix``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set, protocol_of
+
+from .rerank import (
+    EntryReader,
+    RerankConfig,
+    build_shortlists,
+    fused_rankings,
+    gather_query_scores,
+    score_shortlists,
+    search_depth,
+    split_queries,
+    torch_all_gather_object,
+)
+from .search import topk_search
+from .store import MANIFEST, FeatureStore, normalize_identity
+from .writer import ShardWriter, completed_indices, merge_shards
+
+QUERIES, DATABASE = "queries", "database"
+
+
+class RerankModel(Protocol):
+    rerank_prefix: str
+
+    def rerank_entry_kinds(self, database: bool = True) -> Mapping[str, Any]: ...
+
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]: ...
+
+    def score_entries(self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]],
+                      seeds: Sequence[int]) -> Tensor: ...
+
+    def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]: ...
+
+
+class RerankEntryWriter:
+    """Writes one eval set's re-ranking entries (queries and database apart) as resumable shards.
+
+    ``directory`` holds ``queries/`` and ``database/`` shard folders and, after :meth:`merge`,
+    ``queries/store`` and ``database/store``. Items already present in shards written with the same
+    ``identity`` are skipped, so an interrupted evaluation restarted with the same model only
+    extracts what is missing.
+    """
+
+    def __init__(
+        self,
+        model: RerankModel,
+        eval_set: EvalSet,
+        directory: str | Path,
+        identity: Mapping[str, Any],
+        rank: int = 0,
+        shard_size: int = 256,
+    ) -> None:
+        self.model = model
+        self.n_queries = eval_set.n_queries
+        self.total = len(eval_set.dataset)  # type: ignore[arg-type]
+        self.directory = Path(directory)
+        self.identity = normalize_identity(identity)
+        self.prefix = model.rerank_prefix
+        self.writers: dict[str, ShardWriter] = {}
+        self.done: dict[str, np.ndarray] = {}
+        for side, database in ((QUERIES, False), (DATABASE, True)):
+            kinds = model.rerank_entry_kinds(database=database)
+            dtypes = {self.prefix + name: kind.dtype for name, kind in kinds.items()}
+            folder = self.directory / side
+            self.done[side] = completed_indices(folder, self.identity) if folder.is_dir() else np.zeros(0, np.int64)
+            self.writers[side] = ShardWriter(folder, rank, shard_size, self.identity, dtypes)
+        self.extracted = 0
+
+    def add(self, images: Sequence[Tensor], indices: Tensor | Sequence[int]) -> None:
+        """Extract and buffer the entries of a batch (skipping items already written)."""
+        indices = np.asarray(torch.as_tensor(indices).cpu().tolist(), dtype=np.int64).reshape(-1)
+        for side, wanted in ((QUERIES, indices < self.n_queries), (DATABASE, indices >= self.n_queries)):
+            todo = np.nonzero(wanted & ~np.isin(indices, self.done[side]))[0]
+            if todo.size == 0:
+                continue
+            entries = self.model.rerank_entries([images[i] for i in todo], database=side == DATABASE)
+            batch: dict[str, Any] = {"index": indices[todo]}
+            for name in entries[0]:
+                batch[self.prefix + name] = [e[name].detach().cpu() for e in entries]
+            self.writers[side].add(batch)
+            self.extracted += int(todo.size)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def merge(self, progress: bool = False) -> None:
+        """Merge each side's shards into its store (skipped when an identical store is in place)."""
+        for side, expected in ((QUERIES, range(self.n_queries)), (DATABASE, range(self.n_queries, self.total))):
+            folder = self.directory / side
+            store = folder / "store"
+            if _store_matches(store, self.identity, len(expected)) and not self.writers[side].shards_written:
+                continue
+            merge_shards(folder, store, expect_identity=self.identity, expected_indices=expected,
+                         overwrite=True, progress=progress)
+
+    def open(self) -> tuple[FeatureStore, FeatureStore]:
+        return (FeatureStore.open(self.directory / QUERIES / "store", self.identity),
+                FeatureStore.open(self.directory / DATABASE / "store", self.identity))
+
+
+def _store_matches(path: Path, identity: Mapping[str, Any], count: int) -> bool:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    data = json.loads(manifest.read_text())
+    return data.get("identity") == identity and int(data.get("count", -1)) == count
+
+
+def evaluate_reranked(
+    model: RerankModel,
+    eval_set: EvalSet,
+    descriptors: Tensor,
+    query_store: FeatureStore,
+    db_store: FeatureStore,
+    config: RerankConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather_object: Callable[[Any], list[Any]] | None = None,
+    chunk: int = 65536,
+    device: Any = "cpu",
+    progress: bool = True,
+) -> EvalResult:
+    """Metrics of the re-ranked ranking; ``descriptors`` are the global ones, queries first.
+
+    Every rank must call it with the same descriptors; each re-scores its share of the queries
+    and the scores are gathered (``all_gather_object``, default: the torch process group if one
+    is initialised), so every rank returns the same metrics.
+    """
+    nq = eval_set.n_queries
+    queries, database = descriptors[:nq].float(), descriptors[nq:].float()
+    protocol = protocol_of(eval_set)
+    exclusions = protocol.exclusions(eval_set.ground_truth, nq) if config.shortlist == "protocol" else None
+    depth = search_depth(config.k, database.shape[0], exclusions)
+    _, ranking = topk_search(queries, database, k=depth, chunk_size=chunk, device=device)
+    shortlists = build_shortlists(ranking, config.k, exclusions)
+    prefix = model.rerank_prefix
+    scored = score_shortlists(
+        shortlists,
+        split_queries(nq, rank, world_size),
+        EntryReader(query_store, prefix),
+        EntryReader(db_store, prefix, transform=model.densify_entries),
+        model.score_entries,
+        query_index=lambda q: q,
+        db_index=lambda positions: positions + nq,
+        progress=progress,
+        desc=f"re-ranking {eval_set.name} (rank {rank})",
+    )
+    gather = all_gather_object if all_gather_object is not None else torch_all_gather_object()
+    everything = gather_query_scores(scored, gather)
+
+    def global_score(q: int, positions: np.ndarray) -> np.ndarray:
+        return (database[torch.from_numpy(np.asarray(positions, np.int64))] @ queries[q]).double().numpy()
+
+    rankings = fused_rankings(shortlists, everything, global_score, config)
+    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, reranked=rankings, device=device)
+    result.extra["rerank_scores"] = {item.query: (item.positions, item.scores) for item in everything}
+    return result
+
+
+def extract_entries(
+    model: Any,
+    eval_set: EvalSet,
+    directory: str | Path,
+    identity: Mapping[str, Any],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[Tensor, FeatureStore, FeatureStore]:
+    """Notebook path without a Trainer: global descriptors and entry stores of a whole eval set."""
+    from tqdm.auto import tqdm
+
+    writer = RerankEntryWriter(model, eval_set, directory, identity)
+    descriptors = []
+    n = len(eval_set.dataset)  # type: ignore[arg-type]
+    for start in tqdm(range(0, n, batch_size), desc=f"extracting {eval_set.name}", disable=not progress):
+        items = [eval_set.dataset[i] for i in range(start, min(n, start + batch_size))]
+        images = [item["image"] for item in items]
+        descriptors.append(model.embed_batch(images).cpu())
+        writer.add(images, [item["index"] for item in items])
+    writer.close()
+    writer.merge()
+    query_store, db_store = writer.open()
+    return torch.cat(descriptors), query_store, db_store
