@@ -34,7 +34,7 @@ class GumbelSparsifierHead(SparsifierHead):
 
     Args:
         stage: backbone stage the verifier projects (its ``project`` input).
-        proj_dim: channels of the verifier's projected levels (must match the verifier).
+        width: channels of the verifier's projected levels (must match the verifier).
         num_levels: pyramid levels (CVNet: 3); each has its own learned logit offset.
         hidden: width of the keep-score conv net.
         keep_ratio: fraction of each level's locations kept at extraction (and the training
@@ -58,7 +58,7 @@ class GumbelSparsifierHead(SparsifierHead):
     def __init__(
         self,
         stage: str = "conv4",
-        proj_dim: int = 256,
+        width: int = 256,
         num_levels: int = 3,
         hidden: int = 32,
         keep_ratio: float = 0.08,
@@ -88,7 +88,7 @@ class GumbelSparsifierHead(SparsifierHead):
         codec.check_options(value_dtype, int8_scale, index_dtype)
         self.stages = (stage,)
         self.stage = stage
-        self.proj_dim, self.num_levels, self.hidden = int(proj_dim), int(num_levels), int(hidden)
+        self.width, self.num_levels, self.hidden = int(width), int(num_levels), int(hidden)
         self.keep_ratio, self.budget = float(keep_ratio), (None if budget is None else int(budget))
         self.relaxation = relaxation
         self.tau_start, self.tau_end, self.tau_steps = float(tau_start), float(tau_end), int(tau_steps)
@@ -98,7 +98,7 @@ class GumbelSparsifierHead(SparsifierHead):
         self.negatives_per_anchor = int(negatives_per_anchor)
 
     def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
-        p, h = self.proj_dim, self.hidden
+        p, h = self.width, self.hidden
         # input: the L2-normalised row and its standardised log-norm (what the verifier's cosine
         # ignores but a saliency score wants)
         self.scorer = nn.Sequential(
@@ -116,9 +116,9 @@ class GumbelSparsifierHead(SparsifierHead):
     def attach(self, verifier: RerankHead) -> None:
         if self.stage not in getattr(verifier, "stages", (self.stage,)):
             raise ValueError(f"sparsifier reads {self.stage!r} but the verifier reads {verifier.stages}")
-        width = getattr(verifier, "proj_dim", None)
-        if width is not None and int(width) != self.proj_dim:
-            raise ValueError(f"sparsifier proj_dim={self.proj_dim} but the verifier projects to {width} channels")
+        width = getattr(verifier, "width", getattr(verifier, "proj_dim", None))
+        if width is not None and int(width) != self.width:
+            raise ValueError(f"sparsifier width={self.width} but the verifier projects to {width} channels")
         super().attach(verifier)
 
     def _verifier(self) -> RerankHead:

@@ -28,7 +28,7 @@ def dense_entry(seed: int = 0, shapes=((3, 4), (4, 5), (6, 8))) -> dict[str, tor
 
 
 def built_head(**kwargs) -> GumbelSparsifierHead:
-    head = GumbelSparsifierHead(proj_dim=P, hidden=4, **kwargs)
+    head = GumbelSparsifierHead(width=P, hidden=4, **kwargs)
     head.build({"conv4": 16}, 0)
     return head.eval()
 
