@@ -32,13 +32,15 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
+from retrieval_lightning.errors import DataFormatError
+
 log = logging.getLogger(__name__)
 
 USAGES = ("Public", "Private", "Ignored")
 _FIELD_LIMIT = 2**31 - 1
 
 
-class GLDv2FormatError(ValueError):
+class GLDv2FormatError(DataFormatError):
     """A GLDv2 metadata file does not have the official format (names file and row)."""
 
 

@@ -25,13 +25,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules._transforms import EvalImageDataset, EvalTransform, eval_loaders
+from retrieval_lightning.errors import DataFormatError
 from retrieval_lightning.data.io import LoadPolicy
 from retrieval_lightning.data.types import EvalSet
 
 GT_KEYS = ("easy", "hard", "junk")
 
 
-class RevisitopFormatError(ValueError):
+class RevisitopFormatError(DataFormatError):
     """A revisitop ground-truth or list file is malformed (names the file, query and key)."""
 
 
