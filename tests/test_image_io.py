@@ -338,3 +338,58 @@ def test_cuda_request_falls_back_cleanly(tmp_path: Path) -> None:
     reference = load_image(path)
     assert tuple(out.shape) == tuple(reference.shape) == (3, 40, 30)
     assert (out.cpu().int() - reference.int()).abs().max() <= 3
+
+
+# --------------------------------------------------------------------------- issue 12 item 21: bombs and huge files
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    """120 MP: over the limit, yet under PIL's own hard error (179 MP), so only our check stops it."""
+    bomb = _png_header_only(tmp_path / "bomb.png", 12_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(ImageLoadError, match=r"bomb\.png.*120000000 pixels, more than the limit"):
+            load_image(bomb)
+    small = _save(Image.fromarray(_photo_like(40, 30)), tmp_path / "small.png")
+    with pytest.raises(ImageLoadError, match=r"small\.png.*1200 pixels, more than the limit of 1000"):
+        load_image(small, max_pixels=1000)
+    assert load_image(small, max_pixels=1200).shape == (3, 30, 40)
+
+
+def test_oversized_file_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval_lightning.data import io as image_io
+
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as handle:
+        handle.truncate(image_io.MAX_FILE_BYTES + 1)  # sparse: costs no disk
+    allocated: list[int] = []
+    real = bytearray
+    monkeypatch.setattr(image_io, "bytearray", lambda n=0: allocated.append(n) or real(n), raising=False)
+    with pytest.raises(ImageLoadError, match=rf"huge\.jpg.*{image_io.MAX_FILE_BYTES + 1} bytes, more than the limit"):
+        load_image(huge)
+    assert allocated == []
+    small = _save(Image.fromarray(_photo_like(40, 30)), tmp_path / "small.png")
+    with pytest.raises(ImageLoadError, match=r"small\.png': file is \d+ bytes, more than the limit of 100"):
+        load_image(small, max_bytes=100)
+
+
+def test_orient_false_keeps_the_stored_frame(tmp_path: Path) -> None:
+    pixels = _photo_like(40, 24)
+    path = _save(Image.fromarray(pixels), tmp_path / "rot.png", exif=_exif(6))
+    assert load_image(path).shape == (3, 40, 24)
+    stored = load_image(path, orient=False)
+    assert np.array_equal(_hwc(stored), pixels)

@@ -16,7 +16,9 @@ One entry point, :func:`load_image`, turns a file into a uint8 RGB tensor ``(3, 
 - Grayscale, CMYK, palette, 16-bit and alpha images become 3-channel RGB; alpha is dropped, as
   ``Image.convert("RGB")`` does.
 - A missing, empty, truncated, corrupt or unsupported file raises :class:`ImageLoadError` naming
-  the path. Datasets that prefer to drop bad files use :func:`load_image_or_skip` with a
+  the path; so does a file larger than ``MAX_FILE_BYTES`` (checked before it is read) and an image
+  of more than ``MAX_IMAGE_PIXELS`` pixels (checked on the header, before any pixel is decoded: a
+  decompression bomb costs nothing). Datasets that prefer to drop bad files use :func:`load_image_or_skip` with a
   :class:`LoadPolicy`, which counts and logs what it skipped.
 
 The returned tensor may be a strided view (channels-last memory, or a transposed view for
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_IMAGE_PIXELS",
     "ImageLoadError",
     "LoadPolicy",
     "SkipPolicy",
@@ -53,6 +57,10 @@ log = logging.getLogger(__name__)
 _ORIENTATION_TAG = 0x0112
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+#: files larger than this are refused before being read (default of ``load_image(max_bytes=...)``)
+MAX_FILE_BYTES = 128 << 20
+#: images with more pixels are refused from their header (PIL's own warning threshold, 256 MiB of RGB)
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _load_torchvision_decoder() -> Callable[..., torch.Tensor] | None:
@@ -111,11 +119,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _read_bytes(path: str) -> bytearray:
-    """Read the whole file into a writable buffer (torch.frombuffer needs one, without a copy)."""
+def _read_bytes(path: str, max_bytes: int) -> bytearray:
+    """Read the whole file into a writable buffer (torch.frombuffer needs one, without a copy).
+
+    The size is checked before anything is allocated, so a huge file costs nothing.
+    """
     try:
         with open(path, "rb") as handle:
-            data = bytearray(os.fstat(handle.fileno()).st_size)
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ImageLoadError(path, f"file is {size} bytes, more than the limit of {max_bytes}")
+            data = bytearray(size)
             n_read = handle.readinto(data)
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
@@ -257,6 +271,12 @@ def _decode_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _check_pixels(path: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageLoadError(path, f"{width}x{height} = {width * height} pixels, more than the limit of "
+                                   f"{max_pixels} (a decompression bomb?)")
+
+
 def _check_max_side(max_side: int | None) -> None:
     if max_side is None:
         return
@@ -269,6 +289,9 @@ def load_image(
     max_side: int | None = None,
     *,
     device: str | torch.device = "cpu",
+    orient: bool = True,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
     """Load an image file as a uint8 RGB tensor of shape (3, H, W), upright per its EXIF.
 
@@ -276,15 +299,21 @@ def load_image(
     at reduced DCT scale first. ``device="cuda"`` decodes JPEGs with nvjpeg when CUDA is present
     and returns a CUDA tensor; without CUDA the result stays on CPU. Raises
     :class:`ImageLoadError` naming ``path`` for missing, empty, truncated, corrupt or unsupported
-    files.
+    files, for files over ``max_bytes`` and images over ``max_pixels`` (defaults
+    :data:`MAX_FILE_BYTES` and :data:`MAX_IMAGE_PIXELS`). ``orient=False`` keeps the stored pixel
+    frame (EXIF orientation ignored), the frame in which revisitop's query boxes were drawn.
     """
     path_str = os.fspath(path)
     _check_max_side(max_side)
     dev = _decode_device(device)
-    data = _read_bytes(path_str)
-    with _open_header(path_str, io.BytesIO(data)) as header:
-        orientation = _orientation(header)
+    data = _read_bytes(path_str, MAX_FILE_BYTES if max_bytes is None else max_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with the path
+        header = _open_header(path_str, io.BytesIO(data))
+    with header:
+        orientation = _orientation(header) if orient else 1
         width, height = header.size
+        _check_pixels(path_str, width, height, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
         target = _target_size(width, height, max_side)
         img = None
         draft = None
@@ -360,10 +389,11 @@ def load_image_or_skip(
     max_side: int | None = None,
     *,
     device: str | torch.device = "cpu",
+    orient: bool = True,
 ) -> torch.Tensor | None:
     """:func:`load_image`, or None for an unreadable file when ``policy`` skips such files."""
     try:
-        return load_image(path, max_side, device=device)
+        return load_image(path, max_side, device=device, orient=orient)
     except ImageLoadError as error:
         policy.handle(error)
         return None
