@@ -9,7 +9,7 @@ import torch
 
 import torch.nn.functional as F
 
-from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead
+from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead, SparsifierHead
 from retrieval_lightning.registry import HEADS
 
 STAGE_CHANNELS = {"conv1": 8, "conv2": 12, "conv3": 16, "conv4": 24, "conv5": 32}
@@ -27,6 +27,13 @@ def head(request: pytest.FixtureRequest) -> Head:
     cls = HEADS.get(request.param)
     instance = cls()
     instance.build(STAGE_CHANNELS, NUM_CLASSES)
+    if instance.role == "sparsifier":  # a sparsifier serves a verifier: attach the first registered one
+        verifiers = [n for n in HEADS.names() if HEADS.get(n).role == "verifier"]
+        if not verifiers:
+            pytest.skip("no verifier head registered for the sparsifier to serve")
+        verifier = HEADS.get(verifiers[0])()
+        verifier.build(STAGE_CHANNELS, NUM_CLASSES)
+        instance.attach(verifier)
     return instance
 
 
@@ -60,6 +67,8 @@ def test_inference_output_by_role(head: Head) -> None:
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
     elif isinstance(head, RerankHead):
         check_rerank_head(head)
+    elif isinstance(head, SparsifierHead):
+        check_sparsifier_head(head)
     else:  # pragma: no cover - other roles arrive with their heads
         pytest.fail(f"no contract check written for role {head.role}")
 
@@ -87,6 +96,28 @@ def check_rerank_head(head: RerankHead) -> None:
             assert tuple(value.shape[1:] if kind.ragged else value.shape) == tuple(kind.shape), name
     scores = head.score(entries[0], entries, [0, 1])
     assert scores.shape == (2,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
+
+
+def check_sparsifier_head(head: SparsifierHead) -> None:
+    """Sparse entries match the declared kinds; densified ones are the verifier's form and score."""
+    verifier = head.verifier[0]
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 80, 80, generator=gen)]
+    with torch.no_grad():
+        dense = verifier.extract_entries(images, tiny_features_at)
+    kinds = head.entry_kinds(verifier.entry_kinds())
+    sparse = head.sparsify(dense)
+    for entry in sparse:
+        assert set(entry) == set(kinds)
+        for name, kind in kinds.items():
+            assert str(entry[name].dtype).removeprefix("torch.") == kind.dtype, name
+            assert tuple(entry[name].shape[1:] if kind.ragged else entry[name].shape) == tuple(kind.shape), name
+    back = head.densify(sparse)
+    for original, entry in zip(dense, back):
+        assert set(entry) == set(original)
+        assert all(entry[k].shape == original[k].shape and entry[k].dtype == original[k].dtype for k in entry)
+    scores = verifier.score(dense[0], back, [0, 1])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
 def test_state_dict_round_trip(head: Head) -> None:
