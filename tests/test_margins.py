@@ -95,3 +95,26 @@ def test_curricularface_statistic_is_identical_across_ddp_ranks(tmp_path) -> Non
     expected = json.loads((tmp_path / "expected.json").read_text())
     assert t0 == t1
     assert abs(t0 - expected) < 1e-6 and abs(expected) > 1e-4
+
+
+def test_curricularface_t_stays_fp32_under_bf16_true() -> None:
+    """Lightning's bf16-true converts the module (every buffer) and makes bf16 the default dtype."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    precision = HalfPrecision("bf16-true")
+    with precision.module_init_context():
+        head = CurricularFaceMargin(scale=4.0, margin=0.5)
+    reference = CurricularFaceMargin(scale=4.0, margin=0.5).train()
+    head = precision.convert_module(head).train()
+    assert head.t.dtype == torch.float32
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        cos = (torch.rand(300, 5, generator=gen) * 0.4 + 0.5).to(torch.bfloat16)
+        labels = torch.randint(0, 5, (300,), generator=gen)
+        with precision.forward_context():
+            head(cos, labels)
+        reference(cos.float(), labels)
+    assert head.t.dtype == torch.float32
+    torch.testing.assert_close(head.t, reference.t, rtol=1e-6, atol=1e-7)
+    head.to(torch.float64)
+    assert head.t.dtype == torch.float32  # conversions keep the statistic's value and precision

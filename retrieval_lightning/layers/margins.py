@@ -56,7 +56,9 @@ class CurricularFaceMargin(nn.Module):
     """CurricularFace (Huang et al. 2020): ArcFace plus adaptive re-weighting of hard negatives.
 
     The running statistic ``t`` (moving average of the target cosine, momentum 0.01) is updated
-    from the batch gathered over all DDP ranks, so every rank keeps the same value.
+    from the batch gathered over all DDP ranks, so every rank keeps the same value. It stays fp32
+    whatever the module is converted to (``bf16-true`` casts every buffer): a bf16 ``t`` near 0.5
+    has a step of 2^-9, larger than most momentum-0.01 updates, so it would stop moving.
     """
 
     def __init__(self, scale: float, margin: float = 0.5, momentum: float = 0.01) -> None:
@@ -64,12 +66,21 @@ class CurricularFaceMargin(nn.Module):
         self.scale = float(scale)
         self.margin = float(margin)
         self.momentum = float(momentum)
-        self.register_buffer("t", torch.zeros(1))
+        self.register_buffer("t", torch.zeros(1, dtype=torch.float32))
         self.threshold = math.cos(math.pi - self.margin)
         self.mm = math.sin(math.pi - self.margin) * self.margin
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Module conversions move ``t`` to the new device but keep it fp32 (and its value exact)."""
+        t = self.t
+        super()._apply(fn, recurse)
+        self.t = t.to(device=self.t.device, dtype=torch.float32)
+        return self
+
     def _update_t(self, target: Tensor) -> None:
-        stats = torch.stack([target.sum(), torch.tensor(float(target.numel()), device=target.device)])
+        target = target.float()
+        count = torch.tensor(float(target.numel()), dtype=torch.float32, device=target.device)
+        stats = torch.stack([target.sum(), count])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         mean = stats[0] / stats[1].clamp(min=1.0)
