@@ -120,17 +120,47 @@ def check_sparsifier_head(head: SparsifierHead) -> None:
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
+def _perturb(head: Head) -> None:
+    """Move every parameter and floating buffer off its initial value (identity, zeros, ones)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * (0.05 * p.abs().mean().item() + 1e-2))
+        for b in head.buffers():
+            if b.is_floating_point():
+                b.mul_(1.1).add_(0.01)  # keeps variances positive
+
+
+def _role_outputs(head: Head) -> list[torch.Tensor]:
+    """What the head computes at inference, by role (global: embed; re-ranking: entries and scores)."""
+    head.eval()
+    with torch.no_grad():
+        if isinstance(head, GlobalHead):
+            return [head.embed(tiny_features())]
+        if isinstance(head, RerankHead):
+            gen = torch.Generator().manual_seed(1)
+            entries = head.extract_entries([torch.rand(3, 64, 80, generator=gen)], tiny_features_at)
+            return [v for e in entries for _, v in sorted(e.items())] + [head.score(entries[0], entries, [0])]
+    return []
+
+
 def test_state_dict_round_trip(head: Head) -> None:
+    _perturb(head)
+    fresh = type(head)()
+    fresh.build(STAGE_CHANNELS, NUM_CLASSES)
+    saved = head.state_dict()
+    unchanged = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and torch.equal(v, saved[k])]
+    assert unchanged == []  # so a load that silently does nothing cannot pass below
     buffer = io.BytesIO()
-    torch.save(head.state_dict(), buffer)
-    clone = type(head)()
-    clone.build(STAGE_CHANNELS, NUM_CLASSES)
+    torch.save(saved, buffer)
     buffer.seek(0)
-    clone.load_state_dict(torch.load(buffer, weights_only=True))
-    head.eval(), clone.eval()
-    feats = tiny_features()
-    if head.role == "global":
-        torch.testing.assert_close(head.embed(feats), clone.embed(feats))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    loaded = fresh.state_dict()
+    assert set(loaded) == set(saved)
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    for mine, theirs in zip(_role_outputs(head), _role_outputs(fresh), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 def test_build_rejects_missing_stage() -> None:
