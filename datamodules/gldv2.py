@@ -165,6 +165,10 @@ class GLDv2DataModule(L.LightningDataModule):
         self._state: _TrainState | None = None
         self._eval_cache: dict[str, EvalSet] = {}
         self.train_dataset: GLDv2TrainDataset | None = None
+        if isinstance(pairs, dict):  # from saved hyper-parameters / plain dicts
+            pairs = PairSampling(**pairs)
+        if isinstance(hide_and_seek, dict):
+            hide_and_seek = HideAndSeek(**hide_and_seek)
         self.pairs = (pairs or PairSampling()) if sampling == "pairs" else None
         self.hide_and_seek = hide_and_seek
         self._pair_miner: PairMiner | None = None
