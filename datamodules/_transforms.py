@@ -9,8 +9,10 @@ interpolation; no flip, no colour jitter.
 Evaluation follows DELG's ``ResizeImage``: the long side is capped at ``max_side`` (never
 enlarged unless ``upscale``), new size ``round(side * factor)``, bilinear with antialiasing as
 PIL's resize does. A query is first cropped to its box with PIL's ``crop`` semantics
-(coordinates rounded half-to-even, outside pixels black) and then resized by the factor the
-full image would get, so crop and database share one scale.
+(coordinates rounded half-to-even) and then resized by the factor the full image would get, so
+crop and database share one scale. The box is applied in the stored pixel frame (the revisitop
+reference loaders ignore EXIF orientation, so the ground truth was drawn there); the crop is
+then turned upright like every database image. A box reaching outside the image is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip, to_float
+from retrieval_lightning.data.io import LoadPolicy, apply_orientation, exif_orientation, load_image_or_skip, to_float
 
 
 def _to_float(image: Tensor) -> Tensor:
@@ -147,6 +149,14 @@ def pil_crop(image: Tensor, box: Sequence[float]) -> Tensor:
     return out
 
 
+def check_box(box: Sequence[float], height: int, width: int) -> None:
+    """Refuse a query box that, rounded as :func:`pil_crop` rounds it, is empty or leaves the image."""
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"query box {list(box)!r} (rounded {[x0, y0, x1, y1]}) is empty or lies outside "
+                         f"the {width}x{height} image")
+
+
 class EvalTransform:
     """Evaluation resize: long side capped at ``max_side`` (DELG default 1024), aspect kept.
 
@@ -163,6 +173,7 @@ class EvalTransform:
         _, height, width = image.shape
         factor = eval_scale(height, width, self.max_side, self.upscale)
         if box is not None:
+            check_box(box, height, width)
             image = pil_crop(image, box)
         return _to_float(resize_by(image, factor)).clamp_(0.0, 1.0)
 
@@ -170,7 +181,8 @@ class EvalTransform:
 class EvalImageDataset(Dataset):
     """Eval images in EvalSet order: ``{"image": float (3,h,w) in [0, 1], "index": int}``.
 
-    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query. With
+    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query, in the image's
+    stored pixel frame; the crop is then turned upright per EXIF. With
     ``fast_decode`` a whole image is shrunk while it is decoded (``load_image(max_side=...)``,
     reduced-DCT JPEG decoding): the same factor, but a side ending in exactly .5 rounds up
     there rather than half-to-even as DELG does, so keep it off where exactness matters more
@@ -197,11 +209,18 @@ class EvalImageDataset(Dataset):
         box = self.boxes[index] if index < len(self.boxes) else None
         whole = box is None and not self.transform.upscale
         cap = self.transform.max_side if self.fast_decode and whole else None
-        image = load_image_or_skip(self.paths[index], self.policy, max_side=cap)
+        path = self.paths[index]
+        image = load_image_or_skip(path, self.policy, max_side=cap, orient=box is None)
         if image is None:
             side = self.placeholder_size
             return {"image": torch.zeros(3, side, side), "index": index}
-        return {"image": self.transform(image, box), "index": index}
+        if box is None:
+            return {"image": self.transform(image), "index": index}
+        try:
+            crop = self.transform(image, box)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return {"image": apply_orientation(crop, exif_orientation(path)).contiguous(), "index": index}
 
 
 def collate_eval(items: list[dict]) -> dict:

@@ -9,7 +9,8 @@ official ``download.py`` lays it out, ``<root>/datasets/<name>``.
 Queries are cropped to ``bbx`` with PIL's ``crop`` (coordinates rounded half-to-even) and resized
 by the factor the full image would get, as DELG's ``extract_features.py`` does; database images
 are used whole. ``revisitop1m.txt`` lists distractors by relative path with extension; they are
-appended after the database so ground-truth indices stay valid.
+appended after the database so ground-truth indices stay valid. Names and paths are held
+compactly (:mod:`datamodules._compact`): the +1M set is one bytes array, not a million strings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from datamodules._compact import JoinedPaths, StringArray
 from datamodules._transforms import EvalImageDataset, EvalTransform, eval_loaders
 from retrieval_lightning.errors import DataFormatError
 from retrieval_lightning.data.io import LoadPolicy
@@ -145,17 +147,21 @@ def load_revisitop(root: str, name: str) -> RevisitopData:
     """Read and validate ``gnd_<name>.pkl`` under ``root`` (see :func:`find_dataset_dir`)."""
     directory = find_dataset_dir(root, name)
     path = os.path.join(directory, f"gnd_{name}.pkl")
-    try:
-        with open(path, "rb") as handle:
+    with open(path, "rb") as handle:
+        try:
             cfg = _GroundTruthUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-        raise RevisitopFormatError(f"{path}: not a readable pickle ({exc})") from exc
+        except Exception as exc:  # only allowed globals run, but they may be called with bad arguments
+            raise RevisitopFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
     imlist, qimlist, gnd = validate_gnd(cfg, path)
     return RevisitopData(name, directory, path, imlist, qimlist, gnd)
 
 
-def read_distractor_list(path: str, limit: int | None = None) -> list[str]:
-    """Relative image paths (with extension) from ``revisitop1m.txt``, in file order."""
+def read_distractor_list(path: str, limit: int | None = None) -> StringArray:
+    """Relative image paths (with extension) from ``revisitop1m.txt``, in file order; the first ``limit``."""
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"max_distractors must be >= 0 or None, got {limit!r}")
+    if limit == 0:
+        return StringArray()
     names: list[str] = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -169,7 +175,7 @@ def read_distractor_list(path: str, limit: int | None = None) -> list[str]:
                 break
     if not names:
         raise RevisitopFormatError(f"{path}: lists no distractor images")
-    return names
+    return StringArray(names)
 
 
 class RevisitopDataModule(L.LightningDataModule):
@@ -180,7 +186,8 @@ class RevisitopDataModule(L.LightningDataModule):
     of per-query ``{"easy", "hard", "junk", "bbx"}`` dicts (0-based database indices).
     ``distractors`` points at ``revisitop1m.txt``; its images are under ``distractors_root``
     (default: ``jpg/`` next to the list, the official layout). ``max_distractors`` keeps the first
-    N (a scaled-down run; the set is then named ``+<N>d`` instead of ``+1m``).
+    N (a scaled-down run; the set is then named ``+<N>d`` instead of ``+1m``; 0 adds none and
+    keeps the plain name).
     """
 
     def __init__(
@@ -234,28 +241,28 @@ class RevisitopDataModule(L.LightningDataModule):
         """0: revisitop is for evaluation only."""
         return 0
 
-    def _distractors(self) -> tuple[list[str], list[str]]:
+    def _distractors(self) -> tuple[StringArray, str]:
         hp = self.hparams
         if hp.distractors is None:
-            return [], []
+            return StringArray(), ""
         names = read_distractor_list(hp.distractors, hp.max_distractors)
-        base = hp.distractors_root or os.path.join(os.path.dirname(hp.distractors), "jpg")
-        return names, [os.path.join(base, n) for n in names]
+        return names, hp.distractors_root or os.path.join(os.path.dirname(hp.distractors), "jpg")
 
     def _build(self) -> list[EvalSet]:
-        d_names, d_paths = self._distractors()
+        d_names, d_base = self._distractors()
         suffix = ""
-        if d_names:
+        if len(d_names):
             suffix = "+1m" if self.hparams.max_distractors is None else f"+{len(d_names)}d"
         sets = []
         for name in self.datasets:
             data = load_revisitop(self.root, name)
             boxes = [g["bbx"] for g in data.gnd] if self.hparams.crop_queries else None
-            paths = data.query_paths + data.database_paths + d_paths
+            jpg = os.path.join(data.directory, "jpg")
+            paths = JoinedPaths([(jpg, data.qimlist, ".jpg"), (jpg, data.imlist, ".jpg"), (d_base, d_names, "")])
             dataset = EvalImageDataset(paths, self.transform, self.policy, boxes=boxes)
             sets.append(EvalSet(
                 name=name + suffix, dataset=dataset, n_queries=len(data.qimlist), protocol="revisitop",
-                ground_truth=data.gnd, image_ids=data.qimlist + data.imlist + d_names,
+                ground_truth=data.gnd, image_ids=StringArray.concat(data.qimlist, data.imlist, d_names),
             ))
         return sets
 

@@ -169,10 +169,12 @@ def test_datamodule_sets_and_loaders(rop):
                    for t in batch["image"])
         indices += batch["index"].tolist()
     assert indices == list(range(2 + N_DB))
-    # Paris query box starts at x = -3: PIL pads with black, so the first 3 columns are zero.
+    # The Paris query box starts at x = -3: outside the image is an error naming the file, not black padding.
     (pa_full,) = RevisitopDataModule(root=rop["root"], datasets=["rparis6k"], max_side=None,
                                      num_workers=0).eval_sets("test")
-    assert pa_full.dataset[0]["image"][:, :, :3].abs().max() == 0
+    with pytest.raises(ValueError, match=r"rparis6k_q_0\.jpg: query box \[-3\.0, 1\.0, 20\.0, 35\.0\].*outside "
+                                         r"the 50x30 image"):
+        pa_full.dataset[0]
     with pytest.raises(RuntimeError, match="no training data"):
         dm.train_dataloader()
 
@@ -234,3 +236,64 @@ def test_ground_truth_pickle_that_would_run_code_is_refused(tmp_path):
         pickle.dump({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0.0, 0.0, 1.0, 1.0], "easy": np.array([0]),
                                                                "hard": np.array([], dtype=np.int64), "junk": []}]}, fh)
     assert load_revisitop(str(tmp_path), "evil").gnd[0]["easy"] == [0]
+
+
+# --------------------------------------------------------------------------- issue 12 items 16-18, 20
+
+
+def test_query_box_is_applied_in_the_stored_frame_then_turned_upright(tmp_path):
+    """The ground truth box was drawn on the stored pixels (reference loaders ignore EXIF orientation)."""
+    directory = tmp_path / "rrot"
+    cfg = _make_dataset(str(directory), "rrot", [(60, 40)], [[5.0, 2.0, 45.0, 30.0]], 7)
+    query = directory / "jpg" / f"{cfg['qimlist'][0]}.jpg"
+    stored = Image.open(query).convert("RGB")
+    stored.save(query, quality=98, exif=_exif_orientation(6))  # a portrait photo stored landscape
+    stored = Image.open(query).convert("RGB")
+    (es,) = RevisitopDataModule(root=str(tmp_path), datasets=["rrot"], max_side=None,
+                                num_workers=0).eval_sets("test")
+    got = es.dataset[0]["image"]
+    crop = np.asarray(stored.crop((5, 2, 45, 30)))
+    ref = torch.from_numpy(np.ascontiguousarray(np.rot90(crop, k=-1))).permute(2, 0, 1).float() / 255
+    assert got.shape == ref.shape == (3, 40, 28)
+    assert torch.equal(got, ref)
+
+
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def test_zero_distractors_means_none(rop):
+    dm = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], distractors=rop["distractors"],
+                             max_distractors=0, num_workers=0)
+    (es,) = dm.eval_sets("test")
+    assert es.name == "roxford5k" and es.n_database == N_DB and len(es.image_ids) == 2 + N_DB
+    assert len(read_distractor_list(rop["distractors"], 0)) == 0
+    with pytest.raises(ValueError, match="max_distractors must be >= 0"):
+        read_distractor_list(rop["distractors"], -1)
+
+
+def test_large_sets_hold_names_and_paths_compactly(rop):
+    from datamodules._compact import JoinedPaths, StringArray
+
+    dm = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], distractors=rop["distractors"], num_workers=0)
+    (es,) = dm.eval_sets("test")
+    assert isinstance(es.image_ids, StringArray) and isinstance(es.dataset.paths, JoinedPaths)
+    assert es.image_ids.data.dtype.kind == "S"  # one bytes array, not Python strings
+    assert list(es.image_ids) == rop["ox"]["qimlist"] + rop["ox"]["imlist"] + rop["d_names"]
+    assert es.image_ids[-1] == "0b/img_c.jpg" and es.dataset.paths[-1].endswith(os.path.join("jpg", "0b/img_c.jpg"))
+    assert es.dataset.paths[0].endswith(os.path.join("roxford5k", "jpg", "roxford5k_q_0.jpg"))
+
+
+@pytest.mark.parametrize("payload", [
+    # numpy's _reconstruct (an allowed global) called with arguments it rejects -> TypeError inside load()
+    b"\x80\x04cnumpy.core.multiarray\n_reconstruct\n(I1\nI2\ntR.",
+    # OrderedDict (allowed) called with a non-iterable -> TypeError
+    b"\x80\x04ccollections\nOrderedDict\n(I5\ntR.",
+])
+def test_malformed_pickle_calling_allowed_globals_badly_is_a_format_error(tmp_path, payload):
+    (tmp_path / "rbad").mkdir()
+    (tmp_path / "rbad" / "gnd_rbad.pkl").write_bytes(payload)
+    with pytest.raises(RevisitopFormatError, match=r"gnd_rbad\.pkl: not a readable pickle \(TypeError"):
+        load_revisitop(str(tmp_path), "rbad")

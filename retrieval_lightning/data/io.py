@@ -46,6 +46,8 @@ __all__ = [
     "ImageLoadError",
     "LoadPolicy",
     "SkipPolicy",
+    "apply_orientation",
+    "exif_orientation",
     "image_size",
     "load_image",
     "load_image_or_skip",
@@ -335,6 +337,18 @@ def to_float(img_uint8: torch.Tensor) -> torch.Tensor:
     if img_uint8.dtype != torch.uint8:
         raise TypeError(f"to_float expects a uint8 tensor, got {img_uint8.dtype}")
     return img_uint8.to(torch.float32).div_(255.0)
+
+
+def exif_orientation(path: str | os.PathLike[str]) -> int:
+    """The EXIF orientation (1..8) that :func:`load_image` applies, read from the header only."""
+    path_str = os.fspath(path)
+    with _open_header(path_str, path_str) as header:
+        return _orientation(header)
+
+
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turn a (C, H, W) tensor in the stored frame upright, as ``load_image`` does (a view)."""
+    return _orient(img, orientation)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
