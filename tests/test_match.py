@@ -1,0 +1,93 @@
+"""The ``match`` command: SIFT features, correspondence drawing, errors naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from retrieval_lightning.data.io import ImageLoadError
+from retrieval_lightning.match import draw_matches, model_features, run_match, sift_features
+from retrieval_lightning.retrieval.geometry import match_and_verify
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """A photo and an affine-warped copy of it (known db -> query model), as PNG files."""
+    root = tmp_path_factory.mktemp("match")
+    img = cv2.resize(skdata.astronaut(), (240, 200), interpolation=cv2.INTER_AREA)
+    warp = np.array([[0.95, 0.08, 6.0], [-0.06, 1.02, -4.0]])  # query (a) px -> db (b) px
+    warped = cv2.warpAffine(img, warp, (260, 210), borderMode=cv2.BORDER_REFLECT)
+    Image.fromarray(img).save(root / "a.png")
+    Image.fromarray(warped).save(root / "b.png")
+    return root / "a.png", root / "b.png", warp
+
+
+def test_run_match_prints_inliers_and_draws(pair: tuple[Path, Path, np.ndarray], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, warp = pair
+    out = tmp_path / "sub" / "m.png"
+    assert run_match([str(a), str(b), "--out", str(out), "--num-features", "300"]) == 0
+    printed = capsys.readouterr().out
+    inliers = int(printed.split("inliers: ")[1].split()[0])
+    assert inliers >= 40
+    with Image.open(out) as im:
+        assert im.size == (240 + 260, 210) and im.format == "PNG"
+
+
+def test_sift_pair_recovers_the_warp(pair: tuple[Path, Path, np.ndarray]) -> None:
+    a, b, warp = pair
+    fa = sift_features(np.asarray(Image.open(a)), 300)
+    fb = sift_features(np.asarray(Image.open(b)), 300)
+    assert fa[0].shape == (300, 2) and fa[0].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fa[1], axis=1), 1.0, atol=1e-5)  # RootSIFT rows are unit L2
+    res = match_and_verify(*fa, *fb, threshold=3.0)
+    forward = np.vstack([warp, [0, 0, 1]])
+    mapped = cv2.perspectiveTransform(res.query_points.reshape(-1, 1, 2).astype(np.float64), forward)
+    assert np.median(np.linalg.norm(mapped.reshape(-1, 2) - res.db_points, axis=1)) < 1.5
+
+
+def test_draw_matches_size_and_lines(tmp_path: Path) -> None:
+    a = np.zeros((30, 40, 3), np.uint8)
+    b = np.zeros((50, 20), np.uint8)  # grayscale is accepted
+    q_kp = np.array([[5, 5], [30, 20], [10, 25], [35, 5], [20, 15]], np.float32)
+    desc = np.eye(5, 8, dtype=np.float32)
+    res = match_and_verify(q_kp, desc, q_kp * 0.5, desc, threshold=1.0)
+    assert res.inliers == 5
+    path = draw_matches(a, b, res, tmp_path / "m.png")
+    with Image.open(path) as im:
+        assert im.size == (60, 50)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels[:30, :40].any()  # lines drawn over the black images
+    assert pixels[30:, 40:].sum() == 0  # the lower part of b: black, no line reaches it
+    assert (pixels[30:, :40] == 255).all()  # white padding below the shorter image
+
+
+def test_unreadable_image_names_the_file(pair: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        run_match([str(pair[0]), str(bad), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        run_match([str(tmp_path / "missing.png"), str(pair[1])])
+    with pytest.raises(ValueError, match="--checkpoint"):
+        run_match([str(pair[0]), str(pair[1]), "--features", "model"])
+
+
+def test_model_features_reads_rerank_entries() -> None:
+    """The adapter reads the entry keys the integrator's ``rerank_entries`` returns."""
+
+    class Module:
+        def rerank_entries(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            (img,) = images
+            assert img.shape == (3, 10, 12) and img.dtype == torch.float32 and float(img.max()) <= 1.0
+            return [{"keypoints": torch.ones(4, 2), "descriptor_bits": torch.zeros(4, 16, dtype=torch.uint8),
+                     "attention": torch.ones(4)}]
+
+    kp, desc = model_features(Module(), np.full((10, 12, 3), 255, np.uint8))
+    assert kp.shape == (4, 2) and kp.dtype == np.float32 and desc.dtype == np.uint8 and desc.shape == (4, 16)
