@@ -73,6 +73,18 @@ def test_negatives_are_the_mined_nearest_and_change_after_refresh() -> None:
     assert [g[2:] for g in tables[0]] != [g[2:] for g in tables[1]] != [g[2:] for g in before]
 
 
+def test_nearest_other_label_looks_past_a_crowded_label() -> None:
+    """Row 0's 28 nearest rows all carry label 1: the distinct search must look further for 2 and 3."""
+    labels = np.array([0] + [1] * 30 + [2, 3])
+    desc = torch.zeros(33, 3)
+    desc[:, 0] = torch.tensor([1.0] + [0.99 - 0.001 * i for i in range(30)] + [0.2, 0.3])
+    desc[:, 1] = 0.1
+    desc = F.normalize(desc, dim=1)
+    table = nearest_other_label(desc, torch.as_tensor(labels), k=3, distinct=True, chunk=5)
+    np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 3))
+    assert table[0].tolist() == [1, 32, 31]
+
+
 def test_candidates_pool_and_positions_mapping() -> None:
     config = PairSampling(groups_per_batch=1, negatives=2, candidates=4, pool_size=20, distinct_labels=False)
     miner = PairMiner(LABELS, config)

@@ -34,23 +34,25 @@ from retrieval_lightning.retrieval.gather import gather_dedupe
 
 
 def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = True,
-                        chunk: int = 1024) -> Tensor:
+                        chunk: int = 1024, device: torch.device | str | None = None) -> Tensor:
     """For every row, the ``k`` rows of other labels with the largest inner product, nearest first.
 
     ``distinct``: at most one row per label (the nearest of that label). Returns (N, k) int64
     row indices, ``-1`` where fewer than ``k`` exist. Ties are broken by the lower row index.
+    ``device``: where the similarities are computed (the model's GPU makes a 100k pool take seconds).
     """
     n = desc.shape[0]
     labels = labels.reshape(-1).long()
     out = torch.full((n, k), -1, dtype=torch.long)
     if n == 0 or k == 0:
         return out
-    desc = desc.float()
+    desc = desc.float().to(device) if device is not None else desc.float()
+    labels_dev = labels.to(desc.device)
     width = min(n, k * 4 + 16) if distinct else min(n, k)
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
         sims = desc[rows] @ desc.T
-        sims[labels[rows, None] == labels[None, :]] = float("-inf")
+        sims[labels_dev[rows, None] == labels_dev[None, :]] = float("-inf")
         for r, (vals, idx) in enumerate(zip(*_topk_stable(sims, width))):
             picked: list[int] = []
             seen: set[int] = set()
@@ -78,9 +80,12 @@ def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = T
 
 
 def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k by value, ties by lower index (a stable descending sort, as a full argsort would give)."""
-    order = torch.sort(sims, dim=1, descending=True, stable=True)
-    return order.values[:, :k], order.indices[:, :k]
+    """Top-k by value, equal values ordered by lower index (``topk``, then a stable re-sort of the k)."""
+    _, idx = torch.topk(sims, k, dim=1)
+    idx = idx.sort(dim=1).values
+    vals = sims.gather(1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order).cpu(), idx.gather(1, order).cpu()
 
 
 class HardNegativeMining(pl.Callback):
@@ -170,7 +175,7 @@ class HardNegativeMining(pl.Callback):
         if trainer.global_rank == 0:
             labels = torch.as_tensor(np.asarray(miner.labels)[positions])
             table = nearest_other_label(gathered["desc"], labels, int(miner.table_width),
-                                        bool(miner.distinct_labels), self.chunk).numpy()
+                                        bool(miner.distinct_labels), self.chunk, pl_module.device).numpy()
             neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
         neighbours = trainer.strategy.broadcast(neighbours, src=0)
         miner.set_negatives(epoch, positions, neighbours)
