@@ -1,5 +1,5 @@
-"""``retrieval-lightning``: LightningCLI for fit/validate/test/predict/finetune, plus ``plugins``
-and ``download``.
+"""``retrieval-lightning``: LightningCLI for fit/validate/test/predict/finetune/extract, plus
+``plugins``, ``download``, ``search``, ``match`` and ``import-checkpoint``.
 
 Plugins are loaded before the parser is built, so configs name heads and datamodules by their
 entry-point names (``class_path: gem_arcface``, ``class_path: minilandmarks``). The parser runs in
@@ -8,29 +8,104 @@ entry-point names (``class_path: gem_arcface``, ``class_path: minilandmarks``). 
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import sys
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import yaml
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
+from retrieval_lightning.errors import user_error_types
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
 from retrieval_lightning.trainer import RetrievalTrainer
 
 
-def register_plugin_aliases() -> list[str]:
-    """Create every plugin's short-name alias; return the problems of plugins that failed to load."""
+def register_plugin_aliases(names: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """Create plugins' short-name aliases (all, or only ``{"heads": [...], "datamodules": [...]}``).
+
+    Returns the problems of plugins that failed to load (listing imports nothing; only the
+    aliased plugins are imported).
+    """
     problems = []
-    for registry in (HEADS, DATAMODULES):
-        for name in registry.names():
+    for key, registry in (("heads", HEADS), ("datamodules", DATAMODULES)):
+        wanted = registry.names() if names is None else [n for n in names.get(key, ()) if n in registry.names()]
+        for name in wanted:
             try:
                 registry.alias(name)
             except PluginError as exc:
                 problems.append(str(exc))
     return problems
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _override(args: Sequence[str], key: str) -> list[tuple[str, str]]:
+    """Values given on the command line for keys matching ``key`` (a regex on the dotted name)."""
+    found = []
+    pattern = re.compile(rf"^--({key})$")
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        match = pattern.match(name)
+        if match and (eq or i + 1 < len(args)):
+            found.append((match.group(1), value if eq else args[i + 1]))
+    return found
+
+
+def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Short plugin names a command uses, by where they are set (config files and overrides).
+
+    Only names without a dot are plugin names; dotted import paths are left to the parser.
+    """
+    heads: dict[str, str] = {}
+    data: dict[str, str] = {}
+    for path in _config_files(args):
+        try:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError:
+            continue  # the parser reports a missing config file itself
+        model = config.get("model") or {}
+        for role, spec in (model.get("heads") or {}).items():
+            if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+                heads[f"model.heads.{role}.class_path ({path})"] = spec["class_path"]
+        spec = config.get("data")
+        if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+            data[f"data.class_path ({path})"] = spec["class_path"]
+        elif isinstance(spec, str):
+            data[f"data ({path})"] = spec
+    for where, value in _override(args, r"model\.heads\.[^.]+\.class_path|model\.heads\.[^.]+"):
+        heads[f"--{where}"] = value
+    for where, value in _override(args, r"data\.class_path|data"):
+        data[f"--{where}"] = value
+    short = lambda found: {k: v for k, v in found.items() if "." not in v and not v.startswith("{")}  # noqa: E731
+    return {"heads": short(heads), "datamodules": short(data)}
+
+
+def check_plugin_names(args: Sequence[str]) -> dict[str, list[str]]:
+    """Raise the registry's error (what exists, the closest name) for an unknown short name."""
+    used = plugin_names_used(args)
+    for key, registry in (("heads", HEADS), ("datamodules", DATAMODULES)):
+        for where, name in used[key].items():
+            try:
+                registry.entry(name)
+            except PluginError as exc:
+                raise PluginError(f"{where}: {exc}") from None
+    return {key: sorted(set(found.values())) for key, found in used.items()}
 
 
 class RetrievalCLI(LightningCLI):
@@ -51,19 +126,28 @@ class RetrievalCLI(LightningCLI):
 
 
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:
-    for problem in register_plugin_aliases():
+    """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
+    args = list(sys.argv[1:] if args is None else args)
+    used = check_plugin_names(args)
+    for problem in register_plugin_aliases(used):
         warnings.warn(problem, stacklevel=1)
-    return RetrievalCLI(
-        RetrievalModule,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        trainer_class=RetrievalTrainer,
-        save_config_callback=SaveConfigToLoggers,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        args=list(args) if args is not None else None,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "retrieval-lightning", *args]  # DDP re-launches sys.argv
+    try:
+        return RetrievalCLI(
+            RetrievalModule,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_class=RetrievalTrainer,
+            save_config_callback=SaveConfigToLoggers,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            args=None,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        if not run:
+            sys.argv = saved_argv
 
 
 def print_plugins() -> int:
@@ -99,18 +183,41 @@ def run_download(args: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, function) taking the remaining arguments, returning an exit status
+    "search": ("retrieval_lightning.search_cli", "run_search"),
+    "match": ("retrieval_lightning.match", "run_match"),
+    "import-checkpoint": ("retrieval_lightning.importers", "run_import"),
+}
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "plugins":
         return print_plugins()
     if argv and argv[0] == "download":
-        try:
-            return run_download(argv[1:])
-        except PluginError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return run_download(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module, function = COMMANDS[argv[0]]
+        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
     run_lightning_cli(argv)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: known user errors print one ``error: ...`` line and exit 2 (``--traceback`` shows it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv or os.environ.get("RETRIEVAL_LIGHTNING_TRACEBACK") == "1"
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        return _dispatch(argv)
+    except user_error_types() as exc:
+        if show_traceback:
+            raise
+        message = str(exc).strip().splitlines()
+        print(f"error: {message[0] if message else type(exc).__name__}", file=sys.stderr)
+        for line in message[1:4]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

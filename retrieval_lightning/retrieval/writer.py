@@ -22,7 +22,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,10 +50,18 @@ def list_shards(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _SHARD_RE.match(p.name))
 
 
-def module_identity(module: torch.nn.Module, **extra: Any) -> dict[str, Any]:
-    """A store identity: sha256 of the module's state dict plus caller-given config entries."""
+def module_identity(
+    module: torch.nn.Module, exclude: Callable[[str], bool] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A store identity: sha256 of the module's state dict plus caller-given config entries.
+
+    ``exclude(name)`` leaves tensors out (training-only ones such as a classifier do not shape
+    the features, so a model with or without them extracts the same store).
+    """
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
+        if exclude is not None and exclude(name):
+            continue
         digest.update(name.encode())
         if isinstance(value, Tensor):
             digest.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())

@@ -1,0 +1,164 @@
+"""``retrieval-lightning search``: a checkpoint, a feature store and query images → ranked results.
+
+The store is what ``extract`` writes (``<output_dir>/<set>/store``, with ``items.tsv`` beside it
+naming every item). Queries are ranked by the global descriptor; when the model has a re-ranking
+head and the store holds its entries, the top ``--shortlist`` are re-scored and fused as the model's
+``rerank`` config says. Results are printed as a table and drawn, one row per query (global
+results, then re-ranked), into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from retrieval_lightning.data.io import load_image, to_float  # noqa: E402
+from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
+from retrieval_lightning.retrieval.search import topk_search  # noqa: E402
+from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
+
+
+@dataclass
+class SearchResult:
+    """One query's results: store rows in final order, with their global and re-ranking scores."""
+
+    query: str
+    rows: np.ndarray
+    global_scores: np.ndarray
+    rerank_scores: np.ndarray | None
+    global_rows: np.ndarray
+
+
+def read_items(store: FeatureStore) -> dict[int, tuple[str, str]]:
+    """``dataset index -> (id, path)`` from the ``items.tsv`` that ``extract`` writes beside the store."""
+    path = store.path.parent / "items.tsv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(r["index"]): (r["id"], r["path"]) for r in csv.DictReader(f, delimiter="\t")}
+
+
+def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
+    """Refuse a store extracted with other weights (compares the weight hash of both)."""
+    from retrieval_lightning.retrieval.writer import module_identity
+
+    expected = module_identity(module, exclude=getattr(module, "is_training_only", None))
+    diffs = identity_differences({"weights_sha256": store.identity.get("weights_sha256")},
+                                 {"weights_sha256": expected["weights_sha256"]})
+    if diffs:
+        raise StoreIdentityError(f"feature store {store.path} was extracted by another model ({diffs[0]})")
+
+
+def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],
+           k: int = 10, shortlist: int | None = None) -> list[SearchResult]:
+    """Rank the store for each query image; re-rank the shortlist when the model and store allow."""
+    module.eval()
+    queries = module.embed_batch(list(images)).float()
+    config = module.rerank
+    depth = max(k, shortlist or config.k)
+    scores, rows = topk_search(queries, store, k=min(depth, len(store)), device=module.device)
+    prefix = module.rerank_prefix if module.rerank_head is not None else None
+    reader = None
+    if prefix is not None and any(kind.startswith(prefix) for kind in store.kinds):
+        reader = EntryReader(store, prefix, transform=module.densify_entries)
+    results = []
+    for q, (image, name) in enumerate(zip(images, names)):
+        row, glob = rows[q].numpy(), scores[q].numpy()
+        if reader is None:
+            results.append(SearchResult(name, row[:k], glob[:k], None, row[:k]))
+            continue
+        short = row[: shortlist or config.k]
+        entries = reader.read(store.index[short])
+        query_entry = module.rerank_entries([image], database=False)[0]
+        s = module.score_entries(query_entry, entries, pair_seeds(-1 - q, store.index[short].tolist()))
+        s = torch.as_tensor(s).float().numpy()
+        order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
+        results.append(SearchResult(name, short[order][:k], glob[order][:k], s[order][:k], row[:k]))
+    return results
+
+
+def format_results(results: Sequence[SearchResult], store: FeatureStore, items: dict[int, tuple[str, str]]) -> str:
+    lines = []
+    for result in results:
+        lines.append(f"query {result.query}")
+        head = f"{'rank':>4}  {'index':>8}  {'global':>8}" + (f"  {'rerank':>8}" if result.rerank_scores is not None else "")
+        lines.append(head + "  id")
+        for i, row in enumerate(result.rows):
+            index = int(store.index[row])
+            line = f"{i + 1:>4}  {index:>8}  {result.global_scores[i]:>8.4f}"
+            if result.rerank_scores is not None:
+                line += f"  {result.rerank_scores[i]:>8.3f}"
+            lines.append(line + f"  {items.get(index, (str(index), ''))[0]}")
+    return "\n".join(lines)
+
+
+def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor], store: FeatureStore,
+                 items: dict[int, tuple[str, str]], path: Path, thumb: int = 160) -> Path:
+    """One row per query and ranking (global, then re-ranked when present): the query, then its top-k."""
+    rows = []
+    for result, image in zip(results, images):
+        rows.append((result.query, image, "global", result.global_rows))
+        if result.rerank_scores is not None:
+            rows.append((result.query, image, "re-ranked", result.rows))
+    cols = 1 + max(len(r[3]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 1.9 * len(rows)), squeeze=False)
+    for r, (name, image, label, order) in enumerate(rows):
+        axes[r][0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[r][0].set_title(f"{Path(name).name}\n{label}", fontsize=7)
+        for c in range(1, cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c - 1 >= len(order):
+                ax.axis("off")
+                continue
+            index = int(store.index[order[c - 1]])
+            ident, file = items.get(index, (str(index), ""))
+            if file and Path(file).is_file():
+                ax.imshow(to_float(load_image(file, max_side=thumb)).permute(1, 2, 0).numpy())
+            ax.set_title(f"#{c} {ident}"[:22], fontsize=6)
+        axes[r][0].set_xticks([])
+        axes[r][0].set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_search(argv: Sequence[str]) -> int:
+    from retrieval_lightning.module import RetrievalModule
+
+    parser = argparse.ArgumentParser(prog="retrieval-lightning search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint of this framework (self-contained)")
+    parser.add_argument("store", help="a feature store written by `extract` (<output_dir>/<set>/store)")
+    parser.add_argument("queries", nargs="+", help="query image files")
+    parser.add_argument("--k", type=int, default=10, help="results shown per query")
+    parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
+    parser.add_argument("--max-side", type=int, default=1024, help="queries are resized to this longest side")
+    parser.add_argument("--out", default="search.png", help="picture of the results (PNG)")
+    args = parser.parse_args(list(argv))
+    module = RetrievalModule.load_from_checkpoint(args.checkpoint)
+    store = FeatureStore.open(args.store)
+    if "global" not in store.kinds:
+        raise StoreIdentityError(f"feature store {store.path} has no global descriptors (kinds {sorted(store.kinds)})")
+    check_store_matches(module, store)
+    if args.shortlist is not None:
+        module.rerank = replace(module.rerank, k=args.shortlist)
+    images = [to_float(load_image(q, max_side=args.max_side)) for q in args.queries]
+    results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist)
+    items = read_items(store)
+    print(format_results(results, store, items))
+    picture = draw_results(results, images, store, items, Path(args.out))
+    print(f"picture: {picture}")
+    return 0

@@ -1,0 +1,158 @@
+"""Re-ranking through the CLI with a head from a separate test distribution the core does not know:
+`test` logs global and re-ranked metrics, a head scoring by the global similarity reproduces the
+global metrics under weighted fusion, 2 processes (gloo) equal 1 process on both ranks, and
+`extract` → `search` runs end to end. Also the CLI's one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli
+from rerank_plugin import make_rerank_distribution
+
+DEMO = str(REPO / "experiments/demo.yaml")
+SET = "minilandmarks"
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("rerank_site")
+    make_rerank_distribution(root)
+    return str(root)
+
+
+def rerank_args(cache_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA, "--trainer.logger=false",
+            f"--trainer.default_root_dir={out}", "--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
+            f"--trainer.callbacks.output_dir={out}/metrics", "--model.eval_scales=[1.0]",
+            "--model.heads.verifier.class_path=acme_cosine_rerank", "--model.rerank.k=8", *extra]
+
+
+@pytest.mark.slow
+def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path, tmp_path: Path,
+                                                               plugin_path: str) -> None:
+    env1 = cli_env(extra_pythonpath=plugin_path, threads=2)
+    one = tmp_path / "one"
+    run_cli(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted")], cwd=tmp_path, env=env1)
+    single = read_metrics(one / "metrics", "test")
+    for name in ("mAP_E", "mAP_M", "mAP_H", "mP@5_H"):
+        # the head's score is the global similarity: weighted fusion changes no order
+        assert single[f"test/{SET}/reranked/{name}"] == single[f"test/{SET}/{name}"]
+    stores = sorted((one / "rerank_store" / "test" / SET).glob("*/database/store"))
+    assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
+
+    reversed_dir = tmp_path / "reversed"
+    run_cli(["test", *rerank_args(cache_root, reversed_dir, "--model.heads.verifier.init_args.sign=-1",
+                                  "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain")],
+            cwd=tmp_path, env=env1)
+    flipped = read_metrics(reversed_dir / "metrics", "test")
+    assert flipped[f"test/{SET}/mAP_M"] == single[f"test/{SET}/mAP_M"]
+    assert flipped[f"test/{SET}/reranked/mAP_M"] < single[f"test/{SET}/mAP_M"]  # the shortlist order was reversed
+
+    env2 = ddp_env()
+    env2["PYTHONPATH"] = plugin_path + ":" + env2.get("PYTHONPATH", "")
+    two = tmp_path / "two"
+    run_cli(["test", *rerank_args(cache_root, two, "--model.heads.verifier.init_args.sign=-1",
+                                  "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain"),
+             "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path, env=env2)
+    assert read_metrics(two / "metrics", "test", 0) == flipped
+    assert read_metrics(two / "metrics", "test", 1) == flipped
+
+
+@pytest.mark.slow
+def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin_path: str) -> None:
+    env = cli_env(extra_pythonpath=plugin_path, threads=2)
+    fit_dir = tmp_path / "fit"
+    run_cli(["fit", *rerank_args(cache_root, fit_dir), "--trainer.max_steps=1"], cwd=tmp_path, env=env)
+    ckpt = sorted(fit_dir.rglob("*.ckpt"))[-1]
+    features = tmp_path / "features"
+    run_cli(["extract", *rerank_args(cache_root, tmp_path / "ex"), f"--ckpt_path={ckpt}",
+             f"--output_dir={features}"], cwd=tmp_path, env=env)
+    store = features / SET / "store"
+    items = (features / SET / "items.tsv").read_text().splitlines()
+    query_file = items[1].split("\t")[2]
+    assert Path(query_file).is_file()
+    out = run_cli(["search", str(ckpt), str(store), query_file, "--k", "3", "--out", str(tmp_path / "s.png")],
+                  cwd=tmp_path, env=env).stdout
+    assert "rerank" in out and (tmp_path / "s.png").stat().st_size > 1000
+    table = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert len(table) == 3
+    global_scores = [float(r[2]) for r in table]
+    rerank_scores = [float(r[3]) for r in table]
+    assert rerank_scores == sorted(rerank_scores, reverse=True)  # lexicographic: re-ranking score first
+    assert all(abs(g - s) < 2e-3 for g, s in zip(global_scores, rerank_scores))  # the head re-computes the cosine
+
+
+def _fails(args: list[str], cwd: Path, env: dict | None = None) -> str:
+    import subprocess
+
+    from helpers import CLI
+
+    proc = subprocess.run([CLI, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    first = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(first) == 1, proc.stderr[-2000:]
+    return "\n".join(lines[first[0]:])
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path) -> None:
+    unknown_head = _fails(["test", "--config", DEMO, "--model.heads.global.class_path=gem_arcfac"], tmp_path)
+    assert "error: --model.heads.global.class_path: unknown head 'gem_arcfac'; did you mean 'gem_arcface'?" in unknown_head
+    unknown_data = _fails(["fit", "--config", DEMO, "--data.class_path=minilandmark"], tmp_path)
+    assert "unknown datamodule 'minilandmark'" in unknown_data and "'minilandmarks'" in unknown_data
+
+    bad_image = tmp_path / "broken.jpg"
+    bad_image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ckpt = tmp_path / "model.ckpt"
+    _tiny_checkpoint(ckpt)
+    store = tmp_path / "store"
+    _tiny_store(store)
+    out = _fails(["search", str(ckpt), str(store), str(bad_image)], tmp_path)
+    assert out.startswith("error:") and "broken.jpg" in out
+
+    foreign = tmp_path / "foreign.ckpt"
+    import torch
+
+    torch.save({"state_dict": {"something.else": torch.zeros(2)}}, foreign)
+    out = _fails(["search", str(foreign), str(store), str(bad_image)], tmp_path)
+    assert out.startswith("error:") and "foreign.ckpt" in out and "architecture record" in out
+
+    wrong = _fails(["test", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
+                    "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"], tmp_path)
+    assert wrong.startswith("error: checkpoint does not fit this model") and "missing" in wrong
+
+    other = tmp_path / "other.ckpt"
+    _tiny_checkpoint(other, seed=1)
+    out = _fails(["search", str(other), str(store), str(bad_image)], tmp_path)
+    assert out.startswith("error:") and "another model" in out
+
+
+def _tiny_model(seed: int = 0):
+    import torch
+
+    from retrieval_lightning.backbone import Backbone
+    from retrieval_lightning.head_plugins import gem_arcface
+    from retrieval_lightning.module import RetrievalModule
+
+    torch.manual_seed(seed)
+    return RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=16)})
+
+
+def _tiny_checkpoint(path: Path, seed: int = 0) -> None:
+    _tiny_model(seed).save_checkpoint(path)
+
+
+def _tiny_store(path: Path) -> None:
+    import numpy as np
+
+    from retrieval_lightning.retrieval.store import FeatureStore
+    from retrieval_lightning.retrieval.writer import module_identity
+
+    model = _tiny_model(0)
+    FeatureStore.from_arrays(path, {"global": np.eye(4, 16, dtype=np.float16)},
+                             identity=module_identity(model, exclude=model.is_training_only))
