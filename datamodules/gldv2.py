@@ -15,6 +15,7 @@ from typing import Sequence
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
@@ -23,7 +24,7 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
 from datamodules.pairs import PairBatchSampler, PairMiner, PairSampling
-from datamodules.sampling import ClassBalancedSampler
+from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
@@ -76,12 +77,16 @@ class GLDv2TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """``index`` or ``(index, augmentation_seed)`` (from :class:`~datamodules.sampling.EpochSampler`):
+        with a seed, the random crop depends on it alone, not on the process or worker state."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         for step in range(min(len(self.paths), 50)):
             i = (int(index) + step) % len(self.paths)
             image = load_image_or_skip(self.paths[i], self.policy, max_side=self.max_side)
             if image is not None:
-                return {"image": self.transform(image), "label": int(self.labels[i]), "index": i}
+                return {"image": self.transform(image, generator=generator), "label": int(self.labels[i]), "index": i}
         raise RuntimeError(f"no readable training image near index {index} (first tried {self.paths[index]})")
 
 
@@ -100,8 +105,8 @@ class GLDv2DataModule(L.LightningDataModule):
     ``train_set`` picks ``clean`` (81,313 classes in v2.1) or ``full`` (203,094); ``num_classes``
     reads that CSV on first use, so the CLI can link it into the model before ``setup``.
     ``usage`` is ``Public``, ``Private`` or ``All``. ``sampling="balanced"`` uses
-    :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; Lightning shards
-    either under DDP. Eval images are decoded at reduced size when they exceed ``eval_max_side``
+    :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; both shard
+    themselves under DDP and resume mid-epoch (:mod:`datamodules.sampling`). Eval images are decoded at reduced size when they exceed ``eval_max_side``
     (see :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same
     before the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
     counting and logging them. ``sampling="pairs"`` trains a verifier: batches of (anchor,
@@ -250,11 +255,16 @@ class GLDv2DataModule(L.LightningDataModule):
             return DataLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
                               num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                               persistent_workers=hp.num_workers > 0)
-        sampler = None
+        # the sampler shards itself (rank, world size from the trainer) and is resumable mid-epoch
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer is not None else {}
+        sampler: EpochSampler
         if hp.sampling == "balanced":
-            sampler = ClassBalancedSampler(self.train_dataset.labels, hp.balance_power, seed=hp.sampler_seed)
-        return DataLoader(
-            self.train_dataset, batch_size=hp.batch_size, shuffle=sampler is None, sampler=sampler,
+            sampler = ClassBalancedSampler(self.train_dataset.labels, hp.balance_power, seed=hp.sampler_seed, **ranks)
+        else:
+            sampler = ShuffleSampler(len(self.train_dataset), seed=hp.sampler_seed, **ranks)
+        return ResumableDataLoader(
+            self.train_dataset, batch_size=hp.batch_size, sampler=sampler,
             drop_last=True, num_workers=hp.num_workers, pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0,
         )

@@ -124,6 +124,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         return self.benchmark_module.eval_sets(stage)
 
     def train_dataloader(self) -> DataLoader:
+        self.train_module.trainer = self.trainer  # the training sampler shards itself by the trainer's rank
         return self.train_module.train_dataloader()
 
     @property

@@ -1,34 +1,81 @@
-"""Class-balanced sampling for long-tailed classification data (GLDv2 has classes of 1 to 1000s of images).
+"""Training samplers and loader that a killed run resumes exactly, on one process or under DDP.
 
-Why: with plain shuffling the head classes dominate every epoch; drawing classes first lets the
-long tail be seen as often as wanted.
+Why: a resumed run must see the same images, in the same order, with the same augmentation as an
+uninterrupted run. Here an epoch's order is a pure function of ``(seed, epoch, rank)`` (no global
+random state), each position carries its own augmentation seed, and the loader saves how many
+batches it has handed out, so a mid-epoch checkpoint restarts the epoch where it stopped.
+
+The samplers shard themselves (rank ``r`` takes positions ``r, r + W, ...`` of the epoch's list,
+so ranks are disjoint). They subclass ``DistributedSampler`` so that Lightning neither wraps them
+(``DistributedSamplerWrapper``) nor forgets to call :meth:`set_epoch`: every Lightning 2.x calls
+``set_epoch`` on a loader's own ``DistributedSampler`` at each epoch start, whereas forwarding it
+through the wrapper only exists in recent releases.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 
-class ClassBalancedSampler(Sampler[int]):
-    """Draw a class with probability proportional to ``count ** power``, then one of its images.
+class EpochSampler(DistributedSampler):
+    """Base: this rank's share of a seeded per-epoch list, yielded as ``(index, augmentation_seed)``.
 
-    ``power=0`` gives uniform classes (the long tail is seen as often as the head), ``power=1``
-    the natural frequency. ``num_samples`` draws per epoch (default: the number of images), with
-    replacement. The draw depends only on ``(seed, epoch)``: call :meth:`set_epoch` (Lightning
-    does) for a new draw each epoch.
-
-    Under DDP, Lightning (``use_distributed_sampler=True``) wraps this sampler in
-    ``DistributedSamplerWrapper``: every rank materialises the same list from ``(seed, epoch)``
-    and takes its own strided share of positions, so the ranks' shares are disjoint and together
-    cover the epoch's list (padded by repetition to a multiple of the world size). No
-    distributed logic lives here.
+    ``total`` positions per epoch (cut to a multiple of ``num_replicas`` so shares are disjoint and
+    equal); :attr:`start` skips this rank's first positions once (set by :class:`ResumableDataLoader`).
     """
 
-    def __init__(self, labels: Sequence[int] | np.ndarray, power: float = 0.0,
-                 num_samples: int | None = None, seed: int = 0) -> None:
+    def __init__(self, dataset_size: int, total: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.num_samples = total // num_replicas
+        if self.num_samples == 0:
+            raise ValueError(f"{total} samples per epoch cannot be shared by {num_replicas} ranks")
+        self.total_size = self.num_samples * num_replicas
+        self.start = 0
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """The whole epoch's list of dataset indices (at least ``total_size`` long)."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = self.epoch_order(rng)[: self.total_size]
+        aug_seeds = rng.integers(0, 2**62, size=self.total_size)
+        positions = np.arange(self.rank, self.total_size, self.num_replicas)[self.start:]
+        self.start = 0
+        return iter(zip(order[positions].tolist(), aug_seeds[positions].tolist()))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShuffleSampler(EpochSampler):
+    """A seeded permutation of the dataset per epoch (plain shuffling)."""
+
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset_size, dataset_size, num_replicas, rank, seed)
+
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.dataset))
+
+
+class ClassBalancedSampler(EpochSampler):
+    """Draw a class with probability proportional to ``count ** power``, then one of its images.
+
+    ``power=0`` gives uniform classes (the long tail is seen as often as the head), ``power=1`` the
+    natural frequency. ``num_samples`` draws per epoch over all ranks (default: the number of
+    images), with replacement; a new draw each epoch (:meth:`set_epoch`).
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, power: float = 0.0, num_samples: int | None = None,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError("ClassBalancedSampler needs a non-empty 1-D label array")
@@ -36,19 +83,51 @@ class ClassBalancedSampler(Sampler[int]):
         _, self._starts, self._counts = np.unique(labels[self._order], return_index=True, return_counts=True)
         weights = self._counts.astype(np.float64) ** float(power)
         self._probs = weights / weights.sum()
-        self.num_samples = int(num_samples) if num_samples is not None else int(labels.size)
-        self.seed = int(seed)
-        self.epoch = 0
+        total = int(num_samples) if num_samples is not None else int(labels.size)
+        super().__init__(int(labels.size), total, num_replicas, rank, seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        classes = rng.choice(self._probs.size, size=self.total_size, p=self._probs)
+        offsets = np.floor(rng.random(self.total_size) * self._counts[classes]).astype(np.int64)
+        return self._order[self._starts[classes] + offsets]
 
-    def __len__(self) -> int:
-        return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        classes = rng.choice(self._probs.size, size=self.num_samples, p=self._probs)
-        offsets = np.floor(rng.random(self.num_samples) * self._counts[classes]).astype(np.int64)
-        picks = self._order[self._starts[classes] + offsets]
-        return iter(picks.tolist())
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` whose position in the epoch is checkpointed.
+
+    Lightning saves ``state_dict()`` of stateful training loaders into the checkpoint and calls
+    ``load_state_dict`` when it resumes; the next iteration then skips the batches already
+    trained on, in the sampler (no image is decoded for them). Loader workers draw their base
+    seed from a private generator, so creating an iterator never consumes the global random state.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler) or self.batch_size is None:
+            raise TypeError("ResumableDataLoader needs sampler=EpochSampler and a batch_size")
+        self._epoch = 0
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        # lazy: Lightning creates the iterator before it calls set_epoch on a resumed run
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler) and self.batch_size is not None
+        self._yielded = 0
+        if self._skip and self._epoch == sampler.epoch:
+            sampler.start = self._skip * self.batch_size
+            self._yielded = self._skip
+        self._epoch, self._skip = sampler.epoch, 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._skip = int(state["epoch"]), int(state["batches"])

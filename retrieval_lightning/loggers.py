@@ -1,4 +1,4 @@
-"""W&B logging that works offline without an API key."""
+"""W&B logging that works offline without an API key and continues its run when a checkpoint is resumed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import netrc
 import os
 from typing import Any
 
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+import torch
 
 
 def wandb_credentials_available() -> bool:
@@ -32,3 +35,40 @@ class RetrievalWandbLogger(WandbLogger):
             offline = mode in ("offline", "dryrun") or (mode != "online" and not wandb_credentials_available())
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
+
+
+def checkpoint_to_resume(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:
+    """The file ``fit(ckpt_path=...)`` will restore: a path, or the newest of ``"last"``'s candidates."""
+    if not ckpt_path:
+        return None
+    if ckpt_path != "last":
+        return str(ckpt_path) if os.path.isfile(ckpt_path) else None
+    candidates = {cb.ckpt_path for cb in trainer.callbacks if isinstance(cb, OnExceptionCheckpoint)}
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:  # a logger-derived dir is unknown yet
+            candidates |= cb._find_last_checkpoints(trainer)
+    existing = [p for p in candidates if p and os.path.isfile(p)]
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
+def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:
+    """Make the W&B logger continue the run that wrote the checkpoint (same run id, ``resume="allow"``).
+
+    Must run before the logger creates its run (Lightning does that in ``setup``); the id comes
+    from :class:`~retrieval_lightning.callbacks.ResumeState`'s part of the checkpoint. A logger
+    given an explicit ``id`` is left alone. Returns the id continued, if any.
+    """
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    path = checkpoint_to_resume(trainer, ckpt_path) if loggers else None
+    if path is None:
+        return None
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    run_id = next((state["wandb"]["run_id"] for state in checkpoint.get("callbacks", {}).values()
+                   if isinstance(state, dict) and "wandb" in state), None)
+    if run_id is None:
+        return None
+    for logger in loggers:
+        if logger._experiment is None and not logger._wandb_init.get("id"):
+            logger._id = run_id
+            logger._wandb_init.update(id=run_id, resume="allow")
+    return run_id

@@ -239,6 +239,9 @@ class RetrievalModule(pl.LightningModule):
         return total
 
     def on_fit_start(self) -> None:
+        # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
+        # also when resuming (where no imprinting pass below would call it)
+        self.train(self.training)
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 

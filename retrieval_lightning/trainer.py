@@ -9,12 +9,26 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from retrieval_lightning.loggers import continue_wandb_run
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
 
 
 class RetrievalTrainer(pl.Trainer):
     """A ``Trainer`` with the retrieval-specific subcommands."""
+
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``Trainer.fit``; resuming a checkpoint also continues its W&B run (same run id)."""
+        continue_wandb_run(self, ckpt_path)
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     def finetune(
         self,

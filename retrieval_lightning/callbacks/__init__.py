@@ -1,7 +1,8 @@
-"""Callbacks: resolved config to W&B, and pictures of retrieval results."""
+"""Callbacks: resolved config to W&B, pictures of retrieval results, metrics to JSON, resume state."""
 
 from retrieval_lightning.callbacks.config import SaveConfigToLoggers
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.callbacks.metrics_json import MetricsToJson
+from retrieval_lightning.callbacks.resume import ResumeState
 
-__all__ = ["MetricsToJson", "RetrievalGallery", "SaveConfigToLoggers"]
+__all__ = ["MetricsToJson", "ResumeState", "RetrievalGallery", "SaveConfigToLoggers"]

@@ -1,0 +1,94 @@
+"""Random states of every rank in the checkpoint, restored on resume (bitwise-exact continuation).
+
+Why: Lightning's checkpoint holds weights, optimiser and loop state, but not the random number
+generators, so a resumed run draws different dropout masks and augmentations than the run it
+continues. This callback gathers every rank's torch / CUDA / numpy / Python states into the
+checkpoint (rank 0 writes it) and, on resume, gives each rank its own back just before the first
+training batch, after everything that runs on a resume only (checkpoint loading, sanity checks).
+It also records the W&B run id and step, which :func:`retrieval_lightning.loggers.continue_wandb_run`
+reads to continue the same run.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """This process's generator states: torch, CUDA (if initialised), numpy, Python."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types: weights_only loading works
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                        float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, obj)  # every rank saves its checkpoint dict together (Lightning)
+        return out
+    return [obj]
+
+
+class ResumeState(pl.Callback):
+    """Checkpoint every rank's random states (and the W&B run id); restore them on resume."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        world_size = trainer.world_size if trainer is not None else 1
+        state: dict[str, Any] = {"rng": _gather(collect_rng_states(), world_size)}
+        run = _wandb_run(trainer)
+        if run is not None:
+            state["wandb"] = {"run_id": run.id, "step": int(run.step)}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is None:
+            return
+        states = self._pending.get("rng", [])
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds random states of {len(states)} ranks, this run has "
+                           f"{trainer.world_size}: random states not restored (the run will not be bitwise "
+                           "identical to an uninterrupted one)")
+        else:
+            restore_rng_states(states[trainer.global_rank])
+        self._pending = None
+
+
+def _wandb_run(trainer: pl.Trainer | None) -> Any:
+    if trainer is None:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            return logger.experiment
+    return None
