@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules._compact import StringArray
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
@@ -106,9 +107,10 @@ class GLDv2DataModule(L.LightningDataModule):
     reads that CSV on first use, so the CLI can link it into the model before ``setup``.
     ``usage`` is ``Public``, ``Private`` or ``All``. ``sampling="balanced"`` uses
     :class:`ClassBalancedSampler` (``balance_power``) instead of plain shuffling; both shard
-    themselves under DDP and resume mid-epoch (:mod:`datamodules.sampling`). Eval images are decoded at reduced size when they exceed ``eval_max_side``
-    (see :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same
-    before the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
+    themselves under DDP and resume mid-epoch (:mod:`datamodules.sampling`). With ``eval_fast_decode`` eval images are
+    decoded at reduced size when they exceed ``eval_max_side`` (see
+    :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same before
+    the random crop. ``on_error="skip"`` skips malformed CSV rows and unreadable images,
     counting and logging them. ``sampling="pairs"`` trains a verifier: batches of (anchor,
     positive, hard negatives) groups (:mod:`datamodules.pairs`, options ``pairs``; ``batch_size``
     is then ``pairs.batch_size``), mined by the ``HardNegativeMining`` callback through
@@ -133,6 +135,7 @@ class GLDv2DataModule(L.LightningDataModule):
         crop_area_min: float = 0.08,
         eval_max_side: int | None = 1024,
         eval_upscale: bool = False,
+        eval_fast_decode: bool = False,
         sampling: str = "shuffle",
         balance_power: float = 0.0,
         sampler_seed: int = 0,
@@ -234,7 +237,7 @@ class GLDv2DataModule(L.LightningDataModule):
     def split_ids(self, which: str) -> list[str]:
         """Image ids of the ``"train"`` or ``"val"`` part of the split."""
         st = self._train_state()
-        return [st.table.ids[i] for i in (st.train_pos if which == "train" else st.val_pos)]
+        return list(st.table.ids.take(st.train_pos if which == "train" else st.val_pos))
 
     def setup(self, stage: str | None = None) -> None:
         st = self._train_state()
@@ -242,7 +245,7 @@ class GLDv2DataModule(L.LightningDataModule):
             if st.train_pos.size == 0:
                 raise GLDv2FormatError("the training split is empty (every class went to validation)")
             self.train_dataset = GLDv2TrainDataset(
-                ImagePaths(self.root, [("train", [st.table.ids[i] for i in st.train_pos])]),
+                ImagePaths(self.root, [("train", st.table.ids.take(st.train_pos))]),
                 st.labels[st.train_pos], self.train_transform, self.policy, self.hparams.train_max_side,
             )
 
@@ -308,7 +311,7 @@ class GLDv2DataModule(L.LightningDataModule):
         if kind == "retrieval":
             solution_csv, index_csv = self._path(hp.retrieval_solution_csv), self._path(hp.index_csv)
             solution = read_retrieval_solution(solution_csv, self.usage, hp.on_error)
-            db_ids = read_id_csv(index_csv, hp.on_error)
+            db_ids = StringArray(read_id_csv(index_csv, hp.on_error))
             known = set(db_ids)
             for qid, gt in solution.items():
                 missing = [x for x in gt if x not in known]
@@ -321,24 +324,23 @@ class GLDv2DataModule(L.LightningDataModule):
             protocol, name = "gldv2_retrieval", "gldv2_retrieval"
         elif kind == "recognition":
             solution = read_recognition_solution(self._path(hp.recognition_solution_csv), self.usage, hp.on_error)
-            query_ids, db_ids = list(solution), list(st.table.ids)
+            query_ids, db_ids = list(solution), st.table.ids  # compact: 4.1M ids and labels in two arrays
             paths = ImagePaths(self.root, [("test", query_ids), ("train", db_ids)])
-            truth = {"solution": solution, "query_ids": query_ids, "db_labels": st.table.landmark_ids.tolist()}
+            truth = {"solution": solution, "query_ids": query_ids, "db_labels": st.table.landmark_ids}
             protocol, name = "gldv2_recognition", "gldv2_recognition"
         else:
             query_pos, db_pos = self._holdout_positions(st)
             ids, landmarks = st.table.ids, st.table.landmark_ids
-            query_ids = [ids[i] for i in query_pos]
-            db_ids = [ids[i] for i in db_pos]
-            solution = {ids[i]: [int(landmarks[i])] for i in query_pos}
-            paths = ImagePaths(self.root, [("train", query_ids + db_ids)])
-            truth = {"solution": solution, "query_ids": query_ids, "db_labels": landmarks[db_pos].tolist()}
+            query_ids, db_ids = list(ids.take(query_pos)), ids.take(db_pos)
+            solution = {qid: [int(landmarks[i])] for qid, i in zip(query_ids, query_pos)}
+            paths = ImagePaths(self.root, [("train", StringArray.concat(query_ids, db_ids))])
+            truth = {"solution": solution, "query_ids": query_ids, "db_labels": landmarks[db_pos]}
             protocol, name = "gldv2_recognition", "gldv2_holdout"
         if not query_ids:
             raise GLDv2FormatError(f"GLDv2 eval set {name!r} has no queries (usage={self.usage!r})")
-        dataset = EvalImageDataset(paths, self.eval_transform, self.policy, fast_decode=True)
+        dataset = EvalImageDataset(paths, self.eval_transform, self.policy, fast_decode=hp.eval_fast_decode)
         result = EvalSet(name=name, dataset=dataset, n_queries=len(query_ids), protocol=protocol,
-                         ground_truth=truth, image_ids=query_ids + db_ids)
+                         ground_truth=truth, image_ids=StringArray.concat(query_ids, db_ids))
         self._eval_cache[kind] = result
         return result
 

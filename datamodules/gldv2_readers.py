@@ -32,6 +32,7 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
+from datamodules._compact import StringArray
 from retrieval_lightning.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ class GLDv2FormatError(DataFormatError):
 
 @dataclass
 class TrainTable:
-    """Training images in file order: ids and their original ``landmark_id``."""
+    """Training images in file order: ids (one compact bytes array: 4.1M in the full set) and
+    their original ``landmark_id``."""
 
-    ids: list[str]
+    ids: StringArray
     landmark_ids: np.ndarray
 
     def __len__(self) -> int:
@@ -132,7 +134,7 @@ def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
             ids.append(image_id)
             landmarks.append(landmark)
     errors.finish()
-    return TrainTable(ids, np.asarray(landmarks, dtype=np.int64))
+    return TrainTable(StringArray(ids), np.asarray(landmarks, dtype=np.int64))
 
 
 def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
@@ -166,7 +168,7 @@ def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
             ids.extend(images)
             landmarks.extend([landmark] * len(images))
     errors.finish()
-    return TrainTable(ids, np.asarray(landmarks, dtype=np.int64))
+    return TrainTable(StringArray(ids), np.asarray(landmarks, dtype=np.int64))
 
 
 def read_id_csv(path: str, on_error: str = "raise") -> list[str]:
@@ -293,8 +295,7 @@ class ImagePaths(SequenceABC):
     def __init__(self, root: str, segments: Sequence[tuple[str, Sequence[str]]]) -> None:
         self.root = root
         self._splits = [split for split, _ in segments]
-        self._ids = [np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=bytes)
-                     for _, ids in segments]
+        self._ids = [StringArray(ids).data for _, ids in segments]
         self._ends = np.cumsum([len(ids) for ids in self._ids])
 
     def __len__(self) -> int:

@@ -338,7 +338,7 @@ def test_eval_sets_and_loaders(gld):
     assert recognition.protocol == "gldv2_recognition"
     assert recognition.ground_truth["solution"] == {t[0]: [7], t[3]: []}
     assert recognition.n_database == sum(CLASS_SIZES.values())
-    assert recognition.ground_truth["db_labels"] == [lm for lm, c in CLASS_SIZES.items() for _ in range(c)]
+    assert list(recognition.ground_truth["db_labels"]) == [lm for lm, c in CLASS_SIZES.items() for _ in range(c)]
 
     loaders = dm.test_dataloader()
     assert len(loaders) == 2
@@ -434,3 +434,42 @@ def test_constructor_signature_is_cli_friendly():
     parser.add_class_arguments(GLDv2DataModule, "data")
     cfg = parser.parse_args(["--data.train_set=full", "--data.test_sets=[retrieval]", "--data.train_max_side=800"])
     assert cfg.data.train_set == "full" and cfg.data.test_sets == ["retrieval"] and cfg.data.train_max_side == 800
+
+
+# --------------------------------------------------------------------------- issue 12 items 16, 19
+
+
+def test_eval_decoding_is_exact_by_default_and_reduced_size_is_an_option(gld, tmp_path):
+    import shutil
+
+    from datamodules._transforms import EvalTransform
+    from retrieval_lightning.data.io import load_image
+
+    root = tmp_path / "gldv2"
+    shutil.copytree(gld["root"], root)
+    copy = {**gld, "root": root}
+    retrieval, _ = _dm(copy, train_set="full").eval_sets("test")
+    path = retrieval.dataset.paths[0]  # a test image, shrunk 2x to eval_max_side=20: textured, so decodings differ
+    noise = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    exact = EvalTransform(20)(load_image(path))
+    assert torch.equal(retrieval.dataset[0]["image"], exact)
+    fast, _ = _dm(copy, train_set="full", eval_fast_decode=True).eval_sets("test")
+    reduced = EvalTransform(20)(load_image(path, max_side=20))
+    assert fast.dataset.fast_decode and torch.equal(fast.dataset[0]["image"], reduced)
+    assert not torch.equal(reduced, exact)  # the option really changes the decoding
+
+
+def test_recognition_set_holds_ids_and_labels_compactly(gld):
+    from datamodules._compact import StringArray
+
+    dm = _dm(gld, train_set="full")
+    _, recognition = dm.eval_sets("test")
+    truth = recognition.ground_truth
+    assert isinstance(truth["db_labels"], np.ndarray) and truth["db_labels"].dtype == np.int64
+    assert isinstance(recognition.image_ids, StringArray) and isinstance(dm._train_state().table.ids, StringArray)
+    assert recognition.image_ids.data.dtype.kind == "S"
+    ids = list(recognition.image_ids)
+    assert ids[: recognition.n_queries] == truth["query_ids"]
+    assert ids[recognition.n_queries :] == list(dm._train_state().table.ids)
+    assert all(os.path.basename(recognition.dataset.paths[k]) == f"{ids[k]}.jpg" for k in range(len(ids)))
