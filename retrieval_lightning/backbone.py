@@ -17,6 +17,7 @@ Weights come from one of:
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -89,6 +90,9 @@ class Backbone(nn.Module):
         input_order: ``"rgb"`` or ``"bgr"`` (CVNet weights expect BGR).
         mean, std: normalisation in the input order; default: the model's pretrained config.
         channels_last: use channels-last memory format on CUDA (ignored on CPU).
+        pre_activation: stages returned *before* the final ReLU of their last residual block
+            (after the residual addition; CVNet's verifier reads conv4 this way, values can be
+            negative). Defined for timm ResNets (stages conv2..conv5); an error elsewhere.
     """
 
     @record_init_args
@@ -101,6 +105,7 @@ class Backbone(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         channels_last: bool = True,
+        pre_activation: Sequence[str] = (),
     ) -> None:
         super().__init__()
         unknown = [s for s in stages if s not in STAGE_NAMES]
@@ -120,6 +125,10 @@ class Backbone(nn.Module):
         self.stage_reductions = {STAGE_NAMES[i]: int(r) for i, r in enumerate(info.reduction())}
         self._stages: list[str] = []
         self.require(stages)
+        self.pre_activation = tuple(pre_activation)
+        self._taps: dict[str, Tensor] = {}
+        for stage in self.pre_activation:
+            self._install_pre_activation_tap(stage)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
@@ -144,6 +153,31 @@ class Backbone(nn.Module):
                 raise ValueError(f"backbone {self.name!r} has no stage {stage!r}; it has {sorted(self.stage_channels)}")
             if stage not in self._stages:
                 self._stages.append(stage)
+
+    def _install_pre_activation_tap(self, stage: str) -> None:
+        """Hook the last residual block of ``stage`` so its input to the final ReLU is kept.
+
+        The hook is a bound method (through ``partial``), so deep copies and pickles of the
+        backbone write into their own ``_taps``, not the original's.
+        """
+        if stage not in STAGE_NAMES[1:]:
+            raise ValueError(f"pre_activation is defined for stages {STAGE_NAMES[1:]} (residual stages), not {stage!r}")
+        layer = getattr(self.model, f"layer{STAGE_NAMES.index(stage)}", None)
+        block = layer[-1] if isinstance(layer, nn.Sequential) and len(layer) else None
+        act = None
+        if block is not None and hasattr(block, "downsample"):  # timm Bottleneck / BasicBlock
+            act = getattr(block, "act3", None) or getattr(block, "act2", None)
+        if not isinstance(act, nn.Module):
+            raise ValueError(
+                f"pre_activation={stage!r} is only defined for timm ResNets (last block's final activation); "
+                f"backbone {self.name!r} has no such block"
+            )
+        self.require([stage])
+        act.register_forward_pre_hook(functools.partial(self._keep_pre_activation, stage))
+
+    def _keep_pre_activation(self, stage: str, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        # cloned: timm's final ReLU is in-place and would overwrite the tensor we keep
+        self._taps[stage] = inputs[0].clone()
 
     def load_weights(self, weights: str) -> None:
         """Load ImageNet/backbone weights (see module docstring); errors name what does not fit."""
@@ -185,5 +219,9 @@ class Backbone(nn.Module):
         x = self.normalize(images)
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        self._taps.clear()
         maps = self.model(x)
-        return {name: maps[STAGE_NAMES.index(name)] for name in self._stages}
+        out = {name: maps[STAGE_NAMES.index(name)] for name in self._stages}
+        for name in self.pre_activation:
+            out[name] = self._taps.pop(name)
+        return out
