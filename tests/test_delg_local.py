@@ -1,0 +1,183 @@
+"""DELG local head: receptive-field keypoints vs an empirical measurement, entries, losses, inliers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heads._delg.extraction import cell_keypoints, pack_signs
+from heads._delg.receptive_field import trace_centres
+from heads.delg_local import DelgLocalHead
+from retrieval_lightning.backbone import Backbone
+
+
+def random_backbone(name: str) -> Backbone:
+    """Random weights, BatchNorm scales at 1: timm zero-initialises each residual block's last BN,
+    which would hide the residual branches from the gradient (only the shortcuts would remain)."""
+    torch.manual_seed(0)
+    backbone = Backbone(name, weights=None, stages=("conv4",)).eval()
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    return backbone
+
+
+def gradient_centroids(
+    fn, image_size: tuple[int, int], cells: list[tuple[int, int]], repeats: int = 3
+) -> np.ndarray:
+    """Empirical receptive-field centres: centroid (x, y) of |d cell / d input| over random inputs.
+
+    One backward for all cells: batch element k carries cell k // repeats, and the gradients of
+    different batch elements do not mix (the backbone is in eval mode).
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(len(cells) * repeats, 3, *image_size, generator=gen).requires_grad_(True)
+    out = fn(x)
+    sum(out[k, :, i, j].sum() for k, (i, j) in enumerate(c for c in cells for _ in range(repeats))).backward()
+    weight = x.grad.abs().sum(1).double().view(len(cells), repeats, *image_size).sum(1)  # (K, H, W)
+    ys = torch.arange(image_size[0], dtype=torch.float64)
+    xs = torch.arange(image_size[1], dtype=torch.float64)
+    total = weight.sum(dim=(1, 2))
+    cx = (weight.sum(1) * xs).sum(1) / total
+    cy = (weight.sum(2) * ys).sum(1) / total
+    return torch.stack([cx, cy], dim=1).numpy()
+
+
+# tf_efficientnet_lite0 pads TF-"same" (more at the bottom/right): its centres are offset by 15 px,
+# so a fixed "stride * index" rule would fail there; the other two are centred at stride * index.
+@pytest.mark.parametrize("name,size,offset", [
+    ("resnet18", (224, 240), 0.0), ("efficientnet_lite0", (320, 320), 0.0), ("tf_efficientnet_lite0", (320, 320), 15.0),
+])
+def test_traced_centres_match_gradient_centroids(name: str, size: tuple[int, int], offset: float) -> None:
+    backbone = random_backbone(name)
+    maps, found = trace_centres(backbone, torch.rand(1, 3, *size), ("conv4",))
+    centres = found["conv4"]
+    h, w = maps["conv4"].shape[-2:]
+    assert (centres.y.stride, centres.x.stride) == (16, 16)
+    assert (centres.y.offset, centres.x.offset) == (offset, offset)
+    ys, xs = centres.centres(h, w)
+    # the cells centred nearest the image centre: a receptive field (339 px for the EfficientNets)
+    # clipped by the border on one side only would bias the measured centroid, not the prediction
+    i, j = int((ys - size[0] / 2).abs().argmin()), int((xs - size[1] / 2).abs().argmin())
+    cells = [(i, j), (i - 1, j + 1)]
+    measured = gradient_centroids(lambda x: backbone(x)["conv4"], size, cells)
+    predicted = np.array([[xs[j].item(), ys[i].item()] for i, j in cells])
+    assert np.abs(measured - predicted).max() < 4.0, (measured, predicted)  # a quarter of the stride
+
+
+def test_keypoints_in_original_pixels_through_the_pyramid() -> None:
+    """Keypoints at scales 0.75 and 1.5 sit at the gradient centroid of their cell w.r.t. the ORIGINAL image."""
+    backbone = random_backbone("resnet18")
+    for scale, size in ((0.75, (304, 320)), (1.5, (152, 160))):
+        rh, rw = round(size[0] * scale), round(size[1] * scale)
+        resized = lambda x: F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+        maps, found = trace_centres(backbone, torch.rand(1, 3, rh, rw), ("conv4",))
+        h, w = maps["conv4"].shape[-2:]
+        keypoints = cell_keypoints(found["conv4"], (h, w), (rh, rw), size).view(h, w, 2)
+        cells = [(h // 2, w // 2 - 1), (h // 2 + 1, w // 2)]
+        measured = gradient_centroids(lambda x: backbone(resized(x))["conv4"], size, cells)
+        predicted = np.stack([keypoints[c].numpy() for c in cells])
+        assert np.abs(measured - predicted).max() < 2.0 / scale, (scale, measured, predicted)
+
+
+def photo(name: str, box: tuple[int, int, int, int], size: int = 192) -> torch.Tensor:
+    y0, x0, y1, x1 = box
+    image = torch.from_numpy(getattr(skimage.data, name)()[y0:y1, x0:x1]).permute(2, 0, 1).float() / 255
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4",)).eval()
+
+
+def built_head(backbone: Backbone, **kwargs) -> DelgLocalHead:
+    torch.manual_seed(0)
+    kwargs.setdefault("attention_hidden", 32)
+    head = DelgLocalHead(**kwargs)
+    head.build(backbone.stage_channels, 4)
+    return head.eval()
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_entries_follow_the_options(lite0: Backbone, binarize: bool) -> None:
+    head = built_head(lite0, binarize=binarize, max_keypoints=150)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 150, 70)]
+    entries = head.extract_entries(images, lite0)
+    kinds = head.entry_kinds()
+    assert set(kinds) == {"keypoints", "descriptor_bits" if binarize else "descriptors", "attention", "scale"}
+    for image, entry in zip(images, entries):
+        n = len(entry["keypoints"])
+        assert 0 < n <= 150 and set(entry) == set(kinds)
+        for name, kind in kinds.items():
+            assert entry[name].shape == (n, *kind.shape) and str(entry[name].dtype) == f"torch.{kind.dtype}"
+        kp = entry["keypoints"]
+        assert (kp >= 0).all() and (kp[:, 0] <= image.shape[2] - 1).all() and (kp[:, 1] <= image.shape[1] - 1).all()
+        assert (entry["attention"][:-1] >= entry["attention"][1:]).all()  # strongest first
+        assert set(entry["scale"].float().unique().tolist()) > {1.0}  # several pyramid levels contribute
+        if binarize:
+            assert entry["descriptor_bits"].shape[1] == 16  # 16 bytes per 128-D feature
+        else:
+            torch.testing.assert_close(entry["descriptors"].float().norm(dim=1), torch.ones(n), atol=2e-3, rtol=0)
+
+
+def test_binary_entries_are_the_signs_of_the_float_ones(lite0: Backbone) -> None:
+    image = [torch.rand(3, 96, 96)]
+    floats = built_head(lite0, scales=(1.0,)).extract_entries(image, lite0)[0]
+    bits = built_head(lite0, scales=(1.0,), binarize=True).extract_entries(image, lite0)[0]
+    torch.testing.assert_close(floats["keypoints"], bits["keypoints"])
+    expected = np.packbits(floats["descriptors"].float().numpy() > 0, axis=1)
+    np.testing.assert_array_equal(bits["descriptor_bits"].numpy(), expected)
+    assert pack_signs(torch.tensor([[1.0] + [-1.0] * 7])).item() == 128
+
+
+def test_threshold_and_top_n(lite0: Backbone) -> None:
+    image = [torch.rand(3, 128, 128)]
+    everything = built_head(lite0, max_keypoints=None).extract_entries(image, lite0)[0]
+    stored = everything["attention"].float().unique(sorted=True)  # fp16 values: cut between two of them
+    cut = float(stored[len(stored) // 2 : len(stored) // 2 + 2].mean())
+    kept = built_head(lite0, max_keypoints=None, attention_threshold=cut).extract_entries(image, lite0)[0]
+    assert (kept["attention"].float() >= cut).all()
+    assert len(kept["attention"]) == int((everything["attention"].float() >= cut).sum())
+    assert len(built_head(lite0, max_keypoints=7).extract_entries(image, lite0)[0]["keypoints"]) == 7
+
+
+def test_losses_train_the_head_and_never_the_backbone() -> None:
+    backbone = random_backbone("resnet18").train()
+    torch.manual_seed(0)
+    head = DelgLocalHead(dim=16, attention_hidden=8, reconstruction_weight=10.0)
+    head.build(backbone.stage_channels, 3)
+    losses = head.losses(backbone(torch.rand(2, 3, 64, 64)), torch.tensor([0, 2]))
+    assert set(losses) == {"attention", "reconstruction"}
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert all(p.grad is None for p in backbone.parameters())
+
+    unweighted = DelgLocalHead(dim=16, attention_hidden=8, reconstruction_weight=1.0)
+    unweighted.build(backbone.stage_channels, 3)
+    unweighted.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        feats = backbone(torch.rand(2, 3, 64, 64))
+        ten, one = head.losses(feats, torch.tensor([0, 1])), unweighted.losses(feats, torch.tensor([0, 1]))
+    torch.testing.assert_close(ten["reconstruction"], 10.0 * one["reconstruction"])
+    torch.testing.assert_close(ten["attention"], one["attention"])
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_a_shifted_rescaled_copy_has_more_inliers_than_unrelated_photos(lite0: Backbone, binarize: bool) -> None:
+    """ImageNet conv4 with an UNTRAINED local head (random attention and projection): geometry alone
+    separates a crop of a photo and a shifted, 1.25x zoomed crop of it from unrelated photos."""
+    head = built_head(lite0, scales=(0.7071, 1.0, 1.4142), max_keypoints=300, binarize=binarize)
+    query = photo("astronaut", (100, 120, 356, 376))
+    same = photo("astronaut", (130, 140, 450, 460))
+    others = [photo("coffee", (0, 0, 256, 256)), photo("chelsea", (0, 0, 256, 256)), photo("rocket", (0, 0, 256, 256))]
+    entries = head.extract_entries([query, same, *others], lite0)
+    scores = head.score(entries[0], entries[1:], seeds=[1, 2, 3, 4])
+    assert scores.dtype == torch.float32 and scores.shape == (4,)
+    assert scores[0] >= 30 and scores[0] > 3 * scores[1:].max(), scores
+    torch.testing.assert_close(head.score(entries[0], entries[1:], seeds=[1, 2, 3, 4]), scores)  # seeded
