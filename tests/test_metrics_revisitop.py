@@ -269,3 +269,24 @@ def test_scores_path_errors_name_the_input():
         compute_map_from_scores(scores, [{"ok": [1]}, {"ok": [2]}])
     with pytest.raises(ValueError, match=r"shape \(n_queries=3"):
         compute_map_from_scores(np.zeros((2, 5)), [{"ok": [1]}] * 3)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_score_positions_equal_stable_argsort_positions(seed):
+    """Every ground-truth item's position, ties included (lower index first), for any chunking."""
+    from retrieval_lightning.metrics.revisitop import _score_positions
+
+    rng = np.random.default_rng(300 + seed)
+    n_queries, n_db = 5, int(rng.integers(1, 400))
+    dtype = (np.float16, np.float32, np.float64)[seed % 3]
+    levels = int(rng.integers(1, 6)) if seed % 2 == 0 else 1000  # few levels: most scores tie
+    scores = (rng.integers(0, levels, size=(n_queries, n_db)) / max(levels - 1, 1)).astype(dtype)
+    if n_db > 3:
+        scores[1, :3] = [np.inf, -np.inf, -0.0]
+    items = [np.unique(rng.choice(n_db, size=int(rng.integers(0, min(n_db, 40) + 1)))) for _ in range(n_queries)]
+    order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")
+    rank_of = np.argsort(order, axis=1)
+    for chunk_size in (1, 17, 1 << 20):
+        got = _score_positions(scores, items, chunk_size)
+        for q, ids in enumerate(items):
+            np.testing.assert_array_equal(got[q], rank_of[q, ids])

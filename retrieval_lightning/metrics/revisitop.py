@@ -5,8 +5,8 @@ kernel, so their results agree to the last bit:
 
 - from a ranking (:func:`compute_map`, :func:`evaluate_revisitop`), the reference's interface;
 - from scores (:func:`compute_map_from_scores`, :func:`evaluate_revisitop_from_scores`), which
-  only counts, for each ground-truth item, how many database items outrank it, so a database of
-  a million images is never sorted.
+  only counts, for each ground-truth item, how many database items outrank it (one chunk sorted
+  at a time), so no ranking of a million images is ever built.
 
 Sums run in the reference's order (over positives, then over queries), so the values equal the
 reference implementation's exactly, not just up to rounding.
@@ -218,9 +218,6 @@ def evaluate_revisitop(
     return _report(per_protocol, items, positions, kappas)
 
 
-_BINS = 1 << 14
-
-
 def _float_array(values: Any) -> np.ndarray:
     """Scores as a float numpy array; half precision widens exactly to float32, integers to float64."""
     if isinstance(values, torch.Tensor):
@@ -298,43 +295,16 @@ def _item_scores(
     return [p if p is not None else np.zeros(0) for p in picked], n_db
 
 
-class _Bins:
-    """Monotone bucketing of one query's scores into _BINS + 3 bins spanning its ground-truth scores.
-
-    ``floor(clip((x - lo) * scale))`` is non-decreasing in x in any IEEE precision, so a score in a
-    higher bin than a threshold is strictly greater than it; only scores sharing a bin with some
-    threshold need an exact comparison.
-    """
-
-    count = _BINS + 3
-
-    def __init__(self, thresholds: np.ndarray) -> None:
-        dtype = thresholds.dtype
-        finite = thresholds[np.isfinite(thresholds)]
-        info = np.finfo(dtype)
-        span = float(finite.max()) - float(finite.min()) if finite.size else 0.0
-        scale = _BINS / span if span > 0 else 1.0
-        self.lo = dtype.type(finite.min() if finite.size else 0)
-        self.scale = dtype.type(min(max(scale, float(info.tiny)), float(info.max)))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x - self.lo
-        y *= self.scale
-        np.clip(y, -1, _BINS + 1, out=y)
-        np.floor(y, out=y)
-        out = y.astype(np.intp)
-        out += 1
-        return out
-
-
 def _score_positions(
     scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int
 ) -> list[np.ndarray]:
-    """Position of each item in the stable descending sort of each query's scores, without sorting.
+    """Position of each item in the stable descending sort of each query's scores.
 
-    Position of item i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. Per query, a histogram of
-    monotone bins counts the scores above each item's bin; the few scores sharing a bin with an
-    item are compared exactly, and those equal to an item's score are kept to break ties by index.
+    Position of item i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. Each chunk row is sorted on its
+    own (a chunk, never the database) and the items' scores are looked up in it with
+    ``searchsorted``: that counts the scores above each item and those equal to it. Equal scores
+    in an earlier chunk all come first; in the item's own chunk the few equal ones before it are
+    counted directly.
     """
     n_queries = len(items)
     if chunk_size < 1:
@@ -344,52 +314,28 @@ def _score_positions(
     if n_db == 0:
         return [np.full(ids.size, -1, dtype=np.int64) for ids in items]
 
-    width = max([1] + [ids.size for ids in items]) + 1
-    bins = [_Bins(values) for values in item_scores]
-    sorted_scores = [np.sort(values) for values in item_scores]
-    sorted_bins = [binner(values) for binner, values in zip(bins, sorted_scores)]
-    occupied = np.zeros((n_queries, _Bins.count), dtype=bool)
-    for q, (binner, values) in enumerate(zip(bins, item_scores)):
-        occupied[q, binner(values)] = True
-    histogram = np.zeros((n_queries, _Bins.count), dtype=np.int64)
-    same_bin_above = np.zeros((n_queries, width), dtype=np.int64)
-    ties = [np.zeros(0, dtype=np.int64)]
+    positions = [np.zeros(ids.size, dtype=np.int64) for ids in items]
     start = 0
     for chunk in chunks():
-        if chunk.dtype != sorted_scores[0].dtype:
+        if chunk.dtype != item_scores[0].dtype:
             raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones were "
-                             f"{sorted_scores[0].dtype}")
-        for q in range(n_queries):
-            if items[q].size == 0:
+                             f"{item_scores[0].dtype}")
+        stop = start + chunk.shape[1]
+        for q, (ids, values) in enumerate(zip(items, item_scores)):
+            if ids.size == 0:
                 continue
             row = chunk[q]
-            row_bins = bins[q](row)
-            histogram[q] += np.bincount(row_bins, minlength=_Bins.count)
-            near = np.flatnonzero(occupied[q].take(row_bins))
-            if near.size == 0:
-                continue
-            near_scores = row[near]
-            below = np.searchsorted(sorted_scores[q], near_scores, side="left")
-            bin_start = np.searchsorted(sorted_bins[q], row_bins[near], side="left")
-            same_bin_above[q] += np.bincount(bin_start, minlength=width) - np.bincount(below, minlength=width)
-            equal = sorted_scores[q][np.minimum(below, items[q].size - 1)] == near_scores
-            equal &= below < items[q].size
-            ties.append((q * width + below[equal]) * n_db + start + near[equal])
-        start += chunk.shape[1]
+            ordered = np.sort(row)
+            first = np.searchsorted(ordered, values, side="left")
+            after = np.searchsorted(ordered, values, side="right")
+            positions[q] += row.size - after  # strictly higher scores
+            positions[q] += np.where(ids >= stop, after - first, 0)  # equal scores at lower indices
+            own = np.flatnonzero((ids >= start) & (ids < stop) & (after - first > 1))
+            for k in own:  # the item's own chunk holds other scores equal to it
+                positions[q][k] += np.count_nonzero(row[: ids[k] - start] == values[k])
+        start = stop
     if start != n_db:
         raise ValueError(f"the score source yielded {start} database items on its second pass, {n_db} on its first")
-
-    at_or_above = np.zeros((n_queries, _Bins.count + 1), dtype=np.int64)
-    at_or_above[:, :-1] = histogram[:, ::-1].cumsum(axis=1)[:, ::-1]
-    same_bin_above = same_bin_above.cumsum(axis=1)
-    tie_keys = np.sort(np.concatenate(ties))
-    positions = []
-    for q, ids in enumerate(items):
-        first_equal = np.searchsorted(sorted_scores[q], item_scores[q], side="left")
-        higher = at_or_above[q, bins[q](item_scores[q]) + 1] + same_bin_above[q, first_equal]
-        group = (q * width + first_equal) * n_db
-        earlier_equal = np.searchsorted(tie_keys, group + ids) - np.searchsorted(tie_keys, group)
-        positions.append(higher + earlier_equal)
     return positions
 
 
