@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import CLI, REPO, TINY_DATA, cli_env, ddp_env, run_cli
@@ -39,6 +40,15 @@ def kill_after_first_shards(command: list[str], shard_dir: Path, cwd: Path, env:
         proc.wait()
 
 
+def shard_indices(shard_dir: Path) -> dict[str, np.ndarray]:
+    """Dataset indices held by each finished shard, read straight from the ``.npz`` files."""
+    out = {}
+    for shard in sorted(shard_dir.glob("shard-*.npz")):
+        with np.load(shard, allow_pickle=False) as z:
+            out[shard.name] = np.asarray(z["index"], dtype=np.int64)
+    return out
+
+
 def store_files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
 
@@ -54,8 +64,18 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: P
     ddp_args = args(cache_root, ddp, "--trainer.devices=2", "--trainer.strategy=ddp")
     shard_dir = ddp / "features" / "minilandmarks"
     kill_after_first_shards([CLI, *ddp_args], shard_dir, tmp_path, ddp_env())
-    shards_before = len(list(shard_dir.glob("shard-*.npz")))
-    assert shards_before >= 2 and not (shard_dir / "store").exists(), "the run was not interrupted part-way"
+    before = shard_indices(shard_dir)
+    assert len(before) >= 2 and not (shard_dir / "store").exists(), "the run was not interrupted part-way"
+    done = set(np.concatenate(list(before.values())).tolist())
+    everything = set(np.load(single / "features" / "minilandmarks" / "store" / "index.npy").tolist())
+    assert done < everything
 
     run_cli(ddp_args, cwd=tmp_path, env=ddp_env())
+    after = shard_indices(shard_dir)
+    assert all(np.array_equal(after[name], idx) for name, idx in before.items())  # finished shards untouched
+    redone = np.concatenate([idx for name, idx in after.items() if name not in before])
+    # the restart extracted exactly the missing images (a DistributedSampler may repeat one of them
+    # to give both ranks equal batches, never one that was already done)
+    assert set(redone.tolist()) == everything - done
+    assert len(redone) <= len(everything - done) + 1
     assert store_files(shard_dir / "store") == reference
