@@ -225,6 +225,7 @@ class FeatureStore:
         self.index: np.ndarray = self._load(INDEX_FILE, np.dtype(np.int64), (self.count,))
         self._arrays: dict[str, np.ndarray] = {}
         self._offsets: dict[str, np.ndarray] = {}
+        self._files: dict[str, int] = {}
 
     # construction -------------------------------------------------------------------------
     @staticmethod
@@ -361,7 +362,39 @@ class FeatureStore:
         if not self.kinds[kind].ragged:
             return np.asarray(data[positions])
         offsets = self.offsets(kind)
-        return [np.array(data[offsets[p] : offsets[p + 1]]) for p in positions]
+        return [self._read_rows(kind, data, int(offsets[p]), int(offsets[p + 1])) for p in positions]
+
+    def _read_rows(self, kind: str, data: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a ragged kind read with ``pread`` into a private buffer.
+
+        A memory-mapped slice would page in whole (possibly 2 MB) folios per image, so resident
+        memory would grow with the store rather than with the rows actually read.
+        """
+        spec = self.kinds[kind]
+        out = np.empty((stop - start, *spec.shape), dtype=np.dtype(spec.dtype))
+        if out.nbytes == 0:
+            return out
+        offset = getattr(data, "offset", None)
+        if offset is None:  # not a file-backed memory map
+            out[...] = data[start:stop]
+            return out
+        if kind not in self._files:
+            self._files[kind] = os.open(self.path / f"{kind}.npy", os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        position, done = int(offset) + start * spec.row_bytes, 0
+        while done < len(view):
+            n = os.preadv(self._files[kind], [view[done:]], position + done)
+            if n <= 0:
+                raise OSError(f"feature store {self.path}: {kind}.npy is shorter than its manifest says")
+            done += n
+        return out
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def rows_of(self, dataset_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row positions holding the given dataset indices (error naming the first one absent)."""
