@@ -50,6 +50,9 @@ class DelgLocalHead(LocalHead):
             (DELG: 10.0). The module weighs each *head* once (``loss_weights: {local: 1.0}``),
             so the returned ``reconstruction`` loss is already multiplied by this factor and
             the two local losses come back weighted relative to each other as in the paper.
+        decoder_relu: end the decoder with a ReLU (DELG: ResNet's conv4 is post-ReLU). Backbones
+            whose stage ends in a linear projection (EfficientNet: signed conv4) reconstruct
+            better without it.
         scales: image pyramid of extraction (default: the paper's 7 scales).
         max_keypoints: keep the N strongest cells by attention across scales (None: all).
         attention_threshold: keep only cells with attention >= this (None: no threshold).
@@ -60,12 +63,15 @@ class DelgLocalHead(LocalHead):
         workers: threads verifying a shortlist (None: one per CPU).
     """
 
+    training_only = ("classifier.",)  # the attention loss's classifier over the training classes
+
     def __init__(
         self,
         stage: str = "conv4",
         dim: int = 128,
         attention_hidden: int = 512,
         reconstruction_weight: float = 10.0,
+        decoder_relu: bool = True,
         scales: Sequence[float] = PAPER_SCALES,
         max_keypoints: int | None = 1000,
         attention_threshold: float | None = None,
@@ -89,6 +95,7 @@ class DelgLocalHead(LocalHead):
         self.dim = int(dim)
         self.attention_hidden = int(attention_hidden)
         self.reconstruction_weight = float(reconstruction_weight)
+        self.decoder_relu = bool(decoder_relu)
         self.scales = tuple(float(s) for s in scales)
         self.max_keypoints = max_keypoints
         self.attention_threshold = attention_threshold
@@ -118,7 +125,8 @@ class DelgLocalHead(LocalHead):
     def forward_maps(self, conv4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, h, w) -> attention (B, 1, h, w), descriptors (B, dim, h, w), reconstruction (B, C, h, w)."""
         encoded = self.encoder(conv4)
-        return self.attention(conv4), encoded, F.relu(self.decoder(encoded))
+        decoded = self.decoder(encoded)
+        return self.attention(conv4), encoded, F.relu(decoded) if self.decoder_relu else decoded
 
     def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         if self.classifier is None:

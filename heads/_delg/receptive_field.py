@@ -173,9 +173,10 @@ def trace_centres(
 class CentreCache:
     """Cell-centre mappings per feature function and input size, traced on the first forward.
 
-    Keyed weakly by the ``features_at`` callable (a different backbone is a different callable),
-    then by input size (TF-"same" padding makes the offset depend on it). A cache miss costs no
-    extra forward: the traced forward's maps are the ones returned.
+    Keyed weakly by the object behind ``features_at`` (the module of a bound method such as
+    ``RetrievalModule.features_at``, which is a new object at every attribute access; else the
+    callable itself), then by the function, input size (TF-"same" padding makes the offset depend
+    on it) and stage. A cache miss costs no extra forward: the traced forward's maps are returned.
     """
 
     def __init__(self) -> None:
@@ -185,13 +186,14 @@ class CentreCache:
         self, features_at: Callable[[Tensor], Mapping[str, Tensor]], image: Tensor, stage: str
     ) -> tuple[Tensor, CellCentres]:
         """``features_at(image)[stage]`` and its mapping (image: (1, 3, H, W))."""
-        key = (int(image.shape[-2]), int(image.shape[-1]), stage)
+        owner = getattr(features_at, "__self__", features_at)
+        key = (getattr(features_at, "__func__", None), int(image.shape[-2]), int(image.shape[-1]), stage)
         try:
-            per_fn = self._cache.setdefault(features_at, {})
+            per_owner = self._cache.setdefault(owner, {})
         except TypeError:  # not weak-referenceable: trace every time (correct, just slower)
-            per_fn = {}
-        if key in per_fn:
-            return features_at(image)[stage], per_fn[key]
+            per_owner = {}
+        if key in per_owner:
+            return features_at(image)[stage], per_owner[key]
         maps, found = trace_centres(features_at, image, (stage,))
-        per_fn[key] = found[stage]
+        per_owner[key] = found[stage]
         return maps[stage], found[stage]
