@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import REPO, TINY_DATA, cli_env, run_cli
 
@@ -72,5 +73,12 @@ def test_third_party_head_is_listed_and_trained_by_short_name(cache_root: Path, 
     ckpt = sorted(out.rglob("*.ckpt"))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
-    assert state["state_dict"]["heads.global.proj.weight"].shape[0] == 32
-    assert "acme_avgpool" in str(state["hyper_parameters"]) or "heads.global.classifier.weight" in state["state_dict"]
+    # the trained head is the plugin's, with the configured width: exactly its parameters
+    head = {k.removeprefix("heads.global."): tuple(v.shape) for k, v in state["state_dict"].items()
+            if k.startswith("heads.global.")}
+    assert set(head) == {"proj.weight", "proj.bias", "classifier.weight", "classifier.bias"}
+    assert head["proj.weight"][0] == 32 and head["classifier.weight"][1] == 32
+    # and the run's recorded configuration names the plugin and its arguments
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    recorded = config["model"]["heads"]["global"]
+    assert recorded["class_path"].rsplit(".", 1)[-1] == "acme_avgpool" and recorded["init_args"]["dim"] == 32
