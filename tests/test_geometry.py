@@ -58,10 +58,11 @@ def test_homography_ground_truth_recovered(method: str) -> None:
     assert np.abs(err).max() < 2.0
 
 
-def test_seed_is_deterministic_across_threads_and_rng_state() -> None:
+@pytest.mark.parametrize("method", ["ransac", "magsac"])
+def test_seed_is_deterministic_across_threads_and_rng_state(method: str) -> None:
     # 6 % inliers and 30 iterations: RANSAC's outcome depends on its random samples
     q_kp, q_desc, d_kp, d_desc = scene(2, n_true=12, n_out=188)
-    opts = {"threshold": 2.0, "max_iters": 30, "matching": "one_way", "max_distance": 2.0}
+    opts = {"threshold": 2.0, "max_iters": 30, "matching": "one_way", "max_distance": 2.0, "method": method}
     first = {s: match_and_verify(q_kp, q_desc, d_kp, d_desc, seed=s, **opts) for s in range(8)}
     assert len({r.inliers for r in first.values()}) > 1, "the seed has no effect"
     results: dict[tuple[int, int], tuple[int, bytes]] = {}

@@ -304,20 +304,28 @@ def match_and_verify(
     """
     opts = MatchOptions.from_kwargs(options)
     q_kp = check_features(query_keypoints, query_descriptors, "query")
-    d_kp = check_features(db_keypoints, db_descriptors, "database")
     if opts.reference:
         from .geometry_reference import reference_match_and_verify
 
+        d_kp = check_features(db_keypoints, db_descriptors, "database")
         return reference_match_and_verify(q_kp, query_descriptors, d_kp, db_descriptors, opts)
-    binary = is_binary(query_descriptors)
-    if binary != is_binary(db_descriptors):
-        raise TypeError("query and database descriptors must both be packed bits or both floats")
-    q = as_matchable(query_descriptors)
-    d = as_matchable(db_descriptors)
-    if q.shape[1] != d.shape[1]:
-        raise ValueError(f"descriptor sizes differ: query {q.shape[1]}, database {d.shape[1]}")
+    return _verify_pair(q_kp, as_matchable(query_descriptors), is_binary(query_descriptors),
+                        db_keypoints, db_descriptors, opts, opts.seed, "database")
+
+
+def _verify_pair(
+    q_kp: np.ndarray, q: np.ndarray, binary: bool, keypoints: Any, descriptors: Any,
+    opts: MatchOptions, seed: int, name: str,
+) -> VerificationResult:
+    """One pair from a prepared query: the path shared by single calls and shortlists."""
+    if is_binary(descriptors) != binary:
+        raise TypeError(f"{name}: descriptors must be packed bits (uint8) iff the query's are")
+    d = as_matchable(descriptors)
+    if d.shape[1] != q.shape[1]:
+        raise ValueError(f"{name}: descriptor size {d.shape[1]} differs from the query's {q.shape[1]}")
+    d_kp = check_features(keypoints, descriptors, name)
     q_idx, d_idx = tentative_matches(q @ d.T, q.shape[1], binary, opts)
-    return verify_matches(q_kp, d_kp, q_idx, d_idx, opts, opts.seed)
+    return verify_matches(q_kp, d_kp, q_idx, d_idx, opts, seed)
 
 
 def verify_shortlist(
@@ -351,14 +359,7 @@ def verify_shortlist(
 
     def one(k: int) -> VerificationResult:
         kp, desc = candidates[k]
-        if is_binary(desc) != binary:
-            raise TypeError(f"candidate {k}: descriptors must be packed bits iff the query's are")
-        d = as_matchable(desc)
-        if d.shape[1] != q.shape[1]:
-            raise ValueError(f"candidate {k}: descriptor size {d.shape[1]} != query's {q.shape[1]}")
-        d_kp = check_features(kp, desc, f"candidate {k}")
-        q_idx, d_idx = tentative_matches(q @ d.T, q.shape[1], binary, opts)
-        return verify_matches(q_kp, d_kp, q_idx, d_idx, opts, int(seeds[k]))
+        return _verify_pair(q_kp, q, binary, kp, desc, opts, int(seeds[k]), f"candidate {k}")
 
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(candidates)))
     if n_workers == 1:
