@@ -1,0 +1,172 @@
+"""CVNet's correlation verifier (Lee et al., CVPR 2022) as a re-ranking head of role ``verifier``.
+
+It reads conv4 of a frozen backbone (CVNet takes it before the last block's final ReLU: build the
+backbone with ``pre_activation=("conv4",)``), projects a 3-level pyramid (area scales 0.25, 0.5,
+1; one 3x3 conv per level), correlates query and database levels (9 cosine maps, clamped at 0,
+resized to the full 4D size) and classifies the pair with centre-pivot 4D convolutions. The score
+is the probability of "same instance".
+
+Stored per image (:meth:`entry_kinds`): the three projected levels, **L2-normalised per location**,
+as ``(h_i*w_i, P)`` float16 rows (``level0``..``level2``) plus their ``(h, w)`` (``level{i}_hw``).
+A row of zeros is a dropped location: it contributes nothing (the sparsifier relies on this).
+Scoring builds only the correlation entries the first strided 4D convolution reads
+(:mod:`heads._cvnet.fast`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads._cvnet.fast import SCALES, LevelSet, level_sizes, pair_logits_fast, prepare_levels, resize
+from heads._cvnet.network import CorrelationLearner
+from retrieval_lightning.head import EntryKind, FeatureFn, VerifierHead
+
+
+class CVNetVerifierHead(VerifierHead):
+    """The CVNet re-ranking model on one backbone stage.
+
+    Args:
+        stage: backbone stage read (``conv4``; pre-activation is the backbone's option).
+        width: projection width P of every pyramid level (256 in CVNet; small for CPU training).
+        batch_size: candidates scored together (memory grows linearly: about 0.2 GB per pair at
+            768x1024 with R50).
+        max_pairs: in-batch training pairs per step (half positive, half negative when possible).
+        entry_dtype: dtype of stored levels (``float16`` on disk; ``float32`` for exact checks).
+    """
+
+    stages = ("conv4",)
+
+    def __init__(
+        self,
+        stage: str = "conv4",
+        width: int = 256,
+        batch_size: int = 4,
+        max_pairs: int = 16,
+        entry_dtype: str = "float16",
+    ) -> None:
+        super().__init__()
+        if entry_dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"entry_dtype must be float16, bfloat16 or float32, got {entry_dtype!r}")
+        self.stage = stage
+        self.stages = (stage,)
+        self.width = int(width)
+        self.batch_size = int(batch_size)
+        self.max_pairs = int(max_pairs)
+        self.entry_dtype = entry_dtype
+
+    def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
+        channels = stage_channels[self.stage]
+        self.projections = nn.ModuleList(
+            nn.Conv2d(channels, self.width, 3, padding=1, bias=False) for _ in SCALES
+        )
+        self.learner = CorrelationLearner(len(SCALES) ** 2)
+
+    # ---- the network, for training and for the sparsifier -------------------------------------
+    def project(self, conv4: Tensor) -> list[Tensor]:
+        """(B, C, h, w) stage map -> the 3 projected levels (B, P, h_i, w_i), not normalised."""
+        h, w = conv4.shape[-2:]
+        return [conv(resize(conv4, size)) for conv, size in zip(self.projections, level_sizes(h, w))]
+
+    def pair_logits(self, query_levels: Sequence[Tensor], db_levels: Sequence[Tensor]) -> Tensor:
+        """(B, 2) logits for aligned pairs of projected levels (as :meth:`project` returns them).
+
+        A database location set to zero contributes nothing. The query side may have batch 1
+        (one query against B candidates).
+        """
+        return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), prepare_levels(list(db_levels)))
+
+    # ---- training --------------------------------------------------------------------------------
+    def _in_batch_pairs(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Balanced same/different pairs among the batch: (first, second, target) index tensors."""
+        n = labels.shape[0]
+        first, second = torch.triu_indices(n, n, offset=1, device=labels.device)
+        same = labels[first] == labels[second]
+        pos, neg = same.nonzero().flatten(), (~same).nonzero().flatten()
+        pos, neg = pos[torch.randperm(len(pos), device=pos.device)], neg[torch.randperm(len(neg), device=neg.device)]
+        if len(pos) and len(neg):
+            take = min(len(pos), len(neg), max(1, self.max_pairs // 2))
+            chosen = torch.cat([pos[:take], neg[:take]])
+        else:
+            chosen = torch.cat([pos, neg])[: self.max_pairs]
+        return first[chosen], second[chosen], same[chosen].long()
+
+    def losses(
+        self, features: Mapping[str, Tensor], labels: Tensor, pairs: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Cross-entropy on same/different over pairs of the batch.
+
+        ``pairs`` (optional, from a pair-mining datamodule): (M, 3) long rows ``(i, j, same)``;
+        without it, pairs are formed inside the batch from ``labels``.
+        """
+        if pairs is not None:
+            first, second, target = pairs[:, 0], pairs[:, 1], pairs[:, 2].long()
+        else:
+            first, second, target = self._in_batch_pairs(labels)
+        levels = self.project(features[self.stage])
+        logits = self.pair_logits([lv[first] for lv in levels], [lv[second] for lv in levels])
+        return {"pair_ce": F.cross_entropy(logits, target)}
+
+    # ---- re-ranking --------------------------------------------------------------------------------
+    def entry_kinds(self) -> dict[str, EntryKind]:
+        kinds = {f"level{i}": EntryKind(self.entry_dtype, (self.width,), ragged=True) for i in range(len(SCALES))}
+        kinds.update({f"level{i}_hw": EntryKind("int32", (2,)) for i in range(len(SCALES))})
+        return kinds
+
+    @torch.no_grad()
+    def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn) -> list[dict[str, Tensor]]:
+        """Each image at its own size (scale 1.0, as the official tester) -> normalised level rows."""
+        device = self.projections[0].weight.device
+        dtype = getattr(torch, self.entry_dtype)
+        entries = []
+        for image in images:
+            conv4 = features_at(image.unsqueeze(0).to(device))[self.stage].float()
+            entry: dict[str, Tensor] = {}
+            for i, level in enumerate(self.project(conv4)):
+                unit = F.normalize(level[0], dim=0, eps=1e-12)
+                entry[f"level{i}"] = unit.flatten(1).t().contiguous().to(dtype).cpu()
+                entry[f"level{i}_hw"] = torch.tensor(unit.shape[-2:], dtype=torch.int32)
+            entries.append(entry)
+        return entries
+
+    def _levels_of(self, entries: Sequence[Mapping[str, Tensor]], device: torch.device) -> LevelSet:
+        """Stored entries of equal sizes -> a normalised :class:`LevelSet` on ``device``."""
+        levels = []
+        for i in range(len(SCALES)):
+            h, w = (int(v) for v in entries[0][f"level{i}_hw"])
+            rows = torch.stack([e[f"level{i}"] for e in entries]).to(device=device, dtype=torch.float32)
+            levels.append(rows.transpose(1, 2).reshape(len(entries), -1, h, w))
+        return prepare_levels(levels, normalized=True)
+
+    @torch.no_grad()
+    def score(
+        self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
+    ) -> Tensor:
+        """Probability of "same instance" for each candidate; deterministic (``seeds`` unused)."""
+        device = self.projections[0].weight.device
+        out = torch.empty(len(candidates))
+        if not candidates:
+            return out
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        )
+        query_set = self._levels_of([query], device)
+        groups: dict[tuple, list[int]] = {}
+        for k, entry in enumerate(candidates):
+            key = tuple(tuple(int(v) for v in entry[f"level{i}_hw"]) for i in range(len(SCALES)))
+            groups.setdefault(key, []).append(k)
+        with autocast:
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start : start + self.batch_size]
+                    db_set = self._levels_of([candidates[k] for k in chunk], device)
+                    logits = pair_logits_fast(self.learner, query_set, db_set)
+                    out[chunk] = logits.float().softmax(-1)[:, 1].cpu()
+        return out
+
+
+__all__ = ["CVNetVerifierHead"]
