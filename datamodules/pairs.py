@@ -15,6 +15,9 @@ Who does what:
 - :class:`PairBatchSampler` draws the epoch's groups from ``(seed, epoch)``; before the first
   mining (or for an anchor the table does not cover) the negatives are random images of other
   labels. Every rank draws the same list and keeps its own strided share, so ranks are disjoint.
+- :class:`PairCollate` adds the group structure to the batch as ``pairs`` rows ``(i, j, same)``:
+  (anchor, positive, 1) and (anchor, negative, 0) for every group. A head whose ``losses`` takes
+  ``pairs`` trains on exactly these (the mined pairs), instead of pairs drawn from labels.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, Dataset, Sampler
+import torch
+from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
 
 @dataclass
@@ -245,3 +249,27 @@ class PairBatchSampler(BatchSampler):
         gpb = self.config.groups_per_batch
         for start in range(0, len(mine) - gpb + 1, gpb):
             yield [i for g in mine[start:start + gpb] for i in g]
+
+
+class PairCollate:
+    """Default collation plus ``pairs``: (M, 3) long rows ``(i, j, same)`` of each group of a batch
+    made by :class:`PairBatchSampler` (batch positions; anchor-positive and anchor-negative pairs)."""
+
+    def __init__(self, group_size: int) -> None:
+        if group_size < 3:
+            raise ValueError("a group is anchor, positive and at least one negative")
+        self.group_size = int(group_size)
+
+    def pairs(self, batch_size: int) -> torch.Tensor:
+        if batch_size % self.group_size:
+            raise ValueError(f"batch of {batch_size} items is not made of groups of {self.group_size}")
+        rows = []
+        for base in range(0, batch_size, self.group_size):
+            rows.append((base, base + 1, 1))
+            rows.extend((base, base + j, 0) for j in range(2, self.group_size))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = default_collate(items)
+        batch["pairs"] = self.pairs(len(items))
+        return batch

@@ -8,6 +8,7 @@ set's metric protocol on every rank, so every rank logs identical values.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -232,7 +233,8 @@ class RetrievalModule(pl.LightningModule):
         for role, head in self.heads.items():
             if role in self.frozen:
                 continue
-            for name, value in head.losses(self.head_features(role, features), labels).items():
+            extra = {k: batch[k] for k in ("pairs",) if k in batch and k in inspect.signature(head.losses).parameters}
+            for name, value in head.losses(self.head_features(role, features), labels, **extra).items():
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
                 total = total + self.loss_weights[role] * value
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))

@@ -14,7 +14,7 @@ import yaml
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datamodules.hide_and_seek import HideAndSeek
-from datamodules.pairs import PairBatchSampler, PairMiner, PairSampling
+from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
 from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, nearest_other_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,6 +201,11 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
     assert batch["image"].shape == (8, 3, 16, 16)
     labels = batch["label"].view(2, 4)
     assert (labels[:, 0] == labels[:, 1]).all() and (labels[:, 2:] != labels[:, :1]).all()
+    assert batch["pairs"].tolist() == [[0, 1, 1], [0, 2, 0], [0, 3, 0], [4, 5, 1], [4, 6, 0], [4, 7, 0]]
+    same = batch["label"][batch["pairs"][:, 0]] == batch["label"][batch["pairs"][:, 1]]
+    assert torch.equal(same.long(), batch["pairs"][:, 2])
+    with pytest.raises(ValueError, match="groups of 4"):
+        PairCollate(4).pairs(6)
     pool = dm.pair_miner.pool_dataset(np.array([3, 5]))
     assert pool[1]["index"] == 1 and max(pool[1]["image"].shape[1:]) == 12
     hidden = dm.train_batch_transform(batch, step=0)["image"]
