@@ -61,17 +61,25 @@ def _interp4d(corr: Tensor, size: tuple[int, int, int, int]) -> Tensor:
     return x.reshape(b, *size)
 
 
+def pyramid(state: dict, conv4: Tensor) -> list[Tensor]:
+    """Projected levels at area scales 0.25, 0.5, 1 (sides rounded as Python's round)."""
+    h, w = conv4.shape[-2:]
+    out = []
+    for i, s in enumerate((0.25, 0.5, 1.0)):
+        size = (round(h * math.sqrt(s)), round(w * math.sqrt(s)))
+        resized = F.interpolate(conv4, size, mode="bilinear", align_corners=True)
+        out.append(F.conv2d(resized, state[f"conv2ds.{i}.weight"], padding=1))
+    return out
+
+
 def full_correlation(state: dict, conv4_q: Tensor, conv4_k: Tensor) -> Tensor:
     """(B, 9, hq, wq, hk, wk): cosine of every level pair, resized to full size, clamped at 0."""
-    hq, wq = conv4_q.shape[-2:]
-    hk, wk = conv4_k.shape[-2:]
-    qs, ks = [], []
-    for i, s in enumerate((0.25, 0.5, 1.0)):
-        weight = state[f"conv2ds.{i}.weight"]
-        qsize = (round(hq * math.sqrt(s)), round(wq * math.sqrt(s)))
-        ksize = (round(hk * math.sqrt(s)), round(wk * math.sqrt(s)))
-        qs.append(F.conv2d(F.interpolate(conv4_q, qsize, mode="bilinear", align_corners=True), weight, padding=1))
-        ks.append(F.conv2d(F.interpolate(conv4_k, ksize, mode="bilinear", align_corners=True), weight, padding=1))
+    return correlation_of_levels(pyramid(state, conv4_q), pyramid(state, conv4_k))
+
+
+def correlation_of_levels(qs: list[Tensor], ks: list[Tensor]) -> Tensor:
+    hq, wq = qs[-1].shape[-2:]
+    hk, wk = ks[-1].shape[-2:]
     maps = []
     for q in qs:
         for k in ks:

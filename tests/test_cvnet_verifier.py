@@ -1,0 +1,238 @@
+"""cvnet_verifier: fast scoring == a straightforward CVNet (tests/_cvnet_reference.py), training
+pairs, stored entries, the pre-activation backbone tap and the official-checkpoint import."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import pytest
+
+from _cvnet_reference import (
+    DEPTHS,
+    correlation_of_levels,
+    global_descriptor,
+    head_state_as_official,
+    learner_logits,
+    pycls_resnet,
+    reference_logits,
+)
+from heads._cvnet.official import CheckpointImportError, convert_official_state, import_cvnet_checkpoint
+from heads.cvnet_verifier import CVNetVerifierHead
+from retrieval_lightning.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from retrieval_lightning.head import EntryKind
+
+
+def make_head(channels: int = 24, width: int = 16, **kwargs: object) -> CVNetVerifierHead:
+    """A built head whose GroupNorms are not at their identity init (so they are tested too)."""
+    torch.manual_seed(0)
+    head = CVNetVerifierHead(width=width, **kwargs)
+    head.build({"conv4": channels}, 0)
+    for module in head.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    return head.eval()
+
+
+def entry_from_conv4(head: CVNetVerifierHead, conv4: torch.Tensor) -> dict[str, torch.Tensor]:
+    return head.extract_entries([torch.zeros(3, 1, 1)], lambda _: {"conv4": conv4})[0]
+
+
+def test_fast_path_matches_the_straightforward_cvnet_on_synthetic_maps() -> None:
+    head = make_head(entry_dtype="float32")
+    state = head_state_as_official(head.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 24, 7, 9, generator=gen)
+    dbs = [torch.randn(1, 24, 7, 9, generator=gen) for _ in range(3)] + [torch.randn(1, 24, 5, 6, generator=gen)]
+    dbs.append(query + 0.1 * torch.randn(1, 24, 7, 9, generator=gen))
+    with torch.no_grad():
+        ref = torch.cat([reference_logits(state, query, db) for db in dbs])
+        fast = torch.cat([head.pair_logits(head.project(query), head.project(db)) for db in dbs])
+        scores = head.score(entry_from_conv4(head, query), [entry_from_conv4(head, db) for db in dbs], [0] * 5)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, ref.softmax(-1)[:, 1], atol=1e-4, rtol=0)
+    assert ref[:, 1].std() > 1e-3  # the pairs really differ: the check is not vacuous
+
+
+def test_aligned_pair_batch_and_zeroed_database_locations() -> None:
+    head = make_head()
+    state = head_state_as_official(head.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(3, 24, 6, 8, generator=gen), torch.randn(3, 24, 6, 8, generator=gen)
+    with torch.no_grad():
+        q_levels, k_levels = head.project(q), head.project(k)
+        k_levels[2][:, :, 1:3, 2:5] = 0  # a sparsifier dropped these locations of level 2
+        k_levels[0][1, :, 0, 0] = 0
+        fast = head.pair_logits(q_levels, k_levels)
+        ref = learner_logits(state, correlation_of_levels(q_levels, k_levels))
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+
+
+def test_entries_follow_their_kinds_and_fp16_scores_stay_close() -> None:
+    head = make_head(channels=256)
+    backbone = Backbone("resnet18", stages=("conv4",), pre_activation=("conv4",)).eval()
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112)]
+    entries = head.extract_entries(images, backbone)
+    kinds = head.entry_kinds()
+    assert kinds["level0"] == EntryKind("float16", (16,), ragged=True) and kinds["level2_hw"] == EntryKind("int32", (2,))
+    for entry in entries:
+        assert set(entry) == set(kinds)
+        for name, kind in kinds.items():
+            assert str(entry[name].dtype) == f"torch.{kind.dtype}"
+            assert tuple(entry[name].shape[1:] if kind.ragged else entry[name].shape) == kind.shape
+        norms = entry["level1"].float().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=2e-3, rtol=0)
+    assert entries[0]["level2_hw"].tolist() == [6, 8] and entries[0]["level0_hw"].tolist() == [3, 4]
+    assert entries[0]["level1_hw"].tolist() == [4, 6] and entries[1]["level2_hw"].tolist() == [5, 7]
+    exact = CVNetVerifierHead(width=16, entry_dtype="float32")
+    exact.build({"conv4": 256}, 0)
+    exact.load_state_dict(head.state_dict())
+    exact.eval()
+    half = head.score(entries[0], entries, [0, 1])
+    full = exact.score(*(lambda e: (e[0], e))(exact.extract_entries(images, backbone)), [0, 1])
+    torch.testing.assert_close(half, full, atol=5e-3, rtol=0)
+
+
+def test_in_batch_pairs_are_balanced_and_the_loss_trains_every_parameter() -> None:
+    head = make_head(max_pairs=8).train()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    first, second, target = head._in_batch_pairs(labels)
+    assert int(target.sum()) == 3 and len(target) == 6  # all 3 positives, as many negatives
+    assert torch.equal(target, (labels[first] == labels[second]).long()) and bool((first < second).all())
+    feats = torch.randn(6, 24, 6, 6, requires_grad=True)
+    loss = head.losses({"conv4": feats}, labels)["pair_ce"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in head.parameters())
+    explicit = torch.tensor([[0, 1, 1], [0, 2, 0]])
+    with torch.no_grad():
+        levels = head.project(feats)
+        logits = head.pair_logits([lv[[0, 0]] for lv in levels], [lv[[1, 2]] for lv in levels])
+        expected = F.cross_entropy(logits, torch.tensor([1, 0]))
+        torch.testing.assert_close(head.losses({"conv4": feats}, labels, pairs=explicit)["pair_ce"], expected)
+
+
+def test_backbone_pre_activation_tap() -> None:
+    tapped = Backbone("resnet18", stages=("conv4", "conv5"), pre_activation=("conv4",)).eval()
+    for module in tapped.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # timm zero-inits the last BN of each block
+            torch.nn.init.uniform_(module.weight, 0.2, 1.0)
+    plain = Backbone("resnet18", stages=("conv4", "conv5")).eval()
+    plain.load_state_dict(tapped.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        pre, post = tapped(x), plain(x)
+    assert (pre["conv4"] < 0).any()
+    torch.testing.assert_close(pre["conv4"].relu(), post["conv4"])
+    torch.testing.assert_close(pre["conv5"], post["conv5"])
+    with pytest.raises(ValueError, match="only defined for timm ResNets"):
+        Backbone("efficientnet_lite0", pre_activation=("conv4",))
+
+
+# ---- official checkpoints ----------------------------------------------------------------------
+def official_shapes(depth: int, width: int = 256) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of sungonce/CVNet's CVNet_Rerank state dict (pycls ResNet, conv2ds, CVLearner)."""
+    shapes: dict[str, tuple[int, ...]] = {"encoder_q.stem.conv.weight": (64, 3, 7, 7)}
+
+    def bn(prefix: str, c: int) -> None:
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{leaf}"] = (c,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    bn("encoder_q.stem.bn", 64)
+    w_in = 64
+    for stage, (blocks, w_out, w_b) in enumerate(zip(DEPTHS[depth], (256, 512, 1024, 2048), (64, 128, 256, 512)), 1):
+        for b in range(1, blocks + 1):
+            p = f"encoder_q.s{stage}.b{b}"
+            if b == 1:
+                shapes[f"{p}.proj.weight"] = (w_out, w_in, 1, 1)
+                bn(f"{p}.bn", w_out)
+            shapes[f"{p}.f.a.weight"] = (w_b, w_in if b == 1 else w_out, 1, 1)
+            bn(f"{p}.f.a_bn", w_b)
+            shapes[f"{p}.f.b.weight"] = (w_b, w_b, 3, 3)
+            bn(f"{p}.f.b_bn", w_b)
+            shapes[f"{p}.f.c.weight"] = (w_out, w_b, 1, 1)
+            bn(f"{p}.f.c_bn", w_out)
+        w_in = w_out
+    shapes.update({"encoder_q.head.pool.p": (1,), "encoder_q.head.fc.weight": (2048, 2048), "encoder_q.head.fc.bias": (2048,)})
+    for i in range(3):
+        shapes[f"conv2ds.{i}.weight"] = (width, 1024, 3, 3)
+    cin = 9
+    specs = {1: [(16, 5)], 2: [(16, 3), (32, 3)], 3: [(32, 3), (32, 3), (64, 3)], 4: [(64, 3), (64, 3), (128, 3)]}
+    for block, layers in specs.items():
+        for n, (out, k) in enumerate(layers):
+            p = f"cv_learner.block{block}.{3 * n}"
+            for conv in ("conv1", "conv2"):
+                shapes[f"{p}.{conv}.weight"] = (out, cin, k, k)
+                shapes[f"{p}.{conv}.bias"] = (out,)
+            shapes[f"cv_learner.block{block}.{3 * n + 1}.weight"] = (out,)
+            shapes[f"cv_learner.block{block}.{3 * n + 1}.bias"] = (out,)
+            cin = out
+    shapes.update({"cv_learner.mlp.0.weight": (128, 128), "cv_learner.mlp.0.bias": (128,),
+                   "cv_learner.mlp.2.weight": (2, 128), "cv_learner.mlp.2.bias": (2,)})
+    return shapes
+
+
+def random_official_state(depth: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the official layout, scaled so a deep random ResNet stays finite."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in official_shapes(depth).items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        elif key.endswith("running_mean") or (key.endswith(".bias") and "bn" in key):
+            state[key] = 0.1 * torch.randn(shape, generator=gen)
+        elif "bn" in key and key.endswith("weight"):
+            scale = 0.2 if ".c_bn" in key else 1.0
+            state[key] = scale * (torch.rand(shape, generator=gen) + 0.5)
+        elif key == "encoder_q.head.pool.p":
+            state[key] = torch.tensor([2.7])
+        elif len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        else:  # biases and GroupNorm affine
+            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.2 * torch.randn(shape, generator=gen)
+    return state
+
+
+@pytest.mark.parametrize("depth, size", [(50, (96, 128)), (101, (64, 80))])
+def test_official_checkpoint_import(depth: int, size: tuple[int, int], tmp_path) -> None:
+    """R50 through files (official .pyth -> self-contained checkpoint -> load); R101 in memory (speed)."""
+    from retrieval_lightning.module import RetrievalModule
+
+    state = random_official_state(depth)
+    if depth == 50:
+        source = tmp_path / f"CVPR2022_CVNet_R{depth}.pyth"
+        torch.save({"model_state": state, "epoch": 1}, source)
+        out = import_cvnet_checkpoint(str(source), str(tmp_path / "cvnet.ckpt"))
+        module = RetrievalModule.load_from_checkpoint(out).eval()
+    else:
+        backbone, heads = convert_official_state(state)
+        module = RetrievalModule(backbone=backbone, heads=heads).eval()
+    gen = torch.Generator().manual_seed(depth)
+    images = torch.rand(2, 3, *size, generator=gen)
+    bgr = (images.flip(1) - torch.tensor(IMAGENET_MEAN[::-1]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD[::-1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        feats = module.backbone(images)
+        ours = module.heads["global"].embed(feats)
+        torch.testing.assert_close(ours, global_descriptor(state, bgr, depth), atol=1e-5, rtol=0)
+        ref_conv4, _ = pycls_resnet(state, bgr, depth)
+        torch.testing.assert_close(feats["conv4"], ref_conv4, atol=1e-4, rtol=1e-4)
+        verifier = module.heads["verifier"]
+        fast = verifier.pair_logits(verifier.project(feats["conv4"][:1]), verifier.project(feats["conv4"]))
+        ref = torch.cat([reference_logits(state, ref_conv4[:1], ref_conv4[k : k + 1]) for k in range(2)])
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+
+
+def test_official_import_lists_what_does_not_fit(tmp_path) -> None:
+    state = random_official_state(50)
+    del state["cv_learner.mlp.2.bias"]
+    state["encoder_q.extra.weight"] = torch.zeros(3)
+    state["conv2ds.1.weight"] = torch.zeros(8, 1024, 3, 3)
+    torch.save(state, tmp_path / "bad.pyth")
+    with pytest.raises(CheckpointImportError) as info:
+        import_cvnet_checkpoint(str(tmp_path / "bad.pyth"), str(tmp_path / "out.ckpt"))
+    message = str(info.value)
+    assert "heads.verifier.learner.mlp.2.bias" in message and "encoder_q.extra.weight" in message
+    assert "conv2ds.1.weight (8, 1024, 3, 3)" in message
