@@ -5,7 +5,9 @@ One-way 1-NN of every query descriptor among the database descriptors (scipy KD-
 scikit-image ``ransac`` with an ``AffineTransform`` from database to query locations (3 samples,
 residual threshold in query pixels, ``reference_trials`` trials, seeded). The score is the raw
 inlier count: many-to-one matches are counted as often as they occur, which is what lets
-repetitive texture and unrelated pairs score high (the default path fixes that).
+repetitive texture and unrelated pairs score high (the default path fixes that). Of the
+:class:`~.geometry.MatchOptions`, only ``max_distance``, ``threshold``, ``reference_trials`` and
+``seed`` apply here (``matching``, ``ratio``, ``method``, ``max_iters`` and ``distinct_px`` do not).
 """
 
 from __future__ import annotations
