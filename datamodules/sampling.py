@@ -37,17 +37,18 @@ class EpochSampler(DistributedSampler):
         self.num_samples = total // num_replicas
         if self.num_samples == 0:
             raise ValueError(f"{total} samples per epoch cannot be shared by {num_replicas} ranks")
+        self.total = total  # drawn whatever the world size, so shards are cuts of one list
         self.total_size = self.num_samples * num_replicas
         self.start = 0
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
-        """The whole epoch's list of dataset indices (at least ``total_size`` long)."""
+        """The whole epoch's list of ``total`` dataset indices."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = self.epoch_order(rng)[: self.total_size]
-        aug_seeds = rng.integers(0, 2**62, size=self.total_size)
+        order = self.epoch_order(rng)
+        aug_seeds = rng.integers(0, 2**62, size=self.total)
         positions = np.arange(self.rank, self.total_size, self.num_replicas)[self.start:]
         self.start = 0
         return iter(zip(order[positions].tolist(), aug_seeds[positions].tolist()))
@@ -87,8 +88,8 @@ class ClassBalancedSampler(EpochSampler):
         super().__init__(int(labels.size), total, num_replicas, rank, seed)
 
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
-        classes = rng.choice(self._probs.size, size=self.total_size, p=self._probs)
-        offsets = np.floor(rng.random(self.total_size) * self._counts[classes]).astype(np.int64)
+        classes = rng.choice(self._probs.size, size=self.total, p=self._probs)
+        offsets = np.floor(rng.random(self.total) * self._counts[classes]).astype(np.int64)
         return self._order[self._starts[classes] + offsets]
 
 

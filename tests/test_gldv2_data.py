@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from datamodules._transforms import TrainTransform, collate_eval, sample_crop_box
+from datamodules.sampling import ShuffleSampler
 from datamodules.gldv2 import (
     ClassBalancedSampler,
     GLDv2DataModule,
@@ -213,41 +214,98 @@ def test_split_matches_official_algorithm(seed):
 # ----------------------------------------------------------------------------- sampler
 
 
+def _indices(sampler) -> list[int]:
+    return [index for index, _seed in sampler]
+
+
 def test_class_balanced_sampler_frequencies_and_determinism():
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
     uniform = ClassBalancedSampler(labels, power=0.0, num_samples=30000, seed=1)
-    drawn = labels[np.array(list(uniform))]
+    drawn = labels[np.array(_indices(uniform))]
     freq = np.bincount(drawn, minlength=3) / drawn.size
     assert np.allclose(freq, 1 / 3, atol=0.02)
     natural = ClassBalancedSampler(labels, power=1.0, num_samples=30000, seed=1)
-    freq = np.bincount(labels[np.array(list(natural))], minlength=3) / 30000
+    freq = np.bincount(labels[np.array(_indices(natural))], minlength=3) / 30000
     assert np.allclose(freq, [0.9, 0.09, 0.01], atol=0.01)
     # Every image of the small class is reachable, indices stay in range.
-    picks = np.array(list(uniform))
+    picks = np.array(_indices(uniform))
     assert set(picks[labels[picks] == 2].tolist()) == set(range(990, 1000))
     again = ClassBalancedSampler(labels, power=0.0, num_samples=30000, seed=1)
     assert list(again) == list(uniform)
     again.set_epoch(1)
-    assert list(again) != list(uniform)
+    assert _indices(again) != _indices(uniform)
 
 
-def test_class_balanced_sampler_under_lightning_ddp_wrapper():
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+@pytest.mark.parametrize("kind", ["balanced", "shuffle"])
+def test_samplers_reshuffle_each_epoch_and_ranks_share_it_disjointly(kind):
+    labels = np.repeat(np.arange(7), [1, 2, 3, 5, 8, 13, 21])  # 53 images
 
-    labels = np.repeat(np.arange(7), [1, 2, 3, 5, 8, 13, 21])
-    shards, positions = [], []
+    def make(world, rank):
+        if kind == "balanced":
+            return ClassBalancedSampler(labels, power=0.5, num_samples=41, seed=3, num_replicas=world, rank=rank)
+        return ShuffleSampler(labels.size, seed=3, num_replicas=world, rank=rank)
+
+    epochs = []
+    for epoch in range(2):
+        shards = []
+        for rank in range(2):
+            sampler = make(2, rank)
+            assert isinstance(sampler, DistributedSampler)  # so Lightning neither wraps it nor skips set_epoch
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+            assert len(shards[-1]) == len(sampler) == (41 if kind == "balanced" else 53) // 2
+        # positions (each with its own augmentation seed) are disjoint and together are the
+        # single-process epoch, cut to a multiple of the world size
+        assert set(shards[0]).isdisjoint(shards[1])
+        whole = make(1, 0)
+        whole.set_epoch(epoch)
+        assert sorted(shards[0] + shards[1]) == sorted(list(whole)[: 2 * len(shards[0])])
+        if kind == "shuffle":
+            assert set(_indices(shards[0])).isdisjoint(_indices(shards[1]))
+        epochs.append(shards)
     for rank in range(2):
-        sampler = ClassBalancedSampler(labels, power=0.5, num_samples=40, seed=3)
-        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        wrapper.set_epoch(2)
-        shards.append(list(wrapper))
-        positions.append(list(DistributedSampler.__iter__(wrapper)))
-        assert sampler.epoch == 2  # Lightning's wrapper forwards set_epoch
-    assert set(positions[0]).isdisjoint(positions[1])
-    assert sorted(positions[0] + positions[1]) == list(range(40))
-    reference = ClassBalancedSampler(labels, power=0.5, num_samples=40, seed=3)
-    reference.set_epoch(2)
-    assert sorted(shards[0] + shards[1]) == sorted(reference)
+        assert _indices(epochs[0][rank]) != _indices(epochs[1][rank])
+
+
+def test_lightning_reaches_the_sampler_epoch_and_a_loader_resumes_mid_epoch(gld):
+    """Through a real Trainer (any Lightning 2.x calls set_epoch on a loader's own DistributedSampler)."""
+    import lightning.pytorch as pl
+
+    seen: dict[int, list[int]] = {}
+
+    class Record(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            seen.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
+            return self.w * batch["image"].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(gld, train_set="full", sampling="balanced", validation_split=0.0, val_sets=[], test_sets=[])
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(Record(), datamodule=dm)
+    expected = []
+    for epoch in range(2):
+        sampler = ClassBalancedSampler(dm.train_dataset.labels, seed=0)
+        sampler.set_epoch(epoch)
+        expected.append(_indices(sampler)[: 4 * (len(sampler) // 4)])
+    assert seen[0] == expected[0] and seen[1] == expected[1] and seen[0] != seen[1]
+
+    # a loader restored from its state continues the same epoch at the next batch
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    full = [b["index"].tolist() for b in loader]
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    resumed.sampler.set_epoch(1)  # Lightning sets the epoch after creating the iterator
+    it = iter(resumed)
+    assert [b["index"].tolist() for b in it] == full[2:]
+    assert resumed.state_dict() == {"epoch": 1, "batches": len(full)}
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -1,0 +1,137 @@
+"""Fault tolerance: the demo recipe stopped by SIGTERM (preemption) or killed (SIGKILL) right after a
+mid-epoch checkpoint, then resumed, ends with weights bitwise equal to an uninterrupted run's, on 1
+process and on 2 (gloo); the offline W&B run keeps its id across the restarts.
+
+Subprocess runs of ``tests/scripts/resume_demo.py`` (the CLI plus a callback that SIGKILLs every
+rank at the start of the batch after a given step): ``strategy="ddp"`` re-launches ``sys.argv``.
+Reference and interrupted runs go in parallel (one thread each) to keep the wall time down.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import REPO, TINY_DATA, cli_env, ddp_env
+
+SCRIPT = str(REPO / "tests" / "scripts" / "resume_demo.py")
+MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """experiments/demo.yaml with a checkpoint every 3 steps (all kept) and no test-time gallery."""
+    cfg = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text())
+    callbacks = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("RetrievalGallery")]
+    for cb in callbacks:
+        if cb["class_path"].endswith(".ModelCheckpoint"):
+            cb["init_args"].update(every_n_train_steps=3, save_top_k=-1)
+    cfg["trainer"]["callbacks"] = callbacks
+    path = tmp_path_factory.mktemp("resume_cfg") / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def args(config: Path, cache_root: Path, out: Path, *extra: str, wandb: bool = False) -> list[str]:
+    logger = [f"--trainer.logger.init_args.save_dir={out}/wandb", "--trainer.log_every_n_steps=1"] if wandb \
+        else ["--trainer.logger=false"]
+    return [sys.executable, SCRIPT, "fit", "--config", str(config), f"--data.init_args.root={cache_root}", *TINY_DATA,
+            f"--trainer.max_steps={MAX_STEPS}", f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false", *logger, *extra]
+
+
+def kill_after(step: int) -> list[str]:
+    return ["--trainer.callbacks+=__main__.KillAfterStep", f"--trainer.callbacks.step={step}"]
+
+
+def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, expect: int | None = 0, timeout: float = 400) -> str:
+    """Wait for ``proc``; its exit code must be ``expect`` (``None``: any)."""
+    out, _ = proc.communicate(timeout=timeout)
+    ok = expect is None or proc.returncode == expect
+    assert ok, f"exit {proc.returncode}, expected {expect}:\n{out[-6000:]}"
+    return out
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_bitwise_equal(resumed: Path, reference: Path) -> None:
+    a, b = weights(resumed), weights(reference)
+    assert a.keys() == b.keys()
+    differ = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, f"{len(differ)} tensors differ, e.g. {sorted(differ.items(), key=lambda x: -x[1])[:3]}"
+
+
+def offline_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb" / "wandb").glob("offline-run-*"))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config: Path, cache_root: Path,
+                                                                          tmp_path: Path) -> None:
+    """SIGTERM (preemption) -> on-exception checkpoint -> ``--ckpt_path last`` -> SIGKILL right after a
+    mid-epoch checkpoint -> resumed from it: the weights of an uninterrupted run, one W&B run id."""
+    ref, out = tmp_path / "reference", tmp_path / "interrupted"
+    reference = start(args(config, cache_root, ref), tmp_path, cli_env(threads=1))
+
+    first = start(args(config, cache_root, out, wandb=True), tmp_path, cli_env(threads=1))
+    wait_for(out / "checkpoints" / "step=0000003.ckpt", first)
+    first.send_signal(signal.SIGTERM)  # what SLURM sends before preempting a job
+    log = finish(first, expect=None)  # Lightning exits with SystemExit (code 0) after the checkpoint
+    preempted = out / "checkpoints" / "on_exception.ckpt"
+    assert preempted.exists(), log[-4000:]
+    step = torch.load(preempted, weights_only=True)["global_step"]
+    kill_at = 3 * (step // 3 + 1)  # the next interval checkpoint, mid-epoch (10 batches per epoch)
+    assert 3 <= step < kill_at < MAX_STEPS  # stopped early, with a checkpoint of where it stopped
+
+    log = finish(start(args(config, cache_root, out, "--ckpt_path=last", *kill_after(kill_at), wandb=True),
+                       tmp_path, cli_env(threads=1)), expect=-signal.SIGKILL)
+    assert f"Restoring states from the checkpoint path at {preempted}" in log  # "last" is the newest
+    assert "imprinted" not in log  # the trained classifier is not replaced by a fresh imprint
+    killed = out / "checkpoints" / f"step={kill_at:07d}.ckpt"
+    assert killed.exists()
+
+    finish(start(args(config, cache_root, out, f"--ckpt_path={killed}", wandb=True), tmp_path, cli_env(threads=1)))
+    finish(reference)
+    assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
+
+    runs = offline_runs(out)
+    ids = {r.name.rsplit("-", 1)[1] for r in runs}
+    assert len(runs) == 3 and len(ids) == 1, runs  # three processes, one continued run
+    stored = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["ResumeState"]
+    assert stored["wandb"]["run_id"] in ids
+
+
+@pytest.mark.slow
+def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_path: Path) -> None:
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+    reference = start(args(config, cache_root, ref, *ddp), tmp_path, ddp_env())
+    killed = start(args(config, cache_root, out, *ddp, *kill_after(3)), tmp_path, ddp_env())
+    finish(killed, expect=-signal.SIGKILL)
+    ckpt = out / "checkpoints" / "step=0000003.ckpt"  # mid-epoch (5 batches per rank); the resume crosses epochs
+    assert ckpt.exists()
+    assert len(torch.load(ckpt, weights_only=True)["callbacks"]["ResumeState"]["rng"]) == 2  # both ranks' states
+    finish(start(args(config, cache_root, out, *ddp, f"--ckpt_path={ckpt}"), tmp_path, ddp_env()))
+    finish(reference)
+    assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
