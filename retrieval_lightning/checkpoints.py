@@ -14,6 +14,20 @@ class CheckpointLoadError(RuntimeError):
     """A checkpoint that is missing, unreadable, or would need unsafe unpickling."""
 
 
+def _checkpoint_globals() -> list:
+    """Plain config types Lightning checkpoints of this project hold in ``hyper_parameters``.
+
+    Allow-listed for ``weights_only=True`` loading: data classes of plain values, nothing callable.
+    """
+    from lightning.fabric.utilities.data import AttributeDict
+
+    from retrieval_lightning.optim import OptimConfig
+    from retrieval_lightning.retrieval.postprocess import PostProcessConfig
+    from retrieval_lightning.retrieval.rerank import RerankConfig
+
+    return [AttributeDict, OptimConfig, RerankConfig, PostProcessConfig]
+
+
 def load_tensor_file(path: str | Path) -> dict:
     """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True``.
 
@@ -27,7 +41,8 @@ def load_tensor_file(path: str | Path) -> dict:
 
         return dict(load_file(str(path)))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointLoadError(
             f"{path}: refused to unpickle arbitrary objects (weights_only=True). Re-save it as a plain "

@@ -71,6 +71,7 @@ def architecture_of(module: "RetrievalModule") -> dict[str, Any]:
             "search_chunk": module.search_chunk,
             "freeze_bn": module.freeze_bn,
             "rerank": module.rerank,
+            "postprocess": module.postprocess,
         }),
     }
 
@@ -89,6 +90,7 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
     """A fresh, unloaded module built from a checkpoint's architecture record."""
     from retrieval_lightning.module import RetrievalModule
     from retrieval_lightning.optim import OptimConfig
+    from retrieval_lightning.retrieval.postprocess import PostProcessConfig
     from retrieval_lightning.retrieval.rerank import RerankConfig
 
     record = checkpoint.get(ARCHITECTURE_KEY)
@@ -112,5 +114,6 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
     args = dict(record["module"])
     args["optim"] = OptimConfig(**args["optim"])
     args["rerank"] = RerankConfig(**args["rerank"])
+    args["postprocess"] = PostProcessConfig(**args["postprocess"]) if args.get("postprocess") else None
     args.update(overrides)
     return RetrievalModule(backbone=backbone, heads=heads, **args)

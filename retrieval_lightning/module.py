@@ -28,6 +28,7 @@ from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, RerankH
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture
+from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.writer import module_identity
@@ -60,6 +61,8 @@ class RetrievalModule(pl.LightningModule):
         rerank: how ``test``/``validate`` re-rank the global shortlist when a re-ranking head
             (``local`` or ``verifier``) is configured (see
             :class:`~retrieval_lightning.retrieval.rerank.RerankConfig`).
+        postprocess: α-query expansion and/or DBA applied to the global descriptors before
+            evaluation (off by default; see :class:`~retrieval_lightning.retrieval.postprocess.PostProcessConfig`).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class RetrievalModule(pl.LightningModule):
         search_chunk: int = 65536,
         freeze_bn: bool = False,
         rerank: RerankConfig | None = None,
+        postprocess: PostProcessConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
@@ -104,6 +108,7 @@ class RetrievalModule(pl.LightningModule):
         self.search_chunk = int(search_chunk)
         self.freeze_bn = bool(freeze_bn)
         self.rerank = rerank if rerank is not None else RerankConfig()
+        self.postprocess = postprocess
         self._attach_rerank_heads()
         self._apply_freeze()
         if init_from:
@@ -360,7 +365,8 @@ class RetrievalModule(pl.LightningModule):
         kinds = {f"{side}:{k}": [v.dtype, list(v.shape), v.ragged]
                  for side, db in (("q", False), ("db", True)) for k, v in self.rerank_entry_kinds(db).items()}
         heads = {role: [type(h).__name__, h.init_args] for role, h in self.heads.items()}
-        return module_identity(self, model_class=type(self).__name__, kinds=kinds, heads=heads)
+        return module_identity(self, exclude=self.is_training_only, model_class=type(self).__name__, kinds=kinds,
+                               heads=heads)
 
     def _start_eval(self, prefix: str, stage: str) -> None:
         self._eval_buffers.clear()
@@ -432,6 +438,7 @@ class RetrievalModule(pl.LightningModule):
                 raise RuntimeError(
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
+            desc = self._postprocessed(eval_set, desc)
             result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device)
             self.last_eval_global[eval_set.name] = result
             self.last_eval[eval_set.name] = result
@@ -442,6 +449,14 @@ class RetrievalModule(pl.LightningModule):
                 self.last_eval[eval_set.name] = reranked
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
+
+    def _postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
+        if self.postprocess is None:
+            return desc
+        nq = eval_set.n_queries
+        queries, database = postprocess_descriptors(desc[:nq].float(), desc[nq:].float(), self.postprocess,
+                                                    chunk_size=self.search_chunk, device=self.device)
+        return torch.cat([queries, database])
 
     def _log_metrics(self, prefix: str, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-_KEY = re.compile(r"^(?P<stage>[^/]+)/(?P<dataset>[^/]+)/(?P<metric>.+)$")
+#: ``<stage>/<set>/<metric>`` (global) and ``<stage>/<set>/reranked/<metric>`` (a row of its own)
+_KEY = re.compile(r"^(?P<stage>[^/]+)/(?P<dataset>[^/]+(?:/reranked)?)/(?P<metric>[^/]+)$")
 
 
 def _by_dataset(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from retrieval_lightning.data.io import load_image, to_float  # noqa: E402
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
-from retrieval_lightning.retrieval.search import topk_search  # noqa: E402
+from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
 
 
@@ -60,13 +60,24 @@ def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
 
 
 def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],
-           k: int = 10, shortlist: int | None = None) -> list[SearchResult]:
-    """Rank the store for each query image; re-rank the shortlist when the model and store allow."""
+           k: int = 10, shortlist: int | None = None, backend: str = "exact") -> list[SearchResult]:
+    """Rank the store for each query image; re-rank the shortlist when the model and store allow.
+
+    ``backend``: ``exact`` (chunked exact top-k) or a FAISS index (``faiss-flat``, ``faiss-ivfpq``)
+    built over the store's global descriptors, for very large stores.
+    """
     module.eval()
     queries = module.embed_batch(list(images)).float()
     config = module.rerank
-    depth = max(k, shortlist or config.k)
-    scores, rows = topk_search(queries, store, k=min(depth, len(store)), device=module.device)
+    depth = min(max(k, shortlist or config.k), len(store))
+    if backend == "exact":
+        scores, rows = topk_search(queries, store, k=depth, device=module.device)
+    elif backend.startswith("faiss-"):
+        searcher = FaissSearcher(store.kinds["global"].shape[0], index_type=backend[len("faiss-"):])
+        searcher.add(store)
+        scores, rows = searcher.search(queries, depth)
+    else:
+        raise ValueError(f"unknown search backend {backend!r}; use exact, faiss-flat or faiss-ivfpq")
     prefix = module.rerank_prefix if module.rerank_head is not None else None
     reader = None
     if prefix is not None and any(kind.startswith(prefix) for kind in store.kinds):
@@ -147,6 +158,8 @@ def run_search(argv: Sequence[str]) -> int:
     parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
     parser.add_argument("--max-side", type=int, default=1024, help="queries are resized to this longest side")
     parser.add_argument("--out", default="search.png", help="picture of the results (PNG)")
+    parser.add_argument("--backend", default="exact", choices=["exact", "faiss-flat", "faiss-ivfpq"],
+                        help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")
     args = parser.parse_args(list(argv))
     module = RetrievalModule.load_from_checkpoint(args.checkpoint)
     store = FeatureStore.open(args.store)
@@ -156,7 +169,7 @@ def run_search(argv: Sequence[str]) -> int:
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)
     images = [to_float(load_image(q, max_side=args.max_side)) for q in args.queries]
-    results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist)
+    results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist, backend=args.backend)
     items = read_items(store)
     print(format_results(results, store, items))
     picture = draw_results(results, images, store, items, Path(args.out))

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.loggers import continue_wandb_run
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
@@ -55,48 +57,119 @@ class RetrievalTrainer(pl.Trainer):
     ) -> dict[str, str]:
         """Write every eval set's features to ``<output_dir>/<set>/store`` (resumable, one shard per rank).
 
-        An interrupted run restarted with the same model skips what its shards already hold,
-        whatever the number of processes of either run; a store of another model is refused.
+        The store holds the global descriptor (``global``, fp16) and, when the model has a re-ranking
+        head, its entries (``<role>-<name>``). An interrupted run restarted with the same model and
+        data arguments skips what its shards already hold, whatever the number of processes of
+        either run; a store of another model or other preprocessing is refused, naming what differs.
+        Lightning runs the datamodule's ``prepare_data`` where it runs it (once per node); what is
+        left to extract is decided on rank 0 and broadcast, so every rank runs the same ``predict``.
         """
         if ckpt_path:
-            model.load_state_dict(_checkpoint_state(ckpt_path))
-        datamodule.prepare_data()
-        datamodule.setup("predict")
-        sets = datamodule.eval_sets("predict")
-        loaders = datamodule.predict_dataloader()
-        chosen = [(s, dl) for s, dl in zip(sets, loaders) if eval_set in (None, s.name)]
-        if not chosen:
-            raise ValueError(f"no eval set named {eval_set!r}; available: {[s.name for s in sets]}")
-        identity = module_identity(model, model_class=type(model).__name__,
-                                   eval_scales=list(getattr(model, "eval_scales", [])))
-        stores = {}
-        for spec, template in chosen:
-            out = Path(output_dir) / spec.name
-            todo = remaining_subset(spec.dataset, out, expect_identity=identity)
-            if len(todo):
-                loader = DataLoader(todo, batch_size=template.batch_size, collate_fn=template.collate_fn,
-                                    num_workers=template.num_workers, shuffle=False)
-                writer = FeatureStoreWriter(out, shard_size=shard_size, model_identity=identity)
-                self.callbacks.append(writer)
-                try:
-                    self.predict(model, dataloaders=loader, return_predictions=False)
-                finally:
-                    self.callbacks.remove(writer)
+            model.load_weights(ckpt_path)
+        identity = extraction_identity(model, datamodule)
+        dtypes = {"global": "float16"}
+        if getattr(model, "rerank_head", None) is not None:
+            dtypes.update({model.rerank_prefix + k: v.dtype for k, v in model.rerank_entry_kinds(True).items()})
+        stores: dict[str, str] = {}
+        position, n_sets = 0, 1
+        while position < n_sets:
+            writer = FeatureStoreWriter(output_dir, shard_size=shard_size, model_identity=identity, dtypes=dtypes)
+            plan = _OneEvalSet(datamodule, position, eval_set, Path(output_dir), identity, writer)
+            self.callbacks.append(writer)
+            try:
+                self.predict(model, datamodule=plan, return_predictions=False)
+            finally:
+                self.callbacks.remove(writer)
+            n_sets = plan.n_sets
+            spec = plan.spec
             self.strategy.barrier()
             if self.is_global_zero:
+                out = Path(output_dir) / spec.name
                 store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)),
                                      overwrite=True)
+                write_item_list(spec, out / "items.tsv")
                 sizes = ", ".join(f"{k} {v:.0f} B/image" for k, v in store.bytes_per_image.items())
                 print(f"{spec.name}: {len(store)} images -> {store.path} ({sizes})")
                 stores[spec.name] = str(store.path)
             self.strategy.barrier()
+            position += 1
         return stores
 
 
-def _checkpoint_state(path: str) -> dict:
-    from retrieval_lightning.checkpoints import load_tensor_file, state_dict_of
+#: datamodule arguments that do not change what is extracted
+_NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
 
-    return state_dict_of(load_tensor_file(path))
+
+def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """Identity of extracted features: weights (training-only tensors excluded), model evaluation
+    options, stored kinds and every preprocessing argument of the datamodule."""
+    data_args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in _NOT_PREPROCESSING}
+    extra: dict[str, Any] = {
+        "model_class": type(model).__name__,
+        "eval_scales": list(getattr(model, "eval_scales", [])),
+        "datamodule": type(datamodule).__name__,
+        "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
+    }
+    if getattr(model, "rerank_head", None) is not None:
+        extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
+    skip = getattr(model, "is_training_only", None)
+    return module_identity(model, exclude=skip, **extra)
+
+
+def write_item_list(spec: EvalSet, path: Path) -> None:
+    """``index, id, path`` of every item, so ``search`` can name and draw what it finds."""
+    paths = getattr(spec.dataset, "paths", None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("index\tid\tpath\n")
+        for i in range(len(spec.dataset)):  # type: ignore[arg-type]
+            name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
+            where = str(paths[i]) if paths is not None and i < len(paths) else ""
+            f.write(f"{i}\t{name}\t{where}\n")
+    tmp.replace(path)
+
+
+class _OneEvalSet(pl.LightningDataModule):
+    """One eval set of a datamodule as Lightning's ``predict`` sees it, limited to what is left to extract.
+
+    Lightning calls ``prepare_data`` where it should (local rank 0 per node) and ``setup`` on every
+    rank once the process group exists: rank 0 lists the finished shards and broadcasts the
+    remaining items, so all ranks agree even if they would list different shards.
+    """
+
+    def __init__(self, inner: pl.LightningDataModule, position: int, name: str | None, root: Path,
+                 identity: dict[str, Any], writer: FeatureStoreWriter) -> None:
+        super().__init__()
+        self.inner, self.position, self.name, self.root = inner, position, name, root
+        self.identity, self.writer = identity, writer
+        self.prepare_data_per_node = getattr(inner, "prepare_data_per_node", True)
+        self.n_sets = 0
+
+    def prepare_data(self) -> None:
+        self.inner.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.inner.setup("predict")
+        sets = self.inner.eval_sets("predict")
+        loaders = self.inner.predict_dataloader()
+        chosen = [(s, dl) for s, dl in zip(sets, loaders) if self.name in (None, s.name)]
+        if not chosen:
+            raise ValueError(f"no eval set named {self.name!r}; available: {[s.name for s in sets]}")
+        self.n_sets = len(chosen)
+        self.spec, self.template = chosen[self.position]
+        out = self.root / self.spec.name
+        self.writer.output_dir = out
+        todo: list[int] | None = None
+        if self.trainer is None or self.trainer.is_global_zero:
+            todo = remaining_subset(self.spec.dataset, out, expect_identity=self.identity).indices
+        if self.trainer is not None:
+            todo = self.trainer.strategy.broadcast(todo, src=0)
+        self.subset = Subset(self.spec.dataset, list(todo or []))
+
+    def predict_dataloader(self) -> DataLoader:
+        t = self.template
+        return DataLoader(self.subset, batch_size=t.batch_size, collate_fn=t.collate_fn, num_workers=t.num_workers,
+                          shuffle=False)
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -79,6 +79,8 @@ class RetrievalGallery(pl.Callback):
             path = root / f"{stage}_{name}_step{trainer.global_step}.png"
             keys = [k for k in result.metrics if k.startswith("mAP")] or list(result.metrics)
             headline = ", ".join(f"{k} {result.metrics[k]:.1f}" for k in keys[:3])
+            if result is not getattr(pl_module, "last_eval_global", {}).get(name, result):
+                headline = f"re-ranked, {headline}"
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
                          f"{stage} {name} (step {trainer.global_step}): {headline}", path,
                          self.max_queries, self.k)

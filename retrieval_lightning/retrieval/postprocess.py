@@ -133,3 +133,19 @@ def postprocessed_search(
     _, indices = topk_search(queries, db, max(k, config.qe_n), **search_kwargs)
     expanded = alpha_query_expansion(queries, db, indices, config.qe_n, config.qe_alpha)
     return topk_search(expanded, db, k, **search_kwargs)
+
+
+def postprocess_descriptors(
+    queries: Tensor, database: Tensor, config: PostProcessConfig | None, **search_kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """Evaluation's post-processing (``RetrievalModule(postprocess=...)``): DBA on the database, then
+    αQE of the queries against it; unchanged when ``config`` asks for neither."""
+    if config is None or not (config.dba or config.query_expansion):
+        return queries, database
+    if config.dba:
+        database = torch.as_tensor(database_augmentation(database.float(), config.dba_k, config.dba_alpha,
+                                                          **search_kwargs))
+    if config.query_expansion:
+        _, top = topk_search(queries, database, min(config.qe_n, database.shape[0]), **search_kwargs)
+        queries = alpha_query_expansion(queries, database, top, min(config.qe_n, database.shape[0]), config.qe_alpha)
+    return queries.float(), database.float()

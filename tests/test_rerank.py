@@ -1,0 +1,199 @@
+"""The core re-ranking stage as plain objects (no Trainer): shortlists per protocol variant, fusion,
+pair seeds, only shortlisted rows read, rank-split scoring equal to one process, the notebook path,
+self-contained checkpoints and the inference API."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from rerank_plugin import PLUGIN_SOURCE
+from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.checkpoints import IncompatibleWeightsError
+from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
+from retrieval_lightning.head_plugins import gem_arcface
+from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.retrieval.rerank import (
+    ALL,
+    split_queries,
+    EntryReader,
+    QueryScores,
+    RerankConfig,
+    build_shortlists,
+    fuse,
+    pair_seeds,
+    score_shortlists,
+    search_depth,
+)
+from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, extract_entries
+from retrieval_lightning.retrieval.search import topk_search
+from retrieval_lightning.retrieval.store import FeatureStore
+
+
+def plugin_module() -> types.ModuleType:
+    """The test plugin as an importable module (checkpoints record it by import path: it has no entry point here)."""
+    if "acme_rerank_inline" not in sys.modules:
+        module = types.ModuleType("acme_rerank_inline")
+        exec(PLUGIN_SOURCE, module.__dict__)  # noqa: S102 - the test plugin's own source
+        sys.modules[module.__name__] = module
+    return sys.modules["acme_rerank_inline"]
+
+
+def test_protocol_shortlists_skip_each_variants_junk_and_score_each_pair_once() -> None:
+    ranking = np.array([[5, 3, 7, 1, 0, 2, 4, 6]])
+    gt = [{"easy": [3], "hard": [1, 7], "junk": [5]}]
+    exclusions = revisitop_exclusions(gt, 1)
+    assert search_depth(3, 8, exclusions) == 3 + 3
+    short = build_shortlists(ranking, 3, exclusions)
+    assert short.variants["easy"][0].tolist() == [3, 0, 2]  # junk 5 and hard 7, 1 skipped
+    assert short.variants["medium"][0].tolist() == [3, 7, 1]
+    assert short.variants["hard"][0].tolist() == [7, 1, 0]  # easy 3 is junk under Hard
+    assert short.candidates(0).tolist() == [3, 0, 2, 7, 1]
+    assert build_shortlists(ranking, 3).variants[ALL][0].tolist() == [5, 3, 7]
+
+
+def test_fusion_orders() -> None:
+    positions = np.array([10, 11, 12, 13])
+    glob = np.array([0.9, 0.8, 0.7, 0.6])
+    inliers = np.array([3.0, 20.0, 20.0, 0.0])
+    assert fuse(positions, glob, inliers, "lexicographic").tolist() == [11, 12, 10, 13]
+    verifier = np.array([0.0, 0.1, 0.9, 0.0])
+    assert fuse(positions, glob, verifier, "weighted", 0.5).tolist() == [12, 10, 11, 13]  # 1.15, .9, .85, .6
+
+
+def test_pair_seeds_depend_on_the_pair_only() -> None:
+    a = pair_seeds(7, [1, 2, 3])
+    assert a == [pair_seeds(7, [i])[0] for i in (1, 2, 3)]
+    assert a[::-1] == pair_seeds(7, [3, 2, 1])
+    assert len(set(a + pair_seeds(8, [1, 2, 3]))) == 6 and all(0 <= s < 2**31 for s in a)
+
+
+def test_entry_reader_reads_only_the_requested_rows(tmp_path: Path) -> None:
+    rows = [np.full((n, 2), i, dtype=np.float16) for i, n in enumerate([1, 3, 2, 4])]
+    store = FeatureStore.from_arrays(tmp_path / "s", {"local-rows": rows}, index=[10, 11, 12, 13])
+    calls = []
+    original = store.get
+
+    def spy(kind, positions):
+        calls.append(np.asarray(positions).tolist())
+        return original(kind, positions)
+
+    store.get = spy  # type: ignore[method-assign]
+    entries = EntryReader(store, "local-").read([13, 11])
+    assert calls == [[1, 3]]  # sorted positions of the two requested images, nothing else
+    assert entries[0]["rows"].shape == (4, 2) and float(entries[0]["rows"][0, 0]) == 3
+    assert entries[1]["rows"].shape == (3, 2) and float(entries[1]["rows"][0, 0]) == 1
+
+
+class Images(Dataset):
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        base = torch.rand(4, 3, 72, 64, generator=g)
+        sizes = [64 + 8 * (i % 2) for i in range(n)]  # images of different sizes, as in real sets
+        self.images = [(base[i % 4, :, : sizes[i]] * 0.7 + 0.3 * torch.rand(3, sizes[i], 64, generator=g)).clamp(0, 1)
+                       for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "index": i}
+
+
+def tiny_eval_set() -> EvalSet:
+    n_q, n_db = 4, 12
+    gt = [{"easy": [j for j in range(n_db) if j % 4 == q and j < 6], "hard": [j for j in range(n_db) if j % 4 == q and j >= 6],
+           "junk": [(q + 1) % 4]} for q in range(n_q)]
+    return EvalSet("tiny", Images(n_q + n_db), n_q, "revisitop", gt, [f"img{i}" for i in range(n_q + n_db)])
+
+
+def tiny_module(sign: float = 1.0, fusion: str = "weighted", shortlist: str = "protocol") -> RetrievalModule:
+    torch.manual_seed(0)
+    head = plugin_module().CosineRerankHead(sign=sign)
+    return RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(), "verifier": head},
+                           eval_scales=[1.0], rerank=RerankConfig(k=5, fusion=fusion, shortlist=shortlist)).eval()
+
+
+def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path: Path) -> None:
+    eval_set = tiny_eval_set()
+    module = tiny_module()
+    desc, qstore, dbstore = extract_entries(module, eval_set, tmp_path / "e", module.entry_identity(), progress=False)
+    assert len(qstore) == 4 and len(dbstore) == 12 and dbstore.index[0] == 4
+    glob = evaluate_eval_set(eval_set, desc).metrics
+    same = evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, progress=False).metrics
+    assert same == glob  # the head re-computes the global similarity; weighted fusion keeps every order
+
+    module.rerank = RerankConfig(k=5, fusion="lexicographic", shortlist="plain")
+    module.heads["verifier"].sign = -1.0
+    alone = evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, progress=False)
+    assert alone.metrics["mAP_M"] < glob["mAP_M"]
+
+    other: list[QueryScores] = []
+
+    def gather(local):  # rank 0's gather sees rank 1's scores, computed independently
+        return [local, other]
+
+    queries, database = desc[:4], desc[4:]
+    _, ranking = topk_search(queries, database, k=5, device="cpu")
+    other.extend(score_shortlists(build_shortlists(ranking, 5), split_queries(4, 1, 2), EntryReader(qstore, "verifier-"),
+                                  EntryReader(dbstore, "verifier-"), module.score_entries,
+                                  db_index=lambda p: p + 4, progress=False))
+    split = evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,
+                              all_gather_object=gather, progress=False)
+    assert split.metrics == alone.metrics
+
+
+def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
+    eval_set = tiny_eval_set()
+    module = tiny_module()
+    first = RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity(), shard_size=3)
+    first.add([eval_set.dataset[i]["image"] for i in range(7)], list(range(7)))
+    first.close()
+    again = RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity(), shard_size=3)
+    again.add([eval_set.dataset[i]["image"] for i in range(16)], list(range(16)))
+    again.close()
+    assert again.extracted == 16 - 7
+    again.merge()
+    qstore, dbstore = again.open()
+    assert qstore.index.tolist() == list(range(4)) and dbstore.index.tolist() == list(range(4, 16))
+
+
+def test_self_contained_checkpoint_and_inference_api(tmp_path: Path) -> None:
+    module = tiny_module()
+    images = [Images(3, seed=1)[i]["image"] for i in range(3)]
+    scores = module.rerank_scores(images[0], images[1:])
+    entries = module.rerank_entries(images[1:])
+    assert torch.allclose(module.rerank_scores(images[0], entries), scores)
+    expected = (torch.stack([module.embed_image(x) for x in images[1:]]) @ module.embed_image(images[0]))
+    assert torch.allclose(scores, expected, atol=1e-5)
+
+    path = tmp_path / "m.ckpt"
+    module.save_checkpoint(path)
+    restored = RetrievalModule.load_from_checkpoint(path)
+    assert type(restored.heads["verifier"]).__name__ == "CosineRerankHead"
+    assert restored.rerank == module.rerank and restored.eval_scales == module.eval_scales
+    assert torch.equal(restored.rerank_scores(images[0], images[1:]), scores)
+
+    wrong = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=64)})
+    with pytest.raises(IncompatibleWeightsError, match="shapes differ.*heads.global.whiten.weight"):
+        wrong.load_weights(path)
+
+
+def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=16)}, num_classes=7)
+    trained.save_checkpoint(tmp_path / "t.ckpt")
+    eval_only = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=16)})
+    eval_only.load_weights(tmp_path / "t.ckpt")  # classifier dropped, everything else loaded
+    x = torch.rand(3, 48, 48)
+    assert torch.equal(eval_only.eval().embed_image(x), trained.eval().embed_image(x))
+    checkpoint = {"state_dict": dict(trained.state_dict())}
+    eval_only.on_load_checkpoint(checkpoint)  # what `test --ckpt_path` does before Lightning's strict load
+    eval_only.load_state_dict(checkpoint["state_dict"], strict=True)
