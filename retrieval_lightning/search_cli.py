@@ -91,7 +91,7 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
         short = row[: shortlist or config.k]
         entries = reader.read(store.index[short])
         query_entry = module.rerank_entries([image], database=False)[0]
-        s = module.score_entries(query_entry, entries, pair_seeds(-1 - q, store.index[short].tolist()))
+        s = module.score_entries(query_entry, entries, pair_seeds(q, store.index[short].tolist()))
         s = torch.as_tensor(s).float().numpy()
         order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
         results.append(SearchResult(name, short[order][:k], glob[order][:k], s[order][:k], row[:k]))

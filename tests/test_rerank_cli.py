@@ -84,6 +84,37 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert rerank_scores == sorted(rerank_scores, reverse=True)  # lexicographic: re-ranking score first
     assert all(abs(g - s) < 2e-3 for g, s in zip(global_scores, rerank_scores))  # the head re-computes the cosine
 
+    # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
+    import sys
+
+    import torch
+
+    from retrieval_lightning.cli import run_lightning_cli
+    from retrieval_lightning.module import RetrievalModule
+
+    sys.path.insert(0, plugin_path)
+    try:
+        rebuilt = RetrievalModule.load_from_checkpoint(ckpt)
+        configured = run_lightning_cli(rerank_args(cache_root, tmp_path / "cfg", f"--model.init_from={ckpt}"),
+                                       run=False).model.eval()
+        image = torch.rand(3, 80, 96)
+        assert torch.equal(rebuilt.embed_image(image), configured.embed_image(image))
+    finally:
+        sys.path.remove(plugin_path)
+
+    # a store is refused when the preprocessing changed (issue 12 item 5), naming what differs
+    refused = _fails(["extract", *rerank_args(cache_root, tmp_path / "ex2", "--data.init_args.eval_max_side=80"),
+                      f"--ckpt_path={ckpt}", f"--output_dir={features}"], tmp_path, env)
+    assert refused.startswith("error: feature shard") and "eval_max_side" in refused
+
+    # an evaluation-only datamodule (num_classes 0) tests a trained checkpoint (issue 12 item 1)
+    from test_cli import _overrides_for
+
+    revisitop = _overrides_for(REPO / "experiments/eval_revisitop.yaml", cache_root, tmp_path / "rev")
+    run_cli(["test", "--config", str(REPO / "experiments/eval_revisitop.yaml"), *revisitop,
+             "--model.heads.verifier.class_path=acme_cosine_rerank", f"--ckpt_path={ckpt}"], cwd=tmp_path, env=env)
+    assert read_metrics(tmp_path / "rev" / "metrics", "test")[f"test/{SET}/reranked/mAP_M"] >= 0
+
 
 def _fails(args: list[str], cwd: Path, env: dict | None = None) -> str:
     import subprocess

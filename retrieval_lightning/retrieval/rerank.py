@@ -75,7 +75,7 @@ class RerankConfig:
 def pair_seeds(query_index: int, db_indices: Iterable[int]) -> list[int]:
     """Deterministic 31-bit seeds of (query, database item) pairs (a splitmix64 hash of both indices)."""
     with np.errstate(over="ignore"):
-        z = np.asarray(list(db_indices), dtype=np.uint64) + np.uint64(query_index) * np.uint64(0x9E3779B97F4A7C15)
+        z = np.asarray(list(db_indices), dtype=np.uint64) + np.uint64(int(query_index) & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))

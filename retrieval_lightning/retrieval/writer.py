@@ -31,7 +31,14 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from .store import FeatureStore, KindSpec, check_kind_name, identity_differences, normalize_identity
+from .store import (
+    FeatureStore,
+    KindSpec,
+    StoreIdentityError,
+    check_kind_name,
+    identity_differences,
+    normalize_identity,
+)
 
 _SHARD_RE = re.compile(r"^shard-r(\d+)-s(\d+)\.npz$")
 _META_KEY = "__meta__"
@@ -104,7 +111,7 @@ def _read_meta(shard: Path) -> dict[str, Any]:
 def _check_identity(shard: Path, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     diffs = identity_differences(stored, expected)
     if diffs:
-        raise ValueError(
+        raise StoreIdentityError(
             f"feature shard {shard} was written by a different model or config "
             f"({'; '.join(diffs)}); use a fresh output directory or the same model"
         )

@@ -1,0 +1,46 @@
+"""Evaluation policies of the core (issue 12 items 2, 6, 7): one-batch smoke runs skip metrics,
+non-finite descriptors are refused by name, search stays on the module's device."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.evaluation import NonFiniteDescriptorError, evaluate_eval_set
+from retrieval_lightning.head_plugins import gem_arcface
+from retrieval_lightning.module import RetrievalModule
+
+
+def eval_set(n_q: int = 2, n_db: int = 6) -> EvalSet:
+    gt = [{"easy": [q], "hard": [], "junk": []} for q in range(n_q)]
+    return EvalSet("toy", TensorDataset(torch.zeros(n_q + n_db)), n_q, "revisitop", gt,
+                   [f"photo_{i}.jpg" for i in range(n_q + n_db)])
+
+
+@pytest.mark.parametrize("limit, partial", [(1, True), (5, True), (0.5, True), (1.0, False)])
+def test_batch_limits_that_cut_the_set_count_as_partial(limit, partial) -> None:
+    module = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=8)})
+    module._trainer = SimpleNamespace(limit_val_batches=limit, limit_test_batches=limit, fast_dev_run=False)
+    assert module._eval_is_partial("val") is partial
+    assert module._eval_is_partial("test") is partial
+
+
+def test_non_finite_descriptors_are_an_error_naming_the_images() -> None:
+    desc = F.normalize(torch.randn(8, 4), dim=1)
+    desc[5, 2] = float("nan")
+    desc[7, 0] = float("inf")
+    with pytest.raises(NonFiniteDescriptorError, match=r"2 descriptor\(s\).*photo_5\.jpg.*photo_7\.jpg"):
+        evaluate_eval_set(eval_set(), desc)
+
+
+def test_search_runs_on_the_given_device_even_when_cuda_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine running a CPU job
+    desc = F.normalize(torch.randn(8, 4), dim=1)
+    result = evaluate_eval_set(eval_set(), desc, device=torch.device("cpu"))
+    assert 0.0 <= result.metrics["mAP_M"] <= 100.0
