@@ -9,6 +9,7 @@ Reference and interrupted runs go in parallel (one thread each) to keep the wall
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def offline_runs(out: Path) -> list[Path]:
     return sorted((out / "wandb" / "wandb").glob("offline-run-*"))
 
 
+def logged_steps(run: Path) -> set[int]:
+    """``trainer/global_step`` values in an offline run file (protobuf items: key, then value_json)."""
+    data = next(run.glob("run-*.wandb")).read_bytes()
+    found = re.finditer(rb"\x13trainer/global_step\x82\x01([\x01-\x7f])", data)
+    return {int(data[m.end():m.end() + m.group(1)[0]]) for m in found}
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -118,6 +126,9 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
     runs = offline_runs(out)
     ids = {r.name.rsplit("-", 1)[1] for r in runs}
     assert len(runs) == 3 and len(ids) == 1, runs  # three processes, one continued run
+    steps = [logged_steps(r) for r in runs]  # each restart logs only steps after its checkpoint
+    assert all(steps) and max(steps[0]) < min(steps[1]) and max(steps[1]) < min(steps[2]), steps
+    assert set.union(*steps) == set(range(MAX_STEPS)), steps  # no gap either
     stored = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["ResumeState"]
     assert stored["wandb"]["run_id"] in ids
 
@@ -125,7 +136,7 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
 @pytest.mark.slow
 def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_path: Path) -> None:
     ref, out = tmp_path / "reference", tmp_path / "killed"
-    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=9"]
     reference = start(args(config, cache_root, ref, *ddp), tmp_path, ddp_env())
     killed = start(args(config, cache_root, out, *ddp, *kill_after(3)), tmp_path, ddp_env())
     finish(killed, expect=-signal.SIGKILL)
