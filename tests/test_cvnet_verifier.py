@@ -205,8 +205,8 @@ def test_official_checkpoint_import(depth: int, size: tuple[int, int], tmp_path)
     if depth == 50:
         source = tmp_path / f"CVPR2022_CVNet_R{depth}.pyth"
         torch.save({"model_state": state, "epoch": 1}, source)
-        out = import_cvnet_checkpoint(str(source), str(tmp_path / "cvnet.ckpt"))
-        module = RetrievalModule.load_from_checkpoint(out).eval()
+        import_cvnet_checkpoint(str(source), str(tmp_path / "cvnet.ckpt"))
+        module = RetrievalModule.load_from_checkpoint(tmp_path / "cvnet.ckpt").eval()
     else:
         backbone, heads = convert_official_state(state)
         module = RetrievalModule(backbone=backbone, heads=heads).eval()

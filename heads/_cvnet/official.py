@@ -25,6 +25,7 @@ from heads.gem_arcface import GemArcFaceHead
 from retrieval_lightning.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from retrieval_lightning.checkpoints import load_tensor_file, state_dict_of
 from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.retrieval.rerank import RerankConfig
 
 DEPTH_BY_S3_BLOCKS = {6: 50, 23: 101}
 _BLOCK = re.compile(r"^encoder_q\.s(\d)\.b(\d+)\.(.+)$")
@@ -125,5 +126,9 @@ def import_cvnet_checkpoint(source: str, output: str) -> str:
     state = state_dict_of(load_tensor_file(source))
     backbone, heads = convert_official_state(state)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    RetrievalModule(backbone=backbone, heads=heads, num_classes=0).save_checkpoint(output)
-    return str(output)
+    official_test = RerankConfig(k=100, shortlist="protocol", fusion="weighted", weight=0.5)
+    module = RetrievalModule(backbone=backbone, heads=heads, num_classes=0, rerank=official_test)
+    module.save_checkpoint(output)
+    n = sum(t.numel() for t in module.state_dict().values())
+    return f"{source}: {len(state)} tensors -> {output} ({n / 1e6:.1f}M values; CVNet test settings: " \
+           "BGR input, scales 0.7071/1/1.4142, K=100 per protocol, global + 0.5 x verifier)"

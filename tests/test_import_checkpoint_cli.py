@@ -1,0 +1,34 @@
+"""`retrieval-lightning import-checkpoint cvnet`: an official-layout CVNet file becomes a self-contained
+checkpoint that re-ranks through `rerank_scores` with no other configuration; unknown formats are the
+registry's one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval_lightning.cli import main
+from retrieval_lightning.module import RetrievalModule
+from test_cvnet_verifier import random_official_state
+
+
+def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "CVPR2022_CVNet_R50.pyth"
+    torch.save({"model_state": random_official_state(50), "epoch": 1}, source)
+    out = tmp_path / "cvnet.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(source), str(out)]) == 0
+    module = RetrievalModule.load_from_checkpoint(out)
+    assert module.rerank.fusion == "weighted" and module.rerank.weight == 0.5  # the official fusion
+    gen = torch.Generator().manual_seed(0)
+    query = torch.rand(3, 96, 128, generator=gen)
+    candidates = [query, torch.rand(3, 112, 96, generator=gen)]
+    scores = module.rerank_scores(query, candidates)
+    assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 1)).all())
+    entries = module.rerank_entries(candidates)
+    assert torch.allclose(module.rerank_scores(query, entries), scores)
+
+    assert main(["import-checkpoint", "cvnt", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown checkpoint importer 'cvnt'; did you mean 'cvnet'?")
