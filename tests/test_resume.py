@@ -126,9 +126,12 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
     runs = offline_runs(out)
     ids = {r.name.rsplit("-", 1)[1] for r in runs}
     assert len(runs) == 3 and len(ids) == 1, runs  # three processes, one continued run
-    steps = [logged_steps(r) for r in runs]  # each restart logs only steps after its checkpoint
-    assert all(steps) and max(steps[0]) < min(steps[1]) and max(steps[1]) < min(steps[2]), steps
-    assert set.union(*steps) == set(range(MAX_STEPS)), steps  # no gap either
+    # each restart logs only the steps after its checkpoint: no step twice in the run's history (what the
+    # SIGKILLed process had not yet handed to W&B is lost with it)
+    steps = [logged_steps(r) for r in runs]
+    assert steps[0] == set(range(step)), steps
+    assert steps[1] <= set(range(step, kill_at)), steps
+    assert steps[2] == set(range(kill_at, MAX_STEPS)), steps
     stored = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["ResumeState"]
     assert stored["wandb"]["run_id"] in ids
 
