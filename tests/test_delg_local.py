@@ -15,6 +15,15 @@ from heads.delg_local import DelgLocalHead
 from retrieval_lightning.backbone import Backbone
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions: 2 OpenMP threads were 14x slower than 1 on this shared, loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_backbone(name: str) -> Backbone:
     """Random weights, BatchNorm scales at 1: timm zero-initialises each residual block's last BN,
     which would hide the residual branches from the gradient (only the shortcuts would remain)."""
