@@ -72,13 +72,32 @@ class CVNetVerifierHead(VerifierHead):
         h, w = conv4.shape[-2:]
         return [conv(resize(conv4, size)) for conv, size in zip(self.projections, level_sizes(h, w))]
 
-    def pair_logits(self, query_levels: Sequence[Tensor], db_levels: Sequence[Tensor]) -> Tensor:
+    def pair_logits(
+        self,
+        query_levels: Sequence[Tensor],
+        db_levels: Sequence[Tensor],
+        db_masks: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         """(B, 2) logits for aligned pairs of projected levels (as :meth:`project` returns them).
 
         A database location set to zero contributes nothing. The query side may have batch 1
-        (one query against B candidates).
+        (one query against B candidates). ``db_masks[i]`` (B, h_i, w_i) multiplies database level
+        ``i``'s rows *after* L2 normalisation (the sparsifier's selection): a 0 equals a dropped
+        row, and a soft mask has a real gradient (scaling before the normalisation would have none).
         """
-        return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), prepare_levels(list(db_levels)))
+        if db_masks is None:
+            db = prepare_levels(list(db_levels))
+        else:
+            if len(db_masks) != len(db_levels):
+                raise ValueError(f"{len(db_masks)} db_masks for {len(db_levels)} database levels")
+            units = []
+            for level, mask in zip(db_levels, db_masks):
+                b, _, h, w = level.shape
+                if tuple(mask.shape) != (b, h, w):
+                    raise ValueError(f"db mask of shape {tuple(mask.shape)} for a level of shape {tuple(level.shape)}")
+                units.append(F.normalize(level, dim=1, eps=1e-12) * mask.unsqueeze(1).to(level.dtype))
+            db = prepare_levels(units, normalized=True)
+        return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), db)
 
     # ---- training --------------------------------------------------------------------------------
     def _in_batch_pairs(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -198,10 +198,20 @@ class GumbelSparsifierHead(SparsifierHead):
             return accepts_db_masks(self._verifier())
         return self.estimator == "straight_through"
 
-    def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self, features: Mapping[str, Tensor], labels: Tensor, pairs: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Pair cross-entropy of the verifier on masked database sides, plus the budget term.
+
+        ``pairs`` (optional, from a pair-mining datamodule): (M, 3) long rows ``(query, database,
+        same)``, the mined hard negatives the verifier trained on; without it, :meth:`pairs`.
+        """
         verifier = self._verifier()
         levels = verifier.project(features[self.stage])
-        q_idx, d_idx, same = self.pairs(labels)
+        if pairs is not None:
+            q_idx, d_idx, same = pairs[:, 0], pairs[:, 1], pairs[:, 2].long()
+        else:
+            q_idx, d_idx, same = self.pairs(labels)
         if len(same) == 0:
             raise ValueError("a batch of one image forms no pair")
         shapes = [lv.shape[2:] for lv in levels]

@@ -156,22 +156,20 @@ def test_plackett_luce_logprob_matches_enumeration() -> None:
 
 
 # ---------------------------------------------------------------- through the real CVNet verifier
-def verifier_setup(width: int = 8):
-    """The registered verifier on a small random ResNet-18 (real backbone ops), built and attached."""
+def verifier_module(width: int = 8, **sparsifier_args):
+    """Global + CVNet verifier + sparsifier in one RetrievalModule on a small random ResNet-18."""
     from retrieval_lightning.backbone import Backbone
+    from retrieval_lightning.module import RetrievalModule
     from retrieval_lightning.registry import HEADS
 
-    if "cvnet_verifier" not in HEADS.names():
-        pytest.skip("cvnet_verifier is not registered yet")
     torch.manual_seed(0)
-    backbone = Backbone("resnet18", weights=None, stages=("conv4",)).eval()
-    verifier = HEADS.get("cvnet_verifier")(width=width)
-    verifier.build(backbone.stage_channels, 4)
-    verifier.eval()
-    head = GumbelSparsifierHead(width=width, hidden=4, value_dtype="float16")
-    head.build(backbone.stage_channels, 4)
-    head.attach(verifier)
-    return backbone, verifier, head.eval()
+    heads = {
+        "global": HEADS.get("gem_arcface")(dim=8),
+        "verifier": HEADS.get("cvnet_verifier")(width=width),
+        "sparsifier": GumbelSparsifierHead(width=width, hidden=4, **({"value_dtype": "float16"} | sparsifier_args)),
+    }
+    module = RetrievalModule(Backbone("resnet18", weights=None, stages=("conv4", "conv5")), heads, num_classes=4)
+    return module.eval()
 
 
 def photos(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -181,36 +179,71 @@ def photos(n: int, seed: int = 0) -> list[torch.Tensor]:
     return list(F.interpolate(x, size=(96, 128), mode="bilinear", align_corners=False))
 
 
-def test_keep_ratio_one_reproduces_dense_scores() -> None:
-    backbone, verifier, head = verifier_setup()
+def test_keep_ratio_one_reproduces_dense_scores_through_the_module() -> None:
+    module = verifier_module(keep_ratio=1.0)
+    verifier, head = module.heads["verifier"], module.heads["sparsifier"]
+    assert head.verifier[0] is verifier  # the module attached it
+    images = photos(4)
     with torch.no_grad():
-        entries = verifier.extract_entries(photos(4), lambda x: backbone(x))
-        dense = verifier.score(entries[0], entries[1:], [1, 2, 3])
-        head.keep_ratio = 1.0
-        sparse = head.sparsify(entries[1:])
-        assert all(len(s[f"level{i}_pos"]) == len(e[f"level{i}"]) for s, e in zip(sparse, entries[1:]) for i in range(3))
-        full = verifier.score(entries[0], head.densify(sparse), [1, 2, 3])
-        torch.testing.assert_close(full, dense, atol=1e-5, rtol=0)
+        dense_entries = verifier.extract_entries(images, module.features_at)
+        dense = verifier.score(dense_entries[0], dense_entries[1:], [1, 2, 3])
+        stored = module.rerank_entries(images[1:])  # database side: sparsified
+        assert all("level0" not in e and len(e["level2_pos"]) == len(d["level2"]) for e, d in zip(stored, dense_entries[1:]))
+        from_images = module.rerank_scores(images[0], images[1:], seeds=[1, 2, 3])
+        from_store = module.rerank_scores(images[0], stored, seeds=[1, 2, 3])
         head.keep_ratio = 0.1
-        fewer = verifier.score(entries[0], head.densify(head.sparsify(entries[1:])), [1, 2, 3])
+        fewer = module.rerank_scores(images[0], module.rerank_entries(images[1:]), seeds=[1, 2, 3])
+    torch.testing.assert_close(from_images, dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_store, dense, atol=1e-5, rtol=0)
     assert (fewer - dense).abs().max() > 1e-4  # sparsity does reach the verifier
+
+
+def test_db_masks_weight_normalised_rows() -> None:
+    """A 0/1 mask equals zeroed rows; all ones equals no mask; a soft mask has a gradient (it would
+    have none if it scaled rows before the verifier's L2 normalisation)."""
+    module = verifier_module()
+    verifier = module.heads["verifier"]
+    with torch.no_grad():
+        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=2)))["conv4"])
+    q, d = [lv[:1] for lv in levels], [lv[1:] for lv in levels]
+    g = torch.Generator().manual_seed(0)
+    hard = [(torch.rand(2, *lv.shape[2:], generator=g) < 0.3).float() for lv in d]
+    with torch.no_grad():
+        plain = verifier.pair_logits(q, d)
+        ones = verifier.pair_logits(q, d, db_masks=[torch.ones(2, *lv.shape[2:]) for lv in d])
+        masked = verifier.pair_logits(q, d, db_masks=hard)
+        zeroed = verifier.pair_logits(q, [lv * m.unsqueeze(1) for lv, m in zip(d, hard)])
+    torch.testing.assert_close(ones, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked, zeroed, atol=1e-6, rtol=0)
+    assert (masked - plain).abs().max() > 1e-4
+    soft = [torch.full((2, *lv.shape[2:]), 0.7, requires_grad=True) for lv in d]
+    verifier.pair_logits(q, d, db_masks=soft)[:, 1].sum().backward()
+    assert all(m.grad.abs().sum() > 0 for m in soft)
+    before = [torch.full((2, *lv.shape[2:]), 0.7, requires_grad=True) for lv in d]
+    verifier.pair_logits(q, [lv * m.unsqueeze(1) for lv, m in zip(d, before)])[:, 1].sum().backward()
+    assert max(m.grad.abs().max().item() for m in before) < 1e-4 * max(m.grad.abs().max().item() for m in soft)
 
 
 @pytest.mark.parametrize("estimator", ["score_function", "straight_through"])
 def test_pair_loss_reaches_the_keep_logits(estimator: str) -> None:
-    from heads._sparse.masked import accepts_db_masks
-
-    backbone, verifier, head = verifier_setup()
-    if estimator == "straight_through" and not accepts_db_masks(verifier):
-        pytest.skip("the verifier's pair_logits takes no db_masks")
-    head.estimator = estimator
-    verifier.requires_grad_(False)  # the default recipe: verifier frozen
-    head.train()
-    with torch.no_grad():
-        feats = backbone(torch.stack(photos(4, seed=1)))
-    losses = head.losses(feats, torch.tensor([0, 0, 1, 1]))
-    assert set(losses) >= {"pair_ce", "budget"} and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
+    """One training step of the module (backbone, global head and verifier frozen): only the
+    sparsifier's keep scores learn, through the verifier's pair loss on mined pairs."""
+    module = verifier_module(estimator=estimator)
+    module.frozen.update({"backbone", "global", "verifier"})
+    module._apply_freeze()
+    module.train()
+    head = module.heads["sparsifier"]
+    assert head.uses_straight_through() == (estimator == "straight_through")
+    pairs = torch.tensor([[0, 1, 1], [0, 2, 0], [2, 3, 1], [2, 1, 0]])
+    batch = {"image": torch.stack(photos(4, seed=1)), "label": torch.tensor([0, 0, 1, 1]), "pairs": pairs}
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
     grad = head.scorer[-1].weight.grad
     assert grad is not None and grad.abs().sum() > 0 and head.norm_weight.grad.abs() > 0
+    assert all(p.grad is None for name in ("global", "verifier") for p in module.heads[name].parameters())
     assert int(head.step) == 1
+    # without mined pairs the head forms its own in-batch pairs
+    losses = head.losses(module.backbone(batch["image"]), batch["label"])
+    assert set(losses) >= {"pair_ce", "budget"} and all(torch.isfinite(v) for v in losses.values())
