@@ -24,7 +24,7 @@ from datamodules.hide_and_seek import HideAndSeek
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
-from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
+from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
 from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
@@ -255,7 +255,7 @@ class GLDv2DataModule(L.LightningDataModule):
         assert self.train_dataset is not None
         hp = self.hparams
         if self.pairs is not None:
-            return DataLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
+            return PairLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
                               collate_fn=PairCollate(self.pairs.group_size),
                               num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                               persistent_workers=hp.num_workers > 0)

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch.distributed as dist
 import torch
-from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
 
 @dataclass
@@ -98,6 +98,8 @@ class PairMiner:
         self._table_pos = np.zeros(0, dtype=np.int64)  # mined anchors, sorted
         self._table = np.zeros((0, self.table_width), dtype=np.int64)
         self.mined_epoch: int | None = None
+        #: set by the mining callback: called with the epoch just before that epoch's groups are drawn
+        self.request: Callable[[int], None] | None = None
 
     # ---------------------------------------------------------------- protocol of the mining callback
     @property
@@ -201,6 +203,7 @@ class PairBatchSampler(BatchSampler):
         self.sampler = sampler if sampler is not None else self  # Lightning calls sampler.set_epoch
         self._rank, self._world = rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches to skip at the start of the next iteration (resume mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -232,6 +235,8 @@ class PairBatchSampler(BatchSampler):
 
     def epoch_groups(self, epoch: int) -> list[list[int]]:
         """All ranks' groups of ``epoch`` (anchors from the epoch's pool, shuffled, cycled as needed)."""
+        if self.miner.request is not None:
+            self.miner.request(int(epoch))  # refresh the mined table first (a no-op when not due)
         rng = np.random.default_rng([self.config.seed, int(epoch), 0])
         pool = self.miner.pool(epoch)
         eligible = pool[self.miner.has_positive[pool]]
@@ -247,8 +252,47 @@ class PairBatchSampler(BatchSampler):
         groups = self.epoch_groups(self._current_epoch())
         mine = groups[rank::world][: len(groups) // world]
         gpb = self.config.groups_per_batch
-        for start in range(0, len(mine) - gpb + 1, gpb):
+        first, self.skip = self.skip * gpb, 0
+        for start in range(first, len(mine) - gpb + 1, gpb):
             yield [i for g in mine[start:start + gpb] for i in g]
+
+
+class PairLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`PairBatchSampler` whose position in the epoch is checkpointed.
+
+    Lightning saves ``state_dict()`` of stateful training loaders and calls ``load_state_dict`` on
+    resume; the next iteration skips the batches already trained on (in the sampler: nothing is
+    decoded for them). The iterator is lazy, so the epoch's groups (and the mining they trigger)
+    are drawn only after Lightning has set the resumed epoch, also with loader workers.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if not isinstance(self.batch_sampler, PairBatchSampler):
+            raise TypeError("PairLoader needs batch_sampler=PairBatchSampler")
+        self._epoch, self._yielded, self._skip = 0, 0, 0
+
+    def __iter__(self) -> Iterator[dict]:  # type: ignore[override]
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        sampler = self.batch_sampler
+        assert isinstance(sampler, PairBatchSampler)
+        epoch = sampler._current_epoch()
+        self._yielded = 0
+        if self._skip and self._epoch == epoch:
+            sampler.skip, self._yielded = self._skip, self._skip
+        self._epoch, self._skip = epoch, 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
 
 
 class PairCollate:

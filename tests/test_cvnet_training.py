@@ -105,16 +105,19 @@ def test_ranks_disjoint_and_deterministic_per_epoch_through_lightning_injection(
     from lightning.pytorch.utilities.data import _update_dataloader
     from lightning.fabric.utilities.data import _replace_dunder_methods
 
+    from datamodules.pairs import PairLoader
+
     config = PairSampling(groups_per_batch=2, negatives=1, seed=4)
     miner = PairMiner(LABELS, config)
     dataset = list(range(LABELS.size))
     per_rank = []
     for rank in range(2):
-        with _replace_dunder_methods(BatchSampler):
-            loader = DataLoader(dataset, batch_sampler=PairBatchSampler(miner))
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            loader = PairLoader(dataset, batch_sampler=PairBatchSampler(miner))
         dist = DistributedSampler(dataset, num_replicas=2, rank=rank)
         loader = _update_dataloader(loader, dist)
-        assert isinstance(loader.batch_sampler, PairBatchSampler) and loader.batch_sampler.miner is miner
+        assert isinstance(loader, PairLoader) and isinstance(loader.batch_sampler, PairBatchSampler)
+        assert loader.batch_sampler.miner is miner
         epochs = []
         for epoch in (3, 3, 4):
             loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning's _set_sampler_epoch reaches
@@ -149,16 +152,40 @@ def test_callback_mines_pool_from_descriptors() -> None:
     trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=2, datamodule=SimpleNamespace(pair_miner=miner),
                               strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
     callback = HardNegativeMining(first_epoch=1, every_n_epochs=1, batch_size=4)
-    callback.on_train_epoch_start(trainer, module)
+    callback.on_fit_start(trainer, module)  # registers the request the sampler makes per epoch
+    sampler = PairBatchSampler(miner)
+    first = list(sampler)  # epoch 0: before first_epoch, random negatives
+    assert miner.mined_epoch is None
+    sampler.set_epoch(2)
+    groups = _groups(list(sampler), config.group_size)
     assert miner.mined_epoch == 2
     desc = F.normalize(colours @ module.proj, dim=1).numpy()
     expected = _brute_nearest(desc, LABELS, 2)
-    for anchor, _, *negatives in _groups(list(PairBatchSampler(miner)), config.group_size):
+    for anchor, _, *negatives in groups:
         assert negatives == expected[anchor].tolist()
-    trainer.current_epoch = 0  # before first_epoch: no mining
-    miner.mined_epoch = None
-    callback.on_train_epoch_start(trainer, module)
-    assert miner.mined_epoch is None
+    assert first != list(PairBatchSampler(miner))  # the same epoch 0 now draws mined negatives
+
+
+def test_pair_loader_resumes_mid_epoch() -> None:
+    from datamodules.pairs import PairLoader
+
+    config = PairSampling(groups_per_batch=2, negatives=1, seed=2)
+    miner = PairMiner(LABELS, config)
+    dataset = [{"image": torch.zeros(1), "label": int(lab)} for lab in LABELS]
+    make = lambda: PairLoader(dataset, batch_sampler=PairBatchSampler(miner), collate_fn=PairCollate(3))
+    loader = make()
+    loader.batch_sampler.set_epoch(5)
+    full = [b["label"].tolist() for b in loader]
+    it = iter(loader)
+    seen = [next(it)["label"].tolist() for _ in range(3)]
+    state = loader.state_dict()
+    assert state == {"epoch": 5, "batches": 3} and seen == full[:3]
+    resumed = make()
+    resumed.load_state_dict(state)
+    it = iter(resumed)  # created before the epoch is set, as Lightning does on resume
+    resumed.batch_sampler.set_epoch(5)
+    assert [b["label"].tolist() for b in it] == full[3:]
+    assert [b["label"].tolist() for b in resumed] == full  # the next pass is whole again
 
 
 def test_hide_and_seek_schedule_and_hidden_fraction() -> None:
@@ -237,3 +264,26 @@ def test_configs_parse_and_instantiate(name: str, cache_root: Path, tmp_path: Pa
     assert set(cli.model.heads) == {"global", "verifier"}
     assert cli.datamodule.pair_miner is not None
     assert any(isinstance(c, HardNegativeMining) for c in cli.trainer.callbacks)
+
+
+def test_demo_config_fit_steps_train_the_verifier_only(cache_root: Path, tmp_path: Path) -> None:
+    """Two optimiser steps of the demo recipe: mined pairs reach the verifier, frozen parts stay put."""
+    from retrieval_lightning.cli import run_lightning_cli
+
+    args = ["fit", "--config", str(REPO / "experiments" / "cvnet_demo.yaml"), "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.max_epochs=1",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            f"--data.init_args.root={cache_root}", "--data.init_args.build_size=128",
+            "--data.init_args.image_size=64", "--data.init_args.eval_max_side=64",
+            "--data.init_args.pairs.pool_size=24", "--data.init_args.pairs.mining_max_side=64",
+            "--data.init_args.pairs.groups_per_batch=2", "--data.init_args.pairs.groups_per_epoch=24"]
+    cli = run_lightning_cli(args, run=False)
+    model = cli.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2
+    assert cli.datamodule.pair_miner.mined_epoch == 0  # mined before the first batch was drawn
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.verifier.") for k in changed), sorted(changed)[:5]
+    assert any("learner" in k for k in changed) and any("projections" in k for k in changed)

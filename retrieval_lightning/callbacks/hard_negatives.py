@@ -12,7 +12,11 @@ any object with
 - ``pool_dataset(positions) -> Dataset`` of ``{"image": (3,h,w) RGB float in [0,1], "index": i}``,
   ``i`` the row in ``positions``;
 - ``labels`` (one per training position), ``table_width``, ``distinct_labels``;
-- ``set_negatives(epoch, positions, neighbours)``, ``mined_epoch``.
+- ``set_negatives(epoch, positions, neighbours)``, ``mined_epoch``;
+- ``request``: an attribute this callback sets to ``request(epoch)``, which the sampler calls just
+  before it draws an epoch's groups. Mining then happens exactly when the batches of that epoch are
+  composed, for the right epoch, also when a run resumes mid-training (Lightning creates the first
+  epoch's iterator before ``on_train_epoch_start`` and restores the epoch after ``on_fit_start``).
 
 Under DDP each rank embeds a strided share of the pool, the descriptors are all-gathered, rank 0
 builds the table and broadcasts it, so every rank's sampler draws from the same table.
@@ -118,16 +122,16 @@ class HardNegativeMining(pl.Callback):
                                "(e.g. gldv2 / minilandmarks with sampling: pairs)")
         return miner
 
-    # The first epoch's batch iterator is created before on_train_epoch_start, later ones after it.
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._maybe_mine(trainer, pl_module)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._maybe_mine(trainer, pl_module)
-
-    def _maybe_mine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
         miner = self._miner(trainer)
+        miner.request = lambda epoch: self.mine_if_due(trainer, pl_module, miner, epoch)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
+        if miner is not None:
+            miner.request = None  # do not keep the trainer alive through the datamodule
+
+    def mine_if_due(self, trainer: pl.Trainer, pl_module: Any, miner: Any, epoch: int) -> None:
         if self._due(epoch) and miner.mined_epoch != epoch:
             self.mine(trainer, pl_module, miner, epoch)
 
