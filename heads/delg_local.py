@@ -50,6 +50,12 @@ class DelgLocalHead(LocalHead):
             (DELG: 10.0). The module weighs each *head* once (``loss_weights: {local: 1.0}``),
             so the returned ``reconstruction`` loss is already multiplied by this factor and
             the two local losses come back weighted relative to each other as in the paper.
+        reconstruction_normalize: divide the MSE by the batch's mean squared conv4 value (the
+            relative reconstruction error, 1.0 for an all-zero reconstruction). The paper's raw
+            MSE scales with the backbone's feature energy: EfficientNet-Lite0's signed conv4 has a
+            mean square near 50, so 10 x MSE starts near 500 and its gradient (norm ~190) takes
+            the whole of a joint run's clipping budget (global norm 10) from the global head.
+            Normalised, the loss and its gradient do not depend on the feature scale.
         decoder_relu: end the decoder with a ReLU (DELG: ResNet's conv4 is post-ReLU). Backbones
             whose stage ends in a linear projection (EfficientNet: signed conv4) reconstruct
             better without it.
@@ -71,6 +77,7 @@ class DelgLocalHead(LocalHead):
         dim: int = 128,
         attention_hidden: int = 512,
         reconstruction_weight: float = 10.0,
+        reconstruction_normalize: bool = False,
         decoder_relu: bool = True,
         scales: Sequence[float] = PAPER_SCALES,
         max_keypoints: int | None = 1000,
@@ -95,6 +102,7 @@ class DelgLocalHead(LocalHead):
         self.dim = int(dim)
         self.attention_hidden = int(attention_hidden)
         self.reconstruction_weight = float(reconstruction_weight)
+        self.reconstruction_normalize = bool(reconstruction_normalize)
         self.decoder_relu = bool(decoder_relu)
         self.scales = tuple(float(s) for s in scales)
         self.max_keypoints = max_keypoints
@@ -134,9 +142,12 @@ class DelgLocalHead(LocalHead):
         conv4 = features[self.stage].detach().float()  # the gradient stop of DELG, whatever the module does
         attention, _, reconstruction = self.forward_maps(conv4)
         pooled = (F.normalize(reconstruction, dim=1) * attention).mean(dim=(2, 3))
+        mse = F.mse_loss(reconstruction, conv4)
+        if self.reconstruction_normalize:
+            mse = mse / conv4.square().mean().clamp_min(1e-12)
         return {
             "attention": F.cross_entropy(self.classifier(pooled), labels),
-            "reconstruction": self.reconstruction_weight * F.mse_loss(reconstruction, conv4),
+            "reconstruction": self.reconstruction_weight * mse,
         }
 
     # ------------------------------------------------------------------ extraction

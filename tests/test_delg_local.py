@@ -190,3 +190,35 @@ def test_a_shifted_rescaled_copy_has_more_inliers_than_unrelated_photos(lite0: B
     assert scores.dtype == torch.float32 and scores.shape == (4,)
     assert scores[0] >= 30 and scores[0] > 3 * scores[1:].max(), scores
     torch.testing.assert_close(head.score(entries[0], entries[1:], seeds=[1, 2, 3, 4]), scores)  # seeded
+
+
+def test_extraction_under_inference_mode_equals_no_grad(lite0: Backbone) -> None:
+    """``Trainer.test`` extracts under ``torch.inference_mode``, where ``aten.conv2d`` reaches the tracer undecomposed."""
+    image = [torch.rand(3, 80, 96)]
+    plain = built_head(lite0, scales=(1.0,)).extract_entries(image, lite0)[0]
+    with torch.inference_mode():
+        inference = built_head(lite0, scales=(1.0,)).extract_entries([image[0].clone()], lite0)[0]
+    for name, value in plain.items():
+        torch.testing.assert_close(inference[name], value, rtol=0, atol=0)
+
+
+def test_normalised_reconstruction_is_relative_to_the_feature_energy() -> None:
+    """``reconstruction_normalize``: MSE / mean(conv4^2), so scaling the features (and the decoder's output
+    with them) leaves the loss unchanged, while the raw MSE grows with the square of the scale."""
+    torch.manual_seed(0)
+    head = DelgLocalHead(dim=8, attention_hidden=4, reconstruction_weight=10.0, reconstruction_normalize=True,
+                         decoder_relu=False)
+    head.build({"conv4": 6}, 3)
+    raw = DelgLocalHead(dim=8, attention_hidden=4, reconstruction_weight=10.0, decoder_relu=False)
+    raw.build({"conv4": 6}, 3)
+    raw.load_state_dict(head.state_dict())
+    conv4, labels = torch.randn(2, 6, 5, 5), torch.tensor([0, 2])
+    with torch.no_grad():
+        _, _, rebuilt = head.forward_maps(conv4)
+        expected = 10.0 * ((rebuilt - conv4) ** 2).mean() / (conv4**2).mean()
+        torch.testing.assert_close(head.losses({"conv4": conv4}, labels)["reconstruction"], expected)
+        for model in (head, raw):  # biases x 7: the linear autoencoder's reconstruction of 7 x conv4 is 7 x its own
+            model.encoder.bias.mul_(7.0), model.decoder.bias.mul_(7.0)
+        scaled, scaled_raw = head.losses({"conv4": 7 * conv4}, labels), raw.losses({"conv4": 7 * conv4}, labels)
+    torch.testing.assert_close(scaled["reconstruction"], expected)
+    torch.testing.assert_close(scaled_raw["reconstruction"], 49.0 * expected * (conv4**2).mean())

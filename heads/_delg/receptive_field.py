@@ -155,9 +155,15 @@ class _CentreTracer(TorchDispatchMode):
 def trace_centres(
     features_at: Callable[[Tensor], Mapping[str, Tensor]], image: Tensor, stages: tuple[str, ...]
 ) -> tuple[dict[str, Tensor], dict[str, CellCentres]]:
-    """Run ``features_at(image)`` once, returning its maps and the cell-centre mapping of ``stages``."""
-    with _CentreTracer(image) as tracer:
-        maps = features_at(image)
+    """Run ``features_at(image)`` once, returning its maps and the cell-centre mapping of ``stages``.
+
+    Traced outside inference mode (``Trainer.test`` runs under it): there, composite ops such as
+    ``aten.conv2d`` reach the tracer undecomposed instead of as the ``aten.convolution`` it models.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        image = image.clone()  # a normal tensor (an inference tensor cannot enter a non-inference graph)
+        with _CentreTracer(image) as tracer:
+            maps = features_at(image)
     found = {}
     for stage in stages:
         mapping = tracer.maps.get(maps[stage])
