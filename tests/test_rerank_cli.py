@@ -157,6 +157,15 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                     "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"], tmp_path)
     assert wrong.startswith("error: checkpoint does not fit this model") and "missing" in wrong
 
+    gnd_root = tmp_path / "revisitop"
+    (gnd_root / "broken" / "jpg").mkdir(parents=True)
+    (gnd_root / "broken" / "gnd_broken.pkl").write_bytes(b"\x80\x04not a pickle at all")
+    malformed = _fails(["test", "--config", str(REPO / "experiments/eval_revisitop.yaml"),
+                        f"--data.init_args.root={gnd_root}", "--data.init_args.datasets=[broken]",
+                        "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                        f"--trainer.default_root_dir={tmp_path}"], tmp_path)
+    assert malformed.startswith("error:") and "gnd_broken.pkl" in malformed
+
     other = tmp_path / "other.ckpt"
     _tiny_checkpoint(other, seed=1)
     out = _fails(["search", str(other), str(store), str(bad_image)], tmp_path)
