@@ -266,11 +266,12 @@ def test_configs_parse_and_instantiate(name: str, cache_root: Path, tmp_path: Pa
     assert any(isinstance(c, HardNegativeMining) for c in cli.trainer.callbacks)
 
 
+@pytest.mark.slow
 def test_demo_config_fit_steps_train_the_verifier_only(cache_root: Path, tmp_path: Path) -> None:
     """Two optimiser steps of the demo recipe: mined pairs reach the verifier, frozen parts stay put."""
     from retrieval_lightning.cli import run_lightning_cli
 
-    args = ["fit", "--config", str(REPO / "experiments" / "cvnet_demo.yaml"), "--trainer.logger=false",
+    args = ["--config", str(REPO / "experiments" / "cvnet_demo.yaml"), "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.max_epochs=1",
             "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
             f"--data.init_args.root={cache_root}", "--data.init_args.build_size=128",
