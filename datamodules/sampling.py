@@ -105,8 +105,6 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, EpochSampler) or self.batch_size is None:
-            raise TypeError("ResumableDataLoader needs sampler=EpochSampler and a batch_size")
         self._epoch = 0
         self._yielded = 0
         self._skip = 0
@@ -116,13 +114,13 @@ class ResumableDataLoader(DataLoader):
 
     def _batches(self) -> Iterator[Any]:
         # lazy: Lightning creates the iterator before it calls set_epoch on a resumed run
-        sampler = self.sampler
-        assert isinstance(sampler, EpochSampler) and self.batch_size is not None
+        sampler = self.sampler  # another sampler (Lightning's overfit_batches swaps it): no position to restore
+        epoch = sampler.epoch if isinstance(sampler, EpochSampler) else self._epoch
         self._yielded = 0
-        if self._skip and self._epoch == sampler.epoch:
+        if self._skip and self._epoch == epoch and isinstance(sampler, EpochSampler) and self.batch_size:
             sampler.start = self._skip * self.batch_size
             self._yielded = self._skip
-        self._epoch, self._skip = sampler.epoch, 0
+        self._epoch, self._skip = epoch, 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
