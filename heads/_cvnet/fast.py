@@ -1,14 +1,18 @@
-"""Fast CVNet scoring: only the correlation entries the first strided 4D convolution reads.
+"""Fast CVNet scoring: block 1 straight from the features, in cache-sized chunks.
 
 Block 1 is a centre-pivot convolution with kernel 5 and stride 2: its query-plane half reads the
 correlation at *every* query position but only at database positions (0, 2, 4, ...) of each axis,
-its database-plane half the transpose. So instead of the full ``(9, hq, wq, hk, wk)`` tensor we
-build two pieces, 7/16 of it together, each directly in the layout its convolution consumes.
+its database-plane half the transpose. So only those entries (7/16 of the 4D correlation) are
+built, and never all at once: a chunk of database (or query) positions is correlated with one
+matrix product, clamped at 0 into the channels-last layout the 2D convolution reads, convolved,
+and only the 16-channel block-1 output is kept. The large 9-channel correlation never leaves the
+cache, which matters more than arithmetic on a CPU whose memory is shared.
 
-The correlation of levels ``i`` (query) and ``j`` (database) resized to the full 4D size is linear
-in each side's L2-normalised features, so one side can be resized *before* the inner products and
-the other after: a piece costs ``n_i x (hk/2 * wk/2) x P`` multiply-adds instead of the full
-``n_i x n_j x P`` plus a 4D resize. The clamp at 0 comes after the resize, as in the paper.
+The correlation of levels ``i`` (query) and ``j`` (database) resized to the full 4D size is
+linear in each side's L2-normalised features, so both sides are resized *before* the inner
+products (bilinear, align_corners); the clamp at 0 comes after, as in the paper. Resizing the
+features costs a few more multiply-adds than resizing products but removes every pass over the
+big tensor.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads._cvnet.network import CorrelationLearner
+from heads._cvnet.network import CenterPivotConv4d, CorrelationLearner
 
 #: pyramid area scales; each side is ``round(h * sqrt(s))`` (Python rounding, as the official code)
 SCALES: tuple[float, ...] = (0.25, 0.5, 1.0)
+#: positions of the other plane correlated per matrix product (a few MB: stays in cache)
+CHUNK = 32
 
 
 def level_sizes(h: int, w: int, scales: tuple[float, ...] = SCALES) -> list[tuple[int, int]]:
@@ -39,21 +45,21 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 @dataclass
 class LevelSet:
-    """One side's projected pyramid, L2-normalised per location, as rows.
+    """One side's projected pyramid, L2-normalised per location, resized to the full size, as rows.
 
-    ``native[i]``: (B, h_i*w_i, P) at the level's own size; ``even[i]``: (B, ceil(h/2)*ceil(w/2), P)
-    the level resized to the full size (h, w) and sampled at even rows and columns. B may be 1 for
-    a query shared by a batch of candidates (broadcast in the matrix products).
+    ``rows``: (B, h*w*L, P), row ``r*L + l`` = level ``l`` at full-size position ``r``;
+    ``even``: the same at even rows and columns only, (B, ceil(h/2)*ceil(w/2)*L, P). B may be 1
+    for a query shared by a batch of candidates.
     """
 
-    native: list[Tensor]
-    even: list[Tensor]
-    sizes: list[tuple[int, int]]
+    rows: Tensor
+    even: Tensor
     full: tuple[int, int]
+    levels: int
 
     @property
     def batch(self) -> int:
-        return self.native[0].shape[0]
+        return self.rows.shape[0]
 
 
 def prepare_levels(levels: list[Tensor], normalized: bool = False) -> LevelSet:
@@ -63,54 +69,60 @@ def prepare_levels(levels: list[Tensor], normalized: bool = False) -> LevelSet:
     nothing to any correlation.
     """
     full = tuple(levels[-1].shape[-2:])
-    native, even, sizes = [], [], []
-    for level in levels:
-        unit = level if normalized else F.normalize(level, dim=1, eps=1e-12)
-        b, p, h, w = unit.shape
-        sizes.append((h, w))
-        native.append(unit.reshape(b, p, h * w).transpose(1, 2))
-        sampled = resize(unit, full)[:, :, ::2, ::2]
-        even.append(sampled.reshape(b, p, -1).transpose(1, 2))
-    return LevelSet(native, even, sizes, full)  # type: ignore[arg-type]
+    ups = [resize(level if normalized else F.normalize(level, dim=1, eps=1e-12), full) for level in levels]
+    stacked = torch.stack(ups, dim=-1)  # (B, P, h, w, L)
+    rows = stacked.permute(0, 2, 3, 4, 1).flatten(1, 3).contiguous()
+    even = stacked[:, :, ::2, ::2].permute(0, 2, 3, 4, 1).flatten(1, 3).contiguous()
+    return LevelSet(rows, even, full, len(levels))  # type: ignore[arg-type]
 
 
-def _stack_rows(rows: list[Tensor]) -> Tensor:
-    """[(B, n, P)] * L -> (B, n*L, P) with row index ``r*L + l`` (level innermost)."""
-    return torch.stack(rows, dim=2).flatten(1, 2)
+def _pick(rows: Tensor, b: int) -> Tensor:
+    return rows[b if rows.shape[0] > 1 else 0]
 
 
-def block1_pieces(query: LevelSet, db: LevelSet) -> tuple[Tensor, Tensor]:
-    """The two correlation pieces block 1 reads, clamped at 0, channel index ``3*i + j``.
+def _clamped(pieces: Tensor, buffer: Tensor | None) -> Tensor:
+    """(c, n, L, L) strided view of products -> contiguous, clamped at 0 (into ``buffer`` if given)."""
+    if buffer is None:  # autograd: out= is not differentiable
+        return pieces.clamp(min=0).contiguous()
+    out = buffer[: pieces.numel()].view(pieces.shape)
+    return torch.clamp_min(pieces, 0, out=out)
 
-    Returns ``by_query`` (B, hk', wk', hq, wq, 9): all query positions x even database positions
-    (input of the query-plane half) and ``by_db`` (B, hq', wq', hk, wk, 9): even query positions x
-    all database positions.
-    """
-    batch = max(query.batch, db.batch)
+
+def _conv(conv: torch.nn.Conv2d, x: Tensor, h: int, w: int) -> Tensor:
+    """(c, h*w, C) channels-last rows -> conv2d -> (c, h'*w', O) contiguous."""
+    c = x.shape[0]
+    y = conv(x.view(c, h, w, -1).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1).reshape(c, -1, y.shape[1])
+
+
+def block1(first: CenterPivotConv4d, query: LevelSet, db: LevelSet, chunk: int = CHUNK) -> Tensor:
+    """The first 4D convolution (kernel 5, stride 2) -> (B, hq', wq', hk', wk', O), channels innermost."""
+    batch, levels = max(query.batch, db.batch), query.levels
     (hq, wq), (hk, wk) = query.full, db.full
     hq2, wq2, hk2, wk2 = (hq + 1) // 2, (wq + 1) // 2, (hk + 1) // 2, (wk + 1) // 2
-    levels = len(query.native)
-    db_even = _stack_rows(db.even)  # (B, K'*L, P), row = k'*L + j
-    per_query_level = []
-    for i, (h, w) in enumerate(query.sizes):
-        corr = torch.matmul(db_even, query.native[i].transpose(1, 2))  # (B, K'*L, n_i)
-        corr = resize(corr.reshape(batch * hk2 * wk2, levels, h, w), (hq, wq))  # (N, j, hq, wq)
-        per_query_level.append(corr.permute(0, 2, 3, 1))
-    by_query = torch.stack(per_query_level, dim=3).reshape(batch, hk2, wk2, hq, wq, levels * levels)
-    query_even = _stack_rows(query.even)  # (Bq, Q'*L, P), row = q'*L + i
-    per_db_level = []
-    for j, (h, w) in enumerate(db.sizes):
-        corr = torch.matmul(query_even, db.native[j].transpose(1, 2))  # (B, Q'*L, n_j)
-        corr = resize(corr.reshape(batch * hq2 * wq2, levels, h, w), (hk, wk))  # (N, i, hk, wk)
-        per_db_level.append(corr.permute(0, 2, 3, 1))
-    by_db = torch.stack(per_db_level, dim=4).reshape(batch, hq2, wq2, hk, wk, levels * levels)
-    return by_query.clamp(min=0), by_db.clamp(min=0)
+    nq, nk, nq2, nk2 = hq * wq, hk * wk, hq2 * wq2, hk2 * wk2
+    grad = torch.is_grad_enabled()
+    buffer = None if grad else query.rows.new_empty(chunk * max(nq, nk) * levels * levels)
+    by_db, by_query = [], []
+    for b in range(batch):
+        q_even, q_rows = _pick(query.even, b), _pick(query.rows, b)
+        k_even, k_rows = _pick(db.even, b), _pick(db.rows, b)
+        for start in range(0, nq2, chunk):  # database-plane half: even query positions x all db positions
+            stop = min(start + chunk, nq2)
+            prod = q_even[start * levels : stop * levels] @ k_rows.t()  # (c*L_i, nk*L_j)
+            x = _clamped(prod.view(stop - start, levels, nk, levels).transpose(1, 2), buffer)
+            by_db.append(_conv(first.conv2, x.view(stop - start, nk, -1), hk, wk))  # (c, nk2, O)
+        for start in range(0, nk2, chunk):  # query-plane half: all query positions x even db positions
+            stop = min(start + chunk, nk2)
+            prod = k_even[start * levels : stop * levels] @ q_rows.t()  # (c*L_j, nq*L_i)
+            x = _clamped(prod.view(stop - start, levels, nq * levels).transpose(1, 2), buffer)
+            by_query.append(_conv(first.conv1, x.view(stop - start, nq, -1), hq, wq))  # (c, nq2, O)
+    out = torch.cat(by_db).view(batch, nq2, nk2, -1)
+    query_half = torch.cat(by_query).view(batch, nk2, nq2, -1).transpose(1, 2)
+    out = out + query_half if grad else out.add_(query_half)
+    return out.view(batch, hq2, wq2, hk2, wk2, -1)
 
 
 def pair_logits_fast(learner: CorrelationLearner, query: LevelSet, db: LevelSet) -> Tensor:
     """(B, 2) logits of aligned pairs (or one query against B candidates) through the 4D network."""
-    by_query, by_db = block1_pieces(query, db)
-    first = learner.block1[0]
-    out = first.db_plane(by_db).contiguous()
-    out = out.add_(first.query_plane(by_query))
-    return learner.run(out, start=1)
+    return learner.run(block1(learner.block1[0], query, db), start=1)
