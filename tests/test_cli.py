@@ -38,13 +38,19 @@ def test_short_names_and_dotlist_override(cache_root: Path, tmp_path: Path) -> N
 
 
 def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
-    data = yaml.safe_load(config.read_text())["data"]["class_path"]
-    common = [
+    raw = yaml.safe_load(config.read_text())
+    data = raw["data"]["class_path"]
+    backbone_args = raw["model"]["backbone"].get("init_args", {})
+    if backbone_args.get("pre_activation"):
+        # pre-activation taps exist on timm ResNets only: the smallest one, randomly initialised
+        backbone = ["--model.backbone.init_args.name=resnet18", "--model.backbone.init_args.weights=null"]
+    else:
+        backbone = ["--model.backbone.init_args.name=efficientnet_lite0",
+                    "--model.backbone.init_args.weights=efficientnet_lite0_package"]
+    common = [*backbone,
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}/wandb",
-        "--model.backbone.init_args.name=efficientnet_lite0",
-        "--model.backbone.init_args.weights=efficientnet_lite0_package",
         f"--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
         f"--trainer.callbacks.output_dir={tmp_path}/metrics",
     ]
