@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, TINY_DATA, cli_env, read_metrics, run_cli
+from helpers import REPO, TINY_DATA, read_metrics, run_cli, run_main
 from retrieval_lightning.cli import run_lightning_cli
 from retrieval_lightning.registry import HEADS
 
@@ -74,10 +74,9 @@ def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
 def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_root: Path, tmp_path: Path) -> None:
     overrides = _overrides_for(config, cache_root, tmp_path)
     data = yaml.safe_load(config.read_text())["data"]["class_path"]
-    env = cli_env(threads=2)
     if data != "revisitop":  # revisitop is evaluation-only
-        run_cli(["fit", "--config", str(config), *overrides], cwd=tmp_path, env=env)
-    run_cli(["test", "--config", str(config), *overrides], cwd=tmp_path, env=env)
+        run_main(["fit", "--config", str(config), *overrides], cwd=tmp_path)
+    run_main(["test", "--config", str(config), *overrides], cwd=tmp_path)
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert metrics, f"{config.name}: no test metrics"
     assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli
+from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli, run_main
 from rerank_plugin import make_rerank_distribution
 
 DEMO = str(REPO / "experiments/demo.yaml")
@@ -31,11 +31,11 @@ def rerank_args(cache_root: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path, tmp_path: Path,
-                                                               plugin_path: str) -> None:
-    env1 = cli_env(extra_pythonpath=plugin_path, threads=2)
+def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path, tmp_path: Path, plugin_path: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(plugin_path)  # the 1-process runs in this process, the DDP run as a subprocess
     one = tmp_path / "one"
-    run_cli(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted")], cwd=tmp_path, env=env1)
+    run_main(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted")], cwd=tmp_path)
     single = read_metrics(one / "metrics", "test")
     for name in ("mAP_E", "mAP_M", "mAP_H", "mP@5_H"):
         # the head's score is the global similarity: weighted fusion changes no order
@@ -44,9 +44,9 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
     assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
 
     reversed_dir = tmp_path / "reversed"
-    run_cli(["test", *rerank_args(cache_root, reversed_dir, "--model.heads.verifier.init_args.sign=-1",
-                                  "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain")],
-            cwd=tmp_path, env=env1)
+    run_main(["test", *rerank_args(cache_root, reversed_dir, "--model.heads.verifier.init_args.sign=-1",
+                                   "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain")],
+             cwd=tmp_path)
     flipped = read_metrics(reversed_dir / "metrics", "test")
     assert flipped[f"test/{SET}/mAP_M"] == single[f"test/{SET}/mAP_M"]
     assert flipped[f"test/{SET}/reranked/mAP_M"] < single[f"test/{SET}/mAP_M"]  # the shortlist order was reversed
@@ -62,20 +62,21 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
 
 
 @pytest.mark.slow
-def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin_path: str) -> None:
-    env = cli_env(extra_pythonpath=plugin_path, threads=2)
+def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin_path: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(plugin_path)  # every command in this process: the plugin is found as installed
     fit_dir = tmp_path / "fit"
-    run_cli(["fit", *rerank_args(cache_root, fit_dir), "--trainer.max_steps=1"], cwd=tmp_path, env=env)
+    run_main(["fit", *rerank_args(cache_root, fit_dir), "--trainer.max_steps=1"], cwd=tmp_path)
     ckpt = sorted(fit_dir.rglob("*.ckpt"))[-1]
     features = tmp_path / "features"
-    run_cli(["extract", *rerank_args(cache_root, tmp_path / "ex"), f"--ckpt_path={ckpt}",
-             f"--output_dir={features}"], cwd=tmp_path, env=env)
+    run_main(["extract", *rerank_args(cache_root, tmp_path / "ex"), f"--ckpt_path={ckpt}",
+              f"--output_dir={features}"], cwd=tmp_path)
     store = features / SET / "store"
     items = (features / SET / "items.tsv").read_text().splitlines()
     query_file = items[1].split("\t")[2]
     assert Path(query_file).is_file()
-    out = run_cli(["search", str(ckpt), str(store), query_file, "--k", "3", "--out", str(tmp_path / "s.png")],
-                  cwd=tmp_path, env=env).stdout
+    out = run_main(["search", str(ckpt), str(store), query_file, "--k", "3", "--out", str(tmp_path / "s.png")],
+                   cwd=tmp_path).stdout
     assert "rerank" in out and (tmp_path / "s.png").stat().st_size > 1000
     table = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(table) == 3
@@ -85,44 +86,45 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert all(abs(g - s) < 2e-3 for g, s in zip(global_scores, rerank_scores))  # the head re-computes the cosine
 
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
-    import sys
-
     import torch
 
     from retrieval_lightning.cli import run_lightning_cli
     from retrieval_lightning.module import RetrievalModule
 
-    sys.path.insert(0, plugin_path)
-    try:
-        rebuilt = RetrievalModule.load_from_checkpoint(ckpt)
-        configured = run_lightning_cli(rerank_args(cache_root, tmp_path / "cfg", f"--model.init_from={ckpt}"),
-                                       run=False).model.eval()
-        image = torch.rand(3, 80, 96)
-        assert torch.equal(rebuilt.embed_image(image), configured.embed_image(image))
-    finally:
-        sys.path.remove(plugin_path)
+    rebuilt = RetrievalModule.load_from_checkpoint(ckpt)
+    configured = run_lightning_cli(rerank_args(cache_root, tmp_path / "cfg", f"--model.init_from={ckpt}"),
+                                   run=False).model.eval()
+    image = torch.rand(3, 80, 96)
+    assert torch.equal(rebuilt.embed_image(image), configured.embed_image(image))
 
     # a store is refused when the preprocessing changed (issue 12 item 5), naming what differs
     refused = _fails(["extract", *rerank_args(cache_root, tmp_path / "ex2", "--data.init_args.eval_max_side=80"),
-                      f"--ckpt_path={ckpt}", f"--output_dir={features}"], tmp_path, env)
+                      f"--ckpt_path={ckpt}", f"--output_dir={features}"], tmp_path)
     assert refused.startswith("error: feature shard") and "eval_max_side" in refused
 
     # an evaluation-only datamodule (num_classes 0) tests a trained checkpoint (issue 12 item 1)
     from test_cli import _overrides_for
 
     revisitop = _overrides_for(REPO / "experiments/eval_revisitop.yaml", cache_root, tmp_path / "rev")
-    run_cli(["test", "--config", str(REPO / "experiments/eval_revisitop.yaml"), *revisitop,
-             "--model.heads.verifier.class_path=acme_cosine_rerank", f"--ckpt_path={ckpt}"], cwd=tmp_path, env=env)
+    run_main(["test", "--config", str(REPO / "experiments/eval_revisitop.yaml"), *revisitop,
+              "--model.heads.verifier.class_path=acme_cosine_rerank", f"--ckpt_path={ckpt}"], cwd=tmp_path)
     assert read_metrics(tmp_path / "rev" / "metrics", "test")[f"test/{SET}/reranked/mAP_M"] >= 0
 
 
-def _fails(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    import subprocess
+def _fails(args: list[str], cwd: Path, in_subprocess: bool = False) -> str:
+    """The command fails with status 2 and one ``error: ...`` line (no traceback); returns from that line on.
 
-    from helpers import CLI
+    In this process by default (seconds saved per command); ``in_subprocess`` checks the real exit status.
+    """
+    if in_subprocess:
+        import subprocess
 
-    proc = subprocess.run([CLI, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+        from helpers import CLI
+
+        proc = subprocess.run([CLI, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    else:
+        proc = run_main(args, cwd, status=2)
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
     first = [i for i, line in enumerate(lines) if line.startswith("error: ")]
@@ -132,7 +134,8 @@ def _fails(args: list[str], cwd: Path, env: dict | None = None) -> str:
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path) -> None:
-    unknown_head = _fails(["test", "--config", DEMO, "--model.heads.global.class_path=gem_arcfac"], tmp_path)
+    unknown_head = _fails(["test", "--config", DEMO, "--model.heads.global.class_path=gem_arcfac"], tmp_path,
+                          in_subprocess=True)
     assert "error: --model.heads.global.class_path: unknown head 'gem_arcfac'; did you mean 'gem_arcface'?" in unknown_head
     unknown_data = _fails(["fit", "--config", DEMO, "--data.class_path=minilandmark"], tmp_path)
     assert "unknown datamodule 'minilandmark'" in unknown_data and "'minilandmarks'" in unknown_data
