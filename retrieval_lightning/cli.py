@@ -218,6 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in message[1:4]:
             print(f"  {line}", file=sys.stderr)
         return 2
+    finally:
+        _finish_wandb_run()
+
+
+def _finish_wandb_run() -> None:
+    """One command, one W&B run: a second ``main`` in the same process (a notebook) starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish()
 
 
 if __name__ == "__main__":

@@ -38,23 +38,28 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     return proc
 
 
-def run_main(args: list[str], cwd: Path, status: int = 0) -> subprocess.CompletedProcess:
+def run_main(args: list[str], cwd: Path, status: int = 0, threads: int | None = None) -> subprocess.CompletedProcess:
     """The CLI's ``main`` in this process (no interpreter start-up and imports: seconds per run saved).
 
-    Returns what it printed, as :func:`run_cli` does; ``status`` is the exit status expected.
+    Returns what it printed, as :func:`run_cli` does; ``status`` is the exit status expected;
+    ``threads``: torch threads for the run (1 to match a DDP process's arithmetic exactly).
     """
     import contextlib
     import io
 
+    import torch
+
     from retrieval_lightning.cli import main
 
-    previous, out, err = Path.cwd(), io.StringIO(), io.StringIO()
+    previous, before, out, err = Path.cwd(), torch.get_num_threads(), io.StringIO(), io.StringIO()
     os.chdir(cwd)
+    torch.set_num_threads(threads or before)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             returned = main(args)
     finally:
         os.chdir(previous)
+        torch.set_num_threads(before)
     if returned != status:
         raise AssertionError(f"retrieval-lightning {' '.join(args)} returned {returned}, expected {status}:\n"
                              f"--- stdout\n{out.getvalue()[-4000:]}\n--- stderr\n{err.getvalue()[-6000:]}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, TINY_DATA, read_metrics, run_cli, run_main
+from helpers import REPO, TINY_DATA, read_metrics, run_main
 from retrieval_lightning.cli import run_lightning_cli
 from retrieval_lightning.registry import HEADS
 
@@ -15,7 +15,7 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
 
 def test_plugins_command_lists_heads_and_datamodules(tmp_path: Path) -> None:
-    out = run_cli(["plugins"], cwd=tmp_path).stdout
+    out = run_main(["plugins"], cwd=tmp_path).stdout
     lines = {line.split()[1]: line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith(" ")}
     assert lines["gem_arcface"][:3] == ["head", "gem_arcface", "global"]
     for name in ("minilandmarks", "gldv2", "revisitop"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli
+from helpers import REPO, TINY_DATA, ddp_env, read_metrics, run_cli, run_main
 
 DEMO = str(REPO / "experiments/demo.yaml")
 
@@ -31,8 +31,8 @@ def test_ddp_fit_then_exact_ddp_evaluation(cache_root: Path, tmp_path: Path) -> 
     ckpt = str(ckpts[-1])
 
     one = tmp_path / "one"
-    run_cli(["test", *common(cache_root, one), "--trainer.devices=1", f"--ckpt_path={ckpt}"],
-            cwd=tmp_path, env=cli_env(threads=1))
+    run_main(["test", *common(cache_root, one), "--trainer.devices=1", f"--ckpt_path={ckpt}"],
+             cwd=tmp_path, threads=1)  # in this process: one thread, as each DDP process
     two = tmp_path / "two"
     run_cli(["test", *common(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2",
              f"--ckpt_path={ckpt}"], cwd=tmp_path, env=ddp_env())

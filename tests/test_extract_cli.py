@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CLI, REPO, TINY_DATA, cli_env, ddp_env, run_cli
+from helpers import CLI, REPO, TINY_DATA, ddp_env, run_cli, run_main
 
 SHARD = 8
 
@@ -56,7 +56,7 @@ def store_files(root: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
-    run_cli(args(cache_root, single, "--trainer.devices=1"), cwd=tmp_path, env=cli_env(threads=1))
+    run_main(args(cache_root, single, "--trainer.devices=1"), cwd=tmp_path, threads=1)  # one thread, as DDP's
     reference = store_files(single / "features" / "minilandmarks" / "store")
     assert {"manifest.json", "index.npy", "global.npy"} <= set(reference)
 

@@ -9,19 +9,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, TINY_DATA, cli_env, run_cli
+from helpers import REPO, TINY_DATA, run_main
 
 
 @pytest.mark.slow
-def test_config_and_gallery_reach_wandb_offline(cache_root: Path, tmp_path: Path) -> None:
+def test_config_and_gallery_reach_wandb_offline(cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_dir = tmp_path / "wandb_runs"
     args = ["test", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}", *TINY_DATA,
             f"--trainer.default_root_dir={tmp_path}/out", f"--trainer.logger.init_args.save_dir={save_dir}",
             "--model.heads.global.init_args.margin_m=0.123"]
-    env = cli_env(threads=2)
-    env["WANDB_DIR"] = str(save_dir)
-    run_cli(args, cwd=tmp_path, env=env)
-    run_cli(args, cwd=tmp_path, env=env)  # a second run in the same save_dir must not clash
+    monkeypatch.setenv("WANDB_DIR", str(save_dir))
+    run_main(args, cwd=tmp_path)
+    run_main(args, cwd=tmp_path)  # a second run in the same save_dir must not clash
 
     runs = sorted(save_dir.rglob("offline-run-*"))
     assert len(runs) == 2, runs
