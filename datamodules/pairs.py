@@ -28,7 +28,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch.distributed as dist
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
+
+from datamodules.sampling import PositionedDataLoader
 
 
 @dataclass
@@ -257,42 +259,22 @@ class PairBatchSampler(BatchSampler):
             yield [i for g in mine[start:start + gpb] for i in g]
 
 
-class PairLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`PairBatchSampler` whose position in the epoch is checkpointed.
-
-    Lightning saves ``state_dict()`` of stateful training loaders and calls ``load_state_dict`` on
-    resume; the next iteration skips the batches already trained on (in the sampler: nothing is
-    decoded for them). The iterator is lazy, so the epoch's groups (and the mining they trigger)
-    are drawn only after Lightning has set the resumed epoch, also with loader workers.
-    """
+class PairLoader(PositionedDataLoader):
+    """A :class:`~datamodules.sampling.PositionedDataLoader` over a :class:`PairBatchSampler`: the
+    epoch's groups (and the mining they trigger) are drawn only after Lightning has set the
+    resumed epoch, also with loader workers."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if not isinstance(self.batch_sampler, PairBatchSampler):
             raise TypeError("PairLoader needs batch_sampler=PairBatchSampler")
-        self._epoch, self._yielded, self._skip = 0, 0, 0
 
-    def __iter__(self) -> Iterator[dict]:  # type: ignore[override]
-        return self._batches()
+    def _current_epoch(self) -> int:
+        return self.batch_sampler._current_epoch()
 
-    def _batches(self) -> Iterator[dict]:
-        sampler = self.batch_sampler
-        assert isinstance(sampler, PairBatchSampler)
-        epoch = sampler._current_epoch()
-        self._yielded = 0
-        if self._skip and self._epoch == epoch:
-            sampler.skip, self._yielded = self._skip, self._skip
-        self._epoch, self._skip = epoch, 0
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
+    def _skip_in_sampler(self, batches: int) -> int:
+        self.batch_sampler.skip = batches
+        return batches
 
 
 class PairCollate:

@@ -93,33 +93,36 @@ class ClassBalancedSampler(EpochSampler):
         return self._order[self._starts[classes] + offsets]
 
 
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over an :class:`EpochSampler` whose position in the epoch is checkpointed.
+class PositionedDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch is checkpointed (Lightning's stateful loaders).
 
     Lightning saves ``state_dict()`` of stateful training loaders into the checkpoint and calls
-    ``load_state_dict`` when it resumes; the next iteration then skips the batches already
-    trained on, in the sampler (no image is decoded for them). Loader workers draw their base
-    seed from a private generator, so creating an iterator never consumes the global random state.
+    ``load_state_dict`` when it resumes; the next iteration of the same epoch then skips the batches
+    already trained on, in the sampler (no image is decoded for them). The iterator is lazy:
+    Lightning creates it before it sets a resumed run's epoch. Loader workers draw their base seed
+    from a private generator, so creating an iterator never consumes the global random state.
+    Subclasses say how to read the epoch and how to skip in their sampler.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(*args, **kwargs)
-        self._epoch = 0
-        self._yielded = 0
-        self._skip = 0
+        self._epoch, self._yielded, self._skip = 0, 0, 0
+
+    def _current_epoch(self) -> int:
+        raise NotImplementedError
+
+    def _skip_in_sampler(self, batches: int) -> int:
+        """Make the sampler start ``batches`` batches in; returns how many it will skip."""
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return self._batches()
 
     def _batches(self) -> Iterator[Any]:
-        # lazy: Lightning creates the iterator before it calls set_epoch on a resumed run
-        sampler = self.sampler  # another sampler (Lightning's overfit_batches swaps it): no position to restore
-        epoch = sampler.epoch if isinstance(sampler, EpochSampler) else self._epoch
-        self._yielded = 0
-        if self._skip and self._epoch == epoch and isinstance(sampler, EpochSampler) and self.batch_size:
-            sampler.start = self._skip * self.batch_size
-            self._yielded = self._skip
+        epoch = self._current_epoch()
+        resume = self._skip if self._skip and self._epoch == epoch else 0
+        self._yielded = self._skip_in_sampler(resume) if resume else 0
         self._epoch, self._skip = epoch, 0
         for batch in super().__iter__():
             self._yielded += 1
@@ -130,3 +133,17 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
+
+
+class ResumableDataLoader(PositionedDataLoader):
+    """A :class:`PositionedDataLoader` over an :class:`EpochSampler` (any other sampler, as
+    Lightning's ``overfit_batches`` swaps in, has no position to restore)."""
+
+    def _current_epoch(self) -> int:
+        return self.sampler.epoch if isinstance(self.sampler, EpochSampler) else self._epoch
+
+    def _skip_in_sampler(self, batches: int) -> int:
+        if not isinstance(self.sampler, EpochSampler) or not self.batch_size:
+            return 0
+        self.sampler.start = batches * self.batch_size
+        return batches
