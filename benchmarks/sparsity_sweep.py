@@ -1,11 +1,14 @@
 """CVNet-DS on minilandmarks: stored bytes per database image vs re-ranked mAP, by keep ratio.
 
-One demo verifier (trained here with ``experiments/cvnet_demo.yaml``, or ``--verifier-ckpt``), then
-the sparsifier trained on it with ``experiments/cvnet_ds_demo.yaml`` (verifier frozen). On the
-minilandmarks test split every (query, database) pair is scored by the verifier from dense entries
-and from sparse ones (learned selection, top-k by feature norm, random) at each keep ratio;
-scores are fused as CVNet does (global cosine + 0.5 x verifier) over the whole database (it is
-smaller than K = 100) and mAP Medium/Hard computed with ``retrieval_lightning.metrics.revisitop``.
+One demo verifier (``experiments/cvnet_demo.yaml``, or ``--verifier-ckpt``) and the sparsifier
+trained on it (``experiments/cvnet_ds_demo.yaml``, verifier frozen; or ``--sparsifier-ckpt``). For
+every setting (dense; learned selection, top-k by feature norm and random at each keep ratio) the
+minilandmarks test split goes through the core's re-ranked evaluation
+(:func:`retrieval_lightning.retrieval.rerank_eval.extract_entries` writes the query and database
+stores, database entries sparsified; :func:`~retrieval_lightning.retrieval.rerank_eval.evaluate_reranked`
+shortlists, densifies, scores and fuses with the model's ``rerank`` settings). Bytes per database
+image are the store's own (``FeatureStore.bytes_per_image``). The dense verifier entries are
+extracted once and re-sparsified per setting (the backbone would give the same ones every time).
 Also prints the stored bytes at the default setting for 768x1024 R50 shapes against the official
 dense fp32 conv4 map (12 MiB).
 
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
-import numpy as np
 import torch
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 R50_LEVELS = [(24, 32), (34, 45), (48, 64)]  # CVNet pyramid at 768x1024 (REFERENCE.md §2)
@@ -32,7 +37,7 @@ SELECTIONS = ("learned", "norm", "random")
 
 
 def fit(config: str, out: str, extra: list[str]) -> str:
-    """Train with the CLI's parser and trainer; return the last checkpoint path."""
+    """Train with the CLI's parser and trainer; return the final checkpoint path."""
     from retrieval_lightning.cli import run_lightning_cli
 
     args = ["--config", str(REPO / config), f"--trainer.default_root_dir={out}",
@@ -45,15 +50,71 @@ def fit(config: str, out: str, extra: list[str]) -> str:
 
 
 def load(config: str, ckpt: str):
+    """The model of ``ckpt`` (self-contained) and the datamodule of ``config``."""
     from retrieval_lightning.cli import run_lightning_cli
+    from retrieval_lightning.module import RetrievalModule
 
-    cli = run_lightning_cli(["--config", str(REPO / config), f"--model.init_from={ckpt}",
-                             "--trainer.logger=false"], run=False)
+    cli = run_lightning_cli(["--config", str(REPO / config), "--trainer.logger=false"], run=False)
     cli.datamodule.prepare_data()
-    return cli.model.eval(), cli.datamodule
+    cli.datamodule.setup("test")
+    return RetrievalModule.load_from_checkpoint(ckpt).eval(), cli.datamodule
 
 
-def r50_bytes(head) -> dict[str, float]:
+class SweepModel:
+    """The module's re-ranking inference API with the sparsifier swapped per setting (``None`` =
+    dense); dense entries and global descriptors computed once per image (keyed by its pixels)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.verifier = module.rerank_head
+        self.rerank_prefix = module.rerank_prefix
+        self.sparsifier: Any = None
+        self._entries: dict[str, dict[str, Tensor]] = {}
+        self._desc: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _key(image: Tensor) -> str:
+        return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def rerank_entry_kinds(self, database: bool = True) -> dict:
+        kinds = self.verifier.entry_kinds()
+        return self.sparsifier.entry_kinds(kinds) if database and self.sparsifier is not None else kinds
+
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]:
+        keys = [self._key(img) for img in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._entries]
+        if todo:
+            fresh = self.module.rerank_entries([images[i] for i in todo], database=False)
+            self._entries.update({keys[i]: e for i, e in zip(todo, fresh)})
+        dense = [self._entries[k] for k in keys]
+        return self.sparsifier.sparsify(dense) if database and self.sparsifier is not None else dense
+
+    def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        return self.sparsifier.densify(entries) if self.sparsifier is not None else entries
+
+    def score_entries(self, query, candidates, seeds) -> Tensor:
+        return self.module.score_entries(query, candidates, seeds)
+
+    def embed_batch(self, images: Sequence[Tensor]) -> Tensor:
+        keys = [self._key(img) for img in images]
+        for k, img in zip(keys, images):
+            if k not in self._desc:
+                self._desc[k] = self.module.embed_batch([img])[0].cpu()
+        return torch.stack([self._desc[k] for k in keys])
+
+
+def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict, config: Any) -> dict[str, float]:
+    """Re-ranked metrics and stored bytes per database image of one setting, through the core."""
+    from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked, extract_entries
+
+    identity = {"benchmark": "sparsity_sweep", "weights": model.module.entry_identity()["weights_sha256"], **setting}
+    descriptors, query_store, db_store = extract_entries(model, eval_set, directory, identity, progress=False)
+    result = evaluate_reranked(model, eval_set, descriptors, query_store, db_store, config, progress=False)
+    return {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"],
+            "bytes": sum(db_store.bytes_per_image.values())}
+
+
+def r50_bytes(head: Any) -> dict[str, float]:
     """Stored bytes per image at the head's setting for R50 shapes at 768x1024 (256-ch levels)."""
     from heads._sparse import codec
     from retrieval_lightning.head import EntryKind
@@ -71,20 +132,6 @@ def r50_bytes(head) -> dict[str, float]:
             "conv4_fp32": R50_CONV4_FP32, "kept": sum(counts)}
 
 
-def entry_bytes(entries: list[dict[str, torch.Tensor]], kinds) -> float:
-    """Mean stored bytes of these entries, as the feature store counts them (int64 offsets per ragged kind)."""
-    total = sum(t.numel() * t.element_size() for e in entries for t in e.values())
-    return total / len(entries) + 8 * sum(1 for k in kinds.values() if k.ragged)
-
-
-def score_matrix(verifier, queries, database, densify=None) -> np.ndarray:
-    out = np.zeros((len(queries), len(database)), dtype=np.float64)
-    db = densify(database) if densify else database
-    for q, entry in enumerate(queries):
-        out[q] = verifier.score(entry, db, list(range(len(db)))).double().numpy()
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verifier-config", default="experiments/cvnet_demo.yaml")
@@ -92,72 +139,62 @@ def main() -> int:
     parser.add_argument("--verifier-ckpt", default=None)
     parser.add_argument("--sparsifier-ckpt", default=None)
     parser.add_argument("--output", default="outputs/sparsity_sweep")
-    parser.add_argument("--weight", type=float, default=0.5, help="CVNet fusion: global + weight * verifier")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), [])
-    print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
-    sp_ckpt = args.sparsifier_ckpt or fit(args.config, str(out / "sparsifier"), [f"--model.init_from={ckpt}"])
+    sp_ckpt = args.sparsifier_ckpt
+    if sp_ckpt is None:
+        ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), [])
+        print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
+        sp_ckpt = fit(args.config, str(out / "sparsifier"), [f"--model.init_from={ckpt}"])
     print(f"sparsifier checkpoint: {sp_ckpt} ({time.time() - t0:.0f} s)", flush=True)
 
-    from retrieval_lightning.metrics.revisitop import evaluate_revisitop_from_scores
+    from retrieval_lightning.evaluation import evaluate_eval_set
 
-    model, datamodule = load(args.config, sp_ckpt)
-    verifier, sparsifier = model.heads["verifier"], model.heads["sparsifier"]
-    sparsifier.attach(verifier)
+    module, datamodule = load(args.config, sp_ckpt)
+    trained = module.sparsifier
     eval_set = datamodule.eval_sets("test")[0]
-    images = [eval_set.dataset[i]["image"] for i in range(len(eval_set.dataset))]
-    nq = eval_set.n_queries
-    with torch.no_grad():
-        desc = model.embed_batch(images)
-        entries = verifier.extract_entries(images, lambda x: model.backbone(x))
-    global_scores = (desc[:nq] @ desc[nq:].T).double().numpy()
-    queries, database = entries[:nq], entries[nq:]
-    gnd = eval_set.ground_truth
+    model = SweepModel(module)
+    config = module.rerank
+    stores = out / "stores"
 
-    def metrics(verifier_scores: np.ndarray | None) -> tuple[float, float]:
-        s = global_scores if verifier_scores is None else global_scores + args.weight * verifier_scores
-        m = evaluate_revisitop_from_scores(s, gnd)
-        return m["mAP_M"], m["mAP_H"]
-
-    rows = [{"setting": "global only", "ratio": None, "bytes": None, **dict(zip(("mAP_M", "mAP_H"), metrics(None)))}]
-    with torch.no_grad():
-        dense_scores = score_matrix(verifier, queries, database)
-    dense_bytes = entry_bytes(database, verifier.entry_kinds())
-    rows.append({"setting": "dense", "ratio": 1.0, "bytes": dense_bytes,
-                 **dict(zip(("mAP_M", "mAP_H"), metrics(dense_scores)))})
-    print(f"dense done ({time.time() - t0:.0f} s)", flush=True)
-    kinds = sparsifier.entry_kinds(verifier.entry_kinds())
+    rows: list[dict[str, Any]] = []
+    model.sparsifier = None
+    dense = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
+    descriptors = torch.stack([model._desc[model._key(eval_set.dataset[i]["image"])] for i in range(len(eval_set.dataset))])
+    glob = evaluate_eval_set(eval_set, descriptors).metrics
+    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
+    rows.append({"setting": "dense", "ratio": 1.0, **dense})
+    print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
     for selection in SELECTIONS:
-        for ratio in RATIOS:
-            head = copy.copy(sparsifier)
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            head = copy.copy(trained)  # shares the trained parameters; only selection and count differ
             head.selection, head.keep_ratio, head.budget = selection, ratio, None
-            sparse = head.sparsify(database)
-            with torch.no_grad():
-                s = score_matrix(verifier, queries, sparse, head.densify)
-            rows.append({"setting": selection, "ratio": ratio, "bytes": entry_bytes(sparse, kinds),
-                         **dict(zip(("mAP_M", "mAP_H"), metrics(s))),
-                         "max_diff_vs_dense": float(np.abs(s - dense_scores).max())})
-            print(json.dumps(rows[-1]), flush=True)
+            model.sparsifier = head
+            setting = {"setting": selection, "ratio": ratio, "values": head.value_dtype}
+            rows.append({**setting, **evaluate(model, eval_set, stores / f"{selection}-{ratio}", setting, config)})
+            print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
 
-    print(f"\nminilandmarks test: {nq} queries, {len(database)} database images; "
-          f"values {sparsifier.value_dtype}, default keep ratio {sparsifier.keep_ratio}")
-    print("| selection | keep ratio | bytes / db image | mAP-M | mAP-H |\n|---|---|---|---|---|")
+    nq = eval_set.n_queries
+    print(f"\nminilandmarks test: {nq} queries, {len(eval_set.dataset) - nq} database images; re-ranking k={config.k} "
+          f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
+          f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}")
+    print("| selection | keep ratio | bytes / db image | re-ranked mAP-M | re-ranked mAP-H |\n|---|---|---|---|---|")
     for r in rows:
         b = "-" if r["bytes"] is None else f"{r['bytes']:.0f}"
         print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {b} | "
               f"{r['mAP_M']:.2f} | {r['mAP_H']:.2f} |")
-    r50 = r50_bytes(sparsifier)
+    r50 = r50_bytes(trained)
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
           f"official fp32 conv4 map {r50['conv4_fp32'] / 2**20:.1f} MiB ({r50['conv4_fp32'] / r50['sparse']:.1f}x, "
           "goal >= 100x)")
     plot(rows, out / "sparsity_sweep.png")
-    (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50}, indent=1))
+    (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoint": sp_ckpt}, indent=1))
     print(f"plot: {out / 'sparsity_sweep.png'} ({time.time() - t0:.0f} s total)")
     return 0
 
