@@ -14,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import REPO, TINY_DATA, ddp_env, read_metrics, run_cli
+from helpers import REPO, TINY_DATA, ddp_env, read_metrics, run_cli, run_main
 
 CONFIG = str(REPO / "experiments/delg_demo.yaml")
 SET = "minilandmarks"
@@ -34,15 +33,8 @@ def delg_args(cache_root: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_delg_reranked_evaluation_ddp_equals_one_process(cache_root: Path, tmp_path: Path) -> None:
-    from retrieval_lightning.cli import main
-
     one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(delg_args(cache_root, one)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_main(delg_args(cache_root, one), cwd=tmp_path, threads=1)
     two = tmp_path / "two"
     run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path,
             env=ddp_env())
