@@ -9,7 +9,6 @@ Reference and interrupted runs go in parallel (one thread each) to keep the wall
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -66,25 +65,6 @@ def finish(proc: subprocess.Popen, expect: int | None = 0, timeout: float = 400)
     return out
 
 
-def finish_killed(proc: subprocess.Popen) -> str:
-    """Wait for a run that SIGKILLed itself, then for the rest of its process group (W&B's service
-    process outlives the killed Python process for a moment and holds the run id), as a cluster
-    that kills a job kills all of it."""
-    out = finish(proc, expect=-signal.SIGKILL)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return out
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    return out
-
-
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -132,8 +112,8 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
     kill_at = 3 * (step // 3 + 1)  # the next interval checkpoint, mid-epoch (10 batches per epoch)
     assert 3 <= step < kill_at < MAX_STEPS  # stopped early, with a checkpoint of where it stopped
 
-    log = finish_killed(start(args(config, cache_root, out, "--ckpt_path=last", *kill_after(kill_at), wandb=True),
-                              tmp_path, cli_env(threads=1)))
+    log = finish(start(args(config, cache_root, out, "--ckpt_path=last", *kill_after(kill_at), wandb=True),
+                       tmp_path, cli_env(threads=1)), expect=-signal.SIGKILL)
     assert f"Restoring states from the checkpoint path at {preempted}" in log  # "last" is the newest
     assert "imprinted" not in log  # the trained classifier is not replaced by a fresh imprint
     killed = out / "checkpoints" / f"step={kill_at:07d}.ckpt"
@@ -162,7 +142,7 @@ def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_p
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=9"]
     reference = start(args(config, cache_root, ref, *ddp), tmp_path, ddp_env())
     killed = start(args(config, cache_root, out, *ddp, *kill_after(3)), tmp_path, ddp_env())
-    finish_killed(killed)
+    finish(killed, expect=-signal.SIGKILL)
     ckpt = out / "checkpoints" / "step=0000003.ckpt"  # mid-epoch (5 batches per rank); the resume crosses epochs
     assert ckpt.exists()
     assert len(torch.load(ckpt, weights_only=True)["callbacks"]["ResumeState"]["rng"]) == 2  # both ranks' states
