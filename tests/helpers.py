@@ -25,6 +25,9 @@ def cli_env(extra_pythonpath: str | None = None, threads: int = 1) -> dict[str, 
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("WANDB_API_KEY", None)
+    # a W&B service started by an in-process run would be shared by every child (it is advertised in
+    # WANDB_SERVICE) and keep a SIGKILLed child's run id "in use": each CLI process gets its own, as a job would
+    env.pop("WANDB_SERVICE", None)
     if extra_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, env.get("PYTHONPATH")]))
     return env
