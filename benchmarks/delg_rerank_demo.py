@@ -8,7 +8,8 @@ Prints mAP Easy/Medium/Hard of each, and the bytes per image of every stored kin
 re-ranking stores' manifests (``FeatureStore.bytes_per_image``). With ``--untrained`` the same is
 measured first for the starting model (ImageNet backbone, GeM, random local head).
 
-    .venv/bin/python benchmarks/delg_rerank_demo.py [--checkpoint CKPT] [--untrained] [extra CLI overrides ...]
+    .venv/bin/python benchmarks/delg_rerank_demo.py [--checkpoint CKPT] [--untrained] [--hamming 30,36,48]
+        [extra CLI overrides ...]
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def train(out: Path, overrides: list[str]) -> tuple[Path, float]:
     return path, seconds
 
 
-def evaluate(out: Path, checkpoint: Path | None, binarize: bool, overrides: list[str]) -> dict[str, Any]:
+def evaluate(out: Path, checkpoint: Path | None, binarize: bool, overrides: list[str],
+             max_hamming: int | None = None) -> dict[str, Any]:
     """One ``Trainer.test``: global and re-ranked metrics, bytes per image of the stored entries."""
     extra = [f"--model.heads.local.init_args.binarize={str(binarize).lower()}"]
+    if max_hamming is not None:
+        extra.append(f"--model.heads.local.init_args.max_hamming={max_hamming}")
     if checkpoint is not None:
         extra.append(f"--model.init_from={checkpoint}")
     cli = run_lightning_cli(cli_args(out, [*overrides, *extra]), run=False)
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a self-contained checkpoint of the recipe (skips training)")
     parser.add_argument("--output", default="outputs/delg_rerank_demo")
     parser.add_argument("--untrained", action="store_true", help="also test the starting model")
+    parser.add_argument("--hamming", default="", help="comma-separated max_hamming values: binarised runs of the "
+                        "trained model with each (the default threshold is d/3 - 1 bits)")
     args, overrides = parser.parse_known_args()
     out = Path(args.output).resolve()
     reports = []
@@ -109,6 +115,12 @@ def main() -> None:
     after = [evaluate(out / f"trained-{kind}", checkpoint, kind == "binary", overrides) for kind in ("fp16", "binary")]
     trained = f"trained: {checkpoint}" + (f" (fit {fit_seconds:.0f} s)" if fit_seconds is not None else "")
     reports.append(table(trained, *after))
+    if args.hamming:
+        lines = ["\n## trained, binarised, by Hamming threshold", "| max_hamming | mAP E | mAP M | mAP H |", "|---|---|---|---|"]
+        for bits in (int(b) for b in args.hamming.split(",")):
+            result = evaluate(out / f"trained-binary-h{bits}", checkpoint, True, overrides, max_hamming=bits)
+            lines.append(f"| {bits} | " + " | ".join(f"{result['reranked'][m]:.2f}" for m in METRICS) + " |")
+        reports.append("\n".join(lines))
     print("\n".join(reports))
 
 
