@@ -97,21 +97,24 @@ class SweepModel:
 
     def embed_batch(self, images: Sequence[Tensor]) -> Tensor:
         keys = [self._key(img) for img in images]
-        for k, img in zip(keys, images):
-            if k not in self._desc:
-                self._desc[k] = self.module.embed_batch([img])[0].cpu()
+        todo = [i for i, k in enumerate(keys) if k not in self._desc]
+        for i in todo:  # one at a time: eval images differ in size
+            self._desc[keys[i]] = self.module.embed_batch([images[i]])[0].cpu()
         return torch.stack([self._desc[k] for k in keys])
 
 
-def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict, config: Any) -> dict[str, float]:
-    """Re-ranked metrics and stored bytes per database image of one setting, through the core."""
+def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
+             config: Any) -> tuple[dict[str, float], Tensor]:
+    """Re-ranked metrics and stored bytes per database image of one setting, through the core; and
+    the global descriptors (queries first)."""
     from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked, extract_entries
 
     identity = {"benchmark": "sparsity_sweep", "weights": model.module.entry_identity()["weights_sha256"], **setting}
     descriptors, query_store, db_store = extract_entries(model, eval_set, directory, identity, progress=False)
     result = evaluate_reranked(model, eval_set, descriptors, query_store, db_store, config, progress=False)
-    return {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"],
-            "bytes": sum(db_store.bytes_per_image.values())}
+    row = {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"],
+           "bytes": sum(db_store.bytes_per_image.values())}
+    return row, descriptors
 
 
 def r50_bytes(head: Any) -> dict[str, float]:
@@ -163,8 +166,7 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     model.sparsifier = None
-    dense = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
-    descriptors = torch.stack([model._desc[model._key(eval_set.dataset[i]["image"])] for i in range(len(eval_set.dataset))])
+    dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
     glob = evaluate_eval_set(eval_set, descriptors).metrics
     rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
     rows.append({"setting": "dense", "ratio": 1.0, **dense})
@@ -175,7 +177,7 @@ def main() -> int:
             head.selection, head.keep_ratio, head.budget = selection, ratio, None
             model.sparsifier = head
             setting = {"setting": selection, "ratio": ratio, "values": head.value_dtype}
-            rows.append({**setting, **evaluate(model, eval_set, stores / f"{selection}-{ratio}", setting, config)})
+            rows.append({**setting, **evaluate(model, eval_set, stores / f"{selection}-{ratio}", setting, config)[0]})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
 
     nq = eval_set.n_queries
