@@ -47,6 +47,12 @@ class PairSampling:
             (``None``: the whole training set; set it for GLDv2 scale).
         groups_per_epoch: groups per epoch over all ranks (``None``: one per pool image).
         mining_max_side: long side of the images embedded for mining.
+        same_image_positives: share of groups whose positive is the anchor image itself (the
+            dataset gives it another random crop). Such a positive surely overlaps the anchor, so
+            it teaches a verifier correspondence; a same-label positive may show another side of
+            the landmark, and on little data the verifier then learns the landmarks' look instead
+            (a demo verifier trained without it scored an image against itself no higher than
+            unrelated pairs).
         seed: seed of the draws (combined with the epoch).
     """
 
@@ -57,6 +63,7 @@ class PairSampling:
     pool_size: int | None = None
     groups_per_epoch: int | None = None
     mining_max_side: int = 512
+    same_image_positives: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +71,8 @@ class PairSampling:
             raise ValueError("PairSampling needs groups_per_batch >= 1 and negatives >= 1")
         if self.candidates is not None and self.candidates < self.negatives:
             raise ValueError(f"candidates ({self.candidates}) must be >= negatives ({self.negatives})")
+        if not 0.0 <= self.same_image_positives <= 1.0:
+            raise ValueError(f"same_image_positives must be in [0, 1], got {self.same_image_positives}")
 
     @property
     def group_size(self) -> int:
@@ -171,6 +180,9 @@ class PairMiner:
         members = self.members[label]
         others = members[members != anchor]
         positive = int(others[rng.integers(others.size)])
+        share = self.config.same_image_positives
+        if share > 0 and rng.random() < share:  # no extra draw when off: earlier runs' groups are unchanged
+            positive = int(anchor)
         k = self.config.negatives
         negatives: list[int] = []
         mined = self.mined_negatives(anchor)

@@ -54,6 +54,21 @@ def test_groups_have_same_label_positive_and_other_label_negatives() -> None:
         assert LABELS[anchor] != 8  # a single-image label has no positive
 
 
+def test_same_image_positives_take_their_share_and_leave_the_rest_unchanged() -> None:
+    base = _groups(list(PairBatchSampler(PairMiner(LABELS, PairSampling(groups_per_batch=1, negatives=2, seed=3,
+                                                                         groups_per_epoch=400)))), 4)
+    for share, low, high in ((1.0, 400, 400), (0.3, 80, 160)):
+        config = PairSampling(groups_per_batch=1, negatives=2, seed=3, groups_per_epoch=400, same_image_positives=share)
+        groups = _groups(list(PairBatchSampler(PairMiner(LABELS, config))), config.group_size)
+        same = sum(anchor == positive for anchor, positive, *_ in groups)
+        assert low <= same <= high
+        assert [g[0] for g in groups] == [g[0] for g in base]  # the same anchors, in the same order
+        for anchor, positive, *negatives in groups:
+            assert LABELS[positive] == LABELS[anchor] and (LABELS[negatives] != LABELS[anchor]).all()
+    with pytest.raises(ValueError, match="same_image_positives"):
+        PairSampling(same_image_positives=1.5)
+
+
 def test_negatives_are_the_mined_nearest_and_change_after_refresh() -> None:
     gen = torch.Generator().manual_seed(0)
     config = PairSampling(groups_per_batch=2, negatives=2)
