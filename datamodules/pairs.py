@@ -48,11 +48,11 @@ class PairSampling:
         groups_per_epoch: groups per epoch over all ranks (``None``: one per pool image).
         mining_max_side: long side of the images embedded for mining.
         same_image_positives: share of groups whose positive is the anchor image itself (the
-            dataset gives it another random crop). Such a positive shares content with the anchor
-            unless both crops are small and far apart, so it teaches a verifier correspondence; a same-label positive may show another side of
-            the landmark, and on little data the verifier then learns the landmarks' look instead
-            (a demo verifier trained without it scored an image against itself no higher than
-            unrelated pairs).
+            dataset gives it another random crop). Such a positive shares content with the
+            anchor unless both crops are small and far apart, so it teaches a verifier
+            correspondence; a same-label positive may show another side of the landmark, and on
+            little data the verifier then learns the landmarks' look instead (a demo verifier
+            trained without it scored an image against itself no higher than unrelated pairs).
         seed: seed of the draws (combined with the epoch).
     """
 
