@@ -19,13 +19,13 @@ The README's second row, for example, adds ``--data.init_args.pairs.same_image_p
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from _demo_runs import cli_args, train
 from retrieval_lightning.cli import run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +33,18 @@ CONFIG = str(REPO / "experiments/cvnet_demo.yaml")
 SET = "minilandmarks"
 
 
-def cli_args(out: Path, overrides: list[str]) -> list[str]:
-    return ["--config", CONFIG, "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            f"--trainer.default_root_dir={out}", *overrides]
+def split(gt: dict, n_database: int) -> tuple[list[int], list[int]]:
+    """A query's positives (easy + hard) and negatives (neither positive nor junk) among the database."""
+    positives = [*gt.get("easy", []), *gt.get("hard", [])]
+    excluded = set(positives) | set(gt.get("junk", []))
+    return positives, [i for i in range(n_database) if i not in excluded]
 
 
 def mean_auc(scores: np.ndarray, ground_truth: list[dict]) -> float:
     """Mean over queries of P(positive scores above a negative), ties counting half."""
     values = []
     for q, gt in enumerate(ground_truth):
-        positives = [*gt.get("easy", []), *gt.get("hard", [])]
-        excluded = set(positives) | set(gt.get("junk", []))
-        negatives = [i for i in range(scores.shape[1]) if i not in excluded]
+        positives, negatives = split(gt, scores.shape[1])
         if not positives or not negatives:
             continue
         pos, neg = scores[q, positives][:, None], scores[q, negatives][None]
@@ -71,9 +71,8 @@ def diagnostics(module: Any, datamodule: Any) -> dict[str, float]:
         "auc_verifier": mean_auc(verifier, eval_set.ground_truth),
         "auc_global": mean_auc(cosine, eval_set.ground_truth),
         "self_min": min(self_scores), "self_median": float(np.median(self_scores)),
-        "unrelated_max": float(max(verifier[q, i] for q, gt in enumerate(eval_set.ground_truth)
-                                   for i in range(len(database))
-                                   if i not in {*gt.get("easy", []), *gt.get("hard", []), *gt.get("junk", [])})),
+        "unrelated_max": float(max(verifier[q, split(gt, len(database))[1]].max()
+                                   for q, gt in enumerate(eval_set.ground_truth))),
     }
 
 
@@ -82,13 +81,9 @@ def run_seed(out: Path, seed: int | None, checkpoint: str | None, overrides: lis
     extra = [*overrides] + ([f"--seed_everything={seed}"] if seed is not None else [])
     fit_seconds = 0.0
     if checkpoint is None:
-        cli = run_lightning_cli(cli_args(out / "fit", extra), run=False)
-        start = time.perf_counter()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        fit_seconds = time.perf_counter() - start
-        checkpoint = str(out / "model.ckpt")
-        cli.model.save_checkpoint(checkpoint)
-    cli = run_lightning_cli(cli_args(out / "test", [*extra, f"--model.init_from={checkpoint}"]), run=False)
+        path, fit_seconds = train(CONFIG, out / "fit", extra)
+        checkpoint = str(path)
+    cli = run_lightning_cli(cli_args(CONFIG, out / "test", [*extra, f"--model.init_from={checkpoint}"]), run=False)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     return {
         "global": cli.model.last_eval_global[SET].metrics,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _demo_runs import cli_args, train
 from retrieval_lightning.cli import run_lightning_cli
 from retrieval_lightning.retrieval.store import FeatureStore
 
@@ -26,22 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "experiments/delg_demo.yaml")
 SET = "minilandmarks"
 METRICS = ("mAP_E", "mAP_M", "mAP_H")
-
-
-def cli_args(out: Path, overrides: list[str]) -> list[str]:
-    return ["--config", CONFIG, "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            f"--trainer.default_root_dir={out}", *overrides]
-
-
-def train(out: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Fit the recipe; a self-contained checkpoint (weights + architecture) at ``out/model.ckpt``."""
-    cli = run_lightning_cli(cli_args(out, overrides), run=False)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
-    path = out / "model.ckpt"
-    cli.model.save_checkpoint(path)
-    return path, seconds
 
 
 def evaluate(out: Path, checkpoint: Path | None, binarize: bool, overrides: list[str],
@@ -52,7 +37,7 @@ def evaluate(out: Path, checkpoint: Path | None, binarize: bool, overrides: list
         extra.append(f"--model.heads.local.init_args.max_hamming={max_hamming}")
     if checkpoint is not None:
         extra.append(f"--model.init_from={checkpoint}")
-    cli = run_lightning_cli(cli_args(out, [*overrides, *extra]), run=False)
+    cli = run_lightning_cli(cli_args(CONFIG, out, [*overrides, *extra]), run=False)
     start = time.perf_counter()
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     seconds = time.perf_counter() - start
@@ -111,7 +96,7 @@ def main() -> None:
     if args.checkpoint:
         checkpoint, fit_seconds = Path(args.checkpoint), None
     else:
-        checkpoint, fit_seconds = train(out / "fit", overrides)
+        checkpoint, fit_seconds = train(CONFIG, out / "fit", overrides)
     after = [evaluate(out / f"trained-{kind}", checkpoint, kind == "binary", overrides) for kind in ("fp16", "binary")]
     trained = f"trained: {checkpoint}" + (f" (fit {fit_seconds:.0f} s)" if fit_seconds is not None else "")
     reports.append(table(trained, *after))
