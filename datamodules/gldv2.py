@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules._compact import StringArray
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
+from datamodules.patch_shuffle import shuffle_tiles, step_generator
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
@@ -256,7 +257,7 @@ class GLDv2DataModule(L.LightningDataModule):
         hp = self.hparams
         if self.pairs is not None:
             return PairLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
-                              collate_fn=PairCollate(self.pairs.group_size),
+                              collate_fn=PairCollate(self.pairs.group_size, self.pairs.shuffled_negatives),
                               num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                               persistent_workers=hp.num_workers > 0)
         # the sampler shards itself (rank, world size from the trainer) and is resumable mid-epoch
@@ -293,7 +294,13 @@ class GLDv2DataModule(L.LightningDataModule):
         return EvalImageDataset(paths, EvalTransform(self.pairs.mining_max_side), self.policy, fast_decode=True)
 
     def train_batch_transform(self, batch: dict, step: int, rank: int = 0) -> dict:
-        """Hide-and-Seek on a training batch (on its device) at ``step``; identity without it."""
+        """Patch-shuffle negatives, then Hide-and-Seek, on a training batch (on its device) at ``step``."""
+        if isinstance(batch, dict) and "shuffled" in batch and self.pairs is not None and bool(batch["shuffled"].any()):
+            mask = batch["shuffled"].to(batch["image"].device)
+            image = batch["image"].clone()
+            generator = step_generator(self.pairs.seed, step, rank)
+            image[mask] = shuffle_tiles(image[mask], self.pairs.shuffle_grid, generator)
+            batch = {**batch, "image": image}
         if self.hide_and_seek is not None and isinstance(batch, dict) and "label" in batch:
             batch = {**batch, "image": self.hide_and_seek.apply(batch["image"], step, rank)}
         return batch

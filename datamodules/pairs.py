@@ -53,6 +53,12 @@ class PairSampling:
             correspondence; a same-label positive may show another side of the landmark, and on
             little data the verifier then learns the landmarks' look instead (a demo verifier
             trained without it scored an image against itself no higher than unrelated pairs).
+        shuffled_negatives: extra negatives per group that are another crop of the anchor with its
+            ``shuffle_grid x shuffle_grid`` tiles in a random order (:mod:`datamodules.patch_shuffle`):
+            the anchor's own local features without their layout, so the verifier learns that only
+            geometrically consistent matches count. The slots hold the anchor's position; the
+            collate marks them and the datamodule shuffles them on the device.
+        shuffle_grid: tiles per side of those mosaics.
         seed: seed of the draws (combined with the epoch).
     """
 
@@ -64,6 +70,8 @@ class PairSampling:
     groups_per_epoch: int | None = None
     mining_max_side: int = 512
     same_image_positives: float = 0.0
+    shuffled_negatives: int = 0
+    shuffle_grid: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,10 +81,13 @@ class PairSampling:
             raise ValueError(f"candidates ({self.candidates}) must be >= negatives ({self.negatives})")
         if not 0.0 <= self.same_image_positives <= 1.0:
             raise ValueError(f"same_image_positives must be in [0, 1], got {self.same_image_positives}")
+        if self.shuffled_negatives < 0 or self.shuffle_grid < 2:
+            raise ValueError(f"PairSampling needs shuffled_negatives >= 0 and shuffle_grid >= 2, got "
+                             f"{self.shuffled_negatives} and {self.shuffle_grid}")
 
     @property
     def group_size(self) -> int:
-        return 2 + self.negatives
+        return 2 + self.negatives + self.shuffled_negatives
 
     @property
     def batch_size(self) -> int:
@@ -194,7 +205,7 @@ class PairMiner:
         if len(negatives) < k:
             used = {int(self.labels[n]) for n in negatives} if self.config.distinct_labels else set()
             negatives += self._random_negatives(label, k - len(negatives), used, rng)
-        return [int(anchor), positive] + negatives[:k]
+        return [int(anchor), positive] + negatives[:k] + [int(anchor)] * self.config.shuffled_negatives
 
 
 class PairBatchSampler(BatchSampler):
@@ -291,12 +302,20 @@ class PairLoader(PositionedDataLoader):
 
 class PairCollate:
     """Default collation plus ``pairs``: (M, 3) long rows ``(i, j, same)`` of each group of a batch
-    made by :class:`PairBatchSampler` (batch positions; anchor-positive and anchor-negative pairs)."""
+    made by :class:`PairBatchSampler` (batch positions; anchor-positive and anchor-negative pairs).
 
-    def __init__(self, group_size: int) -> None:
+    With ``shuffled`` > 0 the last ``shuffled`` items of every group are patch-shuffle negatives:
+    ``batch["shuffled"]`` is then a (B,) bool mask of them, for the datamodule's batch transform.
+    """
+
+    def __init__(self, group_size: int, shuffled: int = 0) -> None:
         if group_size < 3:
             raise ValueError("a group is anchor, positive and at least one negative")
+        if not 0 <= shuffled <= group_size - 3:
+            raise ValueError(f"{shuffled} shuffled negatives do not fit groups of {group_size} "
+                             "(anchor, positive and at least one mined negative come first)")
         self.group_size = int(group_size)
+        self.shuffled = int(shuffled)
 
     def pairs(self, batch_size: int) -> torch.Tensor:
         if batch_size % self.group_size:
@@ -310,4 +329,7 @@ class PairCollate:
     def __call__(self, items: list[dict]) -> dict:
         batch = default_collate(items)
         batch["pairs"] = self.pairs(len(items))
+        if self.shuffled:
+            slot = torch.arange(len(items)) % self.group_size
+            batch["shuffled"] = slot >= self.group_size - self.shuffled
         return batch

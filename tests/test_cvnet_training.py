@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
+from datamodules.patch_shuffle import shuffle_tiles, step_generator
 from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, nearest_other_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,6 +253,67 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
     assert pool[1]["index"] == 1 and max(pool[1]["image"].shape[1:]) == 12
     hidden = dm.train_batch_transform(batch, step=0)["image"]
     assert torch.allclose(hidden, torch.tensor(has.fill).view(1, 3, 1, 1).expand_as(hidden))
+
+
+def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
+    images = torch.rand(6, 3, 34, 27)  # 4x4 tiles of 8x6 px; 2 rows and 3 columns of remainder
+    generator = step_generator(seed=0, step=3, rank=0)
+    out = shuffle_tiles(images, 4, generator)
+    assert torch.equal(out[:, :, 32:], images[:, :, 32:]) and torch.equal(out[:, :, :, 24:], images[:, :, :, 24:])
+
+    def tiles(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[:, r * 8:(r + 1) * 8, q * 6:(q + 1) * 6] for r in range(4) for q in range(4)]
+
+    for before, after in zip(images, out):
+        src, dst = tiles(before), tiles(after)
+        # every output tile is exactly one input tile, each used once, and not all in place
+        match = [[k for k, t in enumerate(src) if torch.equal(t, d)] for d in dst]
+        assert all(len(m) == 1 for m in match) and sorted(m[0] for m in match) == list(range(16))
+        assert [m[0] for m in match] != list(range(16))
+    assert torch.equal(shuffle_tiles(images, 4, step_generator(0, 3, 0)), out)  # deterministic per (seed, step, rank)
+    assert not torch.equal(shuffle_tiles(images, 4, step_generator(0, 3, 1)), out)
+    with pytest.raises(ValueError, match="grid >= 2"):
+        shuffle_tiles(images, 1, generator)
+    with pytest.raises(ValueError, match="too small"):
+        shuffle_tiles(images, 30, generator)
+
+
+def test_shuffled_negatives_are_anchor_mosaics_marked_by_the_collate(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datamodules.gldv2 import GLDv2DataModule, image_path
+
+    base = PairSampling(groups_per_batch=1, negatives=2, seed=3, groups_per_epoch=50)
+    config = PairSampling(groups_per_batch=1, negatives=2, seed=3, groups_per_epoch=50, shuffled_negatives=2)
+    plain = _groups(list(PairBatchSampler(PairMiner(LABELS, base))), base.group_size)
+    groups = _groups(list(PairBatchSampler(PairMiner(LABELS, config))), config.group_size)
+    assert config.group_size == 6 and [g[:4] for g in groups] == plain  # extra slots draw nothing
+    assert all(g[4] == g[5] == g[0] for g in groups)
+    collate = PairCollate(config.group_size, shuffled=2)
+    assert collate.pairs(6).tolist() == [[0, 1, 1], [0, 2, 0], [0, 3, 0], [0, 4, 0], [0, 5, 0]]
+    with pytest.raises(ValueError, match="do not fit"):
+        PairCollate(4, shuffled=2)
+    with pytest.raises(ValueError, match="shuffle_grid"):
+        PairSampling(shuffle_grid=1)
+
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(LABELS):
+        path = image_path(str(tmp_path), "train", f"{i:016x}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "train.csv").write_text("id,url,landmark_id\n" + "".join(f"{i:016x},u,{lab}\n" for i, lab in enumerate(LABELS)))
+    dm = GLDv2DataModule(root=str(tmp_path), train_set="full", sampling="pairs", validation_split=0.0,
+                         val_sets=[], test_sets=[], image_size=16, num_workers=0,
+                         pairs=PairSampling(groups_per_batch=2, negatives=1, shuffled_negatives=1,
+                                            shuffle_grid=2, mining_max_side=12))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["shuffled"].tolist() == [False, False, False, True] * 2
+    assert (batch["label"][3::4] == batch["label"][0::4]).all()
+    out = dm.train_batch_transform(batch, step=0)["image"]
+    assert torch.equal(out[~batch["shuffled"]], batch["image"][~batch["shuffled"]])
+    for k in (3, 7):  # the marked rows are 2x2 mosaics of their own crop
+        quads = lambda x: sorted(x[:, r:r + 8, q:q + 8].flatten().tolist() for r in (0, 8) for q in (0, 8))
+        assert not torch.equal(out[k], batch["image"][k]) and quads(out[k]) == quads(batch["image"][k])
 
 
 NEW_CONFIGS = ["cvnet_r50_gldv2.yaml", "cvnet_demo.yaml"]

@@ -1,0 +1,56 @@
+"""Patch-shuffled negatives: an image's own tiles in a random order, as a "different" example.
+
+Why: a correlation verifier trained on landmark pairs can learn "many locally similar features"
+instead of "features that match in a consistent geometric layout". A crop of the anchor cut into a
+``grid x grid`` mosaic and re-assembled in a random order keeps almost every local feature of the
+anchor, so its correlation with the anchor is as strong as a true match's, but the matches no
+longer move together across the image. Labelled "different", it teaches the verifier that only
+geometrically consistent correspondences count, which is what rejects repeated structure and
+texture-like distractors (grass, gravel, facades of repeated windows) that no training pair shows.
+
+Applied on the device after transfer, like Hide-and-Seek, to the batch rows that
+:class:`datamodules.pairs.PairCollate` marks in ``batch["shuffled"]``; the permutation of step ``s``
+on rank ``r`` depends only on ``(seed, s, r)``, so a resumed run draws the same mosaics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def shuffle_tiles(images: Tensor, grid: int, generator: torch.Generator) -> Tensor:
+    """``images`` (B, 3, H, W) with each image's ``grid x grid`` tiles permuted (a new tensor).
+
+    Tiles are ``H // grid`` by ``W // grid`` pixels; the remainder rows and columns (bottom and
+    right) stay in place. Every image gets its own permutation, never the identity (grid >= 2).
+    """
+    if images.dim() != 4:
+        raise ValueError(f"shuffle_tiles expects (B, C, H, W) images, got {tuple(images.shape)}")
+    if grid < 2:
+        raise ValueError(f"shuffle_tiles needs grid >= 2 (a 1x1 mosaic is the image), got {grid}")
+    b, c, h, w = images.shape
+    th, tw = h // grid, w // grid
+    if th == 0 or tw == 0:
+        raise ValueError(f"images of {h}x{w} are too small for a {grid}x{grid} mosaic")
+    n = grid * grid
+    perms = torch.stack([_non_identity_permutation(n, generator) for _ in range(b)]).to(images.device)
+    body = images[:, :, : th * grid, : tw * grid]
+    tiles = body.reshape(b, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5).reshape(b, n, c, th, tw)
+    tiles = tiles[torch.arange(b, device=images.device)[:, None], perms]
+    body = tiles.reshape(b, grid, grid, c, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, th * grid, tw * grid)
+    out = images.clone()
+    out[:, :, : th * grid, : tw * grid] = body
+    return out
+
+
+def _non_identity_permutation(n: int, generator: torch.Generator) -> Tensor:
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not torch.equal(perm, torch.arange(n)):
+            return perm
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of training step ``step`` on rank ``rank`` (exact resume, disjoint ranks)."""
+    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank) + 7) % 2**62)
