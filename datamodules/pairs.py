@@ -57,7 +57,8 @@ class PairSampling:
             ``shuffle_grid x shuffle_grid`` tiles in a random order (:mod:`datamodules.patch_shuffle`):
             the anchor's own local features without their layout, so the verifier learns that only
             geometrically consistent matches count. The slots hold the anchor's position; the
-            collate marks them and the datamodule shuffles them on the device.
+            collate marks them and the datamodule shuffles them on the device. Off by default: on the
+            demo it did not raise mAP (README).
         shuffle_grid: tiles per side of those mosaics.
         seed: seed of the draws (combined with the epoch).
     """
