@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules._compact import StringArray
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
-from datamodules.patch_shuffle import shuffle_tiles, step_generator
+from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
@@ -298,7 +298,7 @@ class GLDv2DataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "shuffled" in batch and self.pairs is not None and bool(batch["shuffled"].any()):
             mask = batch["shuffled"].to(batch["image"].device)
             image = batch["image"].clone()
-            generator = step_generator(self.pairs.seed, step, rank)
+            generator = shuffle_generator(self.pairs.seed, step, rank)
             image[mask] = shuffle_tiles(image[mask], self.pairs.shuffle_grid, generator)
             batch = {**batch, "image": image}
         if self.hide_and_seek is not None and isinstance(batch, dict) and "label" in batch:

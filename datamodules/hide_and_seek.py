@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from datamodules.sampling import step_generator
+
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 
 
@@ -64,7 +66,7 @@ class HideAndSeek:
 
     def masks(self, batch: int, height: int, width: int, step: int, rank: int = 0) -> Tensor:
         """Boolean (batch, height, width), True where hidden; each patch hidden independently."""
-        generator = torch.Generator().manual_seed(((int(self.seed) * 1_000_003 + int(step)) * 1_009 + int(rank)) % 2**62)
+        generator = step_generator(self.seed, step, rank)
         hidden = torch.rand(batch, self.grid, self.grid, generator=generator) < self.share(step)
         rows = _cell_index(height, self.grid)
         cols = _cell_index(width, self.grid)

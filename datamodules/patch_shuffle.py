@@ -20,6 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from datamodules.sampling import step_generator
+
+SHUFFLE_STREAM = 7
+
 
 def shuffle_tiles(images: Tensor, grid: int, generator: torch.Generator) -> Tensor:
     """``images`` (B, 3, H, W) with each image's ``grid x grid`` tiles permuted (a new tensor).
@@ -53,6 +57,6 @@ def _non_identity_permutation(n: int, generator: torch.Generator) -> Tensor:
             return perm
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The generator of training step ``step`` on rank ``rank`` (exact resume, disjoint ranks)."""
-    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank) + 7) % 2**62)
+def shuffle_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The mosaics' generator at ``step`` on ``rank`` (its own stream, apart from Hide-and-Seek's)."""
+    return step_generator(seed, step, rank, stream=SHUFFLE_STREAM)

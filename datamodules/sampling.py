@@ -22,6 +22,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 
+def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
+    """The generator of a per-step batch transform at training step ``step`` on rank ``rank``.
+
+    It depends only on ``(seed, step, rank, stream)``: a resumed run redraws the same values, and
+    ranks draw disjoint ones. ``stream`` separates transforms that share a seed.
+    """
+    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank) + int(stream)) % 2**62)
+
+
 class EpochSampler(DistributedSampler):
     """Base: this rank's share of a seeded per-epoch list, yielded as ``(index, augmentation_seed)``.
 

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
-from datamodules.patch_shuffle import shuffle_tiles, step_generator
+from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
 from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, nearest_other_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
 
 def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
     images = torch.rand(6, 3, 34, 27)  # 4x4 tiles of 8x6 px; 2 rows and 3 columns of remainder
-    generator = step_generator(seed=0, step=3, rank=0)
+    generator = shuffle_generator(seed=0, step=3, rank=0)
     out = shuffle_tiles(images, 4, generator)
     assert torch.equal(out[:, :, 32:], images[:, :, 32:]) and torch.equal(out[:, :, :, 24:], images[:, :, :, 24:])
 
@@ -270,8 +270,8 @@ def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
         match = [[k for k, t in enumerate(src) if torch.equal(t, d)] for d in dst]
         assert all(len(m) == 1 for m in match) and sorted(m[0] for m in match) == list(range(16))
         assert [m[0] for m in match] != list(range(16))
-    assert torch.equal(shuffle_tiles(images, 4, step_generator(0, 3, 0)), out)  # deterministic per (seed, step, rank)
-    assert not torch.equal(shuffle_tiles(images, 4, step_generator(0, 3, 1)), out)
+    assert torch.equal(shuffle_tiles(images, 4, shuffle_generator(0, 3, 0)), out)  # deterministic per (seed, step, rank)
+    assert not torch.equal(shuffle_tiles(images, 4, shuffle_generator(0, 3, 1)), out)
     with pytest.raises(ValueError, match="grid >= 2"):
         shuffle_tiles(images, 1, generator)
     with pytest.raises(ValueError, match="too small"):
