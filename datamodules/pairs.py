@@ -60,6 +60,11 @@ class PairSampling:
             collate marks them and the datamodule shuffles them on the device. Off by default: on the
             demo it did not raise mAP (README).
         shuffle_grid: tiles per side of those mosaics.
+        crops_per_image: see each training image only through a fixed pool of this many random
+            crops (the crop seeds depend on ``seed`` and the image, not on the epoch), instead of a
+            fresh crop every time (``None``). A same-image positive takes another crop of the pool
+            than its anchor. Measured on the demo: a verifier trained on cached crops generalised
+            better than on fresh ones (README); on large data, leave it off.
         seed: seed of the draws (combined with the epoch).
     """
 
@@ -73,6 +78,7 @@ class PairSampling:
     same_image_positives: float = 0.0
     shuffled_negatives: int = 0
     shuffle_grid: int = 4
+    crops_per_image: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +91,9 @@ class PairSampling:
         if self.shuffled_negatives < 0 or self.shuffle_grid < 2:
             raise ValueError(f"PairSampling needs shuffled_negatives >= 0 and shuffle_grid >= 2, got "
                              f"{self.shuffled_negatives} and {self.shuffle_grid}")
+        if self.crops_per_image is not None and self.crops_per_image < 2:
+            raise ValueError(f"crops_per_image must be >= 2 (a same-image positive needs another crop), "
+                             f"got {self.crops_per_image}")
 
     @property
     def group_size(self) -> int:
@@ -273,9 +282,30 @@ class PairBatchSampler(BatchSampler):
         anchors = np.concatenate([rng.permutation(eligible) for _ in range(reps)])[:total]
         return [self.miner.group(int(a), rng) for a in anchors]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def crop_seed(self, position: int, crop: int) -> int:
+        """Augmentation seed of crop ``crop`` of the pool of training image ``position``."""
+        return ((int(self.config.seed) * 1_000_003 + int(position)) * 1_009 + int(crop)) % 2**62
+
+    def with_crops(self, groups: list[list[int]], epoch: int) -> list[list[tuple[int, int]]]:
+        """``(position, augmentation_seed)`` items of ``groups`` (``crops_per_image``): a crop of each
+        image's pool, a different one for a positive that is the anchor itself. Own random stream,
+        so the groups are the same with and without the option."""
+        pool = int(self.config.crops_per_image or 0)
+        rng = np.random.default_rng([self.config.seed, int(epoch), 2])
+        out = []
+        for group in groups:
+            crops = rng.integers(pool, size=len(group))
+            if group[1] == group[0] and crops[1] == crops[0]:
+                crops[1] = (crops[0] + 1 + rng.integers(pool - 1)) % pool
+            out.append([(int(p), self.crop_seed(p, int(c))) for p, c in zip(group, crops)])
+        return out
+
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         rank, world = self._rank_world()
-        groups = self.epoch_groups(self._current_epoch())
+        epoch = self._current_epoch()
+        groups: list = self.epoch_groups(epoch)
+        if self.config.crops_per_image:
+            groups = self.with_crops(groups, epoch)
         mine = groups[rank::world][: len(groups) // world]
         gpb = self.config.groups_per_batch
         first, self.skip = self.skip * gpb, 0

@@ -223,6 +223,34 @@ def test_hide_and_seek_schedule_and_hidden_fraction() -> None:
     assert not torch.equal(has.masks(8, 30, 26, 500), has.masks(8, 30, 26, 501))
 
 
+def test_crops_per_image_draws_from_a_fixed_pool_and_keeps_the_groups() -> None:
+    plain = PairSampling(groups_per_batch=2, negatives=2, seed=5, same_image_positives=0.5, shuffled_negatives=1)
+    pooled = PairSampling(groups_per_batch=2, negatives=2, seed=5, same_image_positives=0.5, shuffled_negatives=1,
+                          crops_per_image=3)
+    seeds: dict[int, set[int]] = {}
+    for epoch in range(6):
+        reference = PairBatchSampler(PairMiner(LABELS, plain))
+        reference.set_epoch(epoch)
+        sampler = PairBatchSampler(PairMiner(LABELS, pooled))
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert [[p for p, _ in b] for b in batches] == list(reference)  # same positions, own random stream
+        for anchor, positive, *_ in _groups(batches, pooled.group_size):
+            if anchor[0] == positive[0]:
+                assert anchor[1] != positive[1]  # a same-image positive is another crop of the pool
+        for batch in batches:
+            for position, seed in batch:
+                seeds.setdefault(position, set()).add(seed)
+    assert max(len(s) for s in seeds.values()) == 3  # each image: at most its pool, and the pool is used
+    all_seeds = [x for s in seeds.values() for x in s]
+    assert len(set(all_seeds)) == len(all_seeds)  # no two images share a crop seed
+    again = PairBatchSampler(PairMiner(LABELS, pooled))
+    again.set_epoch(5)
+    assert list(again) == batches
+    with pytest.raises(ValueError, match="crops_per_image"):
+        PairSampling(crops_per_image=1)
+
+
 def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -253,6 +281,11 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
     assert pool[1]["index"] == 1 and max(pool[1]["image"].shape[1:]) == 12
     hidden = dm.train_batch_transform(batch, step=0)["image"]
     assert torch.allclose(hidden, torch.tensor(has.fill).view(1, 3, 1, 1).expand_as(hidden))
+    pooled = GLDv2DataModule(root=str(tmp_path), train_set="full", sampling="pairs", validation_split=0.0,
+                             val_sets=[], test_sets=[], image_size=16, num_workers=0,
+                             pairs=PairSampling(groups_per_batch=2, negatives=2, mining_max_side=12, crops_per_image=4))
+    pooled_batch = next(iter(pooled.train_dataloader()))  # (position, crop seed) items load through the dataset
+    assert torch.equal(pooled_batch["label"], batch["label"]) and pooled_batch["image"].shape == (8, 3, 16, 16)
 
 
 def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
