@@ -91,9 +91,9 @@ class PairSampling:
         if self.shuffled_negatives < 0 or self.shuffle_grid < 2:
             raise ValueError(f"PairSampling needs shuffled_negatives >= 0 and shuffle_grid >= 2, got "
                              f"{self.shuffled_negatives} and {self.shuffle_grid}")
-        if self.crops_per_image is not None and self.crops_per_image < 2:
-            raise ValueError(f"crops_per_image must be >= 2 (a same-image positive needs another crop), "
-                             f"got {self.crops_per_image}")
+        if self.crops_per_image is not None and not 2 <= self.crops_per_image <= 1009:
+            raise ValueError(f"crops_per_image must be in [2, 1009] (a same-image positive needs another crop; "
+                             f"crop seeds are unique per image up to 1009), got {self.crops_per_image}")
 
     @property
     def group_size(self) -> int:

@@ -247,8 +247,9 @@ def test_crops_per_image_draws_from_a_fixed_pool_and_keeps_the_groups() -> None:
     again = PairBatchSampler(PairMiner(LABELS, pooled))
     again.set_epoch(5)
     assert list(again) == batches
-    with pytest.raises(ValueError, match="crops_per_image"):
-        PairSampling(crops_per_image=1)
+    for bad in (1, 1010):
+        with pytest.raises(ValueError, match="crops_per_image"):
+            PairSampling(crops_per_image=bad)
 
 
 def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
