@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
-from datamodules.sampling import PositionedDataLoader
+from datamodules.sampling import PositionedDataLoader, mixed_seed
 
 
 @dataclass
@@ -284,7 +284,7 @@ class PairBatchSampler(BatchSampler):
 
     def crop_seed(self, position: int, crop: int) -> int:
         """Augmentation seed of crop ``crop`` of the pool of training image ``position``."""
-        return ((int(self.config.seed) * 1_000_003 + int(position)) * 1_009 + int(crop)) % 2**62
+        return mixed_seed(self.config.seed, position, crop)
 
     def with_crops(self, groups: list[list[int]], epoch: int) -> list[list[tuple[int, int]]]:
         """``(position, augmentation_seed)`` items of ``groups`` (``crops_per_image``): a crop of each

@@ -28,7 +28,12 @@ def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Ge
     It depends only on ``(seed, step, rank, stream)``: a resumed run redraws the same values, and
     ranks draw disjoint ones. ``stream`` separates transforms that share a seed.
     """
-    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(step)) * 1_009 + int(rank) + int(stream)) % 2**62)
+    return torch.Generator().manual_seed(mixed_seed(seed, step, int(rank) + int(stream)))
+
+
+def mixed_seed(seed: int, major: int, minor: int) -> int:
+    """One seed from ``(seed, major, minor)``, distinct for distinct ``major`` and ``minor`` < 1009."""
+    return ((int(seed) * 1_000_003 + int(major)) * 1_009 + int(minor)) % 2**62
 
 
 class EpochSampler(DistributedSampler):
