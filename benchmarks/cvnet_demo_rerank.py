@@ -14,8 +14,10 @@ Diagnostics of the verifier alone, over every query x database pair of the split
 
     .venv/bin/python benchmarks/cvnet_demo_rerank.py [--seeds 0,1,2] [--checkpoint CKPT] [CLI overrides ...]
 
-The README's second row, for example, adds ``--data.init_args.pairs.same_image_positives=1.0
---model.optim.lr=0.0003 --trainer.max_steps=300 --data.init_args.hide_and_seek.warmup_steps=200``.
+The README's "previous recipe" row, for example, adds ``--model.optim.lr=0.001 --trainer.max_steps=200
+--data.init_args.pairs.groups_per_batch=4 --data.init_args.pairs.same_image_positives=0
+--data.init_args.pairs.crops_per_image=null --data.init_args.pairs.distinct_labels=true`` and the
+Hide-and-Seek block of the earlier config (``start 0, end 0.3, warmup_steps 150, grid 4``).
 """
 
 from __future__ import annotations
