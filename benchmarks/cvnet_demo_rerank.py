@@ -4,8 +4,9 @@ For each seed, trains ``experiments/cvnet_demo.yaml`` (or takes ``--checkpoint``
 ``minilandmarks`` test split through the module's own evaluation (``Trainer.test``: global ranking,
 K = 20 shortlist re-scored by the verifier, fused as the official tester does: global cosine + 0.5 x
 verifier). The test split has 10 queries, so one training run says little: several seeds are run. A seed
-changes only the verifier's initialisation unless ``--data-seed-offset`` also changes ``pairs.seed``
-(the pair groups and crops): on the demo the data draw moves mAP-H more than the initialisation.
+changes the verifier's initialisation and, as an unset ``pairs.seed`` follows ``seed_everything``,
+the pair groups and crops; ``--data-seed-offset K`` pins ``pairs.seed`` = seed + K instead (the README's
+runs used 10). On the demo the data draw moves mAP-H more than the initialisation.
 Diagnostics of the verifier alone, over every query x database pair of the split:
 
 - per-query AUC of positives (easy + hard) against non-junk negatives, verifier score vs global cosine;
@@ -106,8 +107,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=None, help="evaluate this model instead of training")
     parser.add_argument("--output", default="outputs/cvnet_demo_rerank")
     parser.add_argument("--data-seed-offset", type=int, default=None,
-                        help="also set pairs.seed = seed + offset per run (the groups and crops then vary with the "
-                             "seed; by default only the verifier's initialisation does)")
+                        help="set pairs.seed = seed + offset per run (by default an unset pairs.seed is the run's "
+                             "seed, so the groups and crops already vary with it)")
     args, overrides = parser.parse_known_args()
     seeds: list[int | None] = [None] if args.checkpoint else [int(s) for s in args.seeds.split(",")]
     rows = []

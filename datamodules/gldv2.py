@@ -26,7 +26,7 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
-from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler
+from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
@@ -116,6 +116,8 @@ class GLDv2DataModule(L.LightningDataModule):
     positive, hard negatives) groups (:mod:`datamodules.pairs`, options ``pairs``; ``batch_size``
     is then ``pairs.batch_size``), mined by the ``HardNegativeMining`` callback through
     :attr:`pair_miner`. ``hide_and_seek`` hides grid patches of training images, more as steps pass.
+    ``sampler_seed`` (like ``pairs.seed`` and ``hide_and_seek.seed``) seeds the training order;
+    unset, it is the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class GLDv2DataModule(L.LightningDataModule):
         eval_fast_decode: bool = False,
         sampling: str = "shuffle",
         balance_power: float = 0.0,
-        sampler_seed: int = 0,
+        sampler_seed: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 8,
         num_workers: int = 4,
@@ -167,6 +169,7 @@ class GLDv2DataModule(L.LightningDataModule):
         if "holdout" in self.val_sets + self.test_sets and validation_split <= 0:
             raise ValueError("the 'holdout' eval set needs validation_split > 0")
         self.save_hyperparameters()
+        self.hparams.sampler_seed = run_seed(sampler_seed)  # resolved now: checkpoints record it
         self.root, self.train_set, self.usage = root, train_set, usage
         self.policy = LoadPolicy(on_error=on_error)
         self.train_transform = TrainTransform(image_size, area_range=(crop_area_min, 1.0), interpolation=interpolation)

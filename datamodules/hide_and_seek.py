@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from datamodules.sampling import step_generator
+from datamodules.sampling import run_seed, step_generator
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 
@@ -34,7 +34,8 @@ class HideAndSeek:
         delay_steps: steps with probability 0 before the ramp starts (0: ramp from step 0).
         grid: patches per side (``grid * grid`` patches; boundaries ``round(i * side / grid)``).
         fill: RGB colour of hidden patches, in [0, 1].
-        seed: the mask of step ``s`` on rank ``r`` depends only on ``(seed, s, r)`` (exact resume).
+        seed: the mask of step ``s`` on rank ``r`` depends only on ``(seed, s, r)`` (exact resume);
+            ``None``: the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
     """
 
     start: float = 0.0
@@ -43,9 +44,10 @@ class HideAndSeek:
     delay_steps: int = 0
     grid: int = 4
     fill: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_RGB))
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        self.seed = run_seed(self.seed)
         for name in ("start", "end"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
-from datamodules.sampling import PositionedDataLoader, mixed_seed
+from datamodules.sampling import PositionedDataLoader, mixed_seed, run_seed
 
 
 @dataclass
@@ -66,7 +66,8 @@ class PairSampling:
             than its anchor. This is the data of a verifier trained on cached crop features; on the
             demo it did not change re-ranked mAP beyond the spread between runs (README), and the demo
             config keeps it as part of the recipe measured best there. Off by default.
-        seed: seed of the draws (combined with the epoch).
+        seed: seed of the draws (combined with the epoch); ``None``: the run's ``seed_everything``
+            (:func:`~datamodules.sampling.run_seed`), resolved when the options are made.
     """
 
     groups_per_batch: int = 4
@@ -80,9 +81,10 @@ class PairSampling:
     shuffled_negatives: int = 0
     shuffle_grid: int = 4
     crops_per_image: int | None = None
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        self.seed = run_seed(self.seed)
         if self.groups_per_batch < 1 or self.negatives < 1:
             raise ValueError("PairSampling needs groups_per_batch >= 1 and negatives >= 1")
         if self.candidates is not None and self.candidates < self.negatives:

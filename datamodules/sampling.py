@@ -14,12 +14,26 @@ through the wrapper only exists in recent releases.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or else the run's seed: what ``seed_everything`` set (Lightning records it in
+    ``PL_GLOBAL_SEED``, which DDP's re-launched processes inherit), or 0 if nothing was seeded.
+
+    Why: a data seed left unset follows ``seed_everything``, so a run with another seed also draws
+    other batches (on the demos the data draw moves results more than the initialisation), while
+    a resumed run, which repeats the config's ``seed_everything``, redraws the same ones.
+    """
+    if seed is not None:
+        return int(seed)
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
