@@ -1,6 +1,9 @@
-"""Data seeds left unset follow the run's ``seed_everything``; explicit ones win; a resume redraws."""
+"""Data seeds left unset follow the run's ``seed_everything``; explicit ones win; the same run seed
+(what a resumed run repeats from its config) redraws the same groups."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,10 +50,8 @@ def test_another_run_seed_draws_other_pair_groups_and_the_same_seed_the_same() -
     assert first == _groups(PairSampling(groups_per_batch=2, negatives=2, seed=1))
 
 
-def test_the_cli_resolves_data_seeds_after_seeding(cache_root, tmp_path) -> None:
+def test_the_cli_resolves_data_seeds_after_seeding(cache_root: Path, tmp_path: Path) -> None:
     """The options the training loader uses are made after the CLI ran ``seed_everything``."""
-    from pathlib import Path
-
     from retrieval_lightning.cli import run_lightning_cli
 
     config = Path(__file__).resolve().parents[1] / "experiments" / "cvnet_demo.yaml"
