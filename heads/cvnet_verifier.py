@@ -27,6 +27,9 @@ from heads._cvnet.network import CorrelationLearner
 from retrieval_lightning.head import EntryKind, FeatureFn, VerifierHead
 
 
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 class CVNetVerifierHead(VerifierHead):
     """The CVNet re-ranking model on one backbone stage.
 
@@ -37,6 +40,8 @@ class CVNetVerifierHead(VerifierHead):
             768x1024 with R50).
         max_pairs: in-batch training pairs per step (half positive, half negative when possible).
         entry_dtype: dtype of stored levels (``float16`` on disk; ``float32`` for exact checks).
+        score_dtype: arithmetic of :meth:`score`: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere),
+            ``float32`` everywhere (the official tester's numbers), or ``bfloat16`` everywhere.
     """
 
     stages = ("conv4",)
@@ -48,10 +53,14 @@ class CVNetVerifierHead(VerifierHead):
         batch_size: int = 4,
         max_pairs: int = 16,
         entry_dtype: str = "float16",
+        score_dtype: str = "auto",
     ) -> None:
         super().__init__()
         if entry_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"entry_dtype must be float16, bfloat16 or float32, got {entry_dtype!r}")
+        if score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
+        self.score_dtype = score_dtype
         self.stage = stage
         self.stages = (stage,)
         self.width = int(width)
@@ -170,9 +179,8 @@ class CVNetVerifierHead(VerifierHead):
         out = torch.empty(len(candidates))
         if not candidates:
             return out
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-        )
+        bf16 = self.score_dtype == "bfloat16" or (self.score_dtype == "auto" and device.type == "cuda")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         query_set = self._levels_of([query], device)
         groups: dict[tuple, list[int]] = {}
         for k, entry in enumerate(candidates):

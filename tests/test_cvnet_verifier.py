@@ -68,6 +68,24 @@ def test_aligned_pair_batch_and_zeroed_database_locations() -> None:
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
 
 
+def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
+    """``float32`` is the official tester's arithmetic on every device; ``bfloat16`` autocasts (the
+    GPU default) and moves the scores a little; ``auto`` is fp32 on this CPU."""
+    head = make_head(entry_dtype="float32")
+    gen = torch.Generator().manual_seed(3)
+    query = entry_from_conv4(head, torch.randn(1, 24, 7, 9, generator=gen))
+    dbs = [entry_from_conv4(head, torch.randn(1, 24, 7, 9, generator=gen)) for _ in range(3)]
+    auto = head.score(query, dbs, [0] * 3)
+    head.score_dtype = "float32"
+    assert torch.equal(head.score(query, dbs, [0] * 3), auto)
+    head.score_dtype = "bfloat16"
+    bf16 = head.score(query, dbs, [0] * 3)
+    assert not torch.equal(bf16, auto)
+    torch.testing.assert_close(bf16, auto, atol=3e-2, rtol=0)
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        CVNetVerifierHead(score_dtype="fp8")
+
+
 def test_entries_follow_their_kinds_and_fp16_scores_stay_close() -> None:
     head = make_head(channels=256)
     backbone = Backbone("resnet18", stages=("conv4",), pre_activation=("conv4",)).eval()

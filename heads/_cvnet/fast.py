@@ -80,11 +80,18 @@ def _pick(rows: Tensor, b: int) -> Tensor:
     return rows[b if rows.shape[0] > 1 else 0]
 
 
-def _clamped(pieces: Tensor, buffer: Tensor | None) -> Tensor:
-    """(c, n, L, L) strided view of products -> contiguous, clamped at 0 (into ``buffer`` if given)."""
-    if buffer is None:  # autograd: out= is not differentiable
+def _clamped(pieces: Tensor, buffer: list[Tensor] | None, size: int) -> Tensor:
+    """(c, n, L, L) strided view of products -> contiguous, clamped at 0.
+
+    Without autograd the result goes into ``buffer[0]`` (``size`` elements, allocated on first use
+    in the products' dtype, which autocast may have made bf16); with autograd (``buffer`` None) a
+    fresh tensor, since ``out=`` is not differentiable.
+    """
+    if buffer is None:
         return pieces.clamp(min=0).contiguous()
-    out = buffer[: pieces.numel()].view(pieces.shape)
+    if not buffer or buffer[0].dtype != pieces.dtype:
+        buffer[:] = [pieces.new_empty(size)]
+    out = buffer[0][: pieces.numel()].view(pieces.shape)
     return torch.clamp_min(pieces, 0, out=out)
 
 
@@ -102,7 +109,8 @@ def block1(first: CenterPivotConv4d, query: LevelSet, db: LevelSet, chunk: int =
     hq2, wq2, hk2, wk2 = (hq + 1) // 2, (wq + 1) // 2, (hk + 1) // 2, (wk + 1) // 2
     nq, nk, nq2, nk2 = hq * wq, hk * wk, hq2 * wq2, hk2 * wk2
     grad = torch.is_grad_enabled()
-    buffer = None if grad else query.rows.new_empty(chunk * max(nq, nk) * levels * levels)
+    buffer: list[Tensor] | None = None if grad else []
+    size = chunk * max(nq, nk) * levels * levels
     by_db, by_query = [], []
     for b in range(batch):
         q_even, q_rows = _pick(query.even, b), _pick(query.rows, b)
@@ -110,12 +118,12 @@ def block1(first: CenterPivotConv4d, query: LevelSet, db: LevelSet, chunk: int =
         for start in range(0, nq2, chunk):  # database-plane half: even query positions x all db positions
             stop = min(start + chunk, nq2)
             prod = q_even[start * levels : stop * levels] @ k_rows.t()  # (c*L_i, nk*L_j)
-            x = _clamped(prod.view(stop - start, levels, nk, levels).transpose(1, 2), buffer)
+            x = _clamped(prod.view(stop - start, levels, nk, levels).transpose(1, 2), buffer, size)
             by_db.append(_conv(first.conv2, x.view(stop - start, nk, -1), hk, wk))  # (c, nk2, O)
         for start in range(0, nk2, chunk):  # query-plane half: all query positions x even db positions
             stop = min(start + chunk, nk2)
             prod = k_even[start * levels : stop * levels] @ q_rows.t()  # (c*L_j, nq*L_i)
-            x = _clamped(prod.view(stop - start, levels, nq * levels).transpose(1, 2), buffer)
+            x = _clamped(prod.view(stop - start, levels, nq * levels).transpose(1, 2), buffer, size)
             by_query.append(_conv(first.conv1, x.view(stop - start, nq, -1), hq, wq))  # (c, nq2, O)
     out = torch.cat(by_db).view(batch, nq2, nk2, -1)
     query_half = torch.cat(by_query).view(batch, nk2, nq2, -1).transpose(1, 2)
