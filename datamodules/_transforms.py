@@ -133,12 +133,25 @@ def resize_by(image: Tensor, factor: float) -> Tensor:
     return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
-def pil_crop(image: Tensor, box: Sequence[float]) -> Tensor:
-    """Crop (C,H,W) like ``PIL.Image.crop(box)``: ``box = (x1, y1, x2, y2)``, each coordinate
-    rounded with Python's ``round`` (half to even); pixels outside the image are zeros."""
+BOX_ROUNDINGS = ("round", "truncate")
+
+
+def box_pixels(box: Sequence[float], rounding: str = "round") -> tuple[int, int, int, int]:
+    """Integer ``(x1, y1, x2, y2)`` of a query box: ``round`` as ``PIL.Image.crop`` (half to even;
+    the revisitop reference and DELG), ``truncate`` as ``int()`` (the official CVNet tester)."""
+    if rounding not in BOX_ROUNDINGS:
+        raise ValueError(f"box rounding must be one of {BOX_ROUNDINGS}, got {rounding!r}")
     if len(box) != 4:
         raise ValueError(f"crop box must have 4 numbers (x1, y1, x2, y2), got {list(box)!r}")
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    to_int = (lambda v: int(round(float(v)))) if rounding == "round" else (lambda v: int(float(v)))
+    x0, y0, x1, y1 = (to_int(v) for v in box)
+    return x0, y0, x1, y1
+
+
+def pil_crop(image: Tensor, box: Sequence[float], rounding: str = "round") -> Tensor:
+    """Crop (C,H,W) like ``PIL.Image.crop(box)``: ``box = (x1, y1, x2, y2)``, each coordinate
+    made an integer by :func:`box_pixels`; pixels outside the image are zeros."""
+    x0, y0, x1, y1 = box_pixels(box, rounding)
     if x1 < x0 or y1 < y0:
         raise ValueError(f"crop box {list(box)!r} has right < left or lower < upper")
     channels, height, width = image.shape
@@ -149,11 +162,11 @@ def pil_crop(image: Tensor, box: Sequence[float]) -> Tensor:
     return out
 
 
-def check_box(box: Sequence[float], height: int, width: int) -> None:
-    """Refuse a query box that, rounded as :func:`pil_crop` rounds it, is empty or leaves the image."""
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+def check_box(box: Sequence[float], height: int, width: int, rounding: str = "round") -> None:
+    """Refuse a query box that, made integer as :func:`pil_crop` does, is empty or leaves the image."""
+    x0, y0, x1, y1 = box_pixels(box, rounding)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"query box {list(box)!r} (rounded {[x0, y0, x1, y1]}) is empty or lies outside "
+        raise ValueError(f"query box {list(box)!r} (as pixels {[x0, y0, x1, y1]}) is empty or lies outside "
                          f"the {width}x{height} image")
 
 
@@ -161,20 +174,23 @@ class EvalTransform:
     """Evaluation resize: long side capped at ``max_side`` (DELG default 1024), aspect kept.
 
     ``__call__(image, box=None)`` takes a uint8 (3,H,W) full image; with ``box`` the image is
-    cropped first (:func:`pil_crop`) and scaled by the factor of the full image. Returns float32
-    (3,h,w) in [0, 1].
+    cropped first (:func:`pil_crop`, its coordinates made integer by ``box_rounding``) and scaled
+    by the factor of the full image. Returns float32 (3,h,w) in [0, 1].
     """
 
-    def __init__(self, max_side: int | None = 1024, upscale: bool = False) -> None:
+    def __init__(self, max_side: int | None = 1024, upscale: bool = False, box_rounding: str = "round") -> None:
+        if box_rounding not in BOX_ROUNDINGS:
+            raise ValueError(f"box_rounding must be one of {BOX_ROUNDINGS}, got {box_rounding!r}")
         self.max_side = max_side
         self.upscale = upscale
+        self.box_rounding = box_rounding
 
     def __call__(self, image: Tensor, box: Sequence[float] | None = None) -> Tensor:
         _, height, width = image.shape
         factor = eval_scale(height, width, self.max_side, self.upscale)
         if box is not None:
-            check_box(box, height, width)
-            image = pil_crop(image, box)
+            check_box(box, height, width, self.box_rounding)
+            image = pil_crop(image, box, self.box_rounding)
         return _to_float(resize_by(image, factor)).clamp_(0.0, 1.0)
 
 

@@ -187,7 +187,9 @@ class RevisitopDataModule(L.LightningDataModule):
     ``distractors`` points at ``revisitop1m.txt``; its images are under ``distractors_root``
     (default: ``jpg/`` next to the list, the official layout). ``max_distractors`` keeps the first
     N (a scaled-down run; the set is then named ``+<N>d`` instead of ``+1m``; 0 adds none and
-    keeps the plain name).
+    keeps the plain name). ``box_rounding`` makes query boxes integer: ``round`` (PIL's crop, the
+    revisitop reference and DELG) or ``truncate`` (``int()``, the official CVNet tester: use it to
+    match CVNet's published numbers).
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class RevisitopDataModule(L.LightningDataModule):
         max_side: int | None = 1024,
         upscale: bool = False,
         crop_queries: bool = True,
+        box_rounding: str = "round",
         eval_batch_size: int = 8,
         num_workers: int = 4,
         pin_memory: bool = False,
@@ -212,7 +215,7 @@ class RevisitopDataModule(L.LightningDataModule):
         if not self.datasets:
             raise ValueError("RevisitopDataModule needs at least one dataset name")
         self.policy = LoadPolicy(on_error=on_error)
-        self.transform = EvalTransform(max_side, upscale=upscale)
+        self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
         self._sets: list[EvalSet] | None = None
 
     @classmethod

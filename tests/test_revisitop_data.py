@@ -144,6 +144,23 @@ def test_query_crops_full_size_and_scaled(rop):
     assert es.dataset[2]["image"].shape == (3, 22, 30)
 
 
+def test_truncated_query_boxes_as_the_official_cvnet_tester(rop):
+    """``box_rounding: truncate`` crops ``img[int(y1):int(y2), int(x1):int(x2)]`` (CVNet's tester);
+    box 0 (2.5, 3.5, 40.5, 27.2) then differs from PIL's rounding (2, 4, 40, 27) on two edges."""
+    data = load_revisitop(rop["root"], "roxford5k")
+    dm = RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], max_side=None, box_rounding="truncate",
+                             num_workers=0)
+    (es,) = dm.eval_sets("test")
+    for q in range(2):
+        x1, y1, x2, y2 = (int(v) for v in OX_BOXES[q])
+        full = np.asarray(Image.open(data.query_paths[q]).convert("RGB"))
+        ref = torch.from_numpy(full[y1:y2, x1:x2].copy()).permute(2, 0, 1).float() / 255
+        assert torch.equal(es.dataset[q]["image"], ref)
+    assert es.dataset[0]["image"].shape != _pil_reference(data.query_paths[0], OX_BOXES[0], None).shape
+    with pytest.raises(ValueError, match="box_rounding must be one of"):
+        RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], box_rounding="ceil")
+
+
 def test_eval_transform_no_upscale_by_default():
     image = torch.zeros(3, 10, 20, dtype=torch.uint8)
     assert EvalTransform(64)(image).shape == (3, 10, 20)
