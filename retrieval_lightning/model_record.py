@@ -68,6 +68,7 @@ def architecture_of(module: "RetrievalModule") -> dict[str, Any]:
             "freeze": sorted(module.frozen),
             "optim": module.optim,
             "eval_scales": list(module.eval_scales),
+            "eval_resize": module.eval_resize,
             "search_chunk": module.search_chunk,
             "freeze_bn": module.freeze_bn,
             "rerank": module.rerank,

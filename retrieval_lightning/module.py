@@ -24,6 +24,7 @@ from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, check_state_fits, 
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
 from retrieval_lightning.imprint import imprint_heads
+from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.retrieval.gather import gather_dedupe
@@ -54,6 +55,9 @@ class RetrievalModule(pl.LightningModule):
             names exist in this model must fit in shape, others are reported and left.
         optim: optimiser and LR schedule (see :class:`~retrieval_lightning.optim.OptimConfig`).
         eval_scales: image scales of the multi-scale global descriptor.
+        eval_resize: how an image is resized to each scale: ``antialias`` (default), ``bilinear``
+            (DELG's ``tf.image.resize``) or ``opencv`` (the official CVNet tester); see
+            :mod:`retrieval_lightning.layers.scale_resize`.
         search_chunk: database rows scored at once during search (memory bound).
         freeze_bn: keep the backbone's BatchNorm statistics fixed while training (as
             cnnimageretrieval-pytorch fine-tunes): small or oddly distributed fine-tuning sets
@@ -76,6 +80,7 @@ class RetrievalModule(pl.LightningModule):
         init_from: str | None = None,
         optim: OptimConfig | None = None,
         eval_scales: Sequence[float] = DEFAULT_EVAL_SCALES,
+        eval_resize: str = "antialias",
         search_chunk: int = 65536,
         freeze_bn: bool = False,
         rerank: RerankConfig | None = None,
@@ -105,6 +110,9 @@ class RetrievalModule(pl.LightningModule):
         self.frozen = set(freeze)
         self.optim = optim or OptimConfig()
         self.eval_scales = tuple(float(s) for s in eval_scales)
+        if eval_resize not in SCALE_RESIZES:
+            raise ValueError(f"eval_resize must be one of {SCALE_RESIZES}, got {eval_resize!r}")
+        self.eval_resize = eval_resize
         self.search_chunk = int(search_chunk)
         self.freeze_bn = bool(freeze_bn)
         self.rerank = rerank if rerank is not None else RerankConfig()
@@ -271,9 +279,7 @@ class RetrievalModule(pl.LightningModule):
         head = self.global_head
         acc = None
         for scale in self.eval_scales:
-            x = image[None].to(self.device)
-            if scale != 1.0:
-                x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
+            x = resize_to_scale(image[None].to(self.device), scale, self.eval_resize)
             desc = head.embed(self.backbone(x))[0].float()
             acc = desc if acc is None else acc + desc
         return F.normalize(acc, dim=-1)

@@ -107,6 +107,7 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
     extra: dict[str, Any] = {
         "model_class": type(model).__name__,
         "eval_scales": list(getattr(model, "eval_scales", [])),
+        "eval_resize": getattr(model, "eval_resize", "antialias"),
         "datamodule": type(datamodule).__name__,
         "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
     }

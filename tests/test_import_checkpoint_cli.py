@@ -21,6 +21,7 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     assert main(["import-checkpoint", "cvnet", str(source), str(out)]) == 0
     module = RetrievalModule.load_from_checkpoint(out)
     assert module.rerank.fusion == "weighted" and module.rerank.weight == 0.5  # the official fusion
+    assert module.eval_resize == "opencv"  # the official tester's multi-scale resizing
     gen = torch.Generator().manual_seed(0)
     query = torch.rand(3, 96, 128, generator=gen)
     candidates = [query, torch.rand(3, 112, 96, generator=gen)]

@@ -127,8 +127,9 @@ def import_cvnet_checkpoint(source: str, output: str) -> str:
     backbone, heads = convert_official_state(state)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     official_test = RerankConfig(k=100, shortlist="protocol", fusion="weighted", weight=0.5)
-    module = RetrievalModule(backbone=backbone, heads=heads, num_classes=0, rerank=official_test)
+    module = RetrievalModule(backbone=backbone, heads=heads, num_classes=0, rerank=official_test,
+                             eval_resize="opencv")
     module.save_checkpoint(output)
     n = sum(t.numel() for t in module.state_dict().values())
     return f"{source}: {len(state)} tensors -> {output} ({n / 1e6:.1f}M values; CVNet test settings: " \
-           "BGR input, scales 0.7071/1/1.4142, K=100 per protocol, global + 0.5 x verifier)"
+           "BGR input, scales 0.7071/1/1.4142 resized as OpenCV, K=100 per protocol, global + 0.5 x verifier)"

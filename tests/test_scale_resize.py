@@ -1,0 +1,102 @@
+"""eval_resize: the multi-scale descriptor's resizing, checked against OpenCV (the official CVNet
+tester's library, and for ``bilinear`` the same half-pixel sampling as DELG's tf.image.resize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.layers.scale_resize import (
+    area_matrix, linear_matrix, resize_to_scale, scaled_size, separable_resize,
+)
+from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.registry import HEADS
+
+SIZES = [(37, 53), (100, 77), (129, 96)]
+SCALES = [0.7071, 0.5, 1.4142]
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _cv2(img: np.ndarray, scale: float, dsize: tuple[int, int] | None = None) -> np.ndarray:
+    inter = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    if dsize is not None:
+        return cv2.resize(img, dsize, interpolation=inter)
+    return cv2.resize(img, None, fx=scale, fy=scale, interpolation=inter)
+
+
+def _batch(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].double() / (255.0 if img.dtype == np.uint8 else 1.0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_opencv_kernels_equal_cv2_resize_in_float(scale: float) -> None:
+    """Area shrinking and bilinear enlarging with ``fx = fy = scale``: OpenCV maps pixels with the
+    requested factor, not the ratio of the rounded sizes; float images show it exactly."""
+    for i, (h, w) in enumerate(SIZES):
+        img = _image(h, w, i).astype(np.float32) / 255
+        ref = _cv2(img, scale)
+        size = scaled_size(h, w, scale)
+        assert ref.shape[:2] == size
+        matrix = area_matrix if scale < 1 else linear_matrix
+        got = separable_resize(_batch(img), matrix(h, size[0], 1 / scale), matrix(w, size[1], 1 / scale))
+        np.testing.assert_allclose(got[0].permute(1, 2, 0).numpy(), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_opencv_mode_is_within_one_level_of_cv2_on_8bit_images(scale: float) -> None:
+    """The tester resizes 8-bit images: the mode rounds to 8-bit levels; OpenCV's fixed-point
+    bilinear differs by one level on some pixels, its area averaging almost never."""
+    for i, (h, w) in enumerate(SIZES):
+        img = _image(h, w, 10 + i)
+        ref = _cv2(img, scale).astype(np.float64)
+        got = resize_to_scale(_batch(img), scale, "opencv")[0].permute(1, 2, 0).numpy() * 255
+        diff = np.abs(got - ref)
+        assert diff.max() <= 1.0 + 1e-6
+        assert (diff > 0.5).mean() <= (0.005 if scale < 1 else 0.2)
+
+
+def test_bilinear_mode_rounds_sizes_and_samples_at_half_pixel_centres() -> None:
+    img = _image(37, 53, 3).astype(np.float32) / 255
+    got = resize_to_scale(_batch(img), 1.4142, "bilinear")
+    assert tuple(got.shape[-2:]) == (52, 75)  # round(52.33), round(74.95); floor gives 74
+    ref = cv2.resize(img, (75, 52), interpolation=cv2.INTER_LINEAR)  # dsize: the ratio of sizes, as TF
+    np.testing.assert_allclose(got[0].permute(1, 2, 0).numpy(), ref, atol=1e-6, rtol=0)
+    small = resize_to_scale(_batch(img), 0.7071, "bilinear")
+    ref = cv2.resize(img, (37, 26), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(small[0].permute(1, 2, 0).numpy(), ref, atol=1e-6, rtol=0)
+
+
+def test_default_mode_is_the_antialiased_resize_it_always_was() -> None:
+    x = torch.rand(1, 3, 37, 53)
+    for scale in SCALES:
+        expected = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
+        assert torch.equal(resize_to_scale(x, scale), expected)
+    assert resize_to_scale(x, 1.0, "opencv") is x
+    with pytest.raises(ValueError, match="eval_resize must be one of"):
+        resize_to_scale(x, 0.5, "lanczos")
+
+
+def test_module_records_eval_resize_and_the_descriptor_follows_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()},
+                             eval_resize="opencv").eval()
+    path = tmp_path / "m.ckpt"
+    module.save_checkpoint(path)
+    loaded = RetrievalModule.load_from_checkpoint(path).eval()
+    assert loaded.eval_resize == "opencv"
+    image = torch.from_numpy(_image(75, 99, 5)).permute(2, 0, 1).float() / 255
+    opencv = loaded.embed_image(image)
+    loaded.eval_resize = "antialias"
+    assert not torch.allclose(opencv, loaded.embed_image(image), atol=1e-6)
+    with pytest.raises(ValueError, match="eval_resize must be one of"):
+        RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()},
+                        eval_resize="cubic")
