@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, read_metrics, run_main
 from retrieval_lightning.cli import main
 from retrieval_lightning.module import RetrievalModule
+from test_cli import _overrides_for
 from test_cvnet_verifier import random_official_state
 
 
@@ -33,3 +35,18 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     assert main(["import-checkpoint", "cvnt", str(source), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown checkpoint importer 'cvnt'; did you mean 'cvnet'?")
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_tests_through_the_official_tester_config(cache_root: Path, tmp_path: Path) -> None:
+    """`test --config experiments/eval_cvnet_revisitop.yaml --ckpt_path <imported>`: the config's model
+    is the importer's (every tensor fits), and the run logs global and re-ranked revisitop metrics."""
+    source = tmp_path / "CVPR2022_CVNet_R50.pyth"
+    torch.save({"model_state": random_official_state(50)}, source)
+    ckpt = tmp_path / "cvnet_r50.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(source), str(ckpt)]) == 0
+    config = REPO / "experiments" / "eval_cvnet_revisitop.yaml"
+    overrides = [o for o in _overrides_for(config, cache_root, tmp_path) if not o.startswith("--model.backbone")]
+    run_main(["test", "--config", str(config), *overrides, f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    metrics = read_metrics(tmp_path / "metrics", "test")
+    assert {"test/minilandmarks/mAP_H", "test/minilandmarks/reranked/mAP_H"} <= set(metrics)
