@@ -107,10 +107,12 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
     extra: dict[str, Any] = {
         "model_class": type(model).__name__,
         "eval_scales": list(getattr(model, "eval_scales", [])),
-        "eval_resize": getattr(model, "eval_resize", "antialias"),
         "datamodule": type(datamodule).__name__,
         "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
     }
+    resize = getattr(model, "eval_resize", "antialias")
+    if resize != "antialias":  # only when set: stores extracted before the option keep their identity
+        extra["eval_resize"] = resize
     if getattr(model, "rerank_head", None) is not None:
         extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
     skip = getattr(model, "is_training_only", None)

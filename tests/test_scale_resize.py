@@ -4,6 +4,7 @@ tester's library, and for ``bilinear`` the same half-pixel sampling as DELG's tf
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -17,6 +18,7 @@ from retrieval_lightning.layers.scale_resize import (
 )
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import HEADS
+from retrieval_lightning.trainer import extraction_identity
 
 SIZES = [(37, 53), (100, 77), (129, 96)]
 SCALES = [0.7071, 0.5, 1.4142]
@@ -100,3 +102,15 @@ def test_module_records_eval_resize_and_the_descriptor_follows_it(tmp_path: Path
     with pytest.raises(ValueError, match="eval_resize must be one of"):
         RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()},
                         eval_resize="cubic")
+
+
+def test_extraction_identity_names_a_non_default_resize() -> None:
+    """A store extracted with another resize is another store; the default adds nothing, so stores
+    extracted before the option existed keep their identity."""
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()})
+    data = SimpleNamespace(hparams={"max_side": 96})
+    default = extraction_identity(module, data)
+    assert "eval_resize" not in default
+    module.eval_resize = "opencv"
+    assert extraction_identity(module, data)["eval_resize"] == "opencv"
