@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from retrieval_lightning.data.io import LoadPolicy, apply_orientation, exif_orientation, load_image_or_skip, to_float
+from retrieval_lightning.layers.scale_resize import scaled_size
 
 
 def _to_float(image: Tensor) -> Tensor:
@@ -128,8 +129,7 @@ def resize_by(image: Tensor, factor: float) -> Tensor:
     """Resize a (3,H,W) tensor to ``(round(H*f), round(W*f))`` (at least 1), bilinear + antialias."""
     if factor == 1.0:
         return image
-    _, height, width = image.shape
-    size = [max(1, int(round(height * factor))), max(1, int(round(width * factor)))]
+    size = list(scaled_size(image.shape[1], image.shape[2], factor))
     return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 

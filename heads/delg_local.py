@@ -30,12 +30,12 @@ from heads._delg.extraction import (
     cell_keypoints,
     pack_signs,
     resize,
-    resized_size,
     select,
     usable_scales,
 )
 from heads._delg.receptive_field import CentreCache
 from retrieval_lightning.head import EntryKind, FeatureFn, LocalHead
+from retrieval_lightning.layers.scale_resize import scaled_size
 from retrieval_lightning.retrieval.geometry import verify_shortlist
 
 
@@ -166,7 +166,7 @@ class DelgLocalHead(LocalHead):
         height, width = int(image.shape[-2]), int(image.shape[-1])
         levels = []
         for scale in usable_scales(height, width, self.scales, self.min_side):
-            size = resized_size(height, width, scale)
+            size = scaled_size(height, width, scale)
             conv4, centres = self._centres(features_at, resize(image, size), self.stage)
             attention, encoded, _ = self.forward_maps(conv4.float())
             h, w = conv4.shape[-2:]

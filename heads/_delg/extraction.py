@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from heads._delg.receptive_field import CellCentres
+from retrieval_lightning.layers.scale_resize import scaled_size
 
 #: DELG's 7-scale image pyramid (REFERENCE.md §1)
 PAPER_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
@@ -28,13 +29,9 @@ class ScaleFeatures:
     scale: float
 
 
-def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-
-
 def usable_scales(height: int, width: int, scales: tuple[float, ...], min_side: int) -> list[float]:
     """Scales whose resized image keeps its short side >= ``min_side`` (else the largest one)."""
-    kept = [s for s in scales if min(resized_size(height, width, s)) >= min_side]
+    kept = [s for s in scales if min(scaled_size(height, width, s)) >= min_side]
     return kept or [max(scales)]
 
 

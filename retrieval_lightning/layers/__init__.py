@@ -1,4 +1,4 @@
-"""Reusable layers for heads: pooling and margin-based classifiers."""
+"""Reusable layers: pooling, margin-based classifiers, and resizing an image to an evaluation scale."""
 
 from retrieval_lightning.layers.gem import GeM
 from retrieval_lightning.layers.margins import ArcFaceMargin, CosineClassifier, CurricularFaceMargin, build_margin
