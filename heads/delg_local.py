@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from heads._delg.extraction import (
     PAPER_SCALES,
+    PYRAMID_RESIZES,
     ScaleFeatures,
     cell_keypoints,
     pack_signs,
@@ -63,6 +64,9 @@ class DelgLocalHead(LocalHead):
         max_keypoints: keep the N strongest cells by attention across scales (None: all).
         attention_threshold: keep only cells with attention >= this (None: no threshold).
         min_side: skip pyramid levels whose short side would be below this many pixels.
+        pyramid_resize: how each pyramid level is resized (sizes ``round(side * scale)`` either way):
+            ``antialias`` (default) low-passes when shrinking; ``bilinear`` does not, as DELG's
+            extractor (``tf.image.resize``), for parity with its published features.
         binarize: store sign bits (``descriptor_bits``) instead of fp16 ``descriptors``.
         matching, ratio, max_distance, max_hamming, model, method, threshold, max_iters:
             options of :func:`~retrieval_lightning.retrieval.geometry.match_and_verify`.
@@ -83,6 +87,7 @@ class DelgLocalHead(LocalHead):
         max_keypoints: int | None = 1000,
         attention_threshold: float | None = None,
         min_side: int = 32,
+        pyramid_resize: str = "antialias",
         binarize: bool = False,
         matching: str = "mutual",
         ratio: float | None = None,
@@ -108,6 +113,9 @@ class DelgLocalHead(LocalHead):
         self.max_keypoints = max_keypoints
         self.attention_threshold = attention_threshold
         self.min_side = int(min_side)
+        if pyramid_resize not in PYRAMID_RESIZES:
+            raise ValueError(f"pyramid_resize must be one of {PYRAMID_RESIZES}, got {pyramid_resize!r}")
+        self.pyramid_resize = pyramid_resize
         self.binarize = bool(binarize)
         self.match_options = dict(
             matching=matching, ratio=ratio, max_distance=max_distance, max_hamming=max_hamming,
@@ -167,7 +175,7 @@ class DelgLocalHead(LocalHead):
         levels = []
         for scale in usable_scales(height, width, self.scales, self.min_side):
             size = scaled_size(height, width, scale)
-            conv4, centres = self._centres(features_at, resize(image, size), self.stage)
+            conv4, centres = self._centres(features_at, resize(image, size, self.pyramid_resize), self.stage)
             attention, encoded, _ = self.forward_maps(conv4.float())
             h, w = conv4.shape[-2:]
             levels.append(ScaleFeatures(

@@ -102,7 +102,9 @@ _NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persis
 
 def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
     """Identity of extracted features: weights (training-only tensors excluded), model evaluation
-    options, stored kinds and every preprocessing argument of the datamodule."""
+    options, every head's class and arguments (a head's extraction options, such as a keep ratio
+    or a keypoint budget, live there and not in the weights), stored kinds and every preprocessing
+    argument of the datamodule."""
     data_args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in _NOT_PREPROCESSING}
     extra: dict[str, Any] = {
         "model_class": type(model).__name__,
@@ -113,6 +115,9 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
     resize = getattr(model, "eval_resize", "antialias")
     if resize != "antialias":  # only when set: stores extracted before the option keep their identity
         extra["eval_resize"] = resize
+    heads = getattr(model, "heads", None)
+    if heads:
+        extra["heads"] = {role: [type(h).__name__, getattr(h, "init_args", {})] for role, h in heads.items()}
     if getattr(model, "rerank_head", None) is not None:
         extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
     skip = getattr(model, "is_training_only", None)

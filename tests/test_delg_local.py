@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads._delg.extraction import cell_keypoints, pack_signs
+import cv2
+
+from heads._delg.extraction import cell_keypoints, pack_signs, resize
 from heads._delg.receptive_field import trace_centres
 from heads.delg_local import DelgLocalHead
 from retrieval_lightning.backbone import Backbone
@@ -132,6 +134,29 @@ def test_entries_follow_the_options(lite0: Backbone, binarize: bool) -> None:
             assert entry["descriptor_bits"].shape[1] == 16  # 16 bytes per 128-D feature
         else:
             torch.testing.assert_close(entry["descriptors"].float().norm(dim=1), torch.ones(n), atol=2e-3, rtol=0)
+
+
+def test_bilinear_pyramid_resize_is_tf_resize_without_antialias(lite0: Backbone) -> None:
+    """``pyramid_resize='bilinear'`` samples as DELG's ``tf.image.resize`` (half-pixel centres, no
+    low-pass), checked against OpenCV's ``INTER_LINEAR`` on float pixels (the same rule); the
+    default low-passes when shrinking, so its entries differ."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 90, 120, generator=gen)
+    for size in [(32, 42), (127, 170)]:  # shrinking (scale 0.3536), enlarging (1.4142)
+        reference = cv2.resize(image.permute(1, 2, 0).numpy(), size[::-1], interpolation=cv2.INTER_LINEAR)
+        ours = resize(image, size, "bilinear")[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(ours, reference.clip(0, 1), atol=1e-5)
+    assert (resize(image, (32, 42), "antialias") - resize(image, (32, 42), "bilinear")).abs().max() > 0.05
+    with pytest.raises(ValueError, match="pyramid_resize must be one of"):
+        DelgLocalHead(pyramid_resize="area")
+    images = [torch.rand(3, 96, 128, generator=gen)]
+    sharp = built_head(lite0, scales=(0.5, 1.0), pyramid_resize="bilinear").extract_entries(images, lite0)[0]
+    smooth = built_head(lite0, scales=(0.5, 1.0)).extract_entries(images, lite0)[0]
+    half = smooth["scale"].float() < 1  # only the shrunk level differs
+    assert half.any() and (sharp["scale"].float() < 1).any()
+    one = lambda e: e["descriptors"][e["scale"].float() == 1].float()  # noqa: E731
+    assert not torch.equal(sharp["descriptors"][sharp["scale"].float() < 1], smooth["descriptors"][half])
+    torch.testing.assert_close(one(sharp).sort(0).values, one(smooth).sort(0).values)
 
 
 def test_binary_entries_are_the_signs_of_the_float_ones(lite0: Backbone) -> None:

@@ -114,3 +114,17 @@ def test_extraction_identity_names_a_non_default_resize() -> None:
     assert "eval_resize" not in default
     module.eval_resize = "opencv"
     assert extraction_identity(module, data)["eval_resize"] == "opencv"
+
+
+def test_extraction_identity_follows_head_options() -> None:
+    """A head's extraction options are arguments, not weights: another value is another store
+    (a rerun with another keypoint budget must not reuse the old entries)."""
+    def identity(max_keypoints: int) -> dict:
+        torch.manual_seed(0)
+        heads = {"global": HEADS.get("gem_arcface")(), "local": HEADS.get("delg_local")(max_keypoints=max_keypoints)}
+        module = RetrievalModule(Backbone("resnet18", stages=("conv4", "conv5")), heads)
+        return extraction_identity(module, SimpleNamespace(hparams={"max_side": 96}))
+
+    assert identity(500) == identity(500)
+    assert identity(500) != identity(400)
+    assert identity(400)["heads"]["local"][1]["max_keypoints"] == 400

@@ -35,12 +35,20 @@ def usable_scales(height: int, width: int, scales: tuple[float, ...], min_side: 
     return kept or [max(scales)]
 
 
-def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(3, H, W) -> (1, 3, h, w), antialiased when shrinking (as an area resize would)."""
+#: how a pyramid level is resized: ``antialias`` averages when shrinking (as an area resize would);
+#: ``bilinear`` samples without a low-pass, as DELG's extractor (``tf.image.resize``, half-pixel centres)
+PYRAMID_RESIZES = ("antialias", "bilinear")
+
+
+def resize(image: Tensor, size: tuple[int, int], mode: str = "antialias") -> Tensor:
+    """(3, H, W) -> (1, 3, h, w), bilinear; antialiased when shrinking unless ``mode`` is ``bilinear``."""
+    if mode not in PYRAMID_RESIZES:
+        raise ValueError(f"pyramid resize must be one of {PYRAMID_RESIZES}, got {mode!r}")
     x = image[None].float()
     if tuple(x.shape[-2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    out = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=mode == "antialias")
+    return out.clamp_(0.0, 1.0)
 
 
 def cell_keypoints(
