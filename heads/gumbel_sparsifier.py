@@ -27,7 +27,6 @@ from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
 
 SELECTIONS = ("learned", "norm", "random")
 ESTIMATORS = ("auto", "straight_through", "score_function")
-OBJECTIVES = ("labels", "distill")
 
 
 class GumbelSparsifierHead(SparsifierHead):
@@ -54,11 +53,6 @@ class GumbelSparsifierHead(SparsifierHead):
         estimator: how the pair loss reaches the keep logits (:mod:`heads._sparse.masked`):
             ``straight_through`` needs a verifier whose ``pair_logits`` takes ``db_masks``;
             ``score_function`` works with any verifier; ``auto`` picks the first available.
-        objective: what the masked scores are trained towards. ``labels``: cross-entropy on the
-            pairs' same/different labels. ``distill``: the dense verifier's own probabilities on
-            the same pairs (soft cross-entropy, no labels), since a sparse store should change
-            no score, right or wrong; the labels' target rewards selections that fix the
-            verifier's mistakes on training pairs, which need not carry over to test pairs.
     """
 
     def __init__(
@@ -80,7 +74,6 @@ class GumbelSparsifierHead(SparsifierHead):
         index_dtype: str = "int16",
         negatives_per_anchor: int = 1,
         estimator: str = "auto",
-        objective: str = "labels",
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -92,9 +85,6 @@ class GumbelSparsifierHead(SparsifierHead):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.objective = objective
         codec.check_options(value_dtype, int8_scale, index_dtype)
         self.stages = (stage,)
         self.stage = stage
@@ -215,8 +205,6 @@ class GumbelSparsifierHead(SparsifierHead):
 
         ``pairs`` (optional, from a pair-mining datamodule): (M, 3) long rows ``(query, database,
         same)``, the mined hard negatives the verifier trained on; without it, :meth:`pairs`.
-        The cross-entropy's target is the label, or the dense verifier's probabilities
-        (``objective: distill``; the loss is then named ``distill``).
         """
         verifier = self._verifier()
         levels = verifier.project(features[self.stage])
@@ -234,27 +222,22 @@ class GumbelSparsifierHead(SparsifierHead):
         def as_maps(masks: Sequence[Tensor]) -> list[Tensor]:
             return [m.reshape(-1, *hw) for m, hw in zip(masks, shapes)]
 
-        target: Tensor = same
-        if self.objective == "distill":
-            with torch.no_grad():
-                target = F.softmax(masked_pair_logits(verifier, q_levels, d_levels, None).float(), dim=1)
-        name = "distill" if self.objective == "distill" else "pair_ce"
         out: dict[str, Tensor] = {}
         if self.uses_straight_through():
             pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.relaxed_masks(logits, sizes)))
-            out[name] = F.cross_entropy(pair.float(), target)
+            out["pair_ce"] = F.cross_entropy(pair.float(), same)
         else:
             masks, logp = self.sampled_masks(logits, sizes)
-            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks)).float(), target,
+            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks)).float(), same,
                                  reduction="none")
             with torch.no_grad():
                 greedy = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.greedy_masks(logits, sizes)))
-                baseline = F.cross_entropy(greedy.float(), target, reduction="none")
-            out[name] = ce.mean()
+                baseline = F.cross_entropy(greedy.float(), same, reduction="none")
+            out["pair_ce"] = ce.mean()
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
-        fraction = self.target_fraction(sizes)
-        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
+        target = self.target_fraction(sizes)
+        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, target) for lg in logits]).mean()
         if self.training:
             self.step += 1
         return out

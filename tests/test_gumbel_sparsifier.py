@@ -247,34 +247,3 @@ def test_pair_loss_reaches_the_keep_logits(estimator: str) -> None:
     # without mined pairs the head forms its own in-batch pairs
     losses = head.losses(module.backbone(batch["image"]), batch["label"])
     assert set(losses) >= {"pair_ce", "budget"} and all(torch.isfinite(v) for v in losses.values())
-
-
-@pytest.mark.parametrize("estimator", ["score_function", "straight_through"])
-def test_distill_objective_targets_the_dense_verifier_not_the_labels(estimator: str) -> None:
-    """``objective: distill``: the target is the dense verifier's probability on each pair, so the
-    labels do not enter; keeping every location reproduces the dense scores and leaves only the
-    teacher's entropy (the soft cross-entropy's floor), fewer locations cost more."""
-    module = verifier_module(estimator=estimator, objective="distill", keep_ratio=1.0)
-    head, verifier = module.heads["sparsifier"], module.heads["verifier"]
-    features = module.backbone(torch.stack(photos(4, seed=1)))
-    pairs = torch.tensor([[0, 1, 1], [0, 2, 0], [2, 3, 1], [2, 1, 0]])
-    with torch.no_grad():
-        levels = verifier.project(features["conv4"])
-        probs = F.softmax(verifier.pair_logits([lv[pairs[:, 0]] for lv in levels],
-                                               [lv[pairs[:, 1]] for lv in levels]).float(), dim=1)
-        entropy = -(probs * probs.log()).sum(1).mean()
-        everything = head.losses(features, torch.zeros(4, dtype=torch.long), pairs=pairs)
-        flipped = pairs.clone()
-        flipped[:, 2] = 1 - flipped[:, 2]
-        assert "pair_ce" not in everything
-        torch.testing.assert_close(everything["distill"], entropy, atol=1e-5, rtol=0)
-        torch.testing.assert_close(head.losses(features, torch.zeros(4, dtype=torch.long), pairs=flipped)["distill"],
-                                   everything["distill"])
-        head.keep_ratio = 0.1
-        assert head.losses(features, torch.zeros(4, dtype=torch.long), pairs=pairs)["distill"] > entropy + 1e-4
-    head.train()
-    losses = head.losses({k: v.detach() for k, v in features.items()}, torch.zeros(4, dtype=torch.long), pairs=pairs)
-    sum(losses.values()).backward()
-    assert head.scorer[-1].weight.grad.abs().sum() > 0  # the keep scores learn from the teacher
-    with pytest.raises(ValueError, match="objective must be one of"):
-        GumbelSparsifierHead(objective="margin")
