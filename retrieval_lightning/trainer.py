@@ -109,12 +109,10 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
     extra: dict[str, Any] = {
         "model_class": type(model).__name__,
         "eval_scales": list(getattr(model, "eval_scales", [])),
+        "eval_resize": getattr(model, "eval_resize", "antialias"),
         "datamodule": type(datamodule).__name__,
         "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
     }
-    resize = getattr(model, "eval_resize", "antialias")
-    if resize != "antialias":  # only when set: stores extracted before the option keep their identity
-        extra["eval_resize"] = resize
     heads = getattr(model, "heads", None)
     if heads:
         extra["heads"] = {role: [type(h).__name__, getattr(h, "init_args", {})] for role, h in heads.items()}

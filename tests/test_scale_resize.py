@@ -104,16 +104,16 @@ def test_module_records_eval_resize_and_the_descriptor_follows_it(tmp_path: Path
                         eval_resize="cubic")
 
 
-def test_extraction_identity_names_a_non_default_resize() -> None:
-    """A store extracted with another resize is another store; the default adds nothing, so stores
-    extracted before the option existed keep their identity."""
+def test_extraction_identity_names_the_resize() -> None:
+    """A store extracted with another resize is another store."""
     torch.manual_seed(0)
     module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()})
     data = SimpleNamespace(hparams={"max_side": 96})
     default = extraction_identity(module, data)
-    assert "eval_resize" not in default
+    assert default["eval_resize"] == "antialias"
     module.eval_resize = "opencv"
     assert extraction_identity(module, data)["eval_resize"] == "opencv"
+    assert extraction_identity(module, data) != default
 
 
 def test_extraction_identity_follows_head_options() -> None:
