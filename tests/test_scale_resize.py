@@ -18,6 +18,7 @@ from retrieval_lightning.layers.scale_resize import (
 )
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import HEADS
+from retrieval_lightning.retrieval.writer import ShardWriter, completed_indices
 from retrieval_lightning.trainer import extraction_identity
 
 SIZES = [(37, 53), (100, 77), (129, 96)]
@@ -116,9 +117,9 @@ def test_extraction_identity_names_the_resize() -> None:
     assert extraction_identity(module, data) != default
 
 
-def test_extraction_identity_follows_head_options() -> None:
-    """A head's extraction options are arguments, not weights: another value is another store
-    (a rerun with another keypoint budget must not reuse the old entries)."""
+def test_extraction_identity_follows_head_options(tmp_path: Path) -> None:
+    """A head's extraction options are arguments, not weights: another value is another store, so
+    a rerun with another keypoint budget is refused instead of finding the old shards done."""
     def identity(max_keypoints: int) -> dict:
         torch.manual_seed(0)
         heads = {"global": HEADS.get("gem_arcface")(), "local": HEADS.get("delg_local")(max_keypoints=max_keypoints)}
@@ -126,5 +127,10 @@ def test_extraction_identity_follows_head_options() -> None:
         return extraction_identity(module, SimpleNamespace(hparams={"max_side": 96}))
 
     assert identity(500) == identity(500)
-    assert identity(500) != identity(400)
     assert identity(400)["heads"]["local"][1]["max_keypoints"] == 400
+    writer = ShardWriter(tmp_path, rank=0, shard_size=4, identity=identity(500))
+    writer.add({"index": np.arange(3), "global": np.zeros((3, 2), dtype=np.float16)})
+    writer.close()
+    assert completed_indices(tmp_path, identity(500)).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="different model or config.*heads"):
+        completed_indices(tmp_path, identity(400))
