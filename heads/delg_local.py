@@ -175,7 +175,7 @@ class DelgLocalHead(LocalHead):
         levels = []
         for scale in usable_scales(height, width, self.scales, self.min_side):
             size = scaled_size(height, width, scale)
-            conv4, centres = self._centres(features_at, resize(image, size, self.pyramid_resize), self.stage)
+            conv4, centres = self._centres(features_at, resize(image, size, antialias=self.pyramid_resize == "antialias"), self.stage)
             attention, encoded, _ = self.forward_maps(conv4.float())
             h, w = conv4.shape[-2:]
             levels.append(ScaleFeatures(

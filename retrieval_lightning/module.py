@@ -366,13 +366,17 @@ class RetrievalModule(pl.LightningModule):
     def _reranks(self) -> bool:
         return self.rerank_head is not None and self.rerank.enabled
 
+    def head_arguments(self) -> dict[str, list[Any]]:
+        """``{role: [class name, init arguments]}``: what shapes extraction besides the weights
+        (a keep ratio or a keypoint budget is an argument), for store identities."""
+        return {role: [type(h).__name__, h.init_args] for role, h in self.heads.items()}
+
     def entry_identity(self) -> dict[str, Any]:
         """Identity of stored entries: the weights plus everything that shapes an entry."""
         kinds = {f"{side}:{k}": [v.dtype, list(v.shape), v.ragged]
                  for side, db in (("q", False), ("db", True)) for k, v in self.rerank_entry_kinds(db).items()}
-        heads = {role: [type(h).__name__, h.init_args] for role, h in self.heads.items()}
         return module_identity(self, exclude=self.is_training_only, model_class=type(self).__name__, kinds=kinds,
-                               heads=heads)
+                               heads=self.head_arguments())
 
     def _start_eval(self, prefix: str, stage: str) -> None:
         self._eval_buffers.clear()

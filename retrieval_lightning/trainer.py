@@ -113,9 +113,8 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
         "datamodule": type(datamodule).__name__,
         "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
     }
-    heads = getattr(model, "heads", None)
-    if heads:
-        extra["heads"] = {role: [type(h).__name__, getattr(h, "init_args", {})] for role, h in heads.items()}
+    if hasattr(model, "head_arguments"):
+        extra["heads"] = model.head_arguments()
     if getattr(model, "rerank_head", None) is not None:
         extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
     skip = getattr(model, "is_training_only", None)

@@ -40,14 +40,12 @@ def usable_scales(height: int, width: int, scales: tuple[float, ...], min_side: 
 PYRAMID_RESIZES = ("antialias", "bilinear")
 
 
-def resize(image: Tensor, size: tuple[int, int], mode: str = "antialias") -> Tensor:
-    """(3, H, W) -> (1, 3, h, w), bilinear; antialiased when shrinking unless ``mode`` is ``bilinear``."""
-    if mode not in PYRAMID_RESIZES:
-        raise ValueError(f"pyramid resize must be one of {PYRAMID_RESIZES}, got {mode!r}")
+def resize(image: Tensor, size: tuple[int, int], antialias: bool = True) -> Tensor:
+    """(3, H, W) -> (1, 3, h, w), bilinear; with ``antialias`` low-passed when shrinking."""
     x = image[None].float()
     if tuple(x.shape[-2:]) == size:
         return x
-    out = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=mode == "antialias")
+    out = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return out.clamp_(0.0, 1.0)
 
 
