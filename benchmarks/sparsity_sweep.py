@@ -143,6 +143,9 @@ def main() -> int:
     parser.add_argument("--sparsifier-ckpt", default=None)
     parser.add_argument("--output", default="outputs/sparsity_sweep")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--fills", default=None,
+                        help="comma-separated fill_sigma values to score with (0: dropped locations are zero); "
+                             "default: the sparsifier's own")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.output)
@@ -171,23 +174,30 @@ def main() -> int:
     rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
     rows.append({"setting": "dense", "ratio": 1.0, **dense})
     print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-    for selection in SELECTIONS:
-        for ratio in (float(r) for r in args.ratios.split(",")):
-            head = copy.copy(trained)  # shares the trained parameters; only selection and count differ
-            head.selection, head.keep_ratio, head.budget = selection, ratio, None
-            model.sparsifier = head
-            setting = {"setting": selection, "ratio": ratio, "values": head.value_dtype}
-            rows.append({**setting, **evaluate(model, eval_set, stores / f"{selection}-{ratio}", setting, config)[0]})
-            print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    fills = [trained.fill_sigma] if args.fills is None else [float(f) for f in args.fills.split(",")]
+    for fill in fills:
+        for selection in SELECTIONS:
+            for ratio in (float(r) for r in args.ratios.split(",")):
+                head = copy.copy(trained)  # shares the trained parameters; only selection, count and fill differ
+                head.selection, head.keep_ratio, head.budget, head.fill_sigma = selection, ratio, None, fill
+                model.sparsifier = head
+                setting = {"setting": selection, "ratio": ratio, "values": head.value_dtype, "fill_sigma": fill}
+                directory = stores / f"{selection}-{ratio}-fill{fill}"
+                rows.append({**setting, **evaluate(model, eval_set, directory, setting, config)[0]})
+                print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
 
     nq = eval_set.n_queries
     print(f"\nminilandmarks test: {nq} queries, {len(eval_set.dataset) - nq} database images; re-ranking k={config.k} "
           f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
-          f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}")
-    print("| selection | keep ratio | bytes / db image | re-ranked mAP-M | re-ranked mAP-H |\n|---|---|---|---|---|")
+          f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}, sparsifier trained with "
+          f"fill_sigma {trained.fill_sigma}")
+    print("| selection | keep ratio | dropped locations | bytes / db image | re-ranked mAP-M | re-ranked mAP-H |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         b = "-" if r["bytes"] is None else f"{r['bytes']:.0f}"
-        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {b} | "
+        fill = r.get("fill_sigma")
+        dropped = "-" if fill is None else ("zero" if fill == 0 else f"filled (sigma {fill:g})")
+        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {dropped} | {b} | "
               f"{r['mAP_M']:.2f} | {r['mAP_H']:.2f} |")
     r50 = r50_bytes(trained)
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
@@ -209,9 +219,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("mAP_M", "mAP_H")):
-        for selection, style in zip(SELECTIONS, ("o-", "s--", "^:")):
-            pts = [(r["bytes"] / 1024, r[key]) for r in rows if r["setting"] == selection]
-            ax.plot(*zip(*pts), style, label=selection)
+        fills = sorted({r["fill_sigma"] for r in rows if "fill_sigma" in r})
+        for fill, color in zip(fills, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            for selection, style in zip(SELECTIONS, ("o-", "s--", "^:")):
+                pts = [(r["bytes"] / 1024, r[key]) for r in rows if r["setting"] == selection and r["fill_sigma"] == fill]
+                dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
+                ax.plot(*zip(*pts), style, color=color, label=f"{selection} (dropped: {dropped})" if len(fills) > 1
+                        else selection)
         for r, color in ((rows[1], "k"), (rows[0], "grey")):
             ax.axhline(r[key], color=color, lw=0.8, label=r["setting"])
         ax.set_xscale("log")

@@ -16,7 +16,7 @@ Scoring builds only the correlation entries the first strided 4D convolution rea
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,7 @@ class CVNetVerifierHead(VerifierHead):
         query_levels: Sequence[Tensor],
         db_levels: Sequence[Tensor],
         db_masks: Sequence[Tensor] | None = None,
+        db_fill: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """(B, 2) logits for aligned pairs of projected levels (as :meth:`project` returns them).
 
@@ -93,6 +94,8 @@ class CVNetVerifierHead(VerifierHead):
         (one query against B candidates). ``db_masks[i]`` (B, h_i, w_i) multiplies database level
         ``i``'s rows *after* L2 normalisation (the sparsifier's selection): a 0 equals a dropped
         row, and a soft mask has a real gradient (scaling before the normalisation would have none).
+        ``db_fill(units, mask)``, when given, replaces that product: it says what a dropped row
+        holds (the sparsifier's fill).
         """
         if db_masks is None:
             db = prepare_levels(list(db_levels))
@@ -104,7 +107,8 @@ class CVNetVerifierHead(VerifierHead):
                 b, _, h, w = level.shape
                 if tuple(mask.shape) != (b, h, w):
                     raise ValueError(f"db mask of shape {tuple(mask.shape)} for a level of shape {tuple(level.shape)}")
-                units.append(F.normalize(level, dim=1, eps=1e-12) * mask.unsqueeze(1).to(level.dtype))
+                unit = F.normalize(level, dim=1, eps=1e-12)
+                units.append(db_fill(unit, mask) if db_fill is not None else unit * mask.unsqueeze(1).to(level.dtype))
             db = prepare_levels(units, normalized=True)
         return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), db)
 

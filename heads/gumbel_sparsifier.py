@@ -3,15 +3,18 @@
 Why: CVNet must store every database image's dense projected pyramid (5.2 MiB fp32 at 768x1024),
 which does not scale to a million images. This head scores every location of a database image's
 levels with a small conv net, keeps the top ones, and stores only those (positions + fp16/int8
-rows); the verifier scores the scattered-back map through its dense code path, dropped locations
-being zero. The keep scores are learned end to end through the verifier's pair loss with a
-straight-through Gumbel relaxation (:mod:`heads._sparse.selection`), plus a budget term.
+rows); the verifier scores the scattered-back map through its dense code path, each dropped
+location holding the Gaussian average of the kept rows around it (:mod:`heads._sparse.fill`;
+``fill_sigma: 0`` leaves it zero). The keep scores are learned end to end through the verifier's
+pair loss, with the same fill, by a straight-through Gumbel relaxation
+(:mod:`heads._sparse.selection`), plus a budget term.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads._sparse import codec
-from heads._sparse.masked import accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
+from heads._sparse.fill import fill_dropped, fill_rows
+from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
     RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, temperature, topk_positions, topk_st_mask,
 )
@@ -53,6 +57,10 @@ class GumbelSparsifierHead(SparsifierHead):
         estimator: how the pair loss reaches the keep logits (:mod:`heads._sparse.masked`):
             ``straight_through`` needs a verifier whose ``pair_logits`` takes ``db_masks``;
             ``score_function`` works with any verifier; ``auto`` picks the first available.
+        fill_sigma: what a dropped location holds when scored (:mod:`heads._sparse.fill`): 0
+            (zero, it contributes nothing) or the Gaussian average (sigma in cells of its level)
+            of the kept rows around it. Training and scoring use the same fill; nothing is
+            stored for it.
     """
 
     def __init__(
@@ -74,6 +82,7 @@ class GumbelSparsifierHead(SparsifierHead):
         index_dtype: str = "int16",
         negatives_per_anchor: int = 1,
         estimator: str = "auto",
+        fill_sigma: float = 1.5,
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -84,7 +93,10 @@ class GumbelSparsifierHead(SparsifierHead):
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if fill_sigma < 0:
+            raise ValueError(f"fill_sigma must be >= 0 (0: dropped locations are zero), got {fill_sigma}")
         self.estimator = estimator
+        self.fill_sigma = float(fill_sigma)
         codec.check_options(value_dtype, int8_scale, index_dtype)
         self.stages = (stage,)
         self.stage = stage
@@ -193,6 +205,9 @@ class GumbelSparsifierHead(SparsifierHead):
         return [torch.zeros_like(lg).scatter_(1, torch.topk(lg.detach(), k, dim=1).indices, 1.0)
                 for lg, k in zip(logits, self._counts(sizes))]
 
+    def _fill(self) -> Fill | None:
+        return partial(fill_dropped, sigma=self.fill_sigma) if self.fill_sigma > 0 else None
+
     def uses_straight_through(self) -> bool:
         if self.estimator == "auto":
             return accepts_db_masks(self._verifier())
@@ -224,14 +239,16 @@ class GumbelSparsifierHead(SparsifierHead):
 
         out: dict[str, Tensor] = {}
         if self.uses_straight_through():
-            pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.relaxed_masks(logits, sizes)))
+            pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.relaxed_masks(logits, sizes)),
+                                      self._fill())
             out["pair_ce"] = F.cross_entropy(pair.float(), same)
         else:
             masks, logp = self.sampled_masks(logits, sizes)
-            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks)).float(), same,
-                                 reduction="none")
+            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks), self._fill()).float(),
+                                 same, reduction="none")
             with torch.no_grad():
-                greedy = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.greedy_masks(logits, sizes)))
+                greedy = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.greedy_masks(logits, sizes)),
+                                            self._fill())
                 baseline = F.cross_entropy(greedy.float(), same, reduction="none")
             out["pair_ce"] = ce.mean()
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
@@ -292,13 +309,17 @@ class GumbelSparsifierHead(SparsifierHead):
         return out
 
     def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Sparse entries -> the verifier's dense form (dropped rows zero); dense entries pass through."""
+        """Sparse entries -> the verifier's dense form (dropped rows zero, or filled from the kept
+        ones with ``fill_sigma``); dense entries pass through."""
         out = []
         for entry in entries:
             names = sorted({k[: -len("_pos")] for k in entry if k.endswith("_pos") and f"{k[:-4]}_val" in entry})
             dense = {k: v for k, v in entry.items()
                      if not any(k in (f"{n}_pos", f"{n}_val", f"{n}_scale") for n in names)}
             for name in names:
-                dense[name] = codec.decode_level(name, entry, entry[f"{name}_hw"])
+                hw = entry[f"{name}_hw"]
+                rows = codec.decode_level(name, entry, hw)
+                h, w = (int(v) for v in hw.reshape(-1)[:2])
+                dense[name] = fill_rows(rows, entry[f"{name}_pos"], (h, w), self.fill_sigma)
             out.append(dense)
         return out

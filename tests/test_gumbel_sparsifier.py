@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from heads._sparse import codec
-from heads._sparse.masked import plackett_luce_logprob
+from heads._sparse.fill import fill_dropped, fill_rows
+from heads._sparse.masked import masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
     budget_loss, concrete_st_mask, keep_count, temperature, topk_positions, topk_st_mask,
 )
@@ -179,8 +180,9 @@ def photos(n: int, seed: int = 0) -> list[torch.Tensor]:
     return list(F.interpolate(x, size=(96, 128), mode="bilinear", align_corners=False))
 
 
-def test_keep_ratio_one_reproduces_dense_scores_through_the_module() -> None:
-    module = verifier_module(keep_ratio=1.0)
+@pytest.mark.parametrize("fill_sigma", [0.0, 1.5])
+def test_keep_ratio_one_reproduces_dense_scores_through_the_module(fill_sigma: float) -> None:
+    module = verifier_module(keep_ratio=1.0, fill_sigma=fill_sigma)
     verifier, head = module.heads["verifier"], module.heads["sparsifier"]
     assert head.verifier[0] is verifier  # the module attached it
     images = photos(4)
@@ -247,3 +249,78 @@ def test_pair_loss_reaches_the_keep_logits(estimator: str) -> None:
     # without mined pairs the head forms its own in-batch pairs
     losses = head.losses(module.backbone(batch["image"]), batch["label"])
     assert set(losses) >= {"pair_ce", "budget"} and all(torch.isfinite(v) for v in losses.values())
+
+
+# ---------------------------------------------------------------- filling dropped locations
+def gaussian_average_reference(rows: torch.Tensor, kept: list[int], h: int, w: int, sigma: float) -> torch.Tensor:
+    """Each dropped cell: the sum over kept cells of exp(-d^2 / 2 sigma^2) * unit row, normalised."""
+    out = rows.clone()
+    for j in range(h * w):
+        if j in kept:
+            continue
+        acc = torch.zeros(rows.shape[1], dtype=torch.float64)
+        for i in kept:
+            d2 = (j // w - i // w) ** 2 + (j % w - i % w) ** 2
+            acc += torch.exp(torch.tensor(-d2 / (2 * sigma ** 2), dtype=torch.float64)) * F.normalize(rows[i].double(), dim=0)
+        out[j] = (acc / acc.norm()).float()
+    return out
+
+
+def test_fill_is_the_gaussian_average_of_the_kept_rows_in_both_paths() -> None:
+    """Scoring (``fill_rows`` on decoded rows) and training (``fill_dropped`` on unit maps with a
+    mask) fill a dropped cell alike, as a per-cell loop says; stored rows are left as stored."""
+    h, w, sigma = 5, 7, 1.5
+    rows = torch.randn(h * w, P, generator=torch.Generator().manual_seed(3))
+    kept = [0, 9, 23, 34]
+    decoded = torch.zeros_like(rows)
+    decoded[kept] = rows[kept]
+    expected = gaussian_average_reference(decoded, kept, h, w, sigma)
+    scored = fill_rows(decoded, torch.tensor(kept), (h, w), sigma)
+    torch.testing.assert_close(scored, expected, atol=1e-6, rtol=0)
+    assert torch.equal(scored[kept], rows[kept])
+    mask = torch.zeros(h * w)
+    mask[kept] = 1
+    unit = F.normalize(rows, dim=1).t().reshape(1, P, h, w)
+    trained = fill_dropped(unit, mask.reshape(1, h, w), sigma)[0].reshape(P, -1).t()
+    torch.testing.assert_close(trained, F.normalize(expected, dim=1), atol=1e-6, rtol=0)
+    assert torch.equal(fill_rows(decoded, torch.tensor(kept), (h, w), 0.0), decoded)  # sigma 0: zeros stay
+
+
+def test_filled_training_logits_equal_the_stored_entries_scores() -> None:
+    """The masks the sparsifier trains through and the entries it stores give the verifier the
+    same input: hard top-k masks with the fill equal scoring the sparsified, densified entries."""
+    module = verifier_module(keep_ratio=0.2, fill_sigma=1.5)
+    verifier, head = module.heads["verifier"], module.heads["sparsifier"]
+    with torch.no_grad():
+        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=4)))["conv4"])
+        q, d = [lv[:1] for lv in levels], [lv[1:] for lv in levels]
+        entries = [{**{f"level{i}": lv[b].flatten(1).t().contiguous() for i, lv in enumerate(d)},
+                    **{f"level{i}_hw": torch.tensor(lv.shape[2:]) for i, lv in enumerate(d)}} for b in range(2)]
+        sparse = head.sparsify(entries)
+        stored = head.densify(sparse)
+        masks = []
+        for i, lv in enumerate(d):
+            m = torch.zeros(2, lv.shape[2] * lv.shape[3])
+            for b in range(2):
+                m[b, sparse[b][f"level{i}_pos"].long()] = 1
+            masks.append(m.reshape(2, *lv.shape[2:]))
+        trained = masked_pair_logits(verifier, q, d, masks, head._fill())
+        from_store = verifier.pair_logits(
+            q, [torch.stack([s[f"level{i}"].float().t().reshape(lv.shape[1:]) for s in stored]) for i, lv in enumerate(d)])
+        zero = masked_pair_logits(verifier, q, d, masks)
+
+        class PlainVerifier:  # a third-party verifier without db_masks / db_fill
+            pair_logits = staticmethod(lambda ql, dl: verifier.pair_logits(ql, dl))
+
+        plain = masked_pair_logits(PlainVerifier(), q, d, masks, head._fill())
+    torch.testing.assert_close(trained, from_store, atol=2e-3, rtol=0)  # stored values are fp16
+    torch.testing.assert_close(plain, trained, atol=1e-5, rtol=0)
+    assert (zero - trained).abs().max() > 1e-3  # the fill does change what the verifier sees
+    mask = [m.clone().requires_grad_() for m in masks]
+    masked_pair_logits(verifier, q, d, mask, head._fill())[:, 1].sum().backward()
+    assert all(m.grad.abs().sum() > 0 for m in mask)
+
+
+def test_negative_fill_sigma_is_refused() -> None:
+    with pytest.raises(ValueError, match="fill_sigma"):
+        GumbelSparsifierHead(fill_sigma=-1.0)

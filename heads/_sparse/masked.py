@@ -14,28 +14,46 @@ the gradient explode. Two estimators therefore:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def accepts_db_masks(verifier: Any) -> bool:
+def _accepts(verifier: Any, parameter: str) -> bool:
     try:
-        return "db_masks" in inspect.signature(verifier.pair_logits).parameters
+        return parameter in inspect.signature(verifier.pair_logits).parameters
     except (TypeError, ValueError):
         return False
 
 
+def accepts_db_masks(verifier: Any) -> bool:
+    return _accepts(verifier, "db_masks")
+
+
+Fill = Callable[[Tensor, Tensor], Tensor]
+
+
 def masked_pair_logits(verifier: Any, query_levels: Sequence[Tensor], db_levels: Sequence[Tensor],
-                       masks: Sequence[Tensor] | None) -> Tensor:
-    """(B, 2) logits; ``masks[i]`` (B, h_i, w_i) weights database level ``i`` (0 = contributes nothing)."""
+                       masks: Sequence[Tensor] | None, fill: Fill | None = None) -> Tensor:
+    """(B, 2) logits; ``masks[i]`` (B, h_i, w_i) weights database level ``i`` (0 = dropped).
+
+    ``fill(units, mask)`` (:func:`heads._sparse.fill.fill_dropped`) says what a dropped row holds;
+    without it a dropped row is zero and contributes nothing.
+    """
     if masks is None:
         return verifier.pair_logits(list(query_levels), list(db_levels))
-    if accepts_db_masks(verifier):
-        return verifier.pair_logits(list(query_levels), list(db_levels), db_masks=list(masks))
-    # exact in the forward pass for 0/1 masks: a zero row correlates to 0 with every query row
-    return verifier.pair_logits(list(query_levels), [lv * m.unsqueeze(1).to(lv.dtype) for lv, m in zip(db_levels, masks)])
+    if accepts_db_masks(verifier) and (fill is None or _accepts(verifier, "db_fill")):
+        extra = {"db_fill": fill} if fill is not None else {}
+        return verifier.pair_logits(list(query_levels), list(db_levels), db_masks=list(masks), **extra)
+    # exact in the forward pass for 0/1 masks: a zero row correlates to 0 with every query row, and
+    # the verifier's own normalisation leaves the (unit) filled rows as they are
+    if fill is not None:
+        db = [fill(F.normalize(lv, dim=1, eps=1e-12), m) for lv, m in zip(db_levels, masks)]
+    else:
+        db = [lv * m.unsqueeze(1).to(lv.dtype) for lv, m in zip(db_levels, masks)]
+    return verifier.pair_logits(list(query_levels), db)
 
 
 def plackett_luce_logprob(logits: Tensor, perturbed: Tensor, k: int) -> Tensor:

@@ -4,7 +4,8 @@ Why two relaxations: ``topk`` keeps exactly the extraction budget in every train
 verifier sees the sparsity it will see at test time) and lets gradients reach the logits through
 a sigmoid around the k-th perturbed logit; ``concrete`` (binary Gumbel / concrete, one coin per
 location) lets the kept fraction float, held at the target by :func:`budget_loss`. Both are
-straight-through: the forward mask is exactly 0/1, so a dropped location contributes nothing.
+straight-through: the forward mask is exactly 0/1, so a dropped location's own features never
+reach the verifier.
 """
 
 from __future__ import annotations
