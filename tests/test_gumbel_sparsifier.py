@@ -65,7 +65,7 @@ def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:
 @pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image")])
 def test_codec_round_trip(value_dtype: str, scale: str) -> None:
     entry = dense_entry(1)
-    head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale)
+    head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale, fill_sigma=0.0)  # dropped = zero
     sparse = head.sparsify([entry])[0]
     kinds = head.entry_kinds({"level0": EntryKind("float16", (P,), True), "level0_hw": EntryKind("int32", (2,)),
                               "level1": EntryKind("float16", (P,), True), "level1_hw": EntryKind("int32", (2,)),
