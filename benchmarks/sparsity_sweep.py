@@ -135,6 +135,28 @@ def r50_bytes(head: Any) -> dict[str, float]:
             "conv4_fp32": R50_CONV4_FP32, "kept": sum(counts)}
 
 
+def r50_densify_ms(head: Any, repeats: int = 10) -> dict[float, float]:
+    """Milliseconds to turn one R50-shaped (768x1024) sparse entry back into the verifier's dense
+    levels, with dropped locations zero and filled as ``head`` fills them (random rows)."""
+    gen = torch.Generator().manual_seed(0)
+    entry: dict[str, Tensor] = {}
+    for i, (h, w) in enumerate(R50_LEVELS):
+        entry[f"level{i}"] = torch.randn(h * w, 256, generator=gen).half()
+        entry[f"level{i}_hw"] = torch.tensor([h, w], dtype=torch.int32)
+    probe = copy.copy(head)
+    probe.selection = "norm"
+    sparse = probe.sparsify([entry])
+    out = {}
+    for fill in sorted({0.0, head.fill_sigma}):
+        probe.fill_sigma = fill
+        probe.densify(sparse)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            probe.densify(sparse)
+        out[fill] = (time.perf_counter() - start) / repeats * 1000
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verifier-config", default="experiments/cvnet_demo.yaml")
@@ -205,6 +227,10 @@ def main() -> int:
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
           f"official fp32 conv4 map {r50['conv4_fp32'] / 2**20:.1f} MiB ({r50['conv4_fp32'] / r50['sparse']:.1f}x, "
           "goal >= 100x)")
+    ms = r50_densify_ms(trained)
+    print("densifying one R50 768x1024 sparse entry for scoring: " +
+          ", ".join(f"dropped {'zero' if f == 0 else f'filled (sigma {f:g})'} {t:.1f} ms" for f, t in ms.items()) +
+          " (the verifier then takes ~380 ms per pair, benchmarks/cvnet_rerank.py)")
     plot(rows, out / "sparsity_sweep.png")
     (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoint": sp_ckpt}, indent=1))
     print(f"plot: {out / 'sparsity_sweep.png'} ({time.time() - t0:.0f} s total)")
