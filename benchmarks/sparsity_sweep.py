@@ -243,7 +243,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, key in zip(axes, ("mAP_M", "mAP_H")):
         fills = sorted({r["fill_sigma"] for r in rows if "fill_sigma" in r})
         for fill, color in zip(fills, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
@@ -257,9 +257,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("stored KiB per database image")
         ax.set_ylabel(f"re-ranked {key}")
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle("CVNet-DS sparsifier on minilandmarks")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
 
 
