@@ -7,7 +7,7 @@ Gaussian-weighted average of the kept (L2-normalised) rows around it gives back 
 volume built from the stored rows only: a dropped feature still cannot affect a score, no byte is
 added to the store, and a kept row is used as stored, so keep ratio 1.0 is dense exactly.
 
-The weighted average is a separable Gaussian blur of the masked map (two small matrix products per
+The weighted average is a separable Gaussian blur of the masked map (two matrix products per
 level), so it is differentiable in the mask: the sparsifier trains through the same fill it is
 scored with.
 """
