@@ -213,15 +213,21 @@ def main() -> int:
           f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
           f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}, sparsifier trained with "
           f"fill_sigma {trained.fill_sigma}")
-    print("| selection | keep ratio | dropped locations | bytes / db image | re-ranked mAP-M | re-ranked mAP-H |\n"
-          "|---|---|---|---|---|---|")
+    print("| selection | keep ratio | dropped locations | bytes / db image | KiB at R50 768x1024 | re-ranked mAP-M "
+          "| re-ranked mAP-H |\n|---|---|---|---|---|---|---|")
+    r50 = r50_bytes(trained)
     for r in rows:
         b = "-" if r["bytes"] is None else f"{r['bytes']:.0f}"
         fill = r.get("fill_sigma")
         dropped = "-" if fill is None else ("zero" if fill == 0 else f"filled (sigma {fill:g})")
-        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {dropped} | {b} | "
+        if r["setting"] in SELECTIONS:
+            at_ratio = copy.copy(trained)
+            at_ratio.keep_ratio, at_ratio.budget = r["ratio"], None
+            kib = f"{r50_bytes(at_ratio)['sparse'] / 1024:.1f}"
+        else:
+            kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] == "dense" else "-"
+        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {dropped} | {b} | {kib} | "
               f"{r['mAP_M']:.2f} | {r['mAP_H']:.2f} |")
-    r50 = r50_bytes(trained)
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
