@@ -63,6 +63,8 @@ class GumbelSparsifierHead(SparsifierHead):
             stored for it.
     """
 
+    scoring_only = ("fill_sigma",)  # the fill is made at scoring time; the stored rows do not depend on it
+
     def __init__(
         self,
         stage: str = "conv4",

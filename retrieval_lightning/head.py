@@ -65,6 +65,9 @@ class Head(nn.Module):
     #: state-dict prefixes (inside the head) that exist only for training, e.g. a classifier over the
     #: training classes: a model built for evaluation (``num_classes=0``) loads checkpoints without them
     training_only: ClassVar[tuple[str, ...]] = ()
+    #: constructor arguments that change how stored entries are scored, not what is stored: left out
+    #: of store identities, so changing one re-scores an existing store instead of re-extracting it
+    scoring_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()

@@ -368,8 +368,10 @@ class RetrievalModule(pl.LightningModule):
 
     def head_arguments(self) -> dict[str, list[Any]]:
         """``{role: [class name, init arguments]}``: what shapes extraction besides the weights
-        (a keep ratio or a keypoint budget is an argument), for store identities."""
-        return {role: [type(h).__name__, h.init_args] for role, h in self.heads.items()}
+        (a keep ratio or a keypoint budget is an argument), for store identities. A head's
+        ``scoring_only`` arguments are left out: they do not change what is stored."""
+        return {role: [type(h).__name__, {k: v for k, v in h.init_args.items() if k not in h.scoring_only}]
+                for role, h in self.heads.items()}
 
     def entry_identity(self) -> dict[str, Any]:
         """Identity of stored entries: the weights plus everything that shapes an entry."""

@@ -324,3 +324,12 @@ def test_filled_training_logits_equal_the_stored_entries_scores() -> None:
 def test_negative_fill_sigma_is_refused() -> None:
     with pytest.raises(ValueError, match="fill_sigma"):
         GumbelSparsifierHead(fill_sigma=-1.0)
+
+
+def test_fill_sigma_is_scoring_only_and_left_out_of_the_store_identity() -> None:
+    """Changing the fill re-scores an existing store (its rows do not depend on it); changing the
+    keep ratio does change what is stored, so it changes the identity."""
+    filled = verifier_module(fill_sigma=1.5).entry_identity()
+    assert "fill_sigma" not in filled["heads"]["sparsifier"][1]
+    assert verifier_module(fill_sigma=0.0).entry_identity() == filled
+    assert verifier_module(keep_ratio=0.2).entry_identity() != filled
