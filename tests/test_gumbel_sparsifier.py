@@ -313,9 +313,9 @@ def test_filled_training_logits_equal_the_stored_entries_scores() -> None:
             pair_logits = staticmethod(lambda ql, dl: verifier.pair_logits(ql, dl))
 
         plain = masked_pair_logits(PlainVerifier(), q, d, masks, head._fill())
-    torch.testing.assert_close(trained, from_store, atol=2e-3, rtol=0)  # stored values are fp16
+    torch.testing.assert_close(trained, from_store, atol=1e-3, rtol=0)  # stored values are fp16
     torch.testing.assert_close(plain, trained, atol=1e-5, rtol=0)
-    assert (zero - trained).abs().max() > 1e-3  # the fill does change what the verifier sees
+    assert (zero - trained).abs().max() > 2e-2  # the fill does change what the verifier sees
     mask = [m.clone().requires_grad_() for m in masks]
     masked_pair_logits(verifier, q, d, mask, head._fill())[:, 1].sum().backward()
     assert all(m.grad.abs().sum() > 0 for m in mask)
