@@ -254,7 +254,8 @@ def plot(rows: list[dict], path: Path) -> None:
         fills = sorted({r["fill_sigma"] for r in rows if "fill_sigma" in r})
         for fill, color in zip(fills, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
             for selection, style in zip(SELECTIONS, ("o-", "s--", "^:")):
-                pts = [(r["bytes"] / 1024, r[key]) for r in rows if r["setting"] == selection and r["fill_sigma"] == fill]
+                pts = [(r["bytes"] / 1024, r[key]) for r in rows
+                       if r["setting"] == selection and r["fill_sigma"] == fill]
                 dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
                 ax.plot(*zip(*pts), style, color=color, label=f"{selection} (dropped: {dropped})" if len(fills) > 1
                         else selection)

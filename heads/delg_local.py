@@ -173,9 +173,10 @@ class DelgLocalHead(LocalHead):
     def _levels(self, image: Tensor, features_at: FeatureFn) -> list[ScaleFeatures]:
         height, width = int(image.shape[-2]), int(image.shape[-1])
         levels = []
+        antialias = self.pyramid_resize == "antialias"
         for scale in usable_scales(height, width, self.scales, self.min_side):
             size = scaled_size(height, width, scale)
-            conv4, centres = self._centres(features_at, resize(image, size, antialias=self.pyramid_resize == "antialias"), self.stage)
+            conv4, centres = self._centres(features_at, resize(image, size, antialias=antialias), self.stage)
             attention, encoded, _ = self.forward_maps(conv4.float())
             h, w = conv4.shape[-2:]
             levels.append(ScaleFeatures(

@@ -261,7 +261,8 @@ def gaussian_average_reference(rows: torch.Tensor, kept: list[int], h: int, w: i
         acc = torch.zeros(rows.shape[1], dtype=torch.float64)
         for i in kept:
             d2 = (j // w - i // w) ** 2 + (j % w - i % w) ** 2
-            acc += torch.exp(torch.tensor(-d2 / (2 * sigma ** 2), dtype=torch.float64)) * F.normalize(rows[i].double(), dim=0)
+            weight = torch.exp(torch.tensor(-d2 / (2 * sigma ** 2), dtype=torch.float64))
+            acc += weight * F.normalize(rows[i].double(), dim=0)
         out[j] = (acc / acc.norm()).float()
     return out
 
@@ -305,8 +306,9 @@ def test_filled_training_logits_equal_the_stored_entries_scores() -> None:
                 m[b, sparse[b][f"level{i}_pos"].long()] = 1
             masks.append(m.reshape(2, *lv.shape[2:]))
         trained = masked_pair_logits(verifier, q, d, masks, head._fill())
-        from_store = verifier.pair_logits(
-            q, [torch.stack([s[f"level{i}"].float().t().reshape(lv.shape[1:]) for s in stored]) for i, lv in enumerate(d)])
+        stored_levels = [torch.stack([s[f"level{i}"].float().t().reshape(lv.shape[1:]) for s in stored])
+                         for i, lv in enumerate(d)]
+        from_store = verifier.pair_logits(q, stored_levels)
         zero = masked_pair_logits(verifier, q, d, masks)
 
         class PlainVerifier:  # a third-party verifier without db_masks / db_fill

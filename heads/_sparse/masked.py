@@ -71,4 +71,4 @@ def plackett_luce_logprob(logits: Tensor, perturbed: Tensor, k: int) -> Tensor:
 def bernoulli_logprob(logits: Tensor, hard: Tensor) -> Tensor:
     """log P of independent keep coins ``hard`` (0/1) with P(keep) = sigmoid(logits), per row."""
     hard = hard.detach()
-    return (hard * torch.nn.functional.logsigmoid(logits) + (1 - hard) * torch.nn.functional.logsigmoid(-logits)).sum(-1)
+    return (hard * F.logsigmoid(logits) + (1 - hard) * F.logsigmoid(-logits)).sum(-1)
