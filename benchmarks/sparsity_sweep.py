@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,17 +105,40 @@ class SweepModel:
 
 
 def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
-             config: Any) -> tuple[dict[str, float], Tensor]:
-    """Re-ranked metrics and stored bytes per database image of one setting, through the core; and
-    the global descriptors (queries first)."""
+             config: Any) -> tuple[dict[str, Any], Tensor]:
+    """Re-ranked metrics, stored bytes per database image and the verifier's shortlist scores
+    (``{query: (positions, scores)}``) of one setting, through the core; and the global
+    descriptors (queries first)."""
     from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked, extract_entries
 
     identity = {"benchmark": "sparsity_sweep", "weights": model.module.entry_identity()["weights_sha256"], **setting}
     descriptors, query_store, db_store = extract_entries(model, eval_set, directory, identity, progress=False)
     result = evaluate_reranked(model, eval_set, descriptors, query_store, db_store, config, progress=False)
     row = {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"],
-           "bytes": sum(db_store.bytes_per_image.values())}
+           "bytes": sum(db_store.bytes_per_image.values()), "scores": result.extra["rerank_scores"]}
     return row, descriptors
+
+
+def fidelity(scores: dict, dense: dict) -> dict[str, float]:
+    """How far a setting's verifier scores are from the dense verifier's on the same shortlists,
+    without labels: mean absolute difference and mean per-query Kendall tau of the two orders.
+
+    Why: 10 queries' mAP moves by points when a few ranks swap, while these use every shortlisted
+    pair (K per query), so they separate settings that mAP on the demo cannot.
+    """
+    from scipy.stats import kendalltau
+
+    diffs, taus = [], []
+    for query, (positions, values) in scores.items():
+        ref_positions, ref = dense[query]
+        order = {int(p): i for i, p in enumerate(ref_positions)}
+        ref = np.asarray(ref, dtype=np.float64)[[order[int(p)] for p in positions]]
+        values = np.asarray(values, dtype=np.float64)
+        diffs.append(np.abs(values - ref))
+        if len(values) > 1:
+            tau = kendalltau(values, ref).statistic
+            taus.append(1.0 if np.isnan(tau) else float(tau))  # nan: constant scores on both sides
+    return {"score_mad": float(np.concatenate(diffs).mean()), "kendall_tau": float(np.mean(taus))}
 
 
 def r50_bytes(head: Any) -> dict[str, float]:
@@ -168,6 +192,9 @@ def main() -> int:
     parser.add_argument("--fills", default=None,
                         help="comma-separated fill_sigma values to score with (0: dropped locations are zero); "
                              "default: the sparsifier's own")
+    parser.add_argument("--values", default=None,
+                        help="comma-separated stored value types to score with (float16, int8, int4); "
+                             "default: the sparsifier's own")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.output)
@@ -194,18 +221,23 @@ def main() -> int:
     dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
     glob = evaluate_eval_set(eval_set, descriptors).metrics
     rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
-    rows.append({"setting": "dense", "ratio": 1.0, **dense})
+    dense_scores = dense.pop("scores")
+    rows.append({"setting": "dense", "ratio": 1.0, **dense, **fidelity(dense_scores, dense_scores)})
     print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
     fills = [trained.fill_sigma] if args.fills is None else [float(f) for f in args.fills.split(",")]
-    for fill in fills:
+    values = [trained.value_dtype] if args.values is None else args.values.split(",")
+    for fill, value_dtype in ((f, v) for f in fills for v in values):
         for selection in SELECTIONS:
             for ratio in (float(r) for r in args.ratios.split(",")):
-                head = copy.copy(trained)  # shares the trained parameters; only selection, count and fill differ
-                head.selection, head.keep_ratio, head.budget, head.fill_sigma = selection, ratio, None, fill
+                head = copy.copy(trained)  # shares the trained parameters; only the stored form and scoring differ
+                head.selection, head.keep_ratio, head.budget = selection, ratio, None
+                head.fill_sigma, head.value_dtype = fill, value_dtype
                 model.sparsifier = head
-                setting = {"setting": selection, "ratio": ratio, "values": head.value_dtype, "fill_sigma": fill}
-                directory = stores / f"{selection}-{ratio}-fill{fill}"
-                rows.append({**setting, **evaluate(model, eval_set, directory, setting, config)[0]})
+                setting = {"setting": selection, "ratio": ratio, "values": value_dtype, "fill_sigma": fill}
+                directory = stores / f"{selection}-{ratio}-fill{fill}-{value_dtype}"
+                row = evaluate(model, eval_set, directory, setting, config)[0]
+                row.update(fidelity(row.pop("scores"), dense_scores))
+                rows.append({**setting, **row})
                 print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
 
     nq = eval_set.n_queries
@@ -213,8 +245,9 @@ def main() -> int:
           f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
           f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}, sparsifier trained with "
           f"fill_sigma {trained.fill_sigma}")
-    print("| selection | keep ratio | dropped locations | bytes / db image | KiB at R50 768x1024 | re-ranked mAP-M "
-          "| re-ranked mAP-H |\n|---|---|---|---|---|---|---|")
+    print("| selection | keep ratio | values | dropped locations | bytes / db image | KiB at R50 768x1024 "
+          "| re-ranked mAP-M | re-ranked mAP-H | score MAD vs dense | Kendall tau vs dense |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     r50 = r50_bytes(trained)
     for r in rows:
         b = "-" if r["bytes"] is None else f"{r['bytes']:.0f}"
@@ -222,12 +255,13 @@ def main() -> int:
         dropped = "-" if fill is None else ("zero" if fill == 0 else f"filled (sigma {fill:g})")
         if r["setting"] in SELECTIONS:
             at_ratio = copy.copy(trained)
-            at_ratio.keep_ratio, at_ratio.budget = r["ratio"], None
+            at_ratio.keep_ratio, at_ratio.budget, at_ratio.value_dtype = r["ratio"], None, r["values"]
             kib = f"{r50_bytes(at_ratio)['sparse'] / 1024:.1f}"
         else:
             kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] == "dense" else "-"
-        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {dropped} | {b} | {kib} | "
-              f"{r['mAP_M']:.2f} | {r['mAP_H']:.2f} |")
+        mad, tau = (f"{r[k]:.4f}" if k in r else "-" for k in ("score_mad", "kendall_tau"))
+        print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r.get('values', '-')} | "
+              f"{dropped} | {b} | {kib} | {r['mAP_M']:.2f} | {r['mAP_H']:.2f} | {mad} | {tau} |")
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
@@ -244,32 +278,35 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """mAP-M, mAP-H and the Kendall tau against dense, each against stored KiB per database image:
+    one colour per (dropped-location fill, stored values), one marker per selection."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, key in zip(axes, ("mAP_M", "mAP_H")):
-        fills = sorted({r["fill_sigma"] for r in rows if "fill_sigma" in r})
-        for fill, color in zip(fills, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    forms = sorted({(r["fill_sigma"], r["values"]) for r in rows if "fill_sigma" in r})
+    colours = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    for ax, key in zip(axes, ("mAP_M", "mAP_H", "kendall_tau")):
+        for (fill, values), color in zip(forms, colours):
             for selection, style in zip(SELECTIONS, ("o-", "s--", "^:")):
                 pts = [(r["bytes"] / 1024, r[key]) for r in rows
-                       if r["setting"] == selection and r["fill_sigma"] == fill]
+                       if r["setting"] == selection and (r["fill_sigma"], r["values"]) == (fill, values)]
                 dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
-                ax.plot(*zip(*pts), style, color=color, label=f"{selection} (dropped: {dropped})" if len(fills) > 1
-                        else selection)
+                label = f"{selection} ({values}, dropped: {dropped})" if len(forms) > 1 else selection
+                ax.plot(*zip(*pts), style, color=color, label=label)
         for r, color in ((rows[1], "k"), (rows[0], "grey")):
-            ax.axhline(r[key], color=color, lw=0.8, label=r["setting"])
+            if key in r:
+                ax.axhline(r[key], color=color, lw=0.8, label=r["setting"])
         ax.set_xscale("log")
         ax.set_xlabel("stored KiB per database image")
-        ax.set_ylabel(f"re-ranked {key}")
+        ax.set_ylabel("Kendall tau of the verifier's scores vs dense" if key == "kendall_tau" else f"re-ranked {key}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle("CVNet-DS sparsifier on minilandmarks")
     fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
-
 
 if __name__ == "__main__":
     sys.exit(main())

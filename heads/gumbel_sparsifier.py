@@ -2,8 +2,8 @@
 
 Why: CVNet must store every database image's dense projected pyramid (5.2 MiB fp32 at 768x1024),
 which does not scale to a million images. This head scores every location of a database image's
-levels with a small conv net, keeps the top ones, and stores only those (positions + fp16/int8
-rows); the verifier scores the scattered-back map through its dense code path, each dropped
+levels with a small conv net, keeps the top ones, and stores only those (positions + fp16, int8
+or int4 rows); the verifier scores the scattered-back map through its dense code path, each dropped
 location holding the Gaussian average of the kept rows around it (:mod:`heads._sparse.fill`;
 ``fill_sigma: 0`` leaves it zero). The keep scores are learned end to end through the verifier's
 pair loss, with the same fill, by a straight-through Gumbel relaxation
@@ -51,7 +51,9 @@ class GumbelSparsifierHead(SparsifierHead):
         budget_weight: weight of the budget term (returned already weighted).
         selection: ``learned``; ``norm`` (top-k by feature norm) and ``random`` are the
             baselines the sparsity benchmark compares with.
-        value_dtype, int8_scale, index_dtype: the stored form (:mod:`heads._sparse.codec`).
+        value_dtype, int8_scale, index_dtype: the stored form (:mod:`heads._sparse.codec`):
+            values ``float16``, ``int8`` or ``int4`` (two per byte; the width must be even);
+            ``int8_scale`` (``row`` or ``image``) is the scale of either integer form.
         negatives_per_anchor: in-batch negative pairs per image (positives: every image with a
             same-label partner).
         estimator: how the pair loss reaches the keep logits (:mod:`heads._sparse.masked`):
@@ -71,7 +73,7 @@ class GumbelSparsifierHead(SparsifierHead):
         width: int = 256,
         num_levels: int = 3,
         hidden: int = 32,
-        keep_ratio: float = 0.08,
+        keep_ratio: float = 0.15,
         budget: int | None = None,
         relaxation: str = "topk",
         tau_start: float = 1.0,
@@ -79,7 +81,7 @@ class GumbelSparsifierHead(SparsifierHead):
         tau_steps: int = 1000,
         budget_weight: float = 1.0,
         selection: str = "learned",
-        value_dtype: str = "int8",
+        value_dtype: str = "int4",
         int8_scale: str = "row",
         index_dtype: str = "int16",
         negatives_per_anchor: int = 1,

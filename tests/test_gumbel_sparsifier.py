@@ -3,9 +3,12 @@ the real CVNet verifier (keep ratio 1.0 reproduces the dense scores)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
@@ -17,6 +20,7 @@ from heads.gumbel_sparsifier import GumbelSparsifierHead
 from retrieval_lightning.head import EntryKind
 
 P = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dense_entry(seed: int = 0, shapes=((3, 4), (4, 5), (6, 8))) -> dict[str, torch.Tensor]:
@@ -62,7 +66,8 @@ def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:
     assert set(a["level2_pos"].tolist()) == set(torch.topk(rows.norm(dim=1), 12).indices.tolist())
 
 
-@pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image")])
+@pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image"),
+                                               ("int4", "row"), ("int4", "image")])
 def test_codec_round_trip(value_dtype: str, scale: str) -> None:
     entry = dense_entry(1)
     head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale, fill_sigma=0.0)  # dropped = zero
@@ -85,10 +90,23 @@ def test_codec_round_trip(value_dtype: str, scale: str) -> None:
         assert (back[dropped] == 0).all()
         if value_dtype == "float16":
             assert torch.equal(back[pos], rows[pos])
-        else:  # symmetric int8: error at most half a quantisation step (plus the fp16 scale's rounding)
-            step = rows[pos].abs().amax(dim=1, keepdim=True) / 127 if scale == "row" else rows[pos].abs().max() / 127
-            assert ((back[pos] - rows[pos]).abs() <= 0.51 * step + 1e-3).all()
-            assert (back[pos] - rows[pos]).abs().max() > 0  # it did quantise
+        else:  # symmetric integers: error at most half a quantisation step (plus the fp16 scale's rounding)
+            levels = codec.INT_LEVELS[value_dtype]
+            top = rows[pos].abs().amax(dim=1, keepdim=True) if scale == "row" else rows[pos].abs().max()
+            err = (back[pos] - rows[pos]).abs()
+            assert (err <= 0.51 * top / levels + 1e-3).all()
+            assert (err > 0.1 * top / levels).any()  # it did quantise, at this many levels
+
+
+def test_int4_packing_round_trips_every_code_and_halves_the_bytes() -> None:
+    codes = torch.arange(-7, 8, dtype=torch.int8).repeat(3, 2)[:, :28]  # (3, 28): every code, both nibbles
+    codes[1] = codes[1].flip(0)
+    packed = codec.pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 14)
+    assert torch.equal(codec.unpack_int4(packed), codes)
+    assert int(packed[0, 0]) == (-7 + 8) | ((-6 + 8) << 4)  # channel 0 low nibble, channel 1 high
+    with pytest.raises(ValueError, match="odd"):
+        codec.sparse_kinds("level0", 15, "int4", "row", "int16")
 
 
 def test_int16_positions_overflow_is_refused() -> None:
@@ -96,15 +114,33 @@ def test_int16_positions_overflow_is_refused() -> None:
         codec.encode_level("level0", torch.zeros(40000, 2), torch.arange(3), "float16", "row", "int16")
 
 
-def test_bytes_per_image_at_r50_shapes_meets_the_goal() -> None:
-    kinds = {f"level{i}_hw": EntryKind("int32", (2,)) for i in range(3)}
-    rows = {}
-    for i, n in enumerate([24 * 32, 34 * 45, 48 * 64]):
-        kinds.update(codec.sparse_kinds(f"level{i}", 256, "int8", "row", "int16"))
-        for k in ("pos", "val", "scale"):
-            rows[f"level{i}_{k}"] = keep_count(n, 0.08)
-    nbytes = codec.bytes_per_image(kinds, rows)
+def r50_bytes(head: GumbelSparsifierHead) -> float:
+    """Bytes one database image takes in the store at ``head``'s setting, R50 shapes at 768x1024."""
+    dense = {}
+    for i in range(3):
+        dense[f"level{i}"] = EntryKind("float16", (256,), True)
+        dense[f"level{i}_hw"] = EntryKind("int32", (2,))
+    kinds = head.entry_kinds(dense)
+    counts = head._counts([24 * 32, 34 * 45, 48 * 64])
+    return codec.bytes_per_image(kinds, {name: counts[int(name[5])] for name in kinds if kinds[name].ragged})
+
+
+@pytest.mark.parametrize("source", ["head", "experiments/cvnet_ds_demo.yaml", "experiments/cvnet_ds_r50_gldv2.yaml"])
+def test_default_setting_at_r50_shapes_meets_the_goal(source: str) -> None:
+    args = {}
+    if source != "head":  # the configs' stored form (their width is the verifier's, not R50's)
+        config = OmegaConf.load(REPO / source)
+        args = {k: v for k, v in config.model.heads.sparsifier.init_args.items()
+                if k in ("keep_ratio", "budget", "value_dtype", "int8_scale", "index_dtype")}
+    nbytes = r50_bytes(GumbelSparsifierHead(width=256, **args))
     assert nbytes <= 120 * 1024 and 12 * 2**20 / nbytes >= 100
+
+
+def test_int4_keeps_about_twice_the_locations_of_int8_in_the_same_bytes() -> None:
+    int4 = r50_bytes(GumbelSparsifierHead(width=256, keep_ratio=0.15, value_dtype="int4"))
+    int8 = r50_bytes(GumbelSparsifierHead(width=256, keep_ratio=0.08, value_dtype="int8"))
+    assert int4 <= int8 <= 120 * 1024
+    assert int4 / int8 > 0.9  # and not by much less: 15 % at half a byte per value is about 8 % at one
 
 
 def test_topk_straight_through_is_hard_and_passes_gradients() -> None:
