@@ -271,15 +271,17 @@ def main() -> int:
     print("densifying one R50 768x1024 sparse entry for scoring: " +
           ", ".join(f"dropped {'zero' if f == 0 else f'filled (sigma {f:g})'} {t:.1f} ms" for f, t in ms.items()) +
           " (the verifier then takes ~380 ms per pair, benchmarks/cvnet_rerank.py)")
-    plot(rows, out / "sparsity_sweep.png")
+    plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
+                                            "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
     (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoint": sp_ckpt}, indent=1))
     print(f"plot: {out / 'sparsity_sweep.png'} ({time.time() - t0:.0f} s total)")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
     """mAP-M, mAP-H and the Kendall tau against dense, each against stored KiB per database image:
-    one colour per (dropped-location fill, stored values), one marker per selection."""
+    one colour per (dropped-location fill, stored values), one marker per selection; ``default``
+    (a row's setting, ratio, values and fill) is ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,6 +298,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
                 label = f"{selection} ({values}, dropped: {dropped})" if len(forms) > 1 else selection
                 ax.plot(*zip(*pts), style, color=color, label=label)
+        ring = [r for r in rows if default and all(r.get(k) == v for k, v in default.items())]
+        if ring:
+            ax.plot(ring[0]["bytes"] / 1024, ring[0][key], "o", ms=14, mfc="none", mec="k", label="default setting")
         for r, color in ((rows[1], "k"), (rows[0], "grey")):
             if key in r:
                 ax.axhline(r[key], color=color, lw=0.8, label=r["setting"])

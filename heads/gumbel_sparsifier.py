@@ -31,6 +31,7 @@ from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
 
 SELECTIONS = ("learned", "norm", "random")
 ESTIMATORS = ("auto", "straight_through", "score_function")
+TARGETS = ("labels", "dense")
 
 
 class GumbelSparsifierHead(SparsifierHead):
@@ -63,6 +64,9 @@ class GumbelSparsifierHead(SparsifierHead):
             (zero, it contributes nothing) or the Gaussian average (sigma in cells of its level)
             of the kept rows around it. Training and scoring use the same fill; nothing is
             stored for it.
+        target: what the masked pair logits are fitted to: ``labels`` (same/different, the
+            verifier's own loss) or ``dense`` (the frozen verifier's probabilities on the dense
+            pair: a selection is good when it changes no score, right or wrong).
     """
 
     scoring_only = ("fill_sigma",)  # the fill is made at scoring time; the stored rows do not depend on it
@@ -87,6 +91,7 @@ class GumbelSparsifierHead(SparsifierHead):
         negatives_per_anchor: int = 1,
         estimator: str = "auto",
         fill_sigma: float = 1.5,
+        target: str = "labels",
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -99,7 +104,9 @@ class GumbelSparsifierHead(SparsifierHead):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if fill_sigma < 0:
             raise ValueError(f"fill_sigma must be >= 0 (0: dropped locations are zero), got {fill_sigma}")
-        self.estimator = estimator
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.estimator, self.target = estimator, target
         self.fill_sigma = float(fill_sigma)
         codec.check_options(value_dtype, int8_scale, index_dtype)
         self.stages = (stage,)
@@ -220,7 +227,8 @@ class GumbelSparsifierHead(SparsifierHead):
     def losses(
         self, features: Mapping[str, Tensor], labels: Tensor, pairs: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Pair cross-entropy of the verifier on masked database sides, plus the budget term.
+        """Pair cross-entropy of the verifier on masked database sides (against the labels or the
+        dense pair's probabilities, ``target``), plus the budget term.
 
         ``pairs`` (optional, from a pair-mining datamodule): (M, 3) long rows ``(query, database,
         same)``, the mined hard negatives the verifier trained on; without it, :meth:`pairs`.
@@ -241,20 +249,26 @@ class GumbelSparsifierHead(SparsifierHead):
         def as_maps(masks: Sequence[Tensor]) -> list[Tensor]:
             return [m.reshape(-1, *hw) for m, hw in zip(masks, shapes)]
 
+        if self.target == "dense":
+            with torch.no_grad():
+                goal = verifier.pair_logits(q_levels, d_levels).float().softmax(dim=1)
+        else:
+            goal = same
+
+        def pair_loss(masks: Sequence[Tensor], reduction: str = "mean") -> Tensor:
+            pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks), self._fill()).float()
+            return F.cross_entropy(pair, goal, reduction=reduction)  # soft targets: KL to dense + a constant
+
         out: dict[str, Tensor] = {}
+        name = "pair_ce" if self.target == "labels" else "pair_distill"
         if self.uses_straight_through():
-            pair = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.relaxed_masks(logits, sizes)),
-                                      self._fill())
-            out["pair_ce"] = F.cross_entropy(pair.float(), same)
+            out[name] = pair_loss(self.relaxed_masks(logits, sizes))
         else:
             masks, logp = self.sampled_masks(logits, sizes)
-            ce = F.cross_entropy(masked_pair_logits(verifier, q_levels, d_levels, as_maps(masks), self._fill()).float(),
-                                 same, reduction="none")
+            ce = pair_loss(masks, "none")
             with torch.no_grad():
-                greedy = masked_pair_logits(verifier, q_levels, d_levels, as_maps(self.greedy_masks(logits, sizes)),
-                                            self._fill())
-                baseline = F.cross_entropy(greedy.float(), same, reduction="none")
-            out["pair_ce"] = ce.mean()
+                baseline = pair_loss(self.greedy_masks(logits, sizes), "none")
+            out[name] = ce.mean()
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
         target = self.target_fraction(sizes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from heads._sparse.selection import (
 )
 from heads.gumbel_sparsifier import GumbelSparsifierHead
 from retrieval_lightning.head import EntryKind
+from retrieval_lightning.retrieval.store import FeatureStore
 
 P = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +70,7 @@ def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:
 
 @pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image"),
                                                ("int4", "row"), ("int4", "image")])
-def test_codec_round_trip(value_dtype: str, scale: str) -> None:
+def test_codec_round_trip(value_dtype: str, scale: str, tmp_path) -> None:
     entry = dense_entry(1)
     head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale, fill_sigma=0.0)  # dropped = zero
     sparse = head.sparsify([entry])[0]
@@ -80,6 +82,15 @@ def test_codec_round_trip(value_dtype: str, scale: str) -> None:
         t = sparse[name]
         assert str(t.dtype).removeprefix("torch.") == kind.dtype, name
         assert tuple(t.shape[1:] if kind.ragged else t.shape) == kind.shape, name
+    # through the feature store and back, bit for bit, at the bytes the codec predicts
+    store = FeatureStore.from_arrays(tmp_path / "s", {n: [sparse[n].numpy()] if kinds[n].ragged
+                                                      else sparse[n].numpy()[None] for n in kinds})
+    for name in kinds:
+        back = store.get(name, [0])[0]
+        assert np.array_equal(back, sparse[name].numpy()) and back.dtype == sparse[name].numpy().dtype, name
+    rows = {n: len(sparse[n]) for n in kinds if kinds[n].ragged}
+    extra = 8 * len(rows)  # a one-image store holds two int64 offsets per ragged kind, the codec counts one
+    assert sum(store.bytes_per_image.values()) == pytest.approx(codec.bytes_per_image(kinds, rows) + extra)
     dense = head.densify([sparse])[0]
     for i in range(3):
         rows, pos = entry[f"level{i}"].float(), sparse[f"level{i}_pos"].long()
@@ -285,6 +296,34 @@ def test_pair_loss_reaches_the_keep_logits(estimator: str) -> None:
     # without mined pairs the head forms its own in-batch pairs
     losses = head.losses(module.backbone(batch["image"]), batch["label"])
     assert set(losses) >= {"pair_ce", "budget"} and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "straight_through"])
+def test_dense_target_is_the_kl_to_the_dense_verifier(estimator: str) -> None:
+    """``target: dense`` fits the masked logits to the dense pair's probabilities: with every
+    location kept the loss is exactly the dense distribution's entropy (KL 0, labels ignored);
+    with fewer kept it is larger, and it still reaches the keep scores."""
+    module = verifier_module(estimator=estimator, target="dense", keep_ratio=1.0, fill_sigma=0.0)
+    head, verifier = module.heads["sparsifier"], module.heads["verifier"]
+    features = module.backbone(torch.stack(photos(4, seed=1)))
+    labels = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        levels = verifier.project(features["conv4"])
+        q, d, _ = head.pairs(labels)
+        p = verifier.pair_logits([lv[q] for lv in levels], [lv[d] for lv in levels]).softmax(dim=1)
+    entropy = -(p * p.log()).sum(dim=1).mean()
+    full = head.losses(features, labels)
+    assert set(full) >= {"pair_distill", "budget"} and "pair_ce" not in full
+    torch.testing.assert_close(full["pair_distill"], entropy, atol=1e-5, rtol=0)
+    assert torch.equal(head.losses(features, 1 - labels)["pair_distill"], full["pair_distill"])  # labels unused
+    head.keep_ratio = 0.1
+    head.train()
+    sparse = head.losses(features, labels)
+    assert sparse["pair_distill"] > entropy + 1e-4
+    (sparse["pair_distill"] + sparse.get("score_function", 0)).backward()
+    assert head.scorer[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="target"):
+        GumbelSparsifierHead(target="teacher")
 
 
 # ---------------------------------------------------------------- filling dropped locations
