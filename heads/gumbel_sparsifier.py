@@ -109,6 +109,9 @@ class GumbelSparsifierHead(SparsifierHead):
         self.estimator, self.target = estimator, target
         self.fill_sigma = float(fill_sigma)
         codec.check_options(value_dtype, int8_scale, index_dtype)
+        if value_dtype == "int4" and width % 2:
+            raise ValueError(f"value_dtype 'int4' packs two channels per byte: width {width} must be even "
+                             "(or store int8 / float16)")
         self.stages = (stage,)
         self.stage = stage
         self.width, self.num_levels, self.hidden = int(width), int(num_levels), int(hidden)

@@ -118,6 +118,8 @@ def test_int4_packing_round_trips_every_code_and_halves_the_bytes() -> None:
     assert int(packed[0, 0]) == (-7 + 8) | ((-6 + 8) << 4)  # channel 0 low nibble, channel 1 high
     with pytest.raises(ValueError, match="odd"):
         codec.sparse_kinds("level0", 15, "int4", "row", "int16")
+    with pytest.raises(ValueError, match="width 15 must be even"):
+        GumbelSparsifierHead(width=15, value_dtype="int4")
 
 
 def test_int16_positions_overflow_is_refused() -> None:
