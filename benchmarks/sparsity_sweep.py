@@ -9,10 +9,14 @@ stores, database entries sparsified; :func:`~retrieval_lightning.retrieval.reran
 shortlists, densifies, scores and fuses with the model's ``rerank`` settings). Bytes per database
 image are the store's own (``FeatureStore.bytes_per_image``). The dense verifier entries are
 extracted once and re-sparsified per setting (the backbone would give the same ones every time).
-Also prints the stored bytes at the default setting for 768x1024 R50 shapes against the official
-dense fp32 conv4 map (12 MiB).
+Every setting is also compared with the dense verifier's scores on the same shortlists, without
+labels (:func:`fidelity`: score MAD and Kendall tau), which 10 queries' mAP is too coarse to show.
+``--fills`` and ``--values`` score every selection with several dropped-location fills and stored
+value types in one run. Also prints the stored bytes at the default setting for 768x1024 R50
+shapes against the official dense fp32 conv4 map (12 MiB).
 
     .venv/bin/python benchmarks/sparsity_sweep.py [--verifier-ckpt PATH] [--sparsifier-ckpt PATH]
+        [--ratios 0.08,0.15] [--fills 0,1.5] [--values int8,int4]
 """
 
 from __future__ import annotations
