@@ -277,9 +277,54 @@ def main() -> int:
           " (the verifier then takes ~380 ms per pair, benchmarks/cvnet_rerank.py)")
     plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
                                             "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
+    plot_kept(model, trained, eval_set, out / "kept_locations.png")
     (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoint": sp_ckpt}, indent=1))
-    print(f"plot: {out / 'sparsity_sweep.png'} ({time.time() - t0:.0f} s total)")
+    print(f"plots: {out / 'sparsity_sweep.png'}, {out / 'kept_locations.png'} ({time.time() - t0:.0f} s total)")
     return 0
+
+
+def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images: int = 4) -> None:
+    """Which locations each selection keeps at the default setting, on database images of the
+    first queries' landmarks: the finest level's kept cells (the conv4 grid) over the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    nq = eval_set.n_queries
+    chosen: list[int] = []
+    for query in eval_set.ground_truth:
+        chosen += [int(i) for i in sorted([*query.get("easy", []), *query.get("hard", [])]) if int(i) not in chosen][:2]
+        if len(chosen) >= images:
+            break
+    chosen = chosen[:images]
+    fig, axes = plt.subplots(len(chosen), len(SELECTIONS), figsize=(3.2 * len(SELECTIONS), 2.6 * len(chosen)),
+                             squeeze=False)
+    for row, db in enumerate(chosen):
+        image = eval_set.dataset[nq + db]["image"]
+        entry = model.module.rerank_entries([image], database=False)[0]
+        level = sorted(k for k in entry if k.endswith("_hw"))[-1][: -len("_hw")]  # the finest level
+        h, w = (int(v) for v in entry[f"{level}_hw"])
+        height, width = image.shape[1:]
+        for col, selection in enumerate(SELECTIONS):
+            head = copy.copy(trained)
+            head.selection = selection
+            kept = head.sparsify([entry])[0][f"{level}_pos"].long()
+            ax = axes[row][col]
+            ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+            for p in kept.tolist():
+                y, x = divmod(p, w)
+                ax.add_patch(Rectangle((x * width / w, y * height / h), width / w, height / h,
+                                       facecolor="yellow", edgecolor="black", alpha=0.45, lw=0.5))
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{selection}: {len(kept)} of {h * w} cells", fontsize=9)
+    fig.suptitle(f"kept locations at keep ratio {trained.keep_ratio:g}, finest level ({h}x{w} at "
+                 f"{max(height, width)} px); database images of the first queries' landmarks", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
