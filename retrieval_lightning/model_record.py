@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Any, Mapping
 
 from retrieval_lightning.checkpoints import ARCHITECTURE_FORMAT, ARCHITECTURE_KEY, CheckpointLoadError
@@ -87,6 +88,31 @@ def _resolve(class_path: str, what: str) -> type:
         raise CheckpointLoadError(f"{what} class {class_path!r} cannot be imported: {exc}") from exc
 
 
+def _accepted_arguments(cls: type) -> set[str] | None:
+    """Keyword arguments ``cls`` takes (``None``: any, or its signature cannot be read)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def _construct(cls: type, init_args: Mapping[str, Any], what: str, source: str) -> Any:
+    """``cls(**init_args)``, or an error naming the checkpoint, the part and the arguments that
+    do not fit (a checkpoint written by another version of a plugin)."""
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError) as exc:
+        accepted = _accepted_arguments(cls)
+        unknown = sorted(set(init_args) - accepted) if accepted is not None else []
+        hint = (f"; this version of {cls.__name__} takes no argument {', '.join(map(repr, unknown))} (the "
+                "checkpoint was written by another version of its plugin)") if unknown else ""
+        raise CheckpointLoadError(f"{source}: {what} ({cls.__module__}.{cls.__qualname__}) cannot be built from "
+                                  f"the checkpoint's arguments {dict(init_args)}: {exc}{hint}") from exc
+
+
 def build_from_architecture(checkpoint: Mapping[str, Any], source: str, overrides: Mapping[str, Any]) -> "RetrievalModule":
     """A fresh, unloaded module built from a checkpoint's architecture record."""
     from retrieval_lightning.module import RetrievalModule
@@ -104,14 +130,14 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
         raise CheckpointLoadError(f"{source}: architecture record format {record.get('format')!r}, "
                                   f"this version reads {ARCHITECTURE_FORMAT}")
     backbone_cls = _resolve(record["backbone"]["class_path"], "backbone")
-    backbone = backbone_cls(**record["backbone"]["init_args"])
+    backbone = _construct(backbone_cls, record["backbone"]["init_args"], "the backbone", source)
     heads = {}
     for role, spec in record["heads"].items():
         try:
             cls = _resolve(spec["class_path"], f"head {role!r}")
         except PluginError as exc:
             raise CheckpointLoadError(f"{source}: head {role!r}: {exc}") from exc
-        heads[role] = cls(**spec["init_args"])
+        heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
     args = dict(record["module"])
     args["optim"] = OptimConfig(**args["optim"])
     args["rerank"] = RerankConfig(**args["rerank"])

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from rerank_plugin import PLUGIN_SOURCE
 from retrieval_lightning.backbone import Backbone
-from retrieval_lightning.checkpoints import IncompatibleWeightsError
+from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointLoadError, IncompatibleWeightsError
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
 from retrieval_lightning.head_plugins import gem_arcface
@@ -184,6 +184,23 @@ def test_self_contained_checkpoint_and_inference_api(tmp_path: Path) -> None:
     wrong = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=64)})
     with pytest.raises(IncompatibleWeightsError, match="shapes differ.*heads.global.whiten.weight"):
         wrong.load_weights(path)
+
+
+def test_a_checkpoint_written_by_another_plugin_version_names_what_does_not_fit(tmp_path: Path) -> None:
+    """A head argument the installed plugin does not take (or refuses) is an error naming the
+    checkpoint, the head's role and class and the argument, not a bare TypeError."""
+    path = tmp_path / "m.ckpt"
+    tiny_module().save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"]["objective"] = "labels"
+    torch.save(checkpoint, tmp_path / "newer.ckpt")
+    with pytest.raises(CheckpointLoadError, match=r"newer.ckpt: head 'global' \(.*GemArcFace.*takes no argument 'objective'"):
+        RetrievalModule.load_from_checkpoint(tmp_path / "newer.ckpt")
+    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"].pop("objective")
+    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"]["margin"] = "no-such-margin"
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointLoadError, match="bad.ckpt: head 'global'.*no-such-margin"):
+        RetrievalModule.load_from_checkpoint(tmp_path / "bad.ckpt")
 
 
 def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -> None:
