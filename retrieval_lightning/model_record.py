@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from functools import partial
 from typing import TYPE_CHECKING, Any, Mapping
 
 from retrieval_lightning.checkpoints import ARCHITECTURE_FORMAT, ARCHITECTURE_KEY, CheckpointLoadError
@@ -88,7 +89,7 @@ def _resolve(class_path: str, what: str) -> type:
         raise CheckpointLoadError(f"{what} class {class_path!r} cannot be imported: {exc}") from exc
 
 
-def _accepted_arguments(cls: type) -> set[str] | None:
+def _accepted_arguments(cls: type | partial) -> set[str] | None:
     """Keyword arguments ``cls`` takes (``None``: any, or its signature cannot be read)."""
     try:
         parameters = inspect.signature(cls).parameters.values()
@@ -99,18 +100,19 @@ def _accepted_arguments(cls: type) -> set[str] | None:
     return {p.name for p in parameters}
 
 
-def _construct(cls: type, init_args: Mapping[str, Any], what: str, source: str) -> Any:
+def _construct(cls: type | partial, init_args: Mapping[str, Any], what: str, source: str) -> Any:
     """``cls(**init_args)``, or an error naming the checkpoint, the part and the arguments that
     do not fit (a checkpoint written by another version of a plugin)."""
     try:
         return cls(**init_args)
     except (TypeError, ValueError) as exc:
+        target = cls.func if isinstance(cls, partial) else cls
         accepted = _accepted_arguments(cls)
         unknown = sorted(set(init_args) - accepted) if accepted is not None else []
-        hint = (f"; this version of {cls.__name__} takes no argument {', '.join(map(repr, unknown))} (the "
-                "checkpoint was written by another version of its plugin)") if unknown else ""
-        raise CheckpointLoadError(f"{source}: {what} ({cls.__module__}.{cls.__qualname__}) cannot be built from "
-                                  f"the checkpoint's arguments {dict(init_args)}: {exc}{hint}") from exc
+        hint = (f"; this version of {target.__name__} takes no argument {', '.join(map(repr, unknown))} (the "
+                "checkpoint was written by another version of it)") if unknown else ""
+        raise CheckpointLoadError(f"{source}: {what} ({target.__module__}.{target.__qualname__}) cannot be built "
+                                  f"from the checkpoint's arguments {dict(init_args)}: {exc}{hint}") from exc
 
 
 def build_from_architecture(checkpoint: Mapping[str, Any], source: str, overrides: Mapping[str, Any]) -> "RetrievalModule":
@@ -139,8 +141,11 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
             raise CheckpointLoadError(f"{source}: head {role!r}: {exc}") from exc
         heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
     args = dict(record["module"])
-    args["optim"] = OptimConfig(**args["optim"])
-    args["rerank"] = RerankConfig(**args["rerank"])
-    args["postprocess"] = PostProcessConfig(**args["postprocess"]) if args.get("postprocess") else None
+    args["optim"] = _construct(OptimConfig, args["optim"], "the module's optim", source)
+    args["rerank"] = _construct(RerankConfig, args["rerank"], "the module's rerank", source)
+    if args.get("postprocess"):
+        args["postprocess"] = _construct(PostProcessConfig, args["postprocess"], "the module's postprocess", source)
+    else:
+        args["postprocess"] = None
     args.update(overrides)
-    return RetrievalModule(backbone=backbone, heads=heads, **args)
+    return _construct(partial(RetrievalModule, backbone=backbone, heads=heads), args, "the module", source)

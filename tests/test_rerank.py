@@ -196,11 +196,17 @@ def test_a_checkpoint_written_by_another_plugin_version_names_what_does_not_fit(
     torch.save(checkpoint, tmp_path / "newer.ckpt")
     with pytest.raises(CheckpointLoadError, match=r"newer.ckpt: head 'global' \(.*GemArcFace.*takes no argument 'objective'"):
         RetrievalModule.load_from_checkpoint(tmp_path / "newer.ckpt")
-    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"].pop("objective")
-    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"]["margin"] = "no-such-margin"
+    head_args = checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["init_args"]
+    head_args.pop("objective")
+    margin, head_args["margin"] = head_args["margin"], "no-such-margin"
     torch.save(checkpoint, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointLoadError, match="bad.ckpt: head 'global'.*no-such-margin"):
         RetrievalModule.load_from_checkpoint(tmp_path / "bad.ckpt")
+    head_args["margin"] = margin
+    checkpoint[ARCHITECTURE_KEY]["module"]["rerank"]["rescore"] = True
+    torch.save(checkpoint, tmp_path / "module.ckpt")
+    with pytest.raises(CheckpointLoadError, match="module.ckpt: the module's rerank .*RerankConfig.*'rescore'"):
+        RetrievalModule.load_from_checkpoint(tmp_path / "module.ckpt")
 
 
 def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -> None:
