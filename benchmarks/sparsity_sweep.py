@@ -299,6 +299,8 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
         if len(chosen) >= images:
             break
     chosen = chosen[:images]
+    if not chosen:  # no query has a positive in the database: nothing to show
+        return
     fig, axes = plt.subplots(len(chosen), len(SELECTIONS), figsize=(3.2 * len(SELECTIONS), 2.6 * len(chosen)),
                              squeeze=False)
     for row, db in enumerate(chosen):
@@ -361,6 +363,7 @@ def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
     fig.suptitle("CVNet-DS sparsifier on minilandmarks")
     fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -274,8 +274,8 @@ class GumbelSparsifierHead(SparsifierHead):
             out[name] = ce.mean()
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
-        target = self.target_fraction(sizes)
-        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, target) for lg in logits]).mean()
+        fraction = self.target_fraction(sizes)
+        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
         if self.training:
             self.step += 1
         return out

@@ -148,4 +148,5 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
     else:
         args["postprocess"] = None
     args.update(overrides)
-    return _construct(partial(RetrievalModule, backbone=backbone, heads=heads), args, "the module", source)
+    what = f"the module (overridden: {', '.join(sorted(overrides))})" if overrides else "the module"
+    return _construct(partial(RetrievalModule, backbone=backbone, heads=heads), args, what, source)
