@@ -325,7 +325,7 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
     fig.suptitle(f"kept locations at keep ratio {trained.keep_ratio:g}, finest level ({h}x{w} at "
                  f"{max(height, width)} px); database images of the first queries' landmarks", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
