@@ -154,13 +154,10 @@ def r50_bytes(head: Any) -> dict[str, float]:
     for i in range(3):
         dense[f"level{i}"] = EntryKind("float16", (256,), True)
         dense[f"level{i}_hw"] = EntryKind("int32", (2,))
-    kinds = head.entry_kinds(dense)
-    counts = head._counts([h * w for h, w in R50_LEVELS])
-    rows = {name: counts[int(name[5])] for name in kinds if kinds[name].ragged}
-    sparse = codec.bytes_per_image(kinds, rows)
-    dense_rows = {f"level{i}": h * w for i, (h, w) in enumerate(R50_LEVELS)}
-    return {"sparse": sparse, "dense_fp16_levels": codec.bytes_per_image(dense, dense_rows),
-            "conv4_fp32": R50_CONV4_FP32, "kept": sum(counts)}
+    sizes = [h * w for h, w in R50_LEVELS]
+    dense_rows = {f"level{i}": n for i, n in enumerate(sizes)}
+    return {"sparse": head.stored_bytes(dense, sizes), "dense_fp16_levels": codec.bytes_per_image(dense, dense_rows),
+            "conv4_fp32": R50_CONV4_FP32, "kept": sum(head._counts(sizes))}
 
 
 def r50_densify_ms(head: Any, repeats: int = 10) -> dict[float, float]:
@@ -305,7 +302,7 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
                              squeeze=False)
     for row, db in enumerate(chosen):
         image = eval_set.dataset[nq + db]["image"]
-        entry = model.module.rerank_entries([image], database=False)[0]
+        entry = model.rerank_entries([image], database=False)[0]  # the dense entry the sweep already made
         level = sorted(k for k in entry if k.endswith("_hw"))[-1][: -len("_hw")]  # the finest level
         h, w = (int(v) for v in entry[f"{level}_hw"])
         height, width = image.shape[1:]

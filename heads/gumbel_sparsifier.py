@@ -297,6 +297,16 @@ class GumbelSparsifierHead(SparsifierHead):
                 out[name] = kind
         return out
 
+    def stored_bytes(self, verifier_kinds: Mapping[str, EntryKind], level_sizes: Sequence[int]) -> float:
+        """Bytes one database image takes in the store at this head's setting, for the verifier's
+        dense kinds with levels of ``level_sizes`` locations (``h*w``, in level order): what the
+        store will report, computed without extracting anything (e.g. at R50 shapes)."""
+        kinds = self.entry_kinds(verifier_kinds)
+        rows = {}
+        for level, count in zip(self.dense_levels(verifier_kinds), self._counts(level_sizes)):
+            rows.update({name: count for name in kinds if name.startswith(f"{level}_") and kinds[name].ragged})
+        return codec.bytes_per_image(kinds, rows)
+
     def _entry_levels(self, entry: Mapping[str, Tensor]) -> list[str]:
         names = [n for n in entry if f"{n}_hw" in entry and entry[n].ndim == 2]
         return self.dense_levels({n: EntryKind("float16", (1,), True) for n in names} |

@@ -133,9 +133,7 @@ def r50_bytes(head: GumbelSparsifierHead) -> float:
     for i in range(3):
         dense[f"level{i}"] = EntryKind("float16", (256,), True)
         dense[f"level{i}_hw"] = EntryKind("int32", (2,))
-    kinds = head.entry_kinds(dense)
-    counts = head._counts([24 * 32, 34 * 45, 48 * 64])
-    return codec.bytes_per_image(kinds, {name: counts[int(name[5])] for name in kinds if kinds[name].ragged})
+    return head.stored_bytes(dense, [24 * 32, 34 * 45, 48 * 64])
 
 
 @pytest.mark.parametrize("source", ["head", "experiments/cvnet_ds_demo.yaml", "experiments/cvnet_ds_r50_gldv2.yaml"])
