@@ -5,8 +5,8 @@ For each seed, trains ``experiments/cvnet_demo.yaml`` (or takes ``--checkpoint``
 K = 20 shortlist re-scored by the verifier, fused as the official tester does: global cosine + 0.5 x
 verifier). The test split has 10 queries, so one training run says little: several seeds are run. A seed
 changes the verifier's initialisation and, as an unset ``pairs.seed`` follows ``seed_everything``,
-the pair groups and crops; ``--data-seed-offset K`` pins ``pairs.seed`` = seed + K instead (the README's
-runs used 10). On the demo the data draw moves mAP-H more than the initialisation.
+the pair groups and crops; ``--data-seed-offset K`` pins ``pairs.seed`` = seed + K instead (the runs of
+docs/cvnet_demo_experiments.md used 10). On the demo the data draw moves mAP-H more than the initialisation.
 Diagnostics of the verifier alone, over every query x database pair of the split:
 
 - per-query AUC of positives (easy + hard) against non-junk negatives, verifier score vs global cosine;
@@ -15,8 +15,8 @@ Diagnostics of the verifier alone, over every query x database pair of the split
 
     .venv/bin/python benchmarks/cvnet_demo_rerank.py [--seeds 0,1,2] [--checkpoint CKPT] [CLI overrides ...]
 
-The README's "previous recipe" row, for example, adds ``--model.optim.lr=0.001 --trainer.max_steps=200
---data.init_args.pairs.groups_per_batch=4 --data.init_args.pairs.same_image_positives=0
+docs/cvnet_demo_experiments.md's "previous recipe" row, for example, adds ``--model.optim.lr=0.001
+--trainer.max_steps=200 --data.init_args.pairs.groups_per_batch=4 --data.init_args.pairs.same_image_positives=0
 --data.init_args.pairs.crops_per_image=null --data.init_args.pairs.distinct_labels=true`` and the
 Hide-and-Seek block of the earlier config (``start 0, end 0.3, warmup_steps 150, grid 4``).
 """

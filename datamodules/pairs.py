@@ -58,14 +58,15 @@ class PairSampling:
             the anchor's own local features without their layout, so the verifier learns that only
             geometrically consistent matches count. The slots hold the anchor's position; the
             collate marks them and the datamodule shuffles them on the device. Off by default: on the
-            demo it did not raise mAP (README).
+            demo it did not raise mAP (docs/cvnet_demo_experiments.md).
         shuffle_grid: tiles per side of those mosaics.
         crops_per_image: see each training image only through a fixed pool of this many random
             crops (the crop seeds depend on ``seed`` and the image, not on the epoch), instead of a
             fresh crop every time (``None``). A same-image positive takes another crop of the pool
             than its anchor. This is the data of a verifier trained on cached crop features; on the
-            demo it did not change re-ranked mAP beyond the spread between runs (README), and the demo
-            config keeps it as part of the recipe measured best there. Off by default.
+            demo it did not change re-ranked mAP beyond the spread between runs
+            (docs/cvnet_demo_experiments.md), and the demo config keeps it as part of the recipe
+            measured best there. Off by default.
         seed: seed of the draws (combined with the epoch); ``None``: the run's ``seed_everything``
             (:func:`~datamodules.sampling.run_seed`), resolved when the options are made.
     """

@@ -7,8 +7,8 @@ anchor, so its correlation with the anchor is as strong as a true match's, but t
 longer move together across the image. Labelled "different", it asks the verifier to count only
 geometrically consistent correspondences, the property that separates a true match from repeated
 structure and texture-like distractors (grass, gravel, rows of windows) that no training pair shows.
-On the 80-image demo it lowered the best unrelated score but not the re-ranked mAP (README, CVNet
-demo table); it is off by default.
+On the 80-image demo it lowered the best unrelated score but not the re-ranked mAP
+(docs/cvnet_demo_experiments.md); it is off by default.
 
 Applied on the device after transfer, like Hide-and-Seek, to the batch rows that
 :class:`datamodules.pairs.PairCollate` marks in ``batch["shuffled"]``; the permutation of step ``s``
