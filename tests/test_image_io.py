@@ -71,6 +71,25 @@ def test_progressive_jpeg_matches_pil(tmp_path: Path) -> None:
     assert diff.max() <= 2
 
 
+def _skimage_jpegs() -> list[Path]:
+    import skimage
+
+    return sorted((Path(skimage.__file__).parent / "data").glob("*.jpg"))
+
+
+@pytest.mark.parametrize("path", _skimage_jpegs(), ids=lambda p: p.name)
+def test_real_jpeg_decodes_exactly_as_opencv_and_pil(path: Path) -> None:
+    """The official CVNet tester reads images with ``cv2.imread`` and PIL-based code with PIL: at full size
+    the torchvision path must give the same bytes, or features shift before any model sees them."""
+    import cv2
+
+    ours = _hwc(load_image(path))
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert bgr is not None
+    np.testing.assert_array_equal(ours, bgr[..., ::-1])
+    np.testing.assert_array_equal(ours, _pil_reference(path))
+
+
 def test_png_is_lossless(tmp_path: Path) -> None:
     pixels = _photo_like(33, 21)
     path = _save(Image.fromarray(pixels), tmp_path / "a.png")
