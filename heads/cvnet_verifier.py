@@ -18,16 +18,19 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads._cvnet.fast import SCALES, LevelSet, level_sizes, pair_logits_fast, prepare_levels, resize
 from heads._cvnet.network import CorrelationLearner
-from retrieval_lightning.head import EntryKind, FeatureFn, VerifierHead
+from retrieval_lightning.head import EntryKind, FeatureFn, PairExplanation, VerifierHead
 
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
+#: correspondences :meth:`CVNetVerifierHead.explain` returns (the strongest mutual nearest neighbours)
+EXPLAIN_MATCHES = 40
 
 
 class CVNetVerifierHead(VerifierHead):
@@ -42,6 +45,10 @@ class CVNetVerifierHead(VerifierHead):
         entry_dtype: dtype of stored levels (``float16`` on disk; ``float32`` for exact checks).
         score_dtype: arithmetic of :meth:`score`: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere),
             ``float32`` everywhere (the official tester's numbers), or ``bfloat16`` everywhere.
+        border: cells within this many of a projected level's edge are zeroed, in training and in
+            the stored entries, so they correlate with nothing (0: the official model). Edge cells
+            carry the zero padding of the backbone and the projection, which looks alike in every
+            image; on a 14 x 14 map they are a quarter of the cells (on R50's 48 x 64, 7 %).
     """
 
     stages = ("conv4",)
@@ -54,8 +61,12 @@ class CVNetVerifierHead(VerifierHead):
         max_pairs: int = 16,
         entry_dtype: str = "float16",
         score_dtype: str = "auto",
+        border: int = 0,
     ) -> None:
         super().__init__()
+        if border < 0:
+            raise ValueError(f"border must be >= 0, got {border}")
+        self.border = int(border)
         if entry_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"entry_dtype must be float16, bfloat16 or float32, got {entry_dtype!r}")
         if score_dtype not in SCORE_DTYPES:
@@ -79,7 +90,18 @@ class CVNetVerifierHead(VerifierHead):
     def project(self, conv4: Tensor) -> list[Tensor]:
         """(B, C, h, w) stage map -> the 3 projected levels (B, P, h_i, w_i), not normalised."""
         h, w = conv4.shape[-2:]
-        return [conv(resize(conv4, size)) for conv, size in zip(self.projections, level_sizes(h, w))]
+        levels = [conv(resize(conv4, size)) for conv, size in zip(self.projections, level_sizes(h, w))]
+        return [self._drop_border(level) for level in levels] if self.border else levels
+
+    def _drop_border(self, level: Tensor) -> Tensor:
+        """Zero the cells within ``border`` of the edge (a zero cell correlates with nothing); a level
+        too small to keep an inside is left whole."""
+        b, (h, w) = self.border, level.shape[-2:]
+        if h <= 2 * b or w <= 2 * b:
+            return level
+        inside = torch.zeros(h, w, dtype=level.dtype, device=level.device)
+        inside[b : h - b, b : w - b] = 1
+        return level * inside
 
     def pair_logits(
         self,
@@ -108,7 +130,8 @@ class CVNetVerifierHead(VerifierHead):
                 if tuple(mask.shape) != (b, h, w):
                     raise ValueError(f"db mask of shape {tuple(mask.shape)} for a level of shape {tuple(level.shape)}")
                 unit = F.normalize(level, dim=1, eps=1e-12)
-                units.append(db_fill(unit, mask) if db_fill is not None else unit * mask.unsqueeze(1).to(level.dtype))
+                unit = db_fill(unit, mask) if db_fill is not None else unit * mask.unsqueeze(1).to(level.dtype)
+                units.append(self._drop_border(unit) if self.border else unit)  # a fill does not bring it back
             db = prepare_levels(units, normalized=True)
         return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), db)
 
@@ -171,7 +194,8 @@ class CVNetVerifierHead(VerifierHead):
         for i in range(len(SCALES)):
             h, w = (int(v) for v in entries[0][f"level{i}_hw"])
             rows = torch.stack([e[f"level{i}"] for e in entries]).to(device=device, dtype=torch.float32)
-            levels.append(rows.transpose(1, 2).reshape(len(entries), -1, h, w))
+            level = rows.transpose(1, 2).reshape(len(entries), -1, h, w)
+            levels.append(self._drop_border(level) if self.border else level)  # whatever a densified entry holds
         return prepare_levels(levels, normalized=True)
 
     @torch.no_grad()
@@ -198,6 +222,40 @@ class CVNetVerifierHead(VerifierHead):
                     logits = pair_logits_fast(self.learner, query_set, db_set)
                     out[chunk] = logits.float().softmax(-1)[:, 1].cpu()
         return out
+
+    @torch.no_grad()
+    def explain(self, query: Mapping[str, Tensor], candidate: Mapping[str, Tensor]) -> PairExplanation:
+        """The score, and where the pair correlates: on the finest level (scale 1, the one the 4D
+        network sees at full resolution), each location's best clamped cosine with the other image
+        (the heat maps) and the strongest mutual nearest neighbours (the lines). A candidate from a
+        sparse store is explained as the verifier scores it, dropped locations as densified."""
+        score = float(self.score(query, [candidate], [0])[0])
+        finest = f"level{len(SCALES) - 1}"
+        (hq, wq), (hd, wd) = (tuple(int(v) for v in e[f"{finest}_hw"]) for e in (query, candidate))
+        q = F.normalize(query[finest].float(), dim=1, eps=1e-12)
+        d = F.normalize(candidate[finest].float(), dim=1, eps=1e-12)
+        corr = (q @ d.t()).clamp_min(0)  # (hq*wq, hd*wd), the 4D correlation's scale-1 channel
+        best_q, to_d = corr.max(dim=1)
+        best_d, to_q = corr.max(dim=0)
+        mutual = (to_q[to_d] == torch.arange(len(q))) & (best_q > 0)
+        rows = mutual.nonzero().flatten()
+        rows = rows[best_q[rows].argsort(descending=True, stable=True)][:EXPLAIN_MATCHES]
+        cols = to_d[rows]
+
+        def centres(index: Tensor, h: int, w: int) -> Tensor:
+            return torch.stack([(index % w + 0.5) / w, (index // w + 0.5) / h], dim=1)
+
+        matches = torch.cat([centres(rows, hq, wq), centres(cols, hd, wd)], dim=1)
+        return PairExplanation(
+            score=score,
+            matches=matches.numpy().astype(np.float32),
+            strengths=best_q[rows].numpy().astype(np.float32),
+            query_heat=best_q.reshape(hq, wq).numpy(),
+            candidate_heat=best_d.reshape(hd, wd).numpy(),
+            caption=(f"CVNet verifier: P(same) = {score:.3f}. Heat: each location's best cosine with the other "
+                     f"image at scale 1 ({hq}x{wq} / {hd}x{wd} cells). Lines: the {len(rows)} strongest mutual "
+                     "nearest neighbours."),
+        )
 
 
 __all__ = ["CVNetVerifierHead"]

@@ -17,6 +17,7 @@ import zlib
 from functools import partial
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +33,11 @@ from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
 SELECTIONS = ("learned", "norm", "random")
 ESTIMATORS = ("auto", "straight_through", "score_function")
 TARGETS = ("labels", "dense")
+
+
+def _natural_order(name: str) -> list:
+    """Sort key putting ``level2`` before ``level10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 class GumbelSparsifierHead(SparsifierHead):
@@ -285,7 +291,7 @@ class GumbelSparsifierHead(SparsifierHead):
     def dense_levels(kinds: Mapping[str, EntryKind]) -> list[str]:
         """Names of the verifier's dense level kinds: ragged (h*w, P) rows with a ``<name>_hw`` kind."""
         names = [n for n, k in kinds.items() if k.ragged and len(k.shape) == 1 and f"{n}_hw" in kinds]
-        return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        return sorted(names, key=_natural_order)
 
     def entry_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> dict[str, EntryKind]:
         out: dict[str, EntryKind] = {}
@@ -338,6 +344,18 @@ class GumbelSparsifierHead(SparsifierHead):
                 sparse.update(codec.encode_level(name, rows, pos, self.value_dtype, self.int8_scale, self.index_dtype))
             out.append(sparse)
         return out
+
+    def kept_cells(self, entry: Mapping[str, Tensor]) -> np.ndarray | None:
+        """(h, w) bool map of the finest stored level's kept locations; ``None`` for a dense entry."""
+        names = sorted((k[: -len("_pos")] for k in entry if k.endswith("_pos") and f"{k[:-4]}_hw" in entry),
+                       key=_natural_order)
+        if not names:
+            return None
+        finest = names[-1]
+        h, w = (int(v) for v in entry[f"{finest}_hw"].reshape(-1)[:2])
+        kept = np.zeros(h * w, dtype=bool)
+        kept[entry[f"{finest}_pos"].long().numpy()] = True
+        return kept.reshape(h, w)
 
     def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Sparse entries -> the verifier's dense form (dropped rows zero, or filled from the kept

@@ -11,8 +11,10 @@ Roles and their inference method:
 - ``global``: :meth:`GlobalHead.embed` ``(features) -> (B, D)`` L2-normalised descriptors.
 - ``local`` / ``verifier`` (:class:`RerankHead`): ``entry_kinds()``, ``extract_entries(images,
   features_at)`` and ``score(query, candidates, seeds) -> (K,)``; the core stores entries, builds
-  shortlists, calls ``score`` and fuses it with the global score.
-- ``sparsifier`` (:class:`SparsifierHead`): ``sparsify`` / ``densify`` the verifier's stored form.
+  shortlists, calls ``score`` and fuses it with the global score. Optionally ``explain(query,
+  candidate) ->`` :class:`PairExplanation`, what ``retrieval-lightning match`` draws for a pair.
+- ``sparsifier`` (:class:`SparsifierHead`): ``sparsify`` / ``densify`` the verifier's stored form;
+  optionally ``kept_cells(entry)``, the stored locations, drawn by ``match`` on the database image.
 
 Every head returns its named training losses from :meth:`Head.losses`; the module weights and
 sums them and logs each as ``train/<role>/<name>``.
@@ -25,6 +27,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 ROLES = ("global", "local", "verifier", "sparsifier")
@@ -159,6 +162,32 @@ class EntryKind:
     ragged: bool = False
 
 
+@dataclass
+class PairExplanation:
+    """What a re-ranking head shows of one scored pair, for a picture (``retrieval-lightning match``).
+
+    Positions are fractions of the image's width and height (x, y in [0, 1]), so a head need not
+    know the pixel size the images are drawn at. A heat map is any (h, w) grid of values in [0, 1],
+    drawn stretched over its image.
+
+    Attributes:
+        score: the head's score of the pair (what :meth:`RerankHead.score` returns).
+        matches: (n, 4) float rows ``(query x, query y, candidate x, candidate y)``, strongest first.
+        strengths: (n,) how strongly each match holds (e.g. its similarity), for colouring.
+        query_heat / candidate_heat: optional (h, w) maps of each side's evidence.
+        candidate_kept: optional (h, w) bool map of the candidate's stored locations (a sparse store).
+        caption: one line saying what the score, the lines and the heat maps are.
+    """
+
+    score: float
+    matches: np.ndarray
+    strengths: np.ndarray
+    query_heat: np.ndarray | None = None
+    candidate_heat: np.ndarray | None = None
+    candidate_kept: np.ndarray | None = None
+    caption: str = ""
+
+
 class RerankHead(Head):
     """A re-ranking head (role ``local`` or ``verifier``): re-scores a query's global shortlist.
 
@@ -185,6 +214,11 @@ class RerankHead(Head):
         self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
     ) -> Tensor:
         raise NotImplementedError
+
+    def explain(self, query: Mapping[str, Tensor], candidate: Mapping[str, Tensor]) -> PairExplanation:
+        """Optional: the evidence behind ``score(query, [candidate])`` as a :class:`PairExplanation`
+        (entries as :meth:`score` receives them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not explain its scores (no explain method)")
 
 
 class LocalHead(RerankHead):
@@ -224,3 +258,8 @@ class SparsifierHead(Head):
 
     def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
         raise NotImplementedError
+
+    def kept_cells(self, entry: Mapping[str, Tensor]) -> np.ndarray | None:
+        """Optional: (h, w) bool map of the locations a stored (sparse) entry keeps, at its finest
+        level, for pictures; ``None`` when the entry is not sparse or the head cannot say."""
+        return None

@@ -4,6 +4,10 @@ Features come from a trained model's local head (``--checkpoint``, through
 ``RetrievalModule.rerank_entries``) or, without a checkpoint, from OpenCV SIFT (RootSIFT
 descriptors, 1000 per image), so the command is useful on its own and as a sanity check of the
 geometry apart from any model. The first image is the query: its pixels are the RANSAC residuals'.
+
+A checkpoint whose re-ranking head is not local (a verifier, with or without a sparsifier) is
+asked to explain its score instead (``RetrievalModule.explain_pair``), and the picture shows where
+the two images agree (:mod:`retrieval_lightning.pair_picture`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from .retrieval.geometry import VerificationResult, match_and_verify
 Features = tuple[np.ndarray, np.ndarray]  # (n, 2) float32 x, y; (n, d) descriptors
 
 
-def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, EXIF-upright; raises ``ImageLoadError`` naming the file if unreadable."""
-    return load_image(path).permute(1, 2, 0).contiguous().numpy()
+def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, EXIF-upright, the long side shrunk to ``max_side`` if given; raises
+    ``ImageLoadError`` naming the file if unreadable."""
+    return load_image(path, max_side=max_side).permute(1, 2, 0).contiguous().numpy()
 
 
 def sift_features(image: np.ndarray, n_features: int = 1000) -> Features:
@@ -45,12 +50,16 @@ def sift_features(image: np.ndarray, n_features: int = 1000) -> Features:
     return xy, np.sqrt(desc)
 
 
-def model_features(module: Any, image: np.ndarray) -> Features:
-    """Local features of one image from a module's re-ranking head (fp16 or packed-bit entries)."""
+def _image_tensor(image: np.ndarray) -> Any:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1], the module's image convention."""
     import torch
 
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
-    entry = module.rerank_entries([tensor])[0]
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
+
+
+def model_features(module: Any, image: np.ndarray) -> Features:
+    """Local features of one image from a module's re-ranking head (fp16 or packed-bit entries)."""
+    entry = module.rerank_entries([_image_tensor(image)])[0]
     if "keypoints" not in entry or not ({"descriptors", "descriptor_bits"} & set(entry)):
         raise KeyError(f"the model's re-ranking entries have no local features (keys: {sorted(entry)})")
     desc = entry["descriptor_bits"] if "descriptor_bits" in entry else entry["descriptors"]
@@ -92,16 +101,19 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrieval-lightning match",
-        description="Match two images' local features, verify them geometrically, draw the inliers.",
+        description="Match two images' local features, verify them geometrically, draw the inliers "
+                    "(or, with a verifier checkpoint, draw where the verifier finds the pair alike).",
     )
     parser.add_argument("image_a", help="query image (RANSAC residuals are in its pixels)")
     parser.add_argument("image_b", help="database image")
-    parser.add_argument("--checkpoint", help="RetrievalModule checkpoint with a local (re-ranking) head")
+    parser.add_argument("--checkpoint", help="RetrievalModule checkpoint with a re-ranking head (local or verifier)")
     parser.add_argument("--features", choices=("sift", "model"), help="default: model with --checkpoint, else sift")
     parser.add_argument("--out", default="match.png", help="PNG to write (default: match.png)")
     parser.add_argument("--num-features", type=int, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     parser.add_argument("--reference", action="store_true", help="the paper's path (KD-tree + skimage RANSAC)")
+    parser.add_argument("--max-side", type=int, help="shrink each image so its long side is at most this (e.g. "
+                        "the model's eval size); default: full size")
     return parser
 
 
@@ -111,12 +123,15 @@ def run_match(argv: list[str]) -> int:
     features = args.features or ("model" if args.checkpoint else "sift")
     if features == "model" and not args.checkpoint:
         raise ValueError("--features model needs --checkpoint")
-    image_a, image_b = read_rgb(args.image_a), read_rgb(args.image_b)
+    image_a, image_b = read_rgb(args.image_a, args.max_side), read_rgb(args.image_b, args.max_side)
     if features == "model":
+        from .head import LocalHead
         from .module import RetrievalModule
 
         module = RetrievalModule.load_from_checkpoint(args.checkpoint)
         module.eval()
+        if module.rerank_head is not None and not isinstance(module.rerank_head, LocalHead):
+            return _explain(module, image_a, image_b, args.out)
         feats_a, feats_b = model_features(module, image_a), model_features(module, image_b)
     else:
         feats_a = sift_features(image_a, args.num_features)
@@ -125,5 +140,20 @@ def run_match(argv: list[str]) -> int:
     out = draw_matches(image_a, image_b, result, args.out)
     print(f"inliers: {result.inliers} (tentative matches: {result.matches}; features: {features}, "
           f"{len(feats_a[0])} / {len(feats_b[0])})")
+    print(f"wrote {out}")
+    return 0
+
+
+def _explain(module: Any, image_a: np.ndarray, image_b: np.ndarray, out_path: str) -> int:
+    """A verifier's evidence for the pair, printed and drawn."""
+    from .pair_picture import draw_explanation
+    from .registry import PluginError
+
+    try:
+        explanation = module.explain_pair(_image_tensor(image_a), _image_tensor(image_b))
+    except NotImplementedError as exc:
+        raise PluginError(f"cannot draw this pair: {exc}") from exc
+    out = draw_explanation(image_a, image_b, explanation, out_path)
+    print(f"score: {explanation.score:.4f} ({len(explanation.matches)} correspondences drawn)")
     print(f"wrote {out}")
     return 0

@@ -25,7 +25,7 @@ from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
 from retrieval_lightning.imprint import imprint_heads
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
-from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, RerankHead, SparsifierHead
+from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture
@@ -355,6 +355,18 @@ class RetrievalModule(pl.LightningModule):
         entries = self.densify_entries(entries)
         seeds = list(seeds) if seeds is not None else pair_seeds(0, range(len(entries)))
         return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
+
+    @torch.no_grad()
+    def explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
+        """The re-ranking head's evidence for one pair (the candidate as the store would hold it,
+        its kept locations marked when a sparsifier stores it); images as for :meth:`rerank_scores`."""
+        head = self._require_rerank_head()
+        query = self.rerank_entries([query_image], database=False)[0]
+        stored = self.rerank_entries([candidate_image], database=True)[0]
+        explanation = head.explain(query, self.densify_entries([stored])[0])
+        if self.sparsifier is not None:
+            explanation.candidate_kept = self.sparsifier.kept_cells(stored)
+        return explanation
 
     # ------------------------------------------------------------------ evaluation
     def _eval_sets(self, stage: str) -> list[EvalSet]:

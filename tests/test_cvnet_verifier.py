@@ -3,6 +3,7 @@ pairs, stored entries, the pre-activation backbone tap and the official-checkpoi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import pytest
@@ -254,3 +255,68 @@ def test_official_import_lists_what_does_not_fit(tmp_path) -> None:
     message = str(info.value)
     assert "heads.verifier.learner.mlp.2.bias" in message and "encoder_q.extra.weight" in message
     assert "conv2ds.1.weight (8, 1024, 3, 3)" in message
+
+
+def test_explain_is_the_score_and_the_scale_one_correlation() -> None:
+    """explain(): the same score as score(), heat = each location's best clamped cosine at scale 1,
+    lines = mutual nearest neighbours strongest first, at cell centres; an image against itself
+    matches every drawn cell to itself."""
+    from heads.cvnet_verifier import EXPLAIN_MATCHES
+
+    head = make_head()
+    g = torch.Generator().manual_seed(3)
+    query = entry_from_conv4(head, torch.randn(1, 24, 6, 8, generator=g))
+    cand = entry_from_conv4(head, torch.randn(1, 24, 5, 7, generator=g))
+    out = head.explain(query, cand)
+    assert out.score == pytest.approx(float(head.score(query, [cand], [0])[0]), abs=1e-7)
+    q = F.normalize(query["level2"].float(), dim=1)
+    d = F.normalize(cand["level2"].float(), dim=1)
+    corr = (q @ d.t()).clamp_min(0)
+    torch.testing.assert_close(torch.from_numpy(out.query_heat), corr.max(1).values.reshape(6, 8))
+    torch.testing.assert_close(torch.from_numpy(out.candidate_heat), corr.max(0).values.reshape(5, 7))
+    assert 0 < len(out.matches) <= EXPLAIN_MATCHES and (out.matches > 0).all() and (out.matches < 1).all()
+    assert (out.strengths[:-1] >= out.strengths[1:]).all()
+    for (qx, qy, cx, cy), strength in zip(out.matches, out.strengths):
+        i = round(qy * 6 - 0.5) * 8 + round(qx * 8 - 0.5)
+        j = round(cy * 5 - 0.5) * 7 + round(cx * 7 - 0.5)
+        assert int(corr[i].argmax()) == j and int(corr[:, j].argmax()) == i
+        assert strength == pytest.approx(float(corr[i, j]), abs=1e-6)
+
+    same = head.explain(query, query)
+    assert len(same.matches) == min(EXPLAIN_MATCHES, 6 * 8)
+    np.testing.assert_allclose(same.matches[:, :2], same.matches[:, 2:])
+    np.testing.assert_allclose(same.query_heat, 1.0, atol=1e-5)
+
+
+def test_border_cells_are_dropped_in_training_and_scoring_alike() -> None:
+    """``border: 1`` zeroes the outer ring of every projected level large enough to keep an inside:
+    the stored rows there are zero, and the score equals the plain head's score of the same entries
+    with those rows zeroed (a zero row correlates with nothing). Training reads the same levels."""
+    plain, cut = make_head(), make_head(border=1)
+    cut.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.randn(1, 24, 6, 8, generator=g), torch.randn(1, 24, 6, 7, generator=g)]
+    entries = [entry_from_conv4(cut, m) for m in maps]
+    plain_entries = [entry_from_conv4(plain, m) for m in maps]
+    zeroed = [{k: v.clone() for k, v in e.items()} for e in plain_entries]
+    for entry, ref in zip(entries, zeroed):
+        for i in range(3):
+            h, w = entry[f"level{i}_hw"].tolist()
+            assert h > 2 and w > 2  # every level of these maps has an inside
+            ring = torch.ones(h, w, dtype=torch.bool)
+            ring[1:-1, 1:-1] = False
+            assert entry[f"level{i}"].reshape(h, w, -1)[ring].abs().max() == 0
+            ref[f"level{i}"].reshape(h, w, -1)[ring] = 0
+            torch.testing.assert_close(entry[f"level{i}"], ref[f"level{i}"], atol=1e-3, rtol=0)
+    with_border = cut.score(entries[0], entries[1:], [0])
+    torch.testing.assert_close(with_border, plain.score(zeroed[0], zeroed[1:], [0]))
+    assert not torch.allclose(with_border, plain.score(plain_entries[0], plain_entries[1:], [0]))
+    # what a stored (e.g. densified, filled) entry holds at the edge never reaches the score
+    torch.testing.assert_close(cut.score(plain_entries[0], plain_entries[1:], [0]), with_border)
+    levels = cut.project(maps[0])
+    assert all(level[..., 0, :].abs().max() == 0 for level in levels)  # the training path too
+
+    small = torch.randn(1, 24, 2, 3, generator=g)  # levels of at most 2 rows: left whole
+    torch.testing.assert_close(entry_from_conv4(cut, small)["level2"], entry_from_conv4(plain, small)["level2"])
+    with pytest.raises(ValueError, match="border"):
+        CVNetVerifierHead(border=-1)

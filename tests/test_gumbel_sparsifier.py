@@ -410,3 +410,45 @@ def test_fill_sigma_is_scoring_only_and_left_out_of_the_store_identity() -> None
     assert "fill_sigma" not in filled["heads"]["sparsifier"][1]
     assert verifier_module(fill_sigma=0.0).entry_identity() == filled
     assert verifier_module(keep_ratio=0.2).entry_identity() != filled
+
+
+# ---------------------------------------------------------------- pictures of a pair
+def test_kept_cells_mark_the_finest_stored_level() -> None:
+    head = built_head(keep_ratio=0.25, value_dtype="int4")
+    dense = dense_entry(2)
+    stored = head.sparsify([dense])[0]
+    kept = head.kept_cells(stored)
+    assert kept.shape == (6, 8) and kept.dtype == bool
+    assert sorted(np.flatnonzero(kept)) == sorted(stored["level2_pos"].long().tolist())
+    assert kept.sum() == keep_count(48, 0.25)
+    assert head.kept_cells(dense) is None  # a dense entry keeps everything: nothing to mark
+
+
+def test_match_explains_a_sparse_verifier_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``retrieval-lightning match`` with a verifier + sparsifier checkpoint: the printed score is the
+    module's re-ranking score of the stored candidate, and the picture is drawn."""
+    from PIL import Image
+
+    from retrieval_lightning.match import run_match
+    from retrieval_lightning.pair_picture import MIN_PANEL_HEIGHT
+
+    module = verifier_module(keep_ratio=0.25)
+    module.save_checkpoint(tmp_path / "ds.ckpt")
+    paths = []
+    for k, image in enumerate(photos(2, seed=5)):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(paths[-1])
+    out = tmp_path / "pair.png"
+    assert run_match([str(paths[0]), str(paths[1]), "--checkpoint", str(tmp_path / "ds.ckpt"), "--out", str(out)]) == 0
+    printed = float(capsys.readouterr().out.split("score: ")[1].split()[0])
+
+    from retrieval_lightning.match import _image_tensor, read_rgb
+
+    query, cand = (_image_tensor(read_rgb(p)) for p in paths)
+    explanation = module.explain_pair(query, cand)
+    assert printed == pytest.approx(float(module.rerank_scores(query, [cand])[0]), abs=1e-4)
+    assert explanation.score == pytest.approx(printed, abs=1e-4)
+    stored = module.rerank_entries([cand])[0]
+    assert explanation.candidate_kept.sum() == len(stored["level2_pos"]) < explanation.candidate_kept.size
+    with Image.open(out) as picture:
+        assert picture.height > MIN_PANEL_HEIGHT and picture.width >= 2 * MIN_PANEL_HEIGHT

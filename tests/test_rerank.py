@@ -220,3 +220,18 @@ def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -
     checkpoint = {"state_dict": dict(trained.state_dict())}
     eval_only.on_load_checkpoint(checkpoint)  # what `test --ckpt_path` does before Lightning's strict load
     eval_only.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def test_match_names_a_third_party_verifier_that_cannot_explain(tmp_path: Path) -> None:
+    """``match`` asks a non-local head to explain its score; a plugin without ``explain`` is a user
+    error naming the head's class (one ``error:`` line from the CLI), not a traceback."""
+    from PIL import Image
+
+    from retrieval_lightning.match import run_match
+    from retrieval_lightning.registry import PluginError
+
+    tiny_module().save_checkpoint(tmp_path / "m.ckpt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(image)
+    with pytest.raises(PluginError, match="CosineRerankHead does not explain"):
+        run_match([str(image), str(image), "--checkpoint", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "x.png")])
