@@ -223,6 +223,16 @@ class CVNetVerifierHead(VerifierHead):
                     out[chunk] = logits.float().softmax(-1)[:, 1].cpu()
         return out
 
+    def _finest_units(self, entry: Mapping[str, Tensor]) -> tuple[Tensor, int, int]:
+        """The scale-1 level of a stored entry as (h*w, P) unit rows, edge cells zeroed as
+        :meth:`score` zeroes them, and its (h, w)."""
+        finest = f"level{len(SCALES) - 1}"
+        h, w = (int(v) for v in entry[f"{finest}_hw"])
+        level = entry[finest].float().t().reshape(1, -1, h, w)
+        if self.border:
+            level = self._drop_border(level)
+        return F.normalize(level[0].flatten(1).t(), dim=1, eps=1e-12), h, w
+
     @torch.no_grad()
     def explain(self, query: Mapping[str, Tensor], candidate: Mapping[str, Tensor]) -> PairExplanation:
         """The score, and where the pair correlates: on the finest level (scale 1, the one the 4D
@@ -230,10 +240,7 @@ class CVNetVerifierHead(VerifierHead):
         (the heat maps) and the strongest mutual nearest neighbours (the lines). A candidate from a
         sparse store is explained as the verifier scores it, dropped locations as densified."""
         score = float(self.score(query, [candidate], [0])[0])
-        finest = f"level{len(SCALES) - 1}"
-        (hq, wq), (hd, wd) = (tuple(int(v) for v in e[f"{finest}_hw"]) for e in (query, candidate))
-        q = F.normalize(query[finest].float(), dim=1, eps=1e-12)
-        d = F.normalize(candidate[finest].float(), dim=1, eps=1e-12)
+        (q, hq, wq), (d, hd, wd) = self._finest_units(query), self._finest_units(candidate)
         corr = (q @ d.t()).clamp_min(0)  # (hq*wq, hd*wd), the 4D correlation's scale-1 channel
         best_q, to_d = corr.max(dim=1)
         best_d, to_q = corr.max(dim=0)

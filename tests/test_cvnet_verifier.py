@@ -313,6 +313,8 @@ def test_border_cells_are_dropped_in_training_and_scoring_alike() -> None:
     assert not torch.allclose(with_border, plain.score(plain_entries[0], plain_entries[1:], [0]))
     # what a stored (e.g. densified, filled) entry holds at the edge never reaches the score
     torch.testing.assert_close(cut.score(plain_entries[0], plain_entries[1:], [0]), with_border)
+    heat = cut.explain(plain_entries[0], plain_entries[1]).query_heat  # and is not drawn as evidence
+    assert heat[0].max() == heat[:, -1].max() == 0 and heat[1:-1, 1:-1].min() > 0
     levels = cut.project(maps[0])
     assert all(level[..., 0, :].abs().max() == 0 for level in levels)  # the training path too
 
