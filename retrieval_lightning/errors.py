@@ -13,6 +13,10 @@ class DataFormatError(ValueError):
     """A dataset file (ground truth, image list, CSV) that does not have the expected format."""
 
 
+class UsageError(ValueError):
+    """Arguments of a command that cannot work together (e.g. a checkpoint without the head it needs)."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception classes that mean "bad input", not "bug" (imported lazily: the CLI starts fast)."""
     from retrieval_lightning.archives import CorruptArchiveError, UnsafeArchiveError
@@ -27,7 +31,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from retrieval_lightning.retrieval.store import StoreIdentityError
 
     return (
-        DataFormatError, PluginError, CheckpointLoadError, IncompatibleWeightsError, IncompatibleCheckpointError,
+        DataFormatError, UsageError, PluginError, CheckpointLoadError, IncompatibleWeightsError, IncompatibleCheckpointError,
         WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError, DownloadError,
         CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
     )

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data.io import load_image
+from .errors import UsageError
 from .retrieval.geometry import VerificationResult, match_and_verify
 
 Features = tuple[np.ndarray, np.ndarray]  # (n, 2) float32 x, y; (n, d) descriptors
@@ -122,7 +123,7 @@ def run_match(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     features = args.features or ("model" if args.checkpoint else "sift")
     if features == "model" and not args.checkpoint:
-        raise ValueError("--features model needs --checkpoint")
+        raise UsageError("--features model needs --checkpoint")
     image_a, image_b = read_rgb(args.image_a, args.max_side), read_rgb(args.image_b, args.max_side)
     if features == "model":
         from .head import LocalHead
@@ -130,7 +131,10 @@ def run_match(argv: list[str]) -> int:
 
         module = RetrievalModule.load_from_checkpoint(args.checkpoint)
         module.eval()
-        if module.rerank_head is not None and not isinstance(module.rerank_head, LocalHead):
+        if module.rerank_head is None:
+            raise UsageError(f"{args.checkpoint} has no re-ranking head (heads: {', '.join(sorted(module.heads))}); "
+                             "match needs a local head or a verifier, or no --checkpoint for SIFT")
+        if not isinstance(module.rerank_head, LocalHead):
             return _explain(module, image_a, image_b, args.out)
         feats_a, feats_b = model_features(module, image_a), model_features(module, image_b)
     else:

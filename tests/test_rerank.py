@@ -235,3 +235,17 @@ def test_match_names_a_third_party_verifier_that_cannot_explain(tmp_path: Path) 
     Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(image)
     with pytest.raises(PluginError, match="CosineRerankHead does not explain"):
         run_match([str(image), str(image), "--checkpoint", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "x.png")])
+
+
+def test_match_names_a_checkpoint_without_a_reranking_head(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from retrieval_lightning.errors import UsageError, user_error_types
+    from retrieval_lightning.match import run_match
+
+    RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface()}).save_checkpoint(tmp_path / "g.ckpt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(image)
+    with pytest.raises(UsageError, match=r"g\.ckpt has no re-ranking head \(heads: global\)") as caught:
+        run_match([str(image), str(image), "--checkpoint", str(tmp_path / "g.ckpt"), "--out", str(tmp_path / "x.png")])
+    assert isinstance(caught.value, user_error_types())  # the CLI prints one error line, no traceback
