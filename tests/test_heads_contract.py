@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
 import torch.nn.functional as F
 
-from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead, SparsifierHead
+from retrieval_lightning.head import ROLES, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
 from retrieval_lightning.registry import HEADS
 
 STAGE_CHANNELS = {"conv1": 8, "conv2": 12, "conv3": 16, "conv4": 24, "conv5": 32}
@@ -96,6 +97,19 @@ def check_rerank_head(head: RerankHead) -> None:
             assert tuple(value.shape[1:] if kind.ragged else value.shape) == tuple(kind.shape), name
     scores = head.score(entries[0], entries, [0, 1])
     assert scores.shape == (2,) and scores.dtype.is_floating_point and torch.isfinite(scores).all()
+    if type(head).explain is not RerankHead.explain:  # optional: a head that explains keeps the contract
+        check_explanation(head.explain(entries[0], entries[1]), float(head.score(entries[0], [entries[1]], [0])[0]))
+
+
+def check_explanation(explanation: PairExplanation, score: float) -> None:
+    """The explained score is the score; positions are fractions of the image; heat maps are 2-D in [0, 1]."""
+    assert explanation.score == pytest.approx(score, abs=1e-6)
+    matches = np.asarray(explanation.matches)
+    assert matches.ndim == 2 and matches.shape[1] == 4 and ((matches >= 0) & (matches <= 1)).all()
+    assert np.asarray(explanation.strengths).shape == (len(matches),)
+    for heat in (explanation.query_heat, explanation.candidate_heat):
+        if heat is not None:
+            assert heat.ndim == 2 and np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1 + 1e-6
 
 
 def check_sparsifier_head(head: SparsifierHead) -> None:
@@ -118,6 +132,9 @@ def check_sparsifier_head(head: SparsifierHead) -> None:
         assert all(entry[k].shape == original[k].shape and entry[k].dtype == original[k].dtype for k in entry)
     scores = verifier.score(dense[0], back, [0, 1])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+    for entry in sparse:  # optional: stored cells for pictures, a 2-D bool map or None
+        kept = head.kept_cells(entry)
+        assert kept is None or (kept.ndim == 2 and kept.dtype == bool and 0 < kept.sum() <= kept.size)
 
 
 def _perturb(head: Head) -> None:
