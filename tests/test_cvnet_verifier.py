@@ -1,5 +1,6 @@
 """cvnet_verifier: fast scoring == a straightforward CVNet (tests/_cvnet_reference.py), training
-pairs, stored entries, the pre-activation backbone tap and the official-checkpoint import."""
+pairs, stored entries, the pre-activation backbone tap, the official-checkpoint import, real photos,
+explain() and the border option."""
 
 from __future__ import annotations
 
@@ -322,3 +323,28 @@ def test_border_cells_are_dropped_in_training_and_scoring_alike() -> None:
     torch.testing.assert_close(entry_from_conv4(cut, small)["level2"], entry_from_conv4(plain, small)["level2"])
     with pytest.raises(ValueError, match="border"):
         CVNetVerifierHead(border=-1)
+
+
+def test_real_photos_fast_scores_match_the_straightforward_cvnet() -> None:
+    """#9's parity on real photos without ../shared: scikit-image's photos through the ImageNet
+    EfficientNet-Lite0, stored fp32 entries scored by the fast path == the straightforward CVNet."""
+    from skimage import data as photos
+
+    def photo(image, size: tuple[int, int]) -> torch.Tensor:
+        rgb = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255.0
+        return F.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+    backbone = Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4",)).eval()
+    torch.manual_seed(0)
+    head = CVNetVerifierHead(width=32, entry_dtype="float32")
+    head.build(backbone.stage_channels, 0)
+    head.eval()
+    images = [photo(photos.astronaut(), (160, 192)), photo(photos.astronaut()[:, ::-1], (160, 192)),
+              photo(photos.coffee(), (144, 176)), photo(photos.chelsea(), (176, 160))]
+    with torch.no_grad():
+        entries = head.extract_entries(images, backbone)
+        scores = head.score(entries[0], entries[1:], [1, 2, 3])
+        conv4 = [backbone(image[None])["conv4"] for image in images]
+        ref = torch.cat([reference_logits(head_state_as_official(head.state_dict()), conv4[0], c) for c in conv4[1:]])
+    torch.testing.assert_close(scores, ref.softmax(-1)[:, 1], atol=1e-4, rtol=0)
+    assert scores.max() - scores.min() > 50 * 1e-4  # the pairs differ by far more than the tolerance
