@@ -31,7 +31,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from retrieval_lightning.retrieval.store import StoreIdentityError
 
     return (
-        DataFormatError, UsageError, PluginError, CheckpointLoadError, IncompatibleWeightsError, IncompatibleCheckpointError,
-        WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError, DownloadError,
-        CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
+        DataFormatError, UsageError, PluginError, CheckpointLoadError, IncompatibleWeightsError,
+        IncompatibleCheckpointError, WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError,
+        DownloadError, CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
     )

@@ -429,7 +429,7 @@ def test_match_explains_a_sparse_verifier_checkpoint(tmp_path: Path, capsys: pyt
     module's re-ranking score of the stored candidate, and the picture is drawn."""
     from PIL import Image
 
-    from retrieval_lightning.match import run_match
+    from retrieval_lightning.match import read_rgb, run_match
     from retrieval_lightning.pair_picture import MIN_PANEL_HEIGHT
 
     module = verifier_module(keep_ratio=0.25)
@@ -442,9 +442,7 @@ def test_match_explains_a_sparse_verifier_checkpoint(tmp_path: Path, capsys: pyt
     assert run_match([str(paths[0]), str(paths[1]), "--checkpoint", str(tmp_path / "ds.ckpt"), "--out", str(out)]) == 0
     printed = float(capsys.readouterr().out.split("score: ")[1].split()[0])
 
-    from retrieval_lightning.match import _image_tensor, read_rgb
-
-    query, cand = (_image_tensor(read_rgb(p)) for p in paths)
+    query, cand = (torch.from_numpy(read_rgb(p)).permute(2, 0, 1).float() / 255.0 for p in paths)
     explanation = module.explain_pair(query, cand)
     assert printed == pytest.approx(float(module.rerank_scores(query, [cand])[0]), abs=1e-4)
     assert explanation.score == pytest.approx(printed, abs=1e-4)
