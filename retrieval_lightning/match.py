@@ -99,6 +99,13 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(c) for c in row) for row in rgb]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrieval-lightning match",
@@ -113,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-features", type=int, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     parser.add_argument("--reference", action="store_true", help="the paper's path (KD-tree + skimage RANSAC)")
-    parser.add_argument("--max-side", type=int, help="shrink each image so its long side is at most this (e.g. "
-                        "the model's eval size); default: full size")
+    parser.add_argument("--max-side", type=_positive_int, help="shrink each image so its long side is at most this "
+                        "(e.g. the model's eval size); default: full size")
     return parser
 
 

@@ -38,6 +38,9 @@ def test_run_match_prints_inliers_and_draws(pair: tuple[Path, Path, np.ndarray],
     assert inliers >= 40
     with Image.open(out) as im:
         assert im.size == (240 + 260, 210) and im.format == "PNG"
+    assert run_match([str(a), str(b), "--out", str(out), "--num-features", "300", "--max-side", "130"]) == 0
+    with Image.open(out) as im:  # both images shrunk to a long side of 130 before matching
+        assert im.size == (130 + 130, round(200 * 130 / 240))
 
 
 def test_sift_pair_recovers_the_warp(pair: tuple[Path, Path, np.ndarray]) -> None:
@@ -77,6 +80,9 @@ def test_unreadable_image_names_the_file(pair: tuple[Path, Path, np.ndarray], tm
         run_match([str(tmp_path / "missing.png"), str(pair[1])])
     with pytest.raises(ValueError, match="--checkpoint"):
         run_match([str(pair[0]), str(pair[1]), "--features", "model"])
+    with pytest.raises(SystemExit) as usage:  # argparse: usage line, status 2
+        run_match([str(pair[0]), str(pair[1]), "--max-side", "0"])
+    assert usage.value.code == 2
 
 
 def test_model_features_reads_rerank_entries() -> None:
