@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _cvnet_reference import head_state_as_official, reference_logits
+from _cvnet_parity import fast_and_reference_probabilities
 from conftest import SHARED_PHOTOS
-from heads.cvnet_verifier import CVNetVerifierHead
-from retrieval_lightning.backbone import Backbone
 
 pytestmark = [
     pytest.mark.shared_photos,
@@ -26,17 +24,7 @@ def _photo(name: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def test_shared_photos_fast_scores_match_the_straightforward_cvnet() -> None:
-    backbone = Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4",)).eval()
-    torch.manual_seed(0)
-    head = CVNetVerifierHead(width=32, entry_dtype="float32")
-    head.build(backbone.stage_channels, 0)
-    head.eval()
     images = [_photo(n, s) for n, s in zip(NAMES, [(160, 192), (160, 192), (144, 176), (176, 160)])]
-    with torch.no_grad():
-        entries = head.extract_entries(images, backbone)
-        scores = head.score(entries[0], entries[1:], [1, 2, 3])
-        conv4 = [backbone(image[None])["conv4"] for image in images]
-        state = head_state_as_official(head.state_dict())
-        ref = torch.cat([reference_logits(state, conv4[0], c) for c in conv4[1:]])
-    torch.testing.assert_close(scores, ref.softmax(-1)[:, 1], atol=1e-4, rtol=0)
-    assert ref[:, 1].std() > 0 or ref[:, 0].std() > 0
+    scores, reference = fast_and_reference_probabilities(images)
+    torch.testing.assert_close(scores, reference, atol=1e-4, rtol=0)
+    assert reference.std() > 0

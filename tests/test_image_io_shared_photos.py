@@ -3,16 +3,13 @@ reader) and to PIL, EXIF orientation included."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from conftest import SHARED_PHOTOS as PHOTOS
 from retrieval_lightning.data.io import load_image
-
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 
 pytestmark = [
     pytest.mark.shared_photos,
