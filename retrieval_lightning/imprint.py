@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from retrieval_lightning.head import GlobalHead
+from retrieval_lightning.progress import trainer_progress
 
 
 def is_resuming(trainer: pl.Trainer) -> bool:
@@ -67,7 +68,7 @@ def imprint_head(module: pl.LightningModule, head: GlobalHead, num_classes: int)
     sums = torch.zeros(num_classes, head.dim, device=module.device)
     counts = torch.zeros(num_classes, device=module.device)
     loader = shard_loader(training_loader(trainer), trainer.global_rank, trainer.world_size)
-    for batch in loader:
+    for batch in trainer_progress(loader, trainer, f"imprinting the {head.role} head", total=len(loader)):
         images, labels = batch["image"].to(module.device), batch["label"].to(module.device)
         features = module.backbone(images)
         pooled = head.pool({s: f for s, f in features.items() if s in head.stages})

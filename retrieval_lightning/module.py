@@ -27,6 +27,7 @@ from retrieval_lightning.imprint import imprint_heads
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
+from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
@@ -496,7 +497,7 @@ class RetrievalModule(pl.LightningModule):
         return evaluate_reranked(
             self, eval_set, desc, query_store, db_store, self.rerank,
             rank=self.global_rank, world_size=self.trainer.world_size, chunk=self.search_chunk,
-            device=self.device, progress=self.trainer.is_global_zero,
+            device=self.device, progress=shows_progress(self.trainer),
         )
 
     def _eval_is_partial(self, prefix: str) -> bool:

@@ -33,17 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
+from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.retrieval.gather import gather_dedupe
 
 
 def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = True,
-                        chunk: int = 1024, device: torch.device | str | None = None) -> Tensor:
+                        chunk: int = 1024, device: torch.device | str | None = None,
+                        progress: bool = False) -> Tensor:
     """For every row, the ``k`` rows of other labels with the largest inner product, nearest first.
 
     ``distinct``: at most one row per label (the nearest of that label). Returns (N, k) int64
     row indices, ``-1`` where fewer than ``k`` exist. Ties are broken by the lower row index.
     ``device``: where the similarities are computed (the model's GPU makes a 100k pool take seconds).
+    ``progress``: a bar over the row chunks.
     """
     n = desc.shape[0]
     labels = labels.reshape(-1).long()
@@ -53,7 +57,8 @@ def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = T
     desc = desc.float().to(device) if device is not None else desc.float()
     labels_dev = labels.to(desc.device)
     width = min(n, k * 4 + 16) if distinct else min(n, k)
-    for start in range(0, n, chunk):
+    starts = range(0, n, chunk)
+    for start in tqdm(starts, desc="hard negatives: nearest other labels", disable=not progress, leave=False):
         rows = slice(start, min(n, start + chunk))
         sims = desc[rows] @ desc.T
         sims[labels_dev[rows, None] == labels_dev[None, :]] = float("-inf")
@@ -136,13 +141,14 @@ class HardNegativeMining(pl.Callback):
             self.mine(trainer, pl_module, miner, epoch)
 
     @torch.no_grad()
-    def embed_pool(self, pl_module: Any, dataset: Any, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-        """This rank's share of the pool: ``(rows, descriptors)``."""
+    def embed_pool(self, pl_module: Any, dataset: Any, rank: int = 0, world_size: int = 1,
+                   progress: bool = False) -> tuple[Tensor, Tensor]:
+        """This rank's share of the pool: ``(rows, descriptors)``; ``progress``: a bar over its batches."""
         share = Subset(dataset, list(range(rank, len(dataset), world_size)))
         loader = DataLoader(share, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=lambda items: items)
         rows, descs = [], []
-        for items in loader:
+        for items in tqdm(loader, desc="hard negatives: embedding the pool", disable=not progress, leave=False):
             images = [item["image"].to(pl_module.device) for item in items]
             rows.extend(int(item["index"]) for item in items)
             descs.append(self._embed(pl_module, images).float().cpu())
@@ -169,7 +175,7 @@ class HardNegativeMining(pl.Callback):
         pl_module.eval()
         try:
             rows, desc = self.embed_pool(pl_module, miner.pool_dataset(positions),
-                                         trainer.global_rank, trainer.world_size)
+                                         trainer.global_rank, trainer.world_size, shows_progress(trainer))
         finally:
             pl_module.train(was_training)
         rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
@@ -179,7 +185,8 @@ class HardNegativeMining(pl.Callback):
         if trainer.global_rank == 0:
             labels = torch.as_tensor(np.asarray(miner.labels)[positions])
             table = nearest_other_label(gathered["desc"], labels, int(miner.table_width),
-                                        bool(miner.distinct_labels), self.chunk, pl_module.device).numpy()
+                                        bool(miner.distinct_labels), self.chunk, pl_module.device,
+                                        shows_progress(trainer)).numpy()
             neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
         neighbours = trainer.strategy.broadcast(neighbours, src=0)
         miner.set_negatives(epoch, positions, neighbours)
