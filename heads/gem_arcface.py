@@ -79,6 +79,12 @@ class GemArcFaceHead(GlobalHead):
         self.classifier = CosineClassifier(self._dim, num_classes) if num_classes > 0 else None
         self.margin = build_margin(self.margin_kind, scale, self.margin_m)
 
+    def untrained_tensors(self) -> list[str]:
+        """GeM's ``p`` starts at its configured value and an identity whitening is the plain GeM descriptor:
+        frozen, they are the untrained ImageNet descriptor (the CVNet demo's global stage), not noise."""
+        deliberate = ("gem.",) + (("whiten.",) if self.whiten_init == "identity" else ())
+        return [n for n in super().untrained_tensors() if not n.startswith(deliberate)]
+
     @property
     def dim(self) -> int:
         return self._dim

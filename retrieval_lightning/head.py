@@ -114,6 +114,16 @@ class Head(nn.Module):
         """Optimiser parameter groups; override to give some parameters their own lr/decay."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def untrained_tensors(self) -> list[str]:
+        """State-dict names (inside the head) whose values after ``build`` are random draws.
+
+        Why: a head frozen with such tensors never loaded (a later stage of a recipe run without
+        ``init_from``, or from the wrong stage's checkpoint) trains the rest against noise for hours;
+        ``fit`` refuses that. Default: every parameter except the training-only ones. Override when
+        the build is a deliberate starting point (an identity map, a fixed pooling exponent).
+        """
+        return [n for n, _ in self.named_parameters() if not n.startswith(self.training_only)]
+
 
 class GlobalHead(Head):
     """A head producing one L2-normalised descriptor per image."""

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, check_state_fits, load_tensor_file, state_dict_of
 from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
-from retrieval_lightning.imprint import imprint_heads
+from retrieval_lightning.imprint import imprint_heads, is_resuming
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
@@ -40,6 +41,10 @@ DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
 
 class IncompatibleCheckpointError(ValueError):
     """``init_from`` names a checkpoint whose tensors do not fit this model."""
+
+
+class FrozenUntrainedError(UsageError):
+    """``freeze`` keeps a head fixed whose weights were never trained or loaded (names the tensors)."""
 
 
 class RetrievalModule(pl.LightningModule):
@@ -89,6 +94,8 @@ class RetrievalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
+        #: state-dict names ever loaded into this module (``init_from``, checkpoints, ``load_state_dict``)
+        self._loaded_tensors: set[str] = set()
         if not heads:
             raise ValueError("RetrievalModule needs at least one head")
         for role, head in heads.items():
@@ -179,6 +186,37 @@ class RetrievalModule(pl.LightningModule):
             state[key] = own[key]  # training-only tensors the file lacks keep their initialisation
         checkpoint["state_dict"] = state
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, remembering which tensors now hold loaded values."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._loaded_tensors.update(state_dict)
+        return result
+
+    def untrained_frozen_tensors(self) -> dict[str, list[str]]:
+        """Per frozen head, the tensors its build drew at random that nothing has loaded since."""
+        found = {}
+        for role in sorted(self.frozen - {"backbone"}):
+            prefix = f"heads.{role}."
+            keys = [prefix + n for n in self.heads[role].untrained_tensors() if prefix + n not in self._loaded_tensors]
+            if keys:
+                found[role] = keys
+        return found
+
+    def check_frozen_heads_are_trained(self) -> None:
+        """Refuse to fit around a frozen head of random weights (see :meth:`Head.untrained_tensors`)."""
+        untrained = self.untrained_frozen_tensors()
+        if not untrained:
+            return
+        where = (f"model.init_from ({self.hparams.get('init_from')}) does not hold them"
+                 if self.hparams.get("init_from") else "model.init_from is not set")
+        heads = "; ".join(f"{role!r}: {len(keys)} tensors ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                          for role, keys in untrained.items())
+        raise FrozenUntrainedError(
+            f"model.freeze keeps heads fixed whose weights were never trained or loaded: {heads}. {where}: "
+            "give the checkpoint of the recipe stage that trained them (--model.init_from <ckpt>), "
+            "or take the heads out of model.freeze"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
 
@@ -258,6 +296,8 @@ class RetrievalModule(pl.LightningModule):
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
         # also when resuming (where no imprinting pass below would call it)
         self.train(self.training)
+        if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
+            self.check_frozen_heads_are_trained()
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 

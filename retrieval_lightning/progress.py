@@ -20,7 +20,7 @@ def shows_progress(trainer: pl.Trainer | None) -> bool:
     """True on rank 0 of a run whose Lightning progress bar is on."""
     if trainer is None:
         return True
-    return bool(trainer.is_global_zero) and trainer.progress_bar_callback is not None
+    return getattr(trainer, "global_rank", 0) == 0 and getattr(trainer, "progress_bar_callback", None) is not None
 
 
 def trainer_progress(iterable: Iterable[T], trainer: pl.Trainer | None, desc: str, total: int | None = None,

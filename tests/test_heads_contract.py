@@ -184,3 +184,12 @@ def test_build_rejects_missing_stage() -> None:
     cls = HEADS.get("gem_arcface")
     with pytest.raises(ValueError, match="conv5"):
         cls().build({"conv4": 8}, 3)
+
+
+def test_untrained_tensors_name_parameters_that_are_not_training_only(head: Head) -> None:
+    """What ``fit`` checks before it trains around a frozen head: real parameter names, never a
+    training-only one (a model built for evaluation does not have those)."""
+    names = head.untrained_tensors()
+    parameters = dict(head.named_parameters())
+    assert set(names) <= set(parameters)
+    assert not [n for n in names if n.startswith(head.training_only)]

@@ -150,3 +150,35 @@ def test_imprinting_sets_class_weights_to_mean_training_descriptors() -> None:
     labels = torch.tensor([it["label"] for it in data.items])
     expected = F.normalize(torch.stack([pooled[labels == c].sum(0) for c in range(3)]), dim=-1)
     torch.testing.assert_close(snapshot["w"], expected, atol=1e-4, rtol=1e-4)
+
+
+def _fit_one_step(module: RetrievalModule) -> None:
+    import lightning.pytorch as pl
+
+    pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu").fit(module, datamodule=_TinyData())
+
+
+def test_fit_refuses_a_frozen_head_whose_weights_nothing_trained_or_loaded(tmp_path: Path) -> None:
+    """A later recipe stage run without ``init_from`` (or from the wrong stage) would train around noise."""
+    from retrieval_lightning.module import FrozenUntrainedError
+
+    random_whitening = {"whiten_init": "random"}
+    with pytest.raises(FrozenUntrainedError, match=r"'global': 2 tensors \(heads.global.whiten.weight, "
+                                                   r"heads.global.whiten.bias\).*init_from is not set"):
+        _fit_one_step(make(num_classes=3, head=random_whitening, freeze=["global"]))
+    # a checkpoint without the head is named as such
+    partial = tmp_path / "backbone_only.ckpt"
+    torch.save({"state_dict": {k: v for k, v in make().state_dict().items() if k.startswith("backbone.")}}, partial)
+    with pytest.raises(FrozenUntrainedError, match=r"backbone_only.ckpt\) does not hold them"):
+        _fit_one_step(make(num_classes=3, head=random_whitening, freeze=["global"], init_from=str(partial)))
+    # trained weights, from init_from or loaded by hand, pass the check; so does a deliberate start
+    # (a model whose only head is frozen has nothing to fit, so these call the check fit runs first)
+    stage1 = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": make(num_classes=3, head=random_whitening).state_dict()}, stage1)
+    make(num_classes=3, head=random_whitening, freeze=["global"], init_from=str(stage1)).check_frozen_heads_are_trained()
+    by_hand = make(num_classes=3, head=random_whitening, freeze=["global"])
+    assert by_hand.untrained_frozen_tensors() == {"global": ["heads.global.whiten.weight", "heads.global.whiten.bias"]}
+    by_hand.load_state_dict(torch.load(stage1, weights_only=True)["state_dict"])
+    assert by_hand.untrained_frozen_tensors() == {}
+    assert make(num_classes=3, freeze=["global"]).untrained_frozen_tensors() == {}  # identity: plain GeM
