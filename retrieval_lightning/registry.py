@@ -98,7 +98,7 @@ class Registry:
         if name not in entries:
             known = sorted(entries)
             close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise UnknownPluginError(
                 f"unknown {self.kind} {name!r}{hint} Registered {self.kind}s "
                 f"(entry-point group {self.group!r}): {', '.join(known) or 'none'}"

@@ -35,6 +35,18 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     assert main(["import-checkpoint", "cvnt", str(source), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown checkpoint importer 'cvnt'; did you mean 'cvnet'?")
+    assert main(["import-checkpoint", "delg", str(source), str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown checkpoint importer 'delg'. Registered checkpoint importers")
+
+    # a file that is not a whole CVNet: one line naming what is missing, and no output written
+    state = random_official_state(50)
+    del state["cv_learner.mlp.2.weight"]
+    torch.save({"model_state": state}, source)
+    broken = tmp_path / "broken.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(source), str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: official CVNet R50 checkpoint does not fit: missing ['heads.verifier.learner.")
+    assert len(err.strip().splitlines()) == 1 and not broken.exists()
 
 
 @pytest.mark.slow

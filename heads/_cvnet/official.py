@@ -23,7 +23,7 @@ from torch import Tensor
 from heads.cvnet_verifier import CVNetVerifierHead
 from heads.gem_arcface import GemArcFaceHead
 from retrieval_lightning.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from retrieval_lightning.checkpoints import load_tensor_file, state_dict_of
+from retrieval_lightning.checkpoints import IncompatibleWeightsError, load_tensor_file, state_dict_of
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.retrieval.rerank import RerankConfig
 
@@ -35,8 +35,8 @@ _BLOCK_PARTS = {
 }
 
 
-class CheckpointImportError(ValueError):
-    """An official checkpoint that does not fit the model (lists the keys that differ)."""
+class CheckpointImportError(IncompatibleWeightsError):
+    """An official checkpoint that does not fit the model (lists the keys that differ); the CLI's one-line error."""
 
 
 def official_to_framework_key(key: str) -> str | None:
