@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Mapping, Sequence
 
 from retrieval_lightning.download import DownloadSummary, RemoteFile, download_files
+from retrieval_lightning.errors import UsageError
 
 GLDV2_BASE_URL = "https://s3.amazonaws.com/google-landmark"
 GLDV2_ARCHIVES = MappingProxyType({"train": 500, "index": 100, "test": 20})
@@ -60,7 +61,7 @@ def _choose(kind: str, asked: Sequence[str], known: Sequence[str]) -> list[str]:
     names = [name for name in names if name]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(f"unknown {kind} {unknown or names!r}; choose from {', '.join(known)}")
+        raise UsageError(f"unknown {kind} {unknown or names!r}; choose from {', '.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -68,7 +69,7 @@ def _limit(count: int, max_archives: int | None) -> int:
     if max_archives is None:
         return count
     if max_archives < 0:
-        raise ValueError(f"max_archives must be >= 0, got {max_archives}")
+        raise UsageError(f"max_archives must be >= 0, got {max_archives}")
     return min(count, max_archives)
 
 
@@ -96,7 +97,7 @@ def revisitop_files(root: str | Path, datasets: Sequence[str] = ("roxford5k", "r
     """Ground truth and image archives of the chosen revisitop datasets (and the 1M distractors)."""
     unknown = sorted(set(base_url) - set(REVISITOP_BASE_URLS))
     if unknown:
-        raise ValueError(f"unknown revisitop host keys {unknown}; choose from {', '.join(REVISITOP_BASE_URLS)}")
+        raise UsageError(f"unknown revisitop host keys {unknown}; choose from {', '.join(REVISITOP_BASE_URLS)}")
     urls = {key: value.rstrip("/") for key, value in {**REVISITOP_BASE_URLS, **base_url}.items()}
     chosen = _choose("revisitop dataset", datasets, (*REVISITOP_IMAGE_ARCHIVES, "revisitop1m"))
     items: list[RemoteFile] = []

@@ -172,7 +172,7 @@ def run_download(args: Sequence[str]) -> int:
         return 2
     cls = DATAMODULES.get(args[0])
     if not callable(getattr(cls, "download", None)):
-        print(f"datamodule {args[0]!r} has no download() method", file=sys.stderr)
+        print(f"error: datamodule {args[0]!r} has no download() method", file=sys.stderr)
         return 2
     parser = ArgumentParser(prog=f"retrieval-lightning download {args[0]}", description=cls.download.__doc__)
     parser.add_method_arguments(cls, "download")

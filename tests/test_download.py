@@ -430,6 +430,10 @@ def test_cli_download_subcommand_reaches_the_datamodule_download(server, tmp_pat
     assert "fetched" in capsys.readouterr().out
     assert main(["download", "gldv3", "--root", str(tmp_path)]) == 2
     assert "did you mean 'gldv2'" in capsys.readouterr().err
+    assert main(["download", "revisitop", "--datasets", "roxford6k", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown revisitop dataset ['roxford6k']; choose from roxford5k")
+    assert main(["download", "gldv2", "--splits", "train,tset", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown GLDv2 split ['tset']")
 
 
 # --------------------------------------------------------------------------- issue 12: md5 lists, malformed archives
