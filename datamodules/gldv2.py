@@ -214,10 +214,14 @@ class GLDv2DataModule(L.LightningDataModule):
         if self._state is not None:
             return self._state
         hp = self.hparams
-        if self.train_set == "clean":
-            table = read_train_clean_csv(self._path(hp.train_clean_csv), hp.on_error)
-        else:
-            table = read_train_csv(self._path(hp.train_csv), hp.on_error)
+        path = self._path(hp.train_clean_csv if self.train_set == "clean" else hp.train_csv)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"GLDv2 training list not found: {path} (train_set={self.train_set!r}, root={self.root!r}); "
+                f"fetch it with `retrieval-lightning download gldv2 --splits train --root {self.root}`"
+            )
+        read = read_train_clean_csv if self.train_set == "clean" else read_train_csv
+        table = read(path, hp.on_error)
         if len(table) == 0:
             raise GLDv2FormatError(f"no training images listed for train_set={self.train_set!r}")
         labels, classes = remap_labels(table.landmark_ids)

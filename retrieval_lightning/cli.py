@@ -210,16 +210,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--traceback"]
     try:
         return _dispatch(argv)
-    except user_error_types() as exc:
-        if show_traceback:
+    except Exception as exc:
+        cause = _user_error_in(exc)
+        if cause is None or show_traceback:
             raise
-        message = str(exc).strip().splitlines()
-        print(f"error: {message[0] if message else type(exc).__name__}", file=sys.stderr)
+        message = str(cause).strip().splitlines()
+        print(f"error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
         for line in message[1:4]:
             print(f"  {line}", file=sys.stderr)
         return 2
     finally:
         _finish_wandb_run()
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """``exc`` if it is a user error, else the first user error it was raised from.
+
+    Why: jsonargparse re-raises what a datamodule raises while the CLI links ``num_classes`` as a
+    ``ValueError`` "Call to compute_fn ... failed"; the user needs the cause (a missing CSV).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, user_error_types()):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
 
 
 def _finish_wandb_run() -> None:

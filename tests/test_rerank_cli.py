@@ -175,6 +175,20 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     assert out.startswith("error:") and "another model" in out
 
 
+def test_recipe_stage_errors_are_one_line(cache_root: Path, tmp_path: Path) -> None:
+    """Two mistakes of a multi-stage recipe: data not downloaded yet (raised while the CLI links
+    ``num_classes``, so it arrives wrapped by jsonargparse) and a stage run without ``init_from``."""
+    no_data = _fails(["fit", "--config", str(REPO / "experiments/cvnet_r50_gldv2_global.yaml"),
+                      f"--data.init_args.root={tmp_path / 'gldv2'}", "--model.backbone.init_args.weights=null",
+                      "--trainer.logger=false"], tmp_path)
+    assert no_data.startswith("error: GLDv2 training list not found: ") and "download gldv2" in no_data
+    no_init = _fails(["fit", "--config", str(REPO / "experiments/cvnet_ds_demo.yaml"),
+                      f"--data.init_args.root={cache_root}", *TINY_DATA, "--trainer.logger=false",
+                      f"--trainer.default_root_dir={tmp_path}"], tmp_path)
+    assert no_init.startswith("error: model.freeze keeps heads fixed whose weights were never trained or loaded: "
+                              "'verifier': ") and "model.init_from is not set" in no_init
+
+
 def _tiny_model(seed: int = 0):
     import torch
 
