@@ -149,3 +149,37 @@ def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_p
     finish(start(args(config, cache_root, out, *ddp, f"--ckpt_path={ckpt}"), tmp_path, ddp_env()))
     finish(reference)
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def verifier_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """experiments/cvnet_demo.yaml (pair batches, hard negatives mined every epoch, a frozen global model)
+    with the resume callbacks of the GLDv2 stage configs and a checkpoint every 3 steps (all kept)."""
+    cfg = yaml.safe_load((REPO / "experiments" / "cvnet_demo.yaml").read_text())
+    stage = yaml.safe_load((REPO / "experiments" / "cvnet_r50_gldv2.yaml").read_text())
+    resume = [c for c in stage["trainer"]["callbacks"] if not c["class_path"].endswith("HardNegativeMining")]
+    for cb in resume:
+        if cb["class_path"].endswith(".ModelCheckpoint"):
+            cb["init_args"].update(every_n_train_steps=3, save_top_k=-1)
+    assert {c["class_path"].rsplit(".", 1)[1] for c in resume} == {"ModelCheckpoint", "OnExceptionCheckpoint",
+                                                                   "ResumeState"}
+    cfg["trainer"]["callbacks"] = resume + cfg["trainer"]["callbacks"]
+    path = tmp_path_factory.mktemp("resume_verifier_cfg") / "cvnet_demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_sigkilled_verifier_stage_resumes_bitwise(verifier_config: Path, cache_root: Path, tmp_path: Path) -> None:
+    """The verifier stage's sampler state (pair groups, crops, the mined table of the epoch it stopped in)
+    comes back exactly: killed mid-epoch and resumed, it ends with an uninterrupted run's weights."""
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    reference = start(args(verifier_config, cache_root, ref), tmp_path, cli_env(threads=1))
+    killed = start(args(verifier_config, cache_root, out, *kill_after(3)), tmp_path, cli_env(threads=1))
+    log = finish(killed, expect=-signal.SIGKILL)
+    ckpt = out / "checkpoints" / "step=0000003.ckpt"
+    assert ckpt.exists(), log[-3000:]
+    finish(start(args(verifier_config, cache_root, out, f"--ckpt_path={ckpt}"), tmp_path, cli_env(threads=1)))
+    log = finish(reference)
+    assert "hard-negative mining, epoch 1" in log  # the run crosses an epoch: the table is mined again
+    assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
