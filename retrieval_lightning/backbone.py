@@ -17,6 +17,7 @@ Weights come from one of:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from pathlib import Path
@@ -27,12 +28,35 @@ import torch
 from torch import Tensor, nn
 
 from retrieval_lightning.checkpoints import load_tensor_file
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import record_init_args
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 LITE0_PACKAGE = "efficientnet_lite0_package"
+
+
+class UnknownBackboneError(UsageError):
+    """A backbone name timm does not know (suggests the closest names)."""
+
+
+def _create_timm_features(name: str, pretrained: bool) -> nn.Module:
+    """timm's feature extractor, with the two failures a user meets first as one-line errors."""
+    if ":" not in name and not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." sources are timm's to resolve
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownBackboneError(f"unknown timm backbone {name!r}{hint} (timm.list_models() lists them)")
+    try:
+        return timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=tuple(range(5)))
+    except OSError as exc:  # no network, no cached file (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FileNotFoundError(
+            f"backbone {name!r}, weights: timm: the pretrained weights could not be fetched ({first}); "
+            "connect to the Hugging Face Hub once (they are cached), or give a local weights file or weights: null"
+        ) from exc
 
 
 class WeightsMismatchError(ValueError):
@@ -117,9 +141,7 @@ class Backbone(nn.Module):
         self.weights = weights
         self.input_order = input_order
         self.channels_last = channels_last
-        self.model = timm.create_model(
-            name, pretrained=(weights == "timm"), features_only=True, out_indices=tuple(range(5))
-        )
+        self.model = _create_timm_features(name, pretrained=(weights == "timm"))
         info = self.model.feature_info
         self.stage_channels = {STAGE_NAMES[i]: int(c) for i, c in enumerate(info.channels())}
         self.stage_reductions = {STAGE_NAMES[i]: int(r) for i, r in enumerate(info.reduction())}

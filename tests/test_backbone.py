@@ -110,3 +110,25 @@ def test_bgr_input_order_flips_channels() -> None:
     x = torch.rand(1, 3, 4, 4)
     torch.testing.assert_close(bgr.normalize(x), x.flip(1))
     torch.testing.assert_close(rgb.normalize(x), x)
+
+
+def test_unknown_name_and_unreachable_timm_weights_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval_lightning.backbone import UnknownBackboneError
+    from retrieval_lightning.errors import user_error_types
+
+    with pytest.raises(UnknownBackboneError, match=r"unknown timm backbone 'resnet5'; did you mean 'resnet50'"):
+        Backbone("resnet5")
+    assert issubclass(UnknownBackboneError, user_error_types())
+
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache\nand outgoing traffic is off.")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"backbone 'resnet18', weights: timm: the pretrained weights could not "
+                                                r"be fetched \(Cannot find the requested files in the disk cache\)"):
+        Backbone("resnet18", weights="timm")
+    with pytest.raises(LocalEntryNotFoundError):  # without weights to fetch, the failure is not about weights
+        Backbone("resnet18", weights=None)
