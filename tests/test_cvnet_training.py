@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
 from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
-from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, nearest_other_label
+from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, mined_examples, nearest_other_label
 
 REPO = Path(__file__).resolve().parents[1]
 # 9 labels of 1..6 images (label 8 has one image: never an anchor, still a negative)
@@ -158,7 +158,7 @@ class _TinyModule(torch.nn.Module):
         self.device = torch.device("cpu")
 
 
-def test_callback_mines_pool_from_descriptors() -> None:
+def test_callback_mines_pool_from_descriptors(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     colours = torch.rand(LABELS.size, 3, generator=gen)
     config = PairSampling(groups_per_batch=2, negatives=2)
@@ -166,8 +166,8 @@ def test_callback_mines_pool_from_descriptors() -> None:
     miner = PairMiner(LABELS, config, make_dataset=lambda pos: [dict(dataset[p], index=r) for r, p in enumerate(pos)])
     module = _TinyModule(torch.randn(3, 4, generator=gen))
     trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=2, datamodule=SimpleNamespace(pair_miner=miner),
-                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
-    callback = HardNegativeMining(first_epoch=1, every_n_epochs=1, batch_size=4)
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), default_root_dir=tmp_path)
+    callback = HardNegativeMining(first_epoch=1, every_n_epochs=1, batch_size=4, picture_anchors=3, picture_negatives=2)
     callback.on_fit_start(trainer, module)  # registers the request the sampler makes per epoch
     sampler = PairBatchSampler(miner)
     first = list(sampler)  # epoch 0: before first_epoch, random negatives
@@ -180,6 +180,15 @@ def test_callback_mines_pool_from_descriptors() -> None:
     for anchor, _, *negatives in groups:
         assert negatives == expected[anchor].tolist()
     assert first != list(PairBatchSampler(miner))  # the same epoch 0 now draws mined negatives
+    # the picture of the mining: one PNG per mined epoch, of anchors spread over the pool
+    assert callback.pictures == [tmp_path / "mining" / "epoch002.png"] and callback.pictures[0].stat().st_size > 0
+    table = np.stack([expected[p] for p in range(LABELS.size)])
+    examples = mined_examples(table, torch.from_numpy(desc), 3, 2)
+    assert LABELS.size == 30 and [a for a, _ in examples] == [0, 14, 29]  # first, middle (14.5, to even), last
+    for a, negs in examples:
+        assert [j for j, _ in negs] == expected[a].tolist()
+        for j, cos in negs:
+            assert cos == pytest.approx(float(desc[a] @ desc[j]), abs=1e-6)
 
 
 def test_pair_loader_resumes_mid_epoch() -> None:

@@ -8,7 +8,9 @@ set after every validation/test epoch (under ``<default_root_dir>/gallery/``) an
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import lightning.pytorch as pl
 import matplotlib
@@ -19,40 +21,61 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 _COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
+#: border of a picture's wrong (other-landmark) images
+NEGATIVE_COLOUR = _COLOURS[0]
 
 
 def _thumbnail(image: Tensor):
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title: str, path: Path,
-                 max_queries: int = 4, k: int = 5) -> Path:
-    """Draw ``max_queries`` rows: query, then its top ``k`` database images with relevance borders."""
-    rows = min(max_queries, topk.shape[0])
-    cols = min(k, topk.shape[1]) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
-    for r in range(rows):
-        query = dataset[r]["image"]
-        axes[r][0].imshow(_thumbnail(query))
-        axes[r][0].set_title(f"query {r}", fontsize=8)
-        for c in range(1, cols):
-            db_index = int(topk[r, c - 1])
+@dataclass(frozen=True)
+class Tile:
+    """One image of a picture row: the image, its caption and (optionally) a border colour."""
+
+    image: Tensor
+    caption: str
+    colour: str | None = None
+
+
+def draw_rows(rows: Sequence[Sequence[Tile]], title: str, path: Path) -> Path:
+    """A grid of captioned thumbnails, one row per list (rows may differ in length); saved as PNG."""
+    n_rows, n_cols = max(1, len(rows)), max([len(r) for r in rows] + [1])
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.0 * n_rows), squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
             ax = axes[r][c]
-            ax.imshow(_thumbnail(dataset[n_queries + db_index]["image"]))
-            mark = int(relevance[r, c - 1])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(_COLOURS[mark])
-                spine.set_linewidth(4)
-            ax.set_title(f"#{c} db {db_index}", fontsize=8, color=_COLOURS[mark])
-        for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+            if r >= len(rows) or c >= len(rows[r]):
+                ax.axis("off")
+                continue
+            tile = rows[r][c]
+            ax.imshow(_thumbnail(tile.image))
+            ax.set_title(tile.caption, fontsize=8, color=tile.colour or "black")
+            if tile.colour is not None:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(tile.colour)
+                    spine.set_linewidth(4)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title: str, path: Path,
+                 max_queries: int = 4, k: int = 5) -> Path:
+    """Draw ``max_queries`` rows: query, then its top ``k`` database images with relevance borders."""
+    rows = []
+    for r in range(min(max_queries, topk.shape[0])):
+        row = [Tile(dataset[r]["image"], f"query {r}")]
+        for c in range(min(k, topk.shape[1])):
+            db_index, mark = int(topk[r, c]), int(relevance[r, c])
+            row.append(Tile(dataset[n_queries + db_index]["image"], f"#{c + 1} db {db_index}", _COLOURS[mark]))
+        rows.append(row)
+    return draw_rows(rows, title, path)
 
 
 class RetrievalGallery(pl.Callback):

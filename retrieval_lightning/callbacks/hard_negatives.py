@@ -24,9 +24,12 @@ builds the table and broadcasts it, so every rank's sampler draws from the same 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.retrieval.gather import gather_dedupe
 
@@ -106,15 +110,23 @@ class HardNegativeMining(pl.Callback):
         multiscale: embed with the module's multi-scale ``embed_batch`` (else one scale, cheaper).
         batch_size, num_workers: of the loader over the pool images.
         chunk: rows of the similarity matrix computed at once.
+        picture_anchors, picture_negatives: after each mining, rank 0 draws this many anchors (spread
+            over the pool) with their hardest negatives, captioned with label and cosine, to
+            ``<output_dir or default_root_dir>/mining/epoch<E>.png`` and W&B (0 anchors: no picture).
+            Looking is the quickest check that the negatives are hard but truly other landmarks.
     """
 
     def __init__(self, every_n_epochs: int = 1, first_epoch: int = 0, multiscale: bool = False,
-                 batch_size: int = 16, num_workers: int = 0, chunk: int = 1024) -> None:
+                 batch_size: int = 16, num_workers: int = 0, chunk: int = 1024, picture_anchors: int = 4,
+                 picture_negatives: int = 5, output_dir: str | None = None) -> None:
         if every_n_epochs < 1 or first_epoch < 0:
             raise ValueError("HardNegativeMining needs every_n_epochs >= 1 and first_epoch >= 0")
         self.every_n_epochs, self.first_epoch = int(every_n_epochs), int(first_epoch)
         self.multiscale = bool(multiscale)
         self.batch_size, self.num_workers, self.chunk = int(batch_size), int(num_workers), int(chunk)
+        self.picture_anchors, self.picture_negatives = int(picture_anchors), int(picture_negatives)
+        self.output_dir = output_dir
+        self.pictures: list[Path] = []
 
     def _due(self, epoch: int) -> bool:
         return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every_n_epochs == 0
@@ -188,7 +200,40 @@ class HardNegativeMining(pl.Callback):
                                         bool(miner.distinct_labels), self.chunk, pl_module.device,
                                         shows_progress(trainer)).numpy()
             neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
+            if self.picture_anchors > 0:
+                self.draw_mined(trainer, miner, epoch, positions, table, gathered["desc"])
         neighbours = trainer.strategy.broadcast(neighbours, src=0)
         miner.set_negatives(epoch, positions, neighbours)
         rank_zero_info(f"hard-negative mining, epoch {epoch}: {positions.size} images, "
                        f"{int((neighbours >= 0).sum())} negatives")
+
+    def draw_mined(self, trainer: pl.Trainer, miner: Any, epoch: int, positions: np.ndarray, table: np.ndarray,
+                   desc: Tensor) -> Path:
+        """Anchors spread over the pool, each followed by its mined negatives (pool rows in ``table``)."""
+        examples = mined_examples(table, desc, self.picture_anchors, self.picture_negatives)
+        needed = sorted({r for a, negs in examples for r in (a, *(j for j, _ in negs))})
+        images = miner.pool_dataset(positions[needed])
+        image_of = {row: images[i]["image"] for i, row in enumerate(needed)}
+        labels = np.asarray(miner.labels)[positions]
+        rows = [[Tile(image_of[a], f"anchor {positions[a]}, label {labels[a]}")]
+                + [Tile(image_of[j], f"#{n + 1} label {labels[j]}, cos {cos:.2f}", NEGATIVE_COLOUR)
+                   for n, (j, cos) in enumerate(negs)]
+                for a, negs in examples]
+        root = Path(self.output_dir or trainer.default_root_dir) / "mining"
+        path = draw_rows(rows, f"hard negatives mined for epoch {epoch} (pool of {len(positions)})",
+                         root / f"epoch{epoch:03d}.png")
+        self.pictures.append(path)
+        for logger in getattr(trainer, "loggers", []):
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="train/hard_negatives", images=[os.fspath(path)], step=trainer.global_step)
+        return path
+
+
+def mined_examples(table: np.ndarray, desc: Tensor, anchors: int, negatives: int
+                   ) -> list[tuple[int, list[tuple[int, float]]]]:
+    """``anchors`` pool rows spread evenly over the pool, each with its first ``negatives`` mined rows and
+    their cosine to it: ``[(anchor, [(negative, cos), ...]), ...]``."""
+    n = table.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, min(anchors, n)).round().astype(np.int64)) if n and anchors else []
+    return [(int(a), [(int(j), float(desc[a].float() @ desc[j].float())) for j in table[a, :negatives] if j >= 0])
+            for a in picks]
