@@ -79,10 +79,19 @@ STAGE_BEFORE = {
 }
 
 
+_STAGE_INIT: dict[str, list[str]] = {}  # stage -> its init_from override, fitted once per test session
+
+
 def _stage_checkpoint(stem: str, cache_root: Path, tmp_path: Path) -> list[str]:
-    """``--model.init_from`` of the stage before ``stem`` (fitted one step here), or nothing."""
+    """``--model.init_from`` of the stage before ``stem`` (fitted one step here, once), or nothing."""
     if stem not in STAGE_BEFORE:
         return []
+    if stem not in _STAGE_INIT:
+        _STAGE_INIT[stem] = _fit_stage_before(stem, cache_root, tmp_path)
+    return _STAGE_INIT[stem]
+
+
+def _fit_stage_before(stem: str, cache_root: Path, tmp_path: Path) -> list[str]:
     before = REPO / "experiments" / f"{STAGE_BEFORE[stem]}.yaml"
     work = tmp_path / before.stem
     work.mkdir(parents=True)
