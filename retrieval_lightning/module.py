@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -96,6 +96,7 @@ class RetrievalModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "heads"])
         #: state-dict names ever loaded into this module (``init_from``, checkpoints, ``load_state_dict``)
         self._loaded_tensors: set[str] = set()
+        self._fitted_here = False  # whether fit ran on this module (its heads are then trained, not random)
         if not heads:
             raise ValueError("RetrievalModule needs at least one head")
         for role, head in heads.items():
@@ -194,8 +195,12 @@ class RetrievalModule(pl.LightningModule):
 
     def untrained_frozen_tensors(self) -> dict[str, list[str]]:
         """Per frozen head, the tensors its build drew at random that nothing has loaded since."""
+        return self.untrained_head_tensors(self.frozen - {"backbone"})
+
+    def untrained_head_tensors(self, roles: Iterable[str]) -> dict[str, list[str]]:
+        """Per head of ``roles``, the tensors its build drew at random that nothing has loaded since."""
         found = {}
-        for role in sorted(self.frozen - {"backbone"}):
+        for role in sorted(roles):
             prefix = f"heads.{role}."
             keys = [prefix + n for n in self.heads[role].untrained_tensors() if prefix + n not in self._loaded_tensors]
             if keys:
@@ -216,6 +221,24 @@ class RetrievalModule(pl.LightningModule):
             "give the checkpoint of the recipe stage that trained them (--model.init_from <ckpt>), "
             "or take the heads out of model.freeze"
         )
+
+    def warn_if_evaluating_random_heads(self, stage: str) -> None:
+        """Evaluating a head nobody trained or loaded (``test`` without ``--ckpt_path``/``init_from``) is
+        almost always a mistake: say so, but go on (``finetune`` measures untrained baselines on purpose)."""
+        if self._fitted_here:
+            return
+        untrained = self.untrained_head_tensors(self.heads.keys())
+        if untrained:
+            heads = ", ".join(f"{role!r} ({len(keys)} tensors, e.g. {keys[0]})" for role, keys in untrained.items())
+            rank_zero_warn(f"{stage}: heads {heads} hold random weights that were never trained or loaded, so their "
+                           "metrics are of random weights; pass --ckpt_path or --model.init_from with a trained checkpoint")
+
+    def on_test_start(self) -> None:
+        self.warn_if_evaluating_random_heads("test")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":  # inside fit the heads are being trained
+            self.warn_if_evaluating_random_heads("validate")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
@@ -296,6 +319,7 @@ class RetrievalModule(pl.LightningModule):
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
         # also when resuming (where no imprinting pass below would call it)
         self.train(self.training)
+        self._fitted_here = True
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier

@@ -182,3 +182,22 @@ def test_fit_refuses_a_frozen_head_whose_weights_nothing_trained_or_loaded(tmp_p
     by_hand.load_state_dict(torch.load(stage1, weights_only=True)["state_dict"])
     assert by_hand.untrained_frozen_tensors() == {}
     assert make(num_classes=3, freeze=["global"]).untrained_frozen_tensors() == {}  # identity: plain GeM
+
+
+def test_evaluating_random_heads_warns_but_goes_on(tmp_path: Path) -> None:
+    """``test`` without a checkpoint would report metrics of random weights: a warning names the head."""
+    import warnings
+
+    random_whitening = make(num_classes=3, head={"whiten_init": "random"})
+    with pytest.warns(UserWarning, match=r"test: heads 'global' \(2 tensors, e.g. heads.global.whiten.weight\) "
+                                         r"hold random weights"):
+        random_whitening.on_test_start()
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": random_whitening.state_dict()}, path)
+    loaded = make(num_classes=3, head={"whiten_init": "random"}, init_from=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.on_test_start()  # loaded weights
+        make(num_classes=3).on_test_start()  # identity whitening: the untrained GeM baseline, on purpose
+        random_whitening._fitted_here = True
+        random_whitening.on_test_start()  # after fit (finetune's second test) the heads are trained
