@@ -240,6 +240,9 @@ class RetrievalModule(pl.LightningModule):
         if self.trainer.state.fn != "fit":  # inside fit the heads are being trained
             self.warn_if_evaluating_random_heads("validate")
 
+    def on_predict_start(self) -> None:  # ``extract``: features stored from random heads are as useless
+        self.warn_if_evaluating_random_heads("extract")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
 
