@@ -171,7 +171,8 @@ class GLDv2DataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hparams.sampler_seed = run_seed(sampler_seed)  # resolved now: checkpoints record it
         self.root, self.train_set, self.usage = root, train_set, usage
-        self.policy = LoadPolicy(on_error=on_error)
+        self.policy = LoadPolicy(on_error=on_error, hint="--data.init_args.on_error=skip skips unreadable images, "
+                                                         "logging each")
         self.train_transform = TrainTransform(image_size, area_range=(crop_area_min, 1.0), interpolation=interpolation)
         self.eval_transform = EvalTransform(eval_max_side, upscale=eval_upscale)
         self._state: _TrainState | None = None

@@ -214,7 +214,8 @@ class RevisitopDataModule(L.LightningDataModule):
         self.datasets = list(datasets) if datasets is not None else ["roxford5k", "rparis6k"]
         if not self.datasets:
             raise ValueError("RevisitopDataModule needs at least one dataset name")
-        self.policy = LoadPolicy(on_error=on_error)
+        self.policy = LoadPolicy(on_error=on_error, hint="--data.init_args.on_error=skip skips unreadable images, "
+                                                         "logging each")
         self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
         self._sets: list[EvalSet] | None = None
 

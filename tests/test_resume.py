@@ -161,7 +161,7 @@ def verifier_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for cb in resume:
         if cb["class_path"].endswith(".ModelCheckpoint"):
             cb["init_args"].update(every_n_train_steps=3, save_top_k=-1)
-    assert {c["class_path"].rsplit(".", 1)[1] for c in resume} == {"ModelCheckpoint", "OnExceptionCheckpoint",
+    assert {c["class_path"].rsplit(".", 1)[1] for c in resume} == {"ModelCheckpoint", "PreemptionCheckpoint",
                                                                    "ResumeState"}
     cfg["trainer"]["callbacks"] = resume + cfg["trainer"]["callbacks"]
     path = tmp_path_factory.mktemp("resume_verifier_cfg") / "cvnet_demo.yaml"
@@ -183,3 +183,32 @@ def test_sigkilled_verifier_stage_resumes_bitwise(verifier_config: Path, cache_r
     log = finish(reference)
     assert "hard-negative mining, epoch 1" in log  # the run crosses an epoch: the table is mined again
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
+
+
+def test_preemption_checkpoint_only_after_a_training_step(tmp_path: Path) -> None:
+    """A run that fails before its first step leaves no checkpoint for the next ``fit`` to resume;
+    one that fails later does (so a corrected command continues where it stopped)."""
+    import lightning.pytorch as pl
+
+    from retrieval_lightning.callbacks import PreemptionCheckpoint
+    from test_module import _TinyData, make
+
+    class FailAt(pl.Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.step:
+                raise RuntimeError(f"failed at step {self.step}")
+
+    for step in (0, 2):
+        out = tmp_path / f"step{step}"
+        trainer = pl.Trainer(max_steps=4, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", default_root_dir=out,
+                             callbacks=[PreemptionCheckpoint(dirpath=str(out)), FailAt(step)])
+        with pytest.raises(RuntimeError, match=f"failed at step {step}"):
+            trainer.fit(make(num_classes=3), datamodule=_TinyData())
+        saved = out / "on_exception.ckpt"
+        assert saved.exists() == (step > 0)
+        if step:
+            assert torch.load(saved, weights_only=True)["global_step"] == step

@@ -3,6 +3,6 @@
 from retrieval_lightning.callbacks.config import SaveConfigToLoggers
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.callbacks.metrics_json import MetricsToJson
-from retrieval_lightning.callbacks.resume import ResumeState
+from retrieval_lightning.callbacks.resume import PreemptionCheckpoint, ResumeState
 
-__all__ = ["MetricsToJson", "ResumeState", "RetrievalGallery", "SaveConfigToLoggers"]
+__all__ = ["MetricsToJson", "PreemptionCheckpoint", "ResumeState", "RetrievalGallery", "SaveConfigToLoggers"]

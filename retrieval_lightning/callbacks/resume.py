@@ -15,6 +15,7 @@ import random
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
@@ -92,3 +93,19 @@ def _wandb_run(trainer: pl.Trainer | None) -> Any:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             return logger.experiment
     return None
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint (SIGTERM / preemption, a crash mid-run), written only once
+    training has taken a step.
+
+    Why: with this callback configured, a ``fit`` without ``--ckpt_path`` resumes from the newest of
+    ``last.ckpt`` and ``on_exception.ckpt`` (Lightning's fault-tolerant default). A run that failed
+    before its first step (a frozen head nobody trained, an unreadable image in the sanity check)
+    would otherwise leave a checkpoint of that failed start, and the corrected command would resume
+    it: the broken model back, or a loop restored mid-sanity-check that trains nothing.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step > 0:
+            super().on_exception(trainer, *args, **kwargs)

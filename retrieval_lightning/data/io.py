@@ -372,6 +372,8 @@ class LoadPolicy:
 
     on_error: Literal["raise", "skip"] = "raise"
     skipped: list[str] = field(default_factory=list)
+    #: appended to a raised error: how the user switches to skipping (the owner's option name)
+    hint: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
@@ -385,6 +387,8 @@ class LoadPolicy:
     def handle(self, error: ImageLoadError) -> None:
         """Raise ``error`` or record it, according to ``on_error``."""
         if self.on_error == "raise":
+            if self.hint and error.path is not None:
+                raise ImageLoadError(error.path, f"{error.cause} ({self.hint})") from error
             raise error
         path = error.path if error.path is not None else str(error)
         self.skipped.append(path)
