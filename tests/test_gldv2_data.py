@@ -477,6 +477,11 @@ def test_unreadable_images_raise_or_skip(gld, tmp_path, caplog):
     assert item["index"] == 1 and item["label"] == 1 and policy.count == 1
     evals = EvalImageDataset([good, missing], EvalTransform(16), LoadPolicy("skip"))
     assert evals[1]["index"] == 1 and evals[1]["image"].abs().sum() == 0
+    # the datamodule's policy says, in the error, how to skip instead
+    hinted = GLDv2TrainDataset([missing, good], np.array([0, 1]), TrainTransform(8),
+                               GLDv2DataModule(root=str(gld["root"])).policy)
+    with pytest.raises(ImageLoadError, match=r"missing.jpg'?: file not found \(--data.init_args.on_error=skip skips"):
+        hinted[0]
 
 
 def test_constructor_signature_is_cli_friendly():
