@@ -8,6 +8,8 @@ set's metric protocol on every rank, so every rank logs identical values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import shutil
 from pathlib import Path
@@ -94,6 +96,9 @@ class RetrievalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
+        for key, value in list(self.hparams.items()):  # plain values, so a resumed checkpoint loads weights-only
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                self.hparams[key] = dataclasses.asdict(value)
         #: state-dict names ever loaded into this module (``init_from``, checkpoints, ``load_state_dict``)
         self._loaded_tensors: set[str] = set()
         self._fitted_here = False  # whether fit ran on this module (its heads are then trained, not random)

@@ -11,7 +11,9 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.data.types import EvalSet
-from retrieval_lightning.loggers import continue_wandb_run
+from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
+from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
+from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
 
@@ -28,7 +30,17 @@ class RetrievalTrainer(pl.Trainer):
         ckpt_path: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """``Trainer.fit``; resuming a checkpoint also continues its W&B run (same run id)."""
+        """``Trainer.fit``; resuming a checkpoint also continues its W&B run (same run id).
+
+        Without ``ckpt_path``, Lightning resumes this directory's last checkpoint by itself when an
+        on-exception checkpoint is configured; here that happens only for a run of the same settings
+        (see :mod:`retrieval_lightning.implicit_resume`), and it continues the W&B run as well.
+        """
+        if ckpt_path is None and resumes_implicitly(self):
+            ckpt_path = "last"  # what Lightning would do; made explicit so the checks below see it
+            path = checkpoint_to_resume(self, ckpt_path)
+            if path is not None and isinstance(model, RetrievalModule):
+                check_implicit_resume(model, path)
         continue_wandb_run(self, ckpt_path)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 

@@ -212,3 +212,32 @@ def test_preemption_checkpoint_only_after_a_training_step(tmp_path: Path) -> Non
         assert saved.exists() == (step > 0)
         if step:
             assert torch.load(saved, weights_only=True)["global_step"] == step
+
+
+def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path: Path) -> None:
+    """Lightning resumes this directory's last checkpoint by itself (an on-exception checkpoint is
+    configured): a requeued job continues, but a changed setting must not silently get the old run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from retrieval_lightning.callbacks import PreemptionCheckpoint
+    from retrieval_lightning.implicit_resume import ResumeMismatchError
+    from retrieval_lightning.optim import OptimConfig
+    from retrieval_lightning.trainer import RetrievalTrainer
+    from test_module import _TinyData, make
+
+    def fit(max_steps: int, lr: float, ckpt_path: str | None = None) -> RetrievalTrainer:
+        trainer = RetrievalTrainer(
+            max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", default_root_dir=tmp_path,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True),
+                       PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))])
+        trainer.fit(make(num_classes=3, optim=OptimConfig(lr=lr)), datamodule=_TinyData(), ckpt_path=ckpt_path)
+        return trainer
+
+    assert fit(2, 0.01).global_step == 2
+    assert fit(3, 0.01).global_step == 3  # the same run, continued (a requeue)
+    with pytest.raises(ResumeMismatchError, match=r"other settings: module.optim.lr: 0.01 -> 0.5\. .*"
+                                                  r"--trainer.default_root_dir"):
+        fit(4, 0.5)
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert fit(4, 0.5, ckpt_path=last).global_step == 4  # asked for explicitly: resumed as told
