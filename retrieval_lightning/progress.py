@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Iterable, TypeVar
 
 import lightning.pytorch as pl
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: its asyncio class calls iter() on the iterable at construction,
+# which for a DataLoader starts an extra iterator (worker processes) and draws its seed from torch's RNG
 
 T = TypeVar("T")
 

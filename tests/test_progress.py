@@ -48,3 +48,15 @@ def test_mining_table_bar_does_not_change_the_table(capsys: pytest.CaptureFixtur
     shown = nearest_other_label(desc, labels, 3, chunk=16, progress=True)
     assert "nearest other labels" in capsys.readouterr().err
     assert torch.equal(quiet, shown)
+
+
+def test_a_bar_over_a_dataloader_leaves_training_randomness_alone(tmp_path: Path) -> None:
+    """tqdm.auto's class starts an iterator when it is built: for a DataLoader that draws a seed from
+    torch's generator (and starts workers) once more, which shifted a whole training run."""
+    loader = DataLoader(list(range(8)), batch_size=2)
+    torch.manual_seed(0)
+    plain = [b.tolist() for b in loader]
+    expected = torch.get_rng_state()
+    torch.manual_seed(0)
+    shown = [b.tolist() for b in trainer_progress(loader, _trainer(tmp_path, True), "loader")]
+    assert shown == plain and torch.equal(torch.get_rng_state(), expected)

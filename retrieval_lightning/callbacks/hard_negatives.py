@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
 from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
 from retrieval_lightning.progress import shows_progress
