@@ -30,6 +30,11 @@ from retrieval_lightning.data.io import LoadPolicy, apply_orientation, exif_orie
 from retrieval_lightning.layers.scale_resize import scaled_size
 
 
+def datamodule_policy(on_error: str) -> LoadPolicy:
+    """A datamodule's image-load policy; its errors say which option switches to skipping."""
+    return LoadPolicy(on_error=on_error, hint="--data.init_args.on_error=skip skips unreadable images, logging each")
+
+
 def _to_float(image: Tensor) -> Tensor:
     """uint8 (3,H,W) -> float32 in [0, 1]; float input is returned as float32."""
     if image.dtype == torch.uint8:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._compact import StringArray
-from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, eval_loaders
+from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, datamodule_policy, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
@@ -171,8 +171,7 @@ class GLDv2DataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hparams.sampler_seed = run_seed(sampler_seed)  # resolved now: checkpoints record it
         self.root, self.train_set, self.usage = root, train_set, usage
-        self.policy = LoadPolicy(on_error=on_error, hint="--data.init_args.on_error=skip skips unreadable images, "
-                                                         "logging each")
+        self.policy = datamodule_policy(on_error)
         self.train_transform = TrainTransform(image_size, area_range=(crop_area_min, 1.0), interpolation=interpolation)
         self.eval_transform = EvalTransform(eval_max_side, upscale=eval_upscale)
         self._state: _TrainState | None = None

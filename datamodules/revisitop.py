@@ -26,9 +26,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules._compact import JoinedPaths, StringArray
-from datamodules._transforms import EvalImageDataset, EvalTransform, eval_loaders
+from datamodules._transforms import EvalImageDataset, EvalTransform, datamodule_policy, eval_loaders
 from retrieval_lightning.errors import DataFormatError
-from retrieval_lightning.data.io import LoadPolicy
 from retrieval_lightning.data.types import EvalSet
 
 GT_KEYS = ("easy", "hard", "junk")
@@ -214,8 +213,7 @@ class RevisitopDataModule(L.LightningDataModule):
         self.datasets = list(datasets) if datasets is not None else ["roxford5k", "rparis6k"]
         if not self.datasets:
             raise ValueError("RevisitopDataModule needs at least one dataset name")
-        self.policy = LoadPolicy(on_error=on_error, hint="--data.init_args.on_error=skip skips unreadable images, "
-                                                         "logging each")
+        self.policy = datamodule_policy(on_error)
         self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
         self._sets: list[EvalSet] | None = None
 

@@ -91,13 +91,13 @@ class CVNetVerifierHead(VerifierHead):
         """(B, C, h, w) stage map -> the 3 projected levels (B, P, h_i, w_i), not normalised."""
         h, w = conv4.shape[-2:]
         levels = [conv(resize(conv4, size)) for conv, size in zip(self.projections, level_sizes(h, w))]
-        return [self._drop_border(level) for level in levels] if self.border else levels
+        return [self._drop_border(level) for level in levels]
 
     def _drop_border(self, level: Tensor) -> Tensor:
         """Zero the cells within ``border`` of the edge (a zero cell correlates with nothing); a level
-        too small to keep an inside is left whole."""
+        too small to keep an inside, or ``border`` 0, leaves it whole."""
         b, (h, w) = self.border, level.shape[-2:]
-        if h <= 2 * b or w <= 2 * b:
+        if b == 0 or h <= 2 * b or w <= 2 * b:
             return level
         inside = torch.zeros(h, w, dtype=level.dtype, device=level.device)
         inside[b : h - b, b : w - b] = 1
@@ -131,7 +131,7 @@ class CVNetVerifierHead(VerifierHead):
                     raise ValueError(f"db mask of shape {tuple(mask.shape)} for a level of shape {tuple(level.shape)}")
                 unit = F.normalize(level, dim=1, eps=1e-12)
                 unit = db_fill(unit, mask) if db_fill is not None else unit * mask.unsqueeze(1).to(level.dtype)
-                units.append(self._drop_border(unit) if self.border else unit)  # a fill does not bring it back
+                units.append(self._drop_border(unit))  # a fill does not bring it back
             db = prepare_levels(units, normalized=True)
         return pair_logits_fast(self.learner, prepare_levels(list(query_levels)), db)
 
@@ -195,7 +195,7 @@ class CVNetVerifierHead(VerifierHead):
             h, w = (int(v) for v in entries[0][f"level{i}_hw"])
             rows = torch.stack([e[f"level{i}"] for e in entries]).to(device=device, dtype=torch.float32)
             level = rows.transpose(1, 2).reshape(len(entries), -1, h, w)
-            levels.append(self._drop_border(level) if self.border else level)  # whatever a densified entry holds
+            levels.append(self._drop_border(level))  # whatever a densified entry holds
         return prepare_levels(levels, normalized=True)
 
     @torch.no_grad()
@@ -228,9 +228,7 @@ class CVNetVerifierHead(VerifierHead):
         :meth:`score` zeroes them, and its (h, w)."""
         finest = f"level{len(SCALES) - 1}"
         h, w = (int(v) for v in entry[f"{finest}_hw"])
-        level = entry[finest].float().t().reshape(1, -1, h, w)
-        if self.border:
-            level = self._drop_border(level)
+        level = self._drop_border(entry[finest].float().t().reshape(1, -1, h, w))
         return F.normalize(level[0].flatten(1).t(), dim=1, eps=1e-12), h, w
 
     @torch.no_grad()

@@ -347,8 +347,8 @@ class GumbelSparsifierHead(SparsifierHead):
 
     def kept_cells(self, entry: Mapping[str, Tensor]) -> np.ndarray | None:
         """(h, w) bool map of the finest stored level's kept locations; ``None`` for a dense entry."""
-        names = sorted((k[: -len("_pos")] for k in entry if k.endswith("_pos") and f"{k[:-4]}_hw" in entry),
-                       key=_natural_order)
+        stems = (k[: -len("_pos")] for k in entry if k.endswith("_pos"))
+        names = sorted((n for n in stems if f"{n}_hw" in entry), key=_natural_order)
         if not names:
             return None
         finest = names[-1]

@@ -229,10 +229,11 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
     Why: jsonargparse re-raises what a datamodule raises while the CLI links ``num_classes`` as a
     ``ValueError`` "Call to compute_fn ... failed"; the user needs the cause (a missing CSV).
     """
+    user_errors = user_error_types()
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, user_error_types()):
+        if isinstance(current, user_errors):
             return current
         seen.add(id(current))
         current = current.__cause__
