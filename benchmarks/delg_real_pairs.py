@@ -6,7 +6,7 @@ other row's second image (unrelated pairs), through ``RetrievalModule.rerank_sco
 and, in the same run, for the untrained baseline (ImageNet backbone, random local head) built from
 the same config, so the two tables are comparable.
 
-    python benchmarks/delg_real_pairs.py --checkpoint outputs/delg_demo/.../last.ckpt
+    python benchmarks/delg_real_pairs.py --checkpoint outputs/delg_demo/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import argparse
 import copy
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,8 @@ def fit(config: str, out: str, extra: list[str]) -> str:
     """Train with the CLI's parser and trainer; return the final checkpoint path."""
     from retrieval_lightning.cli import run_lightning_cli
 
-    args = ["--config", str(REPO / config), f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", *extra]
+    args = ["--config", str(REPO / config), f"--trainer.default_root_dir={out}", *extra]
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # train from scratch, not fit's implicit resume
     cli = run_lightning_cli(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = Path(out) / "final.ckpt"

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from retrieval_lightning.data.io import LoadPolicy, apply_orientation, exif_orientation, load_image_or_skip, to_float
+from retrieval_lightning.data.types import ImageResize
 from retrieval_lightning.layers.scale_resize import scaled_size
 
 
@@ -119,17 +120,6 @@ class TrainTransform:
         return out.clamp_(0.0, 1.0)
 
 
-def eval_scale(height: int, width: int, max_side: int | None, upscale: bool = False) -> float:
-    """The resize factor DELG applies to a full image: ``max_side / long side`` when the long
-    side exceeds ``max_side`` (or always, with ``upscale``), else 1."""
-    if max_side is None:
-        return 1.0
-    long_side = max(height, width)
-    if long_side > max_side or (upscale and long_side != max_side):
-        return max_side / long_side
-    return 1.0
-
-
 def resize_by(image: Tensor, factor: float) -> Tensor:
     """Resize a (3,H,W) tensor to ``(round(H*f), round(W*f))`` (at least 1), bilinear + antialias."""
     if factor == 1.0:
@@ -186,13 +176,20 @@ class EvalTransform:
     def __init__(self, max_side: int | None = 1024, upscale: bool = False, box_rounding: str = "round") -> None:
         if box_rounding not in BOX_ROUNDINGS:
             raise ValueError(f"box_rounding must be one of {BOX_ROUNDINGS}, got {box_rounding!r}")
-        self.max_side = max_side
-        self.upscale = upscale
+        self.resize = ImageResize(max_side, upscale)  # recorded with extracted features, for `search`
         self.box_rounding = box_rounding
+
+    @property
+    def max_side(self) -> int | None:
+        return self.resize.max_side
+
+    @property
+    def upscale(self) -> bool:
+        return self.resize.upscale
 
     def __call__(self, image: Tensor, box: Sequence[float] | None = None) -> Tensor:
         _, height, width = image.shape
-        factor = eval_scale(height, width, self.max_side, self.upscale)
+        factor = self.resize.factor(height, width)
         if box is not None:
             check_box(box, height, width, self.box_rounding)
             image = pil_crop(image, box, self.box_rounding)

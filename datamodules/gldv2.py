@@ -355,7 +355,8 @@ class GLDv2DataModule(L.LightningDataModule):
             raise GLDv2FormatError(f"GLDv2 eval set {name!r} has no queries (usage={self.usage!r})")
         dataset = EvalImageDataset(paths, self.eval_transform, self.policy, fast_decode=hp.eval_fast_decode)
         result = EvalSet(name=name, dataset=dataset, n_queries=len(query_ids), protocol=protocol,
-                         ground_truth=truth, image_ids=StringArray.concat(query_ids, db_ids))
+                         ground_truth=truth, image_ids=StringArray.concat(query_ids, db_ids),
+                         image_resize=self.eval_transform.resize)
         self._eval_cache[kind] = result
         return result
 

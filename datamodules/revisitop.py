@@ -265,6 +265,7 @@ class RevisitopDataModule(L.LightningDataModule):
             sets.append(EvalSet(
                 name=name + suffix, dataset=dataset, n_queries=len(data.qimlist), protocol="revisitop",
                 ground_truth=data.gnd, image_ids=StringArray.concat(data.qimlist, data.imlist, d_names),
+                image_resize=self.transform.resize,
             ))
         return sets
 

@@ -1,7 +1,8 @@
 """``retrieval-lightning search``: a checkpoint, a feature store and query images → ranked results.
 
 The store is what ``extract`` writes (``<output_dir>/<set>/store``, with ``items.tsv`` beside it
-naming every item). Queries are ranked by the global descriptor; when the model has a re-ranking
+naming every item and ``image_resize.json`` saying how its images were sized; queries are sized the
+same way unless ``--max-side`` says otherwise). Queries are ranked by the global descriptor; when the model has a re-ranking
 head and the store holds its entries, the top ``--shortlist`` are re-scored and fused as the model's
 ``rerank`` config says. Results are printed as a table and drawn, one row per query (global
 results, then re-ranked), into ``--out``.
@@ -10,7 +11,7 @@ results, then re-ranked), into ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -22,9 +23,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
+
 from retrieval_lightning.data.io import load_image, to_float  # noqa: E402
+from retrieval_lightning.data.types import ImageResize  # noqa: E402
+from retrieval_lightning.errors import UsageError  # noqa: E402
+from retrieval_lightning.layers.scale_resize import scaled_size  # noqa: E402
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
+from retrieval_lightning.retrieval.set_files import read_image_resize, read_items  # noqa: E402
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
 
 
@@ -39,13 +46,36 @@ class SearchResult:
     global_rows: np.ndarray
 
 
-def read_items(store: FeatureStore) -> dict[int, tuple[str, str]]:
-    """``dataset index -> (id, path)`` from the ``items.tsv`` that ``extract`` writes beside the store."""
-    path = store.path.parent / "items.tsv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        return {int(r["index"]): (r["id"], r["path"]) for r in csv.DictReader(f, delimiter="\t")}
+#: query size when the store does not record its images' (a store written before the record existed)
+FALLBACK_MAX_SIDE = 1024
+
+
+def query_resize(store: FeatureStore, max_side: int | None) -> ImageResize:
+    """How queries are sized: as the store's images were, unless ``max_side`` is given (a note on
+    stderr when that differs from the store's, or the store does not say)."""
+    recorded = read_image_resize(store.path.parent)
+    if max_side is None:
+        if recorded is not None:
+            return recorded
+        print(f"note: {store.path.parent} does not record how its images were sized (re-run `extract` to record "
+              f"it); queries are capped at {FALLBACK_MAX_SIDE} px, pass --max-side to match the database",
+              file=sys.stderr)
+        return ImageResize(FALLBACK_MAX_SIDE)
+    if recorded is not None and recorded.max_side != max_side:
+        print(f"note: --max-side {max_side}, but the database images were sized to {recorded.max_side or 'full size'}; "
+              "descriptors of one image at two sizes differ", file=sys.stderr)
+    return ImageResize(max_side, recorded.upscale if recorded is not None else False)
+
+
+def load_query(path: str, resize: ImageResize) -> torch.Tensor:
+    """A query image, float (3, h, w) in [0, 1], sized as ``resize`` says (bilinear, antialiased:
+    the evaluation transform of the datamodules)."""
+    image = load_image(path)
+    factor = resize.factor(image.shape[1], image.shape[2])
+    if factor != 1.0:
+        size = list(scaled_size(image.shape[1], image.shape[2], factor))
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return to_float(image)
 
 
 def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
@@ -156,7 +186,8 @@ def run_search(argv: Sequence[str]) -> int:
     parser.add_argument("queries", nargs="+", help="query image files")
     parser.add_argument("--k", type=int, default=10, help="results shown per query")
     parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
-    parser.add_argument("--max-side", type=int, default=1024, help="queries are resized to this longest side")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="longest side of the queries (default: as the store's images were sized)")
     parser.add_argument("--out", default="search.png", help="picture of the results (PNG)")
     parser.add_argument("--backend", default="exact", choices=["exact", "faiss-flat", "faiss-ivfpq"],
                         help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")
@@ -168,9 +199,12 @@ def run_search(argv: Sequence[str]) -> int:
     check_store_matches(module, store)
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)
-    images = [to_float(load_image(q, max_side=args.max_side)) for q in args.queries]
+    if args.max_side is not None and args.max_side < 1:
+        raise UsageError(f"--max-side must be a positive number of pixels, got {args.max_side}")
+    resize = query_resize(store, args.max_side)
+    images = [load_query(q, resize) for q in args.queries]
     results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist, backend=args.backend)
-    items = read_items(store)
+    items = read_items(store.path.parent)
     print(format_results(results, store, items))
     picture = draw_results(results, images, store, items, Path(args.out))
     print(f"picture: {picture}")

@@ -10,11 +10,11 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
-from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.report import format_before_after
+from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
 
 
@@ -99,7 +99,7 @@ class RetrievalTrainer(pl.Trainer):
                 out = Path(output_dir) / spec.name
                 store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)),
                                      overwrite=True)
-                write_item_list(spec, out / "items.tsv")
+                write_set_files(spec, out)
                 sizes = ", ".join(f"{k} {v:.0f} B/image" for k, v in store.bytes_per_image.items())
                 print(f"{spec.name}: {len(store)} images -> {store.path} ({sizes})")
                 stores[spec.name] = str(store.path)
@@ -131,19 +131,6 @@ def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataM
         extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
     skip = getattr(model, "is_training_only", None)
     return module_identity(model, exclude=skip, **extra)
-
-
-def write_item_list(spec: EvalSet, path: Path) -> None:
-    """``index, id, path`` of every item, so ``search`` can name and draw what it finds."""
-    paths = getattr(spec.dataset, "paths", None)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("index\tid\tpath\n")
-        for i in range(len(spec.dataset)):  # type: ignore[arg-type]
-            name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
-            where = str(paths[i]) if paths is not None and i < len(paths) else ""
-            f.write(f"{i}\t{name}\t{where}\n")
-    tmp.replace(path)
 
 
 class _OneEvalSet(pl.LightningDataModule):

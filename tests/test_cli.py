@@ -51,7 +51,7 @@ def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
     common = [*backbone,
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}/wandb",
+        f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
         f"--trainer.callbacks.output_dir={tmp_path}/metrics",
     ]
@@ -96,11 +96,10 @@ def _fit_stage_before(stem: str, cache_root: Path, tmp_path: Path) -> list[str]:
     work = tmp_path / before.stem
     work.mkdir(parents=True)
     overrides = _overrides_for(before, cache_root, work) + _stage_checkpoint(before.stem, cache_root, work / "earlier")
-    run_main(["fit", "--config", str(before), *overrides, "--trainer.enable_checkpointing=true"], cwd=work)
-    written = [c for c in work.rglob("*.ckpt") if work / "earlier" not in c.parents]
-    last = [c for c in written if c.name == "last.ckpt"] or written  # the demos keep Lightning's default callback
-    assert len(last) == 1, f"{before.name}: fit wrote {written}, expected last.ckpt or a single checkpoint"
-    return [f"--model.init_from={last[0]}"]
+    run_main(["fit", "--config", str(before), *overrides], cwd=work)
+    last = work / "checkpoints" / "last.ckpt"  # where the stage config's header tells the user to look
+    assert last.is_file(), f"{before.name}: fit wrote {sorted(work.rglob('*.ckpt'))}, no {last}"
+    return [f"--model.init_from={last}"]
 
 
 @pytest.mark.slow
@@ -111,6 +110,9 @@ def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_roo
     data = yaml.safe_load(config.read_text())["data"]["class_path"]
     if data != "revisitop":  # revisitop is evaluation-only
         run_main(["fit", "--config", str(config), *overrides], cwd=tmp_path)
+        # every training config resumes (`--ckpt_path last`) and logs under the run's directory
+        assert (tmp_path / "checkpoints" / "last.ckpt").is_file(), sorted(tmp_path.rglob("*.ckpt"))
+        assert (tmp_path / "wandb").is_dir()
     run_main(["test", "--config", str(config), *overrides], cwd=tmp_path)
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert metrics, f"{config.name}: no test metrics"

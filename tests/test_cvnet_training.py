@@ -393,7 +393,7 @@ def test_demo_config_fit_steps_train_the_verifier_only(cache_root: Path, tmp_pat
 
     args = ["--config", str(REPO / "experiments" / "cvnet_demo.yaml"), "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.max_epochs=1",
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_progress_bar=false",
             f"--data.init_args.root={cache_root}", "--data.init_args.build_size=128",
             "--data.init_args.image_size=64", "--data.init_args.eval_max_side=64",
             "--data.init_args.pairs.pool_size=24", "--data.init_args.pairs.mining_max_side=64",

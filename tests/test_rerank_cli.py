@@ -85,6 +85,22 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert rerank_scores == sorted(rerank_scores, reverse=True)  # lexicographic: re-ranking score first
     assert all(abs(g - s) < 2e-3 for g, s in zip(global_scores, rerank_scores))  # the head re-computes the cosine
 
+    # a database image searched for is sized as the store's images were (recorded by extract): itself, at cosine 1
+    import json
+
+    assert json.loads((features / SET / "image_resize.json").read_text()) == {"max_side": 96, "upscale": False}
+    db_index, db_id, db_file = items[-1].split("\t")
+    found = run_main(["search", str(ckpt), str(store), db_file, "--k", "1", "--out", str(tmp_path / "d.png")],
+                     cwd=tmp_path)
+    rank1 = [line.split() for line in found.stdout.splitlines() if line[:4].strip() == "1"][0]
+    assert rank1[1] == db_index and rank1[-1] == db_id and float(rank1[2]) > 0.9995, found.stdout
+    assert "note:" not in found.stderr
+    # at its stored size (128 px) instead of the database's 96 the same image is another descriptor, with a note
+    other = run_main(["search", str(ckpt), str(store), db_file, "--k", "1", "--max-side", "128",
+                      "--out", str(tmp_path / "d.png")], cwd=tmp_path)
+    assert "database images were sized to 96" in other.stderr
+    assert float([line.split() for line in other.stdout.splitlines() if line[:4].strip() == "1"][0][2]) < 0.9995
+
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
     import torch
 

@@ -153,17 +153,12 @@ def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_p
 
 @pytest.fixture(scope="module")
 def verifier_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """experiments/cvnet_demo.yaml (pair batches, hard negatives mined every epoch, a frozen global model)
-    with the resume callbacks of the GLDv2 stage configs and a checkpoint every 3 steps (all kept)."""
+    """experiments/cvnet_demo.yaml (pair batches, hard negatives mined every epoch, a frozen global model;
+    the resume callbacks of the GLDv2 stage configs) with a checkpoint every 3 steps (all kept)."""
     cfg = yaml.safe_load((REPO / "experiments" / "cvnet_demo.yaml").read_text())
-    stage = yaml.safe_load((REPO / "experiments" / "cvnet_r50_gldv2.yaml").read_text())
-    resume = [c for c in stage["trainer"]["callbacks"] if not c["class_path"].endswith("HardNegativeMining")]
-    for cb in resume:
-        if cb["class_path"].endswith(".ModelCheckpoint"):
-            cb["init_args"].update(every_n_train_steps=3, save_top_k=-1)
-    assert {c["class_path"].rsplit(".", 1)[1] for c in resume} == {"ModelCheckpoint", "PreemptionCheckpoint",
-                                                                   "ResumeState"}
-    cfg["trainer"]["callbacks"] = resume + cfg["trainer"]["callbacks"]
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c for c in cfg["trainer"]["callbacks"]}
+    assert {"ModelCheckpoint", "PreemptionCheckpoint", "ResumeState", "HardNegativeMining"} <= set(callbacks)
+    callbacks["ModelCheckpoint"]["init_args"].update(every_n_train_steps=3, save_top_k=-1)
     path = tmp_path_factory.mktemp("resume_verifier_cfg") / "cvnet_demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -191,3 +191,49 @@ def test_postprocessing_is_off_by_default_and_applies_when_asked() -> None:
     assert torch.equal(postprocessed_search(queries, database, 10, both, device="cpu")[1], want[1])
     with pytest.raises(ValueError, match="qe_n"):
         PostProcessConfig(qe_n=0)
+
+
+@pytest.mark.parametrize(("max_side", "upscale", "size", "factor"), [
+    (96, False, (128, 64), 0.75),     # long side capped
+    (96, False, (64, 48), 1.0),       # never enlarged
+    (96, True, (64, 48), 1.5),        # enlarged with upscale
+    (None, False, (4000, 3000), 1.0),  # full size
+    (96, True, (96, 50), 1.0),
+])
+def test_image_resize_factor(max_side, upscale, size, factor) -> None:
+    from retrieval_lightning.data.types import ImageResize
+
+    assert ImageResize(max_side, upscale).factor(*size) == factor
+
+
+def test_search_sizes_queries_as_the_store_was_sized(tmp_path, capsys) -> None:
+    """``extract``'s record beside the store sizes a query; a different ``--max-side`` is noted; a
+    malformed record names its file; without a record the fallback is said."""
+    from PIL import Image
+
+    from retrieval_lightning.data.types import EvalSet, ImageResize
+    from retrieval_lightning.errors import DataFormatError
+    from retrieval_lightning.retrieval.set_files import IMAGE_RESIZE, read_image_resize, write_set_files
+    from retrieval_lightning.search_cli import FALLBACK_MAX_SIDE, load_query, query_resize
+
+    store = FeatureStore.from_arrays(tmp_path / "set" / "store", {"global": np.eye(3, dtype=np.float16)})
+    assert query_resize(store, None) == ImageResize(FALLBACK_MAX_SIDE)
+    assert "does not record" in capsys.readouterr().err
+
+    spec = EvalSet("set", dataset=list(range(3)), n_queries=1, protocol="revisitop", ground_truth=None,
+                   image_resize=ImageResize(40, upscale=True))
+    write_set_files(spec, tmp_path / "set")
+    assert read_image_resize(tmp_path / "set") == ImageResize(40, True)
+    assert query_resize(store, None) == ImageResize(40, True) and capsys.readouterr().err == ""
+    photo = tmp_path / "q.png"
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(photo)
+    assert load_query(str(photo), query_resize(store, None)).shape == (3, 27, 40)  # enlarged to 40 as the database
+    assert query_resize(store, 64) == ImageResize(64, True)
+    assert "--max-side 64, but the database images were sized to 40" in capsys.readouterr().err
+
+    spec.image_resize = None  # a datamodule that does not declare its sizing: no stale record left behind
+    write_set_files(spec, tmp_path / "set")
+    assert not (tmp_path / "set" / IMAGE_RESIZE).exists()
+    (tmp_path / "set" / IMAGE_RESIZE).write_text('{"max_side": -3}')
+    with pytest.raises(DataFormatError, match=IMAGE_RESIZE):
+        read_image_resize(tmp_path / "set")

@@ -1,5 +1,5 @@
 """Data contracts shared by the core and every datamodule plugin."""
 
-from retrieval_lightning.data.types import EvalSet, RevisitopQuery, TrainSample
+from retrieval_lightning.data.types import EvalSet, ImageResize, RevisitopQuery, TrainSample
 
-__all__ = ["EvalSet", "RevisitopQuery", "TrainSample"]
+__all__ = ["EvalSet", "ImageResize", "RevisitopQuery", "TrainSample"]

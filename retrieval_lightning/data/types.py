@@ -24,6 +24,24 @@ class TrainSample(TypedDict):
     index: int
 
 
+@dataclass(frozen=True)
+class ImageResize:
+    """How an eval set's whole images are sized for the model (DELG's ``ResizeImage``): the long side
+    capped at ``max_side`` (``None``: full size), or brought to it with ``upscale``; bilinear with
+    antialiasing. ``extract`` records it beside the features, so ``search`` sizes a new query as the
+    database was sized."""
+
+    max_side: int | None
+    upscale: bool = False
+
+    def factor(self, height: int, width: int) -> float:
+        """The resize factor of a ``height`` x ``width`` image."""
+        long_side = max(height, width)
+        if self.max_side is None or long_side == self.max_side:
+            return 1.0
+        return self.max_side / long_side if (long_side > self.max_side or self.upscale) else 1.0
+
+
 class RevisitopQuery(TypedDict, total=False):
     """Ground truth of one query in the revisitop convention (0-based database indices)."""
 
@@ -55,6 +73,8 @@ class EvalSet:
     ground_truth: Any
     #: names of the items in dataset order (queries then database), for reports and pictures
     image_ids: list[str] = field(default_factory=list)
+    #: how whole images are sized (``None``: not declared; ``search`` then needs ``--max-side``)
+    image_resize: ImageResize | None = None
 
     def __post_init__(self) -> None:
         total = len(self.dataset)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""What ``extract`` writes beside an eval set's feature store, so ``search`` needs nothing else.
+
+``<output_dir>/<set>/items.tsv`` names every item (``index, id, path``), for the results table and
+picture; ``<output_dir>/<set>/image_resize.json`` says how the set's images were sized, so a new
+query is sized the same way (a query at another size than its database loses similarity: the
+demo's own database image, searched at 1024 px instead of the store's 224, scored 0.91, not 1.0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from retrieval_lightning.data.types import EvalSet, ImageResize
+from retrieval_lightning.errors import DataFormatError
+
+ITEMS = "items.tsv"
+IMAGE_RESIZE = "image_resize.json"
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_set_files(spec: EvalSet, directory: Path) -> None:
+    """``items.tsv`` and, when the datamodule declares it, ``image_resize.json``, in ``directory``."""
+    paths = getattr(spec.dataset, "paths", None)
+    lines = ["index\tid\tpath"]
+    for i in range(len(spec.dataset)):  # type: ignore[arg-type]
+        name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
+        where = str(paths[i]) if paths is not None and i < len(paths) else ""
+        lines.append(f"{i}\t{name}\t{where}")
+    _replace_atomically(directory / ITEMS, "\n".join(lines) + "\n")
+    resize = directory / IMAGE_RESIZE
+    if spec.image_resize is None:
+        resize.unlink(missing_ok=True)  # a stale record from another datamodule must not size queries
+    else:
+        record = {"max_side": spec.image_resize.max_side, "upscale": spec.image_resize.upscale}
+        _replace_atomically(resize, json.dumps(record) + "\n")
+
+
+def read_items(directory: Path) -> dict[int, tuple[str, str]]:
+    """``dataset index -> (id, path)`` from ``directory/items.tsv`` (empty if there is none)."""
+    path = directory / ITEMS
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(r["index"]): (r["id"], r["path"]) for r in csv.DictReader(f, delimiter="\t")}
+
+
+def read_image_resize(directory: Path) -> ImageResize | None:
+    """How the set's images were sized, or ``None`` when ``extract`` did not record it."""
+    path = directory / IMAGE_RESIZE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        max_side = record["max_side"]
+        if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
+            raise ValueError(f"max_side must be a positive integer or null, got {max_side!r}")
+        return ImageResize(max_side, bool(record.get("upscale", False)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataFormatError(f"{path}: not an image-resize record of `extract` ({exc})") from exc
