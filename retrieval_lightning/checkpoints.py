@@ -28,6 +28,17 @@ def _checkpoint_globals() -> list:
     return [AttributeDict, OptimConfig, RerankConfig, PostProcessConfig]
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+_PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch's legacy format, or a plain pickle
+
+
+def _unpickler_cause(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names what was refused (not its advice paragraphs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error: Unsupported"))]
+    return (named or lines or [type(exc).__name__])[0].split(" Please use")[0]  # not its allow-listing advice
+
+
 def load_tensor_file(path: str | Path) -> dict:
     """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True``.
 
@@ -40,16 +51,21 @@ def load_tensor_file(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return dict(load_file(str(path)))
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
+        raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointLoadError(
             f"{path}: refused to unpickle arbitrary objects (weights_only=True). Re-save it as a plain "
-            f"state dict or .safetensors. Cause: {str(exc).splitlines()[0]}"
+            f"state dict or .safetensors. Cause: {_unpickler_cause(exc)}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        reason = str(exc).split(". This is an internal")[0]  # torch's zip reader appends a paragraph of advice
+        raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from exc
     if not isinstance(obj, dict):
         raise CheckpointLoadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj

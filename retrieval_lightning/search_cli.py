@@ -124,7 +124,10 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
         s = module.score_entries(query_entry, entries, pair_seeds(q, store.index[short].tolist()))
         s = torch.as_tensor(s).float().numpy()
         order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
-        results.append(SearchResult(name, short[order][:k], glob[order][:k], s[order][:k], row[:k]))
+        rest = slice(len(short), k)  # past the shortlist: the global order, no re-ranking score
+        results.append(SearchResult(name, np.concatenate([short[order], row[rest]])[:k],
+                                    np.concatenate([glob[order], glob[rest]])[:k],
+                                    np.concatenate([s[order], np.full(len(row[rest]), np.nan)])[:k], row[:k]))
     return results
 
 
@@ -138,20 +141,26 @@ def format_results(results: Sequence[SearchResult], store: FeatureStore, items: 
             index = int(store.index[row])
             line = f"{i + 1:>4}  {index:>8}  {result.global_scores[i]:>8.4f}"
             if result.rerank_scores is not None:
-                line += f"  {result.rerank_scores[i]:>8.3f}"
+                score = result.rerank_scores[i]
+                line += f"  {'-' if np.isnan(score) else format(score, '.3f'):>8}"
             lines.append(line + f"  {items.get(index, (str(index), ''))[0]}")
     return "\n".join(lines)
 
 
+#: results drawn per ranking (all of ``--k`` are printed)
+PICTURE_RESULTS = 20
+
+
 def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor], store: FeatureStore,
                  items: dict[int, tuple[str, str]], path: Path, thumb: int = 160) -> Path:
-    """One row per query and ranking (global, then re-ranked when present): the query, then its top-k."""
+    """One row per query and ranking (global, then re-ranked when present): the query, then its top-k
+    (at most :data:`PICTURE_RESULTS`)."""
     rows = []
     for result, image in zip(results, images):
         rows.append((result.query, image, "global", result.global_rows))
         if result.rerank_scores is not None:
             rows.append((result.query, image, "re-ranked", result.rows))
-    cols = 1 + max(len(r[3]) for r in rows)
+    cols = 1 + min(PICTURE_RESULTS, max(len(r[3]) for r in rows))
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 1.9 * len(rows)), squeeze=False)
     for r, (name, image, label, order) in enumerate(rows):
         axes[r][0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
@@ -192,6 +201,9 @@ def run_search(argv: Sequence[str]) -> int:
     parser.add_argument("--backend", default="exact", choices=["exact", "faiss-flat", "faiss-ivfpq"],
                         help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")
     args = parser.parse_args(list(argv))
+    for option, value in (("--k", args.k), ("--shortlist", args.shortlist), ("--max-side", args.max_side)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
     module = RetrievalModule.load_from_checkpoint(args.checkpoint)
     store = FeatureStore.open(args.store)
     if "global" not in store.kinds:
@@ -199,8 +211,6 @@ def run_search(argv: Sequence[str]) -> int:
     check_store_matches(module, store)
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)
-    if args.max_side is not None and args.max_side < 1:
-        raise UsageError(f"--max-side must be a positive number of pixels, got {args.max_side}")
     resize = query_resize(store, args.max_side)
     images = [load_query(q, resize) for q in args.queries]
     results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist, backend=args.backend)

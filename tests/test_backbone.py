@@ -98,10 +98,26 @@ def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with path.open("wb") as f:
         pickle.dump({"x": _Evil()}, f)
-    with pytest.raises(CheckpointLoadError, match="weights_only"):
+    with pytest.raises(CheckpointLoadError, match=r"evil.pth: refused .*weights_only.*Cause: Unsupported operand"):
+        load_tensor_file(path)
+    torch.save({"x": _Evil()}, path)  # torch's own format holding an object: the refused global is named
+    with pytest.raises(CheckpointLoadError, match=r"Cause: .*Unsupported global: GLOBAL (builtins.)?print was not an allowed global by default.$"):
         load_tensor_file(path)
     with pytest.raises(CheckpointLoadError, match="not found"):
         load_tensor_file(tmp_path / "missing.pth")
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
+    """Not the unpickling-refusal message (which sends the user re-saving a file that is no checkpoint)."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointLoadError, match=r"notes.ckpt: not a PyTorch checkpoint \(neither"):
+        load_tensor_file(text)
+    saved = tmp_path / "cut.ckpt"
+    torch.save({"w": torch.zeros(64, 64)}, saved)
+    saved.write_bytes(saved.read_bytes()[:500])  # an interrupted copy
+    with pytest.raises(CheckpointLoadError, match=r"cut.ckpt: not a readable checkpoint \(RuntimeError: .*zip archive[^.]*\)$"):
+        load_tensor_file(saved)
 
 
 def test_bgr_input_order_flips_channels() -> None:

@@ -101,6 +101,16 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert "database images were sized to 96" in other.stderr
     assert float([line.split() for line in other.stdout.splitlines() if line[:4].strip() == "1"][0][2]) < 0.9995
 
+    # --k past the shortlist: the re-ranked shortlist, then the global order (no re-ranking score)
+    longer = run_main(["search", str(ckpt), str(store), query_file, "--k", "6", "--shortlist", "2",
+                       "--out", str(tmp_path / "s.png")], cwd=tmp_path).stdout
+    rows = [line.split() for line in longer.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 6 and all(r[3] != "-" for r in rows[:2]) and all(r[3] == "-" for r in rows[2:])
+    assert [float(r[2]) for r in rows[2:]] == sorted((float(r[2]) for r in rows[2:]), reverse=True)
+    assert "--shortlist must be at least 1, got 0" in _fails(["search", str(ckpt), str(store), query_file,
+                                                              "--shortlist", "0"], tmp_path)
+    assert "did you mean" in _fails(["search", str(ckpt), str(features / SET), query_file], tmp_path)
+
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
     import torch
 

@@ -295,8 +295,10 @@ class FeatureStore:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
+            inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))  # given the eval set's folder
+            hint = f"; did you mean {inside[0]}?" if len(inside) == 1 else ""
             raise FileNotFoundError(
-                f"{path} is not a feature store: {MANIFEST} is missing (not written yet, or interrupted)"
+                f"{path} is not a feature store: {MANIFEST} is missing (not written yet, or interrupted){hint}"
             )
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
