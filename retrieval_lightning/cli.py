@@ -14,12 +14,14 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
 from retrieval_lightning.errors import user_error_types
@@ -108,6 +110,25 @@ def check_plugin_names(args: Sequence[str]) -> dict[str, list[str]]:
     return {key: sorted(set(found.values())) for key, found in used.items()}
 
 
+def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[str]:
+    """``model.<key>: recorded -> configured`` for every leaf setting both hold that differs (the
+    checkpoint's hyper-parameters against this run's parsed model config)."""
+    def leaves(node: Any, prefix: str) -> dict[str, Any]:
+        node = node.as_dict() if hasattr(node, "as_dict") else node
+        if isinstance(node, Mapping):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                if not str(key).startswith("_"):
+                    out.update(leaves(value, f"{prefix}.{key}"))
+            return out
+        return {prefix: list(node) if isinstance(node, tuple) else node}
+
+    old, new = leaves(recorded, "model"), leaves(configured, "model")
+    skip = {"model.num_classes"}  # linked from the datamodule
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
+            if old[key] != new[key] and key not in skip]
+
+
 class RetrievalCLI(LightningCLI):
     """LightningCLI wired to the registry: the datamodule's ``num_classes`` flows into the model."""
 
@@ -123,6 +144,32 @@ class RetrievalCLI(LightningCLI):
             "data", "model.num_classes", compute_fn=lambda dm: int(getattr(dm, "num_classes", 0)),
             apply_on="instantiate",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """The config and the command line define the model; ``--ckpt_path`` gives its weights (and a
+        resumed run's state).
+
+        Lightning would instead re-parse the checkpoint's hyper-parameters over the config file and the
+        command line (Lightning-AI/pytorch-lightning#21455): ``test --ckpt_path C --model.rerank.k=5``
+        silently used the checkpoint's ``k``, and as heads and backbone are modules, not
+        hyper-parameters, a run mixed one model's settings (``detach``, ``eval_resize``, ...) with the
+        config's heads. Settings that differ from the checkpoint's record are listed instead.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            recorded = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
+        except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
+            return
+        if not isinstance(recorded, dict):
+            return
+        changes = model_setting_changes(recorded, self.config[subcommand].get("model"))
+        if changes:
+            rank_zero_info(f"--ckpt_path {ckpt_path}: this run's model settings differ from the checkpoint's "
+                           f"(the config and command line apply): " + "; ".join(changes[:8])
+                           + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""))
 
 
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:

@@ -117,3 +117,32 @@ def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_roo
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert metrics, f"{config.name}: no test metrics"
     assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
+
+
+def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning would re-parse ``--ckpt_path``'s hyper-parameters over the config file and the command
+    line (not the heads: they are modules); here the config and command line apply, and the settings
+    that differ from the checkpoint's are listed."""
+    import logging
+
+    import torch
+
+    from retrieval_lightning.trainer import RetrievalTrainer
+
+    base = ["--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}", *TINY_DATA,
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    model = run_lightning_cli([*base, "--model.eval_scales=[1.0]", "--model.rerank.k=7"], run=False).model
+    ckpt = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+
+    tested = []
+    monkeypatch.setattr(RetrievalTrainer, "test", lambda self, model, **kwargs: tested.append(model))
+    with caplog.at_level(logging.INFO):
+        run_main(["test", *base, "--model.rerank.k=3", f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    assert tested[0].rerank.k == 3  # the command line, not the checkpoint's 7
+    assert list(tested[0].eval_scales) == [0.7071, 1.0, 1.4142]  # the config file, not the checkpoint's [1.0]
+    note = [r.getMessage() for r in caplog.records if "--ckpt_path" in r.getMessage()]
+    assert len(note) == 1, note
+    assert "model.eval_scales: [1.0] -> [0.7071, 1.0, 1.4142]" in note[0] and "model.rerank.k: 7 -> 3" in note[0]
