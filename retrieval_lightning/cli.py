@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
-from retrieval_lightning.errors import user_error_types
+from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
 from retrieval_lightning.trainer import RetrievalTrainer
@@ -144,6 +144,18 @@ class RetrievalCLI(LightningCLI):
             "data", "model.num_classes", compute_fn=lambda dm: int(getattr(dm, "num_classes", 0)),
             apply_on="instantiate",
         )
+
+    def instantiate_classes(self) -> None:
+        """A value the classes refuse while being built (``rerank.k: 0``, an unknown ``eval_resize`` or
+        margin, ``freeze`` naming a head that is not configured) is a user error, reported in one line.
+        jsonargparse re-raises a dataclass's refusal as a multi-line union error, so the innermost
+        exception (the one that names the value) is reported."""
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            if _user_error_in(exc) is not None:
+                raise
+            raise UsageError(f"the configuration cannot be built: {_innermost(exc)}") from exc
 
     def _parse_ckpt_path(self) -> None:
         """The config and the command line define the model; ``--ckpt_path`` gives its weights (and a
@@ -268,6 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _finish_wandb_run()
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first exception of the chain that ``exc`` was raised from or while handling."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 def _user_error_in(exc: BaseException) -> BaseException | None:

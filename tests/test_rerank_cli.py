@@ -165,6 +165,12 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     assert "error: --model.heads.global.class_path: unknown head 'gem_arcfac'; did you mean 'gem_arcface'?" in unknown_head
     unknown_data = _fails(["fit", "--config", DEMO, "--data.class_path=minilandmark"], tmp_path)
     assert "unknown datamodule 'minilandmark'" in unknown_data and "'minilandmarks'" in unknown_data
+    # values the classes refuse while being built (one dataclass refusal arrives wrapped in a union error)
+    for override, message in [("--model.rerank.k=0", "rerank.k must be >= 1, got 0"),
+                              ("--model.heads.global.init_args.margin=cos", "unknown margin 'cos'"),
+                              ("--model.freeze=[verifier]", "not configured heads ['global']")]:
+        refused = _fails(["test", "--config", DEMO, override, f"--data.init_args.root={cache_root}"], tmp_path)
+        assert refused.startswith(f"error: the configuration cannot be built: ") and message in refused, refused
 
     bad_image = tmp_path / "broken.jpg"
     bad_image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
