@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
@@ -158,7 +159,8 @@ class _OneEvalSet(pl.LightningDataModule):
         loaders = self.inner.predict_dataloader()
         chosen = [(s, dl) for s, dl in zip(sets, loaders) if self.name in (None, s.name)]
         if not chosen:
-            raise ValueError(f"no eval set named {self.name!r}; available: {[s.name for s in sets]}")
+            raise UsageError(f"--eval_set {self.name!r}: the datamodule has no such eval set; it has "
+                             f"{[s.name for s in sets]}")
         self.n_sets = len(chosen)
         self.spec, self.template = chosen[self.position]
         out = self.root / self.spec.name

@@ -171,6 +171,10 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                               ("--model.freeze=[verifier]", "not configured heads ['global']")]:
         refused = _fails(["test", "--config", DEMO, override, f"--data.init_args.root={cache_root}"], tmp_path)
         assert refused.startswith(f"error: the configuration cannot be built: ") and message in refused, refused
+    no_set = _fails(["extract", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
+                     "--trainer.logger=false", f"--output_dir={tmp_path / 'features'}", "--eval_set=roxford5k"],
+                    tmp_path)
+    assert no_set.startswith("error: --eval_set 'roxford5k': the datamodule has no such eval set; it has ['minilandmarks']")
 
     bad_image = tmp_path / "broken.jpg"
     bad_image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
