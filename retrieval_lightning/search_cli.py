@@ -2,9 +2,10 @@
 
 The store is what ``extract`` writes (``<output_dir>/<set>/store``, with ``items.tsv`` beside it
 naming every item and ``image_resize.json`` saying how its images were sized; queries are sized the
-same way unless ``--max-side`` says otherwise). Queries are ranked by the global descriptor; when the model has a re-ranking
-head and the store holds its entries, the top ``--shortlist`` are re-scored and fused as the model's
-``rerank`` config says. Results are printed as a table and drawn, one row per query (global
+same way unless ``--max-side`` says otherwise). Queries are ranked by the global descriptor; when
+the model has a re-ranking head and the store holds its entries, the top ``--shortlist`` are
+re-scored and fused as the model's ``rerank`` config says; results past the shortlist follow in
+global order. Results are printed as a table and drawn, one row per query (global
 results, then re-ranked), into ``--out``.
 """
 

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from retrieval_lightning.data.types import EvalSet, ImageResize
 from retrieval_lightning.errors import DataFormatError
@@ -20,27 +21,33 @@ ITEMS = "items.tsv"
 IMAGE_RESIZE = "image_resize.json"
 
 
-def _replace_atomically(path: Path, text: str) -> None:
+def _replace_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Write ``lines`` to ``path`` through a temporary file, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
     os.replace(tmp, path)
+
+
+def _item_lines(spec: EvalSet) -> Iterator[str]:
+    paths = getattr(spec.dataset, "paths", None)
+    yield "index\tid\tpath"
+    for i in range(len(spec.dataset)):  # type: ignore[arg-type]
+        name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
+        where = str(paths[i]) if paths is not None and i < len(paths) else ""
+        yield f"{i}\t{name}\t{where}"
 
 
 def write_set_files(spec: EvalSet, directory: Path) -> None:
     """``items.tsv`` and, when the datamodule declares it, ``image_resize.json``, in ``directory``."""
-    paths = getattr(spec.dataset, "paths", None)
-    lines = ["index\tid\tpath"]
-    for i in range(len(spec.dataset)):  # type: ignore[arg-type]
-        name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
-        where = str(paths[i]) if paths is not None and i < len(paths) else ""
-        lines.append(f"{i}\t{name}\t{where}")
-    _replace_atomically(directory / ITEMS, "\n".join(lines) + "\n")
+    _replace_atomically(directory / ITEMS, _item_lines(spec))  # streamed: +1M sets have a million lines
     resize = directory / IMAGE_RESIZE
     if spec.image_resize is None:
         resize.unlink(missing_ok=True)  # a stale record from another datamodule must not size queries
     else:
         record = {"max_side": spec.image_resize.max_side, "upscale": spec.image_resize.upscale}
-        _replace_atomically(resize, json.dumps(record) + "\n")
+        _replace_atomically(resize, [json.dumps(record)])
 
 
 def read_items(directory: Path) -> dict[int, tuple[str, str]]:
