@@ -21,7 +21,7 @@ import yaml
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
 from retrieval_lightning.errors import UsageError, user_error_types
@@ -144,6 +144,14 @@ class RetrievalCLI(LightningCLI):
             "data", "model.num_classes", compute_fn=lambda dm: int(getattr(dm, "num_classes", 0)),
             apply_on="instantiate",
         )
+
+    def before_predict(self) -> None:
+        """``predict`` without a prediction writer computes every descriptor and keeps none."""
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            rank_zero_warn("predict writes nothing without a prediction-writer callback; `retrieval-lightning extract` "
+                           "(same arguments, plus --output_dir) writes the descriptors to a feature store for `search`")
 
     def instantiate_classes(self) -> None:
         """A value the classes refuse while being built (``rerank.k: 0``, an unknown ``eval_resize`` or

@@ -146,3 +146,10 @@ def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path,
     note = [r.getMessage() for r in caplog.records if "--ckpt_path" in r.getMessage()]
     assert len(note) == 1, note
     assert "model.eval_scales: [1.0] -> [0.7071, 1.0, 1.4142]" in note[0] and "model.rerank.k: 7 -> 3" in note[0]
+
+
+def test_predict_without_a_writer_says_where_descriptors_are_written(cache_root: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="predict writes nothing without a prediction-writer callback.*extract"):
+        run_main(["predict", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+                  *TINY_DATA, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.limit_predict_batches=1"], cwd=tmp_path)
