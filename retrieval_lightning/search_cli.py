@@ -15,7 +15,7 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm.std import tqdm  # noqa: E402
 
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
@@ -90,25 +91,34 @@ def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
         raise StoreIdentityError(f"feature store {store.path} was extracted by another model ({diffs[0]})")
 
 
+Ranker = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.device | str = "cpu") -> Ranker:
+    """``(query descriptors, depth) -> (scores, rows)`` over the store's global descriptors: ``exact``
+    (chunked exact top-k) or a FAISS index (``faiss-flat``, ``faiss-ivfpq``, built once here)."""
+    if backend == "exact":
+        return lambda queries, depth: topk_search(queries, store, k=depth, device=device)
+    if backend.startswith("faiss-"):
+        searcher = FaissSearcher(store.kinds["global"].shape[0], index_type=backend[len("faiss-"):])
+        searcher.add(store)
+        return searcher.search
+    raise ValueError(f"unknown search backend {backend!r}; use exact, faiss-flat or faiss-ivfpq")
+
+
 def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],
-           k: int = 10, shortlist: int | None = None, backend: str = "exact") -> list[SearchResult]:
+           k: int = 10, shortlist: int | None = None, backend: str = "exact", ranker: Ranker | None = None,
+           first_query: int = 0) -> list[SearchResult]:
     """Rank the store for each query image; re-rank the shortlist when the model and store allow.
 
-    ``backend``: ``exact`` (chunked exact top-k) or a FAISS index (``faiss-flat``, ``faiss-ivfpq``)
-    built over the store's global descriptors, for very large stores.
+    ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls); ``first_query`` is
+    the position of ``images[0]`` among all queries, so re-ranking seeds do not depend on batching.
     """
     module.eval()
     queries = module.embed_batch(list(images)).float()
     config = module.rerank
     depth = min(max(k, shortlist or config.k), len(store))
-    if backend == "exact":
-        scores, rows = topk_search(queries, store, k=depth, device=module.device)
-    elif backend.startswith("faiss-"):
-        searcher = FaissSearcher(store.kinds["global"].shape[0], index_type=backend[len("faiss-"):])
-        searcher.add(store)
-        scores, rows = searcher.search(queries, depth)
-    else:
-        raise ValueError(f"unknown search backend {backend!r}; use exact, faiss-flat or faiss-ivfpq")
+    scores, rows = (ranker or make_ranker(store, backend, module.device))(queries, depth)
     prefix = module.rerank_prefix if module.rerank_head is not None else None
     reader = None
     if prefix is not None and any(kind.startswith(prefix) for kind in store.kinds):
@@ -122,7 +132,7 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
         short = row[: shortlist or config.k]
         entries = reader.read(store.index[short])
         query_entry = module.rerank_entries([image], database=False)[0]
-        s = module.score_entries(query_entry, entries, pair_seeds(q, store.index[short].tolist()))
+        s = module.score_entries(query_entry, entries, pair_seeds(first_query + q, store.index[short].tolist()))
         s = torch.as_tensor(s).float().numpy()
         order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
         rest = slice(len(short), k)  # past the shortlist: the global order, no re-ranking score
@@ -148,8 +158,26 @@ def format_results(results: Sequence[SearchResult], store: FeatureStore, items: 
     return "\n".join(lines)
 
 
-#: results drawn per ranking (all of ``--k`` are printed)
+#: results drawn per ranking (all of ``--k`` are printed), and queries drawn (all are printed)
 PICTURE_RESULTS = 20
+PICTURE_QUERIES = 8
+#: queries loaded and searched together
+QUERY_BATCH = 16
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def expand_queries(paths: Sequence[str]) -> list[str]:
+    """Query files, a directory standing for its image files (sorted, by suffix)."""
+    files: list[str] = []
+    for path in paths:
+        if Path(path).is_dir():
+            found = sorted(str(f) for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{path}: a directory without image files ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        else:
+            files.append(path)
+    return files
 
 
 def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor], store: FeatureStore,
@@ -193,7 +221,7 @@ def run_search(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="retrieval-lightning search", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint of this framework (self-contained)")
     parser.add_argument("store", help="a feature store written by `extract` (<output_dir>/<set>/store)")
-    parser.add_argument("queries", nargs="+", help="query image files")
+    parser.add_argument("queries", nargs="+", help="query image files, or directories of them")
     parser.add_argument("--k", type=int, default=10, help="results shown per query")
     parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
     parser.add_argument("--max-side", type=int, default=None,
@@ -213,10 +241,19 @@ def run_search(argv: Sequence[str]) -> int:
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)
     resize = query_resize(store, args.max_side)
-    images = [load_query(q, resize) for q in args.queries]
-    results = search(module, store, images, args.queries, k=args.k, shortlist=args.shortlist, backend=args.backend)
+    queries = expand_queries(args.queries)
     items = read_items(store.path.parent)
-    print(format_results(results, store, items))
-    picture = draw_results(results, images, store, items, Path(args.out))
-    print(f"picture: {picture}")
+    ranker = make_ranker(store, args.backend, module.device)
+    drawn: list[tuple[SearchResult, torch.Tensor]] = []
+    batches = range(0, len(queries), QUERY_BATCH)
+    for start in tqdm(batches, desc="searching", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+        names = queries[start:start + QUERY_BATCH]  # a batch at a time: a directory may hold thousands
+        images = [load_query(q, resize) for q in names]
+        results = search(module, store, images, names, k=args.k, shortlist=args.shortlist, ranker=ranker,
+                         first_query=start)
+        print(format_results(results, store, items), flush=True)
+        drawn += list(zip(results, images))[:PICTURE_QUERIES - len(drawn)]
+    picture = draw_results([r for r, _ in drawn], [i for _, i in drawn], store, items, Path(args.out))
+    shown = f" (the first {len(drawn)} of {len(queries)} queries)" if len(drawn) < len(queries) else ""
+    print(f"picture: {picture}{shown}")
     return 0

@@ -111,6 +111,23 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
                                                               "--shortlist", "0"], tmp_path)
     assert "did you mean" in _fails(["search", str(ckpt), str(features / SET), query_file], tmp_path)
 
+    # a directory of queries, searched in batches: the same results whatever the batch size
+    import shutil
+
+    import retrieval_lightning.search_cli as search_cli
+
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for line in items[1:4]:
+        shutil.copy(line.split("\t")[2], folder)
+    (folder / "notes.txt").write_text("not an image")
+    whole = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
+    assert whole.stdout.count("query ") == 3 and "notes.txt" not in whole.stdout
+    monkeypatch.setattr(search_cli, "QUERY_BATCH", 2)
+    monkeypatch.setattr(search_cli, "PICTURE_QUERIES", 1)
+    batched = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
+    assert batched.stdout.replace(" (the first 1 of 3 queries)", "") == whole.stdout
+
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
     import torch
 
