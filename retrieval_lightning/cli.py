@@ -187,8 +187,10 @@ class RetrievalCLI(LightningCLI):
             return
         changes = model_setting_changes(recorded, self.config[subcommand].get("model"))
         if changes:
-            rank_zero_info(f"--ckpt_path {ckpt_path}: this run's model settings differ from the checkpoint's "
-                           f"(the config and command line apply): " + "; ".join(changes[:8])
+            resumed = (" (resuming restores the optimiser's and scheduler's state, learning rates included)"
+                       if subcommand in ("fit", "finetune") else "")
+            rank_zero_info(f"--ckpt_path {ckpt_path}: this run's model settings differ from the checkpoint's; "
+                           f"the config and command line apply{resumed}: " + "; ".join(changes[:8])
                            + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""))
 
 
