@@ -129,6 +129,10 @@ def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[
             if old[key] != new[key] and key not in skip]
 
 
+#: module settings only training reads
+_TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
+
+
 class RetrievalCLI(LightningCLI):
     """LightningCLI wired to the registry: the datamodule's ``num_classes`` flows into the model."""
 
@@ -186,6 +190,8 @@ class RetrievalCLI(LightningCLI):
         if not isinstance(recorded, dict):
             return
         changes = model_setting_changes(recorded, self.config[subcommand].get("model"))
+        if subcommand not in ("fit", "finetune"):  # what only training reads is no news to an evaluation
+            changes = [c for c in changes if not c.startswith(_TRAINING_SETTINGS)]
         if changes:
             resumed = (" (resuming restores the optimiser's and scheduler's state, learning rates included)"
                        if subcommand in ("fit", "finetune") else "")
