@@ -1,4 +1,4 @@
-"""``retrieval-lightning``: LightningCLI for fit/validate/test/predict/finetune/extract, plus
+"""``retrieval-lightning``: LightningCLI for fit/validate/test/predict/finetune/extract/evaluate, plus
 ``plugins``, ``download``, ``search``, ``match`` and ``import-checkpoint``.
 
 Plugins are loaded before the parser is built, so configs name heads and datamodules by their
@@ -141,6 +141,7 @@ class RetrievalCLI(LightningCLI):
         commands = dict(LightningCLI.subcommands())
         commands["finetune"] = {"model", "datamodule"}
         commands["extract"] = {"model", "datamodule"}
+        commands["evaluate"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -535,7 +535,7 @@ class RetrievalModule(pl.LightningModule):
                 raise RuntimeError(
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
-            desc = self._postprocessed(eval_set, desc)
+            desc = self.postprocessed(eval_set, desc)
             result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device)
             self.last_eval_global[eval_set.name] = result
             self.last_eval[eval_set.name] = result
@@ -547,7 +547,8 @@ class RetrievalModule(pl.LightningModule):
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
 
-    def _postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
+    def postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
+        """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without."""
         if self.postprocess is None:
             return desc
         nq = eval_set.n_queries

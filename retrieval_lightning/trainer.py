@@ -10,12 +10,12 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
-from retrieval_lightning.errors import UsageError
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
+from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
 from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
 
 
@@ -108,6 +108,39 @@ class RetrievalTrainer(pl.Trainer):
             position += 1
         return stores
 
+    def evaluate(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        features_dir: str = "features",
+        eval_set: str | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, float]:
+        """Global metrics of every eval set from the descriptors ``extract`` wrote to ``<features_dir>/<set>/store``.
+
+        Nothing is embedded again: the stored fp16 rows are memory-mapped and scored in chunks, so
+        ROxford+1M is evaluated in minutes after a (resumable, DDP) ``extract``. Give the arguments
+        of that ``extract``: a store of another model or other preprocessing is refused, naming
+        what differs. Metrics are printed and sent to the loggers as ``test/<set>/<metric>``;
+        re-ranked metrics come from ``test``.
+        """
+        if ckpt_path:
+            model.load_weights(ckpt_path)
+        identity = extraction_identity(model, datamodule)
+        datamodule.prepare_data()
+        datamodule.setup("predict")
+        metrics: dict[str, float] = {}
+        for spec in choose_eval_sets(datamodule.eval_sets("predict"), eval_set):
+            result = evaluate_store(model, spec, features_dir, identity)
+            metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
+        if self.is_global_zero:
+            width = max(map(len, metrics)) + 2
+            print("\n".join(f"{name:<{width}}{value:8.2f}" for name, value in sorted(metrics.items())))
+            for logger in self.loggers:
+                logger.log_metrics(metrics)
+                logger.save()
+        return metrics
+
 
 #: datamodule arguments that do not change what is extracted
 _NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
@@ -157,10 +190,8 @@ class _OneEvalSet(pl.LightningDataModule):
         self.inner.setup("predict")
         sets = self.inner.eval_sets("predict")
         loaders = self.inner.predict_dataloader()
-        chosen = [(s, dl) for s, dl in zip(sets, loaders) if self.name in (None, s.name)]
-        if not chosen:
-            raise UsageError(f"--eval_set {self.name!r}: the datamodule has no such eval set; it has "
-                             f"{[s.name for s in sets]}")
+        names = {s.name for s in choose_eval_sets(sets, self.name)}
+        chosen = [(s, dl) for s, dl in zip(sets, loaders) if s.name in names]
         self.n_sets = len(chosen)
         self.spec, self.template = chosen[self.position]
         out = self.root / self.spec.name

@@ -145,6 +145,22 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
                       f"--ckpt_path={ckpt}", f"--output_dir={features}"], tmp_path)
     assert refused.startswith("error: feature shard") and "eval_max_side" in refused
 
+    # `evaluate` scores the extracted store: the global metrics `test` computes by embedding everything again
+    evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "ev"), f"--ckpt_path={ckpt}",
+                          f"--features_dir={features}"], cwd=tmp_path).stdout
+    printed = {line.split()[0]: float(line.split()[1]) for line in evaluated.splitlines() if line.startswith("test/")}
+    run_main(["test", *rerank_args(cache_root, tmp_path / "te", "--model.rerank.enabled=false"), f"--ckpt_path={ckpt}"],
+             cwd=tmp_path)
+    tested = read_metrics(tmp_path / "te" / "metrics", "test")
+    assert printed and printed.keys() == tested.keys()
+    assert all(abs(printed[k] - tested[k]) < 0.006 for k in tested), (printed, tested)  # printed to 2 decimals
+    other = _fails(["evaluate", *rerank_args(cache_root, tmp_path / "ev2", "--data.init_args.eval_max_side=80"),
+                    f"--ckpt_path={ckpt}", f"--features_dir={features}"], tmp_path)
+    assert "'preprocessing.eval_max_side': store has 96, expected 80" in other
+    missing = _fails(["evaluate", *rerank_args(cache_root, tmp_path / "ev3"), f"--ckpt_path={ckpt}",
+                      f"--features_dir={tmp_path / 'none'}"], tmp_path)
+    assert "run `retrieval-lightning extract` with the same arguments" in missing
+
     # an evaluation-only datamodule (num_classes 0) tests a trained checkpoint (issue 12 item 1)
     from test_cli import _overrides_for
 

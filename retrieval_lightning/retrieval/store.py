@@ -90,16 +90,20 @@ def normalize_identity(identity: Mapping[str, Any] | None) -> dict[str, Any]:
         raise TypeError(f"model identity must be JSON-serialisable: {err}") from None
 
 
-def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of the keys whose values differ between two identities."""
+def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ between two identities; nested dicts
+    (the datamodule's preprocessing, a head's arguments) name the key inside, not the whole dict."""
     diffs = []
     for key in sorted(set(stored) | set(expected)):
+        name = f"{prefix}{key}"
         if key not in stored:
-            diffs.append(f"{key!r} missing in store (expected {expected[key]!r})")
+            diffs.append(f"{name!r} missing in store (expected {expected[key]!r})")
         elif key not in expected:
-            diffs.append(f"{key!r}={stored[key]!r} in store but not expected")
+            diffs.append(f"{name!r}={stored[key]!r} in store but not expected")
+        elif isinstance(stored[key], Mapping) and isinstance(expected[key], Mapping):
+            diffs += identity_differences(stored[key], expected[key], prefix=f"{name}.")
         elif stored[key] != expected[key]:
-            diffs.append(f"{key!r}: store has {stored[key]!r}, expected {expected[key]!r}")
+            diffs.append(f"{name!r}: store has {stored[key]!r}, expected {expected[key]!r}")
     return diffs
 
 

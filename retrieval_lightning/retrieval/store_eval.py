@@ -1,0 +1,56 @@
+"""Metrics from the global descriptors ``extract`` stored, without extracting them again.
+
+At ROxford+1M scale, ``test`` embeds a million images and holds every descriptor in memory on every
+rank; a failure near the end loses it all. ``extract`` writes them in resumable shards instead, and
+this module evaluates that store: memory-mapped fp16 rows, scored in chunks by the same protocol
+code as ``test`` (:func:`~retrieval_lightning.evaluation.evaluate_eval_set`). The store must come
+from the same model and data arguments (its identity is checked, naming what differs).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.errors import UsageError
+from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
+from retrieval_lightning.retrieval.store import FeatureStore
+
+
+def choose_eval_sets(sets: Sequence[EvalSet], name: str | None) -> list[EvalSet]:
+    """All of ``sets``, or the one called ``name`` (a one-line error listing them otherwise)."""
+    chosen = [s for s in sets if name in (None, s.name)]
+    if not chosen:
+        raise UsageError(f"--eval_set {name!r}: the datamodule has no such eval set; it has {[s.name for s in sets]}")
+    return chosen
+
+
+def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
+    """The store's global descriptors in dataset order, as a (N, D) tensor over the memory map."""
+    expected = len(eval_set.dataset)  # type: ignore[arg-type]
+    index = np.asarray(store.index)
+    if len(index) != expected or not np.array_equal(index, np.arange(expected)):
+        raise UsageError(f"feature store {store.path} holds {len(index)} of the {expected} images of eval set "
+                         f"{eval_set.name!r}: re-run `extract` with the same arguments to finish it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only memory map: nothing here writes to it
+        return torch.from_numpy(store.array("global"))
+
+
+def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any]) -> EvalResult:
+    """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``)."""
+    path = Path(features_dir) / eval_set.name / "store"
+    if not (path / "manifest.json").is_file():
+        raise UsageError(f"no feature store at {path}: run `retrieval-lightning extract` with the same arguments "
+                         f"and --output_dir {features_dir} first")
+    store = FeatureStore.open(path, expect_identity=identity)
+    descriptors = stored_descriptors(eval_set, store)
+    postprocessed = getattr(model, "postprocessed", None)
+    if postprocessed is not None and getattr(model, "postprocess", None) is not None:
+        descriptors = postprocessed(eval_set, descriptors.float())
+    return evaluate_eval_set(eval_set, descriptors, chunk=getattr(model, "search_chunk", 65536), device=model.device)
