@@ -25,12 +25,30 @@ from torch import Tensor, nn
 
 from heads._cvnet.fast import SCALES, LevelSet, level_sizes, pair_logits_fast, prepare_levels, resize
 from heads._cvnet.network import CorrelationLearner
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import EntryKind, FeatureFn, PairExplanation, VerifierHead
 
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 #: correspondences :meth:`CVNetVerifierHead.explain` returns (the strongest mutual nearest neighbours)
 EXPLAIN_MATCHES = 40
+#: largest 4D correlation scored (query cells x candidate cells at scale 1): 2048 x 1536 px images
+#: (128 x 96 cells at stride 16) are within it; phone photos at full size (4032 x 3024: 8.5x more)
+#: would need tens of GB for the 4D network, and fail deep inside it or take the machine's memory.
+MAX_PAIR_CELLS = 2**28
+
+
+def check_pair_size(query_hw: tuple[int, ...], candidate_hw: tuple[int, ...]) -> None:
+    """Refuse, in one line naming the sizes, a pair whose 4D correlation exceeds :data:`MAX_PAIR_CELLS`."""
+    cells = query_hw[0] * query_hw[1] * candidate_hw[0] * candidate_hw[1]
+    if cells > MAX_PAIR_CELLS:
+        block1_gb = 16 * cells / 16 * 4 / 2**30  # 16 channels at half resolution on all four axes, fp32
+        raise UsageError(
+            f"cvnet_verifier: a {query_hw[0]}x{query_hw[1]}-cell query against a {candidate_hw[0]}x{candidate_hw[1]}-cell "
+            f"candidate is a 4D correlation of {cells:.3g} cells (at most {MAX_PAIR_CELLS:.3g}; the network's first "
+            f"block alone would hold {block1_gb:.0f} GB): score images of at most about 2048 px on the long side "
+            "(CVNet's tester uses ROxford's <= 1024 px images; `match --max-side 1024`)"
+        )
 
 
 class CVNetVerifierHead(VerifierHead):
@@ -209,11 +227,13 @@ class CVNetVerifierHead(VerifierHead):
             return out
         bf16 = self.score_dtype == "bfloat16" or (self.score_dtype == "auto" and device.type == "cuda")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        query_set = self._levels_of([query], device)
         groups: dict[tuple, list[int]] = {}
         for k, entry in enumerate(candidates):
             key = tuple(tuple(int(v) for v in entry[f"level{i}_hw"]) for i in range(len(SCALES)))
             groups.setdefault(key, []).append(k)
+        for key in groups:  # before anything is allocated
+            check_pair_size(tuple(int(v) for v in query[f"level{len(SCALES) - 1}_hw"]), key[-1])
+        query_set = self._levels_of([query], device)
         with autocast:
             for members in groups.values():
                 for start in range(0, len(members), self.batch_size):

@@ -19,7 +19,7 @@ from _cvnet_reference import (
     reference_logits,
 )
 from heads._cvnet.official import CheckpointImportError, convert_official_state, import_cvnet_checkpoint
-from heads.cvnet_verifier import CVNetVerifierHead
+from heads.cvnet_verifier import CVNetVerifierHead, check_pair_size
 from retrieval_lightning.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from retrieval_lightning.head import EntryKind
 
@@ -86,6 +86,22 @@ def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
     torch.testing.assert_close(bf16, auto, atol=3e-2, rtol=0)
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         CVNetVerifierHead(score_dtype="fp8")
+
+
+def test_a_pair_too_large_for_the_4d_network_is_refused_before_anything_is_allocated() -> None:
+    """Phone photos at full size (4032 x 3024 px: 252 x 189 cells) would need tens of GB; 2048 px passes."""
+    from retrieval_lightning.errors import UsageError
+
+    head = make_head(entry_dtype="float32")
+    query = entry_from_conv4(head, torch.randn(1, 24, 7, 9))
+    phone, large = dict(query), dict(query)  # only the recorded sizes change: the rows are never read
+    phone["level2_hw"] = torch.tensor([189, 252], dtype=torch.int32)
+    large["level2_hw"] = torch.tensor([96, 128], dtype=torch.int32)
+    with pytest.raises(UsageError, match=r"a 189x252-cell query against a 96x128-cell candidate .*--max-side 1024"):
+        head.score(phone, [query, large], [0, 0])
+    check_pair_size((96, 128), (96, 128))  # 2048 x 1536 px images: allowed
+    with pytest.raises(UsageError, match=r"first block alone would hold 8 GB"):
+        check_pair_size((189, 252), (189, 252))
 
 
 def test_entries_follow_their_kinds_and_fp16_scores_stay_close() -> None:
