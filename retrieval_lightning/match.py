@@ -99,11 +99,17 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(c) for c in row) for row in rgb]
 
 
-def _positive_int(text: str) -> int:
+def _pixels(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of pixels (0: full size), got {text}")
     return value
+
+
+#: long side of both images when a model matches them: DELG caps its inference images at 1024 px and
+#: CVNet's tester reads ROxford's (<= 1024 px); a phone photo at full size, with DELG's scales up to
+#: 2x, needs more memory than most machines have
+MODEL_MAX_SIDE = 1024
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-features", type=int, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     parser.add_argument("--reference", action="store_true", help="the paper's path (KD-tree + skimage RANSAC)")
-    parser.add_argument("--max-side", type=_positive_int, help="shrink each image so its long side is at most this "
-                        "(e.g. the model's eval size); default: full size")
+    parser.add_argument("--max-side", type=_pixels, help="shrink each image so its long side is at most this "
+                        f"(e.g. the model's eval size; 0: full size); default: {MODEL_MAX_SIDE} with a model, "
+                        "full size with SIFT")
     return parser
 
 
@@ -131,7 +138,8 @@ def run_match(argv: list[str]) -> int:
     features = args.features or ("model" if args.checkpoint else "sift")
     if features == "model" and not args.checkpoint:
         raise UsageError("--features model needs --checkpoint")
-    image_a, image_b = read_rgb(args.image_a, args.max_side), read_rgb(args.image_b, args.max_side)
+    max_side = args.max_side if args.max_side is not None else (MODEL_MAX_SIDE if features == "model" else 0)
+    image_a, image_b = read_rgb(args.image_a, max_side or None), read_rgb(args.image_b, max_side or None)
     if features == "model":
         from .head import LocalHead
         from .module import RetrievalModule

@@ -81,7 +81,7 @@ def test_unreadable_image_names_the_file(pair: tuple[Path, Path, np.ndarray], tm
     with pytest.raises(ValueError, match="--checkpoint"):
         run_match([str(pair[0]), str(pair[1]), "--features", "model"])
     with pytest.raises(SystemExit) as usage:  # argparse: usage line, status 2
-        run_match([str(pair[0]), str(pair[1]), "--max-side", "0"])
+        run_match([str(pair[0]), str(pair[1]), "--max-side", "-5"])
     assert usage.value.code == 2
 
 
@@ -97,3 +97,21 @@ def test_model_features_reads_rerank_entries() -> None:
 
     kp, desc = model_features(Module(), np.full((10, 12, 3), 255, np.uint8))
     assert kp.shape == (4, 2) and kp.dtype == np.float32 and desc.dtype == np.uint8 and desc.shape == (4, 16)
+
+
+def test_a_model_matches_at_1024_px_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELG caps inference images at 1024 px; a phone photo at full size ran a machine out of memory."""
+    import retrieval_lightning.match as match
+
+    sizes = []
+
+    def record(path, max_side=None):
+        sizes.append(max_side)
+        raise KeyboardInterrupt  # stop before anything is loaded
+
+    monkeypatch.setattr(match, "read_rgb", record)
+    for args in (["--checkpoint", "m.ckpt"], ["--checkpoint", "m.ckpt", "--max-side", "0"],
+                 ["--checkpoint", "m.ckpt", "--max-side", "640"], [], ["--max-side", "800"]):
+        with pytest.raises(KeyboardInterrupt):
+            run_match(["a.jpg", "b.jpg", *args])
+    assert sizes == [match.MODEL_MAX_SIDE, None, 640, None, 800]
