@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
+from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
@@ -130,15 +131,19 @@ class RetrievalTrainer(pl.Trainer):
         datamodule.prepare_data()
         datamodule.setup("predict")
         metrics: dict[str, float] = {}
-        for spec in choose_eval_sets(datamodule.eval_sets("predict"), eval_set):
-            result = evaluate_store(model, spec, features_dir, identity)
-            metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
+        sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
+        results = {spec.name: evaluate_store(model, spec, features_dir, identity) for spec in sets}
+        for name, result in results.items():
+            metrics.update({f"test/{name}/{k}": float(v) for k, v in result.metrics.items()})
         if self.is_global_zero:
             width = max(map(len, metrics)) + 2
             print("\n".join(f"{name:<{width}}{value:8.2f}" for name, value in sorted(metrics.items())))
             for logger in self.loggers:
                 logger.log_metrics(metrics)
                 logger.save()
+            for gallery in (c for c in self.callbacks if isinstance(c, RetrievalGallery)):
+                for path in gallery.draw(self, sets, results, "evaluate"):
+                    print(f"picture: {path}")
         return metrics
 
 

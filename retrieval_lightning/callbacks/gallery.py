@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import matplotlib
@@ -19,6 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from retrieval_lightning.data.types import EvalSet  # noqa: E402
+from retrieval_lightning.evaluation import EvalResult  # noqa: E402
 
 _COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
 #: border of a picture's wrong (other-landmark) images
@@ -93,8 +96,17 @@ class RetrievalGallery(pl.Callback):
         results = getattr(pl_module, "last_eval", {})
         if not results or trainer.datamodule is None:
             return
-        sets = {s.name: s for s in trainer.datamodule.eval_sets(stage)}
+        self.draw(trainer, trainer.datamodule.eval_sets(stage), results, stage,
+                  reranked={n for n, r in results.items()
+                            if r is not getattr(pl_module, "last_eval_global", {}).get(n, r)})
+
+    def draw(self, trainer: pl.Trainer, eval_sets: Iterable[EvalSet], results: Mapping[str, EvalResult], stage: str,
+             reranked: set[str] = frozenset()) -> list[Path]:
+        """One picture per evaluated set, under ``<output_dir or default_root_dir>/gallery``, and to W&B
+        (also for ``evaluate``, which scores stores outside Lightning's loops)."""
+        sets = {s.name: s for s in eval_sets}
         root = Path(self.output_dir or trainer.default_root_dir) / "gallery"
+        drawn = []
         for name, result in results.items():
             if name not in sets:
                 continue
@@ -102,16 +114,18 @@ class RetrievalGallery(pl.Callback):
             path = root / f"{stage}_{name}_step{trainer.global_step}.png"
             keys = [k for k in result.metrics if k.startswith("mAP")] or list(result.metrics)
             headline = ", ".join(f"{k} {result.metrics[k]:.1f}" for k in keys[:3])
-            if result is not getattr(pl_module, "last_eval_global", {}).get(name, result):
+            if name in reranked:
                 headline = f"re-ranked, {headline}"
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
                          f"{stage} {name} (step {trainer.global_step}): {headline}", path,
                          self.max_queries, self.k)
-            self.saved.append(path)
+            drawn.append(path)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{name}/gallery", images=[os.fspath(path)],
                                      step=trainer.global_step)
+        self.saved += drawn
+        return drawn
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._draw(trainer, pl_module, "validate")
