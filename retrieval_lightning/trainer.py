@@ -77,6 +77,12 @@ class RetrievalTrainer(pl.Trainer):
         either run; a store of another model or other preprocessing is refused, naming what differs.
         Lightning runs the datamodule's ``prepare_data`` where it runs it (once per node); what is
         left to extract is decided on rank 0 and broadcast, so every rank runs the same ``predict``.
+
+        Args:
+            output_dir: where each eval set's shards and store go (``<output_dir>/<set>/store``).
+            shard_size: images per shard file (a restarted run redoes at most one shard per rank).
+            eval_set: only this eval set (default: all of the datamodule's).
+            ckpt_path: weights to load first (or give ``--model.init_from``).
         """
         if ckpt_path:
             model.load_weights(ckpt_path)
@@ -124,6 +130,11 @@ class RetrievalTrainer(pl.Trainer):
         of that ``extract``: a store of another model or other preprocessing is refused, naming
         what differs. Metrics are printed and sent to the loggers as ``test/<set>/<metric>``;
         re-ranked metrics come from ``test``.
+
+        Args:
+            features_dir: the ``--output_dir`` of the ``extract``.
+            eval_set: only this eval set (default: all of the datamodule's).
+            ckpt_path: weights to load first, as given to ``extract`` (or give ``--model.init_from``).
         """
         if ckpt_path:
             model.load_weights(ckpt_path)
