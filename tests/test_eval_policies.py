@@ -37,6 +37,8 @@ def test_non_finite_descriptors_are_an_error_naming_the_images() -> None:
     desc[7, 0] = float("inf")
     with pytest.raises(NonFiniteDescriptorError, match=r"2 descriptor\(s\).*photo_5\.jpg.*photo_7\.jpg"):
         evaluate_eval_set(eval_set(), desc)
+    with pytest.raises(NonFiniteDescriptorError, match=r"2 descriptor\(s\).*photo_5\.jpg.*photo_7\.jpg"):
+        evaluate_eval_set(eval_set(), desc.half(), chunk=3)  # checked in row chunks (a memory-mapped store)
 
 
 def test_search_runs_on_the_given_device_even_when_cuda_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
