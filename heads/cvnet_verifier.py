@@ -42,12 +42,13 @@ def check_pair_size(query_hw: tuple[int, ...], candidate_hw: tuple[int, ...]) ->
     """Refuse, in one line naming the sizes, a pair whose 4D correlation exceeds :data:`MAX_PAIR_CELLS`."""
     cells = query_hw[0] * query_hw[1] * candidate_hw[0] * candidate_hw[1]
     if cells > MAX_PAIR_CELLS:
-        block1_gb = 16 * cells / 16 * 4 / 2**30  # 16 channels at half resolution on all four axes, fp32
+        block1_gb = cells * 4 / 2**30  # 16 channels x (cells / 2^4: half resolution on four axes) x 4 B
         raise UsageError(
-            f"cvnet_verifier: a {query_hw[0]}x{query_hw[1]}-cell query against a {candidate_hw[0]}x{candidate_hw[1]}-cell "
-            f"candidate is a 4D correlation of {cells:.3g} cells (at most {MAX_PAIR_CELLS:.3g}; the network's first "
-            f"block alone would hold {block1_gb:.0f} GB): score images of at most about 2048 px on the long side "
-            "(CVNet's tester uses ROxford's <= 1024 px images; `match --max-side 1024`)"
+            f"cvnet_verifier: a {query_hw[0]}x{query_hw[1]}-cell query against a "
+            f"{candidate_hw[0]}x{candidate_hw[1]}-cell candidate is a 4D correlation of {cells:.3g} cells "
+            f"(at most {MAX_PAIR_CELLS:.3g}; the network's first block alone would hold {block1_gb:.0f} GB): "
+            "score images of at most about 2048 px on the long side (CVNet's tester uses ROxford's <= 1024 px "
+            "images; `match --max-side 1024`)"
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import AbstractSet, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import matplotlib
@@ -101,7 +101,7 @@ class RetrievalGallery(pl.Callback):
                             if r is not getattr(pl_module, "last_eval_global", {}).get(n, r)})
 
     def draw(self, trainer: pl.Trainer, eval_sets: Iterable[EvalSet], results: Mapping[str, EvalResult], stage: str,
-             reranked: set[str] = frozenset()) -> list[Path]:
+             reranked: AbstractSet[str] = frozenset()) -> list[Path]:
         """One picture per evaluated set, under ``<output_dir or default_root_dir>/gallery``, and to W&B
         (also for ``evaluate``, which scores stores outside Lightning's loops)."""
         sets = {s.name: s for s in eval_sets}
