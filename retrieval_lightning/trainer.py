@@ -14,6 +14,7 @@ from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
@@ -128,8 +129,9 @@ class RetrievalTrainer(pl.Trainer):
         Nothing is embedded again: the stored fp16 rows are memory-mapped and scored in chunks, so
         ROxford+1M is evaluated in minutes after a (resumable, DDP) ``extract``. Give the arguments
         of that ``extract``: a store of another model or other preprocessing is refused, naming
-        what differs. Metrics are printed and sent to the loggers as ``test/<set>/<metric>``;
-        re-ranked metrics come from ``test``.
+        what differs. Metrics are printed and sent to the loggers as ``test/<set>/<metric>``, and
+        ``test/<set>/reranked/<metric>`` when the model re-ranks from stored entries (no sparsifier:
+        see :func:`~retrieval_lightning.retrieval.store_eval.evaluate_store`).
 
         Args:
             features_dir: the ``--output_dir`` of the ``extract``.
@@ -143,9 +145,14 @@ class RetrievalTrainer(pl.Trainer):
         datamodule.setup("predict")
         metrics: dict[str, float] = {}
         sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
-        results = {spec.name: evaluate_store(model, spec, features_dir, identity) for spec in sets}
-        for name, result in results.items():
-            metrics.update({f"test/{name}/{k}": float(v) for k, v in result.metrics.items()})
+        results, reranked = {}, set()
+        for spec in sets:
+            result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self))
+            metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
+            if rescored is not None:
+                metrics.update({f"test/{spec.name}/reranked/{k}": float(v) for k, v in rescored.metrics.items()})
+                reranked.add(spec.name)
+            results[spec.name] = rescored or result  # the picture shows the final ranking, as `test`'s
         if self.is_global_zero:
             width = max(map(len, metrics)) + 2
             print("\n".join(f"{name:<{width}}{value:8.2f}" for name, value in sorted(metrics.items())))
@@ -153,7 +160,7 @@ class RetrievalTrainer(pl.Trainer):
                 logger.log_metrics(metrics)
                 logger.save()
             for gallery in (c for c in self.callbacks if isinstance(c, RetrievalGallery)):
-                for path in gallery.draw(self, sets, results, "evaluate"):
+                for path in gallery.draw(self, sets, results, "evaluate", reranked):
                     print(f"picture: {path}")
         return metrics
 

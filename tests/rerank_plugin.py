@@ -19,6 +19,8 @@ from retrieval_lightning.layers import GeM
 
 
 class CosineRerankHead(VerifierHead):
+    scoring_only = ("sign",)  # the stored descriptor does not depend on it
+
     def __init__(self, stage: str = "conv5", sign: float = 1.0) -> None:
         super().__init__()
         self.stages = (stage,)

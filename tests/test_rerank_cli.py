@@ -145,15 +145,17 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
                       f"--ckpt_path={ckpt}", f"--output_dir={features}"], tmp_path)
     assert refused.startswith("error: feature shard") and "eval_max_side" in refused
 
-    # `evaluate` scores the extracted store: the global metrics `test` computes by embedding everything again
-    evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "ev"), f"--ckpt_path={ckpt}",
+    # `evaluate` scores the extracted store: the global and re-ranked metrics `test` computes by embedding everything
+    # again (the plugin's re-ranking reverses the shortlist here, so the re-ranked metrics differ from the global ones)
+    reverse = ["--model.heads.verifier.init_args.sign=-1", "--model.rerank.shortlist=plain"]
+    evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "ev", *reverse), f"--ckpt_path={ckpt}",
                           f"--features_dir={features}"], cwd=tmp_path).stdout
     printed = {line.split()[0]: float(line.split()[1]) for line in evaluated.splitlines() if line.startswith("test/")}
     assert (tmp_path / "ev" / "gallery" / f"evaluate_{SET}_step0.png").stat().st_size > 1000  # the config's gallery
-    run_main(["test", *rerank_args(cache_root, tmp_path / "te", "--model.rerank.enabled=false"), f"--ckpt_path={ckpt}"],
-             cwd=tmp_path)
+    run_main(["test", *rerank_args(cache_root, tmp_path / "te", *reverse), f"--ckpt_path={ckpt}"], cwd=tmp_path)
     tested = read_metrics(tmp_path / "te" / "metrics", "test")
-    assert printed and printed.keys() == tested.keys()
+    assert printed and printed.keys() == tested.keys() and f"test/{SET}/reranked/mAP_M" in printed
+    assert printed[f"test/{SET}/reranked/mAP_M"] < printed[f"test/{SET}/mAP_M"]
     assert all(abs(printed[k] - tested[k]) < 0.006 for k in tested), (printed, tested)  # printed to 2 decimals
     other = _fails(["evaluate", *rerank_args(cache_root, tmp_path / "ev2", "--data.init_args.eval_max_side=80"),
                     f"--ckpt_path={ckpt}", f"--features_dir={features}"], tmp_path)

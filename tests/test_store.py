@@ -174,3 +174,20 @@ def test_old_store_moved_aside_by_a_crashed_replace_is_put_back(tmp_path) -> Non
     FeatureStore.from_arrays(aside, {"global": np.zeros((2, 3), np.float16)}, IDENTITY)
     clean_stale_builds(tmp_path / "s")
     assert FeatureStore.open(tmp_path / "s", expect_identity=IDENTITY).count == 2 and not aside.exists()
+
+
+def test_evaluate_rescores_from_a_store_only_without_a_sparsifier(tmp_path) -> None:
+    """A sparsifier stores the queries' entries sparsified too: their re-ranked metrics need `test`."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.retrieval.store_eval import reranks_from_store
+
+    store = FeatureStore.from_arrays(tmp_path / "s", {"global": np.eye(2, dtype=np.float16),
+                                                      "verifier-rows": np.ones((2, 3), np.float16)})
+    model = SimpleNamespace(rerank_head=object(), rerank=SimpleNamespace(enabled=True), rerank_prefix="verifier-",
+                            sparsifier=None)
+    assert reranks_from_store(model, store)
+    assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank_prefix": "local-"}), store)  # no entries
+    assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank": SimpleNamespace(enabled=False)}), store)
+    with pytest.warns(UserWarning, match="sparsifier come from `test`"):
+        assert not reranks_from_store(SimpleNamespace(**{**vars(model), "sparsifier": object()}), store)

@@ -154,7 +154,7 @@ def evaluate_reranked(
     is initialised), so every rank returns the same metrics.
     """
     nq = eval_set.n_queries
-    queries, database = descriptors[:nq].float(), descriptors[nq:].float()
+    queries, database = descriptors[:nq].float(), descriptors[nq:]  # the database as given: maybe a memory map
     protocol = protocol_of(eval_set)
     exclusions = protocol.exclusions(eval_set.ground_truth, nq) if config.shortlist == "protocol" else None
     depth = search_depth(config.k, database.shape[0], exclusions)
@@ -176,7 +176,7 @@ def evaluate_reranked(
     everything = gather_query_scores(scored, gather)
 
     def global_score(q: int, positions: np.ndarray) -> np.ndarray:
-        return (database[torch.from_numpy(np.asarray(positions, np.int64))] @ queries[q]).double().numpy()
+        return (database[torch.from_numpy(np.asarray(positions, np.int64))].float() @ queries[q]).double().numpy()
 
     rankings = fused_rankings(shortlists, everything, global_score, config)
     result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, reranked=rankings, device=device)

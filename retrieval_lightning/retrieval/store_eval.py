@@ -3,8 +3,9 @@
 At ROxford+1M scale, ``test`` embeds a million images and holds every descriptor in memory on every
 rank; a failure near the end loses it all. ``extract`` writes them in resumable shards instead, and
 this module evaluates that store: memory-mapped fp16 rows, scored in chunks by the same protocol
-code as ``test`` (:func:`~retrieval_lightning.evaluation.evaluate_eval_set`). The store must come
-from the same model and data arguments (its identity is checked, naming what differs).
+code as ``test`` (:func:`~retrieval_lightning.evaluation.evaluate_eval_set`), and the shortlists
+re-scored from the stored entries when the model re-ranks. The store must come from the same model
+and data arguments (its identity is checked, naming what differs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
+from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked
 from retrieval_lightning.retrieval.store import FeatureStore
 
 
@@ -42,8 +44,15 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
         return torch.from_numpy(store.array("global"))
 
 
-def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any]) -> EvalResult:
-    """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``)."""
+def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],
+                   progress: bool = True) -> tuple[EvalResult, EvalResult | None]:
+    """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``), and the
+    re-ranked ones when the model re-ranks and the store holds its entries (``None`` otherwise).
+
+    The store holds every item's entries as a database image's. Without a sparsifier a query's entry
+    is the same, so the shortlists are re-scored from the store, as ``test`` re-scores them from its
+    own (same pair seeds). A sparsifier stores the queries sparsified too: their metrics need ``test``.
+    """
     path = Path(features_dir) / eval_set.name / "store"
     if not (path / "manifest.json").is_file():
         raise UsageError(f"no feature store at {path}: run `retrieval-lightning extract` with the same arguments "
@@ -53,4 +62,23 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     postprocessed = getattr(model, "postprocessed", None)
     if postprocessed is not None and getattr(model, "postprocess", None) is not None:
         descriptors = postprocessed(eval_set, descriptors.float())
-    return evaluate_eval_set(eval_set, descriptors, chunk=getattr(model, "search_chunk", 65536), device=model.device)
+    chunk = getattr(model, "search_chunk", 65536)
+    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device)
+    if not reranks_from_store(model, store):
+        return result, None
+    reranked = evaluate_reranked(model, eval_set, descriptors, store, store, model.rerank, chunk=chunk,
+                                 device=model.device, progress=progress)
+    return result, reranked
+
+
+def reranks_from_store(model: Any, store: FeatureStore) -> bool:
+    """Whether :func:`evaluate_store` can re-rank: a re-ranking head, its entries stored, no sparsifier."""
+    if getattr(model, "rerank_head", None) is None or not getattr(model.rerank, "enabled", True):
+        return False
+    if not any(kind.startswith(model.rerank_prefix) for kind in store.kinds):
+        return False
+    if getattr(model, "sparsifier", None) is not None:
+        warnings.warn(f"{store.path}: re-ranked metrics of a model with a sparsifier come from `test` (the store "
+                      "holds the queries' entries sparsified, as database images); only global metrics here")
+        return False
+    return True
