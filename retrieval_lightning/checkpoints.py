@@ -39,6 +39,13 @@ def _unpickler_cause(exc: BaseException) -> str:
     return (named or lines or [type(exc).__name__])[0].split(" Please use")[0]  # not its allow-listing advice
 
 
+def open_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict to read its records (architecture, hyper-parameters, callback states):
+    memory-mapped, so tensors are only read when touched, and weights-only like every load here."""
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
 def load_tensor_file(path: str | Path) -> dict:
     """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True``.
 

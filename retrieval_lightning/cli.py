@@ -19,11 +19,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
+from retrieval_lightning.checkpoints import open_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
@@ -185,7 +185,7 @@ class RetrievalCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         try:
-            recorded = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
+            recorded = open_checkpoint(ckpt_path).get("hyper_parameters")
         except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
             return
         if not isinstance(recorded, dict):

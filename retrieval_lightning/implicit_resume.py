@@ -15,9 +15,8 @@ from typing import Any, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
-import torch
 
-from retrieval_lightning.checkpoints import ARCHITECTURE_KEY
+from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.model_record import architecture_of
 
@@ -48,7 +47,7 @@ def settings_differences(stored: dict[str, Any], current: dict[str, Any]) -> lis
 
 def check_implicit_resume(model: pl.LightningModule, path: str) -> None:
     """Refuse to resume ``path`` implicitly when its run was made with settings other than ``model``'s."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = open_checkpoint(path)
     stored = checkpoint.get(ARCHITECTURE_KEY)
     if stored is None:
         return  # not this framework's record: Lightning's own loading decides

@@ -9,7 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-import torch
+
+from retrieval_lightning.checkpoints import open_checkpoint
 
 
 def wandb_credentials_available() -> bool:
@@ -62,7 +63,7 @@ def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> str | None
     path = checkpoint_to_resume(trainer, ckpt_path) if loggers else None
     if path is None:
         return None
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = open_checkpoint(path)
     run_id = next((state["wandb"]["run_id"] for state in checkpoint.get("callbacks", {}).values()
                    if isinstance(state, dict) and "wandb" in state), None)
     if run_id is None:
