@@ -24,11 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
-from retrieval_lightning.data.io import LoadPolicy, apply_orientation, exif_orientation, load_image_or_skip, to_float
+from retrieval_lightning.data.io import (
+    LoadPolicy,
+    apply_orientation,
+    exif_orientation,
+    load_image_or_skip,
+    resize_by,
+    to_float,
+)
 from retrieval_lightning.data.types import ImageResize
-from retrieval_lightning.layers.scale_resize import scaled_size
 
 
 def datamodule_policy(on_error: str) -> LoadPolicy:
@@ -118,14 +123,6 @@ class TrainTransform:
             out = F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False,
                                 antialias=True)[0]
         return out.clamp_(0.0, 1.0)
-
-
-def resize_by(image: Tensor, factor: float) -> Tensor:
-    """Resize a (3,H,W) tensor to ``(round(H*f), round(W*f))`` (at least 1), bilinear + antialias."""
-    if factor == 1.0:
-        return image
-    size = list(scaled_size(image.shape[1], image.shape[2], factor))
-    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 BOX_ROUNDINGS = ("round", "truncate")

@@ -25,12 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.std import tqdm  # noqa: E402
 
-from torchvision.transforms.v2 import functional as TF  # noqa: E402
-
-from retrieval_lightning.data.io import load_image, to_float  # noqa: E402
+from retrieval_lightning.data.io import load_image, resize_by, to_float  # noqa: E402
 from retrieval_lightning.data.types import ImageResize  # noqa: E402
 from retrieval_lightning.errors import UsageError  # noqa: E402
-from retrieval_lightning.layers.scale_resize import scaled_size  # noqa: E402
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
 from retrieval_lightning.retrieval.set_files import read_image_resize, read_items  # noqa: E402
@@ -73,11 +70,7 @@ def load_query(path: str, resize: ImageResize) -> torch.Tensor:
     """A query image, float (3, h, w) in [0, 1], sized as ``resize`` says (bilinear, antialiased:
     the evaluation transform of the datamodules)."""
     image = load_image(path)
-    factor = resize.factor(image.shape[1], image.shape[2])
-    if factor != 1.0:
-        size = list(scaled_size(image.shape[1], image.shape[2], factor))
-        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return to_float(image)
+    return to_float(resize_by(image, resize.factor(image.shape[1], image.shape[2])))
 
 
 def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:

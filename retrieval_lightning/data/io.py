@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from retrieval_lightning.layers.scale_resize import scaled_size
+
 __all__ = [
     "MAX_FILE_BYTES",
     "MAX_IMAGE_PIXELS",
@@ -52,6 +54,7 @@ __all__ = [
     "image_size",
     "load_image",
     "load_image_or_skip",
+    "resize_by",
     "to_float",
 ]
 
@@ -331,6 +334,17 @@ def load_image(
     if target is not None and tuple(img.shape[1:]) != (target[1], target[0]):
         img = _resize(img, *target)
     return _orient(img, orientation)
+
+
+def resize_by(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Resize a (3,H,W) tensor to ``(round(H*f), round(W*f))`` (at least 1), bilinear + antialias: the
+    evaluation resize of the datamodules, and of ``search``'s queries (sized as their database was)."""
+    if factor == 1.0:
+        return image
+    from torchvision.transforms.v2 import functional as TF  # as the decoder: torchvision loaded when used
+
+    size = list(scaled_size(image.shape[1], image.shape[2], factor))
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 def to_float(img_uint8: torch.Tensor) -> torch.Tensor:

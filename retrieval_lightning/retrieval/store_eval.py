@@ -59,10 +59,8 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
                          f"and --output_dir {features_dir} first")
     store = FeatureStore.open(path, expect_identity=identity)
     descriptors = stored_descriptors(eval_set, store)
-    postprocessed = getattr(model, "postprocessed", None)
-    if postprocessed is not None and getattr(model, "postprocess", None) is not None:
-        descriptors = postprocessed(eval_set, descriptors.float())
-    chunk = getattr(model, "search_chunk", 65536)
+    descriptors = model.postprocessed(eval_set, descriptors)  # unchanged unless alpha-QE / DBA is configured
+    chunk = model.search_chunk
     result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device)
     if not reranks_from_store(model, store):
         return result, None
@@ -73,11 +71,11 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
 
 def reranks_from_store(model: Any, store: FeatureStore) -> bool:
     """Whether :func:`evaluate_store` can re-rank: a re-ranking head, its entries stored, no sparsifier."""
-    if getattr(model, "rerank_head", None) is None or not getattr(model.rerank, "enabled", True):
+    if model.rerank_head is None or not model.rerank.enabled:
         return False
     if not any(kind.startswith(model.rerank_prefix) for kind in store.kinds):
         return False
-    if getattr(model, "sparsifier", None) is not None:
+    if model.sparsifier is not None:
         warnings.warn(f"{store.path}: re-ranked metrics of a model with a sparsifier come from `test` (the store "
                       "holds the queries' entries sparsified, as database images); only global metrics here")
         return False
