@@ -130,8 +130,9 @@ class RetrievalTrainer(pl.Trainer):
         ROxford+1M is evaluated in minutes after a (resumable, DDP) ``extract``. Give the arguments
         of that ``extract``: a store of another model or other preprocessing is refused, naming
         what differs. Metrics are printed and sent to the loggers as ``test/<set>/<metric>``, and
-        ``test/<set>/reranked/<metric>`` when the model re-ranks from stored entries (no sparsifier:
-        see :func:`~retrieval_lightning.retrieval.store_eval.evaluate_store`).
+        ``test/<set>/reranked/<metric>`` when the model re-ranks from stored entries (with a
+        sparsifier, the queries' dense entries are extracted once beside the store: see
+        :func:`~retrieval_lightning.retrieval.store_eval.evaluate_store`).
 
         Args:
             features_dir: the ``--output_dir`` of the ``extract``.
@@ -140,6 +141,7 @@ class RetrievalTrainer(pl.Trainer):
         """
         if ckpt_path:
             model.load_weights(ckpt_path)
+        model.eval()  # as `test` scores: a model built by the CLI starts in training mode
         identity = extraction_identity(model, datamodule)
         datamodule.prepare_data()
         datamodule.setup("predict")

@@ -450,3 +450,61 @@ def test_match_explains_a_sparse_verifier_checkpoint(tmp_path: Path, capsys: pyt
     assert explanation.candidate_kept.sum() == len(stored["level2_pos"]) < explanation.candidate_kept.size
     with Image.open(out) as picture:
         assert picture.height > MIN_PANEL_HEIGHT and picture.width >= 2 * MIN_PANEL_HEIGHT
+
+
+def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate`` of a sparsifier model: the database's entries from the extracted (sparse) store, the
+    queries' dense entries extracted once beside it, so the scores are those of ``test``'s path."""
+    from retrieval_lightning.data.types import EvalSet
+    from retrieval_lightning.retrieval.rerank import RerankConfig
+    from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked, extract_entries
+    from retrieval_lightning.retrieval.store_eval import evaluate_store, query_entry_store, stored_descriptors
+    from retrieval_lightning.retrieval.writer import ShardWriter, merge_shards
+
+    module = verifier_module(keep_ratio=0.3)
+    module.rerank = RerankConfig(k=4, shortlist="plain", fusion="weighted")
+    images = photos(9, seed=3)
+    items = [{"image": image, "index": i} for i, image in enumerate(images)]
+    truth = [{"easy": [0, 1], "hard": [2], "junk": []}, {"easy": [3], "hard": [4, 5], "junk": [6]}]
+    eval_set = EvalSet("toy", items, n_queries=2, protocol="revisitop", ground_truth=truth)  # type: ignore[arg-type]
+    identity = {"weights": "toy model"}
+
+    # what `extract` writes: predict_step's outputs (every item sparsified, as a database image), merged
+    set_dir = tmp_path / "features" / "toy"
+    dtypes = {"global": "float16"} | {module.rerank_prefix + k: v.dtype for k, v in module.rerank_entry_kinds().items()}
+    shards = ShardWriter(set_dir, identity=identity, dtypes=dtypes)
+    for start in (0, 5):
+        batch = {"image": torch.stack(images[start:start + 5]), "index": torch.arange(start, min(start + 5, 9))}
+        shards.add(module.predict_step(batch, 0))
+    shards.close()
+    store = merge_shards(set_dir, expect_identity=identity, expected_indices=range(9))
+
+    for part in module.modules():  # as the CLI builds it: training mode (BatchNorm would use batch statistics)
+        part.training = True
+    result, reranked = evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False)
+    assert reranked is not None and module.backbone.training  # its mode given back
+    queries = FeatureStore.open(set_dir / "query_entries" / "queries" / "store")
+    assert queries.count == 2 and not any(kind.endswith("_pos") for kind in queries.kinds)  # dense, as queried
+    assert any(kind.endswith("_pos") for kind in store.kinds)  # the store holds every item sparsified
+
+    # `test`'s path: entries of both sides written apart, the same (fp16-stored) global descriptors
+    _, test_queries, test_database = extract_entries(module, eval_set, tmp_path / "test", identity, progress=False)
+    descriptors = stored_descriptors(eval_set, store)
+    expected = evaluate_reranked(module, eval_set, descriptors, test_queries, test_database, module.rerank,
+                                 progress=False)
+    assert reranked.metrics == expected.metrics
+    for q, (positions, scores) in expected.extra["rerank_scores"].items():
+        got_positions, got_scores = reranked.extra["rerank_scores"][q]
+        np.testing.assert_array_equal(got_positions, positions)
+        np.testing.assert_allclose(got_scores, scores, atol=1e-6, rtol=0)
+    # a second evaluation reuses the query entries; those of another store are replaced
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("query entries extracted again")
+
+    monkeypatch.setattr(module, "rerank_entries", no_extraction)
+    _, again = evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False)
+    assert again is not None and again.metrics == reranked.metrics
+    monkeypatch.undo()
+    replaced = query_entry_store(module, eval_set, set_dir / "query_entries", {"weights": "other"}, progress=False)
+    assert replaced.identity == {"weights": "other"} and replaced.count == 2

@@ -176,8 +176,8 @@ def test_old_store_moved_aside_by_a_crashed_replace_is_put_back(tmp_path) -> Non
     assert FeatureStore.open(tmp_path / "s", expect_identity=IDENTITY).count == 2 and not aside.exists()
 
 
-def test_evaluate_rescores_from_a_store_only_without_a_sparsifier(tmp_path) -> None:
-    """A sparsifier stores the queries' entries sparsified too: their re-ranked metrics need `test`."""
+def test_evaluate_rescores_from_a_store_holding_the_heads_entries(tmp_path) -> None:
+    """Re-ranked metrics need a re-ranking head, re-ranking on, and that head's entries in the store."""
     from types import SimpleNamespace
 
     from retrieval_lightning.retrieval.store_eval import reranks_from_store
@@ -189,5 +189,4 @@ def test_evaluate_rescores_from_a_store_only_without_a_sparsifier(tmp_path) -> N
     assert reranks_from_store(model, store)
     assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank_prefix": "local-"}), store)  # no entries
     assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank": SimpleNamespace(enabled=False)}), store)
-    with pytest.warns(UserWarning, match="sparsifier come from `test`"):
-        assert not reranks_from_store(SimpleNamespace(**{**vars(model), "sparsifier": object()}), store)
+    assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank_head": None}), store)

@@ -17,8 +17,9 @@ The model is anything with the small inference API of
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -62,9 +63,9 @@ class RerankEntryWriter:
     """Writes one eval set's re-ranking entries (queries and database apart) as resumable shards.
 
     ``directory`` holds ``queries/`` and ``database/`` shard folders and, after :meth:`merge`,
-    ``queries/store`` and ``database/store``. Items already present in shards written with the same
-    ``identity`` are skipped, so an interrupted evaluation restarted with the same model only
-    extracts what is missing.
+    ``queries/store`` and ``database/store`` (only the ``sides`` asked for). Items already present in
+    shards written with the same ``identity`` are skipped, so an interrupted evaluation restarted with
+    the same model only extracts what is missing.
     """
 
     def __init__(
@@ -75,7 +76,11 @@ class RerankEntryWriter:
         identity: Mapping[str, Any],
         rank: int = 0,
         shard_size: int = 256,
+        sides: Sequence[str] = (QUERIES, DATABASE),
     ) -> None:
+        unknown = set(sides) - {QUERIES, DATABASE}
+        if unknown or not sides:
+            raise ValueError(f"sides must be among {(QUERIES, DATABASE)}, got {tuple(sides)}")
         self.model = model
         self.n_queries = eval_set.n_queries
         self.total = len(eval_set.dataset)  # type: ignore[arg-type]
@@ -84,8 +89,8 @@ class RerankEntryWriter:
         self.prefix = model.rerank_prefix
         self.writers: dict[str, ShardWriter] = {}
         self.done: dict[str, np.ndarray] = {}
-        for side, database in ((QUERIES, False), (DATABASE, True)):
-            kinds = model.rerank_entry_kinds(database=database)
+        for side in sides:
+            kinds = model.rerank_entry_kinds(database=side == DATABASE)
             dtypes = {self.prefix + name: kind.dtype for name, kind in kinds.items()}
             folder = self.directory / side
             self.done[side] = completed_indices(folder, self.identity) if folder.is_dir() else np.zeros(0, np.int64)
@@ -96,6 +101,8 @@ class RerankEntryWriter:
         """Extract and buffer the entries of a batch (skipping items already written)."""
         indices = np.asarray(torch.as_tensor(indices).cpu().tolist(), dtype=np.int64).reshape(-1)
         for side, wanted in ((QUERIES, indices < self.n_queries), (DATABASE, indices >= self.n_queries)):
+            if side not in self.writers:
+                continue
             todo = np.nonzero(wanted & ~np.isin(indices, self.done[side]))[0]
             if todo.size == 0:
                 continue
@@ -113,6 +120,8 @@ class RerankEntryWriter:
     def merge(self, progress: bool = False) -> None:
         """Merge each side's shards into its store (skipped when an identical store is in place)."""
         for side, expected in ((QUERIES, range(self.n_queries)), (DATABASE, range(self.n_queries, self.total))):
+            if side not in self.writers:
+                continue
             folder = self.directory / side
             store = folder / "store"
             if _store_matches(store, self.identity, len(expected)) and not self.writers[side].shards_written:
@@ -121,8 +130,11 @@ class RerankEntryWriter:
                          overwrite=True, progress=progress)
 
     def open(self) -> tuple[FeatureStore, FeatureStore]:
-        return (FeatureStore.open(self.directory / QUERIES / "store", self.identity),
-                FeatureStore.open(self.directory / DATABASE / "store", self.identity))
+        return self.open_side(QUERIES), self.open_side(DATABASE)
+
+    def open_side(self, side: str) -> FeatureStore:
+        """The merged store of one side (``queries`` or ``database``)."""
+        return FeatureStore.open(self.directory / side / "store", self.identity)
 
 
 def _store_matches(path: Path, identity: Mapping[str, Any], count: int) -> bool:
@@ -184,6 +196,18 @@ def evaluate_reranked(
     return result
 
 
+@contextmanager
+def evaluation_mode(model: Any) -> Iterator[None]:
+    """``model`` in evaluation mode (BatchNorm on its running statistics, as ``test`` runs it), then
+    back in the mode it was in. A model built by the CLI starts in training mode."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def extract_entries(
     model: Any,
     eval_set: EvalSet,
@@ -198,11 +222,12 @@ def extract_entries(
     writer = RerankEntryWriter(model, eval_set, directory, identity)
     descriptors = []
     n = len(eval_set.dataset)  # type: ignore[arg-type]
-    for start in tqdm(range(0, n, batch_size), desc=f"extracting {eval_set.name}", disable=not progress):
-        items = [eval_set.dataset[i] for i in range(start, min(n, start + batch_size))]
-        images = [item["image"] for item in items]
-        descriptors.append(model.embed_batch(images).cpu())
-        writer.add(images, [item["index"] for item in items])
+    with evaluation_mode(model), torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc=f"extracting {eval_set.name}", disable=not progress):
+            items = [eval_set.dataset[i] for i in range(start, min(n, start + batch_size))]
+            images = [item["image"] for item in items]
+            descriptors.append(model.embed_batch(images).cpu())
+            writer.add(images, [item["index"] for item in items])
     writer.close()
     writer.merge()
     query_store, db_store = writer.open()

@@ -6,22 +6,34 @@ this module evaluates that store: memory-mapped fp16 rows, scored in chunks by t
 code as ``test`` (:func:`~retrieval_lightning.evaluation.evaluate_eval_set`), and the shortlists
 re-scored from the stored entries when the model re-ranks. The store must come from the same model
 and data arguments (its identity is checked, naming what differs).
+
+A sparsifier stores every item as a database image, queries included, but a query is scored from its
+dense entries (CVNet-DS sparsifies the database side only). Those few entries (70 queries for
+ROxford, against a million database images) are extracted from the query images once, beside the
+store (``<set>/query_entries``), and reused while the store's identity holds.
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
-from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked
-from retrieval_lightning.retrieval.store import FeatureStore
+from retrieval_lightning.retrieval.rerank_eval import (
+    QUERIES, RerankEntryWriter, evaluate_reranked, evaluation_mode,
+)
+from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError
+
+#: query images embedded at a time for their dense entries
+QUERY_BATCH = 8
 
 
 def choose_eval_sets(sets: Sequence[EvalSet], name: str | None) -> list[EvalSet]:
@@ -51,7 +63,7 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
 
     The store holds every item's entries as a database image's. Without a sparsifier a query's entry
     is the same, so the shortlists are re-scored from the store, as ``test`` re-scores them from its
-    own (same pair seeds). A sparsifier stores the queries sparsified too: their metrics need ``test``.
+    own (same pair seeds). With one, the queries' dense entries come from :func:`query_entry_store`.
     """
     path = Path(features_dir) / eval_set.name / "store"
     if not (path / "manifest.json").is_file():
@@ -64,19 +76,37 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device)
     if not reranks_from_store(model, store):
         return result, None
-    reranked = evaluate_reranked(model, eval_set, descriptors, store, store, model.rerank, chunk=chunk,
+    queries = store
+    if model.sparsifier is not None:
+        queries = query_entry_store(model, eval_set, path.parent / "query_entries", store.identity, progress)
+    reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, chunk=chunk,
                                  device=model.device, progress=progress)
     return result, reranked
 
 
 def reranks_from_store(model: Any, store: FeatureStore) -> bool:
-    """Whether :func:`evaluate_store` can re-rank: a re-ranking head, its entries stored, no sparsifier."""
+    """Whether :func:`evaluate_store` can re-rank: a re-ranking head whose entries the store holds."""
     if model.rerank_head is None or not model.rerank.enabled:
         return False
-    if not any(kind.startswith(model.rerank_prefix) for kind in store.kinds):
-        return False
-    if model.sparsifier is not None:
-        warnings.warn(f"{store.path}: re-ranked metrics of a model with a sparsifier come from `test` (the store "
-                      "holds the queries' entries sparsified, as database images); only global metrics here")
-        return False
-    return True
+    return any(kind.startswith(model.rerank_prefix) for kind in store.kinds)
+
+
+def query_entry_store(model: Any, eval_set: EvalSet, directory: Path, identity: dict[str, Any],
+                      progress: bool = True) -> FeatureStore:
+    """The queries' entries as a query is scored (not sparsified), in ``directory``: extracted from
+    the query images on first use (resumable shards, as ``test`` writes them), reused afterwards; those
+    of another store (a store extracted again with other weights) are replaced."""
+    try:
+        writer = RerankEntryWriter(model, eval_set, directory, identity, sides=(QUERIES,))
+    except StoreIdentityError:
+        shutil.rmtree(directory)
+        writer = RerankEntryWriter(model, eval_set, directory, identity, sides=(QUERIES,))
+    todo = np.setdiff1d(np.arange(eval_set.n_queries), writer.done[QUERIES])
+    batches = range(0, len(todo), QUERY_BATCH)
+    with evaluation_mode(model):
+        for start in tqdm(batches, desc=f"{eval_set.name}: query entries", disable=not progress or not len(todo)):
+            items = [eval_set.dataset[int(i)] for i in todo[start:start + QUERY_BATCH]]
+            writer.add([item["image"] for item in items], [int(item["index"]) for item in items])
+    writer.close()
+    writer.merge()
+    return writer.open_side(QUERIES)
