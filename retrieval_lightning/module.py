@@ -212,6 +212,19 @@ class RetrievalModule(pl.LightningModule):
                 found[role] = keys
         return found
 
+    def backbone_is_untrained(self) -> bool:
+        """The backbone was built at random (``weights: null``) and nothing has loaded it since."""
+        return getattr(self.backbone, "weights", "unknown") is None and not any(
+            name.startswith("backbone.") for name in self._loaded_tensors)
+
+    def warn_if_frozen_backbone_is_random(self) -> None:
+        """A frozen backbone of random weights gives the heads random features to learn from: warn (a
+        baseline may want it, so it is not refused as a frozen random head is)."""
+        if "backbone" in self.frozen and self.backbone_is_untrained():
+            rank_zero_warn("model.freeze keeps the backbone fixed, but its weights are random (backbone weights: "
+                           "null) and nothing loaded them: the heads train on random features. Give backbone "
+                           "weights, --model.init_from <ckpt>, or take the backbone out of model.freeze")
+
     def check_frozen_heads_are_trained(self) -> None:
         """Refuse to fit around a frozen head of random weights (see :meth:`Head.untrained_tensors`)."""
         untrained = self.untrained_frozen_tensors()
@@ -233,6 +246,9 @@ class RetrievalModule(pl.LightningModule):
         if self._fitted_here:
             return
         untrained = self.untrained_head_tensors(self.heads.keys())
+        if self.backbone_is_untrained():
+            rank_zero_warn(f"{stage}: the backbone holds random weights (backbone weights: null) that were never "
+                           "loaded, so every descriptor is of random weights; pass --ckpt_path or --model.init_from")
         if untrained:
             heads = ", ".join(f"{role!r} ({len(keys)} tensors, e.g. {keys[0]})" for role, keys in untrained.items())
             rank_zero_warn(f"{stage}: heads {heads} hold random weights that were never trained or loaded, so their "
@@ -330,6 +346,7 @@ class RetrievalModule(pl.LightningModule):
         self._fitted_here = True
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
+            self.warn_if_frozen_backbone_is_random()
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 

@@ -109,8 +109,7 @@ class RetrievalTrainer(pl.Trainer):
                 store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)),
                                      overwrite=True)
                 write_set_files(spec, out)
-                sizes = ", ".join(f"{k} {v:.0f} B/image" for k, v in store.bytes_per_image.items())
-                print(f"{spec.name}: {len(store)} images -> {store.path} ({sizes})")
+                print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
                 stores[spec.name] = str(store.path)
             self.strategy.barrier()
             position += 1
@@ -165,6 +164,16 @@ class RetrievalTrainer(pl.Trainer):
                 for path in gallery.draw(self, sets, results, "evaluate", reranked):
                     print(f"picture: {path}")
         return metrics
+
+
+def store_sizes(bytes_per_image: dict[str, float]) -> str:
+    """``total 1480 B/image: global 640, verifier 840`` (kinds summed per ``<role>-`` prefix)."""
+    groups: dict[str, float] = {}
+    for kind, size in bytes_per_image.items():
+        group = kind.split("-", 1)[0]
+        groups[group] = groups.get(group, 0.0) + size
+    parts = ", ".join(f"{group} {size:.0f}" for group, size in groups.items())
+    return f"total {sum(groups.values()):.0f} B/image: {parts}"
 
 
 #: datamodule arguments that do not change what is extracted

@@ -79,3 +79,10 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: P
     assert set(redone.tolist()) == everything - done
     assert len(redone) <= len(everything - done) + 1
     assert store_files(shard_dir / "store") == reference
+
+
+def test_extract_reports_bytes_per_image_per_head() -> None:
+    from retrieval_lightning.trainer import store_sizes
+
+    sizes = {"global": 640.0, "verifier-level0_val": 108.4, "verifier-level0_pos": 21.2, "verifier-level1_val": 225.0}
+    assert store_sizes(sizes) == "total 995 B/image: global 640, verifier 355"

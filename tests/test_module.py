@@ -195,9 +195,35 @@ def test_evaluating_random_heads_warns_but_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "trained.ckpt"
     torch.save({"state_dict": random_whitening.state_dict()}, path)
     loaded = make(num_classes=3, head={"whiten_init": "random"}, init_from=str(path))
+    backbone_only = tmp_path / "backbone.ckpt"
+    torch.save({"state_dict": {k: v for k, v in random_whitening.state_dict().items() if k.startswith("backbone.")}},
+               backbone_only)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.on_test_start()  # loaded weights
-        make(num_classes=3).on_test_start()  # identity whitening: the untrained GeM baseline, on purpose
+        # identity whitening on loaded backbone weights: the untrained GeM baseline, on purpose
+        make(num_classes=3, init_from=str(backbone_only)).on_test_start()
         random_whitening._fitted_here = True
         random_whitening.on_test_start()  # after fit (finetune's second test) the heads are trained
+
+
+def test_a_frozen_random_backbone_is_warned_about_until_weights_are_loaded(tmp_path: Path) -> None:
+    """``weights: null`` + ``freeze: [backbone]`` trains the heads on random features; testing such a
+    backbone reports metrics of random weights. Both warn; loaded backbone weights silence them."""
+    import warnings
+
+    frozen = make(freeze=["backbone"])
+    assert frozen.backbone_is_untrained()
+    with pytest.warns(UserWarning, match="freeze keeps the backbone fixed, but its weights are random"):
+        frozen.warn_if_frozen_backbone_is_random()
+    with pytest.warns(UserWarning, match="test: the backbone holds random weights"):
+        frozen.on_test_start()
+    path = tmp_path / "backbone.ckpt"
+    torch.save({"state_dict": {k: v for k, v in make().state_dict().items() if k.startswith("backbone.")}}, path)
+    loaded = make(freeze=["backbone"], init_from=str(path))
+    assert not loaded.backbone_is_untrained()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.warn_if_frozen_backbone_is_random()
+        loaded.on_test_start()
+        make().warn_if_frozen_backbone_is_random()  # trained along: nothing to say
