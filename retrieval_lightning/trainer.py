@@ -132,6 +132,8 @@ class RetrievalTrainer(pl.Trainer):
         ``test/<set>/reranked/<metric>`` when the model re-ranks from stored entries (with a
         sparsifier, the queries' dense entries are extracted once beside the store: see
         :func:`~retrieval_lightning.retrieval.store_eval.evaluate_store`).
+        It runs in one process, on the trainer's first device (``--trainer.devices`` beyond one are
+        not used: the store is read, not extracted).
 
         Args:
             features_dir: the ``--output_dir`` of the ``extract``.
@@ -141,6 +143,7 @@ class RetrievalTrainer(pl.Trainer):
         if ckpt_path:
             model.load_weights(ckpt_path)
         model.eval()  # as `test` scores: a model built by the CLI starts in training mode
+        model.to(self.strategy.root_device)  # no Lightning loop moves it: search and re-ranking on the trainer's device
         identity = extraction_identity(model, datamodule)
         datamodule.prepare_data()
         datamodule.setup("predict")
