@@ -59,7 +59,8 @@ def test_verifier_ddp_fit_equals_one_process_and_sparse_ddp_test_too(cache_root:
     assert ddp.keys() == single.keys() == start.keys()
     moved = torch.cat([(single[k].float() - start[k].float()).flatten() for k in start]).norm()
     apart = torch.cat([(ddp[k].float() - single[k].float()).flatten() for k in start]).norm()
-    assert moved > 1e-3 and apart < 1e-3 * moved, (moved, apart)  # trained, and alike up to the order of the sums (measured: 8e-5 of the change)
+    # trained, and alike up to the order of the sums (measured: 8e-5 of the change)
+    assert moved > 1e-3 and apart < 1e-3 * moved, (moved, apart)
 
     one_test, two_test = tmp_path / "test1", tmp_path / "test2"
     verifier = two / "checkpoints/last.ckpt"
