@@ -6,7 +6,9 @@
   list, the ranks' per-pair losses are averaged, and the mined table is the same, so the two runs see
   the same groups, crops and negatives at every step.
 - Evaluation: the sparsifier stage's ``test`` (database entries sparsified into per-rank shards, the
-  queries scored from their dense entries) gives the 1-process metrics on both ranks.
+  queries scored from their dense entries) gives the 1-process metrics on both ranks, global and
+  re-ranked: the exact DDP evaluation (every item embedded once, gathered, de-duplicated by index).
+  The demo's DDP ``fit`` is in ``test_resume.py`` (bitwise resume on 2 processes).
 
 The 1-process runs are in this process (one thread, as each DDP process); the DDP runs are CLI
 subprocesses, since ``strategy="ddp"`` re-launches ``sys.argv``.
