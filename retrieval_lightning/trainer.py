@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.call import _call_and_handle_interrupt  # fit/test/predict's launcher and error funnel
 from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
@@ -132,26 +133,36 @@ class RetrievalTrainer(pl.Trainer):
         ``test/<set>/reranked/<metric>`` when the model re-ranks from stored entries (with a
         sparsifier, the queries' dense entries are extracted once beside the store: see
         :func:`~retrieval_lightning.retrieval.store_eval.evaluate_store`).
-        It runs in one process, on the trainer's first device (``--trainer.devices`` beyond one are
-        not used: the store is read, not extracted).
+        Under DDP (``--trainer.strategy ddp --trainer.devices N``) the ranks share the re-ranking:
+        each re-scores its share of the queries' shortlists, and every rank computes the same metrics.
 
         Args:
             features_dir: the ``--output_dir`` of the ``extract``.
             eval_set: only this eval set (default: all of the datamodule's).
             ckpt_path: weights to load first, as given to ``extract`` (or give ``--model.init_from``).
         """
+        return _call_and_handle_interrupt(self, self._evaluate, model, datamodule, features_dir, eval_set, ckpt_path)
+
+    def _evaluate(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, features_dir: str,
+                  eval_set: str | None, ckpt_path: str | None) -> dict[str, float]:
+        self.strategy.setup_environment()  # under DDP: this process's device and the process group
         if ckpt_path:
             model.load_weights(ckpt_path)
         model.eval()  # as `test` scores: a model built by the CLI starts in training mode
-        model.to(self.strategy.root_device)  # no Lightning loop moves it: search and re-ranking on the trainer's device
+        model.to(self.strategy.root_device)  # no Lightning loop moves it: search and re-ranking on this rank's device
         identity = extraction_identity(model, datamodule)
-        datamodule.prepare_data()
+        per_node = getattr(datamodule, "prepare_data_per_node", True)
+        if (self.local_rank if per_node else self.global_rank) == 0:
+            datamodule.prepare_data()
+        self.strategy.barrier()
         datamodule.setup("predict")
         metrics: dict[str, float] = {}
         sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
         results, reranked = {}, set()
         for spec in sets:
-            result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self))
+            result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self),
+                                              rank=self.global_rank, world_size=self.world_size,
+                                              barrier=self.strategy.barrier)
             metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
             if rescored is not None:
                 metrics.update({f"test/{spec.name}/reranked/{k}": float(v) for k, v in rescored.metrics.items()})

@@ -5,10 +5,11 @@
   the weights of 1 process with 4 groups per batch. Each rank takes every other group of the epoch's
   list, the ranks' per-pair losses are averaged, and the mined table is the same, so the two runs see
   the same groups, crops and negatives at every step.
-- Evaluation: the sparsifier stage's ``test`` (database entries sparsified into per-rank shards, the
-  queries scored from their dense entries) gives the 1-process metrics on both ranks, global and
-  re-ranked: the exact DDP evaluation (every item embedded once, gathered, de-duplicated by index).
-  The demo's DDP ``fit`` is in ``test_resume.py`` (bitwise resume on 2 processes).
+- Evaluation: the sparsifier stage's ``evaluate`` of an extracted store (every image stored sparsified,
+  the queries' dense entries extracted beside it) on 2 processes gives the 1-process metrics, each
+  rank re-ranking half of the queries. The exact DDP ``test`` (every item embedded once, gathered,
+  de-duplicated by index; global and re-ranked metrics) is in ``test_delg_ddp.py``; the demo's DDP
+  ``fit`` is in ``test_resume.py`` (bitwise resume on 2 processes).
 
 The 1-process runs are in this process (one thread, as each DDP process); the DDP runs are CLI
 subprocesses, since ``strategy="ddp"`` re-launches ``sys.argv``.
@@ -16,12 +17,13 @@ subprocesses, since ``strategy="ddp"`` re-launches ``sys.argv``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, TINY_DATA, ddp_env, read_metrics, run_cli, run_main
+from helpers import REPO, TINY_DATA, ddp_env, run_cli, run_main
 
 SET = "minilandmarks"
 
@@ -32,12 +34,14 @@ def verifier_args(cache_root: Path, out: Path, groups_per_batch: int) -> list[st
             f"--trainer.default_root_dir={out}", "--trainer.max_steps=2", "--model.optim.warmup_steps=0"]
 
 
-def sparsifier_test_args(cache_root: Path, out: Path, verifier: Path) -> list[str]:
-    return ["test", "--config", str(REPO / "experiments/cvnet_ds_demo.yaml"), f"--data.init_args.root={cache_root}",
+def sparsifier_args(command: str, cache_root: Path, out: Path, verifier: Path, *extra: str) -> list[str]:
+    return [command, "--config", str(REPO / "experiments/cvnet_ds_demo.yaml"), f"--data.init_args.root={cache_root}",
             *TINY_DATA, "--trainer.logger=false", f"--trainer.default_root_dir={out}",
-            f"--model.init_from={verifier}", "--model.eval_scales=[1.0]", "--model.rerank.k=6",
-            "--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
-            f"--trainer.callbacks.output_dir={out}/metrics"]
+            f"--model.init_from={verifier}", "--model.eval_scales=[1.0]", "--model.rerank.k=6", *extra]
+
+
+def printed_metrics(stdout: str) -> dict[str, str]:
+    return {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.startswith("test/")}
 
 
 def verifier_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +50,7 @@ def verifier_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_verifier_ddp_fit_equals_one_process_and_sparse_ddp_test_too(cache_root: Path, tmp_path: Path) -> None:
+def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: Path, tmp_path: Path) -> None:
     from retrieval_lightning.cli import run_lightning_cli
 
     two = tmp_path / "fit2"
@@ -64,14 +68,15 @@ def test_verifier_ddp_fit_equals_one_process_and_sparse_ddp_test_too(cache_root:
     # trained, and alike up to the order of the sums (measured: 8e-5 of the change)
     assert moved > 1e-3 and apart < 1e-3 * moved, (moved, apart)
 
-    one_test, two_test = tmp_path / "test1", tmp_path / "test2"
     verifier = two / "checkpoints/last.ckpt"
-    run_main(sparsifier_test_args(cache_root, one_test, verifier), cwd=tmp_path, threads=1)
-    run_cli(sparsifier_test_args(cache_root, two_test, verifier) + ["--trainer.strategy=ddp", "--trainer.devices=2"],
-            cwd=tmp_path, env=ddp_env())
-    reference = read_metrics(one_test / "metrics", "test")
-    assert f"test/{SET}/reranked/mAP_M" in reference
-    assert read_metrics(two_test / "metrics", "test", 0) == reference
-    assert read_metrics(two_test / "metrics", "test", 1) == reference
-    stores = sorted((two_test / "rerank_store" / "test" / SET).glob("*/database/store"))
-    assert len(stores) == 1 and '_pos"' in (stores[0] / "manifest.json").read_text()  # stored sparsified
+    # the sparsifier stage's `evaluate` of an extracted (sparse) store on 2 processes: each re-ranks half of the
+    # queries, and the metrics are those of 1 process
+    features = tmp_path / "features"
+    run_main(sparsifier_args("extract", cache_root, tmp_path / "extract", verifier, f"--output_dir={features}"),
+             cwd=tmp_path)
+    assert '_pos"' in (features / SET / "store" / "manifest.json").read_text()  # every image stored sparsified
+    evaluate = sparsifier_args("evaluate", cache_root, tmp_path / "evaluate", verifier, f"--features_dir={features}")
+    single_eval = printed_metrics(run_main(evaluate, cwd=tmp_path, threads=1).stdout)
+    ddp_eval = run_cli([*evaluate, "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path, env=ddp_env())
+    assert printed_metrics(ddp_eval.stdout) == single_eval and f"test/{SET}/reranked/mAP_M" in single_eval
+    assert re.search(r"re-ranking minilandmarks \(rank 0\):[^\r\n]*/5 \[", ddp_eval.stderr)  # 5 of the 10 queries

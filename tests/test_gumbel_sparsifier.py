@@ -459,7 +459,7 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
     from retrieval_lightning.data.types import EvalSet
     from retrieval_lightning.retrieval.rerank import RerankConfig
     from retrieval_lightning.retrieval.rerank_eval import evaluate_reranked, extract_entries
-    from retrieval_lightning.retrieval.store_eval import evaluate_store, query_entry_store, stored_descriptors
+    from retrieval_lightning.retrieval.store_eval import evaluate_store, stored_descriptors, write_query_entries
     from retrieval_lightning.retrieval.writer import ShardWriter, merge_shards
 
     module = verifier_module(keep_ratio=0.3)
@@ -506,5 +506,5 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
     _, again = evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False)
     assert again is not None and again.metrics == reranked.metrics
     monkeypatch.undo()
-    replaced = query_entry_store(module, eval_set, set_dir / "query_entries", {"weights": "other"}, progress=False)
+    replaced = write_query_entries(module, eval_set, set_dir / "query_entries", {"weights": "other"}, progress=False)
     assert replaced.identity == {"weights": "other"} and replaced.count == 2

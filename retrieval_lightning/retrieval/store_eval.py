@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,13 +57,17 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
 
 
 def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],
-                   progress: bool = True) -> tuple[EvalResult, EvalResult | None]:
+                   progress: bool = True, rank: int = 0, world_size: int = 1,
+                   barrier: Callable[[], None] = lambda: None) -> tuple[EvalResult, EvalResult | None]:
     """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``), and the
     re-ranked ones when the model re-ranks and the store holds its entries (``None`` otherwise).
 
+    Under DDP every rank calls it (``barrier`` syncs them): each re-scores its share of the queries and
+    every rank returns the same metrics.
+
     The store holds every item's entries as a database image's. Without a sparsifier a query's entry
     is the same, so the shortlists are re-scored from the store, as ``test`` re-scores them from its
-    own (same pair seeds). With one, the queries' dense entries come from :func:`query_entry_store`.
+    own (same pair seeds). With one, the queries' dense entries come from :func:`write_query_entries`.
     """
     path = Path(features_dir) / eval_set.name / "store"
     if not (path / "manifest.json").is_file():
@@ -78,9 +82,13 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
         return result, None
     queries = store
     if model.sparsifier is not None:
-        queries = query_entry_store(model, eval_set, path.parent / "query_entries", store.identity, progress)
-    reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, chunk=chunk,
-                                 device=model.device, progress=progress)
+        directory = path.parent / "query_entries"
+        if rank == 0:
+            write_query_entries(model, eval_set, directory, store.identity, progress)
+        barrier()
+        queries = FeatureStore.open(directory / QUERIES / "store", expect_identity=store.identity)
+    reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, rank=rank,
+                                 world_size=world_size, chunk=chunk, device=model.device, progress=progress)
     return result, reranked
 
 
@@ -91,11 +99,11 @@ def reranks_from_store(model: Any, store: FeatureStore) -> bool:
     return any(kind.startswith(model.rerank_prefix) for kind in store.kinds)
 
 
-def query_entry_store(model: Any, eval_set: EvalSet, directory: Path, identity: dict[str, Any],
-                      progress: bool = True) -> FeatureStore:
-    """The queries' entries as a query is scored (not sparsified), in ``directory``: extracted from
-    the query images on first use (resumable shards, as ``test`` writes them), reused afterwards; those
-    of another store (a store extracted again with other weights) are replaced."""
+def write_query_entries(model: Any, eval_set: EvalSet, directory: Path, identity: dict[str, Any],
+                        progress: bool = True) -> FeatureStore:
+    """The queries' entries as a query is scored (not sparsified), in ``directory/queries/store``:
+    extracted from the query images on first use (resumable shards, as ``test`` writes them), reused
+    afterwards; those of another store (a store extracted again with other weights) are replaced."""
     try:
         writer = RerankEntryWriter(model, eval_set, directory, identity, sides=(QUERIES,))
     except StoreIdentityError:
