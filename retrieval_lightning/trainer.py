@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.call import _call_and_handle_interrupt  # fit/test/predict's launcher and error funnel
 from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
@@ -141,7 +140,10 @@ class RetrievalTrainer(pl.Trainer):
             eval_set: only this eval set (default: all of the datamodule's).
             ckpt_path: weights to load first, as given to ``extract`` (or give ``--model.init_from``).
         """
-        return _call_and_handle_interrupt(self, self._evaluate, model, datamodule, features_dir, eval_set, ckpt_path)
+        launcher = self.strategy.launcher  # DDP re-launches the command for the other ranks, as for fit/test/predict
+        if launcher is not None:
+            return launcher.launch(self._evaluate, model, datamodule, features_dir, eval_set, ckpt_path, trainer=self)
+        return self._evaluate(model, datamodule, features_dir, eval_set, ckpt_path)
 
     def _evaluate(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, features_dir: str,
                   eval_set: str | None, ckpt_path: str | None) -> dict[str, float]:
@@ -162,7 +164,7 @@ class RetrievalTrainer(pl.Trainer):
         for spec in sets:
             result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self),
                                               rank=self.global_rank, world_size=self.world_size,
-                                              barrier=self.strategy.barrier)
+                                              broadcast=self.strategy.broadcast)
             metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
             if rescored is not None:
                 metrics.update({f"test/{spec.name}/reranked/{k}": float(v) for k, v in rescored.metrics.items()})

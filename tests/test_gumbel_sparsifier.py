@@ -508,3 +508,19 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
     monkeypatch.undo()
     replaced = write_query_entries(module, eval_set, set_dir / "query_entries", {"weights": "other"}, progress=False)
     assert replaced.identity == {"weights": "other"} and replaced.count == 2
+
+    # under DDP rank 0 writes the query entries; when it fails, the other ranks are told instead of waiting
+    import retrieval_lightning.retrieval.store_eval as store_eval
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    sent: list[bool] = []
+    monkeypatch.setattr(store_eval, "write_query_entries", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False, rank=0, world_size=2,
+                       broadcast=lambda failed: sent.append(failed) or failed)
+    with pytest.raises(RuntimeError, match="rank 0 failed to write the queries' entries"):
+        evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False, rank=1, world_size=2,
+                       broadcast=lambda failed: True)
+    assert sent == [True]

@@ -58,12 +58,12 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
 
 def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],
                    progress: bool = True, rank: int = 0, world_size: int = 1,
-                   barrier: Callable[[], None] = lambda: None) -> tuple[EvalResult, EvalResult | None]:
+                   broadcast: Callable[[Any], Any] = lambda value: value) -> tuple[EvalResult, EvalResult | None]:
     """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``), and the
     re-ranked ones when the model re-ranks and the store holds its entries (``None`` otherwise).
 
-    Under DDP every rank calls it (``barrier`` syncs them): each re-scores its share of the queries and
-    every rank returns the same metrics.
+    Under DDP every rank calls it (``broadcast`` sends rank 0's value to all, and waits for them): each
+    re-scores its share of the queries and every rank returns the same metrics.
 
     The store holds every item's entries as a database image's. Without a sparsifier a query's entry
     is the same, so the shortlists are re-scored from the store, as ``test`` re-scores them from its
@@ -83,9 +83,16 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     queries = store
     if model.sparsifier is not None:
         directory = path.parent / "query_entries"
+        error = None
         if rank == 0:
-            write_query_entries(model, eval_set, directory, store.identity, progress)
-        barrier()
+            try:
+                write_query_entries(model, eval_set, directory, store.identity, progress)
+            except Exception as err:  # the other ranks must not wait for entries that will never come
+                error = err
+        if broadcast(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{eval_set.name}: rank 0 failed to write the queries' entries (its error is above)")
         queries = FeatureStore.open(directory / QUERIES / "store", expect_identity=store.identity)
     reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, rank=rank,
                                  world_size=world_size, chunk=chunk, device=model.device, progress=progress)
