@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules._compact import StringArray
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, datamodule_policy, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
-from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
+from datamodules.patch_shuffle import shuffle_tiles, step_permutations
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
@@ -300,22 +300,29 @@ class GLDv2DataModule(L.LightningDataModule):
         paths = [self.train_dataset.paths[int(i)] for i in positions]
         return EvalImageDataset(paths, EvalTransform(self.pairs.mining_max_side), self.policy, fast_decode=True)
 
-    def train_batch_transform(self, batch: dict, step: int, rank: int = 0) -> dict:
-        """Patch-shuffle negatives, then Hide-and-Seek, on a training batch (on its device) at ``step``."""
+    def train_batch_transform(self, batch: dict, step: int, rank: int = 0, world_size: int = 1) -> dict:
+        """Patch-shuffle negatives, then Hide-and-Seek, on a training batch (on its device) at ``step``.
+
+        Their random draws follow each item's place in the step's batch over all ``world_size`` ranks
+        (groups of a pair batch, items otherwise), so N processes transform as one process with N times
+        the batch does, where the sampler deals the step's units round-robin (pairs, shuffle).
+        """
+        group = self.pairs.group_size if self.pairs is not None else 1
         if isinstance(batch, dict) and "shuffled" in batch and self.pairs is not None and bool(batch["shuffled"].any()):
             mask = batch["shuffled"].to(batch["image"].device)
             image = batch["image"].clone()
-            generator = shuffle_generator(self.pairs.seed, step, rank)
-            image[mask] = shuffle_tiles(image[mask], self.pairs.shuffle_grid, generator)
+            perms = step_permutations(self.pairs.seed, step, int(mask.sum()), self.pairs.shuffle_grid, rank, world_size,
+                                      unit=self.pairs.shuffled_negatives)
+            image[mask] = shuffle_tiles(image[mask], self.pairs.shuffle_grid, perms)
             batch = {**batch, "image": image}
         if self.hide_and_seek is not None and isinstance(batch, dict) and "label" in batch:
-            batch = {**batch, "image": self.hide_and_seek.apply(batch["image"], step, rank)}
+            batch = {**batch, "image": self.hide_and_seek.apply(batch["image"], step, rank, world_size, unit=group)}
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            batch = self.train_batch_transform(batch, trainer.global_step, trainer.global_rank)
+            batch = self.train_batch_transform(batch, trainer.global_step, trainer.global_rank, trainer.world_size)
         return batch
 
     def _eval_set(self, kind: str) -> EvalSet:

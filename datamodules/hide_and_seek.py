@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from datamodules.sampling import run_seed, step_generator
+from datamodules.sampling import rank_share, run_seed, step_generator
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 
@@ -34,8 +34,9 @@ class HideAndSeek:
         delay_steps: steps with probability 0 before the ramp starts (0: ramp from step 0).
         grid: patches per side (``grid * grid`` patches; boundaries ``round(i * side / grid)``).
         fill: RGB colour of hidden patches, in [0, 1].
-        seed: the mask of step ``s`` on rank ``r`` depends only on ``(seed, s, r)`` (exact resume);
-            ``None``: the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
+        seed: the masks of step ``s`` depend only on ``(seed, s)`` and each item's place in the step's
+            batch over all ranks (exact resume; N processes hide what one process with N times the
+            batch hides); ``None``: the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
     """
 
     start: float = 0.0
@@ -66,22 +67,26 @@ class HideAndSeek:
         t = min(1.0, (step - self.delay_steps) / self.warmup_steps)
         return float(self.start + t * (self.end - self.start))
 
-    def masks(self, batch: int, height: int, width: int, step: int, rank: int = 0) -> Tensor:
-        """Boolean (batch, height, width), True where hidden; each patch hidden independently."""
-        generator = step_generator(self.seed, step, rank)
-        hidden = torch.rand(batch, self.grid, self.grid, generator=generator) < self.share(step)
+    def masks(self, batch: int, height: int, width: int, step: int, rank: int = 0, world_size: int = 1,
+              unit: int = 1) -> Tensor:
+        """Boolean (batch, height, width), True where hidden; each patch hidden independently. Drawn for
+        all ``world_size`` ranks' batches, this rank keeping its units of ``unit`` items
+        (:func:`~datamodules.sampling.rank_share`)."""
+        generator = step_generator(self.seed, step, 0)
+        draws = torch.rand(batch * world_size, self.grid, self.grid, generator=generator)
+        hidden = rank_share(draws, rank, world_size, unit) < self.share(step)
         rows = _cell_index(height, self.grid)
         cols = _cell_index(width, self.grid)
         return hidden[:, rows][:, :, cols]
 
-    def apply(self, images: Tensor, step: int, rank: int = 0) -> Tensor:
+    def apply(self, images: Tensor, step: int, rank: int = 0, world_size: int = 1, unit: int = 1) -> Tensor:
         """Return ``images`` (B, 3, H, W) with the step's hidden patches filled (a new tensor)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"HideAndSeek expects (B, 3, H, W) images, got {tuple(images.shape)}")
         if self.share(step) <= 0.0:
             return images
         b, _, h, w = images.shape
-        mask = self.masks(b, h, w, step, rank).to(images.device)[:, None]
+        mask = self.masks(b, h, w, step, rank, world_size, unit).to(images.device)[:, None]
         fill = torch.tensor(self.fill, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         return torch.where(mask, fill, images)
 

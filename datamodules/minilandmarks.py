@@ -135,7 +135,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            batch = self.train_module.train_batch_transform(batch, trainer.global_step, trainer.global_rank)
+            batch = self.train_module.train_batch_transform(batch, trainer.global_step, trainer.global_rank,
+                                                            trainer.world_size)
         return batch
 
     def val_dataloader(self) -> list[DataLoader]:

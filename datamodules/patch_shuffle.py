@@ -11,8 +11,9 @@ On the 80-image demo it lowered the best unrelated score but not the re-ranked m
 (docs/cvnet_demo_experiments.md); it is off by default.
 
 Applied on the device after transfer, like Hide-and-Seek, to the batch rows that
-:class:`datamodules.pairs.PairCollate` marks in ``batch["shuffled"]``; the permutation of step ``s``
-on rank ``r`` depends only on ``(seed, s, r)``, so a resumed run draws the same mosaics.
+:class:`datamodules.pairs.PairCollate` marks in ``batch["shuffled"]``; the permutations of step ``s``
+depend only on ``(seed, s)`` and each mosaic's place in the step's batch over all ranks, so a resumed
+run draws the same mosaics, and N processes the mosaics of one process with N times the batch.
 """
 
 from __future__ import annotations
@@ -20,16 +21,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from datamodules.sampling import step_generator
+from datamodules.sampling import rank_share, step_generator
 
 SHUFFLE_STREAM = 7
 
 
-def shuffle_tiles(images: Tensor, grid: int, generator: torch.Generator) -> Tensor:
-    """``images`` (B, 3, H, W) with each image's ``grid x grid`` tiles permuted (a new tensor).
+def tile_permutations(count: int, grid: int, generator: torch.Generator) -> Tensor:
+    """``count`` permutations of ``grid * grid`` tiles, (count, grid * grid), never the identity."""
+    if grid < 2:
+        raise ValueError(f"shuffle_tiles needs grid >= 2 (a 1x1 mosaic is the image), got {grid}")
+    return torch.stack([_non_identity_permutation(grid * grid, generator) for _ in range(count)]) if count \
+        else torch.zeros(0, grid * grid, dtype=torch.long)
+
+
+def step_permutations(seed: int, step: int, count: int, grid: int, rank: int = 0, world_size: int = 1,
+                      unit: int = 1) -> Tensor:
+    """The ``count`` mosaic permutations of this rank at ``step``: drawn for all ranks' mosaics, this
+    rank keeping its units of ``unit`` (:func:`~datamodules.sampling.rank_share`)."""
+    generator = step_generator(seed, step, 0, stream=SHUFFLE_STREAM)
+    return rank_share(tile_permutations(count * world_size, grid, generator), rank, world_size, unit)
+
+
+def shuffle_tiles(images: Tensor, grid: int, perms: Tensor) -> Tensor:
+    """``images`` (B, 3, H, W) with each image's ``grid x grid`` tiles permuted by its row of ``perms``
+    (B, grid * grid) (a new tensor).
 
     Tiles are ``H // grid`` by ``W // grid`` pixels; the remainder rows and columns (bottom and
-    right) stay in place. Every image gets its own permutation, never the identity (grid >= 2).
+    right) stay in place.
     """
     if images.dim() != 4:
         raise ValueError(f"shuffle_tiles expects (B, C, H, W) images, got {tuple(images.shape)}")
@@ -40,7 +58,9 @@ def shuffle_tiles(images: Tensor, grid: int, generator: torch.Generator) -> Tens
     if th == 0 or tw == 0:
         raise ValueError(f"images of {h}x{w} are too small for a {grid}x{grid} mosaic")
     n = grid * grid
-    perms = torch.stack([_non_identity_permutation(n, generator) for _ in range(b)]).to(images.device)
+    if tuple(perms.shape) != (b, n):
+        raise ValueError(f"shuffle_tiles needs one permutation of {n} tiles per image, got {tuple(perms.shape)}")
+    perms = perms.to(images.device)
     body = images[:, :, : th * grid, : tw * grid]
     tiles = body.reshape(b, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5).reshape(b, n, c, th, tw)
     tiles = tiles[torch.arange(b, device=images.device)[:, None], perms]
@@ -57,6 +77,3 @@ def _non_identity_permutation(n: int, generator: torch.Generator) -> Tensor:
             return perm
 
 
-def shuffle_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The mosaics' generator at ``step`` on ``rank`` (its own stream, apart from Hide-and-Seek's)."""
-    return step_generator(seed, step, rank, stream=SHUFFLE_STREAM)

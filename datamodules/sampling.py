@@ -36,6 +36,22 @@ def run_seed(seed: int | None) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def rank_share(draws: torch.Tensor, rank: int, world_size: int, unit: int = 1) -> torch.Tensor:
+    """This rank's rows of a step's draws made for every rank at once, in the order of one process
+    with the whole batch.
+
+    The samplers deal the step's units round-robin (single items, or a pair batch's groups of
+    ``unit`` items): unit ``j * world_size + rank`` is this rank's ``j``-th. Drawing for all and
+    keeping these rows, N processes draw what one process with N times the batch draws, so a batch
+    transform's randomness does not depend on the number of processes.
+    """
+    if world_size == 1:
+        return draws
+    if draws.shape[0] % (world_size * unit):
+        raise ValueError(f"{draws.shape[0]} draws are not {world_size} ranks' units of {unit}")
+    return draws.reshape(-1, world_size, unit, *draws.shape[1:])[:, rank].reshape(-1, *draws.shape[1:])
+
+
 def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
     """The generator of a per-step batch transform at training step ``step`` on rank ``rank``.
 

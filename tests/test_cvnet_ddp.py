@@ -1,10 +1,11 @@
 """The CVNet stack under 2-process DDP (gloo).
 
 - Training: the verifier stage (pair batches, hard negatives mined from the global descriptors on
-  every rank's share of the pool and gathered) on 2 processes with 2 groups per batch each ends with
-  the weights of 1 process with 4 groups per batch. Each rank takes every other group of the epoch's
-  list, the ranks' per-pair losses are averaged, and the mined table is the same, so the two runs see
-  the same groups, crops and negatives at every step.
+  every rank's share of the pool and gathered; Hide-and-Seek and patch-shuffled negatives on) on 2
+  processes with 2 groups per batch each ends with the weights of 1 process with 4 groups per batch.
+  Each rank takes every other group of the epoch's list, the ranks' per-pair losses are averaged,
+  the mined table is the same, and the batch transforms draw per group of the step over both ranks,
+  so the two runs see the same groups, crops, negatives, hidden patches and mosaics at every step.
 - Evaluation: the sparsifier stage's ``evaluate`` of an extracted store (every image stored sparsified,
   the queries' dense entries extracted beside it) on 2 processes gives the 1-process metrics, each
   rank re-ranking half of the queries. The exact DDP ``test`` (every item embedded once, gathered,
@@ -31,7 +32,10 @@ SET = "minilandmarks"
 def verifier_args(cache_root: Path, out: Path, groups_per_batch: int) -> list[str]:
     return ["fit", "--config", str(REPO / "experiments/cvnet_demo.yaml"), f"--data.init_args.root={cache_root}",
             *TINY_DATA, f"--data.init_args.pairs.groups_per_batch={groups_per_batch}", "--trainer.logger=false",
-            f"--trainer.default_root_dir={out}", "--trainer.max_steps=2", "--model.optim.warmup_steps=0"]
+            f"--trainer.default_root_dir={out}", "--trainer.max_steps=2", "--model.optim.warmup_steps=0",
+            # the random batch transforms on: they draw as one process with the whole batch would
+            "--data.init_args.pairs.shuffled_negatives=1",
+            '--data.init_args.hide_and_seek={"start": 0.3, "end": 0.3, "warmup_steps": 0}']
 
 
 def sparsifier_args(command: str, cache_root: Path, out: Path, verifier: Path, *extra: str) -> list[str]:

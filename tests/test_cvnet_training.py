@@ -15,7 +15,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
-from datamodules.patch_shuffle import shuffle_generator, shuffle_tiles
+from datamodules.patch_shuffle import shuffle_tiles, step_permutations
+from datamodules.sampling import rank_share
 from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, mined_examples, nearest_other_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,8 +301,7 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
 
 def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
     images = torch.rand(6, 3, 34, 27)  # 4x4 tiles of 8x6 px; 2 rows and 3 columns of remainder
-    generator = shuffle_generator(seed=0, step=3, rank=0)
-    out = shuffle_tiles(images, 4, generator)
+    out = shuffle_tiles(images, 4, step_permutations(seed=0, step=3, count=6, grid=4))
     assert torch.equal(out[:, :, 32:], images[:, :, 32:]) and torch.equal(out[:, :, :, 24:], images[:, :, :, 24:])
 
     def tiles(x: torch.Tensor) -> list[torch.Tensor]:
@@ -313,12 +313,29 @@ def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
         match = [[k for k, t in enumerate(src) if torch.equal(t, d)] for d in dst]
         assert all(len(m) == 1 for m in match) and sorted(m[0] for m in match) == list(range(16))
         assert [m[0] for m in match] != list(range(16))
-    assert torch.equal(shuffle_tiles(images, 4, shuffle_generator(0, 3, 0)), out)  # deterministic per (seed, step, rank)
-    assert not torch.equal(shuffle_tiles(images, 4, shuffle_generator(0, 3, 1)), out)
+    assert torch.equal(shuffle_tiles(images, 4, step_permutations(0, 3, 6, 4)), out)  # deterministic per (seed, step)
+    assert not torch.equal(shuffle_tiles(images, 4, step_permutations(0, 4, 6, 4)), out)
     with pytest.raises(ValueError, match="grid >= 2"):
-        shuffle_tiles(images, 1, generator)
+        step_permutations(0, 3, 6, 1)
     with pytest.raises(ValueError, match="too small"):
-        shuffle_tiles(images, 30, generator)
+        shuffle_tiles(images, 30, step_permutations(0, 3, 6, 30))
+    with pytest.raises(ValueError, match="one permutation of 16 tiles per image"):
+        shuffle_tiles(images, 4, step_permutations(0, 3, 5, 4))
+
+
+def test_batch_transforms_draw_as_one_process_with_the_whole_batch() -> None:
+    """Hide-and-Seek masks and mosaic permutations of N ranks are those of one process whose batch holds
+    all of the step's units, each rank's being units ``j * N + rank`` (how the samplers deal them)."""
+    has = HideAndSeek(start=0.5, end=0.5, warmup_steps=0, grid=4, seed=3)
+    whole = has.masks(12, 16, 16, step=7)  # one process: 4 groups of 3 items
+    for rank in (0, 1):
+        share = has.masks(6, 16, 16, step=7, rank=rank, world_size=2, unit=3)
+        units = [u for u in range(4) if u % 2 == rank]  # groups 0, 2 on rank 0; 1, 3 on rank 1
+        assert torch.equal(share, torch.cat([whole[3 * u:3 * u + 3] for u in units]))
+    perms = step_permutations(0, 5, count=4, grid=3)  # one process: 4 groups of 1 mosaic
+    assert torch.equal(step_permutations(0, 5, 2, 3, rank=1, world_size=2), perms[[1, 3]])
+    with pytest.raises(ValueError, match="are not 2 ranks' units of 3"):
+        rank_share(torch.zeros(8), 0, 2, unit=3)
 
 
 def test_shuffled_negatives_are_anchor_mosaics_marked_by_the_collate(tmp_path: Path) -> None:
