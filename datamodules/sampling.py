@@ -55,8 +55,9 @@ def rank_share(draws: torch.Tensor, rank: int, world_size: int, unit: int = 1) -
 def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
     """The generator of a per-step batch transform at training step ``step`` on rank ``rank``.
 
-    It depends only on ``(seed, step, rank, stream)``: a resumed run redraws the same values, and
-    ranks draw disjoint ones. ``stream`` separates transforms that share a seed.
+    It depends only on ``(seed, step, rank, stream)``: a resumed run redraws the same values. The
+    batch transforms draw with ``rank`` 0 for every rank's items and keep their share
+    (:func:`rank_share`). ``stream`` separates transforms that share a seed.
     """
     return torch.Generator().manual_seed(mixed_seed(seed, step, int(rank) + int(stream)))
 
