@@ -72,7 +72,7 @@ class HideAndSeek:
         """Boolean (batch, height, width), True where hidden; each patch hidden independently. Drawn for
         all ``world_size`` ranks' batches, this rank keeping its units of ``unit`` items
         (:func:`~datamodules.sampling.rank_share`)."""
-        generator = step_generator(self.seed, step, 0)
+        generator = step_generator(self.seed, step)
         draws = torch.rand(batch * world_size, self.grid, self.grid, generator=generator)
         hidden = rank_share(draws, rank, world_size, unit) < self.share(step)
         rows = _cell_index(height, self.grid)

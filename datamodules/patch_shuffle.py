@@ -38,7 +38,7 @@ def step_permutations(seed: int, step: int, count: int, grid: int, rank: int = 0
                       unit: int = 1) -> Tensor:
     """The ``count`` mosaic permutations of this rank at ``step``: drawn for all ranks' mosaics, this
     rank keeping its units of ``unit`` (:func:`~datamodules.sampling.rank_share`)."""
-    generator = step_generator(seed, step, 0, stream=SHUFFLE_STREAM)
+    generator = step_generator(seed, step, stream=SHUFFLE_STREAM)
     return rank_share(tile_permutations(count * world_size, grid, generator), rank, world_size, unit)
 
 
@@ -75,5 +75,3 @@ def _non_identity_permutation(n: int, generator: torch.Generator) -> Tensor:
         perm = torch.randperm(n, generator=generator)
         if not torch.equal(perm, torch.arange(n)):
             return perm
-
-

@@ -52,14 +52,14 @@ def rank_share(draws: torch.Tensor, rank: int, world_size: int, unit: int = 1) -
     return draws.reshape(-1, world_size, unit, *draws.shape[1:])[:, rank].reshape(-1, *draws.shape[1:])
 
 
-def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
-    """The generator of a per-step batch transform at training step ``step`` on rank ``rank``.
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The generator of a per-step batch transform at training step ``step``.
 
-    It depends only on ``(seed, step, rank, stream)``: a resumed run redraws the same values. The
-    batch transforms draw with ``rank`` 0 for every rank's items and keep their share
-    (:func:`rank_share`). ``stream`` separates transforms that share a seed.
+    It depends only on ``(seed, step, stream)``: a resumed run redraws the same values. A transform
+    draws for every rank's items and keeps this rank's share (:func:`rank_share`). ``stream``
+    separates transforms that share a seed.
     """
-    return torch.Generator().manual_seed(mixed_seed(seed, step, int(rank) + int(stream)))
+    return torch.Generator().manual_seed(mixed_seed(seed, step, int(stream)))
 
 
 def mixed_seed(seed: int, major: int, minor: int) -> int:
