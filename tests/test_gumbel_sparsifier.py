@@ -498,6 +498,7 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
         got_positions, got_scores = reranked.extra["rerank_scores"][q]
         np.testing.assert_array_equal(got_positions, positions)
         np.testing.assert_allclose(got_scores, scores, atol=1e-6, rtol=0)
+
     # a second evaluation reuses the query entries; those of another store are replaced
     def no_extraction(*args, **kwargs):
         raise AssertionError("query entries extracted again")
