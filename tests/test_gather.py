@@ -1,4 +1,5 @@
-"""gather_dedupe: one process without a process group, and two gloo processes with uneven counts."""
+"""gather_dedupe: one process without a process group, and two gloo processes with uneven counts,
+whole and in slices."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_single_process_rejects_mismatched_rows() -> None:
 SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    from retrieval_lightning.retrieval import gather
     from retrieval_lightning.retrieval.gather import gather_dedupe
 
     def main(rank, port, out):
@@ -46,6 +48,17 @@ SCRIPT = textwrap.dedent(
         flags = index % 3 == 0
         got, arrays = gather_dedupe(None, index, feats=feats, flags=flags, count=index * 10)
         torch.save({"index": got, **arrays}, f"{out}/rank{rank}.pt")
+        # again in slices of 24 bytes over both ranks: one row of an 8- or 12-byte array per call,
+        # all 5 of the 1-byte flags in one
+        calls = []
+        real_all_gather = dist.all_gather
+        def counting_all_gather(parts, tensor):
+            calls.append(tuple(tensor.shape))
+            return real_all_gather(parts, tensor)
+        dist.all_gather = counting_all_gather
+        gather.GATHER_SLICE_BYTES = 24
+        got, arrays = gather_dedupe(None, index, feats=feats, flags=flags, count=index * 10)
+        torch.save({"index": got, **arrays, "calls": calls}, f"{out}/sliced{rank}.pt")
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -68,6 +81,12 @@ def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    sliced = [torch.load(tmp_path / f"sliced{r}.pt") for r in (0, 1)]
+    # per array (index, feats, flags, count): one call for the counts, then the slices (rank 0 has 5 rows)
+    assert sliced[0]["calls"] == ([(1,)] + [(1, 8)] * 5 + [(1,)] + [(1, 12)] * 5 + [(1,)] + [(5, 1)]
+                                  + [(1,)] + [(1, 8)] * 5)
+    for got in sliced:
+        assert all(torch.equal(got[k], results[0][k]) for k in results[0])
     want_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
     for res in results:
         assert torch.equal(res["index"], want_index)

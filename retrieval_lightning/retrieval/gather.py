@@ -30,8 +30,21 @@ def _comm_device(owner: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather_rows(t: Tensor, device: torch.device) -> Tensor:
-    """All-gather a (n, ...) tensor whose n differs per rank, as raw bytes; rank order is kept."""
+#: bytes one all-gather call moves in total (all ranks' slices): the rows travel in slices of this
+#: size, so the communication device (a GPU under NCCL) never holds more than this at once; gathered
+#: whole, the global descriptors of ROxford+1M at 2048-D fp32 would take 8 GB there, twice.
+GATHER_SLICE_BYTES = 256 << 20
+
+
+def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = None,
+                     destination: Tensor | None = None) -> Tensor:
+    """All-gather a (n, ...) tensor whose n differs per rank, as raw bytes; rank order is kept.
+
+    The result is assembled on the CPU from slices of at most ``slice_bytes`` (default
+    :data:`GATHER_SLICE_BYTES`) over all ranks. With ``destination`` (one entry per gathered row, in
+    rank order), row ``i`` lands in row ``destination[i]`` of the result, or nowhere if it is negative:
+    the de-duplicated, sorted result is then built without a second full-size copy."""
+    slice_bytes = GATHER_SLICE_BYTES if slice_bytes is None else int(slice_bytes)
     world = dist.get_world_size()
     n, trailing = t.shape[0], tuple(t.shape[1:])
     row_bytes = math.prod(trailing) * t.element_size()
@@ -40,21 +53,46 @@ def _all_gather_rows(t: Tensor, device: torch.device) -> Tensor:
     counts_t = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts_t, count)
     counts = [int(c.item()) for c in counts_t]
-    padded = torch.zeros(max(counts), row_bytes, dtype=torch.uint8, device=device)
-    padded[:n] = as_bytes.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    rows = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
-    return rows.reshape(-1).view(t.dtype).reshape(sum(counts), *trailing)
+    offsets = [sum(counts[:r]) for r in range(world)]
+    if destination is not None and destination.shape[0] != sum(counts):
+        raise ValueError(f"destination has {destination.shape[0]} entries for {sum(counts)} gathered rows")
+    out_rows = sum(counts) if destination is None else int((destination >= 0).sum())
+    out = torch.empty(out_rows, row_bytes, dtype=torch.uint8)
+    rows_per_slice = max(1, min(slice_bytes // max(1, row_bytes * world), max(counts)))
+    for start in range(0, max(counts), rows_per_slice):  # the same number of calls on every rank
+        mine = as_bytes[start:start + rows_per_slice]
+        padded = torch.zeros(rows_per_slice, row_bytes, dtype=torch.uint8, device=device)
+        padded[: mine.shape[0]] = mine.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        for rank, part in enumerate(parts):
+            take = min(max(counts[rank] - start, 0), rows_per_slice)
+            if not take:
+                continue
+            first = offsets[rank] + start
+            if destination is None:
+                out[first:first + take] = part[:take].cpu()
+            else:
+                where, rows = destination[first:first + take], part[:take].cpu()
+                kept = where >= 0
+                if not bool(kept.all()):  # the sampler's repeats
+                    where, rows = where[kept], rows[kept]
+                out.index_copy_(0, where, rows)
+    return out.reshape(-1).view(t.dtype).reshape(out_rows, *trailing)
 
 
-def dedupe_sort(index: Tensor, **arrays: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Keep the first row of each dataset index, ordered by index."""
+def _first_of_each(index: Tensor) -> Tensor:
+    """Positions of the first row of each dataset index, ordered by index."""
     order = torch.argsort(index, stable=True)
     sorted_index = index[order]
     keep = torch.ones_like(sorted_index, dtype=torch.bool)
     keep[1:] = sorted_index[1:] != sorted_index[:-1]
-    chosen = order[keep]
+    return order[keep]
+
+
+def dedupe_sort(index: Tensor, **arrays: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Keep the first row of each dataset index, ordered by index."""
+    chosen = _first_of_each(index)
     return index[chosen], {name: value[chosen.to(value.device)] for name, value in arrays.items()}
 
 
@@ -73,8 +111,9 @@ def gather_dedupe(owner: Any, index: Tensor, **arrays: Tensor) -> tuple[Tensor, 
     if _distributed():
         device = _comm_device(owner)
         index = _all_gather_rows(index, device)
-        arrays = {name: _all_gather_rows(value, device) for name, value in arrays.items()}
-    else:
-        index = index.cpu()
-        arrays = {name: value.detach().cpu() for name, value in arrays.items()}
-    return dedupe_sort(index, **arrays)
+        chosen = _first_of_each(index)
+        destination = torch.full_like(index, -1)
+        destination[chosen] = torch.arange(chosen.shape[0])
+        gathered = {name: _all_gather_rows(value, device, destination=destination) for name, value in arrays.items()}
+        return index[chosen], gathered
+    return dedupe_sort(index.cpu(), **{name: value.detach().cpu() for name, value in arrays.items()})
