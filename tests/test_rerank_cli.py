@@ -157,6 +157,17 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert printed and printed.keys() == tested.keys() and f"test/{SET}/reranked/mAP_M" in printed
     assert printed[f"test/{SET}/reranked/mAP_M"] < printed[f"test/{SET}/mAP_M"]
     assert all(abs(printed[k] - tested[k]) < 0.006 for k in tested), (printed, tested)  # printed to 2 decimals
+    # alpha-QE and DBA (post-processing, not part of the store's identity) apply in both, alike
+    post = [*reverse, "--model.postprocess.query_expansion=true", "--model.postprocess.dba=true",
+            "--model.postprocess.qe_alpha=0", "--model.postprocess.dba_alpha=0"]
+    evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "evp", *post), f"--ckpt_path={ckpt}",
+                          f"--features_dir={features}"], cwd=tmp_path).stdout
+    expanded = {line.split()[0]: float(line.split()[1]) for line in evaluated.splitlines() if line.startswith("test/")}
+    run_main(["test", *rerank_args(cache_root, tmp_path / "tep", *post), f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    tested_post = read_metrics(tmp_path / "tep" / "metrics", "test")
+    assert expanded.keys() == tested.keys()
+    assert all(abs(expanded[k] - tested_post[k]) < 0.006 for k in tested), (expanded, tested_post)
+    assert any(abs(expanded[k] - printed[k]) > 0.01 for k in tested), "post-processing changed no metric"
     other = _fails(["evaluate", *rerank_args(cache_root, tmp_path / "ev2", "--data.init_args.eval_max_side=80"),
                     f"--ckpt_path={ckpt}", f"--features_dir={features}"], tmp_path)
     assert "'preprocessing.eval_max_side': store has 96, expected 80" in other
