@@ -413,6 +413,31 @@ def test_eval_sets_and_loaders(gld):
     assert db.shape == (3, 15, 20) and db[0].mean() > 0.7
 
 
+def test_eval_sets_give_the_metrics_worked_out_by_hand(gld):
+    """The protocols' glue (ids, solutions, labels) on the datamodule's own eval sets."""
+    from retrieval_lightning.evaluation import evaluate_eval_set
+
+    retrieval, recognition = _dm(gld, train_set="full").eval_sets("test")
+    # retrieval: 4 index images as one-hot rows; query t0 ranks i2, i1, i0, i3 and query t3 ranks i0, i3
+    queries = torch.nn.functional.normalize(torch.tensor([[0.5, 0.6, 0.9, 0.0], [0.9, 0.0, 0.0, 0.5]]), dim=1)
+    result = evaluate_eval_set(retrieval, torch.cat([queries, torch.eye(4)]))
+    # t0's landmarks i0, i2 at ranks 3 and 1: (1/1 + 2/3) / 2; t3's i3 at rank 2: 1/2
+    assert result.metrics["mAP@100"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1 / 2) / 2)
+    assert result.topk[0, :4].tolist() == [2, 1, 0, 3] and result.relevance[0, :4].tolist() == [1, 0, 1, 0]
+
+    # recognition: 14 training images as one-hot rows (labels 7 7 7 7 7 3 3 3 3 12 20 20 20 40); t0's nearest is a
+    # landmark-7 image (its landmark) at 0.8, t3's (a non-landmark query) a landmark-3 image at 0.9
+    database = torch.eye(16)[:14]
+    queries = torch.zeros(2, 16)
+    queries[0, 2], queries[0, 14] = 0.8, 0.6
+    queries[1, 6], queries[1, 15] = 0.9, (1 - 0.81) ** 0.5
+    result = evaluate_eval_set(recognition, torch.cat([queries, database]))
+    # by confidence: t3 (wrong), then t0 (right); one query has a landmark: GAP = (1/2) / 1
+    assert result.metrics["GAP"] == pytest.approx(50.0)
+    assert result.metrics["top1_accuracy"] == pytest.approx(100.0)
+    assert result.topk[:, 0].tolist() == [2, 6] and result.relevance[:, 0].tolist() == [1, 0]
+
+
 def test_holdout_eval_set(gld):
     dm = _dm(gld, train_set="full")
     (holdout,) = dm.eval_sets("validate")
