@@ -273,6 +273,36 @@ def test_db_masks_weight_normalised_rows() -> None:
     assert max(m.grad.abs().max().item() for m in before) < 1e-4 * max(m.grad.abs().max().item() for m in soft)
 
 
+class MasklessVerifier:
+    """A third-party verifier's ``pair_logits``: no ``db_masks`` or ``db_fill`` arguments."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def pair_logits(self, query_levels, db_levels):
+        return self.inner.pair_logits(query_levels, db_levels)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_a_verifier_without_mask_arguments_is_masked_alike(sigma: float) -> None:
+    """The sparsifier trains with any verifier: for one that takes no masks, dropped rows are zeroed (or
+    filled) before the call, which gives the native masked path's logits for 0/1 masks."""
+    module = verifier_module()
+    verifier = module.heads["verifier"]
+    with torch.no_grad():
+        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=4)))["conv4"])
+    q, d = [lv[:1] for lv in levels], [lv[1:] for lv in levels]
+    g = torch.Generator().manual_seed(1)
+    hard = [(torch.rand(2, *lv.shape[2:], generator=g) < 0.3).float() for lv in d]
+    fill = (lambda units, mask: fill_dropped(units, mask, sigma)) if sigma else None
+    with torch.no_grad():
+        native = masked_pair_logits(verifier, q, d, hard, fill)
+        fallback = masked_pair_logits(MasklessVerifier(verifier), q, d, hard, fill)
+        unmasked = masked_pair_logits(MasklessVerifier(verifier), q, d, None, fill)
+    torch.testing.assert_close(fallback, native, atol=1e-5, rtol=0)
+    assert (native - unmasked).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("estimator", ["score_function", "straight_through"])
 def test_pair_loss_reaches_the_keep_logits(estimator: str) -> None:
     """One training step of the module (backbone, global head and verifier frozen): only the
