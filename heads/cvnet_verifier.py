@@ -52,6 +52,17 @@ def check_pair_size(query_hw: tuple[int, ...], candidate_hw: tuple[int, ...]) ->
         )
 
 
+def pair_statistics(logits: Tensor, same: Tensor) -> dict[str, Tensor]:
+    """What to watch while a verifier trains: the accuracy of its same/different call, and its mean
+    P(same) on positive and on negative pairs (the gap between the two is what re-ranking uses)."""
+    p_same = logits.float().softmax(dim=1)[:, 1]
+    out = {"pair_accuracy": ((p_same > 0.5).long() == same).float().mean()}
+    for name, selected in (("p_same_positive", same == 1), ("p_same_negative", same == 0)):
+        if bool(selected.any()):
+            out[name] = p_same[selected].mean()
+    return out
+
+
 class CVNetVerifierHead(VerifierHead):
     """The CVNet re-ranking model on one backbone stage.
 
@@ -183,6 +194,7 @@ class CVNetVerifierHead(VerifierHead):
             first, second, target = self._in_batch_pairs(labels)
         levels = self.project(features[self.stage])
         logits = self.pair_logits([lv[first] for lv in levels], [lv[second] for lv in levels])
+        self.watch(**pair_statistics(logits.detach(), target))
         return {"pair_ce": F.cross_entropy(logits, target)}
 
     # ---- re-ranking --------------------------------------------------------------------------------

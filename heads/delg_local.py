@@ -153,8 +153,10 @@ class DelgLocalHead(LocalHead):
         mse = F.mse_loss(reconstruction, conv4)
         if self.reconstruction_normalize:
             mse = mse / conv4.square().mean().clamp_min(1e-12)
+        logits = self.classifier(pooled)
+        self.watch(attention_accuracy=(logits.detach().argmax(dim=1) == labels).float().mean())
         return {
-            "attention": F.cross_entropy(self.classifier(pooled), labels),
+            "attention": F.cross_entropy(logits, labels),
             "reconstruction": self.reconstruction_weight * mse,
         }
 

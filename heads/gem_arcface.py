@@ -98,7 +98,9 @@ class GemArcFaceHead(GlobalHead):
     def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         if self.classifier is None:
             raise RuntimeError("GemArcFaceHead was built with num_classes=0: it cannot be trained")
-        logits = self.margin(self.classifier(self.pool(features)), labels)
+        cosines = self.classifier(self.pool(features))
+        self.watch(accuracy=(cosines.detach().argmax(dim=1) == labels).float().mean())  # before the margin
+        logits = self.margin(cosines, labels)
         return {"arcface" if self.margin_kind == "arcface" else self.margin_kind: F.cross_entropy(logits, labels)}
 
     @torch.no_grad()

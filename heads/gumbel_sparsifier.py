@@ -282,6 +282,8 @@ class GumbelSparsifierHead(SparsifierHead):
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
         fraction = self.target_fraction(sizes)
         out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
+        self.watch(temperature=self.temperature(),
+                   keep_probability=torch.stack([torch.sigmoid(lg.detach()).mean() for lg in logits]).mean())
         if self.training:
             self.step += 1
         return out

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 ROLES = ("global", "local", "verifier", "sparsifier")
@@ -109,6 +110,15 @@ class Head(nn.Module):
     def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """Named scalar training losses for a batch (unweighted)."""
         raise NotImplementedError
+
+    def watch(self, **values: Tensor | float) -> None:
+        """Record values of the current ``losses`` call worth watching in a run (an accuracy, mean
+        scores): the module logs them as ``train/<role>/<name>`` beside the losses, never optimises them."""
+        self.__dict__["_watched"] = {k: torch.as_tensor(v).detach() for k, v in values.items()}
+
+    def training_metrics(self) -> dict[str, Tensor]:
+        """What the last ``losses`` call recorded with :meth:`watch` (then forgotten)."""
+        return self.__dict__.pop("_watched", {})
 
     def parameter_groups(self, lr: float) -> list[dict]:
         """Optimiser parameter groups; override to give some parameters their own lr/decay."""

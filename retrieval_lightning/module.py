@@ -333,9 +333,14 @@ class RetrievalModule(pl.LightningModule):
             if role in self.frozen:
                 continue
             extra = {k: batch[k] for k in ("pairs",) if k in batch and k in inspect.signature(head.losses).parameters}
-            for name, value in head.losses(self.head_features(role, features), labels, **extra).items():
+            losses = head.losses(self.head_features(role, features), labels, **extra)
+            for name, value in losses.items():
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
                 total = total + self.loss_weights[role] * value
+            for name, value in head.training_metrics().items():
+                if name in losses:
+                    raise ValueError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
+                self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         return total
 

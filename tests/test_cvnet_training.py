@@ -425,3 +425,15 @@ def test_demo_config_fit_steps_train_the_verifier_only(cache_root: Path, tmp_pat
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("heads.verifier.") for k in changed), sorted(changed)[:5]
     assert any("learner" in k for k in changed) and any("projections" in k for k in changed)
+
+
+def test_pair_statistics_watch_the_same_different_call() -> None:
+    from heads.cvnet_verifier import pair_statistics
+
+    p_same = torch.tensor([0.9, 0.2, 0.6, 0.1])
+    logits = torch.stack([torch.log(1 - p_same), torch.log(p_same)], dim=1)
+    stats = pair_statistics(logits, torch.tensor([1, 1, 0, 0]))
+    assert stats["pair_accuracy"].item() == pytest.approx(0.5)  # right on the first and the last pair
+    assert stats["p_same_positive"].item() == pytest.approx(0.55)
+    assert stats["p_same_negative"].item() == pytest.approx(0.35)
+    assert set(pair_statistics(logits[:2], torch.tensor([1, 1]))) == {"pair_accuracy", "p_same_positive"}

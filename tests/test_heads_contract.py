@@ -59,6 +59,20 @@ def test_losses_are_finite_scalars_and_reach_every_parameter(head: Head) -> None
     assert missing == []
 
 
+def test_watched_values_are_detached_scalars_apart_from_the_losses(head: Head) -> None:
+    """``training_metrics`` (logged beside the losses, never optimised): finite detached scalars whose
+    names are not losses', forgotten once read; every built-in head watches something."""
+    head.train()
+    feats = {k: v.requires_grad_(True) for k, v in tiny_features().items()}
+    losses = head.losses(feats, torch.tensor([0, 1, 2, 3]))
+    watched = head.training_metrics()
+    assert watched or not type(head).__module__.startswith("heads.")
+    assert not watched.keys() & losses.keys()
+    for name, value in watched.items():
+        assert value.ndim == 0 and torch.isfinite(value) and not value.requires_grad, name
+    assert head.training_metrics() == {}
+
+
 def test_inference_output_by_role(head: Head) -> None:
     head.eval()
     if head.role == "global":

@@ -44,6 +44,32 @@ def test_training_step_trains_backbone_and_head_and_logs_weighted_loss() -> None
     assert module.heads["global"].classifier.weight.grad is not None
 
 
+def test_training_step_logs_what_heads_watch_beside_their_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = make()
+    module.train()
+    head = module.heads["global"]
+    head.classifier.weight.data[:] = torch.nn.functional.normalize(torch.randn(4, head.dim), dim=1)
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    module.training_step(batch(), 0)
+    with torch.no_grad():
+        cosines = head.classifier(head.pool(module.backbone(batch()["image"])))
+    want = (cosines.argmax(dim=1) == batch()["label"]).float().mean().item()  # the margin-free classification
+    assert set(logged) == {"train/global/arcface", "train/global/accuracy", "train/loss"}
+    assert logged["train/global/accuracy"] == pytest.approx(want)
+
+    real_losses = head.losses
+
+    def watching_a_loss(*args, **kwargs):
+        out = real_losses(*args, **kwargs)
+        head.watch(arcface=1.0)
+        return out
+
+    monkeypatch.setattr(head, "losses", watching_a_loss)
+    with pytest.raises(ValueError, match="watches 'arcface', which is also one of its losses"):
+        module.training_step(batch(), 0)
+
+
 def test_detach_stops_gradients_into_the_backbone() -> None:
     module = make(detach=["global"])
     module.train()
