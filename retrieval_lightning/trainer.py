@@ -160,7 +160,7 @@ class RetrievalTrainer(pl.Trainer):
         datamodule.setup("predict")
         metrics: dict[str, float] = {}
         sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
-        results, reranked = {}, set()
+        results, global_results, reranked = {}, {}, set()
         for spec in sets:
             result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self),
                                               rank=self.global_rank, world_size=self.world_size,
@@ -170,6 +170,7 @@ class RetrievalTrainer(pl.Trainer):
                 metrics.update({f"test/{spec.name}/reranked/{k}": float(v) for k, v in rescored.metrics.items()})
                 reranked.add(spec.name)
             results[spec.name] = rescored or result  # the picture shows the final ranking, as `test`'s
+            global_results[spec.name] = result
         if self.is_global_zero:
             width = max(map(len, metrics)) + 2
             print("\n".join(f"{name:<{width}}{value:8.2f}" for name, value in sorted(metrics.items())))
@@ -177,7 +178,7 @@ class RetrievalTrainer(pl.Trainer):
                 logger.log_metrics(metrics)
                 logger.save()
             for gallery in (c for c in self.callbacks if isinstance(c, RetrievalGallery)):
-                for path in gallery.draw(self, sets, results, "evaluate", reranked):
+                for path in gallery.draw(self, sets, results, "evaluate", reranked, global_results):
                     print(f"picture: {path}")
         return metrics
 

@@ -38,3 +38,24 @@ def test_config_and_gallery_reach_wandb_offline(cache_root: Path, tmp_path: Path
     assert pictures
     with Image.open(pictures[0]) as picture:
         assert picture.width > 400 and picture.height > 200
+
+
+def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> None:
+    import torch
+
+    from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, gallery_rows
+
+    dataset = [{"image": torch.full((3, 4, 4), i / 20)} for i in range(20)]  # 2 queries, then 18 database images
+    before = torch.tensor([[5, 3, 8, 0], [1, 2, 4, 6]])  # global order, kept shortlist of 4
+    before_marks = torch.tensor([[0, 1, 0, -1], [1, 0, 0, 0]], dtype=torch.int8)
+    after = torch.tensor([[3, 9, 5], [1, 2, 4]])
+    marks = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.int8)
+    rows = gallery_rows(dataset, 2, after, marks, max_queries=2, k=3, before=before, before_relevance=before_marks)
+    assert [row[0].caption for row in rows] == ["query 0, global", "query 0, re-ranked", "query 1, global",
+                                                "query 1, re-ranked"]
+    assert [t.caption for t in rows[0][1:]] == ["#1 db 5", "#2 db 3", "#3 db 8"]
+    assert [t.caption for t in rows[1][1:]] == ["#1 db 3, from #2", "#2 db 9, from >#4", "#3 db 5, from #1"]
+    assert rows[0][1].colour == NEGATIVE_COLOUR and rows[1][1].colour != NEGATIVE_COLOUR
+    assert torch.equal(rows[1][2].image, dataset[2 + 9]["image"])  # database images follow the queries
+    plain = gallery_rows(dataset, 2, after, marks, max_queries=2, k=3)
+    assert [row[0].caption for row in plain] == ["query 0", "query 1"] and plain[0][1].caption == "#1 db 3"

@@ -1,4 +1,5 @@
-"""A picture of each evaluation: queries with their top-k results, correct ones marked.
+"""A picture of each evaluation: queries with their top-k results, correct ones marked (for a
+re-ranking model, each query's global and re-ranked results, one row above the other).
 
 People judge a retrieval model by looking at what it returns; this callback saves a PNG per eval
 set after every validation/test epoch (under ``<default_root_dir>/gallery/``) and sends it to W&B when a
@@ -68,16 +69,39 @@ def draw_rows(rows: Sequence[Sequence[Tile]], title: str, path: Path) -> Path:
     return path
 
 
-def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title: str, path: Path,
-                 max_queries: int = 4, k: int = 5) -> Path:
-    """Draw ``max_queries`` rows: query, then its top ``k`` database images with relevance borders."""
+def gallery_rows(dataset, n_queries: int, topk: Tensor, relevance: Tensor, max_queries: int = 4, k: int = 5,
+                 before: Tensor | None = None, before_relevance: Tensor | None = None) -> list[list[Tile]]:
+    """Rows of :func:`draw_gallery`: a query, then its top ``k`` database images with relevance borders.
+
+    With ``before`` (the global ranking of a re-ranked result, and its marks), each query gets the
+    global row first, then the re-ranked row whose captions say where each image stood globally
+    (``from #4``; ``from >#10`` past the global shortlist kept): what re-ranking changed is seen at a glance."""
     rows = []
     for r in range(min(max_queries, topk.shape[0])):
-        row = [Tile(dataset[r]["image"], f"query {r}")]
+        if before is not None:
+            row = [Tile(dataset[r]["image"], f"query {r}, global")]
+            for c in range(min(k, before.shape[1])):
+                db_index = int(before[r, c])
+                mark = int(before_relevance[r, c]) if before_relevance is not None else 0
+                row.append(Tile(dataset[n_queries + db_index]["image"], f"#{c + 1} db {db_index}", _COLOURS[mark]))
+            rows.append(row)
+        globally = [int(i) for i in before[r]] if before is not None else []
+        row = [Tile(dataset[r]["image"], f"query {r}" + (", re-ranked" if before is not None else ""))]
         for c in range(min(k, topk.shape[1])):
             db_index, mark = int(topk[r, c]), int(relevance[r, c])
-            row.append(Tile(dataset[n_queries + db_index]["image"], f"#{c + 1} db {db_index}", _COLOURS[mark]))
+            caption = f"#{c + 1} db {db_index}"
+            if before is not None:
+                caption += f", from #{globally.index(db_index) + 1}" if db_index in globally else f", from >#{len(globally)}"
+            row.append(Tile(dataset[n_queries + db_index]["image"], caption, _COLOURS[mark]))
         rows.append(row)
+    return rows
+
+
+def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title: str, path: Path,
+                 max_queries: int = 4, k: int = 5, before: EvalResult | None = None) -> Path:
+    """Draw :func:`gallery_rows` (``before``: the global result of a re-ranked one) to ``path``."""
+    rows = gallery_rows(dataset, n_queries, topk, relevance, max_queries, k,
+                        None if before is None else before.topk, None if before is None else before.relevance)
     return draw_rows(rows, title, path)
 
 
@@ -96,14 +120,17 @@ class RetrievalGallery(pl.Callback):
         results = getattr(pl_module, "last_eval", {})
         if not results or trainer.datamodule is None:
             return
+        global_results = getattr(pl_module, "last_eval_global", {})
         self.draw(trainer, trainer.datamodule.eval_sets(stage), results, stage,
-                  reranked={n for n, r in results.items()
-                            if r is not getattr(pl_module, "last_eval_global", {}).get(n, r)})
+                  reranked={n for n, r in results.items() if r is not global_results.get(n, r)},
+                  global_results=global_results)
 
     def draw(self, trainer: pl.Trainer, eval_sets: Iterable[EvalSet], results: Mapping[str, EvalResult], stage: str,
-             reranked: AbstractSet[str] = frozenset()) -> list[Path]:
+             reranked: AbstractSet[str] = frozenset(),
+             global_results: Mapping[str, EvalResult] | None = None) -> list[Path]:
         """One picture per evaluated set, under ``<output_dir or default_root_dir>/gallery``, and to W&B
-        (also for ``evaluate``, which scores stores outside Lightning's loops)."""
+        (also for ``evaluate``, which scores stores outside Lightning's loops). A re-ranked set whose
+        global result is in ``global_results`` shows both rankings of each query."""
         sets = {s.name: s for s in eval_sets}
         root = Path(self.output_dir or trainer.default_root_dir) / "gallery"
         drawn = []
@@ -116,9 +143,10 @@ class RetrievalGallery(pl.Callback):
             headline = ", ".join(f"{k} {result.metrics[k]:.1f}" for k in keys[:3])
             if name in reranked:
                 headline = f"re-ranked, {headline}"
+            before = (global_results or {}).get(name) if name in reranked else None
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
                          f"{stage} {name} (step {trainer.global_step}): {headline}", path,
-                         self.max_queries, self.k)
+                         self.max_queries, self.k, before=before)
             drawn.append(path)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
