@@ -62,7 +62,7 @@ def draw_rows(rows: Sequence[Sequence[Tile]], title: str, path: Path) -> Path:
                     spine.set_edgecolor(tile.colour)
                     spine.set_linewidth(4)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.0 * n_rows)))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -105,6 +105,14 @@ def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title
     return draw_rows(rows, title, path)
 
 
+def _headline(metrics: Mapping[str, float], global_metrics: Mapping[str, float] | None = None) -> str:
+    """The first three mAP values (or metrics), as ``global → re-ranked`` when both are given."""
+    keys = [k for k in metrics if k.startswith("mAP")] or list(metrics)
+    if global_metrics is None:
+        return ", ".join(f"{k} {metrics[k]:.1f}" for k in keys[:3])
+    return ", ".join(f"{k} {global_metrics[k]:.1f} → {metrics[k]:.1f}" for k in keys[:3] if k in global_metrics)
+
+
 class RetrievalGallery(pl.Callback):
     """Save (and log to W&B) a query/top-k picture for every eval set after each evaluation."""
 
@@ -139,11 +147,10 @@ class RetrievalGallery(pl.Callback):
                 continue
             eval_set = sets[name]
             path = root / f"{stage}_{name}_step{trainer.global_step}.png"
-            keys = [k for k in result.metrics if k.startswith("mAP")] or list(result.metrics)
-            headline = ", ".join(f"{k} {result.metrics[k]:.1f}" for k in keys[:3])
-            if name in reranked:
-                headline = f"re-ranked, {headline}"
             before = (global_results or {}).get(name) if name in reranked else None
+            headline = _headline(result.metrics, None if before is None else before.metrics)
+            if name in reranked and before is None:
+                headline = f"re-ranked, {headline}"
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
                          f"{stage} {name} (step {trainer.global_step}): {headline}", path,
                          self.max_queries, self.k, before=before)
