@@ -91,7 +91,8 @@ def gallery_rows(dataset, n_queries: int, topk: Tensor, relevance: Tensor, max_q
             db_index, mark = int(topk[r, c]), int(relevance[r, c])
             caption = f"#{c + 1} db {db_index}"
             if before is not None:
-                caption += f", from #{globally.index(db_index) + 1}" if db_index in globally else f", from >#{len(globally)}"
+                was = f"#{globally.index(db_index) + 1}" if db_index in globally else f">#{len(globally)}"
+                caption += f", from {was}"
             row.append(Tile(dataset[n_queries + db_index]["image"], caption, _COLOURS[mark]))
         rows.append(row)
     return rows
