@@ -247,16 +247,23 @@ def test_keep_ratio_one_reproduces_dense_scores_through_the_module(fill_sigma: f
     assert (fewer - dense).abs().max() > 1e-4  # sparsity does reach the verifier
 
 
-def test_db_masks_weight_normalised_rows() -> None:
-    """A 0/1 mask equals zeroed rows; all ones equals no mask; a soft mask has a gradient (it would
-    have none if it scaled rows before the verifier's L2 normalisation)."""
+def query_database_and_masks(photo_seed: int, mask_seed: int):
+    """The verifier of :func:`verifier_module`, one query's projected levels, two database images' and
+    0/1 masks keeping about 30 % of their cells."""
     module = verifier_module()
     verifier = module.heads["verifier"]
     with torch.no_grad():
-        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=2)))["conv4"])
+        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=photo_seed)))["conv4"])
     q, d = [lv[:1] for lv in levels], [lv[1:] for lv in levels]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(mask_seed)
     hard = [(torch.rand(2, *lv.shape[2:], generator=g) < 0.3).float() for lv in d]
+    return verifier, q, d, hard
+
+
+def test_db_masks_weight_normalised_rows() -> None:
+    """A 0/1 mask equals zeroed rows; all ones equals no mask; a soft mask has a gradient (it would
+    have none if it scaled rows before the verifier's L2 normalisation)."""
+    verifier, q, d, hard = query_database_and_masks(photo_seed=2, mask_seed=0)
     with torch.no_grad():
         plain = verifier.pair_logits(q, d)
         ones = verifier.pair_logits(q, d, db_masks=[torch.ones(2, *lv.shape[2:]) for lv in d])
@@ -287,13 +294,7 @@ class MasklessVerifier:
 def test_a_verifier_without_mask_arguments_is_masked_alike(sigma: float) -> None:
     """The sparsifier trains with any verifier: for one that takes no masks, dropped rows are zeroed (or
     filled) before the call, which gives the native masked path's logits for 0/1 masks."""
-    module = verifier_module()
-    verifier = module.heads["verifier"]
-    with torch.no_grad():
-        levels = verifier.project(module.backbone(torch.stack(photos(3, seed=4)))["conv4"])
-    q, d = [lv[:1] for lv in levels], [lv[1:] for lv in levels]
-    g = torch.Generator().manual_seed(1)
-    hard = [(torch.rand(2, *lv.shape[2:], generator=g) < 0.3).float() for lv in d]
+    verifier, q, d, hard = query_database_and_masks(photo_seed=4, mask_seed=1)
     fill = (lambda units, mask: fill_dropped(units, mask, sigma)) if sigma else None
     with torch.no_grad():
         native = masked_pair_logits(verifier, q, d, hard, fill)
