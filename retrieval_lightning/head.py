@@ -17,7 +17,8 @@ Roles and their inference method:
   optionally ``kept_cells(entry)``, the stored locations, drawn by ``match`` on the database image.
 
 Every head returns its named training losses from :meth:`Head.losses`; the module weights and
-sums them and logs each as ``train/<role>/<name>``.
+sums them and logs each as ``train/<role>/<name>``. Values worth watching that are not losses (an
+accuracy, mean scores) are handed to :meth:`Head.watch` inside ``losses`` and logged the same way.
 """
 
 from __future__ import annotations
