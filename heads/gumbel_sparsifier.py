@@ -40,6 +40,22 @@ def _natural_order(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def norm_overlap(logits: Sequence[Tensor], levels: Sequence[Tensor], counts: Sequence[int]) -> Tensor:
+    """Share of the cells the keep logits select (top-k per level) that top-k by feature norm selects too.
+
+    The scorer starts at that order (its last layer is zero at initialisation), so this says how far
+    training has moved the selection from the norm baseline: 1.0 = not at all."""
+    shares = []
+    for lg, lv, k in zip(logits, levels, counts):
+        if k <= 0:
+            continue
+        by_logits = torch.zeros_like(lg).scatter_(1, torch.topk(lg.detach(), k, dim=1).indices, 1.0)
+        norms = lv.detach().float().norm(dim=1).flatten(1)
+        by_norm = torch.zeros_like(lg).scatter_(1, torch.topk(norms, k, dim=1).indices, 1.0)
+        shares.append((by_logits * by_norm).sum(dim=1).mean() / k)
+    return torch.stack(shares).mean() if shares else torch.ones(())
+
+
 class GumbelSparsifierHead(SparsifierHead):
     """Per-location keep logits on the database side, trained through the attached verifier.
 
@@ -283,7 +299,8 @@ class GumbelSparsifierHead(SparsifierHead):
         fraction = self.target_fraction(sizes)
         out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
         self.watch(temperature=self.temperature(),
-                   keep_probability=torch.stack([torch.sigmoid(lg.detach()).mean() for lg in logits]).mean())
+                   keep_probability=torch.stack([torch.sigmoid(lg.detach()).mean() for lg in logits]).mean(),
+                   norm_overlap=norm_overlap(logits, d_levels, self._counts(sizes)))
         if self.training:
             self.step += 1
         return out

@@ -556,3 +556,19 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
         evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False, rank=1, world_size=2,
                        broadcast=lambda failed: True)
     assert sent == [True]
+
+
+def test_norm_overlap_watches_how_far_training_moved_the_selection_from_norm() -> None:
+    """The scorer starts at top-k by feature norm (overlap 1); a scorer that learnt something else departs."""
+    module = verifier_module(keep_ratio=0.2)
+    head = module.heads["sparsifier"]
+    features = module.backbone(torch.stack(photos(4, seed=5)))
+    labels = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        head.losses(features, labels)
+        assert head.training_metrics()["norm_overlap"].item() == pytest.approx(1.0)
+        last = [m for m in head.scorer.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.weight.normal_(0, 5.0, generator=torch.Generator().manual_seed(0))
+        head.losses(features, labels)
+        moved = head.training_metrics()["norm_overlap"].item()
+    assert 0.0 < moved < 0.9
