@@ -287,7 +287,8 @@ class GumbelSparsifierHead(SparsifierHead):
         out: dict[str, Tensor] = {}
         name = "pair_ce" if self.target == "labels" else "pair_distill"
         if self.uses_straight_through():
-            out[name] = pair_loss(self.relaxed_masks(logits, sizes))
+            masks = self.relaxed_masks(logits, sizes)
+            out[name] = pair_loss(masks)
         else:
             masks, logp = self.sampled_masks(logits, sizes)
             ce = pair_loss(masks, "none")
@@ -298,8 +299,10 @@ class GumbelSparsifierHead(SparsifierHead):
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
         fraction = self.target_fraction(sizes)
         out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
+        # the share of cells the training masks kept (exactly the target under the top-k relaxation; what
+        # the budget term holds under the concrete one), and how far the selection is from top-k by norm
         self.watch(temperature=self.temperature(),
-                   keep_probability=torch.stack([torch.sigmoid(lg.detach()).mean() for lg in logits]).mean(),
+                   kept_fraction=torch.cat([m.detach().flatten(1) for m in masks], dim=1).mean(),
                    norm_overlap=norm_overlap(logits, d_levels, self._counts(sizes)))
         if self.training:
             self.step += 1
