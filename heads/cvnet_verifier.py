@@ -108,6 +108,9 @@ class CVNetVerifierHead(VerifierHead):
         self.batch_size = int(batch_size)
         self.max_pairs = int(max_pairs)
         self.entry_dtype = entry_dtype
+        #: entries also hold each location's norm before normalisation (``level<i>_norm``): set by a
+        #: sparsifier that selects locations by it (stored rows are unit vectors, whose norms say nothing)
+        self.store_norms = False
 
     def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
         channels = stage_channels[self.stage]
@@ -201,6 +204,8 @@ class CVNetVerifierHead(VerifierHead):
     def entry_kinds(self) -> dict[str, EntryKind]:
         kinds = {f"level{i}": EntryKind(self.entry_dtype, (self.width,), ragged=True) for i in range(len(SCALES))}
         kinds.update({f"level{i}_hw": EntryKind("int32", (2,)) for i in range(len(SCALES))})
+        if self.store_norms:
+            kinds.update({f"level{i}_norm": EntryKind("float32", (), ragged=True) for i in range(len(SCALES))})
         return kinds
 
     @torch.no_grad()
@@ -216,6 +221,8 @@ class CVNetVerifierHead(VerifierHead):
                 unit = F.normalize(level[0], dim=0, eps=1e-12)
                 entry[f"level{i}"] = unit.flatten(1).t().contiguous().to(dtype).cpu()
                 entry[f"level{i}_hw"] = torch.tensor(unit.shape[-2:], dtype=torch.int32)
+                if self.store_norms:
+                    entry[f"level{i}_norm"] = level[0].norm(dim=0).flatten().float().cpu()
             entries.append(entry)
         return entries
 

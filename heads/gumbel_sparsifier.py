@@ -31,6 +31,8 @@ from heads._sparse.selection import (
 from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
 
 SELECTIONS = ("learned", "norm", "random")
+#: suffix of a verifier's kind holding each stored row's norm before normalisation (``level0_norm``)
+NORM_SUFFIX = "_norm"
 ESTIMATORS = ("auto", "straight_through", "score_function")
 TARGETS = ("labels", "dense")
 
@@ -168,6 +170,10 @@ class GumbelSparsifierHead(SparsifierHead):
         if width is not None and int(width) != self.width:
             raise ValueError(f"sparsifier width={self.width} but the verifier projects to {width} channels")
         super().attach(verifier)
+        if hasattr(verifier, "store_norms"):
+            # its entries are unit rows: the selection needs each location's norm beside them (the
+            # training input, the projected levels, has it)
+            verifier.store_norms = True
 
     def _verifier(self) -> RerankHead:
         if not getattr(self, "verifier", None):
@@ -315,13 +321,18 @@ class GumbelSparsifierHead(SparsifierHead):
         names = [n for n, k in kinds.items() if k.ragged and len(k.shape) == 1 and f"{n}_hw" in kinds]
         return sorted(names, key=_natural_order)
 
+    def consumed_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> set[str]:
+        """Each level's row norms (``level0_norm``): the selection's input, not stored."""
+        return {f"{name}{NORM_SUFFIX}" for name in self.dense_levels(verifier_kinds)} & set(verifier_kinds)
+
     def entry_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> dict[str, EntryKind]:
         out: dict[str, EntryKind] = {}
         levels = self.dense_levels(verifier_kinds)
+        consumed = self.consumed_kinds(verifier_kinds)
         for name, kind in verifier_kinds.items():
             if name in levels:
                 out.update(codec.sparse_kinds(name, kind.shape[0], self.value_dtype, self.int8_scale, self.index_dtype))
-            else:
+            elif name not in consumed:
                 out[name] = kind
         return out
 
@@ -340,16 +351,18 @@ class GumbelSparsifierHead(SparsifierHead):
         return self.dense_levels({n: EntryKind("float16", (1,), True) for n in names} |
                                  {f"{n}_hw": EntryKind("int32", (2,)) for n in names})
 
-    def _positions(self, rows: Tensor, hw: Tensor, index: int, k: int) -> Tensor:
+    def _positions(self, rows: Tensor, norms: Tensor | None, hw: Tensor, index: int, k: int) -> Tensor:
+        """The ``k`` kept locations of one level: ``rows`` as stored, ``norms`` each row's norm before
+        the verifier normalised it (``None``: the rows are stored as projected)."""
         h, w = (int(v) for v in hw.reshape(-1)[:2])
         if self.selection == "random":
             data = rows.detach().cpu().contiguous().view(torch.int16).numpy().tobytes()
             gen = torch.Generator().manual_seed(zlib.crc32(data) ^ index)
             return torch.sort(torch.randperm(rows.shape[0], generator=gen)[:k]).values
+        projected = rows.float() if norms is None else F.normalize(rows.float(), dim=1) * norms.float().reshape(-1, 1)
         if self.selection == "norm":
-            return topk_positions(rows.float().norm(dim=1), k)
-        param = self.norm_weight
-        level = rows.to(param.device, torch.float32).t().reshape(1, -1, h, w)
+            return topk_positions(projected.norm(dim=1), k)
+        level = projected.to(self.norm_weight.device).t().reshape(1, -1, h, w)  # what keep_logits saw in training
         return topk_positions(self.keep_logits(level, index)[0].cpu(), k)
 
     @torch.no_grad()
@@ -359,10 +372,12 @@ class GumbelSparsifierHead(SparsifierHead):
         for entry in entries:
             levels = self._entry_levels(entry)
             counts = self._counts([entry[n].shape[0] for n in levels])
-            sparse = {k: v for k, v in entry.items() if k not in levels}
+            norms = {name: entry.get(f"{name}{NORM_SUFFIX}") for name in levels}
+            consumed = set(levels) | {f"{name}{NORM_SUFFIX}" for name in levels}
+            sparse = {k: v for k, v in entry.items() if k not in consumed}
             for i, (name, k) in enumerate(zip(levels, counts)):
                 rows = entry[name]
-                pos = self._positions(rows, entry[f"{name}_hw"], i, k)
+                pos = self._positions(rows, norms[name], entry[f"{name}_hw"], i, k)
                 sparse.update(codec.encode_level(name, rows, pos, self.value_dtype, self.int8_scale, self.index_dtype))
             out.append(sparse)
         return out

@@ -261,7 +261,7 @@ class SparsifierHead(Head):
     - :meth:`sparsify` ``(entries) -> entries``: dense verifier entries of database images -> sparse
       (applied at extraction; queries stay dense);
     - :meth:`densify` ``(entries) -> entries``: back to the verifier's form (unselected positions
-      zero) right before :meth:`RerankHead.score`.
+      zero) right before :meth:`RerankHead.score`, without the :meth:`consumed_kinds`.
 
     :meth:`attach` is called once by the module with the verifier it serves.
     """
@@ -279,6 +279,11 @@ class SparsifierHead(Head):
 
     def densify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
         raise NotImplementedError
+
+    def consumed_kinds(self, verifier_kinds: Mapping[str, EntryKind]) -> set[str]:
+        """Kinds of the verifier's dense entries that only :meth:`sparsify` reads (a selection input):
+        neither stored nor given back by :meth:`densify`. Default: none."""
+        return set()
 
     def kept_cells(self, entry: Mapping[str, Tensor]) -> np.ndarray | None:
         """Optional: (h, w) bool map of the locations a stored (sparse) entry keeps, at its finest

@@ -576,3 +576,24 @@ def test_norm_overlap_watches_how_far_training_moved_the_selection_from_norm() -
         head.losses(features, labels)
         moved = head.training_metrics()["norm_overlap"].item()
     assert 0.0 < moved < 0.9
+
+
+@pytest.mark.parametrize("selection", ["learned", "norm"])
+def test_extraction_selects_what_training_selects(selection: str) -> None:
+    """The stored rows are unit vectors: the selection at extraction must see each location's norm before
+    normalisation, as ``keep_logits`` does in training on the projected levels. (Without the norms it ranked
+    fp16 rounding noise: every unit row's norm is 1 within 2e-4.)"""
+    module = verifier_module(keep_ratio=0.2, selection=selection)
+    head, verifier = module.heads["sparsifier"], module.heads["verifier"]
+    with torch.no_grad():
+        for p in head.scorer.parameters():  # a scorer that has learnt something other than norm's order
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        image = photos(1, seed=6)[0]
+        stored = module.rerank_entries([image])[0]
+        levels = verifier.project(module.features_at(image[None])["conv4"])
+    assert not any(name.endswith("_norm") for name in stored)  # read by the selection, not stored
+    counts = head._counts([lv.shape[2] * lv.shape[3] for lv in levels])
+    for i, (level, k) in enumerate(zip(levels, counts)):
+        score = head.keep_logits(level, i)[0] if selection == "learned" else level[0].norm(dim=0).flatten()
+        want = torch.sort(torch.topk(score, k).indices).values
+        assert torch.equal(stored[f"level{i}_pos"].long(), want), i

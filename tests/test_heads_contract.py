@@ -141,8 +141,10 @@ def check_sparsifier_head(head: SparsifierHead) -> None:
             assert str(entry[name].dtype).removeprefix("torch.") == kind.dtype, name
             assert tuple(entry[name].shape[1:] if kind.ragged else entry[name].shape) == tuple(kind.shape), name
     back = head.densify(sparse)
+    consumed = head.consumed_kinds(verifier.entry_kinds())
+    assert not consumed & set(kinds)
     for original, entry in zip(dense, back):
-        assert set(entry) == set(original)
+        assert set(entry) == set(original) - consumed
         assert all(entry[k].shape == original[k].shape and entry[k].dtype == original[k].dtype for k in entry)
     scores = verifier.score(dense[0], back, [0, 1])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
