@@ -78,6 +78,18 @@ class SweepModel:
         self._entries: dict[str, dict[str, Tensor]] = {}
         self._desc: dict[str, Tensor] = {}
 
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def eval(self) -> "SweepModel":
+        self.module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "SweepModel":
+        self.module.train(mode)
+        return self
+
     @staticmethod
     def _key(image: Tensor) -> str:
         return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
