@@ -35,11 +35,22 @@ SELECTIONS = ("learned", "norm", "random")
 NORM_SUFFIX = "_norm"
 ESTIMATORS = ("auto", "straight_through", "score_function")
 TARGETS = ("labels", "dense")
+#: the order an untrained scorer keeps (its last layer starts at zero): ``norm``, the feature norm, or
+#: ``sparsity``, the peakiness of the unit row (small L1 norm: a few large components)
+PRIORS = ("norm", "sparsity")
 
 
 def _natural_order(name: str) -> list:
     """Sort key putting ``level2`` before ``level10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _standardised(values: Tensor) -> Tensor:
+    """(B, 1, h, w) values standardised per image (centred only when there is one location)."""
+    centred = values - values.mean(dim=(2, 3), keepdim=True)
+    if values[0].numel() < 2:
+        return centred
+    return centred / (values.std(dim=(2, 3), keepdim=True, unbiased=False) + 1e-6)
 
 
 def norm_overlap(logits: Sequence[Tensor], levels: Sequence[Tensor], counts: Sequence[int]) -> Tensor:
@@ -91,6 +102,9 @@ class GumbelSparsifierHead(SparsifierHead):
         target: what the masked pair logits are fitted to: ``labels`` (same/different, the
             verifier's own loss) or ``dense`` (the frozen verifier's probabilities on the dense
             pair: a selection is good when it changes no score, right or wrong).
+        prior: the order the scorer starts from and adds to (:data:`PRIORS`): ``norm`` (the
+            projected feature's norm) or ``sparsity`` (minus the L1 norm of the L2-normalised row:
+            peaky features first), standardised per image and weighted by a learned scalar.
     """
 
     scoring_only = ("fill_sigma",)  # the fill is made at scoring time; the stored rows do not depend on it
@@ -116,6 +130,7 @@ class GumbelSparsifierHead(SparsifierHead):
         estimator: str = "auto",
         fill_sigma: float = 1.5,
         target: str = "labels",
+        prior: str = "norm",
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -130,7 +145,9 @@ class GumbelSparsifierHead(SparsifierHead):
             raise ValueError(f"fill_sigma must be >= 0 (0: dropped locations are zero), got {fill_sigma}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        self.estimator, self.target = estimator, target
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        self.estimator, self.target, self.prior = estimator, target, prior
         self.fill_sigma = float(fill_sigma)
         codec.check_options(value_dtype, int8_scale, index_dtype)
         if value_dtype == "int4" and width % 2:
@@ -184,13 +201,11 @@ class GumbelSparsifierHead(SparsifierHead):
     def keep_logits(self, level: Tensor, index: int) -> Tensor:
         """Keep logits (B, h*w) of projected level ``index`` (B, P, h, w)."""
         level = level.float()
-        lognorm = torch.log(level.norm(dim=1, keepdim=True) + 1e-6)
-        mean = lognorm.mean(dim=(2, 3), keepdim=True)
-        std = lognorm.std(dim=(2, 3), keepdim=True, unbiased=False) if lognorm[0].numel() > 1 else None
-        z = (lognorm - mean) / (std + 1e-6) if std is not None else lognorm - mean
-        x = torch.cat([F.normalize(level, dim=1), z], dim=1)
-        logits = self.norm_weight * z + self.scorer(x) + self.level_bias[min(index, self.num_levels - 1)]
-        return logits.flatten(1)
+        unit = F.normalize(level, dim=1)
+        z = _standardised(torch.log(level.norm(dim=1, keepdim=True) + 1e-6))
+        prior = z if self.prior == "norm" else _standardised(-torch.log(unit.abs().sum(dim=1, keepdim=True) + 1e-6))
+        logits = self.norm_weight * prior + self.scorer(torch.cat([unit, z], dim=1))
+        return (logits + self.level_bias[min(index, self.num_levels - 1)]).flatten(1)
 
     def _counts(self, sizes: Sequence[int]) -> list[int]:
         total = sum(sizes)

@@ -578,12 +578,12 @@ def test_norm_overlap_watches_how_far_training_moved_the_selection_from_norm() -
     assert 0.0 < moved < 0.9
 
 
-@pytest.mark.parametrize("selection", ["learned", "norm"])
-def test_extraction_selects_what_training_selects(selection: str) -> None:
+@pytest.mark.parametrize("selection,prior", [("learned", "norm"), ("learned", "sparsity"), ("norm", "norm")])
+def test_extraction_selects_what_training_selects(selection: str, prior: str) -> None:
     """The stored rows are unit vectors: the selection at extraction must see each location's norm before
     normalisation, as ``keep_logits`` does in training on the projected levels. (Without the norms it ranked
     fp16 rounding noise: every unit row's norm is 1 within 2e-4.)"""
-    module = verifier_module(keep_ratio=0.2, selection=selection)
+    module = verifier_module(keep_ratio=0.2, selection=selection, prior=prior)
     head, verifier = module.heads["sparsifier"], module.heads["verifier"]
     with torch.no_grad():
         for p in head.scorer.parameters():  # a scorer that has learnt something other than norm's order
@@ -597,3 +597,18 @@ def test_extraction_selects_what_training_selects(selection: str) -> None:
         score = head.keep_logits(level, i)[0] if selection == "learned" else level[0].norm(dim=0).flatten()
         want = torch.sort(torch.topk(score, k).indices).values
         assert torch.equal(stored[f"level{i}_pos"].long(), want), i
+
+
+def test_an_untrained_scorer_keeps_its_prior_order() -> None:
+    """``prior: sparsity`` starts from the peakiest unit rows (smallest L1 norm), ``norm`` from the largest norms."""
+    torch.manual_seed(0)
+    level = torch.randn(2, 8, 5, 6) * torch.rand(2, 1, 5, 6) * 3
+    level[:, :2] += 4 * torch.rand(2, 2, 5, 6)  # some rows peaky, some not
+    for prior, score in (("norm", level.norm(dim=1)),
+                         ("sparsity", -F.normalize(level, dim=1).abs().sum(dim=1))):
+        head = built_head(prior=prior)
+        with torch.no_grad():
+            logits = head.keep_logits(level, 0)
+        assert torch.equal(torch.argsort(logits, dim=1), torch.argsort(score.flatten(1), dim=1)), prior
+    with pytest.raises(ValueError, match="prior must be one of"):
+        GumbelSparsifierHead(prior="entropy")
