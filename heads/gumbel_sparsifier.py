@@ -56,8 +56,9 @@ def _standardised(values: Tensor) -> Tensor:
 def norm_overlap(logits: Sequence[Tensor], levels: Sequence[Tensor], counts: Sequence[int]) -> Tensor:
     """Share of the cells the keep logits select (top-k per level) that top-k by feature norm selects too.
 
-    The scorer starts at that order (its last layer is zero at initialisation), so this says how far
-    training has moved the selection from the norm baseline: 1.0 = not at all."""
+    With the default ``prior`` the scorer starts at that order (its last layer is zero at
+    initialisation), so this says how far training has moved the selection from the norm baseline:
+    1.0 = not at all; about the keep ratio for an unrelated selection."""
     shares = []
     for lg, lv, k in zip(logits, levels, counts):
         if k <= 0:
@@ -203,7 +204,12 @@ class GumbelSparsifierHead(SparsifierHead):
         level = level.float()
         unit = F.normalize(level, dim=1)
         z = _standardised(torch.log(level.norm(dim=1, keepdim=True) + 1e-6))
-        prior = z if self.prior == "norm" else _standardised(-torch.log(unit.abs().sum(dim=1, keepdim=True) + 1e-6))
+        if self.prior == "norm":
+            prior = z
+        else:  # peaky rows first: a unit row's L1 norm is 1 for one component, sqrt(P) for all equal
+            l1 = unit.abs().sum(dim=1, keepdim=True)
+            l1 = torch.where(l1 > 0, l1, torch.full_like(l1, float(level.shape[1]) ** 0.5))  # zero rows last
+            prior = _standardised(-torch.log(l1))
         logits = self.norm_weight * prior + self.scorer(torch.cat([unit, z], dim=1))
         return (logits + self.level_bias[min(index, self.num_levels - 1)]).flatten(1)
 

@@ -610,5 +610,9 @@ def test_an_untrained_scorer_keeps_its_prior_order() -> None:
         with torch.no_grad():
             logits = head.keep_logits(level, 0)
         assert torch.equal(torch.argsort(logits, dim=1), torch.argsort(score.flatten(1), dim=1)), prior
+    level[0, :, 0, 0] = 0  # a zero row (a dropped border cell): ranked last, not first, and no NaN
+    with torch.no_grad():
+        logits = built_head(prior="sparsity").keep_logits(level, 0)
+    assert torch.isfinite(logits).all() and int(logits[0].argmin()) == 0
     with pytest.raises(ValueError, match="prior must be one of"):
         GumbelSparsifierHead(prior="entropy")
