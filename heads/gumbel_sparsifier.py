@@ -109,6 +109,8 @@ class GumbelSparsifierHead(SparsifierHead):
     """
 
     scoring_only = ("fill_sigma",)  # the fill is made at scoring time; the stored rows do not depend on it
+    #: 1: the selection reads the verifier's true feature norms (stores of revision 0 selected on fp16 noise)
+    store_revision = 1
 
     def __init__(
         self,

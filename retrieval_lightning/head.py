@@ -73,6 +73,9 @@ class Head(nn.Module):
     #: constructor arguments that change how stored entries are scored, not what is stored: left out
     #: of store identities, so changing one re-scores an existing store instead of re-extracting it
     scoring_only: ClassVar[tuple[str, ...]] = ()
+    #: revision of what the head stores: bump it when the same weights and arguments come to store other
+    #: entries (a fixed bug in extraction), so that stores written before are refused, not silently reused
+    store_revision: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()

@@ -474,10 +474,12 @@ class RetrievalModule(pl.LightningModule):
         return self.rerank_head is not None and self.rerank.enabled
 
     def head_arguments(self) -> dict[str, list[Any]]:
-        """``{role: [class name, init arguments]}``: what shapes extraction besides the weights
-        (a keep ratio or a keypoint budget is an argument), for store identities. A head's
-        ``scoring_only`` arguments are left out: they do not change what is stored."""
+        """``{role: [class name, init arguments(, store revision)]}``: what shapes extraction besides the
+        weights (a keep ratio or a keypoint budget is an argument), for store identities. A head's
+        ``scoring_only`` arguments are left out: they do not change what is stored. Its
+        ``store_revision`` is appended when not 0, so earlier identities are unchanged."""
         return {role: [type(h).__name__, {k: v for k, v in h.init_args.items() if k not in h.scoring_only}]
+                + ([h.store_revision] if getattr(h, "store_revision", 0) else [])
                 for role, h in self.heads.items()}
 
     def entry_identity(self) -> dict[str, Any]:

@@ -443,6 +443,22 @@ def test_fill_sigma_is_scoring_only_and_left_out_of_the_store_identity() -> None
     assert verifier_module(keep_ratio=0.2).entry_identity() != filled
 
 
+def test_stores_of_an_earlier_store_revision_are_not_this_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written before the selection read true norms (revision 0) has another identity; heads that never
+    bumped their revision keep the identities they had."""
+    from retrieval_lightning.trainer import extraction_identity
+
+    class Data:
+        hparams = {"eval_max_side": 224}
+
+    module = verifier_module()
+    current = extraction_identity(module, Data())
+    assert current["heads"]["sparsifier"][2] == GumbelSparsifierHead.store_revision == 1
+    assert len(current["heads"]["verifier"]) == 2 and len(current["heads"]["global"]) == 2
+    monkeypatch.setattr(GumbelSparsifierHead, "store_revision", 0)
+    assert extraction_identity(module, Data()) != current
+
+
 # ---------------------------------------------------------------- pictures of a pair
 def test_kept_cells_mark_the_finest_stored_level() -> None:
     head = built_head(keep_ratio=0.25, value_dtype="int4")
