@@ -395,12 +395,11 @@ class GumbelSparsifierHead(SparsifierHead):
         for entry in entries:
             levels = self._entry_levels(entry)
             counts = self._counts([entry[n].shape[0] for n in levels])
-            norms = {name: entry.get(f"{name}{NORM_SUFFIX}") for name in levels}
             consumed = set(levels) | {f"{name}{NORM_SUFFIX}" for name in levels}
             sparse = {k: v for k, v in entry.items() if k not in consumed}
             for i, (name, k) in enumerate(zip(levels, counts)):
                 rows = entry[name]
-                pos = self._positions(rows, norms[name], entry[f"{name}_hw"], i, k)
+                pos = self._positions(rows, entry.get(f"{name}{NORM_SUFFIX}"), entry[f"{name}_hw"], i, k)
                 sparse.update(codec.encode_level(name, rows, pos, self.value_dtype, self.int8_scale, self.index_dtype))
             out.append(sparse)
         return out

@@ -479,7 +479,7 @@ class RetrievalModule(pl.LightningModule):
         ``scoring_only`` arguments are left out: they do not change what is stored. Its
         ``store_revision`` is appended when not 0, so earlier identities are unchanged."""
         return {role: [type(h).__name__, {k: v for k, v in h.init_args.items() if k not in h.scoring_only}]
-                + ([h.store_revision] if getattr(h, "store_revision", 0) else [])
+                + ([h.store_revision] if h.store_revision else [])
                 for role, h in self.heads.items()}
 
     def entry_identity(self) -> dict[str, Any]:

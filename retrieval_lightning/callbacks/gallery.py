@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from retrieval_lightning.data.types import EvalSet  # noqa: E402
@@ -76,25 +77,24 @@ def gallery_rows(dataset, n_queries: int, topk: Tensor, relevance: Tensor, max_q
     With ``before`` (the global ranking of a re-ranked result, and its marks), each query gets the
     global row first, then the re-ranked row whose captions say where each image stood globally
     (``from #4``; ``from >#10`` past the global shortlist kept): what re-ranking changed is seen at a glance."""
+
+    def row(r: int, label: str, order: Tensor, marks: Tensor, was: list[int] | None = None) -> list[Tile]:
+        tiles = [Tile(dataset[r]["image"], f"query {r}{label}")]
+        for c in range(min(k, order.shape[1])):
+            db_index = int(order[r, c])
+            caption = f"#{c + 1} db {db_index}"
+            if was is not None:
+                caption += f", from #{was.index(db_index) + 1}" if db_index in was else f", from >#{len(was)}"
+            tiles.append(Tile(dataset[n_queries + db_index]["image"], caption, _COLOURS[int(marks[r, c])]))
+        return tiles
+
+    if before is None:
+        return [row(r, "", topk, relevance) for r in range(min(max_queries, topk.shape[0]))]
+    before_marks = before_relevance if before_relevance is not None else torch.zeros_like(before)  # unmarked: red
     rows = []
     for r in range(min(max_queries, topk.shape[0])):
-        if before is not None:
-            row = [Tile(dataset[r]["image"], f"query {r}, global")]
-            for c in range(min(k, before.shape[1])):
-                db_index = int(before[r, c])
-                mark = int(before_relevance[r, c]) if before_relevance is not None else 0
-                row.append(Tile(dataset[n_queries + db_index]["image"], f"#{c + 1} db {db_index}", _COLOURS[mark]))
-            rows.append(row)
-        globally = [int(i) for i in before[r]] if before is not None else []
-        row = [Tile(dataset[r]["image"], f"query {r}" + (", re-ranked" if before is not None else ""))]
-        for c in range(min(k, topk.shape[1])):
-            db_index, mark = int(topk[r, c]), int(relevance[r, c])
-            caption = f"#{c + 1} db {db_index}"
-            if before is not None:
-                was = f"#{globally.index(db_index) + 1}" if db_index in globally else f">#{len(globally)}"
-                caption += f", from {was}"
-            row.append(Tile(dataset[n_queries + db_index]["image"], caption, _COLOURS[mark]))
-        rows.append(row)
+        rows.append(row(r, ", global", before, before_marks))
+        rows.append(row(r, ", re-ranked", topk, relevance, was=[int(i) for i in before[r]]))
     return rows
 
 
