@@ -100,7 +100,8 @@ def _leading(
         taken = set(order)
         rest = [(int(i), float(s)) for i, s in zip(topk[q].tolist(), scores[q].tolist()) if int(i) not in taken]
         glob = {int(i): float(s) for i, s in zip(topk[q].tolist(), scores[q].tolist())}
-        merged = [(i, glob.get(i, float(queries[q].float() @ database[i].float()))) for i in order] + rest
+        merged = [(i, glob[i] if i in glob else float(queries[q].float() @ database[i].float())) for i in order]
+        merged += rest
         rows.append([i for i, _ in merged[:k]])
         score_rows.append([s for _, s in merged[:k]])
     return torch.tensor(score_rows, dtype=torch.float32), torch.tensor(rows, dtype=torch.long)

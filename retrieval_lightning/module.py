@@ -542,9 +542,10 @@ class RetrievalModule(pl.LightningModule):
         self.last_eval = {}
         self.last_eval_global = {}
         for idx, eval_set in enumerate(eval_sets):
-            chunks = self._eval_buffers.get(idx, [])
+            chunks = self._eval_buffers.pop(idx, [])  # the batches go once concatenated: one copy, not two
             index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, self.global_head.dim)
+            del chunks
             index, gathered = gather_dedupe(self, index, desc=desc)
             desc = gathered["desc"].cpu()
             expected = len(eval_set.dataset)

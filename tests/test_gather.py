@@ -24,6 +24,14 @@ def test_single_process_dedupes_and_sorts() -> None:
     assert arrays["flags"].tolist() == [False, False, True, True]
 
 
+def test_single_process_keeps_sorted_rows_without_a_copy() -> None:
+    """One process gathers rows already in dataset order: +1M descriptors are not copied again."""
+    feats = torch.randn(6, 3)
+    got_index, arrays = gather_dedupe(None, torch.arange(6), feats=feats)
+    assert got_index.tolist() == list(range(6))
+    assert arrays["feats"].data_ptr() == feats.data_ptr()
+
+
 def test_single_process_rejects_mismatched_rows() -> None:
     try:
         gather_dedupe(None, torch.arange(3), feats=torch.zeros(4, 2))

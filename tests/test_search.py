@@ -53,6 +53,33 @@ def test_topk_equals_full_argsort_with_many_ties(n, k, chunk_size, sub_chunk, th
     np.testing.assert_array_equal(scores.numpy(), want_scores.astype(np.float32))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_queries_are_scored_in_blocks_within_the_budget(threads, monkeypatch) -> None:
+    """GLDv2 recognition ranks 118k queries: one (Q × chunk) score block would need 20 GB. Blocks of
+    queries keep each buffer within MAX_BLOCK_SCORES, with the same result as one full sort."""
+    from retrieval_lightning.retrieval import search
+
+    monkeypatch.setattr(search, "MAX_BLOCK_SCORES", 7 * 64)  # 7 queries per 64-column chunk
+    sizes: list[tuple[int, int]] = []
+    scan = search._scan
+
+    def watched(db, q, lo, hi, k, chunk_size, sub_chunk):
+        sizes.append((q.shape[0], min(chunk_size, hi - lo)))
+        return scan(db, q, lo, hi, k, chunk_size, sub_chunk)
+
+    monkeypatch.setattr(search, "_scan", watched)
+    gen = torch.Generator().manual_seed(3)
+    database = torch.randint(-2, 3, (600, 4), generator=gen).to(torch.float16)
+    queries = torch.randint(1, 3, (30, 4), generator=gen).float()
+    scores, indices = topk_search(queries, database, 12, chunk_size=64, sub_chunk=16, num_threads=threads,
+                                  device="cpu")
+    want_scores, want_indices = reference_topk(queries.numpy(), database.float().numpy(), 12)
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_array_equal(scores.numpy(), want_scores.astype(np.float32))
+    assert max(q * width for q, width in sizes) <= 7 * 64
+    assert sum(q for q, _ in sizes) == 30 * threads  # every query scanned once per worker
+
+
 def test_topk_on_random_fp16_memmap_store(tmp_path) -> None:
     rng = np.random.default_rng(1)
     database = rng.standard_normal((4000, 32)).astype(np.float16)
