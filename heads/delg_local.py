@@ -1,11 +1,13 @@
 """DELG's local head: attention + autoencoder on conv4, multi-scale keypoints, geometric verification.
 
-Training (REFERENCE.md §1): the conv4 map is detached (the local losses never train the backbone;
-configure ``detach: [local]`` on the module as well). Attention: 1x1 conv C -> hidden, BN, ReLU,
-1x1 conv hidden -> 1, softplus. Autoencoder: 1x1 conv C -> dim (no activation: the local
-descriptor), 1x1 conv dim -> C + ReLU (the reconstruction). The attention loss classifies the
-attention-weighted mean of the per-location L2-normalised reconstruction with a linear classifier
-(with bias); the reconstruction loss is the MSE between conv4 and its reconstruction.
+Training (REFERENCE.md §1): the conv4 map is subsampled by 2 (``subsample``: DELG's
+``conv4[..., ::2, ::2]``, stride 32 on a ResNet, in training and extraction alike) and detached
+(the local losses never train the backbone; configure ``detach: [local]`` on the module as well).
+Attention: 1x1 conv C -> hidden, BN, ReLU, 1x1 conv hidden -> 1, softplus. Autoencoder: 1x1 conv
+C -> dim (no activation: the local descriptor), 1x1 conv dim -> C + ReLU (the reconstruction). The
+attention loss classifies the attention-weighted mean of the per-location L2-normalised
+reconstruction with a linear classifier (with bias); the reconstruction loss is the MSE between
+conv4 and its reconstruction.
 
 Inference: the paper's 7-scale pyramid; every conv4 cell of every scale is a candidate keypoint
 at its receptive-field centre (traced from the backbone's real ops, :mod:`heads._delg.receptive_field`),
@@ -45,6 +47,8 @@ class DelgLocalHead(LocalHead):
 
     Args:
         stage: backbone stage read (DELG: ``conv4``).
+        subsample: keep every n-th cell of the stage on each axis, in training and extraction (DELG: 2,
+            so ResNet's stride-16 conv4 gives keypoints 32 px apart, as conv5; 1: every cell).
         dim: local descriptor size (the autoencoder's bottleneck; DELG: 128).
         attention_hidden: width of the attention network's hidden 1x1 conv (DELG: 512).
         reconstruction_weight: factor on the reconstruction MSE inside this head's losses
@@ -78,6 +82,7 @@ class DelgLocalHead(LocalHead):
     def __init__(
         self,
         stage: str = "conv4",
+        subsample: int = 2,
         dim: int = 128,
         attention_hidden: int = 512,
         reconstruction_weight: float = 10.0,
@@ -96,12 +101,15 @@ class DelgLocalHead(LocalHead):
         model: str = "affine",
         method: str = "ransac",
         threshold: float = 20.0,
-        max_iters: int = 5000,
+        max_iters: int = 1000,
         workers: int | None = None,
     ) -> None:
         super().__init__()
         if binarize and dim % 8:
             raise ValueError(f"binarize needs dim divisible by 8, got {dim}")
+        if subsample < 1:
+            raise ValueError(f"subsample must be >= 1 (1: every cell), got {subsample}")
+        self.subsample = int(subsample)
         self.stages = (stage,)
         self.stage = stage
         self.dim = int(dim)
@@ -147,7 +155,8 @@ class DelgLocalHead(LocalHead):
     def losses(self, features: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         if self.classifier is None:
             raise RuntimeError("DelgLocalHead was built with num_classes=0: it cannot be trained")
-        conv4 = features[self.stage].detach().float()  # the gradient stop of DELG, whatever the module does
+        # DELG's gradient stop, whatever the module does
+        conv4 = self._subsampled(features[self.stage].detach().float())
         attention, _, reconstruction = self.forward_maps(conv4)
         pooled = (F.normalize(reconstruction, dim=1) * attention).mean(dim=(2, 3))
         mse = F.mse_loss(reconstruction, conv4)
@@ -159,6 +168,10 @@ class DelgLocalHead(LocalHead):
             "attention": F.cross_entropy(logits, labels),
             "reconstruction": self.reconstruction_weight * mse,
         }
+
+    def _subsampled(self, conv4: Tensor) -> Tensor:
+        step = self.subsample
+        return conv4[..., ::step, ::step] if step > 1 else conv4
 
     # ------------------------------------------------------------------ extraction
     def entry_kinds(self) -> dict[str, EntryKind]:
@@ -179,7 +192,11 @@ class DelgLocalHead(LocalHead):
         for scale in usable_scales(height, width, self.scales, self.min_side):
             size = scaled_size(height, width, scale)
             conv4, centres = self._centres(features_at, resize(image, size, antialias=antialias), self.stage)
-            attention, encoded, _ = self.forward_maps(conv4.float())
+            conv4, centres = self._subsampled(conv4), centres.subsampled(self.subsample)
+            # fp32 even inside a bf16-mixed test loop: bf16 attention (0.4 % steps) would tie cells
+            # at the top-N cut and reorder them
+            with torch.autocast(conv4.device.type, enabled=False):
+                attention, encoded, _ = self.forward_maps(conv4.float())
             h, w = conv4.shape[-2:]
             levels.append(ScaleFeatures(
                 keypoints=cell_keypoints(centres, (h, w), size, (height, width)),

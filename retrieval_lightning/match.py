@@ -152,10 +152,13 @@ def run_match(argv: list[str]) -> int:
         if not isinstance(module.rerank_head, LocalHead):
             return _explain(module, image_a, image_b, args.out)
         feats_a, feats_b = model_features(module, image_a), model_features(module, image_b)
+        # the head's own matching settings: the inliers drawn are the score its re-ranking gives
+        options = dict(getattr(module.rerank_head, "match_options", {}))
     else:
         feats_a = sift_features(image_a, args.num_features)
         feats_b = sift_features(image_b, args.num_features)
-    result = match_and_verify(*feats_a, *feats_b, seed=args.seed, reference=args.reference)
+        options = {}
+    result = match_and_verify(*feats_a, *feats_b, seed=args.seed, reference=args.reference, **options)
     out = draw_matches(image_a, image_b, result, args.out)
     print(f"inliers: {result.inliers} (tentative matches: {result.matches}; features: {features}, "
           f"{len(feats_a[0])} / {len(feats_b[0])})")

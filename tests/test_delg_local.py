@@ -234,9 +234,9 @@ def test_normalised_reconstruction_is_relative_to_the_feature_energy() -> None:
     with them) leaves the loss unchanged, while the raw MSE grows with the square of the scale."""
     torch.manual_seed(0)
     head = DelgLocalHead(dim=8, attention_hidden=4, reconstruction_weight=10.0, reconstruction_normalize=True,
-                         decoder_relu=False)
+                         decoder_relu=False, subsample=1)
     head.build({"conv4": 6}, 3)
-    raw = DelgLocalHead(dim=8, attention_hidden=4, reconstruction_weight=10.0, decoder_relu=False)
+    raw = DelgLocalHead(dim=8, attention_hidden=4, reconstruction_weight=10.0, decoder_relu=False, subsample=1)
     raw.build({"conv4": 6}, 3)
     raw.load_state_dict(head.state_dict())
     conv4, labels = torch.randn(2, 6, 5, 5), torch.tensor([0, 2])
@@ -249,3 +249,49 @@ def test_normalised_reconstruction_is_relative_to_the_feature_energy() -> None:
         scaled, scaled_raw = head.losses({"conv4": 7 * conv4}, labels), raw.losses({"conv4": 7 * conv4}, labels)
     torch.testing.assert_close(scaled["reconstruction"], expected)
     torch.testing.assert_close(scaled_raw["reconstruction"], 49.0 * expected * (conv4**2).mean())
+
+
+def pooled_features(image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stride-16 'conv4' of 6 channels that autocast leaves in fp32 (pooling and squares)."""
+    pooled = F.avg_pool2d(image, 16)
+    return {"conv4": torch.cat([pooled, pooled.square()], dim=1)}
+
+
+def test_subsample_keeps_every_other_cell_as_delg_conv4() -> None:
+    """``subsample: 2`` (DELG's ``conv4[..., ::2, ::2]``): in extraction the even cells of the stride-16 map,
+    keypoints 32 px apart; in training the losses of that subsampled map."""
+    torch.manual_seed(0)
+    full = DelgLocalHead(dim=8, attention_hidden=4, subsample=1, scales=[1.0], max_keypoints=None)
+    full.build({"conv4": 6}, 3)
+    half = DelgLocalHead(dim=8, attention_hidden=4, subsample=2, scales=[1.0], max_keypoints=None)
+    half.build({"conv4": 6}, 3)
+    half.load_state_dict(full.state_dict())
+    full.eval(), half.eval()
+    image = torch.rand(3, 160, 224)
+    every, even = full.extract_entries([image], pooled_features)[0], half.extract_entries([image], pooled_features)[0]
+    assert len(every["keypoints"]) == 10 * 14 and len(even["keypoints"]) == 5 * 7
+    xs, ys = even["keypoints"][:, 0].unique(), even["keypoints"][:, 1].unique()
+    assert torch.equal(xs[1:] - xs[:-1], torch.full((6,), 32.0))
+    assert torch.equal(ys[1:] - ys[:-1], torch.full((4,), 32.0))
+    where = {tuple(p): i for i, p in enumerate(every["keypoints"].tolist())}
+    rows = torch.tensor([where[tuple(p)] for p in even["keypoints"].tolist()])  # each kept cell is a full-map cell
+    assert torch.equal(even["descriptors"], every["descriptors"][rows])
+    conv4, labels = torch.randn(2, 6, 10, 14), torch.tensor([0, 2])
+    with torch.no_grad():
+        got, want = half.losses({"conv4": conv4}, labels), full.losses({"conv4": conv4[..., ::2, ::2]}, labels)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_extraction_inside_bf16_autocast_stays_fp32() -> None:
+    """``test`` under ``precision: bf16-mixed`` extracts inside autocast: the head must not run in bf16,
+    whose attention steps (0.4 %) reorder the cells at the top-N cut."""
+    head = DelgLocalHead(dim=16, attention_hidden=8, scales=[1.0, 2.0], max_keypoints=40)
+    torch.manual_seed(0)
+    head.build({"conv4": 6}, 3)
+    head.eval()
+    image = torch.rand(3, 256, 320)
+    plain = head.extract_entries([image], pooled_features)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head.extract_entries([image], pooled_features)[0]
+    for name in plain:
+        assert torch.equal(plain[name], mixed[name]), name

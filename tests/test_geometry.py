@@ -198,5 +198,9 @@ def test_too_few_matches_and_bad_options() -> None:
         match_and_verify(q_kp, q_desc, d_kp, d_desc, treshold=3.0)
     with pytest.raises(ValueError, match="keypoints but"):
         match_and_verify(q_kp[:2], q_desc, d_kp, d_desc)
+    with pytest.raises(ValueError, match=r"keypoints must be \(n, 2\).*\(2, 3\)"):  # (2, n) is not re-paired
+        match_and_verify(q_kp.T.copy(), q_desc, d_kp, d_desc)
+    with pytest.raises(ValueError, match="must be L2-normalised.*3 of 3 rows"):  # the 1.0 threshold means nothing
+        match_and_verify(q_kp, q_desc * 200, d_kp, d_desc)
     with pytest.raises(TypeError, match="seeds="):
         verify_shortlist(q_kp, q_desc, [(d_kp, d_desc)], [0], seed=1)

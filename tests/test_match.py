@@ -115,3 +115,35 @@ def test_a_model_matches_at_1024_px_unless_told(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(KeyboardInterrupt):
             run_match(["a.jpg", "b.jpg", *args])
     assert sizes == [match.MODEL_MAX_SIDE, None, 640, None, 800]
+
+
+def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[Path, Path, np.ndarray],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inliers `match --checkpoint` prints are the score the model's re-ranking gives the pair:
+    the head's matching, threshold and trial budget, not the defaults."""
+    import retrieval_lightning.match as match
+    from heads.delg_local import DelgLocalHead
+    from retrieval_lightning.module import RetrievalModule
+
+    class Loaded:
+        rerank_head = DelgLocalHead(matching="one_way", threshold=12.0, max_iters=77)
+        heads = {"local": rerank_head}
+
+        def eval(self) -> None:
+            pass
+
+        def rerank_entries(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return [{"keypoints": torch.zeros(0, 2), "descriptors": torch.zeros(0, 128, dtype=torch.float16)}]
+
+    monkeypatch.setattr(RetrievalModule, "load_from_checkpoint", staticmethod(lambda path: Loaded()))
+    seen = {}
+
+    def verify(*features, **options):
+        seen.update(options)
+        return match_and_verify(*features, **options)
+
+    monkeypatch.setattr(match, "match_and_verify", verify)
+    a, b, _ = pair
+    assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--out", str(tmp_path / "m.png")]) == 0
+    assert (seen["matching"], seen["threshold"], seen["max_iters"]) == ("one_way", 12.0, 77)

@@ -57,6 +57,11 @@ class CellCentres:
     y: AxisMap
     x: AxisMap
 
+    def subsampled(self, step: int) -> CellCentres:
+        """The mapping of ``map[..., ::step, ::step]`` (DELG's stride-32 conv4)."""
+        return CellCentres(AxisMap(self.y.stride * step, self.y.offset, self.y.rf),
+                           AxisMap(self.x.stride * step, self.x.offset, self.x.rf))
+
     def centres(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """(height,) y and (width,) x pixel centres of the cells of an (height, width) map."""
         ys = torch.arange(height, dtype=torch.float64) * self.y.stride + self.y.offset

@@ -98,6 +98,10 @@ def _empty(matches: int = 0) -> VerificationResult:
 
 
 # ---------------------------------------------------------------- descriptors and similarities
+#: how far a float descriptor's norm may be from 1 (fp16 storage rounds unit rows by about 1e-3)
+UNIT_TOLERANCE = 1e-2
+
+
 def is_binary(descriptors: np.ndarray) -> bool:
     """Packed sign bits are stored as uint8; float descriptors are fp16/fp32."""
     return np.asarray(descriptors).dtype == np.uint8
@@ -112,7 +116,15 @@ def as_matchable(descriptors: np.ndarray) -> np.ndarray:
         return np.unpackbits(desc, axis=1).astype(np.float32) * 2.0 - 1.0
     if desc.dtype.kind != "f":
         raise TypeError(f"descriptors must be float (unit vectors) or uint8 packed bits, got {desc.dtype}")
-    return np.ascontiguousarray(desc, dtype=np.float32)
+    desc = np.ascontiguousarray(desc, dtype=np.float32)
+    norms = np.linalg.norm(desc, axis=1)
+    if norms.size and np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
+        raise ValueError(
+            f"float descriptors must be L2-normalised (the distance threshold is defined on unit vectors); "
+            f"{int((np.abs(norms - 1.0) > UNIT_TOLERANCE).sum())} of {len(norms)} rows have norms "
+            f"from {norms.min():.4g} to {norms.max():.4g}"
+        )
+    return desc
 
 
 def similarity_floor(dim: int, binary: bool, opts: MatchOptions) -> float:
@@ -283,7 +295,11 @@ def verify_matches(
 
 def check_features(keypoints: np.ndarray, descriptors: np.ndarray, name: str) -> np.ndarray:
     """Validated (n, 2) float64 keypoints (float64: exact arithmetic for the distinct grid)."""
-    kp = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2) if np.size(keypoints) else np.zeros((0, 2))
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.size == 0:
+        kp = np.zeros((0, 2))
+    elif kp.ndim != 2 or kp.shape[1] != 2:
+        raise ValueError(f"{name}: keypoints must be (n, 2) x, y pixels, got shape {kp.shape}")
     if len(kp) != len(descriptors):
         raise ValueError(f"{name}: {len(kp)} keypoints but {len(descriptors)} descriptors")
     return kp
