@@ -35,6 +35,7 @@ from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
+from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.writer import module_identity
 
@@ -494,13 +495,14 @@ class RetrievalModule(pl.LightningModule):
         self._rerank_writers: dict[int, RerankEntryWriter] = {}
         if not self._reranks() or self.trainer.sanity_checking:
             return
-        identity = self.entry_identity()
-        tag = identity["weights_sha256"][:16]
+        # the images too: entries of a run at another max_side or query-box rounding must not be reused
+        identity = {**self.entry_identity(), **datamodule_identity(self.trainer.datamodule)}
+        tag = identity_tag(identity)
         root = Path(self.rerank.store_dir or Path(self.trainer.default_root_dir) / "rerank_store")
         for idx, eval_set in enumerate(self._eval_sets(stage)):
             parent = root / prefix / eval_set.name
             if self.trainer.is_global_zero and parent.is_dir():
-                for old in parent.iterdir():  # entries of earlier weights (earlier epochs) are never read again
+                for old in parent.iterdir():  # entries of earlier weights or data settings are never read again
                     if old.is_dir() and old.name != tag:
                         shutil.rmtree(old, ignore_errors=True)
             self._rerank_writers[idx] = RerankEntryWriter(

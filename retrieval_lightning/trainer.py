@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,13 @@ from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
-from retrieval_lightning.retrieval.writer import FeatureStoreWriter, merge_shards, module_identity, remaining_subset
+from retrieval_lightning.retrieval.writer import (
+    FeatureStoreWriter,
+    datamodule_identity,
+    merge_shards,
+    module_identity,
+    remaining_subset,
+)
 
 
 class RetrievalTrainer(pl.Trainer):
@@ -193,22 +198,16 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
     return f"total {sum(groups.values()):.0f} B/image: {parts}"
 
 
-#: datamodule arguments that do not change what is extracted
-_NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
-
-
 def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
     """Identity of extracted features: weights (training-only tensors excluded), model evaluation
     options, every head's class and arguments (a head's extraction options, such as a keep ratio
     or a keypoint budget, live there and not in the weights), stored kinds and every preprocessing
     argument of the datamodule."""
-    data_args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in _NOT_PREPROCESSING}
     extra: dict[str, Any] = {
         "model_class": type(model).__name__,
         "eval_scales": list(getattr(model, "eval_scales", [])),
         "eval_resize": getattr(model, "eval_resize", "antialias"),
-        "datamodule": type(datamodule).__name__,
-        "preprocessing": json.loads(json.dumps(data_args, sort_keys=True, default=str)),
+        **datamodule_identity(datamodule),
     }
     if hasattr(model, "head_arguments"):
         extra["heads"] = model.head_arguments()

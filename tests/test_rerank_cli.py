@@ -42,6 +42,11 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
         assert single[f"test/{SET}/reranked/{name}"] == single[f"test/{SET}/{name}"]
     stores = sorted((one / "rerank_store" / "test" / SET).glob("*/database/store"))
     assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
+    # the same weights on other images (a smaller max_side): the entries are extracted again, not reused
+    run_main(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted"),
+              "--data.init_args.eval_max_side=64"], cwd=tmp_path)
+    again = sorted((one / "rerank_store" / "test" / SET).glob("*/database/store"))
+    assert len(again) == 1 and again[0] != stores[0]  # the other images' store replaced the first
 
     reversed_dir = tmp_path / "reversed"
     run_main(["test", *rerank_args(cache_root, reversed_dir, "--model.heads.verifier.init_args.sign=-1",

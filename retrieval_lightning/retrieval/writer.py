@@ -76,6 +76,25 @@ def module_identity(
     return normalize_identity({"weights_sha256": digest.hexdigest(), **extra})
 
 
+#: datamodule arguments that do not change what is extracted
+NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
+
+
+def datamodule_identity(datamodule: Any) -> dict[str, Any]:
+    """What a datamodule contributes to a store identity: its class and every argument that changes the
+    images a model sees (a ``max_side``, a query-box rounding), so features of other images are not reused."""
+    args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in NOT_PREPROCESSING}
+    return {
+        "datamodule": type(datamodule).__name__ if datamodule is not None else None,
+        "preprocessing": json.loads(json.dumps(args, sort_keys=True, default=str)),
+    }
+
+
+def identity_tag(identity: Mapping[str, Any]) -> str:
+    """16 hex digits naming a store folder after its whole identity."""
+    return hashlib.sha256(json.dumps(normalize_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
+
+
 #: what numpy/zipfile raise for a truncated or corrupted shard (BadZipFile is none of the others)
 _DAMAGED = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
