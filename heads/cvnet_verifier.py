@@ -48,7 +48,7 @@ def check_pair_size(query_hw: tuple[int, ...], candidate_hw: tuple[int, ...]) ->
             f"{candidate_hw[0]}x{candidate_hw[1]}-cell candidate is a 4D correlation of {cells:.3g} cells "
             f"(at most {MAX_PAIR_CELLS:.3g}; the network's first block alone would hold {block1_gb:.0f} GB): "
             "score images of at most about 2048 px on the long side (CVNet's tester uses ROxford's <= 1024 px "
-            "images; `match --max-side 1024`)"
+            "images): --data.init_args.max_side 1024 in test/extract, --max-side 1024 in match"
         )
 
 

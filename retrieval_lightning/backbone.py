@@ -112,7 +112,8 @@ class Backbone(nn.Module):
         weights: see the module docstring.
         stages: stage names to compute (``conv1``..``conv5``); heads add theirs at build time.
         input_order: ``"rgb"`` or ``"bgr"`` (CVNet weights expect BGR).
-        mean, std: normalisation in the input order; default: the model's pretrained config.
+        mean, std: normalisation in the input order; default: the model's pretrained config (RGB statistics,
+            reversed for ``bgr``).
         channels_last: use channels-last memory format on CUDA (ignored on CPU).
         pre_activation: stages returned *before* the final ReLU of their last residual block
             (after the residual addition; CVNet's verifier reads conv4 this way, values can be
@@ -152,8 +153,10 @@ class Backbone(nn.Module):
         for stage in self.pre_activation:
             self._install_pre_activation_tap(stage)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
+        # the defaults are per RGB channel: reversed for BGR input, so each channel gets its own statistic
+        order = slice(None, None, -1) if input_order == "bgr" else slice(None)
+        mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))[order]
+        std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))[order]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if weights not in (None, "timm"):

@@ -126,6 +126,9 @@ def test_bgr_input_order_flips_channels() -> None:
     x = torch.rand(1, 3, 4, 4)
     torch.testing.assert_close(bgr.normalize(x), x.flip(1))
     torch.testing.assert_close(rgb.normalize(x), x)
+    # default statistics are per RGB channel: with BGR input each channel still gets its own
+    rgb, bgr = Backbone("resnet18"), Backbone("resnet18", input_order="bgr")
+    torch.testing.assert_close(bgr.normalize(x), rgb.normalize(x).flip(1))
 
 
 def test_unknown_name_and_unreachable_timm_weights_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:

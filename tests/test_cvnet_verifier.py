@@ -274,6 +274,16 @@ def test_official_import_lists_what_does_not_fit(tmp_path) -> None:
     assert "conv2ds.1.weight (8, 1024, 3, 3)" in message
 
 
+def test_official_import_takes_a_wrapped_state_and_names_a_converted_one(tmp_path) -> None:
+    """Keys saved from a DataParallel/DDP wrapper (``module.``) import; a checkpoint of this framework
+    passed back in is named as such instead of failing on the ResNet depth."""
+    state = {f"module.{k}": v for k, v in random_official_state(50).items()}
+    torch.save({"model_state": state}, tmp_path / "wrapped.pyth")
+    import_cvnet_checkpoint(str(tmp_path / "wrapped.pyth"), str(tmp_path / "out.ckpt"))
+    with pytest.raises(CheckpointImportError, match="not an official CVNet checkpoint.*pass it to --ckpt_path"):
+        import_cvnet_checkpoint(str(tmp_path / "out.ckpt"), str(tmp_path / "again.ckpt"))
+
+
 def test_explain_is_the_score_and_the_scale_one_correlation() -> None:
     """explain(): the same score as score(), heat = each location's best clamped cosine at scale 1,
     lines = mutual nearest neighbours strongest first, at cell centres; an image against itself

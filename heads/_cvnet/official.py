@@ -86,7 +86,19 @@ def _target_state(backbone: Backbone, heads: dict[str, Any]) -> dict[str, Tensor
 
 
 def convert_official_state(source: dict[str, Tensor]) -> tuple[Backbone, dict[str, Any]]:
-    """Official state dict -> a loaded (backbone, heads) pair; every tensor must be accounted for."""
+    """Official state dict -> a loaded (backbone, heads) pair; every tensor must be accounted for.
+
+    A ``module.`` prefix on every key (a state dict saved from a DataParallel/DDP wrapper) is dropped."""
+    if source and all(k.startswith("module.") for k in source):
+        source = {k[len("module."):]: v for k, v in source.items()}
+    if not any(k.startswith("encoder_q.") for k in source):
+        shown = ", ".join(sorted(source)[:4])
+        hint = (" (this looks like a retrieval-lightning checkpoint already: pass it to --ckpt_path)"
+                if any(k.startswith("backbone.") for k in source) else "")
+        raise CheckpointImportError(
+            f"not an official CVNet checkpoint: no encoder_q.* keys among its {len(source)} tensors "
+            f"(first: {shown}){hint}"
+        )
     s3_blocks = {int(m[1]) for k in source if (m := re.match(r"^encoder_q\.s3\.b(\d+)\.", k))}
     depth = DEPTH_BY_S3_BLOCKS.get(len(s3_blocks))
     if depth is None:
