@@ -117,6 +117,15 @@ def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_roo
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert metrics, f"{config.name}: no test metrics"
     assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
+    # a checkpoint's monitored metric must be one validation logs (here: its test twin, the same eval set),
+    # or the run dies at its first validation
+    for monitor in _monitored(config):
+        assert monitor.replace("val/", "test/", 1) in metrics, (config.name, monitor, sorted(metrics))
+
+
+def _monitored(config: Path) -> list[str]:
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    return [cb["init_args"]["monitor"] for cb in callbacks if (cb.get("init_args") or {}).get("monitor")]
 
 
 def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path, tmp_path: Path,
