@@ -263,7 +263,8 @@ class GLDv2DataModule(L.LightningDataModule):
         assert self.train_dataset is not None
         hp = self.hparams
         if self.pairs is not None:
-            return PairLoader(self.train_dataset, batch_sampler=PairBatchSampler(self.pair_miner),
+            sampler = PairBatchSampler(self.pair_miner, augmentation_seeds=True)  # crops seeded: exact resume
+            return PairLoader(self.train_dataset, batch_sampler=sampler,
                               collate_fn=PairCollate(self.pairs.group_size, self.pairs.shuffled_negatives),
                               num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                               persistent_workers=hp.num_workers > 0)

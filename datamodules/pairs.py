@@ -234,8 +234,11 @@ class PairBatchSampler(BatchSampler):
     """
 
     def __init__(self, miner: PairMiner, sampler: Sampler | None = None, batch_size: int | None = None,
-                 drop_last: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
+                 drop_last: bool = True, rank: int | None = None, world_size: int | None = None,
+                 augmentation_seeds: bool = False) -> None:
         self.miner = miner
+        # items as (position, seed) even without a crop pool: for datasets that take them (GLDv2's)
+        self.augmentation_seeds = bool(augmentation_seeds)
         self.config = miner.config
         self.batch_size = self.config.batch_size  # images per batch; the argument is for Lightning only
         self.drop_last = True
@@ -304,12 +307,22 @@ class PairBatchSampler(BatchSampler):
             out.append([(int(p), self.crop_seed(p, int(c))) for p, c in zip(group, crops)])
         return out
 
+    def with_seeds(self, groups: list[list[int]], epoch: int) -> list[list[tuple[int, int]]]:
+        """``(position, augmentation_seed)`` items without a crop pool: one seed per place of the epoch,
+        a function of ``(seed, epoch, place)`` alone. Without it a crop came from the loader worker's random
+        state, which a run resumed mid-epoch restarts: it redrew the epoch's first crops."""
+        rng = np.random.default_rng([self.config.seed, int(epoch), 3])
+        seeds = rng.integers(0, 2**62, size=(len(groups), max((len(g) for g in groups), default=0)))
+        return [[(int(p), int(s)) for p, s in zip(group, row)] for group, row in zip(groups, seeds)]
+
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         rank, world = self._rank_world()
         epoch = self._current_epoch()
         groups: list = self.epoch_groups(epoch)
         if self.config.crops_per_image:
             groups = self.with_crops(groups, epoch)
+        elif self.augmentation_seeds:
+            groups = self.with_seeds(groups, epoch)
         mine = groups[rank::world][: len(groups) // world]
         gpb = self.config.groups_per_batch
         first, self.skip = self.skip * gpb, 0

@@ -214,6 +214,45 @@ def test_pair_loader_resumes_mid_epoch() -> None:
     assert [b["label"].tolist() for b in resumed] == full  # the next pass is whole again
 
 
+def test_pair_items_carry_seeds_that_resume_with_the_batches() -> None:
+    """GLDv2's pair stages without a crop pool: each place of an epoch carries its own augmentation seed, so
+    a crop depends on (seed, epoch, place), not on a loader worker's random state, which a resumed run restarts."""
+    from datamodules.pairs import PairLoader
+
+    config = PairSampling(groups_per_batch=2, negatives=1, seed=2)
+    miner = PairMiner(LABELS, config)
+    plain = PairBatchSampler(miner)
+    plain.set_epoch(4)
+    make = lambda: PairLoader(SeededItems(), batch_sampler=PairBatchSampler(miner, augmentation_seeds=True),
+                              collate_fn=lambda items: items)
+    loader = make()
+    loader.batch_sampler.set_epoch(4)
+    full = list(loader)
+    assert [[p for p, _ in batch] for batch in full] == list(plain)  # the same groups as without seeds
+    seeds = [s for batch in full for _, s in batch]
+    assert len(set(seeds)) == len(seeds)  # every place its own seed, also a same-image positive's
+    it = iter(loader)
+    [next(it) for _ in range(2)]
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    it = iter(resumed)
+    resumed.batch_sampler.set_epoch(4)
+    assert list(it) == full[2:]  # the resumed batches draw the uninterrupted run's crops
+    loader.batch_sampler.set_epoch(5)
+    assert [s for batch in loader for _, s in batch] != seeds  # another epoch, other crops
+
+
+class SeededItems:
+    """A dataset that returns the (position, seed) item it is given."""
+
+    def __len__(self) -> int:
+        return LABELS.size
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, int]:
+        assert isinstance(item, tuple), item
+        return item
+
+
 def test_hide_and_seek_schedule_and_hidden_fraction() -> None:
     has = HideAndSeek(start=0.1, end=0.5, warmup_steps=100, delay_steps=20, grid=4)
     assert [has.share(s) for s in (0, 19, 20, 70, 120, 10_000)] == pytest.approx([0, 0, 0.1, 0.3, 0.5, 0.5])
