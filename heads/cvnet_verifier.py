@@ -82,6 +82,8 @@ class CVNetVerifierHead(VerifierHead):
     """
 
     stages = ("conv4",)
+    #: how pairs are scored, not what is stored: a store stays valid when they change
+    scoring_only = ("batch_size", "max_pairs", "score_dtype")
 
     def __init__(
         self,
@@ -97,8 +99,8 @@ class CVNetVerifierHead(VerifierHead):
         if border < 0:
             raise ValueError(f"border must be >= 0, got {border}")
         self.border = int(border)
-        if entry_dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"entry_dtype must be float16, bfloat16 or float32, got {entry_dtype!r}")
+        if entry_dtype not in ("float16", "float32"):  # numpy, and so the stores, have no bfloat16
+            raise ValueError(f"entry_dtype must be float16 or float32 (what a store holds), got {entry_dtype!r}")
         if score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
         self.score_dtype = score_dtype

@@ -78,6 +78,9 @@ class DelgLocalHead(LocalHead):
     """
 
     training_only = ("classifier.",)  # the attention loss's classifier over the training classes
+    #: matching and RANSAC settings score stored features, they do not change them: a store stays valid
+    scoring_only = ("matching", "ratio", "max_distance", "max_hamming", "model", "method", "threshold",
+                    "max_iters", "workers")
 
     def __init__(
         self,

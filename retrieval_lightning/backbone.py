@@ -21,7 +21,7 @@ import difflib
 import functools
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import timm
 import torch
@@ -166,6 +166,13 @@ class Backbone(nn.Module):
     def init_args(self) -> dict:
         """Constructor arguments (self-contained checkpoints rebuild the backbone from them)."""
         return dict(self.__dict__.get("_init_args", {}))
+
+    def feature_arguments(self) -> dict[str, Any]:
+        """What shapes the features besides the weights, for store identities: the arguments (where the
+        weights came from and the memory format aside) and the normalisation applied, whose buffers are
+        not in the state dict."""
+        args = {k: v for k, v in self.init_args.items() if k not in ("weights", "channels_last")}
+        return {**args, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     @property
     def stages(self) -> tuple[str, ...]:

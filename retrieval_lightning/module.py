@@ -31,6 +31,7 @@ from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_sca
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.progress import shows_progress
+from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
@@ -488,7 +489,7 @@ class RetrievalModule(pl.LightningModule):
         kinds = {f"{side}:{k}": [v.dtype, list(v.shape), v.ragged]
                  for side, db in (("q", False), ("db", True)) for k, v in self.rerank_entry_kinds(db).items()}
         return module_identity(self, exclude=self.is_training_only, model_class=type(self).__name__, kinds=kinds,
-                               heads=self.head_arguments())
+                               heads=self.head_arguments(), backbone=self.backbone.feature_arguments())
 
     def _start_eval(self, prefix: str, stage: str) -> None:
         self._eval_buffers.clear()
@@ -590,9 +591,8 @@ class RetrievalModule(pl.LightningModule):
     def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor) -> EvalResult:
         strategy = self.trainer.strategy
         strategy.barrier()
-        if self.trainer.is_global_zero:
-            writer.merge()
-        strategy.barrier()
+        on_rank_zero(writer.merge, self.trainer.is_global_zero, strategy.broadcast,
+                     f"merging {eval_set.name}'s re-ranking entries")
         query_store, db_store = writer.open()
         return evaluate_reranked(
             self, eval_set, desc, query_store, db_store, self.rerank,

@@ -74,14 +74,16 @@ def load_query(path: str, resize: ImageResize) -> torch.Tensor:
 
 
 def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
-    """Refuse a store extracted with other weights (compares the weight hash of both)."""
-    from retrieval_lightning.retrieval.writer import module_identity
+    """Refuse a store whose images were described otherwise than this model describes the queries: other
+    weights, scales, backbone normalisation or head settings (the database's own preprocessing aside)."""
+    from retrieval_lightning.retrieval.writer import model_identity
 
-    expected = module_identity(module, exclude=getattr(module, "is_training_only", None))
-    diffs = identity_differences({"weights_sha256": store.identity.get("weights_sha256")},
-                                 {"weights_sha256": expected["weights_sha256"]})
+    expected = model_identity(module)
+    diffs = identity_differences({k: store.identity.get(k) for k in expected}, expected)
     if diffs:
-        raise StoreIdentityError(f"feature store {store.path} was extracted by another model ({diffs[0]})")
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise StoreIdentityError(f"feature store {store.path} was extracted by another model or settings ({shown}); "
+                                 "extract it again with this checkpoint and its settings")
 
 
 Ranker = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]

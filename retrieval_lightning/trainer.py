@@ -14,6 +14,7 @@ from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_i
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.progress import shows_progress
+from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
@@ -21,7 +22,7 @@ from retrieval_lightning.retrieval.writer import (
     FeatureStoreWriter,
     datamodule_identity,
     merge_shards,
-    module_identity,
+    model_identity,
     remaining_subset,
 )
 
@@ -109,14 +110,16 @@ class RetrievalTrainer(pl.Trainer):
             n_sets = plan.n_sets
             spec = plan.spec
             self.strategy.barrier()
-            if self.is_global_zero:
+
+            def merge(spec: Any = spec) -> None:
                 out = Path(output_dir) / spec.name
                 store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)),
                                      overwrite=True)
                 write_set_files(spec, out)
                 print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
                 stores[spec.name] = str(store.path)
-            self.strategy.barrier()
+
+            on_rank_zero(merge, self.is_global_zero, self.strategy.broadcast, f"merging {spec.name}'s shards")
             position += 1
         return stores
 
@@ -199,22 +202,9 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
 
 
 def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
-    """Identity of extracted features: weights (training-only tensors excluded), model evaluation
-    options, every head's class and arguments (a head's extraction options, such as a keep ratio
-    or a keypoint budget, live there and not in the weights), stored kinds and every preprocessing
+    """Identity of extracted features: the model's (:func:`model_identity`) and every preprocessing
     argument of the datamodule."""
-    extra: dict[str, Any] = {
-        "model_class": type(model).__name__,
-        "eval_scales": list(getattr(model, "eval_scales", [])),
-        "eval_resize": getattr(model, "eval_resize", "antialias"),
-        **datamodule_identity(datamodule),
-    }
-    if hasattr(model, "head_arguments"):
-        extra["heads"] = model.head_arguments()
-    if getattr(model, "rerank_head", None) is not None:
-        extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
-    skip = getattr(model, "is_training_only", None)
-    return module_identity(model, exclude=skip, **extra)
+    return {**model_identity(model), **datamodule_identity(datamodule)}
 
 
 class _OneEvalSet(pl.LightningDataModule):

@@ -86,6 +86,8 @@ def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
     torch.testing.assert_close(bf16, auto, atol=3e-2, rtol=0)
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         CVNetVerifierHead(score_dtype="fp8")
+    with pytest.raises(ValueError, match="entry_dtype must be float16 or float32"):  # no store holds bfloat16
+        CVNetVerifierHead(entry_dtype="bfloat16")
 
 
 def test_a_pair_too_large_for_the_4d_network_is_refused_before_anything_is_allocated() -> None:

@@ -568,7 +568,7 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False, rank=0, world_size=2,
                        broadcast=lambda failed: sent.append(failed) or failed)
-    with pytest.raises(RuntimeError, match="rank 0 failed to write the queries' entries"):
+    with pytest.raises(RuntimeError, match="writing the queries' entries: rank 0 failed"):
         evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False, rank=1, world_size=2,
                        broadcast=lambda failed: True)
     assert sent == [True]

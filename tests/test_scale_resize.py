@@ -117,6 +117,33 @@ def test_extraction_identity_names_the_resize() -> None:
     assert extraction_identity(module, data) != default
 
 
+def test_identities_follow_the_backbone_preprocessing() -> None:
+    """The backbone's normalisation is a buffer outside the state dict and its input order an argument:
+    either changes every descriptor, so each changes the identity of extracted features, of stored
+    re-ranking entries, and what ``search`` accepts."""
+    from retrieval_lightning.search_cli import check_store_matches
+
+    def module(verifier: dict | None = None, **backbone: object) -> RetrievalModule:
+        torch.manual_seed(0)
+        heads = {"global": HEADS.get("gem_arcface")(),
+                 "verifier": HEADS.get("cvnet_verifier")(width=8, **(verifier or {}))}
+        return RetrievalModule(Backbone("resnet18", stages=("conv4", "conv5"), **backbone), heads)
+
+    data = SimpleNamespace(hparams={"max_side": 96})
+    plain = module()
+    for other in (module(input_order="bgr"), module(mean=(0.5, 0.5, 0.5)), module(pre_activation=("conv4",))):
+        assert extraction_identity(other, data) != extraction_identity(plain, data)
+        assert other.entry_identity() != plain.entry_identity()
+        store = SimpleNamespace(identity=extraction_identity(plain, data), path="features/store")
+        with pytest.raises(ValueError, match="another model or settings.*backbone"):
+            check_store_matches(other, store)
+    check_store_matches(module(), SimpleNamespace(identity=extraction_identity(plain, data), path="s"))
+    # how pairs are scored is not what is stored: another scoring batch or dtype keeps the store
+    scored = module({"score_dtype": "float32", "batch_size": 16})
+    assert scored.entry_identity() == plain.entry_identity()
+    assert module({"border": 1}).entry_identity() != plain.entry_identity()  # this one changes the entries
+
+
 def test_extraction_identity_follows_head_options(tmp_path: Path) -> None:
     """A head's extraction options are arguments, not weights: another value is another store, so
     a rerun with another keypoint budget is refused instead of finding the old shards done."""

@@ -54,8 +54,9 @@ def fill_dropped(units: Tensor, mask: Tensor, sigma: float) -> Tensor:
 
 def fill_rows(rows: Tensor, positions: Tensor, hw: tuple[int, int], sigma: float) -> Tensor:
     """Decoded (h*w, P) rows of one level, zero where dropped -> dropped rows filled as
-    :func:`fill_dropped` fills them; stored rows are returned unchanged (not normalised), so the
-    verifier normalises them exactly as it does dense rows."""
+    :func:`fill_dropped` fills them; stored rows are returned as decoded, unit rows up to the codec's
+    rounding (int4 norms within about 0.9 - 1.1), which the verifier scores as it scores stored dense rows:
+    as they are, not normalised again."""
     if sigma <= 0 or positions.numel() == 0 or positions.numel() >= rows.shape[0]:
         return rows
     h, w = hw

@@ -102,9 +102,17 @@ def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any],
             diffs.append(f"{name!r}={stored[key]!r} in store but not expected")
         elif isinstance(stored[key], Mapping) and isinstance(expected[key], Mapping):
             diffs += identity_differences(stored[key], expected[key], prefix=f"{name}.")
+        elif _same_length_lists(stored[key], expected[key]) and stored[key] != expected[key]:
+            # a head's [class, {arguments}]: name the argument, not the whole list
+            diffs += identity_differences(dict(enumerate(stored[key])), dict(enumerate(expected[key])),
+                                          prefix=f"{name}.")
         elif stored[key] != expected[key]:
             diffs.append(f"{name!r}: store has {stored[key]!r}, expected {expected[key]!r}")
     return diffs
+
+
+def _same_length_lists(a: Any, b: Any) -> bool:
+    return isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
 
 
 class StoreBuilder:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
+from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.rerank_eval import (
     QUERIES, RerankEntryWriter, evaluate_reranked, evaluation_mode,
 )
@@ -83,16 +84,8 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     queries = store
     if model.sparsifier is not None:
         directory = path.parent / "query_entries"
-        error = None
-        if rank == 0:
-            try:
-                write_query_entries(model, eval_set, directory, store.identity, progress)
-            except Exception as err:  # the other ranks must not wait for entries that will never come
-                error = err
-        if broadcast(error is not None):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"{eval_set.name}: rank 0 failed to write the queries' entries (its error is above)")
+        on_rank_zero(lambda: write_query_entries(model, eval_set, directory, store.identity, progress), rank == 0,
+                     broadcast, f"{eval_set.name}: writing the queries' entries")
         queries = FeatureStore.open(directory / QUERIES / "store", expect_identity=store.identity)
     reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, rank=rank,
                                  world_size=world_size, chunk=chunk, device=model.device, progress=progress)

@@ -90,6 +90,25 @@ def datamodule_identity(datamodule: Any) -> dict[str, Any]:
     }
 
 
+def model_identity(model: Any) -> dict[str, Any]:
+    """Identity of what a model extracts from an image: its weights (training-only tensors excluded), its
+    evaluation options, the backbone's arguments and normalisation, every head's class and arguments (a
+    keep ratio or a keypoint budget lives there, not in the weights) and the stored kinds."""
+    extra: dict[str, Any] = {
+        "model_class": type(model).__name__,
+        "eval_scales": list(getattr(model, "eval_scales", [])),
+        "eval_resize": getattr(model, "eval_resize", "antialias"),
+    }
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "feature_arguments"):
+        extra["backbone"] = backbone.feature_arguments()
+    if hasattr(model, "head_arguments"):
+        extra["heads"] = model.head_arguments()
+    if getattr(model, "rerank_head", None) is not None:
+        extra["kinds"] = {k: [v.dtype, list(v.shape), v.ragged] for k, v in model.rerank_entry_kinds(True).items()}
+    return module_identity(model, exclude=getattr(model, "is_training_only", None), **extra)
+
+
 def identity_tag(identity: Mapping[str, Any]) -> str:
     """16 hex digits naming a store folder after its whole identity."""
     return hashlib.sha256(json.dumps(normalize_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
