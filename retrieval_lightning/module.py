@@ -118,6 +118,9 @@ class RetrievalModule(pl.LightningModule):
                 head.build(backbone.stage_channels, num_classes)
         self.heads = nn.ModuleDict(heads)
         self.num_classes = num_classes
+        stray = sorted(set(loss_weights or {}) - set(heads))
+        if stray:  # a misspelt role would train its head at weight 1.0, silently
+            raise ValueError(f"loss_weights name {stray}, which are not configured heads {sorted(heads)}")
         self.loss_weights = {role: float((loss_weights or {}).get(role, 1.0)) for role in heads}
         unknown = [r for r in list(detach) + list(freeze) if r != "backbone" and r not in heads]
         if unknown:

@@ -30,6 +30,11 @@ class OptimConfig:
     schedule: str = "linear"
     warmup_steps: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "backbone_lr_mult", "momentum", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+
 
 class UnboundedScheduleError(ValueError):
     """A schedule that decays over the run was asked for, but the run has no step bound."""

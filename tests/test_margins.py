@@ -118,3 +118,15 @@ def test_curricularface_t_stays_fp32_under_bf16_true() -> None:
     torch.testing.assert_close(head.t, reference.t, rtol=1e-6, atol=1e-7)
     head.to(torch.float64)
     assert head.t.dtype == torch.float32  # conversions keep the statistic's value and precision
+
+
+def test_a_margin_in_degrees_is_refused() -> None:
+    """pytorch-metric-learning takes ArcFace's margin in degrees; here it is radians, and 28.6 would train."""
+    import pytest
+
+    from retrieval_lightning.layers.margins import build_margin
+
+    assert build_margin("arcface", 45.25, 0.1).margin == 0.1
+    for kind in ("arcface", "curricularface"):
+        with pytest.raises(ValueError, match=r"margin must be in radians.*28.6 degrees would be 0.4992"):
+            build_margin(kind, 45.25, 28.6)

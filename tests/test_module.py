@@ -104,6 +104,8 @@ def test_unknown_role_and_mismatched_role_are_rejected() -> None:
         RetrievalModule(Backbone("resnet18"), {"local": GemArcFace()}, num_classes=2)
     with pytest.raises(ValueError, match="not configured heads"):
         make(freeze=["verifier"])
+    with pytest.raises(ValueError, match=r"loss_weights name \['globl'\]"):  # not trained at 1.0 unseen
+        make(loss_weights={"globl": 0.5})
 
 
 def test_parameter_groups_give_learnable_p_ten_times_the_lr_without_decay() -> None:

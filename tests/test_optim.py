@@ -92,3 +92,9 @@ def test_configure_optimizers_leaves_frozen_modules_out() -> None:
 def test_configure_optimizers_refuses_unbounded_run() -> None:
     with pytest.raises(UnboundedScheduleError):
         attach(make(), float("inf")).configure_optimizers()
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "warmup_steps"])
+def test_negative_settings_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"optim.{name} must be >= 0"):
+        OptimConfig(**{name: -1})

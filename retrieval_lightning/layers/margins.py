@@ -109,4 +109,7 @@ def build_margin(kind: str, scale: float, margin: float) -> nn.Module:
     kinds = {"arcface": ArcFaceMargin, "curricularface": CurricularFaceMargin}
     if kind not in kinds:
         raise ValueError(f"unknown margin {kind!r}; choose one of {sorted(kinds)}")
+    if not 0.0 <= margin < math.pi / 2:  # pytorch-metric-learning gives ArcFace's margin in degrees
+        raise ValueError(f"margin must be in radians, in [0, pi/2), got {margin} (ArcFace/DELG: 0.1; "
+                         f"{margin} degrees would be {math.radians(margin):.4g})")
     return kinds[kind](scale=scale, margin=margin)
