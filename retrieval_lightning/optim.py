@@ -17,7 +17,9 @@ class OptimConfig:
         name: ``sgd`` (DELG: momentum 0.9) or ``adamw``.
         lr: base learning rate of the heads.
         backbone_lr_mult: backbone lr = ``lr * backbone_lr_mult`` (fine-tuning uses < 1).
-        momentum, weight_decay: as in torch.
+        momentum: as in torch.
+        weight_decay: decay of weight matrices and kernels; biases, normalisation scales and GeM's p
+            (parameters of fewer than 2 dimensions) are not decayed.
         schedule: ``linear`` (decay to 0 over training, DELG), ``cosine`` or ``constant``.
         warmup_steps: linear warm-up steps before the schedule.
     """
@@ -75,6 +77,22 @@ def check_total_steps(cfg: OptimConfig, total_steps: float | int | None) -> int:
     return int(total_steps)
 
 
+def _split_decay(groups: list[dict], weight_decay: float) -> list[dict]:
+    """Each group without its own ``weight_decay`` split in two: matrices and kernels decayed, vectors
+    (biases, BatchNorm/GroupNorm scales) not; decaying those only pulls normalisation towards zero."""
+    out = []
+    for group in groups:
+        if "weight_decay" in group or weight_decay == 0:
+            out.append({"weight_decay": weight_decay, **group})
+            continue
+        params = list(group["params"])
+        split = (([p for p in params if p.ndim >= 2], weight_decay), ([p for p in params if p.ndim < 2], 0.0))
+        for chosen, decay in split:
+            if chosen:
+                out.append({**group, "params": chosen, "weight_decay": decay})
+    return out
+
+
 def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | int | None) -> dict[str, Any]:
     """Optimiser over ``groups`` (which may carry their own lr/decay) and a per-step LambdaLR.
 
@@ -84,8 +102,7 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | i
     if cfg.schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; use linear, cosine or constant")
     total = check_total_steps(cfg, total_steps)
-    for group in groups:
-        group.setdefault("weight_decay", cfg.weight_decay)
+    groups = _split_decay(groups, cfg.weight_decay)
     if cfg.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     elif cfg.name == "adamw":

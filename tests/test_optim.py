@@ -74,6 +74,9 @@ def test_configure_optimizers_backbone_lr_multiplier_and_schedule() -> None:
         ids = {id(p) for p in group["params"]}
         assert ids <= backbone or ids <= head
         assert group["lr"] == pytest.approx(0.025 if ids <= backbone else 0.1)
+        # matrices and kernels decay; biases, BatchNorm scales and GeM's p do not
+        assert group["weight_decay"] == (1e-4 if all(p.ndim >= 2 for p in group["params"]) else 0.0)
+        assert all(p.ndim >= 2 for p in group["params"]) or all(p.ndim < 2 for p in group["params"])
     for _ in range(10):
         optim.step()
         sched.step()
