@@ -73,6 +73,24 @@ def load_query(path: str, resize: ImageResize) -> torch.Tensor:
     return to_float(resize_by(image, resize.factor(image.shape[1], image.shape[2])))
 
 
+#: evaluation options a store records and a searching module takes from it (they are not weights)
+STORE_EVALUATION = ("eval_scales", "eval_resize")
+
+
+def adopt_store_evaluation(module: torch.nn.Module, store: FeatureStore) -> None:
+    """Describe the queries as the database was described: the store's scales and resize (``extract`` may
+    have been run with other ones than the checkpoint records), saying so on stderr."""
+    for name in STORE_EVALUATION:
+        stored = store.identity.get(name)
+        if stored is None or not hasattr(module, name):
+            continue
+        current = getattr(module, name)
+        value = tuple(float(s) for s in stored) if name == "eval_scales" else stored
+        if (tuple(current) if name == "eval_scales" else current) != value:
+            print(f"note: {name} {value} as the store was extracted (the checkpoint records {current})", file=sys.stderr)
+            setattr(module, name, value)
+
+
 def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
     """Refuse a store whose images were described otherwise than this model describes the queries: other
     weights, scales, backbone normalisation or head settings (the database's own preprocessing aside)."""
@@ -232,6 +250,7 @@ def run_search(argv: Sequence[str]) -> int:
     store = FeatureStore.open(args.store)
     if "global" not in store.kinds:
         raise StoreIdentityError(f"feature store {store.path} has no global descriptors (kinds {sorted(store.kinds)})")
+    adopt_store_evaluation(module, store)
     check_store_matches(module, store)
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)

@@ -296,8 +296,6 @@ def _tiny_store(path: Path) -> None:
     import numpy as np
 
     from retrieval_lightning.retrieval.store import FeatureStore
-    from retrieval_lightning.retrieval.writer import module_identity
+    from retrieval_lightning.retrieval.writer import model_identity
 
-    model = _tiny_model(0)
-    FeatureStore.from_arrays(path, {"global": np.eye(4, 16, dtype=np.float16)},
-                             identity=module_identity(model, exclude=model.is_training_only))
+    FeatureStore.from_arrays(path, {"global": np.eye(4, 16, dtype=np.float16)}, identity=model_identity(_tiny_model(0)))

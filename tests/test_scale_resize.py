@@ -138,6 +138,16 @@ def test_identities_follow_the_backbone_preprocessing() -> None:
         with pytest.raises(ValueError, match="another model or settings.*backbone"):
             check_store_matches(other, store)
     check_store_matches(module(), SimpleNamespace(identity=extraction_identity(plain, data), path="s"))
+    # scales are evaluation options, not weights: search describes its queries as the store was extracted
+    from retrieval_lightning.search_cli import adopt_store_evaluation
+
+    single, store = module(), SimpleNamespace(identity=extraction_identity(plain, data), path="s")
+    single.eval_scales, single.eval_resize = (1.0,), "opencv"
+    with pytest.raises(ValueError, match="eval_scales"):
+        check_store_matches(single, store)
+    adopt_store_evaluation(single, store)
+    assert (single.eval_scales, single.eval_resize) == (plain.eval_scales, plain.eval_resize)
+    check_store_matches(single, store)
     # how pairs are scored is not what is stored: another scoring batch or dtype keeps the store
     scored = module({"score_dtype": "float32", "batch_size": 16})
     assert scored.entry_identity() == plain.entry_identity()
