@@ -87,7 +87,8 @@ def adopt_store_evaluation(module: torch.nn.Module, store: FeatureStore) -> None
         current = getattr(module, name)
         value = tuple(float(s) for s in stored) if name == "eval_scales" else stored
         if (tuple(current) if name == "eval_scales" else current) != value:
-            print(f"note: {name} {value} as the store was extracted (the checkpoint records {current})", file=sys.stderr)
+            print(f"note: {name} {value} as the store was extracted (the checkpoint records {current})",
+                  file=sys.stderr)
             setattr(module, name, value)
 
 
