@@ -36,9 +36,8 @@ from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
-from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
-from retrieval_lightning.retrieval.writer import module_identity
+from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag, module_identity
 
 DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
 
@@ -483,8 +482,9 @@ class RetrievalModule(pl.LightningModule):
         weights (a keep ratio or a keypoint budget is an argument), for store identities. A head's
         ``scoring_only`` arguments are left out: they do not change what is stored. Its
         ``store_revision`` is appended when not 0, so earlier identities are unchanged."""
-        # the registry name (a config's alias class and the class a checkpoint rebuilds have the same one)
-        return {role: [head_class_path(type(h)), {k: v for k, v in h.init_args.items() if k not in h.scoring_only}]
+        # the registry name: a config's alias class and the class a checkpoint rebuilds share it
+        return {role: [head_class_path(type(h)),
+                       {k: v for k, v in h.init_args.items() if k not in h.scoring_only}]
                 + ([h.store_revision] if h.store_revision else [])
                 for role, h in self.heads.items()}
 
