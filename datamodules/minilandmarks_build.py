@@ -185,9 +185,16 @@ def build_minilandmarks(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
         _build_into(tmp, sources, cfg, digest, progress)
+        # mkdtemp's 0700 would make a cache shared through RETRIEVAL_LIGHTNING_CACHE unreadable to others
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         if target.exists() and not _is_complete(target, digest):
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=root))
-            os.replace(target, stale / "old")
+            try:
+                os.replace(target, stale / "old")
+            except FileNotFoundError:  # another builder moved it aside first
+                pass
             shutil.rmtree(stale)
         try:
             os.replace(tmp, target)

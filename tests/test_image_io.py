@@ -387,6 +387,13 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     with pytest.raises(ImageLoadError, match=r"small\.png.*1200 pixels, more than the limit of 1000"):
         load_image(small, max_pixels=1000)
     assert load_image(small, max_pixels=1200).shape == (3, 30, 40)
+    # 200 MP is over PIL's own hard limit (179 MP): a larger max_pixels asked for here still applies
+    huge = _png_header_only(tmp_path / "huge.png", 20_000, 10_000)
+    with pytest.raises(ImageLoadError, match=r"huge\.png.*200000000 pixels, more than the limit of 100000000"):
+        load_image(huge, max_pixels=10**8)
+    with pytest.raises(ImageLoadError, match=r"huge\.png") as raised:  # allowed: the (absent) pixels fail
+        load_image(huge, max_pixels=10**9)
+    assert "more than the limit" not in str(raised.value) and Image.MAX_IMAGE_PIXELS == 89_478_485
 
 
 def test_oversized_file_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import re
 import shutil
@@ -223,6 +224,9 @@ def test_build_is_deterministic_and_config_sensitive(tmp_path: Path, small_photo
 def test_second_call_does_not_rebuild(tmp_path: Path, small_photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = mb.build_minilandmarks(tmp_path, [small_photos], **SMALL)
     stamp = (first / ".complete").stat().st_mtime_ns
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: a shared cache stays readable
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("rebuilt although a complete build exists")

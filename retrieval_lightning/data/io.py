@@ -17,7 +17,8 @@ One entry point, :func:`load_image`, turns a file into a uint8 RGB tensor ``(3, 
 - Grayscale, CMYK, palette, 16-bit and alpha images become 3-channel RGB; alpha is dropped, as
   ``Image.convert("RGB")`` does.
 - A missing, empty, truncated, corrupt or unsupported file raises :class:`ImageLoadError` naming
-  the path; so does a file larger than ``MAX_FILE_BYTES`` (checked before it is read) and an image
+  the path (a JPEG whose data was cut short but still ends with an end marker is the exception:
+  libjpeg decodes it, grey below the cut, with only a warning on stderr); so does a file larger than ``MAX_FILE_BYTES`` (checked before it is read) and an image
   of more than ``MAX_IMAGE_PIXELS`` pixels (checked on the header, before any pixel is decoded: a
   decompression bomb costs nothing). Datasets that prefer to drop bad files use :func:`load_image_or_skip` with a
   :class:`LoadPolicy`, which counts and logs what it skipped.
@@ -29,12 +30,14 @@ about as much as the decode itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -152,10 +155,27 @@ def _read_bytes(path: str, max_bytes: int) -> bytearray:
     return data
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit_lifted() -> Iterator[None]:
+    """PIL refuses images over twice its ``MAX_IMAGE_PIXELS`` on open, before a larger ``max_pixels``
+    asked for here could apply. A lock: the limit is PIL's global, and loader threads open files at once."""
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _open_header(path: str, source: str | io.BytesIO) -> Image.Image:
     """Open lazily: PIL parses the header (size, mode, EXIF) and decodes no pixels yet."""
     try:
-        return Image.open(source)
+        with _pil_pixel_limit_lifted():  # the caller's own max_pixels check follows, naming the path
+            return Image.open(source)
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except IsADirectoryError:
@@ -395,7 +415,7 @@ class LoadPolicy:
 
     @property
     def count(self) -> int:
-        """How many files were skipped so far."""
+        """How many loads were skipped so far (a bad file read every epoch counts every time)."""
         return len(self.skipped)
 
     def handle(self, error: ImageLoadError) -> None:
