@@ -46,22 +46,46 @@ def open_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
+def _check_torch_file(path: Path) -> None:
+    """Refuse, naming ``path``, what cannot be a torch checkpoint: nothing there, a directory, other bytes."""
+    if path.is_dir():
+        raise CheckpointLoadError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointLoadError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
+        raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
+
+
+def open_lightning_checkpoint(path: str | Path) -> dict:
+    """:func:`open_checkpoint` of a file that must be a Lightning checkpoint (``--ckpt_path`` of
+    ``fit``/``test``/...), or :class:`CheckpointLoadError` naming it: Lightning itself would fail on a
+    directory or a bare state dict with a bare ``KeyError``."""
+    path = Path(path)
+    _check_torch_file(path)
+    try:
+        checkpoint = open_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
+        raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                                  f"{_unpickler_cause(exc)})") from exc
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointLoadError(f"{path}: holds weights only, not a Lightning checkpoint (no 'state_dict' with "
+                                  f"a training state): start from them with --model.init_from {path}")
+    return checkpoint
+
+
 def load_tensor_file(path: str | Path) -> dict:
     """Load a ``.safetensors`` file or a torch checkpoint with ``weights_only=True``.
 
     Lightning checkpoints (``{"state_dict": ...}``) are returned whole; callers pick what they need.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointLoadError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 
         return dict(load_file(str(path)))
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
-        raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
+    _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
-from retrieval_lightning.checkpoints import open_checkpoint
+from retrieval_lightning.checkpoints import open_checkpoint, open_lightning_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
@@ -50,10 +50,12 @@ def register_plugin_aliases(names: Mapping[str, Iterable[str]] | None = None) ->
 def _config_files(args: Sequence[str]) -> list[str]:
     files = []
     for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
             files.append(args[i + 1])
-        elif arg.startswith("--config="):
+        elif arg.startswith(("--config=", "-c=")):
             files.append(arg.split("=", 1)[1])
+        elif arg.startswith("-c") and len(arg) > 2 and not arg.startswith("-c="):  # -cFILE
+            files.append(arg[2:])
     return files
 
 
@@ -130,6 +132,10 @@ def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[
 
 
 #: module settings only training reads
+#: ``--ckpt_path`` values Lightning resolves itself (this directory's last or best checkpoint, ...)
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+#: subcommands whose ``--ckpt_path`` Lightning loads (needs a full checkpoint; extract/evaluate take weights too)
+_LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
@@ -182,12 +188,17 @@ class RetrievalCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES:
             return
-        try:
-            recorded = open_checkpoint(ckpt_path).get("hyper_parameters")
-        except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
-            return
+        if subcommand in _LIGHTNING_LOADS:  # extract/evaluate take plain weights files too
+            recorded = open_lightning_checkpoint(ckpt_path).get("hyper_parameters")
+        else:
+            if not Path(ckpt_path).is_file():
+                return  # loading the weights names a missing file
+            try:
+                recorded = open_checkpoint(ckpt_path).get("hyper_parameters")
+            except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
+                return
         if not isinstance(recorded, dict):
             return
         changes = model_setting_changes(recorded, self.config[subcommand].get("model"))

@@ -29,7 +29,7 @@ from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
 from retrieval_lightning.imprint import imprint_heads, is_resuming
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
-from retrieval_lightning.optim import OptimConfig, build_optimizer
+from retrieval_lightning.optim import OptimConfig, build_optimizer, split_decay
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
@@ -190,6 +190,8 @@ class RetrievalModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``test --ckpt_path`` / resume: apply the strictness policy before Lightning's strict load."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._check_optimizer_state_fits(checkpoint)
         own = self.state_dict()
         state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint")
         for key in [k for k in own if k not in state]:
@@ -359,7 +361,8 @@ class RetrievalModule(pl.LightningModule):
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 
-    def configure_optimizers(self) -> Any:
+    def optimizer_groups(self) -> list[dict]:
+        """The parameter groups of the optimiser: the backbone's and each trained head's, split by decay."""
         groups = []
         if "backbone" not in self.frozen:
             lr = self.optim.lr * self.optim.backbone_lr_mult
@@ -369,7 +372,30 @@ class RetrievalModule(pl.LightningModule):
                 groups.extend(g for g in head.parameter_groups(self.optim.lr) if g["params"])
         if not groups:
             raise ValueError("everything is frozen: nothing to train")
-        return build_optimizer(self.optim, groups, self.trainer.estimated_stepping_batches)
+        return split_decay(groups, self.optim.weight_decay)
+
+    def configure_optimizers(self) -> Any:
+        return build_optimizer(self.optim, self.optimizer_groups(), self.trainer.estimated_stepping_batches)
+
+    def _check_optimizer_state_fits(self, checkpoint: Mapping[str, Any]) -> None:
+        """Resuming restores the optimiser's state: refuse, in one line, a state of another optimiser or of
+        other parameter groups (a changed ``freeze`` or weight decay), which Lightning fails on with a bare
+        ``KeyError`` or ``ValueError``."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1 or not isinstance(states[0], Mapping):
+            return
+        stored_sizes = [len(g.get("params", [])) for g in states[0].get("param_groups", [])]
+        sizes = [len(g["params"]) for g in self.optimizer_groups()]
+        record = ((checkpoint.get(ARCHITECTURE_KEY) or {}).get("module") or {}).get("optim") or {}
+        stored_name = record.get("name", self.optim.name)
+        if stored_sizes == sizes and stored_name == self.optim.name:
+            return
+        what = (f"optimiser {stored_name} -> {self.optim.name}" if stored_name != self.optim.name
+                else f"parameter groups of {stored_sizes} -> {sizes} tensors (freeze or weight decay changed?)")
+        raise UsageError(
+            f"cannot resume: the checkpoint's optimiser state does not fit this run ({what}). Resume with the "
+            f"checkpoint's settings, or start a new run from its weights with --model.init_from <checkpoint>"
+        )
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

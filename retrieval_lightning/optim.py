@@ -77,7 +77,7 @@ def check_total_steps(cfg: OptimConfig, total_steps: float | int | None) -> int:
     return int(total_steps)
 
 
-def _split_decay(groups: list[dict], weight_decay: float) -> list[dict]:
+def split_decay(groups: list[dict], weight_decay: float) -> list[dict]:
     """Each group without its own ``weight_decay`` split in two: matrices and kernels decayed, vectors
     (biases, BatchNorm/GroupNorm scales) not; decaying those only pulls normalisation towards zero."""
     out = []
@@ -102,7 +102,7 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | i
     if cfg.schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; use linear, cosine or constant")
     total = check_total_steps(cfg, total_steps)
-    groups = _split_decay(groups, cfg.weight_decay)
+    groups = split_decay(groups, cfg.weight_decay)
     if cfg.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     elif cfg.name == "adamw":

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
@@ -45,13 +46,19 @@ class RetrievalTrainer(pl.Trainer):
         on-exception checkpoint is configured; here that happens only for a run of the same settings
         (see :mod:`retrieval_lightning.implicit_resume`), and it continues the W&B run as well.
         """
+        ckpt_path = self._checked_resume(model, ckpt_path)
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+
+    def _checked_resume(self, model: pl.LightningModule, ckpt_path: str | None) -> str | None:
+        """What ``fit`` will resume (``"last"`` when Lightning would resume by itself, and only a run of
+        the same settings), with the W&B logger set to continue that run."""
         if ckpt_path is None and resumes_implicitly(self):
             ckpt_path = "last"  # what Lightning would do; made explicit so the checks below see it
             path = checkpoint_to_resume(self, ckpt_path)
             if path is not None and isinstance(model, RetrievalModule):
                 check_implicit_resume(model, path)
         continue_wandb_run(self, ckpt_path)
-        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        return ckpt_path
 
     def finetune(
         self,
@@ -60,7 +67,13 @@ class RetrievalTrainer(pl.Trainer):
         ckpt_path: str | None = None,
     ) -> dict[str, dict[str, float]]:
         """Test the model, fit it, test it again and print a before/after table of the test metrics."""
+        # before the first test creates the W&B run: a resumed finetune continues its run, and a directory
+        # of a run with other settings is refused before anything is tested
+        ckpt_path = self._checked_resume(model, ckpt_path)
         before = _merged(self.test(model, datamodule=datamodule, verbose=False))
+        if not before:
+            raise UsageError("finetune compares the test metrics before and after training, but the datamodule "
+                             "gave none (no test eval set?); use fit, or configure a test set")
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         after = _merged(self.test(model, datamodule=datamodule, verbose=False))
         if self.is_global_zero:

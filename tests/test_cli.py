@@ -163,3 +163,32 @@ def test_predict_without_a_writer_says_where_descriptors_are_written(cache_root:
         run_main(["predict", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
                   *TINY_DATA, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
                   "--trainer.limit_predict_batches=1"], cwd=tmp_path)
+
+
+def test_short_config_flag_names_plugins_too(tmp_path: Path) -> None:
+    """``-c`` is LightningCLI's ``--config``: its file's short plugin names must be imported as well."""
+    from retrieval_lightning.cli import plugin_names_used
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  heads:\n    global:\n      class_path: gem_arcface\n"
+                      "data:\n  class_path: minilandmarks\n")
+    for args in (["fit", "-c", str(config)], ["fit", f"-c={config}"], ["fit", f"-c{config}"],
+                 ["fit", "--config", str(config)]):
+        used = plugin_names_used(args)
+        assert "gem_arcface" in str(used["heads"]) and "minilandmarks" in str(used["datamodules"]), (args, used)
+
+
+def test_finetune_checks_the_resume_first_and_needs_test_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """finetune settles what it resumes (and continues that W&B run) before its first test creates a run,
+    and refuses to train when there are no test metrics to compare."""
+    from retrieval_lightning.errors import UsageError
+    from retrieval_lightning.trainer import RetrievalTrainer
+
+    calls: list[str] = []
+    monkeypatch.setattr(RetrievalTrainer, "_checked_resume", lambda self, model, path: calls.append("resume") or path)
+    monkeypatch.setattr(RetrievalTrainer, "test", lambda self, *a, **k: calls.append("test") or [])
+    monkeypatch.setattr(RetrievalTrainer, "fit", lambda self, *a, **k: calls.append("fit"))
+    trainer = RetrievalTrainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    with pytest.raises(UsageError, match="no test eval set"):
+        trainer.finetune(object())
+    assert calls == ["resume", "test"]  # and never trained

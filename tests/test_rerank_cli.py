@@ -5,6 +5,7 @@ global metrics under weighted fusion, 2 processes (gloo) equal 1 process on both
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,14 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
 
     wrong = _fails(["test", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
                     "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"], tmp_path)
+    # what Lightning would fail on with a bare KeyError or IsADirectoryError
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pt")
+    for given, said in ((tmp_path, "is a directory"), (tmp_path / "bare.pt", "holds weights only.*--model.init_from")):
+        refused = _fails(["test", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
+                          "--trainer.logger=false", f"--ckpt_path={given}"], tmp_path)
+        assert re.match(rf"error: {re.escape(str(given))}: {said}", refused), refused
     assert wrong.startswith("error: checkpoint does not fit this model") and "missing" in wrong
 
     gnd_root = tmp_path / "revisitop"

@@ -207,6 +207,15 @@ def test_preemption_checkpoint_only_after_a_training_step(tmp_path: Path) -> Non
         assert saved.exists() == (step > 0)
         if step:
             assert torch.load(saved, weights_only=True)["global_step"] == step
+    # resumed from that step-2 checkpoint and failing before it trains a step of its own: the restored
+    # step count is not this run's, so no new file shadows the checkpoint it resumed
+    resumed = saved.rename(tmp_path / "step2.ckpt")
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path / "step2",
+                         callbacks=[PreemptionCheckpoint(dirpath=str(tmp_path / "step2")), FailAt(2)])
+    with pytest.raises(RuntimeError, match="failed at step 2"):
+        trainer.fit(make(num_classes=3), datamodule=_TinyData(), ckpt_path=resumed)
+    assert not saved.exists()
 
 
 def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path: Path) -> None:
@@ -236,3 +245,30 @@ def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path:
         fit(4, 0.5)
     last = str(tmp_path / "checkpoints" / "last.ckpt")
     assert fit(4, 0.5, ckpt_path=last).global_step == 4  # asked for explicitly: resumed as told
+
+
+def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_path: Path) -> None:
+    """The optimiser's state of the checkpoint must fit the run's optimiser: Lightning fails with a bare
+    KeyError (SGD -> AdamW) or ValueError (other parameter groups); here one line says what to do."""
+    import lightning.pytorch as pl
+
+    from retrieval_lightning.errors import UsageError
+    from retrieval_lightning.optim import OptimConfig
+    from test_module import _TinyData, make
+
+    def trainer(steps: int) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          accelerator="cpu", default_root_dir=tmp_path)
+
+    first = trainer(2)
+    first.fit(make(num_classes=3), datamodule=_TinyData())
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    for changed, said in ((dict(freeze=["backbone"]), "parameter groups of"),
+                          (dict(optim=OptimConfig(name="adamw")), "optimiser sgd -> adamw"),
+                          (dict(optim=OptimConfig(weight_decay=1e-4)), "parameter groups of")):
+        with pytest.raises(UsageError, match=f"cannot resume.*{said}.*--model.init_from"):
+            trainer(4).fit(make(num_classes=3, **changed), datamodule=_TinyData(), ckpt_path=ckpt)
+    resumed = trainer(4)
+    resumed.fit(make(num_classes=3), datamodule=_TinyData(), ckpt_path=ckpt)  # the same settings resume
+    assert resumed.global_step == 4

@@ -97,7 +97,7 @@ def _wandb_run(trainer: pl.Trainer | None) -> Any:
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):
     """Lightning's on-exception checkpoint (SIGTERM / preemption, a crash mid-run), written only once
-    training has taken a step.
+    this process has trained a step (a resumed run's restored step count does not count).
 
     Why: with this callback configured, a ``fit`` without ``--ckpt_path`` resumes from the newest of
     ``last.ckpt`` and ``on_exception.ckpt`` (Lightning's fault-tolerant default). A run that failed
@@ -106,6 +106,16 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     it: the broken model back, or a loop restored mid-sanity-check that trains nothing.
     """
 
+    _trained = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._trained = True
+
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if trainer.global_step > 0:
+        # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
+        # from the checkpoint; its on-exception file would be newer than last.ckpt and shadow it
+        if self._trained and trainer.global_step > 0:
             super().on_exception(trainer, *args, **kwargs)
