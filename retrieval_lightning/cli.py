@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
-from retrieval_lightning.checkpoints import open_checkpoint, open_lightning_checkpoint
+from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, open_lightning_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
@@ -125,17 +125,22 @@ def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[
             return out
         return {prefix: list(node) if isinstance(node, tuple) else node}
 
+    def same_class(key: str) -> bool:  # a plugin's short name and its alias's import path name one class
+        a, b = old[key], new[key]
+        return key.endswith(".class_path") and isinstance(a, str) and isinstance(b, str) \
+            and a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1]
+
     old, new = leaves(recorded, "model"), leaves(configured, "model")
     skip = {"model.num_classes"}  # linked from the datamodule
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
-            if old[key] != new[key] and key not in skip]
+            if old[key] != new[key] and key not in skip and not same_class(key)]
 
 
-#: module settings only training reads
 #: ``--ckpt_path`` values Lightning resolves itself (this directory's last or best checkpoint, ...)
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 #: subcommands whose ``--ckpt_path`` Lightning loads (needs a full checkpoint; extract/evaluate take weights too)
 _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
+#: module settings only training reads
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
@@ -191,25 +196,38 @@ class RetrievalCLI(LightningCLI):
         if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES:
             return
         if subcommand in _LIGHTNING_LOADS:  # extract/evaluate take plain weights files too
-            recorded = open_lightning_checkpoint(ckpt_path).get("hyper_parameters")
+            checkpoint = open_lightning_checkpoint(ckpt_path)
         else:
             if not Path(ckpt_path).is_file():
                 return  # loading the weights names a missing file
             try:
-                recorded = open_checkpoint(ckpt_path).get("hyper_parameters")
+                checkpoint = open_checkpoint(ckpt_path)
             except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
                 return
+        recorded = checkpoint.get("hyper_parameters")
         if not isinstance(recorded, dict):
             return
-        changes = model_setting_changes(recorded, self.config[subcommand].get("model"))
+        changes = model_setting_changes(_with_modules(recorded, checkpoint.get(ARCHITECTURE_KEY)),
+                                        self.config[subcommand].get("model"))
         if subcommand not in ("fit", "finetune"):  # what only training reads is no news to an evaluation
             changes = [c for c in changes if not c.startswith(_TRAINING_SETTINGS)]
         if changes:
             resumed = (" (resuming restores the optimiser's and scheduler's state, learning rates included)"
                        if subcommand in ("fit", "finetune") else "")
             rank_zero_info(f"--ckpt_path {ckpt_path}: this run's model settings differ from the checkpoint's; "
-                           f"the config and command line apply{resumed}: " + "; ".join(changes[:8])
+                           f"the config and command line apply{resumed}, except to what the checkpoint holds "
+                           "as tensors (a fixed GeM p is a buffer): " + "; ".join(changes[:8])
                            + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""))
+
+
+def _with_modules(recorded: dict[str, Any], architecture: Any) -> dict[str, Any]:
+    """The checkpoint's hyper-parameters plus its heads' and backbone's arguments from its architecture
+    record (they are modules, not hyper-parameters); the backbone's weights source is the checkpoint."""
+    if not isinstance(architecture, Mapping):
+        return recorded
+    backbone = dict(architecture.get("backbone") or {})
+    backbone["init_args"] = {k: v for k, v in (backbone.get("init_args") or {}).items() if k != "weights"}
+    return {**recorded, "heads": architecture.get("heads") or {}, "backbone": backbone}
 
 
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:

@@ -144,18 +144,26 @@ def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path,
             "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
     model = run_lightning_cli([*base, "--model.eval_scales=[1.0]", "--model.rerank.k=7"], run=False).model
     ckpt = tmp_path / "trained.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    from retrieval_lightning.checkpoints import ARCHITECTURE_KEY
+    from retrieval_lightning.model_record import architecture_of
+
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                ARCHITECTURE_KEY: architecture_of(model)}, ckpt)
 
     tested = []
     monkeypatch.setattr(RetrievalTrainer, "test", lambda self, model, **kwargs: tested.append(model))
     with caplog.at_level(logging.INFO):
-        run_main(["test", *base, "--model.rerank.k=3", "--model.optim.lr=0.5", f"--ckpt_path={ckpt}"], cwd=tmp_path)
+        run_main(["test", *base, "--model.rerank.k=3", "--model.optim.lr=0.5", f"--ckpt_path={ckpt}",
+                  "--model.heads.global.init_args.margin_m=0.2"], cwd=tmp_path)
     assert tested[0].rerank.k == 3  # the command line, not the checkpoint's 7
     assert list(tested[0].eval_scales) == [0.7071, 1.0, 1.4142]  # the config file, not the checkpoint's [1.0]
     note = [r.getMessage() for r in caplog.records if "--ckpt_path" in r.getMessage()]
     assert len(note) == 1, note
     assert "model.eval_scales: [1.0] -> [0.7071, 1.0, 1.4142]" in note[0] and "model.rerank.k: 7 -> 3" in note[0]
     assert "optim" not in note[0]  # only training reads it: no news to `test`
+    # heads are modules, not hyper-parameters: their arguments are compared through the architecture record
+    assert "model.heads.global.init_args.margin_m: 0.1 -> 0.2" in note[0]
+    assert "init_args.weights" not in note[0] and "class_path" not in note[0]  # weights: the checkpoint's
 
 
 def test_predict_without_a_writer_says_where_descriptors_are_written(cache_root: Path, tmp_path: Path) -> None:
