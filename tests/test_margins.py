@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -122,8 +123,6 @@ def test_curricularface_t_stays_fp32_under_bf16_true() -> None:
 
 def test_a_margin_in_degrees_is_refused() -> None:
     """pytorch-metric-learning takes ArcFace's margin in degrees; here it is radians, and 28.6 would train."""
-    import pytest
-
     from retrieval_lightning.layers.margins import build_margin
 
     assert build_margin("arcface", 45.25, 0.1).margin == 0.1

@@ -18,8 +18,9 @@ One entry point, :func:`load_image`, turns a file into a uint8 RGB tensor ``(3, 
   ``Image.convert("RGB")`` does.
 - A missing, empty, truncated, corrupt or unsupported file raises :class:`ImageLoadError` naming
   the path (a JPEG whose data was cut short but still ends with an end marker is the exception:
-  libjpeg decodes it, grey below the cut, with only a warning on stderr); so does a file larger than ``MAX_FILE_BYTES`` (checked before it is read) and an image
-  of more than ``MAX_IMAGE_PIXELS`` pixels (checked on the header, before any pixel is decoded: a
+  libjpeg decodes it, grey below the cut, with only a warning on stderr); so does a file larger
+  than ``MAX_FILE_BYTES`` (checked before it is read) and an image of more than
+  ``MAX_IMAGE_PIXELS`` pixels (checked on the header, before any pixel is decoded: a
   decompression bomb costs nothing). Datasets that prefer to drop bad files use :func:`load_image_or_skip` with a
   :class:`LoadPolicy`, which counts and logs what it skipped.
 
