@@ -121,6 +121,7 @@ def test_identities_follow_the_backbone_preprocessing() -> None:
     """The backbone's normalisation is a buffer outside the state dict and its input order an argument:
     either changes every descriptor, so each changes the identity of extracted features, of stored
     re-ranking entries, and what ``search`` accepts."""
+    from retrieval_lightning.retrieval.store import identity_differences
     from retrieval_lightning.search_cli import check_store_matches
 
     def module(verifier: dict | None = None, **backbone: object) -> RetrievalModule:
@@ -151,7 +152,10 @@ def test_identities_follow_the_backbone_preprocessing() -> None:
     # how pairs are scored is not what is stored: another scoring batch or dtype keeps the store
     scored = module({"score_dtype": "float32", "batch_size": 16})
     assert scored.entry_identity() == plain.entry_identity()
-    assert module({"border": 1}).entry_identity() != plain.entry_identity()  # this one changes the entries
+    bordered = module({"border": 1}).entry_identity()
+    assert bordered != plain.entry_identity()  # this one changes the entries, and the refusal names it
+    assert identity_differences(plain.entry_identity(), bordered) == [
+        "'heads.verifier.1.border': store has 0, expected 1"]
 
 
 def test_extraction_identity_follows_head_options(tmp_path: Path) -> None:
