@@ -73,22 +73,16 @@ def load_query(path: str, resize: ImageResize) -> torch.Tensor:
     return to_float(resize_by(image, resize.factor(image.shape[1], image.shape[2])))
 
 
-#: evaluation options a store records and a searching module takes from it (they are not weights)
-STORE_EVALUATION = ("eval_scales", "eval_resize")
-
-
 def adopt_store_evaluation(module: torch.nn.Module, store: FeatureStore) -> None:
-    """Describe the queries as the database was described: the store's scales and resize (``extract`` may
-    have been run with other ones than the checkpoint records), saying so on stderr."""
-    for name in STORE_EVALUATION:
-        stored = store.identity.get(name)
-        if stored is None or not hasattr(module, name):
-            continue
-        current = getattr(module, name)
-        value = tuple(float(s) for s in stored) if name == "eval_scales" else stored
-        if (tuple(current) if name == "eval_scales" else current) != value:
-            print(f"note: {name} {value} as the store was extracted (the checkpoint records {current})",
-                  file=sys.stderr)
+    """Describe the queries as the database was described: the store's scales and resize (evaluation
+    options, not weights; ``extract`` may have been run with others than the checkpoint records)."""
+    recorded = store.identity
+    wanted = {"eval_scales": tuple(float(s) for s in recorded.get("eval_scales", module.eval_scales)),
+              "eval_resize": recorded.get("eval_resize", module.eval_resize)}
+    for name, value in wanted.items():
+        if getattr(module, name) != value:
+            print(f"note: {name} {value} as the store was extracted (the checkpoint records "
+                  f"{getattr(module, name)})", file=sys.stderr)
             setattr(module, name, value)
 
 

@@ -123,16 +123,10 @@ class RetrievalTrainer(pl.Trainer):
             n_sets = plan.n_sets
             spec = plan.spec
             self.strategy.barrier()
-
-            def merge(spec: Any = spec) -> None:
-                out = Path(output_dir) / spec.name
-                store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)),
-                                     overwrite=True)
-                write_set_files(spec, out)
-                print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
-                stores[spec.name] = str(store.path)
-
-            on_rank_zero(merge, self.is_global_zero, self.strategy.broadcast, f"merging {spec.name}'s shards")
+            merged = on_rank_zero(lambda: _merge_set(spec, Path(output_dir) / spec.name, identity),
+                                  self.is_global_zero, self.strategy.broadcast, f"merging {spec.name}'s shards")
+            if merged is not None:
+                stores[spec.name] = merged
             position += 1
         return stores
 
@@ -212,6 +206,14 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
         groups[group] = groups.get(group, 0.0) + size
     parts = ", ".join(f"{group} {size:.0f}" for group, size in groups.items())
     return f"total {sum(groups.values()):.0f} B/image: {parts}"
+
+
+def _merge_set(spec: Any, out: Path, identity: dict[str, Any]) -> str:
+    """Rank 0's part of ``extract`` for one eval set: its shards merged into a store, with its item files."""
+    store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)), overwrite=True)
+    write_set_files(spec, out)
+    print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
+    return str(store.path)
 
 
 def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
