@@ -26,7 +26,8 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
-from datamodules.sampling import ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed
+from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
+                                training_batches_before)
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
@@ -301,29 +302,35 @@ class GLDv2DataModule(L.LightningDataModule):
         paths = [self.train_dataset.paths[int(i)] for i in positions]
         return EvalImageDataset(paths, EvalTransform(self.pairs.mining_max_side), self.policy, fast_decode=True)
 
-    def train_batch_transform(self, batch: dict, step: int, rank: int = 0, world_size: int = 1) -> dict:
+    def train_batch_transform(self, batch: dict, step: int, rank: int = 0, world_size: int = 1,
+                              draw: int | None = None) -> dict:
         """Patch-shuffle negatives, then Hide-and-Seek, on a training batch (on its device) at ``step``.
 
-        Their random draws follow each item's place in the step's batch over all ``world_size`` ranks
+        Their random draws follow ``draw``, the count of training batches before this one (``step``
+        when ``None``; it differs from the step count under gradient accumulation, whose micro-batches
+        must not share masks), and each item's place in the batch over all ``world_size`` ranks
         (groups of a pair batch, items otherwise), so N processes transform as one process with N times
         the batch does, where the sampler deals the step's units round-robin (pairs, shuffle).
         """
+        draw = step if draw is None else draw
         group = self.pairs.group_size if self.pairs is not None else 1
         if isinstance(batch, dict) and "shuffled" in batch and self.pairs is not None and bool(batch["shuffled"].any()):
             mask = batch["shuffled"].to(batch["image"].device)
             image = batch["image"].clone()
-            perms = step_permutations(self.pairs.seed, step, int(mask.sum()), self.pairs.shuffle_grid, rank, world_size,
+            perms = step_permutations(self.pairs.seed, draw, int(mask.sum()), self.pairs.shuffle_grid, rank, world_size,
                                       unit=self.pairs.shuffled_negatives)
             image[mask] = shuffle_tiles(image[mask], self.pairs.shuffle_grid, perms)
             batch = {**batch, "image": image}
         if self.hide_and_seek is not None and isinstance(batch, dict) and "label" in batch:
-            batch = {**batch, "image": self.hide_and_seek.apply(batch["image"], step, rank, world_size, unit=group)}
+            images = self.hide_and_seek.apply(batch["image"], step, rank, world_size, unit=group, draw=draw)
+            batch = {**batch, "image": images}
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            batch = self.train_batch_transform(batch, trainer.global_step, trainer.global_rank, trainer.world_size)
+            batch = self.train_batch_transform(batch, trainer.global_step, trainer.global_rank, trainer.world_size,
+                                               draw=training_batches_before(trainer))
         return batch
 
     def _eval_set(self, kind: str) -> EvalSet:

@@ -5,8 +5,8 @@ region; hiding random grid patches forces it to match whatever remains (occlusio
 views), and growing the hidden share over training (CVNet-DS's curriculum) starts easy.
 
 Applied as a batch transform after the batch reaches the device (the datamodules call
-:meth:`HideAndSeek.apply` from ``on_after_batch_transfer`` with the trainer's global step), so it
-costs nothing in the loader workers and sees the true step under any number of workers. Images
+:meth:`HideAndSeek.apply` from ``on_after_batch_transfer`` with the trainer's global step and batch
+count), so it costs nothing in the loader workers and sees the true step under any number of workers. Images
 are RGB in [0, 1] before the backbone's normalisation; a hidden patch takes the ImageNet mean
 colour, which the normalisation maps to zero, as the original fills patches with the data mean.
 """
@@ -34,9 +34,11 @@ class HideAndSeek:
         delay_steps: steps with probability 0 before the ramp starts (0: ramp from step 0).
         grid: patches per side (``grid * grid`` patches; boundaries ``round(i * side / grid)``).
         fill: RGB colour of hidden patches, in [0, 1].
-        seed: the masks of step ``s`` depend only on ``(seed, s)`` and each item's place in the step's
-            batch over all ranks (exact resume; N processes hide what one process with N times the
+        seed: the masks of training batch ``b`` depend only on ``(seed, b)`` and each item's place in
+            the batch over all ranks (exact resume; N processes hide what one process with N times the
             batch hides); ``None``: the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
+            ``b`` counts batches, not optimiser steps, so the micro-batches of an accumulated step
+            hide different patches; without accumulation the two counts are equal.
     """
 
     start: float = 0.0
@@ -68,25 +70,28 @@ class HideAndSeek:
         return float(self.start + t * (self.end - self.start))
 
     def masks(self, batch: int, height: int, width: int, step: int, rank: int = 0, world_size: int = 1,
-              unit: int = 1) -> Tensor:
-        """Boolean (batch, height, width), True where hidden; each patch hidden independently. Drawn for
-        all ``world_size`` ranks' batches, this rank keeping its units of ``unit`` items
-        (:func:`~datamodules.sampling.rank_share`)."""
-        generator = step_generator(self.seed, step)
+              unit: int = 1, draw: int | None = None) -> Tensor:
+        """Boolean (batch, height, width), True where hidden; each patch hidden independently with the
+        probability of ``step``. Drawn for all ``world_size`` ranks' batches from the generator of
+        ``draw`` (the training batch's count; ``step`` when ``None``), this rank keeping its units of
+        ``unit`` items (:func:`~datamodules.sampling.rank_share`)."""
+        generator = step_generator(self.seed, step if draw is None else draw)
         draws = torch.rand(batch * world_size, self.grid, self.grid, generator=generator)
         hidden = rank_share(draws, rank, world_size, unit) < self.share(step)
         rows = _cell_index(height, self.grid)
         cols = _cell_index(width, self.grid)
         return hidden[:, rows][:, :, cols]
 
-    def apply(self, images: Tensor, step: int, rank: int = 0, world_size: int = 1, unit: int = 1) -> Tensor:
-        """Return ``images`` (B, 3, H, W) with the step's hidden patches filled (a new tensor)."""
+    def apply(self, images: Tensor, step: int, rank: int = 0, world_size: int = 1, unit: int = 1,
+              draw: int | None = None) -> Tensor:
+        """Return ``images`` (B, 3, H, W) with the batch's hidden patches filled (a new tensor); ``draw``
+        as in :meth:`masks`."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"HideAndSeek expects (B, 3, H, W) images, got {tuple(images.shape)}")
         if self.share(step) <= 0.0:
             return images
         b, _, h, w = images.shape
-        mask = self.masks(b, h, w, step, rank, world_size, unit).to(images.device)[:, None]
+        mask = self.masks(b, h, w, step, rank, world_size, unit, draw).to(images.device)[:, None]
         fill = torch.tensor(self.fill, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         return torch.where(mask, fill, images)
 

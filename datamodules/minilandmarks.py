@@ -23,6 +23,7 @@ from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairMiner, PairSampling
 from datamodules.minilandmarks_build import DATASET_NAME, GLDV2_SUBDIR, REVISITOP_SUBDIR, build_minilandmarks
 from datamodules.revisitop import RevisitopDataModule
+from datamodules.sampling import training_batches_before
 from retrieval_lightning.data.types import EvalSet
 
 
@@ -136,7 +137,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training:
             batch = self.train_module.train_batch_transform(batch, trainer.global_step, trainer.global_rank,
-                                                            trainer.world_size)
+                                                            trainer.world_size, draw=training_batches_before(trainer))
         return batch
 
     def val_dataloader(self) -> list[DataLoader]:

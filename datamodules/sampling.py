@@ -36,6 +36,13 @@ def run_seed(seed: int | None) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def training_batches_before(trainer: Any) -> int:
+    """How many training batches the run has taken before the one being transferred (across epochs,
+    restored on resume): the key of per-batch draws. Unlike ``global_step`` it advances with every
+    micro-batch of an accumulated step."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+
+
 def rank_share(draws: torch.Tensor, rank: int, world_size: int, unit: int = 1) -> torch.Tensor:
     """This rank's rows of a step's draws made for every rank at once, in the order of one process
     with the whole batch.
