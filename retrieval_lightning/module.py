@@ -103,6 +103,7 @@ class RetrievalModule(pl.LightningModule):
         #: state-dict names ever loaded into this module (``init_from``, checkpoints, ``load_state_dict``)
         self._loaded_tensors: set[str] = set()
         self._fitted_here = False  # whether fit ran on this module (its heads are then trained, not random)
+        self._batch_checked = False  # the global batch is compared with optim.reference_batch once
         if not heads:
             raise ValueError("RetrievalModule needs at least one head")
         for role, head in heads.items():
@@ -348,6 +349,12 @@ class RetrievalModule(pl.LightningModule):
                     raise ValueError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
+        if not self._batch_checked:
+            self._batch_checked = True
+            mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,
+                                                 self.trainer.accumulate_grad_batches)
+            if mismatch:
+                rank_zero_warn(mismatch)
         return total
 
     def on_fit_start(self) -> None:

@@ -22,6 +22,10 @@ class OptimConfig:
             (parameters of fewer than 2 dimensions) are not decayed.
         schedule: ``linear`` (decay to 0 over training, DELG), ``cosine`` or ``constant``.
         warmup_steps: linear warm-up steps before the schedule.
+        reference_batch: the global batch (images per optimiser step, over all processes and
+            accumulated micro-batches) that ``lr`` was set for, as a recipe states it (DELG: 0.01 at
+            256). A run whose global batch differs (``devices: auto`` on fewer GPUs) warns at its
+            first step with the linearly scaled lr; ``None``: no check.
     """
 
     name: str = "sgd"
@@ -31,11 +35,25 @@ class OptimConfig:
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup_steps: int = 0
+    reference_batch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("lr", "backbone_lr_mult", "momentum", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.reference_batch is not None and self.reference_batch < 1:
+            raise ValueError(f"optim.reference_batch must be >= 1 or null, got {self.reference_batch}")
+
+    def batch_mismatch(self, per_process: int, processes: int, accumulated: int) -> str | None:
+        """Why ``lr`` may not suit a run of this global batch (``None`` when it is the reference)."""
+        total = per_process * processes * accumulated
+        if self.reference_batch is None or total == self.reference_batch:
+            return None
+        scaled = self.lr * total / self.reference_batch
+        return (f"optim.lr {self.lr:g} is set for a global batch of {self.reference_batch} images "
+                f"(optim.reference_batch), but this run's is {total} ({per_process} per process x {processes} "
+                f"processes x {accumulated} accumulated): the linear scaling rule gives --model.optim.lr {scaled:g}, "
+                f"or set trainer.devices / accumulate_grad_batches to reach {self.reference_batch}")
 
 
 class UnboundedScheduleError(ValueError):

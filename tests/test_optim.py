@@ -101,3 +101,33 @@ def test_configure_optimizers_refuses_unbounded_run() -> None:
 def test_negative_settings_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=f"optim.{name} must be >= 0"):
         OptimConfig(**{name: -1})
+
+
+class _Labelled(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.rand(3, 32, 32), "label": i % 3, "index": i}
+
+
+def test_a_global_batch_other_than_the_reference_warns_with_the_scaled_lr() -> None:
+    """``reference_batch`` 2 with lr 0.01: a run of 2 per process x 2 accumulated (4) is told, once,
+    at its first step, that linear scaling gives lr 0.02."""
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                         enable_model_summary=False, max_steps=2, accumulate_grad_batches=2)
+    loader = torch.utils.data.DataLoader(_Labelled(), batch_size=2)
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(make(optim=OptimConfig(lr=0.01, reference_batch=2)), train_dataloaders=loader)
+    messages = [str(w.message) for w in caught if "reference_batch" in str(w.message)]
+    assert len(messages) == 1 and "this run's is 4 (2 per process x 1 processes x 2 accumulated)" in messages[0]
+    assert "--model.optim.lr 0.02" in messages[0]
+
+
+def test_the_reference_batch_counts_processes_and_accumulation() -> None:
+    optim = OptimConfig(lr=0.01, reference_batch=256)
+    assert optim.batch_mismatch(32, 8, 1) is None and optim.batch_mismatch(32, 4, 2) is None
+    assert "--model.optim.lr 0.005" in optim.batch_mismatch(32, 4, 1)
+    assert OptimConfig().batch_mismatch(3, 5, 7) is None  # no reference: no check
+    with pytest.raises(ValueError, match="reference_batch must be >= 1"):
+        OptimConfig(reference_batch=0)
