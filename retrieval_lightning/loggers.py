@@ -28,12 +28,15 @@ class RetrievalWandbLogger(WandbLogger):
 
     ``offline=None`` (default) means: online if ``WANDB_MODE`` says so or a key is available,
     offline otherwise, so experiment configs run anywhere and sync later with ``wandb sync``.
+    ``WANDB_MODE=disabled`` is left to W&B, which then logs nothing and writes no files (forcing
+    offline would write a run anyway and set ``WANDB_MODE=dryrun`` for the rest of the process).
     """
 
     def __init__(self, offline: bool | None = None, save_dir: str = "outputs", **kwargs: Any) -> None:
         if offline is None:
             mode = os.environ.get("WANDB_MODE", "")
-            offline = mode in ("offline", "dryrun") or (mode != "online" and not wandb_credentials_available())
+            offline = mode in ("offline", "dryrun") or (
+                mode not in ("online", "disabled") and not wandb_credentials_available())
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
 

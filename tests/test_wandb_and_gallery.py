@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,22 @@ def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> 
     reranked, global_only = {"mAP_E": 90.0, "mAP_M": 70.25, "mP@5_M": 1.0}, {"mAP_E": 80.0, "mAP_M": 75.0}
     assert _headline(reranked, global_only) == "mAP_E 80.0 → 90.0, mAP_M 75.0 → 70.2"
     assert _headline(global_only) == "mAP_E 80.0, mAP_M 75.0"
+
+
+@pytest.mark.parametrize(("mode", "offline"), [("disabled", False), ("offline", True), ("", True)])
+def test_wandb_mode_disabled_is_left_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                              offline: bool) -> None:
+    """Without an API key the logger goes offline by itself, but ``WANDB_MODE=disabled`` stays disabled:
+    no run folder is written and the process's ``WANDB_MODE`` is not rewritten to ``dryrun``."""
+    from retrieval_lightning.loggers import RetrievalWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key either
+    logger = RetrievalWandbLogger(save_dir=str(tmp_path / "runs"), project="p")
+    assert logger._offline is offline
+    if mode == "disabled":
+        logger.log_metrics({"x": 1.0}, step=1)
+        assert not any((tmp_path / "runs").iterdir())
+        assert os.environ["WANDB_MODE"] == "disabled"
