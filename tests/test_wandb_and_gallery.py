@@ -35,8 +35,8 @@ def test_config_and_gallery_reach_wandb_offline(cache_root: Path, tmp_path: Path
         media = list((run / "files" / "media" / "images").rglob("*.png"))
         assert media, f"no gallery image logged to {run}"
 
-    pictures = sorted((tmp_path / "out").rglob("gallery/test_minilandmarks_step0.png"))
-    assert pictures
+    pictures = sorted((tmp_path / "out").rglob("gallery/test_minilandmarks_step0*.png"))
+    assert [p.name for p in pictures] == ["test_minilandmarks_step0.png", "test_minilandmarks_step0_2.png"]
     with Image.open(pictures[0]) as picture:
         assert picture.width > 400 and picture.height > 200
 
@@ -84,3 +84,33 @@ def test_wandb_mode_disabled_is_left_to_wandb(tmp_path: Path, monkeypatch: pytes
         logger.log_metrics({"x": 1.0}, step=1)
         assert not any((tmp_path / "runs").iterdir())
         assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Path) -> None:
+    """``test --ckpt_path`` restores no step count: the picture is named after the checkpoint, not
+    "step 0" (which reads as untrained); an existing picture gets a numbered neighbour."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.callbacks.gallery import free_path, weights_label
+
+    fitting = SimpleNamespace(global_step=0, ckpt_path=None, state=SimpleNamespace(fn="fit"))
+    assert weights_label(fitting) == "step 0"
+    tested = SimpleNamespace(global_step=0, ckpt_path="/runs/a/checkpoints/0000300.ckpt",
+                             state=SimpleNamespace(fn="test"))
+    assert weights_label(tested) == "ckpt 0000300"
+    resumed = SimpleNamespace(global_step=40, ckpt_path="/runs/a/last.ckpt", state=SimpleNamespace(fn="fit"))
+    assert weights_label(resumed) == "step 40"
+    first = tmp_path / "test_x_step0.png"
+    assert free_path(first) == first
+    first.write_bytes(b"png")
+    assert free_path(first) == tmp_path / "test_x_step0_2.png"
+    (tmp_path / "test_x_step0_2.png").write_bytes(b"png")
+    assert free_path(first) == tmp_path / "test_x_step0_3.png"
+
+
+@pytest.mark.parametrize("bad", [{"k": 11}, {"k": 0}, {"max_queries": 0}])
+def test_a_gallery_larger_than_the_kept_shortlist_is_refused(bad: dict) -> None:
+    from retrieval_lightning.callbacks.gallery import RetrievalGallery
+
+    with pytest.raises(ValueError, match="RetrievalGallery"):
+        RetrievalGallery(**bad)

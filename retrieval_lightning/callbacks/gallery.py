@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from retrieval_lightning.data.types import EvalSet  # noqa: E402
-from retrieval_lightning.evaluation import EvalResult  # noqa: E402
+from retrieval_lightning.evaluation import SHORTLIST, EvalResult  # noqa: E402
 
 _COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
 #: border of a picture's wrong (other-landmark) images
@@ -32,6 +32,25 @@ NEGATIVE_COLOUR = _COLOURS[0]
 
 def _thumbnail(image: Tensor):
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def weights_label(trainer: pl.Trainer) -> str:
+    """What the evaluated weights are, for a picture's title and file name: the training step, or in
+    ``test``/``validate --ckpt_path`` (where Lightning restores no step count) the checkpoint's name."""
+    ckpt_path = getattr(trainer, "ckpt_path", None)
+    if trainer.global_step == 0 and ckpt_path and not getattr(trainer.state, "fn", None) == "fit":
+        return f"ckpt {Path(ckpt_path).stem}"
+    return f"step {trainer.global_step}"
+
+
+def free_path(path: Path) -> Path:
+    """``path``, or ``<stem>_2<suffix>``, ``_3``... when taken: an evaluation never overwrites an
+    earlier one's picture (``finetune``'s baseline, another checkpoint tested in the same directory)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,11 @@ class RetrievalGallery(pl.Callback):
     """Save (and log to W&B) a query/top-k picture for every eval set after each evaluation."""
 
     def __init__(self, max_queries: int = 4, k: int = 5, output_dir: str | None = None) -> None:
+        if not 1 <= k <= SHORTLIST:
+            raise ValueError(f"RetrievalGallery.k must be in [1, {SHORTLIST}] (an evaluation keeps each query's "
+                             f"top {SHORTLIST}), got {k}")
+        if max_queries < 1:
+            raise ValueError(f"RetrievalGallery.max_queries must be >= 1, got {max_queries}")
         self.max_queries = max_queries
         self.k = k
         self.output_dir = output_dir
@@ -147,13 +171,14 @@ class RetrievalGallery(pl.Callback):
             if name not in sets:
                 continue
             eval_set = sets[name]
-            path = root / f"{stage}_{name}_step{trainer.global_step}.png"
+            label = weights_label(trainer)
+            path = free_path(root / f"{stage}_{name}_{label.replace(' ', '')}.png")
             before = (global_results or {}).get(name) if name in reranked else None
             headline = _headline(result.metrics, None if before is None else before.metrics)
             if name in reranked and before is None:
                 headline = f"re-ranked, {headline}"
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
-                         f"{stage} {name} (step {trainer.global_step}): {headline}", path,
+                         f"{stage} {name} ({label}): {headline}", path,
                          self.max_queries, self.k, before=before)
             drawn.append(path)
             for logger in trainer.loggers:

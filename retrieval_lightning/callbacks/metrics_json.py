@@ -1,7 +1,8 @@
-"""Write the metrics of every validation/test run to JSON, one file per rank.
+"""Write the metrics of the latest validation/test run to JSON, one file per rank.
 
 For pipelines and tests that compare runs (e.g. 1-process vs DDP evaluation must agree exactly):
-``<output_dir>/<stage>_rank<r>.json`` holds ``trainer.callback_metrics`` as plain floats.
+``<output_dir>/<stage>_rank<r>.json`` holds ``trainer.callback_metrics`` as plain floats. Each run
+replaces the file of its stage (within ``fit``, the last validation's metrics remain).
 """
 
 from __future__ import annotations
