@@ -28,15 +28,15 @@ def _groups(batches: list[list[int]], size: int) -> list[list[int]]:
     return [b[i:i + size] for b in batches for i in range(0, len(b), size)]
 
 
-def _brute_nearest(desc: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Independent reference: full argsort per row, skip own label and repeated labels."""
+def _brute_nearest(desc: np.ndarray, labels: np.ndarray, k: int, distinct: bool = True) -> np.ndarray:
+    """Independent reference: full argsort per row, skip own label (and repeated labels if ``distinct``)."""
     sims = desc @ desc.T
     out = np.full((len(desc), k), -1)
     for r in range(len(desc)):
         order = sorted(range(len(desc)), key=lambda j: (-sims[r, j], j))
         picked, seen = [], set()
         for j in order:
-            if labels[j] != labels[r] and labels[j] not in seen:
+            if labels[j] != labels[r] and (labels[j] not in seen or not distinct):
                 seen.add(labels[j])
                 picked.append(j)
         out[r, :min(k, len(picked))] = picked[:k]
@@ -100,6 +100,19 @@ def test_nearest_other_label_looks_past_a_crowded_label() -> None:
     table = nearest_other_label(desc, torch.as_tensor(labels), k=3, distinct=True, chunk=5)
     np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 3))
     assert table[0].tolist() == [1, 32, 31]
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_nearest_other_label_breaks_ties_by_the_lower_row_on_every_device(distinct: bool) -> None:
+    """Many equal similarities (duplicate images, a few distinct descriptors): ``topk`` alone picks
+    among values tied at the k-th place as it likes; the table must still be the lowest rows."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 12, (60,), generator=generator).numpy()
+    desc = F.normalize(torch.randint(0, 3, (60, 4), generator=generator).float() + 0.1, dim=1)
+    table = nearest_other_label(desc, torch.as_tensor(labels), k=4, distinct=distinct, chunk=16)
+    np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 4, distinct))
+    same = nearest_other_label(torch.ones(40, 4), torch.arange(40), k=3, distinct=distinct)
+    assert same[:3].tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3]]
 
 
 def test_candidates_pool_and_positions_mapping() -> None:

@@ -40,6 +40,7 @@ from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
 from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
 from retrieval_lightning.progress import shows_progress
+from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
 
 
@@ -93,12 +94,23 @@ def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = T
 
 
 def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k by value, equal values ordered by lower index (``topk``, then a stable re-sort of the k)."""
+    """Top-k by value, equal values ordered by lower index: ``topk``, then a stable re-sort of the k.
+
+    ``topk`` picks arbitrarily among values tied at the k-th place (and differently on CPU and GPU),
+    so a row whose k-th value has ties left outside the k is sorted whole (stable) instead.
+    """
     _, idx = torch.topk(sims, k, dim=1)
     idx = idx.sort(dim=1).values
     vals = sims.gather(1, idx)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return vals.gather(1, order).cpu(), idx.gather(1, order).cpu()
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    if k < sims.shape[1]:
+        last = vals[:, -1:]
+        spill = ((sims == last).sum(1) > (vals == last).sum(1)) & (last[:, 0] != float("-inf"))
+        for r in spill.nonzero().flatten().tolist():
+            full = torch.sort(sims[r], descending=True, stable=True)
+            vals[r], idx[r] = full.values[:k], full.indices[:k]
+    return vals.cpu(), idx.cpu()
 
 
 class HardNegativeMining(pl.Callback):
@@ -193,15 +205,20 @@ class HardNegativeMining(pl.Callback):
         rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
         if rows.numel() != positions.size:
             raise RuntimeError(f"mining gathered {rows.numel()} descriptors for a pool of {positions.size}")
-        neighbours = None
-        if trainer.global_rank == 0:
+
+        def table_on_rank_zero() -> np.ndarray:
             labels = torch.as_tensor(np.asarray(miner.labels)[positions])
             table = nearest_other_label(gathered["desc"], labels, int(miner.table_width),
                                         bool(miner.distinct_labels), self.chunk, pl_module.device,
                                         shows_progress(trainer)).numpy()
-            neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
             if self.picture_anchors > 0:
                 self.draw_mined(trainer, miner, epoch, positions, table, gathered["desc"])
+            return np.where(table >= 0, positions[np.maximum(table, 0)], -1)
+
+        # the other ranks wait for rank 0's table: a failure there (a full disk under the picture) stops them too
+        neighbours = on_rank_zero(table_on_rank_zero, trainer.global_rank == 0,
+                                  lambda value: trainer.strategy.broadcast(value, src=0),
+                                  f"hard-negative mining, epoch {epoch}")
         neighbours = trainer.strategy.broadcast(neighbours, src=0)
         miner.set_negatives(epoch, positions, neighbours)
         rank_zero_info(f"hard-negative mining, epoch {epoch}: {positions.size} images, "
