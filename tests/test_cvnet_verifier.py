@@ -141,6 +141,7 @@ def test_in_batch_pairs_are_balanced_and_the_loss_trains_every_parameter() -> No
     loss = head.losses({"conv4": feats}, labels)["pair_ce"]
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in head.parameters())
+    assert [n for n, p in head.named_parameters() if not p.grad.abs().sum() > 0] == []
     explicit = torch.tensor([[0, 1, 1], [0, 2, 0]])
     with torch.no_grad():
         levels = head.project(feats)

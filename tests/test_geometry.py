@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -73,11 +73,10 @@ def test_seed_is_deterministic_across_threads_and_rng_state(method: str) -> None
             r = match_and_verify(q_kp, q_desc, d_kp, d_desc, seed=s, **opts)
             results[worker, s] = (r.inliers, r.query_indices.tobytes())
 
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for done in [pool.submit(run, w) for w in range(4)]:
+            done.result()  # re-raises a worker's exception here
+    assert len(results) == 4 * 8
     for (_, s), got in results.items():
         assert got == (first[s].inliers, first[s].query_indices.tobytes())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import numpy as np
 import pytest
@@ -151,19 +150,17 @@ def test_read_id_csv_and_image_path(gld):
     assert image_path("/d", "train", "6e158a47eb2ca3f6") == "/d/train/6/e/1/6e158a47eb2ca3f6.jpg"
 
 
-def test_parse_speed_200k_rows(tmp_path):
+def test_parse_200k_rows(tmp_path):
+    """A GLDv2-sized table parses to the right rows and classes (its speed: benchmarks/gldv2_csv_parse.py)."""
     rng = np.random.default_rng(0)
     n = 200_000
     lm = rng.integers(0, 200_000, n)
     lines = [f"{i:016x},https://upload.wikimedia.org/wikipedia/commons/{i}.jpg,{lm[i]}" for i in range(n)]
     path = _write(tmp_path / "big.csv", "id,url,landmark_id\n" + "\n".join(lines) + "\n")
-    start = time.perf_counter()
     table = read_train_csv(path)
     labels, classes = remap_labels(table.landmark_ids)
-    elapsed = time.perf_counter() - start
     assert len(table) == n and classes.size == np.unique(lm).size
-    # 4.1M rows at this rate stay well under a minute; generous bound for a loaded CI machine.
-    assert elapsed < 3.0, f"parsing 200k rows took {elapsed:.2f}s"
+    assert np.array_equal(classes[labels], lm) and table.ids[123] == f"{123:016x}"
 
 
 # ----------------------------------------------------------------------------- remap and split

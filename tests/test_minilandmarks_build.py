@@ -23,11 +23,9 @@ SMALL = dict(include_skimage=False, image_size=64, views_train=3, views_db=4, vi
 
 
 @pytest.fixture(scope="module")
-def skimage_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
-    """The default build from the scikit-image photos alone, timed."""
-    start = time.perf_counter()
-    out = mb.build_minilandmarks(tmp_path_factory.mktemp("ml"), progress=False)
-    return out, time.perf_counter() - start
+def skimage_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default build from the scikit-image photos alone."""
+    return mb.build_minilandmarks(tmp_path_factory.mktemp("ml"), progress=False)
 
 
 @pytest.fixture()
@@ -94,16 +92,15 @@ def check_formats(out: Path, image_size: int) -> None:
     assert distractors and not distractors & labelled and distractors <= set(imlist)
 
 
-def test_skimage_build_formats(skimage_build: tuple[Path, float]) -> None:
-    out, seconds = skimage_build
+def test_skimage_build_formats(skimage_build: Path) -> None:
+    out = skimage_build
     check_formats(out, 256)
     counts = json.loads((out / ".complete").read_text())["counts"]
     assert counts["train_landmarks"] >= 8 and counts["queries"] >= 8 and counts["distractors"] > 0
-    assert seconds < 60, f"build took {seconds:.1f}s"
 
 
-def test_train_and_test_photos_are_disjoint(skimage_build: tuple[Path, float]) -> None:
-    out, _ = skimage_build
+def test_train_and_test_photos_are_disjoint(skimage_build: Path) -> None:
+    out = skimage_build
     views = _views(out)
     train = {v["source_sha256"] for v in views if v["split"] == "train"}
     test = {v["source_sha256"] for v in views if v["split"] == "test"}
@@ -132,9 +129,9 @@ def _bilinear(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + (img[y0 + 1, x0] * (1 - fx) + img[y0 + 1, x0 + 1] * fx) * fy
 
 
-def test_recorded_homography_matches_pixels(skimage_build: tuple[Path, float]) -> None:
+def test_recorded_homography_matches_pixels(skimage_build: Path) -> None:
     """Source pixels warped by the recorded H line up with the view's pixels to under half a pixel."""
-    out, _ = skimage_build
+    out = skimage_build
     views = [v for v in _views(out) if v["params"]["photometric"]["blur_sigma"] == 0 and v["visible_fraction"] > 0.3]
     rng = np.random.default_rng(0)
     shifts = [(dx, dy) for dx in (-1.0, -0.5, 0.0, 0.5, 1.0) for dy in (-1.0, -0.5, 0.0, 0.5, 1.0)]
@@ -181,9 +178,9 @@ def _visible(v: dict, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inframe, inframe & ~covered
 
 
-def test_labels_agree_with_recorded_overlap(skimage_build: tuple[Path, float]) -> None:
+def test_labels_agree_with_recorded_overlap(skimage_build: Path) -> None:
     """Recompute the overlap of each (query, view of the same photo) from views.jsonl alone."""
-    out, _ = skimage_build
+    out = skimage_build
     views = {v["name"]: v for v in _views(out)}
     gnd = pickle.loads((out / "revisitop/minilandmarks/gnd_minilandmarks.pkl").read_bytes())
     checked = 0
@@ -287,9 +284,7 @@ def test_scene_grouping_by_stem_manifest_and_dedup(tmp_path: Path) -> None:
 def test_shared_photos_build(tmp_path: Path) -> None:
     if not SHARED_PHOTOS.is_dir():
         pytest.skip(f"{SHARED_PHOTOS} is absent")
-    start = time.perf_counter()
     out = mb.build_minilandmarks(tmp_path, [SHARED_PHOTOS], progress=False)
-    seconds = time.perf_counter() - start
     check_formats(out, 256)
     with (out / "sources.tsv").open(newline="") as fh:
         rows = {r["name"]: r for r in csv.DictReader(fh, delimiter="\t")}
@@ -303,7 +298,6 @@ def test_shared_photos_build(tmp_path: Path) -> None:
         w["role"] == "query" and w["scene"] == v["scene"] and w["source"] != v["source"] for w in views)]
     assert second and all(label != "easy" for v in second for label in v["labels"].values())
     assert any(label == "hard" for v in second for label in v["labels"].values())
-    assert seconds < 120, f"shared build took {seconds:.1f}s"
 
 
 def test_large_photo_is_reduced_in_the_same_frame() -> None:
@@ -323,10 +317,17 @@ def test_large_photo_is_reduced_in_the_same_frame() -> None:
 
 def test_concurrent_builders_agree(tmp_path: Path, small_photos: Path) -> None:
     """Two builders racing on one root (as DDP ranks would) both return the one complete directory."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    start = threading.Barrier(2)  # both enter the build together, so they race rather than run one after the other
+
+    def build(_: int) -> Path:
+        start.wait(timeout=60)
+        return mb.build_minilandmarks(tmp_path / "out", [small_photos], **SMALL)
+
     with ThreadPoolExecutor(2) as pool:
-        outs = list(pool.map(lambda _: mb.build_minilandmarks(tmp_path / "out", [small_photos], **SMALL), range(2)))
+        outs = list(pool.map(build, range(2)))
     assert outs[0] == outs[1] and (outs[0] / ".complete").is_file()
     assert [p.name for p in (tmp_path / "out").iterdir()] == [outs[0].name]
     check_formats(outs[0], 64)

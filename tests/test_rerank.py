@@ -136,8 +136,10 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
     assert alone.metrics["mAP_M"] < glob["mAP_M"]
 
     other: list[QueryScores] = []
+    scored_here: list[int] = []
 
     def gather(local):  # rank 0's gather sees rank 1's scores, computed independently
+        scored_here.extend(q.query for q in local)
         return [local, other]
 
     queries, database = desc[:4], desc[4:]
@@ -148,6 +150,7 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
     split = evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,
                               all_gather_object=gather, progress=False)
     assert split.metrics == alone.metrics
+    assert scored_here == [0, 2] and [q.query for q in other] == [1, 3]  # each rank scored its half only
 
 
 def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
