@@ -354,6 +354,10 @@ class PairCollate:
 
     With ``shuffled`` > 0 the last ``shuffled`` items of every group are patch-shuffle negatives:
     ``batch["shuffled"]`` is then a (B,) bool mask of them, for the datamodule's batch transform.
+
+    ``same`` comes from the labels of the images actually loaded (a shuffled mosaic is always
+    "different"): with ``on_error: skip`` an unreadable image is replaced by the next readable one,
+    which may be of another landmark, so a slot's role alone would mislabel the pair.
     """
 
     def __init__(self, group_size: int, shuffled: int = 0) -> None:
@@ -376,8 +380,13 @@ class PairCollate:
 
     def __call__(self, items: list[dict]) -> dict:
         batch = default_collate(items)
-        batch["pairs"] = self.pairs(len(items))
+        pairs = self.pairs(len(items))
+        labels = torch.as_tensor(batch["label"])
+        same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
         if self.shuffled:
             slot = torch.arange(len(items)) % self.group_size
             batch["shuffled"] = slot >= self.group_size - self.shuffled
+            same &= ~batch["shuffled"][pairs[:, 1]]
+        pairs[:, 2] = same.long()
+        batch["pairs"] = pairs
         return batch

@@ -115,6 +115,19 @@ def test_nearest_other_label_breaks_ties_by_the_lower_row_on_every_device(distin
     assert same[:3].tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3]]
 
 
+def test_pair_labels_follow_the_images_loaded_not_the_slots() -> None:
+    """With ``on_error: skip`` an unreadable image is replaced by the next readable one: a positive slot
+    can then hold another landmark ("different") and a negative slot the anchor's ("same"); a
+    patch-shuffled mosaic of the anchor stays "different"."""
+    def items(labels: list[int]) -> list[dict]:
+        return [{"image": torch.zeros(3, 4, 4), "label": lab, "index": i} for i, lab in enumerate(labels)]
+
+    batch = PairCollate(4)(items([5, 5, 7, 8]) + items([3, 9, 4, 3]))  # second group: positive and a negative swapped
+    assert batch["pairs"].tolist() == [[0, 1, 1], [0, 2, 0], [0, 3, 0], [4, 5, 0], [4, 6, 0], [4, 7, 1]]
+    shuffled = PairCollate(4, shuffled=1)(items([5, 5, 7, 5]))
+    assert shuffled["pairs"].tolist() == [[0, 1, 1], [0, 2, 0], [0, 3, 0]]
+
+
 def test_candidates_pool_and_positions_mapping() -> None:
     config = PairSampling(groups_per_batch=1, negatives=2, candidates=4, pool_size=20, distinct_labels=False)
     miner = PairMiner(LABELS, config)
