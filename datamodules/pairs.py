@@ -43,8 +43,9 @@ class PairSampling:
         candidates: negatives are drawn among the ``candidates`` nearest other-label images
             (``None``: exactly the ``negatives`` nearest).
         distinct_labels: the negatives of one anchor come from distinct labels.
-        pool_size: mine over a random subset of this many training images, redrawn each epoch
-            (``None``: the whole training set; set it for GLDv2 scale).
+        pool_size: mine over a random subset of this many training images, redrawn at each mining
+            (``None``: the whole training set; set it for GLDv2 scale). Anchors come from the pool
+            of the latest mining, so every anchor has mined negatives also between minings.
         groups_per_epoch: groups per epoch over all ranks (``None``: one per pool image).
         mining_max_side: long side of the images embedded for mining.
         same_image_positives: share of groups whose positive is the anchor image itself (the
@@ -280,7 +281,8 @@ class PairBatchSampler(BatchSampler):
         if self.miner.request is not None:
             self.miner.request(int(epoch))  # refresh the mined table first (a no-op when not due)
         rng = np.random.default_rng([self.config.seed, int(epoch), 0])
-        pool = self.miner.pool(epoch)
+        mined = self.miner.mined_epoch
+        pool = self.miner.pool(epoch if mined is None else mined)  # the anchors the mined table covers
         eligible = pool[self.miner.has_positive[pool]]
         if eligible.size == 0:
             raise ValueError(f"epoch {epoch}: no image of the pool has a positive (a same-label image)")

@@ -143,6 +143,30 @@ def test_candidates_pool_and_positions_mapping() -> None:
         assert negatives == [x for x in row if x in negatives] and set(negatives) <= set(row)
 
 
+def test_epochs_between_minings_draw_anchors_the_mined_table_covers() -> None:
+    """``every_n_epochs`` > 1 with a pool: epoch 1 (no mining) takes its anchors from epoch 0's mined
+    pool, so every group has mined negatives rather than random ones; a run resumed in epoch 1
+    mines epoch 0's table again, and one resumed in a due epoch mines that epoch."""
+    config = PairSampling(groups_per_batch=1, negatives=2, candidates=4, pool_size=20, distinct_labels=False)
+    miner = PairMiner(LABELS, config)
+    pool = miner.pool(0)
+    table = np.stack([(np.arange(4) + 5 * p) % LABELS.size for p in pool])
+    miner.set_negatives(0, pool, table)
+    sampler = PairBatchSampler(miner)
+    sampler.set_epoch(1)
+    anchors = [g[0] for g in _groups(list(sampler), config.group_size)]
+    assert anchors and all(miner.mined_negatives(a) is not None for a in anchors)
+
+    callback = HardNegativeMining(every_n_epochs=3, first_epoch=1)
+    assert [callback.table_epoch(e) for e in range(8)] == [None, 1, 1, 1, 4, 4, 4, 7]
+    mined: list[int] = []
+    callback.mine = lambda trainer, module, m, epoch: (mined.append(epoch), m.set_negatives(epoch, pool, table))
+    fresh = PairMiner(LABELS, config)
+    for epoch in (0, 2, 3, 4, 5):
+        callback.mine_if_due(None, None, fresh, epoch)
+    assert mined == [1, 4]
+
+
 def test_ranks_disjoint_and_deterministic_per_epoch_through_lightning_injection() -> None:
     """Lightning re-instantiates a BatchSampler subclass with a DistributedSampler under DDP."""
     from lightning.pytorch.utilities.data import _update_dataloader

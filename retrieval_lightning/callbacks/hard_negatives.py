@@ -8,7 +8,9 @@ table is rebuilt every ``every_n_epochs`` epochs, just before that epoch's batch
 Generic by design (the core never imports a datamodule): the datamodule exposes ``pair_miner``,
 any object with
 
-- ``pool(epoch) -> np.ndarray``: training-set positions to mine over (and draw anchors from);
+- ``pool(epoch) -> np.ndarray``: training-set positions to mine over; the sampler draws an epoch's
+  anchors from the pool of the table that serves it (``mined_epoch``), so epochs between two
+  minings (``every_n_epochs`` > 1) keep mined negatives when the pool is a subset;
 - ``pool_dataset(positions) -> Dataset`` of ``{"image": (3,h,w) RGB float in [0,1], "index": i}``,
   ``i`` the row in ``positions``;
 - ``labels`` (one per training position), ``table_width``, ``distinct_labels``;
@@ -143,6 +145,12 @@ class HardNegativeMining(pl.Callback):
     def _due(self, epoch: int) -> bool:
         return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every_n_epochs == 0
 
+    def table_epoch(self, epoch: int) -> int | None:
+        """The mining epoch whose table serves ``epoch``: the latest due one (``None`` before ``first_epoch``)."""
+        if epoch < self.first_epoch:
+            return None
+        return self.first_epoch + (epoch - self.first_epoch) // self.every_n_epochs * self.every_n_epochs
+
     @staticmethod
     def _miner(trainer: pl.Trainer) -> Any:
         miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
@@ -161,8 +169,11 @@ class HardNegativeMining(pl.Callback):
             miner.request = None  # do not keep the trainer alive through the datamodule
 
     def mine_if_due(self, trainer: pl.Trainer, pl_module: Any, miner: Any, epoch: int) -> None:
-        if self._due(epoch) and miner.mined_epoch != epoch:
-            self.mine(trainer, pl_module, miner, epoch)
+        """Install the table that serves ``epoch``: mined now when due, or, in a run resumed between two
+        minings, the last due epoch's mined again (the same table when the global model is frozen)."""
+        serving = self.table_epoch(epoch)
+        if serving is not None and miner.mined_epoch != serving:
+            self.mine(trainer, pl_module, miner, serving)
 
     @torch.no_grad()
     def embed_pool(self, pl_module: Any, dataset: Any, rank: int = 0, world_size: int = 1,
