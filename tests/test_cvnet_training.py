@@ -224,8 +224,10 @@ def test_callback_mines_pool_from_descriptors(tmp_path: Path) -> None:
     first = list(sampler)  # epoch 0: before first_epoch, random negatives
     assert miner.mined_epoch is None
     sampler.set_epoch(2)
+    before = torch.get_rng_state()
     groups = _groups(list(sampler), config.group_size)
     assert miner.mined_epoch == 2
+    assert torch.equal(torch.get_rng_state(), before)  # mining draws nothing from the global generator
     desc = F.normalize(colours @ module.proj, dim=1).numpy()
     expected = _brute_nearest(desc, LABELS, 2)
     for anchor, _, *negatives in groups:

@@ -180,8 +180,11 @@ class HardNegativeMining(pl.Callback):
                    progress: bool = False) -> tuple[Tensor, Tensor]:
         """This rank's share of the pool: ``(rows, descriptors)``; ``progress``: a bar over its batches."""
         share = Subset(dataset, list(range(rank, len(dataset), world_size)))
+        # its own generator: a loader iterator draws a base seed, and from the global generator that draw
+        # would shift every later global draw (a sparsifier's Gumbel noise) between a run and its resume,
+        # which mines again after the random states are restored
         loader = DataLoader(share, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=lambda items: items)
+                            collate_fn=lambda items: items, generator=torch.Generator().manual_seed(0))
         rows, descs = [], []
         for items in tqdm(loader, desc="hard negatives: embedding the pool", disable=not progress, leave=False):
             images = [item["image"].to(pl_module.device) for item in items]
