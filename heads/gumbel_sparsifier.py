@@ -84,8 +84,16 @@ class GumbelSparsifierHead(SparsifierHead):
             to their size.
         relaxation: ``topk`` (exactly the extraction count in every step) or ``concrete``
             (per-location coins, the count held by the budget term).
-        tau_start, tau_end, tau_steps: geometric temperature schedule of the relaxation.
-        budget_weight: weight of the budget term (returned already weighted).
+        tau_start, tau_end, tau_steps: geometric temperature schedule of the relaxation's
+            straight-through gradient (the forward masks are exactly 0/1 at any temperature; their
+            Gumbel noise keeps unit scale, so a training mask is a sample around the extraction's
+            top-k, as close to it as the logits are large against that noise). Steps count the
+            training calls of :meth:`losses`: micro-batches under gradient accumulation.
+        budget_weight: weight of the budget term (returned already weighted). Under ``topk`` it
+            only sets the per-level logit offsets (a top-k ignores them). Under ``concrete`` it is
+            divided by the temperature, as the straight-through gradient of the pair loss grows
+            as 1 / tau: otherwise annealing tau lets the pair loss outweigh the budget and the
+            kept share drifts above the target.
         selection: ``learned``; ``norm`` (top-k by feature norm) and ``random`` are the
             baselines the sparsity benchmark compares with.
         value_dtype, int8_scale, index_dtype: the stored form (:mod:`heads._sparse.codec`):
@@ -327,7 +335,8 @@ class GumbelSparsifierHead(SparsifierHead):
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
         fraction = self.target_fraction(sizes)
-        out["budget"] = self.budget_weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
+        weight = self.budget_weight / (self.temperature() if self.relaxation == "concrete" else 1.0)
+        out["budget"] = weight * torch.stack([budget_loss(lg, fraction) for lg in logits]).mean()
         # the share of cells the training masks kept (exactly the target under the top-k relaxation; what
         # the budget term holds under the concrete one), and how far the selection is from top-k by norm
         self.watch(temperature=self.temperature(),

@@ -189,6 +189,24 @@ def test_budget_loss_pulls_the_kept_fraction_to_the_target() -> None:
     assert abs(torch.sigmoid(logits).mean().item() - 0.1) < 0.01
 
 
+@pytest.mark.parametrize("relaxation", ["concrete", "topk"])
+def test_the_concrete_budget_grows_as_the_temperature_falls(relaxation: str) -> None:
+    """The concrete relaxation's straight-through gradient grows as 1 / tau, so its budget term is
+    divided by tau to keep holding the kept share while tau anneals; under top-k (the count is exact)
+    the term is not rescaled."""
+    module = verifier_module(relaxation=relaxation, tau_start=1.0, tau_end=0.1, tau_steps=10)
+    head = module.heads["sparsifier"]
+    features = module.backbone(torch.stack(photos(4, seed=5)))
+    labels = torch.tensor([0, 0, 1, 1])
+    budgets = []
+    with torch.no_grad():
+        for step in (0, 10):
+            head.step.fill_(step)
+            budgets.append(head.losses(features, labels)["budget"].item())
+    assert budgets[0] > 0
+    assert budgets[1] / budgets[0] == pytest.approx(10.0 if relaxation == "concrete" else 1.0, rel=1e-4)
+
+
 def test_temperature_schedule() -> None:
     assert temperature(0, 2.0, 0.5, 100) == pytest.approx(2.0)
     assert temperature(50, 2.0, 0.5, 100) == pytest.approx(1.0)

@@ -1,8 +1,9 @@
 """Which locations of a level to keep: the extraction top-k and its training relaxations.
 
 Why two relaxations: ``topk`` keeps exactly the extraction budget in every training step (the
-verifier sees the sparsity it will see at test time) and lets gradients reach the logits through
-a sigmoid around the k-th perturbed logit; ``concrete`` (binary Gumbel / concrete, one coin per
+verifier sees as many locations as it will at test time; which ones is a Gumbel sample around the
+extraction's top-k) and lets gradients reach the logits through a sigmoid around the k-th
+perturbed logit; ``concrete`` (binary Gumbel / concrete, one coin per
 location) lets the kept fraction float, held at the target by :func:`budget_loss`. Both are
 straight-through: the forward mask is exactly 0/1, so a dropped location's own features never
 reach the verifier.
