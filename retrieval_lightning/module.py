@@ -349,7 +349,7 @@ class RetrievalModule(pl.LightningModule):
                     raise ValueError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
-        if not self._batch_checked:
+        if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
             mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,
                                                  self.trainer.accumulate_grad_batches)
