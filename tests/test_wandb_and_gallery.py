@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, TINY_DATA, run_main
+from helpers import REPO, TINY_DATA, cli_env, run_cli, run_main
 
 
 @pytest.mark.slow
@@ -68,22 +67,30 @@ def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> 
 
 
 @pytest.mark.parametrize(("mode", "offline"), [("disabled", False), ("offline", True), ("", True)])
-def test_wandb_mode_disabled_is_left_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
-                                              offline: bool) -> None:
-    """Without an API key the logger goes offline by itself, but ``WANDB_MODE=disabled`` stays disabled:
-    no run folder is written and the process's ``WANDB_MODE`` is not rewritten to ``dryrun``."""
+def test_without_an_api_key_the_logger_goes_offline_unless_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    mode: str, offline: bool) -> None:
     from retrieval_lightning.loggers import RetrievalWandbLogger
 
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key either
-    logger = RetrievalWandbLogger(save_dir=str(tmp_path / "runs"), project="p")
-    assert logger._offline is offline
-    if mode == "disabled":
-        logger.log_metrics({"x": 1.0}, step=1)
-        assert not any((tmp_path / "runs").iterdir())
-        assert os.environ["WANDB_MODE"] == "disabled"
+    assert RetrievalWandbLogger(save_dir=str(tmp_path / "runs"), project="p")._offline is offline
+
+
+@pytest.mark.slow
+def test_wandb_mode_disabled_runs_without_wandb_files(cache_root: Path, tmp_path: Path) -> None:
+    """``WANDB_MODE=disabled``: the command runs (the resolved config goes to the log directory, as
+    without W&B) and no W&B run folder is written. A fresh process: W&B latches its settings per process."""
+    env = cli_env()
+    env.update(WANDB_MODE="disabled", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    out = tmp_path / "out"
+    run_cli(["test", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+             *TINY_DATA, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}/wb",
+             "--trainer.callbacks=[]"], cwd=tmp_path, env=env)
+    assert not list(out.rglob("offline-run-*")) and not list(out.rglob("run-*.wandb"))
+    saved = list(out.rglob("config.yaml"))
+    assert saved and "gem_arcface" in saved[0].read_text()
 
 
 def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Path) -> None:

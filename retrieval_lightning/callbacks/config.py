@@ -20,13 +20,20 @@ def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
+def _disabled(logger: WandbLogger) -> bool:
+    """Whether W&B is disabled for this logger (``WANDB_MODE=disabled`` or ``mode: disabled``): read from
+    the settings, the same on every rank, so all ranks take the same branch (and collectives) below."""
+    return "disabled" in (os.environ.get("WANDB_MODE"), logger._wandb_init.get("mode"))
+
+
 class SaveConfigToLoggers(SaveConfigCallback):
     """Resolved config → W&B ``run.config`` and ``<run dir>/lightning_config.yaml``."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        loggers = _wandb_loggers(trainer)
+        # a disabled W&B run (WANDB_MODE=disabled) has a run directory that is never created: log_dir as without W&B
+        loggers = [lg for lg in _wandb_loggers(trainer) if not _disabled(lg)]
         if not loggers:
             self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
             super().setup(trainer, pl_module, stage)
