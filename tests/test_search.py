@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.retrieval.postprocess import (
     PostProcessConfig,
     alpha_query_expansion,
@@ -147,6 +148,9 @@ def test_faiss_ivfpq_finds_near_duplicates(faiss_one_thread) -> None:
         FaissSearcher(32, "ivfpq", m=7)
     with pytest.raises(ValueError, match="unknown FAISS index_type 'hnsw'"):
         FaissSearcher(32, "hnsw")
+    small = FaissSearcher(32, "ivfpq", nlist=100, m=8, nbits=6)  # FAISS itself would abort in its k-means
+    with pytest.raises(UsageError, match="IVF-PQ needs at least 100 database rows.*has 78.*--backend exact"):
+        small.add(database[:78])
 
 
 def test_faiss_never_returns_padding_ids(faiss_one_thread) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from .store import FeatureStore
 
 #: rows converted and multiplied per step; small enough that the fp32 copy stays in L2 cache
@@ -265,6 +266,13 @@ class FaissSearcher:
         if db.shape[1] != self.dim:
             raise ValueError(f"database has dim {db.shape[1]}, the index was built for {self.dim}")
         if not self.index.is_trained:
+            needed = max(int(self.index.nlist), 2 ** int(self.index.pq.nbits))
+            if min(self.train_size, n) < needed:
+                raise UsageError(
+                    f"IVF-PQ needs at least {needed} database rows to train (nlist {self.index.nlist} lists, "
+                    f"{2 ** int(self.index.pq.nbits)} codes per sub-quantizer), the database has {n} "
+                    f"(training on {min(self.train_size, n)}): use exact search (--backend exact or faiss-flat) "
+                    "for a database this small, or a smaller nlist")
             take = np.linspace(0, n - 1, num=min(self.train_size, n)).astype(np.int64)
             self.index.train(self._fp32(db[take]))
         for start in range(0, n, chunk_size):
