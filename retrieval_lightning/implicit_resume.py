@@ -57,5 +57,6 @@ def check_implicit_resume(model: pl.LightningModule, path: str) -> None:
         raise ResumeMismatchError(
             f"fit would resume {path} (Lightning resumes the last checkpoint of this directory when no --ckpt_path "
             f"is given), but that run had other settings: {shown}. Start the new run in another directory "
-            f"(--trainer.default_root_dir), or pass --ckpt_path {path} to resume it anyway"
+            f"(--trainer.default_root_dir), pass --ckpt_path {path} to resume it anyway (same optimiser and "
+            f"trained parts), or --model.init_from {path} to start a new run from its weights"
         )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,19 @@ class RetrievalTrainer(pl.Trainer):
         (see :mod:`retrieval_lightning.implicit_resume`), and it continues the W&B run as well.
         """
         ckpt_path = self._checked_resume(model, ckpt_path)
-        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        with warnings.catch_warnings():
+            if self._fresh_implicit_start:  # Lightning would warn that the "last" it chose itself does not exist
+                warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last')
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     def _checked_resume(self, model: pl.LightningModule, ckpt_path: str | None) -> str | None:
         """What ``fit`` will resume (``"last"`` when Lightning would resume by itself, and only a run of
         the same settings), with the W&B logger set to continue that run."""
+        self._fresh_implicit_start = False
         if ckpt_path is None and resumes_implicitly(self):
             ckpt_path = "last"  # what Lightning would do; made explicit so the checks below see it
             path = checkpoint_to_resume(self, ckpt_path)
+            self._fresh_implicit_start = path is None
             if path is not None and isinstance(model, RetrievalModule):
                 check_implicit_resume(model, path)
         continue_wandb_run(self, ckpt_path)
@@ -69,7 +75,7 @@ class RetrievalTrainer(pl.Trainer):
         """Test the model, fit it, test it again and print a before/after table of the test metrics."""
         # before the first test creates the W&B run: a resumed finetune continues its run, and a directory
         # of a run with other settings is refused before anything is tested
-        ckpt_path = self._checked_resume(model, ckpt_path)
+        self._checked_resume(model, ckpt_path)  # fit checks it again: the test writes no checkpoint
         before = _merged(self.test(model, datamodule=datamodule, verbose=False))
         if not before:
             raise UsageError("finetune compares the test metrics before and after training, but the datamodule "

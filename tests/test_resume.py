@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,10 +239,14 @@ def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path:
         trainer.fit(make(num_classes=3, optim=OptimConfig(lr=lr)), datamodule=_TinyData(), ckpt_path=ckpt_path)
         return trainer
 
-    assert fit(2, 0.01).global_step == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fit(2, 0.01).global_step == 2
+    # a fresh start: no warning about the "last" checkpoint Lightning looked for by itself
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
     assert fit(3, 0.01).global_step == 3  # the same run, continued (a requeue)
     with pytest.raises(ResumeMismatchError, match=r"other settings: module.optim.lr: 0.01 -> 0.5\. .*"
-                                                  r"--trainer.default_root_dir"):
+                                                  r"--trainer.default_root_dir.*--model.init_from"):
         fit(4, 0.5)
     last = str(tmp_path / "checkpoints" / "last.ckpt")
     assert fit(4, 0.5, ckpt_path=last).global_step == 4  # asked for explicitly: resumed as told
