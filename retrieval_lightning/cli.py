@@ -12,7 +12,6 @@ import importlib
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -234,8 +233,9 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Re
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
     args = list(sys.argv[1:] if args is None else args)
     used = check_plugin_names(args)
-    for problem in register_plugin_aliases(used):
-        warnings.warn(problem, stacklevel=1)
+    problems = register_plugin_aliases(used)
+    if problems:  # a plugin this command names cannot load: say why, not the parser's "expected a class path"
+        raise PluginError("; ".join(problems))
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "retrieval-lightning", *args]  # DDP re-launches sys.argv
     try:

@@ -74,27 +74,37 @@ class Registry:
         self._aliases: dict[str, type] = {}
 
     def entries(self) -> dict[str, PluginEntry]:
-        """Every declared plugin by name; two distributions claiming a name is an error."""
+        """Every declared plugin by name (the first declaration of a name two distributions claim;
+        :meth:`clashes` says which, and using such a name is an error)."""
+        return self._scan()[0]
+
+    def clashes(self) -> dict[str, str]:
+        """Names two distributions declare, with the error that using one of them raises."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[dict[str, PluginEntry], dict[str, str]]:
         found: dict[str, PluginEntry] = {}
+        clashes: dict[str, str] = {}
         for ep in _entry_points(self.group):
             dist = ep.dist.metadata["Name"] if ep.dist is not None else "<unknown distribution>"
             version = ep.dist.version if ep.dist is not None else "?"
             entry = PluginEntry(ep.name, ep.value, dist, version, ep)
             other = found.get(ep.name)
             if other is not None and (other.distribution, other.target) != (dist, ep.value):
-                raise PluginError(
+                clashes.setdefault(ep.name, (
                     f"{self.kind} name {ep.name!r} is declared twice in entry-point group "
                     f"{self.group!r}: by {other.describe()} and by {entry.describe()}; "
-                    "uninstall one or rename its entry point"
-                )
+                    "uninstall one or rename its entry point"))
             found.setdefault(ep.name, entry)
-        return found
+        return found, clashes
 
     def names(self) -> list[str]:
         return sorted(self.entries())
 
     def entry(self, name: str) -> PluginEntry:
-        entries = self.entries()
+        entries, clashes = self._scan()
+        if name in clashes:  # only a command that uses the name is stopped by the clash
+            raise PluginError(clashes[name])
         if name not in entries:
             known = sorted(entries)
             close = difflib.get_close_matches(name, known, n=1)
@@ -148,12 +158,26 @@ class Registry:
 
 
 def _check_head(obj: object) -> str | None:
-    from retrieval_lightning.head import ROLES, Head
+    """Why a head class cannot serve its role, or ``None``: the base class the role is reached through
+    (a ``verifier`` that is a plain ``Head`` would never re-rank) and the methods it must implement."""
+    from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead, SparsifierHead
 
     if not (isinstance(obj, type) and issubclass(obj, Head)):
         return f"{obj!r} is not a subclass of retrieval_lightning.head.Head"
     if obj.role not in ROLES:
         return f"{obj.__qualname__}.role={obj.role!r} is not one of {ROLES}"
+    base, required = {
+        "global": (GlobalHead, ("_build", "dim", "embed")),
+        "local": (RerankHead, ("_build", "entry_kinds", "extract_entries", "score")),
+        "verifier": (RerankHead, ("_build", "entry_kinds", "extract_entries", "score")),
+        "sparsifier": (SparsifierHead, ("_build", "entry_kinds", "sparsify", "densify")),
+    }[obj.role]
+    if not issubclass(obj, base):
+        return (f"{obj.__qualname__} has role {obj.role!r} but is not a subclass of "
+                f"retrieval_lightning.head.{base.__name__}, through which the core reaches that role")
+    missing = [name for name in required if getattr(obj, name) is getattr(base if name != "_build" else Head, name)]
+    if missing:
+        return f"{obj.__qualname__} (role {obj.role!r}) does not implement {', '.join(missing)}"
     return None
 
 

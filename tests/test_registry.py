@@ -58,9 +58,12 @@ def test_unknown_name_lists_and_suggests() -> None:
 def test_duplicate_name_across_distributions_names_both(extra_path: Path) -> None:
     make_distribution(extra_path, "first-dist", "dup_a", "X = 1\n", {"twin": "dup_a:X"})
     make_distribution(extra_path, "second-dist", "dup_b", "X = 2\n", {"twin": "dup_b:X"})
+    heads = fresh_heads()
+    assert "twin" in heads.names() and heads.get("gem_arcface")  # a clash stops only what uses the name
     with pytest.raises(PluginError) as err:
-        fresh_heads().names()
+        heads.get("twin")
     assert "first-dist" in str(err.value) and "second-dist" in str(err.value) and "twin" in str(err.value)
+    assert set(heads.clashes()) == {"twin"}
 
 
 def test_import_failure_names_plugin_distribution_and_cause(extra_path: Path) -> None:
@@ -77,6 +80,23 @@ def test_non_head_class_is_rejected(extra_path: Path) -> None:
                       {"wrong": "wrong_head_mod:NotAHead"})
     with pytest.raises(PluginError, match="not a subclass of retrieval_lightning.head.Head"):
         fresh_heads().get("wrong")
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("from retrieval_lightning.head import Head\nclass H(Head):\n    role = 'verifier'\n",
+     "role 'verifier' but is not a subclass of retrieval_lightning.head.RerankHead"),
+    ("from retrieval_lightning.head import GlobalHead\nclass H(GlobalHead):\n    def _build(self, c, n): pass\n",
+     r"H \(role 'global'\) does not implement dim, embed"),
+    ("from retrieval_lightning.head import VerifierHead\nclass H(VerifierHead):\n    def entry_kinds(self): return {}\n",
+     "does not implement _build, extract_entries, score"),
+])
+def test_a_head_that_cannot_serve_its_role_is_refused_when_loaded(extra_path: Path, source: str, message: str) -> None:
+    """A verifier that is a plain Head would be built and never re-rank; a missing method would fail
+    hours later (after training) with a bare NotImplementedError."""
+    module = f"half_head_mod_{abs(hash(source))}"  # one module per case: an imported module is cached
+    make_distribution(extra_path, "half-dist", module, source, {"half": f"{module}:H"})
+    with pytest.raises(PluginError, match=message):
+        fresh_heads().get("half")
 
 
 def test_alias_is_importable_by_short_name() -> None:
@@ -109,6 +129,19 @@ def test_alias_of_a_broken_plugin_is_not_mistaken_for_a_missing_name(extra_path:
     with pytest.raises(PluginError, match="failed to import") as err:
         hasattr(aliases, "broken_alias")
     assert not isinstance(err.value, AttributeError)
+
+
+def test_a_command_naming_a_broken_plugin_stops_with_its_import_error(extra_path: Path) -> None:
+    """The registry's reason (the plugin, its distribution, the import error) in one line, exit 2: not a
+    warning followed by the parser's "expected a dot import path" and its usage text."""
+    from helpers import run_main
+
+    make_distribution(extra_path, "broken-cli-dist", "broken_cli_mod", "import not_a_real_module_xyz\n",
+                      {"broken_cli": "broken_cli_mod:Head"})
+    done = run_main(["test", "--model.heads.global.class_path=broken_cli"], cwd=extra_path, status=2)
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("error: head plugin 'broken_cli'") and "not_a_real_module_xyz" in lines[0]
+    assert "usage:" not in done.stderr
 
 
 def test_describe_plugins_reports_role_and_distribution() -> None:
