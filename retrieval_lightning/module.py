@@ -339,14 +339,15 @@ class RetrievalModule(pl.LightningModule):
         for role, head in self.heads.items():
             if role in self.frozen:
                 continue
-            extra = {k: batch[k] for k in ("pairs",) if k in batch and k in inspect.signature(head.losses).parameters}
+            extra = {k: batch[k] for k in ("pairs",) if k in batch and _accepts(head.losses, k)}
             losses = head.losses(self.head_features(role, features), labels, **extra)
+            _check_losses(role, head, losses)
             for name, value in losses.items():
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
                 total = total + self.loss_weights[role] * value
             for name, value in head.training_metrics().items():
                 if name in losses:
-                    raise ValueError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
+                    raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
@@ -651,3 +652,23 @@ class RetrievalModule(pl.LightningModule):
             for name in entries[0] if entries else ():
                 out[self.rerank_prefix + name] = [e[name] for e in entries]
         return out
+
+
+def _accepts(method: Any, name: str) -> bool:
+    """Whether ``method`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
+    parameters = inspect.signature(method).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _check_losses(role: str, head: Head, losses: Mapping[str, Any]) -> None:
+    """A trained head's ``losses``: each a scalar tensor, at least one when the head has parameters to train
+    (a plugin's mistakes named in one line, not Lightning's or autograd's error later)."""
+    where = f"head {role!r} ({type(head).__name__}).losses"
+    if not losses and any(p.requires_grad for p in head.parameters()):
+        raise UsageError(f"{where} returned no loss, but the head has parameters to train (it is not in "
+                         "model.freeze): return at least one scalar loss, or freeze it")
+    for name, value in losses.items():
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise UsageError(f"{where} returned {name!r} of shape {shape}; each loss must be a scalar tensor "
+                             "(reduce it, e.g. .mean())")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.module import IncompatibleCheckpointError, RetrievalModule
 from retrieval_lightning.optim import OptimConfig, build_optimizer
 from retrieval_lightning.registry import HEADS
@@ -68,6 +69,39 @@ def test_training_step_logs_what_heads_watch_beside_their_losses(monkeypatch: py
     monkeypatch.setattr(head, "losses", watching_a_loss)
     with pytest.raises(ValueError, match="watches 'arcface', which is also one of its losses"):
         module.training_step(batch(), 0)
+
+
+@pytest.mark.parametrize(("returned", "message"), [
+    ({"ce": torch.ones(3)}, r"head 'global' \(.*\)\.losses returned 'ce' of shape \(3,\); each loss must be a scalar"),
+    ({}, r"head 'global' \(.*\)\.losses returned no loss, but the head has parameters to train"),
+])
+def test_a_heads_malformed_losses_are_named_in_one_line(monkeypatch: pytest.MonkeyPatch, returned: dict,
+                                                       message: str) -> None:
+    """A plugin's per-sample losses or missing loss: named with the head, not Lightning's ``self.log`` error or
+    autograd's "does not require grad" later."""
+    module = make()
+    module.train()
+    module.log = lambda *args, **kwargs: None
+    monkeypatch.setattr(module.heads["global"], "losses", lambda *args, **kwargs: returned)
+    with pytest.raises(UsageError, match=message):
+        module.training_step(batch(), 0)
+
+
+def test_pairs_reach_a_head_whose_losses_take_keyword_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = make()
+    module.train()
+    module.log = lambda *args, **kwargs: None
+    head, seen = module.heads["global"], {}
+    real = head.losses
+
+    def losses(features, labels, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        return real(features, labels)
+
+    monkeypatch.setattr(head, "losses", losses)
+    pairs = torch.tensor([[0, 1, 1]])
+    module.training_step({**batch(), "pairs": pairs}, 0)
+    assert torch.equal(seen["pairs"], pairs)
 
 
 def test_detach_stops_gradients_into_the_backbone() -> None:
