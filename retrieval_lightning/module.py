@@ -462,6 +462,8 @@ class RetrievalModule(pl.LightningModule):
         entries = head.extract_entries([img.to(self.device).float() for img in images], self.features_at)
         if database and self.sparsifier is not None:
             entries = self.sparsifier.sparsify(entries)
+        producer = self.sparsifier if database and self.sparsifier is not None else head
+        check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
         return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 
     def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -672,3 +674,21 @@ def _check_losses(role: str, head: Head, losses: Mapping[str, Any]) -> None:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise UsageError(f"{where} returned {name!r} of shape {shape}; each loss must be a scalar tensor "
                              "(reduce it, e.g. .mean())")
+
+
+def check_entries(entries: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, EntryKind], producer: str) -> None:
+    """Entries as their head declares them (``entry_kinds``): the same names, one row of ``shape`` per
+    image, or ``(n, *shape)`` rows for a ragged kind. A store is laid out from the declaration, so a
+    mismatch is the head's error, named here rather than as a shape clash in a shard much later."""
+    for i, entry in enumerate(entries):
+        if set(entry) != set(kinds):
+            raise UsageError(f"{producer} returned entries {sorted(entry)} for image {i}, but its entry_kinds() "
+                             f"declares {sorted(kinds)}")
+        for name, value in entry.items():
+            kind = kinds[name]
+            shape = tuple(value.shape)
+            fits = shape[1:] == tuple(kind.shape) if kind.ragged else shape == tuple(kind.shape)
+            if not fits:
+                declared = f"(n, {', '.join(map(str, kind.shape))})" if kind.ragged else str(tuple(kind.shape))
+                raise UsageError(f"{producer} entry {name!r} of image {i} has shape {shape}, but entry_kinds() "
+                                 f"declares {declared}{' (ragged)' if kind.ragged else ''}")

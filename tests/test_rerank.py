@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from rerank_plugin import PLUGIN_SOURCE
 from retrieval_lightning.backbone import Backbone
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointLoadError, IncompatibleWeightsError
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
@@ -153,6 +154,23 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
     assert scored_here == [0, 2] and [q.query for q in other] == [1, 3]  # each rank scored its half only
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda e: {**e, "extra": torch.zeros(1)}, r"returned entries \['descriptor', 'extra', 'rows'\].*declares"),
+    (lambda e: {**e, "descriptor": e["descriptor"][None]}, r"entry 'descriptor' of image 0 has shape \(1, \d+\)"),
+    (lambda e: {**e, "rows": e["rows"][:, :1]}, r"entry 'rows' of image 0 has shape \(\d+, 1\), .*\(n, 2\) \(ragged\)"),
+])
+def test_entries_that_differ_from_their_declared_kinds_are_named(monkeypatch: pytest.MonkeyPatch, change,
+                                                                message: str) -> None:
+    """A store is laid out from ``entry_kinds()``: an undeclared name, a missing row dimension or a row of
+    another width is the head's error, named when the entries are made."""
+    module = tiny_module()
+    head = module.heads["verifier"]
+    real = head.extract_entries
+    monkeypatch.setattr(head, "extract_entries", lambda images, at: [change(e) for e in real(images, at)])
+    with pytest.raises(UsageError, match=message):
+        module.rerank_entries([tiny_eval_set().dataset[0]["image"]])
+
+
 def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
     eval_set = tiny_eval_set()
     module = tiny_module()
@@ -243,7 +261,7 @@ def test_match_names_a_third_party_verifier_that_cannot_explain(tmp_path: Path) 
 def test_match_names_a_checkpoint_without_a_reranking_head(tmp_path: Path) -> None:
     from PIL import Image
 
-    from retrieval_lightning.errors import UsageError, user_error_types
+    from retrieval_lightning.errors import user_error_types
     from retrieval_lightning.match import run_match
 
     RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface()}).save_checkpoint(tmp_path / "g.ckpt")
