@@ -28,6 +28,7 @@ from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, mask
 from heads._sparse.selection import (
     RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, temperature, topk_positions, topk_st_mask,
 )
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
 
 SELECTIONS = ("learned", "norm", "random")
@@ -192,6 +193,10 @@ class GumbelSparsifierHead(SparsifierHead):
 
     # ------------------------------------------------------------------ verifier
     def attach(self, verifier: RerankHead) -> None:
+        missing = [m for m in ("project", "pair_logits") if not callable(getattr(verifier, m, None))]
+        if missing:  # it selects among the verifier's projected levels and trains through its pair logits
+            raise UsageError(f"gumbel_sparsifier needs a verifier with {' and '.join(missing)} (as cvnet_verifier "
+                             f"has); {type(verifier).__name__} has not")
         if self.stage not in getattr(verifier, "stages", (self.stage,)):
             raise ValueError(f"sparsifier reads {self.stage!r} but the verifier reads {verifier.stages}")
         width = getattr(verifier, "width", getattr(verifier, "proj_dim", None))

@@ -18,7 +18,7 @@ from heads._sparse.selection import (
     budget_loss, concrete_st_mask, keep_count, temperature, topk_positions, topk_st_mask,
 )
 from heads.gumbel_sparsifier import GumbelSparsifierHead
-from retrieval_lightning.head import EntryKind
+from retrieval_lightning.head import EntryKind, VerifierHead
 from retrieval_lightning.retrieval.store import FeatureStore
 
 P = 8
@@ -205,6 +205,16 @@ def test_the_concrete_budget_grows_as_the_temperature_falls(relaxation: str) -> 
             budgets.append(head.losses(features, labels)["budget"].item())
     assert budgets[0] > 0
     assert budgets[1] / budgets[0] == pytest.approx(10.0 if relaxation == "concrete" else 1.0, rel=1e-4)
+
+
+def test_a_verifier_without_projected_levels_is_refused_in_one_line() -> None:
+    from retrieval_lightning.errors import UsageError
+
+    class MeanCosine(VerifierHead):  # a third-party verifier: entries and scores, no CVNet internals
+        pass
+
+    with pytest.raises(UsageError, match="needs a verifier with project and pair_logits.*MeanCosine has not"):
+        GumbelSparsifierHead(width=8).attach(MeanCosine())
 
 
 def test_temperature_schedule() -> None:

@@ -28,13 +28,16 @@ def head(request: pytest.FixtureRequest) -> Head:
     cls = HEADS.get(request.param)
     instance = cls()
     instance.build(STAGE_CHANNELS, NUM_CLASSES)
-    if instance.role == "sparsifier":  # a sparsifier serves a verifier: attach the first registered one
-        verifiers = [n for n in HEADS.names() if HEADS.get(n).role == "verifier"]
-        if not verifiers:
-            pytest.skip("no verifier head registered for the sparsifier to serve")
-        verifier = HEADS.get(verifiers[0])()
-        verifier.build(STAGE_CHANNELS, NUM_CLASSES)
-        instance.attach(verifier)
+    if instance.role == "sparsifier":  # a sparsifier serves a verifier: attach the first registered one it accepts
+        for name in [n for n in HEADS.names() if HEADS.get(n).role == "verifier"]:
+            verifier = HEADS.get(name)()
+            verifier.build(STAGE_CHANNELS, NUM_CLASSES)
+            try:
+                instance.attach(verifier)
+                return instance
+            except ValueError:  # UsageError included: this verifier lacks what the sparsifier reads
+                continue
+        pytest.skip("no registered verifier head that this sparsifier can serve")
     return instance
 
 
