@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
@@ -56,6 +56,12 @@ def _image_tensor(image: np.ndarray) -> Any:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
+
+
+def has_local_features(kinds: Mapping[str, Any]) -> bool:
+    """Whether a head's entries follow the local-feature convention the core matches and verifies:
+    ``keypoints`` (n, 2) plus ``descriptors`` (unit float rows) or ``descriptor_bits`` (packed bits)."""
+    return "keypoints" in kinds and bool({"descriptors", "descriptor_bits"} & set(kinds))
 
 
 def model_features(module: Any, image: np.ndarray) -> Features:
@@ -141,7 +147,6 @@ def run_match(argv: list[str]) -> int:
     max_side = args.max_side if args.max_side is not None else (MODEL_MAX_SIDE if features == "model" else 0)
     image_a, image_b = read_rgb(args.image_a, max_side or None), read_rgb(args.image_b, max_side or None)
     if features == "model":
-        from .head import LocalHead
         from .module import RetrievalModule
 
         module = RetrievalModule.load_from_checkpoint(args.checkpoint)
@@ -149,8 +154,8 @@ def run_match(argv: list[str]) -> int:
         if module.rerank_head is None:
             raise UsageError(f"{args.checkpoint} has no re-ranking head (heads: {', '.join(sorted(module.heads))}); "
                              "match needs a local head or a verifier, or no --checkpoint for SIFT")
-        if not isinstance(module.rerank_head, LocalHead):
-            return _explain(module, image_a, image_b, args.out)
+        if not has_local_features(module.rerank_entry_kinds(database=False)):
+            return _explain(module, image_a, image_b, args.out)  # any head that explains its scores
         feats_a, feats_b = model_features(module, image_a), model_features(module, image_b)
         # the head's own matching settings: the inliers drawn are the score its re-ranking gives
         options = dict(getattr(module.rerank_head, "match_options", {}))

@@ -136,6 +136,9 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
         def rerank_entries(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
             return [{"keypoints": torch.zeros(0, 2), "descriptors": torch.zeros(0, 128, dtype=torch.float16)}]
 
+        def rerank_entry_kinds(self, database: bool = True) -> dict:
+            return self.rerank_head.entry_kinds()
+
     monkeypatch.setattr(RetrievalModule, "load_from_checkpoint", staticmethod(lambda path: Loaded()))
     seen = {}
 
