@@ -8,6 +8,7 @@ entry-point names (``class_path: gem_arcface``, ``class_path: minilandmarks``). 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -296,7 +297,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: the commands outside LightningCLI's parser, for the top-level help and the unknown-command error
+OTHER_COMMANDS = {
+    "plugins": "heads and datamodules installed, with role, distribution and version",
+    "download": "download a datamodule's data (gldv2, revisitop)",
+    "search": "query images against an extracted feature store",
+    "match": "inliers between two images (SIFT, or a checkpoint's local features / verifier), drawn",
+    "import-checkpoint": "convert an official checkpoint (cvnet) into this framework's",
+}
+
+
+def _other_commands_help() -> str:
+    width = max(map(len, OTHER_COMMANDS))
+    return "other commands (each takes --help):\n" + "\n".join(
+        f"  {name.ljust(width)}  {text}" for name, text in OTHER_COMMANDS.items())
+
+
 def _dispatch(argv: list[str]) -> int:
+    lightning = sorted(RetrievalCLI.subcommands())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_other_commands_help() + "\n")  # then LightningCLI's own usage of the training commands
+    elif not argv[0].startswith("-") and argv[0] not in (*lightning, *OTHER_COMMANDS):
+        known = [*lightning, *OTHER_COMMANDS]
+        close = difflib.get_close_matches(argv[0], known, n=1)
+        raise UsageError(f"unknown command {argv[0]!r}{f'; did you mean {close[0]!r}?' if close else '.'} "
+                         f"Commands: {', '.join(known)}")
     if argv and argv[0] == "plugins":
         return print_plugins()
     if argv and argv[0] == "download":

@@ -200,3 +200,13 @@ def test_finetune_checks_the_resume_first_and_needs_test_metrics(monkeypatch: py
     with pytest.raises(UsageError, match="no test eval set"):
         trainer.finetune(object())
     assert calls == ["resume", "test"]  # and never trained
+
+
+def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) -> None:
+    """Commands outside LightningCLI's parser (search, match, download...) are listed too, here and in --help."""
+    done = run_main(["serch"], cwd=tmp_path, status=2)
+    assert "unknown command 'serch'; did you mean 'search'?" in done.stderr
+    assert all(name in done.stderr for name in ("fit", "finetune", "extract", "plugins", "match", "import-checkpoint"))
+    from retrieval_lightning.cli import _other_commands_help
+
+    assert "import-checkpoint" in _other_commands_help() and "download" in _other_commands_help()
