@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.std import tqdm  # noqa: E402
 
-from retrieval_lightning.data.io import load_image, resize_by, to_float  # noqa: E402
+from retrieval_lightning.data.io import ImageLoadError, load_image, resize_by, to_float  # noqa: E402
 from retrieval_lightning.data.types import ImageResize  # noqa: E402
 from retrieval_lightning.errors import UsageError  # noqa: E402
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
@@ -234,9 +234,12 @@ def run_search(argv: Sequence[str]) -> int:
     parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
     parser.add_argument("--max-side", type=int, default=None,
                         help="longest side of the queries (default: as the store's images were sized)")
-    parser.add_argument("--out", default="search.png", help="picture of the results (PNG)")
+    parser.add_argument("--out", default="search.png",
+                        help="picture of the results (PNG; default: search.png in the current directory)")
     parser.add_argument("--backend", default="exact", choices=["exact", "faiss-flat", "faiss-ivfpq"],
                         help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="an unreadable query image: stop (raise), or warn and search the others (skip)")
     args = parser.parse_args(list(argv))
     for option, value in (("--k", args.k), ("--shortlist", args.shortlist), ("--max-side", args.max_side)):
         if value is not None and value < 1:
@@ -254,15 +257,31 @@ def run_search(argv: Sequence[str]) -> int:
     items = read_items(store.path.parent)
     ranker = make_ranker(store, args.backend, module.device)
     drawn: list[tuple[SearchResult, torch.Tensor]] = []
+    skipped: list[str] = []
     batches = range(0, len(queries), QUERY_BATCH)
     for start in tqdm(batches, desc="searching", unit="batch", disable=len(batches) < 2, file=sys.stderr):
-        names = queries[start:start + QUERY_BATCH]  # a batch at a time: a directory may hold thousands
-        images = [load_query(q, resize) for q in names]
+        names, images = [], []  # a batch at a time: a directory may hold thousands
+        for name in queries[start:start + QUERY_BATCH]:
+            try:
+                images.append(load_query(name, resize))
+                names.append(name)
+            except ImageLoadError as err:
+                if args.on_error == "raise":
+                    raise ImageLoadError(f"{err} (--on-error skip searches the other queries)") from err
+                skipped.append(name)
+                print(f"warning: skipped query {name}: {err}", file=sys.stderr)
+        if not names:
+            continue
         results = search(module, store, images, names, k=args.k, shortlist=args.shortlist, ranker=ranker,
                          first_query=start)
         print(format_results(results, store, items), flush=True)
         drawn += list(zip(results, images))[:PICTURE_QUERIES - len(drawn)]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable of {len(queries)} queries", file=sys.stderr)
+    if not drawn:
+        raise UsageError(f"none of the {len(queries)} queries could be read")
     picture = draw_results([r for r, _ in drawn], [i for _, i in drawn], store, items, Path(args.out))
-    shown = f" (the first {len(drawn)} of {len(queries)} queries)" if len(drawn) < len(queries) else ""
+    searched = len(queries) - len(skipped)
+    shown = f" (the first {len(drawn)} of {searched} queries)" if len(drawn) < searched else ""
     print(f"picture: {picture}{shown}")
     return 0

@@ -133,6 +133,12 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     monkeypatch.setattr(search_cli, "PICTURE_QUERIES", 1)
     batched = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
     assert batched.stdout.replace(" (the first 1 of 3 queries)", "") == whole.stdout
+    # an unreadable query stops the search, or with --on-error skip is left out of it
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    assert "broken.jpg" in _fails(["search", str(ckpt), str(store), str(folder)], tmp_path)
+    skipping = run_main(["search", str(ckpt), str(store), str(folder), "--on-error", "skip",
+                         "--out", str(tmp_path / "f.png")], cwd=tmp_path)
+    assert skipping.stdout.count("query ") == 3 and "skipped 1 unreadable of 4 queries" in skipping.stderr
 
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
     import torch
