@@ -224,7 +224,7 @@ class GLDv2DataModule(L.LightningDataModule):
         read = read_train_clean_csv if self.train_set == "clean" else read_train_csv
         table = read(path, hp.on_error)
         if len(table) == 0:
-            raise GLDv2FormatError(f"no training images listed for train_set={self.train_set!r}")
+            raise GLDv2FormatError(f"{path}: no training images listed (train_set={self.train_set!r})")
         labels, classes = remap_labels(table.landmark_ids)
         if hp.validation_split > 0:
             train_pos, val_pos = split_train_val(labels, hp.validation_split, hp.split_seed)

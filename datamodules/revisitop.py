@@ -67,7 +67,8 @@ def find_dataset_dir(root: str, name: str) -> str:
         if os.path.isfile(os.path.join(directory, f"gnd_{name}.pkl")):
             return directory
     tried = ", ".join(os.path.join(c, f"gnd_{name}.pkl") for c in candidates)
-    raise FileNotFoundError(f"revisitop dataset {name!r}: no ground truth found (tried {tried})")
+    raise FileNotFoundError(f"revisitop dataset {name!r}: no ground truth found (tried {tried}); fetch it with "
+                            f"`retrieval-lightning download revisitop --datasets {name} --root <root>`")
 
 
 def _as_index_list(value: Any, where: str, n_db: int) -> list[int]:

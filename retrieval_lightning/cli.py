@@ -273,8 +273,9 @@ def run_download(args: Sequence[str]) -> int:
     from jsonargparse import ArgumentParser
 
     if not args or args[0].startswith("-"):
-        print("usage: retrieval-lightning download <datamodule> [options]; datamodules: "
-              + ", ".join(DATAMODULES.names()), file=sys.stderr)
+        downloadable = [n for n in DATAMODULES.names() if callable(getattr(DATAMODULES.get(n), "download", None))]
+        print("usage: retrieval-lightning download <datamodule> [options]; datamodules with a download: "
+              + ", ".join(downloadable), file=sys.stderr)
         return 2
     cls = DATAMODULES.get(args[0])
     if not callable(getattr(cls, "download", None)):

@@ -144,7 +144,8 @@ class RetrievalTrainer(pl.Trainer):
         eval_set: str | None = None,
         ckpt_path: str | None = None,
     ) -> dict[str, float]:
-        """Global metrics of every eval set from the descriptors ``extract`` wrote to ``<features_dir>/<set>/store``.
+        """Metrics of every eval set (global, and re-ranked when the model re-ranks) from what ``extract`` wrote
+        to ``<features_dir>/<set>/store``.
 
         Nothing is embedded again: the stored fp16 rows are memory-mapped and scored in chunks, so
         ROxford+1M is evaluated in minutes after a (resumable, DDP) ``extract``. Give the arguments

@@ -78,7 +78,7 @@ def test_load_both_layouts(rop):
     pa = load_revisitop(rop["root"], "rparis6k")
     assert pa.directory.endswith("rparis6k") and len(pa.qimlist) == 1
     assert pa.database_paths[0].endswith(os.path.join("rparis6k", "jpg", "rparis6k_db_0.jpg"))
-    with pytest.raises(FileNotFoundError, match="gnd_rmissing.pkl"):
+    with pytest.raises(FileNotFoundError, match="gnd_rmissing.pkl.*retrieval-lightning download revisitop"):
         load_revisitop(rop["root"], "rmissing")
 
 

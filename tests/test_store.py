@@ -190,3 +190,12 @@ def test_evaluate_rescores_from_a_store_holding_the_heads_entries(tmp_path) -> N
     assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank_prefix": "local-"}), store)  # no entries
     assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank": SimpleNamespace(enabled=False)}), store)
     assert not reranks_from_store(SimpleNamespace(**{**vars(model), "rerank_head": None}), store)
+
+
+def test_a_folder_above_the_stores_lists_them(tmp_path: Path) -> None:
+    """``search features/`` (extract's output directory) instead of ``features/<set>/store``: the stores are named."""
+    for name in ("roxford5k", "rparis6k"):
+        (tmp_path / name / "store").mkdir(parents=True)
+        (tmp_path / name / "store" / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"stores inside it: .*roxford5k/store, .*rparis6k/store"):
+        FeatureStore.open(tmp_path)

@@ -307,8 +307,10 @@ class FeatureStore:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
-            inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))  # given the eval set's folder
-            hint = f"; did you mean {inside[0]}?" if len(inside) == 1 else ""
+            # given the eval set's folder, or extract's output directory
+            inside = sorted(p.parent for p in [*path.glob(f"*/{MANIFEST}"), *path.glob(f"*/*/{MANIFEST}")])
+            hint = (f"; did you mean {inside[0]}?" if len(inside) == 1
+                    else f"; stores inside it: {', '.join(map(str, inside[:6]))}" if inside else "")
             raise FileNotFoundError(
                 f"{path} is not a feature store: {MANIFEST} is missing (not written yet, or interrupted){hint}"
             )
