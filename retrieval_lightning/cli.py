@@ -8,13 +8,16 @@ entry-point names (``class_path: gem_arcface``, ``class_path: minilandmarks``). 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import inspect
 import os
 import re
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 import yaml
 
@@ -144,6 +147,52 @@ _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
+class ConciseArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a bad option as one ``error:`` line (with the closest valid name)
+    instead of the whole usage and the types it tried. Errors it raises while trying alternatives
+    internally (``exit_on_error`` off) are left to jsonargparse."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"error: {concise_parser_error(message, parser)}", file=sys.stderr)
+        print(f"  (all options: {parser.prog.replace(' [options]', '')} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def concise_parser_error(message: str, parser: Any) -> str:
+    """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    unknown = re.search(r"unrecognized arguments: (--?[\w.\-]+)", message)
+    if unknown:
+        name = unknown.group(1).split("=", 1)[0]
+        options = [o for action in parser._actions for o in action.option_strings]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+        return f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else "")
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    rejected = next((re.search(r"[Oo]ption '([^']+)' is not accepted|Key '([^']+)' is not expected", line)
+                     for line in lines if re.search(r"is not accepted|is not expected", line)), None)
+    if key and rejected:
+        bad = rejected.group(1) or rejected.group(2)
+        close = difflib.get_close_matches(bad, _fields_of(parser, key.group(1)), n=1, cutoff=0.6)
+        return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    return " ".join(lines[:2]) if lines else message
+
+
+def _fields_of(parser: Any, dest: str) -> list[str]:
+    """Argument names of the classes an option of ``parser`` accepts (dataclass fields, ``__init__`` parameters)."""
+    action = next((a for a in parser._actions if a.dest == dest), None)
+    hint = getattr(action, "_typehint", None)
+    names: list[str] = []
+    for cls in (typing.get_args(hint) or (hint,)):
+        if dataclasses.is_dataclass(cls):
+            names += [f.name for f in dataclasses.fields(cls)]
+        elif isinstance(cls, type) and cls is not type(None):
+            names += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    return names
+
+
 class RetrievalCLI(LightningCLI):
     """LightningCLI wired to the registry: the datamodule's ``num_classes`` flows into the model."""
 
@@ -247,6 +296,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Re
             trainer_class=RetrievalTrainer,
             save_config_callback=SaveConfigToLoggers,
             parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_class=ConciseArgumentParser,
             args=None,
             run=run,
             auto_configure_optimizers=False,

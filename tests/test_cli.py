@@ -210,3 +210,19 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
     from retrieval_lightning.cli import _other_commands_help
 
     assert "import-checkpoint" in _other_commands_help() and "download" in _other_commands_help()
+
+
+@pytest.mark.parametrize(("option", "said"), [
+    (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
+    (["--model.optim.lrr", "0.1"], "error: model.optim: unknown option 'lrr'; did you mean 'lr'?"),
+])
+def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          option: list[str], said: str) -> None:
+    """Not the whole usage text, nor the union types jsonargparse tried."""
+    from retrieval_lightning.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(REPO / "experiments/demo.yaml"), *option])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == said and len(err) == 2 and "usage:" not in err[1]
