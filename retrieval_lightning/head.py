@@ -70,8 +70,9 @@ class Head(nn.Module):
     #: state-dict prefixes (inside the head) that exist only for training, e.g. a classifier over the
     #: training classes: a model built for evaluation (``num_classes=0``) loads checkpoints without them
     training_only: ClassVar[tuple[str, ...]] = ()
-    #: constructor arguments that change how stored entries are scored, not what is stored: left out
-    #: of store identities, so changing one re-scores an existing store instead of re-extracting it
+    #: constructor arguments that do not change what is stored (how entries are scored, or what only
+    #: training reads, e.g. a loss temperature): left out of store identities, so changing one re-uses
+    #: an existing store instead of re-extracting it
     scoring_only: ClassVar[tuple[str, ...]] = ()
     #: revision of what the head stores: bump it when the same weights and arguments come to store other
     #: entries (a fixed bug in extraction), so that stores written before are refused, not silently reused
