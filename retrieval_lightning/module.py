@@ -369,6 +369,14 @@ class RetrievalModule(pl.LightningModule):
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 
+    def on_train_start(self) -> None:
+        # Lightning applies a resumed run's place in the epoch (the training loader's state) only when it
+        # builds the loader after restoring the checkpoint; a run bounded by max_epochs has it built earlier,
+        # by configure_optimizers' estimated_stepping_batches, and would restart the epoch from its first batch
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
+
     def optimizer_groups(self) -> list[dict]:
         """The parameter groups of the optimiser: the backbone's and each trained head's, split by decay."""
         groups = []

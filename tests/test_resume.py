@@ -152,15 +152,20 @@ def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_p
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
 
 
-@pytest.fixture(scope="module")
-def verifier_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["cvnet_demo", "cvnet_ds_demo"])
+def verifier_config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """experiments/cvnet_demo.yaml (pair batches, hard negatives mined every epoch, a frozen global model;
-    the resume callbacks of the GLDv2 stage configs) with a checkpoint every 3 steps (all kept)."""
-    cfg = yaml.safe_load((REPO / "experiments" / "cvnet_demo.yaml").read_text())
+    the resume callbacks of the GLDv2 stage configs) with a checkpoint every 3 steps (all kept); and the
+    sparsifier stage, its verifier trained along (no checkpoint to start from), whose Gumbel noise comes
+    from the global random generator that the resume restores, and whose run is bounded by max_epochs
+    (Lightning then builds the training loader before it restores the loader's place in the epoch)."""
+    cfg = yaml.safe_load((REPO / "experiments" / f"{request.param}.yaml").read_text())
+    if request.param == "cvnet_ds_demo":
+        cfg["model"]["freeze"] = ["backbone", "global"]
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c for c in cfg["trainer"]["callbacks"]}
     assert {"ModelCheckpoint", "PreemptionCheckpoint", "ResumeState", "HardNegativeMining"} <= set(callbacks)
     callbacks["ModelCheckpoint"]["init_args"].update(every_n_train_steps=3, save_top_k=-1)
-    path = tmp_path_factory.mktemp("resume_verifier_cfg") / "cvnet_demo.yaml"
+    path = tmp_path_factory.mktemp("resume_verifier_cfg") / f"{request.param}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
