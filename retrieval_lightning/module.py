@@ -482,7 +482,13 @@ class RetrievalModule(pl.LightningModule):
     def score_entries(
         self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
     ) -> Tensor:
-        return self._require_rerank_head().score(query, candidates, seeds)
+        head = self._require_rerank_head()
+        scores = head.score(query, candidates, seeds)
+        shape = tuple(torch.as_tensor(scores).shape)
+        if shape not in ((len(candidates),), (len(candidates), 1)):
+            raise UsageError(f"{type(head).__name__}.score returned scores of shape {shape} for {len(candidates)} "
+                             "candidates: it must return one score per candidate")
+        return scores
 
     @torch.no_grad()
     def rerank_scores(

@@ -171,6 +171,16 @@ def test_entries_that_differ_from_their_declared_kinds_are_named(monkeypatch: py
         module.rerank_entries([tiny_eval_set().dataset[0]["image"]])
 
 
+def test_a_head_scoring_the_wrong_number_of_candidates_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tiny_module()
+    head = module.heads["verifier"]
+    real = head.score
+    monkeypatch.setattr(head, "score", lambda query, candidates, seeds: real(query, candidates, seeds)[:-1])
+    entries = module.rerank_entries([tiny_eval_set().dataset[i]["image"] for i in range(3)])
+    with pytest.raises(UsageError, match=r"CosineRerankHead.score returned scores of shape \(2,\) for 3 candidates"):
+        module.score_entries(entries[0], entries, [0, 1, 2])
+
+
 def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
     eval_set = tiny_eval_set()
     module = tiny_module()
