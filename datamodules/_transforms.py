@@ -228,7 +228,7 @@ class EvalImageDataset(Dataset):
         image = load_image_or_skip(path, self.policy, max_side=cap, orient=box is None)
         if image is None:
             side = self.placeholder_size
-            return {"image": torch.zeros(3, side, side), "index": index}
+            return {"image": torch.zeros(3, side, side), "index": index, "unreadable": True}
         if box is None:
             return {"image": self.transform(image), "index": index}
         try:
@@ -239,10 +239,12 @@ class EvalImageDataset(Dataset):
 
 
 def collate_eval(items: list[dict]) -> dict:
-    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor}``."""
+    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor, "unreadable": BoolTensor}``
+    (``unreadable``: the placeholders of images skipped under ``on_error: skip``, counted by the core)."""
     return {
         "image": [item["image"] for item in items],
         "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
+        "unreadable": torch.tensor([bool(item.get("unreadable", False)) for item in items]),
     }
 
 

@@ -140,7 +140,8 @@ class RetrievalModule(pl.LightningModule):
         self._apply_freeze()
         if init_from:
             self.initialise_from(init_from)
-        self._eval_buffers: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        #: per eval loader: (dataset indices, descriptors, unreadable flags) of each batch
+        self._eval_buffers: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
         self._rerank_writers: dict[int, RerankEntryWriter] = {}
         #: per eval set, the last evaluation (re-ranked when the model re-ranks) and its global-only one
         self.last_eval: dict[str, EvalResult] = {}
@@ -566,7 +567,10 @@ class RetrievalModule(pl.LightningModule):
 
     def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         desc = self.embed_batch(batch["image"])
-        self._eval_buffers.setdefault(dataloader_idx, []).append((batch["index"].detach().cpu(), desc.cpu()))
+        index = batch["index"].detach().cpu()
+        # a datamodule skipping unreadable images (on_error: skip) marks the placeholders it gives instead
+        unreadable = torch.as_tensor(batch.get("unreadable", torch.zeros(len(index))), dtype=torch.uint8).cpu()
+        self._eval_buffers.setdefault(dataloader_idx, []).append((index, desc.cpu(), unreadable))
         writer = getattr(self, "_rerank_writers", {}).get(dataloader_idx)
         if writer is not None:
             writer.add(batch["image"], batch["index"])
@@ -602,9 +606,15 @@ class RetrievalModule(pl.LightningModule):
             chunks = self._eval_buffers.pop(idx, [])  # the batches go once concatenated: one copy, not two
             index = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, self.global_head.dim)
+            unreadable = torch.cat([c[2] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.uint8)
             del chunks
-            index, gathered = gather_dedupe(self, index, desc=desc)
+            index, gathered = gather_dedupe(self, index, desc=desc, unreadable=unreadable)
             desc = gathered["desc"].cpu()
+            skipped = int(gathered["unreadable"].sum())
+            if skipped:
+                rank_zero_warn(f"{prefix}: eval set {eval_set.name!r}: {skipped} of {len(eval_set.dataset)} images "
+                               "were unreadable and evaluated as blank placeholders (on_error: skip); the metrics "
+                               "count them as images that match nothing")
             expected = len(eval_set.dataset)
             writer = writers.get(idx)
             if writer is not None:

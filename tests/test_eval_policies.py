@@ -46,3 +46,34 @@ def test_search_runs_on_the_given_device_even_when_cuda_is_reported(monkeypatch:
     desc = F.normalize(torch.randn(8, 4), dim=1)
     result = evaluate_eval_set(eval_set(), desc, device=torch.device("cpu"))
     assert 0.0 <= result.metrics["mAP_M"] <= 100.0
+
+
+def test_unreadable_placeholders_are_counted_beside_the_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``on_error: skip`` an unreadable image is evaluated as a blank placeholder: the evaluation
+    says how many, since the metrics count them as images that match nothing."""
+    module = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=8)}).eval()
+    toy = eval_set()
+    module._trainer = SimpleNamespace(sanity_checking=False, limit_test_batches=1.0, fast_dev_run=False,
+                                      datamodule=SimpleNamespace(eval_sets=lambda stage: [toy]))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    flags = torch.tensor([False] * 5 + [True, False, True])
+    with torch.no_grad():
+        module._eval_step({"image": images[:4], "index": torch.arange(4), "unreadable": flags[:4]}, 0)
+        module._eval_step({"image": images[4:], "index": torch.arange(4, 8), "unreadable": flags[4:]}, 0)
+        with pytest.warns(UserWarning, match=r"test: eval set 'toy': 2 of 8 images were unreadable"):
+            module._finish_eval("test", "test")
+    assert "toy" in module.last_eval
+
+
+def test_the_eval_collate_marks_placeholders(tmp_path) -> None:
+    from PIL import Image
+
+    from datamodules._transforms import EvalImageDataset, EvalTransform, collate_eval
+    from retrieval_lightning.data.io import LoadPolicy
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (20, 16), (200, 10, 10)).save(good)
+    dataset = EvalImageDataset([str(good), str(tmp_path / "missing.jpg")], EvalTransform(16), LoadPolicy("skip"))
+    batch = collate_eval([dataset[0], dataset[1]])
+    assert batch["unreadable"].tolist() == [False, True] and batch["index"].tolist() == [0, 1]
