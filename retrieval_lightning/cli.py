@@ -175,7 +175,9 @@ def concise_parser_error(message: str, parser: Any) -> str:
                      for line in lines if re.search(r"is not accepted|is not expected", line)), None)
     if key and rejected:
         bad = rejected.group(1) or rejected.group(2)
-        close = difflib.get_close_matches(bad, _fields_of(parser, key.group(1)), n=1, cutoff=0.6)
+        given = re.search(r"given class_path '([\w.]+)'", message)
+        fields = _fields_of(parser, key.group(1)) + (_init_parameters(given.group(1)) if given else [])
+        close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
         return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
     return " ".join(lines[:2]) if lines else message
 
@@ -189,8 +191,23 @@ def _fields_of(parser: Any, dest: str) -> list[str]:
         if dataclasses.is_dataclass(cls):
             names += [f.name for f in dataclasses.fields(cls)]
         elif isinstance(cls, type) and cls is not type(None):
-            names += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+            names += _signature_names(cls)
     return names
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """``__init__`` parameters of the class a ``class_path`` names (a datamodule or head plugin); none if it
+    cannot be imported, since this only words an error that is already being reported."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return _signature_names(cls) if isinstance(cls, type) else []
+
+
+def _signature_names(cls: type) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 
 
 class RetrievalCLI(LightningCLI):

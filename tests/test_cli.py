@@ -215,6 +215,11 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
 @pytest.mark.parametrize(("option", "said"), [
     (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
     (["--model.optim.lrr", "0.1"], "error: model.optim: unknown option 'lrr'; did you mean 'lr'?"),
+    # The datamodule's class is only known from its class_path: its parameters come from the plugin named there.
+    (["--data.init_args.eval_batch_sise", "3"],
+     "error: data: unknown option 'eval_batch_sise'; did you mean 'eval_batch_size'?"),
+    (["--model.heads.global.init_args.marginn", "0.2"],
+     "error: model.heads: unknown option 'marginn'; did you mean 'margin'?"),
 ])
 def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           option: list[str], said: str) -> None:
