@@ -39,7 +39,7 @@ from heads._delg.extraction import (
 from heads._delg.receptive_field import CentreCache
 from retrieval_lightning.head import EntryKind, FeatureFn, LocalHead
 from retrieval_lightning.layers.scale_resize import scaled_size
-from retrieval_lightning.retrieval.geometry import verify_shortlist
+from retrieval_lightning.retrieval.geometry import MatchOptions, verify_shortlist
 
 
 class DelgLocalHead(LocalHead):
@@ -72,15 +72,20 @@ class DelgLocalHead(LocalHead):
             ``antialias`` (default) low-passes when shrinking; ``bilinear`` does not, as DELG's
             extractor (``tf.image.resize``), for parity with its published features.
         binarize: store sign bits (``descriptor_bits``) instead of fp16 ``descriptors``.
-        matching, ratio, max_distance, max_hamming, model, method, threshold, max_iters:
-            options of :func:`~retrieval_lightning.retrieval.geometry.match_and_verify`.
+        matching, ratio, max_distance, max_hamming, model, method, threshold, max_iters, confidence,
+            distinct_px, reference, reference_trials: options of
+            :func:`~retrieval_lightning.retrieval.geometry.match_and_verify`. The default counts inliers
+            on distinct keypoints after OpenCV's USAC; ``reference: true`` is the official DELG
+            scoring (one-way 1-NN, scikit-image affine RANSAC over ``reference_trials`` trials, raw
+            inlier count), about 100x slower, for comparing with published numbers; ``distinct_px:
+            0`` keeps the fast path but counts every inlier as the official code does.
         workers: threads verifying a shortlist (None: one per CPU).
     """
 
     training_only = ("classifier.",)  # the attention loss's classifier over the training classes
     #: matching and RANSAC settings score stored features, they do not change them: a store stays valid
     scoring_only = ("matching", "ratio", "max_distance", "max_hamming", "model", "method", "threshold",
-                    "max_iters", "workers")
+                    "max_iters", "confidence", "distinct_px", "reference", "reference_trials", "workers")
 
     def __init__(
         self,
@@ -105,6 +110,10 @@ class DelgLocalHead(LocalHead):
         method: str = "ransac",
         threshold: float = 20.0,
         max_iters: int = 1000,
+        confidence: float = 0.999,
+        distinct_px: float = 1.0,
+        reference: bool = False,
+        reference_trials: int = 1000,
         workers: int | None = None,
     ) -> None:
         super().__init__()
@@ -130,8 +139,10 @@ class DelgLocalHead(LocalHead):
         self.binarize = bool(binarize)
         self.match_options = dict(
             matching=matching, ratio=ratio, max_distance=max_distance, max_hamming=max_hamming,
-            model=model, method=method, threshold=threshold, max_iters=max_iters,
+            model=model, method=method, threshold=threshold, max_iters=max_iters, confidence=confidence,
+            distinct_px=distinct_px, reference=reference, reference_trials=reference_trials,
         )
+        MatchOptions.from_kwargs(self.match_options)  # a bad value is refused when the head is built
         self.workers = workers
         self._centres = CentreCache()
 

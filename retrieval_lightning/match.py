@@ -163,7 +163,9 @@ def run_match(argv: list[str]) -> int:
         feats_a = sift_features(image_a, args.num_features)
         feats_b = sift_features(image_b, args.num_features)
         options = {}
-    result = match_and_verify(*feats_a, *feats_b, seed=args.seed, reference=args.reference, **options)
+    if args.reference:  # the head's settings may ask for the reference path too; --reference only adds it
+        options["reference"] = True
+    result = match_and_verify(*feats_a, *feats_b, seed=args.seed, **options)
     out = draw_matches(image_a, image_b, result, args.out)
     print(f"inliers: {result.inliers} (tentative matches: {result.matches}; features: {features}, "
           f"{len(feats_a[0])} / {len(feats_b[0])})")

@@ -219,6 +219,32 @@ def test_a_shifted_rescaled_copy_has_more_inliers_than_unrelated_photos(lite0: B
     torch.testing.assert_close(head.score(entries[0], entries[1:], seeds=[1, 2, 3, 4]), scores)  # seeded
 
 
+def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
+    """``reference`` (the official DELG scoring) and ``distinct_px: 0`` (raw counts) are head options,
+    scoring-only, applied by ``score``; a bad value is refused when the head is built."""
+    from retrieval_lightning.retrieval.geometry import match_and_verify
+
+    default = built_head(lite0, scales=(1.0,), max_keypoints=150)
+    entries = default.extract_entries([photo("astronaut", (100, 120, 356, 376)),
+                                       photo("astronaut", (130, 140, 450, 460)), photo("coffee", (0, 0, 256, 256))],
+                                      lite0)
+    official = built_head(lite0, scales=(1.0,), max_keypoints=150, reference=True, reference_trials=50)
+    official.load_state_dict(default.state_dict())
+    got = official.score(entries[0], entries[1:], seeds=[7, 8])
+    want = [match_and_verify(entries[0]["keypoints"].numpy(), entries[0]["descriptors"].numpy(),
+                             c["keypoints"].numpy(), c["descriptors"].numpy(), reference=True,
+                             reference_trials=50, seed=s).inliers for c, s in zip(entries[1:], (7, 8))]
+    assert got.tolist() == [float(w) for w in want] and want[0] > want[1]
+    raw = built_head(lite0, scales=(1.0,), max_keypoints=150, matching="one_way", distinct_px=0)
+    distinct = built_head(lite0, scales=(1.0,), max_keypoints=150, matching="one_way")
+    for head in (raw, distinct):
+        head.load_state_dict(default.state_dict())
+    assert (raw.score(entries[0], entries[1:], [7, 8]) >= distinct.score(entries[0], entries[1:], [7, 8])).all()
+    assert {"reference", "distinct_px", "confidence"} <= set(DelgLocalHead.scoring_only)
+    with pytest.raises(ValueError, match="distinct_px must be >= 0"):
+        DelgLocalHead(distinct_px=-1.0)
+
+
 def test_extraction_under_inference_mode_equals_no_grad(lite0: Backbone) -> None:
     """``Trainer.test`` extracts under ``torch.inference_mode``, where ``aten.conv2d`` reaches the tracer undecomposed."""
     image = [torch.rand(3, 80, 96)]

@@ -114,6 +114,42 @@ def test_duplicate_positions_count_once() -> None:
     assert res.matches == 30 and res.inliers == 20
 
 
+def test_distinct_places_are_a_distance_not_a_grid() -> None:
+    """Points a hair apart are one place wherever they fall (a 1-px floor grid split 0.99/1.01 and
+    merged 0.01/0.99): whether a place stored at two scales merges must not depend on grid lines."""
+    q_kp, q_desc, d_kp, d_desc = scene(4, n_true=20, n_out=0)
+    rng = np.random.default_rng(4)
+    extra = unit(rng.standard_normal((10, 64)))
+    for shift in (0.02, -0.02, 0.3):  # across a grid line, inside one cell, both sides of an integer
+        q_kp2 = np.concatenate([q_kp, np.floor(q_kp[:10]) + shift]).astype(np.float32)
+        d_kp2 = np.concatenate([d_kp, np.floor(d_kp[:10]) - shift]).astype(np.float32)
+        q_kp2[:10], d_kp2[:10] = np.floor(q_kp[:10]), np.floor(d_kp[:10])
+        res = match_and_verify(q_kp2, np.concatenate([q_desc, extra]), d_kp2, np.concatenate([d_desc, extra]),
+                               threshold=2.0)
+        assert res.matches == 30 and res.inliers == 20, shift
+        far = match_and_verify(q_kp2, np.concatenate([q_desc, extra]), d_kp2, np.concatenate([d_desc, extra]),
+                               threshold=2.0, distinct_px=abs(shift))  # closer than: not at exactly the radius
+        assert far.inliers == 30, shift
+
+
+def test_distinct_px_zero_counts_every_inlier_as_the_paper() -> None:
+    """The official DELG score is the raw inlier count: many-to-one matches count as often as they occur."""
+    rng = np.random.default_rng(3)
+    q_kp, q_desc, d_kp, d_desc = scene(3, n_true=10, n_out=0)
+    motif = unit(rng.standard_normal((1, 64)))
+    spot = cv2.perspectiveTransform(np.array([[[200.0, 200.0]]]), AFFINE).reshape(2)
+    q_kp = np.concatenate([q_kp, spot + rng.uniform(-3, 3, (30, 2))]).astype(np.float32)
+    q_desc = np.concatenate([q_desc, unit(motif + 0.05 * rng.standard_normal((30, 64)))])
+    d_kp = np.concatenate([d_kp, [[200.0, 200.0]]]).astype(np.float32)
+    d_desc = np.concatenate([d_desc, motif])
+    raw = match_and_verify(q_kp, q_desc, d_kp, d_desc, matching="one_way", distinct_px=0)
+    distinct = match_and_verify(q_kp, q_desc, d_kp, d_desc, matching="one_way")
+    assert raw.matches == distinct.matches == 40
+    assert raw.inliers == 40 and distinct.inliers == 11
+    with pytest.raises(ValueError, match="distinct_px must be >= 0"):
+        match_and_verify(q_kp, q_desc, d_kp, d_desc, distinct_px=-1)
+
+
 def test_tentative_matches_against_brute_force() -> None:
     rng = np.random.default_rng(5)
     q, d = unit(rng.standard_normal((60, 16))), unit(rng.standard_normal((50, 16)))

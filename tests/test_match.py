@@ -150,3 +150,7 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     a, b, _ = pair
     assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--out", str(tmp_path / "m.png")]) == 0
     assert (seen["matching"], seen["threshold"], seen["max_iters"]) == ("one_way", 12.0, 77)
+    assert seen["reference"] is False and seen["distinct_px"] == 1.0
+    # --reference on top of a head's settings (which name `reference` too) is the reference path, not a clash
+    assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--reference", "--out", str(tmp_path / "r.png")]) == 0
+    assert seen["reference"] is True and seen["threshold"] == 12.0

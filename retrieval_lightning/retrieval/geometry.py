@@ -48,7 +48,7 @@ class MatchOptions:
     threshold: float = 20.0  # inlier residual, query pixels (the paper's 20 px)
     max_iters: int = 1000  # the paper's trial budget (USAC stops earlier once confident)
     confidence: float = 0.999
-    distinct_px: float = 1.0  # keypoints closer than this grid cell count once
+    distinct_px: float = 1.0  # keypoints closer than this count once; 0: every inlier counts (the paper)
     seed: int = 0
     reference: bool = False
     reference_trials: int = 1000
@@ -62,6 +62,8 @@ class MatchOptions:
             raise ValueError(f"method must be 'ransac' or 'magsac', got {self.method!r}")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if not self.distinct_px >= 0.0:
+            raise ValueError(f"distinct_px must be >= 0 (0: count every inlier), got {self.distinct_px}")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> MatchOptions:
@@ -76,8 +78,8 @@ class MatchOptions:
 class VerificationResult:
     """Outcome of verifying one image pair.
 
-    ``inliers`` is the score; ``query_points``/``db_points`` are the (distinct, one-to-one) inlier
-    correspondences, ``query_indices``/``db_indices`` their keypoint indices, ``matches`` the number
+    ``inliers`` is the score; ``query_points``/``db_points`` are the inlier correspondences counted
+    (distinct and one-to-one unless ``distinct_px`` is 0), ``query_indices``/``db_indices`` their keypoint indices, ``matches`` the number
     of tentative matches given to RANSAC, ``model`` the 3×3 matrix mapping database to query
     points (None when no model was fitted).
     """
@@ -227,12 +229,21 @@ def _least_squares(src: np.ndarray, dst: np.ndarray, kind: str, fallback: np.nda
     return model
 
 
-def _cell_ids(points: np.ndarray, cell: float) -> np.ndarray:
-    """Dense ids of the ``cell``-pixel grid cells holding ``points`` (equal cell, equal id)."""
-    grid = np.floor(points / cell).astype(np.int64)
-    grid -= grid.min(axis=0)
-    key = grid[:, 0] * (int(grid[:, 1].max()) + 1) + grid[:, 1]
-    return np.unique(key, return_inverse=True)[1].reshape(-1)
+def _keypoint_ids(points: np.ndarray, radius: float) -> np.ndarray:
+    """Dense ids of places: points closer than ``radius`` (directly or through a chain) share an id.
+
+    A distance, not a grid: two points a hair apart are one place wherever they fall, so whether the
+    same place stored at two scales merges does not depend on where a grid line happens to run."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    unique, inverse = np.unique(points, axis=0, return_inverse=True)  # exact duplicates first: cheap
+    pairs = cKDTree(unique).query_pairs(np.nextafter(radius, 0.0), output_type="ndarray")
+    if len(pairs) == 0:
+        return inverse.reshape(-1)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(unique), len(unique)))
+    return connected_components(graph, directed=False)[1][inverse.reshape(-1)]
 
 
 def distinct_pairs(
@@ -240,14 +251,14 @@ def distinct_pairs(
 ) -> np.ndarray:
     """Positions (into the pair arrays) of a maximum one-to-one subset on distinct keypoints.
 
-    Keypoints are identified by their position on a ``cell``-pixel grid, so two descriptors at the
-    same place (SIFT orientations, DELG scales) are one keypoint; a query keypoint matched to many
-    database keypoints (or the reverse) then counts once (maximum bipartite matching).
+    Keypoints closer than ``cell`` pixels are one keypoint (:func:`_keypoint_ids`), so two
+    descriptors at the same place (SIFT orientations, DELG scales) count once; a query keypoint
+    matched to many database keypoints (or the reverse) then counts once (maximum bipartite matching).
     """
     if len(q_idx) == 0:
         return np.zeros(0, np.int64)
-    q_id = _cell_ids(q_kp[q_idx], cell)
-    d_id = _cell_ids(d_kp[d_idx], cell)
+    q_id = _keypoint_ids(q_kp[q_idx], cell)
+    d_id = _keypoint_ids(d_kp[d_idx], cell)
     width = int(d_id.max()) + 1
     _, first = np.unique(q_id * width + d_id, return_index=True)  # one pair per (query cell, db cell)
     first.sort()
@@ -280,8 +291,9 @@ def verify_matches(
     if model is None or not mask.any():
         return _empty(n)
     q_in, d_in = q_idx[mask], d_idx[mask]
-    keep = distinct_pairs(q_in, d_in, q_kp, d_kp, opts.distinct_px)
-    q_in, d_in = q_in[keep], d_in[keep]
+    if opts.distinct_px > 0:
+        keep = distinct_pairs(q_in, d_in, q_kp, d_kp, opts.distinct_px)
+        q_in, d_in = q_in[keep], d_in[keep]
     return VerificationResult(
         inliers=len(q_in),
         matches=n,
@@ -294,7 +306,7 @@ def verify_matches(
 
 
 def check_features(keypoints: np.ndarray, descriptors: np.ndarray, name: str) -> np.ndarray:
-    """Validated (n, 2) float64 keypoints (float64: exact arithmetic for the distinct grid)."""
+    """Validated (n, 2) float64 keypoints (float64: exact distances between distinct places)."""
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.size == 0:
         kp = np.zeros((0, 2))
