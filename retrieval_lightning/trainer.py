@@ -258,11 +258,17 @@ class _OneEvalSet(pl.LightningDataModule):
         self.spec, self.template = chosen[self.position]
         out = self.root / self.spec.name
         self.writer.output_dir = out
-        todo: list[int] | None = None
-        if self.trainer is None or self.trainer.is_global_zero:
-            todo = remaining_subset(self.spec.dataset, out, expect_identity=self.identity).indices
-        if self.trainer is not None:
-            todo = self.trainer.strategy.broadcast(todo, src=0)
+        # rank 0 reads the shards already written; its refusal (a store of other weights or preprocessing in
+        # --output_dir, a damaged shard) stops every rank instead of leaving them in the broadcast
+        trainer = self.trainer
+        broadcast = (lambda value: value) if trainer is None else (lambda value: trainer.strategy.broadcast(value, 0))
+        is_zero = trainer is None or trainer.is_global_zero
+        def remaining() -> list[int]:
+            return list(remaining_subset(self.spec.dataset, out, expect_identity=self.identity).indices)
+
+        todo = on_rank_zero(remaining, is_zero, broadcast, f"extract {self.spec.name}: reading {out}")
+        if trainer is not None:
+            todo = trainer.strategy.broadcast(todo, src=0)
         self.subset = Subset(self.spec.dataset, list(todo or []))
 
     def predict_dataloader(self) -> DataLoader:

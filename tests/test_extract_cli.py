@@ -86,3 +86,37 @@ def test_extract_reports_bytes_per_image_per_head() -> None:
 
     sizes = {"global": 640.0, "verifier-level0_val": 108.4, "verifier-level0_pos": 21.2, "verifier-level1_val": 225.0}
     assert store_sizes(sizes) == "total 995 B/image: global 640, verifier 355"
+
+
+def test_a_store_rank_zero_refuses_stops_every_rank(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`extract` into a folder holding another model's store: rank 0 raises the refusal and the other
+    ranks raise too, instead of waiting in the broadcast of the work left until the process-group timeout."""
+    from types import SimpleNamespace
+
+    import retrieval_lightning.trainer as trainer_module
+    from retrieval_lightning.rank_zero import RankZeroFailed
+    from retrieval_lightning.retrieval.store import StoreIdentityError
+
+    def refuse(*args, **kwargs):
+        raise StoreIdentityError("the store holds another model's features")
+
+    monkeypatch.setattr(trainer_module, "remaining_subset", refuse)
+    spec = SimpleNamespace(name="test", dataset=list(range(5)))
+    inner = SimpleNamespace(setup=lambda stage: None, eval_sets=lambda stage: [spec],
+                            predict_dataloader=lambda: [None], prepare_data_per_node=True)
+    rank_zero_said: list = []  # what rank 0 broadcast, in order: rank 1 receives the same values
+
+    def rank(is_zero: bool):
+        def broadcast(value, src=0):
+            if is_zero:
+                rank_zero_said.append(value)
+                return value
+            return rank_zero_said.pop(0)
+        one = trainer_module._OneEvalSet(inner, 0, None, tmp_path, {}, SimpleNamespace(output_dir=None))
+        one.trainer = SimpleNamespace(is_global_zero=is_zero, strategy=SimpleNamespace(broadcast=broadcast))
+        return one
+
+    with pytest.raises(StoreIdentityError, match="another model"):
+        rank(True).setup("predict")
+    with pytest.raises(RankZeroFailed, match="extract test"):
+        rank(False).setup("predict")
