@@ -13,6 +13,11 @@ Weights come from one of:
   every shape checked;
 - a path to ``.safetensors`` or a torch file (loaded with ``weights_only=True``: never executes
   pickled code from a checkpoint).
+
+The first two were trained on RGB input. With ``input_order: bgr`` (CVNet's recipes start from
+them) the first convolution's input channels are reversed when they are loaded, so the network
+computes what it was trained to on the same photo. A file is taken as trained in ``input_order``
+(the official CVNet weights are BGR).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 LITE0_PACKAGE = "efficientnet_lite0_package"
+RGB_TRAINED = ("timm", LITE0_PACKAGE)  # weights sources whose first convolution expects RGB
 
 
 class UnknownBackboneError(UsageError):
@@ -111,7 +117,8 @@ class Backbone(nn.Module):
         name: any timm model that supports ``features_only``.
         weights: see the module docstring.
         stages: stage names to compute (``conv1``..``conv5``); heads add theirs at build time.
-        input_order: ``"rgb"`` or ``"bgr"`` (CVNet weights expect BGR).
+        input_order: ``"rgb"`` or ``"bgr"`` (CVNet weights expect BGR; RGB-trained ``timm`` and package
+            weights are reordered to read it).
         mean, std: normalisation in the input order; default: the model's pretrained config (RGB statistics,
             reversed for ``bgr``).
         channels_last: use channels-last memory format on CUDA (ignored on CPU).
@@ -161,6 +168,8 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if weights not in (None, "timm"):
             self.load_weights(weights)
+        if weights in RGB_TRAINED and input_order == "bgr":
+            self._reverse_input_channels()
 
     @property
     def init_args(self) -> dict:
@@ -239,6 +248,15 @@ class Backbone(nn.Module):
                 raise WeightsMismatchError(f"{path}: shapes differ (key, file, model): {bad[:5]}")
             mapped = {k: state[k] for k in target}
         self.model.load_state_dict(mapped, strict=True)
+
+    def _reverse_input_channels(self) -> None:
+        """RGB-trained weights read BGR input: the first convolution taking the 3 image channels gets
+        them in reversed order (with ``mean``/``std`` reversed too, its output is unchanged)."""
+        first = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+        if first is None:
+            raise ValueError(f"backbone {self.name!r}: no convolution over the 3 image channels to reorder for BGR")
+        with torch.no_grad():
+            first.weight.copy_(first.weight.flip(1))
 
     def normalize(self, images: Tensor) -> Tensor:
         """[0, 1] RGB images -> the normalised input the weights expect."""

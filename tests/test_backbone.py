@@ -131,6 +131,20 @@ def test_bgr_input_order_flips_channels() -> None:
     torch.testing.assert_close(bgr.normalize(x), rgb.normalize(x).flip(1))
 
 
+def test_rgb_trained_weights_read_bgr_input_as_they_were_trained(lite0: Backbone) -> None:
+    """CVNet's recipes start from RGB-trained ImageNet weights with BGR input: the first convolution
+    takes the channels reversed, so the same photo gives the same features; a weights file is
+    taken as it is (the official CVNet weights are BGR)."""
+    bgr = Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4", "conv5"),
+                   input_order="bgr").eval()
+    photo = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = lite0(photo), bgr(photo)
+    for stage in ("conv4", "conv5"):
+        torch.testing.assert_close(got[stage], want[stage], atol=1e-4, rtol=1e-4)  # summation order only
+    assert not torch.equal(bgr.model.conv_stem.weight, lite0.model.conv_stem.weight)
+
+
 def test_unknown_name_and_unreachable_timm_weights_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval_lightning.backbone import UnknownBackboneError
     from retrieval_lightning.errors import user_error_types
