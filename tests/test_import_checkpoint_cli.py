@@ -24,6 +24,7 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     module = RetrievalModule.load_from_checkpoint(out)
     assert module.rerank.fusion == "weighted" and module.rerank.weight == 0.5  # the official fusion
     assert module.eval_resize == "opencv"  # the official tester's multi-scale resizing
+    assert module.heads["verifier"].score_dtype == "float32"  # the official tester scores in fp32, on a GPU too
     gen = torch.Generator().manual_seed(0)
     query = torch.rand(3, 96, 128, generator=gen)
     candidates = [query, torch.rand(3, 112, 96, generator=gen)]

@@ -71,7 +71,8 @@ def build_cvnet_model(depth: int, width: int = 256) -> tuple[Backbone, dict[str,
     heads = {
         "global": GemArcFaceHead(stage="conv5", dim=2048, p=3.0, learn_p=True, margin="curricularface",
                                  margin_m=0.15, whiten_init="random"),
-        "verifier": CVNetVerifierHead(stage="conv4", width=width),
+        # fp32 as the official tester (the head's default, auto, scores in bf16 on a GPU)
+        "verifier": CVNetVerifierHead(stage="conv4", width=width, score_dtype="float32"),
     }
     for head in heads.values():
         head.build(backbone.stage_channels, 0)
