@@ -218,16 +218,24 @@ class _Fetcher:
             credited[0] = start
             received = 0
             with open(part, "ab" if start else "wb") as out:
-                try:
-                    while chunk := response.read(_CHUNK):
-                        if self.stop.is_set():
-                            raise DownloadError(f"{url}: interrupted; {part} kept for resuming")
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise _Transient(f"connection lost after {start + received} bytes: {exc}") from None
+                    if not chunk:
+                        break
+                    if self.stop.is_set():
+                        raise DownloadError(f"{url}: interrupted; {part} kept for resuming")
+                    try:
                         out.write(chunk)
-                        received += len(chunk)
-                        credited[0] += len(chunk)
-                        self.progress.update(len(chunk))
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _Transient(f"connection lost after {start + received} bytes: {exc}") from None
+                    except OSError as exc:  # a full disk or quota is not the connection: retrying cannot help
+                        raise DownloadError(f"{part}: cannot write after {start + received} bytes "
+                                            f"({exc.strerror or exc}); it is kept, and a re-run resumes it once "
+                                            "there is room") from None
+                    received += len(chunk)
+                    credited[0] += len(chunk)
+                    self.progress.update(len(chunk))
             if expected is not None and received < expected:
                 raise _Transient(f"connection closed after {start + received} of {start + expected} bytes")
             return start > 0
@@ -312,6 +320,9 @@ def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int) -> _Ou
             problem = str(exc)
             outcome.status = "refetched"
             continue
+        except OSError as exc:  # a full disk while extracting: the archive is sound, so it stays
+            raise DownloadError(f"{item.dest}: extracting into {item.extract_to} failed ({exc.strerror or exc}); "
+                                "the archive is kept and a re-run extracts it again") from None
         _write_marker(extracted, {"url": item.url, "md5": expected, "files": count, "into": str(item.extract_to)})
         outcome.extracted = True
         if not item.keep_archive:

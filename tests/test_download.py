@@ -299,6 +299,40 @@ def test_http_error_names_url_and_status(server, tmp_path):
     assert server.requests("/nowhere/file.bin") == [None]  # a 404 is not retried
 
 
+def test_a_full_disk_is_not_retried_as_a_lost_connection_and_names_the_files(server, tmp_path, monkeypatch):
+    """ENOSPC while writing stops at once naming the part file (kept, for resuming); while extracting,
+    the error names the archive and its target, and the sound archive stays."""
+    import errno
+
+    import retrieval_lightning.download as download_module
+
+    _gldv2(server)
+    tar_path = "/google-landmark/train/images_000.tar"
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(download_module, "open",
+                        lambda path, mode="r", *a, **k: FullDisk() if str(path).endswith(".tar.part")
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(DownloadError, match=r"images_000\.tar\.part: cannot write after 0 bytes \(No space left"):
+        download_gldv2(tmp_path, splits=("train",), base_url=f"{server.base}/google-landmark", max_archives=1,
+                       workers=1, **FAST)
+    assert len(server.requests(tar_path)) == 1  # not retried
+    monkeypatch.undo()
+
+    def no_room(archive, target, flatten=False, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module, "extract_archive", no_room)
+    with pytest.raises(DownloadError, match=r"images_000\.tar: extracting into .*train failed \(No space left"):
+        download_gldv2(tmp_path, splits=("train",), base_url=f"{server.base}/google-landmark", max_archives=1,
+                       workers=1, **FAST)
+    assert (tmp_path / "train/images_000.tar").is_file()
+
+
 def test_part_file_left_by_a_killed_run_is_continued(server, tmp_path):
     body = os.urandom(10_000)
     server.bodies["/blob.bin"] = [body]
