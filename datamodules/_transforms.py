@@ -126,6 +126,7 @@ class TrainTransform:
 
 
 BOX_ROUNDINGS = ("round", "truncate")
+BOX_FRAMES = ("stored", "upright")  # the pixels a query box is drawn on: as stored, or turned upright per EXIF
 
 
 def box_pixels(box: Sequence[float], rounding: str = "round") -> tuple[int, int, int, int]:
@@ -196,8 +197,11 @@ class EvalTransform:
 class EvalImageDataset(Dataset):
     """Eval images in EvalSet order: ``{"image": float (3,h,w) in [0, 1], "index": int}``.
 
-    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query, in the image's
-    stored pixel frame; the crop is then turned upright per EXIF. With
+    ``boxes[i]`` (optional, one per leading item) crops item ``i`` as a query. ``box_frame``
+    ``stored`` (default) applies the box to the stored pixels and then turns the crop upright per
+    EXIF (the revisitop reference loaders ignore EXIF orientation, so the ground truth was drawn
+    there); ``upright`` turns the image upright first and crops that, as ``cv2.imread`` (which applies
+    EXIF orientation) does in the official CVNet tester. They differ only for EXIF-rotated queries. With
     ``fast_decode`` a whole image is shrunk while it is decoded (``load_image(max_side=...)``,
     reduced-DCT JPEG decoding): the same factor, but a side ending in exactly .5 rounds up
     there rather than half-to-even as DELG does, so keep it off where exactness matters more
@@ -208,7 +212,10 @@ class EvalImageDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], transform: EvalTransform, policy: LoadPolicy,
                  boxes: Sequence[Sequence[float]] | None = None, placeholder_size: int = 64,
-                 fast_decode: bool = False) -> None:
+                 fast_decode: bool = False, box_frame: str = "stored") -> None:
+        if box_frame not in BOX_FRAMES:
+            raise ValueError(f"box_frame must be one of {BOX_FRAMES}, got {box_frame!r}")
+        self.box_frame = box_frame
         self.paths = paths
         self.boxes = list(boxes) if boxes is not None else []
         if len(self.boxes) > len(self.paths):
@@ -225,7 +232,8 @@ class EvalImageDataset(Dataset):
         whole = box is None and not self.transform.upscale
         cap = self.transform.max_side if self.fast_decode and whole else None
         path = self.paths[index]
-        image = load_image_or_skip(path, self.policy, max_side=cap, orient=box is None)
+        upright_first = box is None or self.box_frame == "upright"
+        image = load_image_or_skip(path, self.policy, max_side=cap, orient=upright_first)
         if image is None:
             side = self.placeholder_size
             return {"image": torch.zeros(3, side, side), "index": index, "unreadable": True}
@@ -235,7 +243,9 @@ class EvalImageDataset(Dataset):
             crop = self.transform(image, box)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-        return {"image": apply_orientation(crop, exif_orientation(path)).contiguous(), "index": index}
+        if not upright_first:
+            crop = apply_orientation(crop, exif_orientation(path)).contiguous()
+        return {"image": crop, "index": index}
 
 
 def collate_eval(items: list[dict]) -> dict:

@@ -26,7 +26,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules._compact import JoinedPaths, StringArray
-from datamodules._transforms import EvalImageDataset, EvalTransform, datamodule_policy, eval_loaders
+from datamodules._transforms import BOX_FRAMES, EvalImageDataset, EvalTransform, datamodule_policy, eval_loaders
 from retrieval_lightning.errors import DataFormatError
 from retrieval_lightning.data.types import EvalSet
 
@@ -189,7 +189,9 @@ class RevisitopDataModule(L.LightningDataModule):
     N (a scaled-down run; the set is then named ``+<N>d`` instead of ``+1m``; 0 adds none and
     keeps the plain name). ``box_rounding`` makes query boxes integer: ``round`` (PIL's crop, the
     revisitop reference and DELG) or ``truncate`` (``int()``, the official CVNet tester: use it to
-    match CVNet's published numbers).
+    match CVNet's published numbers). ``box_frame``: ``stored`` (default; the revisitop reference
+    crops the stored pixels, ignoring EXIF orientation) or ``upright`` (the official CVNet tester:
+    ``cv2.imread`` turns the image upright per EXIF before the crop); only EXIF-rotated queries differ.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class RevisitopDataModule(L.LightningDataModule):
         upscale: bool = False,
         crop_queries: bool = True,
         box_rounding: str = "round",
+        box_frame: str = "stored",
         eval_batch_size: int = 8,
         num_workers: int = 4,
         pin_memory: bool = False,
@@ -216,6 +219,8 @@ class RevisitopDataModule(L.LightningDataModule):
             raise ValueError("RevisitopDataModule needs at least one dataset name")
         self.policy = datamodule_policy(on_error)
         self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
+        if box_frame not in BOX_FRAMES:
+            raise ValueError(f"box_frame must be one of {BOX_FRAMES}, got {box_frame!r}")
         self._sets: list[EvalSet] | None = None
 
     @classmethod
@@ -262,7 +267,8 @@ class RevisitopDataModule(L.LightningDataModule):
             boxes = [g["bbx"] for g in data.gnd] if self.hparams.crop_queries else None
             jpg = os.path.join(data.directory, "jpg")
             paths = JoinedPaths([(jpg, data.qimlist, ".jpg"), (jpg, data.imlist, ".jpg"), (d_base, d_names, "")])
-            dataset = EvalImageDataset(paths, self.transform, self.policy, boxes=boxes)
+            dataset = EvalImageDataset(paths, self.transform, self.policy, boxes=boxes,
+                                       box_frame=self.hparams.box_frame)
             sets.append(EvalSet(
                 name=name + suffix, dataset=dataset, n_queries=len(data.qimlist), protocol="revisitop",
                 ground_truth=data.gnd, image_ids=StringArray.concat(data.qimlist, data.imlist, d_names),

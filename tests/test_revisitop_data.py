@@ -8,9 +8,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from datamodules._transforms import EvalTransform, pil_crop
+from helpers import REPO
 from datamodules.revisitop import (
     RevisitopDataModule,
     RevisitopFormatError,
@@ -273,6 +275,27 @@ def test_query_box_is_applied_in_the_stored_frame_then_turned_upright(tmp_path):
     ref = torch.from_numpy(np.ascontiguousarray(np.rot90(crop, k=-1))).permute(2, 0, 1).float() / 255
     assert got.shape == ref.shape == (3, 40, 28)
     assert torch.equal(got, ref)
+
+
+def test_query_box_in_the_upright_frame_as_the_cvnet_tester(tmp_path):
+    """``box_frame: upright``: the image is turned upright per EXIF first and the box cropped from that
+    (``cv2.imread`` applies EXIF orientation in the official CVNet tester); the config for it says so."""
+    from PIL import ImageOps
+
+    directory = tmp_path / "rrot"
+    cfg = _make_dataset(str(directory), "rrot", [(60, 40)], [[5.0, 2.0, 35.0, 50.0]], 7)
+    query = directory / "jpg" / f"{cfg['qimlist'][0]}.jpg"
+    Image.open(query).convert("RGB").save(query, quality=98, exif=_exif_orientation(6))
+    (es,) = RevisitopDataModule(root=str(tmp_path), datasets=["rrot"], max_side=None, box_frame="upright",
+                                box_rounding="truncate", num_workers=0).eval_sets("test")
+    upright = ImageOps.exif_transpose(Image.open(query)).convert("RGB")
+    assert upright.size == (40, 60)
+    ref = torch.from_numpy(np.asarray(upright.crop((5, 2, 35, 50))).copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(es.dataset[0]["image"], ref)
+    with pytest.raises(ValueError, match="box_frame must be one of"):
+        RevisitopDataModule(root=str(tmp_path), datasets=["rrot"], box_frame="rotated")
+    config = yaml.safe_load((REPO / "experiments/eval_cvnet_revisitop.yaml").read_text())
+    assert config["data"]["init_args"]["box_frame"] == "upright"
 
 
 def _exif_orientation(value: int) -> bytes:
