@@ -140,6 +140,8 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
     scored_here: list[int] = []
 
     def gather(local):  # rank 0's gather sees rank 1's scores, computed independently
+        if isinstance(local, bool):  # whether a rank failed: neither did
+            return [local, False]
         scored_here.extend(q.query for q in local)
         return [local, other]
 
@@ -152,6 +154,34 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
                               all_gather_object=gather, progress=False)
     assert split.metrics == alone.metrics
     assert scored_here == [0, 2] and [q.query for q in other] == [1, 3]  # each rank scored its half only
+
+
+def test_a_rank_whose_share_fails_stops_every_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head refusing one rank's queries: that rank raises its error, and a rank whose share went well
+    raises too, instead of waiting in the gather of the scores until the process group's timeout."""
+    from retrieval_lightning.rank_zero import OtherRankFailed
+
+    eval_set = tiny_eval_set()
+    module = tiny_module()
+    desc, qstore, dbstore = extract_entries(module, eval_set, tmp_path / "e", module.entry_identity(), progress=False)
+    said: list[bool] = []
+
+    def rank1_fails(failed):  # rank 0's view of the first gather: rank 1 failed
+        said.append(failed)
+        return [failed, True]
+
+    with pytest.raises(OtherRankFailed, match=r"re-ranking tiny: rank\(s\) \[1\] failed"):
+        evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,
+                          all_gather_object=rank1_fails, progress=False)
+    assert said == [False]  # rank 0's own share went well: it only learnt of rank 1's failure
+
+    def refuse(*args, **kwargs):
+        raise UsageError("head 'verifier': scores contain NaN")
+
+    monkeypatch.setattr(module, "score_entries", refuse)
+    with pytest.raises(UsageError, match="NaN"):
+        evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=1, world_size=2,
+                          all_gather_object=lambda failed: [False, failed], progress=False)
 
 
 @pytest.mark.parametrize(("change", "message"), [

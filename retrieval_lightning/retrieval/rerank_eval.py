@@ -27,6 +27,7 @@ from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set, protocol_of
+from retrieval_lightning.rank_zero import raise_if_any_failed
 
 from .rerank import (
     EntryReader,
@@ -173,18 +174,24 @@ def evaluate_reranked(
     _, ranking = topk_search(queries, database, k=depth, chunk_size=chunk, device=device)
     shortlists = build_shortlists(ranking, config.k, exclusions)
     prefix = model.rerank_prefix
-    scored = score_shortlists(
-        shortlists,
-        split_queries(nq, rank, world_size),
-        EntryReader(query_store, prefix),
-        EntryReader(db_store, prefix, transform=model.densify_entries),
-        model.score_entries,
-        query_index=lambda q: q,
-        db_index=lambda positions: positions + nq,
-        progress=progress,
-        desc=f"re-ranking {eval_set.name} (rank {rank})",
-    )
+    failure: Exception | None = None
+    scored: list = []
+    try:
+        scored = score_shortlists(
+            shortlists,
+            split_queries(nq, rank, world_size),
+            EntryReader(query_store, prefix),
+            EntryReader(db_store, prefix, transform=model.densify_entries),
+            model.score_entries,
+            query_index=lambda q: q,
+            db_index=lambda positions: positions + nq,
+            progress=progress,
+            desc=f"re-ranking {eval_set.name} (rank {rank})",
+        )
+    except Exception as err:  # a head's refusal on this rank's queries: raised below, once every rank knows
+        failure = err
     gather = all_gather_object if all_gather_object is not None else torch_all_gather_object()
+    raise_if_any_failed(failure, gather, f"re-ranking {eval_set.name}")
     everything = gather_query_scores(scored, gather)
 
     def global_score(q: int, positions: np.ndarray) -> np.ndarray:
