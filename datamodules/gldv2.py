@@ -28,6 +28,8 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
 from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
                                 training_batches_before)
+from lightning.pytorch.utilities import rank_zero_info
+
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
@@ -119,6 +121,9 @@ class GLDv2DataModule(L.LightningDataModule):
     :attr:`pair_miner`. ``hide_and_seek`` hides grid patches of training images, more as steps pass.
     ``sampler_seed`` (like ``pairs.seed`` and ``hide_and_seek.seed``) seeds the training order;
     unset, it is the run's ``seed_everything`` (:func:`~datamodules.sampling.run_seed`).
+    ``present_only`` keeps only the training images found under ``root/train`` (a partial download,
+    ``download --max_archives N``): the classes, the split, the held-out set and the recognition
+    database are then those of the images present, so a model trained so fits only that subset.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class GLDv2DataModule(L.LightningDataModule):
         on_error: str = "raise",
         pairs: PairSampling | None = None,
         hide_and_seek: HideAndSeek | None = None,
+        present_only: bool = False,
     ) -> None:
         super().__init__()
         if train_set not in ("clean", "full"):
@@ -225,6 +231,8 @@ class GLDv2DataModule(L.LightningDataModule):
         table = read(path, hp.on_error)
         if len(table) == 0:
             raise GLDv2FormatError(f"{path}: no training images listed (train_set={self.train_set!r})")
+        if hp.present_only:
+            table = keep_present(table, os.path.join(self.root, "train"), path)
         labels, classes = remap_labels(table.landmark_ids)
         if hp.validation_split > 0:
             train_pos, val_pos = split_train_val(labels, hp.validation_split, hp.split_seed)
@@ -407,3 +415,23 @@ class GLDv2DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("predict")
+
+
+def present_image_ids(directory: str) -> np.ndarray:
+    """Ids of the ``<a>/<b>/<c>/<id>.jpg`` files under ``directory`` (the official layout), as bytes."""
+    found: list[str] = []
+    for _, _, files in os.walk(directory):
+        found.extend(name[:-4] for name in files if name.endswith(".jpg"))
+    return np.array(found, dtype=np.bytes_)
+
+
+def keep_present(table: TrainTable, directory: str, listed_in: str) -> TrainTable:
+    """The rows of ``table`` whose image is on disk under ``directory``, in file order (``present_only``)."""
+    present = present_image_ids(directory)
+    keep = np.flatnonzero(np.isin(table.ids.data, present))
+    if keep.size == 0:
+        raise GLDv2FormatError(f"present_only: none of the {len(table)} images of {listed_in} is under {directory} "
+                               "(download some with `retrieval-lightning download gldv2 --max_archives N`)")
+    rank_zero_info(f"present_only: training on the {keep.size} of {len(table)} images of {listed_in} found under "
+                   f"{directory}")
+    return TrainTable(table.ids.take(keep), table.landmark_ids[keep])

@@ -355,6 +355,29 @@ def test_num_classes_before_setup(gld):
     assert full.class_landmark_ids.tolist() == sorted(CLASS_SIZES)
 
 
+def test_present_only_trains_on_a_partial_download(gld, tmp_path):
+    """``download --max_archives N`` fetches some tars: ``present_only`` keeps the listed images found
+    on disk (the classes follow them), instead of failing at the first missing image."""
+    import shutil
+
+    root = tmp_path / "partial"
+    shutil.copytree(gld["root"], root)
+    landmark = sorted(gld["by_class"])[0]
+    gone = gld["by_class"][landmark]
+    for image_id in gone:
+        os.remove(image_path(str(root), "train", image_id))
+    dm = _dm(gld, root=str(root), train_set="full", present_only=True, validation_split=0.0, val_sets=[],
+             test_sets=["retrieval"])
+    assert dm.num_classes == len(CLASS_SIZES) - 1 and landmark not in dm.class_landmark_ids.tolist()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == sum(CLASS_SIZES.values()) - len(gone)
+    assert all(os.path.isfile(dm.train_dataset.paths[i]) for i in range(len(dm.train_dataset)))
+    assert _dm(gld, root=str(root), train_set="full").num_classes == len(CLASS_SIZES)  # off: every listed image
+    shutil.rmtree(root / "train")
+    with pytest.raises(GLDv2FormatError, match=r"present_only: none of the \d+ images of .*train\.csv is under"):
+        _dm(gld, root=str(root), train_set="full", present_only=True).num_classes
+
+
 def test_train_split_and_dataloader(gld):
     dm = _dm(gld, train_set="full")
     dm.setup("fit")
