@@ -223,6 +223,21 @@ def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor]
     return path
 
 
+def search_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is the first GPU when there is one; a GPU that is not there is one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "use --device cpu")
+    return device
+
+
 def run_search(argv: Sequence[str]) -> int:
     from retrieval_lightning.module import RetrievalModule
 
@@ -240,11 +255,15 @@ def run_search(argv: Sequence[str]) -> int:
                         help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="an unreadable query image: stop (raise), or warn and search the others (skip)")
+    parser.add_argument("--device", default="auto",
+                        help="where the model embeds, searches and re-ranks: auto (a GPU if there is one), cpu, "
+                             "cuda, cuda:1")
     args = parser.parse_args(list(argv))
     for option, value in (("--k", args.k), ("--shortlist", args.shortlist), ("--max-side", args.max_side)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
-    module = RetrievalModule.load_from_checkpoint(args.checkpoint)
+    device = search_device(args.device)
+    module = RetrievalModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(device)
     store = FeatureStore.open(args.store)
     if "global" not in store.kinds:
         raise StoreIdentityError(f"feature store {store.path} has no global descriptors (kinds {sorted(store.kinds)})")

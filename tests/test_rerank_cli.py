@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli, run_main
 from rerank_plugin import make_rerank_distribution
@@ -116,6 +117,12 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert "--shortlist must be at least 1, got 0" in _fails(["search", str(ckpt), str(store), query_file,
                                                               "--shortlist", "0"], tmp_path)
     assert "did you mean" in _fails(["search", str(ckpt), str(features / SET), query_file], tmp_path)
+    if not torch.cuda.is_available():  # a GPU that is not there is one line, not a CUDA trace
+        assert "--device cuda: no such CUDA device here" in _fails(["search", str(ckpt), str(store), query_file,
+                                                                    "--device", "cuda"], tmp_path)
+    on_cpu = run_main(["search", str(ckpt), str(store), query_file, "--k", "6", "--shortlist", "2", "--device", "cpu",
+                       "--out", str(tmp_path / "c.png")], cwd=tmp_path).stdout
+    assert on_cpu.replace("c.png", "s.png") == longer  # auto is the CPU here
 
     # a directory of queries, searched in batches: the same results whatever the batch size
     import shutil
@@ -141,8 +148,6 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert skipping.stdout.count("query ") == 3 and "skipped 1 unreadable of 4 queries" in skipping.stderr
 
     # the checkpoint alone rebuilds the model: same descriptors as the config + init_from
-    import torch
-
     from retrieval_lightning.cli import run_lightning_cli
     from retrieval_lightning.module import RetrievalModule
 
