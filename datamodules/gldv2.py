@@ -16,6 +16,7 @@ from typing import Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._compact import StringArray
@@ -28,8 +29,6 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
 from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
                                 training_batches_before)
-from lightning.pytorch.utilities import rank_zero_info
-
 from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 

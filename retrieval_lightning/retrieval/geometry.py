@@ -79,9 +79,9 @@ class VerificationResult:
     """Outcome of verifying one image pair.
 
     ``inliers`` is the score; ``query_points``/``db_points`` are the inlier correspondences counted
-    (distinct and one-to-one unless ``distinct_px`` is 0), ``query_indices``/``db_indices`` their keypoint indices, ``matches`` the number
-    of tentative matches given to RANSAC, ``model`` the 3×3 matrix mapping database to query
-    points (None when no model was fitted).
+    (distinct and one-to-one unless ``distinct_px`` is 0), ``query_indices``/``db_indices`` their
+    keypoint indices, ``matches`` the number of tentative matches given to RANSAC, ``model`` the 3×3
+    matrix mapping database to query points (None when no model was fitted).
     """
 
     inliers: int
