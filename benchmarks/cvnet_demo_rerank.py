@@ -16,9 +16,10 @@ Diagnostics of the verifier alone, over every query x database pair of the split
     .venv/bin/python benchmarks/cvnet_demo_rerank.py [--seeds 0,1,2] [--checkpoint CKPT] [CLI overrides ...]
 
 docs/cvnet_demo_experiments.md's "previous recipe" row, for example, adds ``--model.optim.lr=0.001
---trainer.max_steps=200 --data.init_args.pairs.groups_per_batch=4 --data.init_args.pairs.same_image_positives=0
---data.init_args.pairs.crops_per_image=null --data.init_args.pairs.distinct_labels=true`` and the
-Hide-and-Seek block of the earlier config (``start 0, end 0.3, warmup_steps 150, grid 4``).
+--trainer.max_steps=200 --config previous.yaml``, where ``previous.yaml`` holds ``data: {init_args: {pairs:
+{groups_per_batch: 4, same_image_positives: 0, crops_per_image: null, distinct_labels: true}}}`` and the
+Hide-and-Seek block of the earlier config (``start 0, end 0.3, warmup_steps 150, grid 4``). A file, because
+jsonargparse refuses a nested ``=null`` on the command line (``--data.init_args.pairs.crops_per_image=null``).
 """
 
 from __future__ import annotations
