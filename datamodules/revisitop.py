@@ -19,10 +19,12 @@ import math
 import numbers
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules._compact import JoinedPaths, StringArray
@@ -123,7 +125,24 @@ def validate_gnd(cfg: Any, path: str) -> tuple[list[str], list[str], list[dict[s
         clean = {key: _as_index_list(entry[key], f"{label}: key {key!r}", len(imlist)) for key in GT_KEYS}
         clean["bbx"] = _as_box(entry["bbx"], f"{label}: key 'bbx'")
         gnd.append(clean)
+    _warn_repeated_positives(gnd, qimlist, path)
     return imlist, qimlist, gnd
+
+
+def _warn_repeated_positives(gnd: list[dict[str, list]], qimlist: list[str], path: str) -> None:
+    """A database image listed twice among a query's positives (within ``easy`` or ``hard``, or in both)
+    counts twice in the official ``compute_map`` (its positives are concatenated) and once here (a set):
+    said, since the two mAPs then differ. The published files are not expected to hold any."""
+    repeated = []
+    for q, entry in enumerate(gnd):
+        values, counts = np.unique(np.asarray(entry["easy"] + entry["hard"], dtype=np.int64), return_counts=True)
+        if (counts > 1).any():
+            repeated.append((q, values[counts > 1].tolist()))
+    if repeated:
+        q, ids = repeated[0]
+        warnings.warn(f"{path}: {len(repeated)} queries list a database image twice among their positives (first: "
+                      f"query {q} ({qimlist[q]}), images {ids[:5]}); the official revisitop evaluation counts such "
+                      "an image twice, this one once, so their mAPs differ", stacklevel=2)
 
 
 _SAFE_GLOBALS = {

@@ -108,6 +108,24 @@ def test_ground_truth_validation_names_file_query_key(tmp_path, mutate, pattern)
     assert "gnd_rtest.pkl" in str(info.value)
 
 
+def test_a_positive_listed_twice_is_said_since_the_official_map_counts_it_twice(tmp_path):
+    """The official compute_map concatenates easy and hard, so a repeated image counts twice in its AP's
+    denominator, here once: a file holding one is warned about (the published ones are not expected to)."""
+    import warnings
+
+    _make_dataset(str(tmp_path / "rtest"), "rtest", [(60, 40)], [[1, 1, 20, 20]], 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_revisitop(str(tmp_path), "rtest")  # easy [0, 2], hard [1]: nothing repeated
+    with open(tmp_path / "rtest" / "gnd_rtest.pkl", "rb") as handle:
+        cfg = pickle.load(handle)
+    cfg["gnd"][0]["hard"] = [1, 2]
+    with open(tmp_path / "rtest" / "gnd_rtest.pkl", "wb") as handle:
+        pickle.dump(cfg, handle)
+    with pytest.warns(UserWarning, match=r"1 queries list a database image twice .*query 0 \(rtest_q_0\), images \[2\]"):
+        load_revisitop(str(tmp_path), "rtest")
+
+
 def _pil_reference(path: str, box, factor: float | None) -> torch.Tensor:
     img = Image.open(path).convert("RGB").crop(box)
     if factor is not None:
