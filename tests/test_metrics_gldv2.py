@@ -62,6 +62,13 @@ def test_repeated_ids_are_skipped_but_take_a_rank():
     np.testing.assert_allclose(mean_precisions({"q": ["x", "x", "y"]}, solution, 4), [1, 1 / 2, 2 / 3, 2 / 4])
 
 
+def test_a_repeated_ground_truth_id_counts_in_the_denominator_as_the_official_code():
+    """delf's MeanAveragePrecision divides by min(len(solution[key]), max_predictions): a solution list
+    naming an image twice is one relevant image but two expected ones."""
+    assert mean_average_precision({"q": ["a", "b"]}, {"q": ["a", "a", "b"]}) == pytest.approx(2 / 3)
+    assert mean_average_precision({"q": ["a", "b"]}, {"q": ["a", "b"]}) == 1.0
+
+
 def test_unpredicted_queries_count_zero():
     solution = {"q": ["x"], "r": ["y"]}
     assert mean_average_precision({"q": ["x"]}, solution) == 0.5

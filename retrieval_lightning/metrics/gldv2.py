@@ -63,7 +63,7 @@ def mean_average_precision(predictions: Retrieval, solution: Retrieval, max_pred
         ap = 0.0
         for n_correct, rank in enumerate(np.flatnonzero(_relevance(prediction, truth, max_predictions)), 1):
             ap += n_correct / (int(rank) + 1)
-        total += ap / min(len(truth), max_predictions)
+        total += ap / min(len(solution[key]), max_predictions)  # the list's length, repeats included (official)
     return total / len(solution)
 
 
