@@ -135,12 +135,23 @@ def read_md5_list(path: Path, name: str | None = None) -> str:
 
 
 class _Progress:
-    """One byte bar for all parallel transfers; thread-safe, and exact across resumes and restarts."""
+    """One byte bar for all parallel transfers; thread-safe, and exact across resumes and restarts.
 
-    def __init__(self, enabled: bool, desc: str):
+    Its byte total only grows as transfers start (a server tells a file's size when asked for it), so
+    the bar also counts finished files out of all of them: that is the progress over a 620-file run."""
+
+    def __init__(self, enabled: bool, desc: str, files: int = 0):
         self._bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled)
         self._lock = threading.Lock()
         self._sizes: dict[str, int] = {}
+        self._files, self._done = files, 0
+        if files:
+            self._bar.set_postfix_str(f"0/{files} files", refresh=False)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._done += 1
+            self._bar.set_postfix_str(f"{self._done}/{self._files} files")
 
     def size(self, key: str, size: int) -> None:
         with self._lock:
@@ -349,11 +360,13 @@ def download_files(items: Sequence[RemoteFile], workers: int = 4, progress: bool
     if len(set(dests)) != len(dests):
         twice = sorted({str(d) for d in dests if dests.count(d) > 1})
         raise ValueError(f"several items share a destination: {twice}")
-    bar = _Progress(progress, desc)
+    bar = _Progress(progress, desc, files=len(items))
     stop = threading.Event()
     fetcher = _Fetcher(bar, stop, retries, retry_wait, timeout)
     executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download")
     futures = [executor.submit(_complete, item, fetcher, checksum_retries) for item in items]
+    for future in futures:
+        future.add_done_callback(lambda _: bar.file_done())
     try:
         wait(futures, return_when=ALL_COMPLETED)
     except BaseException:

@@ -292,6 +292,17 @@ def test_archive_that_stays_corrupt_fails_naming_the_url_and_is_never_extracted(
     assert (tmp_path / "train/.images_000.tar.extracted").exists()  # the good archive still finished
 
 
+def test_the_progress_bar_counts_files_out_of_all(server, tmp_path, capsys):
+    """Byte totals grow only as transfers start, so the bar also says how many files of all are done."""
+    for name in ("a", "b", "c"):
+        server.bodies[f"/files/{name}.bin"] = [name.encode() * 1000]
+    items = [RemoteFile(f"{server.base}/files/{name}.bin", tmp_path / f"{name}.bin") for name in ("a", "b", "c")]
+    download_files(items, workers=2, progress=True, retry_wait=0.01)
+    err = capsys.readouterr().err
+    assert "0/3 files" in err and "3/3 files" in err
+    assert (tmp_path / "c.bin").read_bytes() == b"c" * 1000
+
+
 def test_http_error_names_url_and_status(server, tmp_path):
     missing = f"{server.base}/nowhere/file.bin"
     with pytest.raises(DownloadError, match=re.escape(missing) + ": HTTP 404"):
