@@ -266,3 +266,19 @@ def test_corrupted_shard_member_is_reported_by_name_and_leaves_no_build_folder(t
     with pytest.raises(ValueError, match=rf"feature shard \S*{shards[2].name} is damaged.*CRC"):
         merge_shards(tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+def test_item_names_are_read_by_line_offset_and_a_reordered_file_is_still_read(tmp_path: Path) -> None:
+    """`search` prints a few names from sets of millions: the table holds line offsets, not every row;
+    a file whose rows are not in index order (edited by hand) is read whole instead of misnamed."""
+    from retrieval_lightning.retrieval.set_files import ItemTable, read_items
+
+    rows = [f"{i}\tid{i}\t/data/é{i}.jpg" for i in range(50)]
+    (tmp_path / "items.tsv").write_text("index\tid\tpath\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    table = read_items(tmp_path)
+    assert isinstance(table, ItemTable) and len(table) == 50
+    assert table.get(0) == ("id0", "/data/é0.jpg") and table.get(49) == ("id49", "/data/é49.jpg")
+    assert table.get(50, ("50", "")) == ("50", "") and table._whole is None  # never read whole
+    (tmp_path / "items.tsv").write_text("index\tid\tpath\n" + "\n".join(reversed(rows)) + "\n", encoding="utf-8")
+    assert ItemTable(tmp_path / "items.tsv").get(3) == ("id3", "/data/é3.jpg")
+    assert read_items(tmp_path / "nowhere") == {}
