@@ -4,7 +4,7 @@ Why: a verifier (CVNet's correlation network) learns same/different from pairs f
 batch; random pairs of a landmark dataset are almost all trivially different, so every batch is
 composed of groups ``[anchor, positive, n_1 .. n_k]`` where the positive shares the anchor's
 label and the negatives are images of *other* labels that the current global descriptor places
-nearest to the anchor (Radenović et al.'s mining; CVNet-DS's recipe names hard-negative mining).
+nearest to the anchor (Radenović et al.'s mining; CVNet's recipe, CVPR 2022, names hard-negative mining).
 
 Who does what:
 

@@ -75,6 +75,8 @@ def architecture_of(module: "RetrievalModule") -> dict[str, Any]:
             "freeze_bn": module.freeze_bn,
             "rerank": module.rerank,
             "postprocess": module.postprocess,
+            # only when set: a record written before the option existed still equals one of a run without it
+            **({"momentum_contrast": module.momentum_contrast.config} if module.momentum_contrast is not None else {}),
         }),
     }
 
@@ -141,6 +143,7 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
             raise CheckpointLoadError(f"{source}: head {role!r}: {exc}") from exc
         heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
     args = dict(record["module"])
+    args.pop("momentum_contrast", None)  # a training device (its momentum copy is training-only): not rebuilt
     args["optim"] = _construct(OptimConfig, args["optim"], "the module's optim", source)
     args["rerank"] = _construct(RerankConfig, args["rerank"], "the module's rerank", source)
     if args.get("postprocess"):

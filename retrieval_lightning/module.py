@@ -34,6 +34,9 @@ from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path
+from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUEUE_KEY
+from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
+from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
@@ -76,6 +79,9 @@ class RetrievalModule(pl.LightningModule):
             :class:`~retrieval_lightning.retrieval.rerank.RerankConfig`).
         postprocess: α-query expansion and/or DBA applied to the global descriptors before
             evaluation (off by default; see :class:`~retrieval_lightning.retrieval.postprocess.PostProcessConfig`).
+        momentum_contrast: CVNet-Global's momentum-contrastive loss on the global descriptor, beside the
+            global head's classifier (off by default; see
+            :class:`~retrieval_lightning.momentum_contrast.MomentumContrastConfig`).
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class RetrievalModule(pl.LightningModule):
         freeze_bn: bool = False,
         rerank: RerankConfig | None = None,
         postprocess: PostProcessConfig | None = None,
+        momentum_contrast: MomentumContrastConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
@@ -137,6 +144,7 @@ class RetrievalModule(pl.LightningModule):
         self.rerank = rerank if rerank is not None else RerankConfig()
         self.postprocess = postprocess
         self._attach_rerank_heads()
+        self.momentum_contrast = self._momentum_contrast(momentum_contrast)
         self._apply_freeze()
         if init_from:
             self.initialise_from(init_from)
@@ -176,8 +184,19 @@ class RetrievalModule(pl.LightningModule):
                 raise ValueError("a sparsifier head rewrites a verifier's entries: configure heads.verifier too")
             sparsifier.attach(verifier)
 
+    def _momentum_contrast(self, config: MomentumContrastConfig | None) -> MomentumContrast | None:
+        if config is None:
+            return None
+        if {"backbone", "global"} <= self.frozen:
+            raise ValueError("momentum_contrast trains the global descriptor, but model.freeze keeps both the "
+                             "backbone and the global head fixed")
+        return MomentumContrast(config, self.backbone, self.global_head)
+
     def is_training_only(self, name: str) -> bool:
-        """Whether a state-dict entry exists only for training (see ``Head.training_only``)."""
+        """Whether a state-dict entry exists only for training (see ``Head.training_only``; the momentum
+        copy of ``momentum_contrast``)."""
+        if name.startswith(MOMENTUM_PREFIX):
+            return True
         for role, head in self.heads.items():
             prefix = f"heads.{role}."
             if name.startswith(prefix) and any(name[len(prefix):].startswith(t) for t in head.training_only):
@@ -192,6 +211,8 @@ class RetrievalModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``test --ckpt_path`` / resume: apply the strictness policy before Lightning's strict load."""
+        if self.momentum_contrast is not None and MOMENTUM_QUEUE_KEY in checkpoint:
+            self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_optimizer_state_fits(checkpoint)
         own = self.state_dict()
@@ -274,6 +295,8 @@ class RetrievalModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
+        if self.momentum_contrast is not None:
+            checkpoint[MOMENTUM_QUEUE_KEY] = self.momentum_contrast.state_for_checkpoint()
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Write a self-contained checkpoint (weights + architecture) without a Trainer."""
@@ -350,6 +373,8 @@ class RetrievalModule(pl.LightningModule):
                 if name in losses:
                     raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
+        if self.momentum_contrast is not None:
+            total = total + self._momentum_contrast_loss(images, labels, features)
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
@@ -359,6 +384,16 @@ class RetrievalModule(pl.LightningModule):
                 rank_zero_warn(mismatch)
         return total
 
+    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor]) -> Tensor:
+        contrast = self.momentum_contrast
+        assert contrast is not None
+        contrast.update(self.backbone, self.global_head)  # before this step's keys, as MoCo does
+        queries = self.global_head.embed(self.head_features("global", features))
+        loss, with_positive = contrast.loss(queries, labels, images, owner=self)
+        self.log("train/momentum_contrast/loss", loss, batch_size=len(labels))
+        self.log("train/momentum_contrast/with_positive", with_positive / max(1, len(labels)), batch_size=len(labels))
+        return contrast.config.weight * loss
+
     def on_fit_start(self) -> None:
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
         # also when resuming (where no imprinting pass below would call it)
@@ -367,6 +402,8 @@ class RetrievalModule(pl.LightningModule):
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
+            if self.momentum_contrast is not None:  # the copy starts as the network (after init_from)
+                self.momentum_contrast.reset(self.backbone, self.global_head)
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)
 

@@ -2,7 +2,7 @@
 
 Why: pair/triplet losses learn little from random negatives (almost all trivially different);
 the informative ones are the other-landmark images the global model ranks nearest to the anchor
-(Radenović et al.; CVNet-DS's recipe). The global descriptors change while training, so the
+(Radenović et al.; CVNet's recipe, CVPR 2022). The global descriptors change while training, so the
 table is rebuilt every ``every_n_epochs`` epochs, just before that epoch's batches are drawn.
 
 Generic by design (the core never imports a datamodule): the datamodule exposes ``pair_miner``,

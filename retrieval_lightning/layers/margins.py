@@ -83,8 +83,9 @@ class CurricularFaceMargin(nn.Module):
         stats = torch.stack([target.sum(), count])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
-        mean = stats[0] / stats[1].clamp(min=1.0)
-        self.t.mul_(1.0 - self.momentum).add_(self.momentum * mean)
+        if float(stats[1]) == 0:  # no target anywhere (a contrastive batch without positives): t stays
+            return
+        self.t.mul_(1.0 - self.momentum).add_(self.momentum * stats[0] / stats[1])
 
     def forward(self, cosine: Tensor, labels: Tensor) -> Tensor:
         with torch.autocast(device_type=cosine.device.type, enabled=False):

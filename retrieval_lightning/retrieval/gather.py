@@ -81,6 +81,14 @@ def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = 
     return out.reshape(-1).view(t.dtype).reshape(out_rows, *trailing)
 
 
+def all_gather_rows(owner: Any, t: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` (n may differ per rank), in rank order, on the CPU under DDP;
+    ``t`` itself without a process group. ``owner`` as for :func:`gather_dedupe`."""
+    if not _distributed():
+        return t.detach()
+    return _all_gather_rows(t, _comm_device(owner))
+
+
 def _first_of_each(index: Tensor) -> Tensor:
     """Positions of the first row of each dataset index, ordered by index."""
     order = torch.argsort(index, stable=True)
