@@ -68,6 +68,10 @@ class PairSampling:
             demo it did not change re-ranked mAP beyond the spread between runs
             (docs/cvnet_demo_experiments.md), and the demo config keeps it as part of the recipe
             measured best there. Off by default.
+        hard_start, hard_warmup_batches: CVNet's curriculum for negatives: the share of each group's
+            negatives taken from the mined candidates rises linearly from ``hard_start`` to 1 over the
+            first ``hard_warmup_batches`` batches of training (the rest are random other-label images),
+            as its Hide-and-Seek share rises. Default: every negative mined from the start.
         seed: seed of the draws (combined with the epoch); ``None``: the run's ``seed_everything``
             (:func:`~datamodules.sampling.run_seed`), resolved when the options are made.
     """
@@ -83,6 +87,8 @@ class PairSampling:
     shuffled_negatives: int = 0
     shuffle_grid: int = 4
     crops_per_image: int | None = None
+    hard_start: float = 1.0
+    hard_warmup_batches: int = 0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -96,9 +102,18 @@ class PairSampling:
         if self.shuffled_negatives < 0 or self.shuffle_grid < 2:
             raise ValueError(f"PairSampling needs shuffled_negatives >= 0 and shuffle_grid >= 2, got "
                              f"{self.shuffled_negatives} and {self.shuffle_grid}")
+        if not 0.0 <= self.hard_start <= 1.0 or self.hard_warmup_batches < 0:
+            raise ValueError(f"PairSampling needs hard_start in [0, 1] and hard_warmup_batches >= 0, got "
+                             f"{self.hard_start} and {self.hard_warmup_batches}")
         if self.crops_per_image is not None and not 2 <= self.crops_per_image <= 1009:
             raise ValueError(f"crops_per_image must be in [2, 1009] (a same-image positive needs another crop; "
                              f"crop seeds are unique per image up to 1009), got {self.crops_per_image}")
+
+    def hard_share(self, batch: int) -> float:
+        """Share of a group's negatives taken from the mined candidates at training batch ``batch``."""
+        if self.hard_warmup_batches <= 0 or batch >= self.hard_warmup_batches:
+            return 1.0
+        return self.hard_start + (1.0 - self.hard_start) * batch / self.hard_warmup_batches
 
     @property
     def group_size(self) -> int:
@@ -200,8 +215,9 @@ class PairMiner:
             out.append(int(members[rng.integers(members.size)]))
         return out
 
-    def group(self, anchor: int, rng: np.random.Generator) -> list[int]:
-        """``[anchor, positive, negatives...]`` (dataset positions)."""
+    def group(self, anchor: int, rng: np.random.Generator, hard_share: float = 1.0) -> list[int]:
+        """``[anchor, positive, negatives...]`` (dataset positions); ``hard_share`` of the negatives (drawn per
+        negative) come from the mined candidates when there are any, the rest are random."""
         label = int(self.labels[anchor])
         members = self.members[label]
         others = members[members != anchor]
@@ -212,8 +228,9 @@ class PairMiner:
         k = self.config.negatives
         negatives: list[int] = []
         mined = self.mined_negatives(anchor)
-        if mined is not None and mined.size:
-            take = min(k, mined.size)
+        hard = k if hard_share >= 1.0 else int(rng.binomial(k, hard_share))  # no draw when off: runs unchanged
+        if mined is not None and mined.size and hard:
+            take = min(hard, mined.size)
             if mined.size > take:  # a random subset of the candidates, kept nearest-first
                 mined = mined[np.sort(rng.choice(mined.size, size=take, replace=False))]
             negatives = [int(x) for x in mined[:take]]
@@ -289,7 +306,10 @@ class PairBatchSampler(BatchSampler):
         total = self._groups_per_epoch()
         reps = -(-total // eligible.size)
         anchors = np.concatenate([rng.permutation(eligible) for _ in range(reps)])[:total]
-        return [self.miner.group(int(a), rng) for a in anchors]
+        _, world = self._rank_world()
+        first_batch, per_batch = int(epoch) * len(self), self.config.groups_per_batch * world
+        return [self.miner.group(int(a), rng, self.config.hard_share(first_batch + i // per_batch))
+                for i, a in enumerate(anchors)]
 
     def crop_seed(self, position: int, crop: int) -> int:
         """Augmentation seed of crop ``crop`` of the pool of training image ``position``."""

@@ -90,6 +90,21 @@ def test_negatives_are_the_mined_nearest_and_change_after_refresh() -> None:
     assert [g[2:] for g in tables[0]] != [g[2:] for g in tables[1]] != [g[2:] for g in before]
 
 
+def test_share_of_mined_negatives_rises_over_the_warmup_batches() -> None:
+    config = PairSampling(groups_per_batch=2, negatives=4, groups_per_epoch=400, hard_start=0.0,
+                          hard_warmup_batches=100, seed=0)
+    miner = PairMiner(LABELS, config)
+    table = np.stack([np.flatnonzero(LABELS != LABELS[a])[:4] for a in range(LABELS.size)])  # a fixed "mined" table
+    miner.set_negatives(0, np.arange(LABELS.size), table)
+    groups = _groups(list(PairBatchSampler(miner)), config.group_size)  # 200 batches of 2 groups
+    mined = np.array([np.isin(g[2:], table[g[0]]).mean() for g in groups]).reshape(200, 2).mean(axis=1)  # per batch
+    halves = [mined[:50].mean(), mined[50:100].mean(), mined[100:].mean()]  # shares 0-0.5, 0.5-1, 1
+    assert 0.15 < halves[0] < 0.4 and 0.6 < halves[1] < 0.9 and halves[2] == 1.0, halves  # means 0.25, 0.75, 1
+    assert config.hard_share(0) == 0.0 and config.hard_share(50) == 0.5 and config.hard_share(100) == 1.0
+    with pytest.raises(ValueError, match="hard_start"):
+        PairSampling(hard_start=1.5)
+
+
 def test_nearest_other_label_looks_past_a_crowded_label() -> None:
     """Row 0's 28 nearest rows all carry label 1: the distinct search must look further for 2 and 3."""
     labels = np.array([0] + [1] * 30 + [2, 3])
