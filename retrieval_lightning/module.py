@@ -563,7 +563,9 @@ class RetrievalModule(pl.LightningModule):
         return datamodule.eval_sets(stage)
 
     def _reranks(self) -> bool:
-        return self.rerank_head is not None and self.rerank.enabled
+        if self.rerank_head is None or not self.rerank.enabled:
+            return False
+        return self.rerank.during_fit or self.trainer.state.fn != "fit"
 
     def head_arguments(self) -> dict[str, list[Any]]:
         """``{role: [class name, init arguments(, store revision)]}``: what shapes extraction besides the

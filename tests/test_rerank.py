@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import types
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,12 @@ def test_match_names_a_checkpoint_without_a_reranking_head(tmp_path: Path) -> No
     with pytest.raises(UsageError, match=r"g\.ckpt has no re-ranking head \(heads: global\)") as caught:
         run_match([str(image), str(image), "--checkpoint", str(tmp_path / "g.ckpt"), "--out", str(tmp_path / "x.png")])
     assert isinstance(caught.value, user_error_types())  # the CLI prints one error line, no traceback
+
+
+def test_during_fit_false_keeps_fits_validations_global_only() -> None:
+    module = tiny_module()
+    for during_fit, fn, reranks in ((True, "fit", True), (False, "fit", False), (False, "validate", True),
+                                    (False, "test", True)):
+        module.rerank = RerankConfig(k=5, during_fit=during_fit)
+        module._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn))
+        assert module._reranks() is reranks, (during_fit, fn)

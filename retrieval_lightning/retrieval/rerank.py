@@ -53,6 +53,9 @@ class RerankConfig:
             be on a file system every node sees.
         shard_size: images per shard file.
         enabled: evaluate with re-ranking when the model has a re-ranking head.
+        during_fit: re-rank in ``fit``'s validations too. Off, they are global-only (DELG's RANSAC over a
+            GLDv2 holdout's shortlists costs CPU-minutes per validation), while ``validate`` and
+            ``test`` still re-rank.
     """
 
     k: int = 100
@@ -62,6 +65,7 @@ class RerankConfig:
     store_dir: str | None = None
     shard_size: int = 256
     enabled: bool = True
+    during_fit: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1:
