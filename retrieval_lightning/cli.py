@@ -83,9 +83,14 @@ def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
     data: dict[str, str] = {}
     for path in _config_files(args):
         try:
-            config = yaml.safe_load(Path(path).read_text()) or {}
+            with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
+                config = yaml.safe_load(stream) or {}
         except OSError:
             continue  # the parser reports a missing config file itself
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        if not isinstance(config, dict):
+            continue  # the parser says what a config must be
         model = config.get("model") or {}
         for role, spec in (model.get("heads") or {}).items():
             if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
@@ -412,13 +417,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = _user_error_in(exc)
         if cause is None or show_traceback:
             raise
-        message = str(cause).strip().splitlines()
+        message = _worker_message(str(cause), type(cause).__name__).strip().splitlines()
         print(f"error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
         for line in message[1:4]:
             print(f"  {line}", file=sys.stderr)
         return 2
     finally:
         _finish_wandb_run()
+
+
+def _worker_message(text: str, type_name: str) -> str:
+    """The error's own message when a DataLoader worker raised it: PyTorch re-raises it in the main process
+    with the worker's whole traceback as its message, where the path of a bad image is on the last lines."""
+    if "Original Traceback (most recent call last)" not in text:
+        return text
+    lines = text.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        match = re.match(rf"^(?:[A-Za-z_][\w.]*\.)?{re.escape(type_name)}: (.*)$", lines[i])
+        if match:
+            return "\n".join([match.group(1), *lines[i + 1:]])
+    return text
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -231,3 +231,31 @@ def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == said and len(err) == 2 and "usage:" not in err[1]
+
+
+def test_a_config_that_is_not_yaml_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  heads:\n    global:\n      class_path: gem_arcface\n     init_args: {}\n")
+    done = run_main(["fit", "--config", str(bad)], cwd=tmp_path, status=2)
+    assert done.stderr.startswith(f"error: config file {bad} is not valid YAML") and "line 5, column 6" in done.stderr
+
+
+def test_an_image_error_raised_in_a_loader_worker_prints_its_own_message(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch re-raises a worker's exception with the worker's whole traceback as its message."""
+    import retrieval_lightning.cli as cli
+    from torch._utils import ExceptionWrapper
+
+    from retrieval_lightning.data.io import ImageLoadError
+
+    def dispatch(argv: list[str]) -> int:
+        try:
+            raise ImageLoadError("/data/x.jpg", "file not found")
+        except ImageLoadError:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+        wrapped.reraise()
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    done = run_main(["test"], cwd=tmp_path, status=2)
+    assert done.stderr.splitlines()[0] == "error: cannot load image '/data/x.jpg': file not found"
