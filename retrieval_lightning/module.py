@@ -40,7 +40,7 @@ from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumCont
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
-from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag, module_identity
+from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag, items_identity, module_identity
 
 DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
 
@@ -591,10 +591,11 @@ class RetrievalModule(pl.LightningModule):
         if not self._reranks() or self.trainer.sanity_checking:
             return
         # the images too: entries of a run at another max_side or query-box rounding must not be reused
-        identity = {**self.entry_identity(), **datamodule_identity(self.trainer.datamodule)}
-        tag = identity_tag(identity)
+        common = {**self.entry_identity(), **datamodule_identity(self.trainer.datamodule)}
         root = Path(self.rerank.store_dir or Path(self.trainer.default_root_dir) / "rerank_store")
         for idx, eval_set in enumerate(self._eval_sets(stage)):
+            identity = {**common, **items_identity(eval_set)}  # entries resume by position: the same items only
+            tag = identity_tag(identity)
             parent = root / prefix / eval_set.name
             if self.trainer.is_global_zero and parent.is_dir():
                 for old in parent.iterdir():  # entries of earlier weights or data settings are never read again

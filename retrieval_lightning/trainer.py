@@ -19,10 +19,12 @@ from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
+from retrieval_lightning.retrieval.store import normalize_identity
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
 from retrieval_lightning.retrieval.writer import (
     FeatureStoreWriter,
     datamodule_identity,
+    items_identity,
     merge_shards,
     model_identity,
     remaining_subset,
@@ -129,7 +131,8 @@ class RetrievalTrainer(pl.Trainer):
             n_sets = plan.n_sets
             spec = plan.spec
             self.strategy.barrier()
-            merged = on_rank_zero(lambda: _merge_set(spec, Path(output_dir) / spec.name, identity),
+            set_identity = plan.identity_of_set
+            merged = on_rank_zero(lambda: _merge_set(spec, Path(output_dir) / spec.name, set_identity),
                                   self.is_global_zero, self.strategy.broadcast, f"merging {spec.name}'s shards")
             if merged is not None:
                 stores[spec.name] = merged
@@ -184,7 +187,8 @@ class RetrievalTrainer(pl.Trainer):
         sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
         results, global_results, reranked = {}, {}, set()
         for spec in sets:
-            result, rescored = evaluate_store(model, spec, features_dir, identity, progress=shows_progress(self),
+            result, rescored = evaluate_store(model, spec, features_dir, {**identity, **items_identity(spec)},
+                                              progress=shows_progress(self),
                                               rank=self.global_rank, world_size=self.world_size,
                                               broadcast=self.strategy.broadcast)
             metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
@@ -258,13 +262,15 @@ class _OneEvalSet(pl.LightningDataModule):
         self.spec, self.template = chosen[self.position]
         out = self.root / self.spec.name
         self.writer.output_dir = out
+        self.identity_of_set = {**self.identity, **items_identity(self.spec)}  # shards resume by position
+        self.writer.identity = normalize_identity(self.identity_of_set)
         # rank 0 reads the shards already written; its refusal (a store of other weights or preprocessing in
         # --output_dir, a damaged shard) stops every rank instead of leaving them in the broadcast
         trainer = self.trainer
         broadcast = (lambda value: value) if trainer is None else (lambda value: trainer.strategy.broadcast(value, 0))
         is_zero = trainer is None or trainer.is_global_zero
         def remaining() -> list[int]:
-            return list(remaining_subset(self.spec.dataset, out, expect_identity=self.identity).indices)
+            return list(remaining_subset(self.spec.dataset, out, expect_identity=self.identity_of_set).indices)
 
         todo = on_rank_zero(remaining, is_zero, broadcast, f"extract {self.spec.name}: reading {out}")
         if trainer is not None:

@@ -101,7 +101,7 @@ def test_a_store_rank_zero_refuses_stops_every_rank(monkeypatch: pytest.MonkeyPa
         raise StoreIdentityError("the store holds another model's features")
 
     monkeypatch.setattr(trainer_module, "remaining_subset", refuse)
-    spec = SimpleNamespace(name="test", dataset=list(range(5)))
+    spec = SimpleNamespace(name="test", dataset=list(range(5)), n_queries=2, image_ids=[])
     inner = SimpleNamespace(setup=lambda stage: None, eval_sets=lambda stage: [spec],
                             predict_dataloader=lambda: [None], prepare_data_per_node=True)
     rank_zero_said: list = []  # what rank 0 broadcast, in order: rank 1 receives the same values
@@ -120,3 +120,31 @@ def test_a_store_rank_zero_refuses_stops_every_rank(monkeypatch: pytest.MonkeyPa
         rank(True).setup("predict")
     with pytest.raises(RankZeroFailed, match="extract test"):
         rank(False).setup("predict")
+
+
+def test_a_store_of_another_image_list_is_refused_not_continued(tmp_path: Path) -> None:
+    """Shards resume by dataset position: continuing them over an updated image list (one image inserted
+    first) would keep, at each position, the descriptor of the image that was there before."""
+    from types import SimpleNamespace
+
+    import retrieval_lightning.trainer as trainer_module
+    from retrieval_lightning.retrieval.store import StoreIdentityError
+    from retrieval_lightning.retrieval.writer import ShardWriter, items_identity
+
+    before = SimpleNamespace(name="set", dataset=list(range(4)), n_queries=1, image_ids=["q", "b", "c", "d"])
+    after = SimpleNamespace(name="set", dataset=list(range(5)), n_queries=1, image_ids=["q", "a", "b", "c", "d"])
+    writer = ShardWriter(tmp_path / "set", rank=0, shard_size=8, identity={"model": 1, **items_identity(before)})
+    writer.add({"index": np.arange(4), "global": np.zeros((4, 3), np.float16)})
+    writer.close()
+
+    def setup(spec: SimpleNamespace) -> trainer_module._OneEvalSet:
+        inner = SimpleNamespace(setup=lambda stage: None, eval_sets=lambda stage: [spec],
+                                predict_dataloader=lambda: [None], prepare_data_per_node=True)
+        one = trainer_module._OneEvalSet(inner, 0, None, tmp_path, {"model": 1}, SimpleNamespace(output_dir=None))
+        one.setup("predict")
+        return one
+
+    assert list(setup(before).subset.indices) == []  # the same list: everything is done
+    with pytest.raises(StoreIdentityError, match=r"'items': store has '4 items \(1 queries\).*expected '5 items"):
+        setup(after)
+    assert items_identity(before) != items_identity(SimpleNamespace(**{**vars(before), "image_ids": list("qbdc")}))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval_lightning.errors import DataFormatError, UsageError
 from retrieval_lightning.retrieval.store import FeatureStore
 from retrieval_lightning.retrieval.writer import (
     completed_indices,
@@ -219,7 +220,7 @@ def test_other_model_identity_is_refused(tmp_path) -> None:
 
 def test_merge_reports_missing_indices(tmp_path) -> None:
     _predict(tmp_path, torch.utils.data.Subset(_Items(9), [0, 1, 2, 5]))
-    with pytest.raises(ValueError, match=r"5 expected dataset indices missing \(first \[3, 4, 6, 7, 8\]\)"):
+    with pytest.raises(UsageError, match=r"5 expected dataset indices missing \(first \[3, 4, 6, 7, 8\]\)"):
         merge_shards(tmp_path, expected_indices=range(9), progress=False)
     with pytest.raises(FileNotFoundError, match="no feature shards"):
         merge_shards(tmp_path / "empty", progress=False)
@@ -250,7 +251,7 @@ def test_truncated_shard_is_reported_by_name(tmp_path) -> None:
     raw = shards[1].read_bytes()
     shards[1].write_bytes(raw[: len(raw) // 2])  # a copy cut short: zipfile.BadZipFile inside numpy
     for call in (lambda: completed_indices(tmp_path, IDENTITY), lambda: merge_shards(tmp_path, progress=False)):
-        with pytest.raises(ValueError, match=rf"feature shard \S*{shards[1].name} is damaged.*BadZipFile"):
+        with pytest.raises(DataFormatError, match=rf"feature shard \S*{shards[1].name} is damaged.*BadZipFile"):
             call()
 
 

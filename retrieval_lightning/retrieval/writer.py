@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from retrieval_lightning.errors import DataFormatError, UsageError
+
 from .store import (
     FeatureStore,
     KindSpec,
@@ -90,6 +92,17 @@ def datamodule_identity(datamodule: Any) -> dict[str, Any]:
     }
 
 
+def items_identity(eval_set: Any) -> dict[str, Any]:
+    """What an eval set contributes to a store identity: its items, in order. Shards are resumed and merged by
+    dataset position, so a store must not be continued over another image list (an updated list, a larger
+    partial download): each position would keep the features of the image that was there before."""
+    digest = hashlib.sha256(f"{len(eval_set.dataset)} {eval_set.n_queries}\n".encode())
+    for name in eval_set.image_ids:
+        digest.update(f"{name}\n".encode())
+    return {"items": f"{len(eval_set.dataset)} items ({eval_set.n_queries} queries), ids sha256 "
+                     f"{digest.hexdigest()[:16]}"}
+
+
 def model_identity(model: Any) -> dict[str, Any]:
     """Identity of what a model extracts from an image: its weights (training-only tensors excluded), its
     evaluation options, the backbone's arguments and normalisation, every head's class and arguments (a
@@ -118,8 +131,8 @@ def identity_tag(identity: Mapping[str, Any]) -> str:
 _DAMAGED = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
 
-def _damaged(shard: Path, err: BaseException) -> ValueError:
-    return ValueError(
+def _damaged(shard: Path, err: BaseException) -> DataFormatError:
+    return DataFormatError(
         f"feature shard {shard} is damaged or not a shard ({type(err).__name__}: {err}); delete it and "
         "rerun the extraction: only its images are extracted again"
     )
@@ -435,9 +448,11 @@ def merge_shards(
         missing = np.setdiff1d(expected, final_index)
         extra = np.setdiff1d(final_index, expected)
         if missing.size or extra.size:
-            raise ValueError(
+            hint = ("; the image list has changed since they were written: extract into a fresh output directory"
+                    if extra.size else "")
+            raise UsageError(
                 f"shards in {output_dir}: {missing.size} expected dataset indices missing "
-                f"(first {missing[:5].tolist()}), {extra.size} unexpected (first {extra[:5].tolist()})"
+                f"(first {missing[:5].tolist()}), {extra.size} unexpected (first {extra[:5].tolist()}){hint}"
             )
     lengths = {
         k: np.array([metas[s]["lengths"][k][r] for s, r in zip(src_shard[chosen], src_row[chosen])], dtype=np.int64)
