@@ -40,7 +40,13 @@ from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumCont
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
-from retrieval_lightning.retrieval.writer import datamodule_identity, identity_tag, items_identity, module_identity
+from retrieval_lightning.retrieval.writer import (
+    UNREADABLE,
+    datamodule_identity,
+    identity_tag,
+    items_identity,
+    module_identity,
+)
 
 DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
 
@@ -713,6 +719,8 @@ class RetrievalModule(pl.LightningModule):
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per-item outputs for the feature store: dataset index, fp16 global descriptor, re-ranking entries."""
         out: dict[str, Any] = {"index": batch["index"], "global": self.embed_batch(batch["image"]).half()}
+        # placeholders of unreadable images (on_error: skip) are marked, so a re-run of extract retries them
+        out[UNREADABLE] = torch.as_tensor(batch.get("unreadable", torch.zeros(len(batch["index"]))), dtype=torch.uint8)
         if self.rerank_head is not None:
             entries = self.rerank_entries(batch["image"], database=True)
             for name in entries[0] if entries else ():

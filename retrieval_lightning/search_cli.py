@@ -32,6 +32,7 @@ from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
 from retrieval_lightning.retrieval.set_files import read_image_resize, read_items  # noqa: E402
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
+from retrieval_lightning.retrieval.writer import placeholder_note  # noqa: E402
 
 
 @dataclass
@@ -269,6 +270,9 @@ def run_search(argv: Sequence[str]) -> int:
         raise StoreIdentityError(f"feature store {store.path} has no global descriptors (kinds {sorted(store.kinds)})")
     adopt_store_evaluation(module, store)
     check_store_matches(module, store)
+    note = placeholder_note(store, f"search {store.path}")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     if args.shortlist is not None:
         module.rerank = replace(module.rerank, k=args.shortlist)
     resize = query_resize(store, args.max_side)

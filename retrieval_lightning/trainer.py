@@ -22,11 +22,13 @@ from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store import normalize_identity
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
 from retrieval_lightning.retrieval.writer import (
+    UNREADABLE,
     FeatureStoreWriter,
     datamodule_identity,
     items_identity,
     merge_shards,
     model_identity,
+    placeholder_note,
     remaining_subset,
 )
 
@@ -115,7 +117,7 @@ class RetrievalTrainer(pl.Trainer):
         if ckpt_path:
             model.load_weights(ckpt_path)
         identity = extraction_identity(model, datamodule)
-        dtypes = {"global": "float16"}
+        dtypes = {"global": "float16", UNREADABLE: "uint8"}
         if getattr(model, "rerank_head", None) is not None:
             dtypes.update({model.rerank_prefix + k: v.dtype for k, v in model.rerank_entry_kinds(True).items()})
         stores: dict[str, str] = {}
@@ -224,6 +226,9 @@ def _merge_set(spec: Any, out: Path, identity: dict[str, Any]) -> str:
     store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)), overwrite=True)
     write_set_files(spec, out)
     print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
+    note = placeholder_note(store, f"extract {spec.name}", spec.image_ids)
+    if note:
+        print(f"warning: {note}")
     return str(store.path)
 
 

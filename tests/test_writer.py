@@ -283,3 +283,26 @@ def test_item_names_are_read_by_line_offset_and_a_reordered_file_is_still_read(t
     (tmp_path / "items.tsv").write_text("index\tid\tpath\n" + "\n".join(reversed(rows)) + "\n", encoding="utf-8")
     assert ItemTable(tmp_path / "items.tsv").get(3) == ("id3", "/data/é3.jpg")
     assert read_items(tmp_path / "nowhere") == {}
+
+
+def test_placeholders_of_unreadable_images_are_retried_and_replaced(tmp_path) -> None:
+    """``on_error: skip`` stores a blank placeholder: a re-run extracts that image again, the merge takes the
+    readable row, and until then the store names the placeholders."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.retrieval.writer import UNREADABLE, ShardWriter, placeholder_note
+
+    first = ShardWriter(tmp_path, rank=0, shard_size=8, identity=IDENTITY)
+    first.add({"index": np.arange(4), "global": np.zeros((4, 2), np.float16),
+               UNREADABLE: np.array([0, 1, 0, 0], np.uint8)})
+    first.close()
+    assert completed_indices(tmp_path, IDENTITY).tolist() == [0, 2, 3]  # image 1 is to be extracted again
+    store = merge_shards(tmp_path, expected_indices=range(4), progress=False)
+    assert "1 of 4 images were unreadable" in placeholder_note(store, "set", ["a", "b", "c", "d"])
+    assert "['b']" in placeholder_note(store, "set", ["a", "b", "c", "d"])
+    second = ShardWriter(tmp_path, rank=0, shard_size=8, identity=IDENTITY)  # the re-run, once the file is fixed
+    second.add({"index": np.array([1]), "global": np.ones((1, 2), np.float16), UNREADABLE: np.array([0], np.uint8)})
+    second.close()
+    store = merge_shards(tmp_path, expected_indices=range(4), progress=False, overwrite=True)
+    assert store.array("global")[1].tolist() == [1.0, 1.0] and placeholder_note(store, "set") is None
+    assert placeholder_note(SimpleNamespace(kinds={}), "set") is None  # a store written before the flag existed

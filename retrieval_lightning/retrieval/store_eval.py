@@ -32,6 +32,7 @@ from retrieval_lightning.retrieval.rerank_eval import (
     QUERIES, RerankEntryWriter, evaluate_reranked, evaluation_mode,
 )
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError
+from retrieval_lightning.retrieval.writer import placeholder_note
 
 #: query images embedded at a time for their dense entries
 QUERY_BATCH = 8
@@ -75,6 +76,9 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
         raise UsageError(f"no feature store at {path}: run `retrieval-lightning extract` with the same arguments "
                          f"and --output_dir {features_dir} first")
     store = FeatureStore.open(path, expect_identity=identity)
+    note = placeholder_note(store, f"evaluate {eval_set.name}", eval_set.image_ids)
+    if note and rank == 0:
+        warnings.warn(note, stacklevel=2)
     descriptors = stored_descriptors(eval_set, store)
     descriptors = model.postprocessed(eval_set, descriptors)  # unchanged unless alpha-QE / DBA is configured
     chunk = model.search_chunk

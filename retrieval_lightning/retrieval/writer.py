@@ -78,6 +78,21 @@ def module_identity(
     return normalize_identity({"weights_sha256": digest.hexdigest(), **extra})
 
 
+#: the stored kind marking placeholders of images that were unreadable when extracted (``on_error: skip``)
+UNREADABLE = "unreadable"
+
+def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) -> str | None:
+    """A warning naming the store's placeholders of images unreadable when extracted, or ``None``."""
+    if UNREADABLE not in store.kinds:
+        return None
+    rows = np.flatnonzero(np.asarray(store.array(UNREADABLE)))
+    if not rows.size:
+        return None
+    shown = [names[i] if i < len(names) else f"item {int(store.index[i])}" for i in rows[:5].tolist()]
+    return (f"{what}: {rows.size} of {len(store)} images were unreadable when extracted (on_error: skip) and hold "
+            f"blank placeholders, e.g. {shown}; they match nothing. Fix them and run extract again: it retries them")
+
+
 #: datamodule arguments that do not change what is extracted
 NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
 
@@ -151,6 +166,9 @@ def _read_meta(shard: Path) -> dict[str, Any]:
         with np.load(shard, allow_pickle=False) as z:
             meta = json.loads(str(z[_META_KEY]))
             meta["index"] = np.asarray(z["index"], dtype=np.int64)
+            # placeholders of images unreadable when extracted (on_error: skip): a re-run extracts them again
+            meta["unreadable"] = (np.asarray(z[UNREADABLE], dtype=bool) if UNREADABLE in meta["kinds"]
+                                  else np.zeros(len(meta["index"]), dtype=bool))
             meta["lengths"] = {
                 kind: np.diff(z[f"{kind}.offsets"]) for kind, spec in meta["kinds"].items() if spec["ragged"]
             }
@@ -171,14 +189,15 @@ def _check_identity(shard: Path, stored: Mapping[str, Any], expected: Mapping[st
 def completed_indices(
     output_dir: str | os.PathLike, expect_identity: Mapping[str, Any] | None = None
 ) -> np.ndarray:
-    """Sorted unique dataset indices held by the finished shards of ``output_dir``."""
+    """Sorted unique dataset indices held by the finished shards of ``output_dir`` (a row that is the
+    placeholder of an unreadable image does not count: a re-run extracts that image again)."""
     expected = None if expect_identity is None else normalize_identity(expect_identity)
     found = [np.empty(0, dtype=np.int64)]
     for shard in list_shards(output_dir):
         meta = _read_meta(shard)
         if expected is not None:
             _check_identity(shard, meta["identity"], expected)
-        found.append(meta["index"])
+        found.append(meta["index"][~meta["unreadable"]])
     return np.unique(np.concatenate(found))
 
 
@@ -419,7 +438,8 @@ def merge_shards(
     """Merge every shard of ``output_dir`` into a store (default ``output_dir/store``) sorted by index.
 
     A dataset index present in several shards (a sampler's repeats, a rerun) is taken from the
-    first shard in (rank, sequence) order. ``expected_indices`` makes a missing index an error.
+    first shard in (rank, sequence) order that holds a readable image's row (a later run may have read
+    an image that was unreadable before). ``expected_indices`` makes a missing index an error.
     """
     shards = list_shards(output_dir)
     if not shards:
@@ -432,13 +452,15 @@ def merge_shards(
     for shard, meta in zip(shards, metas):
         _check_identity(shard, meta["identity"], identity)
         if meta["kinds"] != first["kinds"]:
-            raise ValueError(f"feature shard {shard} stores kinds {meta['kinds']}, {shards[0]} stores {first['kinds']}")
+            raise UsageError(f"feature shard {shard} stores kinds {sorted(meta['kinds'])}, {shards[0]} stores "
+                             f"{sorted(first['kinds'])} (written by another version?): extract into a fresh directory")
     kinds = {k: KindSpec(v["dtype"], tuple(v["shape"]), v["ragged"]) for k, v in first["kinds"].items()}
 
     all_index = np.concatenate([m["index"] for m in metas])
     src_shard = np.concatenate([np.full(len(m["index"]), i) for i, m in enumerate(metas)])
     src_row = np.concatenate([np.arange(len(m["index"])) for m in metas])
-    order = np.argsort(all_index, kind="stable")
+    placeholder = np.concatenate([m["unreadable"] for m in metas])
+    order = np.lexsort((np.arange(len(all_index)), placeholder, all_index))  # by index, readable first, then order
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = all_index[order][1:] != all_index[order][:-1]
     chosen = order[keep]
