@@ -29,9 +29,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from retrieval_lightning.optim import UnboundedScheduleError
     from retrieval_lightning.registry import PluginError
     from retrieval_lightning.retrieval.store import StoreIdentityError
+    from retrieval_lightning.retrieval.writer import StoreWriteError
 
     return (
         DataFormatError, UsageError, PluginError, CheckpointLoadError, IncompatibleWeightsError,
         IncompatibleCheckpointError, WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError,
         DownloadError, CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
+        StoreWriteError,
     )

@@ -306,3 +306,24 @@ def test_placeholders_of_unreadable_images_are_retried_and_replaced(tmp_path) ->
     store = merge_shards(tmp_path, expected_indices=range(4), progress=False, overwrite=True)
     assert store.array("global")[1].tolist() == [1.0, 1.0] and placeholder_note(store, "set") is None
     assert placeholder_note(SimpleNamespace(kinds={}), "set") is None  # a store written before the flag existed
+
+
+def test_a_failed_shard_write_leaves_no_partial_file_and_names_the_shard(tmp_path, monkeypatch) -> None:
+    from retrieval_lightning.retrieval import writer as writer_module
+    from retrieval_lightning.retrieval.writer import ShardWriter, StoreWriteError
+
+    stale = tmp_path / ".shard-r0000-s000004.npz.tmp-999"  # left by a writer killed mid-write
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"x" * 100)
+    writer = ShardWriter(tmp_path, rank=0, shard_size=2, identity=IDENTITY)
+    assert not stale.exists()
+    writer.add({"index": np.arange(2), "global": np.zeros((2, 3), np.float16)})  # one finished shard
+
+    def full_disk(f, **arrays):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_module.np, "savez", full_disk)
+    with pytest.raises(StoreWriteError, match=r"writing feature shard \S*shard-r0000-s000001.npz failed.*No space"):
+        writer.add({"index": np.arange(2, 4), "global": np.zeros((2, 3), np.float16)})
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-r0000-s000000.npz"]

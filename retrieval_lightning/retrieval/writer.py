@@ -146,6 +146,10 @@ def identity_tag(identity: Mapping[str, Any]) -> str:
 _DAMAGED = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
 
+class StoreWriteError(RuntimeError):
+    """A shard could not be written (a full disk, a read-only directory); names the shard."""
+
+
 def _damaged(shard: Path, err: BaseException) -> DataFormatError:
     return DataFormatError(
         f"feature shard {shard} is damaged or not a shard ({type(err).__name__}: {err}); delete it and "
@@ -263,6 +267,8 @@ class ShardWriter:
             if match and int(match.group(1)) == self.rank:
                 seqs.append(int(match.group(2)))
         self._seq = max(seqs) + 1
+        for stale in self.output_dir.glob(f".{shard_name(self.rank, 0).split('-s')[0]}-s*.npz.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a killed writer of this rank (one writer per rank at a time)
         first = next(iter(list_shards(self.output_dir)), None)
         if first is not None:
             _check_identity(first, _read_meta(first)["identity"], self.identity)
@@ -355,11 +361,18 @@ class ShardWriter:
         arrays[_META_KEY] = np.array(json.dumps(meta, sort_keys=True))
         final = self.output_dir / shard_name(self.rank, self._seq)
         tmp = self.output_dir / f".{final.name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # a shard-sized file would keep a full disk full
+            if isinstance(err, OSError):
+                raise StoreWriteError(f"writing feature shard {final} failed: {err}; the finished shards are kept, "
+                                      "so running the same command again continues after them") from err
+            raise
         self.shards_written.append(final)
         self._seq += 1
 
