@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from .data.io import load_image
 from .errors import UsageError
+from .outputs import picture_path
 from .retrieval.geometry import VerificationResult, match_and_verify
 
 Features = tuple[np.ndarray, np.ndarray]  # (n, 2) float32 x, y; (n, d) descriptors
@@ -141,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_match(argv: list[str]) -> int:
     """Entry point of ``retrieval-lightning match``; prints the inlier count, writes the PNG."""
     args = _parser().parse_args(argv)
+    args.out = picture_path(args.out, "match.png")
     features = args.features or ("model" if args.checkpoint else "sift")
     if features == "model" and not args.checkpoint:
         raise UsageError("--features model needs --checkpoint")

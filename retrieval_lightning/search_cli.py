@@ -32,6 +32,7 @@ from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
 from retrieval_lightning.retrieval.set_files import read_image_resize, read_items  # noqa: E402
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
+from retrieval_lightning.outputs import picture_path  # noqa: E402
 from retrieval_lightning.retrieval.writer import placeholder_note  # noqa: E402
 
 
@@ -219,7 +220,7 @@ def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor]
         axes[r][0].set_yticks([])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
     return path
 
@@ -260,6 +261,7 @@ def run_search(argv: Sequence[str]) -> int:
                         help="where the model embeds, searches and re-ranks: auto (a GPU if there is one), cpu, "
                              "cuda, cuda:1")
     args = parser.parse_args(list(argv))
+    args.out = picture_path(args.out, "search.png")  # resolved before the search, not after it
     for option, value in (("--k", args.k), ("--shortlist", args.shortlist), ("--max-side", args.max_side)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
@@ -303,7 +305,7 @@ def run_search(argv: Sequence[str]) -> int:
         print(f"skipped {len(skipped)} unreadable of {len(queries)} queries", file=sys.stderr)
     if not drawn:
         raise UsageError(f"none of the {len(queries)} queries could be read")
-    picture = draw_results([r for r, _ in drawn], [i for _, i in drawn], store, items, Path(args.out))
+    picture = draw_results([r for r, _ in drawn], [i for _, i in drawn], store, items, args.out)
     searched = len(queries) - len(skipped)
     shown = f" (the first {len(drawn)} of {searched} queries)" if len(drawn) < searched else ""
     print(f"picture: {picture}{shown}")

@@ -154,3 +154,10 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     # --reference on top of a head's settings (which name `reference` too) is the reference path, not a clash
     assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--reference", "--out", str(tmp_path / "r.png")]) == 0
     assert seen["reference"] is True and seen["threshold"] == 12.0
+
+
+def test_out_naming_a_directory_puts_the_picture_inside_it(tmp_path: Path) -> None:
+    from retrieval_lightning.outputs import picture_path
+
+    assert picture_path(tmp_path, "search.png") == tmp_path / "search.png"
+    assert picture_path(tmp_path / "res.xyz", "search.png") == tmp_path / "res.xyz"  # written as PNG anyway

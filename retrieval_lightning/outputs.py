@@ -1,0 +1,15 @@
+"""Where commands write the files a user names on their command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def picture_path(out: str | os.PathLike[str], default_name: str) -> Path:
+    """Where ``--out`` puts a picture: inside it when it names a directory, else the path as given.
+
+    Resolved before the work, and pictures are written as PNG whatever the suffix: neither a directory
+    nor an unusual suffix can fail a command at its end, after a long search."""
+    path = Path(out)
+    return path / default_name if path.is_dir() else path
