@@ -86,7 +86,7 @@ def _open_csv(path: str, required: Sequence[str]) -> tuple[Any, dict[str, int], 
     """
     if csv.field_size_limit() < _FIELD_LIMIT:
         csv.field_size_limit(_FIELD_LIMIT)
-    handle = open(path, newline="", encoding="utf-8", errors="replace")
+    handle = open(path, newline="", encoding="utf-8-sig", errors="replace")  # -sig: a spreadsheet's byte-order mark
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None:
@@ -100,6 +100,11 @@ def _open_csv(path: str, required: Sequence[str]) -> tuple[Any, dict[str, int], 
             f"{path}: row 1: header {header!r} lacks column(s) {missing} (expected {','.join(required)})"
         )
     return reader, columns, handle
+
+
+def _width_error(columns: dict[str, int], row: list[str]) -> str:
+    """A row whose field count is not the header's: the header is named, as it may be the one at fault."""
+    return f"expected {len(columns)} fields as the header ({','.join(columns)}), got {len(row)}: {row!r}"
 
 
 def _valid_id(image_id: str) -> bool:
@@ -120,7 +125,7 @@ def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
     with handle:
         for row in reader:
             if len(row) != width:
-                errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
+                errors(reader.line_num, _width_error(col, row))
                 continue
             image_id = row[i_id]
             if not _valid_id(image_id):
@@ -148,7 +153,7 @@ def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
     with handle:
         for row in reader:
             if len(row) != width:
-                errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
+                errors(reader.line_num, _width_error(col, row))
                 continue
             try:
                 landmark = int(row[i_lm])
@@ -205,7 +210,7 @@ def _read_solution(path: str, column: str, usage: str, parse, on_error: str) -> 
     with handle:
         for row in reader:
             if len(row) != width:
-                errors(reader.line_num, f"expected {width} fields, got {len(row)}: {row!r}")
+                errors(reader.line_num, _width_error(col, row))
                 continue
             tag = row[i_use]
             if tag not in USAGES:

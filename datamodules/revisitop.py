@@ -182,16 +182,20 @@ def read_distractor_list(path: str, limit: int | None = None) -> StringArray:
     if limit == 0:
         return StringArray()
     names: list[str] = []
+    line_no = 0
     with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            entry = line.strip()
-            if not entry:
-                continue
-            if os.path.isabs(entry) or ".." in entry.split("/"):
-                raise RevisitopFormatError(f"{path}: line {line_no}: expected a relative path, got {entry!r}")
-            names.append(entry)
-            if limit is not None and len(names) >= limit:
-                break
+        try:
+            for line_no, line in enumerate(handle, start=1):
+                entry = line.strip()
+                if not entry:
+                    continue
+                if os.path.isabs(entry) or ".." in entry.split("/"):
+                    raise RevisitopFormatError(f"{path}: line {line_no}: expected a relative path, got {entry!r}")
+                names.append(entry)
+                if limit is not None and len(names) >= limit:
+                    break
+        except UnicodeDecodeError as err:  # decoded a block at a time: the line is where reading stopped
+            raise RevisitopFormatError(f"{path}: not UTF-8 text (about line {line_no + 1}: {err.reason})") from None
     if not names:
         raise RevisitopFormatError(f"{path}: lists no distractor images")
     return StringArray(names)

@@ -114,6 +114,13 @@ def test_malformed_rows_name_file_and_row(tmp_path, caplog):
     assert table.ids == ["0123456789abcdef", "1123456789abcdef", "4123456789abcdef"]
     assert "skipped 2 malformed rows" in caplog.text and "row 5" in caplog.text
 
+    bom = tmp_path / "bom.csv"  # saved by a spreadsheet: a UTF-8 byte-order mark before the header
+    bom.write_bytes(b"\xef\xbb\xbfid,url,landmark_id\n0123456789abcdef,http://a,1\n")
+    assert read_train_csv(str(bom)).ids == ["0123456789abcdef"]
+    extra = _write(tmp_path / "extra.csv", "id,url,landmark_id,note\n0123456789abcdef,http://a,1\n")
+    with pytest.raises(GLDv2FormatError, match=r"row 2: expected 4 fields as the header \(id,url,landmark_id,note\)"):
+        read_train_csv(extra)
+
     bad_header = _write(tmp_path / "h.csv", "image,url,landmark\nx,y,1\n")
     with pytest.raises(GLDv2FormatError, match=r"h\.csv: row 1: header"):
         read_train_csv(bad_header)

@@ -244,6 +244,10 @@ def test_distractor_list_errors(tmp_path):
     bad.write_text("a/b.jpg\n/abs/c.jpg\n")
     with pytest.raises(RevisitopFormatError, match=r"bad.txt: line 2: expected a relative path"):
         read_distractor_list(str(bad))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"a/b.jpg\n\xff\xfeb.jpg\n")
+    with pytest.raises(RevisitopFormatError, match=r"latin.txt: not UTF-8 text"):
+        read_distractor_list(str(latin))
 
 
 def test_constructor_signature_is_cli_friendly():
