@@ -9,6 +9,7 @@ Reference and interrupted runs go in parallel (one thread each) to keep the wall
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -17,11 +18,12 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env
+from helpers import REPO, TINY_DATA, cli_env, ddp_env, run_main
 
 SCRIPT = str(REPO / "tests" / "scripts" / "resume_demo.py")
 MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
@@ -282,3 +284,43 @@ def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_p
     resumed = trainer(4)
     resumed.fit(make(num_classes=3), datamodule=_TinyData(), ckpt_path=ckpt)  # the same settings resume
     assert resumed.global_step == 4
+
+
+class SignalAt(pl.Callback):
+    """Ctrl-C (SIGINT) during the batch of global step ``sigint_step``; SIGTERM as epoch ``sigterm_epoch`` ends."""
+
+    def __init__(self, sigint_step: int = -1, sigterm_epoch: int = -1) -> None:
+        self.sigint_step, self.sigterm_epoch = sigint_step, sigterm_epoch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.sigint_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.sigterm_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_ctrl_c_mid_epoch_and_sigterm_at_an_epoch_end_resume_bitwise(config: Path, cache_root: Path,
+                                                                        tmp_path: Path) -> None:
+    """Ctrl-C stops at the end of the batch it hit, and SIGTERM right after an epoch stops before the next
+    one's data: both on-exception checkpoints resume to the weights of an uninterrupted run (before, the
+    Ctrl-C checkpoint's loader skipped the batch being trained, and the epoch-end one skipped a whole epoch)."""
+    def fit(out: Path, *extra: str) -> None:
+        run_main(args(config, cache_root, out, *extra)[2:], cwd=tmp_path)
+
+    fit(tmp_path / "reference")
+    out, signals = tmp_path / "interrupted", ["--trainer.callbacks+=test_resume.SignalAt"]
+    try:
+        with pytest.raises(SystemExit):  # Lightning exits after a KeyboardInterrupt's checkpoint
+            fit(out, *signals, "--trainer.callbacks.sigint_step=4")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C once it stopped
+    stopped = torch.load(out / "checkpoints" / "on_exception.ckpt", weights_only=True)
+    assert stopped["global_step"] == 5  # the batch Ctrl-C hit was finished
+    with pytest.raises(SystemExit):
+        fit(out, "--ckpt_path=last", *signals, "--trainer.callbacks.sigterm_epoch=0")
+    stopped = torch.load(out / "checkpoints" / "on_exception.ckpt", weights_only=True)
+    assert (stopped["global_step"], stopped["epoch"]) == (10, 1)  # 10 batches per epoch: stopped between epochs
+    fit(out, "--ckpt_path=last")
+    assert_bitwise_equal(out / "checkpoints" / "last.ckpt", tmp_path / "reference" / "checkpoints" / "last.ckpt")

@@ -12,6 +12,9 @@ reads to continue the same run.
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 from typing import Any
 
 import lightning.pytorch as pl
@@ -96,7 +99,7 @@ def _wandb_run(trainer: pl.Trainer | None) -> Any:
 
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):
-    """Lightning's on-exception checkpoint (SIGTERM / preemption, a crash mid-run), written only once
+    """Lightning's on-exception checkpoint (SIGTERM / preemption, Ctrl-C, a crash mid-run), written only once
     this process has trained a step (a resumed run's restored step count does not count).
 
     Why: with this callback configured, a ``fit`` without ``--ckpt_path`` resumes from the newest of
@@ -104,18 +107,61 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     before its first step (a frozen head nobody trained, an unreadable image in the sanity check)
     would otherwise leave a checkpoint of that failed start, and the corrected command would resume
     it: the broken model back, or a loop restored mid-sanity-check that trains nothing.
+
+    So that the checkpoint is one a run resumes exactly:
+
+    - **Ctrl-C** stops at the end of the batch being trained (all ranks at the same batch), as Lightning
+      stops for SIGTERM; a checkpoint taken mid-step would hold a loader that fetched a batch the model
+      never finished. A second Ctrl-C stops at once.
+    - **SIGTERM at an epoch's end**: Lightning stops after counting the epoch as done but before resetting
+      its batch counter, so a resumed run would take the next epoch as done too and skip its data. The
+      counter is reset before the checkpoint is written.
     """
 
     _trained = False
+    _interrupted = False
+    _previous_handler: Any = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+        print("\nCtrl-C: stopping after this batch with a checkpoint to resume from (Ctrl-C again to stop at "
+              "once)", file=sys.stderr, flush=True)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()  # after a stop too (Lightning ignores Ctrl-C while it shuts down)
+
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._trained = True
+        if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
+            raise KeyboardInterrupt("Ctrl-C")
 
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
         # from the checkpoint; its on-exception file would be newer than last.ckpt and shadow it
         if self._trained and trainer.global_step > 0:
+            _reset_finished_epochs_batch_counter(trainer)
             super().on_exception(trainer, *args, **kwargs)
+
+
+def _reset_finished_epochs_batch_counter(trainer: pl.Trainer) -> None:
+    """Between an epoch counted as done and the next one's start, the batch counter still holds the finished
+    epoch's count: reset it, as the next epoch's start would, so the checkpoint resumes at that epoch's start."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    if epochs.ready == epochs.completed and batches.current.ready > 0:
+        batches.reset_on_run()
