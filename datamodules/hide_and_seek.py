@@ -2,7 +2,7 @@
 
 Why: a verifier trained on whole, clean views learns to rely on the single most distinctive
 region; hiding random grid patches forces it to match whatever remains (occlusion, partial
-views), and growing the hidden share over training (CVNet's curriculum, CVPR 2022 §3.4) starts easy.
+views), and growing the hidden share over training (CVNet's curriculum, CVPR 2022) starts easy.
 
 Applied as a batch transform after the batch reaches the device (the datamodules call
 :meth:`HideAndSeek.apply` from ``on_after_batch_transfer`` with the trainer's global step and batch

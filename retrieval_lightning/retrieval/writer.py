@@ -81,6 +81,7 @@ def module_identity(
 #: the stored kind marking placeholders of images that were unreadable when extracted (``on_error: skip``)
 UNREADABLE = "unreadable"
 
+
 def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) -> str | None:
     """A warning naming the store's placeholders of images unreadable when extracted, or ``None``."""
     if UNREADABLE not in store.kinds:
