@@ -217,8 +217,12 @@ class RetrievalModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``test --ckpt_path`` / resume: apply the strictness policy before Lightning's strict load."""
-        if self.momentum_contrast is not None and MOMENTUM_QUEUE_KEY in checkpoint:
-            self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
+        if self.momentum_contrast is not None:
+            # a checkpoint of a run without the contrast: the copy and the queue start afresh at fit start
+            self._momentum_restored = MOMENTUM_QUEUE_KEY in checkpoint and any(
+                k.startswith(MOMENTUM_PREFIX) for k in checkpoint["state_dict"])
+            if MOMENTUM_QUEUE_KEY in checkpoint:
+                self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_optimizer_state_fits(checkpoint)
         own = self.state_dict()
@@ -380,7 +384,7 @@ class RetrievalModule(pl.LightningModule):
                     raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         if self.momentum_contrast is not None:
-            total = total + self._momentum_contrast_loss(images, labels, features)
+            total = total + self._momentum_contrast_loss(images, labels, features, batch_idx)
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
@@ -390,10 +394,13 @@ class RetrievalModule(pl.LightningModule):
                 rank_zero_warn(mismatch)
         return total
 
-    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor]) -> Tensor:
+    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor],
+                                batch_idx: int) -> Tensor:
         contrast = self.momentum_contrast
         assert contrast is not None
-        contrast.update(self.backbone, self.global_head)  # before this step's keys, as MoCo does
+        accumulated = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if batch_idx % accumulated == 0:  # once per optimiser step (its first micro-batch), before its keys
+            contrast.update(self.backbone, self.global_head)
         queries = self.global_head.embed(self.head_features("global", features))
         loss, with_positive = contrast.loss(queries, labels, images, owner=self)
         self.log("train/momentum_contrast/loss", loss, batch_size=len(labels))
@@ -408,7 +415,12 @@ class RetrievalModule(pl.LightningModule):
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
-            if self.momentum_contrast is not None:  # the copy starts as the network (after init_from)
+        if self.momentum_contrast is not None:
+            if not is_resuming(self.trainer):  # the copy starts as the network (after init_from)
+                self.momentum_contrast.reset(self.backbone, self.global_head)
+            elif not getattr(self, "_momentum_restored", True):
+                rank_zero_warn("the resumed checkpoint holds no momentum_contrast copy (its run trained without it): "
+                               "the copy starts as the network, with an empty queue")
                 self.momentum_contrast.reset(self.backbone, self.global_head)
         # fresh start or after init_from only: a resumed checkpoint already holds the trained classifier
         imprint_heads(self, dict(self.heads.items()), self.frozen, self.num_classes)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.head import GlobalHead
@@ -78,14 +79,20 @@ class MomentumContrastConfig:
             raise ValueError(f"momentum_contrast.margin must be in radians, in [0, pi/2), got {self.margin}")
 
 
+#: logits (pairs x candidates) computed at once: pairs are taken in chunks of this many elements, each
+#: recomputed in the backward pass, so a few-class set with a long queue (thousands of positive pairs)
+#: does not hold several pairs x candidates matrices for autograd
+CHUNK_ELEMENTS = 1 << 22
+
+
 def contrastive_loss(
-    margin: nn.Module, queries: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor, own: Tensor
+    margin: CurricularFaceMargin, queries: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor, own: Tensor
 ) -> tuple[Tensor, int]:
     """The loss of L2-normalised ``queries`` (B, D) against candidate ``keys`` (M, D).
 
     ``own[b]`` is the column of query ``b``'s own momentum descriptor (left out), or -1. Returns the
-    loss and the number of queries that had a positive. ``margin`` is called even without any
-    positive (with no rows), so under DDP every rank joins the all-reduce of its running ``t``.
+    loss and the number of queries that had a positive. ``margin``'s running ``t`` is updated once
+    from every pair's positive, also when there is none (under DDP every rank joins that all-reduce).
     """
     with torch.autocast(device_type=queries.device.type, enabled=False):
         cosine = queries.float() @ keys.float().T  # (B, M)
@@ -96,15 +103,23 @@ def contrastive_loss(
         left_out[rows[has_own], own[has_own]] = True
         positive &= ~left_out
         query_of, target = positive.nonzero(as_tuple=True)
-        logits = margin(cosine[query_of], target)  # (P, M): margin on each pair's positive
-        others = positive[query_of] | left_out[query_of]  # the query's other positives and its own key
-        others[torch.arange(len(target), device=target.device), target] = False
-        logits = logits.masked_fill(others, float("-inf"))
-        per_pair = F.cross_entropy(logits, target, reduction="none")
+        margin.update_t(cosine.detach()[query_of, target])
         per_query = positive.sum(dim=1)
         with_positive = int((per_query > 0).sum())
         if not with_positive:
             return cosine.sum() * 0.0, 0
+
+        def pair_losses(cosine: Tensor, query_of: Tensor, target: Tensor) -> Tensor:
+            logits = margin.margin_logits(cosine[query_of], target)  # (P, M): margin on each pair's positive
+            others = positive[query_of] | left_out[query_of]  # the query's other positives and its own key
+            others[torch.arange(len(target), device=target.device), target] = False
+            return F.cross_entropy(logits.masked_fill(others, float("-inf")), target, reduction="none")
+
+        step = max(1, CHUNK_ELEMENTS // max(1, keys.shape[0]))
+        losses = [pair_losses(cosine, query_of, target) if len(target) <= step else
+                  checkpoint(pair_losses, cosine, query_of[i:i + step], target[i:i + step], use_reentrant=False)
+                  for i in range(0, len(target), step)]
+        per_pair = torch.cat(losses)
         weights = 1.0 / per_query[query_of].float()
         return (per_pair * weights).sum() / with_positive, with_positive
 
@@ -119,11 +134,30 @@ class MomentumContrast(nn.Module):
         self.head = type(head)(**head.init_args)
         self.head.build({s: backbone.stage_channels[s] for s in head.stages}, 0)  # no classifier
         self.requires_grad_(False)
+        self.backbone.eval()  # and in every mode of the module (see train)
+        self.head.eval()
         self.margin = CurricularFaceMargin(scale=config.scale, margin=config.margin)
         self.queue_keys: Tensor | None = None
         self.queue_labels: Tensor | None = None
         self.filled = 0
         self.position = 0
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Module conversions (``precision: bf16-true``) move the copy but keep its floating tensors fp32: an
+        EMA step, (1 - momentum) x the difference, is below half a bf16 unit, so a bf16 copy would never move."""
+        kept = [(module, name, tensor.data, isinstance(tensor, nn.Parameter))
+                for part in (self.backbone, self.head) for module in part.modules()
+                for tensors in (module._parameters, module._buffers) for name, tensor in tensors.items()
+                if tensor is not None and tensor.dtype == torch.float32]
+        super()._apply(fn, recurse)
+        for module, name, fp32, is_parameter in kept:
+            now = module._parameters[name] if is_parameter else module._buffers[name]
+            if now.dtype != torch.float32:
+                if is_parameter:
+                    now.data = fp32.to(device=now.device)
+                else:
+                    module._buffers[name] = fp32.to(device=now.device)
+        return self
 
     def train(self, mode: bool = True) -> "MomentumContrast":
         super().train(mode)
@@ -163,7 +197,8 @@ class MomentumContrast(nn.Module):
 
     @torch.no_grad()
     def keys(self, images: Tensor) -> Tensor:
-        return F.normalize(self.head.embed(self.backbone(images)).float(), dim=-1)
+        dtype = next(self.backbone.parameters()).dtype  # fp32 also under bf16-true (see _apply)
+        return F.normalize(self.head.embed(self.backbone(images.to(dtype))).float(), dim=-1)
 
     # ------------------------------------------------------------------ the queue
     def _enqueue(self, keys: Tensor, labels: Tensor) -> None:

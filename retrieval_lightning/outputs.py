@@ -7,9 +7,12 @@ from pathlib import Path
 
 
 def picture_path(out: str | os.PathLike[str], default_name: str) -> Path:
-    """Where ``--out`` puts a picture: inside it when it names a directory, else the path as given.
+    """Where ``--out`` puts a picture: inside it when it names a directory, with ``.png`` added when it has no
+    suffix, else the path as given.
 
     Resolved before the work, and pictures are written as PNG whatever the suffix: neither a directory
     nor an unusual suffix can fail a command at its end, after a long search."""
     path = Path(out)
-    return path / default_name if path.is_dir() else path
+    if path.is_dir():
+        return path / default_name
+    return path if path.suffix else path.with_suffix(".png")

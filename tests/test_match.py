@@ -161,3 +161,4 @@ def test_out_naming_a_directory_puts_the_picture_inside_it(tmp_path: Path) -> No
 
     assert picture_path(tmp_path, "search.png") == tmp_path / "search.png"
     assert picture_path(tmp_path / "res.xyz", "search.png") == tmp_path / "res.xyz"  # written as PNG anyway
+    assert picture_path(tmp_path / "results", "search.png") == tmp_path / "results.png"

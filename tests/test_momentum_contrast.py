@@ -202,3 +202,74 @@ def test_the_setting_is_recorded_so_an_implicit_resume_with_another_is_refused()
     assert "momentum_contrast" not in architecture_of(plain)["module"]  # records from before the option still match
     assert settings_differences(architecture_of(small), architecture_of(large)) == [
         "module.momentum_contrast.queue_size: 8 -> 16384"]
+
+
+def test_pairs_in_chunks_give_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few classes and a long queue make thousands of pairs: they are taken in recomputed chunks."""
+    import retrieval_lightning.momentum_contrast as mc
+
+    g = torch.Generator().manual_seed(1)
+    keys = F.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    key_labels, labels = torch.arange(40) % 3, torch.tensor([0, 1, 2, 0])
+    base = torch.randn(4, 8, generator=g)
+    results = []
+    for elements in (1 << 22, 45):  # one chunk; chunks of one pair
+        monkeypatch.setattr(mc, "CHUNK_ELEMENTS", elements)
+        queries = F.normalize(base, dim=-1).requires_grad_()
+        margin = CurricularFaceMargin(scale=30.0, margin=0.15).train()
+        loss, _ = contrastive_loss(margin, queries, labels, keys, key_labels, torch.full((4,), -1))
+        loss.backward()
+        results.append((loss.detach(), queries.grad, margin.t.clone()))
+    (a, grad_a, t_a), (b, grad_b, t_b) = results
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_a, grad_b)
+    assert torch.equal(t_a, t_b)  # t moves once per batch, not once per chunk
+
+
+def test_the_contrast_trains_the_backbone_once_per_optimiser_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFaceHead()}, num_classes=3,
+                             momentum_contrast=MomentumContrastConfig(queue_size=8)).train()
+    module.log = lambda *args, **kwargs: None
+    module.momentum_contrast.reset(module.backbone, module.global_head)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])
+    loss = module._momentum_contrast_loss(images, labels, module.backbone(images), 0)
+    loss.backward()
+    assert float(loss) > 0 and module.backbone.model.conv1.weight.grad.abs().sum() > 0  # not a detached term
+    updates = []
+    monkeypatch.setattr(module.momentum_contrast, "update", lambda *args: updates.append(1))
+    module._trainer = SimpleNamespace(accumulate_grad_batches=4)
+    for batch_idx in range(8):
+        module._momentum_contrast_loss(images, labels, module.backbone(images), batch_idx)
+    assert len(updates) == 2  # the EMA follows optimiser steps, not micro-batches
+
+
+def test_a_bf16_model_keeps_an_fp32_copy_that_still_moves() -> None:
+    backbone, head = small_network()
+    contrast = MomentumContrast(MomentumContrastConfig(momentum=0.999), backbone, head)
+    contrast.reset(backbone, head)
+    backbone, head, contrast = backbone.bfloat16(), head.bfloat16(), contrast.bfloat16()
+    assert contrast.backbone.model.conv1.weight.dtype == torch.float32
+    before = contrast.backbone.model.conv1.weight.clone()
+    with torch.no_grad():
+        backbone.model.conv1.weight.add_(1.0)
+    contrast.update(backbone, head)
+    torch.testing.assert_close(contrast.backbone.model.conv1.weight - before, torch.full_like(before, 1e-3),
+                               atol=1e-5, rtol=0)  # a bf16 copy would not have moved at all
+    assert contrast.keys(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_a_checkpoint_without_the_copy_is_noted_for_a_fresh_start() -> None:
+    def model(contrast: MomentumContrastConfig | None) -> RetrievalModule:
+        return RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFaceHead()}, num_classes=3,
+                               momentum_contrast=contrast)
+
+    with_copy = model(MomentumContrastConfig(queue_size=4))
+    with_copy.on_load_checkpoint({"state_dict": model(None).state_dict()})
+    assert with_copy._momentum_restored is False  # fit resets the copy instead of keeping random weights
+    checkpoint = {"state_dict": with_copy.state_dict()}
+    with_copy.on_save_checkpoint(checkpoint)
+    with_copy.on_load_checkpoint(checkpoint)
+    assert with_copy._momentum_restored is True

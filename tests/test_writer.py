@@ -327,3 +327,19 @@ def test_a_failed_shard_write_leaves_no_partial_file_and_names_the_shard(tmp_pat
     with pytest.raises(StoreWriteError, match=r"writing feature shard \S*shard-r0000-s000001.npz failed.*No space"):
         writer.add({"index": np.arange(2, 4), "global": np.zeros((2, 3), np.float16)})
     assert [p.name for p in tmp_path.iterdir()] == ["shard-r0000-s000000.npz"]
+
+
+def test_an_extraction_begun_by_an_earlier_version_is_finished_and_merged(tmp_path) -> None:
+    """Shards written before stores carried their image list and placeholder flags, completed by this version."""
+    from retrieval_lightning.retrieval.writer import UNREADABLE, ShardWriter
+
+    old = ShardWriter(tmp_path, rank=0, shard_size=8, identity=IDENTITY)
+    old.add({"index": np.arange(4), "global": np.zeros((4, 2), np.float16)})
+    old.close()
+    current = {**IDENTITY, "items": "6 items (1 queries), ids sha256 0123456789abcdef"}
+    assert completed_indices(tmp_path, current).tolist() == [0, 1, 2, 3]
+    new = ShardWriter(tmp_path, rank=0, shard_size=8, identity=current)
+    new.add({"index": np.arange(4, 6), "global": np.ones((2, 2), np.float16), UNREADABLE: np.array([0, 1], np.uint8)})
+    new.close()
+    store = merge_shards(tmp_path, expect_identity=current, expected_indices=range(6), progress=False)
+    assert store.array(UNREADABLE).tolist() == [0, 0, 0, 0, 0, 1] and store.identity["items"] == current["items"]

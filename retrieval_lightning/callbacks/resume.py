@@ -11,6 +11,7 @@ reads to continue the same run.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
@@ -121,6 +122,7 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     _trained = False
     _interrupted = False
     _previous_handler: Any = None
+    _pid = -1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
@@ -128,9 +130,12 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interrupted = False
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the trainer stops them
+            return
         if self._interrupted:  # the second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._interrupted = True
@@ -147,7 +152,10 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._trained = True
-        if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
+        # only where the optimiser stepped: accumulated gradients are not in a checkpoint (every rank is at the
+        # same batch, so every rank takes part in this all-reduce or none does)
+        if not trainer.fit_loop.epoch_loop._should_accumulate() and trainer.strategy.reduce_boolean_decision(
+                self._interrupted, all=False):
             raise KeyboardInterrupt("Ctrl-C")
 
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:

@@ -92,17 +92,29 @@ class CurricularFaceMargin(nn.Module):
             cosine = cosine.float().clamp(-1 + _COS_EPS, 1 - _COS_EPS)
             if not self.training:
                 return cosine * self.scale
+            with torch.no_grad():
+                self._update_t(cosine.detach().gather(1, labels[:, None]))
+            return self.margin_logits(cosine, labels)
+
+    def margin_logits(self, cosine: Tensor, labels: Tensor) -> Tensor:
+        """Training logits with the current ``t`` (not updated): rows of ``cosine`` may then be taken in
+        chunks, with ``t`` updated once for all of them (:meth:`update_t`)."""
+        with torch.autocast(device_type=cosine.device.type, enabled=False):
+            cosine = cosine.float().clamp(-1 + _COS_EPS, 1 - _COS_EPS)
             target = cosine.gather(1, labels[:, None])
             sin_target = torch.sqrt(1.0 - target.pow(2))
             cos_target_m = target * math.cos(self.margin) - sin_target * math.sin(self.margin)
             hard = cosine > cos_target_m
             final_target = torch.where(target > self.threshold, cos_target_m, target - self.mm)
-            with torch.no_grad():
-                self._update_t(target.detach())
             t = self.t.to(cosine.dtype)
             logits = torch.where(hard, cosine * (t + cosine), cosine)
             logits = logits.scatter(1, labels[:, None], final_target)
             return logits * self.scale
+
+    @torch.no_grad()
+    def update_t(self, target_cosines: Tensor) -> None:
+        """Move ``t`` towards the mean of these target cosines (of every rank); a collective under DDP."""
+        self._update_t(target_cosines.detach().float().clamp(-1 + _COS_EPS, 1 - _COS_EPS))
 
 
 def build_margin(kind: str, scale: float, margin: float) -> nn.Module:

@@ -441,6 +441,11 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shift
 
 
+def _without_flag(kinds: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored kinds apart from the placeholder flags, which shards of earlier versions lack."""
+    return {k: v for k, v in kinds.items() if k != UNREADABLE}
+
+
 def merge_shards(
     output_dir: str | os.PathLike,
     store_path: str | os.PathLike | None = None,
@@ -460,15 +465,15 @@ def merge_shards(
         raise FileNotFoundError(f"no feature shards (shard-r*-s*.npz) in {output_dir}")
     metas = [_read_meta(s) for s in tqdm(shards, desc="reading shard headers", disable=not progress)]
     first = metas[0]
-    identity = first["identity"]
-    if expect_identity is not None:
-        _check_identity(shards[0], identity, normalize_identity(expect_identity))
+    identity = first["identity"] if expect_identity is None else normalize_identity(expect_identity)
+    stored_kinds = dict(first["kinds"])
     for shard, meta in zip(shards, metas):
-        _check_identity(shard, meta["identity"], identity)
-        if meta["kinds"] != first["kinds"]:
+        _check_identity(shard, meta["identity"], identity)  # a shard of an earlier version may lack a newer key
+        stored_kinds.update({k: v for k, v in meta["kinds"].items() if k == UNREADABLE})
+        if _without_flag(meta["kinds"]) != _without_flag(first["kinds"]):
             raise UsageError(f"feature shard {shard} stores kinds {sorted(meta['kinds'])}, {shards[0]} stores "
                              f"{sorted(first['kinds'])} (written by another version?): extract into a fresh directory")
-    kinds = {k: KindSpec(v["dtype"], tuple(v["shape"]), v["ragged"]) for k, v in first["kinds"].items()}
+    kinds = {k: KindSpec(v["dtype"], tuple(v["shape"]), v["ragged"]) for k, v in stored_kinds.items()}
 
     all_index = np.concatenate([m["index"] for m in metas])
     src_shard = np.concatenate([np.full(len(m["index"]), i) for i, m in enumerate(metas)])
@@ -511,6 +516,8 @@ def merge_shards(
                 raise _damaged(shard, err) from None
             with archive as z:
                 for kind, spec in kinds.items():
+                    if kind not in metas[s]["kinds"]:  # no placeholder flags (an earlier version): zeros stay
+                        continue
                     data = _member(z, shard, kind)
                     if not spec.ragged:
                         builder.array(kind)[dest] = data[local]
