@@ -117,6 +117,7 @@ class RetrievalModule(pl.LightningModule):
         self._loaded_tensors: set[str] = set()
         self._fitted_here = False  # whether fit ran on this module (its heads are then trained, not random)
         self._batch_checked = False  # the global batch is compared with optim.reference_batch once
+        self._momentum_restored = True  # False: a resumed checkpoint lacked the momentum copy (fit resets it)
         if not heads:
             raise ValueError("RetrievalModule needs at least one head")
         for role, head in heads.items():
@@ -418,7 +419,7 @@ class RetrievalModule(pl.LightningModule):
         if self.momentum_contrast is not None:
             if not is_resuming(self.trainer):  # the copy starts as the network (after init_from)
                 self.momentum_contrast.reset(self.backbone, self.global_head)
-            elif not getattr(self, "_momentum_restored", True):
+            elif not self._momentum_restored:
                 rank_zero_warn("the resumed checkpoint holds no momentum_contrast copy (its run trained without it): "
                                "the copy starts as the network, with an empty queue")
                 self.momentum_contrast.reset(self.backbone, self.global_head)

@@ -116,10 +116,11 @@ def contrastive_loss(
             return F.cross_entropy(logits.masked_fill(others, float("-inf")), target, reduction="none")
 
         step = max(1, CHUNK_ELEMENTS // max(1, keys.shape[0]))
-        losses = [pair_losses(cosine, query_of, target) if len(target) <= step else
-                  checkpoint(pair_losses, cosine, query_of[i:i + step], target[i:i + step], use_reentrant=False)
-                  for i in range(0, len(target), step)]
-        per_pair = torch.cat(losses)
+        if len(target) <= step:
+            per_pair = pair_losses(cosine, query_of, target)
+        else:
+            per_pair = torch.cat([checkpoint(pair_losses, cosine, query_of[i:i + step], target[i:i + step],
+                                             use_reentrant=False) for i in range(0, len(target), step)])
         weights = 1.0 / per_query[query_of].float()
         return (per_pair * weights).sum() / with_positive, with_positive
 
@@ -139,8 +140,7 @@ class MomentumContrast(nn.Module):
         self.margin = CurricularFaceMargin(scale=config.scale, margin=config.margin)
         self.queue_keys: Tensor | None = None
         self.queue_labels: Tensor | None = None
-        self.filled = 0
-        self.position = 0
+        self._clear_queue()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """Module conversions (``precision: bf16-true``) move the copy but keep its floating tensors fp32: an
@@ -182,6 +182,9 @@ class MomentumContrast(nn.Module):
         """Start the copy equal to the network and empty the queue (a fresh ``fit``)."""
         for copy, source in self._pairs(backbone, head):
             copy.copy_(source)
+        self._clear_queue()
+
+    def _clear_queue(self) -> None:
         self.queue_keys = self.queue_labels = None
         self.filled = self.position = 0
 
@@ -225,11 +228,10 @@ class MomentumContrast(nn.Module):
 
     def state_for_checkpoint(self) -> dict[str, Any]:
         keys, labels = self.queued()
-        return {"keys": keys.cpu(), "labels": labels.cpu(), "queue_size": self.config.queue_size}
+        return {"keys": keys.cpu(), "labels": labels.cpu()}
 
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
-        self.queue_keys = self.queue_labels = None
-        self.filled = self.position = 0
+        self._clear_queue()
         keys, labels = state["keys"], state["labels"]
         if len(labels):
             self._enqueue(keys, labels)
@@ -240,13 +242,15 @@ class MomentumContrast(nn.Module):
         descriptors, gathered from every rank, and the queue; then enqueue the batch's."""
         keys = self.keys(images)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        tags = torch.stack([torch.full_like(labels, rank), torch.arange(len(labels), device=labels.device)], dim=1)
+        # (label, rank, position in the rank's batch) of every key: one gather for all three
+        tagged = torch.stack([labels, torch.full_like(labels, rank), torch.arange(len(labels), device=labels.device)],
+                             dim=1)
         batch_keys = all_gather_rows(owner, keys).to(queries.device)
-        batch_labels = all_gather_rows(owner, labels).to(queries.device)
-        batch_tags = all_gather_rows(owner, tags).to(queries.device)
-        mine = torch.nonzero(batch_tags[:, 0] == rank).flatten()
+        batch_tags = all_gather_rows(owner, tagged).to(queries.device)
+        batch_labels = batch_tags[:, 0]
+        mine = torch.nonzero(batch_tags[:, 1] == rank).flatten()
         own = torch.full_like(labels, -1)
-        own[batch_tags[mine, 1]] = mine
+        own[batch_tags[mine, 2]] = mine
         queue_keys, queue_labels = self.queued()
         candidates = torch.cat([batch_keys, queue_keys.to(queries.device)]) if len(queue_labels) else batch_keys
         candidate_labels = torch.cat([batch_labels, queue_labels.to(queries.device)]) if len(queue_labels) \
