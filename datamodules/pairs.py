@@ -44,8 +44,10 @@ class PairSampling:
             (``None``: exactly the ``negatives`` nearest).
         distinct_labels: the negatives of one anchor come from distinct labels.
         pool_size: mine over a random subset of this many training images, redrawn at each mining
-            (``None``: the whole training set; set it for GLDv2 scale). Anchors come from the pool
-            of the latest mining, so every anchor has mined negatives also between minings.
+            (``None``: the whole training set, CVNet's choice; with a frozen global model the mining
+            callback embeds it once and keeps the table, so only a global model that trains needs a
+            subset at GLDv2 scale). Anchors come from the pool of the latest mining, so every anchor
+            has mined negatives also between minings.
         groups_per_epoch: groups per epoch over all ranks (``None``: one per pool image).
         mining_max_side: long side of the images embedded for mining.
         same_image_positives: share of groups whose positive is the anchor image itself (the

@@ -1,7 +1,8 @@
 """The CVNet stack under 2-process DDP (gloo).
 
 - Training: the verifier stage (pair batches, hard negatives mined from the global descriptors on
-  every rank's share of the pool and gathered; Hide-and-Seek and patch-shuffled negatives on) on 2
+  every rank's share of the pool and gathered, each rank searching the nearest for its share of the
+  rows; Hide-and-Seek and patch-shuffled negatives on) on 2
   processes with 2 groups per batch each ends with the weights of 1 process with 4 groups per batch.
   Each rank takes every other group of the epoch's list, the ranks' per-pair losses are averaged,
   the mined table is the same, and the batch transforms draw per group of the step over both ranks,
@@ -23,14 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import REPO, TINY_DATA, ddp_env, run_cli, run_main
 
 SET = "minilandmarks"
 
 
-def verifier_args(cache_root: Path, out: Path, groups_per_batch: int) -> list[str]:
-    return ["fit", "--config", str(REPO / "experiments/cvnet_demo.yaml"), f"--data.init_args.root={cache_root}",
+def verifier_args(cache_root: Path, out: Path, groups_per_batch: int, config: Path | None = None) -> list[str]:
+    config = config or REPO / "experiments/cvnet_demo.yaml"
+    return ["fit", "--config", str(config), f"--data.init_args.root={cache_root}",
             *TINY_DATA, f"--data.init_args.pairs.groups_per_batch={groups_per_batch}", "--trainer.logger=false",
             f"--trainer.default_root_dir={out}", "--trainer.max_steps=2", "--model.optim.warmup_steps=0",
             # the random batch transforms on: they draw as one process with the whole batch would
@@ -57,11 +60,17 @@ def verifier_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: Path, tmp_path: Path) -> None:
     from retrieval_lightning.cli import run_lightning_cli
 
+    # the mining's nearest-neighbour search in chunks of 16 of the 80 pool rows: the ranks take 3 and 2 of them
+    cfg = yaml.safe_load((REPO / "experiments/cvnet_demo.yaml").read_text())
+    mining, = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(".HardNegativeMining")]
+    mining["init_args"]["chunk"] = 16
+    config = tmp_path / "cvnet_demo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
     two = tmp_path / "fit2"
-    run_cli(verifier_args(cache_root, two, groups_per_batch=2) + ["--trainer.strategy=ddp", "--trainer.devices=2"],
+    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2"],
             cwd=tmp_path, env=ddp_env())
     one = tmp_path / "fit1"
-    run_main(verifier_args(cache_root, one, groups_per_batch=4), cwd=tmp_path, threads=1)
+    run_main(verifier_args(cache_root, one, 4, config), cwd=tmp_path, threads=1)
     start = {f"heads.verifier.{k}": v for k, v in run_lightning_cli(
         verifier_args(cache_root, tmp_path / "init", 4)[1:], run=False).model.heads["verifier"].state_dict().items()}
 

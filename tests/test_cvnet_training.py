@@ -17,7 +17,8 @@ from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
 from datamodules.patch_shuffle import shuffle_tiles, step_permutations
 from datamodules.sampling import rank_share
-from retrieval_lightning.callbacks.hard_negatives import HardNegativeMining, mined_examples, nearest_other_label
+from retrieval_lightning.callbacks.hard_negatives import (HardNegativeMining, mined_examples, nearest_other_label,
+                                                          part_rows)
 
 REPO = Path(__file__).resolve().parents[1]
 # 9 labels of 1..6 images (label 8 has one image: never an anchor, still a negative)
@@ -128,6 +129,16 @@ def test_nearest_other_label_breaks_ties_by_the_lower_row_on_every_device(distin
     np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 4, distinct))
     same = nearest_other_label(torch.ones(40, 4), torch.arange(40), k=3, distinct=distinct)
     assert same[:3].tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3]]
+    for world in (2, 3):  # ranks' shares of the rows (chunks of 16) assemble to the one-process table
+        rows = [part_rows(60, 16, rank, world) for rank in range(world)]
+        assert sorted(torch.cat(rows).tolist()) == list(range(60))
+        assembled = torch.full_like(table, -2)
+        for rank, own in enumerate(rows):
+            part = nearest_other_label(desc, torch.as_tensor(labels), k=4, distinct=distinct, chunk=16,
+                                       part=(rank, world))
+            assert bool((part[own] == table[own]).all()) and bool((part[own] >= 0).any())
+            assembled[own] = part[own]
+        assert torch.equal(assembled, table)
 
 
 def test_pair_labels_follow_the_images_loaded_not_the_slots() -> None:
@@ -257,6 +268,68 @@ def test_callback_mines_pool_from_descriptors(tmp_path: Path) -> None:
         assert [j for j, _ in negs] == expected[a].tolist()
         for j, cos in negs:
             assert cos == pytest.approx(float(desc[a] @ desc[j]), abs=1e-6)
+
+
+class _MeanColour(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"conv5": x.mean(dim=(2, 3))}
+
+
+class _Projection(torch.nn.Module):
+    def __init__(self, proj: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = torch.nn.Parameter(proj)
+        self.dim = proj.shape[1]
+
+    def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.normalize(features["conv5"] @ self.proj, dim=1)
+
+
+def test_callback_keeps_the_table_while_the_global_model_and_pool_are_unchanged(tmp_path: Path) -> None:
+    """A frozen global model over the whole set (CVNet's verifier stage): the pool is embedded once, later
+    epochs keep its table; a changed weight or another pool (``pool_size``) is mined again."""
+    gen = torch.Generator().manual_seed(2)
+    colours = torch.rand(LABELS.size, 3, generator=gen)
+    dataset = [{"image": colours[i].view(3, 1, 1).expand(3, 4, 4).clone(), "index": i} for i in range(LABELS.size)]
+
+    def make_miner(pool_size: int | None) -> PairMiner:
+        return PairMiner(LABELS, PairSampling(groups_per_batch=2, negatives=2, pool_size=pool_size),
+                         make_dataset=lambda pos: [dict(dataset[p], index=r) for r, p in enumerate(pos)])
+
+    module = torch.nn.Module()
+    module.backbone, module.global_head = _MeanColour(), _Projection(torch.randn(3, 4, generator=gen))
+    module.device = torch.device("cpu")
+    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+                              datamodule=None)
+    callback = HardNegativeMining(batch_size=4, picture_anchors=0)
+    embedded: list[int] = []
+    embed_pool = callback.embed_pool
+    callback.embed_pool = lambda *a, **k: (embedded.append(1), embed_pool(*a, **k))[1]
+
+    def table(miner: PairMiner) -> np.ndarray:
+        return np.stack([miner.mined_negatives(p) for p in range(LABELS.size)])
+
+    miner = make_miner(None)
+    for epoch in range(3):
+        callback.mine(trainer, module, miner, epoch)
+    assert len(embedded) == 1 and miner.mined_epoch == 2
+    desc = F.normalize(colours @ module.global_head.proj.detach(), dim=1).numpy()
+    np.testing.assert_array_equal(table(miner), _brute_nearest(desc, LABELS, 2))
+    with torch.no_grad():
+        module.global_head.proj[0, 0] += 0.5  # one weight moved: mined again, from the new descriptors
+    callback.mine(trainer, module, miner, 3)
+    assert len(embedded) == 2
+    desc = F.normalize(colours @ module.global_head.proj.detach(), dim=1).numpy()
+    np.testing.assert_array_equal(table(miner), _brute_nearest(desc, LABELS, 2))
+    callback.mine(trainer, module, make_miner(None), 4)  # another datamodule's miner
+    assert len(embedded) == 3
+    subset = make_miner(12)
+    for epoch in range(2):  # a pool redrawn per epoch is mined every epoch
+        callback.mine(trainer, module, subset, epoch)
+    assert len(embedded) == 5
+    callback.teardown(trainer, module, "fit")
+    callback.mine(trainer, module, subset, 1)  # a new fit mines its first table
+    assert len(embedded) == 6
 
 
 def test_pair_loader_resumes_mid_epoch() -> None:

@@ -20,15 +20,22 @@ any object with
   composed, for the right epoch, also when a run resumes mid-training (Lightning creates the first
   epoch's iterator before ``on_train_epoch_start`` and restores the epoch after ``on_fit_start``).
 
-Under DDP each rank embeds a strided share of the pool, the descriptors are all-gathered, rank 0
-builds the table and broadcasts it, so every rank's sampler draws from the same table.
+Under DDP each rank embeds a strided share of the pool and, once the descriptors are all-gathered,
+finds the nearest other-label images of a share of the rows; the shares are gathered, so every rank's
+sampler draws from the same table, the one a single process would build.
+
+A table is kept while nothing it depends on changes (the weights of the backbone and the global head,
+the pool, the settings): with the frozen global model of CVNet's verifier and sparsifier stages and
+the whole training set as the pool (``pool_size: null``), the set is embedded once per run, not once
+per epoch. A run resumed later embeds it once again, with the same result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
@@ -42,19 +49,31 @@ from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
 from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
 from retrieval_lightning.progress import shows_progress
-from retrieval_lightning.rank_zero import on_rank_zero
+from retrieval_lightning.rank_zero import on_rank_zero, raise_if_any_failed
 from retrieval_lightning.retrieval.gather import gather_dedupe
+from retrieval_lightning.retrieval.rerank import torch_all_gather_object
+
+
+def part_rows(n: int, chunk: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Rows of an ``n``-row table that part ``rank`` of ``world_size`` computes: every ``world_size``-th
+    chunk of ``chunk`` rows. The chunks are those of one process, so each row is computed from the same
+    matrix product (bitwise the same table) whatever the number of parts."""
+    starts = range(rank * chunk, n, world_size * chunk)
+    if not starts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(start, min(n, start + chunk)) for start in starts])
 
 
 def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = True,
                         chunk: int = 1024, device: torch.device | str | None = None,
-                        progress: bool = False) -> Tensor:
+                        progress: bool = False, part: tuple[int, int] = (0, 1)) -> Tensor:
     """For every row, the ``k`` rows of other labels with the largest inner product, nearest first.
 
     ``distinct``: at most one row per label (the nearest of that label). Returns (N, k) int64
     row indices, ``-1`` where fewer than ``k`` exist. Ties are broken by the lower row index.
     ``device``: where the similarities are computed (the model's GPU makes a 100k pool take seconds).
-    ``progress``: a bar over the row chunks.
+    ``progress``: a bar over the row chunks. ``part=(rank, world_size)``: compute only the rows of
+    :func:`part_rows` (the others stay ``-1``), so ranks share the work of a large pool.
     """
     n = desc.shape[0]
     labels = labels.reshape(-1).long()
@@ -64,7 +83,7 @@ def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = T
     desc = desc.float().to(device) if device is not None else desc.float()
     labels_dev = labels.to(desc.device)
     width = min(n, k * 4 + 16) if distinct else min(n, k)
-    starts = range(0, n, chunk)
+    starts = range(part[0] * chunk, n, part[1] * chunk)
     for start in tqdm(starts, desc="hard negatives: nearest other labels", disable=not progress, leave=False):
         rows = slice(start, min(n, start + chunk))
         sims = desc[rows] @ desc.T
@@ -115,8 +134,17 @@ def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.cpu(), idx.cpu()
 
 
+class KeptTable(NamedTuple):
+    """The last mined table (``neighbours``: training positions) and what it is a function of (``key``)."""
+
+    key: str | None
+    neighbours: np.ndarray
+    epoch: int
+
+
 class HardNegativeMining(pl.Callback):
-    """Rebuild the datamodule's hard-negative table from the model's global descriptors.
+    """Rebuild the datamodule's hard-negative table from the model's global descriptors (or keep the last
+    one while the global model's weights and the pool are unchanged).
 
     Args:
         every_n_epochs: mine at epochs ``first_epoch``, ``first_epoch + every_n_epochs``, ...
@@ -141,6 +169,7 @@ class HardNegativeMining(pl.Callback):
         self.picture_anchors, self.picture_negatives = int(picture_anchors), int(picture_negatives)
         self.output_dir = output_dir
         self.pictures: list[Path] = []
+        self._kept: KeptTable | None = None
 
     def _due(self, epoch: int) -> bool:
         return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every_n_epochs == 0
@@ -167,6 +196,7 @@ class HardNegativeMining(pl.Callback):
         miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
         if miner is not None:
             miner.request = None  # do not keep the trainer alive through the datamodule
+        self._kept = None
 
     def mine_if_due(self, trainer: pl.Trainer, pl_module: Any, miner: Any, epoch: int) -> None:
         """Install the table that serves ``epoch``: mined now when due, or, in a run resumed between two
@@ -207,8 +237,43 @@ class HardNegativeMining(pl.Callback):
                 out[i] = d
         return torch.stack(out)  # type: ignore[arg-type]
 
+    def table_key(self, pl_module: Any, miner: Any, positions: np.ndarray) -> str | None:
+        """What a mined table is a function of: the embedding's weights (every tensor of the backbone and the
+        global head), the pool and its labels, and the mining settings. ``None`` (never reused) when the
+        module's backbone or global head is not a ``torch.nn.Module`` whose tensors say it all."""
+        modules = (getattr(pl_module, "backbone", None), getattr(pl_module, "global_head", None))
+        if not all(isinstance(module, torch.nn.Module) for module in modules):
+            return None
+        digest = hashlib.blake2b(digest_size=20)
+        scales = getattr(pl_module, "eval_scales", None) if self.multiscale else None
+        settings = (id(miner), miner.table_width, miner.distinct_labels, getattr(miner, "mining_max_side", None),
+                    self.multiscale, scales)
+        digest.update(repr(settings).encode())
+        digest.update(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(np.asarray(miner.labels)[positions], dtype=np.int64).tobytes())
+        for module in modules:
+            for name, tensor in module.state_dict().items():
+                digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()
+
     def mine(self, trainer: pl.Trainer, pl_module: Any, miner: Any, epoch: int) -> None:
+        """Install ``epoch``'s table: the kept one when nothing it depends on changed (a frozen global model
+        over the same pool: CVNet's later stages mining the whole training set embed it once), else mined:
+        every rank embeds a strided share of the pool, and finds the nearest other-label images of a share of
+        its rows; both are gathered, so every rank installs the same table."""
         positions = np.asarray(miner.pool(epoch), dtype=np.int64)
+        key = self.table_key(pl_module, miner, positions) if trainer.global_rank == 0 else None
+        kept = self._kept
+        if trainer.strategy.broadcast(bool(kept is not None and key is not None and kept.key == key), src=0):
+            if kept is None:
+                raise RuntimeError(f"hard-negative mining, epoch {epoch}: rank {trainer.global_rank} has no "
+                                   "table to keep, while rank 0 keeps its own")
+            miner.set_negatives(epoch, positions, kept.neighbours)
+            rank_zero_info(f"hard-negative mining, epoch {epoch}: the table of epoch {kept.epoch} kept "
+                           "(the same global model and pool)")
+            return
+        self._kept = None
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -219,22 +284,28 @@ class HardNegativeMining(pl.Callback):
         rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
         if rows.numel() != positions.size:
             raise RuntimeError(f"mining gathered {rows.numel()} descriptors for a pool of {positions.size}")
-
-        def table_on_rank_zero() -> np.ndarray:
+        width = int(miner.table_width)
+        own = part_rows(positions.size, self.chunk, trainer.global_rank, trainer.world_size)
+        share, failure = torch.zeros(0, width, dtype=torch.long), None
+        try:
             labels = torch.as_tensor(np.asarray(miner.labels)[positions])
-            table = nearest_other_label(gathered["desc"], labels, int(miner.table_width),
-                                        bool(miner.distinct_labels), self.chunk, pl_module.device,
-                                        shows_progress(trainer)).numpy()
-            if self.picture_anchors > 0:
-                self.draw_mined(trainer, miner, epoch, positions, table, gathered["desc"])
-            return np.where(table >= 0, positions[np.maximum(table, 0)], -1)
-
-        # the other ranks wait for rank 0's table: a failure there (a full disk under the picture) stops them too
-        neighbours = on_rank_zero(table_on_rank_zero, trainer.global_rank == 0,
-                                  lambda value: trainer.strategy.broadcast(value, src=0),
-                                  f"hard-negative mining, epoch {epoch}")
-        neighbours = trainer.strategy.broadcast(neighbours, src=0)
+            share = nearest_other_label(gathered["desc"], labels, width, bool(miner.distinct_labels), self.chunk,
+                                        pl_module.device, shows_progress(trainer),
+                                        part=(trainer.global_rank, trainer.world_size))[own]
+        except Exception as err:  # a rank's failure (out of memory) stops every rank, not only its own
+            failure = err
+        raise_if_any_failed(failure, torch_all_gather_object(), f"hard-negative mining, epoch {epoch}")
+        rows, tables = gather_dedupe(pl_module, own, table=share)
+        if rows.numel() != positions.size:
+            raise RuntimeError(f"mining gathered {rows.numel()} table rows for a pool of {positions.size}")
+        table = tables["table"].numpy()
+        if self.picture_anchors > 0:  # the other ranks wait: a failure there (a full disk) stops them too
+            on_rank_zero(lambda: self.draw_mined(trainer, miner, epoch, positions, table, gathered["desc"]),
+                         trainer.global_rank == 0, lambda value: trainer.strategy.broadcast(value, src=0),
+                         f"hard-negative mining picture, epoch {epoch}")
+        neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
         miner.set_negatives(epoch, positions, neighbours)
+        self._kept = KeptTable(key, neighbours, int(epoch))
         rank_zero_info(f"hard-negative mining, epoch {epoch}: {positions.size} images, "
                        f"{int((neighbours >= 0).sum())} negatives")
 
