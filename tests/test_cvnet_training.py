@@ -17,6 +17,7 @@ from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
 from datamodules.patch_shuffle import shuffle_tiles, step_permutations
 from datamodules.sampling import rank_share
+from retrieval_lightning.callbacks import hard_negatives
 from retrieval_lightning.callbacks.hard_negatives import (HardNegativeMining, mined_examples, nearest_other_label,
                                                           part_rows)
 
@@ -106,6 +107,16 @@ def test_share_of_mined_negatives_rises_over_the_warmup_batches() -> None:
         PairSampling(hard_start=1.5)
 
 
+@pytest.fixture(params=["one block", "blocks of 7"])
+def column_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search over all columns at once, and over blocks of 7 columns merged (a large pool's search, whose
+    descriptors stay on the host)."""
+    if request.param == "blocks of 7":
+        monkeypatch.setattr(hard_negatives, "COLUMN_BLOCK", 7)
+        monkeypatch.setattr(hard_negatives, "RESIDENT_BYTES", 0)
+
+
+@pytest.mark.usefixtures("column_blocks")
 def test_nearest_other_label_looks_past_a_crowded_label() -> None:
     """Row 0's 28 nearest rows all carry label 1: the distinct search must look further for 2 and 3."""
     labels = np.array([0] + [1] * 30 + [2, 3])
@@ -118,13 +129,16 @@ def test_nearest_other_label_looks_past_a_crowded_label() -> None:
     assert table[0].tolist() == [1, 32, 31]
 
 
+@pytest.mark.usefixtures("column_blocks")
 @pytest.mark.parametrize("distinct", [False, True])
 def test_nearest_other_label_breaks_ties_by_the_lower_row_on_every_device(distinct: bool) -> None:
     """Many equal similarities (duplicate images, a few distinct descriptors): ``topk`` alone picks
     among values tied at the k-th place as it likes; the table must still be the lowest rows."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 12, (60,), generator=generator).numpy()
-    desc = F.normalize(torch.randint(0, 3, (60, 4), generator=generator).float() + 0.1, dim=1)
+    # small whole numbers: every product is exact, so ties are ties however a matrix product sums (the
+    # products of a block of 7 columns and of all 60 differ in their last bits for unit-norm rows)
+    desc = torch.randint(0, 3, (60, 4), generator=generator).float()
     table = nearest_other_label(desc, torch.as_tensor(labels), k=4, distinct=distinct, chunk=16)
     np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 4, distinct))
     same = nearest_other_label(torch.ones(40, 4), torch.arange(40), k=3, distinct=distinct)

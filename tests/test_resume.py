@@ -175,16 +175,20 @@ def verifier_config(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.mark.slow
 def test_sigkilled_verifier_stage_resumes_bitwise(verifier_config: Path, cache_root: Path, tmp_path: Path) -> None:
     """The verifier stage's sampler state (pair groups, crops, the mined table of the epoch it stopped in)
-    comes back exactly: killed mid-epoch and resumed, it ends with an uninterrupted run's weights."""
+    comes back exactly: killed mid-epoch and resumed, it ends with an uninterrupted run's weights. Epochs
+    are 10 steps: the uninterrupted run keeps epoch 0's table in epoch 1 (its frozen global model did
+    not change), the run killed in epoch 1 mines that table again when it resumes."""
     ref, out = tmp_path / "reference", tmp_path / "killed"
-    reference = start(args(verifier_config, cache_root, ref), tmp_path, cli_env(threads=1))
-    killed = start(args(verifier_config, cache_root, out, *kill_after(3)), tmp_path, cli_env(threads=1))
+    steps = "--trainer.max_steps=15"
+    reference = start(args(verifier_config, cache_root, ref, steps), tmp_path, cli_env(threads=1))
+    killed = start(args(verifier_config, cache_root, out, steps, *kill_after(12)), tmp_path, cli_env(threads=1))
     log = finish(killed, expect=-signal.SIGKILL)
-    ckpt = out / "checkpoints" / "step=0000003.ckpt"
+    ckpt = out / "checkpoints" / "step=0000012.ckpt"
     assert ckpt.exists(), log[-3000:]
-    finish(start(args(verifier_config, cache_root, out, f"--ckpt_path={ckpt}"), tmp_path, cli_env(threads=1)))
-    log = finish(reference)
-    assert "hard-negative mining, epoch 1" in log  # the run crosses an epoch: the table is mined again
+    resumed = finish(start(args(verifier_config, cache_root, out, steps, f"--ckpt_path={ckpt}"), tmp_path,
+                           cli_env(threads=1)))
+    assert "hard-negative mining, epoch 1: 80 images" in resumed
+    assert "hard-negative mining, epoch 1: the table of epoch 0 kept" in finish(reference)
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
 
 

@@ -1,9 +1,10 @@
-"""Hard-negative mining from the current global descriptors, refreshed every epoch.
+"""Hard-negative mining from the current global descriptors, refreshed every epoch (or kept while unchanged).
 
 Why: pair/triplet losses learn little from random negatives (almost all trivially different);
 the informative ones are the other-landmark images the global model ranks nearest to the anchor
 (Radenović et al.; CVNet's recipe, CVPR 2022). The global descriptors change while training, so the
-table is rebuilt every ``every_n_epochs`` epochs, just before that epoch's batches are drawn.
+table is rebuilt every ``every_n_epochs`` epochs, just before that epoch's batches are drawn, unless
+nothing it depends on has changed (below).
 
 Generic by design (the core never imports a datamodule): the datamodule exposes ``pair_miner``,
 any object with
@@ -64,6 +65,14 @@ def part_rows(n: int, chunk: int, rank: int = 0, world_size: int = 1) -> Tensor:
     return torch.cat([torch.arange(start, min(n, start + chunk)) for start in starts])
 
 
+#: columns of the similarity matrix computed at once: the search holds ``chunk`` x this many similarities
+#: and one block of descriptors on its device, whatever the pool's size
+COLUMN_BLOCK = 65536
+#: descriptors up to this size move to the device once; larger ones (1.5M x 2048 fp32 = 12 GB) stay on
+#: the host and travel a column block at a time. Either way each block's product is the same.
+RESIDENT_BYTES = 2 << 30
+
+
 def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = True,
                         chunk: int = 1024, device: torch.device | str | None = None,
                         progress: bool = False, part: tuple[int, int] = (0, 1)) -> Tensor:
@@ -71,47 +80,71 @@ def nearest_other_label(desc: Tensor, labels: Tensor, k: int, distinct: bool = T
 
     ``distinct``: at most one row per label (the nearest of that label). Returns (N, k) int64
     row indices, ``-1`` where fewer than ``k`` exist. Ties are broken by the lower row index.
-    ``device``: where the similarities are computed (the model's GPU makes a 100k pool take seconds).
-    ``progress``: a bar over the row chunks. ``part=(rank, world_size)``: compute only the rows of
-    :func:`part_rows` (the others stay ``-1``), so ranks share the work of a large pool.
+    ``device``: where the similarities are computed (the model's GPU makes a 100k pool take seconds);
+    it holds ``chunk`` x :data:`COLUMN_BLOCK` similarities at a time, and the descriptors only when they
+    fit in :data:`RESIDENT_BYTES`. ``progress``: a bar over the row chunks. ``part=(rank, world_size)``:
+    compute only the rows of :func:`part_rows` (the others stay ``-1``), so ranks share the work.
     """
     n = desc.shape[0]
     labels = labels.reshape(-1).long()
     out = torch.full((n, k), -1, dtype=torch.long)
     if n == 0 or k == 0:
         return out
-    desc = desc.float().to(device) if device is not None else desc.float()
-    labels_dev = labels.to(desc.device)
+    device = torch.device(device) if device is not None else desc.device
+    desc = desc.float()
+    if desc.numel() * desc.element_size() <= RESIDENT_BYTES:
+        desc = desc.to(device)
+    labels_dev = labels.to(device)
     width = min(n, k * 4 + 16) if distinct else min(n, k)
     starts = range(part[0] * chunk, n, part[1] * chunk)
     for start in tqdm(starts, desc="hard negatives: nearest other labels", disable=not progress, leave=False):
         rows = slice(start, min(n, start + chunk))
-        sims = desc[rows] @ desc.T
-        sims[labels_dev[rows, None] == labels_dev[None, :]] = float("-inf")
-        for r, (vals, idx) in enumerate(zip(*_topk_stable(sims, width))):
-            picked: list[int] = []
-            seen: set[int] = set()
-            for v, j in zip(vals.tolist(), idx.tolist()):
-                if v == float("-inf") or len(picked) == k:
-                    break
-                lab = int(labels[j])
-                if distinct and lab in seen:
-                    continue
-                seen.add(lab)
-                picked.append(j)
+        queries, query_labels = desc[rows].to(device), labels_dev[rows]
+        top_vals, top_idx = _nearest_columns(queries, query_labels, desc, labels_dev, width)
+        for r, (vals, idx) in enumerate(zip(top_vals, top_idx)):
+            picked = _pick(vals, idx, labels, k, distinct)
             if distinct and len(picked) < k and width < n and vals[-1] != float("-inf"):
-                full_vals, full_idx = _topk_stable(sims[r:r + 1], n)  # rare: a row needs to look further
-                picked, seen = [], set()
-                for v, j in zip(full_vals[0].tolist(), full_idx[0].tolist()):
-                    lab = int(labels[j])
-                    if v == float("-inf") or len(picked) == k:
-                        break
-                    if lab not in seen:
-                        seen.add(lab)
-                        picked.append(j)
+                # rare: a row needs to look further than its first ``width`` (a crowded label)
+                full_vals, full_idx = _nearest_columns(queries[r:r + 1], query_labels[r:r + 1], desc, labels_dev, n)
+                picked = _pick(full_vals[0], full_idx[0], labels, k, distinct)
             if picked:
                 out[start + r, : len(picked)] = torch.tensor(picked)
     return out
+
+
+def _nearest_columns(queries: Tensor, query_labels: Tensor, desc: Tensor, labels: Tensor, width: int
+                     ) -> tuple[Tensor, Tensor]:
+    """The ``width`` columns of other labels with the largest similarity to each query row, nearest first,
+    ties by the lower column (on the CPU): the top of each :data:`COLUMN_BLOCK` of columns, then merged.
+    Other-label columns that run out are ``-inf``."""
+    found_vals, found_idx = [], []
+    for first in range(0, desc.shape[0], COLUMN_BLOCK):
+        block = desc[first:first + COLUMN_BLOCK].to(queries.device)
+        sims = queries @ block.T
+        sims[query_labels[:, None] == labels[None, first:first + block.shape[0]]] = float("-inf")
+        vals, idx = _topk_stable(sims, min(width, block.shape[0]))
+        found_vals.append(vals)
+        found_idx.append(idx + first)
+    vals, idx = torch.cat(found_vals, dim=1), torch.cat(found_idx, dim=1)
+    if len(found_vals) > 1:  # blocks in column order, each sorted: a stable sort keeps ties by the lower column
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :width]
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
+    return vals, idx
+
+
+def _pick(vals: Tensor, idx: Tensor, labels: Tensor, k: int, distinct: bool) -> list[int]:
+    """The first ``k`` columns of ``idx`` (nearest first) that are not ``-inf``, one per label if ``distinct``."""
+    picked: list[int] = []
+    seen: set[int] = set()
+    for v, j in zip(vals.tolist(), idx.tolist()):
+        if v == float("-inf") or len(picked) == k:
+            break
+        lab = int(labels[j])
+        if distinct and lab in seen:
+            continue
+        seen.add(lab)
+        picked.append(j)
+    return picked
 
 
 def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -263,12 +296,16 @@ class HardNegativeMining(pl.Callback):
         every rank embeds a strided share of the pool, and finds the nearest other-label images of a share of
         its rows; both are gathered, so every rank installs the same table."""
         positions = np.asarray(miner.pool(epoch), dtype=np.int64)
-        key = self.table_key(pl_module, miner, positions) if trainer.global_rank == 0 else None
+        gather = torch_all_gather_object()
+        key, failure = None, None
+        try:
+            key = self.table_key(pl_module, miner, positions)
+        except Exception as err:  # raised below on every rank, not left to the others' next collective
+            failure = err
+        raise_if_any_failed(failure, gather, f"hard-negative mining, epoch {epoch}")
         kept = self._kept
-        if trainer.strategy.broadcast(bool(kept is not None and key is not None and kept.key == key), src=0):
-            if kept is None:
-                raise RuntimeError(f"hard-negative mining, epoch {epoch}: rank {trainer.global_rank} has no "
-                                   "table to keep, while rank 0 keeps its own")
+        keep = kept is not None and key is not None and kept.key == key
+        if all(gather(keep) if gather is not None else [keep]):  # kept only where every rank keeps its own
             miner.set_negatives(epoch, positions, kept.neighbours)
             rank_zero_info(f"hard-negative mining, epoch {epoch}: the table of epoch {kept.epoch} kept "
                            "(the same global model and pool)")
