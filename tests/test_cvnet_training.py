@@ -296,6 +296,7 @@ class _Projection(torch.nn.Module):
         self.dim = proj.shape[1]
 
     def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.autocast = torch.is_autocast_enabled("cpu")
         return F.normalize(features["conv5"] @ self.proj, dim=1)
 
 
@@ -343,7 +344,11 @@ def test_callback_keeps_the_table_while_the_global_model_and_pool_are_unchanged(
     assert len(embedded) == 5
     callback.teardown(trainer, module, "fit")
     callback.mine(trainer, module, subset, 1)  # a new fit mines its first table
-    assert len(embedded) == 6
+    assert len(embedded) == 6 and not module.global_head.autocast
+    # under `precision: bf16-mixed` the pool is embedded in the trainer's autocast, as validation is
+    trainer.precision_plugin = SimpleNamespace(forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    callback.mine(trainer, module, subset, 2)
+    assert len(embedded) == 7 and module.global_head.autocast
 
 
 def test_pair_loader_resumes_mid_epoch() -> None:

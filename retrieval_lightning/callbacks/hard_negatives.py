@@ -36,7 +36,8 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, NamedTuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
@@ -240,8 +241,11 @@ class HardNegativeMining(pl.Callback):
 
     @torch.no_grad()
     def embed_pool(self, pl_module: Any, dataset: Any, rank: int = 0, world_size: int = 1,
-                   progress: bool = False) -> tuple[Tensor, Tensor]:
-        """This rank's share of the pool: ``(rows, descriptors)``; ``progress``: a bar over its batches."""
+                   progress: bool = False, precision: Callable[[], ContextManager] | None = None
+                   ) -> tuple[Tensor, Tensor]:
+        """This rank's share of the pool: ``(rows, descriptors)``; ``progress``: a bar over its batches.
+        ``precision``: the context of the trainer's forward passes (bf16 autocast under ``bf16-mixed``),
+        so the pool is embedded as validation embeds (a 1.5M-image pool takes its time on a GPU in fp32)."""
         share = Subset(dataset, list(range(rank, len(dataset), world_size)))
         # its own generator: a loader iterator draws a base seed, and from the global generator that draw
         # would shift every later global draw (a sparsifier's Gumbel noise) between a run and its resume,
@@ -252,7 +256,8 @@ class HardNegativeMining(pl.Callback):
         for items in tqdm(loader, desc="hard negatives: embedding the pool", disable=not progress, leave=False):
             images = [item["image"].to(pl_module.device) for item in items]
             rows.extend(int(item["index"]) for item in items)
-            descs.append(self._embed(pl_module, images).float().cpu())
+            with precision() if precision is not None else nullcontext():
+                descs.append(self._embed(pl_module, images).float().cpu())
         dim = pl_module.global_head.dim
         return torch.tensor(rows, dtype=torch.long), (torch.cat(descs) if descs else torch.zeros(0, dim))
 
@@ -314,8 +319,10 @@ class HardNegativeMining(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            rows, desc = self.embed_pool(pl_module, miner.pool_dataset(positions),
-                                         trainer.global_rank, trainer.world_size, shows_progress(trainer))
+            plugin = getattr(trainer, "precision_plugin", None)
+            rows, desc = self.embed_pool(pl_module, miner.pool_dataset(positions), trainer.global_rank,
+                                         trainer.world_size, shows_progress(trainer),
+                                         getattr(plugin, "forward_context", None))
         finally:
             pl_module.train(was_training)
         rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
