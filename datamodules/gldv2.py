@@ -9,6 +9,7 @@ both are re-exported here so ``from datamodules.gldv2 import read_train_csv`` ke
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -300,7 +301,11 @@ class GLDv2DataModule(L.LightningDataModule):
             if self.train_dataset is None:
                 self.setup("fit")
             assert self.train_dataset is not None
-            self._pair_miner = PairMiner(self.train_dataset.labels, self.pairs, self._mining_dataset)
+            digest = hashlib.sha256()
+            for path in self.train_dataset.paths:
+                digest.update(f"{path}\n".encode())
+            identity = f"{len(self.train_dataset.paths)} images, sha256 {digest.hexdigest()}"
+            self._pair_miner = PairMiner(self.train_dataset.labels, self.pairs, self._mining_dataset, identity)
         return self._pair_miner
 
     def _mining_dataset(self, positions: np.ndarray) -> EvalImageDataset:

@@ -134,12 +134,14 @@ class PairMiner:
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray, config: PairSampling,
-                 make_dataset: Callable[[np.ndarray], Dataset] | None = None) -> None:
+                 make_dataset: Callable[[np.ndarray], Dataset] | None = None, identity: str | None = None) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.ndim != 1 or self.labels.size == 0:
             raise ValueError("PairMiner needs a non-empty 1-D label array")
         self.config = config
         self._make_dataset = make_dataset
+        #: what the training images are (a digest of their paths), so a saved table is loaded only for them
+        self.identity = identity
         order = np.argsort(self.labels, kind="stable")
         uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self.members = {int(c): order[s:s + n] for c, s, n in zip(uniq, starts, counts)}

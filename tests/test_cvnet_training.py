@@ -300,43 +300,59 @@ class _Projection(torch.nn.Module):
         return F.normalize(features["conv5"] @ self.proj, dim=1)
 
 
-def test_callback_keeps_the_table_while_the_global_model_and_pool_are_unchanged(tmp_path: Path) -> None:
+class _ColourPool:
+    """A pool of one-colour images whose global descriptor is a projection of the colour, and a counting
+    mining callback over it."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        gen = torch.Generator().manual_seed(2)
+        self.colours = torch.rand(LABELS.size, 3, generator=gen)
+        self.dataset = [{"image": colour.view(3, 1, 1).expand(3, 4, 4).clone(), "index": i}
+                        for i, colour in enumerate(self.colours)]
+        self.module = torch.nn.Module()
+        self.module.backbone, self.module.global_head = _MeanColour(), _Projection(torch.randn(3, 4, generator=gen))
+        self.module.device = torch.device("cpu")
+        self.trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=None, default_root_dir=root,
+                                       strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+        self.embedded: list[int] = []
+
+    def miner(self, pool_size: int | None = None, identity: str | None = None) -> PairMiner:
+        return PairMiner(LABELS, PairSampling(groups_per_batch=2, negatives=2, pool_size=pool_size),
+                         make_dataset=lambda pos: [dict(self.dataset[p], index=r) for r, p in enumerate(pos)],
+                         identity=identity)
+
+    def callback(self) -> HardNegativeMining:
+        callback = HardNegativeMining(batch_size=4, picture_anchors=0)
+        embed_pool = callback.embed_pool
+        callback.embed_pool = lambda *a, **k: (self.embedded.append(1), embed_pool(*a, **k))[1]
+        return callback
+
+    def nearest(self) -> np.ndarray:
+        desc = F.normalize(self.colours @ self.module.global_head.proj.detach(), dim=1).numpy()
+        return _brute_nearest(desc, LABELS, 2)
+
+
+def _table(miner: PairMiner) -> np.ndarray:
+    return np.stack([miner.mined_negatives(p) for p in range(LABELS.size)])
+
+
+def test_callback_keeps_the_table_while_the_global_model_and_pool_are_unchanged() -> None:
     """A frozen global model over the whole set (CVNet's verifier stage): the pool is embedded once, later
     epochs keep its table; a changed weight or another pool (``pool_size``) is mined again."""
-    gen = torch.Generator().manual_seed(2)
-    colours = torch.rand(LABELS.size, 3, generator=gen)
-    dataset = [{"image": colours[i].view(3, 1, 1).expand(3, 4, 4).clone(), "index": i} for i in range(LABELS.size)]
-
-    def make_miner(pool_size: int | None) -> PairMiner:
-        return PairMiner(LABELS, PairSampling(groups_per_batch=2, negatives=2, pool_size=pool_size),
-                         make_dataset=lambda pos: [dict(dataset[p], index=r) for r, p in enumerate(pos)])
-
-    module = torch.nn.Module()
-    module.backbone, module.global_head = _MeanColour(), _Projection(torch.randn(3, 4, generator=gen))
-    module.device = torch.device("cpu")
-    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
-                              datamodule=None)
-    callback = HardNegativeMining(batch_size=4, picture_anchors=0)
-    embedded: list[int] = []
-    embed_pool = callback.embed_pool
-    callback.embed_pool = lambda *a, **k: (embedded.append(1), embed_pool(*a, **k))[1]
-
-    def table(miner: PairMiner) -> np.ndarray:
-        return np.stack([miner.mined_negatives(p) for p in range(LABELS.size)])
-
+    pool = _ColourPool()
+    module, trainer, embedded, callback = pool.module, pool.trainer, pool.embedded, pool.callback()
+    make_miner, table = pool.miner, _table
     miner = make_miner(None)
     for epoch in range(3):
         callback.mine(trainer, module, miner, epoch)
     assert len(embedded) == 1 and miner.mined_epoch == 2
-    desc = F.normalize(colours @ module.global_head.proj.detach(), dim=1).numpy()
-    np.testing.assert_array_equal(table(miner), _brute_nearest(desc, LABELS, 2))
+    np.testing.assert_array_equal(table(miner), pool.nearest())
     with torch.no_grad():
         module.global_head.proj[0, 0] += 0.5  # one weight moved: mined again, from the new descriptors
     callback.mine(trainer, module, miner, 3)
     assert len(embedded) == 2
-    desc = F.normalize(colours @ module.global_head.proj.detach(), dim=1).numpy()
-    np.testing.assert_array_equal(table(miner), _brute_nearest(desc, LABELS, 2))
-    callback.mine(trainer, module, make_miner(None), 4)  # another datamodule's miner
+    np.testing.assert_array_equal(table(miner), pool.nearest())
+    callback.mine(trainer, module, make_miner(None, identity="other images"), 4)  # other images, same labels
     assert len(embedded) == 3
     subset = make_miner(12)
     for epoch in range(2):  # a pool redrawn per epoch is mined every epoch
@@ -349,6 +365,38 @@ def test_callback_keeps_the_table_while_the_global_model_and_pool_are_unchanged(
     trainer.precision_plugin = SimpleNamespace(forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     callback.mine(trainer, module, subset, 2)
     assert len(embedded) == 7 and module.global_head.autocast
+
+
+def test_a_resumed_run_loads_the_table_its_first_run_saved(tmp_path: Path) -> None:
+    """The table is saved under its key: a new process (a fresh callback) with the same global model, pool and
+    images loads it instead of embedding the pool; a damaged file, other weights or other images are mined."""
+    pool = _ColourPool(tmp_path)
+    first = pool.callback()
+    first.mine(pool.trainer, pool.module, pool.miner(identity="v1"), 0)
+    saved = sorted((tmp_path / "mining").glob("table-*.npy"))
+    assert len(pool.embedded) == 1 and len(saved) == 1
+    resumed = pool.miner(identity="v1")
+    pool.callback().mine(pool.trainer, pool.module, resumed, 4)
+    assert len(pool.embedded) == 1 and resumed.mined_epoch == 4
+    np.testing.assert_array_equal(_table(resumed), pool.nearest())
+
+    saved[0].write_bytes(saved[0].read_bytes()[:100])  # a file cut short (a full disk, a copy interrupted)
+    with pytest.warns(UserWarning, match=r"table-.*\.npy cannot be used .*mining again"):
+        pool.callback().mine(pool.trainer, pool.module, pool.miner(identity="v1"), 4)
+    assert len(pool.embedded) == 2
+    pool.callback().mine(pool.trainer, pool.module, pool.miner(identity="v2"), 4)  # other images
+    assert len(pool.embedded) == 3
+    with torch.no_grad():
+        pool.module.global_head.proj[1, 1] -= 0.5
+    other = pool.miner(identity="v2")
+    pool.callback().mine(pool.trainer, pool.module, other, 4)
+    assert len(pool.embedded) == 4
+    np.testing.assert_array_equal(_table(other), pool.nearest())
+    assert len(list((tmp_path / "mining").glob("*"))) == 1  # only the latest table stays
+
+    anonymous = _ColourPool(tmp_path / "anonymous")  # a miner that does not name its images: nothing saved
+    anonymous.callback().mine(anonymous.trainer, anonymous.module, anonymous.miner(), 0)
+    assert not (tmp_path / "anonymous").exists()
 
 
 def test_pair_loader_resumes_mid_epoch() -> None:

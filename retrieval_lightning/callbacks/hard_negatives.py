@@ -16,6 +16,8 @@ any object with
   ``i`` the row in ``positions``;
 - ``labels`` (one per training position), ``table_width``, ``distinct_labels``;
 - ``set_negatives(epoch, positions, neighbours)``, ``mined_epoch``;
+- ``identity`` (optional): a string naming the training images (a digest of their paths), without which
+  a table is not saved for a resumed run;
 - ``request``: an attribute this callback sets to ``request(epoch)``, which the sampler calls just
   before it draws an epoch's groups. Mining then happens exactly when the batches of that epoch are
   composed, for the right epoch, also when a run resumes mid-training (Lightning creates the first
@@ -26,17 +28,20 @@ finds the nearest other-label images of a share of the rows; the shares are gath
 sampler draws from the same table, the one a single process would build.
 
 A table is kept while nothing it depends on changes (the weights of the backbone and the global head,
-the pool, the settings): with the frozen global model of CVNet's verifier and sparsifier stages and
-the whole training set as the pool (``pool_size: null``), the set is embedded once per run, not once
-per epoch. A run resumed later embeds it once again, with the same result.
+the pool, the training images, the settings): with the frozen global model of CVNet's verifier and
+sparsifier stages and the whole training set as the pool (``pool_size: null``), the set is embedded
+once per run, not once per epoch. The table is also saved under a hash of all that
+(``mining/table-<key>.npy``), so a run resumed after preemption loads it instead of embedding 1.5M
+images again; a miner exposes ``identity`` (of its training images) for that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+import warnings
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, ContextManager, NamedTuple
 
 import lightning.pytorch as pl
@@ -277,15 +282,16 @@ class HardNegativeMining(pl.Callback):
 
     def table_key(self, pl_module: Any, miner: Any, positions: np.ndarray) -> str | None:
         """What a mined table is a function of: the embedding's weights (every tensor of the backbone and the
-        global head), the pool and its labels, and the mining settings. ``None`` (never reused) when the
-        module's backbone or global head is not a ``torch.nn.Module`` whose tensors say it all."""
+        global head), the pool and its labels, the training images (the miner's ``identity``, if it has one)
+        and the mining settings. ``None`` (never reused) when the module's backbone or global head is not a
+        ``torch.nn.Module`` whose tensors say it all."""
         modules = (getattr(pl_module, "backbone", None), getattr(pl_module, "global_head", None))
         if not all(isinstance(module, torch.nn.Module) for module in modules):
             return None
         digest = hashlib.blake2b(digest_size=20)
         scales = getattr(pl_module, "eval_scales", None) if self.multiscale else None
-        settings = (id(miner), miner.table_width, miner.distinct_labels, getattr(miner, "mining_max_side", None),
-                    self.multiscale, scales)
+        settings = (getattr(miner, "identity", None), miner.table_width, miner.distinct_labels,
+                    getattr(miner, "mining_max_side", None), self.multiscale, scales)
         digest.update(repr(settings).encode())
         digest.update(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
         digest.update(np.ascontiguousarray(np.asarray(miner.labels)[positions], dtype=np.int64).tobytes())
@@ -316,6 +322,14 @@ class HardNegativeMining(pl.Callback):
                            "(the same global model and pool)")
             return
         self._kept = None
+        saved = self.saved_table(trainer, miner, key)
+        loaded = self._load_table(saved, miner, positions) if saved is not None and saved.exists() else None
+        if all(gather(loaded is not None) if gather is not None else [loaded is not None]):
+            miner.set_negatives(epoch, positions, loaded)
+            self._kept = KeptTable(key, loaded, int(epoch))
+            rank_zero_info(f"hard-negative mining, epoch {epoch}: the table of an earlier run of the same global "
+                           f"model and pool loaded ({saved})")
+            return
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -350,8 +364,53 @@ class HardNegativeMining(pl.Callback):
         neighbours = np.where(table >= 0, positions[np.maximum(table, 0)], -1)
         miner.set_negatives(epoch, positions, neighbours)
         self._kept = KeptTable(key, neighbours, int(epoch))
+        if saved is not None and trainer.global_rank == 0:
+            self._save_table(saved, neighbours)
         rank_zero_info(f"hard-negative mining, epoch {epoch}: {positions.size} images, "
                        f"{int((neighbours >= 0).sum())} negatives")
+
+    def saved_table(self, trainer: Any, miner: Any, key: str | None) -> Path | None:
+        """Where a table is saved for a resumed run: ``<output_dir or default_root_dir>/mining/table-<key>.npy``.
+        ``None`` (not saved) without a key, or for a miner without an ``identity`` of its training images, since
+        a table must not outlive its images."""
+        root = self.output_dir or getattr(trainer, "default_root_dir", None)
+        if key is None or root is None or getattr(miner, "identity", None) is None:
+            return None
+        return Path(root) / "mining" / f"table-{key}.npy"
+
+    @staticmethod
+    def _load_table(path: Path, miner: Any, positions: np.ndarray) -> np.ndarray | None:
+        """The table saved at ``path`` if it is whole and fits this pool, else ``None`` (a warning: mined again)."""
+        try:
+            table = np.load(path, allow_pickle=False)
+            shape = (positions.size, int(miner.table_width))
+            if table.dtype != np.int64 or table.shape != shape:
+                raise ValueError(f"a {table.dtype} table of shape {table.shape}, expected int64 {shape}")
+            if table.size and (table.min() < -1 or table.max() >= len(miner.labels)):
+                raise ValueError(f"entries outside the {len(miner.labels)} training images")
+        except (OSError, ValueError) as err:
+            warnings.warn(f"hard-negative mining: the saved table {path} cannot be used ({err}); mining again")
+            return None
+        return table
+
+    @staticmethod
+    def _save_table(path: Path, table: np.ndarray) -> None:
+        """Save ``table`` for a resumed run (under a temporary name, then renamed: a file that exists is whole)
+        and remove the tables of other keys (a global model that trains leaves one per mining). A failure
+        (a full disk) costs a resumed run its mining, not this run: a warning."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                np.save(handle, table, allow_pickle=False)
+            os.replace(tmp, path)
+            for other in path.parent.glob("table-*.npy"):
+                if other != path:
+                    other.unlink(missing_ok=True)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"hard-negative mining: the table could not be saved to {path} ({err}); a resumed run "
+                          "will mine it again")
 
     def draw_mined(self, trainer: pl.Trainer, miner: Any, epoch: int, positions: np.ndarray, table: np.ndarray,
                    desc: Tensor) -> Path:
