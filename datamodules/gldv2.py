@@ -126,6 +126,10 @@ class GLDv2DataModule(L.LightningDataModule):
     database are then those of the images present, so a model trained so fits only that subset.
     """
 
+    #: arguments that change only the training batches, not an evaluation image (a store's identity skips them)
+    training_only_arguments = ("image_size", "train_max_side", "interpolation", "crop_area_min", "sampling",
+                               "balance_power", "sampler_seed", "pairs", "hide_and_seek")
+
     def __init__(
         self,
         root: str = "data/gldv2",

@@ -47,6 +47,9 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
             (``sampling: pairs`` trains a verifier on mined pair batches).
     """
 
+    #: arguments that change only the training batches, not an evaluation image (a store's identity skips them)
+    training_only_arguments = ("image_size", "crop_area_min", "sampling", "pairs", "hide_and_seek")
+
     def __init__(
         self,
         root: str | None = None,

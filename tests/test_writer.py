@@ -236,6 +236,24 @@ def test_module_identity_tracks_weights() -> None:
     assert module_identity(a)["weights_sha256"] != module_identity(same)["weights_sha256"]
 
 
+def test_a_store_identity_skips_the_arguments_that_shape_only_training(tmp_path: Path) -> None:
+    """A store extracted under one training recipe is evaluated under another (other crops, pair batches,
+    batch sizes); an argument that changes the evaluation images is still part of the identity."""
+    from datamodules.gldv2 import GLDv2DataModule
+    from datamodules.minilandmarks import MiniLandmarksDataModule
+    from datamodules.pairs import PairSampling
+    from retrieval_lightning.retrieval.writer import datamodule_identity
+
+    base = datamodule_identity(GLDv2DataModule(root=str(tmp_path)))
+    training = GLDv2DataModule(root=str(tmp_path), image_size=256, crop_area_min=0.1, sampling="pairs",
+                               pairs=PairSampling(groups_per_batch=2, seed=0), sampler_seed=3, eval_batch_size=2)
+    assert datamodule_identity(training) == base
+    assert datamodule_identity(GLDv2DataModule(root=str(tmp_path), eval_max_side=512)) != base
+    mini = datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path)))
+    assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), image_size=96, crop_area_min=0.5)) == mini
+    assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), eval_max_side=96)) != mini
+
+
 def _shards(out: Path, n: int, shard_size: int = 4) -> list[Path]:
     from retrieval_lightning.retrieval.writer import ShardWriter
 

@@ -95,13 +95,17 @@ def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) 
 
 
 #: datamodule arguments that do not change what is extracted
-NOT_PREPROCESSING = {"num_workers", "batch_size", "root", "pin_memory", "persistent_workers", "download"}
+NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "persistent_workers",
+                     "download"}
 
 
 def datamodule_identity(datamodule: Any) -> dict[str, Any]:
     """What a datamodule contributes to a store identity: its class and every argument that changes the
-    images a model sees (a ``max_side``, a query-box rounding), so features of other images are not reused."""
-    args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in NOT_PREPROCESSING}
+    images a model sees (a ``max_side``, a query-box rounding), so features of other images are not reused.
+    A datamodule names its arguments that only shape training (crops, sampling) in ``training_only_arguments``:
+    a store extracted under one training recipe is evaluated under another."""
+    skip = NOT_PREPROCESSING | set(getattr(datamodule, "training_only_arguments", ()))
+    args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in skip}
     return {
         "datamodule": type(datamodule).__name__ if datamodule is not None else None,
         "preprocessing": json.loads(json.dumps(args, sort_keys=True, default=str)),
