@@ -252,6 +252,11 @@ def test_a_store_identity_skips_the_arguments_that_shape_only_training(tmp_path:
     mini = datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path)))
     assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), image_size=96, crop_area_min=0.5)) == mini
     assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), eval_max_side=96)) != mini
+    # a store written when training arguments still counted is read as before
+    from retrieval_lightning.retrieval.store import identity_differences
+    written_before = {**base, "preprocessing": {**base["preprocessing"], "image_size": 512, "sampling": "pairs"}}
+    assert identity_differences(written_before, base) == []
+    assert identity_differences(base, {**base, "preprocessing": {**base["preprocessing"], "eval_max_side": 512}})
 
 
 def _shards(out: Path, n: int, shard_size: int = 4) -> list[Path]:
