@@ -528,6 +528,10 @@ class RetrievalModule(pl.LightningModule):
         if database and self.sparsifier is not None:
             entries = self.sparsifier.sparsify(entries)
         producer = self.sparsifier if database and self.sparsifier is not None else head
+        if isinstance(entries, Mapping) or len(entries) != len(images):
+            got = "one mapping" if isinstance(entries, Mapping) else f"{len(entries)} entries"
+            raise UsageError(f"{type(producer).__name__} returned {got} for {len(images)} images: extract_entries "
+                             "(and a sparsifier's sparsify) return a list with one dict of tensors per image")
         check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
         return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 
@@ -545,6 +549,10 @@ class RetrievalModule(pl.LightningModule):
         if shape not in ((len(candidates),), (len(candidates), 1)):
             raise UsageError(f"{type(head).__name__}.score returned scores of shape {shape} for {len(candidates)} "
                              "candidates: it must return one score per candidate")
+        bad = (~torch.isfinite(torch.as_tensor(scores).float().reshape(-1))).nonzero().flatten().tolist()
+        if bad:  # one NaN would reorder a fused shortlist silently (search printed it as "not re-ranked")
+            raise UsageError(f"{type(head).__name__}.score returned NaN/Inf for {len(bad)} of {len(candidates)} "
+                             f"candidates (positions {bad[:10]} of the list it was given)")
         return scores
 
     @torch.no_grad()

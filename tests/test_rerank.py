@@ -212,6 +212,26 @@ def test_a_head_scoring_the_wrong_number_of_candidates_is_named(monkeypatch: pyt
         module.score_entries(entries[0], entries, [0, 1, 2])
 
 
+def test_a_head_scoring_nan_or_returning_too_few_entries_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN score would reorder a fused shortlist silently (``search`` showed it as "not re-ranked"); entries
+    for fewer images, or one dict for the batch, failed later without the head's name."""
+    module = tiny_module()
+    head = module.heads["verifier"]
+    images = [tiny_eval_set().dataset[i]["image"] for i in range(3)]
+    entries = module.rerank_entries(images)
+    real_score, real_extract = head.score, head.extract_entries
+    monkeypatch.setattr(head, "score", lambda q, c, s: real_score(q, c, s).index_fill(0, torch.tensor([1]), torch.nan))
+    with pytest.raises(UsageError, match=r"CosineRerankHead.score returned NaN/Inf for 1 of 3 candidates "
+                                         r"\(positions \[1\]"):
+        module.score_entries(entries[0], entries, [0, 1, 2])
+    monkeypatch.setattr(head, "extract_entries", lambda imgs, at: real_extract(imgs, at)[:-1])
+    with pytest.raises(UsageError, match="CosineRerankHead returned 2 entries for 3 images"):
+        module.rerank_entries(images)
+    monkeypatch.setattr(head, "extract_entries", lambda imgs, at: real_extract(imgs, at)[0])
+    with pytest.raises(UsageError, match="CosineRerankHead returned one mapping for 3 images"):
+        module.rerank_entries(images)
+
+
 def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
     eval_set = tiny_eval_set()
     module = tiny_module()
