@@ -265,6 +265,15 @@ class RetrievalModule(pl.LightningModule):
                            "null) and nothing loaded them: the heads train on random features. Give backbone "
                            "weights, --model.init_from <ckpt>, or take the backbone out of model.freeze")
 
+    def check_trained_heads_have_losses(self) -> None:
+        """Refuse, before the first step, to train a head that has no ``losses`` (a parameter-free verifier)."""
+        missing = [f"{type(head).__name__} ({role!r})" for role, head in self.heads.items()
+                   if role not in self.frozen and type(head).losses is Head.losses]
+        if missing:
+            raise UsageError(f"{', '.join(missing)} {'implements' if len(missing) == 1 else 'implement'} no losses, "
+                             "so fit cannot train it: freeze it (model.freeze) or implement "
+                             "losses(features, labels[, pairs])")
+
     def check_frozen_heads_are_trained(self) -> None:
         """Refuse to fit around a frozen head of random weights (see :meth:`Head.untrained_tensors`)."""
         untrained = self.untrained_frozen_tensors()
@@ -413,6 +422,7 @@ class RetrievalModule(pl.LightningModule):
         # also when resuming (where no imprinting pass below would call it)
         self.train(self.training)
         self._fitted_here = True
+        self.check_trained_heads_have_losses()
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
@@ -444,7 +454,8 @@ class RetrievalModule(pl.LightningModule):
             if role not in self.frozen:
                 groups.extend(g for g in head.parameter_groups(self.optim.lr) if g["params"])
         if not groups:
-            raise ValueError("everything is frozen: nothing to train")
+            raise UsageError(f"everything is frozen (model.freeze: {sorted(self.frozen)}): nothing to train. A "
+                             "model that only evaluates needs no fit: test/extract/evaluate it as it is")
         return split_decay(groups, self.optim.weight_decay)
 
     def configure_optimizers(self) -> Any:

@@ -232,6 +232,22 @@ def test_a_head_scoring_nan_or_returning_too_few_entries_is_named(monkeypatch: p
         module.rerank_entries(images)
 
 
+def test_fit_refuses_to_train_a_head_that_implements_no_losses() -> None:
+    """A parameter-free verifier is a plugin author's first head: fit names it before the first step (it died
+    in the first step with a bare NotImplementedError); frozen, it is fine."""
+    from retrieval_lightning.head import Head
+
+    no_losses = type("NoLossHead", (plugin_module().CosineRerankHead,), {"losses": Head.losses})
+    for freeze, refused in (((), True), (("verifier",), False)):
+        heads = {"global": gem_arcface(), "verifier": no_losses()}
+        module = RetrievalModule(Backbone("resnet18", stages=["conv5"]), heads, freeze=freeze)
+        if refused:
+            with pytest.raises(UsageError, match=r"NoLossHead \('verifier'\) implements no losses.*model.freeze"):
+                module.check_trained_heads_have_losses()
+        else:
+            module.check_trained_heads_have_losses()
+
+
 def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
     eval_set = tiny_eval_set()
     module = tiny_module()
