@@ -422,7 +422,6 @@ class RetrievalModule(pl.LightningModule):
         # also when resuming (where no imprinting pass below would call it)
         self.train(self.training)
         self._fitted_here = True
-        self.check_trained_heads_have_losses()
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
@@ -446,6 +445,7 @@ class RetrievalModule(pl.LightningModule):
 
     def optimizer_groups(self) -> list[dict]:
         """The parameter groups of the optimiser: the backbone's and each trained head's, split by decay."""
+        self.check_trained_heads_have_losses()  # Lightning asks for them before on_fit_start: the clearer error first
         groups = []
         if "backbone" not in self.frozen:
             lr = self.optim.lr * self.optim.backbone_lr_mult
