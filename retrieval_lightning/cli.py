@@ -184,6 +184,14 @@ def concise_parser_error(message: str, parser: Any) -> str:
         fields = _fields_of(parser, key.group(1)) + (_init_parameters(given.group(1)) if given else [])
         close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
         return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if len(keys) > 1:  # a nested option (a head's argument): its path, the class, and the innermost reason
+        given = re.search(r"given class_path '([\w.]+)'", message)
+        where = keys[0] + (f" ({given.group(1).rsplit('.', 1)[-1]})" if given else "") + "".join(
+            f", {k}" for k in keys[1:])
+        innermost = max(i for i, line in enumerate(lines) if line.startswith(f'Parser key "{keys[-1]}"'))
+        reason = lines[innermost + 1] if innermost + 1 < len(lines) else lines[-1]  # the line under that key
+        return f"{where}: " + re.sub(r"Expected an? <class '([^']+)'>", r"expected \1", reason)
     return " ".join(lines[:2]) if lines else message
 
 

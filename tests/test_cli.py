@@ -220,6 +220,10 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
      "error: data: unknown option 'eval_batch_sise'; did you mean 'eval_batch_size'?"),
     (["--model.heads.global.init_args.marginn", "0.2"],
      "error: model.heads: unknown option 'marginn'; did you mean 'margin'?"),
+    # a value of the wrong type, nested: the option's path, the class and the reason (not cut at the class)
+    (["--model.heads.global.init_args.p", "abc"], "error: model.heads (gem_arcface), p: expected float. Got value: abc"),
+    (["--data.init_args.pairs.negatives", "x"],
+     "error: data (minilandmarks), pairs, negatives: expected int. Got value: x"),
 ])
 def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           option: list[str], said: str) -> None:
