@@ -22,6 +22,7 @@ Who does what:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -156,6 +157,7 @@ class PairMiner:
         self.mined_epoch: int | None = None
         #: set by the mining callback: called with the epoch just before that epoch's groups are drawn
         self.request: Callable[[int], None] | None = None
+        self.warned_unmined = False
 
     # ---------------------------------------------------------------- protocol of the mining callback
     @property
@@ -301,6 +303,11 @@ class PairBatchSampler(BatchSampler):
         """All ranks' groups of ``epoch`` (anchors from the epoch's pool, shuffled, cycled as needed)."""
         if self.miner.request is not None:
             self.miner.request(int(epoch))  # refresh the mined table first (a no-op when not due)
+        elif self.miner.mined_epoch is None and not self.miner.warned_unmined:
+            self.miner.warned_unmined = True
+            warnings.warn("sampling: pairs draws random negatives only: no hard-negative mining fills the table. Add "
+                          "retrieval_lightning.callbacks.hard_negatives.HardNegativeMining to trainer.callbacks (as "
+                          "experiments/cvnet_demo.yaml does) for the mined negatives the pair recipe means")
         rng = np.random.default_rng([self.config.seed, int(epoch), 0])
         mined = self.miner.mined_epoch
         pool = self.miner.pool(epoch if mined is None else mined)  # the anchors the mined table covers

@@ -399,6 +399,23 @@ def test_a_resumed_run_loads_the_table_its_first_run_saved(tmp_path: Path) -> No
     assert not (tmp_path / "anonymous").exists()
 
 
+def test_pair_batches_without_a_mining_callback_warn_once() -> None:
+    """``sampling: pairs`` without ``HardNegativeMining`` trained on random negatives without a word."""
+    import warnings
+
+    config = PairSampling(groups_per_batch=2, negatives=1, seed=0)
+    sampler = PairBatchSampler(PairMiner(LABELS, config))
+    with pytest.warns(UserWarning, match="random negatives only.*HardNegativeMining"):
+        list(sampler)
+    mined = PairMiner(LABELS, config)
+    mined.request = lambda epoch: None  # what the callback registers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.set_epoch(1)
+        list(sampler)  # once per run
+        list(PairBatchSampler(mined))
+
+
 def test_pair_loader_resumes_mid_epoch() -> None:
     from datamodules.pairs import PairLoader
 

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
 from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero, raise_if_any_failed
 from retrieval_lightning.retrieval.gather import gather_dedupe
@@ -223,8 +224,8 @@ class HardNegativeMining(pl.Callback):
     def _miner(trainer: pl.Trainer) -> Any:
         miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
         if miner is None:
-            raise RuntimeError("HardNegativeMining needs a datamodule exposing `pair_miner` "
-                               "(e.g. gldv2 / minilandmarks with sampling: pairs)")
+            raise UsageError("HardNegativeMining needs a datamodule exposing `pair_miner` (gldv2 / minilandmarks "
+                             "with sampling: pairs); take it out of trainer.callbacks for other sampling")
         return miner
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
