@@ -117,6 +117,9 @@ def state_dict_of(checkpoint: dict) -> dict[str, Tensor]:
 #: key of the architecture record in a self-contained checkpoint
 ARCHITECTURE_KEY = "retrieval_lightning"
 ARCHITECTURE_FORMAT = 1
+#: key of the distributions that provided the checkpoint's heads (``{name: "dist version"}``), beside the record
+#: (not in it: a plugin's upgrade is not another architecture), so a load without the plugin says what to install
+PLUGINS_KEY = "retrieval_lightning_plugins"
 
 
 class IncompatibleWeightsError(ValueError):

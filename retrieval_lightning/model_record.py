@@ -15,7 +15,7 @@ import inspect
 from functools import partial
 from typing import TYPE_CHECKING, Any, Mapping
 
-from retrieval_lightning.checkpoints import ARCHITECTURE_FORMAT, ARCHITECTURE_KEY, CheckpointLoadError
+from retrieval_lightning.checkpoints import ARCHITECTURE_FORMAT, ARCHITECTURE_KEY, PLUGINS_KEY, CheckpointLoadError
 from retrieval_lightning.registry import HEADS, PluginError
 
 if TYPE_CHECKING:
@@ -81,6 +81,13 @@ def architecture_of(module: "RetrievalModule") -> dict[str, Any]:
     }
 
 
+def plugin_sources(module: "RetrievalModule") -> dict[str, str]:
+    """``{head name: "distribution version"}`` of the module's registered heads."""
+    entries = HEADS.entries()
+    names = {head_class_path(type(head)) for head in module.heads.values()}
+    return {name: f"{entries[name].distribution} {entries[name].version}" for name in sorted(names) if name in entries}
+
+
 def _resolve(class_path: str, what: str) -> type:
     if "." not in class_path or class_path.startswith(_ALIAS_MODULE + "."):
         return HEADS.get(class_path.rsplit(".", 1)[-1])
@@ -140,7 +147,10 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
         try:
             cls = _resolve(spec["class_path"], f"head {role!r}")
         except PluginError as exc:
-            raise CheckpointLoadError(f"{source}: head {role!r}: {exc}") from exc
+            origin = (checkpoint.get(PLUGINS_KEY) or {}).get(spec["class_path"])
+            hint = (f"; the checkpoint's head {spec['class_path']!r} came from distribution {origin}: install it"
+                    if origin and spec["class_path"] not in HEADS.entries() else "")
+            raise CheckpointLoadError(f"{source}: head {role!r}: {exc}{hint}") from exc
         heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
     args = dict(record["module"])
     args.pop("momentum_contrast", None)  # a training device (its momentum copy is training-only): not rebuilt

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval_lightning.backbone import Backbone
-from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, check_state_fits, load_tensor_file, state_dict_of
+from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, check_state_fits, load_tensor_file,
+                                             state_dict_of)
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
@@ -33,7 +34,7 @@ from retrieval_lightning.optim import OptimConfig, build_optimizer, split_decay
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path
+from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path, plugin_sources
 from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUEUE_KEY
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
@@ -315,13 +316,14 @@ class RetrievalModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
+        checkpoint[PLUGINS_KEY] = plugin_sources(self)
         if self.momentum_contrast is not None:
             checkpoint[MOMENTUM_QUEUE_KEY] = self.momentum_contrast.state_for_checkpoint()
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Write a self-contained checkpoint (weights + architecture) without a Trainer."""
         torch.save({"state_dict": self.state_dict(), ARCHITECTURE_KEY: architecture_of(self),
-                    "pytorch-lightning_version": pl.__version__}, str(path))
+                    PLUGINS_KEY: plugin_sources(self), "pytorch-lightning_version": pl.__version__}, str(path))
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

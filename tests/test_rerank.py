@@ -284,6 +284,22 @@ def test_self_contained_checkpoint_and_inference_api(tmp_path: Path) -> None:
         wrong.load_weights(path)
 
 
+def test_a_checkpoint_whose_plugin_is_not_installed_names_its_distribution(tmp_path: Path) -> None:
+    """"unknown head 'x'; did you mean 'cvnet_verifier'?" misled: the checkpoint says which distribution to install."""
+    from retrieval_lightning.checkpoints import PLUGINS_KEY
+
+    path = tmp_path / "m.ckpt"
+    tiny_module().save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint[PLUGINS_KEY]["gem_arcface"].startswith("retrieval-lightning ")
+    checkpoint[ARCHITECTURE_KEY]["heads"]["global"]["class_path"] = "acme_avgpool"
+    checkpoint[PLUGINS_KEY] = {"acme_avgpool": "acme-retrieval-heads 0.3.0"}
+    torch.save(checkpoint, tmp_path / "plugin.ckpt")
+    with pytest.raises(CheckpointLoadError, match=r"plugin.ckpt: head 'global': unknown head 'acme_avgpool'.*"
+                                                  r"came from distribution acme-retrieval-heads 0.3.0: install it"):
+        RetrievalModule.load_from_checkpoint(tmp_path / "plugin.ckpt")
+
+
 def test_a_checkpoint_written_by_another_plugin_version_names_what_does_not_fit(tmp_path: Path) -> None:
     """A head argument the installed plugin does not take (or refuses) is an error naming the
     checkpoint, the head's role and class and the argument, not a bare TypeError."""
