@@ -29,13 +29,15 @@ def head(request: pytest.FixtureRequest) -> Head:
     instance = cls()
     instance.build(STAGE_CHANNELS, NUM_CLASSES)
     if instance.role == "sparsifier":  # a sparsifier serves a verifier: attach the first registered one it accepts
-        for name in [n for n in HEADS.names() if HEADS.get(n).role == "verifier"]:
-            verifier = HEADS.get(name)()
-            verifier.build(STAGE_CHANNELS, NUM_CLASSES)
-            try:
+        for name in HEADS.names():
+            try:  # another plugin's verifier that fails to import or build fails its own tests, not these
+                if HEADS.get(name).role != "verifier":
+                    continue
+                verifier = HEADS.get(name)()
+                verifier.build(STAGE_CHANNELS, NUM_CLASSES)
                 instance.attach(verifier)
                 return instance
-            except ValueError:  # UsageError included: this verifier lacks what the sparsifier reads
+            except Exception:  # noqa: BLE001 - UsageError included: this verifier lacks what the sparsifier reads
                 continue
         pytest.skip("no registered verifier head that this sparsifier can serve")
     return instance
@@ -47,6 +49,9 @@ def test_role_and_stages(head: Head) -> None:
 
 
 def test_losses_are_finite_scalars_and_reach_every_parameter(head: Head) -> None:
+    if type(head).losses is Head.losses:  # it can only be frozen: then it must have nothing to train
+        assert not list(head.parameters()), f"{type(head).__name__} has parameters but implements no losses"
+        return
     head.train()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # off zero initialisations (a last layer at zero stops the gradient of the ones before)
