@@ -414,6 +414,13 @@ def _dispatch(argv: list[str]) -> int:
     return 0
 
 
+def _open_progress_bars() -> bool:
+    """Whether a tqdm bar (Lightning's, or one of this package's passes) is still open on the terminal."""
+    from tqdm.std import tqdm
+
+    return bool(getattr(tqdm, "_instances", None))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: known user errors print one ``error: ...`` line and exit 2 (``--traceback`` shows it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -426,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cause is None or show_traceback:
             raise
         message = _worker_message(str(cause), type(cause).__name__).strip().splitlines()
+        if _open_progress_bars():  # the line of a bar the error stopped (Lightning's): start a new one
+            print(file=sys.stderr)
         print(f"error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
         for line in message[1:4]:
             print(f"  {line}", file=sys.stderr)

@@ -263,3 +263,26 @@ def test_an_image_error_raised_in_a_loader_worker_prints_its_own_message(tmp_pat
     monkeypatch.setattr(cli, "_dispatch", dispatch)
     done = run_main(["test"], cwd=tmp_path, status=2)
     assert done.stderr.splitlines()[0] == "error: cannot load image '/data/x.jpg': file not found"
+
+
+def test_an_error_that_stops_a_progress_bar_starts_its_own_line(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Lightning's bar is left open when an error stops a loop: the error line was printed onto it."""
+    from tqdm.std import tqdm
+
+    from retrieval_lightning import cli
+    from retrieval_lightning.errors import UsageError
+
+    bars: list[tqdm] = []
+
+    def fail(argv: list[str]) -> int:
+        bars.append(tqdm(total=4, desc="Testing DataLoader 0"))
+        bars[0].update(1)
+        raise UsageError("the head returned NaN")
+
+    monkeypatch.setattr(cli, "_dispatch", fail)
+    assert cli.main(["test"]) == 2
+    bars[0].close()
+    err = capsys.readouterr().err
+    assert "\nerror: the head returned NaN" in err and "Testing DataLoader 0" in err
+
