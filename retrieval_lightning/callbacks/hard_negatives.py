@@ -353,7 +353,7 @@ class HardNegativeMining(pl.Callback):
                                         part=(trainer.global_rank, trainer.world_size))[own]
         except Exception as err:  # a rank's failure (out of memory) stops every rank, not only its own
             failure = err
-        raise_if_any_failed(failure, torch_all_gather_object(), f"hard-negative mining, epoch {epoch}")
+        raise_if_any_failed(failure, gather, f"hard-negative mining, epoch {epoch}")
         rows, tables = gather_dedupe(pl_module, own, table=share)
         if rows.numel() != positions.size:
             raise RuntimeError(f"mining gathered {rows.numel()} table rows for a pool of {positions.size}")
@@ -389,7 +389,7 @@ class HardNegativeMining(pl.Callback):
                 raise ValueError(f"a {table.dtype} table of shape {table.shape}, expected int64 {shape}")
             if table.size and (table.min() < -1 or table.max() >= len(miner.labels)):
                 raise ValueError(f"entries outside the {len(miner.labels)} training images")
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, mining again replaces it
             warnings.warn(f"hard-negative mining: the saved table {path} cannot be used ({err}); mining again")
             return None
         return table
