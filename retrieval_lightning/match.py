@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -176,14 +177,16 @@ def run_match(argv: list[str]) -> int:
 
 
 def _explain(module: Any, image_a: np.ndarray, image_b: np.ndarray, out_path: str) -> int:
-    """A verifier's evidence for the pair, printed and drawn."""
+    """A verifier's evidence for the pair, printed and drawn; the score alone from a head that does not explain."""
     from .pair_picture import draw_explanation
-    from .registry import PluginError
 
     try:
         explanation = module.explain_pair(_image_tensor(image_a), _image_tensor(image_b))
     except NotImplementedError as exc:
-        raise PluginError(f"cannot draw this pair: {exc}") from exc
+        score = float(module.rerank_scores(_image_tensor(image_a), [_image_tensor(image_b)])[0])
+        print(f"score: {score:.4f}")
+        print(f"no picture: {type(module.rerank_head).__name__} does not explain its scores ({exc})", file=sys.stderr)
+        return 0
     out = draw_explanation(image_a, image_b, explanation, out_path)
     print(f"score: {explanation.score:.4f} ({len(explanation.matches)} correspondences drawn)")
     print(f"wrote {out}")

@@ -156,6 +156,25 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     assert seen["reference"] is True and seen["threshold"] == 12.0
 
 
+def test_a_verifier_that_does_not_explain_still_gives_its_score(pair: tuple[Path, Path, np.ndarray], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A plugin verifier without ``explain``: match printed only an error, not the score it was asked for."""
+    from test_rerank import tiny_module
+
+    module = tiny_module()
+    checkpoint = tmp_path / "cosine.ckpt"
+    module.save_checkpoint(checkpoint)
+    a, b, _ = pair
+    assert run_match([str(a), str(b), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.png")]) == 0
+    printed = capsys.readouterr()
+    image_a, image_b = (torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255
+                        for p in (a, b))
+    expected = module.rerank_scores(image_a, [image_b])
+    assert printed.out == f"score: {float(expected[0]):.4f}\n"
+    assert "no picture: CosineRerankHead does not explain its scores" in printed.err
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_out_naming_a_directory_puts_the_picture_inside_it(tmp_path: Path) -> None:
     from retrieval_lightning.outputs import picture_path
 
