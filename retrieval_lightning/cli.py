@@ -138,9 +138,13 @@ def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[
         return key.endswith(".class_path") and isinstance(a, str) and isinstance(b, str) \
             and a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1]
 
+    def shown(value: Any) -> str:  # a head by its registry name, as configs write it, not its alias's import path
+        alias = "retrieval_lightning.head_plugins."
+        return repr(value[len(alias):] if isinstance(value, str) and value.startswith(alias) else value)
+
     old, new = leaves(recorded, "model"), leaves(configured, "model")
     skip = {"model.num_classes"}  # linked from the datamodule
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
+    return [f"{key}: {shown(old[key])} -> {shown(new[key])}" for key in sorted(set(old) & set(new))
             if old[key] != new[key] and key not in skip and not same_class(key)]
 
 

@@ -166,6 +166,18 @@ def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path,
     assert "init_args.weights" not in note[0] and "class_path" not in note[0]  # weights: the checkpoint's
 
 
+def test_a_changed_head_class_is_shown_by_its_registry_name() -> None:
+    """Not by the alias module's import path that the parsed config holds."""
+    from retrieval_lightning.cli import model_setting_changes
+
+    alias = "retrieval_lightning.head_plugins."
+    changed = model_setting_changes({"heads": {"verifier": {"class_path": "meancos_verifier"}}},
+                                    {"heads": {"verifier": {"class_path": alias + "colshape_verifier"}}})
+    assert changed == ["model.heads.verifier.class_path: 'meancos_verifier' -> 'colshape_verifier'"]
+    assert model_setting_changes({"heads": {"verifier": {"class_path": "cvnet_verifier"}}},
+                                 {"heads": {"verifier": {"class_path": alias + "cvnet_verifier"}}}) == []
+
+
 def test_predict_without_a_writer_says_where_descriptors_are_written(cache_root: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="predict writes nothing without a prediction-writer callback.*extract"):
         run_main(["predict", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
