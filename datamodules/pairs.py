@@ -22,13 +22,13 @@ Who does what:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch.distributed as dist
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
 from datamodules.sampling import PositionedDataLoader, mixed_seed, run_seed
@@ -305,7 +305,7 @@ class PairBatchSampler(BatchSampler):
             self.miner.request(int(epoch))  # refresh the mined table first (a no-op when not due)
         elif self.miner.mined_epoch is None and not self.miner.warned_unmined:
             self.miner.warned_unmined = True
-            warnings.warn("sampling: pairs draws random negatives only: no hard-negative mining fills the table. Add "
+            rank_zero_warn("sampling: pairs draws random negatives only: no hard-negative mining fills the table. Add "
                           "retrieval_lightning.callbacks.hard_negatives.HardNegativeMining to trainer.callbacks (as "
                           "experiments/cvnet_demo.yaml does) for the mined negatives the pair recipe means")
         rng = np.random.default_rng([self.config.seed, int(epoch), 0])

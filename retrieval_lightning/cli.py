@@ -188,15 +188,36 @@ def concise_parser_error(message: str, parser: Any) -> str:
         fields = _fields_of(parser, key.group(1)) + (_init_parameters(given.group(1)) if given else [])
         close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
         return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-    keys = re.findall(r'Parser key "([^"]+)"', message)
+    found = re.findall(r'Parser key "([^"]+)"', message)
+    keys = [k for i, k in enumerate(found) if i == 0 or k != found[i - 1]]  # two Union branches name a key twice
     if len(keys) > 1:  # a nested option (a head's argument): its path, the class, and the innermost reason
         given = re.search(r"given class_path '([\w.]+)'", message)
         where = keys[0] + (f" ({given.group(1).rsplit('.', 1)[-1]})" if given else "") + "".join(
             f", {k}" for k in keys[1:])
-        innermost = max(i for i, line in enumerate(lines) if line.startswith(f'Parser key "{keys[-1]}"'))
-        reason = lines[innermost + 1] if innermost + 1 < len(lines) else lines[-1]  # the line under that key
-        return f"{where}: " + re.sub(r"Expected an? <class '([^']+)'>", r"expected \1", reason)
+        return f"{where}: {_innermost_reason(message, keys[-1])}"
     return " ".join(lines[:2]) if lines else message
+
+
+def _innermost_reason(message: str, key: str) -> str:
+    """What jsonargparse says under the last ``Parser key "<key>"`` of ``message``: its first line, or for an
+    optional (Union) option the types it expected and the value it got."""
+    raw = [line for line in message.splitlines() if line.strip()]
+    at = max(i for i, line in enumerate(raw) if line.strip().startswith(f'Parser key "{key}"'))
+    indent = len(raw[at]) - len(raw[at].lstrip())
+    block = []
+    for line in raw[at + 1:]:
+        if len(line) - len(line.lstrip()) <= indent:
+            break
+        block.append(line.strip())
+    reason = block[0] if block else raw[-1].strip()
+    if reason.startswith("Does not validate against any of the Union subtypes"):
+        expected = [m.group(1) for m in (re.match(r"- Expected an? <class '([^']+)'>", b) for b in block) if m]
+        given = next((b for b in block if b.startswith("Given value:")), "")
+        types = [t for t in expected if t != "NoneType"]
+        nullable = " (or null)" if "NoneType" in expected else ""
+        reason = f"expected {' or '.join(types) or 'another value'}{nullable}" + (
+            f". Got value: {given.split(':', 1)[1].strip()}" if given else "")
+    return re.sub(r"Expected an? <class '([^']+)'>", r"expected \1", reason)
 
 
 def _fields_of(parser: Any, dest: str) -> list[str]:

@@ -185,7 +185,7 @@ def _explain(module: Any, image_a: np.ndarray, image_b: np.ndarray, out_path: st
     except NotImplementedError as exc:
         score = float(module.rerank_scores(_image_tensor(image_a), [_image_tensor(image_b)])[0])
         print(f"score: {score:.4f}")
-        print(f"no picture: {type(module.rerank_head).__name__} does not explain its scores ({exc})", file=sys.stderr)
+        print(f"no picture: {exc}", file=sys.stderr)
         return 0
     out = draw_explanation(image_a, image_b, explanation, out_path)
     print(f"score: {explanation.score:.4f} ({len(explanation.matches)} correspondences drawn)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import inspect
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -591,6 +592,8 @@ class RetrievalModule(pl.LightningModule):
         query = self.rerank_entries([query_image], database=False)[0]
         stored = self.rerank_entries([candidate_image], database=True)[0]
         explanation = head.explain(query, self.densify_entries([stored])[0])
+        if not math.isfinite(float(explanation.score)):  # as score_entries refuses it
+            raise UsageError(f"{type(head).__name__}.explain returned the score {explanation.score}")
         if self.sparsifier is not None:
             explanation.candidate_kept = self.sparsifier.kept_cells(stored)
         return explanation

@@ -236,6 +236,8 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
     (["--model.heads.global.init_args.p", "abc"], "error: model.heads (gem_arcface), p: expected float. Got value: abc"),
     (["--data.init_args.pairs.negatives", "x"],
      "error: data (minilandmarks), pairs, negatives: expected int. Got value: x"),
+    (["--data.init_args.pairs.crops_per_image", "x"],  # an optional option: the types of the Union it tried
+     "error: data (minilandmarks), pairs, crops_per_image: expected int (or null). Got value: x"),
 ])
 def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           option: list[str], said: str) -> None:

@@ -35,9 +35,12 @@ def head(request: pytest.FixtureRequest) -> Head:
                     continue
                 verifier = HEADS.get(name)()
                 verifier.build(STAGE_CHANNELS, NUM_CLASSES)
+            except Exception:  # noqa: BLE001
+                continue
+            try:  # the sparsifier's own attach: only its refusal of a verifier is not a failure
                 instance.attach(verifier)
                 return instance
-            except Exception:  # noqa: BLE001 - UsageError included: this verifier lacks what the sparsifier reads
+            except ValueError:  # UsageError included: this verifier lacks what the sparsifier reads
                 continue
         pytest.skip("no registered verifier head that this sparsifier can serve")
     return instance
@@ -76,6 +79,8 @@ def test_losses_are_finite_scalars_and_reach_every_parameter(head: Head) -> None
 def test_watched_values_are_detached_scalars_apart_from_the_losses(head: Head) -> None:
     """``training_metrics`` (logged beside the losses, never optimised): finite detached scalars whose
     names are not losses', forgotten once read; every built-in head watches something."""
+    if type(head).losses is Head.losses:  # a frozen-only head: nothing is trained, nothing to watch
+        return
     head.train()
     feats = {k: v.requires_grad_(True) for k, v in tiny_features().items()}
     losses = head.losses(feats, torch.tensor([0, 1, 2, 3]))
@@ -233,4 +238,4 @@ def test_untrained_tensors_name_parameters_that_are_not_training_only(head: Head
     assert set(names) <= set(parameters)
     assert not [n for n in names if n.startswith(head.training_only)]
     if type(head).untrained_tensors is Head.untrained_tensors:  # no deliberate starting point declared
-        assert names == [n for n in parameters if not n.startswith(head.training_only)] and names
+        assert names == [n for n in parameters if not n.startswith(head.training_only)] and (names or not parameters)

@@ -18,6 +18,7 @@ from rerank_plugin import PLUGIN_SOURCE
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointLoadError, IncompatibleWeightsError
+from retrieval_lightning.head import PairExplanation
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
 from retrieval_lightning.head_plugins import gem_arcface
@@ -224,6 +225,10 @@ def test_a_head_scoring_nan_or_returning_too_few_entries_is_named(monkeypatch: p
     with pytest.raises(UsageError, match=r"CosineRerankHead.score returned NaN/Inf for 1 of 3 candidates "
                                          r"\(positions \[1\]"):
         module.score_entries(entries[0], entries, [0, 1, 2])
+    monkeypatch.setattr(head, "explain", lambda q, c: PairExplanation(score=float("nan"), matches=np.zeros((0, 4)),
+                                                                      strengths=np.zeros(0)))
+    with pytest.raises(UsageError, match=r"CosineRerankHead.explain returned the score nan"):
+        module.explain_pair(images[0], images[1])  # what match draws
     monkeypatch.setattr(head, "extract_entries", lambda imgs, at: real_extract(imgs, at)[:-1])
     with pytest.raises(UsageError, match="CosineRerankHead returned 2 entries for 3 images"):
         module.rerank_entries(images)
@@ -334,21 +339,6 @@ def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -
     checkpoint = {"state_dict": dict(trained.state_dict())}
     eval_only.on_load_checkpoint(checkpoint)  # what `test --ckpt_path` does before Lightning's strict load
     eval_only.load_state_dict(checkpoint["state_dict"], strict=True)
-
-
-def test_match_names_a_third_party_verifier_that_cannot_explain(tmp_path: Path) -> None:
-    """``match`` asks a non-local head to explain its score; a plugin without ``explain`` is a user
-    error naming the head's class (one ``error:`` line from the CLI), not a traceback."""
-    from PIL import Image
-
-    from retrieval_lightning.match import run_match
-    from retrieval_lightning.registry import PluginError
-
-    tiny_module().save_checkpoint(tmp_path / "m.ckpt")
-    image = tmp_path / "a.png"
-    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(image)
-    with pytest.raises(PluginError, match="CosineRerankHead does not explain"):
-        run_match([str(image), str(image), "--checkpoint", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "x.png")])
 
 
 def test_match_names_a_checkpoint_without_a_reranking_head(tmp_path: Path) -> None:

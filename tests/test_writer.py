@@ -255,8 +255,12 @@ def test_a_store_identity_skips_the_arguments_that_shape_only_training(tmp_path:
     # a store written when training arguments still counted is read as before
     from retrieval_lightning.retrieval.store import identity_differences
     written_before = {**base, "preprocessing": {**base["preprocessing"], "image_size": 512, "sampling": "pairs"}}
+    written_before.pop("preprocessing_uncounted")
     assert identity_differences(written_before, base) == []
     assert identity_differences(base, {**base, "preprocessing": {**base["preprocessing"], "eval_max_side": 512}})
+    # an argument that changes evaluation images is not excused by its absence from this datamodule
+    other = {**base, "preprocessing": {**base["preprocessing"], "query_box_rounding": "floor"}}
+    assert identity_differences(other, base) == ["'preprocessing.query_box_rounding'='floor' in store but not expected"]
 
 
 def _shards(out: Path, n: int, shard_size: int = 4) -> list[Path]:

@@ -92,28 +92,34 @@ def normalize_identity(identity: Mapping[str, Any] | None) -> dict[str, Any]:
 
 #: identity keys that stores written by earlier versions lack (they are read as they are)
 ADDED_LATER = frozenset({"items"})
+#: identity key naming the datamodule's arguments left out of ``preprocessing`` (batch sizes, training-only
+#: ones): never compared itself, it lets a store that still holds one of them (written when it counted) be read
+UNCOUNTED_KEY = "preprocessing_uncounted"
 
 
-def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
+def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "",
+                         uncounted: frozenset[str] | None = None) -> list[str]:
     """Human-readable list of the keys whose values differ between two identities; nested dicts
     (the datamodule's preprocessing, a head's arguments) name the key inside, not the whole dict."""
+    if uncounted is None:
+        uncounted = frozenset(expected.get(UNCOUNTED_KEY) or ())
     diffs = []
     for key in sorted(set(stored) | set(expected)):
         name = f"{prefix}{key}"
-        if not prefix and key in ADDED_LATER and key not in stored:
-            continue  # a store written before this part of the identity existed
+        if not prefix and (key == UNCOUNTED_KEY or (key in ADDED_LATER and key not in stored)):
+            continue  # which arguments count is no part of a store; a store written before this key existed
         if key not in stored:
             diffs.append(f"{name!r} missing in store (expected {expected[key]!r})")
-        elif key not in expected and prefix == "preprocessing.":
-            continue  # an argument that no longer counts (declared training-only since the store was written)
+        elif key not in expected and prefix == "preprocessing." and key in uncounted:
+            continue  # an argument that counted when the store was written (now a batch size or training-only)
         elif key not in expected:
             diffs.append(f"{name!r}={stored[key]!r} in store but not expected")
         elif isinstance(stored[key], Mapping) and isinstance(expected[key], Mapping):
-            diffs += identity_differences(stored[key], expected[key], prefix=f"{name}.")
+            diffs += identity_differences(stored[key], expected[key], prefix=f"{name}.", uncounted=uncounted)
         elif _same_length_lists(stored[key], expected[key]) and stored[key] != expected[key]:
             # a head's [class, {arguments}]: name the argument, not the whole list
             diffs += identity_differences(dict(enumerate(stored[key])), dict(enumerate(expected[key])),
-                                          prefix=f"{name}.")
+                                          prefix=f"{name}.", uncounted=uncounted)
         elif stored[key] != expected[key]:
             diffs.append(f"{name!r}: store has {stored[key]!r}, expected {expected[key]!r}")
     return diffs

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from retrieval_lightning.errors import DataFormatError, UsageError
 
 from .store import (
+    UNCOUNTED_KEY,
     FeatureStore,
     KindSpec,
     StoreIdentityError,
@@ -105,10 +106,13 @@ def datamodule_identity(datamodule: Any) -> dict[str, Any]:
     A datamodule names its arguments that only shape training (crops, sampling) in ``training_only_arguments``:
     a store extracted under one training recipe is evaluated under another."""
     skip = NOT_PREPROCESSING | set(getattr(datamodule, "training_only_arguments", ()))
-    args = {k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in skip}
+    hparams = dict(getattr(datamodule, "hparams", {}) or {})
+    args = {k: v for k, v in hparams.items() if k not in skip}
     return {
         "datamodule": type(datamodule).__name__ if datamodule is not None else None,
         "preprocessing": json.loads(json.dumps(args, sort_keys=True, default=str)),
+        # never compared: which of a store's stored arguments may be absent here (they count no longer)
+        UNCOUNTED_KEY: sorted(k for k in hparams if k in skip),
     }
 
 
