@@ -233,7 +233,8 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
     (["--model.heads.global.init_args.marginn", "0.2"],
      "error: model.heads: unknown option 'marginn'; did you mean 'margin'?"),
     # a value of the wrong type, nested: the option's path, the class and the reason (not cut at the class)
-    (["--model.heads.global.init_args.p", "abc"], "error: model.heads (gem_arcface), p: expected float. Got value: abc"),
+    (["--model.heads.global.init_args.p", "abc"],
+     "error: model.heads (gem_arcface), p: expected float. Got value: abc"),
     (["--data.init_args.pairs.negatives", "x"],
      "error: data (minilandmarks), pairs, negatives: expected int. Got value: x"),
     (["--data.init_args.pairs.crops_per_image", "x"],  # an optional option: the types of the Union it tried

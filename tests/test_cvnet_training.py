@@ -20,6 +20,7 @@ from datamodules.sampling import rank_share
 from retrieval_lightning.callbacks import hard_negatives
 from retrieval_lightning.callbacks.hard_negatives import (HardNegativeMining, mined_examples, nearest_other_label,
                                                           part_rows)
+from retrieval_lightning.data.io import ImageLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 # 9 labels of 1..6 images (label 8 has one image: never an anchor, still a negative)
@@ -397,6 +398,20 @@ def test_a_resumed_run_loads_the_table_its_first_run_saved(tmp_path: Path) -> No
     anonymous = _ColourPool(tmp_path / "anonymous")  # a miner that does not name its images: nothing saved
     anonymous.callback().mine(anonymous.trainer, anonymous.module, anonymous.miner(), 0)
     assert not (tmp_path / "anonymous").exists()
+
+
+def test_an_image_that_fails_while_the_pool_is_embedded_stops_the_mining_with_its_error() -> None:
+    """Its own error (on every rank under DDP, where the others would have waited at the gather)."""
+    pool = _ColourPool()
+    miner = pool.miner()
+
+    def unreadable(positions: np.ndarray) -> list[dict]:
+        raise ImageLoadError("/data/train/0/0/0/000abc.jpg: cannot identify image file")
+
+    miner._make_dataset = unreadable
+    with pytest.raises(ImageLoadError, match="000abc.jpg"):
+        pool.callback().mine(pool.trainer, pool.module, miner, 0)
+    assert pool.module.training  # the module's mode is restored
 
 
 def test_pair_batches_without_a_mining_callback_warn_once() -> None:

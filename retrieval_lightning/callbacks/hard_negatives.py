@@ -333,13 +333,17 @@ class HardNegativeMining(pl.Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
+        rows, desc, failure = torch.zeros(0, dtype=torch.long), torch.zeros(0), None
         try:
             plugin = getattr(trainer, "precision_plugin", None)
             rows, desc = self.embed_pool(pl_module, miner.pool_dataset(positions), trainer.global_rank,
                                          trainer.world_size, shows_progress(trainer),
                                          getattr(plugin, "forward_context", None))
+        except Exception as err:  # an unreadable image of one rank's share stops every rank, not only its own
+            failure = err
         finally:
             pl_module.train(was_training)
+        raise_if_any_failed(failure, gather, f"hard-negative mining, epoch {epoch}: embedding the pool")
         rows, gathered = gather_dedupe(pl_module, rows, desc=desc)
         if rows.numel() != positions.size:
             raise RuntimeError(f"mining gathered {rows.numel()} descriptors for a pool of {positions.size}")
