@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import netrc
 import os
+import subprocess
+from argparse import Namespace
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.logger import _convert_params
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
@@ -39,6 +44,40 @@ class RetrievalWandbLogger(WandbLogger):
                 mode not in ("online", "disabled") and not wandb_credentials_available())
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        """Lightning's flat copy of the module's and datamodule's arguments, under ``hparams``: the run's config
+        already holds the whole resolved config, nested (``model.optim.lr``, ``data.init_args.seed``); at the top
+        level, a datamodule's ``seed`` would read as the run's ``seed_everything``."""
+        flat = {k: v for k, v in _convert_params(params).items() if not str(k).startswith("_")}
+        super().log_hyperparams({"hparams": flat})
+
+
+def code_version(package: Path | None = None) -> dict[str, Any]:
+    """The version of the code that runs, for a run's config: the package's version and, when the package is
+    a tracked file of a git checkout (an editable install), its commit and whether the tree has changes.
+
+    W&B records the git state of its own directory, the run's ``save_dir``, which is scratch space on a
+    cluster and another checkout's at best; this is the commit of the code itself."""
+    try:
+        version = metadata.version("retrieval-lightning")
+    except metadata.PackageNotFoundError:
+        version = None
+    package = package or Path(__file__).resolve().parent
+    out: dict[str, Any] = {"package_version": version, "git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "__init__.py") is not None:  # a copy in site-packages is not tracked
+        out["git_commit"] = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+        out["git_dirty"] = None if status is None else bool(status)
+    return out
 
 
 def checkpoint_to_resume(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:

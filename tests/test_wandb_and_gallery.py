@@ -93,6 +93,36 @@ def test_wandb_mode_disabled_runs_without_wandb_files(cache_root: Path, tmp_path
     assert saved and "gem_arcface" in saved[0].read_text()
 
 
+def test_a_run_records_the_commit_of_the_code_that_runs(tmp_path: Path) -> None:
+    """W&B records the git state of the run's directory (scratch space on a cluster); the config gets the
+    package's own commit, and none for a copy that no checkout tracks (an installed wheel)."""
+    import shutil
+    import subprocess
+
+    from retrieval_lightning.loggers import code_version
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    here = code_version()
+    assert here["git_commit"] == head and isinstance(here["git_dirty"], bool) and here["package_version"]
+    copy = shutil.copytree(REPO / "retrieval_lightning", tmp_path / "site-packages" / "retrieval_lightning",
+                           ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_version(Path(copy))["git_commit"] is None
+
+
+def test_lightnings_flat_hyperparameters_go_under_hparams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's config holds the resolved config, nested; Lightning's flat copy of the module's and datamodule's
+    arguments (a datamodule's ``seed`` reading as the run's) goes under ``hparams``, without ``_instantiator``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from retrieval_lightning.loggers import RetrievalWandbLogger
+
+    logged: list[dict] = []
+    monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params: logged.append(params))
+    logger = RetrievalWandbLogger(offline=True, save_dir=str(tmp_path), project="p")
+    logger.log_hyperparams({"seed": 3, "optim": {"lr": 0.1}, "_instantiator": "lightning.pytorch.cli.instantiate"})
+    assert logged == [{"hparams": {"seed": 3, "optim": {"lr": 0.1}}}]
+
+
 def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Path) -> None:
     """``test --ckpt_path`` restores no step count: the picture is named after the checkpoint, not
     "step 0" (which reads as untrained); an existing picture gets a numbered neighbour."""
@@ -105,6 +135,11 @@ def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Pa
     tested = SimpleNamespace(global_step=0, ckpt_path="/runs/a/checkpoints/0000300.ckpt",
                              state=SimpleNamespace(fn="test"))
     assert weights_label(tested) == "ckpt 0000300"
+    module = SimpleNamespace(hparams={"init_from": "/runs/a/checkpoints/last.ckpt"})  # test --model.init_from
+    from_init = SimpleNamespace(global_step=0, ckpt_path=None, state=SimpleNamespace(fn="test"), lightning_module=module)
+    assert weights_label(from_init) == "init_from last"
+    module.hparams["init_from"] = None
+    assert weights_label(from_init) == "step 0"  # what it is: weights nobody trained here or loaded
     resumed = SimpleNamespace(global_step=40, ckpt_path="/runs/a/last.ckpt", state=SimpleNamespace(fn="fit"))
     assert weights_label(resumed) == "step 40"
     first = tmp_path / "test_x_step0.png"

@@ -3,7 +3,8 @@
 Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir``; with a
 ``WandbLogger`` that directory is shared by every run and W&B writes its own ``config.yaml``,
 so a second run fails. Here, when a W&B logger is attached, the config goes into the run's own
-directory and into ``run.config`` (so it is searchable in the W&B UI); otherwise Lightning's
+directory and into ``run.config`` (so it is searchable in the W&B UI), with the version of the code
+(``code``: the package's version, git commit and whether its tree has changes); otherwise Lightning's
 behaviour is kept.
 """
 
@@ -14,6 +15,8 @@ import os
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+
+from retrieval_lightning.loggers import code_version
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -43,7 +46,7 @@ class SaveConfigToLoggers(SaveConfigCallback):
                 run = logger.experiment
                 path = os.path.join(run.dir, "lightning_config.yaml")
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
-                run.config.update(self.config.as_dict(), allow_val_change=True)
+                run.config.update({**self.config.as_dict(), "code": code_version()}, allow_val_change=True)
         self.already_saved = True
         trainer.strategy.barrier()
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

@@ -36,10 +36,15 @@ def _thumbnail(image: Tensor):
 
 def weights_label(trainer: pl.Trainer) -> str:
     """What the evaluated weights are, for a picture's title and file name: the training step, or in
-    ``test``/``validate --ckpt_path`` (where Lightning restores no step count) the checkpoint's name."""
+    ``test``/``validate --ckpt_path`` (where Lightning restores no step count) the checkpoint's name, or
+    the ``model.init_from`` checkpoint's."""
     ckpt_path = getattr(trainer, "ckpt_path", None)
-    if trainer.global_step == 0 and ckpt_path and not getattr(trainer.state, "fn", None) == "fit":
-        return f"ckpt {Path(ckpt_path).stem}"
+    if trainer.global_step == 0 and not getattr(trainer.state, "fn", None) == "fit":
+        if ckpt_path:
+            return f"ckpt {Path(ckpt_path).stem}"
+        init_from = (getattr(getattr(trainer, "lightning_module", None), "hparams", None) or {}).get("init_from")
+        if init_from:  # `test --model.init_from <ckpt>`: trained weights, not "step 0"
+            return f"init_from {Path(str(init_from)).stem}"
     return f"step {trainer.global_step}"
 
 
@@ -177,13 +182,14 @@ class RetrievalGallery(pl.Callback):
             headline = _headline(result.metrics, None if before is None else before.metrics)
             if name in reranked and before is None:
                 headline = f"re-ranked, {headline}"
-            draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance,
-                         f"{stage} {name} ({label}): {headline}", path,
+            title = f"{stage} {name} ({label}): {headline}"
+            draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance, title, path,
                          self.max_queries, self.k, before=before)
             drawn.append(path)
+            section = {"validate": "val"}.get(stage, stage)  # beside the metrics of the same evaluation
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"{stage}/{name}/gallery", images=[os.fspath(path)],
+                    logger.log_image(key=f"{section}/{name}/gallery", images=[os.fspath(path)], caption=[title],
                                      step=trainer.global_step)
         self.saved += drawn
         return drawn

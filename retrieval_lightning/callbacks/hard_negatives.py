@@ -435,7 +435,8 @@ class HardNegativeMining(pl.Callback):
         self.pictures.append(path)
         for logger in getattr(trainer, "loggers", []):
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="train/hard_negatives", images=[os.fspath(path)], step=trainer.global_step)
+                logger.log_image(key="train/hard_negatives", images=[os.fspath(path)], step=trainer.global_step,
+                                 caption=[f"hard negatives mined for epoch {epoch} (pool of {len(positions)})"])
         return path
 
 
