@@ -142,6 +142,12 @@ def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Pa
     assert weights_label(from_init) == "step 0"  # what it is: weights nobody trained here or loaded
     resumed = SimpleNamespace(global_step=40, ckpt_path="/runs/a/last.ckpt", state=SimpleNamespace(fn="fit"))
     assert weights_label(resumed) == "step 40"
+    # logged where Lightning logs the metrics it shows: its count of batches that stepped
+    from retrieval_lightning.callbacks.gallery import metrics_step
+
+    validating = SimpleNamespace(global_step=4, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        _batches_that_stepped=3)))
+    assert metrics_step(validating) == 3 and metrics_step(SimpleNamespace(global_step=5)) == 5
     first = tmp_path / "test_x_step0.png"
     assert free_path(first) == first
     first.write_bytes(b"png")

@@ -48,6 +48,13 @@ def weights_label(trainer: pl.Trainer) -> str:
     return f"step {trainer.global_step}"
 
 
+def metrics_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs metrics at (its count of batches that stepped, one behind ``global_step`` in a
+    validation during ``fit``): a picture logged at it sits on its metrics' row."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
 def free_path(path: Path) -> Path:
     """``path``, or ``<stem>_2<suffix>``, ``_3``... when taken: an evaluation never overwrites an
     earlier one's picture (``finetune``'s baseline, another checkpoint tested in the same directory)."""
@@ -190,7 +197,7 @@ class RetrievalGallery(pl.Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{section}/{name}/gallery", images=[os.fspath(path)], caption=[title],
-                                     step=trainer.global_step)
+                                     step=metrics_step(trainer))
         self.saved += drawn
         return drawn
 
