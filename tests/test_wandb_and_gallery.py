@@ -136,7 +136,8 @@ def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Pa
                              state=SimpleNamespace(fn="test"))
     assert weights_label(tested) == "ckpt 0000300"
     module = SimpleNamespace(hparams={"init_from": "/runs/a/checkpoints/last.ckpt"})  # test --model.init_from
-    from_init = SimpleNamespace(global_step=0, ckpt_path=None, state=SimpleNamespace(fn="test"), lightning_module=module)
+    from_init = SimpleNamespace(global_step=0, ckpt_path=None, state=SimpleNamespace(fn="test"),
+                                lightning_module=module)
     assert weights_label(from_init) == "init_from last"
     module.hparams["init_from"] = None
     assert weights_label(from_init) == "step 0"  # what it is: weights nobody trained here or loaded
