@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _fresh_process import run_variant
 
 
 def search(variant: str, pool: int, dim: int, rows: int, chunk: int) -> dict:
@@ -57,12 +55,9 @@ def main() -> None:
     if args.variant:
         print(json.dumps(search(args.variant, args.pool, args.dim, args.rows, args.chunk)))
         return
-    runs = {}
-    for variant in ("blocks", "all columns"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--pool", str(args.pool), "--dim", str(args.dim),
-               "--rows", str(args.rows), "--chunk", str(args.chunk)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows the tensors, not glibc's heap
-        runs[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+    runs = {variant: run_variant(__file__, ["--variant", variant, "--pool", str(args.pool), "--dim", str(args.dim),
+                                            "--rows", str(args.rows), "--chunk", str(args.chunk)])
+            for variant in ("blocks", "all columns")}
     blocks, whole = runs["blocks"], runs["all columns"]
     differ = sum(a != b for a, b in zip(blocks["table"], whole["table"]))
     print(f"nearest other labels, {blocks['rows']} rows of a {args.pool:,}-image pool ({args.dim}-D, chunks of "

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _fresh_process import run_variant
 
 
 def step_times(steps: int, batch: int, size: int) -> dict[str, float]:
@@ -101,13 +99,9 @@ def main() -> None:
     print(f"training step, batch {args.batch} at {args.size} px (EfficientNet-Lite0, CPU, {torch.get_num_threads()} "
           f"threads): without the contrast {times['without'] * 1000:.0f} ms, with it {times['with'] * 1000:.0f} ms "
           f"(x{times['with'] / times['without']:.2f})")
-    runs = {}
-    for variant in ("chunked", "whole"):
-        cmd = [sys.executable, __file__, "--memory-only", variant, "--queries", str(args.queries), "--classes",
-               str(args.classes), "--queue", str(args.queue), "--dim", str(args.dim)]
-        # glibc otherwise keeps freed chunk-sized blocks in its heap: RSS would track the allocator, not the tensors
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        runs[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+    runs = {variant: run_variant(__file__, ["--memory-only", variant, "--queries", str(args.queries), "--classes",
+                                            str(args.classes), "--queue", str(args.queue), "--dim", str(args.dim)])
+            for variant in ("chunked", "whole")}
     chunked, whole = runs["chunked"], runs["whole"]
     grad = max(abs(a - b) for a, b in zip(chunked["grad"], whole["grad"]))
     print(f"contrastive loss, {args.queries} queries of {args.classes} classes against a queue of {args.queue} "

@@ -174,6 +174,12 @@ def _topk_stable(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.cpu(), idx.cpu()
 
 
+def _on_every_rank(flag: bool, gather: Callable[[Any], list[Any]] | None) -> bool:
+    """Whether ``flag`` holds on every rank (``gather``: ``all_gather_object``, ``None`` without a process group),
+    so all ranks take the same branch and the same collectives after it."""
+    return all(gather(flag)) if gather is not None else flag
+
+
 class KeptTable(NamedTuple):
     """The last mined table (``neighbours``: training positions) and what it is a function of (``key``)."""
 
@@ -317,7 +323,7 @@ class HardNegativeMining(pl.Callback):
         raise_if_any_failed(failure, gather, f"hard-negative mining, epoch {epoch}")
         kept = self._kept
         keep = kept is not None and key is not None and kept.key == key
-        if all(gather(keep) if gather is not None else [keep]):  # kept only where every rank keeps its own
+        if _on_every_rank(keep, gather):  # kept only where every rank keeps its own
             miner.set_negatives(epoch, positions, kept.neighbours)
             rank_zero_info(f"hard-negative mining, epoch {epoch}: the table of epoch {kept.epoch} kept "
                            "(the same global model and pool)")
@@ -325,7 +331,7 @@ class HardNegativeMining(pl.Callback):
         self._kept = None
         saved = self.saved_table(trainer, miner, key)
         loaded = self._load_table(saved, miner, positions) if saved is not None and saved.exists() else None
-        if all(gather(loaded is not None) if gather is not None else [loaded is not None]):
+        if _on_every_rank(loaded is not None, gather):
             miner.set_negatives(epoch, positions, loaded)
             self._kept = KeptTable(key, loaded, int(epoch))
             rank_zero_info(f"hard-negative mining, epoch {epoch}: the table of an earlier run of the same global "
