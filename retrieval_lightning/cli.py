@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from retrieval_lightning.callbacks import SaveConfigToLoggers
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, open_lightning_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
+from retrieval_lightning.loggers import label_wandb_runs
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
 from retrieval_lightning.trainer import RetrievalTrainer
@@ -272,6 +273,10 @@ class RetrievalCLI(LightningCLI):
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             rank_zero_warn("predict writes nothing without a prediction-writer callback; `retrieval-lightning extract` "
                            "(same arguments, plus --output_dir) writes the descriptors to a feature store for `search`")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        label_wandb_runs(self.trainer, subcommand, self.config.get(subcommand, self.config).as_dict())
+        super()._run_subcommand(subcommand)
 
     def instantiate_classes(self) -> None:
         """A value the classes refuse while being built (``rerank.k: 0``, an unknown ``eval_resize`` or

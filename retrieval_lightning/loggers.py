@@ -8,7 +8,7 @@ import subprocess
 from argparse import Namespace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.logger import _convert_params
@@ -105,9 +105,7 @@ def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> str | None
     path = checkpoint_to_resume(trainer, ckpt_path) if loggers else None
     if path is None:
         return None
-    checkpoint = open_checkpoint(path)
-    run_id = next((state["wandb"]["run_id"] for state in checkpoint.get("callbacks", {}).values()
-                   if isinstance(state, dict) and "wandb" in state), None)
+    run_id = checkpoint_wandb_run(open_checkpoint(path))
     if run_id is None:
         return None
     for logger in loggers:
@@ -115,3 +113,46 @@ def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> str | None
             logger._id = run_id
             logger._wandb_init.update(id=run_id, resume="allow")
     return run_id
+
+
+def checkpoint_wandb_run(checkpoint: Mapping[str, Any]) -> str | None:
+    """The id of the W&B run that wrote ``checkpoint`` (recorded by
+    :class:`~retrieval_lightning.callbacks.ResumeState`), if any."""
+    callbacks = checkpoint.get("callbacks")
+    states = callbacks.values() if isinstance(callbacks, Mapping) else ()
+    return next((state["wandb"].get("run_id") for state in states
+                 if isinstance(state, Mapping) and isinstance(state.get("wandb"), Mapping)), None)
+
+
+def weights_source(subcommand: str, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where a run's weights come from, for its W&B config: the checkpoint (``--ckpt_path``, or
+    ``--model.init_from`` for an earlier stage of a recipe) and the id of the W&B run that trained it,
+    so a test run or a verifier stage links to the run it evaluates or continues from. A resumed
+    ``fit`` continues that very run, so its own ``--ckpt_path`` is not a source."""
+    model = config.get("model")
+    init_args = (model.get("init_args") if isinstance(model.get("init_args"), Mapping) else model) \
+        if isinstance(model, Mapping) else {}
+    candidates = [] if subcommand in ("fit", "finetune") else [config.get("ckpt_path")]
+    candidates.append(init_args.get("init_from"))
+    for path in candidates:
+        if not path or not os.path.isfile(str(path)):
+            continue
+        try:
+            run_id = checkpoint_wandb_run(open_checkpoint(path))
+        except Exception:  # noqa: BLE001 - a plain weights file or a foreign pickle: no run to link
+            run_id = None
+        return {"checkpoint": str(Path(path).resolve()), "wandb_run_id": run_id}
+    return None
+
+
+def label_wandb_runs(trainer: pl.Trainer, subcommand: str, config: Mapping[str, Any]) -> None:
+    """Before the W&B runs of a subcommand are created: their ``job_type`` is the subcommand (fit, test,
+    extract, ...; one set in the config is kept), so a project's runs group by what they did, and their
+    config names the checkpoint the weights come from and its run (:func:`weights_source`)."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg._experiment is None]
+    source = weights_source(subcommand, config) if loggers and trainer.is_global_zero else None
+    for logger in loggers:
+        if not logger._wandb_init.get("job_type"):  # the CLI passes every argument: an unset one is None
+            logger._wandb_init["job_type"] = subcommand
+        if source is not None:
+            logger._wandb_init["config"] = {**(logger._wandb_init.get("config") or {}), "weights_source": source}

@@ -163,3 +163,33 @@ def test_a_gallery_larger_than_the_kept_shortlist_is_refused(bad: dict) -> None:
 
     with pytest.raises(ValueError, match="RetrievalGallery"):
         RetrievalGallery(**bad)
+
+
+def test_wandb_runs_carry_the_subcommand_and_the_run_their_weights_come_from(tmp_path: Path) -> None:
+    """A test run is grouped as ``job_type`` test and names the checkpoint it evaluates and the W&B run that
+    trained it; a verifier stage names the stage it starts from (``init_from``); a resumed fit continues its
+    own run, so its ``--ckpt_path`` is no source; a ``job_type`` set in the config is kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from retrieval_lightning.loggers import RetrievalWandbLogger, label_wandb_runs
+
+    trained = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "callbacks": {"ResumeState": {"wandb": {"run_id": "abc123", "step": 7}}}}, trained)
+    plain = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, plain)
+
+    def labelled(subcommand: str, cli_config: dict, **init: object) -> dict:
+        logger = RetrievalWandbLogger(offline=True, save_dir=str(tmp_path / "runs"), project="p", **init)
+        label_wandb_runs(SimpleNamespace(loggers=[logger], is_global_zero=True), subcommand, cli_config)
+        return logger._wandb_init
+
+    tested = labelled("test", {"ckpt_path": str(trained), "model": {"init_from": None}}, 
+                      job_type=None, config=None)  # as the CLI passes unset arguments
+    assert tested["job_type"] == "test"
+    assert tested["config"]["weights_source"] == {"checkpoint": str(trained.resolve()), "wandb_run_id": "abc123"}
+    stage = labelled("fit", {"ckpt_path": "last", "model": {"init_from": str(plain)}})
+    assert stage["job_type"] == "fit" and stage["config"]["weights_source"]["wandb_run_id"] is None
+    resumed = labelled("fit", {"ckpt_path": str(trained), "model": {"init_from": None}}, job_type="sweep")
+    assert resumed["job_type"] == "sweep" and "weights_source" not in (resumed.get("config") or {})
