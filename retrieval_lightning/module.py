@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -801,3 +802,22 @@ def check_entries(entries: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, E
                 declared = f"(n, {', '.join(map(str, kind.shape))})" if kind.ragged else str(tuple(kind.shape))
                 raise UsageError(f"{producer} entry {name!r} of image {i} has shape {shape}, but entry_kinds() "
                                  f"declares {declared}{' (ragged)' if kind.ragged else ''}")
+            check_entry_dtype(value, kind.dtype, f"{producer} entry {name!r} of image {i}")
+
+
+def check_entry_dtype(value: Tensor, declared: str, what: str) -> None:
+    """The store casts an entry to its declared dtype. Narrowing a float (float32 into ``float16``) is what
+    a declaration asks for; a float into an integer kind, or integers beyond its range, would be
+    truncated or wrapped without a word, so they are refused here."""
+    target = np.dtype(declared)
+    if target.kind not in "iu":
+        return
+    if value.is_floating_point() or value.is_complex():
+        raise UsageError(f"{what} is {value.dtype}, but entry_kinds() declares {declared}: the store would "
+                         "truncate it (round or quantise it in the head, or declare a float kind)")
+    if value.numel() and value.dtype != torch.bool:
+        info = np.iinfo(target)
+        low, high = int(value.min()), int(value.max())
+        if low < info.min or high > info.max:
+            raise UsageError(f"{what} holds values in [{low}, {high}], beyond {declared}'s "
+                             f"[{info.min}, {info.max}]: the store would wrap them")

@@ -18,7 +18,7 @@ from rerank_plugin import PLUGIN_SOURCE
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointLoadError, IncompatibleWeightsError
-from retrieval_lightning.head import PairExplanation
+from retrieval_lightning.head import EntryKind, PairExplanation
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
 from retrieval_lightning.head_plugins import gem_arcface
@@ -201,6 +201,22 @@ def test_entries_that_differ_from_their_declared_kinds_are_named(monkeypatch: py
     monkeypatch.setattr(head, "extract_entries", lambda images, at: [change(e) for e in real(images, at)])
     with pytest.raises(UsageError, match=message):
         module.rerank_entries([tiny_eval_set().dataset[0]["image"]])
+
+
+def test_entries_the_store_would_truncate_or_wrap_are_refused() -> None:
+    """The store casts entries to their declared dtype: float32 into a float16 kind is what the declaration asks
+    for, but a float into an integer kind (truncated) or integers beyond its range (wrapped) are named."""
+    from retrieval_lightning.module import check_entries
+
+    kinds = {"keep": EntryKind("int16", (2,), ragged=True), "values": EntryKind("float16", (3,))}
+    fine = {"keep": torch.tensor([[0, 5], [-7, 32767]]), "values": torch.rand(3, dtype=torch.float32)}
+    check_entries([fine, {**fine, "keep": torch.ones(1, 2, dtype=torch.bool)}], kinds, "Head")
+    with pytest.raises(UsageError, match=r"Head entry 'keep' of image 1 is torch.float32, but entry_kinds\(\) "
+                                         r"declares int16: the store would truncate it"):
+        check_entries([fine, {**fine, "keep": torch.full((1, 2), 0.5)}], kinds, "Head")
+    with pytest.raises(UsageError, match=r"entry 'keep' of image 0 holds values in \[0, 40000\], beyond int16's "
+                                         r"\[-32768, 32767\]: the store would wrap them"):
+        check_entries([{**fine, "keep": torch.tensor([[0, 40000]])}], kinds, "Head")
 
 
 def test_a_head_scoring_the_wrong_number_of_candidates_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
