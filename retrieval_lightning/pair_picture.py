@@ -53,6 +53,17 @@ def _line_colours(strengths: np.ndarray) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in colormaps["viridis"](float(s))[:3]) for s in scaled]
 
 
+def legend(explanation: PairExplanation) -> str:
+    """What the marks drawn mean, only for the marks this explanation has (a head may give no heat map,
+    or no correspondences)."""
+    parts = []
+    if explanation.query_heat is not None or explanation.candidate_heat is not None:
+        parts.append(" Heat: black 0 to yellow 1.")
+    if len(np.asarray(explanation.matches).reshape(-1, 4)):
+        parts.append(" Lines: blue the weakest drawn, yellow the strongest.")
+    return "".join(parts)
+
+
 def draw_explanation(
     image_a: np.ndarray, image_b: np.ndarray, explanation: PairExplanation, path: str | os.PathLike[str]
 ) -> Path:
@@ -65,7 +76,7 @@ def draw_explanation(
     if explanation.candidate_kept is not None:
         kept = np.asarray(explanation.candidate_kept, bool)
         caption += f" White squares: the {int(kept.sum())} of {kept.size} cells the store keeps (candidate)."
-    caption += " Heat: black 0 to yellow 1. Lines: blue the weakest drawn, yellow the strongest."
+    caption += legend(explanation)
     lines = textwrap.wrap(caption, max(20, width // 7))
     canvas = Image.new("RGB", (width, height + 14 * len(lines) + 10), (255, 255, 255))
     canvas.paste(a, (0, 0))

@@ -181,3 +181,20 @@ def test_out_naming_a_directory_puts_the_picture_inside_it(tmp_path: Path) -> No
     assert picture_path(tmp_path, "search.png") == tmp_path / "search.png"
     assert picture_path(tmp_path / "res.xyz", "search.png") == tmp_path / "res.xyz"  # written as PNG anyway
     assert picture_path(tmp_path / "results", "search.png") == tmp_path / "results.png"
+
+
+def test_a_pair_picture_explains_only_the_marks_it_draws(tmp_path: Path) -> None:
+    """The caption's legend names heat maps and lines only when the head gave them."""
+    from retrieval_lightning.head import PairExplanation
+    from retrieval_lightning.pair_picture import MIN_PANEL_HEIGHT, draw_explanation, legend
+
+    lines_only = PairExplanation(score=0.5, matches=np.array([[0.1, 0.2, 0.3, 0.4]]), strengths=np.ones(1))
+    heat_only = PairExplanation(score=0.5, matches=np.zeros((0, 4)), strengths=np.zeros(0),
+                                query_heat=np.ones((2, 2)), candidate_heat=np.zeros((2, 2)))
+    assert "Lines" in legend(lines_only) and "Heat" not in legend(lines_only)
+    assert "Heat" in legend(heat_only) and "Lines" not in legend(heat_only)
+    path = draw_explanation(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20, 3), np.uint8), heat_only,
+                            tmp_path / "p.png")
+    panel = max(MIN_PANEL_HEIGHT, 20)
+    with Image.open(path) as picture:  # no lines to draw: two square panels over the caption
+        assert picture.width == 2 * panel and picture.height > panel
