@@ -12,7 +12,9 @@ import dataclasses
 
 import inspect
 import math
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -734,7 +736,9 @@ class RetrievalModule(pl.LightningModule):
 
     def _log_metrics(self, prefix: str, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
-            self.log(f"{prefix}/{key}", value, add_dataloader_idx=False, sync_dist=False)
+            name = f"{prefix}/{key}"
+            self.log(name, value, add_dataloader_idx=False, sync_dist=False)
+            quiet_sync_dist_advice(name)
 
     def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor) -> EvalResult:
         strategy = self.trainer.strategy
@@ -784,6 +788,19 @@ def _check_losses(role: str, head: Head, losses: Mapping[str, Any]) -> None:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise UsageError(f"{where} returned {name!r} of shape {shape}; each loss must be a scalar tensor "
                              "(reduce it, e.g. .mean())")
+
+
+_QUIETED: set[str] = set()
+
+
+def quiet_sync_dist_advice(name: str) -> None:
+    """Silence Lightning's advice to log ``name`` with ``sync_dist=True`` under DDP (printed once per metric
+    at every evaluation's end): evaluation metrics are computed on every rank from the same gathered data,
+    so averaging them over ranks would only cost a collective. Only the names logged here are silenced."""
+    if name not in _QUIETED:
+        _QUIETED.add(name)
+        warnings.filterwarnings("ignore", message=re.escape(f"It is recommended to use `self.log({name!r}, ..., "
+                                                            "sync_dist=True)`"))
 
 
 def check_entries(entries: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, EntryKind], producer: str) -> None:

@@ -77,3 +77,23 @@ def test_the_eval_collate_marks_placeholders(tmp_path) -> None:
     dataset = EvalImageDataset([str(good), str(tmp_path / "missing.jpg")], EvalTransform(16), LoadPolicy("skip"))
     batch = collate_eval([dataset[0], dataset[1]])
     assert batch["unreadable"].tolist() == [False, True] and batch["index"].tolist() == [0, 1]
+
+
+def test_lightnings_sync_dist_advice_is_silenced_only_for_the_evaluation_metrics() -> None:
+    """Evaluation metrics are computed on every rank from the same gathered data; Lightning's advice to
+    average them over ranks is silenced for the names the module logs, and only for those."""
+    import warnings
+
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    from retrieval_lightning.module import quiet_sync_dist_advice
+
+    def advice(name: str) -> str:  # Lightning's wording (trainer/connectors/logger_connector/result.py)
+        return (f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)` when logging on epoch level in "
+                "distributed setting to accumulate the metric across devices.")
+
+    quiet_sync_dist_advice("val/roxford5k/mAP_M")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(advice("val/roxford5k/mAP_M"), PossibleUserWarning)
+        warnings.warn(advice("val/my_own_metric"), PossibleUserWarning)
+    assert [str(w.message) for w in caught] == [advice("val/my_own_metric")]
