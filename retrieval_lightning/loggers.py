@@ -44,6 +44,8 @@ class RetrievalWandbLogger(WandbLogger):
                 mode not in ("online", "disabled") and not wandb_credentials_available())
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
+        if not self._wandb_init.get("anonymous"):  # W&B warns that the setting has no effect whenever it is passed
+            self._wandb_init.pop("anonymous", None)
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
         """Lightning's flat copy of the module's and datamodule's arguments, under ``hparams``: the run's config

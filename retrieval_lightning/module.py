@@ -185,6 +185,20 @@ class RetrievalModule(pl.LightningModule):
                     module.eval()
         return self
 
+    def _quiet_intended_eval_modules(self) -> None:
+        """Lightning warns at the start of training about every module left in eval mode; frozen parts
+        (and BatchNorm under ``freeze_bn``) are in eval mode on purpose. When those are all of them, the
+        warning is replaced by one line naming them; any other module in eval mode keeps the warning."""
+        intended = {id(m) for part in self._frozen_modules() for m in part.modules()}
+        if self.freeze_bn:
+            intended |= {id(sub) for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                         for sub in m.modules()}  # timm's BatchNormAct2d holds its activation
+        in_eval = [m for m in self.modules() if not m.training]
+        if in_eval and all(id(m) in intended for m in in_eval):
+            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start")
+            parts = sorted(self.frozen) + (["the backbone's BatchNorm (freeze_bn)"] if self.freeze_bn else [])
+            rank_zero_info(f"in eval mode while training, as configured: {', '.join(parts)}")
+
     def _attach_rerank_heads(self) -> None:
         rerankers = [r for r, h in self.heads.items() if isinstance(h, RerankHead)]
         if len(rerankers) > 1:
@@ -427,6 +441,7 @@ class RetrievalModule(pl.LightningModule):
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
         # also when resuming (where no imprinting pass below would call it)
         self.train(self.training)
+        self._quiet_intended_eval_modules()
         self._fitted_here = True
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()

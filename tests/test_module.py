@@ -131,6 +131,34 @@ def test_freeze_bn_keeps_statistics_but_trains_weights() -> None:
     assert torch.equal(bn.running_mean, before) and bn.weight.grad is not None
 
 
+def test_lightnings_eval_mode_warning_gives_way_only_to_what_the_config_froze(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen parts and freeze_bn's BatchNorm are in eval mode on purpose: Lightning's warning about them is
+    replaced by a line naming them. Any other module in eval mode keeps the warning."""
+    import warnings
+
+    import retrieval_lightning.module as module_file
+
+    said: list[str] = []
+    monkeypatch.setattr(module_file, "rank_zero_info", said.append)
+
+    def lightning_warns(module: RetrievalModule) -> list[str]:  # what fit_loop's check would print
+        n = sum(not m.training for m in module.modules())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn(f"Found {n} module(s) in eval mode at the start of training. This may lead to ...")
+        return [str(w.message) for w in caught]
+
+    module = make(freeze_bn=True)
+    module.train()
+    module._quiet_intended_eval_modules()
+    assert lightning_warns(module) == [] and said == ["in eval mode while training, as configured: "
+                                                      "the backbone's BatchNorm (freeze_bn)"]
+    stray = make(freeze_bn=True)
+    stray.train()
+    stray.heads["global"].eval()  # not frozen by the config
+    stray._quiet_intended_eval_modules()
+    assert len(lightning_warns(stray)) == 1 and len(said) == 1
+
+
 def test_unknown_role_and_mismatched_role_are_rejected() -> None:
     with pytest.raises(ValueError, match="not a role"):
         RetrievalModule(Backbone("resnet18"), {"globl": GemArcFace()}, num_classes=2)

@@ -187,7 +187,7 @@ def test_wandb_runs_carry_the_subcommand_and_the_run_their_weights_come_from(tmp
 
     tested = labelled("test", {"ckpt_path": str(trained), "model": {"init_from": None}}, 
                       job_type=None, config=None)  # as the CLI passes unset arguments
-    assert tested["job_type"] == "test"
+    assert tested["job_type"] == "test" and "anonymous" not in tested  # W&B warns whenever it is passed
     assert tested["config"]["weights_source"] == {"checkpoint": str(trained.resolve()), "wandb_run_id": "abc123"}
     stage = labelled("fit", {"ckpt_path": "last", "model": {"init_from": str(plain)}})
     assert stage["job_type"] == "fit" and stage["config"]["weights_source"]["wandb_run_id"] is None
