@@ -12,10 +12,12 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
@@ -456,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show_traceback = "--traceback" in argv or os.environ.get("RETRIEVAL_LIGHTNING_TRACEBACK") == "1"
     argv = [a for a in argv if a != "--traceback"]
+    quiet_third_party_notices()
     try:
         return _dispatch(argv)
     except Exception as exc:
@@ -471,6 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _finish_wandb_run()
+
+
+def _is_advert(record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_third_party_notices() -> None:
+    """Lines a command's user can do nothing about, printed by its dependencies on every run: Lightning's
+    advertisement for its own logger service, and the deprecation warning its pytree helper triggers under
+    recent torch (Lightning's own code; the check it makes is unaffected). Other warnings are kept."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _is_advert not in logger.filters:
+        logger.addFilter(_is_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _worker_message(text: str, type_name: str) -> str:

@@ -301,3 +301,24 @@ def test_an_error_that_stops_a_progress_bar_starts_its_own_line(monkeypatch: pyt
     err = capsys.readouterr().err
     assert "\nerror: the head returned NaN" in err and "Testing DataLoader 0" in err
 
+
+
+def test_dependency_notices_nobody_can_act_on_are_dropped_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's advertisement for its logger service and its pytree deprecation warning are printed on every
+    run; the CLI drops those two and keeps Lightning's other lines and warnings."""
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from retrieval_lightning.cli import quiet_third_party_notices
+
+    quiet_third_party_notices()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: For seamless cloud logging ... try installing [litlogger]")
+        rank_zero_info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
+        warnings.warn("The number of training batches (2) is smaller than the logging interval")
+    assert [str(w.message)[:14] for w in caught] == ["The number of "]
