@@ -160,7 +160,7 @@ class Registry:
 def _check_head(obj: object) -> str | None:
     """Why a head class cannot serve its role, or ``None``: the base class the role is reached through
     (a ``verifier`` that is a plain ``Head`` would never re-rank) and the methods it must implement."""
-    from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead, SparsifierHead
+    from retrieval_lightning.head import ROLES, GlobalHead, Head, LocalHead, RerankHead, SparsifierHead, VerifierHead
 
     if not (isinstance(obj, type) and issubclass(obj, Head)):
         return f"{obj!r} is not a subclass of retrieval_lightning.head.Head"
@@ -175,6 +175,10 @@ def _check_head(obj: object) -> str | None:
     if not issubclass(obj, base):
         return (f"{obj.__qualname__} has role {obj.role!r} but is not a subclass of "
                 f"retrieval_lightning.head.{base.__name__}, through which the core reaches that role")
+    for named in (LocalHead, VerifierHead):  # both reach the core as RerankHead: the role would win unseen
+        if issubclass(obj, named) and obj.role != named.role:
+            return (f"{obj.__qualname__} subclasses retrieval_lightning.head.{named.__name__} but declares role "
+                    f"{obj.role!r}: drop the role attribute, or subclass RerankHead")
     missing = [name for name in required if getattr(obj, name) is getattr(base if name != "_build" else Head, name)]
     if missing:
         return f"{obj.__qualname__} (role {obj.role!r}) does not implement {', '.join(missing)}"

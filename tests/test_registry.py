@@ -89,6 +89,8 @@ def test_non_head_class_is_rejected(extra_path: Path) -> None:
      r"H \(role 'global'\) does not implement dim, embed"),
     ("from retrieval_lightning.head import VerifierHead\nclass H(VerifierHead):\n    def entry_kinds(self): return {}\n",
      "does not implement _build, extract_entries, score"),
+    ("from retrieval_lightning.head import VerifierHead\nclass H(VerifierHead):\n    role = 'local'\n",
+     "H subclasses retrieval_lightning.head.VerifierHead but declares role 'local'"),
 ])
 def test_a_head_that_cannot_serve_its_role_is_refused_when_loaded(extra_path: Path, source: str, message: str) -> None:
     """A verifier that is a plain Head would be built and never re-rank; a missing method would fail
