@@ -30,6 +30,7 @@ from retrieval_lightning.head import EntryKind, FeatureFn, PairExplanation, Veri
 
 
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
+PROJECTIONS = ("learned", "identity")
 #: correspondences :meth:`CVNetVerifierHead.explain` returns (the strongest mutual nearest neighbours)
 EXPLAIN_MATCHES = 40
 #: largest 4D correlation scored (query cells x candidate cells at scale 1): 2048 x 1536 px images
@@ -79,6 +80,11 @@ class CVNetVerifierHead(VerifierHead):
             the stored entries, so they correlate with nothing (0: the official model). Edge cells
             carry the zero padding of the backbone and the projection, which looks alike in every
             image; on a 14 x 14 map they are a quarter of the cells (on R50's 48 x 64, 7 %).
+        projection: ``learned`` (the official model): a trained 3x3 convolution per pyramid level, to
+            ``width`` channels. ``identity``: none; the levels correlate the stage's own channels (``width``
+            becomes the stage's channel count) and only the 4D network learns. With a few hundred
+            training images a learned projection learns their look, not correspondence; the backbone's
+            own feature cosine is what ``experiments/cvnet_demo.yaml`` correlates (README).
     """
 
     stages = ("conv4",)
@@ -94,8 +100,12 @@ class CVNetVerifierHead(VerifierHead):
         entry_dtype: str = "float16",
         score_dtype: str = "auto",
         border: int = 0,
+        projection: str = "learned",
     ) -> None:
         super().__init__()
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.projection = projection
         if border < 0:
             raise ValueError(f"border must be >= 0, got {border}")
         self.border = int(border)
@@ -116,10 +126,17 @@ class CVNetVerifierHead(VerifierHead):
 
     def _build(self, stage_channels: dict[str, int], num_classes: int) -> None:
         channels = stage_channels[self.stage]
-        self.projections = nn.ModuleList(
-            nn.Conv2d(channels, self.width, 3, padding=1, bias=False) for _ in SCALES
-        )
+        if self.projection == "identity":
+            self.width = channels
+            self.projections = nn.ModuleList(nn.Identity() for _ in SCALES)
+        else:
+            self.projections = nn.ModuleList(
+                nn.Conv2d(channels, self.width, 3, padding=1, bias=False) for _ in SCALES
+            )
         self.learner = CorrelationLearner(len(SCALES) ** 2)
+
+    def _device(self) -> torch.device:
+        return next(self.learner.parameters()).device
 
     # ---- the network, for training and for the sparsifier -------------------------------------
     def project(self, conv4: Tensor) -> list[Tensor]:
@@ -213,7 +230,7 @@ class CVNetVerifierHead(VerifierHead):
     @torch.no_grad()
     def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn) -> list[dict[str, Tensor]]:
         """Each image at its own size (scale 1.0, as the official tester) -> normalised level rows."""
-        device = self.projections[0].weight.device
+        device = self._device()
         dtype = getattr(torch, self.entry_dtype)
         entries = []
         for image in images:
@@ -243,7 +260,7 @@ class CVNetVerifierHead(VerifierHead):
         self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
     ) -> Tensor:
         """Probability of "same instance" for each candidate; deterministic (``seeds`` unused)."""
-        device = self.projections[0].weight.device
+        device = self._device()
         out = torch.empty(len(candidates))
         if not candidates:
             return out

@@ -56,6 +56,32 @@ def test_fast_path_matches_the_straightforward_cvnet_on_synthetic_maps() -> None
     assert ref[:, 1].std() > 1e-3  # the pairs really differ: the check is not vacuous
 
 
+def test_identity_projection_correlates_the_stage_itself_and_trains_only_the_4d_network() -> None:
+    """``projection: identity`` scores as the straightforward CVNet whose three projections are identity
+    kernels (3x3, centre tap 1): the levels are the resized stage map and their width its channel count;
+    it has no projection parameters, and its loss reaches every one of the 4D network's."""
+    head = make_head(projection="identity", entry_dtype="float32")
+    assert head.width == 24 and head.entry_kinds()["level0"].shape == (24,)
+    assert not any(name.startswith("projections") for name, _ in head.named_parameters())
+    identity_kernel = torch.zeros(24, 24, 3, 3)
+    identity_kernel[range(24), range(24), 1, 1] = 1
+    state = head_state_as_official({**head.state_dict(), **{f"projections.{i}.weight": identity_kernel
+                                                            for i in range(3)}})
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 24, 7, 9, generator=gen)
+    dbs = [torch.randn(1, 24, 7, 9, generator=gen), query + 0.2 * torch.randn(1, 24, 7, 9, generator=gen)]
+    with torch.no_grad():
+        ref = torch.cat([reference_logits(state, query, db) for db in dbs])
+        scores = head.score(entry_from_conv4(head, query), [entry_from_conv4(head, db) for db in dbs], [0, 0])
+    torch.testing.assert_close(scores, ref.softmax(-1)[:, 1], atol=1e-4, rtol=0)
+    head.train()
+    features = {"conv4": torch.randn(4, 24, 6, 6, generator=gen)}
+    head.losses(features, torch.tensor([0, 0, 1, 1]))["pair_ce"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    with pytest.raises(ValueError, match="projection must be one of"):
+        CVNetVerifierHead(projection="pca")
+
+
 def test_aligned_pair_batch_and_zeroed_database_locations() -> None:
     head = make_head()
     state = head_state_as_official(head.state_dict())
