@@ -302,7 +302,6 @@ def test_an_error_that_stops_a_progress_bar_starts_its_own_line(monkeypatch: pyt
     assert "\nerror: the head returned NaN" in err and "Testing DataLoader 0" in err
 
 
-
 def test_dependency_notices_nobody_can_act_on_are_dropped_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
     """Lightning's advertisement for its logger service and its pytree deprecation warning are printed on every
     run; the CLI drops those two and keeps Lightning's other lines and warnings."""

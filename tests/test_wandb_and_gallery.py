@@ -185,7 +185,7 @@ def test_wandb_runs_carry_the_subcommand_and_the_run_their_weights_come_from(tmp
         label_wandb_runs(SimpleNamespace(loggers=[logger], is_global_zero=True), subcommand, cli_config)
         return logger._wandb_init
 
-    tested = labelled("test", {"ckpt_path": str(trained), "model": {"init_from": None}}, 
+    tested = labelled("test", {"ckpt_path": str(trained), "model": {"init_from": None}},
                       job_type=None, config=None)  # as the CLI passes unset arguments
     assert tested["job_type"] == "test" and "anonymous" not in tested  # W&B warns whenever it is passed
     assert tested["config"]["weights_source"] == {"checkpoint": str(trained.resolve()), "wandb_run_id": "abc123"}
