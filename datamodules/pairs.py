@@ -305,9 +305,9 @@ class PairBatchSampler(BatchSampler):
             self.miner.request(int(epoch))  # refresh the mined table first (a no-op when not due)
         elif self.miner.mined_epoch is None and not self.miner.warned_unmined:
             self.miner.warned_unmined = True
-            rank_zero_warn("sampling: pairs draws random negatives only: no hard-negative mining fills the table. Add "
-                          "retrieval_lightning.callbacks.hard_negatives.HardNegativeMining to trainer.callbacks (as "
-                          "experiments/cvnet_demo.yaml does) for the mined negatives the pair recipe means")
+            rank_zero_warn("sampling: pairs draws random negatives only: no hard-negative mining fills the table. "
+                           "Add retrieval_lightning.callbacks.hard_negatives.HardNegativeMining to trainer.callbacks "
+                           "(as experiments/cvnet_demo.yaml does) for the mined negatives the pair recipe means")
         rng = np.random.default_rng([self.config.seed, int(epoch), 0])
         mined = self.miner.mined_epoch
         pool = self.miner.pool(epoch if mined is None else mined)  # the anchors the mined table covers

@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _finish_wandb_run()
 
 
-def _is_advert(record: logging.LogRecord) -> bool:
+def _not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.getMessage()).startswith("💡 Tip:")
 
 
@@ -485,8 +485,8 @@ def quiet_third_party_notices() -> None:
     advertisement for its own logger service, and the deprecation warning its pytree helper triggers under
     recent torch (Lightning's own code; the check it makes is unaffected). Other warnings are kept."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _is_advert not in logger.filters:
-        logger.addFilter(_is_advert)
+    if _not_an_advert not in logger.filters:
+        logger.addFilter(_not_an_advert)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 

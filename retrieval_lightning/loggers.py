@@ -131,11 +131,9 @@ def weights_source(subcommand: str, config: Mapping[str, Any]) -> dict[str, Any]
     ``--model.init_from`` for an earlier stage of a recipe) and the id of the W&B run that trained it,
     so a test run or a verifier stage links to the run it evaluates or continues from. A resumed
     ``fit`` continues that very run, so its own ``--ckpt_path`` is not a source."""
-    model = config.get("model")
-    init_args = (model.get("init_args") if isinstance(model.get("init_args"), Mapping) else model) \
-        if isinstance(model, Mapping) else {}
+    model = config.get("model")  # the module's own arguments (the CLI's model class is fixed)
     candidates = [] if subcommand in ("fit", "finetune") else [config.get("ckpt_path")]
-    candidates.append(init_args.get("init_from"))
+    candidates.append(model.get("init_from") if isinstance(model, Mapping) else None)
     for path in candidates:
         if not path or not os.path.isfile(str(path)):
             continue
