@@ -39,7 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 R50_LEVELS = [(24, 32), (34, 45), (48, 64)]  # CVNet pyramid at 768x1024 (REFERENCE.md §2)
 R50_CONV4_FP32 = 48 * 64 * 1024 * 4
 RATIOS = (0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)
-SELECTIONS = ("learned", "norm", "random")
+SELECTIONS = ("learned", "norm", "random", "norm+spread")  # the last only for a sparsifier with spread > 0
+STYLES = ("o-", "s--", "^:", "d-.")
+
+
+def selections_of(trained: Any) -> tuple[str, ...]:
+    """The selections a sweep compares: learned, the issue's two baselines (plain top-k by norm,
+    random) and, when the sparsifier spreads its picks, top-k by norm spread alike (what the
+    spreading alone does)."""
+    return SELECTIONS if getattr(trained, "spread", 0) > 0 else SELECTIONS[:3]
 
 
 def fit(config: str, out: str, extra: list[str]) -> str:
@@ -55,12 +63,12 @@ def fit(config: str, out: str, extra: list[str]) -> str:
     return str(path)
 
 
-def load(config: str, ckpt: str):
-    """The model of ``ckpt`` (self-contained) and the datamodule of ``config``."""
+def load(config: str, ckpt: str, extra: Sequence[str] = ()):
+    """The model of ``ckpt`` (self-contained) and the datamodule of ``config`` (with ``extra`` overrides)."""
     from retrieval_lightning.cli import run_lightning_cli
     from retrieval_lightning.module import RetrievalModule
 
-    cli = run_lightning_cli(["--config", str(REPO / config), "--trainer.logger=false"], run=False)
+    cli = run_lightning_cli(["--config", str(REPO / config), "--trainer.logger=false", *extra], run=False)
     cli.datamodule.prepare_data()
     cli.datamodule.setup("test")
     return RetrievalModule.load_from_checkpoint(ckpt).eval(), cli.datamodule
@@ -136,6 +144,36 @@ def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
     return row, descriptors
 
 
+def variants(selection: str, learned: Sequence[Any], trained: Any, random_draws: int) -> list[Any]:
+    """The heads one setting is scored with, each a copy sharing its trained parameters (only the
+    stored form and scoring differ): one per trained sparsifier (learned), one per random draw
+    (random), one (norm: top-k by norm does not depend on training or chance)."""
+    bases = {"learned": learned, "random": [trained] * max(random_draws, 1)}.get(selection, [trained])
+    heads = []
+    for draw, base in enumerate(bases):
+        head = copy.copy(base)
+        head.selection, head.random_draw = selection.split("+")[0], draw
+        if selection == "norm":
+            head.spread = 0.0  # the issue's baseline: plain top-k by feature norm
+        heads.append(head)
+    return heads
+
+
+def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's runs (sparsifier seeds or random draws) -> their mean, with every run's mAP-M/H,
+    score MAD and Kendall tau kept under ``<name>_runs``."""
+    keys = ("mAP_M", "mAP_H", "score_mad", "kendall_tau", "bytes")
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    out.update({f"{k}_runs": [r[k] for r in runs] for k in keys[:4]} if len(runs) > 1 else {})
+    return out
+
+
+def spread(row: dict[str, Any], key: str) -> str:
+    """``mean`` or ``mean (min - max)`` of a row's runs."""
+    runs = row.get(f"{key}_runs")
+    return f"{row[key]:.2f}" + (f" ({min(runs):.2f} – {max(runs):.2f})" if runs else "")
+
+
 def fidelity(scores: dict, dense: dict) -> dict[str, float]:
     """How far a setting's verifier scores are from the dense verifier's on the same shortlists,
     without labels: mean absolute difference and mean per-query Kendall tau of the two orders.
@@ -203,6 +241,17 @@ def main() -> int:
     parser.add_argument("--sparsifier-ckpt", default=None)
     parser.add_argument("--output", default="outputs/sparsity_sweep")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seed_everything values: one sparsifier trained per seed; the learned "
+                             "rows are their mean (ignored with --sparsifier-ckpt)")
+    parser.add_argument("--random-draws", type=int, default=5,
+                        help="random selections drawn per setting; the random rows are their mean")
+    parser.add_argument("--data-args", default="",
+                        help="space-separated data overrides for both fits and the evaluation, e.g. "
+                             "'--data.init_args.photo_dirs=[more/photos]'")
+    parser.add_argument("--sparsifier-args", default="",
+                        help="space-separated overrides for the sparsifier's fit, e.g. "
+                             "'--model.optim.lr=0.03 --trainer.max_epochs=12'")
     parser.add_argument("--fills", default=None,
                         help="comma-separated fill_sigma values to score with (0: dropped locations are zero); "
                              "default: the sparsifier's own")
@@ -214,17 +263,22 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sp_ckpt = args.sparsifier_ckpt
-    if sp_ckpt is None:
-        ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), [])
+    sp_ckpts = [args.sparsifier_ckpt] if args.sparsifier_ckpt else []
+    if not sp_ckpts:
+        ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
         print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
-        sp_ckpt = fit(args.config, str(out / "sparsifier"), [f"--model.init_from={ckpt}"])
-    print(f"sparsifier checkpoint: {sp_ckpt} ({time.time() - t0:.0f} s)", flush=True)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            overrides = [f"--model.init_from={ckpt}", f"--seed_everything={seed}", *args.data_args.split(),
+                         *args.sparsifier_args.split()]
+            sp_ckpts.append(fit(args.config, str(out / f"sparsifier_seed{seed}"), overrides))
+    print(f"sparsifier checkpoints: {', '.join(sp_ckpts)} ({time.time() - t0:.0f} s)", flush=True)
 
     from retrieval_lightning.evaluation import evaluate_eval_set
+    from retrieval_lightning.module import RetrievalModule
 
-    module, datamodule = load(args.config, sp_ckpt)
+    module, datamodule = load(args.config, sp_ckpts[0], args.data_args.split())
     trained = module.sparsifier
+    learned = [trained] + [RetrievalModule.load_from_checkpoint(c).eval().sparsifier for c in sp_ckpts[1:]]
     eval_set = datamodule.eval_sets("test")[0]
     model = SweepModel(module)
     config = module.rerank
@@ -241,24 +295,25 @@ def main() -> int:
     fills = [trained.fill_sigma] if args.fills is None else [float(f) for f in args.fills.split(",")]
     values = [trained.value_dtype] if args.values is None else args.values.split(",")
     for fill, value_dtype in ((f, v) for f in fills for v in values):
-        for selection in SELECTIONS:
+        for selection in selections_of(trained):
             for ratio in (float(r) for r in args.ratios.split(",")):
-                head = copy.copy(trained)  # shares the trained parameters; only the stored form and scoring differ
-                head.selection, head.keep_ratio, head.budget = selection, ratio, None
-                head.fill_sigma, head.value_dtype = fill, value_dtype
-                model.sparsifier = head
                 setting = {"setting": selection, "ratio": ratio, "values": value_dtype, "fill_sigma": fill}
-                directory = stores / f"{selection}-{ratio}-fill{fill}-{value_dtype}"
-                row = evaluate(model, eval_set, directory, setting, config)[0]
-                row.update(fidelity(row.pop("scores"), dense_scores))
-                rows.append({**setting, **row})
+                runs = []
+                for run, head in enumerate(variants(selection, learned, trained, args.random_draws)):
+                    head.keep_ratio, head.budget, head.fill_sigma, head.value_dtype = ratio, None, fill, value_dtype
+                    model.sparsifier = head
+                    directory = stores / f"{selection}-{ratio}-fill{fill}-{value_dtype}-run{run}"
+                    row = evaluate(model, eval_set, directory, {**setting, "run": run}, config)[0]
+                    runs.append({**row, **fidelity(row.pop("scores"), dense_scores)})
+                rows.append({**setting, **mean_of_runs(runs)})
                 print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
 
     nq = eval_set.n_queries
     print(f"\nminilandmarks test: {nq} queries, {len(eval_set.dataset) - nq} database images; re-ranking k={config.k} "
           f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
           f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}, sparsifier trained with "
-          f"fill_sigma {trained.fill_sigma}")
+          f"fill_sigma {trained.fill_sigma}; learned: the mean of {len(learned)} trained sparsifier(s), random: of "
+          f"{max(args.random_draws, 1)} draw(s), (min – max) of several")
     print("| selection | keep ratio | values | dropped locations | bytes / db image | KiB at R50 768x1024 "
           "| re-ranked mAP-M | re-ranked mAP-H | score MAD vs dense | Kendall tau vs dense |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
@@ -275,7 +330,7 @@ def main() -> int:
             kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] == "dense" else "-"
         mad, tau = (f"{r[k]:.4f}" if k in r else "-" for k in ("score_mad", "kendall_tau"))
         print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r.get('values', '-')} | "
-              f"{dropped} | {b} | {kib} | {r['mAP_M']:.2f} | {r['mAP_H']:.2f} | {mad} | {tau} |")
+              f"{dropped} | {b} | {kib} | {spread(r, 'mAP_M')} | {spread(r, 'mAP_H')} | {mad} | {tau} |")
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
@@ -288,7 +343,7 @@ def main() -> int:
     plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
                                             "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
     plot_kept(model, trained, eval_set, out / "kept_locations.png")
-    (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoint": sp_ckpt}, indent=1))
+    (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoints": sp_ckpts}, indent=1))
     print(f"plots: {out / 'sparsity_sweep.png'}, {out / 'kept_locations.png'} ({time.time() - t0:.0f} s total)")
     return 0
 
@@ -311,7 +366,8 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
     chosen = chosen[:images]
     if not chosen:  # no query has a positive in the database: nothing to show
         return
-    fig, axes = plt.subplots(len(chosen), len(SELECTIONS), figsize=(3.2 * len(SELECTIONS), 2.6 * len(chosen)),
+    selections = selections_of(trained)
+    fig, axes = plt.subplots(len(chosen), len(selections), figsize=(3.2 * len(selections), 2.6 * len(chosen)),
                              squeeze=False)
     for row, db in enumerate(chosen):
         image = eval_set.dataset[nq + db]["image"]
@@ -319,9 +375,8 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
         level = sorted(k for k in entry if k.endswith("_hw"))[-1][: -len("_hw")]  # the finest level
         h, w = (int(v) for v in entry[f"{level}_hw"])
         height, width = image.shape[1:]
-        for col, selection in enumerate(SELECTIONS):
-            head = copy.copy(trained)
-            head.selection = selection
+        for col, selection in enumerate(selections):
+            head = variants(selection, [trained], trained, 1)[0]
             kept = head.sparsify([entry])[0][f"{level}_pos"].long()
             ax = axes[row][col]
             ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
@@ -353,9 +408,11 @@ def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, key in zip(axes, ("mAP_M", "mAP_H", "kendall_tau")):
         for (fill, values), color in zip(forms, colours):
-            for selection, style in zip(SELECTIONS, ("o-", "s--", "^:")):
+            for selection, style in zip(SELECTIONS, STYLES):
                 pts = [(r["bytes"] / 1024, r[key]) for r in rows
                        if r["setting"] == selection and (r["fill_sigma"], r["values"]) == (fill, values)]
+                if not pts:
+                    continue
                 dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
                 label = f"{selection} ({values}, dropped: {dropped})" if len(forms) > 1 else selection
                 ax.plot(*zip(*pts), style, color=color, label=label)

@@ -26,7 +26,8 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, temperature, topk_positions, topk_st_mask,
+    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, spread_topk, temperature, topk_positions,
+    topk_st_mask,
 )
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
@@ -115,8 +116,17 @@ class GumbelSparsifierHead(SparsifierHead):
         prior: the order the scorer starts from and adds to (:data:`PRIORS`): ``norm`` (the
             projected feature's norm) or ``sparsity`` (minus the L1 norm of the L2-normalised row:
             peaky features first), standardised per image and weighted by a learned scalar.
+        spread: how strongly a kept location discourages keeping its neighbours (0: plain top-k):
+            the learned and norm selections pick greedily, each pick lowering the other scores by
+            ``spread`` standard deviations at its own cell, less with distance
+            (:func:`heads._sparse.selection.spread_topk`), in training (``relaxation: topk``, the
+            straight-through estimator) as at extraction. Dropped cells are filled from the kept
+            ones around them, which needs kept cells everywhere.
     """
 
+    #: which draw ``selection: random`` takes (a benchmark averages several; the draw is a function of
+    #: the rows, the level and this, so a store is reproducible)
+    random_draw: int = 0
     scoring_only = ("fill_sigma",)  # the fill is made at scoring time; the stored rows do not depend on it
     #: 1: the selection reads the verifier's true feature norms (stores of revision 0 selected on fp16 noise)
     store_revision = 1
@@ -143,6 +153,7 @@ class GumbelSparsifierHead(SparsifierHead):
         fill_sigma: float = 1.5,
         target: str = "labels",
         prior: str = "norm",
+        spread: float = 0.0,
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -159,6 +170,12 @@ class GumbelSparsifierHead(SparsifierHead):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if spread < 0:
+            raise ValueError(f"spread must be >= 0 (0: plain top-k), got {spread}")
+        if spread > 0 and (relaxation != "topk" or estimator == "score_function"):
+            raise ValueError("spread needs relaxation 'topk' and the straight-through estimator (a greedy pick has "
+                             f"no keep probability to score), got relaxation {relaxation!r}, estimator {estimator!r}")
+        self.spread = float(spread)
         self.estimator, self.target, self.prior = estimator, target, prior
         self.fill_sigma = float(fill_sigma)
         codec.check_options(value_dtype, int8_scale, index_dtype)
@@ -256,12 +273,13 @@ class GumbelSparsifierHead(SparsifierHead):
         return (torch.tensor(q, dtype=torch.long, device=dev), torch.tensor(d, dtype=torch.long, device=dev),
                 torch.tensor(same, dtype=torch.long, device=dev))
 
-    def relaxed_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> list[Tensor]:
-        """Straight-through 0/1 masks (B, h*w) per level for the current temperature."""
+    def relaxed_masks(self, logits: Sequence[Tensor], shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Straight-through 0/1 masks (B, h*w) per level (of ``shapes``) for the current temperature."""
         tau = self.temperature()
-        counts = self._counts(sizes)
+        counts = self._counts([h * w for h, w in shapes])
         if self.relaxation == "topk":
-            return [topk_st_mask(lg, k, tau) for lg, k in zip(logits, counts)]
+            return [topk_st_mask(lg, k, tau, hw=tuple(hw), spread=self.spread)
+                    for lg, k, hw in zip(logits, counts, shapes)]
         return [concrete_st_mask(lg, tau) for lg in logits]
 
     def sampled_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> tuple[list[Tensor], Tensor]:
@@ -278,10 +296,11 @@ class GumbelSparsifierHead(SparsifierHead):
             masks.append(hard)
         return masks, torch.stack(logp).sum(0)
 
-    def greedy_masks(self, logits: Sequence[Tensor], sizes: Sequence[int]) -> list[Tensor]:
-        """The extraction's deterministic top-k, as 0/1 masks."""
-        return [torch.zeros_like(lg).scatter_(1, torch.topk(lg.detach(), k, dim=1).indices, 1.0)
-                for lg, k in zip(logits, self._counts(sizes))]
+    def greedy_masks(self, logits: Sequence[Tensor], shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """The extraction's deterministic selection, as 0/1 masks."""
+        counts = self._counts([h * w for h, w in shapes])
+        return [spread_topk(lg.detach(), k, tuple(hw), self.spread)[0].to(lg.dtype)
+                for lg, k, hw in zip(logits, counts, shapes)]
 
     def _fill(self) -> Fill | None:
         return partial(fill_dropped, sigma=self.fill_sigma) if self.fill_sigma > 0 else None
@@ -329,13 +348,16 @@ class GumbelSparsifierHead(SparsifierHead):
         out: dict[str, Tensor] = {}
         name = "pair_ce" if self.target == "labels" else "pair_distill"
         if self.uses_straight_through():
-            masks = self.relaxed_masks(logits, sizes)
+            masks = self.relaxed_masks(logits, shapes)
             out[name] = pair_loss(masks)
         else:
+            if self.spread > 0:
+                raise UsageError(f"gumbel_sparsifier spread={self.spread} needs the straight-through estimator, which "
+                                 f"{type(verifier).__name__} does not support (its pair_logits takes no db_masks)")
             masks, logp = self.sampled_masks(logits, sizes)
             ce = pair_loss(masks, "none")
             with torch.no_grad():
-                baseline = pair_loss(self.greedy_masks(logits, sizes), "none")
+                baseline = pair_loss(self.greedy_masks(logits, shapes), "none")
             out[name] = ce.mean()
             # REINFORCE with the greedy selection as baseline: its value is not a loss, its gradient is
             out["score_function"] = ((ce.detach() - baseline) * logp).mean()
@@ -394,13 +416,19 @@ class GumbelSparsifierHead(SparsifierHead):
         h, w = (int(v) for v in hw.reshape(-1)[:2])
         if self.selection == "random":
             data = rows.detach().cpu().contiguous().view(torch.int16).numpy().tobytes()
-            gen = torch.Generator().manual_seed(zlib.crc32(data) ^ index)
+            gen = torch.Generator().manual_seed(zlib.crc32(data) ^ index ^ (int(self.random_draw) << 8))
             return torch.sort(torch.randperm(rows.shape[0], generator=gen)[:k]).values
         projected = rows.float() if norms is None else F.normalize(rows.float(), dim=1) * norms.float().reshape(-1, 1)
         if self.selection == "norm":
-            return topk_positions(projected.norm(dim=1), k)
+            return self._select(projected.norm(dim=1), k, (h, w))
         level = projected.to(self.norm_weight.device).t().reshape(1, -1, h, w)  # what keep_logits saw in training
-        return topk_positions(self.keep_logits(level, index)[0].cpu(), k)
+        return self._select(self.keep_logits(level, index)[0].cpu(), k, (h, w))
+
+    def _select(self, scores: Tensor, k: int, hw: tuple[int, int]) -> Tensor:
+        """Sorted positions of the ``k`` locations kept from one level's scores (h*w,)."""
+        if self.spread <= 0:
+            return topk_positions(scores, k)
+        return torch.nonzero(spread_topk(scores.reshape(1, -1), k, hw, self.spread)[0][0]).flatten()
 
     @torch.no_grad()
     def sparsify(self, entries: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:

@@ -15,7 +15,7 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    budget_loss, concrete_st_mask, keep_count, temperature, topk_positions, topk_st_mask,
+    budget_loss, concrete_st_mask, keep_count, spread_topk, temperature, topk_positions, topk_st_mask,
 )
 from heads.gumbel_sparsifier import GumbelSparsifierHead
 from retrieval_lightning.head import EntryKind, VerifierHead
@@ -622,12 +622,13 @@ def test_norm_overlap_watches_how_far_training_moved_the_selection_from_norm() -
     assert 0.0 < moved < 0.9
 
 
-@pytest.mark.parametrize("selection,prior", [("learned", "norm"), ("learned", "sparsity"), ("norm", "norm")])
-def test_extraction_selects_what_training_selects(selection: str, prior: str) -> None:
+@pytest.mark.parametrize("selection,prior,spread", [("learned", "norm", 0.0), ("learned", "sparsity", 0.0),
+                                                   ("norm", "norm", 0.0), ("learned", "norm", 2.0)])
+def test_extraction_selects_what_training_selects(selection: str, prior: str, spread: float) -> None:
     """The stored rows are unit vectors: the selection at extraction must see each location's norm before
     normalisation, as ``keep_logits`` does in training on the projected levels. (Without the norms it ranked
     fp16 rounding noise: every unit row's norm is 1 within 2e-4.)"""
-    module = verifier_module(keep_ratio=0.2, selection=selection, prior=prior)
+    module = verifier_module(keep_ratio=0.2, selection=selection, prior=prior, spread=spread)
     head, verifier = module.heads["sparsifier"], module.heads["verifier"]
     with torch.no_grad():
         for p in head.scorer.parameters():  # a scorer that has learnt something other than norm's order
@@ -639,8 +640,10 @@ def test_extraction_selects_what_training_selects(selection: str, prior: str) ->
     counts = head._counts([lv.shape[2] * lv.shape[3] for lv in levels])
     for i, (level, k) in enumerate(zip(levels, counts)):
         score = head.keep_logits(level, i)[0] if selection == "learned" else level[0].norm(dim=0).flatten()
-        want = torch.sort(torch.topk(score, k).indices).values
-        assert torch.equal(stored[f"level{i}_pos"].long(), want), i
+        train = head.greedy_masks([score[None]], [tuple(level.shape[2:])])[0][0]  # what training keeps
+        assert torch.equal(stored[f"level{i}_pos"].long(), train.nonzero().flatten()), i
+        if not spread:
+            assert torch.equal(train.nonzero().flatten(), torch.sort(torch.topk(score, k).indices).values), i
 
 
 def test_an_untrained_scorer_keeps_its_prior_order() -> None:
@@ -660,3 +663,60 @@ def test_an_untrained_scorer_keeps_its_prior_order() -> None:
     assert torch.isfinite(logits).all() and int(logits[0].argmin()) == 0
     with pytest.raises(ValueError, match="prior must be one of"):
         GumbelSparsifierHead(prior="entropy")
+
+
+def _naive_spread(scores: np.ndarray, k: int, w: int, spread: float) -> list[int]:
+    """Greedy spread top-k, one location at a time in plain Python (the reference for ``spread_topk``)."""
+    n = len(scores)
+    sigma = 0.5 / (k / n) ** 0.5
+    scale, left, kept = spread * scores.std(), [float(v) for v in scores], []
+    for _ in range(k):
+        pick = max((i for i in range(n) if i not in kept), key=lambda i: (left[i], -i))
+        kept.append(pick)
+        for j in range(n):
+            d2 = (j // w - pick // w) ** 2 + (j % w - pick % w) ** 2
+            left[j] -= scale * np.exp(-d2 / (2 * sigma * sigma))
+    return sorted(kept)
+
+
+def test_spread_topk_matches_a_plain_loop_and_spreads_a_blob() -> None:
+    """A blob of high scores: plain top-k keeps a clump and leaves the rest of the level far from any
+    kept cell; spread picks cover it, exactly k of them, as the plain-Python greedy picks."""
+    h, w, k = 9, 12, 16
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    blob = torch.exp(-((ys - 2.0) ** 2 + (xs - 3.0) ** 2) / 8.0).flatten()
+    scores = torch.stack([blob, blob + 0.05 * torch.randn(h * w, generator=torch.Generator().manual_seed(0))])
+    plain, _ = spread_topk(scores, k, (h, w), 0.0)
+    spread, competing = spread_topk(scores, k, (h, w), 3.0)
+    assert torch.equal(plain.sum(1), torch.full((2,), float(k))) and torch.equal(spread.sum(1), plain.sum(1))
+    assert torch.equal(plain[0].nonzero().flatten(), topk_positions(blob, k))
+    for row in range(2):
+        want = _naive_spread(scores[row].double().numpy(), k, w, 3.0)
+        assert spread[row].nonzero().flatten().tolist() == want
+
+    def farthest_from_kept(mask: torch.Tensor) -> float:
+        cells = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+        return torch.cdist(cells, cells[mask.bool()]).min(dim=1).values.max().item()
+
+    assert farthest_from_kept(spread[0]) < 0.5 * farthest_from_kept(plain[0])
+    dropped = spread[0] == 0
+    assert (competing[0][dropped] < blob[dropped] - 1e-3).any()  # what kept them out: their neighbours' picks
+    with pytest.raises(ValueError, match="scores for a"):
+        spread_topk(scores, k, (h, w + 1), 1.0)
+
+
+def test_spread_straight_through_mask_is_the_greedy_pick_and_passes_gradients() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6 * 7, requires_grad=True)
+    mask = topk_st_mask(logits, 8, tau=0.5, hw=(6, 7), spread=2.0)
+    assert torch.equal(mask.detach().sum(1), torch.full((3,), 8.0))
+    (mask * torch.arange(42.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    plain = topk_st_mask(logits.detach(), 8, tau=0.5, noise=False, hw=(6, 7), spread=2.0)
+    assert torch.equal(plain, spread_topk(logits.detach(), 8, (6, 7), 2.0)[0])
+    with pytest.raises(ValueError, match="spread needs the level"):
+        topk_st_mask(logits, 8, tau=0.5, spread=2.0)
+    with pytest.raises(ValueError, match="spread must be >= 0"):
+        GumbelSparsifierHead(spread=-1.0)
+    with pytest.raises(ValueError, match="spread needs relaxation 'topk'"):
+        GumbelSparsifierHead(spread=1.0, relaxation="concrete")
