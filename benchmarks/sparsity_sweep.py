@@ -211,14 +211,33 @@ def r50_bytes(head: Any) -> dict[str, float]:
             "conv4_fp32": R50_CONV4_FP32, "kept": sum(head._counts(sizes))}
 
 
-def r50_densify_ms(head: Any, repeats: int = 10) -> dict[float, float]:
-    """Milliseconds to turn one R50-shaped (768x1024) sparse entry back into the verifier's dense
-    levels, with dropped locations zero and filled as ``head`` fills them (random rows)."""
+def r50_entry() -> dict[str, Tensor]:
+    """A dense verifier entry of R50 shapes at 768x1024 (random 256-channel fp16 rows)."""
     gen = torch.Generator().manual_seed(0)
     entry: dict[str, Tensor] = {}
     for i, (h, w) in enumerate(R50_LEVELS):
         entry[f"level{i}"] = torch.randn(h * w, 256, generator=gen).half()
         entry[f"level{i}_hw"] = torch.tensor([h, w], dtype=torch.int32)
+    return entry
+
+
+def r50_select_ms(head: Any, repeats: int = 3) -> tuple[float, float]:
+    """Milliseconds to sparsify one R50-shaped entry by norm with plain top-k and with the head's spread."""
+    entry, out = r50_entry(), []
+    for spread in (0.0, head.spread):
+        probe = copy.copy(head)
+        probe.selection, probe.spread = "norm", spread
+        start = time.perf_counter()
+        for _ in range(repeats):
+            probe.sparsify([entry])
+        out.append((time.perf_counter() - start) / repeats * 1000)
+    return out[0], out[1]
+
+
+def r50_densify_ms(head: Any, repeats: int = 10) -> dict[float, float]:
+    """Milliseconds to turn one R50-shaped (768x1024) sparse entry back into the verifier's dense
+    levels, with dropped locations zero and filled as ``head`` fills them (random rows)."""
+    entry = r50_entry()
     probe = copy.copy(head)
     probe.selection = "norm"
     sparse = probe.sparsify([entry])
@@ -340,6 +359,10 @@ def main() -> int:
     print("densifying one R50 768x1024 sparse entry for scoring: " +
           ", ".join(f"dropped {'zero' if f == 0 else f'filled (sigma {f:g})'} {t:.1f} ms" for f, t in ms.items()) +
           " (the verifier then takes ~380 ms per pair, benchmarks/cvnet_rerank.py)")
+    if trained.spread > 0:
+        plain, spread = r50_select_ms(trained)
+        print(f"selecting the kept locations of one R50 768x1024 entry (top-k by norm): plain {plain:.1f} ms, "
+              f"spread {trained.spread:g} {spread:.1f} ms ({spread / plain:.1f}x; once per database image, offline)")
     plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
                                             "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
     plot_kept(model, trained, eval_set, out / "kept_locations.png")

@@ -7,7 +7,9 @@ or int4 rows); the verifier scores the scattered-back map through its dense code
 location holding the Gaussian average of the kept rows around it (:mod:`heads._sparse.fill`;
 ``fill_sigma: 0`` leaves it zero). The keep scores are learned end to end through the verifier's
 pair loss, with the same fill, by a straight-through Gumbel relaxation
-(:mod:`heads._sparse.selection`), plus a budget term.
+(:mod:`heads._sparse.selection`), plus a budget term. With ``spread`` the top-k is greedy and
+each kept location lowers its neighbours' scores, so the kept cells cover the level the fill
+reconstructs.
 """
 
 from __future__ import annotations
