@@ -168,7 +168,7 @@ def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def spread(row: dict[str, Any], key: str) -> str:
+def with_range(row: dict[str, Any], key: str) -> str:
     """``mean`` or ``mean (min - max)`` of a row's runs."""
     runs = row.get(f"{key}_runs")
     return f"{row[key]:.2f}" + (f" ({min(runs):.2f} – {max(runs):.2f})" if runs else "")
@@ -349,7 +349,7 @@ def main() -> int:
             kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] == "dense" else "-"
         mad, tau = (f"{r[k]:.4f}" if k in r else "-" for k in ("score_mad", "kendall_tau"))
         print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r.get('values', '-')} | "
-              f"{dropped} | {b} | {kib} | {spread(r, 'mAP_M')} | {spread(r, 'mAP_H')} | {mad} | {tau} |")
+              f"{dropped} | {b} | {kib} | {with_range(r, 'mAP_M')} | {with_range(r, 'mAP_H')} | {mad} | {tau} |")
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
@@ -360,9 +360,10 @@ def main() -> int:
           ", ".join(f"dropped {'zero' if f == 0 else f'filled (sigma {f:g})'} {t:.1f} ms" for f, t in ms.items()) +
           " (the verifier then takes ~380 ms per pair, benchmarks/cvnet_rerank.py)")
     if trained.spread > 0:
-        plain, spread = r50_select_ms(trained)
-        print(f"selecting the kept locations of one R50 768x1024 entry (top-k by norm): plain {plain:.1f} ms, "
-              f"spread {trained.spread:g} {spread:.1f} ms ({spread / plain:.1f}x; once per database image, offline)")
+        plain_ms, spread_ms = r50_select_ms(trained)
+        print(f"selecting the kept locations of one R50 768x1024 entry (top-k by norm): plain {plain_ms:.1f} ms, "
+              f"spread {trained.spread:g} {spread_ms:.1f} ms ({spread_ms / plain_ms:.1f}x; once per database image, "
+              "offline)")
     plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
                                             "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
     plot_kept(model, trained, eval_set, out / "kept_locations.png")
