@@ -144,6 +144,17 @@ def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
     return row, descriptors
 
 
+def check_one_verifier(module: Any, others: Sequence[Any], ckpts: Sequence[str]) -> None:
+    """Every setting is scored with the first checkpoint's verifier: refuse sparsifiers whose own
+    verifier differs (fine-tuned along with them), whose learned rows would be scored with another's."""
+    reference = module.rerank_head.state_dict()
+    for ckpt, other in zip(ckpts[1:], others):
+        theirs = other.rerank_head.state_dict()
+        if any(not torch.equal(reference[k], theirs[k]) for k in reference):
+            raise SystemExit(f"{ckpt}: its verifier differs from that of {ckpts[0]} (fine-tuned with the sparsifier?); "
+                             "the sweep scores every selection with one verifier: run one sweep per seed (--seeds S)")
+
+
 def variants(selection: str, learned: Sequence[Any], trained: Any, random_draws: int) -> list[Any]:
     """The heads one setting is scored with, each a copy sharing its trained parameters (only the
     stored form and scoring differ): one per trained sparsifier (learned), one per random draw
@@ -297,7 +308,9 @@ def main() -> int:
 
     module, datamodule = load(args.config, sp_ckpts[0], args.data_args.split())
     trained = module.sparsifier
-    learned = [trained] + [RetrievalModule.load_from_checkpoint(c).eval().sparsifier for c in sp_ckpts[1:]]
+    others = [RetrievalModule.load_from_checkpoint(c).eval() for c in sp_ckpts[1:]]
+    check_one_verifier(module, others, sp_ckpts)
+    learned = [trained] + [m.sparsifier for m in others]
     eval_set = datamodule.eval_sets("test")[0]
     model = SweepModel(module)
     config = module.rerank
