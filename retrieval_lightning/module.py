@@ -284,6 +284,20 @@ class RetrievalModule(pl.LightningModule):
                            "null) and nothing loaded them: the heads train on random features. Give backbone "
                            "weights, --model.init_from <ckpt>, or take the backbone out of model.freeze")
 
+    def warn_if_sparsifier_learns_on_a_random_verifier(self) -> None:
+        """A sparsifier learns which of the verifier's features to keep: when the verifier trains along
+        from random weights (nothing loaded it), the recipe's ``init_from`` was most likely forgotten
+        (a frozen one is refused by :meth:`check_frozen_heads_are_trained`). Not refused: training both
+        from scratch is a legitimate, if unusual, choice."""
+        if "sparsifier" not in self.heads or "sparsifier" in self.frozen or "verifier" not in self.heads:
+            return
+        untrained = self.untrained_head_tensors(["verifier"] if "verifier" not in self.frozen else [])
+        if untrained:
+            keys = untrained["verifier"]
+            rank_zero_warn(f"the sparsifier trains against a verifier of random weights ({len(keys)} tensors, "
+                           f"{', '.join(keys[:2])}, ... never trained or loaded): the sparsifier stage starts from "
+                           "the verifier stage's checkpoint (--model.init_from <ckpt>)")
+
     def check_trained_heads_have_losses(self) -> None:
         """Refuse, before the first step, to train a head that has no ``losses`` (a parameter-free verifier)."""
         missing = [f"{type(head).__name__} ({role!r})" for role, head in self.heads.items()
@@ -446,6 +460,7 @@ class RetrievalModule(pl.LightningModule):
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
+            self.warn_if_sparsifier_learns_on_a_random_verifier()
         if self.momentum_contrast is not None:
             if not is_resuming(self.trainer):  # the copy starts as the network (after init_from)
                 self.momentum_contrast.reset(self.backbone, self.global_head)

@@ -3,6 +3,7 @@ the real CVNet verifier (keep ratio 1.0 reproduces the dense scores)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -720,3 +721,16 @@ def test_spread_straight_through_mask_is_the_greedy_pick_and_passes_gradients() 
         GumbelSparsifierHead(spread=-1.0)
     with pytest.raises(ValueError, match="spread needs relaxation 'topk'"):
         GumbelSparsifierHead(spread=1.0, relaxation="concrete")
+
+
+def test_a_sparsifier_learning_on_a_random_verifier_is_warned_about() -> None:
+    """The sparsifier stage fine-tuning its verifier (cvnet_ds_demo.yaml) run without ``init_from``: the
+    verifier is random, which fit cannot refuse (training both from scratch is allowed) but says."""
+    module = verifier_module()
+    module.frozen = {"backbone", "global"}
+    with pytest.warns(UserWarning, match="sparsifier trains against a verifier of random weights"):
+        module.warn_if_sparsifier_learns_on_a_random_verifier()
+    module._loaded_tensors = {f"heads.verifier.{n}" for n in module.heads["verifier"].untrained_tensors()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.warn_if_sparsifier_learns_on_a_random_verifier()  # loaded: nothing to say

@@ -292,7 +292,7 @@ def test_recipe_stage_errors_are_one_line(cache_root: Path, tmp_path: Path) -> N
     assert no_data.startswith("error: GLDv2 training list not found: ") and "download gldv2" in no_data
     no_init = _fails(["fit", "--config", str(REPO / "experiments/cvnet_ds_demo.yaml"),
                       f"--data.init_args.root={cache_root}", *TINY_DATA, "--trainer.logger=false",
-                      f"--trainer.default_root_dir={tmp_path}"], tmp_path)
+                      "--model.freeze=[backbone,global,verifier]", f"--trainer.default_root_dir={tmp_path}"], tmp_path)
     assert no_init.startswith("error: model.freeze keeps heads fixed whose weights were never trained or loaded: "
                               "'verifier': ") and "model.init_from is not set" in no_init
 
