@@ -289,11 +289,10 @@ class RetrievalModule(pl.LightningModule):
         from random weights (nothing loaded it), the recipe's ``init_from`` was most likely forgotten
         (a frozen one is refused by :meth:`check_frozen_heads_are_trained`). Not refused: training both
         from scratch is a legitimate, if unusual, choice."""
-        if "sparsifier" not in self.heads or "sparsifier" in self.frozen or "verifier" not in self.heads:
+        if not {"sparsifier", "verifier"} <= self.heads.keys() or {"sparsifier", "verifier"} & self.frozen:
             return
-        untrained = self.untrained_head_tensors(["verifier"] if "verifier" not in self.frozen else [])
-        if untrained:
-            keys = untrained["verifier"]
+        keys = self.untrained_head_tensors(["verifier"]).get("verifier")
+        if keys:
             rank_zero_warn(f"the sparsifier trains against a verifier of random weights ({len(keys)} tensors, "
                            f"{', '.join(keys[:2])}, ... never trained or loaded): the sparsifier stage starts from "
                            "the verifier stage's checkpoint (--model.init_from <ckpt>)")
