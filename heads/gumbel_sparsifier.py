@@ -28,8 +28,7 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, spread_topk, temperature, topk_positions,
-    topk_st_mask,
+    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, spread_topk, temperature, topk_st_mask,
 )
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
@@ -427,9 +426,8 @@ class GumbelSparsifierHead(SparsifierHead):
         return self._select(self.keep_logits(level, index)[0].cpu(), k, (h, w))
 
     def _select(self, scores: Tensor, k: int, hw: tuple[int, int]) -> Tensor:
-        """Sorted positions of the ``k`` locations kept from one level's scores (h*w,)."""
-        if self.spread <= 0:
-            return topk_positions(scores, k)
+        """Sorted positions of the ``k`` locations kept from one level's scores (h*w,): the pick
+        :meth:`greedy_masks` makes in training (``spread`` 0: the stable top-k)."""
         return torch.nonzero(spread_topk(scores.reshape(1, -1), k, hw, self.spread)[0][0]).flatten()
 
     @torch.no_grad()
