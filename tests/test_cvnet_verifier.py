@@ -56,6 +56,28 @@ def test_fast_path_matches_the_straightforward_cvnet_on_synthetic_maps() -> None
     assert ref[:, 1].std() > 1e-3  # the pairs really differ: the check is not vacuous
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_scoring_group_norm_equals_torch_group_norm_even_far_from_zero(offset: float) -> None:
+    """The in-place GroupNorm of scoring (no autograd) against nn.GroupNorm in float64, also on
+    groups whose mean is ``offset`` times their spread (sums of squares alone cancel there)."""
+    from heads._cvnet.network import group_norm_relu
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    x = torch.randn(2, 5, 4, 3, 6, 16) + torch.randn(16) + offset  # channels last; each channel its own mean
+    reference = F.relu(F.group_norm(x.double().movedim(-1, 1), 4, norm.weight.double(), norm.bias.double(),
+                                    norm.eps)).movedim(1, -1)
+    with torch.no_grad():
+        fast = group_norm_relu(x.clone(), norm)
+        torch_fp32 = F.relu(norm(x.movedim(-1, 1))).movedim(1, -1)  # what fp32 inputs this far from 0 allow
+    trained = group_norm_relu(x.clone().requires_grad_(), norm)
+    tolerance = 3 * (torch_fp32.double() - reference).abs().max() + 1e-6
+    assert (fast.double() - reference).abs().max() < tolerance
+    assert (trained.detach().double() - reference).abs().max() < tolerance
+
+
 def test_identity_projection_correlates_the_stage_itself_and_trains_only_the_4d_network() -> None:
     """``projection: identity`` scores as the straightforward CVNet whose three projections are identity
     kernels (3x3, centre tap 1): the levels are the resized stage map and their width its channel count;

@@ -68,10 +68,11 @@ class CenterPivotConv4d(nn.Module):
 def group_norm_relu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     """GroupNorm + ReLU on a channels-last tensor (statistics per sample and group, in fp32).
 
-    Without autograd it works in place with one reduction pass: per-channel sums and the Gram
-    diagonal (sums of squares, a matrix product: accurate and fast) combine into group
-    statistics, then a single multiply-add and ReLU (``var_mean`` over the strided group view
-    costs several times more on this layout).
+    Without autograd it works in place: each channel is centred on its own mean first, so the sums
+    of squares (the Gram diagonal, a matrix product: fast on this layout) do not cancel when a
+    channel's mean is large next to its spread; the group variance adds the spread of the channel
+    means. A single multiply-add and ReLU then finish (``var_mean`` over the strided group view
+    costs several times more).
     """
     b, c, g = x.shape[0], x.shape[-1], norm.num_groups
     if torch.is_grad_enabled() or x.dtype != torch.float32:
@@ -80,14 +81,16 @@ def group_norm_relu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
         y = ((xv - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
         return F.relu(torch.addcmul(norm.bias, y, norm.weight)).to(x.dtype)
     flat = x.view(b, -1, c)
-    count = flat.shape[1] * (c // g)
-    sums = flat.sum(1).double().view(b, g, -1).sum(-1, keepdim=True)
-    squares = torch.diagonal(flat.transpose(1, 2) @ flat, dim1=1, dim2=2).double().view(b, g, -1).sum(-1, keepdim=True)
-    mean = sums / count
-    var = (squares / count - mean.square()).clamp(min=0)
-    scale = (norm.weight.view(g, -1).double() * torch.rsqrt(var + norm.eps)).float()  # (b, g, c/g)
-    shift = norm.bias.view(g, -1) - mean.float() * scale
-    return torch.addcmul(shift.view(b, 1, c), flat, scale.view(b, 1, c), out=flat).relu_().view(x.shape)
+    n = flat.shape[1]
+    channel_mean = flat.mean(1, keepdim=True)  # (b, 1, c)
+    flat.sub_(channel_mean)
+    squares = torch.diagonal(flat.transpose(1, 2) @ flat, dim1=1, dim2=2).double().view(b, g, -1)
+    means = channel_mean.double().view(b, g, -1)
+    offset = means - means.mean(-1, keepdim=True)  # each channel's mean less its group's
+    var = (squares.sum(-1, keepdim=True) / n + offset.square().sum(-1, keepdim=True)) / (c // g)
+    scale = norm.weight.view(g, -1).double() * torch.rsqrt(var + norm.eps)  # (b, g, c/g)
+    shift = (norm.bias.view(g, -1).double() + offset * scale).float()
+    return torch.addcmul(shift.view(b, 1, c), flat, scale.float().view(b, 1, c), out=flat).relu_().view(x.shape)
 
 
 class CorrelationLearner(nn.Module):
