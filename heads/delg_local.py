@@ -64,6 +64,10 @@ class DelgLocalHead(LocalHead):
         decoder_relu: end the decoder with a ReLU (DELG: ResNet's conv4 is post-ReLU). Backbones
             whose stage ends in a linear projection (EfficientNet: signed conv4) reconstruct
             better without it.
+        attention_bn_momentum, attention_bn_eps: the attention network's BatchNorm. DELG's is Keras's
+            default (momentum 0.99, i.e. 0.01 here, eps 1e-3): running statistics over ~100 batches,
+            right for a long GLDv2 run; PyTorch's 0.1 (~10 batches) suits a short demo, whose
+            extraction reads running statistics that 0.01 would leave mostly at their init.
         scales: image pyramid of extraction (default: the paper's 7 scales).
         max_keypoints: keep the N strongest cells by attention across scales (None: all).
         attention_threshold: keep only cells with attention >= this (None: no threshold).
@@ -96,6 +100,8 @@ class DelgLocalHead(LocalHead):
         reconstruction_weight: float = 10.0,
         reconstruction_normalize: bool = False,
         decoder_relu: bool = True,
+        attention_bn_momentum: float = 0.1,
+        attention_bn_eps: float = 1e-5,
         scales: Sequence[float] = PAPER_SCALES,
         max_keypoints: int | None = 1000,
         attention_threshold: float | None = None,
@@ -129,6 +135,10 @@ class DelgLocalHead(LocalHead):
         self.reconstruction_weight = float(reconstruction_weight)
         self.reconstruction_normalize = bool(reconstruction_normalize)
         self.decoder_relu = bool(decoder_relu)
+        if not (0.0 < attention_bn_momentum <= 1.0 and attention_bn_eps > 0):
+            raise ValueError(f"attention_bn_momentum must be in (0, 1] and attention_bn_eps > 0, got "
+                             f"{attention_bn_momentum} and {attention_bn_eps}")
+        self.attention_bn = dict(momentum=float(attention_bn_momentum), eps=float(attention_bn_eps))
         self.scales = tuple(float(s) for s in scales)
         self.max_keypoints = max_keypoints
         self.attention_threshold = attention_threshold
@@ -150,7 +160,7 @@ class DelgLocalHead(LocalHead):
         channels = stage_channels[self.stage]
         self.attention = nn.Sequential(
             nn.Conv2d(channels, self.attention_hidden, 1),
-            nn.BatchNorm2d(self.attention_hidden),
+            nn.BatchNorm2d(self.attention_hidden, **self.attention_bn),
             nn.ReLU(inplace=True),
             nn.Conv2d(self.attention_hidden, 1, 1),
             nn.Softplus(),

@@ -204,6 +204,23 @@ def test_losses_train_the_head_and_never_the_backbone() -> None:
     torch.testing.assert_close(ten["attention"], one["attention"])
 
 
+def test_attention_batch_norm_follows_its_options_and_its_running_statistics_move_at_that_rate() -> None:
+    """DELG's Keras BatchNorm (momentum 0.01 here, eps 1e-3) against PyTorch's default; a bad value is refused."""
+    backbone = random_backbone("resnet18").train()
+    feats = backbone(torch.rand(2, 3, 64, 64))
+    moved = {}
+    for momentum, eps in ((0.1, 1e-5), (0.01, 1e-3)):
+        head = DelgLocalHead(dim=16, attention_hidden=8, attention_bn_momentum=momentum, attention_bn_eps=eps)
+        head.build(backbone.stage_channels, 3)
+        bn = head.attention[1]
+        assert (bn.momentum, bn.eps) == (momentum, eps)
+        head.losses(feats, torch.tensor([0, 2]))  # one training step's forward updates the running mean
+        moved[momentum] = bn.running_mean.abs().sum().item()
+    assert moved[0.01] < 0.2 * moved[0.1]
+    with pytest.raises(ValueError, match="attention_bn_momentum"):
+        DelgLocalHead(attention_bn_momentum=0.0)
+
+
 @pytest.mark.parametrize("binarize", [False, True])
 def test_a_shifted_rescaled_copy_has_more_inliers_than_unrelated_photos(lite0: Backbone, binarize: bool) -> None:
     """ImageNet conv4 with an UNTRAINED local head (random attention and projection): geometry alone
