@@ -48,7 +48,14 @@ def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
     else:
         backbone = ["--model.backbone.init_args.name=efficientnet_lite0",
                     "--model.backbone.init_args.weights=efficientnet_lite0_package"]
-    common = [*backbone,
+    # one global scale, a two-level local pyramid and a short pair epoch: the configs' settings are parsed
+    # and built as written; the multi-scale paths are tested in test_scale_resize.py / test_delg_local.py
+    small = [f"--model.heads.{role}.init_args.scales=[0.7071,1.0]"
+             for role, head in raw["model"]["heads"].items() if head["class_path"] == "delg_local"]
+    pairs = (raw["data"].get("init_args") or {}).get("pairs") or {}
+    if pairs.get("groups_per_epoch"):  # a GLDv2-sized epoch's group list (100k draws) for a one-step run
+        small.append("--data.init_args.pairs.groups_per_epoch=64")
+    common = [*backbone, "--model.eval_scales=[1.0]", *small,
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         f"--trainer.default_root_dir={tmp_path}",
