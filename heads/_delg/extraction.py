@@ -15,8 +15,10 @@ from torch import Tensor
 from heads._delg.receptive_field import CellCentres
 from retrieval_lightning.layers.scale_resize import scaled_size
 
-#: DELG's 7-scale image pyramid (REFERENCE.md §1)
-PAPER_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+#: DELG's 7-scale image pyramid (REFERENCE.md §1), written as its released config writes it
+#: (r50delg_gldv2clean_config.pbtxt). Rounded to 4 digits (0.3536), round(side * scale) would
+#: differ by a pixel for 1 side in 40.
+PAPER_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
 
 
 @dataclass
