@@ -285,15 +285,16 @@ class RetrievalModule(pl.LightningModule):
                            "weights, --model.init_from <ckpt>, or take the backbone out of model.freeze")
 
     def warn_if_sparsifier_learns_on_a_random_verifier(self) -> None:
-        """A sparsifier learns which of the verifier's features to keep: when the verifier trains along
-        from random weights (nothing loaded it), the recipe's ``init_from`` was most likely forgotten
-        (a frozen one is refused by :meth:`check_frozen_heads_are_trained`). Not refused: training both
-        from scratch is a legitimate, if unusual, choice."""
-        if not {"sparsifier", "verifier"} <= self.heads.keys() or {"sparsifier", "verifier"} & self.frozen:
+        """A sparsifier learns which of the re-ranking head's features to keep: when that head trains
+        along from random weights (nothing loaded it), the recipe's ``init_from`` was most likely
+        forgotten (a frozen one is refused by :meth:`check_frozen_heads_are_trained`). Not refused:
+        training both from scratch is a legitimate, if unusual, choice."""
+        head = self.rerank_head
+        if self.sparsifier is None or head is None or {"sparsifier", head.role} & self.frozen:
             return
-        keys = self.untrained_head_tensors(["verifier"]).get("verifier")
+        keys = self.untrained_head_tensors([head.role]).get(head.role)
         if keys:
-            rank_zero_warn(f"the sparsifier trains against a verifier of random weights ({len(keys)} tensors, "
+            rank_zero_warn(f"the sparsifier trains against a {head.role} of random weights ({len(keys)} tensors, "
                            f"{', '.join(keys[:2])}, ... never trained or loaded): the sparsifier stage starts from "
                            "the verifier stage's checkpoint (--model.init_from <ckpt>)")
 

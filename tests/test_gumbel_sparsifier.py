@@ -16,7 +16,7 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    budget_loss, concrete_st_mask, keep_count, spread_topk, temperature, topk_positions, topk_st_mask,
+    budget_loss, concrete_st_mask, keep_count, spread_topk, temperature, topk_st_mask,
 )
 from heads.gumbel_sparsifier import GumbelSparsifierHead
 from retrieval_lightning.head import EntryKind, VerifierHead
@@ -48,10 +48,18 @@ def test_keep_count_ratio_and_budget() -> None:
     assert abs(sum(counts) - 430) <= 2 and counts[2] > counts[1] > counts[0]
 
 
+def topk_positions(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the positions of a stable descending sort's first ``k`` (ties: lower position), sorted."""
+    order = torch.sort(logits.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
 def test_topk_is_deterministic_sorted_and_breaks_ties_by_position() -> None:
+    """The pick extraction and training make without spread (``spread_topk`` at 0): a stable top-k."""
     logits = torch.tensor([0.5, 2.0, 2.0, -1.0, 2.0, 0.7])
-    assert topk_positions(logits, 2).tolist() == [1, 2]
-    assert topk_positions(logits, 4).tolist() == [1, 2, 4, 5]
+    for k, want in ((2, [1, 2]), (4, [1, 2, 4, 5])):
+        assert topk_positions(logits, k).tolist() == want
+        assert spread_topk(logits[None], k, (1, 6), 0.0)[0][0].nonzero().flatten().tolist() == want
 
 
 def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:

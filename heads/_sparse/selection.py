@@ -32,16 +32,6 @@ def keep_count(n: int, keep_ratio: float | None = None, budget: int | None = Non
     return int(min(n, max(1, round(keep_ratio * n))))
 
 
-def topk_positions(logits: Tensor, k: int) -> Tensor:
-    """Deterministic top-k of a 1-D logit vector, returned sorted by position.
-
-    A stable descending sort breaks ties by the lower position, so equal logits (e.g. zero
-    feature rows) select the same locations on every run and machine.
-    """
-    order = torch.sort(logits.float(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
-
-
 def spread_topk(scores: Tensor, k: int, hw: tuple[int, int], spread: float) -> tuple[Tensor, Tensor]:
     """Greedy top-k of (B, h*w) ``scores`` in which every kept location lowers its neighbours' scores.
 
