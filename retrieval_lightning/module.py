@@ -147,6 +147,9 @@ class RetrievalModule(pl.LightningModule):
         self.detach = set(detach)
         self.frozen = set(freeze)
         self.optim = optim or OptimConfig()
+        stray = sorted(set(self.optim.head_lr_mult) - set(heads))
+        if stray:  # a misspelt role would train its head at the full lr, silently
+            raise ValueError(f"optim.head_lr_mult names {stray}, which are not configured heads {sorted(heads)}")
         self.eval_scales = tuple(float(s) for s in eval_scales)
         if eval_resize not in SCALE_RESIZES:
             raise ValueError(f"eval_resize must be one of {SCALE_RESIZES}, got {eval_resize!r}")
@@ -488,7 +491,8 @@ class RetrievalModule(pl.LightningModule):
             groups.append({"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr})
         for role, head in self.heads.items():
             if role not in self.frozen:
-                groups.extend(g for g in head.parameter_groups(self.optim.lr) if g["params"])
+                lr = self.optim.lr * self.optim.head_lr_mult.get(role, 1.0)
+                groups.extend(g for g in head.parameter_groups(lr) if g["params"])
         if not groups:
             raise UsageError(f"everything is frozen (model.freeze: {sorted(self.frozen)}): nothing to train. A "
                              "model that only evaluates needs no fit: test/extract/evaluate it as it is")

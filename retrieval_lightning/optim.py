@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,9 @@ class OptimConfig:
         name: ``sgd`` (DELG: momentum 0.9) or ``adamw``.
         lr: base learning rate of the heads.
         backbone_lr_mult: backbone lr = ``lr * backbone_lr_mult`` (fine-tuning uses < 1).
+        head_lr_mult: lr multiplier per head role, e.g. ``{verifier: 0.1}``: a later stage that trains a new
+            head (a sparsifier) at ``lr`` while fine-tuning an already trained one (the verifier) gently.
+            Roles not named train at ``lr``.
         momentum: as in torch.
         weight_decay: decay of weight matrices and kernels; biases, normalisation scales and GeM's p
             (parameters of fewer than 2 dimensions) are not decayed.
@@ -31,6 +34,7 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.01
     backbone_lr_mult: float = 1.0
+    head_lr_mult: dict[str, float] = field(default_factory=dict)
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "linear"
@@ -41,6 +45,9 @@ class OptimConfig:
         for name in ("lr", "backbone_lr_mult", "momentum", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for role, mult in self.head_lr_mult.items():
+            if not isinstance(mult, (int, float)) or mult < 0:
+                raise ValueError(f"optim.head_lr_mult.{role} must be a number >= 0, got {mult!r}")
         if self.reference_batch is not None and self.reference_batch < 1:
             raise ValueError(f"optim.reference_batch must be >= 1 or null, got {self.reference_batch}")
 

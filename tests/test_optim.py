@@ -18,7 +18,8 @@ GemArcFace = HEADS.get("gem_arcface")
 
 def make(**kwargs) -> RetrievalModule:
     torch.manual_seed(0)
-    return RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=3, **kwargs)
+    return RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(**kwargs.pop("head", {}))},
+                           num_classes=3, **kwargs)
 
 
 def attach(module: RetrievalModule, steps: float) -> RetrievalModule:
@@ -81,6 +82,24 @@ def test_configure_optimizers_backbone_lr_multiplier_and_schedule() -> None:
         optim.step()
         sched.step()
     assert sched.get_last_lr() == pytest.approx([0.0] * len(optim.param_groups))
+
+
+def test_head_lr_multiplier_scales_only_that_heads_groups() -> None:
+    def lrs(module: RetrievalModule) -> tuple[list[float], list[float]]:
+        backbone = {id(p) for p in module.backbone.parameters()}
+        groups = attach(module, 10).configure_optimizers()["optimizer"].param_groups
+        split = [[g["lr"] for g in groups if {id(p) for p in g["params"]} <= backbone],
+                 [g["lr"] for g in groups if not {id(p) for p in g["params"]} & backbone]]
+        return split[0], split[1]
+
+    base = lrs(make(head={"learn_p": True}, optim=OptimConfig(lr=0.1)))
+    scaled = lrs(make(head={"learn_p": True}, optim=OptimConfig(lr=0.1, head_lr_mult={"global": 0.25})))
+    assert scaled[0] == base[0] == [0.1]  # the backbone keeps lr
+    assert len(base[1]) > 1 and scaled[1] == pytest.approx([0.25 * lr for lr in base[1]])  # every group of the head
+    with pytest.raises(ValueError, match=r"head_lr_mult names \['verifier'\].*configured heads \['global'\]"):
+        make(optim=OptimConfig(head_lr_mult={"verifier": 0.1}))
+    with pytest.raises(ValueError, match="optim.head_lr_mult.global must be a number >= 0"):
+        OptimConfig(head_lr_mult={"global": -1})
 
 
 def test_configure_optimizers_leaves_frozen_modules_out() -> None:
