@@ -106,8 +106,9 @@ class SweepModel:
         kinds = self.verifier.entry_kinds()
         return self.sparsifier.entry_kinds(kinds) if database and self.sparsifier is not None else kinds
 
-    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]:
-        keys = [self._key(img) for img in images]
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True,
+                       resize_factors: Tensor | None = None) -> list[dict[str, Tensor]]:
+        keys = [self._key(img) for img in images]  # the verifier's entries do not depend on resize_factors
         todo = [i for i, k in enumerate(keys) if k not in self._entries]
         if todo:
             fresh = self.module.rerank_entries([images[i] for i in todo], database=False)

@@ -29,6 +29,7 @@ from retrieval_lightning.data.io import (
     LoadPolicy,
     apply_orientation,
     exif_orientation,
+    image_size,
     load_image_or_skip,
     resize_by,
     to_float,
@@ -236,25 +237,34 @@ class EvalImageDataset(Dataset):
         image = load_image_or_skip(path, self.policy, max_side=cap, orient=upright_first)
         if image is None:
             side = self.placeholder_size
-            return {"image": torch.zeros(3, side, side), "index": index, "unreadable": True}
+            return {"image": torch.zeros(3, side, side), "index": index, "unreadable": True,
+                    "resize_factor": (1.0, 1.0)}
         if box is None:
-            return {"image": self.transform(image), "index": index}
+            out = self.transform(image)
+            # decoded shrunk: the factor is of the file's own size (read from its header), not the decoded one's
+            height, width = image_size(path)[::-1] if cap is not None else image.shape[1:]
+            return {"image": out, "index": index, "resize_factor": (out.shape[1] / height, out.shape[2] / width)}
         try:
             crop = self.transform(image, box)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         if not upright_first:
             crop = apply_orientation(crop, exif_orientation(path)).contiguous()
-        return {"image": crop, "index": index}
+        factor = self.transform.resize.factor(*image.shape[1:])  # a crop is scaled by its whole image's factor
+        return {"image": crop, "index": index, "resize_factor": (factor, factor)}
 
 
 def collate_eval(items: list[dict]) -> dict:
-    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor, "unreadable": BoolTensor}``
-    (``unreadable``: the placeholders of images skipped under ``on_error: skip``, counted by the core)."""
+    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor, "unreadable": BoolTensor,
+    "resize_factor": (B, 2) float64}`` (``unreadable``: the placeholders of images skipped under ``on_error:
+    skip``, counted by the core; ``resize_factor``: each image's (height, width) as given over its original's,
+    1 where an item does not say)."""
     return {
         "image": [item["image"] for item in items],
         "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
         "unreadable": torch.tensor([bool(item.get("unreadable", False)) for item in items]),
+        "resize_factor": torch.tensor([list(item.get("resize_factor", (1.0, 1.0))) for item in items],
+                                      dtype=torch.float64).reshape(len(items), 2),
     }
 
 

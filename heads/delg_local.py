@@ -11,9 +11,9 @@ conv4 and its reconstruction.
 
 Inference: the paper's 7-scale pyramid; every conv4 cell of every scale is a candidate keypoint
 at its receptive-field centre (traced from the backbone's real ops, :mod:`heads._delg.receptive_field`),
-mapped back to the original image's pixels; the cells with attention >= ``attention_threshold``
-(if set), then the ``max_keypoints`` strongest across scales, are kept. Descriptors are stored
-L2-normalised as fp16, or as packed sign bits (16 bytes per 128-D feature) with ``binarize``.
+mapped back to the original image's pixels (before an eval set's resize: ``resize_factors``); the
+cells with attention >= ``attention_threshold`` (if set), then the ``max_keypoints`` strongest across
+scales, are kept. Descriptors are stored L2-normalised as fp16, or as packed sign bits (16 bytes per 128-D feature) with ``binarize``.
 A pair's score is its inlier count from :func:`retrieval_lightning.retrieval.geometry.verify_shortlist`.
 """
 
@@ -90,6 +90,8 @@ class DelgLocalHead(LocalHead):
     #: matching and RANSAC settings score stored features, they do not change them: a store stays valid
     scoring_only = ("matching", "ratio", "max_distance", "max_hamming", "model", "method", "threshold",
                     "max_iters", "confidence", "distinct_px", "reference", "reference_trials", "workers")
+    #: 1: keypoints in the original image's pixels (stores written before hold those of the image as extracted)
+    store_revision = 1
 
     def __init__(
         self,
@@ -230,15 +232,23 @@ class DelgLocalHead(LocalHead):
             ))
         return levels
 
-    def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn) -> list[dict[str, Tensor]]:
-        """One entry per (3, H, W) RGB [0, 1] image; keypoints in that image's pixels (x, y)."""
+    def extract_entries(self, images: Sequence[Tensor], features_at: FeatureFn,
+                        resize_factors: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """One entry per (3, H, W) RGB [0, 1] image; keypoints (x, y) in the pixels of the original image:
+        those of the image given, divided by its row of ``resize_factors`` ((height, width) as given over
+        the original's; 1 if ``None``). DELG's extractor maps them back alike, so RANSAC's ``threshold``
+        is in original pixels whatever size an image was extracted at (``eval_max_side``)."""
         was_training = self.training
         self.eval()  # extraction is inference: BatchNorm uses its running statistics
         try:
             entries = []
-            for image in images:
+            for i, image in enumerate(images):
                 chosen = select(self._levels(image, features_at), self.attention_threshold, self.max_keypoints)
-                entry = {"keypoints": chosen["keypoints"].float().contiguous()}
+                keypoints = chosen["keypoints"].float()
+                if resize_factors is not None:
+                    factor_y, factor_x = (float(f) for f in resize_factors[i])
+                    keypoints = keypoints / keypoints.new_tensor([factor_x, factor_y])
+                entry = {"keypoints": keypoints.contiguous()}
                 if self.binarize:
                     entry["descriptor_bits"] = pack_signs(chosen["descriptors"])
                 else:

@@ -221,7 +221,10 @@ class RerankHead(Head):
     - :meth:`entry_kinds` ``() -> {name: EntryKind}``: what is stored per image;
     - :meth:`extract_entries` ``(images, features_at) -> list[{name: Tensor}]``: one entry per image
       (queries and database alike), each tensor matching its :class:`EntryKind`; ``images`` is a
-      list of (3, H, W) float RGB tensors in [0, 1], possibly of different sizes;
+      list of (3, H, W) float RGB tensors in [0, 1], possibly of different sizes. A head whose
+      method also takes the keyword ``resize_factors`` gets a (B, 2) float64 tensor: each image's
+      (height, width) over its original's (an eval set's images are shrunk to ``eval_max_side``), so
+      it can measure pixel distances in the original image (DELG's RANSAC threshold);
     - :meth:`score` ``(query, candidates, seeds) -> (K,) float tensor``: one query entry against K
       candidate entries; higher is more similar. ``seeds[k]`` is a per-(query, candidate) seed for
       anything random (RANSAC), so scores do not depend on the rank or order they are computed in.

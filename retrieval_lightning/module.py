@@ -569,13 +569,25 @@ class RetrievalModule(pl.LightningModule):
         return kinds
 
     @torch.no_grad()
-    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]:
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True,
+                       resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> list[dict[str, Tensor]]:
         """Per image, what is stored for the re-ranking head (after the sparsifier for database images).
 
         ``images`` are (3, H, W) float RGB in [0, 1]; the model applies its own normalisation.
+        ``resize_factors`` (one (height, width) pair per image, 1 when ``None``): each image's size over
+        its original's, handed to heads whose ``extract_entries`` takes them (pixel distances measured
+        in the original image, as DELG's RANSAC threshold is).
         """
         head = self._require_rerank_head()
-        entries = head.extract_entries([img.to(self.device).float() for img in images], self.features_at)
+        tensors = [img.to(self.device).float() for img in images]
+        if _accepts(head.extract_entries, "resize_factors"):
+            factors = torch.ones(len(images), 2, dtype=torch.float64) if resize_factors is None else \
+                torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
+            if len(factors) != len(images):
+                raise ValueError(f"{len(factors)} resize factors for {len(images)} images")
+            entries = head.extract_entries(tensors, self.features_at, resize_factors=factors)
+        else:
+            entries = head.extract_entries(tensors, self.features_at)
         if database and self.sparsifier is not None:
             entries = self.sparsifier.sparsify(entries)
         producer = self.sparsifier if database and self.sparsifier is not None else head
@@ -693,7 +705,7 @@ class RetrievalModule(pl.LightningModule):
         self._eval_buffers.setdefault(dataloader_idx, []).append((index, desc.cpu(), unreadable))
         writer = getattr(self, "_rerank_writers", {}).get(dataloader_idx)
         if writer is not None:
-            writer.add(batch["image"], batch["index"])
+            writer.add(batch["image"], batch["index"], batch.get("resize_factor"))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -798,7 +810,7 @@ class RetrievalModule(pl.LightningModule):
         # placeholders of unreadable images (on_error: skip) are marked, so a re-run of extract retries them
         out[UNREADABLE] = torch.as_tensor(batch.get("unreadable", torch.zeros(len(batch["index"]))), dtype=torch.uint8)
         if self.rerank_head is not None:
-            entries = self.rerank_entries(batch["image"], database=True)
+            entries = self.rerank_entries(batch["image"], database=True, resize_factors=batch.get("resize_factor"))
             for name in entries[0] if entries else ():
                 out[self.rerank_prefix + name] = [e[name] for e in entries]
         return out

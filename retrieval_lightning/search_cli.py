@@ -71,8 +71,15 @@ def query_resize(store: FeatureStore, max_side: int | None) -> ImageResize:
 def load_query(path: str, resize: ImageResize) -> torch.Tensor:
     """A query image, float (3, h, w) in [0, 1], sized as ``resize`` says (bilinear, antialiased:
     the evaluation transform of the datamodules)."""
+    return load_query_sized(path, resize)[0]
+
+
+def load_query_sized(path: str, resize: ImageResize) -> tuple[torch.Tensor, tuple[float, float]]:
+    """:func:`load_query` and the image's (height, width) over its original's, which re-ranking heads
+    measuring pixel distances in the original image read (as the eval datasets' ``resize_factor``)."""
     image = load_image(path)
-    return to_float(resize_by(image, resize.factor(image.shape[1], image.shape[2])))
+    out = to_float(resize_by(image, resize.factor(image.shape[1], image.shape[2])))
+    return out, (out.shape[1] / image.shape[1], out.shape[2] / image.shape[2])
 
 
 def adopt_store_evaluation(module: torch.nn.Module, store: FeatureStore) -> None:
@@ -118,11 +125,14 @@ def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.devic
 
 def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],
            k: int = 10, shortlist: int | None = None, backend: str = "exact", ranker: Ranker | None = None,
-           first_query: int = 0) -> list[SearchResult]:
+           first_query: int = 0,
+           resize_factors: Sequence[tuple[float, float]] | None = None) -> list[SearchResult]:
     """Rank the store for each query image; re-rank the shortlist when the model and store allow.
 
     ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls); ``first_query`` is
-    the position of ``images[0]`` among all queries, so re-ranking seeds do not depend on batching.
+    the position of ``images[0]`` among all queries, so re-ranking seeds do not depend on batching;
+    ``resize_factors``: each image's (height, width) over its original's (:func:`load_query_sized`; 1 if
+    not given).
     """
     module.eval()
     queries = module.embed_batch(list(images)).float()
@@ -141,7 +151,8 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
             continue
         short = row[: shortlist or config.k]
         entries = reader.read(store.index[short])
-        query_entry = module.rerank_entries([image], database=False)[0]
+        factor = None if resize_factors is None else [resize_factors[q]]
+        query_entry = module.rerank_entries([image], database=False, resize_factors=factor)[0]
         s = module.score_entries(query_entry, entries, pair_seeds(first_query + q, store.index[short].tolist()))
         s = torch.as_tensor(s).float().numpy()
         order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
@@ -285,10 +296,12 @@ def run_search(argv: Sequence[str]) -> int:
     skipped: list[str] = []
     batches = range(0, len(queries), QUERY_BATCH)
     for start in tqdm(batches, desc="searching", unit="batch", disable=len(batches) < 2, file=sys.stderr):
-        names, images = [], []  # a batch at a time: a directory may hold thousands
+        names, images, factors = [], [], []  # a batch at a time: a directory may hold thousands
         for name in queries[start:start + QUERY_BATCH]:
             try:
-                images.append(load_query(name, resize))
+                image, factor = load_query_sized(name, resize)
+                images.append(image)
+                factors.append(factor)
                 names.append(name)
             except ImageLoadError as err:
                 if args.on_error == "raise":
@@ -298,7 +311,7 @@ def run_search(argv: Sequence[str]) -> int:
         if not names:
             continue
         results = search(module, store, images, names, k=args.k, shortlist=args.shortlist, ranker=ranker,
-                         first_query=start)
+                         first_query=start, resize_factors=factors)
         print(format_results(results, store, items), flush=True)
         drawn += list(zip(results, images))[:PICTURE_QUERIES - len(drawn)]
     if skipped:

@@ -338,3 +338,40 @@ def test_extraction_inside_bf16_autocast_stays_fp32() -> None:
         mixed = head.extract_entries([image], pooled_features)[0]
     for name in plain:
         assert torch.equal(plain[name], mixed[name]), name
+
+
+def test_keypoints_are_stored_in_the_original_images_pixels_through_every_extraction_path(tmp_path) -> None:
+    """An eval image shrunk to ``eval_max_side`` carries its resize factor; DELG maps its keypoints back
+    by it, as the official extractor does, so RANSAC's threshold is in original pixels. The same through
+    the head, the module, the notebook extraction into a store and the ``extract`` command's predict step."""
+    from datamodules._transforms import collate_eval
+    from retrieval_lightning.data.types import EvalSet
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.registry import HEADS
+    from retrieval_lightning.retrieval.rerank_eval import extract_entries
+
+    backbone = Backbone("efficientnet_lite0", stages=("conv4", "conv5")).eval()
+    torch.manual_seed(0)
+    local = DelgLocalHead(attention_hidden=8, scales=(1.0,), max_keypoints=20)
+    module = RetrievalModule(backbone, {"global": HEADS.get("gem_arcface")(), "local": local},
+                             eval_scales=[1.0]).eval()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    factors = [(0.5, 0.25), (1.0, 1.0)]
+    plain = local.extract_entries(images, backbone)
+    mapped = local.extract_entries(images, backbone, resize_factors=torch.tensor(factors, dtype=torch.float64))
+    torch.testing.assert_close(mapped[0]["keypoints"], plain[0]["keypoints"] / torch.tensor([0.25, 0.5]))
+    assert torch.equal(mapped[1]["keypoints"], plain[1]["keypoints"])
+    assert all(torch.equal(m[k], p[k]) for m, p in zip(mapped, plain) for k in p if k != "keypoints")
+    expected = [e["keypoints"] for e in mapped]
+    through_module = module.rerank_entries(images, resize_factors=factors)
+    assert all(torch.equal(e["keypoints"], x) for e, x in zip(through_module, expected))
+    assert torch.equal(module.rerank_entries(images)[0]["keypoints"], plain[0]["keypoints"])  # no factors: 1
+
+    items = [{"image": image, "index": i, "resize_factor": f} for i, (image, f) in enumerate(zip(images, factors))]
+    eval_set = EvalSet("scaled", items, 1, "revisitop", [{"easy": [0], "hard": [], "junk": []}])
+    _, queries, database = extract_entries(module, eval_set, tmp_path / "store", module.entry_identity(),
+                                           progress=False)
+    stored = [store.get("local-keypoints", [0])[0] for store in (queries, database)]
+    assert all(torch.equal(torch.as_tensor(s), x) for s, x in zip(stored, expected))
+    predicted = module.predict_step(collate_eval(items), 0)["local-keypoints"]
+    assert all(torch.equal(p, x) for p, x in zip(predicted, expected))

@@ -573,6 +573,8 @@ def test_eval_decoding_is_exact_by_default_and_reduced_size_is_an_option(gld, tm
     reduced = EvalTransform(20)(load_image(path, max_side=20))
     assert fast.dataset.fast_decode and torch.equal(fast.dataset[0]["image"], reduced)
     assert not torch.equal(reduced, exact)  # the option really changes the decoding
+    # decoded shrunk, the factor is still of the file's own 40 x 30 (DELG's keypoints map back to it)
+    assert retrieval.dataset[0]["resize_factor"] == fast.dataset[0]["resize_factor"] == (0.5, 0.5)
 
 
 def test_recognition_set_holds_ids_and_labels_compactly(gld):

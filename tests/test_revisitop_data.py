@@ -359,3 +359,21 @@ def test_malformed_pickle_calling_allowed_globals_badly_is_a_format_error(tmp_pa
     (tmp_path / "rbad" / "gnd_rbad.pkl").write_bytes(payload)
     with pytest.raises(RevisitopFormatError, match=r"gnd_rbad\.pkl: not a readable pickle \(TypeError"):
         load_revisitop(str(tmp_path), "rbad")
+
+
+def test_items_carry_their_resize_factor_per_axis_and_batches_stack_them(tmp_path):
+    """Heads measuring pixel distances in the original image (DELG's RANSAC threshold) read each image's
+    size as given over its original's: per axis for a whole image (the rounded sides), the whole image's
+    factor for a query crop (scaled by it)."""
+    from datamodules._transforms import collate_eval
+
+    directory = tmp_path / "rfac"
+    _make_dataset(str(directory), "rfac", [(60, 40)], [[5.0, 2.0, 45.0, 30.0]], 3)
+    (es,) = RevisitopDataModule(root=str(tmp_path), datasets=["rfac"], max_side=25, num_workers=0).eval_sets("test")
+    query, db = es.dataset[0], es.dataset[1]
+    assert query["resize_factor"] == (25 / 60, 25 / 60)
+    assert db["image"].shape[1:] == (19, 25)  # 36 x 48 stored: round(36 * 25 / 48) = 19
+    assert db["resize_factor"] == (19 / 36, 25 / 48) and 19 / 36 != 25 / 48
+    batch = collate_eval([query, db, {"image": torch.zeros(3, 2, 2), "index": 9}])
+    assert batch["resize_factor"].dtype == torch.float64
+    assert batch["resize_factor"].tolist() == [[25 / 60, 25 / 60], [19 / 36, 25 / 48], [1.0, 1.0]]

@@ -245,7 +245,7 @@ def test_search_sizes_queries_as_the_store_was_sized(tmp_path, capsys) -> None:
     from retrieval_lightning.data.types import EvalSet, ImageResize
     from retrieval_lightning.errors import DataFormatError
     from retrieval_lightning.retrieval.set_files import IMAGE_RESIZE, read_image_resize, write_set_files
-    from retrieval_lightning.search_cli import FALLBACK_MAX_SIDE, load_query, query_resize
+    from retrieval_lightning.search_cli import FALLBACK_MAX_SIDE, load_query, load_query_sized, query_resize
 
     store = FeatureStore.from_arrays(tmp_path / "set" / "store", {"global": np.eye(3, dtype=np.float16)})
     assert query_resize(store, None) == ImageResize(FALLBACK_MAX_SIDE)
@@ -259,6 +259,7 @@ def test_search_sizes_queries_as_the_store_was_sized(tmp_path, capsys) -> None:
     photo = tmp_path / "q.png"
     Image.new("RGB", (30, 20), (200, 10, 10)).save(photo)
     assert load_query(str(photo), query_resize(store, None)).shape == (3, 27, 40)  # enlarged to 40 as the database
+    assert load_query_sized(str(photo), query_resize(store, None))[1] == (27 / 20, 40 / 30)  # for DELG's keypoints
     assert query_resize(store, 64) == ImageResize(64, True)
     assert "--max-side 64, but the database images were sized to 40" in capsys.readouterr().err
 

@@ -52,7 +52,8 @@ class RerankModel(Protocol):
 
     def rerank_entry_kinds(self, database: bool = True) -> Mapping[str, Any]: ...
 
-    def rerank_entries(self, images: Sequence[Tensor], database: bool = True) -> list[dict[str, Tensor]]: ...
+    def rerank_entries(self, images: Sequence[Tensor], database: bool = True,
+                       resize_factors: Tensor | None = None) -> list[dict[str, Tensor]]: ...
 
     def score_entries(self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]],
                       seeds: Sequence[int]) -> Tensor: ...
@@ -98,16 +99,21 @@ class RerankEntryWriter:
             self.writers[side] = ShardWriter(folder, rank, shard_size, self.identity, dtypes)
         self.extracted = 0
 
-    def add(self, images: Sequence[Tensor], indices: Tensor | Sequence[int]) -> None:
-        """Extract and buffer the entries of a batch (skipping items already written)."""
+    def add(self, images: Sequence[Tensor], indices: Tensor | Sequence[int],
+            resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> None:
+        """Extract and buffer the entries of a batch (skipping items already written); ``resize_factors``:
+        each image's (height, width) over its original's (the eval items' ``resize_factor``)."""
         indices = np.asarray(torch.as_tensor(indices).cpu().tolist(), dtype=np.int64).reshape(-1)
+        factors = None if resize_factors is None else \
+            torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(len(indices), 2)
         for side, wanted in ((QUERIES, indices < self.n_queries), (DATABASE, indices >= self.n_queries)):
             if side not in self.writers:
                 continue
             todo = np.nonzero(wanted & ~np.isin(indices, self.done[side]))[0]
             if todo.size == 0:
                 continue
-            entries = self.model.rerank_entries([images[i] for i in todo], database=side == DATABASE)
+            entries = self.model.rerank_entries([images[i] for i in todo], database=side == DATABASE,
+                                                resize_factors=None if factors is None else factors[torch.as_tensor(todo)])
             batch: dict[str, Any] = {"index": indices[todo]}
             for name in entries[0]:
                 batch[self.prefix + name] = [e[name].detach().cpu() for e in entries]
@@ -234,7 +240,8 @@ def extract_entries(
             items = [eval_set.dataset[i] for i in range(start, min(n, start + batch_size))]
             images = [item["image"] for item in items]
             descriptors.append(model.embed_batch(images).cpu())
-            writer.add(images, [item["index"] for item in items])
+            writer.add(images, [item["index"] for item in items],
+                       [item.get("resize_factor", (1.0, 1.0)) for item in items])
     writer.close()
     writer.merge()
     query_store, db_store = writer.open()
