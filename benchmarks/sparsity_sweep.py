@@ -1,7 +1,9 @@
 """CVNet-DS on minilandmarks: stored bytes per database image vs re-ranked mAP, by keep ratio.
 
-One demo verifier (``experiments/cvnet_demo.yaml``, or ``--verifier-ckpt``) and the sparsifier
-trained on it (``experiments/cvnet_ds_demo.yaml``, verifier frozen; or ``--sparsifier-ckpt``). For
+One demo verifier (``experiments/cvnet_demo.yaml``, or ``--verifier-ckpt``) and the sparsifiers
+trained on it, one per ``--seeds`` value (``experiments/cvnet_ds_demo.yaml``; or ``--sparsifier-ckpt``,
+comma-separated). That config fine-tunes the verifier along, so each sparsifier then comes with a
+verifier of its own: every setting is scored with each one's own verifier and a row is their mean. For
 every setting (dense; learned selection, top-k by feature norm and random at each keep ratio) the
 minilandmarks test split goes through the core's re-ranked evaluation
 (:func:`retrieval_lightning.retrieval.rerank_eval.extract_entries` writes the query and database
@@ -145,15 +147,67 @@ def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
     return row, descriptors
 
 
-def check_one_verifier(module: Any, others: Sequence[Any], ckpts: Sequence[str]) -> None:
-    """Every setting is scored with the first checkpoint's verifier: refuse sparsifiers whose own
-    verifier differs (fine-tuned along with them), whose learned rows would be scored with another's."""
-    reference = module.rerank_head.state_dict()
-    for ckpt, other in zip(ckpts[1:], others):
-        theirs = other.rerank_head.state_dict()
-        if any(not torch.equal(reference[k], theirs[k]) for k in reference):
-            raise SystemExit(f"{ckpt}: its verifier differs from that of {ckpts[0]} (fine-tuned with the sparsifier?); "
-                             "the sweep scores every selection with one verifier: run one sweep per seed (--seeds S)")
+def group_by_verifier(modules: Sequence[Any]) -> list[list[int]]:
+    """Positions of ``modules`` grouped by identical verifier weights, in first-seen order: sparsifiers
+    trained with the verifier frozen share one; each fine-tuned along with its sparsifier has its own."""
+    groups: list[list[int]] = []
+    for i, module in enumerate(modules):
+        state = module.rerank_head.state_dict()
+        for group in groups:
+            first = modules[group[0]].rerank_head.state_dict()
+            if all(torch.equal(state[k], first[k]) for k in state):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def sweep(model: SweepModel, learned: Sequence[Any], eval_set: Any, stores: Path, args: argparse.Namespace,
+          t0: float) -> list[dict[str, Any]]:
+    """The rows of one verifier: global only, dense, then every selection x keep ratio x fill x values,
+    ``learned`` being the sparsifiers trained with this verifier (their mean)."""
+    from retrieval_lightning.evaluation import evaluate_eval_set
+
+    trained, config = learned[0], model.module.rerank
+    rows: list[dict[str, Any]] = []
+    model.sparsifier = None
+    dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
+    glob = evaluate_eval_set(eval_set, descriptors).metrics
+    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
+    dense_scores = dense.pop("scores")
+    rows.append({"setting": "dense", "ratio": 1.0, **dense, **fidelity(dense_scores, dense_scores)})
+    print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    fills = [trained.fill_sigma] if args.fills is None else [float(f) for f in args.fills.split(",")]
+    values = [trained.value_dtype] if args.values is None else args.values.split(",")
+    for fill, value_dtype in ((f, v) for f in fills for v in values):
+        for selection in selections_of(trained):
+            for ratio in (float(r) for r in args.ratios.split(",")):
+                setting = {"setting": selection, "ratio": ratio, "values": value_dtype, "fill_sigma": fill}
+                runs = []
+                for run, head in enumerate(variants(selection, learned, trained, args.random_draws)):
+                    head.keep_ratio, head.budget, head.fill_sigma, head.value_dtype = ratio, None, fill, value_dtype
+                    model.sparsifier = head
+                    directory = stores / f"{selection}-{ratio}-fill{fill}-{value_dtype}-run{run}"
+                    row = evaluate(model, eval_set, directory, {**setting, "run": run}, config)[0]
+                    runs.append({**row, **fidelity(row.pop("scores"), dense_scores)})
+                rows.append({**setting, **mean_of_runs(runs)})
+                print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def merge_verifiers(per_verifier: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several verifiers (same settings, same order) -> one row per setting: the mean over the
+    verifiers, each verifier's value kept under ``<name>_runs`` (its own runs' mean)."""
+    merged = []
+    for same in zip(*per_verifier):
+        row = dict(same[0])
+        for key in ("mAP_M", "mAP_H", "score_mad", "kendall_tau", "bytes"):
+            if all(r.get(key) is not None for r in same):
+                row[key] = float(np.mean([r[key] for r in same]))
+                row[f"{key}_runs"] = [r[key] for r in same]
+        merged.append(row)
+    return merged
 
 
 def variants(selection: str, learned: Sequence[Any], trained: Any, random_draws: int) -> list[Any]:
@@ -269,12 +323,14 @@ def main() -> int:
     parser.add_argument("--verifier-config", default="experiments/cvnet_demo.yaml")
     parser.add_argument("--config", default="experiments/cvnet_ds_demo.yaml")
     parser.add_argument("--verifier-ckpt", default=None)
-    parser.add_argument("--sparsifier-ckpt", default=None)
+    parser.add_argument("--sparsifier-ckpt", default=None,
+                        help="comma-separated trained sparsifier checkpoints to score instead of training them")
     parser.add_argument("--output", default="outputs/sparsity_sweep")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--seeds", default="0",
                         help="comma-separated seed_everything values: one sparsifier trained per seed; the learned "
-                             "rows are their mean (ignored with --sparsifier-ckpt)")
+                             "rows are their mean (each scored with its own verifier when it was fine-tuned along; "
+                             "ignored with --sparsifier-ckpt)")
     parser.add_argument("--random-draws", type=int, default=5,
                         help="random selections drawn per setting; the random rows are their mean")
     parser.add_argument("--data-args", default="",
@@ -294,7 +350,7 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sp_ckpts = [args.sparsifier_ckpt] if args.sparsifier_ckpt else []
+    sp_ckpts = args.sparsifier_ckpt.split(",") if args.sparsifier_ckpt else []
     if not sp_ckpts:
         ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
         print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
@@ -304,49 +360,30 @@ def main() -> int:
             sp_ckpts.append(fit(args.config, str(out / f"sparsifier_seed{seed}"), overrides))
     print(f"sparsifier checkpoints: {', '.join(sp_ckpts)} ({time.time() - t0:.0f} s)", flush=True)
 
-    from retrieval_lightning.evaluation import evaluate_eval_set
     from retrieval_lightning.module import RetrievalModule
 
     module, datamodule = load(args.config, sp_ckpts[0], args.data_args.split())
-    trained = module.sparsifier
-    others = [RetrievalModule.load_from_checkpoint(c).eval() for c in sp_ckpts[1:]]
-    check_one_verifier(module, others, sp_ckpts)
-    learned = [trained] + [m.sparsifier for m in others]
+    modules = [module] + [RetrievalModule.load_from_checkpoint(c).eval() for c in sp_ckpts[1:]]
     eval_set = datamodule.eval_sets("test")[0]
-    model = SweepModel(module)
     config = module.rerank
-    stores = out / "stores"
-
-    rows: list[dict[str, Any]] = []
-    model.sparsifier = None
-    dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
-    glob = evaluate_eval_set(eval_set, descriptors).metrics
-    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
-    dense_scores = dense.pop("scores")
-    rows.append({"setting": "dense", "ratio": 1.0, **dense, **fidelity(dense_scores, dense_scores)})
-    print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-    fills = [trained.fill_sigma] if args.fills is None else [float(f) for f in args.fills.split(",")]
-    values = [trained.value_dtype] if args.values is None else args.values.split(",")
-    for fill, value_dtype in ((f, v) for f in fills for v in values):
-        for selection in selections_of(trained):
-            for ratio in (float(r) for r in args.ratios.split(",")):
-                setting = {"setting": selection, "ratio": ratio, "values": value_dtype, "fill_sigma": fill}
-                runs = []
-                for run, head in enumerate(variants(selection, learned, trained, args.random_draws)):
-                    head.keep_ratio, head.budget, head.fill_sigma, head.value_dtype = ratio, None, fill, value_dtype
-                    model.sparsifier = head
-                    directory = stores / f"{selection}-{ratio}-fill{fill}-{value_dtype}-run{run}"
-                    row = evaluate(model, eval_set, directory, {**setting, "run": run}, config)[0]
-                    runs.append({**row, **fidelity(row.pop("scores"), dense_scores)})
-                rows.append({**setting, **mean_of_runs(runs)})
-                print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    groups = group_by_verifier(modules)
+    if len(groups) > 1:
+        print(f"{len(groups)} different verifiers (fine-tuned along with their sparsifiers): each setting is scored "
+              "with each sparsifier's own verifier, and a row is the mean over them", flush=True)
+    per_verifier, models = [], [SweepModel(modules[members[0]]) for members in groups]
+    for number, (members, model) in enumerate(zip(groups, models)):
+        stores = out / "stores" / (f"verifier{number}" if len(groups) > 1 else "")
+        per_verifier.append(sweep(model, [modules[i].sparsifier for i in members], eval_set, stores, args, t0))
+    rows = per_verifier[0] if len(per_verifier) == 1 else merge_verifiers(per_verifier)
+    model, trained = models[0], module.sparsifier
 
     nq = eval_set.n_queries
     print(f"\nminilandmarks test: {nq} queries, {len(eval_set.dataset) - nq} database images; re-ranking k={config.k} "
           f"({config.shortlist}), fusion {config.fusion} {config.weight}; sparse values {trained.value_dtype} "
           f"(scale {trained.int8_scale}), default keep ratio {trained.keep_ratio}, sparsifier trained with "
-          f"fill_sigma {trained.fill_sigma}; learned: the mean of {len(learned)} trained sparsifier(s), random: of "
-          f"{max(args.random_draws, 1)} draw(s), (min – max) of several")
+          f"fill_sigma {trained.fill_sigma}; learned: the mean of {len(modules)} trained sparsifier(s), random: of "
+          f"{max(args.random_draws, 1)} draw(s)" + (f", every row the mean over {len(groups)} verifiers" if
+                                                      len(groups) > 1 else "") + ", (min – max) of several")
     print("| selection | keep ratio | values | dropped locations | bytes / db image | KiB at R50 768x1024 "
           "| re-ranked mAP-M | re-ranked mAP-H | score MAD vs dense | Kendall tau vs dense |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
