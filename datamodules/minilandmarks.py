@@ -12,6 +12,7 @@ Stages: ``fit`` trains on GLDv2-layout views; ``validate`` is GLDv2's per-class 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -123,8 +124,9 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
             self.train_module.setup("fit")
 
     def eval_sets(self, stage: str) -> list[EvalSet]:
-        if stage in ("fit", "validate"):
-            return self.train_module.eval_sets("validate")
+        if stage in ("fit", "validate"):  # GLDv2's hold-out protocol, named for this data (val/minilandmarks_holdout)
+            return [dataclasses.replace(s, name=s.name.replace("gldv2", DATASET_NAME, 1))
+                    for s in self.train_module.eval_sets("validate")]
         return self.benchmark_module.eval_sets(stage)
 
     def train_dataloader(self) -> DataLoader:

@@ -331,3 +331,16 @@ def test_concurrent_builders_agree(tmp_path: Path, small_photos: Path) -> None:
     assert outs[0] == outs[1] and (outs[0] / ".complete").is_file()
     assert [p.name for p in (tmp_path / "out").iterdir()] == [outs[0].name]
     check_formats(outs[0], 64)
+
+
+def test_validation_set_is_named_for_minilandmarks(cache_root: Path) -> None:
+    """Validation runs GLDv2's hold-out protocol on the GLDv2-layout split, but its metrics are named for
+    the data they measure (val/minilandmarks_holdout/...), not val/gldv2_holdout/..."""
+    from datamodules.minilandmarks import MiniLandmarksDataModule
+
+    dm = MiniLandmarksDataModule(root=str(cache_root), build_size=128, num_workers=0)
+    dm.prepare_data()
+    (val,) = dm.eval_sets("validate")
+    assert val.name == "minilandmarks_holdout" and val.protocol == "gldv2_recognition" and val.n_queries > 0
+    assert [s.name for s in dm.eval_sets("fit")] == ["minilandmarks_holdout"]
+    assert [s.name for s in dm.eval_sets("test")] == ["minilandmarks"]
