@@ -174,7 +174,8 @@ def sweep(model: SweepModel, learned: Sequence[Any], eval_set: Any, stores: Path
     model.sparsifier = None
     dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
     glob = evaluate_eval_set(eval_set, descriptors).metrics
-    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"], "mAP_H": glob["mAP_H"]})
+    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"],
+                 "mAP_H": glob["mAP_H"]})
     dense_scores = dense.pop("scores")
     rows.append({"setting": "dense", "ratio": 1.0, **dense, **fidelity(dense_scores, dense_scores)})
     print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)

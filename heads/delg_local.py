@@ -13,7 +13,8 @@ Inference: the paper's 7-scale pyramid; every conv4 cell of every scale is a can
 at its receptive-field centre (traced from the backbone's real ops, :mod:`heads._delg.receptive_field`),
 mapped back to the original image's pixels (before an eval set's resize: ``resize_factors``); the
 cells with attention >= ``attention_threshold`` (if set), then the ``max_keypoints`` strongest across
-scales, are kept. Descriptors are stored L2-normalised as fp16, or as packed sign bits (16 bytes per 128-D feature) with ``binarize``.
+scales, are kept. Descriptors are stored L2-normalised as fp16, or as packed sign bits (16 bytes per
+128-D feature) with ``binarize``.
 A pair's score is its inlier count from :func:`retrieval_lightning.retrieval.geometry.verify_shortlist`.
 """
 

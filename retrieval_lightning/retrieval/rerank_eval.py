@@ -112,8 +112,9 @@ class RerankEntryWriter:
             todo = np.nonzero(wanted & ~np.isin(indices, self.done[side]))[0]
             if todo.size == 0:
                 continue
+            chosen = None if factors is None else factors[torch.as_tensor(todo)]
             entries = self.model.rerank_entries([images[i] for i in todo], database=side == DATABASE,
-                                                resize_factors=None if factors is None else factors[torch.as_tensor(todo)])
+                                                resize_factors=chosen)
             batch: dict[str, Any] = {"index": indices[todo]}
             for name in entries[0]:
                 batch[self.prefix + name] = [e[name].detach().cpu() for e in entries]
