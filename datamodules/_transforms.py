@@ -29,7 +29,6 @@ from retrieval_lightning.data.io import (
     LoadPolicy,
     apply_orientation,
     exif_orientation,
-    image_size,
     load_image_or_skip,
     resize_by,
     to_float,
@@ -234,16 +233,16 @@ class EvalImageDataset(Dataset):
         cap = self.transform.max_side if self.fast_decode and whole else None
         path = self.paths[index]
         upright_first = box is None or self.box_frame == "upright"
-        image = load_image_or_skip(path, self.policy, max_side=cap, orient=upright_first)
+        loaded = load_image_or_skip(path, self.policy, max_side=cap, orient=upright_first, sized=True)
+        image, original = loaded if loaded is not None else (None, None)
         if image is None:
             side = self.placeholder_size
             return {"image": torch.zeros(3, side, side), "index": index, "unreadable": True,
                     "resize_factor": (1.0, 1.0)}
         if box is None:
-            out = self.transform(image)
-            # decoded shrunk: the factor is of the file's own size (read from its header), not the decoded one's
-            height, width = image_size(path)[::-1] if cap is not None else image.shape[1:]
-            return {"image": out, "index": index, "resize_factor": (out.shape[1] / height, out.shape[2] / width)}
+            out = self.transform(image)  # the factor is of the file's own size, also when decoded shrunk
+            return {"image": out, "index": index,
+                    "resize_factor": (out.shape[1] / original[0], out.shape[2] / original[1])}
         try:
             crop = self.transform(image, box)
         except ValueError as exc:

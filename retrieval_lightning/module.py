@@ -580,9 +580,8 @@ class RetrievalModule(pl.LightningModule):
         """
         head = self._require_rerank_head()
         tensors = [img.to(self.device).float() for img in images]
-        if _accepts(head.extract_entries, "resize_factors"):
-            factors = torch.ones(len(images), 2, dtype=torch.float64) if resize_factors is None else \
-                torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
+        if resize_factors is not None and _accepts(head.extract_entries, "resize_factors"):
+            factors = torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
             if len(factors) != len(images):
                 raise ValueError(f"{len(factors)} resize factors for {len(images)} images")
             entries = head.extract_entries(tensors, self.features_at, resize_factors=factors)

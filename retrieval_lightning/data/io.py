@@ -330,6 +330,21 @@ def load_image(
     :data:`MAX_FILE_BYTES` and :data:`MAX_IMAGE_PIXELS`). ``orient=False`` keeps the stored pixel
     frame (EXIF orientation ignored), the frame in which revisitop's query boxes were drawn.
     """
+    return load_image_sized(path, max_side, device=device, orient=orient, max_pixels=max_pixels,
+                            max_bytes=max_bytes)[0]
+
+
+def load_image_sized(
+    path: str | os.PathLike[str],
+    max_side: int | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    orient: bool = True,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`load_image` and the (height, width) of the file's image in the frame returned, before
+    ``max_side``: from the header already read, so a shrunk decode still knows its original size."""
     path_str = os.fspath(path)
     _check_max_side(max_side)
     dev = _decode_device(device)
@@ -354,7 +369,7 @@ def load_image(
     img = img.to(dev)
     if target is not None and tuple(img.shape[1:]) != (target[1], target[0]):
         img = _resize(img, *target)
-    return _orient(img, orientation)
+    return _orient(img, orientation), ((width, height) if orientation >= 5 else (height, width))
 
 
 def resize_by(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -444,10 +459,13 @@ def load_image_or_skip(
     *,
     device: str | torch.device = "cpu",
     orient: bool = True,
-) -> torch.Tensor | None:
-    """:func:`load_image`, or None for an unreadable file when ``policy`` skips such files."""
+    sized: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]] | None:
+    """:func:`load_image` (with ``sized``: :func:`load_image_sized`), or None for an unreadable file
+    when ``policy`` skips such files."""
     try:
-        return load_image(path, max_side, device=device, orient=orient)
+        loaded = load_image_sized(path, max_side, device=device, orient=orient)
     except ImageLoadError as error:
         policy.handle(error)
         return None
+    return loaded if sized else loaded[0]
