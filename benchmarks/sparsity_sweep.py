@@ -3,9 +3,10 @@
 One demo verifier (``experiments/cvnet_demo.yaml``, or ``--verifier-ckpt``) and the sparsifiers
 trained on it, one per ``--seeds`` value (``experiments/cvnet_ds_demo.yaml``; or ``--sparsifier-ckpt``,
 comma-separated). That config fine-tunes the verifier along, so each sparsifier then comes with a
-verifier of its own: every setting is scored with each one's own verifier and a row is their mean. For
-every setting (dense; learned selection, top-k by feature norm and random at each keep ratio) the
-minilandmarks test split goes through the core's re-ranked evaluation
+verifier of its own: every setting is scored with each one's own verifier and a row is their mean, and
+the verifier stage's own model is scored dense too (row ``dense, verifier stage``: the store CVNet-DS
+replaces). For every setting (dense; learned selection, top-k by feature norm and random at each
+keep ratio) the minilandmarks test split goes through the core's re-ranked evaluation
 (:func:`retrieval_lightning.retrieval.rerank_eval.extract_entries` writes the query and database
 stores, database entries sparsified; :func:`~retrieval_lightning.retrieval.rerank_eval.evaluate_reranked`
 shortlists, densifies, scores and fuses with the model's ``rerank`` settings). Bytes per database
@@ -41,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 R50_LEVELS = [(24, 32), (34, 45), (48, 64)]  # CVNet pyramid at 768x1024 (REFERENCE.md §2)
 R50_CONV4_FP32 = 48 * 64 * 1024 * 4
 RATIOS = (0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)
+#: the row of the verifier stage's own model, dense, when the sparsifier stage fine-tuned the verifier
+BEFORE = "dense, verifier stage"
 SELECTIONS = ("learned", "norm", "random", "norm+spread")  # the last only for a sparsifier with spread > 0
 STYLES = ("o-", "s--", "^:", "d-.")
 
@@ -147,20 +150,43 @@ def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
     return row, descriptors
 
 
+def same_verifier(a: Any, b: Any) -> bool:
+    """Whether two modules' verifiers hold identical weights."""
+    first, second = a.rerank_head.state_dict(), b.rerank_head.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def group_by_verifier(modules: Sequence[Any]) -> list[list[int]]:
     """Positions of ``modules`` grouped by identical verifier weights, in first-seen order: sparsifiers
     trained with the verifier frozen share one; each fine-tuned along with its sparsifier has its own."""
     groups: list[list[int]] = []
     for i, module in enumerate(modules):
-        state = module.rerank_head.state_dict()
         for group in groups:
-            first = modules[group[0]].rerank_head.state_dict()
-            if all(torch.equal(state[k], first[k]) for k in state):
+            if same_verifier(module, modules[group[0]]):
                 group.append(i)
                 break
         else:
             groups.append([i])
     return groups
+
+
+def stage_verifier(path: str | None, sparsifier_ckpt: str, modules: Sequence[Any]) -> Any | None:
+    """The verifier stage's model (``path``, else the ``init_from`` the first sparsifier checkpoint
+    was trained with) when the sparsifier stage fine-tuned its verifier, else ``None``.
+
+    Why: the dense row of a fine-tuned sparsifier is scored with that fine-tuned verifier, which the
+    sparsifier stage also trained; what CVNet-DS replaces is the verifier stage's dense store, so
+    that is the other comparison a user wants."""
+    from retrieval_lightning.checkpoints import load_tensor_file
+    from retrieval_lightning.module import RetrievalModule
+
+    path = path or (load_tensor_file(sparsifier_ckpt).get("hyper_parameters") or {}).get("init_from")
+    if not path or not Path(path).is_file():
+        return None
+    before = RetrievalModule.load_from_checkpoint(path).eval()
+    if before.rerank_head is None or any(same_verifier(before, m) for m in modules):
+        return None
+    return before
 
 
 def sweep(model: SweepModel, learned: Sequence[Any], eval_set: Any, stores: Path, args: argparse.Namespace,
@@ -323,7 +349,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verifier-config", default="experiments/cvnet_demo.yaml")
     parser.add_argument("--config", default="experiments/cvnet_ds_demo.yaml")
-    parser.add_argument("--verifier-ckpt", default=None)
+    parser.add_argument("--verifier-ckpt", default=None,
+                        help="the verifier stage's checkpoint to train the sparsifiers from (default: train it with "
+                             "--verifier-config); with --sparsifier-ckpt, the one their dense row is also compared "
+                             "with (default: their init_from)")
     parser.add_argument("--sparsifier-ckpt", default=None,
                         help="comma-separated trained sparsifier checkpoints to score instead of training them")
     parser.add_argument("--output", default="outputs/sparsity_sweep")
@@ -352,8 +381,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sp_ckpts = args.sparsifier_ckpt.split(",") if args.sparsifier_ckpt else []
+    verifier_ckpt = args.verifier_ckpt
     if not sp_ckpts:
-        ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
+        ckpt = verifier_ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
         print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
         for seed in (int(s) for s in args.seeds.split(",")):
             overrides = [f"--model.init_from={ckpt}", f"--seed_everything={seed}", *args.data_args.split(),
@@ -376,6 +406,13 @@ def main() -> int:
         stores = out / "stores" / (f"verifier{number}" if len(groups) > 1 else "")
         per_verifier.append(sweep(model, [modules[i].sparsifier for i in members], eval_set, stores, args, t0))
     rows = per_verifier[0] if len(per_verifier) == 1 else merge_verifiers(per_verifier)
+    before = stage_verifier(verifier_ckpt, sp_ckpts[0], modules)
+    if before is not None:
+        row = evaluate(SweepModel(before), eval_set, out / "stores" / "verifier_stage", {"setting": BEFORE},
+                       module.rerank)[0]
+        row.pop("scores")
+        rows.insert(2, {"setting": BEFORE, "ratio": 1.0, **row})
+        print(json.dumps(rows[2]), f"({time.time() - t0:.0f} s)", flush=True)
     model, trained = models[0], module.sparsifier
 
     nq = eval_set.n_queries
@@ -398,10 +435,12 @@ def main() -> int:
             at_ratio.keep_ratio, at_ratio.budget, at_ratio.value_dtype = r["ratio"], None, r["values"]
             kib = f"{r50_bytes(at_ratio)['sparse'] / 1024:.1f}"
         else:
-            kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] == "dense" else "-"
+            kib = f"{r50['dense_fp16_levels'] / 1024:.1f}" if r["setting"] in ("dense", BEFORE) else "-"
         mad, tau = (f"{r[k]:.4f}" if k in r else "-" for k in ("score_mad", "kendall_tau"))
         print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r.get('values', '-')} | "
               f"{dropped} | {b} | {kib} | {with_range(r, 'mAP_M')} | {with_range(r, 'mAP_H')} | {mad} | {tau} |")
+    print_gaps(rows, {"setting": "learned", "ratio": trained.keep_ratio, "values": trained.value_dtype,
+                      "fill_sigma": trained.fill_sigma})
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
@@ -422,6 +461,19 @@ def main() -> int:
     (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoints": sp_ckpts}, indent=1))
     print(f"plots: {out / 'sparsity_sweep.png'}, {out / 'kept_locations.png'} ({time.time() - t0:.0f} s total)")
     return 0
+
+
+def print_gaps(rows: list[dict], default: dict) -> None:
+    """The learned selection at the default setting against each dense row, in mAP-M/H points."""
+    learned = [r for r in rows if all(r.get(k) == v for k, v in default.items())]
+    if not learned:
+        return
+    for dense in (r for r in rows if r["setting"] in ("dense", BEFORE)):
+        gaps = ", ".join(f"{key[4:]} {learned[0][key] - dense[key]:+.2f}" for key in ("mAP_M", "mAP_H"))
+        runs = learned[0].get("mAP_H_runs"), dense.get("mAP_H_runs")
+        per_run = (" (per verifier: " + ", ".join(f"{a - b:+.2f}" for a, b in zip(*runs)) + ")"
+                   if all(runs) else "")
+        print(f"learned at the default setting minus {dense['setting']}: {gaps}{per_run}")
 
 
 def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images: int = 4) -> None:
@@ -495,7 +547,8 @@ def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
         ring = [r for r in rows if default and all(r.get(k) == v for k, v in default.items())]
         if ring:
             ax.plot(ring[0]["bytes"] / 1024, ring[0][key], "o", ms=14, mfc="none", mec="k", label="default setting")
-        for r, color in ((rows[1], "k"), (rows[0], "grey")):
+        before = [r for r in rows if r["setting"] == BEFORE]
+        for r, color in ((rows[1], "k"), (rows[0], "grey"), *((r, "tab:olive") for r in before)):
             if key in r:
                 ax.axhline(r[key], color=color, lw=0.8, label=r["setting"])
         ax.set_xscale("log")
