@@ -383,7 +383,8 @@ def main() -> int:
     sp_ckpts = args.sparsifier_ckpt.split(",") if args.sparsifier_ckpt else []
     verifier_ckpt = args.verifier_ckpt
     if not sp_ckpts:
-        ckpt = verifier_ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
+        ckpt = args.verifier_ckpt or fit(args.verifier_config, str(out / "verifier"), args.data_args.split())
+        verifier_ckpt = ckpt
         print(f"verifier checkpoint: {ckpt} ({time.time() - t0:.0f} s)", flush=True)
         for seed in (int(s) for s in args.seeds.split(",")):
             overrides = [f"--model.init_from={ckpt}", f"--seed_everything={seed}", *args.data_args.split(),
