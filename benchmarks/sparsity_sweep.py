@@ -440,8 +440,10 @@ def main() -> int:
         mad, tau = (f"{r[k]:.4f}" if k in r else "-" for k in ("score_mad", "kendall_tau"))
         print(f"| {r['setting']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r.get('values', '-')} | "
               f"{dropped} | {b} | {kib} | {with_range(r, 'mAP_M')} | {with_range(r, 'mAP_H')} | {mad} | {tau} |")
-    print_gaps(rows, {"setting": "learned", "ratio": trained.keep_ratio, "values": trained.value_dtype,
-                      "fill_sigma": trained.fill_sigma})
+    default = {"ratio": trained.keep_ratio, "values": trained.value_dtype, "fill_sigma": trained.fill_sigma}
+    print_gaps(rows, {"setting": "learned", **default})
+    if len(groups) > 1:
+        print_per_verifier(rows, default, [checkpoint_label(sp_ckpts[members[0]]) for members in groups])
     print(f"\nR50 768x1024 at the default setting: {r50['kept']} of {sum(h * w for h, w in R50_LEVELS)} locations, "
           f"{r50['sparse'] / 1024:.1f} KiB per image (goal <= 120 KiB); dense fp16 levels "
           f"{r50['dense_fp16_levels'] / 2**20:.2f} MiB ({r50['dense_fp16_levels'] / r50['sparse']:.1f}x); "
@@ -475,6 +477,35 @@ def print_gaps(rows: list[dict], default: dict) -> None:
         per_run = (" (per verifier: " + ", ".join(f"{a - b:+.2f}" for a, b in zip(*runs)) + ")"
                    if all(runs) else "")
         print(f"learned at the default setting minus {dense['setting']}: {gaps}{per_run}")
+
+
+def checkpoint_label(path: str) -> str:
+    """A short name for a checkpoint: its file stem, or for ``final``/``last`` the run directory above
+    (``outputs/sweep/sparsifier_seed4/final.ckpt`` -> ``sparsifier_seed4``)."""
+    p = Path(path)
+    if p.stem not in ("final", "last"):
+        return p.stem
+    parent = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return parent.name or p.stem
+
+
+def print_per_verifier(rows: list[dict], default: dict, labels: Sequence[str]) -> None:
+    """mAP-H of every selection at the default setting, one line per fine-tuned verifier (the table
+    averages them), with the learned selection's gap to dense in mAP-H and mAP-M."""
+    dense = next(r for r in rows if r["setting"] == "dense")
+    at_default = {r["setting"]: r for r in rows if all(r.get(k) == v for k, v in default.items())}
+    shown = [name for name in SELECTIONS if name in at_default]
+    if "learned" not in at_default or not all("mAP_H_runs" in at_default[n] for n in shown):
+        return
+    print(f"\nper verifier, mAP-H at the default setting (keep ratio {default['ratio']}, {default['values']}):")
+    print("| sparsifier | dense | " + " | ".join(shown) + " | learned − dense, mAP-H | mAP-M |")
+    print("|---" * (len(shown) + 4) + "|")
+    learned = at_default["learned"]
+    for i, label in enumerate(labels):
+        cells = [f"{at_default[n]['mAP_H_runs'][i]:.2f}" for n in shown]
+        gap_h = learned["mAP_H_runs"][i] - dense["mAP_H_runs"][i]
+        gap_m = learned["mAP_M_runs"][i] - dense["mAP_M_runs"][i]
+        print(f"| {label} | {dense['mAP_H_runs'][i]:.2f} | " + " | ".join(cells) + f" | {gap_h:+.2f} | {gap_m:+.2f} |")
 
 
 def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images: int = 4) -> None:
