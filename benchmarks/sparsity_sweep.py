@@ -181,7 +181,11 @@ def stage_verifier(path: str | None, sparsifier_ckpt: str, modules: Sequence[Any
     from retrieval_lightning.module import RetrievalModule
 
     path = path or (load_tensor_file(sparsifier_ckpt).get("hyper_parameters") or {}).get("init_from")
-    if not path or not Path(path).is_file():
+    if not path:
+        return None
+    if not Path(path).is_file():
+        print(f"note: the verifier stage's checkpoint {path} is not found (pass --verifier-ckpt): no "
+              f"'{BEFORE}' row", flush=True)
         return None
     before = RetrievalModule.load_from_checkpoint(path).eval()
     if before.rerank_head is None or any(same_verifier(before, m) for m in modules):
