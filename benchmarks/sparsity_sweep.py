@@ -462,17 +462,21 @@ def main() -> int:
         print(f"selecting the kept locations of one R50 768x1024 entry (top-k by norm): plain {plain_ms:.1f} ms, "
               f"spread {trained.spread:g} {spread_ms:.1f} ms ({spread_ms / plain_ms:.1f}x; once per database image, "
               "offline)")
-    plot(rows, out / "sparsity_sweep.png", {"setting": "learned", "ratio": trained.keep_ratio,
-                                            "values": trained.value_dtype, "fill_sigma": trained.fill_sigma})
+    plot(rows, out / "sparsity_sweep.png", {"setting": "learned", **default})
     plot_kept(model, trained, eval_set, out / "kept_locations.png")
     (out / "sparsity_sweep.json").write_text(json.dumps({"rows": rows, "r50": r50, "checkpoints": sp_ckpts}, indent=1))
     print(f"plots: {out / 'sparsity_sweep.png'}, {out / 'kept_locations.png'} ({time.time() - t0:.0f} s total)")
     return 0
 
 
+def at_setting(row: dict, setting: dict) -> bool:
+    """Whether a result row has every value of ``setting`` (e.g. the default keep ratio, values and fill)."""
+    return all(row.get(k) == v for k, v in setting.items())
+
+
 def print_gaps(rows: list[dict], default: dict) -> None:
     """The learned selection at the default setting against each dense row, in mAP-M/H points."""
-    learned = [r for r in rows if all(r.get(k) == v for k, v in default.items())]
+    learned = [r for r in rows if at_setting(r, default)]
     if not learned:
         return
     for dense in (r for r in rows if r["setting"] in ("dense", BEFORE)):
@@ -497,7 +501,7 @@ def print_per_verifier(rows: list[dict], default: dict, labels: Sequence[str]) -
     """mAP-H of every selection at the default setting, one line per fine-tuned verifier (the table
     averages them), with the learned selection's gap to dense in mAP-H and mAP-M."""
     dense = next(r for r in rows if r["setting"] == "dense")
-    at_default = {r["setting"]: r for r in rows if all(r.get(k) == v for k, v in default.items())}
+    at_default = {r["setting"]: r for r in rows if at_setting(r, default)}
     shown = [name for name in SELECTIONS if name in at_default]
     if "learned" not in at_default or not all("mAP_H_runs" in at_default[n] for n in shown):
         return
@@ -580,7 +584,7 @@ def plot(rows: list[dict], path: Path, default: dict | None = None) -> None:
                 dropped = "zero" if fill == 0 else f"filled, sigma {fill:g}"
                 label = f"{selection} ({values}, dropped: {dropped})" if len(forms) > 1 else selection
                 ax.plot(*zip(*pts), style, color=color, label=label)
-        ring = [r for r in rows if default and all(r.get(k) == v for k, v in default.items())]
+        ring = [r for r in rows if default and at_setting(r, default)]
         if ring:
             ax.plot(ring[0]["bytes"] / 1024, ring[0][key], "o", ms=14, mfc="none", mec="k", label="default setting")
         before = [r for r in rows if r["setting"] == BEFORE]
