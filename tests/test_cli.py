@@ -11,7 +11,21 @@ from helpers import REPO, TINY_DATA, read_metrics, run_main
 from retrieval_lightning.cli import run_lightning_cli
 from retrieval_lightning.registry import HEADS
 
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+#: recipe stages that start from an earlier stage's checkpoint (``init_from: null  # REQUIRED``): they
+#: freeze heads that stage trained, and ``fit`` refuses frozen heads nothing has loaded
+STAGE_BEFORE = {
+    "cvnet_r50_gldv2": "cvnet_r50_gldv2_global",
+    "cvnet_ds_r50_gldv2": "cvnet_r50_gldv2",
+    "cvnet_ds_demo": "cvnet_demo",
+}
+
+
+def _stage_depth(stem: str) -> int:
+    return 1 + _stage_depth(STAGE_BEFORE[stem]) if stem in STAGE_BEFORE else 0
+
+
+#: earlier recipe stages first: a later stage's test starts from the checkpoint its earlier stage's test fitted
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"), key=lambda c: (_stage_depth(c.stem), c.stem))
 
 
 def test_plugins_command_lists_heads_and_datamodules(tmp_path: Path) -> None:
@@ -77,16 +91,14 @@ def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
     raise AssertionError(f"{config.name}: no test overrides for datamodule {data!r}; add them here")
 
 
-#: recipe stages that start from an earlier stage's checkpoint (``init_from: null  # REQUIRED``): they
-#: freeze heads that stage trained, and ``fit`` refuses frozen heads nothing has loaded
-STAGE_BEFORE = {
-    "cvnet_r50_gldv2": "cvnet_r50_gldv2_global",
-    "cvnet_ds_r50_gldv2": "cvnet_r50_gldv2",
-    "cvnet_ds_demo": "cvnet_demo",
-}
-
-
 _STAGE_INIT: dict[str, list[str]] = {}  # stage -> its init_from override, fitted once per test session
+
+
+def _serves_later_stages(stem: str, checkpoint: Path) -> None:
+    """``checkpoint`` (of stage ``stem``, fitted as its config says) is where the stages after it start."""
+    for later, before in STAGE_BEFORE.items():
+        if before == stem:
+            _STAGE_INIT.setdefault(later, [f"--model.init_from={checkpoint}"])
 
 
 def _stage_checkpoint(stem: str, cache_root: Path, tmp_path: Path) -> list[str]:
@@ -120,6 +132,7 @@ def test_every_experiment_config_runs_one_step_and_tests(config: Path, cache_roo
         # every training config resumes (`--ckpt_path last`) and logs under the run's directory
         assert (tmp_path / "checkpoints" / "last.ckpt").is_file(), sorted(tmp_path.rglob("*.ckpt"))
         assert (tmp_path / "wandb").is_dir()
+        _serves_later_stages(config.stem, tmp_path / "checkpoints" / "last.ckpt")
     run_main(["test", "--config", str(config), *overrides], cwd=tmp_path)
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert metrics, f"{config.name}: no test metrics"
