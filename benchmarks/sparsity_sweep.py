@@ -145,9 +145,16 @@ def evaluate(model: SweepModel, eval_set: Any, directory: Path, setting: dict,
     identity = {"benchmark": "sparsity_sweep", "weights": model.module.entry_identity()["weights_sha256"], **setting}
     descriptors, query_store, db_store = extract_entries(model, eval_set, directory, identity, progress=False)
     result = evaluate_reranked(model, eval_set, descriptors, query_store, db_store, config, progress=False)
-    row = {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"],
+    row = {"mAP_M": result.metrics["mAP_M"], "mAP_H": result.metrics["mAP_H"], **per_query_ap(result),
            "bytes": sum(db_store.bytes_per_image.values()), "scores": result.extra["rerank_scores"]}
     return row, descriptors
+
+
+def per_query_ap(result: Any) -> dict[str, list[float]]:
+    """Each query's AP-M and AP-H (``ap_M``, ``ap_H``): what the paired intervals between two rows need."""
+    from retrieval_lightning.evaluation import AP_PER_QUERY
+
+    return {f"ap_{s}": [float(v) for v in result.extra[AP_PER_QUERY][s]] for s in ("M", "H")}
 
 
 def same_verifier(a: Any, b: Any) -> bool:
@@ -203,9 +210,9 @@ def sweep(model: SweepModel, learned: Sequence[Any], eval_set: Any, stores: Path
     rows: list[dict[str, Any]] = []
     model.sparsifier = None
     dense, descriptors = evaluate(model, eval_set, stores / "dense", {"setting": "dense"}, config)
-    glob = evaluate_eval_set(eval_set, descriptors).metrics
-    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob["mAP_M"],
-                 "mAP_H": glob["mAP_H"]})
+    glob = evaluate_eval_set(eval_set, descriptors)
+    rows.append({"setting": "global only", "ratio": None, "bytes": None, "mAP_M": glob.metrics["mAP_M"],
+                 "mAP_H": glob.metrics["mAP_H"], **per_query_ap(glob)})
     dense_scores = dense.pop("scores")
     rows.append({"setting": "dense", "ratio": 1.0, **dense, **fidelity(dense_scores, dense_scores)})
     print(json.dumps(rows[-2]), json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
@@ -237,6 +244,9 @@ def merge_verifiers(per_verifier: Sequence[list[dict[str, Any]]]) -> list[dict[s
             if all(r.get(key) is not None for r in same):
                 row[key] = float(np.mean([r[key] for r in same]))
                 row[f"{key}_runs"] = [r[key] for r in same]
+        for key in ("ap_M", "ap_H"):
+            row[key] = np.mean([r[key] for r in same], axis=0).tolist()
+            row[f"{key}_runs"] = [r[key] for r in same]
         merged.append(row)
     return merged
 
@@ -262,6 +272,7 @@ def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("mAP_M", "mAP_H", "score_mad", "kendall_tau", "bytes")
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     out.update({f"{k}_runs": [r[k] for r in runs] for k in keys[:4]} if len(runs) > 1 else {})
+    out.update({k: np.mean([r[k] for r in runs], axis=0).tolist() for k in ("ap_M", "ap_H")})  # per query
     return out
 
 
@@ -475,12 +486,17 @@ def at_setting(row: dict, setting: dict) -> bool:
 
 
 def print_gaps(rows: list[dict], default: dict) -> None:
-    """The learned selection at the default setting against each dense row, in mAP-M/H points."""
+    """The learned selection at the default setting against each dense row, in mAP-M/H points, with the
+    95 % interval over the test queries (paired bootstrap of the per-query differences, averaged over the
+    verifiers: the spread the queries give, not another training seed's)."""
+    from retrieval_lightning.metrics import paired_bootstrap
+
     learned = [r for r in rows if at_setting(r, default)]
     if not learned:
         return
     for dense in (r for r in rows if r["setting"] in ("dense", BEFORE)):
-        gaps = ", ".join(f"{key[4:]} {learned[0][key] - dense[key]:+.2f}" for key in ("mAP_M", "mAP_H"))
+        gaps = ", ".join(f"{key[4:]} {paired_bootstrap(learned[0][f'ap_{key[4:]}'], dense[f'ap_{key[4:]}'])}"
+                         for key in ("mAP_M", "mAP_H"))
         runs = learned[0].get("mAP_H_runs"), dense.get("mAP_H_runs")
         per_run = (" (per verifier: " + ", ".join(f"{a - b:+.2f}" for a, b in zip(*runs)) + ")"
                    if all(runs) else "")
@@ -499,21 +515,24 @@ def checkpoint_label(path: str) -> str:
 
 def print_per_verifier(rows: list[dict], default: dict, labels: Sequence[str]) -> None:
     """mAP-H of every selection at the default setting, one line per fine-tuned verifier (the table
-    averages them), with the learned selection's gap to dense in mAP-H and mAP-M."""
+    averages them), with the learned selection's gap to dense in mAP-H and mAP-M and the gap's 95 %
+    interval over the test queries (paired bootstrap): whether the queries can tell the two apart."""
+    from retrieval_lightning.metrics import paired_bootstrap
+
     dense = next(r for r in rows if r["setting"] == "dense")
     at_default = {r["setting"]: r for r in rows if at_setting(r, default)}
     shown = [name for name in SELECTIONS if name in at_default]
     if "learned" not in at_default or not all("mAP_H_runs" in at_default[n] for n in shown):
         return
     print(f"\nper verifier, mAP-H at the default setting (keep ratio {default['ratio']}, {default['values']}):")
-    print("| sparsifier | dense | " + " | ".join(shown) + " | learned − dense, mAP-H | mAP-M |")
+    print("| sparsifier | dense | " + " | ".join(shown) + " | learned − dense, mAP-H [95 % over queries] | mAP-M |")
     print("|---" * (len(shown) + 4) + "|")
     learned = at_default["learned"]
     for i, label in enumerate(labels):
         cells = [f"{at_default[n]['mAP_H_runs'][i]:.2f}" for n in shown]
-        gap_h = learned["mAP_H_runs"][i] - dense["mAP_H_runs"][i]
-        gap_m = learned["mAP_M_runs"][i] - dense["mAP_M_runs"][i]
-        print(f"| {label} | {dense['mAP_H_runs'][i]:.2f} | " + " | ".join(cells) + f" | {gap_h:+.2f} | {gap_m:+.2f} |")
+        gap_h = paired_bootstrap(learned["ap_H_runs"][i], dense["ap_H_runs"][i])
+        gap_m = paired_bootstrap(learned["ap_M_runs"][i], dense["ap_M_runs"][i])
+        print(f"| {label} | {dense['mAP_H_runs'][i]:.2f} | " + " | ".join(cells) + f" | {gap_h} | {gap_m} |")
 
 
 def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images: int = 4) -> None:

@@ -26,13 +26,16 @@ from torch import Tensor
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
 from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
-from retrieval_lightning.metrics.revisitop import evaluate_revisitop_from_scores
+from retrieval_lightning.metrics.revisitop import revisitop_report_from_scores
 from retrieval_lightning.retrieval.search import topk_search
 
 #: how many results per query are kept for pictures and inspection
 SHORTLIST = 10
 #: the variant name of a single ranking used for every metric
 ALL = "all"
+#: ``EvalResult.extra`` key of each query's AP in percent per protocol suffix (``E``/``M``/``H``; revisitop),
+#: NaN where a query has no positives: what a paired comparison of two models on the same queries needs
+AP_PER_QUERY = "ap_per_query"
 
 POSITIVE, NEGATIVE, JUNK = 1, 0, -1
 
@@ -132,24 +135,26 @@ def revisitop_protocol(
     if len(ground_truth) != queries.shape[0]:
         raise ValueError(f"revisitop ground truth has {len(ground_truth)} queries, extracted {queries.shape[0]}")
     if reranked is None:
-        metrics = evaluate_revisitop_from_scores(_score_chunks(queries, database, chunk), ground_truth,
-                                                 chunk_size=chunk)
+        report = revisitop_report_from_scores(_score_chunks(queries, database, chunk), ground_truth, chunk_size=chunk)
+        metrics, ap_per_query = report.metrics, report.ap_per_query
         shown = None
     else:
-        metrics = {}
+        metrics, ap_per_query = {}, {}
         for variant, first in reranked.items():
-            values = evaluate_revisitop_from_scores(_score_chunks(queries, database, chunk, first), ground_truth,
-                                                    chunk_size=chunk)
+            report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, first), ground_truth,
+                                                  chunk_size=chunk)
             if variant == ALL:
-                metrics.update(values)
+                metrics.update(report.metrics)
+                ap_per_query.update(report.ap_per_query)
             else:
-                suffix = f"_{REVISITOP_SUFFIX[variant]}"
-                metrics.update({k: v for k, v in values.items() if k.endswith(suffix)})
+                suffix = REVISITOP_SUFFIX[variant]
+                metrics.update({k: v for k, v in report.metrics.items() if k.endswith(f"_{suffix}")})
+                ap_per_query[suffix] = report.ap_per_query[suffix]
         shown = reranked.get("medium", reranked.get(ALL))
     _, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, shown, device)
     positive = [set(g.get("easy", [])) | set(g.get("hard", [])) for g in ground_truth]
     junk = [set(g.get("junk", [])) for g in ground_truth]
-    return EvalResult(metrics, topk, _mark(topk, positive, junk))
+    return EvalResult(metrics, topk, _mark(topk, positive, junk), {AP_PER_QUERY: ap_per_query})
 
 
 def gldv2_retrieval_protocol(

@@ -15,6 +15,7 @@ from retrieval_lightning.metrics import (
     evaluate_revisitop,
     evaluate_revisitop_from_scores,
     protocol_gnd,
+    revisitop_report_from_scores,
 )
 
 KAPPAS = (1, 5, 10)
@@ -104,6 +105,38 @@ def test_compute_map_reference_ranking():
     from_scores = compute_map_from_scores(scores, gnd)
     assert from_scores[0] == mean_ap
     np.testing.assert_array_equal(from_scores[1], precisions)
+
+
+def test_per_query_ap_reference_vectors_and_left_out_queries():
+    """Query 0 is the reference ranking (positives {3, 1}, junk {5}: AP 0.7916667) with easy positives only,
+    so it has none under Hard; query 1 has one hard positive at position 1 (AP 0.25) and none under Easy."""
+    order = np.array([[5, 3, 7, 1, 0, 2, 4, 6], [0, 2, 1, 3, 4, 5, 6, 7]])
+    scores = np.zeros((2, 8), dtype=np.float32)
+    for q in range(2):
+        scores[q, order[q]] = -np.arange(8)
+    gnd = [{"easy": [3, 1], "hard": [], "junk": [5]}, {"easy": [], "hard": [2], "junk": []}]
+    report = revisitop_report_from_scores(scores, gnd)
+    np.testing.assert_allclose(report.ap_per_query["E"], [79.16667, np.nan], atol=1e-5)
+    np.testing.assert_allclose(report.ap_per_query["M"], [79.16667, 25.0], atol=1e-5)
+    np.testing.assert_allclose(report.ap_per_query["H"], [np.nan, 25.0], atol=1e-5)
+    assert report.metrics == evaluate_revisitop_from_scores(scores, gnd)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_query_ap_is_each_query_alone_and_averages_to_the_map(seed):
+    rng = np.random.default_rng(300 + seed)
+    n_db, n_queries = 60, 9
+    gnd = random_revisitop_gnd(rng, n_queries, n_db)
+    scores = rng.normal(size=(n_queries, n_db)).astype(np.float32)
+    report = revisitop_report_from_scores(scores, gnd, chunk_size=17)
+    for suffix in ("E", "M", "H"):
+        per_query = report.ap_per_query[suffix]
+        assert per_query.shape == (n_queries,)
+        counted = per_query[~np.isnan(per_query)]
+        assert counted.mean() == pytest.approx(report.metrics[f"mAP_{suffix}"], rel=1e-12)
+        for q in range(n_queries):  # the query on its own, through the ranking door
+            alone = evaluate_revisitop(stable_ranks(scores[q:q + 1]), gnd[q:q + 1])[f"mAP_{suffix}"]
+            assert (np.isnan(alone) and np.isnan(per_query[q])) or per_query[q] == pytest.approx(alone, abs=1e-9)
 
 
 def test_compute_ap_rejects_bad_input():

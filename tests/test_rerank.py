@@ -20,7 +20,8 @@ from retrieval_lightning.errors import UsageError
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, CheckpointLoadError, IncompatibleWeightsError
 from retrieval_lightning.head import EntryKind, PairExplanation
 from retrieval_lightning.data.types import EvalSet
-from retrieval_lightning.evaluation import evaluate_eval_set, revisitop_exclusions
+from retrieval_lightning.evaluation import AP_PER_QUERY, evaluate_eval_set, revisitop_exclusions, revisitop_protocol
+from retrieval_lightning.metrics import evaluate_revisitop
 from retrieval_lightning.head_plugins import gem_arcface
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.retrieval.rerank import (
@@ -60,6 +61,27 @@ def test_protocol_shortlists_skip_each_variants_junk_and_score_each_pair_once() 
     assert short.variants["hard"][0].tolist() == [7, 1, 0]  # easy 3 is junk under Hard
     assert short.candidates(0).tolist() == [3, 0, 2, 7, 1]
     assert build_shortlists(ranking, 3).variants[ALL][0].tolist() == [5, 3, 7]
+
+
+def test_each_protocols_per_query_ap_is_of_its_own_reranked_ranking() -> None:
+    """Easy, Medium and Hard are re-ranked on shortlists of their own: each query's AP per protocol is that
+    of the ranking its variant put first (then the rest in global order), as the ranking door computes it."""
+    gen = torch.Generator().manual_seed(0)
+    queries, database = torch.randn(3, 8, generator=gen), torch.randn(12, 8, generator=gen)
+    gt = [{"easy": [0, 4], "hard": [7], "junk": [2]}, {"easy": [], "hard": [1, 9], "junk": [3]},
+          {"easy": [5], "hard": [6, 11], "junk": []}]
+    rng = np.random.default_rng(0)
+    first = {v: [rng.permutation(12)[:4] for _ in range(3)] for v in ("easy", "medium", "hard")}
+    result = revisitop_protocol(queries, database, gt, chunk=5, reranked=first)
+    global_order = torch.argsort(queries @ database.T, dim=1, descending=True, stable=True).numpy()
+    for variant, suffix in (("easy", "E"), ("medium", "M"), ("hard", "H")):
+        for q in range(3):
+            lead = [int(i) for i in first[variant][q]]
+            ranking = np.array(lead + [int(i) for i in global_order[q] if i not in lead])[:, None]
+            alone = evaluate_revisitop(ranking, gt[q:q + 1])[f"mAP_{suffix}"]
+            got = result.extra[AP_PER_QUERY][suffix][q]
+            assert (np.isnan(alone) and np.isnan(got)) or got == pytest.approx(alone, abs=1e-9), (variant, q)
+        assert np.nanmean(result.extra[AP_PER_QUERY][suffix]) == pytest.approx(result.metrics[f"mAP_{suffix}"])
 
 
 def test_fusion_orders() -> None:

@@ -15,7 +15,7 @@ reference implementation's exactly, not just up to rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -121,6 +121,37 @@ def protocol_gnd(gnd_revisitop: Sequence[Mapping[str, Any]], protocol: str) -> l
     return out
 
 
+def _query_values(
+    items: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    gnd: list[tuple[np.ndarray, np.ndarray]],
+    kappas: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's AP (Q,) and P@k (Q, len(kappas)), NaN for a query without positives (left out of the means)."""
+    aps = np.full(len(gnd), np.nan)
+    precisions = np.full((len(gnd), len(kappas)), np.nan)
+    for q, (ok, junk) in enumerate(gnd):
+        if ok.size == 0:
+            continue
+        ok_pos = positions[q][np.searchsorted(items[q], ok)]
+        junk_pos = positions[q][np.searchsorted(items[q], junk)]
+        aps[q], precisions[q] = _query_metrics(ok_pos, junk_pos, ok.size, kappas)
+    return aps, precisions
+
+
+def _means(aps: np.ndarray, precisions: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean AP and mP@k over the queries that have positives, summed in query order (the reference's)."""
+    counted = np.flatnonzero(~np.isnan(aps))
+    if counted.size == 0:
+        return float("nan"), np.full(precisions.shape[1], np.nan)
+    total = 0.0
+    mean_precisions = np.zeros(precisions.shape[1])
+    for q in counted:
+        total = total + float(aps[q])
+        mean_precisions = mean_precisions + precisions[q]
+    return total / counted.size, mean_precisions / counted.size
+
+
 def _mean_metrics(
     items: Sequence[np.ndarray],
     positions: Sequence[np.ndarray],
@@ -128,21 +159,7 @@ def _mean_metrics(
     kappas: tuple[int, ...],
 ) -> tuple[float, np.ndarray]:
     """Mean AP and mP@k over the queries that have positives, given each query's item positions."""
-    total = 0.0
-    mean_precisions = np.zeros(len(kappas))
-    counted = 0
-    for q, (ok, junk) in enumerate(gnd):
-        if ok.size == 0:
-            continue
-        ok_pos = positions[q][np.searchsorted(items[q], ok)]
-        junk_pos = positions[q][np.searchsorted(items[q], junk)]
-        ap, precisions = _query_metrics(ok_pos, junk_pos, ok.size, kappas)
-        total = total + ap
-        mean_precisions = mean_precisions + precisions
-        counted += 1
-    if counted == 0:
-        return float("nan"), np.full(len(kappas), np.nan)
-    return total / counted, mean_precisions / counted
+    return _means(*_query_values(items, positions, gnd, kappas))
 
 
 def _union_items(gnd: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -195,15 +212,27 @@ def _revisitop_items(gnd_revisitop: Sequence[Mapping[str, Any]]) -> tuple[list[n
     return items, per_protocol
 
 
-def _report(per_protocol: dict, items, positions, kappas: Kappas) -> dict[str, float]:
+class RevisitopReport(NamedTuple):
+    """Easy/Medium/Hard metrics in percent (``mAP_E``, ``mP@5_H``, ...) and each query's AP in percent per
+    protocol (``ap_per_query["H"]``, shape (Q,); NaN where the query has no positives under that protocol).
+    The per-query values are what a paired comparison of two rankings of the same queries needs."""
+
+    metrics: dict[str, float]
+    ap_per_query: dict[str, np.ndarray]
+
+
+def _report(per_protocol: dict, items, positions, kappas: Kappas) -> RevisitopReport:
     kappas = _check_kappas(kappas)
     out: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
     for name, suffix in PROTOCOLS.items():
-        mean_ap, mean_precisions = _mean_metrics(items, positions, per_protocol[name], kappas)
+        aps, precisions = _query_values(items, positions, per_protocol[name], kappas)
+        mean_ap, mean_precisions = _means(aps, precisions)
         out[f"mAP_{suffix}"] = 100.0 * mean_ap
         for k, value in zip(kappas, mean_precisions):
             out[f"mP@{k}_{suffix}"] = 100.0 * float(value)
-    return out
+        per_query[suffix] = 100.0 * aps
+    return RevisitopReport(out, per_query)
 
 
 def evaluate_revisitop(
@@ -215,7 +244,7 @@ def evaluate_revisitop(
     """
     items, per_protocol = _revisitop_items(gnd_revisitop)
     positions = _ranking_positions(np.asarray(ranks), items)
-    return _report(per_protocol, items, positions, kappas)
+    return _report(per_protocol, items, positions, kappas).metrics
 
 
 def _float_array(values: Any) -> np.ndarray:
@@ -371,6 +400,17 @@ def evaluate_revisitop_from_scores(
     One counting pass over the scores serves all three protocols; see
     :func:`compute_map_from_scores` for the accepted ``scores``.
     """
+    return revisitop_report_from_scores(scores, gnd_revisitop, kappas, chunk_size=chunk_size).metrics
+
+
+def revisitop_report_from_scores(
+    scores: ScoreSource,
+    gnd_revisitop: Sequence[Mapping[str, Any]],
+    kappas: Kappas = (1, 5, 10),
+    *,
+    chunk_size: int = 1 << 20,
+) -> RevisitopReport:
+    """:func:`evaluate_revisitop_from_scores` with each query's AP as well, from the same counting pass."""
     items, per_protocol = _revisitop_items(gnd_revisitop)
     positions = _score_positions(scores, items, chunk_size)
     return _report(per_protocol, items, positions, kappas)
