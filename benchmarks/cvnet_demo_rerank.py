@@ -25,6 +25,7 @@ jsonargparse refuses a nested ``=null`` on the command line (``--data.init_args.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ def run_seed(out: Path, seed: int | None, checkpoint: str | None, overrides: lis
         # the gain's 95 % interval over the test queries: whether they can tell re-ranking from global only
         "gain_H": paired_bootstrap(reranked.extra[AP_PER_QUERY]["H"], glob.extra[AP_PER_QUERY]["H"]),
         "gain_M": paired_bootstrap(reranked.extra[AP_PER_QUERY]["M"], glob.extra[AP_PER_QUERY]["M"]),
+        "ap_H": {name: result.extra[AP_PER_QUERY]["H"].tolist() for name, result in (("global", glob),
+                                                                                    ("reranked", reranked))},
         "fit_seconds": fit_seconds,
         **diagnostics(cli.model, cli.datamodule),
     }
@@ -123,6 +126,9 @@ def main() -> int:
         result = run_seed(Path(args.output) / f"seed{seed}", seed, args.checkpoint, overrides, args.data_seed_offset)
         rows.append((seed, result))
         print(f"seed {seed}: done ({result['fit_seconds']:.0f} s fit)", flush=True)
+        # after every seed, so a long run stopped early keeps what it measured
+        results = {str(s): {k: v for k, v in r.items() if not k.startswith("gain_")} for s, r in rows}
+        (Path(args.output) / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| seed | global E / M / H | re-ranked E / M / H | change M, H [95 % over queries] "
           "| AUC verifier / global | self-pair min / median | best unrelated |")
     print("|---|---|---|---|---|---|---|")
@@ -134,6 +140,9 @@ def main() -> int:
               f"| {r['unrelated_max']:.2f} |")
     gain = [r["reranked"]["mAP_H"] - r["global"]["mAP_H"] for _, r in rows]
     print(f"\nmAP-H change from re-ranking: mean {np.mean(gain):+.2f}, per seed {', '.join(f'{x:+.2f}' for x in gain)}")
+    if len(rows) > 1:  # each query's gain averaged over the seeds, resampled over the queries
+        pooled = paired_bootstrap(*(np.mean([r["ap_H"][k] for _, r in rows], axis=0) for k in ("reranked", "global")))
+        print(f"the mean change's 95 % interval over the {pooled.n} test queries (seeds averaged per query): {pooled}")
     return 0
 
 
