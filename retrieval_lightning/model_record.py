@@ -154,6 +154,7 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
         heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
     args = dict(record["module"])
     args.pop("momentum_contrast", None)  # a training device (its momentum copy is training-only): not rebuilt
+    args.pop("spill", None)  # a machine's setting (a directory there), not the model's: the default unless overridden
     args["optim"] = _construct(OptimConfig, args["optim"], "the module's optim", source)
     args["rerank"] = _construct(RerankConfig, args["rerank"], "the module's rerank", source)
     if args.get("postprocess"):

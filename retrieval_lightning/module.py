@@ -43,6 +43,7 @@ from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUE
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
+from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.writer import (
@@ -93,6 +94,10 @@ class RetrievalModule(pl.LightningModule):
         momentum_contrast: CVNet-Global's momentum-contrastive loss on the global descriptor, beside the
             global head's classifier (off by default; see
             :class:`~retrieval_lightning.momentum_contrast.MomentumContrastConfig`).
+        spill: under DDP, gathered descriptors (evaluation, hard-negative mining) of at least
+            ``spill.min_bytes`` (default 1 GiB) go to one memory-mapped file per machine in ``spill.dir``
+            (default ``<default_root_dir>/spill``) instead of a copy in every rank's memory (see
+            :mod:`~retrieval_lightning.retrieval.spill`); ``min_bytes: null`` keeps them in memory.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class RetrievalModule(pl.LightningModule):
         rerank: RerankConfig | None = None,
         postprocess: PostProcessConfig | None = None,
         momentum_contrast: MomentumContrastConfig | None = None,
+        spill: SpillConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "heads"])
@@ -158,6 +164,7 @@ class RetrievalModule(pl.LightningModule):
         self.freeze_bn = bool(freeze_bn)
         self.rerank = rerank if rerank is not None else RerankConfig()
         self.postprocess = postprocess
+        self.spill = spill if spill is not None else SpillConfig()
         self._attach_rerank_heads()
         self.momentum_contrast = self._momentum_contrast(momentum_contrast)
         self._apply_freeze()
@@ -739,7 +746,7 @@ class RetrievalModule(pl.LightningModule):
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, self.global_head.dim)
             unreadable = torch.cat([c[2] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.uint8)
             del chunks
-            index, gathered = gather_dedupe(self, index, desc=desc, unreadable=unreadable)
+            index, gathered = gather_dedupe(self, index, spill=self.gather_spill(), desc=desc, unreadable=unreadable)
             desc = gathered["desc"].cpu()
             skipped = int(gathered["unreadable"].sum())
             if skipped:
@@ -769,6 +776,11 @@ class RetrievalModule(pl.LightningModule):
                 self.last_eval[eval_set.name] = reranked
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
+
+    def gather_spill(self) -> SpillConfig:
+        """:attr:`spill` with its directory resolved (under the trainer's ``default_root_dir``)."""
+        root = self.trainer.default_root_dir if self._trainer is not None else "."
+        return self.spill.under(root)
 
     def postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
         """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without."""

@@ -1,8 +1,8 @@
 """The CVNet stack under 2-process DDP (gloo).
 
 - Training: the verifier stage (pair batches, hard negatives mined from the global descriptors on
-  every rank's share of the pool and gathered, each rank searching the nearest for its share of the
-  rows; Hide-and-Seek and patch-shuffled negatives on) on 2
+  every rank's share of the pool and gathered into one file both ranks map, each rank searching the
+  nearest for its share of the rows; Hide-and-Seek and patch-shuffled negatives on) on 2
   processes with 2 groups per batch each ends with the weights of 1 process with 4 groups per batch.
   Each rank takes every other group of the epoch's list, the ranks' per-pair losses are averaged,
   the mined table is the same, and the batch transforms draw per group of the step over both ranks,
@@ -67,8 +67,10 @@ def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: 
     config = tmp_path / "cvnet_demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
     two = tmp_path / "fit2"
-    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2"],
-            cwd=tmp_path, env=ddp_env())
+    # the mined pool's gathered descriptors spilled to one file both ranks map (unlinked once they have)
+    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2",
+                                                         "--model.spill.min_bytes=0"], cwd=tmp_path, env=ddp_env())
+    assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
     one = tmp_path / "fit1"
     run_main(verifier_args(cache_root, one, 4, config), cwd=tmp_path, threads=1)
     start = {f"heads.verifier.{k}": v for k, v in run_lightning_cli(

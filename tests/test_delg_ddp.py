@@ -1,6 +1,7 @@
 """DELG re-ranked evaluation under 2-process DDP (gloo) equals the 1-process evaluation, on both ranks.
 
-Under DDP every rank extracts the local features of its share of the images into shards, rank 0
+Under DDP every rank extracts the local features of its share of the images into shards (the global
+descriptors are gathered into one memory-mapped file both ranks read: the spill of +1M sets), rank 0
 merges them into the stores, and the ranks verify their share of the queries' shortlists; RANSAC is
 seeded per (query, candidate) pair from dataset indices, so the metrics must not depend on the number
 of processes. The local head is untrained (both runs build it from ``seed_everything: 0``): the point
@@ -36,8 +37,10 @@ def test_delg_reranked_evaluation_ddp_equals_one_process(cache_root: Path, tmp_p
     one = tmp_path / "one"
     run_main(delg_args(cache_root, one), cwd=tmp_path, threads=1)
     two = tmp_path / "two"
-    run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path,
-            env=ddp_env())
+    # the gathered descriptors spilled to one file both ranks map, as +1M ones are (unlinked once mapped)
+    run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2", "--model.spill.min_bytes=0"],
+            cwd=tmp_path, env=ddp_env())
+    assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
 
     single = read_metrics(one / "metrics", "test")
     names = ("mAP_E", "mAP_M", "mAP_H")

@@ -1,5 +1,5 @@
 """gather_dedupe: one process without a process group, and two gloo processes with uneven counts,
-whole and in slices."""
+whole, in slices, and spilled into a file both ranks map."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
     from retrieval_lightning.retrieval import gather
     from retrieval_lightning.retrieval.gather import gather_dedupe
+    from retrieval_lightning.retrieval.spill import SpillConfig
 
     def main(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -67,7 +68,28 @@ SCRIPT = textwrap.dedent(
         gather.GATHER_SLICE_BYTES = 24
         got, arrays = gather_dedupe(None, index, feats=feats, flags=flags, count=index * 10)
         torch.save({"index": got, **arrays, "calls": calls}, f"{out}/sliced{rank}.pt")
+        # spilled: feats (96 bytes) and count (64) go to a file of the machine, flags (8) stay in memory
+        spill = SpillConfig(min_bytes=40, dir=f"{out}/spill")
+        got, arrays = gather_dedupe(None, index, spill=spill, feats=feats, flags=flags, count=index * 10)
+        backing = {name: mapped_file(value) for name, value in arrays.items()}
+        left = sorted(os.listdir(spill.dir))
+        failed = None
+        try:  # a spill dir that cannot be made: every rank raises, none waits for the others
+            gather_dedupe(None, index, spill=SpillConfig(0, f"{out}/sliced0.pt/spill"), feats=feats)
+        except Exception as err:
+            failed = (type(err).__name__, str(err))
+        torch.save({"index": got, **{k: v.clone() for k, v in arrays.items()}, "backing": backing, "left": left,
+                    "failed": failed}, f"{out}/spilled{rank}.pt")
         dist.destroy_process_group()
+
+    def mapped_file(tensor):
+        address = tensor.data_ptr()
+        for line in open("/proc/self/maps").read().splitlines():
+            fields = line.split(maxsplit=5)
+            start, stop = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < stop:
+                return fields[5] if len(fields) == 6 else None
+        return None
 
     if __name__ == "__main__":
         mp.start_processes(main, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, start_method="fork")
@@ -103,3 +125,17 @@ def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
         assert torch.equal(res["flags"], want_index % 3 == 0)
         assert torch.equal(res["count"], want_index * 10)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    # spilled: the same values, the large arrays in one file both ranks map (unlinked once both had it)
+    spilled = [torch.load(tmp_path / f"spilled{r}.pt", weights_only=False) for r in (0, 1)]
+    for got in spilled:
+        assert all(torch.equal(got[k], results[0][k]) for k in results[0])
+        assert got["backing"]["flags"] is None or ".bin" not in got["backing"]["flags"]
+        assert got["left"] == []
+    for name in ("feats", "count"):
+        files = {got["backing"][name] for got in spilled}
+        assert len(files) == 1, files
+        path = files.pop()
+        assert path.endswith(".bin (deleted)") and f"/spill/{name}-" in path, path
+    assert spilled[0]["failed"][0] in ("FileExistsError", "NotADirectoryError", "OSError"), spilled[0]["failed"]
+    assert "spill.dir" in spilled[0]["failed"][1]
+    assert spilled[1]["failed"][0] == "OtherRankFailed" and "rank(s) [0]" in spilled[1]["failed"][1]

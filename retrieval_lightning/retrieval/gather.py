@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .spill import SpillConfig, gather_into_file
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -37,13 +39,16 @@ GATHER_SLICE_BYTES = 256 << 20
 
 
 def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = None,
-                     destination: Tensor | None = None) -> Tensor:
+                     destination: Tensor | None = None, into: Tensor | None = None,
+                     keep: bool = True) -> Tensor | None:
     """All-gather a (n, ...) tensor whose n differs per rank, as raw bytes; rank order is kept.
 
     The result is assembled on the CPU from slices of at most ``slice_bytes`` (default
     :data:`GATHER_SLICE_BYTES`) over all ranks. With ``destination`` (one entry per gathered row, in
     rank order), row ``i`` lands in row ``destination[i]`` of the result, or nowhere if it is negative:
-    the de-duplicated, sorted result is then built without a second full-size copy."""
+    the de-duplicated, sorted result is then built without a second full-size copy. ``into``: a
+    ``(rows, row bytes)`` uint8 tensor to assemble the result in (a file mapping) instead of new memory;
+    ``keep=False``: take part in the collective but drop what arrives (``None`` is returned)."""
     slice_bytes = GATHER_SLICE_BYTES if slice_bytes is None else int(slice_bytes)
     world = dist.get_world_size()
     n, trailing = t.shape[0], tuple(t.shape[1:])
@@ -57,7 +62,11 @@ def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = 
     if destination is not None and destination.shape[0] != sum(counts):
         raise ValueError(f"destination has {destination.shape[0]} entries for {sum(counts)} gathered rows")
     out_rows = sum(counts) if destination is None else int((destination >= 0).sum())
-    out = torch.empty(out_rows, row_bytes, dtype=torch.uint8)
+    out = None
+    if keep:
+        out = torch.empty(out_rows, row_bytes, dtype=torch.uint8) if into is None else into
+        if tuple(out.shape) != (out_rows, row_bytes) or out.dtype != torch.uint8:
+            raise ValueError(f"into is {out.dtype} {tuple(out.shape)}, the gather needs uint8 {(out_rows, row_bytes)}")
     rows_per_slice = max(1, min(slice_bytes // max(1, row_bytes * world), max(counts)))
     for start in range(0, max(counts), rows_per_slice):  # the same number of calls on every rank
         mine = as_bytes[start:start + rows_per_slice]
@@ -67,7 +76,7 @@ def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = 
         dist.all_gather(parts, padded)
         for rank, part in enumerate(parts):
             take = min(max(counts[rank] - start, 0), rows_per_slice)
-            if not take:
+            if not take or out is None:
                 continue
             first = offsets[rank] + start
             if destination is None:
@@ -78,7 +87,12 @@ def _all_gather_rows(t: Tensor, device: torch.device, slice_bytes: int | None = 
                 if not bool(kept.all()):  # the sampler's repeats
                     where, rows = where[kept], rows[kept]
                 out.index_copy_(0, where, rows)
-    return out.reshape(-1).view(t.dtype).reshape(out_rows, *trailing)
+    return None if out is None else as_rows(out, t.dtype, trailing)
+
+
+def as_rows(raw: Tensor, dtype: torch.dtype, trailing: tuple[int, ...]) -> Tensor:
+    """A ``(rows, row bytes)`` uint8 tensor seen as ``(rows, *trailing)`` of ``dtype`` (no copy)."""
+    return raw.reshape(-1).view(dtype).reshape(raw.shape[0], *trailing)
 
 
 def all_gather_rows(owner: Any, t: Tensor) -> Tensor:
@@ -106,12 +120,15 @@ def dedupe_sort(index: Tensor, **arrays: Tensor) -> tuple[Tensor, dict[str, Tens
     return index[chosen], {name: value[chosen.to(value.device)] for name, value in arrays.items()}
 
 
-def gather_dedupe(owner: Any, index: Tensor, **arrays: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def gather_dedupe(owner: Any, index: Tensor, *, spill: SpillConfig | None = None,
+                  **arrays: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """All-gather ``index`` (n,) and per-sample ``arrays`` (n, ...) from every rank, then de-duplicate.
 
     ``owner`` is the LightningModule, Fabric or anything with a ``device`` (used only to pick
     the device NCCL gathers on; may be ``None``). Works without a process group (one process).
-    Returns ``(index, arrays)`` sorted by dataset index, on the CPU, identical on every rank.
+    Returns ``(index, arrays)`` sorted by dataset index, on the CPU, identical on every rank. Under
+    DDP, an array that ``spill`` (with its ``dir`` set) spills is returned as a mapping of one file per
+    machine rather than in each rank's memory (:mod:`~retrieval_lightning.retrieval.spill`).
     """
     index = torch.as_tensor(index).reshape(-1).long()
     for name, value in arrays.items():
@@ -124,6 +141,24 @@ def gather_dedupe(owner: Any, index: Tensor, **arrays: Tensor) -> tuple[Tensor, 
         chosen = _first_of_each(index)
         destination = torch.full_like(index, -1)
         destination[chosen] = torch.arange(chosen.shape[0])
-        gathered = {name: _all_gather_rows(value, device, destination=destination) for name, value in arrays.items()}
+        gathered = {name: _gather_array(name, value, device, destination, int(chosen.shape[0]), spill)
+                    for name, value in arrays.items()}
         return index[chosen], gathered
     return dedupe_sort(index.cpu(), **{name: value.detach().cpu() for name, value in arrays.items()})
+
+
+def _gather_array(name: str, value: Tensor, device: torch.device, destination: Tensor, rows: int,
+                  spill: SpillConfig | None) -> Tensor:
+    """One array of :func:`gather_dedupe` under DDP: in memory, or into a machine-shared file."""
+    trailing = tuple(value.shape[1:])
+    row_bytes = math.prod(trailing) * value.element_size()
+    if spill is None or not spill.spills(rows * row_bytes):
+        return _all_gather_rows(value, device, destination=destination)
+    if spill.dir is None:
+        raise ValueError("gather_dedupe: spill.dir is not set (SpillConfig.under(root) sets it)")
+
+    def fill(into: Tensor | None) -> None:
+        _all_gather_rows(value, device, destination=destination, into=into, keep=into is not None)
+
+    raw = gather_into_file(rows, row_bytes, spill.dir, name, fill)
+    return as_rows(raw, value.dtype, trailing)

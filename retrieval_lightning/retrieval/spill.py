@@ -1,0 +1,125 @@
+"""Gathered arrays in one memory-mapped file per machine, instead of a full copy in every rank's memory.
+
+Under DDP, evaluation and hard-negative mining gather every rank's descriptors onto every rank, so each
+rank computes the same metrics (or the same table) from the same data. ROxford5k+1M at 2048-D fp32 is
+8 GiB of descriptors: 64 GiB of host memory for 8 processes on one machine. With a :class:`SpillConfig`,
+an array of at least ``min_bytes`` is gathered into a file in ``dir`` instead: the machine's first rank
+writes it, its other ranks map it, and the file is unlinked as soon as every rank holds its mapping, so
+nothing is left behind, even by a crash later. The pages are then the kernel's page cache: one copy per
+machine, shared by its ranks, written back and dropped under memory pressure (on a disk, not on tmpfs).
+
+Everything here is a collective: every rank calls it with the same arguments, and a rank's failure (a
+full disk, a ``dir`` not visible to the machine's other ranks) raises on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from retrieval_lightning.rank_zero import raise_if_any_failed
+
+_FILES = itertools.count()
+
+
+@dataclass
+class SpillConfig:
+    """When a gathered array goes to a machine-shared file (see the module docstring).
+
+    ``min_bytes``: the smallest gathered array (all ranks' rows, de-duplicated) that is spilled; ``None``
+    keeps every array in memory. ``dir``: where the files go, a local disk visible to all ranks of a
+    machine (default: ``<trainer.default_root_dir>/spill``)."""
+
+    min_bytes: int | None = 1 << 30
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_bytes is not None and int(self.min_bytes) < 0:
+            raise ValueError(f"SpillConfig.min_bytes must be >= 0 or None, got {self.min_bytes}")
+
+    def spills(self, nbytes: int) -> bool:
+        """Whether a gathered array of ``nbytes`` is spilled."""
+        return self.min_bytes is not None and nbytes > 0 and nbytes >= int(self.min_bytes)
+
+    def under(self, root: str | Path) -> SpillConfig:
+        """This config with ``dir`` defaulting to ``<root>/spill``."""
+        return SpillConfig(self.min_bytes, self.dir if self.dir is not None else str(Path(root) / "spill"))
+
+
+def _all_gather_object(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def machine_writer() -> tuple[bool, str]:
+    """Whether this rank writes its machine's file, and a tag naming that file: the ranks of one machine
+    (one host name) share the file of its lowest rank; the writer's pid keeps concurrent runs apart."""
+    host = socket.gethostname()
+    everyone = _all_gather_object((host, os.getpid()))
+    first = next(rank for rank, (name, _) in enumerate(everyone) if name == host)
+    return first == dist.get_rank(), f"{host}-{everyone[first][1]}"
+
+
+def _allocate(path: Path, rows: int, row_bytes: int) -> np.memmap:
+    """A new file of ``rows * row_bytes`` bytes, its blocks reserved now: a full disk fails here with
+    ``ENOSPC`` rather than as a SIGBUS when a page of the mapping is first written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle.fileno(), 0, rows * row_bytes)
+        else:
+            handle.truncate(rows * row_bytes)
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=(rows, row_bytes))
+
+
+def _map(path: Path, rows: int, row_bytes: int) -> np.memmap:
+    if not path.is_file() or path.stat().st_size != rows * row_bytes:
+        raise FileNotFoundError(f"spilled gather: {path} is missing or has the wrong size on this rank; the "
+                                "spill dir must be one directory that every rank of a machine sees (a local disk)")
+    # copy-on-write: a writable tensor (torch warns on read-only arrays) whose writes never reach the file
+    return np.memmap(path, dtype=np.uint8, mode="c", shape=(rows, row_bytes))
+
+
+def gather_into_file(
+    rows: int, row_bytes: int, directory: str | Path, name: str, fill: Callable[[Tensor | None], None]
+) -> Tensor:
+    """A ``(rows, row_bytes)`` uint8 tensor backed by a machine-shared file in ``directory``.
+
+    ``fill(into)`` runs the gather on every rank: on the writer ``into`` is the file's mapping, to be
+    filled; elsewhere it is ``None`` (the rows received are dropped). The other ranks map the file once
+    the writer is done, and the file is unlinked when every rank has mapped it."""
+    writer, tag = machine_writer()
+    path = Path(directory) / f"{name}-{tag}-{next(_FILES)}.bin"
+    what = f"spilled gather of {name!r} into {path}"
+    mapping, failure = None, None
+    if writer:
+        try:
+            mapping = _allocate(path, rows, row_bytes)
+        except OSError as err:
+            failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, or "
+                              "spill.min_bytes to null to gather in memory)")
+    raise_if_any_failed(failure, _all_gather_object, what)
+    failure = None
+    try:
+        fill(torch.from_numpy(mapping) if mapping is not None else None)
+        if mapping is not None:
+            mapping.flush()  # for a dir on a network file system; on a local disk the page cache is shared anyway
+        else:
+            mapping = _map(path, rows, row_bytes)
+    except Exception as err:
+        failure = err
+    raise_if_any_failed(failure, _all_gather_object, what)  # past it, every rank holds its mapping
+    if writer:
+        path.unlink(missing_ok=True)
+    return torch.from_numpy(mapping)
+
