@@ -73,13 +73,18 @@ SCRIPT = textwrap.dedent(
         got, arrays = gather_dedupe(None, index, spill=spill, feats=feats, flags=flags, count=index * 10)
         backing = {name: mapped_file(value) for name, value in arrays.items()}
         left = sorted(os.listdir(spill.dir))
+        kept = {k: v.clone() for k, v in arrays.items()}
+        if rank == 0:  # an in-place change on one rank stays there (copy-on-write mappings)
+            arrays["feats"].fill_(7)
+        dist.barrier()
+        after = arrays["feats"].clone()
         failed = None
         try:  # a spill dir that cannot be made: every rank raises, none waits for the others
             gather_dedupe(None, index, spill=SpillConfig(0, f"{out}/sliced0.pt/spill"), feats=feats)
         except Exception as err:
             failed = (type(err).__name__, str(err))
-        torch.save({"index": got, **{k: v.clone() for k, v in arrays.items()}, "backing": backing, "left": left,
-                    "failed": failed}, f"{out}/spilled{rank}.pt")
+        torch.save({"index": got, **kept, "backing": backing, "left": left, "failed": failed, "after": after},
+                   f"{out}/spilled{rank}.pt")
         dist.destroy_process_group()
 
     def mapped_file(tensor):
@@ -136,6 +141,7 @@ def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
         assert len(files) == 1, files
         path = files.pop()
         assert path.endswith(".bin (deleted)") and f"/spill/{name}-" in path, path
+    assert torch.equal(spilled[1]["after"], results[0]["feats"]) and bool((spilled[0]["after"] == 7).all())
     assert spilled[0]["failed"][0] in ("FileExistsError", "NotADirectoryError", "OSError"), spilled[0]["failed"]
     assert "spill.dir" in spilled[0]["failed"][1]
     assert spilled[1]["failed"][0] == "OtherRankFailed" and "rank(s) [0]" in spilled[1]["failed"][1]

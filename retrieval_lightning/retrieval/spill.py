@@ -114,8 +114,8 @@ def gather_into_file(
         fill(torch.from_numpy(mapping) if mapping is not None else None)
         if mapping is not None:
             mapping.flush()  # for a dir on a network file system; on a local disk the page cache is shared anyway
-        else:
-            mapping = _map(path, rows, row_bytes)
+        # the writer too maps it copy-on-write: an in-place change on one rank must not reach the others' rows
+        mapping = _map(path, rows, row_bytes)
     except Exception as err:
         failure = err
     raise_if_any_failed(failure, _all_gather_object, what)  # past it, every rank holds its mapping
