@@ -71,6 +71,7 @@ SCRIPT = textwrap.dedent(
         # spilled: feats (96 bytes) and count (64) go to a file of the machine, flags (8) stay in memory
         spill = SpillConfig(min_bytes=40, dir=f"{out}/spill")
         got, arrays = gather_dedupe(None, index, spill=spill, feats=feats, flags=flags, count=index * 10)
+        dist.barrier()  # the writer unlinks the file after the gather's last collective
         backing = {name: mapped_file(value) for name, value in arrays.items()}
         left = sorted(os.listdir(spill.dir))
         kept = {k: v.clone() for k, v in arrays.items()}
