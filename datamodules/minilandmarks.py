@@ -41,6 +41,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         photo_dirs: extra folders of real photos (e.g. ``../shared/data/photos``).
         seed: build seed (views, split); the same inputs give byte-identical datasets.
         build_size: long side of the generated views.
+        queries_per_landmark: query views of each test landmark (2: 10 queries). More queries give tighter
+            intervals over the queries for comparing two models; the training split is the same at any value.
         image_size: training crop size; eval_max_side: long side of evaluation images.
         crop_area_min: smallest random-resized-crop area (DELG: 0.08; the views are already
             crops of their photo, so fine-tuning here wants larger ones).
@@ -68,6 +70,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         sampling: str = "shuffle",
         pairs: PairSampling | None = None,
         hide_and_seek: HideAndSeek | None = None,
+        queries_per_landmark: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +89,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         if self._dir is None:
             self._dir = Path(build_minilandmarks(
                 Path(self.root), self.photo_dirs, seed=self.hparams.seed, image_size=self.hparams.build_size,
+                queries_per_landmark=self.hparams.queries_per_landmark,
             ))
         return self._dir
 

@@ -344,3 +344,31 @@ def test_validation_set_is_named_for_minilandmarks(cache_root: Path) -> None:
     assert val.name == "minilandmarks_holdout" and val.protocol == "gldv2_recognition" and val.n_queries > 0
     assert [s.name for s in dm.eval_sets("fit")] == ["minilandmarks_holdout"]
     assert [s.name for s in dm.eval_sets("test")] == ["minilandmarks"]
+
+
+
+def test_more_queries_per_landmark_keep_the_training_split(tmp_path: Path, small_photos: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``queries_per_landmark`` adds test queries (for tighter intervals over them) and leaves every training
+    file as it was, so models trained on the default build are compared on the larger query set."""
+    import pickle
+
+    from datamodules import minilandmarks
+
+    default = mb.build_minilandmarks(tmp_path, [small_photos], **SMALL)
+    # the datamodule's own build call (its option passed on), at the small build's settings
+    monkeypatch.setattr(minilandmarks, "build_minilandmarks",
+                        lambda *args, **kwargs: mb.build_minilandmarks(*args, **{**kwargs, **SMALL}))
+    more = minilandmarks.MiniLandmarksDataModule(root=str(tmp_path), photo_dirs=[str(small_photos)],
+                                                 queries_per_landmark=4).dataset_dir
+    assert more.name != default.name
+    assert _tree(more / mb.GLDV2_SUBDIR) == _tree(default / mb.GLDV2_SUBDIR)
+
+    def gnd(root: Path) -> dict:
+        (path,) = (root / mb.REVISITOP_SUBDIR).rglob("gnd_*.pkl")
+        return pickle.loads(path.read_bytes())
+
+    few, many = gnd(default), gnd(more)
+    assert len(many["qimlist"]) == 2 * len(few["qimlist"]) > 0
+    assert set(few["qimlist"]) < set(many["qimlist"])  # the default queries are among them, the same views
+    assert all(g["easy"] and g["hard"] for g in many["gnd"])
