@@ -43,9 +43,9 @@ from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUE
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
-from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
+from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.writer import (
     UNREADABLE,
     datamodule_identity,

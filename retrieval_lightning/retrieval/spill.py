@@ -28,6 +28,8 @@ from torch import Tensor
 
 from retrieval_lightning.rank_zero import raise_if_any_failed
 
+from .rerank import torch_all_gather_object
+
 _FILES = itertools.count()
 
 
@@ -55,17 +57,18 @@ class SpillConfig:
         return SpillConfig(self.min_bytes, self.dir if self.dir is not None else str(Path(root) / "spill"))
 
 
-def _all_gather_object(value: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
+def _gather() -> Callable[[Any], list[Any]]:
+    gather = torch_all_gather_object()
+    if gather is None:
+        raise RuntimeError("a spilled gather runs under a process group of several ranks")
+    return gather
 
 
 def machine_writer() -> tuple[bool, str]:
     """Whether this rank writes its machine's file, and a tag naming that file: the ranks of one machine
     (one host name) share the file of its lowest rank; the writer's pid keeps concurrent runs apart."""
     host = socket.gethostname()
-    everyone = _all_gather_object((host, os.getpid()))
+    everyone = _gather()((host, os.getpid()))
     first = next(rank for rank, (name, _) in enumerate(everyone) if name == host)
     return first == dist.get_rank(), f"{host}-{everyone[first][1]}"
 
@@ -108,7 +111,7 @@ def gather_into_file(
         except OSError as err:
             failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, or "
                               "spill.min_bytes to null to gather in memory)")
-    raise_if_any_failed(failure, _all_gather_object, what)
+    raise_if_any_failed(failure, _gather(), what)
     failure = None
     try:
         fill(torch.from_numpy(mapping) if mapping is not None else None)
@@ -118,7 +121,7 @@ def gather_into_file(
         mapping = _map(path, rows, row_bytes)
     except Exception as err:
         failure = err
-    raise_if_any_failed(failure, _all_gather_object, what)  # past it, every rank holds its mapping
+    raise_if_any_failed(failure, _gather(), what)  # past it, every rank holds its mapping
     if writer:
         path.unlink(missing_ok=True)
     return torch.from_numpy(mapping)
