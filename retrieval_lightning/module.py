@@ -96,8 +96,8 @@ class RetrievalModule(pl.LightningModule):
             :class:`~retrieval_lightning.momentum_contrast.MomentumContrastConfig`).
         spill: under DDP, gathered descriptors (evaluation, hard-negative mining) of at least
             ``spill.min_bytes`` (default 1 GiB) go to one memory-mapped file per machine in ``spill.dir``
-            (default ``<default_root_dir>/spill``) instead of a copy in every rank's memory (see
-            :mod:`~retrieval_lightning.retrieval.spill`); ``min_bytes: null`` keeps them in memory.
+            (default: the system's temporary directory, ``TMPDIR``) instead of a copy in every rank's memory
+            (see :mod:`~retrieval_lightning.retrieval.spill`); ``min_bytes: null`` keeps them in memory.
     """
 
     def __init__(
@@ -746,7 +746,7 @@ class RetrievalModule(pl.LightningModule):
             desc = torch.cat([c[1] for c in chunks]) if chunks else torch.zeros(0, self.global_head.dim)
             unreadable = torch.cat([c[2] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.uint8)
             del chunks
-            index, gathered = gather_dedupe(self, index, spill=self.gather_spill(), desc=desc, unreadable=unreadable)
+            index, gathered = gather_dedupe(self, index, spill=self.spill, desc=desc, unreadable=unreadable)
             desc = gathered["desc"].cpu()
             skipped = int(gathered["unreadable"].sum())
             if skipped:
@@ -776,11 +776,6 @@ class RetrievalModule(pl.LightningModule):
                 self.last_eval[eval_set.name] = reranked
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
-
-    def gather_spill(self) -> SpillConfig:
-        """:attr:`spill` with its directory resolved (under the trainer's ``default_root_dir``)."""
-        root = self.trainer.default_root_dir if self._trainer is not None else "."
-        return self.spill.under(root)
 
     def postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
         """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without."""

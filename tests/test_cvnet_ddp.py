@@ -68,8 +68,9 @@ def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: 
     config.write_text(yaml.safe_dump(cfg))
     two = tmp_path / "fit2"
     # the mined pool's gathered descriptors spilled to one file both ranks map (unlinked once they have)
-    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2",
-                                                         "--model.spill.min_bytes=0"], cwd=tmp_path, env=ddp_env())
+    spill = ["--model.spill.min_bytes=0", f"--model.spill.dir={two / 'spill'}"]
+    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2", *spill],
+            cwd=tmp_path, env=ddp_env())
     assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
     one = tmp_path / "fit1"
     run_main(verifier_args(cache_root, one, 4, config), cwd=tmp_path, threads=1)

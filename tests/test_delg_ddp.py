@@ -38,8 +38,8 @@ def test_delg_reranked_evaluation_ddp_equals_one_process(cache_root: Path, tmp_p
     run_main(delg_args(cache_root, one), cwd=tmp_path, threads=1)
     two = tmp_path / "two"
     # the gathered descriptors spilled to one file both ranks map, as +1M ones are (unlinked once mapped)
-    run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2", "--model.spill.min_bytes=0"],
-            cwd=tmp_path, env=ddp_env())
+    run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2", "--model.spill.min_bytes=0",
+             f"--model.spill.dir={two / 'spill'}"], cwd=tmp_path, env=ddp_env())
     assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
 
     single = read_metrics(one / "metrics", "test")

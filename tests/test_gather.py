@@ -6,11 +6,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
+import pytest
 import torch
 
 from retrieval_lightning.retrieval.gather import gather_dedupe
+from retrieval_lightning.retrieval.spill import SpillConfig
 
 
 def test_single_process_dedupes_and_sorts() -> None:
@@ -39,6 +43,17 @@ def test_single_process_rejects_mismatched_rows() -> None:
         assert "'feats'" in str(err) and "3 rows" in str(err)
     else:
         raise AssertionError("mismatched rows were accepted")
+
+
+def test_spill_config_defaults_to_the_temporary_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The default follows ``TMPDIR`` (node-local scratch on clusters), not the run's directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert SpillConfig().directory == tmp_path / "retrieval-lightning-spill"
+    assert SpillConfig(dir="elsewhere").directory == Path("elsewhere")
+    assert SpillConfig(0).spills(1) and not SpillConfig(0).spills(0) and not SpillConfig(None).spills(1 << 40)
+    assert not SpillConfig().spills((1 << 30) - 1) and SpillConfig().spills(1 << 30)
+    with pytest.raises(ValueError, match="min_bytes"):
+        SpillConfig(-1)
 
 
 SCRIPT = textwrap.dedent(

@@ -350,8 +350,7 @@ class HardNegativeMining(pl.Callback):
         finally:
             pl_module.train(was_training)
         raise_if_any_failed(failure, gather, f"hard-negative mining, epoch {epoch}: embedding the pool")
-        spill = pl_module.gather_spill() if hasattr(pl_module, "gather_spill") else None
-        rows, gathered = gather_dedupe(pl_module, rows, spill=spill, desc=desc)
+        rows, gathered = gather_dedupe(pl_module, rows, spill=getattr(pl_module, "spill", None), desc=desc)
         if rows.numel() != positions.size:
             raise RuntimeError(f"mining gathered {rows.numel()} descriptors for a pool of {positions.size}")
         width = int(miner.table_width)

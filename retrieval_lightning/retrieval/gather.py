@@ -127,7 +127,7 @@ def gather_dedupe(owner: Any, index: Tensor, *, spill: SpillConfig | None = None
     ``owner`` is the LightningModule, Fabric or anything with a ``device`` (used only to pick
     the device NCCL gathers on; may be ``None``). Works without a process group (one process).
     Returns ``(index, arrays)`` sorted by dataset index, on the CPU, identical on every rank. Under
-    DDP, an array that ``spill`` (with its ``dir`` set) spills is returned as a mapping of one file per
+    DDP, an array that ``spill`` spills is returned as a mapping of one file per
     machine rather than in each rank's memory (:mod:`~retrieval_lightning.retrieval.spill`).
     """
     index = torch.as_tensor(index).reshape(-1).long()
@@ -154,11 +154,9 @@ def _gather_array(name: str, value: Tensor, device: torch.device, destination: T
     row_bytes = math.prod(trailing) * value.element_size()
     if spill is None or not spill.spills(rows * row_bytes):
         return _all_gather_rows(value, device, destination=destination)
-    if spill.dir is None:
-        raise ValueError("gather_dedupe: spill.dir is not set (SpillConfig.under(root) sets it)")
 
     def fill(into: Tensor | None) -> None:
         _all_gather_rows(value, device, destination=destination, into=into, keep=into is not None)
 
-    raw = gather_into_file(rows, row_bytes, spill.dir, name, fill)
+    raw = gather_into_file(rows, row_bytes, spill.directory, name, fill)
     return as_rows(raw, value.dtype, trailing)

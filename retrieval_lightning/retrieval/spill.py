@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,8 +39,10 @@ class SpillConfig:
     """When a gathered array goes to a machine-shared file (see the module docstring).
 
     ``min_bytes``: the smallest gathered array (all ranks' rows, de-duplicated) that is spilled; ``None``
-    keeps every array in memory. ``dir``: where the files go, a local disk visible to all ranks of a
-    machine (default: ``<trainer.default_root_dir>/spill``)."""
+    keeps every array in memory. ``dir``: where the files go, a local disk that every rank of a machine
+    sees. The default is ``retrieval-lightning-spill`` in the system's temporary directory, which follows
+    ``TMPDIR`` (node-local scratch under most cluster schedulers): a run's ``default_root_dir`` is often on
+    a network file system, where 8 GB per evaluation would be written across the network."""
 
     min_bytes: int | None = 1 << 30
     dir: str | None = None
@@ -52,9 +55,10 @@ class SpillConfig:
         """Whether a gathered array of ``nbytes`` is spilled."""
         return self.min_bytes is not None and nbytes > 0 and nbytes >= int(self.min_bytes)
 
-    def under(self, root: str | Path) -> SpillConfig:
-        """This config with ``dir`` defaulting to ``<root>/spill``."""
-        return SpillConfig(self.min_bytes, self.dir if self.dir is not None else str(Path(root) / "spill"))
+    @property
+    def directory(self) -> Path:
+        """Where the files go: ``dir``, or the default in the system's temporary directory."""
+        return Path(self.dir) if self.dir is not None else Path(tempfile.gettempdir()) / "retrieval-lightning-spill"
 
 
 def _gather() -> Callable[[Any], list[Any]]:
