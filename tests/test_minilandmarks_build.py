@@ -346,7 +346,6 @@ def test_validation_set_is_named_for_minilandmarks(cache_root: Path) -> None:
     assert [s.name for s in dm.eval_sets("test")] == ["minilandmarks"]
 
 
-
 def test_more_queries_per_landmark_keep_the_training_split(tmp_path: Path, small_photos: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``queries_per_landmark`` adds test queries (for tighter intervals over them) and leaves every training
