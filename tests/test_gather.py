@@ -3,6 +3,7 @@ whole, in slices, and spilled into a file both ranks map."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.retrieval.spill import SpillConfig
+from retrieval_lightning.retrieval.spill import SpillConfig, remove_left_by_killed_runs
 
 
 def test_single_process_dedupes_and_sorts() -> None:
@@ -58,10 +59,10 @@ def test_spill_config_defaults_to_the_temporary_directory(monkeypatch: pytest.Mo
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    import os, socket, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
     from retrieval_lightning.retrieval import gather
     from retrieval_lightning.retrieval.gather import gather_dedupe
-    from retrieval_lightning.retrieval.spill import SpillConfig
+    from retrieval_lightning.retrieval.spill import SpillConfig, gather_into_file
 
     def main(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -83,8 +84,13 @@ SCRIPT = textwrap.dedent(
         gather.GATHER_SLICE_BYTES = 24
         got, arrays = gather_dedupe(None, index, feats=feats, flags=flags, count=index * 10)
         torch.save({"index": got, **arrays, "calls": calls}, f"{out}/sliced{rank}.pt")
-        # spilled: feats (96 bytes) and count (64) go to a file of the machine, flags (8) stay in memory
+        # spilled: feats (96 bytes) and count (64) go to a file of the machine, flags (8) stay in memory;
+        # the file a killed run left (its writer's pid, sys.argv[3], no longer runs) goes on the first gather
         spill = SpillConfig(min_bytes=40, dir=f"{out}/spill")
+        if rank == 0:
+            os.makedirs(spill.dir)
+            open(f"{spill.dir}/feats-{socket.gethostname()}-{sys.argv[3]}-0.bin", "wb").close()
+        dist.barrier()
         got, arrays = gather_dedupe(None, index, spill=spill, feats=feats, flags=flags, count=index * 10)
         dist.barrier()  # the writer unlinks the file after the gather's last collective
         backing = {name: mapped_file(value) for name, value in arrays.items()}
@@ -99,6 +105,15 @@ SCRIPT = textwrap.dedent(
             gather_dedupe(None, index, spill=SpillConfig(0, f"{out}/sliced0.pt/spill"), feats=feats)
         except Exception as err:
             failed = (type(err).__name__, str(err))
+        def fill(into):  # the writer fails while filling: every rank raises, and the file goes with it
+            if into is not None:
+                raise OSError("disk gone")
+        try:
+            gather_into_file(4, 8, spill.dir, "feats", fill)
+        except Exception as err:
+            failed = failed, (type(err).__name__, str(err))
+        dist.barrier()  # the writer unlinks as it raises
+        failed = (*failed, sorted(os.listdir(spill.dir)))
         torch.save({"index": got, **kept, "backing": backing, "left": left, "failed": failed, "after": after},
                    f"{out}/spilled{rank}.pt")
         dist.destroy_process_group()
@@ -127,9 +142,8 @@ def _free_port() -> int:
 def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
     script = tmp_path / "gather_ddp.py"
     script.write_text(SCRIPT)
-    run = subprocess.run(
-        [sys.executable, str(script), str(_free_port()), str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
+    run = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path), str(_dead_pid())],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     sliced = [torch.load(tmp_path / f"sliced{r}.pt") for r in (0, 1)]
@@ -158,6 +172,28 @@ def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
         path = files.pop()
         assert path.endswith(".bin (deleted)") and f"/spill/{name}-" in path, path
     assert torch.equal(spilled[1]["after"], results[0]["feats"]) and bool((spilled[0]["after"] == 7).all())
-    assert spilled[0]["failed"][0] in ("FileExistsError", "NotADirectoryError", "OSError"), spilled[0]["failed"]
-    assert "spill.dir" in spilled[0]["failed"][1]
-    assert spilled[1]["failed"][0] == "OtherRankFailed" and "rank(s) [0]" in spilled[1]["failed"][1]
+    unmade = [got["failed"][0] for got in spilled]
+    assert unmade[0][0] in ("FileExistsError", "NotADirectoryError", "OSError"), unmade[0]
+    assert "spill.dir" in unmade[0][1]
+    assert unmade[1][0] == "OtherRankFailed" and "rank(s) [0]" in unmade[1][1]
+    failed_fill = [got["failed"][1:] for got in spilled]
+    assert failed_fill[0] == (("OSError", "disk gone"), [])
+    assert failed_fill[1][0][0] == "OtherRankFailed" and failed_fill[1][1] == []
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (a killed run's writer)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_spill_removes_only_the_files_of_killed_runs_on_this_machine(tmp_path: Path) -> None:
+    host, dead, alive = socket.gethostname(), _dead_pid(), os.getpid()
+    names = [f"feats-{host}-{dead}-0.bin", f"count-{host}-{dead}-3.bin", f"feats-{host}-{alive}-1.bin",
+             f"feats-other-host-{dead}-0.bin", f"feats-{host}-{dead}-0.bin.part", "notes.bin"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_left_by_killed_runs(tmp_path, host)
+    assert sorted(path.name for path in removed) == sorted(names[:2])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[2:])

@@ -5,7 +5,8 @@ rank computes the same metrics (or the same table) from the same data. ROxford5k
 8 GiB of descriptors: 64 GiB of host memory for 8 processes on one machine. With a :class:`SpillConfig`,
 an array of at least ``min_bytes`` is gathered into a file in ``dir`` instead: the machine's first rank
 writes it, its other ranks map it, and the file is unlinked as soon as every rank holds its mapping, so
-nothing is left behind, even by a crash later. The pages are then the kernel's page cache: one copy per
+nothing is left behind, even by a crash later. A failure before that point unlinks it too; a run killed
+there (SIGKILL) leaves it, and the next spilled gather on that machine removes it. The pages are then the kernel's page cache: one copy per
 machine, shared by its ranks, written back and dropped under memory pressure (on a disk, not on tmpfs).
 
 Everything here is a collective: every rank calls it with the same arguments, and a rank's failure (a
@@ -14,8 +15,10 @@ full disk, a ``dir`` not visible to the machine's other ranks) raises on every r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import re
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +80,33 @@ def machine_writer() -> tuple[bool, str]:
     return first == dist.get_rank(), f"{host}-{everyone[first][1]}"
 
 
+def _running_here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_left_by_killed_runs(directory: str | Path, host: str) -> list[Path]:
+    """Delete the files in ``directory`` that runs killed on this machine left behind (a SIGKILL between
+    a file's creation and its unlink), and return them: every ``<array>-<host>-<pid>-<n>.bin`` whose
+    writer ``pid`` no longer runs. A live run's file (its writer's pid runs) is left alone."""
+    pattern = re.compile(rf".+-{re.escape(host)}-(\d+)-\d+\.bin")
+    removed = []
+    for path in sorted(Path(directory).glob("*.bin")):
+        found = pattern.fullmatch(path.name)
+        if found is not None and not _running_here(int(found.group(1))):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # another user's file: theirs to remove, and no reason to fail this gather
+                continue
+            removed.append(path)
+    return removed
+
+
 def _allocate(path: Path, rows: int, row_bytes: int) -> np.memmap:
     """A new file of ``rows * row_bytes`` bytes, its blocks reserved now: a full disk fails here with
     ``ENOSPC`` rather than as a SIGBUS when a page of the mapping is first written."""
@@ -109,24 +139,28 @@ def gather_into_file(
     path = Path(directory) / f"{name}-{tag}-{next(_FILES)}.bin"
     what = f"spilled gather of {name!r} into {path}"
     mapping, failure = None, None
-    if writer:
-        try:
-            mapping = _allocate(path, rows, row_bytes)
-        except OSError as err:
-            failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, or "
-                              "spill.min_bytes to null to gather in memory)")
-    raise_if_any_failed(failure, _gather(), what)
-    failure = None
     try:
-        fill(torch.from_numpy(mapping) if mapping is not None else None)
-        if mapping is not None:
-            mapping.flush()  # for a dir on a network file system; on a local disk the page cache is shared anyway
-        # the writer too maps it copy-on-write: an in-place change on one rank must not reach the others' rows
-        mapping = _map(path, rows, row_bytes)
-    except Exception as err:
-        failure = err
-    raise_if_any_failed(failure, _gather(), what)  # past it, every rank holds its mapping
-    if writer:
-        path.unlink(missing_ok=True)
+        if writer:
+            try:
+                if path.parent.is_dir():
+                    remove_left_by_killed_runs(path.parent, socket.gethostname())
+                mapping = _allocate(path, rows, row_bytes)
+            except OSError as err:
+                failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, "
+                                  "or spill.min_bytes to null to gather in memory)")
+        raise_if_any_failed(failure, _gather(), what)
+        try:
+            fill(torch.from_numpy(mapping) if mapping is not None else None)
+            if mapping is not None:
+                mapping.flush()  # for a dir on a network file system; on a local disk the page cache is shared
+            # the writer too maps it copy-on-write: an in-place change on one rank must not reach the others' rows
+            mapping = _map(path, rows, row_bytes)
+        except Exception as err:
+            failure = err
+        raise_if_any_failed(failure, _gather(), what)  # past it, every rank holds its mapping
+    finally:  # after the last collective: every rank has its mapping, or none will map the file
+        if writer:
+            with contextlib.suppress(OSError):  # never made (a bad dir): the error raised above says why
+                path.unlink(missing_ok=True)
     return torch.from_numpy(mapping)
 
