@@ -156,6 +156,22 @@ class Registry:
             )
         return self._aliases[name]
 
+    def module_hooks(self) -> tuple[Callable[[str], type], Callable[[], list[str]]]:
+        """``__getattr__`` and ``__dir__`` of :attr:`alias_module`, whose attributes are the plugins.
+
+        Attribute access goes through the registry (imports the plugin on first use), so a config's
+        ``class_path: <name>`` and a checkpoint's recorded class path both resolve to the plugin. An
+        unknown name raises :class:`UnknownPluginError`, an ``AttributeError``, so ``hasattr`` works; a
+        declared plugin that fails to import still raises :class:`PluginError` (a broken install must
+        not look like a missing name)."""
+
+        def module_getattr(name: str) -> type:
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return self.alias(name)
+
+        return module_getattr, self.names
+
 
 def _check_head(obj: object) -> str | None:
     """Why a head class cannot serve its role, or ``None``: the base class the role is reached through
