@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.retrieval.spill import SpillConfig, remove_left_by_killed_runs
+from retrieval_lightning.retrieval.spill import SpillConfig, pid_space, remove_left_by_killed_runs
 
 
 def test_single_process_dedupes_and_sorts() -> None:
@@ -59,10 +59,10 @@ def test_spill_config_defaults_to_the_temporary_directory(monkeypatch: pytest.Mo
 
 SCRIPT = textwrap.dedent(
     """
-    import os, socket, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
     from retrieval_lightning.retrieval import gather
     from retrieval_lightning.retrieval.gather import gather_dedupe
-    from retrieval_lightning.retrieval.spill import SpillConfig, gather_into_file
+    from retrieval_lightning.retrieval.spill import SpillConfig, gather_into_file, pid_space
 
     def main(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent(
         spill = SpillConfig(min_bytes=40, dir=f"{out}/spill")
         if rank == 0:
             os.makedirs(spill.dir)
-            open(f"{spill.dir}/feats-{socket.gethostname()}-{sys.argv[3]}-0.bin", "wb").close()
+            open(f"{spill.dir}/feats-{pid_space()}-{sys.argv[3]}-0.bin", "wb").close()
         dist.barrier()
         got, arrays = gather_dedupe(None, index, spill=spill, feats=feats, flags=flags, count=index * 10)
         dist.barrier()  # the writer unlinks the file after the gather's last collective
@@ -189,11 +189,14 @@ def _dead_pid() -> int:
 
 
 def test_spill_removes_only_the_files_of_killed_runs_on_this_machine(tmp_path: Path) -> None:
-    host, dead, alive = socket.gethostname(), _dead_pid(), os.getpid()
-    names = [f"feats-{host}-{dead}-0.bin", f"count-{host}-{dead}-3.bin", f"feats-{host}-{alive}-1.bin",
-             f"feats-other-host-{dead}-0.bin", f"feats-{host}-{dead}-0.bin.part", "notes.bin"]
+    space, dead, alive = pid_space(), _dead_pid(), os.getpid()
+    host, namespace = space.rsplit("-", 1)
+    assert host == socket.gethostname() and int(namespace) >= 0
+    names = [f"feats-{space}-{dead}-0.bin", f"count-{space}-{dead}-3.bin", f"feats-{space}-{alive}-1.bin",
+             f"feats-other-host-{namespace}-{dead}-0.bin", f"feats-{host}-{int(namespace) + 1}-{dead}-0.bin",
+             f"feats-a-{space}-{dead}-0.bin", f"feats-{space}-{dead}-0.bin.part", "notes.bin"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = remove_left_by_killed_runs(tmp_path, host)
+    removed = remove_left_by_killed_runs(tmp_path)
     assert sorted(path.name for path in removed) == sorted(names[:2])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[2:])

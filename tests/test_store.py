@@ -131,16 +131,20 @@ def test_build_folder_of_a_crashed_process_is_removed_by_the_next_create(tmp_pat
     import os
     import socket
 
+    from retrieval_lightning.retrieval.workdirs import pid_space
+
     pid = _crash_while_building(tmp_path / "s")
     hidden = [p.name for p in tmp_path.iterdir()]
     assert len(hidden) == 1 and hidden[0].startswith(".s.building-") and hidden[0].endswith(f"-{pid}")
-    live = tmp_path / f".s.building-{socket.gethostname()}-{os.getppid()}"  # a concurrent live builder
-    other_host = tmp_path / f".s.building-{socket.gethostname()}x-{pid}"  # cannot be checked from here
+    live = tmp_path / f".s.building-{pid_space()}-{os.getppid()}"  # a concurrent live builder
+    other_host = tmp_path / f".s.building-{socket.gethostname()}x-0-{pid}"  # cannot be checked from here
+    other_space = tmp_path / f".s.building-{pid_space()}1-{pid}"  # another container's pids
     other_store = tmp_path / f".t.building-{pid}"  # another store's folder
-    for folder in (live, other_host, other_store):
+    kept = (live, other_host, other_space, other_store)
+    for folder in kept:
         folder.mkdir()
     FeatureStore.from_arrays(tmp_path / "s", {"global": np.ones((2, 3), np.float16)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s", live.name, other_host.name, other_store.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s", *(folder.name for folder in kept)])
 
 
 def test_replacing_a_store_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch) -> None:

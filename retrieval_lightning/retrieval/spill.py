@@ -33,6 +33,7 @@ from torch import Tensor
 from retrieval_lightning.rank_zero import raise_if_any_failed
 
 from .rerank import torch_all_gather_object
+from .workdirs import pid_space, process_alive
 
 _FILES = itertools.count()
 
@@ -75,30 +76,21 @@ def machine_writer() -> tuple[bool, str]:
     """Whether this rank writes its machine's file, and a tag naming that file: the ranks of one machine
     (one host name) share the file of its lowest rank; the writer's pid keeps concurrent runs apart."""
     host = socket.gethostname()
-    everyone = _gather()((host, os.getpid()))
-    first = next(rank for rank, (name, _) in enumerate(everyone) if name == host)
-    return first == dist.get_rank(), f"{host}-{everyone[first][1]}"
+    everyone = _gather()((host, pid_space(), os.getpid()))
+    first = next(rank for rank, (name, _, _) in enumerate(everyone) if name == host)
+    _, space, pid = everyone[first]
+    return first == dist.get_rank(), f"{space}-{pid}"
 
 
-def _running_here(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_left_by_killed_runs(directory: str | Path, host: str) -> list[Path]:
-    """Delete the files in ``directory`` that runs killed on this machine left behind (a SIGKILL between
-    a file's creation and its unlink), and return them: every ``<array>-<host>-<pid>-<n>.bin`` whose
-    writer ``pid`` no longer runs. A live run's file (its writer's pid runs) is left alone."""
-    pattern = re.compile(rf".+-{re.escape(host)}-(\d+)-\d+\.bin")
+def remove_left_by_killed_runs(directory: str | Path) -> list[Path]:
+    """Delete the files in ``directory`` that killed runs left behind (a SIGKILL between a file's creation
+    and its unlink), and return them: every ``<array>-<space>-<pid>-<n>.bin`` of this :func:`pid_space`
+    whose writer ``pid`` no longer runs. A live run's file, and another machine's, are left alone."""
+    pattern = re.compile(rf"\w+-{re.escape(pid_space())}-(\d+)-\d+\.bin")  # no host is a suffix
     removed = []
     for path in sorted(Path(directory).glob("*.bin")):
         found = pattern.fullmatch(path.name)
-        if found is not None and not _running_here(int(found.group(1))):
+        if found is not None and not process_alive(int(found.group(1))):
             try:
                 path.unlink(missing_ok=True)
             except OSError:  # another user's file: theirs to remove, and no reason to fail this gather
@@ -136,14 +128,15 @@ def gather_into_file(
     filled; elsewhere it is ``None`` (the rows received are dropped). The other ranks map the file once
     the writer is done, and the file is unlinked when every rank has mapped it."""
     writer, tag = machine_writer()
-    path = Path(directory) / f"{name}-{tag}-{next(_FILES)}.bin"
+    stem = re.sub(r"\W", "_", name)  # a word: the clean-up of killed runs parses the name
+    path = Path(directory) / f"{stem}-{tag}-{next(_FILES)}.bin"
     what = f"spilled gather of {name!r} into {path}"
     mapping, failure = None, None
     try:
         if writer:
             try:
                 if path.parent.is_dir():
-                    remove_left_by_killed_runs(path.parent, socket.gethostname())
+                    remove_left_by_killed_runs(path.parent)
                 mapping = _allocate(path, rows, row_bytes)
             except OSError as err:
                 failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, "

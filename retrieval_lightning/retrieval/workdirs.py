@@ -1,6 +1,6 @@
 """Hidden sibling folders a store is built in, and the clean-up of those a crashed process left.
 
-A merge into ROxford+1M or the GLDv2 index writes GBs into ``.<name>.building-<host>-<pid>``
+A merge into ROxford+1M or the GLDv2 index writes GBs into ``.<name>.building-<pid space>-<pid>``
 before renaming it into place; a crash must not leave that behind for ever, and a live
 concurrent builder's folder must not be touched.
 """
@@ -24,7 +24,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in this :func:`pid_space`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -34,22 +35,33 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def pid_space() -> str:
+    """Where a pid names one process, ``<host>-<pid namespace>``: containers that share a host name (host
+    networking) and a folder each have their own pids, so a pid alone could name another container's live
+    process."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}"
+
+
 def work_dir(path: Path, purpose: str) -> Path:
-    """Hidden sibling of ``path`` owned by this process: ``.<name>.<purpose>-<host>-<pid>``."""
-    return path.with_name(f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}")
+    """Hidden sibling of ``path`` owned by this process: ``.<name>.<purpose>-<pid space>-<pid>``."""
+    return path.with_name(f".{path.name}.{purpose}-{pid_space()}-{os.getpid()}")
 
 
 def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
     """Remove the hidden build folders of ``path`` whose process (on this host) is gone.
 
-    A crash during a merge leaves ``.<name>.building-<host>-<pid>``; a crash while replacing a store
-    can leave the old store at ``.<name>.replaced-<host>-<pid>``, which is put back when ``path``
-    is missing (the new store never made it in) and deleted otherwise. Folders of live processes
-    and of other hosts (whose processes cannot be checked from here) are left alone.
+    A crash during a merge leaves ``.<name>.building-<pid space>-<pid>``; a crash while replacing a
+    store can leave the old store at ``.<name>.replaced-<pid space>-<pid>``, which is put back when
+    ``path`` is missing (the new store never made it in) and deleted otherwise. Folders of live
+    processes and of other pid spaces (whose processes cannot be checked from here) are left alone.
     """
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(building|replaced)-(?:(.+)-)?(\d+)$")
-    host = socket.gethostname()
+    host = pid_space()
     removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
@@ -58,7 +70,7 @@ def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
         if not match or not entry.is_dir():
             continue
         purpose, owner_host, pid = match.group(1), match.group(2), int(match.group(3))
-        if (owner_host not in (None, host)) or _process_alive(pid):
+        if (owner_host not in (None, host)) or process_alive(pid):
             continue
         if purpose == "replaced" and not path.exists():
             os.replace(entry, path)
