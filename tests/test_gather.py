@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.retrieval.spill import SpillConfig, pid_space, remove_left_by_killed_runs
+from retrieval_lightning.retrieval.spill import SpillConfig, remove_left_by_killed_runs
+from retrieval_lightning.retrieval.workdirs import pid_space
 
 
 def test_single_process_dedupes_and_sorts() -> None:
@@ -62,7 +63,8 @@ SCRIPT = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
     from retrieval_lightning.retrieval import gather
     from retrieval_lightning.retrieval.gather import gather_dedupe
-    from retrieval_lightning.retrieval.spill import SpillConfig, gather_into_file, pid_space
+    from retrieval_lightning.retrieval.spill import SpillConfig, gather_into_file
+    from retrieval_lightning.retrieval.workdirs import pid_space
 
     def main(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -100,22 +102,21 @@ SCRIPT = textwrap.dedent(
             arrays["feats"].fill_(7)
         dist.barrier()
         after = arrays["feats"].clone()
-        failed = None
+        unmade = failed = None
         try:  # a spill dir that cannot be made: every rank raises, none waits for the others
             gather_dedupe(None, index, spill=SpillConfig(0, f"{out}/sliced0.pt/spill"), feats=feats)
         except Exception as err:
-            failed = (type(err).__name__, str(err))
+            unmade = (type(err).__name__, str(err))
         def fill(into):  # the writer fails while filling: every rank raises, and the file goes with it
             if into is not None:
                 raise OSError("disk gone")
         try:
             gather_into_file(4, 8, spill.dir, "feats", fill)
         except Exception as err:
-            failed = failed, (type(err).__name__, str(err))
+            failed = (type(err).__name__, str(err))
         dist.barrier()  # the writer unlinks as it raises
-        failed = (*failed, sorted(os.listdir(spill.dir)))
-        torch.save({"index": got, **kept, "backing": backing, "left": left, "failed": failed, "after": after},
-                   f"{out}/spilled{rank}.pt")
+        torch.save({"index": got, **kept, "backing": backing, "left": left, "after": after, "unmade": unmade,
+                    "failed": failed, "left_after_failure": os.listdir(spill.dir)}, f"{out}/spilled{rank}.pt")
         dist.destroy_process_group()
 
     def mapped_file(tensor):
@@ -172,13 +173,12 @@ def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
         path = files.pop()
         assert path.endswith(".bin (deleted)") and f"/spill/{name}-" in path, path
     assert torch.equal(spilled[1]["after"], results[0]["feats"]) and bool((spilled[0]["after"] == 7).all())
-    unmade = [got["failed"][0] for got in spilled]
+    unmade = [got["unmade"] for got in spilled]
     assert unmade[0][0] in ("FileExistsError", "NotADirectoryError", "OSError"), unmade[0]
     assert "spill.dir" in unmade[0][1]
     assert unmade[1][0] == "OtherRankFailed" and "rank(s) [0]" in unmade[1][1]
-    failed_fill = [got["failed"][1:] for got in spilled]
-    assert failed_fill[0] == (("OSError", "disk gone"), [])
-    assert failed_fill[1][0][0] == "OtherRankFailed" and failed_fill[1][1] == []
+    assert spilled[0]["failed"] == ("OSError", "disk gone") and spilled[1]["failed"][0] == "OtherRankFailed"
+    assert spilled[0]["left_after_failure"] == spilled[1]["left_after_failure"] == []
 
 
 def _dead_pid() -> int:

@@ -6,8 +6,9 @@ rank computes the same metrics (or the same table) from the same data. ROxford5k
 an array of at least ``min_bytes`` is gathered into a file in ``dir`` instead: the machine's first rank
 writes it, its other ranks map it, and the file is unlinked as soon as every rank holds its mapping, so
 nothing is left behind, even by a crash later. A failure before that point unlinks it too; a run killed
-there (SIGKILL) leaves it, and the next spilled gather on that machine removes it. The pages are then the kernel's page cache: one copy per
-machine, shared by its ranks, written back and dropped under memory pressure (on a disk, not on tmpfs).
+there (SIGKILL) leaves it, and the next spilled gather on that machine removes it. The pages are then the
+kernel's page cache: one copy per machine, shared by its ranks, written back and dropped under memory
+pressure (on a disk, not on tmpfs).
 
 Everything here is a collective: every rank calls it with the same arguments, and a rank's failure (a
 full disk, a ``dir`` not visible to the machine's other ranks) raises on every rank.

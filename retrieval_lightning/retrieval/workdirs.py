@@ -52,7 +52,7 @@ def work_dir(path: Path, purpose: str) -> Path:
 
 
 def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
-    """Remove the hidden build folders of ``path`` whose process (on this host) is gone.
+    """Remove the hidden build folders of ``path`` whose process (in this :func:`pid_space`) is gone.
 
     A crash during a merge leaves ``.<name>.building-<pid space>-<pid>``; a crash while replacing a
     store can leave the old store at ``.<name>.replaced-<pid space>-<pid>``, which is put back when
@@ -61,7 +61,7 @@ def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(building|replaced)-(?:(.+)-)?(\d+)$")
-    host = pid_space()
+    space = pid_space()
     removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
@@ -69,8 +69,8 @@ def clean_stale_builds(path: str | os.PathLike) -> list[Path]:
         match = pattern.match(entry.name)
         if not match or not entry.is_dir():
             continue
-        purpose, owner_host, pid = match.group(1), match.group(2), int(match.group(3))
-        if (owner_host not in (None, host)) or process_alive(pid):
+        purpose, owner, pid = match.group(1), match.group(2), int(match.group(3))
+        if (owner not in (None, space)) or process_alive(pid):
             continue
         if purpose == "replaced" and not path.exists():
             os.replace(entry, path)
