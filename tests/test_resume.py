@@ -337,3 +337,47 @@ def test_ctrl_c_mid_epoch_and_sigterm_at_an_epoch_end_resume_bitwise(config: Pat
     assert (stopped["global_step"], stopped["epoch"]) == (10, 1)  # 10 batches per epoch: stopped between epochs
     fit(out, "--ckpt_path=last")
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", tmp_path / "reference" / "checkpoints" / "last.ckpt")
+
+
+class EpochOfEachStep(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        self.seen.append((trainer.global_step, trainer.current_epoch))
+
+
+@pytest.mark.parametrize("step_checkpoint_at_the_stop", [False, True])
+def test_a_run_extended_past_its_max_steps_counts_epochs_as_an_uninterrupted_one(
+        tmp_path: Path, step_checkpoint_at_the_stop: bool) -> None:
+    """Stopped by ``max_steps`` inside an epoch, then resumed with a larger ``max_steps``: the unfinished
+    epoch goes on with its number (Lightning had counted it done, so the epoch ran one ahead from there:
+    logged, and against ``max_epochs``). ``last.ckpt`` is written at the end of training, or at the
+    epoch loop's end when a step checkpoint fell on the stop."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+    from torch.utils.data import DataLoader
+
+    from retrieval_lightning.callbacks import ResumeState
+
+    class FourBatches(BoringModel):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(RandomDataset(32, 8), batch_size=2)
+
+    def fit(out: Path, max_steps: int, ckpt_path: Path | None = None) -> list[tuple[int, int]]:
+        epochs = EpochOfEachStep()
+        every = 6 if step_checkpoint_at_the_stop else 100
+        trainer = pl.Trainer(default_root_dir=out, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[epochs, ResumeState(), ModelCheckpoint(
+                                 dirpath=out / "checkpoints", save_last=True, every_n_train_steps=every)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the boring model's own warnings (no workers, no logger)
+            trainer.fit(FourBatches(), ckpt_path=ckpt_path)
+        return epochs.seen
+
+    first = fit(tmp_path / "extended", 6)  # stops after the 2nd of epoch 1's 4 batches
+    last = tmp_path / "extended" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+    resumed = fit(tmp_path / "extended", 13, last)
+    assert first + resumed == fit(tmp_path / "uninterrupted", 13)
+    assert resumed[:3] == [(6, 1), (7, 1), (8, 2)]

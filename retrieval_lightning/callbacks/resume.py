@@ -77,6 +77,10 @@ class ResumeState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        count_a_max_steps_stop_as_mid_epoch(trainer, checkpoint)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
             return
@@ -88,6 +92,26 @@ class ResumeState(pl.Callback):
         else:
             restore_rng_states(states[trainer.global_rank])
         self._pending = None
+
+
+def count_a_max_steps_stop_as_mid_epoch(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Record an epoch that ``max_steps`` cut short as unfinished, as a step checkpoint inside it would be.
+
+    Reaching ``max_steps`` inside an epoch ends Lightning's epoch loop, and Lightning counts that epoch
+    as processed (and, by the time ``last.ckpt`` is written at the end of training, completed). A run
+    resumed from it with a larger ``max_steps`` then took the unfinished epoch as done: its data went on
+    where it had stopped (the loaders keep their place), but its epoch counter ran one ahead for the rest
+    of the run, in the logged ``epoch``, in ``max_epochs`` and in callbacks that act every n epochs."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if loop is None or trainer.max_steps == -1 or trainer.global_step < trainer.max_steps:
+        return
+    batches_done = loop["epoch_loop.batch_progress"]["current"]["ready"]
+    if not 0 < batches_done < trainer.num_training_batches:
+        return  # stopped at an epoch's end (or before its first batch): the epoch is rightly done
+    for progress in loop["epoch_progress"].values():  # "total" and "current"
+        if progress["processed"] == progress["started"] == progress["ready"] > 0:
+            progress["processed"] = progress["completed"] = progress["ready"] - 1
+    checkpoint["epoch"] = loop["epoch_progress"]["current"]["completed"]
 
 
 def _wandb_run(trainer: pl.Trainer | None) -> Any:
