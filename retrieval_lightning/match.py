@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.io import load_image
 from .errors import UsageError
@@ -92,7 +92,12 @@ def draw_matches(
         for x, y in ((float(xa), float(ya)), end):
             r = 2 * width
             draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
-    draw.text((8, 8), f"{result.inliers} inliers / {result.matches} matches", fill=(255, 0, 0))
+    # the count on a white box, in type that scales with the picture (PIL's default is 11 px at any size)
+    font = ImageFont.load_default(size=max(12, round(canvas.height / 28)))
+    label = f"{result.inliers} inliers / {result.matches} matches"
+    left, top, right, bottom = draw.textbbox((8, 8), label, font=font)
+    draw.rectangle([left - 4, top - 4, right + 4, bottom + 4], fill=(255, 255, 255))
+    draw.text((8, 8), label, fill=(200, 0, 0), font=font)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
