@@ -348,12 +348,14 @@ class EpochOfEachStep(pl.Callback):
 
 
 @pytest.mark.parametrize("step_checkpoint_at_the_stop", [False, True])
+@pytest.mark.parametrize("stop", [6, 8])
 def test_a_run_extended_past_its_max_steps_counts_epochs_as_an_uninterrupted_one(
-        tmp_path: Path, step_checkpoint_at_the_stop: bool) -> None:
-    """Stopped by ``max_steps`` inside an epoch, then resumed with a larger ``max_steps``: the unfinished
-    epoch goes on with its number (Lightning had counted it done, so the epoch ran one ahead from there:
-    logged, and against ``max_epochs``). ``last.ckpt`` is written at the end of training, or at the
-    epoch loop's end when a step checkpoint fell on the stop."""
+        tmp_path: Path, stop: int, step_checkpoint_at_the_stop: bool) -> None:
+    """Stopped by ``max_steps`` inside an epoch (step 6 of 4-batch epochs) or at its end (step 8), then
+    resumed with a larger ``max_steps``: every step is in the epoch of an uninterrupted run (Lightning
+    took the unfinished epoch as done, or counted the finished one twice, so the epoch ran one ahead from
+    there: logged, and against ``max_epochs``). ``last.ckpt`` is written at the end of training, or at
+    the epoch loop's end when a step checkpoint fell on the stop (which Lightning resumed right)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
     from torch.utils.data import DataLoader
@@ -366,7 +368,7 @@ def test_a_run_extended_past_its_max_steps_counts_epochs_as_an_uninterrupted_one
 
     def fit(out: Path, max_steps: int, ckpt_path: Path | None = None) -> list[tuple[int, int]]:
         epochs = EpochOfEachStep()
-        every = 6 if step_checkpoint_at_the_stop else 100
+        every = stop if step_checkpoint_at_the_stop else 100
         trainer = pl.Trainer(default_root_dir=out, max_steps=max_steps, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[epochs, ResumeState(), ModelCheckpoint(
                                  dirpath=out / "checkpoints", save_last=True, every_n_train_steps=every)])
@@ -375,9 +377,7 @@ def test_a_run_extended_past_its_max_steps_counts_epochs_as_an_uninterrupted_one
             trainer.fit(FourBatches(), ckpt_path=ckpt_path)
         return epochs.seen
 
-    first = fit(tmp_path / "extended", 6)  # stops after the 2nd of epoch 1's 4 batches
-    last = tmp_path / "extended" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["epoch"] == 1
-    resumed = fit(tmp_path / "extended", 13, last)
+    first = fit(tmp_path / "extended", stop)
+    resumed = fit(tmp_path / "extended", 13, tmp_path / "extended" / "checkpoints" / "last.ckpt")
     assert first + resumed == fit(tmp_path / "uninterrupted", 13)
-    assert resumed[:3] == [(6, 1), (7, 1), (8, 2)]
+    assert resumed[0] == (stop, stop // 4)

@@ -79,7 +79,7 @@ class ResumeState(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        count_a_max_steps_stop_as_mid_epoch(trainer, checkpoint)
+        record_a_max_steps_stop_as_resumable(trainer, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
@@ -94,24 +94,31 @@ class ResumeState(pl.Callback):
         self._pending = None
 
 
-def count_a_max_steps_stop_as_mid_epoch(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
-    """Record an epoch that ``max_steps`` cut short as unfinished, as a step checkpoint inside it would be.
+def record_a_max_steps_stop_as_resumable(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Write the loop state of a run that stopped at ``max_steps`` so that a run resumed from it with a
+    larger ``max_steps`` numbers its epochs as an uninterrupted run would.
 
-    Reaching ``max_steps`` inside an epoch ends Lightning's epoch loop, and Lightning counts that epoch
-    as processed (and, by the time ``last.ckpt`` is written at the end of training, completed). A run
-    resumed from it with a larger ``max_steps`` then took the unfinished epoch as done: its data went on
-    where it had stopped (the loaders keep their place), but its epoch counter ran one ahead for the rest
-    of the run, in the logged ``epoch``, in ``max_epochs`` and in callbacks that act every n epochs."""
+    By the time ``last.ckpt`` is written at the end of training, Lightning has counted the epoch that
+    ``max_steps`` ended as completed, which its resume logic does not expect. Stopped inside an epoch, the
+    resumed run took that unfinished epoch as done; stopped at an epoch's last batch, it counted the epoch
+    a second time. Either way its epoch ran one ahead for the rest of the run (its data did not: the
+    loaders keep their place), in the logged ``epoch``, against ``max_epochs`` and in every-n-epochs
+    callbacks. Inside an epoch, the epoch is written as a step checkpoint inside it holds it; at its end,
+    the batch counter is reset, as the next epoch's start would (as for a SIGTERM at an epoch's end)."""
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if loop is None or trainer.max_steps == -1 or trainer.global_step < trainer.max_steps:
         return
-    batches_done = loop["epoch_loop.batch_progress"]["current"]["ready"]
-    if not 0 < batches_done < trainer.num_training_batches:
-        return  # stopped at an epoch's end (or before its first batch): the epoch is rightly done
-    for progress in loop["epoch_progress"].values():  # "total" and "current"
-        if progress["processed"] == progress["started"] == progress["ready"] > 0:
-            progress["processed"] = progress["completed"] = progress["ready"] - 1
-    checkpoint["epoch"] = loop["epoch_progress"]["current"]["completed"]
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    total = epochs["total"]
+    if not total["completed"] == total["processed"] == total["started"] == total["ready"] > 0:
+        return  # written before the epoch was counted done (a step checkpoint on the last step): resumes right
+    if batches["is_last_batch"] or batches["current"]["ready"] >= trainer.num_training_batches:
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+        return
+    for progress in epochs.values():  # "total" and "current"
+        progress["processed"] = progress["completed"] = progress["ready"] - 1
+    checkpoint["epoch"] = epochs["current"]["completed"]
 
 
 def _wandb_run(trainer: pl.Trainer | None) -> Any:
