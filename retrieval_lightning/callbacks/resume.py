@@ -112,6 +112,8 @@ def record_a_max_steps_stop_as_resumable(trainer: pl.Trainer, checkpoint: dict[s
     total = epochs["total"]
     if not total["completed"] == total["processed"] == total["started"] == total["ready"] > 0:
         return  # written before the epoch was counted done (a step checkpoint on the last step): resumes right
+    if batches["current"]["ready"] == 0:
+        return  # between epochs already (a checkpoint this function wrote, loaded again)
     if batches["is_last_batch"] or batches["current"]["ready"] >= trainer.num_training_batches:
         batches["current"] = {key: 0 for key in batches["current"]}
         batches["is_last_batch"] = False
