@@ -6,7 +6,8 @@ continues. This callback gathers every rank's torch / CUDA / numpy / Python stat
 checkpoint (rank 0 writes it) and, on resume, gives each rank its own back just before the first
 training batch, after everything that runs on a resume only (checkpoint loading, sanity checks).
 It also records the W&B run id and step, which :func:`retrieval_lightning.loggers.continue_wandb_run`
-reads to continue the same run.
+reads to continue the same run, and corrects the loop state Lightning writes for a run stopped by
+``max_steps``, so that a run extended past it numbers its epochs as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
 
 
 class ResumeState(pl.Callback):
-    """Checkpoint every rank's random states (and the W&B run id); restore them on resume."""
+    """Checkpoint every rank's random states (and the W&B run id); restore them on resume. Also writes
+    the loop state of a run stopped by ``max_steps`` as a resume expects it
+    (:func:`record_a_max_steps_stop_as_resumable`)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
