@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -12,6 +14,24 @@ from torch import Tensor
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint that is missing, unreadable, or would need unsafe unpickling."""
+
+
+class UnsafePickleError(CheckpointLoadError):
+    """A file that weights-only loading refuses: it pickles objects other than tensors and plain values."""
+
+
+_TRUSTED_FILES: ContextVar[frozenset[Path]] = ContextVar("trusted_pickle_files", default=frozenset())
+
+
+@contextlib.contextmanager
+def trusting_pickles(*paths: str | Path) -> Iterator[None]:
+    """Within the block, :func:`load_tensor_file` unpickles these files whole, running whatever code they
+    name: only for files from a source the user trusts, at their explicit request (``--trust-pickle``)."""
+    token = _TRUSTED_FILES.set(_TRUSTED_FILES.get() | {Path(p).resolve() for p in paths})
+    try:
+        yield
+    finally:
+        _TRUSTED_FILES.reset(token)
 
 
 def _checkpoint_globals() -> list:
@@ -86,11 +106,17 @@ def load_tensor_file(path: str | Path) -> dict:
 
         return dict(load_file(str(path)))
     _check_torch_file(path)
+    trusted = path.resolve() in _TRUSTED_FILES.get()
     try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if trusted:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_checkpoint_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointLoadError(
+        if trusted:
+            raise CheckpointLoadError(f"{path}: not a readable checkpoint (UnpicklingError: {exc})") from exc
+        raise UnsafePickleError(
             f"{path}: refused to unpickle arbitrary objects (weights_only=True). Re-save it as a plain "
             f"state dict or .safetensors. Cause: {_unpickler_cause(exc)}"
         ) from exc

@@ -9,8 +9,10 @@ them; ``heads`` declares ``cvnet`` for the official CVNet R50/R101 files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Callable, Sequence
 
+from retrieval_lightning.checkpoints import UnsafePickleError, trusting_pickles
 from retrieval_lightning.registry import Registry
 
 IMPORTERS_GROUP = "retrieval_lightning.importers"
@@ -31,7 +33,17 @@ def run_import(argv: Sequence[str]) -> int:
     parser.add_argument("format", help=f"one of: {', '.join(IMPORTERS.names()) or 'none installed'}")
     parser.add_argument("source", help="the official checkpoint file")
     parser.add_argument("output", help="where to write the converted .ckpt")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle the source whole, running any code it names (files are read weights-only "
+                             "otherwise): only for a file from a source you trust")
     args = parser.parse_args(list(argv))
     convert: Callable[[str, str], str] = IMPORTERS.get(args.format)  # type: ignore[assignment]
-    print(convert(args.source, args.output))
+    trust = trusting_pickles(args.source) if args.trust_pickle else contextlib.nullcontext()
+    try:
+        with trust:
+            summary = convert(args.source, args.output)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{str(err).rstrip('.')}. If the file comes from a source you trust, add "
+                                "--trust-pickle (unpickling runs the code it names)") from err
+    print(summary)
     return 0

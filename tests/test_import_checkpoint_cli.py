@@ -4,6 +4,7 @@ registry's one-line error."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from test_cvnet_verifier import random_official_state
 
 def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = tmp_path / "CVPR2022_CVNet_R50.pyth"
-    torch.save({"model_state": random_official_state(50), "epoch": 1}, source)
+    official = random_official_state(50)
+    torch.save({"model_state": official, "epoch": 1}, source)
     out = tmp_path / "cvnet.ckpt"
     assert main(["import-checkpoint", "cvnet", str(source), str(out)]) == 0
     module = RetrievalModule.load_from_checkpoint(out)
@@ -39,8 +41,22 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     assert main(["import-checkpoint", "delg", str(source), str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: unknown checkpoint importer 'delg'. Registered checkpoint importers")
 
+    # a file that pickles an object besides tensors: refused, unless the user trusts it
+    pickled = tmp_path / "with_a_config_object.pyth"
+    torch.save({"model_state": official, "cfg": argparse.Namespace(arch="R50")}, pickled)
+    trusted = tmp_path / "trusted.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(pickled), str(trusted)]) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle arbitrary objects" in err and "argparse.Namespace" in err
+    assert "by default. If the file comes from a source you trust, add --trust-pickle" in err
+    assert not trusted.exists()
+    assert main(["import-checkpoint", "cvnet", str(pickled), str(trusted), "--trust-pickle"]) == 0
+    imported = torch.load(trusted, weights_only=True)["state_dict"]
+    assert imported.keys() == module.state_dict().keys()
+    assert all(torch.equal(imported[k], v) for k, v in module.state_dict().items())
+
     # a file that is not a whole CVNet: one line naming what is missing, and no output written
-    state = random_official_state(50)
+    state = dict(official)
     del state["cv_learner.mlp.2.weight"]
     torch.save({"model_state": state}, source)
     broken = tmp_path / "broken.ckpt"
