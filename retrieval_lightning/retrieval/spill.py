@@ -136,8 +136,7 @@ def gather_into_file(
     try:
         if writer:
             try:
-                if path.parent.is_dir():
-                    remove_left_by_killed_runs(path.parent)
+                remove_left_by_killed_runs(path.parent)  # nothing to do where the dir does not exist yet
                 mapping = _allocate(path, rows, row_bytes)
             except OSError as err:
                 failure = OSError(f"{what}: {err} (set spill.dir to a disk with {rows * row_bytes} bytes free, "
