@@ -17,7 +17,7 @@ from typing import Sequence
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._compact import StringArray
@@ -93,6 +93,18 @@ class GLDv2TrainDataset(Dataset):
             if image is not None:
                 return {"image": self.transform(image, generator=generator), "label": int(self.labels[i]), "index": i}
         raise RuntimeError(f"no readable training image near index {index} (first tried {self.paths[index]})")
+
+
+def without_empty_queries(solution: dict[str, list[str]], path: str) -> dict[str, list[str]]:
+    """The retrieval queries that have ground truth: mAP@100 is taken over those only. A row of ``None``
+    (no index image shows the landmark) is left out here, with a warning, rather than failing the metric
+    once the whole index has been embedded."""
+    kept = {qid: images for qid, images in solution.items() if images}
+    if len(kept) < len(solution):
+        dropped = [qid for qid in solution if qid not in kept]
+        rank_zero_warn(f"{path}: {len(dropped)} retrieval queries have no ground-truth index images "
+                       f"(e.g. {dropped[:3]}); they are not queries of mAP@100 and are left out")
+    return kept
 
 
 class GLDv2DataModule(L.LightningDataModule):
@@ -356,7 +368,8 @@ class GLDv2DataModule(L.LightningDataModule):
         st = self._train_state()
         if kind == "retrieval":
             solution_csv, index_csv = self._path(hp.retrieval_solution_csv), self._path(hp.index_csv)
-            solution = read_retrieval_solution(solution_csv, self.usage, hp.on_error)
+            solution = without_empty_queries(read_retrieval_solution(solution_csv, self.usage, hp.on_error),
+                                             solution_csv)
             db_ids = StringArray(read_id_csv(index_csv, hp.on_error))
             known = set(db_ids)
             for qid, gt in solution.items():

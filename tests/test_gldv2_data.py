@@ -491,6 +491,18 @@ def test_bad_arguments_and_missing_index_ids(gld, tmp_path):
         dm.eval_sets("test")
 
 
+def test_retrieval_queries_without_ground_truth_are_left_out_before_extraction(gld, tmp_path):
+    """mAP@100 counts the queries with ground truth: a Public row of ``None`` is dropped at set-up (the
+    metric refuses an empty truth, which would otherwise fail the run once the index is embedded)."""
+    t, i = gld["test"], gld["index"]
+    sol = _write(tmp_path / "sol.csv", f"id,images,Usage\n{t[0]},{i[0]},Public\n{t[1]},None,Public\n")
+    dm = _dm(gld, retrieval_solution_csv=sol, test_sets=["retrieval"])
+    with pytest.warns(UserWarning, match=rf"1 retrieval queries have no ground-truth.*{t[1]}"):
+        (retrieval,) = dm.eval_sets("test")
+    assert retrieval.n_queries == 1 and retrieval.ground_truth["query_ids"] == [t[0]]
+    assert list(retrieval.ground_truth["solution"]) == [t[0]]
+
+
 def test_quoted_url_with_comma_and_clean_csv_field_limit(tmp_path):
     quoted = _write(tmp_path / "quoted.csv", "id,url,landmark_id\n"
                     '0123456789abcdef,"http://a/x,1.jpg",4\n1123456789abcdef,http://b/y.jpg,2\n')
