@@ -15,7 +15,6 @@ Scoring builds only the correlation entries the first strided 4D convolution rea
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -265,7 +264,8 @@ class CVNetVerifierHead(VerifierHead):
         if not candidates:
             return out
         bf16 = self.score_dtype == "bfloat16" or (self.score_dtype == "auto" and device.type == "cuda")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        # fp32 is asked for explicitly: a caller's autocast region (a bf16-mixed loop) must not make it bf16
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         groups: dict[tuple, list[int]] = {}
         for k, entry in enumerate(candidates):
             key = tuple(tuple(int(v) for v in entry[f"level{i}_hw"]) for i in range(len(SCALES)))

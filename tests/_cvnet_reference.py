@@ -62,11 +62,12 @@ def _interp4d(corr: Tensor, size: tuple[int, int, int, int]) -> Tensor:
 
 
 def pyramid(state: dict, conv4: Tensor) -> list[Tensor]:
-    """Projected levels at area scales 0.25, 0.5, 1 (sides rounded as Python's round)."""
+    """Projected levels at area scales 0.25, 0.5, 1 (sides rounded as Python's round; a one-cell side,
+    where the official code asks for a zero-sized level and fails, stays one cell)."""
     h, w = conv4.shape[-2:]
     out = []
     for i, s in enumerate((0.25, 0.5, 1.0)):
-        size = (round(h * math.sqrt(s)), round(w * math.sqrt(s)))
+        size = (max(1, round(h * math.sqrt(s))), max(1, round(w * math.sqrt(s))))
         resized = F.interpolate(conv4, size, mode="bilinear", align_corners=True)
         out.append(F.conv2d(resized, state[f"conv2ds.{i}.weight"], padding=1))
     return out

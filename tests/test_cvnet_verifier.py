@@ -128,6 +128,8 @@ def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
     auto = head.score(query, dbs, [0] * 3)
     head.score_dtype = "float32"
     assert torch.equal(head.score(query, dbs, [0] * 3), auto)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's bf16 region does not change fp32 scoring
+        assert torch.equal(head.score(query, dbs, [0] * 3), auto)
     head.score_dtype = "bfloat16"
     bf16 = head.score(query, dbs, [0] * 3)
     assert not torch.equal(bf16, auto)
@@ -152,6 +154,24 @@ def test_a_pair_too_large_for_the_4d_network_is_refused_before_anything_is_alloc
     check_pair_size((96, 128), (96, 128))  # 2048 x 1536 px images: allowed
     with pytest.raises(UsageError, match=r"first block alone would hold 8 GB"):
         check_pair_size((189, 252), (189, 252))
+
+
+def test_a_thumbnail_of_one_cell_on_a_side_is_scored_as_the_straightforward_cvnet_scores_it() -> None:
+    """An image of at most 16 px on a side (one conv4 cell) must not stop a database's extraction: the
+    official pyramid would ask for a zero-sized level there."""
+    head = make_head(entry_dtype="float32")
+    state = head_state_as_official(head.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 24, 7, 9, generator=gen)
+    thumbs = [torch.randn(1, 24, *hw, generator=gen) for hw in ((1, 5), (1, 1), (2, 1))]
+    with torch.no_grad():
+        ref = torch.cat([reference_logits(state, query, t) for t in thumbs] +
+                        [reference_logits(state, t, query) for t in thumbs])
+        scores = torch.cat([head.score(entry_from_conv4(head, query), [entry_from_conv4(head, t) for t in thumbs],
+                                       [0] * 3),
+                            torch.cat([head.score(entry_from_conv4(head, t), [entry_from_conv4(head, query)], [0])
+                                       for t in thumbs])])
+    torch.testing.assert_close(scores, ref.softmax(-1)[:, 1], atol=1e-4, rtol=0)
 
 
 def test_entries_follow_their_kinds_and_fp16_scores_stay_close() -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from heads._cvnet.network import CenterPivotConv4d, CorrelationLearner
 
-#: pyramid area scales; each side is ``round(h * sqrt(s))`` (Python rounding, as the official code)
+#: pyramid area scales; each side is ``round(h * sqrt(s))`` (Python rounding, as the official code), at least 1
 SCALES: tuple[float, ...] = (0.25, 0.5, 1.0)
 #: positions of the other plane correlated per matrix product. At R50 768x1024 a chunk's products are
 #: 14 MB: past L2, within a server's L3. Measured on a 2-core AMD EPYC (benchmarks/cvnet_rerank.py,
@@ -35,7 +35,10 @@ CHUNK = 128
 
 
 def level_sizes(h: int, w: int, scales: tuple[float, ...] = SCALES) -> list[tuple[int, int]]:
-    return [(round(h * math.sqrt(s)), round(w * math.sqrt(s))) for s in scales]
+    """Each level's (h, w). A side of one cell (an image of at most 16 px on that side at stride 16) stays
+    one cell at every level: the official code asks for a zero-sized level there and fails, which would stop a
+    whole database's extraction at one thumbnail. Every larger side is the official size."""
+    return [(max(1, round(h * math.sqrt(s))), max(1, round(w * math.sqrt(s)))) for s in scales]
 
 
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
