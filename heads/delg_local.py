@@ -128,6 +128,9 @@ class DelgLocalHead(LocalHead):
         super().__init__()
         if binarize and dim % 8:
             raise ValueError(f"binarize needs dim divisible by 8, got {dim}")
+        if binarize and reference:  # refused here, not when a whole store has been extracted
+            raise ValueError("reference: true scores as DELG's official code, on float descriptors; "
+                             "it cannot score binarize: true (sign-bit) descriptors")
         if subsample < 1:
             raise ValueError(f"subsample must be >= 1 (1: every cell), got {subsample}")
         self.subsample = int(subsample)

@@ -260,6 +260,10 @@ def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
     assert {"reference", "distinct_px", "confidence"} <= set(DelgLocalHead.scoring_only)
     with pytest.raises(ValueError, match="distinct_px must be >= 0"):
         DelgLocalHead(distinct_px=-1.0)
+    with pytest.raises(ValueError, match="cannot score binarize: true"):
+        DelgLocalHead(binarize=True, reference=True)
+    with pytest.raises(ValueError, match="affine model only, got model 'homography'"):
+        DelgLocalHead(reference=True, model="homography")
 
 
 def test_extraction_under_inference_mode_equals_no_grad(lite0: Backbone) -> None:

@@ -225,6 +225,18 @@ def test_reference_path_runs_and_is_seeded() -> None:
         match_and_verify(q_kp, np.packbits(q_desc > 0, axis=1), d_kp, np.packbits(d_desc > 0, axis=1), reference=True)
 
 
+def test_reference_path_counts_matches_along_one_line_as_the_official_code() -> None:
+    """DELG keypoints sit on a grid: one row of a facade matched alone is collinear. The final affine fit
+    then fails (scikit-image >= 0.26: a falsy ``FailedEstimation``); the official code counts the best
+    trial's inliers anyway, and one such pair must not stop a whole evaluation."""
+    q_kp = np.array([[0, 64], [32, 64], [64, 64], [96, 64], [128, 64]], np.float32)
+    d_kp = np.array([[0, 96], [64, 96], [128, 96], [192, 96], [256, 96]], np.float32)
+    desc = np.eye(5, 128, dtype=np.float32)
+    result = match_and_verify(q_kp, desc, d_kp, desc, reference=True, reference_trials=50)
+    assert result.inliers == 5 and result.model is None
+    assert result.query_indices.tolist() == result.db_indices.tolist() == [0, 1, 2, 3, 4]
+
+
 def test_too_few_matches_and_bad_options() -> None:
     q_kp, q_desc, d_kp, d_desc = scene(10, n_true=3, n_out=0)
     res = match_and_verify(q_kp, q_desc, d_kp, d_desc)

@@ -64,6 +64,8 @@ class MatchOptions:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if not self.distinct_px >= 0.0:
             raise ValueError(f"distinct_px must be >= 0 (0: count every inlier), got {self.distinct_px}")
+        if self.reference and self.model != "affine":
+            raise ValueError(f"reference: true fits DELG's affine model only, got model {self.model!r}")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> MatchOptions:

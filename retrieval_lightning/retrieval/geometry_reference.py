@@ -59,8 +59,11 @@ def reference_match_and_verify(
             max_trials=opts.reference_trials,
             rng=opts.seed,
         )
-    if model is None or mask is None:
+    if mask is None:  # no trial found a model
         return _empty(n)
+    # the official code counts the best trial's inliers whatever the final fit on them gives; since
+    # scikit-image 0.26 a failed final fit (all inliers on one line) is a falsy FailedEstimation, no model
+    fitted = model is not None and bool(model)
     mask = np.asarray(mask, bool)
     q_in, d_in = q_idx[mask], d_idx[mask]
     return VerificationResult(
@@ -70,5 +73,5 @@ def reference_match_and_verify(
         db_points=d_kp[d_in].astype(np.float32),
         query_indices=q_in.astype(np.int64),
         db_indices=d_in.astype(np.int64),
-        model=np.asarray(model.params, np.float64),
+        model=np.asarray(model.params, np.float64) if fitted else None,
     )
