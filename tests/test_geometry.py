@@ -104,7 +104,7 @@ def test_repetitive_texture_does_not_inflate_inliers() -> None:
 
 
 def test_duplicate_positions_count_once() -> None:
-    """Two descriptors at one position (SIFT orientations, DELG scales) are one keypoint."""
+    """Two descriptors at one position (SIFT orientations) are one keypoint."""
     q_kp, q_desc, d_kp, d_desc = scene(4, n_true=20, n_out=0)
     q_kp2 = np.concatenate([q_kp, q_kp[:10]])
     d_kp2 = np.concatenate([d_kp, d_kp[:10]])

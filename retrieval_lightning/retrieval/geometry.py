@@ -2,8 +2,11 @@
 
 The default path: one fp32 GEMM of descriptor similarities, mutual nearest neighbours under the
 DELG distance threshold, then a seeded RANSAC in OpenCV's USAC framework (affine by default), with
-the inliers counted on *distinct* keypoints, so many-to-one matches on repetitive texture (or the
-same location stored at two scales/orientations) cannot inflate the score.
+the inliers counted on *distinct* keypoints (closer than ``distinct_px`` is one keypoint), so many-to-one
+matches on repetitive texture, or one position stored twice (SIFT's orientations), cannot inflate the score.
+DELG's scales are another matter: on a ResNet, one place's cell at scale s of the nested scales (0.25, 0.5,
+1, 2) lands ``0.5 / s - 0.5`` px per axis from scale 1's in the original image (2.1 px apart at 0.25; more
+where the image was shrunk for extraction), so at the default 1 px only the closer ones merge.
 ``reference=True`` is the paper's path as the official code runs it (one-way 1-NN through a
 scipy KD-tree, scikit-image affine RANSAC, 3 samples, 20 px, 1000 trials, raw inlier count): kept
 to compare against, about two orders of magnitude slower (``benchmarks/local_matching.py``).
@@ -253,9 +256,10 @@ def distinct_pairs(
 ) -> np.ndarray:
     """Positions (into the pair arrays) of a maximum one-to-one subset on distinct keypoints.
 
-    Keypoints closer than ``cell`` pixels are one keypoint (:func:`_keypoint_ids`), so two
-    descriptors at the same place (SIFT orientations, DELG scales) count once; a query keypoint
-    matched to many database keypoints (or the reverse) then counts once (maximum bipartite matching).
+    Keypoints closer than ``cell`` pixels are one keypoint (:func:`_keypoint_ids`), so two descriptors at
+    one position (SIFT orientations; DELG scales whose centres fall within ``cell``) count once; a query
+    keypoint matched to many database keypoints (or the reverse) then counts once (maximum bipartite
+    matching).
     """
     if len(q_idx) == 0:
         return np.zeros(0, np.int64)
