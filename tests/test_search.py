@@ -220,6 +220,11 @@ def test_postprocessing_is_off_by_default_and_applies_when_asked() -> None:
     _, first = topk_search(queries, augmented, 10, device="cpu")
     want = topk_search(alpha_query_expansion(queries, augmented, first, 2, 3.0), augmented, 10, device="cpu")
     assert torch.equal(postprocessed_search(queries, database, 10, both, device="cpu")[1], want[1])
+    # a database smaller than qe_n: αQE with all of it, as evaluation's post-processing does
+    small, wide = database[:3], PostProcessConfig(query_expansion=True, qe_n=5, qe_alpha=3.0)
+    _, every = topk_search(queries, small, 3, device="cpu")
+    want = topk_search(alpha_query_expansion(queries, small, every, 3, 3.0), small, 2, device="cpu")
+    assert torch.equal(postprocessed_search(queries, small, 2, wide, device="cpu")[1], want[1])
     with pytest.raises(ValueError, match="qe_n"):
         PostProcessConfig(qe_n=0)
 

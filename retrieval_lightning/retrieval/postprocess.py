@@ -130,8 +130,9 @@ def postprocessed_search(
         db = database_augmentation(db, config.dba_k, config.dba_alpha, **search_kwargs)
     if not config.query_expansion:
         return topk_search(queries, db, k, **search_kwargs)
-    _, indices = topk_search(queries, db, max(k, config.qe_n), **search_kwargs)
-    expanded = alpha_query_expansion(queries, db, indices, config.qe_n, config.qe_alpha)
+    qe_n = min(config.qe_n, len(db))  # a database smaller than qe_n expands with all of it
+    _, indices = topk_search(queries, db, max(k, qe_n), **search_kwargs)
+    expanded = alpha_query_expansion(queries, db, indices, qe_n, config.qe_alpha)
     return topk_search(expanded, db, k, **search_kwargs)
 
 
