@@ -461,6 +461,9 @@ class RetrievalModule(pl.LightningModule):
         self.log("train/momentum_contrast/with_positive", with_positive / max(1, len(labels)), batch_size=len(labels))
         return contrast.config.weight * loss
 
+    def setup(self, stage: str) -> None:
+        check_precision(str(self.trainer.precision))
+
     def on_fit_start(self) -> None:
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,
         # also when resuming (where no imprinting pass below would call it)
@@ -826,6 +829,19 @@ def _accepts(method: Any, name: str) -> bool:
     """Whether ``method`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
     parameters = inspect.signature(method).parameters
     return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+#: the trainer precisions this module runs in: fp32 weights, with or without autocast
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse, before anything runs, a precision that casts the weights themselves (``bf16-true``, ``16-true``,
+    ``64-true``): the heads keep parts of their arithmetic in fp32 on purpose (GeM's power, the margins, DELG's
+    attention, the CVNet MLP's pooled input) and feed it to layers that such a precision has cast."""
+    if precision not in SUPPORTED_PRECISIONS:
+        raise UsageError(f"trainer.precision {precision!r} is not supported: the weights stay fp32 here, with "
+                         f"autocast for speed; use one of {list(SUPPORTED_PRECISIONS)} (the GPU recipes: bf16-mixed)")
 
 
 def _check_losses(role: str, head: Head, losses: Mapping[str, Any]) -> None:

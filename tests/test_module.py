@@ -249,6 +249,24 @@ def _fit_one_step(module: RetrievalModule) -> None:
                enable_model_summary=False, accelerator="cpu").fit(module, datamodule=_TinyData())
 
 
+def test_a_precision_that_casts_the_weights_is_refused_before_anything_runs() -> None:
+    """``bf16-true`` casts every layer, and the heads' deliberate fp32 arithmetic would then meet bf16
+    weights at the first step (or in imprinting): one line instead, naming what works; ``bf16-mixed`` runs."""
+    import lightning.pytorch as pl
+
+    from retrieval_lightning.errors import UsageError
+
+    for precision in ("bf16-true", "64-true"):
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", precision=precision)
+        with pytest.raises(UsageError, match=rf"precision '{precision}' is not supported.*'bf16-mixed'"):
+            trainer.fit(make(num_classes=3, head={"imprint": True}), datamodule=_TinyData())
+    module = make(num_classes=3, head={"imprint": True})
+    pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu", precision="bf16-mixed").fit(module, datamodule=_TinyData())
+    assert module.trainer.global_step == 1
+
+
 def test_fit_refuses_a_frozen_head_whose_weights_nothing_trained_or_loaded(tmp_path: Path) -> None:
     """A later recipe stage run without ``init_from`` (or from the wrong stage) would train around noise."""
     from retrieval_lightning.module import FrozenUntrainedError
