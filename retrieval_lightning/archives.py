@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import lzma
 import os
 import re
 import stat
@@ -272,7 +273,7 @@ def extract_archive(archive: Path, target: Path, flatten: bool = False, *,
     root = os.path.realpath(target)
     recording = _recording_tarinfo()
     try:
-        if zipfile.is_zipfile(archive):
+        if _starts_as_zip(archive) and zipfile.is_zipfile(archive):
             handle: tarfile.TarFile | zipfile.ZipFile = zipfile.ZipFile(archive)
         else:
             handle = tarfile.open(archive, "r:*", tarinfo=recording)
@@ -285,6 +286,8 @@ def extract_archive(archive: Path, target: Path, flatten: bool = False, *,
             else:
                 size = archive.stat().st_size if _is_plain_tar(archive) else None
                 members = list(_tar_members(archive, handle, size, recording))
+                if size is None:
+                    _read_to_end(archive, handle.fileobj)
             checked = [(member, _check(archive, member)) for member in members]
             job = _Extraction(archive, target, root, _budget(archive, members, max_bytes, max_ratio))
             if isinstance(handle, zipfile.ZipFile) and (bad := handle.testzip()) is not None:
@@ -296,6 +299,24 @@ def extract_archive(archive: Path, target: Path, flatten: bool = False, *,
                 raise
         except (tarfile.ReadError, EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile, KeyError) as exc:
             raise CorruptArchiveError(f"{archive}: cannot be read to its end: {exc}") from exc
+
+
+def _starts_as_zip(archive: Path) -> bool:
+    """A zip's first bytes are a local header (or an empty zip's end record). ``zipfile.is_zipfile`` alone
+    finds an end record anywhere in the last 64 KiB: a tar whose last member is a zip would pass for it."""
+    with open(archive, "rb") as handle:
+        return handle.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _read_to_end(archive: Path, stream: IO[bytes] | None) -> None:
+    """Decompress what follows the tar's end-of-archive block, before anything is written: gzip (CRC-32 and
+    length), bzip2 and xz check the data only at the end of their stream, which listing the members stops
+    short of. Every error here is of the archive's bytes (nothing is being written yet)."""
+    try:
+        while stream is not None and stream.read(_CHUNK):
+            pass
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise CorruptArchiveError(f"{archive}: fails its compression check at the end: {exc}") from exc
 
 
 def _is_plain_tar(archive: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import tarfile
 import zipfile
 from pathlib import Path
@@ -114,6 +115,36 @@ def test_truncated_member_data_undoes_the_files_already_written(tmp_path):
     with pytest.raises(CorruptArchiveError, match=r"half\.tgz"):
         extract_archive(archive, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["flipped", "no_trailer"])
+def test_a_gzip_archive_whose_data_fails_its_crc_is_corrupt_and_leaves_nothing(tmp_path, damage):
+    """A flipped bit inside a stored (not compressed) deflate block decompresses without error, to other
+    bytes: only gzip's CRC-32 at the end of the stream tells, and listing the members stops before it."""
+    payload = random.Random(0).randbytes(4000)  # random: deflate stores it, so a flipped bit changes the data only
+    whole = bytearray(_tar([("file", "a.jpg", payload)], gz=True))
+    if damage == "flipped":
+        whole[len(whole) // 2] ^= 0x10
+    else:
+        del whole[-8:]  # CRC-32 and length
+    archive = tmp_path / f"{damage}.tgz"
+    archive.write_bytes(bytes(whole))
+    with pytest.raises(CorruptArchiveError, match=rf"{damage}\.tgz"):
+        extract_archive(archive, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_tar_whose_last_member_is_a_zip_extracts_as_a_tar(tmp_path):
+    """``zipfile.is_zipfile`` finds a zip's end record anywhere in the last 64 KiB of a file."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as handle:
+        handle.writestr("inner.txt", "inside the zip")
+    archive = tmp_path / "bundle.tar"
+    archive.write_bytes(_tar([("file", "0/1/2/012a.jpg", b"jpeg bytes"), ("file", "docs/bundle.zip", inner.getvalue())]))
+    assert zipfile.is_zipfile(archive)
+    assert extract_archive(archive, tmp_path / "out") == 2
+    assert (tmp_path / "out/0/1/2/012a.jpg").read_bytes() == b"jpeg bytes"
+    assert (tmp_path / "out/docs/bundle.zip").read_bytes() == inner.getvalue()
 
 
 def test_total_size_bound_refuses_before_writing(tmp_path):
