@@ -12,7 +12,8 @@ PIL's resize does. A query is first cropped to its box with PIL's ``crop`` seman
 (coordinates rounded half-to-even) and then resized by the factor the full image would get, so
 crop and database share one scale. The box is applied in the stored pixel frame (the revisitop
 reference loaders ignore EXIF orientation, so the ground truth was drawn there); the crop is
-then turned upright like every database image. A box reaching outside the image is an error.
+then turned upright like every database image. A box reaching outside the image is an error, but
+for an edge rounded up to at most one pixel past it, which is cut there (:data:`BOX_EDGE_SLACK`).
 """
 
 from __future__ import annotations
@@ -141,33 +142,29 @@ def box_pixels(box: Sequence[float], rounding: str = "round") -> tuple[int, int,
     return x0, y0, x1, y1
 
 
-def pil_crop(image: Tensor, box: Sequence[float], rounding: str = "round") -> Tensor:
-    """Crop (C,H,W) like ``PIL.Image.crop(box)``: ``box = (x1, y1, x2, y2)``, each coordinate
-    made an integer by :func:`box_pixels`; pixels outside the image are zeros."""
-    x0, y0, x1, y1 = box_pixels(box, rounding)
-    if x1 < x0 or y1 < y0:
-        raise ValueError(f"crop box {list(box)!r} has right < left or lower < upper")
-    channels, height, width = image.shape
-    out = image.new_zeros((channels, y1 - y0, x1 - x0))
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if sx1 > sx0 and sy1 > sy0:
-        out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
-    return out
+#: pixels a query box may reach past the image's edge (an edge drawn on the last pixel and rounded up): they
+#: are cut off, not zero-filled; the revisitop MATLAB reference clamps the far edges alike (``crop_qim.m``)
+BOX_EDGE_SLACK = 1
 
 
-def check_box(box: Sequence[float], height: int, width: int, rounding: str = "round") -> None:
-    """Refuse a query box that, made integer as :func:`pil_crop` does, is empty or leaves the image."""
+def check_box(box: Sequence[float], height: int, width: int, rounding: str = "round") -> tuple[int, int, int, int]:
+    """The query box made integer (:func:`box_pixels`), within the image; refused when it is empty or
+    leaves the image by more than :data:`BOX_EDGE_SLACK` pixels (a box of another image, or in another
+    frame, rather than a rounded edge)."""
     x0, y0, x1, y1 = box_pixels(box, rounding)
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+    s = BOX_EDGE_SLACK
+    if not (-s <= x0 < x1 <= width + s and -s <= y0 < y1 <= height + s) or x0 >= width or y0 >= height \
+            or x1 <= 0 or y1 <= 0:
         raise ValueError(f"query box {list(box)!r} (as pixels {[x0, y0, x1, y1]}) is empty or lies outside "
                          f"the {width}x{height} image")
+    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
 
 
 class EvalTransform:
     """Evaluation resize: long side capped at ``max_side`` (DELG default 1024), aspect kept.
 
     ``__call__(image, box=None)`` takes a uint8 (3,H,W) full image; with ``box`` the image is
-    cropped first (:func:`pil_crop`, its coordinates made integer by ``box_rounding``) and scaled
+    cropped first (:func:`check_box`, its coordinates made integer by ``box_rounding``) and scaled
     by the factor of the full image. Returns float32 (3,h,w) in [0, 1].
     """
 
@@ -189,8 +186,8 @@ class EvalTransform:
         _, height, width = image.shape
         factor = self.resize.factor(height, width)
         if box is not None:
-            check_box(box, height, width, self.box_rounding)
-            image = pil_crop(image, box, self.box_rounding)
+            x0, y0, x1, y1 = check_box(box, height, width, self.box_rounding)
+            image = image[:, y0:y1, x0:x1]
         return _to_float(resize_by(image, factor)).clamp_(0.0, 1.0)
 
 

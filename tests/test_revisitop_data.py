@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from datamodules._transforms import EvalTransform, pil_crop
+from datamodules._transforms import EvalTransform, check_box
 from helpers import REPO
 from datamodules.revisitop import (
     RevisitopDataModule,
@@ -134,14 +134,23 @@ def _pil_reference(path: str, box, factor: float | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
 
 
-def test_pil_crop_matches_pil_including_rounding_and_padding(rop):
+def test_query_box_crops_as_pil_within_the_image_and_cuts_a_rounded_edge(rop):
+    """Inside the image the crop is PIL's (half-to-even rounding); an edge rounded up to at most one pixel
+    past the image is cut there (as the MATLAB reference clamps it), not zero-filled as PIL would; a box
+    further out, or empty, is refused."""
     path = load_revisitop(rop["root"], "roxford5k").query_paths[0]
-    pil = Image.open(path).convert("RGB")
+    pil = Image.open(path).convert("RGB")  # 60 x 40
     tensor = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
-    for box in (OX_BOXES[0], [0.5, 1.5, 2.5, 3.5], [-5.2, -1.0, 70.0, 45.5], [3, 3, 3, 9]):
-        ref = torch.from_numpy(np.asarray(pil.crop(box)).copy()).reshape(-1)
-        got = pil_crop(tensor, box).permute(1, 2, 0).reshape(-1)
-        assert torch.equal(got, ref), box
+    for box in (OX_BOXES[0], [0.5, 1.5, 2.5, 3.5], [0.0, 0.0, 60.0, 40.0], [-0.7, 2.0, 60.6, 40.9]):
+        x0, y0, x1, y1 = check_box(box, 40, 60)
+        inside = [min(max(round(v), 0), side) for v, side in zip(box, (60, 40, 60, 40))]
+        ref = torch.from_numpy(np.asarray(pil.crop(inside)).copy()).permute(2, 0, 1)
+        assert torch.equal(tensor[:, y0:y1, x0:x1], ref), box
+    assert check_box([-0.7, 2.0, 60.6, 40.9], 40, 60) == (0, 2, 60, 40)
+    assert check_box([2.9, 3.9, 10.9, 12.9], 40, 60, "truncate") == (2, 3, 10, 12)
+    for box in ([-5.2, -1.0, 70.0, 45.5], [3, 3, 3, 9], [60.0, 0.0, 61.0, 10.0], [0.0, 0.0, 61.6, 10.0]):
+        with pytest.raises(ValueError, match="is empty or lies outside the 60x40 image"):
+            check_box(box, 40, 60)
 
 
 def test_query_crops_full_size_and_scaled(rop):
