@@ -92,6 +92,22 @@ def test_default_mode_is_the_antialiased_resize_it_always_was() -> None:
         resize_to_scale(x, 0.5, "lanczos")
 
 
+def test_a_one_pixel_side_keeps_a_pixel_at_every_scale_and_the_image_is_described() -> None:
+    """A 1 x 300 image at scale 0.7071 would be 0 px wide: the resize (and so `test`, `extract` and `search`)
+    failed on it with an interpolate error naming no image. Each mode keeps one pixel."""
+    x = torch.from_numpy(_image(1, 300, 9)).permute(2, 0, 1)[None].float() / 255
+    for mode in ("antialias", "bilinear", "opencv"):
+        for scale in (0.25, 0.5, 0.7071, 1.4142):
+            out = resize_to_scale(x, scale, mode)
+            assert out.shape[-2:] == scaled_size(1, 300, scale), (mode, scale)
+            assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()},
+                             eval_scales=[0.7071, 1.0, 1.4142]).eval()
+    for image in (x[0], x[0].transpose(1, 2), torch.rand(3, 1, 1)):
+        assert torch.isfinite(module.embed_image(image)).all()
+
+
 def test_module_records_eval_resize_and_the_descriptor_follows_it(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": HEADS.get("gem_arcface")()},

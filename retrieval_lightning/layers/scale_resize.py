@@ -73,13 +73,17 @@ def resize_to_scale(x: Tensor, scale: float, mode: str = "antialias") -> Tensor:
         raise ValueError(f"eval_resize must be one of {SCALE_RESIZES}, got {mode!r}")
     if scale == 1.0:
         return x
-    if mode == "antialias":
-        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
     size = scaled_size(x.shape[-2], x.shape[-1], scale)
+    # a side the scale would take below one pixel (a 1-px-wide image at 0.7071) keeps one pixel
+    degenerate = min(x.shape[-2], x.shape[-1]) * scale < 1.5
+    if mode == "antialias":
+        if degenerate:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
     if mode == "bilinear":
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     levels = x * 255.0
-    if x.shape[1] <= 4 and bool(((levels - levels.round()).abs() <= 1e-3).all()):
+    if not degenerate and x.shape[1] <= 4 and bool(((levels - levels.round()).abs() <= 1e-3).all()):
         return _cv2_resize(levels.round(), scale).to(device=x.device, dtype=x.dtype) / 255.0
     matrix = area_matrix if scale < 1.0 else linear_matrix
     rows = matrix(x.shape[-2], size[0], 1.0 / scale, x.device)
