@@ -714,7 +714,7 @@ class RetrievalModule(pl.LightningModule):
         self._eval_buffers.setdefault(dataloader_idx, []).append((index, desc.cpu(), unreadable))
         writer = getattr(self, "_rerank_writers", {}).get(dataloader_idx)
         if writer is not None:
-            writer.add(batch["image"], batch["index"], batch.get("resize_factor"))
+            writer.add(batch["image"], batch["index"], batch.get("resize_factor"), batch.get("unreadable"))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

@@ -306,6 +306,33 @@ def test_entries_are_resumed_not_recomputed(tmp_path: Path) -> None:
     assert qstore.index.tolist() == list(range(4)) and dbstore.index.tolist() == list(range(4, 16))
 
 
+def test_an_unreadable_images_placeholder_entry_is_extracted_again_once_the_image_reads(tmp_path: Path) -> None:
+    """``test`` under ``on_error: skip`` stores a blank placeholder's entries: marked, a later run (the file
+    fixed) extracts the image again and the merged store holds its real entries, as ``extract`` does."""
+    eval_set = tiny_eval_set()
+    module = tiny_module()
+    images = [eval_set.dataset[i]["image"] for i in range(16)]
+    blank = [torch.zeros_like(img) if i == 9 else img for i, img in enumerate(images)]
+    first = RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity(), shard_size=4)
+    first.add(blank, list(range(16)), unreadable=[i == 9 for i in range(16)])
+    first.close()
+    first.merge()
+    stale = first.open_side("database")
+    kind = next(k for k in stale.kinds if k.startswith(module.rerank_prefix))
+    placeholder = np.array(stale.get(kind, [int(np.flatnonzero(stale.index == 9)[0])])[0])
+    again = RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity(), shard_size=4)
+    assert 9 not in again.done["database"] and len(again.done["database"]) == 11
+    again.add(images, list(range(16)), unreadable=[False] * 16)
+    again.close()
+    assert again.extracted == 1
+    again.merge()
+    fixed = again.open_side("database")
+    row = int(np.flatnonzero(fixed.index == 9)[0])
+    want = module.rerank_entries([images[9]])[0][kind[len(module.rerank_prefix):]].numpy()
+    np.testing.assert_array_equal(np.asarray(fixed.get(kind, [row])[0]).reshape(want.shape), want)
+    assert not np.array_equal(placeholder.reshape(want.shape), want)
+
+
 def test_self_contained_checkpoint_and_inference_api(tmp_path: Path) -> None:
     module = tiny_module()
     images = [Images(3, seed=1)[i]["image"] for i in range(3)]

@@ -42,7 +42,7 @@ from .rerank import (
 )
 from .search import topk_search
 from .store import MANIFEST, FeatureStore, normalize_identity
-from .writer import ShardWriter, completed_indices, merge_shards
+from .writer import UNREADABLE, ShardWriter, completed_indices, merge_shards
 
 QUERIES, DATABASE = "queries", "database"
 
@@ -100,12 +100,17 @@ class RerankEntryWriter:
         self.extracted = 0
 
     def add(self, images: Sequence[Tensor], indices: Tensor | Sequence[int],
-            resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> None:
+            resize_factors: Tensor | Sequence[Sequence[float]] | None = None,
+            unreadable: Tensor | Sequence[bool] | None = None) -> None:
         """Extract and buffer the entries of a batch (skipping items already written); ``resize_factors``:
-        each image's (height, width) over its original's (the eval items' ``resize_factor``)."""
+        each image's (height, width) over its original's (the eval items' ``resize_factor``);
+        ``unreadable``: the items that are placeholders of unreadable images (``on_error: skip``), marked so
+        that a later run extracts them again, as ``extract`` does, once the file is readable."""
         indices = np.asarray(torch.as_tensor(indices).cpu().tolist(), dtype=np.int64).reshape(-1)
         factors = None if resize_factors is None else \
             torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(len(indices), 2)
+        flags = None if unreadable is None else \
+            np.asarray(torch.as_tensor(unreadable).cpu().tolist(), dtype=np.uint8).reshape(len(indices))
         for side, wanted in ((QUERIES, indices < self.n_queries), (DATABASE, indices >= self.n_queries)):
             if side not in self.writers:
                 continue
@@ -118,6 +123,8 @@ class RerankEntryWriter:
             batch: dict[str, Any] = {"index": indices[todo]}
             for name in entries[0]:
                 batch[self.prefix + name] = [e[name].detach().cpu() for e in entries]
+            if flags is not None:
+                batch[UNREADABLE] = flags[todo]
             self.writers[side].add(batch)
             self.extracted += int(todo.size)
 

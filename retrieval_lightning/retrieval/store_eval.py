@@ -119,7 +119,8 @@ def write_query_entries(model: Any, eval_set: EvalSet, directory: Path, identity
         for start in tqdm(batches, desc=f"{eval_set.name}: query entries", disable=not progress or not len(todo)):
             items = [eval_set.dataset[int(i)] for i in todo[start:start + QUERY_BATCH]]
             writer.add([item["image"] for item in items], [int(item["index"]) for item in items],
-                       [item.get("resize_factor", (1.0, 1.0)) for item in items])
+                       [item.get("resize_factor", (1.0, 1.0)) for item in items],
+                       [bool(item.get("unreadable", False)) for item in items])
     writer.close()
     writer.merge()
     return writer.open_side(QUERIES)
