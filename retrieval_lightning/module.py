@@ -782,12 +782,13 @@ class RetrievalModule(pl.LightningModule):
 
     def postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
         """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without."""
-        if self.postprocess is None:
+        if self.postprocess is None or not self.postprocess.enabled:
             return desc
         nq = eval_set.n_queries
-        queries, database = postprocess_descriptors(desc[:nq].float(), desc[nq:].float(), self.postprocess,
+        queries, database = postprocess_descriptors(desc[:nq].float(), desc[nq:], self.postprocess,
                                                     chunk_size=self.search_chunk, device=self.device)
-        return torch.cat([queries, database])
+        # one array in the descriptors' dtype (a store's fp16): one copy of the database, not two in fp32
+        return torch.cat([queries.to(desc.dtype), database.to(desc.dtype)])
 
     def _log_metrics(self, prefix: str, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():

@@ -11,6 +11,7 @@ from retrieval_lightning.retrieval.postprocess import (
     PostProcessConfig,
     alpha_query_expansion,
     database_augmentation,
+    postprocess_descriptors,
     postprocessed_search,
 )
 from retrieval_lightning.retrieval.search import FaissSearcher, IncompleteSearchError, topk_search
@@ -227,6 +228,24 @@ def test_postprocessing_is_off_by_default_and_applies_when_asked() -> None:
     assert torch.equal(postprocessed_search(queries, small, 2, wide, device="cpu")[1], want[1])
     with pytest.raises(ValueError, match="qe_n"):
         PostProcessConfig(qe_n=0)
+
+
+def test_evaluation_postprocessing_reads_an_fp16_database_in_place() -> None:
+    """A store's fp16 memory map is not copied whole as fp32 (16 GB for ROxford+1M at 2048-D, twice): αQE
+    returns the database itself, DBA a new array in its dtype; the queries match the fp32 computation."""
+    rng = np.random.default_rng(8)
+    database, queries = _unit(rng, (300, 16)), _unit(rng, (5, 16))
+    half = torch.from_numpy(database.astype(np.float16))
+    qe = PostProcessConfig(query_expansion=True, qe_n=3, qe_alpha=3.0)
+    expanded, same = postprocess_descriptors(torch.from_numpy(queries), half, qe, device="cpu")
+    assert same is half and expanded.dtype == torch.float32
+    _, top = topk_search(queries, half, 3, device="cpu")
+    torch.testing.assert_close(expanded, alpha_query_expansion(queries, half.float(), top, 3, 3.0))
+    both = PostProcessConfig(query_expansion=True, dba=True, dba_k=2)
+    _, augmented = postprocess_descriptors(torch.from_numpy(queries), half, both, device="cpu")
+    assert augmented.dtype == torch.float16 and augmented.shape == half.shape
+    torch.testing.assert_close(augmented.float(), torch.as_tensor(database_augmentation(half.float(), 2, 3.0,
+                                                                                        device="cpu")), atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize(("max_side", "upscale", "size", "factor"), [
