@@ -114,6 +114,10 @@ class RetrievalTrainer(pl.Trainer):
             eval_set: only this eval set (default: all of the datamodule's).
             ckpt_path: weights to load first (or give ``--model.init_from``).
         """
+        if shard_size < 1:
+            raise UsageError(f"--shard_size must be >= 1 (images per shard file), got {shard_size}")
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise UsageError(f"--output_dir {output_dir}: is a file, not a directory")
         if ckpt_path:
             model.load_weights(ckpt_path)
         identity = extraction_identity(model, datamodule)

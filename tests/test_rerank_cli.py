@@ -239,6 +239,13 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                      "--trainer.logger=false", f"--output_dir={tmp_path / 'features'}", "--eval_set=roxford5k"],
                     tmp_path)
     assert no_set.startswith("error: --eval_set 'roxford5k': the datamodule has no such eval set; it has ['minilandmarks']")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    for bad, said in ((["--shard_size=0", f"--output_dir={tmp_path / 'features'}"], "--shard_size must be >= 1"),
+                      ([f"--output_dir={a_file}"], f"--output_dir {a_file}: is a file, not a directory")):
+        refused = _fails(["extract", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
+                          "--trainer.logger=false", *bad], tmp_path)
+        assert refused.startswith(f"error: {said}"), refused
 
     bad_image = tmp_path / "broken.jpg"
     bad_image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
