@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,16 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
     """(H, W, 3) uint8 RGB, EXIF-upright, the long side shrunk to ``max_side`` if given; raises
     ``ImageLoadError`` naming the file if unreadable."""
     return load_image(path, max_side=max_side).permute(1, 2, 0).contiguous().numpy()
+
+
+def model_image(path: str | os.PathLike[str], max_side: int | None) -> tuple[Any, tuple[float, float]]:
+    """(3, h, w) float image for a model, sized as `search` and the eval sets size images (the long side
+    shrunk to ``max_side``), and its (height, width) over the original's: the pair's score is then the
+    one re-ranking gives at that size."""
+    from .data.types import ImageResize
+    from .search_cli import load_query_sized
+
+    return load_query_sized(str(path), ImageResize(max_side))
 
 
 def sift_features(image: np.ndarray, n_features: int = 1000) -> Features:
@@ -66,9 +77,12 @@ def has_local_features(kinds: Mapping[str, Any]) -> bool:
     return "keypoints" in kinds and bool({"descriptors", "descriptor_bits"} & set(kinds))
 
 
-def model_features(module: Any, image: np.ndarray) -> Features:
-    """Local features of one image from a module's re-ranking head (fp16 or packed-bit entries)."""
-    entry = module.rerank_entries([_image_tensor(image)])[0]
+def model_features(module: Any, image: Any, resize_factor: tuple[float, float] = (1.0, 1.0)) -> Features:
+    """Local features of one image ((3, H, W) float in [0, 1], or (H, W, 3) uint8) from a module's re-ranking
+    head (fp16 or packed-bit entries); keypoints in the pixels of the original image, which was ``image``'s
+    size divided by ``resize_factor`` ((height, width))."""
+    tensor = _image_tensor(image) if isinstance(image, np.ndarray) else image
+    entry = module.rerank_entries([tensor], resize_factors=[resize_factor])[0]
     if "keypoints" not in entry or not ({"descriptors", "descriptor_bits"} & set(entry)):
         raise KeyError(f"the model's re-ranking entries have no local features (keys: {sorted(entry)})")
     desc = entry["descriptor_bits"] if "descriptor_bits" in entry else entry["descriptors"]
@@ -153,42 +167,52 @@ def run_match(argv: list[str]) -> int:
     if features == "model" and not args.checkpoint:
         raise UsageError("--features model needs --checkpoint")
     max_side = args.max_side if args.max_side is not None else (MODEL_MAX_SIDE if features == "model" else 0)
-    image_a, image_b = read_rgb(args.image_a, max_side or None), read_rgb(args.image_b, max_side or None)
+    factors: list[tuple[float, float]] = [(1.0, 1.0), (1.0, 1.0)]
     if features == "model":
         from .module import RetrievalModule
 
+        (tensor_a, factors[0]), (tensor_b, factors[1]) = (model_image(path, max_side or None)
+                                                          for path in (args.image_a, args.image_b))
+        image_a, image_b = (t.mul(255.0).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                            for t in (tensor_a, tensor_b))
         module = RetrievalModule.load_from_checkpoint(args.checkpoint)
         module.eval()
         if module.rerank_head is None:
             raise UsageError(f"{args.checkpoint} has no re-ranking head (heads: {', '.join(sorted(module.heads))}); "
                              "match needs a local head or a verifier, or no --checkpoint for SIFT")
         if not has_local_features(module.rerank_entry_kinds(database=False)):
-            return _explain(module, image_a, image_b, args.out)  # any head that explains its scores
-        feats_a, feats_b = model_features(module, image_a), model_features(module, image_b)
+            return _explain(module, tensor_a, tensor_b, image_a, image_b, args.out)  # a head that explains its scores
+        # keypoints in the original images' pixels, as re-ranking measures RANSAC's threshold
+        feats_a, feats_b = model_features(module, tensor_a, factors[0]), model_features(module, tensor_b, factors[1])
         # the head's own matching settings: the inliers drawn are the score its re-ranking gives
         options = dict(getattr(module.rerank_head, "match_options", {}))
     else:
+        image_a, image_b = read_rgb(args.image_a, max_side or None), read_rgb(args.image_b, max_side or None)
         feats_a = sift_features(image_a, args.num_features)
         feats_b = sift_features(image_b, args.num_features)
         options = {}
     if args.reference:  # the head's settings may ask for the reference path too; --reference only adds it
         options["reference"] = True
     result = match_and_verify(*feats_a, *feats_b, seed=args.seed, **options)
-    out = draw_matches(image_a, image_b, result, args.out)
+    (fy_a, fx_a), (fy_b, fx_b) = factors  # drawn on the images as shown
+    shown = replace(result, query_points=result.query_points * np.float32([fx_a, fy_a]),
+                    db_points=result.db_points * np.float32([fx_b, fy_b]))
+    out = draw_matches(image_a, image_b, shown, args.out)
     print(f"inliers: {result.inliers} (tentative matches: {result.matches}; features: {features}, "
           f"{len(feats_a[0])} / {len(feats_b[0])})")
     print(f"wrote {out}")
     return 0
 
 
-def _explain(module: Any, image_a: np.ndarray, image_b: np.ndarray, out_path: str) -> int:
+def _explain(module: Any, tensor_a: Any, tensor_b: Any, image_a: np.ndarray, image_b: np.ndarray,
+             out_path: str) -> int:
     """A verifier's evidence for the pair, printed and drawn; the score alone from a head that does not explain."""
     from .pair_picture import draw_explanation
 
     try:
-        explanation = module.explain_pair(_image_tensor(image_a), _image_tensor(image_b))
+        explanation = module.explain_pair(tensor_a, tensor_b)
     except NotImplementedError as exc:
-        score = float(module.rerank_scores(_image_tensor(image_a), [_image_tensor(image_b)])[0])
+        score = float(module.rerank_scores(tensor_a, [tensor_b])[0])
         print(f"score: {score:.4f}")
         print(f"no picture: {exc}", file=sys.stderr)
         return 0

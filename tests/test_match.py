@@ -89,9 +89,10 @@ def test_model_features_reads_rerank_entries() -> None:
     """The adapter reads the entry keys the integrator's ``rerank_entries`` returns."""
 
     class Module:
-        def rerank_entries(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        def rerank_entries(self, images: list[torch.Tensor], resize_factors=None) -> list[dict[str, torch.Tensor]]:
             (img,) = images
             assert img.shape == (3, 10, 12) and img.dtype == torch.float32 and float(img.max()) <= 1.0
+            assert resize_factors == [(1.0, 1.0)]
             return [{"keypoints": torch.ones(4, 2), "descriptor_bits": torch.zeros(4, 16, dtype=torch.uint8),
                      "attention": torch.ones(4)}]
 
@@ -110,6 +111,7 @@ def test_a_model_matches_at_1024_px_unless_told(monkeypatch: pytest.MonkeyPatch)
         raise KeyboardInterrupt  # stop before anything is loaded
 
     monkeypatch.setattr(match, "read_rgb", record)
+    monkeypatch.setattr(match, "model_image", record)
     for args in (["--checkpoint", "m.ckpt"], ["--checkpoint", "m.ckpt", "--max-side", "0"],
                  ["--checkpoint", "m.ckpt", "--max-side", "640"], [], ["--max-side", "800"]):
         with pytest.raises(KeyboardInterrupt):
@@ -133,23 +135,35 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
         def eval(self) -> None:
             pass
 
-        def rerank_entries(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            return [{"keypoints": torch.zeros(0, 2), "descriptors": torch.zeros(0, 128, dtype=torch.float16)}]
+        def rerank_entries(self, images: list[torch.Tensor], resize_factors=None) -> list[dict[str, torch.Tensor]]:
+            factors.append(resize_factors)
+            # the same 12 places in both images, given in the original's pixels (as DELG's keypoints are)
+            grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(3.0), indexing="xy"), -1)
+            return [{"keypoints": grid.reshape(-1, 2) * 50 + 10, "descriptors": torch.eye(12, 128).half()}]
 
         def rerank_entry_kinds(self, database: bool = True) -> dict:
             return self.rerank_head.entry_kinds()
 
     monkeypatch.setattr(RetrievalModule, "load_from_checkpoint", staticmethod(lambda path: Loaded()))
-    seen = {}
+    seen, factors, drawn = {}, [], []
 
     def verify(*features, **options):
         seen.update(options)
         return match_and_verify(*features, **options)
 
     monkeypatch.setattr(match, "match_and_verify", verify)
-    a, b, _ = pair
+    monkeypatch.setattr(match, "draw_matches", lambda a, b, result, out: drawn.append(result) or Path(out))
+    a, b, _ = pair  # 240 x 200 and 260 x 210
     assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--out", str(tmp_path / "m.png")]) == 0
     assert (seen["matching"], seen["threshold"], seen["max_iters"]) == ("one_way", 12.0, 77)
+    assert factors == [[(1.0, 1.0)], [(1.0, 1.0)]] and drawn[-1].inliers == 12
+    # shrunk as `search` shrinks a query: the head is told by how much (RANSAC's pixels are the original's),
+    # and the inliers are drawn on the shrunk images
+    assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--max-side", "130", "--out", str(tmp_path / "s.png")]) == 0
+    (fa,), (fb,) = factors[-2:]
+    assert fa == (108 / 200, 130 / 240) and fb == (105 / 210, 130 / 260)
+    np.testing.assert_allclose(drawn[-1].query_points, drawn[0].query_points * np.float32([fa[1], fa[0]]), rtol=1e-6)
+    np.testing.assert_allclose(drawn[-1].db_points, drawn[0].db_points * np.float32([fb[1], fb[0]]), rtol=1e-6)
     assert seen["reference"] is False and seen["distinct_px"] == 1.0
     # --reference on top of a head's settings (which name `reference` too) is the reference path, not a clash
     assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--reference", "--out", str(tmp_path / "r.png")]) == 0
