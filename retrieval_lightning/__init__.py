@@ -5,3 +5,13 @@ entry-point registry (:mod:`retrieval_lightning.registry`), as it would a third 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``from retrieval_lightning import RetrievalModule``, imported on first use: the package itself stays
+    light for the commands that need no model (``download``, ``plugins``)."""
+    if name == "RetrievalModule":
+        from retrieval_lightning.module import RetrievalModule
+
+        return RetrievalModule
+    raise AttributeError(f"module 'retrieval_lightning' has no attribute {name!r}")

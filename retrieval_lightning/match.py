@@ -71,6 +71,35 @@ def _image_tensor(image: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
 
 
+def explain_local_pair(query: Mapping[str, Any], candidate: Mapping[str, Any], query_hw: tuple[int, int],
+                       candidate_hw: tuple[int, int], options: Mapping[str, Any]) -> Any:
+    """A :class:`~retrieval_lightning.head.PairExplanation` of two local-feature entries (keypoints in
+    the pixels of images of ``query_hw`` / ``candidate_hw``): the inliers of the head's own matching
+    settings, RANSAC seed 0 (as ``match`` draws them), strongest descriptor similarity first."""
+    from .head import PairExplanation
+
+    features = []
+    for entry in (query, candidate):
+        desc = entry["descriptor_bits"] if "descriptor_bits" in entry else entry["descriptors"]
+        features += [np.asarray(entry["keypoints"], np.float32), np.asarray(desc)]
+    result = match_and_verify(*features, seed=0, **dict(options))
+    if result.inliers:
+        q_desc, d_desc = features[1][result.query_indices], features[3][result.db_indices]
+        if q_desc.dtype == np.uint8:  # packed sign bits: the share of equal bits
+            strengths = 1.0 - np.unpackbits(q_desc ^ d_desc, axis=1).mean(axis=1)
+        else:
+            strengths = (q_desc.astype(np.float32) * d_desc.astype(np.float32)).sum(axis=1)
+    else:
+        strengths = np.zeros(0, np.float32)
+    order = np.argsort(-strengths, kind="stable")
+    (qh, qw), (ch, cw) = query_hw, candidate_hw
+    matches = np.concatenate([result.query_points / np.float32([qw, qh]),
+                              result.db_points / np.float32([cw, ch])], axis=1)[order]
+    return PairExplanation(score=float(result.inliers), matches=matches.astype(np.float32),
+                           strengths=np.clip(strengths[order], 0.0, 1.0).astype(np.float32),
+                           caption=f"{result.inliers} RANSAC inliers of {result.matches} matches (seed 0)")
+
+
 def has_local_features(kinds: Mapping[str, Any]) -> bool:
     """Whether a head's entries follow the local-feature convention the core matches and verifies:
     ``keypoints`` (n, 2) plus ``descriptors`` (unit float rows) or ``descriptor_bits`` (packed bits)."""

@@ -38,6 +38,7 @@ from retrieval_lightning.optim import OptimConfig, build_optimizer, split_decay
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
+from retrieval_lightning.match import explain_local_pair, has_local_features
 from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path, plugin_sources
 from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUEUE_KEY
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
@@ -649,7 +650,12 @@ class RetrievalModule(pl.LightningModule):
         head = self._require_rerank_head()
         query = self.rerank_entries([query_image], database=False)[0]
         stored = self.rerank_entries([candidate_image], database=True)[0]
-        explanation = head.explain(query, self.densify_entries([stored])[0])
+        if type(head).explain is RerankHead.explain and has_local_features(self.rerank_entry_kinds(database=False)):
+            # a local-feature head (DELG) need not explain itself: its inliers are the evidence
+            explanation = explain_local_pair(query, self.densify_entries([stored])[0], tuple(query_image.shape[-2:]),
+                                             tuple(candidate_image.shape[-2:]), getattr(head, "match_options", {}))
+        else:
+            explanation = head.explain(query, self.densify_entries([stored])[0])
         if not math.isfinite(float(explanation.score)):  # as score_entries refuses it
             raise UsageError(f"{type(head).__name__}.explain returned the score {explanation.score}")
         if self.sparsifier is not None:

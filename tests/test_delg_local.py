@@ -236,6 +236,33 @@ def test_a_shifted_rescaled_copy_has_more_inliers_than_unrelated_photos(lite0: B
     torch.testing.assert_close(head.score(entries[0], entries[1:], seeds=[1, 2, 3, 4]), scores)  # seeded
 
 
+def test_a_local_heads_pair_is_explained_by_its_inliers(tmp_path) -> None:
+    """``explain_pair`` (the notebook's picture of a pair) on a DELG model: the inliers of the head's own
+    matching, as fractions of each image's size, drawn as a verifier's evidence is."""
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.pair_picture import draw_explanation
+    from retrieval_lightning.registry import HEADS
+    from retrieval_lightning.retrieval.geometry import match_and_verify
+
+    torch.manual_seed(0)
+    backbone = Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4", "conv5"))
+    local = DelgLocalHead(attention_hidden=32, scales=(1.0,), max_keypoints=150, matching="one_way")
+    module = RetrievalModule(backbone.eval(), {"global": HEADS.get("gem_arcface")(), "local": local},
+                             eval_scales=[1.0]).eval()
+    query, same = photo("astronaut", (100, 120, 356, 376)), photo("astronaut", (130, 140, 450, 460))
+    explained = module.explain_pair(query, same)
+    entries = module.rerank_entries([query, same])
+    features = [np.asarray(entries[i][k], np.float32) for i in (0, 1) for k in ("keypoints", "descriptors")]
+    kept = match_and_verify(*features, seed=0, **local.match_options)
+    assert explained.score == kept.inliers >= 10 and len(explained.matches) == kept.inliers
+    assert ((explained.matches >= 0) & (explained.matches <= 1)).all()
+    np.testing.assert_allclose(np.sort(explained.matches[:, 0] * query.shape[-1]), np.sort(kept.query_points[:, 0]),
+                               rtol=1e-6)
+    assert (np.diff(explained.strengths) <= 0).all()  # strongest first
+    pictures = [(x * 255).round().byte().permute(1, 2, 0).numpy() for x in (query, same)]
+    assert draw_explanation(*pictures, explained, tmp_path / "pair.png").stat().st_size > 1000
+
+
 def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
     """``reference`` (the official DELG scoring) and ``distinct_px: 0`` (raw counts) are head options,
     scoring-only, applied by ``score``; a bad value is refused when the head is built."""
