@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -123,16 +124,20 @@ def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.devic
     raise ValueError(f"unknown search backend {backend!r}; use exact, faiss-flat or faiss-ivfpq")
 
 
+def query_seed(image: torch.Tensor) -> int:
+    """A query image's part of its pairs' seeds: a CRC-32 of its pixels as searched."""
+    return zlib.crc32(image.detach().cpu().contiguous().numpy().tobytes())
+
+
 def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],
            k: int = 10, shortlist: int | None = None, backend: str = "exact", ranker: Ranker | None = None,
-           first_query: int = 0,
            resize_factors: Sequence[tuple[float, float]] | None = None) -> list[SearchResult]:
     """Rank the store for each query image; re-rank the shortlist when the model and store allow.
 
-    ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls); ``first_query`` is
-    the position of ``images[0]`` among all queries, so re-ranking seeds do not depend on batching;
-    ``resize_factors``: each image's (height, width) over its original's (:func:`load_query_sized`; 1 if
-    not given).
+    ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls); ``resize_factors``:
+    each image's (height, width) over its original's (:func:`load_query_sized`; 1 if not given).
+    Re-ranking seeds (RANSAC's) follow each query's pixels and the database item, so a query scores the
+    same alone, in a directory of others, or in another batch.
     """
     module.eval()
     queries = module.embed_batch(list(images)).float()
@@ -153,7 +158,7 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
         entries = reader.read(store.index[short])
         factor = None if resize_factors is None else [resize_factors[q]]
         query_entry = module.rerank_entries([image], database=False, resize_factors=factor)[0]
-        s = module.score_entries(query_entry, entries, pair_seeds(first_query + q, store.index[short].tolist()))
+        s = module.score_entries(query_entry, entries, pair_seeds(query_seed(image), store.index[short].tolist()))
         s = torch.as_tensor(s).float().numpy()
         order = fuse(np.arange(len(short)), glob[: len(short)], s, config.fusion, config.weight)
         rest = slice(len(short), k)  # past the shortlist: the global order, no re-ranking score
@@ -311,7 +316,7 @@ def run_search(argv: Sequence[str]) -> int:
         if not names:
             continue
         results = search(module, store, images, names, k=args.k, shortlist=args.shortlist, ranker=ranker,
-                         first_query=start, resize_factors=factors)
+                         resize_factors=factors)
         print(format_results(results, store, items), flush=True)
         drawn += list(zip(results, images))[:PICTURE_QUERIES - len(drawn)]
     if skipped:

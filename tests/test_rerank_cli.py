@@ -134,8 +134,14 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     for line in items[1:4]:
         shutil.copy(line.split("\t")[2], folder)
     (folder / "notes.txt").write_text("not an image")
+    seeds: list[list[int]] = []  # RANSAC's seeds of a query's pairs follow its pixels, not its place in the list
+    real_seeds = search_cli.pair_seeds
+    monkeypatch.setattr(search_cli, "pair_seeds", lambda q, db: seeds.append(real_seeds(q, db)) or seeds[-1])
     whole = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
     assert whole.stdout.count("query ") == 3 and "notes.txt" not in whole.stdout
+    last = sorted(folder.glob("*.jpg"))[-1]
+    run_main(["search", str(ckpt), str(store), str(last), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
+    assert len(seeds) == 4 and seeds[3] == seeds[2] and seeds[2] != seeds[0]
     monkeypatch.setattr(search_cli, "QUERY_BATCH", 2)
     monkeypatch.setattr(search_cli, "PICTURE_QUERIES", 1)
     batched = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
