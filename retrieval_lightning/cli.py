@@ -386,9 +386,11 @@ def run_download(args: Sequence[str]) -> int:
 
     if not args or args[0].startswith("-"):
         downloadable = [n for n in DATAMODULES.names() if callable(getattr(DATAMODULES.get(n), "download", None))]
+        asked = bool(args) and args[0] in ("-h", "--help")
         print("usage: retrieval-lightning download <datamodule> [options]; datamodules with a download: "
-              + ", ".join(downloadable), file=sys.stderr)
-        return 2
+              + ", ".join(downloadable) + f"; their options: retrieval-lightning download <datamodule> --help",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     cls = DATAMODULES.get(args[0])
     if not callable(getattr(cls, "download", None)):
         print(f"error: datamodule {args[0]!r} has no download() method", file=sys.stderr)

@@ -181,6 +181,7 @@ class RetrievalTrainer(pl.Trainer):
         self.strategy.setup_environment()  # under DDP: this process's device and the process group
         if ckpt_path:
             model.load_weights(ckpt_path)
+        self.weights_path = ckpt_path  # the pictures' "ckpt <name>", as test's
         model.eval()  # as `test` scores: a model built by the CLI starts in training mode
         model.to(self.strategy.root_device)  # no Lightning loop moves it: search and re-ranking on this rank's device
         identity = extraction_identity(model, datamodule)
@@ -219,6 +220,8 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
     """``total 1480 B/image: global 640, verifier 840`` (kinds summed per ``<role>-`` prefix)."""
     groups: dict[str, float] = {}
     for kind, size in bytes_per_image.items():
+        if kind == UNREADABLE:  # a one-byte flag per image, not a descriptor: "unreadable 1" read as a count
+            continue
         group = kind.split("-", 1)[0]
         groups[group] = groups.get(group, 0.0) + size
     parts = ", ".join(f"{group} {size:.0f}" for group, size in groups.items())

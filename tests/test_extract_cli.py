@@ -86,6 +86,17 @@ def test_extract_reports_bytes_per_image_per_head() -> None:
 
     sizes = {"global": 640.0, "verifier-level0_val": 108.4, "verifier-level0_pos": 21.2, "verifier-level1_val": 225.0}
     assert store_sizes(sizes) == "total 995 B/image: global 640, verifier 355"
+    # the placeholders' flag is not a descriptor ("unreadable 1" read as one unreadable image)
+    assert store_sizes({**sizes, "unreadable": 1.0}) == "total 995 B/image: global 640, verifier 355"
+
+
+def test_download_without_a_datamodule_names_them_and_where_their_options_are(capsys) -> None:
+    from retrieval_lightning.cli import run_download
+
+    assert run_download(["--help"]) == 0
+    said = capsys.readouterr().out
+    assert "gldv2" in said and "revisitop" in said and "retrieval-lightning download <datamodule> --help" in said
+    assert run_download([]) == 2 and "datamodules with a download" in capsys.readouterr().err
 
 
 def test_a_store_rank_zero_refuses_stops_every_rank(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -174,7 +174,8 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "ev", *reverse), f"--ckpt_path={ckpt}",
                           f"--features_dir={features}"], cwd=tmp_path).stdout
     printed = {line.split()[0]: float(line.split()[1]) for line in evaluated.splitlines() if line.startswith("test/")}
-    assert (tmp_path / "ev" / "gallery" / f"evaluate_{SET}_step0.png").stat().st_size > 1000  # the config's gallery
+    # the config's gallery, named by the checkpoint evaluated (as test's)
+    assert (tmp_path / "ev" / "gallery" / f"evaluate_{SET}_ckpt{ckpt.stem}.png").stat().st_size > 1000
     run_main(["test", *rerank_args(cache_root, tmp_path / "te", *reverse), f"--ckpt_path={ckpt}"], cwd=tmp_path)
     tested = read_metrics(tmp_path / "te" / "metrics", "test")
     assert printed and printed.keys() == tested.keys() and f"test/{SET}/reranked/mAP_M" in printed

@@ -38,7 +38,8 @@ def weights_label(trainer: pl.Trainer) -> str:
     """What the evaluated weights are, for a picture's title and file name: the training step, or in
     ``test``/``validate --ckpt_path`` (where Lightning restores no step count) the checkpoint's name, or
     the ``model.init_from`` checkpoint's."""
-    ckpt_path = getattr(trainer, "ckpt_path", None)
+    # `evaluate` loads its --ckpt_path itself (Lightning's trainer.ckpt_path is of fit/test only)
+    ckpt_path = getattr(trainer, "ckpt_path", None) or getattr(trainer, "weights_path", None)
     if trainer.global_step == 0 and not getattr(trainer.state, "fn", None) == "fit":
         if ckpt_path:
             return f"ckpt {Path(ckpt_path).stem}"
