@@ -239,6 +239,33 @@ def test_preemption_checkpoint_only_after_a_training_step(tmp_path: Path) -> Non
     assert not saved.exists()
 
 
+def test_under_ddp_only_a_stop_every_rank_takes_writes_the_exception_checkpoint(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Writing a checkpoint is a collective: after one rank's own error the others (in the step's
+    all-reduce) never join it, and every rank hung (measured with 2 gloo processes: until SIGKILL). A
+    SIGTERM or the agreed Ctrl-C stops every rank at one batch, and those still write it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import retrieval_lightning.callbacks.resume as resume
+
+    written = []
+    monkeypatch.setattr(OnExceptionCheckpoint, "on_exception", lambda self, trainer, module, exc: written.append(exc))
+    monkeypatch.setattr(resume, "_reset_finished_epochs_batch_counter", lambda trainer: None)
+    callback = resume.PreemptionCheckpoint(dirpath="ckpts")
+    callback._trained = True
+    for world_size, exception, writes in ((2, RuntimeError("boom"), False), (2, KeyboardInterrupt(), False),
+                                          (2, SIGTERMException(), True), (2, resume.CoordinatedStop("Ctrl-C"), True),
+                                          (1, RuntimeError("boom"), True)):
+        written.clear()
+        trainer = SimpleNamespace(world_size=world_size, global_step=5, global_rank=1)
+        callback.on_exception(trainer, None, exception)
+        assert written == ([exception] if writes else []), (world_size, exception)
+    assert "rank 1: no ckpts/on_exception.ckpt written: this rank failed alone" in capsys.readouterr().err
+
+
 def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path: Path) -> None:
     """Lightning resumes this directory's last checkpoint by itself (an on-exception checkpoint is
     configured): a requeued job continues, but a changed setting must not silently get the old run."""

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -192,14 +193,26 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         # same batch, so every rank takes part in this all-reduce or none does)
         if not trainer.fit_loop.epoch_loop._should_accumulate() and trainer.strategy.reduce_boolean_decision(
                 self._interrupted, all=False):
-            raise KeyboardInterrupt("Ctrl-C")
+            raise CoordinatedStop("Ctrl-C")
 
-    def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
         # from the checkpoint; its on-exception file would be newer than last.ckpt and shadow it
-        if self._trained and trainer.global_step > 0:
-            _reset_finished_epochs_batch_counter(trainer)
-            super().on_exception(trainer, *args, **kwargs)
+        if not (self._trained and trainer.global_step > 0):
+            return
+        if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, CoordinatedStop)):
+            # one rank failed alone (an error, an unreadable image): saving is a collective the other ranks,
+            # waiting in the step's all-reduce, never join, and every rank would hang until a timeout
+            print(f"rank {trainer.global_rank}: no {self.ckpt_path} written: this rank failed alone and the others "
+                  "cannot join a checkpoint; resume from last.ckpt or the latest step checkpoint",
+                  file=sys.stderr, flush=True)
+            return
+        _reset_finished_epochs_batch_counter(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
+
+class CoordinatedStop(KeyboardInterrupt):
+    """The Ctrl-C stop every rank agreed on, at the same batch (a checkpoint is then a collective they all join)."""
 
 
 def _reset_finished_epochs_batch_counter(trainer: pl.Trainer) -> None:
