@@ -158,6 +158,7 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     _trained = False
     _interrupted = False
+    _sigterm_held = False
     _previous_handler: Any = None
     _pid = -1
 
@@ -165,7 +166,7 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         self._trained = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._interrupted = False
+        self._interrupted = self._sigterm_held = False
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -189,11 +190,26 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._trained = True
+        accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
+        self._hold_sigterm_until_the_optimiser_steps(trainer, accumulating)
         # only where the optimiser stepped: accumulated gradients are not in a checkpoint (every rank is at the
         # same batch, so every rank takes part in this all-reduce or none does)
-        if not trainer.fit_loop.epoch_loop._should_accumulate() and trainer.strategy.reduce_boolean_decision(
-                self._interrupted, all=False):
+        if not accumulating and trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
             raise CoordinatedStop("Ctrl-C")
+
+    def _hold_sigterm_until_the_optimiser_steps(self, trainer: pl.Trainer, accumulating: bool) -> None:
+        """Lightning stops for SIGTERM after any batch, also inside a gradient accumulation, whose gradients
+        no checkpoint holds: the resumed run would step without them. A SIGTERM received while such a batch
+        trained is held until the batch that steps, as Ctrl-C is (a few micro-batches of the grace period)."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None:
+            return
+        if accumulating and connector.received_sigterm:
+            connector.received_sigterm = False
+            self._sigterm_held = True
+        elif not accumulating and self._sigterm_held:
+            connector.received_sigterm = True  # Lightning stops after this batch, the one that stepped
+            self._sigterm_held = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
