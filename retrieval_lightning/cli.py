@@ -388,7 +388,7 @@ def run_download(args: Sequence[str]) -> int:
         downloadable = [n for n in DATAMODULES.names() if callable(getattr(DATAMODULES.get(n), "download", None))]
         asked = bool(args) and args[0] in ("-h", "--help")
         print("usage: retrieval-lightning download <datamodule> [options]; datamodules with a download: "
-              + ", ".join(downloadable) + f"; their options: retrieval-lightning download <datamodule> --help",
+              + ", ".join(downloadable) + "; their options: retrieval-lightning download <datamodule> --help",
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     cls = DATAMODULES.get(args[0])

@@ -74,8 +74,9 @@ def resize_to_scale(x: Tensor, scale: float, mode: str = "antialias") -> Tensor:
     if scale == 1.0:
         return x
     size = scaled_size(x.shape[-2], x.shape[-1], scale)
-    # a side the scale would take below one pixel (a 1-px-wide image at 0.7071) keeps one pixel
-    degenerate = min(x.shape[-2], x.shape[-1]) * scale < 1.5
+    # a side the scale would take below one pixel (a 1-px-wide image at 0.7071; `scale_factor` floors the size,
+    # cv2 rounds it) keeps one pixel
+    degenerate = min(x.shape[-2], x.shape[-1]) * scale < 1.0
     if mode == "antialias":
         if degenerate:
             return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
