@@ -112,4 +112,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", choices=("fast", "baseline"), default=None)
     ARGS = parser.parse_args()
+    if not 1 <= ARGS.baseline_pairs <= ARGS.pairs or ARGS.batch_size < 1:
+        parser.error(f"--baseline-pairs must be in [1, --pairs={ARGS.pairs}] and --batch-size >= 1")
     main()

@@ -14,6 +14,7 @@ far below 1: only the shortlisted rows are paged in), plus the time per query.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -106,8 +107,10 @@ def main() -> None:
     print(f"RSS growth {growth:,.0f} MB vs store {size_mb:,.0f} MB on disk: ratio {growth / size_mb:.4f} "
           f"(shortlisted rows: {read_mb:,.0f} MB; global descriptors scanned by the search: "
           f"{store.bytes_per_image['global'] * len(store) / 2**20:,.0f} MB)")
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
+    if not args.keep:  # only what this run wrote: --dir may hold other files
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # when it is left empty
 
 
 if __name__ == "__main__":
