@@ -380,8 +380,9 @@ def main() -> int:
     parser.add_argument("--random-draws", type=int, default=5,
                         help="random selections drawn per setting; the random rows are their mean")
     parser.add_argument("--data-args", default="",
-                        help="space-separated data overrides for both fits and the evaluation, given with '=' "
-                             "(the value starts with '--'), e.g. --data-args='--data.init_args.photo_dirs=[more/photos]'")
+                        help="space-separated data overrides for both fits and the evaluation, given with "
+                             "'=' (the value starts with '--'), e.g. "
+                             "--data-args='--data.init_args.photo_dirs=[more/photos]'")
     parser.add_argument("--sparsifier-args", default="",
                         help="space-separated overrides for the sparsifier's fit, e.g. "
                              "'--model.optim.lr=0.03 --trainer.max_epochs=12'")

@@ -140,7 +140,8 @@ def test_a_tar_whose_last_member_is_a_zip_extracts_as_a_tar(tmp_path):
     with zipfile.ZipFile(inner, "w") as handle:
         handle.writestr("inner.txt", "inside the zip")
     archive = tmp_path / "bundle.tar"
-    archive.write_bytes(_tar([("file", "0/1/2/012a.jpg", b"jpeg bytes"), ("file", "docs/bundle.zip", inner.getvalue())]))
+    archive.write_bytes(_tar([("file", "0/1/2/012a.jpg", b"jpeg bytes"),
+                              ("file", "docs/bundle.zip", inner.getvalue())]))
     assert zipfile.is_zipfile(archive)
     assert extract_archive(archive, tmp_path / "out") == 2
     assert (tmp_path / "out/0/1/2/012a.jpg").read_bytes() == b"jpeg bytes"

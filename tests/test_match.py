@@ -159,7 +159,8 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     assert factors == [[(1.0, 1.0)], [(1.0, 1.0)]] and drawn[-1].inliers == 12
     # shrunk as `search` shrinks a query: the head is told by how much (RANSAC's pixels are the original's),
     # and the inliers are drawn on the shrunk images
-    assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--max-side", "130", "--out", str(tmp_path / "s.png")]) == 0
+    shrunk = [str(a), str(b), "--checkpoint", "m.ckpt", "--max-side", "130", "--out", str(tmp_path / "s.png")]
+    assert run_match(shrunk) == 0
     (fa,), (fb,) = factors[-2:]
     assert fa == (108 / 200, 130 / 240) and fb == (105 / 210, 130 / 260)
     np.testing.assert_allclose(drawn[-1].query_points, drawn[0].query_points * np.float32([fa[1], fa[0]]), rtol=1e-6)

@@ -263,7 +263,8 @@ def test_a_precision_that_casts_the_weights_is_refused_before_anything_runs() ->
             trainer.fit(make(num_classes=3, head={"imprint": True}), datamodule=_TinyData())
     module = make(num_classes=3, head={"imprint": True})
     pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, accelerator="cpu", precision="bf16-mixed").fit(module, datamodule=_TinyData())
+               enable_model_summary=False, accelerator="cpu", precision="bf16-mixed").fit(module,
+                                                                                          datamodule=_TinyData())
     assert module.trainer.global_step == 1
 
 

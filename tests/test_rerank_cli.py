@@ -134,14 +134,16 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     for line in items[1:4]:
         shutil.copy(line.split("\t")[2], folder)
     (folder / "notes.txt").write_text("not an image")
-    seeds: list[list[int]] = []  # RANSAC's seeds of a query's pairs follow its pixels, not its place in the list
+    seeded: list[int] = []  # RANSAC's seeds of a query's pairs follow its pixels, not its place in the list
     real_seeds = search_cli.pair_seeds
-    monkeypatch.setattr(search_cli, "pair_seeds", lambda q, db: seeds.append(real_seeds(q, db)) or seeds[-1])
+    monkeypatch.setattr(search_cli, "pair_seeds", lambda q, db: seeded.append(q) or real_seeds(q, db))
     whole = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
     assert whole.stdout.count("query ") == 3 and "notes.txt" not in whole.stdout
-    last = sorted(folder.glob("*.jpg"))[-1]
-    run_main(["search", str(ckpt), str(store), str(last), "--out", str(tmp_path / "f.png")], cwd=tmp_path)
-    assert len(seeds) == 4 and seeds[3] == seeds[2] and seeds[2] != seeds[0]
+    from retrieval_lightning.retrieval.store import FeatureStore
+
+    resize = search_cli.query_resize(FeatureStore.open(store), None)
+    pixels = [search_cli.load_query_sized(str(f), resize)[0] for f in sorted(folder.glob("*.jpg"))]
+    assert seeded == [search_cli.query_seed(image) for image in pixels] and len(set(seeded)) == 3
     monkeypatch.setattr(search_cli, "QUERY_BATCH", 2)
     monkeypatch.setattr(search_cli, "PICTURE_QUERIES", 1)
     batched = run_main(["search", str(ckpt), str(store), str(folder), "--out", str(tmp_path / "f.png")], cwd=tmp_path)

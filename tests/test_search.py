@@ -244,8 +244,8 @@ def test_evaluation_postprocessing_reads_an_fp16_database_in_place() -> None:
     both = PostProcessConfig(query_expansion=True, dba=True, dba_k=2)
     _, augmented = postprocess_descriptors(torch.from_numpy(queries), half, both, device="cpu")
     assert augmented.dtype == torch.float16 and augmented.shape == half.shape
-    torch.testing.assert_close(augmented.float(), torch.as_tensor(database_augmentation(half.float(), 2, 3.0,
-                                                                                        device="cpu")), atol=2e-3, rtol=0)
+    reference = torch.as_tensor(database_augmentation(half.float(), 2, 3.0, device="cpu"))
+    torch.testing.assert_close(augmented.float(), reference, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize(("max_side", "upscale", "size", "factor"), [
