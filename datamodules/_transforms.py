@@ -152,12 +152,12 @@ def check_box(box: Sequence[float], height: int, width: int, rounding: str = "ro
     leaves the image by more than :data:`BOX_EDGE_SLACK` pixels (a box of another image, or in another
     frame, rather than a rounded edge)."""
     x0, y0, x1, y1 = box_pixels(box, rounding)
-    s = BOX_EDGE_SLACK
-    if not (-s <= x0 < x1 <= width + s and -s <= y0 < y1 <= height + s) or x0 >= width or y0 >= height \
-            or x1 <= 0 or y1 <= 0:
+    inside = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    beyond = max(-x0, -y0, x1 - width, y1 - height)  # pixels past the farthest edge
+    if beyond > BOX_EDGE_SLACK or inside[0] >= inside[2] or inside[1] >= inside[3]:
         raise ValueError(f"query box {list(box)!r} (as pixels {[x0, y0, x1, y1]}) is empty or lies outside "
                          f"the {width}x{height} image")
-    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    return inside
 
 
 class EvalTransform:

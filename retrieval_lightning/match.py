@@ -78,10 +78,7 @@ def explain_local_pair(query: Mapping[str, Any], candidate: Mapping[str, Any], q
     settings, RANSAC seed 0 (as ``match`` draws them), strongest descriptor similarity first."""
     from .head import PairExplanation
 
-    features = []
-    for entry in (query, candidate):
-        desc = entry["descriptor_bits"] if "descriptor_bits" in entry else entry["descriptors"]
-        features += [np.asarray(entry["keypoints"], np.float32), np.asarray(desc)]
+    features = [*entry_features(query), *entry_features(candidate)]
     result = match_and_verify(*features, seed=0, **dict(options))
     if result.inliers:
         q_desc, d_desc = features[1][result.query_indices], features[3][result.db_indices]
@@ -111,8 +108,12 @@ def model_features(module: Any, image: Any, resize_factor: tuple[float, float] =
     head (fp16 or packed-bit entries); keypoints in the pixels of the original image, which was ``image``'s
     size divided by ``resize_factor`` ((height, width))."""
     tensor = _image_tensor(image) if isinstance(image, np.ndarray) else image
-    entry = module.rerank_entries([tensor], resize_factors=[resize_factor])[0]
-    if "keypoints" not in entry or not ({"descriptors", "descriptor_bits"} & set(entry)):
+    return entry_features(module.rerank_entries([tensor], resize_factors=[resize_factor])[0])
+
+
+def entry_features(entry: Mapping[str, Any]) -> Features:
+    """(keypoints, descriptors) of one local-feature entry (fp16 rows or packed sign bits) as numpy."""
+    if not has_local_features(entry):
         raise KeyError(f"the model's re-ranking entries have no local features (keys: {sorted(entry)})")
     desc = entry["descriptor_bits"] if "descriptor_bits" in entry else entry["descriptors"]
     return np.asarray(entry["keypoints"], np.float32), np.asarray(desc)
