@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def _open_csv(path: str, required: Sequence[str]) -> tuple[Any, dict[str, int], 
     if csv.field_size_limit() < _FIELD_LIMIT:
         csv.field_size_limit(_FIELD_LIMIT)
     handle = open(path, newline="", encoding="utf-8-sig", errors="replace")  # -sig: a spreadsheet's byte-order mark
-    reader = csv.reader(handle)
+    reader = csv.reader(handle, strict=True)  # strict: a stray quote is an error, not a field that eats rows
     header = next(reader, None)
     if header is None:
         handle.close()
@@ -100,6 +100,28 @@ def _open_csv(path: str, required: Sequence[str]) -> tuple[Any, dict[str, int], 
             f"{path}: row 1: header {header!r} lacks column(s) {missing} (expected {','.join(required)})"
         )
     return reader, columns, handle
+
+
+def _records(reader: Any, errors: _RowErrors) -> Iterator[tuple[int, list[str]]]:
+    """Each record with the line it starts on. No GLDv2 field holds a line break, so a record running over
+    several lines is an unclosed quote that swallowed the rows after it: reported, not read as data."""
+    while True:
+        start = reader.line_num + 1
+        failure = None
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            failure = str(exc)
+        if failure is not None:  # reported outside the except: an error raised there would chain the csv one
+            errors(start, f"malformed quoting ({failure}; the record ends on line {reader.line_num})")
+            continue
+        if reader.line_num > start:
+            shown = repr(row)[:300]
+            errors(start, f"a quoted field runs over lines {start} - {reader.line_num} (an unclosed quote?): {shown}")
+            continue
+        yield start, row
 
 
 def _width_error(columns: dict[str, int], row: list[str]) -> str:
@@ -121,25 +143,48 @@ def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
     errors = _RowErrors(path, on_error)
     ids: list[str] = []
     landmarks: list[int] = []
+    lines: list[int] = []
     i_id, i_lm, width = col["id"], col["landmark_id"], len(col)
     with handle:
-        for row in reader:
+        for line, row in _records(reader, errors):
             if len(row) != width:
-                errors(reader.line_num, _width_error(col, row))
+                errors(line, _width_error(col, row))
                 continue
             image_id = row[i_id]
             if not _valid_id(image_id):
-                errors(reader.line_num, f"bad image id {image_id!r} (alphanumeric, >= 3 chars)")
+                errors(line, f"bad image id {image_id!r} (alphanumeric, >= 3 chars)")
                 continue
             try:
                 landmark = int(row[i_lm])
             except ValueError:
-                errors(reader.line_num, f"landmark_id {row[i_lm]!r} is not an integer")
+                errors(line, f"landmark_id {row[i_lm]!r} is not an integer")
                 continue
             ids.append(image_id)
             landmarks.append(landmark)
+            lines.append(line)
+    repeats = _repeated(ids)
+    for position, first in repeats.items():  # one image under two rows: maybe two classes, maybe both splits
+        errors(lines[position], f"image id {ids[position]!r} listed again (first on row {lines[first]})")
+    if repeats:
+        kept = [i for i in range(len(ids)) if i not in repeats]
+        ids, landmarks = [ids[i] for i in kept], [landmarks[i] for i in kept]
     errors.finish()
     return TrainTable(StringArray(ids), np.asarray(landmarks, dtype=np.int64))
+
+
+def _repeated(ids: list[str]) -> dict[int, int]:
+    """Each position whose id occurs earlier in ``ids``, mapped to that first position. Found through the
+    ids' hashes: a set of train.csv's four million strings would cost more memory than the table."""
+    hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    first: dict[str, int] = {}
+    out: dict[int, int] = {}
+    for position in np.unique(np.concatenate([order[same], order[same + 1]])).tolist():  # in file order
+        out_of = first.setdefault(ids[position], position)
+        if out_of != position:
+            out[position] = out_of
+    return out
 
 
 def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
@@ -151,23 +196,23 @@ def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
     seen: set[str] = set()
     i_lm, i_im, width = col["landmark_id"], col["images"], len(col)
     with handle:
-        for row in reader:
+        for line, row in _records(reader, errors):
             if len(row) != width:
-                errors(reader.line_num, _width_error(col, row))
+                errors(line, _width_error(col, row))
                 continue
             try:
                 landmark = int(row[i_lm])
             except ValueError:
-                errors(reader.line_num, f"landmark_id {row[i_lm]!r} is not an integer")
+                errors(line, f"landmark_id {row[i_lm]!r} is not an integer")
                 continue
             images = row[i_im].split()
             bad = [x for x in images if not _valid_id(x)] or (["<none>"] if not images else [])
             if bad:
-                errors(reader.line_num, f"bad image id(s) {bad[:3]!r} for landmark {landmark}")
+                errors(line, f"bad image id(s) {bad[:3]!r} for landmark {landmark}")
                 continue
             dup = [x for x in images if x in seen]
             if dup or len(set(images)) != len(images):
-                errors(reader.line_num, f"image id(s) listed twice: {(dup or images)[:3]!r}")
+                errors(line, f"image id(s) listed twice: {(dup or images)[:3]!r}")
                 continue
             seen.update(images)
             ids.extend(images)
@@ -183,9 +228,9 @@ def read_id_csv(path: str, on_error: str = "raise") -> list[str]:
     ids: list[str] = []
     i_id = col["id"]
     with handle:
-        for row in reader:
+        for line, row in _records(reader, errors):
             if len(row) <= i_id or not _valid_id(row[i_id]):
-                errors(reader.line_num, f"bad image id in {row!r}")
+                errors(line, f"bad image id in {row!r}")
                 continue
             ids.append(row[i_id])
     errors.finish()
@@ -208,23 +253,23 @@ def _read_solution(path: str, column: str, usage: str, parse, on_error: str) -> 
     solution: dict = {}
     i_id, i_gt, i_use, width = col["id"], col[column], col["Usage"], len(col)
     with handle:
-        for row in reader:
+        for line, row in _records(reader, errors):
             if len(row) != width:
-                errors(reader.line_num, _width_error(col, row))
+                errors(line, _width_error(col, row))
                 continue
             tag = row[i_use]
             if tag not in USAGES:
-                errors(reader.line_num, f"Usage {tag!r} is not one of {USAGES}")
+                errors(line, f"Usage {tag!r} is not one of {USAGES}")
                 continue
             if tag not in wanted:
                 continue
             if not _valid_id(row[i_id]) or row[i_id] in solution:
-                errors(reader.line_num, f"bad or repeated test id {row[i_id]!r}")
+                errors(line, f"bad or repeated test id {row[i_id]!r}")
                 continue
             try:
                 solution[row[i_id]] = parse(row[i_gt])
             except ValueError as exc:
-                errors(reader.line_num, f"{column} {row[i_gt]!r}: {exc}")
+                errors(line, f"{column} {row[i_gt]!r}: {exc}")
     errors.finish()
     return solution
 

@@ -111,6 +111,8 @@ def validate_gnd(cfg: Any, path: str) -> tuple[list[str], list[str], list[dict[s
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
             raise RevisitopFormatError(f"{path}: missing key {key!r} (has {sorted(cfg)})")
+        if not isinstance(cfg[key], (list, tuple, np.ndarray)):
+            raise RevisitopFormatError(f"{path}: key {key!r} must be a list, got {type(cfg[key]).__name__}")
     imlist, qimlist = [str(x) for x in cfg["imlist"]], [str(x) for x in cfg["qimlist"]]
     if len(cfg["gnd"]) != len(qimlist):
         raise RevisitopFormatError(f"{path}: {len(cfg['gnd'])} gnd entries for {len(qimlist)} queries")
@@ -149,6 +151,8 @@ _SAFE_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+    ("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes"),  # arrays' bytes in protocols 0 - 2
     ("collections", "OrderedDict"),
 }
 

@@ -28,7 +28,8 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    RELAXATIONS, budget_loss, concrete_st_mask, gumbel_like, keep_count, spread_topk, temperature, topk_st_mask,
+    RELAXATIONS, budget_counts, budget_loss, concrete_st_mask, gumbel_like, keep_count, spread_topk, temperature,
+    topk_st_mask,
 )
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import EntryKind, RerankHead, SparsifierHead
@@ -84,7 +85,7 @@ class GumbelSparsifierHead(SparsifierHead):
         keep_ratio: fraction of each level's locations kept at extraction (and the training
             target); ignored when ``budget`` is set.
         budget: a fixed number of locations per image instead, shared by levels in proportion
-            to their size.
+            to their size (largest remainder: the counts add up to it, each level keeping 1 to all).
         relaxation: ``topk`` (exactly the extraction count in every step) or ``concrete``
             (per-location coins, the count held by the budget term).
         tau_start, tau_end, tau_steps: geometric temperature schedule of the relaxation's
@@ -100,7 +101,8 @@ class GumbelSparsifierHead(SparsifierHead):
         selection: ``learned``; ``norm`` (top-k by feature norm) and ``random`` are the
             baselines the sparsity benchmark compares with.
         value_dtype, int8_scale, index_dtype: the stored form (:mod:`heads._sparse.codec`):
-            values ``float16``, ``int8`` or ``int4`` (two per byte; the width must be even);
+            values ``float16``, ``int8`` or ``int4`` (two per byte; the width must be even), or ``float32``
+            (twice fp16's bytes: keep ratio 1.0 then equals a verifier storing ``entry_dtype: float32``);
             ``int8_scale`` (``row`` or ``image``) is the scale of either integer form.
         negatives_per_anchor: in-batch negative pairs per image (positives: every image with a
             same-label partner).
@@ -163,6 +165,12 @@ class GumbelSparsifierHead(SparsifierHead):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if budget is None and not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget must be at least 1 location per image, got {budget}")
+        if not (tau_start > 0 and tau_end > 0):  # the relaxations divide by the temperature
+            raise ValueError(f"tau_start and tau_end must be > 0, got tau_start={tau_start}, tau_end={tau_end}")
+        if tau_steps < 0:
+            raise ValueError(f"tau_steps must be >= 0, got {tau_steps}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if fill_sigma < 0:
@@ -247,8 +255,9 @@ class GumbelSparsifierHead(SparsifierHead):
         return (logits + self.level_bias[min(index, self.num_levels - 1)]).flatten(1)
 
     def _counts(self, sizes: Sequence[int]) -> list[int]:
-        total = sum(sizes)
-        return [keep_count(n, self.keep_ratio, self.budget, total) for n in sizes]
+        if self.budget is not None:
+            return budget_counts(sizes, self.budget)
+        return [keep_count(n, self.keep_ratio) for n in sizes]
 
     def target_fraction(self, sizes: Sequence[int]) -> float:
         return sum(self._counts(sizes)) / max(sum(sizes), 1)

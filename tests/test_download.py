@@ -398,6 +398,18 @@ def test_unreadable_archive_without_md5_is_refetched(server, tmp_path):
     assert len(list((tmp_path / "datasets/roxford5k/jpg").iterdir())) == 4
 
 
+def test_a_file_without_md5_found_in_place_unmarked_is_fetched_again(server, tmp_path):
+    """The official download.py writes revisitop1m.txt and the gnd pickles in place: an interrupted run of it
+    leaves a truncated file where this tool looks. Nothing can verify it (no md5, no archive), so it is replaced."""
+    expected = _revisitop(server)
+    listing = tmp_path / "datasets/revisitop1m/revisitop1m.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_bytes(expected["datasets/revisitop1m/revisitop1m.txt"][:5])
+    summary = download_revisitop(tmp_path, datasets=("revisitop1m",), base_url=_hosts(server), **FAST)
+    assert listing.read_bytes() == expected["datasets/revisitop1m/revisitop1m.txt"]
+    assert str(listing) in summary.refetched
+
+
 # --------------------------------------------------------------------------- extraction guard
 
 

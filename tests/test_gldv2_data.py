@@ -133,6 +133,28 @@ def test_malformed_rows_name_file_and_row(tmp_path, caplog):
         read_train_clean_csv(empty)
 
 
+def test_a_stray_quote_or_a_repeated_id_in_train_csv_is_an_error_not_wrong_labels(tmp_path, caplog):
+    """The csv module's lenient mode let an unclosed quote swallow the next row into a URL (that image gone, the
+    first one labelled with its landmark); a repeated id trained one image under two classes."""
+    quote = _write(tmp_path / "quote.csv", 'id,url,landmark_id\n'
+                   'abc123,"http://x/a.jpg,5\n'
+                   'abc124,"http://x/b.jpg,6\n'
+                   'abc125,http://x/c.jpg,7\n'
+                   'abc126,"http://x/d.jpg\nmore",8\n')
+    with pytest.raises(GLDv2FormatError, match=r"quote\.csv: row 2: malformed quoting .*ends on line 3"):
+        read_train_csv(quote)
+    with caplog.at_level(logging.WARNING):
+        table = read_train_csv(quote, on_error="skip")
+    assert table.ids == ["abc125"] and table.landmark_ids.tolist() == [7]
+    assert "row 5: a quoted field runs over lines 5 - 6" in caplog.text
+
+    repeated = _write(tmp_path / "rep.csv", "id,url,landmark_id\nabc123,u,5\nabc124,u,5\nabc123,u,6\n")
+    with pytest.raises(GLDv2FormatError, match=r"rep\.csv: row 4: image id 'abc123' listed again \(first on row 2\)"):
+        read_train_csv(repeated)
+    table = read_train_csv(repeated, on_error="skip")
+    assert table.ids == ["abc123", "abc124"] and table.landmark_ids.tolist() == [5, 5]
+
+
 def test_solutions_usage_and_ignored(gld, tmp_path):
     t, i = gld["test"], gld["index"]
     path = str(gld["root"] / "retrieval_solution_v2.1.csv")

@@ -16,7 +16,7 @@ from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import masked_pair_logits, plackett_luce_logprob
 from heads._sparse.selection import (
-    budget_loss, concrete_st_mask, keep_count, spread_topk, temperature, topk_st_mask,
+    budget_counts, budget_loss, concrete_st_mask, keep_count, spread_topk, temperature, topk_st_mask,
 )
 from heads.gumbel_sparsifier import GumbelSparsifierHead
 from retrieval_lightning.head import EntryKind, VerifierHead
@@ -44,8 +44,23 @@ def built_head(**kwargs) -> GumbelSparsifierHead:
 def test_keep_count_ratio_and_budget() -> None:
     assert keep_count(100, 0.08) == 8 and keep_count(5, 0.01) == 1 and keep_count(10, 1.0) == 10
     sizes = [768, 1530, 3072]
-    counts = [keep_count(n, budget=430, total=sum(sizes)) for n in sizes]
-    assert abs(sum(counts) - 430) <= 2 and counts[2] > counts[1] > counts[0]
+    counts = budget_counts(sizes, 430)
+    assert sum(counts) == 430 and counts[2] > counts[1] > counts[0]
+    assert budget_counts([12, 24, 48], 7) == [1, 2, 4]  # shares 1, 2, 4: exact
+    assert budget_counts([5, 5, 5], 10) == [4, 3, 3]  # shares 3.33 each: the first level takes the remainder
+    assert budget_counts([12, 24, 48], 2) == [1, 1, 1]  # every level keeps one: more than the budget
+    assert budget_counts([2, 3], 100) == [2, 3] and budget_counts([0, 4], 2) == [0, 2]
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"budget": 0}, "budget must be at least 1"),
+    ({"tau_end": 0.0}, "tau_start and tau_end must be > 0"),
+    ({"tau_start": -1.0}, "tau_start and tau_end must be > 0"),
+    ({"tau_steps": -1}, "tau_steps must be >= 0"),
+])
+def test_options_the_relaxation_cannot_run_with_are_refused(option: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GumbelSparsifierHead(width=8, **option)
 
 
 def topk_positions(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,8 +92,8 @@ def test_sparsify_respects_ratio_and_budget_and_is_deterministic() -> None:
     assert set(a["level2_pos"].tolist()) == set(torch.topk(rows.norm(dim=1), 12).indices.tolist())
 
 
-@pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("int8", "row"), ("int8", "image"),
-                                               ("int4", "row"), ("int4", "image")])
+@pytest.mark.parametrize("value_dtype,scale", [("float16", "row"), ("float32", "row"), ("int8", "row"),
+                                               ("int8", "image"), ("int4", "row"), ("int4", "image")])
 def test_codec_round_trip(value_dtype: str, scale: str, tmp_path) -> None:
     entry = dense_entry(1)
     head = built_head(keep_ratio=0.5, value_dtype=value_dtype, int8_scale=scale, fill_sigma=0.0)  # dropped = zero
@@ -108,7 +123,7 @@ def test_codec_round_trip(value_dtype: str, scale: str, tmp_path) -> None:
         dropped = torch.ones(len(rows), dtype=torch.bool)
         dropped[pos] = False
         assert (back[dropped] == 0).all()
-        if value_dtype == "float16":
+        if value_dtype in ("float16", "float32"):  # the entry is fp16: either float holds it exactly
             assert torch.equal(back[pos], rows[pos])
         else:  # symmetric integers: error at most half a quantisation step (plus the fp16 scale's rounding)
             levels = codec.INT_LEVELS[value_dtype]
@@ -241,7 +256,7 @@ def test_plackett_luce_logprob_matches_enumeration() -> None:
 
 
 # ---------------------------------------------------------------- through the real CVNet verifier
-def verifier_module(width: int = 8, **sparsifier_args):
+def verifier_module(width: int = 8, verifier_args: dict | None = None, **sparsifier_args):
     """Global + CVNet verifier + sparsifier in one RetrievalModule on a small random ResNet-18."""
     from retrieval_lightning.backbone import Backbone
     from retrieval_lightning.module import RetrievalModule
@@ -250,7 +265,7 @@ def verifier_module(width: int = 8, **sparsifier_args):
     torch.manual_seed(0)
     heads = {
         "global": HEADS.get("gem_arcface")(dim=8),
-        "verifier": HEADS.get("cvnet_verifier")(width=width),
+        "verifier": HEADS.get("cvnet_verifier")(width=width, **(verifier_args or {})),
         "sparsifier": GumbelSparsifierHead(width=width, hidden=4, **({"value_dtype": "float16"} | sparsifier_args)),
     }
     module = RetrievalModule(Backbone("resnet18", weights=None, stages=("conv4", "conv5")), heads, num_classes=4)
@@ -264,9 +279,11 @@ def photos(n: int, seed: int = 0) -> list[torch.Tensor]:
     return list(F.interpolate(x, size=(96, 128), mode="bilinear", align_corners=False))
 
 
-@pytest.mark.parametrize("fill_sigma", [0.0, 1.5])
-def test_keep_ratio_one_reproduces_dense_scores_through_the_module(fill_sigma: float) -> None:
-    module = verifier_module(keep_ratio=1.0, fill_sigma=fill_sigma)
+@pytest.mark.parametrize("fill_sigma, dtype", [(0.0, "float16"), (1.5, "float16"), (0.0, "float32")])
+def test_keep_ratio_one_reproduces_dense_scores_through_the_module(fill_sigma: float, dtype: str) -> None:
+    """fp16 values against the verifier's default fp16 entries; fp32 ones against ``entry_dtype: float32``."""
+    module = verifier_module(verifier_args={"entry_dtype": dtype}, keep_ratio=1.0, fill_sigma=fill_sigma,
+                             value_dtype=dtype)
     verifier, head = module.heads["verifier"], module.heads["sparsifier"]
     assert head.verifier[0] is verifier  # the module attached it
     images = photos(4)

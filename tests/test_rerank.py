@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from rerank_plugin import PLUGIN_SOURCE
@@ -39,6 +40,7 @@ from retrieval_lightning.retrieval.rerank import (
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, extract_entries
 from retrieval_lightning.retrieval.search import topk_search
 from retrieval_lightning.retrieval.store import FeatureStore
+from retrieval_lightning.retrieval.writer import UNREADABLE
 
 
 def plugin_module() -> types.ModuleType:
@@ -331,6 +333,40 @@ def test_an_unreadable_images_placeholder_entry_is_extracted_again_once_the_imag
     want = module.rerank_entries([images[9]])[0][kind[len(module.rerank_prefix):]].numpy()
     np.testing.assert_array_equal(np.asarray(fixed.get(kind, [row])[0]).reshape(want.shape), want)
     assert not np.array_equal(placeholder.reshape(want.shape), want)
+
+
+def test_rank_zeros_merge_takes_in_the_entry_another_rank_extracted_again(tmp_path: Path) -> None:
+    """Under DDP rank 0 merges every rank's shards: when only rank 1 extracted a fixed image again (rank 0 wrote
+    nothing this time), the merge must still run, and so must one after a run killed before its merge."""
+    eval_set = tiny_eval_set()
+    module = tiny_module()
+    images = [eval_set.dataset[i]["image"] for i in range(16)]
+    blank = [torch.zeros_like(img) if i == 9 else img for i, img in enumerate(images)]
+
+    def run(pictures: list[Tensor], merge: bool) -> list[RerankEntryWriter]:
+        writers = [RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity(), rank=rank,
+                                     shard_size=4) for rank in (0, 1)]
+        for rank, writer in enumerate(writers):  # a DistributedSampler's split: rank r has items r, r + 2, ...
+            mine = list(range(rank, 16, 2))
+            writer.add([pictures[i] for i in mine], mine, unreadable=[pictures[i] is blank[9] for i in mine])
+            writer.close()
+        if merge:
+            writers[0].merge()
+        return writers
+
+    run(blank, merge=True)
+    stale = RerankEntryWriter(module, eval_set, tmp_path / "w", module.entry_identity()).open_side("database")
+    assert int(stale.array(UNREADABLE)[int(np.flatnonzero(stale.index == 9)[0])]) == 1
+    writers = run(images, merge=False)  # killed before the merge: rank 1 wrote image 9's shard
+    assert [w.extracted for w in writers] == [0, 1]
+    again = run(images, merge=True)  # nothing left to extract on either rank
+    assert [w.extracted for w in again] == [0, 0]
+    fixed = again[0].open_side("database")
+    row = int(np.flatnonzero(fixed.index == 9)[0])
+    kind = next(k for k in fixed.kinds if k.startswith(module.rerank_prefix))
+    want = module.rerank_entries([images[9]])[0][kind[len(module.rerank_prefix):]].numpy()
+    np.testing.assert_array_equal(np.asarray(fixed.get(kind, [row])[0]).reshape(want.shape), want)
+    assert int(fixed.array(UNREADABLE)[row]) == 0
 
 
 def test_self_contained_checkpoint_and_inference_api(tmp_path: Path) -> None:

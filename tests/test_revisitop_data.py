@@ -288,6 +288,27 @@ def test_ground_truth_pickle_that_would_run_code_is_refused(tmp_path):
     assert load_revisitop(str(tmp_path), "evil").gnd[0]["easy"] == [0]
 
 
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_ground_truth_with_numpy_arrays_loads_under_every_pickle_protocol(tmp_path, protocol):
+    """numpy pickles arrays through other functions under protocols 0 - 2 and 5 (Python 3.14's default)."""
+    (tmp_path / "rnp").mkdir()
+    cfg = {"imlist": np.array(["a", "b"]), "qimlist": ["q"],
+           "gnd": [{"bbx": np.array([0.0, 0.0, 1.5, 1.0]), "easy": np.array([1]), "hard": np.array([0]),
+                    "junk": np.array([], dtype=np.int64)}]}
+    (tmp_path / "rnp" / "gnd_rnp.pkl").write_bytes(pickle.dumps(cfg, protocol=protocol))
+    data = load_revisitop(str(tmp_path), "rnp")
+    assert data.imlist == ["a", "b"] and data.gnd[0]["easy"] == [1] and data.gnd[0]["bbx"][2] == 1.5
+
+
+@pytest.mark.parametrize("key, value", [("gnd", None), ("imlist", None), ("gnd", 3)])
+def test_a_top_level_key_of_the_wrong_type_is_named(tmp_path, key, value):
+    (tmp_path / "rkey").mkdir()
+    cfg = {"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1, 1], "easy": [0], "hard": [], "junk": []}]}
+    (tmp_path / "rkey" / "gnd_rkey.pkl").write_bytes(pickle.dumps({**cfg, key: value}))
+    with pytest.raises(RevisitopFormatError, match=rf"gnd_rkey\.pkl: key '{key}' must be a list, got"):
+        load_revisitop(str(tmp_path), "rkey")
+
+
 # --------------------------------------------------------------------------- issue 12 items 16-18, 20
 
 

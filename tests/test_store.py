@@ -109,6 +109,21 @@ def test_bad_inputs_are_named(tmp_path, arrays) -> None:
         FeatureStore.open(tmp_path / "c")
 
 
+def test_a_ragged_image_of_another_row_width_a_truncated_file_and_an_empty_store_are_named(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"kind 'loc' image 1: expected 2 rows of shape \[4\], got \[2, 1\]"):
+        FeatureStore.from_arrays(tmp_path / "r", {"loc": [np.zeros((3, 4), np.float32), np.ones((2, 1), np.float32)]})
+    store = FeatureStore.from_arrays(tmp_path / "t", {"global": np.ones((6, 4), np.float16),
+                                                      "loc": [np.ones((2, 3), np.float32)] * 6})
+    for name in ("global.npy", "index.npy"):
+        (tmp_path / "t" / name).write_bytes((tmp_path / "t" / name).read_bytes()[:60])
+        with pytest.raises(ValueError, match=rf"feature store {tmp_path / 't'}: {name} is unreadable"):
+            FeatureStore.open(tmp_path / "t").array("global")
+    empty = FeatureStore.from_arrays(tmp_path / "e", {"global": np.zeros((0, 4), np.float16)})
+    with pytest.raises(KeyError, match="is empty: no entry for dataset index 3"):
+        empty.rows_of([3])
+    assert empty.rows_of([]).tolist() == [] and store.count == 6
+
+
 def _crash_while_building(path) -> int:
     """A process that dies (no Python clean-up) in the middle of writing a store; returns its pid."""
     import subprocess

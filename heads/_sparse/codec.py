@@ -1,8 +1,8 @@
 """Sparse stored form of one projected verifier level: kept positions plus their feature rows.
 
 A dense level is ``(h*w, P)`` rows (row ``y*w + x``) with its ``(h, w)``. The sparse form keeps
-only selected rows: ``<level>_pos`` (row numbers, int16 or int32), ``<level>_val`` (the rows: fp16;
-int8; or int4, two values per byte), with integer values a scale per row (``<level>_scale`` fp16,
+only selected rows: ``<level>_pos`` (row numbers, int16 or int32), ``<level>_val`` (the rows: fp16
+(fp32 for exact checks against a verifier storing fp32); int8; or int4, two values per byte), with integer values a scale per row (``<level>_scale`` fp16,
 one per kept row) or per image (one fp32), and the unchanged ``<level>_hw``. :func:`decode_level`
 scatters the rows back into zeros, so the verifier scores a sparse entry through its dense code path.
 
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from retrieval_lightning.head import EntryKind
 
-VALUE_DTYPES = ("float16", "int8", "int4")
+VALUE_DTYPES = ("float16", "float32", "int8", "int4")
 INT_LEVELS = {"int8": 127, "int4": 7}  # largest magnitude of a symmetric code
 SCALE_MODES = ("row", "image")
 INDEX_DTYPES = ("int16", "int32")
@@ -83,8 +83,8 @@ def encode_level(level: str, rows: Tensor, positions: Tensor, value_dtype: str, 
         raise ValueError(f"{level}: {n} locations do not fit int16 positions; use index_dtype='int32'")
     kept = rows[positions]
     out = {f"{level}_pos": positions.to(getattr(torch, index_dtype)).cpu()}
-    if value_dtype == "float16":
-        out[f"{level}_val"] = kept.half().cpu()
+    if value_dtype in ("float16", "float32"):
+        out[f"{level}_val"] = kept.to(getattr(torch, value_dtype)).cpu()
     else:
         q, s = quantize(kept, scale, INT_LEVELS[value_dtype])
         out[f"{level}_val"] = (pack_int4(q) if value_dtype == "int4" else q).cpu()
@@ -92,11 +92,14 @@ def encode_level(level: str, rows: Tensor, positions: Tensor, value_dtype: str, 
     return out
 
 
-def decode_level(level: str, parts: dict[str, Tensor], hw: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
-    """Dense ``(h*w, P)`` rows of ``level``: stored rows at their positions, zeros elsewhere."""
+def decode_level(level: str, parts: dict[str, Tensor], hw: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Dense ``(h*w, P)`` rows of ``level``: stored rows at their positions, zeros elsewhere; in ``dtype``
+    (default: fp32 for rows stored in fp32, fp16 otherwise, the dense entries' default)."""
     h, w = (int(v) for v in hw.reshape(-1)[:2])
     pos = parts[f"{level}_pos"].long().reshape(-1)
     val = parts[f"{level}_val"]
+    if dtype is None:
+        dtype = torch.float32 if val.dtype == torch.float32 else torch.float16
     if val.dtype == torch.uint8:  # int4, packed
         val = unpack_int4(val)
     if val.dtype == torch.int8:

@@ -12,6 +12,7 @@ reach the verifier.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,17 +20,26 @@ from torch import Tensor
 RELAXATIONS = ("topk", "concrete")
 
 
-def keep_count(n: int, keep_ratio: float | None = None, budget: int | None = None, total: int | None = None) -> int:
-    """Locations kept out of ``n``: ``round(keep_ratio * n)``, or a per-image ``budget`` shared by
-    levels in proportion to their size (``total`` = locations of all levels); at least 1, at most n."""
+def keep_count(n: int, keep_ratio: float) -> int:
+    """Locations kept out of ``n`` at ``keep_ratio``: ``round(keep_ratio * n)``, at least 1, at most n."""
     if n <= 0:
         return 0
-    if budget is not None:
-        share = budget * n / max(int(total or n), 1)
-        return int(min(n, max(1, round(share))))
-    if keep_ratio is None:
-        raise ValueError("give keep_ratio or budget")
     return int(min(n, max(1, round(keep_ratio * n))))
+
+
+def budget_counts(sizes: Sequence[int], budget: int) -> list[int]:
+    """A per-image ``budget`` of locations shared by levels of ``sizes`` locations in proportion to their size,
+    rounded by largest remainder so that the counts add up to the budget; each non-empty level keeps at least 1
+    and at most all of its locations (where those bounds bind, the sum cannot be the budget)."""
+    total = sum(sizes)
+    if total <= 0:
+        return [0] * len(sizes)
+    shares = [budget * n / total for n in sizes]
+    counts = [math.floor(share) for share in shares]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (counts[i] - shares[i], i))
+    for i in by_remainder[: budget - sum(counts)]:
+        counts[i] += 1
+    return [min(n, max(1, c)) if n > 0 else 0 for n, c in zip(sizes, counts)]
 
 
 def spread_topk(scores: Tensor, k: int, hw: tuple[int, int], spread: float) -> tuple[Tensor, Tensor]:

@@ -42,9 +42,11 @@ from .rerank import (
 )
 from .search import topk_search
 from .store import MANIFEST, FeatureStore, normalize_identity
-from .writer import UNREADABLE, ShardWriter, completed_indices, merge_shards
+from .workdirs import atomic_write_text
+from .writer import UNREADABLE, ShardWriter, completed_indices, list_shards, merge_shards
 
 QUERIES, DATABASE = "queries", "database"
+MERGED_FROM = "store.merged_from.json"  # beside the store: the shard names it was merged from
 
 
 class RerankModel(Protocol):
@@ -133,16 +135,21 @@ class RerankEntryWriter:
             writer.close()
 
     def merge(self, progress: bool = False) -> None:
-        """Merge each side's shards into its store (skipped when an identical store is in place)."""
+        """Merge each side's shards into its store, skipped when an identical store was merged from the very
+        shards in place. The shard list is what tells: under DDP rank 0 merges, and another rank may be the one
+        that wrote a new shard (an image read this time that was a placeholder before); a run killed between
+        its last shard and the merge leaves one too."""
         for side, expected in ((QUERIES, range(self.n_queries)), (DATABASE, range(self.n_queries, self.total))):
             if side not in self.writers:
                 continue
             folder = self.directory / side
             store = folder / "store"
-            if _store_matches(store, self.identity, len(expected)) and not self.writers[side].shards_written:
+            shards = sorted(shard.name for shard in list_shards(folder))
+            if _store_matches(store, self.identity, len(expected)) and _merged_from(folder) == shards:
                 continue
             merge_shards(folder, store, expect_identity=self.identity, expected_indices=expected,
                          overwrite=True, progress=progress)
+            atomic_write_text(folder / MERGED_FROM, json.dumps(shards) + "\n")
 
     def open(self) -> tuple[FeatureStore, FeatureStore]:
         return self.open_side(QUERIES), self.open_side(DATABASE)
@@ -150,6 +157,12 @@ class RerankEntryWriter:
     def open_side(self, side: str) -> FeatureStore:
         """The merged store of one side (``queries`` or ``database``)."""
         return FeatureStore.open(self.directory / side / "store", self.identity)
+
+
+def _merged_from(folder: Path) -> list[str] | None:
+    """The shard names the side's store was last merged from (None: not recorded)."""
+    record = folder / MERGED_FROM
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def _store_matches(path: Path, identity: Mapping[str, Any], count: int) -> bool:

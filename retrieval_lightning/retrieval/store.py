@@ -186,8 +186,10 @@ class StoreBuilder:
         """Write the rows of one image of a ragged kind."""
         offsets = self.offsets[kind]
         start, stop = int(offsets[position]), int(offsets[position + 1])
-        if len(rows) != stop - start:
-            raise ValueError(f"kind {kind!r} image {position}: expected {stop - start} rows, got {len(rows)}")
+        row_shape = self._arrays[kind].shape[1:]
+        if len(rows) != stop - start or (len(rows) and tuple(np.shape(rows)[1:]) != row_shape):  # no broadcasting
+            raise ValueError(f"kind {kind!r} image {position}: expected {stop - start} rows of shape "
+                             f"{list(row_shape)}, got {list(np.shape(rows))}")
         self._arrays[kind][start:stop] = rows
 
     def commit(self) -> FeatureStore:
@@ -353,7 +355,11 @@ class FeatureStore:
         file = self.path / name
         if not file.is_file():
             raise FileNotFoundError(f"feature store {self.path}: {name} is missing")
-        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # truncated (a copy cut short, a full disk) or not .npy
+            raise ValueError(f"feature store {self.path}: {name} is unreadable ({exc}); copy or extract it "
+                             "again") from None
         if arr.dtype != dtype or arr.shape != shape:
             raise ValueError(
                 f"feature store {self.path}: {name} is {arr.dtype}{list(arr.shape)}, "
@@ -429,6 +435,8 @@ class FeatureStore:
     def rows_of(self, dataset_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row positions holding the given dataset indices (error naming the first one absent)."""
         wanted = np.asarray(dataset_indices, dtype=np.int64).reshape(-1)
+        if self.count == 0 and wanted.size:
+            raise KeyError(f"feature store {self.path} is empty: no entry for dataset index {int(wanted[0])}")
         pos = np.searchsorted(self.index, wanted)
         pos_clipped = np.minimum(pos, max(self.count - 1, 0))
         missing = (pos >= self.count) | (np.asarray(self.index[pos_clipped]) != wanted)
