@@ -98,6 +98,12 @@ class PairSampling:
         self.seed = run_seed(self.seed)
         if self.groups_per_batch < 1 or self.negatives < 1:
             raise ValueError("PairSampling needs groups_per_batch >= 1 and negatives >= 1")
+        for name in ("pool_size", "groups_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"PairSampling needs {name} >= 1 (or null: every training image), got {value}")
+        if self.mining_max_side < 1:
+            raise ValueError(f"PairSampling needs mining_max_side >= 1, got {self.mining_max_side}")
         if self.candidates is not None and self.candidates < self.negatives:
             raise ValueError(f"candidates ({self.candidates}) must be >= negatives ({self.negatives})")
         if not 0.0 <= self.same_image_positives <= 1.0:

@@ -72,6 +72,9 @@ def test_same_image_positives_take_their_share_and_leave_the_rest_unchanged() ->
             assert LABELS[positive] == LABELS[anchor] and (LABELS[negatives] != LABELS[anchor]).all()
     with pytest.raises(ValueError, match="same_image_positives"):
         PairSampling(same_image_positives=1.5)
+    for option in ("pool_size", "groups_per_epoch", "mining_max_side"):  # at once, not after the pool's embedding
+        with pytest.raises(ValueError, match=f"needs {option} >= 1"):
+            PairSampling(**{option: 0})
 
 
 def test_negatives_are_the_mined_nearest_and_change_after_refresh() -> None:
