@@ -89,7 +89,9 @@ def open_lightning_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
         raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                                   f"{_unpickler_cause(exc)})") from exc
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+    if not isinstance(checkpoint, dict):
+        raise CheckpointLoadError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint")
+    if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointLoadError(f"{path}: holds weights only, not a Lightning checkpoint (no 'state_dict' with "
                                   f"a training state): start from them with --model.init_from {path}")
     return checkpoint

@@ -31,6 +31,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from retrieval_lightning.archives import CorruptArchiveError, UnsafeArchiveError, extract_archive
+from retrieval_lightning.outputs import check_folder_can_be_made
 
 __all__ = [
     "ChecksumError",
@@ -366,6 +367,9 @@ def download_files(items: Sequence[RemoteFile], workers: int = 4, progress: bool
     if len(set(dests)) != len(dests):
         twice = sorted({str(d) for d in dests if dests.count(d) > 1})
         raise ValueError(f"several items share a destination: {twice}")
+    for folder in sorted({item.dest.parent for item in items} | {item.extract_to for item in items
+                                                                  if item.extract_to is not None}):
+        check_folder_can_be_made(folder, "download folder")  # once, not once per file from every worker
     bar = _Progress(progress, desc, files=len(items))
     stop = threading.Event()
     fetcher = _Fetcher(bar, stop, retries, retry_wait, timeout)

@@ -19,6 +19,8 @@ class UsageError(ValueError):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception classes that mean "bad input", not "bug" (imported lazily: the CLI starts fast)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # Lightning's own config refusals
+
     from retrieval_lightning.archives import CorruptArchiveError, UnsafeArchiveError
     from retrieval_lightning.backbone import WeightsMismatchError
     from retrieval_lightning.checkpoints import CheckpointLoadError, IncompatibleWeightsError
@@ -35,5 +37,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         DataFormatError, UsageError, PluginError, CheckpointLoadError, IncompatibleWeightsError,
         IncompatibleCheckpointError, WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError,
         DownloadError, CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
-        StoreWriteError,
+        StoreWriteError, FileExistsError, NotADirectoryError, IsADirectoryError,  # a path the user gave: it names it
+        MisconfigurationException,
     )

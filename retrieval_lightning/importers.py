@@ -13,6 +13,7 @@ import contextlib
 from typing import Callable, Sequence
 
 from retrieval_lightning.checkpoints import UnsafePickleError, trusting_pickles
+from retrieval_lightning.outputs import file_path
 from retrieval_lightning.registry import Registry
 
 IMPORTERS_GROUP = "retrieval_lightning.importers"
@@ -38,6 +39,7 @@ def run_import(argv: Sequence[str]) -> int:
                              "otherwise): only for a file from a source you trust")
     args = parser.parse_args(list(argv))
     convert: Callable[[str, str], str] = IMPORTERS.get(args.format)  # type: ignore[assignment]
+    file_path(args.output, "import-checkpoint's output")  # before the conversion, not at its end
     trust = trusting_pickles(args.source) if args.trust_pickle else contextlib.nullcontext()
     try:
         with trust:

@@ -163,6 +163,13 @@ def _pixels(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 #: long side of both images when a model matches them: DELG caps its inference images at 1024 px and
 #: CVNet's tester reads ROxford's (<= 1024 px); a phone photo at full size, with DELG's scales up to
 #: 2x, needs more memory than most machines have
@@ -180,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="RetrievalModule checkpoint with a re-ranking head (local or verifier)")
     parser.add_argument("--features", choices=("sift", "model"), help="default: model with --checkpoint, else sift")
     parser.add_argument("--out", default="match.png", help="PNG to write (default: match.png)")
-    parser.add_argument("--num-features", type=int, default=1000, help="SIFT keypoints per image")
+    parser.add_argument("--num-features", type=_positive, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     parser.add_argument("--reference", action="store_true", help="the paper's path (KD-tree + skimage RANSAC)")
     parser.add_argument("--max-side", type=_pixels, help="shrink each image so its long side is at most this "

@@ -140,6 +140,10 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
     if record.get("format") != ARCHITECTURE_FORMAT:
         raise CheckpointLoadError(f"{source}: architecture record format {record.get('format')!r}, "
                                   f"this version reads {ARCHITECTURE_FORMAT}")
+    for part, keys in (("backbone", ("class_path", "init_args")), ("heads", ()), ("module", ("optim", "rerank"))):
+        if not isinstance(record.get(part), Mapping) or any(key not in record[part] for key in keys):
+            raise CheckpointLoadError(f"{source}: its architecture record has no complete {part!r} entry (a file "
+                                      "edited or cut short?): rebuild the model from its config with init_from")
     backbone_cls = _resolve(record["backbone"]["class_path"], "backbone")
     backbone = _construct(backbone_cls, record["backbone"]["init_args"], "the backbone", source)
     heads = {}

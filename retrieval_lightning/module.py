@@ -254,10 +254,10 @@ class RetrievalModule(pl.LightningModule):
                 k.startswith(MOMENTUM_PREFIX) for k in checkpoint["state_dict"])
             if MOMENTUM_QUEUE_KEY in checkpoint:
                 self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._check_optimizer_state_fits(checkpoint)
         own = self.state_dict()
         state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint")
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # after the tensors: another model's
+            self._check_optimizer_state_fits(checkpoint)  # checkpoint is named as that, not as changed groups
         for key in [k for k in own if k not in state]:
             state[key] = own[key]  # training-only tensors the file lacks keep their initialisation
         checkpoint["state_dict"] = state

@@ -5,14 +5,39 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import UsageError
 
-def picture_path(out: str | os.PathLike[str], default_name: str) -> Path:
+
+def check_folder_can_be_made(folder: str | os.PathLike[str], option: str) -> Path:
+    """``folder`` itself when it is a directory or can be made one: no part of it is an existing file. Checked
+    before the work, so a typo in an output path costs nothing (``mkdir`` would fail only at the end)."""
+    path = Path(folder)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == path else f"is inside {part}, a file"
+                raise UsageError(f"{option} {folder}: {where}, not a folder")
+            break
+    return path
+
+
+def picture_path(out: str | os.PathLike[str], default_name: str, option: str = "--out") -> Path:
     """Where ``--out`` puts a picture: inside it when it names a directory, with ``.png`` added when it has no
     suffix, else the path as given.
 
     Resolved before the work, and pictures are written as PNG whatever the suffix: neither a directory
-    nor an unusual suffix can fail a command at its end, after a long search."""
+    nor an unusual suffix nor a file in the way can fail a command at its end, after a long search."""
     path = Path(out)
     if path.is_dir():
         return path / default_name
+    check_folder_can_be_made(path.parent, f"{option} {out}: its folder")
     return path if path.suffix else path.with_suffix(".png")
+
+
+def file_path(out: str | os.PathLike[str], option: str) -> Path:
+    """An output file the user named: not an existing folder, and its folder can be made."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{option} {out}: is a folder; name the file to write")
+    check_folder_can_be_made(path.parent, f"{option} {out}: its folder")
+    return path

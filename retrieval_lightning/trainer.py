@@ -14,6 +14,7 @@ from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
+from retrieval_lightning.outputs import check_folder_can_be_made
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
@@ -116,8 +117,7 @@ class RetrievalTrainer(pl.Trainer):
         """
         if shard_size < 1:
             raise UsageError(f"--shard_size must be >= 1 (images per shard file), got {shard_size}")
-        if Path(output_dir).exists() and not Path(output_dir).is_dir():
-            raise UsageError(f"--output_dir {output_dir}: is a file, not a directory")
+        check_folder_can_be_made(output_dir, "--output_dir")
         if ckpt_path:
             model.load_weights(ckpt_path)
         identity = extraction_identity(model, datamodule)

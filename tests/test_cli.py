@@ -322,6 +322,30 @@ def test_an_error_that_stops_a_progress_bar_starts_its_own_line(monkeypatch: pyt
     assert "\nerror: the head returned NaN" in err and "Testing DataLoader 0" in err
 
 
+@pytest.mark.parametrize("error", ["misconfiguration", "file_exists"])
+def test_lightnings_configuration_refusals_and_a_file_in_an_output_path_are_one_line(
+        error: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A LearningRateMonitor with --trainer.logger=false (the DELG GLDv2 configs carry one), or a
+    --trainer.default_root_dir that is a file: Lightning's refusals and mkdir's, printed as tracebacks."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from retrieval_lightning import cli
+
+    def fail(argv: list[str]) -> int:
+        if error == "misconfiguration":
+            raise MisconfigurationException("Cannot use `LearningRateMonitor` callback with `Trainer` that has no "
+                                            "logger.")
+        (tmp_path / "root").write_text("x")
+        (tmp_path / "root" / "sub").mkdir(parents=True)
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", fail)
+    assert cli.main(["fit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert ("LearningRateMonitor" if error == "misconfiguration" else "root") in err
+
+
 def test_dependency_notices_nobody_can_act_on_are_dropped_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
     """Lightning's advertisement for its logger service and its pytree deprecation warning are printed on every
     run; the CLI drops those two and keeps Lightning's other lines and warnings."""

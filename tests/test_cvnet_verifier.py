@@ -343,6 +343,12 @@ def test_official_import_lists_what_does_not_fit(tmp_path) -> None:
     message = str(info.value)
     assert "heads.verifier.learner.mlp.2.bias" in message and "encoder_q.extra.weight" in message
     assert "conv2ds.1.weight (8, 1024, 3, 3)" in message
+    with pytest.raises(CheckpointImportError, match=r"not a state dict of tensors: 1 entries .*model_state \(list\)"):
+        convert_official_state({"model_state": [1, 2]})  # a model_state that is no dict is left unwrapped
+    state = random_official_state(50)
+    state["conv2ds.0.weight"] = torch.tensor(1.0)  # 0-d: named as mis-shaped, not an IndexError
+    with pytest.raises(CheckpointImportError, match=r"conv2ds\.0\.weight \(\)"):
+        convert_official_state(state)
 
 
 def test_official_import_takes_a_wrapped_state_and_names_a_converted_one(tmp_path) -> None:

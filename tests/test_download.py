@@ -398,6 +398,16 @@ def test_unreadable_archive_without_md5_is_refetched(server, tmp_path):
     assert len(list((tmp_path / "datasets/roxford5k/jpg").iterdir())) == 4
 
 
+def test_a_download_root_that_is_a_file_is_one_error_before_any_request(server, tmp_path):
+    from retrieval_lightning.errors import UsageError
+
+    _revisitop(server)
+    (tmp_path / "root").write_text("x")
+    with pytest.raises(UsageError, match=r"download folder .*root/datasets/roxford5k: is inside .*root, a file"):
+        download_revisitop(tmp_path / "root", datasets=("roxford5k",), base_url=_hosts(server), **FAST)
+    assert server.log == []
+
+
 def test_a_file_without_md5_found_in_place_unmarked_is_fetched_again(server, tmp_path):
     """The official download.py writes revisitop1m.txt and the gnd pickles in place: an interrupted run of it
     leaves a truncated file where this tool looks. Nothing can verify it (no md5, no archive), so it is replaced."""

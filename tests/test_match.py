@@ -80,9 +80,10 @@ def test_unreadable_image_names_the_file(pair: tuple[Path, Path, np.ndarray], tm
         run_match([str(tmp_path / "missing.png"), str(pair[1])])
     with pytest.raises(ValueError, match="--checkpoint"):
         run_match([str(pair[0]), str(pair[1]), "--features", "model"])
-    with pytest.raises(SystemExit) as usage:  # argparse: usage line, status 2
-        run_match([str(pair[0]), str(pair[1]), "--max-side", "-5"])
-    assert usage.value.code == 2
+    for option, value in (("--max-side", "-5"), ("--num-features", "0")):  # argparse: usage line, status 2
+        with pytest.raises(SystemExit) as usage:
+            run_match([str(pair[0]), str(pair[1]), option, value])
+        assert usage.value.code == 2
 
 
 def test_model_features_reads_rerank_entries() -> None:
@@ -196,6 +197,25 @@ def test_out_naming_a_directory_puts_the_picture_inside_it(tmp_path: Path) -> No
     assert picture_path(tmp_path, "search.png") == tmp_path / "search.png"
     assert picture_path(tmp_path / "res.xyz", "search.png") == tmp_path / "res.xyz"  # written as PNG anyway
     assert picture_path(tmp_path / "results", "search.png") == tmp_path / "results.png"
+
+
+def test_an_output_path_through_a_file_is_refused_before_the_work(tmp_path: Path) -> None:
+    """search --out, match --out, extract --output_dir, import-checkpoint's output, a download folder: a file in
+    the way was a traceback at the end of the work (mkdir), after a whole search or conversion."""
+    from retrieval_lightning.errors import UsageError
+    from retrieval_lightning.importers import run_import
+    from retrieval_lightning.outputs import check_folder_can_be_made, file_path, picture_path
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match=r"--out .*afile/sub/x\.png: its folder .*afile/sub: is inside .*afile, a file"):
+        picture_path(tmp_path / "afile" / "sub" / "x.png", "search.png")
+    with pytest.raises(UsageError, match=r"--output_dir .*afile: is a file, not a folder"):
+        check_folder_can_be_made(tmp_path / "afile", "--output_dir")
+    assert check_folder_can_be_made(tmp_path / "new" / "deeper", "--output_dir") == tmp_path / "new" / "deeper"
+    with pytest.raises(UsageError, match="output .* is a folder; name the file to write"):
+        file_path(tmp_path, "output")
+    with pytest.raises(UsageError, match="import-checkpoint's output .*afile/m.ckpt: its folder"):
+        run_import(["cvnet", str(tmp_path / "missing.pyth"), str(tmp_path / "afile" / "m.ckpt")])
 
 
 def test_a_pair_picture_explains_only_the_marks_it_draws(tmp_path: Path) -> None:

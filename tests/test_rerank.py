@@ -427,6 +427,10 @@ def test_a_checkpoint_written_by_another_plugin_version_names_what_does_not_fit(
     torch.save(checkpoint, tmp_path / "module.ckpt")
     with pytest.raises(CheckpointLoadError, match="module.ckpt: the module's rerank .*RerankConfig.*'rescore'"):
         RetrievalModule.load_from_checkpoint(tmp_path / "module.ckpt")
+    del checkpoint[ARCHITECTURE_KEY]["backbone"]  # an edited or cut record: named, not a KeyError
+    torch.save(checkpoint, tmp_path / "cut.ckpt")
+    with pytest.raises(CheckpointLoadError, match="cut.ckpt: its architecture record has no complete 'backbone'"):
+        RetrievalModule.load_from_checkpoint(tmp_path / "cut.ckpt")
 
 
 def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -> None:

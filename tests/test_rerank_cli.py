@@ -251,7 +251,7 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a directory")
     for bad, said in ((["--shard_size=0", f"--output_dir={tmp_path / 'features'}"], "--shard_size must be >= 1"),
-                      ([f"--output_dir={a_file}"], f"--output_dir {a_file}: is a file, not a directory")):
+                      ([f"--output_dir={a_file}"], f"--output_dir {a_file}: is a file, not a folder")):
         refused = _fails(["extract", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
                           "--trainer.logger=false", *bad], tmp_path)
         assert refused.startswith(f"error: {said}"), refused
@@ -278,7 +278,9 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     import torch
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pt")
-    for given, said in ((tmp_path, "is a directory"), (tmp_path / "bare.pt", "holds weights only.*--model.init_from")):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    for given, said in ((tmp_path, "is a directory"), (tmp_path / "bare.pt", "holds weights only.*--model.init_from"),
+                        (tmp_path / "list.pt", "holds a list, not a checkpoint")):
         refused = _fails(["test", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
                           "--trainer.logger=false", f"--ckpt_path={given}"], tmp_path)
         assert re.match(rf"error: {re.escape(str(given))}: {said}", refused), refused

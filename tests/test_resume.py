@@ -366,6 +366,7 @@ def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_p
     KeyError (SGD -> AdamW) or ValueError (other parameter groups); here one line says what to do."""
     import lightning.pytorch as pl
 
+    from retrieval_lightning.checkpoints import IncompatibleWeightsError
     from retrieval_lightning.errors import UsageError
     from retrieval_lightning.optim import OptimConfig
     from test_module import _TinyData, make
@@ -383,6 +384,11 @@ def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_p
                           (dict(optim=OptimConfig(weight_decay=1e-4)), "parameter groups of")):
         with pytest.raises(UsageError, match=f"cannot resume.*{said}.*--model.init_from"):
             trainer(4).fit(make(num_classes=3, **changed), datamodule=_TinyData(), ckpt_path=ckpt)
+    # another model's checkpoint (here a head of another width, its groups changed too) is named as that
+    with pytest.raises(IncompatibleWeightsError, match=r"heads\.global\.") as other:
+        trainer(4).fit(make(num_classes=3, head={"dim": 16}, freeze=["backbone"]), datamodule=_TinyData(),
+                       ckpt_path=ckpt)
+    assert "parameter groups" not in str(other.value)
     resumed = trainer(4)
     resumed.fit(make(num_classes=3), datamodule=_TinyData(), ckpt_path=ckpt)  # the same settings resume
     assert resumed.global_step == 4

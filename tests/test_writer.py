@@ -248,13 +248,16 @@ def test_a_store_identity_skips_the_arguments_that_shape_only_training(tmp_path:
     training = GLDv2DataModule(root=str(tmp_path), image_size=256, crop_area_min=0.1, sampling="pairs",
                                pairs=PairSampling(groups_per_batch=2, seed=0), sampler_seed=3, eval_batch_size=2)
     assert datamodule_identity(training) == base
+    # on_error: extract stopped by a bad image, then resumed with on_error skip as its error says (and back)
+    assert datamodule_identity(GLDv2DataModule(root=str(tmp_path), on_error="skip")) == base
     assert datamodule_identity(GLDv2DataModule(root=str(tmp_path), eval_max_side=512)) != base
     mini = datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path)))
     assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), image_size=96, crop_area_min=0.5)) == mini
     assert datamodule_identity(MiniLandmarksDataModule(root=str(tmp_path), eval_max_side=96)) != mini
     # a store written when training arguments still counted is read as before
     from retrieval_lightning.retrieval.store import identity_differences
-    written_before = {**base, "preprocessing": {**base["preprocessing"], "image_size": 512, "sampling": "pairs"}}
+    written_before = {**base, "preprocessing": {**base["preprocessing"], "image_size": 512, "sampling": "pairs",
+                                                "on_error": "raise"}}
     written_before.pop("preprocessing_uncounted")
     assert identity_differences(written_before, base) == []
     assert identity_differences(base, {**base, "preprocessing": {**base["preprocessing"], "eval_max_side": 512}})

@@ -90,6 +90,10 @@ def convert_official_state(source: dict[str, Tensor]) -> tuple[Backbone, dict[st
     """Official state dict -> a loaded (backbone, heads) pair; every tensor must be accounted for.
 
     A ``module.`` prefix on every key (a state dict saved from a DataParallel/DDP wrapper) is dropped."""
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in source.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointImportError(f"not a state dict of tensors: {len(not_tensors)} entries are not tensors "
+                                    f"(first: {', '.join(not_tensors[:3])})")
     if source and all(k.startswith("module.") for k in source):
         source = {k[len("module."):]: v for k, v in source.items()}
     if not any(k.startswith("encoder_q.") for k in source):
@@ -106,7 +110,8 @@ def convert_official_state(source: dict[str, Tensor]) -> tuple[Backbone, dict[st
         raise CheckpointImportError(
             f"cannot tell the ResNet depth: {len(s3_blocks)} blocks in encoder_q.s3 (R50 has 6, R101 has 23)"
         )
-    width = source["conv2ds.0.weight"].shape[0] if "conv2ds.0.weight" in source else 256
+    projection = source.get("conv2ds.0.weight")
+    width = projection.shape[0] if projection is not None and projection.ndim else 256  # else: named mis-shaped
     backbone, heads = build_cvnet_model(depth, width)
     target = _target_state(backbone, heads)
     mapped: dict[str, Tensor] = {}

@@ -95,9 +95,10 @@ def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) 
             f"blank placeholders, e.g. {shown}; they match nothing. Fix them and run extract again: it retries them")
 
 
-#: datamodule arguments that do not change what is extracted
+#: datamodule arguments that do not change what is extracted (``on_error``: a readable image's features are the
+#: same either way, and an unreadable one's placeholder is marked, so a run after the first one's error resumes)
 NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "persistent_workers",
-                     "download"}
+                     "download", "on_error"}
 
 
 def datamodule_identity(datamodule: Any) -> dict[str, Any]:
