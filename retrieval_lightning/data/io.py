@@ -281,7 +281,8 @@ def _decode_torchvision(path: str, data: bytearray, device: torch.device) -> tor
 
 
 def _resize(img: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 (C, H, W) tensor (equal to PIL's BILINEAR +/- 1)."""
+    """Antialiased bilinear resize of a uint8 (C, H, W) tensor: PIL's BILINEAR to within 1 level, 2 on a few
+    values in 10^5 (measured on real photos)."""
     batch = img.unsqueeze(0)
     if img.device.type == "cpu":
         out = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
