@@ -191,6 +191,11 @@ def concise_parser_error(message: str, parser: Any) -> str:
         fields = _fields_of(parser, key.group(1)) + (_init_parameters(given.group(1)) if given else [])
         close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
         return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    missing_class = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.*(?:has no attribute|No module "
+                              r"named).*)", message)
+    if key and missing_class:  # a misspelt callback or logger class: jsonargparse's union error names neither
+        path, reason = missing_class.group(1), missing_class.group(2).strip()
+        return f"{key.group(1)}: class_path {path!r} cannot be imported ({reason})" + _close_class(path)
     found = re.findall(r'Parser key "([^"]+)"', message)
     keys = [k for i, k in enumerate(found) if i == 0 or k != found[i - 1]]  # two Union branches name a key twice
     if len(keys) > 1:  # a nested option (a head's argument): its path, the class, and the innermost reason
@@ -199,6 +204,17 @@ def concise_parser_error(message: str, parser: Any) -> str:
             f", {k}" for k in keys[1:])
         return f"{where}: {_innermost_reason(message, keys[-1])}"
     return " ".join(lines[:2]) if lines else message
+
+
+def _close_class(class_path: str) -> str:
+    """``; did you mean '<module>.<Name>'?`` for the closest public name of the class path's module, if any."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
+    except (ImportError, ValueError):
+        return ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return f"; did you mean '{module_name}.{close[0]}'?" if close else ""
 
 
 def _innermost_reason(message: str, key: str) -> str:
@@ -278,7 +294,13 @@ class RetrievalCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         label_wandb_runs(self.trainer, subcommand, self.config.get(subcommand, self.config).as_dict())
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as exc:  # Lightning's refusal of --ckpt_path best/hpc (a ValueError, so a traceback)
+            if "ckpt_path=" not in str(exc) or _user_error_in(exc) is not None:
+                raise
+            raise UsageError(f"--ckpt_path: {exc} 'best' is the best checkpoint of a fit in this same process "
+                             "(finetune); give another run's checkpoint by its file") from exc
 
     def instantiate_classes(self) -> None:
         """A value the classes refuse while being built (``rerank.k: 0``, an unknown ``eval_resize`` or

@@ -259,6 +259,10 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
      "error: data (minilandmarks), pairs, negatives: expected int. Got value: x"),
     (["--data.init_args.pairs.crops_per_image", "x"],  # an optional option: the types of the Union it tried
      "error: data (minilandmarks), pairs, crops_per_image: expected int (or null). Got value: x"),
+    (["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpont"],  # was "not any of the Union subtypes"
+     "error: trainer.callbacks: class_path 'lightning.pytorch.callbacks.ModelCheckpont' cannot be imported (module "
+     "'lightning.pytorch.callbacks' has no attribute 'ModelCheckpont'); did you mean "
+     "'lightning.pytorch.callbacks.ModelCheckpoint'?"),
 ])
 def test_a_misspelled_option_is_one_line_with_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           option: list[str], said: str) -> None:
