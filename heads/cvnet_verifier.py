@@ -249,7 +249,8 @@ class CVNetVerifierHead(VerifierHead):
         levels = []
         for i in range(len(SCALES)):
             h, w = (int(v) for v in entries[0][f"level{i}_hw"])
-            rows = torch.stack([e[f"level{i}"] for e in entries]).to(device=device, dtype=torch.float32)
+            with torch.autocast("cpu", enabled=False):  # a caller's CPU bf16 autocast cannot stack fp16 entries
+                rows = torch.stack([e[f"level{i}"] for e in entries]).to(device=device, dtype=torch.float32)
             level = rows.transpose(1, 2).reshape(len(entries), -1, h, w)
             levels.append(self._drop_border(level))  # whatever a densified entry holds
         return prepare_levels(levels, normalized=True)

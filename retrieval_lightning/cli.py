@@ -173,6 +173,17 @@ class ConciseArgumentParser(LightningArgumentParser):
         sys.exit(2)
 
 
+def gloo_without_gpus(trainer: Any) -> None:
+    """A DDP strategy set to NCCL on a machine without GPUs (a GPU config run on a CPU machine) falls back to gloo,
+    said once, instead of every rank's ``ProcessGroupNCCL is only supported with GPUs`` traceback."""
+    import torch
+
+    strategy = getattr(trainer, "strategy", None)
+    if getattr(strategy, "_process_group_backend", None) == "nccl" and not torch.cuda.is_available():
+        rank_zero_warn("trainer.strategy: process_group_backend nccl needs GPUs and this machine has none; using gloo")
+        strategy._process_group_backend = "gloo"  # read when the process group starts, after this
+
+
 def concise_parser_error(message: str, parser: Any) -> str:
     """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -313,6 +324,7 @@ class RetrievalCLI(LightningCLI):
             if _user_error_in(exc) is not None:
                 raise
             raise UsageError(f"the configuration cannot be built: {_innermost(exc)}") from exc
+        gloo_without_gpus(self.trainer)
 
     def _parse_ckpt_path(self) -> None:
         """The config and the command line define the model; ``--ckpt_path`` gives its weights (and a

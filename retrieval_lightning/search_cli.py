@@ -253,6 +253,11 @@ def search_device(name: str) -> torch.device:
                                   or (device.index or 0) >= torch.cuda.device_count()):
         raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
                          "use --device cpu")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: a tensor there tells whether this torch has one
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:  # torch's "not compiled with XPU" is an AssertionError
+            raise UsageError(f"--device {name}: not available here ({exc}); use --device cpu") from None
     return device
 
 

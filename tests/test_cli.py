@@ -369,3 +369,22 @@ def test_dependency_notices_nobody_can_act_on_are_dropped_and_nothing_else(caplo
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
         warnings.warn("The number of training batches (2) is smaller than the logging interval")
     assert [str(w.message)[:14] for w in caught] == ["The number of "]
+
+
+def test_nccl_on_a_machine_without_gpus_falls_back_to_gloo(recwarn: pytest.WarningsRecorder) -> None:
+    """--trainer.strategy.init_args.process_group_backend nccl (a GPU config) on a CPU machine: every rank's
+    "ProcessGroupNCCL is only supported with GPUs" traceback before; gloo, said once, now."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from retrieval_lightning.cli import gloo_without_gpus
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="nccl"),
+                         logger=False, enable_progress_bar=False)
+    gloo_without_gpus(trainer)
+    if torch.cuda.is_available():
+        assert trainer.strategy.process_group_backend == "nccl"
+    else:
+        assert trainer.strategy.process_group_backend == "gloo"
+        assert any("nccl needs GPUs" in str(w.message) for w in recwarn)

@@ -293,3 +293,16 @@ def test_search_sizes_queries_as_the_store_was_sized(tmp_path, capsys) -> None:
     (tmp_path / "set" / IMAGE_RESIZE).write_text('{"max_side": -3}')
     with pytest.raises(DataFormatError, match=IMAGE_RESIZE):
         read_image_resize(tmp_path / "set")
+
+
+def test_search_device_names_a_device_this_torch_lacks_in_one_line() -> None:
+    """--device mps / xpu on a machine without them were tracebacks from moving the model there."""
+    from retrieval_lightning.search_cli import search_device
+
+    assert search_device("cpu") == torch.device("cpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UsageError, match="--device mps: not available here"):
+            search_device("mps")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(UsageError, match="--device xpu: not available here"):
+            search_device("xpu")
