@@ -207,7 +207,8 @@ def test_an_output_path_through_a_file_is_refused_before_the_work(tmp_path: Path
     from retrieval_lightning.outputs import check_folder_can_be_made, file_path, picture_path
 
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(UsageError, match=r"--out .*afile/sub/x\.png: its folder .*afile/sub: is inside .*afile, a file"):
+    with pytest.raises(UsageError, match=r"--out .*afile/sub/x\.png: its folder .*afile/sub: is inside .*afile, "
+                                         r"a file"):
         picture_path(tmp_path / "afile" / "sub" / "x.png", "search.png")
     with pytest.raises(UsageError, match=r"--output_dir .*afile: is a file, not a folder"):
         check_folder_can_be_made(tmp_path / "afile", "--output_dir")

@@ -2,8 +2,9 @@
 
 A dense level is ``(h*w, P)`` rows (row ``y*w + x``) with its ``(h, w)``. The sparse form keeps
 only selected rows: ``<level>_pos`` (row numbers, int16 or int32), ``<level>_val`` (the rows: fp16
-(fp32 for exact checks against a verifier storing fp32); int8; or int4, two values per byte), with integer values a scale per row (``<level>_scale`` fp16,
-one per kept row) or per image (one fp32), and the unchanged ``<level>_hw``. :func:`decode_level`
+(fp32 for exact checks against a verifier storing fp32); int8; or int4, two values per byte), with
+integer values a scale per row (``<level>_scale`` fp16, one per kept row) or per image (one fp32),
+and the unchanged ``<level>_hw``. :func:`decode_level`
 scatters the rows back into zeros, so the verifier scores a sparse entry through its dense code path.
 
 Why int4: in the same bytes it keeps about twice the locations of int8. On random unit rows of 256

@@ -37,6 +37,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from retrieval_lightning.errors import DataFormatError
+
 from .workdirs import atomic_write_text, clean_stale_builds, replace_dir, work_dir
 
 FORMAT_NAME = "retrieval-lightning-feature-store"
@@ -358,10 +360,10 @@ class FeatureStore:
         try:
             arr = np.load(file, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # truncated (a copy cut short, a full disk) or not .npy
-            raise ValueError(f"feature store {self.path}: {name} is unreadable ({exc}); copy or extract it "
-                             "again") from None
+            raise DataFormatError(f"feature store {self.path}: {name} is unreadable ({exc}); copy or extract it "
+                                  "again") from None
         if arr.dtype != dtype or arr.shape != shape:
-            raise ValueError(
+            raise DataFormatError(
                 f"feature store {self.path}: {name} is {arr.dtype}{list(arr.shape)}, "
                 f"manifest says {dtype}{list(shape)}"
             )
