@@ -138,10 +138,11 @@ def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
     query16 = entry_from_conv4(half, torch.randn(1, 24, 7, 9, generator=gen))
     dbs16 = [entry_from_conv4(half, torch.randn(1, 24, 7, 9, generator=gen)) for _ in range(2)]
     outside = half.score(query16, dbs16, [0] * 2)
-    for half.score_dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16"):
+        half.score_dtype = dtype
         with torch.autocast("cpu", dtype=torch.bfloat16):
             inside = half.score(query16, dbs16, [0] * 2)
-        assert torch.equal(inside, outside) if half.score_dtype == "float32" else inside.isfinite().all()
+        assert torch.equal(inside, outside) if dtype == "float32" else inside.isfinite().all()
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         CVNetVerifierHead(score_dtype="fp8")
     with pytest.raises(ValueError, match="entry_dtype must be float16 or float32"):  # no store holds bfloat16
