@@ -83,8 +83,13 @@ class RetrievalTrainer(pl.Trainer):
         self._checked_resume(model, ckpt_path)  # fit checks it again: the test writes no checkpoint
         before = _merged(self.test(model, datamodule=datamodule, verbose=False))
         if not before:
-            raise UsageError("finetune compares the test metrics before and after training, but the datamodule "
-                             "gave none (no test eval set?); use fit, or configure a test set")
+            limit = self.limit_test_batches
+            if self.fast_dev_run or not (isinstance(limit, float) and limit == 1.0):  # a part gives no metrics
+                option = "--trainer.fast_dev_run" if self.fast_dev_run else f"--trainer.limit_test_batches={limit}"
+                why = f"{option} evaluates the test sets in part, which gives none: leave it out"
+            else:
+                why = "the datamodule gave none (no test eval set?); use fit, or configure a test set"
+            raise UsageError(f"finetune compares the test metrics before and after training, but {why}")
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         after = _merged(self.test(model, datamodule=datamodule, verbose=False))
         if self.is_global_zero:

@@ -232,6 +232,9 @@ def test_finetune_checks_the_resume_first_and_needs_test_metrics(monkeypatch: py
     with pytest.raises(UsageError, match="no test eval set"):
         trainer.finetune(object())
     assert calls == ["resume", "test"]  # and never trained
+    partial = RetrievalTrainer(logger=False, enable_checkpointing=False, accelerator="cpu", limit_test_batches=0.5)
+    with pytest.raises(UsageError, match=r"--trainer.limit_test_batches=0.5 evaluates the test sets in part"):
+        partial.finetune(object())  # the cause named, not a missing test set
 
 
 def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) -> None:

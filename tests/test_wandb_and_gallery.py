@@ -149,6 +149,11 @@ def test_a_gallery_names_the_evaluated_weights_and_never_overwrites(tmp_path: Pa
     validating = SimpleNamespace(global_step=4, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
         _batches_that_stepped=3)))
     assert metrics_step(validating) == 3 and metrics_step(SimpleNamespace(global_step=5)) == 5
+    # and in the section of the metrics it draws: evaluate's are logged as test/... (it was evaluate/...)
+    from retrieval_lightning.callbacks.gallery import gallery_key
+
+    assert [gallery_key(stage, "rox") for stage in ("validate", "test", "evaluate")] == [
+        "val/rox/gallery", "test/rox/gallery", "test/rox/gallery"]
     first = tmp_path / "test_x_step0.png"
     assert free_path(first) == first
     first.write_bytes(b"png")

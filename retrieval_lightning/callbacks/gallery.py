@@ -49,6 +49,12 @@ def weights_label(trainer: pl.Trainer) -> str:
     return f"step {trainer.global_step}"
 
 
+def gallery_key(stage: str, eval_set: str) -> str:
+    """The W&B key of a gallery: beside the metrics of the evaluation it draws (``evaluate`` logs ``test/...``)."""
+    section = {"validate": "val", "evaluate": "test"}.get(stage, stage)
+    return f"{section}/{eval_set}/gallery"
+
+
 def metrics_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs metrics at (its count of batches that stepped, one behind ``global_step`` in a
     validation during ``fit``): a picture logged at it sits on its metrics' row."""
@@ -194,10 +200,9 @@ class RetrievalGallery(pl.Callback):
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance, title, path,
                          self.max_queries, self.k, before=before)
             drawn.append(path)
-            section = {"validate": "val"}.get(stage, stage)  # beside the metrics of the same evaluation
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"{section}/{name}/gallery", images=[os.fspath(path)], caption=[title],
+                    logger.log_image(key=gallery_key(stage, name), images=[os.fspath(path)], caption=[title],
                                      step=metrics_step(trainer))
         self.saved += drawn
         return drawn
