@@ -14,8 +14,8 @@ from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
-from retrieval_lightning.outputs import check_folder_can_be_made
 from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.outputs import check_folder_can_be_made
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.report import format_before_after
