@@ -21,7 +21,7 @@ def check_folder_can_be_made(folder: str | os.PathLike[str], option: str) -> Pat
     return path
 
 
-def picture_path(out: str | os.PathLike[str], default_name: str, option: str = "--out") -> Path:
+def picture_path(out: str | os.PathLike[str], default_name: str) -> Path:
     """Where ``--out`` puts a picture: inside it when it names a directory, with ``.png`` added when it has no
     suffix, else the path as given.
 
@@ -30,7 +30,7 @@ def picture_path(out: str | os.PathLike[str], default_name: str, option: str = "
     path = Path(out)
     if path.is_dir():
         return path / default_name
-    check_folder_can_be_made(path.parent, f"{option} {out}: its folder")
+    check_folder_can_be_made(path.parent, f"--out {out}: its folder")
     return path if path.suffix else path.with_suffix(".png")
 
 

@@ -284,7 +284,6 @@ class ShardWriter:
             _check_identity(first, _read_meta(first)["identity"], self.identity)
         self._buffer: list[dict[str, Any]] = []
         self._buffered = 0
-        self.shards_written: list[Path] = []
 
     def add(self, prediction: Mapping[str, Any], batch_idx: int = 0) -> None:
         """Buffer one batch of outputs; full shards are written as soon as they are complete."""
@@ -383,7 +382,6 @@ class ShardWriter:
                 raise StoreWriteError(f"writing feature shard {final} failed: {err}; the finished shards are kept, "
                                       "so running the same command again continues after them") from err
             raise
-        self.shards_written.append(final)
         self._seq += 1
 
 
@@ -410,14 +408,12 @@ class FeatureStoreWriter(BasePredictionWriter):
         self.identity = normalize_identity(model_identity)
         self.dtypes = dict(DEFAULT_DTYPES if dtypes is None else dtypes)
         self._writer: ShardWriter | None = None
-        self.shards_written: list[Path] = []
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._writer = ShardWriter(
             self.output_dir, int(trainer.global_rank), self.shard_size, self.identity, self.dtypes
         )
-        self.shards_written = self._writer.shards_written
 
     def write_on_batch_end(
         self,
