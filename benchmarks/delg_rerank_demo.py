@@ -93,25 +93,31 @@ def main() -> None:
                         "trained model with each (the default threshold is d/3 - 1 bits)")
     args, overrides = parser.parse_known_args()
     out = Path(args.output).resolve()
-    reports = []
+    reports: list[str] = []
+
+    def report(text: str) -> None:
+        """Each table as soon as it is measured; all of them again at the end, below the runs' logs."""
+        reports.append(text)
+        print(text, flush=True)
+
     if args.untrained:
         before = [evaluate(out / f"untrained-{kind}", None, kind == "binary", overrides) for kind in ("fp16", "binary")]
-        reports.append(table("untrained: ImageNet EfficientNet-Lite0 + GeM, random local head", *before))
-        print(reports[-1], flush=True)
+        report(table("untrained: ImageNet EfficientNet-Lite0 + GeM, random local head", *before))
     if args.checkpoint:
         checkpoint, fit_seconds = Path(args.checkpoint), None
     else:
         checkpoint, fit_seconds = train(CONFIG, out / "fit", overrides)
     after = [evaluate(out / f"trained-{kind}", checkpoint, kind == "binary", overrides) for kind in ("fp16", "binary")]
     trained = f"trained: {checkpoint}" + (f" (fit {fit_seconds:.0f} s)" if fit_seconds is not None else "")
-    reports.append(table(trained, *after))
+    report(table(trained, *after))
     if args.hamming:
         lines = ["\n## trained, binarised, by Hamming threshold", "| max_hamming | mAP E | mAP M | mAP H |", "|---|---|---|---|"]
         for bits in (int(b) for b in args.hamming.split(",")):
             result = evaluate(out / f"trained-binary-h{bits}", checkpoint, True, overrides, max_hamming=bits)
             lines.append(f"| {bits} | " + " | ".join(f"{result['reranked'][m]:.2f}" for m in METRICS) + " |")
-        reports.append("\n".join(lines))
-    print("\n".join(reports))
+        report("\n".join(lines))
+    if len(reports) > 1:
+        print("\n# summary (the tables above, together)\n" + "\n".join(reports))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,26 @@ def gloo_without_gpus(trainer: Any) -> None:
         strategy._process_group_backend = "gloo"  # read when the process group starts, after this
 
 
+def accelerator_refusal(exc: BaseException, config: Any) -> UsageError | None:
+    """Lightning's refusal of an accelerator this machine lacks, naming the setting and what the machine has.
+
+    Why: a GPU config run on a CPU machine says only "No supported gpu backend found!" (``gpu``) or is a
+    ``torch_xla`` traceback (``tpu``), neither naming ``--trainer.accelerator``. None for any other error.
+    """
+    import traceback
+
+    import torch
+
+    if not any("accelerator" in Path(frame.filename).name for frame in traceback.extract_tb(exc.__traceback__)):
+        return None
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    value = trainer.get("accelerator") if hasattr(trainer, "get") else None
+    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UsageError(f"--trainer.accelerator={value}: {first} (this machine has {', '.join(available)}; "
+                      "--trainer.accelerator=auto picks the best of them)")
+
+
 def concise_parser_error(message: str, parser: Any) -> str:
     """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -324,6 +344,11 @@ class RetrievalCLI(LightningCLI):
             if _user_error_in(exc) is not None:
                 raise
             raise UsageError(f"the configuration cannot be built: {_innermost(exc)}") from exc
+        except Exception as exc:
+            refusal = accelerator_refusal(exc, self.config.get(self.config.get("subcommand") or "", self.config))
+            if refusal is None:
+                raise
+            raise refusal from exc
         gloo_without_gpus(self.trainer)
 
     def _parse_ckpt_path(self) -> None:

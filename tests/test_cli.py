@@ -391,3 +391,24 @@ def test_nccl_on_a_machine_without_gpus_falls_back_to_gloo(recwarn: pytest.Warni
     else:
         assert trainer.strategy.process_group_backend == "gloo"
         assert any("nccl needs GPUs" in str(w.message) for w in recwarn)
+
+
+def test_an_accelerator_the_machine_lacks_is_named_with_what_it_has() -> None:
+    """--trainer.accelerator gpu on a CPU machine said only "No supported gpu backend found!", and tpu was a
+    torch_xla traceback; both name the setting and the machine's accelerators now. Other errors pass through."""
+    import lightning.pytorch as pl
+    import torch
+
+    from retrieval_lightning.cli import accelerator_refusal
+
+    lacking = ["tpu"] + ["gpu"] * (not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    for accelerator in lacking:
+        with pytest.raises(Exception) as caught:
+            pl.Trainer(accelerator=accelerator, logger=False)
+        refusal = accelerator_refusal(caught.value, {"trainer": {"accelerator": accelerator}})
+        assert refusal is not None and str(refusal).startswith(f"--trainer.accelerator={accelerator}: ")
+        assert "this machine has cpu" in str(refusal) and "\n" not in str(refusal)
+    try:
+        raise ValueError("a head's own refusal")
+    except ValueError as exc:
+        assert accelerator_refusal(exc, {"trainer": {"accelerator": "cpu"}}) is None
