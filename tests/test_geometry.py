@@ -237,6 +237,21 @@ def test_reference_path_counts_matches_along_one_line_as_the_official_code() -> 
     assert result.query_indices.tolist() == result.db_indices.tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("model", ["affine", "homography"])
+def test_matches_along_one_line_count_without_the_reference_path(model: str) -> None:
+    """The same collinear row through OpenCV: every affine (or homography) sample is degenerate, so USAC found
+    no model and the pair scored 0 (a 2000x10 strip against its exact copy too). A similarity fit counts them."""
+    q_kp = np.array([[0, 64], [32, 64], [64, 64], [96, 64], [128, 64]], np.float32)
+    d_kp = np.array([[0, 96], [64, 96], [128, 96], [192, 96], [256, 96]], np.float32)
+    desc = np.eye(5, 128, dtype=np.float32)
+    runs = [match_and_verify(q_kp, desc, d_kp, desc, model=model, threshold=3.0, seed=s) for s in (0, 0, 1)]
+    assert [r.inliers for r in runs] == [5, 5, 5]
+    np.testing.assert_allclose(runs[0].model, [[0.5, 0, 0], [0, 0.5, 16], [0, 0, 1]], atol=1e-6)
+    moved = q_kp.copy()
+    moved[2, 1] += 40  # off the line the other four follow: an outlier of the similarity
+    assert match_and_verify(moved, desc, d_kp, desc, model=model, threshold=3.0).query_indices.tolist() == [0, 1, 3, 4]
+
+
 def test_too_few_matches_and_bad_options() -> None:
     q_kp, q_desc, d_kp, d_desc = scene(10, n_true=3, n_out=0)
     res = match_and_verify(q_kp, q_desc, d_kp, d_desc)

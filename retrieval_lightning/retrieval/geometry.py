@@ -211,6 +211,8 @@ def fit_model(
     except cv2.error:  # degenerate samples (e.g. all points collinear)
         matrix, mask = None, None
     if matrix is None or mask is None or matrix.size == 0:
+        matrix, mask = _similarity_fit(src, dst, opts, seed)
+    if matrix is None or mask is None or matrix.size == 0:
         return None, np.zeros(len(src), bool)
     model = np.eye(3) if matrix.shape == (2, 3) else np.empty((3, 3))
     model[: matrix.shape[0]] = matrix
@@ -218,6 +220,22 @@ def fit_model(
     if opts.method == "ransac":  # USAC's RANSAC model can be off by pixels: refit on its inliers
         model = _least_squares(src[mask, 0], dst[mask, 0], opts.model, model)
     return model, mask
+
+
+def _similarity_fit(
+    src: np.ndarray, dst: np.ndarray, opts: MatchOptions, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """RANSAC similarity (rotation, scale, shift: two points determine it) when the model found nothing.
+
+    Why: matches along one line (one row of a facade's keypoints, a strip panorama) determine no affine
+    map, so USAC's samples are all degenerate and an exact copy scored 0 inliers; along a line a similarity
+    moves points as an affine map does. The official scikit-image RANSAC counts them too."""
+    cv2.setRNGSeed(int(seed) % (2**31 - 1))  # OpenCV's RANSAC draws from this thread's generator
+    try:
+        return cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=float(opts.threshold),
+                                           maxIters=int(opts.max_iters), confidence=float(opts.confidence))
+    except cv2.error:  # fewer than two distinct points
+        return None, None
 
 
 def _least_squares(src: np.ndarray, dst: np.ndarray, kind: str, fallback: np.ndarray) -> np.ndarray:
