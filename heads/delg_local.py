@@ -187,12 +187,14 @@ class DelgLocalHead(LocalHead):
             raise RuntimeError("DelgLocalHead was built with num_classes=0: it cannot be trained")
         # DELG's gradient stop, whatever the module does
         conv4 = self._subsampled(features[self.stage].detach().float())
-        attention, _, reconstruction = self.forward_maps(conv4)
-        pooled = (F.normalize(reconstruction, dim=1) * attention).mean(dim=(2, 3))
-        mse = F.mse_loss(reconstruction, conv4)
-        if self.reconstruction_normalize:
-            mse = mse / conv4.square().mean().clamp_min(1e-12)
-        logits = self.classifier(pooled)
+        # fp32 under bf16-mixed too, as extraction: the attention these layers learn is the one it ranks by
+        with torch.autocast(conv4.device.type, enabled=False):
+            attention, _, reconstruction = self.forward_maps(conv4)
+            pooled = (F.normalize(reconstruction, dim=1) * attention).mean(dim=(2, 3))
+            mse = F.mse_loss(reconstruction, conv4)
+            if self.reconstruction_normalize:
+                mse = mse / conv4.square().mean().clamp_min(1e-12)
+            logits = self.classifier(pooled)
         self.watch(attention_accuracy=(logits.detach().argmax(dim=1) == labels).float().mean())
         return {
             "attention": F.cross_entropy(logits, labels),

@@ -371,6 +371,24 @@ def test_extraction_inside_bf16_autocast_stays_fp32() -> None:
         assert torch.equal(plain[name], mixed[name]), name
 
 
+def test_training_losses_inside_bf16_autocast_stay_fp32() -> None:
+    """fit under ``precision: bf16-mixed`` (the R50 recipe) computes the losses inside autocast: the attention,
+    autoencoder and classifier ran in bf16 there while the README says the head runs in fp32."""
+    head = DelgLocalHead(dim=8, attention_hidden=16, subsample=1)
+    torch.manual_seed(0)
+    head.build({"conv4": 32}, 3)
+    features, labels = {"conv4": torch.randn(3, 32, 6, 6)}, torch.tensor([0, 1, 2])
+    dtypes = {}
+    for name in ("attention", "decoder", "classifier"):
+        getattr(head, name).register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    plain = head.losses(features, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head.losses(features, labels)
+    assert dtypes == {"attention": torch.float32, "decoder": torch.float32, "classifier": torch.float32}
+    for name in plain:
+        assert torch.equal(plain[name], mixed[name]), name
+
+
 def test_keypoints_are_stored_in_the_original_images_pixels_through_every_extraction_path(tmp_path) -> None:
     """An eval image shrunk to ``eval_max_side`` carries its resize factor; DELG maps its keypoints back
     by it, as the official extractor does, so RANSAC's threshold is in original pixels. The same through
