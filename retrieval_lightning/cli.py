@@ -77,6 +77,31 @@ def _override(args: Sequence[str], key: str) -> list[tuple[str, str]]:
     return found
 
 
+def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the arguments without ``--model.heads.<role>=null``, the roles so dropped).
+
+    Why: a config's head cannot be removed by an override otherwise (the parser wants a head there), and
+    an evaluation config of a two-head model then cannot serve the model's one-head stage.
+    """
+    kept: list[str] = []
+    dropped: list[str] = []
+    pattern = re.compile(r"^--model\.heads\.([^.=]+)$")
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        match = pattern.match(name)
+        if match and not eq and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        else:
+            step = 1
+        if match and (eq or step == 2) and value.strip().lower() in ("null", "none", "~"):
+            dropped.append(match.group(1))
+        else:
+            kept.extend(args[i : i + step])
+        i += step
+    return kept, dropped
+
+
 def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
     """Short plugin names a command uses, by where they are set (config files and overrides).
 
@@ -301,6 +326,22 @@ def _signature_names(cls: type) -> list[str]:
 class RetrievalCLI(LightningCLI):
     """LightningCLI wired to the registry: the datamodule's ``num_classes`` flows into the model."""
 
+    #: roles given as ``--model.heads.<role>=null``, left out of the parsed arguments and the model
+    dropped_heads: list[str] = []
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """The command line less ``--model.heads.<role>=null`` (sys.argv keeps them: DDP re-launches it)."""
+        if args is not None:
+            super().parse_arguments(parser, args)
+            return
+        full = sys.argv
+        kept, self.dropped_heads = split_dropped_heads(full[1:])
+        sys.argv = [*full[:1], *kept]
+        try:
+            super().parse_arguments(parser, None)
+        finally:
+            sys.argv = full
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = dict(LightningCLI.subcommands())
@@ -333,11 +374,34 @@ class RetrievalCLI(LightningCLI):
             raise UsageError(f"--ckpt_path: {exc} 'best' is the best checkpoint of a fit in this same process "
                              "(finetune); give another run's checkpoint by its file") from exc
 
+    def _drop_heads(self) -> None:
+        """Remove the heads given as ``--model.heads.<role>=null`` from the parsed config."""
+        if not self.dropped_heads:
+            return
+        subcommand = self.config.get("subcommand")
+        heads = (self.config[subcommand] if subcommand else self.config)["model"]["heads"]
+        unknown = sorted(set(self.dropped_heads) - set(heads))
+        if unknown:
+            raise UsageError(f"--model.heads.{unknown[0]}=null: no head {unknown[0]!r} is configured "
+                             f"(the heads are {sorted(heads)})")
+        model = (self.config[subcommand] if subcommand else self.config)["model"]
+        for role in self.dropped_heads:  # and the training settings that name it
+            del heads[role]
+            for key in ("loss_weights", "detach", "freeze"):
+                if isinstance(model.get(key), dict):
+                    model[key].pop(role, None)
+                elif isinstance(model.get(key), list):
+                    model[key] = [name for name in model[key] if name != role]
+            mults = model.get("optim") and model["optim"].get("head_lr_mult")
+            if isinstance(mults, dict):
+                mults.pop(role, None)
+
     def instantiate_classes(self) -> None:
         """A value the classes refuse while being built (``rerank.k: 0``, an unknown ``eval_resize`` or
         margin, ``freeze`` naming a head that is not configured) is a user error, reported in one line.
         jsonargparse re-raises a dataclass's refusal as a multi-line union error, so the innermost
         exception (the one that names the value) is reported."""
+        self._drop_heads()
         try:
             super().instantiate_classes()
         except ValueError as exc:
@@ -403,7 +467,7 @@ def _with_modules(recorded: dict[str, Any], architecture: Any) -> dict[str, Any]
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
     args = list(sys.argv[1:] if args is None else args)
-    used = check_plugin_names(args)
+    used = check_plugin_names(split_dropped_heads(args)[0])
     problems = register_plugin_aliases(used)
     if problems:  # a plugin this command names cannot load: say why, not the parser's "expected a class path"
         raise PluginError("; ".join(problems))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,25 @@ def test_an_accelerator_the_machine_lacks_is_named_with_what_it_has() -> None:
         raise ValueError("a head's own refusal")
     except ValueError as exc:
         assert accelerator_refusal(exc, {"trainer": {"accelerator": "cpu"}}) is None
+
+
+def test_a_configured_head_is_dropped_by_null(tmp_path: Path) -> None:
+    """``--model.heads.local=null``: a two-head evaluation config serves the model's one-head stage (the parser
+    refused it as "unknown head 'null'"); the training settings naming the head go with it; DDP re-launches
+    sys.argv, so the argument stays there."""
+    from retrieval_lightning.cli import split_dropped_heads
+    from retrieval_lightning.errors import UsageError
+
+    args = ["test", "--model.heads.local=null", "--model.heads.verifier", "None", "--model.heads.global.init_args.p=3",
+            "--model.heads", "{}", "--model.heads.x=gem_arcface"]
+    assert split_dropped_heads(args) == (
+        ["test", "--model.heads.global.init_args.p=3", "--model.heads", "{}", "--model.heads.x=gem_arcface"],
+        ["local", "verifier"])
+    base = ["--config", str(REPO / "experiments/delg_demo.yaml"), "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    argv = sys.argv
+    model = run_lightning_cli([*base, "--model.heads.local=null"], run=False).model
+    assert sys.argv is argv
+    assert list(model.heads) == ["global"] and model.loss_weights == {"global": 1.0} and not model.detach
+    with pytest.raises(UsageError, match=r"--model.heads.verifier=null: no head 'verifier' is configured"):
+        run_lightning_cli([*base, "--model.heads.verifier=null"], run=False)
