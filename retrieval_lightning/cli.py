@@ -221,8 +221,7 @@ def accelerator_refusal(exc: BaseException, config: Any) -> UsageError | None:
 
     if not any("accelerator" in Path(frame.filename).name for frame in traceback.extract_tb(exc.__traceback__)):
         return None
-    trainer = config.get("trainer") if hasattr(config, "get") else None
-    value = trainer.get("accelerator") if hasattr(trainer, "get") else None
+    value = (config.get("trainer") or {}).get("accelerator")
     available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return UsageError(f"--trainer.accelerator={value}: {first} (this machine has {', '.join(available)}; "
@@ -374,17 +373,21 @@ class RetrievalCLI(LightningCLI):
             raise UsageError(f"--ckpt_path: {exc} 'best' is the best checkpoint of a fit in this same process "
                              "(finetune); give another run's checkpoint by its file") from exc
 
+    def _command_config(self) -> Any:
+        """The parsed config of this run's command (the whole config without a subcommand: ``run=False``)."""
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
     def _drop_heads(self) -> None:
         """Remove the heads given as ``--model.heads.<role>=null`` from the parsed config."""
         if not self.dropped_heads:
             return
-        subcommand = self.config.get("subcommand")
-        heads = (self.config[subcommand] if subcommand else self.config)["model"]["heads"]
+        model = self._command_config()["model"]
+        heads = model["heads"]
         unknown = sorted(set(self.dropped_heads) - set(heads))
         if unknown:
             raise UsageError(f"--model.heads.{unknown[0]}=null: no head {unknown[0]!r} is configured "
                              f"(the heads are {sorted(heads)})")
-        model = (self.config[subcommand] if subcommand else self.config)["model"]
         for role in self.dropped_heads:  # and the training settings that name it
             del heads[role]
             for key in ("loss_weights", "detach", "freeze"):
@@ -409,7 +412,7 @@ class RetrievalCLI(LightningCLI):
                 raise
             raise UsageError(f"the configuration cannot be built: {_innermost(exc)}") from exc
         except Exception as exc:
-            refusal = accelerator_refusal(exc, self.config.get(self.config.get("subcommand") or "", self.config))
+            refusal = accelerator_refusal(exc, self._command_config())
             if refusal is None:
                 raise
             raise refusal from exc
