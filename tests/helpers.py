@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import lightning.pytorch as pl
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("retrieval-lightning"))
@@ -84,3 +89,123 @@ def ddp_env() -> dict[str, str]:
     env = cli_env(threads=1)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return env
+
+
+# --- CLI processes forked from a server that imported the package once -------------------------------------
+# A fresh interpreter spends 7 - 10 s importing lightning, timm and torchvision on a slow CPU, more than a tiny
+# run's own work; a DDP run pays it twice in a row (rank 0 re-launches sys.argv for rank 1). Tests that need a
+# separate process (to be killed, to run DDP ranks, to latch W&B's settings) fork it from a server that holds
+# those imports. The ranks of a DDP run are started the way torchrun starts them (LOCAL_RANK, MASTER_PORT set:
+# Lightning launches nothing); test_rerank_cli and test_resume keep runs of the real re-launch.
+
+_FORK_CONTEXT: multiprocessing.context.ForkServerContext | None = None
+
+
+def fork_context() -> multiprocessing.context.ForkServerContext:
+    global _FORK_CONTEXT
+    if _FORK_CONTEXT is None:
+        _FORK_CONTEXT = multiprocessing.get_context("forkserver")
+        _FORK_CONTEXT.set_forkserver_preload(["retrieval_lightning.cli"])
+    return _FORK_CONTEXT
+
+
+def _cli_in_forked_child(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """The console script's ``main`` in a forked child, with ``env`` as its whole environment."""
+    os.setsid()  # a process group of its own, as start_new_session: killpg reaches what it starts
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    os.chdir(cwd)
+    import torch
+    from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # what the variable does at a fresh start
+    rank_zero_only.rank = _get_rank() or 0  # read from the environment at import in a fresh process
+    sys.argv = [CLI, *args]
+    from retrieval_lightning.cli import main
+
+    sys.exit(main(args))
+
+
+class ForkedRun:
+    """One CLI process forked from the import server; ``poll``, ``send_signal`` and ``wait`` as ``Popen``'s."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self._dir = tempfile.TemporaryDirectory(prefix="forked_cli_")
+        self._out, self._err = (os.path.join(self._dir.name, name) for name in ("stdout", "stderr"))
+        self.process = fork_context().Process(target=_cli_in_forked_child,
+                                               args=(args, str(cwd), env or cli_env(), self._out, self._err))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the run and what it started (loader workers, W&B's service)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float = 420) -> subprocess.CompletedProcess:
+        """Its exit status (negative: the signal that ended it) and what it printed."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.kill_group()
+            self.process.join()
+            raise AssertionError(f"retrieval-lightning {' '.join(self.args)} did not finish in {timeout} s:\n"
+                                 f"{Path(self._err).read_text()[-6000:]}")
+        done = subprocess.CompletedProcess(self.args, self.process.exitcode, Path(self._out).read_text(),
+                                           Path(self._err).read_text())
+        self._dir.cleanup()
+        return done
+
+
+def start_ddp(args: list[str], cwd: Path, env: dict[str, str] | None = None, ranks: int = 2) -> list[ForkedRun]:
+    """The ranks of ``args`` (which set ``--trainer.devices=<ranks>``), each forked, as torchrun starts them."""
+    env = env or ddp_env()
+    return [ForkedRun(args, cwd, {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"}) for rank in range(ranks)]
+
+
+def finished(runs: list[ForkedRun] | ForkedRun, expect: int | None = 0, timeout: float = 420
+             ) -> subprocess.CompletedProcess:
+    """Wait for every run (all ranks); each must exit with ``expect`` (None: any). Returns the first's."""
+    done = [run.wait(timeout) for run in (runs if isinstance(runs, list) else [runs])]
+    for rank, run in enumerate(done):
+        if expect is not None and run.returncode != expect:
+            raise AssertionError(f"retrieval-lightning {' '.join(run.args)} (process {rank}) exited "
+                                 f"{run.returncode}, expected {expect}:\n--- stdout\n{run.stdout[-4000:]}\n--- stderr\n"
+                                 f"{run.stderr[-6000:]}")
+    return done[0]
+
+
+def run_forked(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """:func:`run_cli` in a process forked from the import server."""
+    return finished(ForkedRun(args, cwd, env))
+
+
+def run_ddp(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A 2-process gloo run of ``args`` (``--trainer.strategy=ddp --trainer.devices=2`` added); rank 0's output."""
+    return finished(start_ddp([*args, "--trainer.strategy=ddp", "--trainer.devices=2"], cwd, env))
+
+
+class KillAfterStep(pl.Callback):
+    """At the start of the batch after global step ``step`` (its checkpoint is on disk), die like a lost node
+    (every rank: each runs the callback)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

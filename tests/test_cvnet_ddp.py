@@ -13,8 +13,8 @@
   de-duplicated by index; global and re-ranked metrics) is in ``test_delg_ddp.py``; the demo's DDP
   ``fit`` is in ``test_resume.py`` (bitwise resume on 2 processes).
 
-The 1-process runs are in this process (one thread, as each DDP process); the DDP runs are CLI
-subprocesses, since ``strategy="ddp"`` re-launches ``sys.argv``.
+The 1-process runs are in this process (one thread, as each DDP process); the DDP ranks are CLI
+processes forked as torchrun starts them (``helpers.run_ddp``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, TINY_DATA, ddp_env, run_cli, run_main
+from helpers import REPO, TINY_DATA, run_ddp, run_main
 
 SET = "minilandmarks"
 
@@ -69,8 +69,7 @@ def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: 
     two = tmp_path / "fit2"
     # the mined pool's gathered descriptors spilled to one file both ranks map (unlinked once they have)
     spill = ["--model.spill.min_bytes=0", f"--model.spill.dir={two / 'spill'}"]
-    run_cli(verifier_args(cache_root, two, 2, config) + ["--trainer.strategy=ddp", "--trainer.devices=2", *spill],
-            cwd=tmp_path, env=ddp_env())
+    run_ddp([*verifier_args(cache_root, two, 2, config), *spill], cwd=tmp_path)
     assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
     one = tmp_path / "fit1"
     run_main(verifier_args(cache_root, one, 4, config), cwd=tmp_path, threads=1)
@@ -93,6 +92,6 @@ def test_verifier_ddp_fit_and_sparse_ddp_evaluate_equal_one_process(cache_root: 
     assert '_pos"' in (features / SET / "store" / "manifest.json").read_text()  # every image stored sparsified
     evaluate = sparsifier_args("evaluate", cache_root, tmp_path / "evaluate", verifier, f"--features_dir={features}")
     single_eval = printed_metrics(run_main(evaluate, cwd=tmp_path, threads=1).stdout)
-    ddp_eval = run_cli([*evaluate, "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path, env=ddp_env())
+    ddp_eval = run_ddp(evaluate, cwd=tmp_path)
     assert printed_metrics(ddp_eval.stdout) == single_eval and f"test/{SET}/reranked/mAP_M" in single_eval
     assert re.search(r"re-ranking minilandmarks \(rank 0\):[^\r\n]*/5 \[", ddp_eval.stderr)  # 5 of the 10 queries

@@ -6,8 +6,8 @@ merges them into the stores, and the ranks verify their share of the queries' sh
 seeded per (query, candidate) pair from dataset indices, so the metrics must not depend on the number
 of processes. The local head is untrained (both runs build it from ``seed_everything: 0``): the point
 is determinism, not quality. Tiny images, one scale, few keypoints and a short shortlist keep it cheap;
-the 1-process reference runs in this process (one thread, as each DDP process), the DDP run as a CLI
-subprocess: ``strategy="ddp"`` re-launches ``sys.argv``, which inside pytest is pytest.
+the 1-process reference runs in this process (one thread, as each DDP process), the DDP ranks as CLI
+processes forked as torchrun starts them (``helpers.run_ddp``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_DATA, ddp_env, read_metrics, run_cli, run_main
+from helpers import REPO, TINY_DATA, read_metrics, run_ddp, run_main
 
 CONFIG = str(REPO / "experiments/delg_demo.yaml")
 SET = "minilandmarks"
@@ -38,8 +38,8 @@ def test_delg_reranked_evaluation_ddp_equals_one_process(cache_root: Path, tmp_p
     run_main(delg_args(cache_root, one), cwd=tmp_path, threads=1)
     two = tmp_path / "two"
     # the gathered descriptors spilled to one file both ranks map, as +1M ones are (unlinked once mapped)
-    run_cli([*delg_args(cache_root, two), "--trainer.strategy=ddp", "--trainer.devices=2", "--model.spill.min_bytes=0",
-             f"--model.spill.dir={two / 'spill'}"], cwd=tmp_path, env=ddp_env())
+    run_ddp([*delg_args(cache_root, two), "--model.spill.min_bytes=0", f"--model.spill.dir={two / 'spill'}"],
+            cwd=tmp_path)
     assert (two / "spill").is_dir() and not any((two / "spill").iterdir())
 
     single = read_metrics(one / "metrics", "test")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, TINY_DATA, cli_env, run_cli
+from helpers import REPO, TINY_DATA, cli_env, run_cli, run_forked
 
 PLUGIN_SOURCE = '''
 """A third-party global head: average pooling + linear projection, trained with plain softmax."""
@@ -65,11 +65,11 @@ def test_third_party_head_is_listed_and_trained_by_short_name(cache_root: Path, 
     row = next(line.split() for line in listing.splitlines() if " acme_avgpool " in f" {line} ")
     assert row[:5] == ["head", "acme_avgpool", "global", "acme-retrieval-heads", "0.3.0"]
 
-    out = tmp_path / "run"
-    run_cli(["fit", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
-             *TINY_DATA, "--model.heads.global.class_path=acme_avgpool", "--model.heads.global.init_args.dim=32",
-             "--trainer.max_steps=2", "--trainer.logger=false", f"--trainer.default_root_dir={out}"],
-            cwd=tmp_path, env=env)
+    out = tmp_path / "run"  # forked from a process that imported the package before the plugin was installed
+    run_forked(["fit", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+                *TINY_DATA, "--model.heads.global.class_path=acme_avgpool", "--model.heads.global.init_args.dim=32",
+                "--trainer.max_steps=2", "--trainer.logger=false", f"--trainer.default_root_dir={out}"],
+               cwd=tmp_path, env=env)
     ckpt = sorted(out.rglob("*.ckpt"))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2

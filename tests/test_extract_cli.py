@@ -3,16 +3,13 @@ byte-identical to an uninterrupted 1-process run (real model, real CLI, gloo).""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import CLI, REPO, TINY_DATA, ddp_env, run_cli, run_main
+from helpers import REPO, TINY_DATA, finished, run_ddp, run_main, start_ddp
 
 SHARD = 8
 
@@ -23,21 +20,19 @@ def args(cache_root: Path, out: Path, *extra: str) -> list[str]:
             f"--output_dir={out}/features", f"--shard_size={SHARD}", *extra]
 
 
-def kill_after_first_shards(command: list[str], shard_dir: Path, cwd: Path, env: dict[str, str]) -> None:
-    """Start the run in its own process group and SIGKILL the whole group once two shards exist."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+def kill_after_first_shards(args: list[str], shard_dir: Path, cwd: Path) -> None:
+    """Start the 2-process run and SIGKILL both ranks (and what they started) once two shards exist."""
+    ranks = start_ddp(args, cwd)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and all(rank.poll() is None for rank in ranks):
             if len(list(shard_dir.glob("shard-*.npz"))) >= 2:
-                os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        for rank in ranks:
+            rank.kill_group()
+        finished(ranks, expect=None)
 
 
 def shard_indices(shard_dir: Path) -> dict[str, np.ndarray]:
@@ -61,16 +56,15 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: P
     assert {"manifest.json", "index.npy", "global.npy"} <= set(reference)
 
     ddp = tmp_path / "ddp"
-    ddp_args = args(cache_root, ddp, "--trainer.devices=2", "--trainer.strategy=ddp")
     shard_dir = ddp / "features" / "minilandmarks"
-    kill_after_first_shards([CLI, *ddp_args], shard_dir, tmp_path, ddp_env())
+    kill_after_first_shards(args(cache_root, ddp, "--trainer.devices=2", "--trainer.strategy=ddp"), shard_dir, tmp_path)
     before = shard_indices(shard_dir)
     assert len(before) >= 2 and not (shard_dir / "store").exists(), "the run was not interrupted part-way"
     done = set(np.concatenate(list(before.values())).tolist())
     everything = set(np.load(single / "features" / "minilandmarks" / "store" / "index.npy").tolist())
     assert done < everything
 
-    run_cli(ddp_args, cwd=tmp_path, env=ddp_env())
+    run_ddp(args(cache_root, ddp), cwd=tmp_path)
     after = shard_indices(shard_dir)
     assert all(np.array_equal(after[name], idx) for name, idx in before.items())  # finished shards untouched
     redone = np.concatenate([idx for name, idx in after.items() if name not in before])

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from helpers import REPO, TINY_DATA, run_main
+from helpers import REPO, TINY_DATA, fork_context, run_main
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.layers.margins import CurricularFaceMargin
 from retrieval_lightning.module import RetrievalModule
@@ -181,8 +180,14 @@ def test_two_ranks_share_one_queue_and_each_leaves_out_only_its_own_keys() -> No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, out), nprocs=2)
+    context = fork_context()  # forked from the import server: no interpreter start-up per rank
+    out = context.Manager().dict()
+    ranks = [context.Process(target=_rank, args=(rank, port, out)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [process.exitcode for process in ranks] == [0, 0]
     # rank 0: labels [0, 7]; rank 1: [0, 7, 5] (3 images): the queue holds them in rank order on both
     assert out[0][0] == out[1][0] == [0, 7, 0, 7, 5]
     # each image of labels 0 and 7 has the other rank's key as a positive; 5 has none

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_cli, run_main
+from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_ddp, run_main
 from rerank_plugin import make_rerank_distribution
 
 DEMO = str(REPO / "experiments/demo.yaml")
@@ -35,7 +35,7 @@ def rerank_args(cache_root: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path, tmp_path: Path, plugin_path: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(plugin_path)  # the 1-process runs in this process, the DDP run as a subprocess
+    monkeypatch.syspath_prepend(plugin_path)  # the 1-process runs in this process, the DDP ranks forked
     one = tmp_path / "one"
     run_main(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted")], cwd=tmp_path)
     single = read_metrics(one / "metrics", "test")
@@ -61,9 +61,9 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
     env2 = ddp_env()
     env2["PYTHONPATH"] = plugin_path + ":" + env2.get("PYTHONPATH", "")
     two = tmp_path / "two"
-    run_cli(["test", *rerank_args(cache_root, two, "--model.heads.verifier.init_args.sign=-1",
-                                  "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain"),
-             "--trainer.strategy=ddp", "--trainer.devices=2"], cwd=tmp_path, env=env2)
+    run_ddp(["test", *rerank_args(cache_root, two, "--model.heads.verifier.init_args.sign=-1",
+                                  "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain")],
+            cwd=tmp_path, env=env2)
     assert read_metrics(two / "metrics", "test", 0) == flipped
     assert read_metrics(two / "metrics", "test", 1) == flipped
 

@@ -2,9 +2,10 @@
 mid-epoch checkpoint, then resumed, ends with weights bitwise equal to an uninterrupted run's, on 1
 process and on 2 (gloo); the offline W&B run keeps its id across the restarts.
 
-Subprocess runs of ``tests/scripts/resume_demo.py`` (the CLI plus a callback that SIGKILLs every
-rank at the start of the batch after a given step): ``strategy="ddp"`` re-launches ``sys.argv``.
-Reference and interrupted runs go in parallel (one thread each) to keep the wall time down.
+The runs are CLI processes forked from an import server (``helpers.ForkedRun``; DDP ranks started as
+torchrun starts them), with ``helpers.KillAfterStep`` to SIGKILL every rank at the start of the batch
+after a given step; the killed 2-process run is the real console script, whose rank 0 re-launches
+``sys.argv`` for rank 1. Reference and interrupted runs go in parallel to keep the wall time down.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env, run_main
-
-SCRIPT = str(REPO / "tests" / "scripts" / "resume_demo.py")
+from helpers import CLI, REPO, TINY_DATA, ForkedRun, cli_env, ddp_env, finished, run_main, start_ddp
 MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
 
 
@@ -46,26 +44,23 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def args(config: Path, cache_root: Path, out: Path, *extra: str, wandb: bool = False) -> list[str]:
     logger = [f"--trainer.logger.init_args.save_dir={out}/wandb", "--trainer.log_every_n_steps=1"] if wandb \
         else ["--trainer.logger=false"]
-    return [sys.executable, SCRIPT, "fit", "--config", str(config), f"--data.init_args.root={cache_root}", *TINY_DATA,
+    return ["fit", "--config", str(config), f"--data.init_args.root={cache_root}", *TINY_DATA,
             f"--trainer.max_steps={MAX_STEPS}", f"--trainer.default_root_dir={out}",
             "--trainer.enable_progress_bar=false", *logger, *extra]
 
 
 def kill_after(step: int) -> list[str]:
-    return ["--trainer.callbacks+=__main__.KillAfterStep", f"--trainer.callbacks.step={step}"]
+    return ["--trainer.callbacks+=helpers.KillAfterStep", f"--trainer.callbacks.step={step}"]
 
 
-def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def start(args: list[str], cwd: Path, env: dict[str, str]) -> ForkedRun:
+    return ForkedRun(args, cwd, env)
 
 
-def finish(proc: subprocess.Popen, expect: int | None = 0, timeout: float = 400) -> str:
-    """Wait for ``proc``; its exit code must be ``expect`` (``None``: any)."""
-    out, _ = proc.communicate(timeout=timeout)
-    ok = expect is None or proc.returncode == expect
-    assert ok, f"exit {proc.returncode}, expected {expect}:\n{out[-6000:]}"
-    return out
+def finish(runs: ForkedRun | list[ForkedRun], expect: int | None = 0) -> str:
+    """Wait for the run (every rank); its exit code must be ``expect`` (``None``: any). What it printed."""
+    done = finished(runs, expect)
+    return done.stdout + done.stderr
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -90,7 +85,7 @@ def logged_steps(run: Path) -> set[int]:
     return {int(data[m.end():m.end() + m.group(1)[0]]) for m in found}
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, proc: ForkedRun, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -143,13 +138,16 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
 def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_path: Path) -> None:
     ref, out = tmp_path / "reference", tmp_path / "killed"
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=9"]
-    reference = start(args(config, cache_root, ref, *ddp), tmp_path, ddp_env())
-    killed = start(args(config, cache_root, out, *ddp, *kill_after(3)), tmp_path, ddp_env())
-    finish(killed, expect=-signal.SIGKILL)
+    reference = start_ddp(args(config, cache_root, ref, *ddp), tmp_path)
+    # the console script, as a user runs it: rank 0 re-launches sys.argv for rank 1, and both die
+    env = cli_env(extra_pythonpath=str(REPO / "tests")) | {k: v for k, v in ddp_env().items() if k.startswith("MASTER")}
+    killed = subprocess.run([CLI, *args(config, cache_root, out, *ddp, *kill_after(3))], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-6000:]
     ckpt = out / "checkpoints" / "step=0000003.ckpt"  # mid-epoch (5 batches per rank); the resume crosses epochs
     assert ckpt.exists()
     assert len(torch.load(ckpt, weights_only=True)["callbacks"]["ResumeState"]["rng"]) == 2  # both ranks' states
-    finish(start(args(config, cache_root, out, *ddp, f"--ckpt_path={ckpt}"), tmp_path, ddp_env()))
+    finish(start_ddp(args(config, cache_root, out, *ddp, f"--ckpt_path={ckpt}"), tmp_path))
     finish(reference)
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
 
@@ -415,7 +413,7 @@ def test_ctrl_c_mid_epoch_and_sigterm_at_an_epoch_end_resume_bitwise(config: Pat
     one's data: both on-exception checkpoints resume to the weights of an uninterrupted run (before, the
     Ctrl-C checkpoint's loader skipped the batch being trained, and the epoch-end one skipped a whole epoch)."""
     def fit(out: Path, *extra: str) -> None:
-        run_main(args(config, cache_root, out, *extra)[2:], cwd=tmp_path)
+        run_main(args(config, cache_root, out, *extra), cwd=tmp_path)
 
     fit(tmp_path / "reference")
     out, signals = tmp_path / "interrupted", ["--trainer.callbacks+=test_resume.SignalAt"]

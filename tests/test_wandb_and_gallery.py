@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, TINY_DATA, cli_env, run_cli, run_main
+from helpers import REPO, TINY_DATA, cli_env, run_forked, run_main
 
 
 @pytest.mark.slow
@@ -81,13 +81,13 @@ def test_without_an_api_key_the_logger_goes_offline_unless_disabled(tmp_path: Pa
 @pytest.mark.slow
 def test_wandb_mode_disabled_runs_without_wandb_files(cache_root: Path, tmp_path: Path) -> None:
     """``WANDB_MODE=disabled``: the command runs (the resolved config goes to the log directory, as
-    without W&B) and no W&B run folder is written. A fresh process: W&B latches its settings per process."""
+    without W&B) and no W&B run folder is written. A process of its own: W&B latches its settings per process."""
     env = cli_env()
     env.update(WANDB_MODE="disabled", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
     out = tmp_path / "out"
-    run_cli(["test", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
-             *TINY_DATA, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}/wb",
-             "--trainer.callbacks=[]"], cwd=tmp_path, env=env)
+    run_forked(["test", "--config", str(REPO / "experiments/demo.yaml"), f"--data.init_args.root={cache_root}",
+                *TINY_DATA, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}/wb",
+                "--trainer.callbacks=[]"], cwd=tmp_path, env=env)
     assert not list(out.rglob("offline-run-*")) and not list(out.rglob("run-*.wandb"))
     saved = list(out.rglob("config.yaml"))
     assert saved and "gem_arcface" in saved[0].read_text()
