@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,14 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_forked_run_outlives_its_test() -> Iterator[None]:
+    yield
+    helpers = sys.modules.get("helpers")
+    if helpers is not None:
+        helpers.kill_leftover_runs()
 
 
 @pytest.fixture(scope="session")

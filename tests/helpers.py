@@ -96,7 +96,7 @@ def ddp_env() -> dict[str, str]:
 # run's own work; a DDP run pays it twice in a row (rank 0 re-launches sys.argv for rank 1). Tests that need a
 # separate process (to be killed, to run DDP ranks, to latch W&B's settings) fork it from a server that holds
 # those imports. The ranks of a DDP run are started the way torchrun starts them (LOCAL_RANK, MASTER_PORT set:
-# Lightning launches nothing); test_rerank_cli and test_resume keep runs of the real re-launch.
+# Lightning launches nothing); test_resume's killed 2-process run keeps the console script's real re-launch.
 
 _FORK_CONTEXT: multiprocessing.context.ForkServerContext | None = None
 
@@ -109,8 +109,10 @@ def fork_context() -> multiprocessing.context.ForkServerContext:
     return _FORK_CONTEXT
 
 
-def _cli_in_forked_child(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
-    """The console script's ``main`` in a forked child, with ``env`` as its whole environment."""
+def _in_forked_child(args: list[str], script: str | None, cwd: str, env: dict[str, str], stdout: str,
+                     stderr: str) -> None:
+    """The console script's ``main`` (or ``python <script> <args>``) in a forked child, with ``env`` as its
+    whole environment."""
     os.setsid()  # a process group of its own, as start_new_session: killpg reaches what it starts
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -125,23 +127,35 @@ def _cli_in_forked_child(args: list[str], cwd: str, env: dict[str, str], stdout:
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # what the variable does at a fresh start
     rank_zero_only.rank = _get_rank() or 0  # read from the environment at import in a fresh process
+    if script is not None:
+        import runpy
+
+        sys.argv = [script, *args]
+        runpy.run_path(script, run_name="__main__")
+        sys.exit(0)
     sys.argv = [CLI, *args]
     from retrieval_lightning.cli import main
 
     sys.exit(main(args))
 
 
-class ForkedRun:
-    """One CLI process forked from the import server; ``poll``, ``send_signal`` and ``wait`` as ``Popen``'s."""
+_LIVE: set[ForkedRun] = set()
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+
+class ForkedRun:
+    """One CLI process (or ``python <script>``) forked from the import server; ``poll``, ``send_signal`` and
+    ``wait`` as ``Popen``'s. Still running when its test ends, it is killed (conftest), not waited for at exit."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 script: Path | None = None) -> None:
         self.args = args
         self._dir = tempfile.TemporaryDirectory(prefix="forked_cli_")
         self._out, self._err = (os.path.join(self._dir.name, name) for name in ("stdout", "stderr"))
-        self.process = fork_context().Process(target=_cli_in_forked_child,
-                                               args=(args, str(cwd), env or cli_env(), self._out, self._err))
+        self.process = fork_context().Process(target=_in_forked_child, args=(
+            args, None if script is None else str(script), str(cwd), env or cli_env(), self._out, self._err))
         self.process.start()
         self.pid = self.process.pid
+        _LIVE.add(self)
 
     def poll(self) -> int | None:
         return self.process.exitcode
@@ -167,7 +181,16 @@ class ForkedRun:
         done = subprocess.CompletedProcess(self.args, self.process.exitcode, Path(self._out).read_text(),
                                            Path(self._err).read_text())
         self._dir.cleanup()
+        _LIVE.discard(self)
         return done
+
+
+def kill_leftover_runs() -> None:
+    """SIGKILL forked runs a failed test left behind (a rank waiting for a dead peer would hang pytest's exit)."""
+    for run in list(_LIVE):
+        run.kill_group()
+        run.process.join()
+        _LIVE.discard(run)
 
 
 def start_ddp(args: list[str], cwd: Path, env: dict[str, str] | None = None, ranks: int = 2) -> list[ForkedRun]:

@@ -83,15 +83,15 @@ def test_gem_matches_definition_and_p1_is_average_pooling() -> None:
 def test_curricularface_statistic_is_identical_across_ddp_ranks(tmp_path) -> None:
     import json
     import socket
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from helpers import ForkedRun, finished
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = Path(__file__).parent / "scripts" / "curricularface_ddp.py"
-    subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], check=True, timeout=120)
+    finished(ForkedRun([str(port), str(tmp_path)], tmp_path, script=script), timeout=120)
     t0, t1 = (json.loads((tmp_path / f"t{r}.json").read_text()) for r in (0, 1))
     expected = json.loads((tmp_path / "expected.json").read_text())
     assert t0 == t1

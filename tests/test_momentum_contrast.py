@@ -185,9 +185,15 @@ def test_two_ranks_share_one_queue_and_each_leaves_out_only_its_own_keys() -> No
     ranks = [context.Process(target=_rank, args=(rank, port, out)) for rank in range(2)]
     for process in ranks:
         process.start()
-    for process in ranks:
-        process.join(120)
-    assert [process.exitcode for process in ranks] == [0, 0]
+    try:
+        for process in ranks:
+            process.join(120)
+        assert [process.exitcode for process in ranks] == [0, 0]
+    finally:
+        for process in ranks:
+            if process.exitcode is None:
+                process.kill()
+                process.join()
     # rank 0: labels [0, 7]; rank 1: [0, 7, 5] (3 images): the queue holds them in rank order on both
     assert out[0][0] == out[1][0] == [0, 7, 0, 7, 5]
     # each image of labels 0 and 7 has the other rank's key as a positive; 5 has none

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY_DATA, cli_env, ddp_env, read_metrics, run_ddp, run_main
+from helpers import REPO, TINY_DATA, ForkedRun, ddp_env, finished, read_metrics, run_ddp, run_main
 from rerank_plugin import make_rerank_distribution
 
 DEMO = str(REPO / "experiments/demo.yaml")
@@ -213,15 +213,11 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
 def _fails(args: list[str], cwd: Path, in_subprocess: bool = False) -> str:
     """The command fails with status 2 and one ``error: ...`` line (no traceback); returns from that line on.
 
-    In this process by default (seconds saved per command); ``in_subprocess`` checks the real exit status.
+    In this process by default (seconds saved per command); ``in_subprocess``: in a process of its own, whose
+    exit status is checked.
     """
     if in_subprocess:
-        import subprocess
-
-        from helpers import CLI
-
-        proc = subprocess.run([CLI, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+        proc = finished(ForkedRun(args, cwd), expect=2)
     else:
         proc = run_main(args, cwd, status=2)
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ForkedRun, finished
 from retrieval_lightning.errors import DataFormatError, UsageError
 from retrieval_lightning.retrieval.store import FeatureStore
 from retrieval_lightning.retrieval.writer import (
@@ -92,32 +91,26 @@ def _extract(script: Path, out: Path, devices: int, crash_after: int | None = No
     """Run the script on ``devices`` ranks and return rank 0's exit code.
 
     The ranks are started together, as torchrun would (``LOCAL_RANK`` set, so Lightning does not
-    re-launch them one after the other). A crashed rank 0 leaves the others waiting for it:
-    they are killed once rank 0 is gone.
+    re-launch them one after the other), each forked from the import server (``helpers.ForkedRun``).
+    A crashed rank 0 leaves the others waiting for it: they are killed once rank 0 is gone.
     """
-    cmd = [sys.executable, str(script), "--out", str(out), "--devices", str(devices)]
+    args = ["--out", str(out), "--devices", str(devices)]
     if crash_after is not None:
-        cmd += ["--crash-after", str(crash_after)]
+        args += ["--crash-after", str(crash_after)]
     port = str(_free_port())
-    procs = []
-    for rank in range(devices):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_RANK": str(rank),
-               "NODE_RANK": "0", "WORLD_SIZE": str(devices), "GLOO_SOCKET_IFNAME": "lo"}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        output, _ = procs[0].communicate(timeout=120)
-        if crash_after is None:
-            for proc in procs[1:]:
-                proc.communicate(timeout=60)
-                assert proc.returncode == 0, f"rank {procs.index(proc)} failed"
-    finally:
-        for proc in procs[1:]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    if crash_after is None:
-        assert procs[0].returncode == 0, output.decode()[-3000:]
-    return procs[0].returncode
+    ranks = [ForkedRun(args, out.parent, {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                          "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(devices),
+                                          "GLOO_SOCKET_IFNAME": "lo"}, script=script)
+             for rank in range(devices)]
+    first = ranks[0].wait(120)
+    if crash_after is not None:  # the others wait for the crashed rank 0
+        for rank in ranks[1:]:
+            rank.kill_group()
+    else:
+        assert first.returncode == 0, first.stderr[-3000:]
+    if ranks[1:]:
+        finished(ranks[1:], expect=None if crash_after is not None else 0, timeout=60)
+    return first.returncode
 
 
 def _load_script(script: Path):
