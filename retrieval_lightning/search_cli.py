@@ -18,23 +18,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from tqdm.std import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.std import tqdm  # noqa: E402
-
-from retrieval_lightning.data.io import ImageLoadError, load_image, resize_by, to_float  # noqa: E402
-from retrieval_lightning.data.types import ImageResize  # noqa: E402
-from retrieval_lightning.errors import UsageError  # noqa: E402
-from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds  # noqa: E402
-from retrieval_lightning.retrieval.search import FaissSearcher, topk_search  # noqa: E402
-from retrieval_lightning.retrieval.set_files import read_image_resize, read_items  # noqa: E402
-from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences  # noqa: E402
-from retrieval_lightning.outputs import picture_path  # noqa: E402
-from retrieval_lightning.retrieval.writer import placeholder_note  # noqa: E402
+from retrieval_lightning.data.io import ImageLoadError, load_image, resize_by, to_float
+from retrieval_lightning.data.types import ImageResize
+from retrieval_lightning.errors import UsageError
+from retrieval_lightning.outputs import picture_path
+from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
+from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
+from retrieval_lightning.retrieval.set_files import read_image_resize, read_items
+from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
+from retrieval_lightning.retrieval.writer import placeholder_note
+from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
 
 @dataclass
@@ -209,36 +206,21 @@ def expand_queries(paths: Sequence[str]) -> list[str]:
 def draw_results(results: Sequence[SearchResult], images: Sequence[torch.Tensor], store: FeatureStore,
                  items: dict[int, tuple[str, str]], path: Path, thumb: int = 160) -> Path:
     """One row per query and ranking (global, then re-ranked when present): the query, then its top-k
-    (at most :data:`PICTURE_RESULTS`)."""
+    (at most :data:`PICTURE_RESULTS`); a result whose image file is gone keeps its caption."""
     rows = []
     for result, image in zip(results, images):
-        rows.append((result.query, image, "global", result.global_rows))
+        rankings = [("global", result.global_rows)]
         if result.rerank_scores is not None:
-            rows.append((result.query, image, "re-ranked", result.rows))
-    cols = 1 + min(PICTURE_RESULTS, max(len(r[3]) for r in rows))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 1.9 * len(rows)), squeeze=False)
-    for r, (name, image, label, order) in enumerate(rows):
-        axes[r][0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-        axes[r][0].set_title(f"{Path(name).name}\n{label}", fontsize=7)
-        for c in range(1, cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c - 1 >= len(order):
-                ax.axis("off")
-                continue
-            index = int(store.index[order[c - 1]])
-            ident, file = items.get(index, (str(index), ""))
-            if file and Path(file).is_file():
-                ax.imshow(to_float(load_image(file, max_side=thumb)).permute(1, 2, 0).numpy())
-            ax.set_title(f"#{c} {ident}"[:22], fontsize=6)
-        axes[r][0].set_xticks([])
-        axes[r][0].set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, format="png")
-    plt.close(fig)
-    return path
+            rankings.append(("re-ranked", result.rows))
+        for label, order in rankings:
+            row = [Tile(image, f"{Path(result.query).name}\n{label}")]
+            for c, position in enumerate(order[:PICTURE_RESULTS], start=1):
+                index = int(store.index[position])
+                ident, file = items.get(index, (str(index), ""))
+                shown = to_float(load_image(file, max_side=thumb)) if file and Path(file).is_file() else None
+                row.append(Tile(shown, f"#{c} {ident}"))
+            rows.append(row)
+    return draw_rows(rows, "", path)
 
 
 def search_device(name: str) -> torch.device:

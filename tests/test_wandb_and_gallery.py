@@ -66,6 +66,37 @@ def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> 
     assert _headline(global_only) == "mAP_E 80.0, mAP_M 75.0"
 
 
+def test_a_thumbnail_grid_puts_each_image_in_its_cell_inside_its_border(tmp_path: Path) -> None:
+    """Pictures are drawn pixel by pixel onto one canvas: each image fitted into its cell (aspect kept),
+    framed in its tile's colour (1 px black without one), an empty cell left white, long captions cut."""
+    import torch
+
+    from retrieval_lightning.thumbnail_grid import BORDER, CAPTION_PX, CELL, PAD, TITLE_PX, Tile, draw_rows
+
+    red, blue = torch.zeros(3, 20, 40), torch.zeros(3, 40, 20)  # landscape and portrait
+    red[0], blue[2] = 1.0, 1.0
+    rows = [[Tile(red, "query"), Tile(blue, "#1 db 3", "#1a9850")], [Tile(None, "gone " * 40)]]
+    path = draw_rows(rows, "title", tmp_path / "sub" / "grid.png")
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB")
+    top, caption, side = PAD + TITLE_PX + 5, CAPTION_PX + 3 + 3, CELL - 2 * BORDER
+    row_height = caption + CELL + PAD
+    assert picture.size == (PAD + 2 * (CELL + PAD), top + 2 * row_height)
+    centre_y = top + caption + CELL // 2
+    assert picture.getpixel((PAD + CELL // 2, centre_y)) == (255, 0, 0)
+    blue_left = PAD + CELL + PAD + (CELL - side // 2) // 2  # a portrait image, centred: side/2 px wide
+    assert picture.getpixel((blue_left + 2, centre_y)) == (0, 0, 255)
+    assert picture.getpixel((blue_left - 2, centre_y)) == (0x1A, 0x98, 0x50)  # inside the 4 px border
+    assert picture.getpixel((blue_left - BORDER - 2, centre_y)) == (255, 255, 255)
+    red_top = top + caption + (CELL - side // 2) // 2  # landscape: side/2 px high
+    assert picture.getpixel((PAD + CELL // 2, red_top - 1)) == (0, 0, 0)  # the 1 px black frame
+    assert picture.getpixel((PAD + CELL // 2, red_top - 3)) == (255, 255, 255)
+    assert picture.getpixel((PAD + CELL // 2, top + row_height + caption + CELL // 2)) == (255, 255, 255)
+    # the long caption stays inside its cell: nothing drawn in the next column's caption band
+    band = picture.crop((PAD + CELL + 2, top + row_height, 2 * (CELL + PAD), top + row_height + caption))
+    assert band.getextrema() == ((255, 255),) * 3
+
+
 @pytest.mark.parametrize(("mode", "offline"), [("disabled", False), ("offline", True), ("", True)])
 def test_without_an_api_key_the_logger_goes_offline_unless_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     mode: str, offline: bool) -> None:

@@ -9,29 +9,21 @@ set after every validation/test epoch (under ``<default_root_dir>/gallery/``) an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import AbstractSet, Iterable, Mapping, Sequence
+from typing import AbstractSet, Iterable, Mapping
 
 import lightning.pytorch as pl
-import matplotlib
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from retrieval_lightning.data.types import EvalSet  # noqa: E402
-from retrieval_lightning.evaluation import SHORTLIST, EvalResult  # noqa: E402
+from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.evaluation import SHORTLIST, EvalResult
+from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
 _COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
 #: border of a picture's wrong (other-landmark) images
 NEGATIVE_COLOUR = _COLOURS[0]
-
-
-def _thumbnail(image: Tensor):
-    return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
 def weights_label(trainer: pl.Trainer) -> str:
@@ -70,42 +62,6 @@ def free_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     return candidate
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One image of a picture row: the image, its caption and (optionally) a border colour."""
-
-    image: Tensor
-    caption: str
-    colour: str | None = None
-
-
-def draw_rows(rows: Sequence[Sequence[Tile]], title: str, path: Path) -> Path:
-    """A grid of captioned thumbnails, one row per list (rows may differ in length); saved as PNG."""
-    n_rows, n_cols = max(1, len(rows)), max([len(r) for r in rows] + [1])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.0 * n_rows), squeeze=False)
-    for r in range(n_rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r >= len(rows) or c >= len(rows[r]):
-                ax.axis("off")
-                continue
-            tile = rows[r][c]
-            ax.imshow(_thumbnail(tile.image))
-            ax.set_title(tile.caption, fontsize=8, color=tile.colour or "black")
-            if tile.colour is not None:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(tile.colour)
-                    spine.set_linewidth(4)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.0 * n_rows)))  # room for the title
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def gallery_rows(dataset, n_queries: int, topk: Tensor, relevance: Tensor, max_queries: int = 4, k: int = 5,

@@ -54,7 +54,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
-from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR, Tile, draw_rows
+from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR
+from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero, raise_if_any_failed
