@@ -25,6 +25,17 @@ def _offline_wandb(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A collected test forks CLI runs: start their import server (about 10 s of imports) in the background."""
+    helpers = sys.modules.get("helpers")
+    if helpers is None:
+        return
+    forking = {id(getattr(helpers, name)) for name in helpers.FORKING}
+    modules = {item.module for item in session.items if getattr(item, "module", None) is not None}
+    if any(id(value) in forking for module in modules for value in vars(module).values()):
+        helpers.start_fork_server()
+
+
 @pytest.fixture(autouse=True)
 def _no_forked_run_outlives_its_test() -> Iterator[None]:
     yield

@@ -109,6 +109,18 @@ def fork_context() -> multiprocessing.context.ForkServerContext:
     return _FORK_CONTEXT
 
 
+def start_fork_server() -> None:
+    """Start the import server now: it imports on the other core while the first tests run."""
+    import multiprocessing.forkserver
+
+    fork_context()
+    multiprocessing.forkserver.ensure_running()
+
+
+#: what a test module uses to fork runs (conftest starts the server early when one is collected)
+FORKING = ("ForkedRun", "run_forked", "run_ddp", "start_ddp", "fork_context")
+
+
 def _in_forked_child(args: list[str], script: str | None, cwd: str, env: dict[str, str], stdout: str,
                      stderr: str) -> None:
     """The console script's ``main`` (or ``python <script> <args>``) in a forked child, with ``env`` as its
