@@ -72,11 +72,11 @@ def draw_rows(rows: Sequence[Sequence[Tile]], title: str, path: Path) -> Path:
     title_lines = title.splitlines()
     top = PAD + len(title_lines) * (TITLE_PX + 5)
     row_height = caption_height + CELL + PAD
-    canvas = Image.new("RGB", (PAD + n_cols * (CELL + PAD), top + max(1, len(rows)) * row_height), "white")
+    width = max([PAD + n_cols * (CELL + PAD)] + [round(title_font.getlength(t)) + 2 * PAD for t in title_lines])
+    canvas = Image.new("RGB", (width, top + max(1, len(rows)) * row_height), "white")  # the whole title shown
     draw = ImageDraw.Draw(canvas)
     for i, text in enumerate(title_lines):
-        text = _fitted(draw, text, title_font, canvas.width - 2 * PAD)
-        draw.text(((canvas.width - draw.textlength(text, font=title_font)) / 2, PAD + i * (TITLE_PX + 5)), text,
+        draw.text(((width - draw.textlength(text, font=title_font)) / 2, PAD + i * (TITLE_PX + 5)), text,
                   fill="black", font=title_font)
     for r, row in enumerate(rows):
         y0 = top + r * row_height

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from helpers import CLI, REPO, TINY_DATA, ForkedRun, cli_env, ddp_env, finished, run_main, start_ddp
+
 MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
 
 

@@ -68,7 +68,8 @@ def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> 
 
 def test_a_thumbnail_grid_puts_each_image_in_its_cell_inside_its_border(tmp_path: Path) -> None:
     """Pictures are drawn pixel by pixel onto one canvas: each image fitted into its cell (aspect kept),
-    framed in its tile's colour (1 px black without one), an empty cell left white, long captions cut."""
+    framed in its tile's colour (1 px black without one), an empty cell left white, long captions cut,
+    long titles kept whole."""
     import torch
 
     from retrieval_lightning.thumbnail_grid import BORDER, CAPTION_PX, CELL, PAD, TITLE_PX, Tile, draw_rows
@@ -95,6 +96,9 @@ def test_a_thumbnail_grid_puts_each_image_in_its_cell_inside_its_border(tmp_path
     # the long caption stays inside its cell: nothing drawn in the next column's caption band
     band = picture.crop((PAD + CELL + 2, top + row_height, 2 * (CELL + PAD), top + row_height + caption))
     assert band.getextrema() == ((255, 255),) * 3
+    # a title wider than the grid (one query, a long metrics headline) widens the picture instead of being cut
+    with Image.open(draw_rows([[Tile(red, "query")]], "mAP_M 75.0 → 70.2, " * 8, tmp_path / "titled.png")) as wide:
+        assert wide.width > 8 * 100 and wide.height == top + row_height
 
 
 @pytest.mark.parametrize(("mode", "offline"), [("disabled", False), ("offline", True), ("", True)])

@@ -55,12 +55,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.std import tqdm  # not tqdm.auto, see retrieval_lightning.progress
 
 from retrieval_lightning.callbacks.gallery import NEGATIVE_COLOUR
-from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero, raise_if_any_failed
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.retrieval.rerank import torch_all_gather_object
+from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
 
 def part_rows(n: int, chunk: int, rank: int = 0, world_size: int = 1) -> Tensor:
