@@ -104,9 +104,25 @@ _FORK_CONTEXT: multiprocessing.context.ForkServerContext | None = None
 def fork_context() -> multiprocessing.context.ForkServerContext:
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
+        _start_quiet_resource_tracker()
         _FORK_CONTEXT = multiprocessing.get_context("forkserver")
         _FORK_CONTEXT.set_forkserver_preload(["retrieval_lightning.cli"])
     return _FORK_CONTEXT
+
+
+def _start_quiet_resource_tracker() -> None:
+    """multiprocessing's resource tracker (shared by the forked runs) with its stderr on /dev/null: runs killed on
+    purpose leave loader semaphores, which it would report after pytest's summary as "leaked"."""
+    from multiprocessing import resource_tracker
+
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def start_fork_server() -> None:
