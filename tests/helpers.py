@@ -84,9 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ddp_env() -> dict[str, str]:
+def ddp_env(extra_pythonpath: str | None = None) -> dict[str, str]:
     """Environment for a 2-process gloo run: one thread per process, a free loopback port."""
-    env = cli_env(threads=1)
+    env = cli_env(extra_pythonpath, threads=1)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return env
 

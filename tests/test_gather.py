@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ForkedRun, finished
+from helpers import ForkedRun, finished, free_port
 from retrieval_lightning.retrieval.gather import gather_dedupe
 from retrieval_lightning.retrieval.spill import SpillConfig, remove_left_by_killed_runs
 from retrieval_lightning.retrieval.workdirs import pid_space
@@ -135,16 +135,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_uneven_counts_identical_everywhere(tmp_path) -> None:
     script = tmp_path / "gather_ddp.py"
     script.write_text(SCRIPT)
-    finished(ForkedRun([str(_free_port()), str(tmp_path), str(_dead_pid())], tmp_path, script=script), timeout=120)
+    finished(ForkedRun([str(free_port()), str(tmp_path), str(_dead_pid())], tmp_path, script=script), timeout=120)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     sliced = [torch.load(tmp_path / f"sliced{r}.pt") for r in (0, 1)]
     # per array (index, feats, flags, count): one call for the counts, then the slices (rank 0 has 5 rows)

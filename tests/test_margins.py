@@ -82,14 +82,11 @@ def test_gem_matches_definition_and_p1_is_average_pooling() -> None:
 
 def test_curricularface_statistic_is_identical_across_ddp_ranks(tmp_path) -> None:
     import json
-    import socket
     from pathlib import Path
 
-    from helpers import ForkedRun, finished
+    from helpers import ForkedRun, finished, free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = Path(__file__).parent / "scripts" / "curricularface_ddp.py"
     finished(ForkedRun([str(port), str(tmp_path)], tmp_path, script=script), timeout=120)
     t0, t1 = (json.loads((tmp_path / f"t{r}.json").read_text()) for r in (0, 1))

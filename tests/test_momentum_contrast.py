@@ -4,7 +4,6 @@ formula, the momentum copy's EMA, the queue, a fit that resumes bitwise, and 2 g
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from helpers import REPO, TINY_DATA, fork_context, run_main
+from helpers import REPO, TINY_DATA, fork_context, free_port, run_main
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.layers.margins import CurricularFaceMargin
 from retrieval_lightning.module import RetrievalModule
@@ -177,9 +176,7 @@ def _rank(rank: int, port: int, out: dict) -> None:
 
 
 def test_two_ranks_share_one_queue_and_each_leaves_out_only_its_own_keys() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = fork_context()  # forked from the import server: no interpreter start-up per rank
     out = context.Manager().dict()
     ranks = [context.Process(target=_rank, args=(rank, port, out)) for rank in range(2)]

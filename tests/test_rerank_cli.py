@@ -58,12 +58,10 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
     assert flipped[f"test/{SET}/mAP_M"] == single[f"test/{SET}/mAP_M"]
     assert flipped[f"test/{SET}/reranked/mAP_M"] < single[f"test/{SET}/mAP_M"]  # the shortlist order was reversed
 
-    env2 = ddp_env()
-    env2["PYTHONPATH"] = plugin_path + ":" + env2.get("PYTHONPATH", "")
     two = tmp_path / "two"
     run_ddp(["test", *rerank_args(cache_root, two, "--model.heads.verifier.init_args.sign=-1",
                                   "--model.rerank.fusion=lexicographic", "--model.rerank.shortlist=plain")],
-            cwd=tmp_path, env=env2)
+            cwd=tmp_path, env=ddp_env(plugin_path))
     assert read_metrics(two / "metrics", "test", 0) == flipped
     assert read_metrics(two / "metrics", "test", 1) == flipped
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import CLI, REPO, TINY_DATA, ForkedRun, cli_env, ddp_env, finished, run_main, start_ddp
+from helpers import CLI, REPO, TINY_DATA, ForkedRun, ddp_env, finished, run_main, start_ddp
 
 MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
 
@@ -52,10 +52,6 @@ def args(config: Path, cache_root: Path, out: Path, *extra: str, wandb: bool = F
 
 def kill_after(step: int) -> list[str]:
     return ["--trainer.callbacks+=helpers.KillAfterStep", f"--trainer.callbacks.step={step}"]
-
-
-def start(args: list[str], cwd: Path, env: dict[str, str]) -> ForkedRun:
-    return ForkedRun(args, cwd, env)
 
 
 def finish(runs: ForkedRun | list[ForkedRun], expect: int | None = 0) -> str:
@@ -99,9 +95,9 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
     """SIGTERM (preemption) -> on-exception checkpoint -> ``--ckpt_path last`` -> SIGKILL right after a
     mid-epoch checkpoint -> resumed from it: the weights of an uninterrupted run, one W&B run id."""
     ref, out = tmp_path / "reference", tmp_path / "interrupted"
-    reference = start(args(config, cache_root, ref), tmp_path, cli_env(threads=1))
+    reference = ForkedRun(args(config, cache_root, ref), tmp_path)
 
-    first = start(args(config, cache_root, out, wandb=True), tmp_path, cli_env(threads=1))
+    first = ForkedRun(args(config, cache_root, out, wandb=True), tmp_path)
     wait_for(out / "checkpoints" / "step=0000003.ckpt", first)
     first.send_signal(signal.SIGTERM)  # what SLURM sends before preempting a job
     log = finish(first, expect=None)  # Lightning exits with SystemExit (code 0) after the checkpoint
@@ -111,14 +107,14 @@ def test_preempted_then_killed_run_resumes_bitwise_in_the_same_wandb_run(config:
     kill_at = 3 * (step // 3 + 1)  # the next interval checkpoint, mid-epoch (10 batches per epoch)
     assert 3 <= step < kill_at < MAX_STEPS  # stopped early, with a checkpoint of where it stopped
 
-    log = finish(start(args(config, cache_root, out, "--ckpt_path=last", *kill_after(kill_at), wandb=True),
-                       tmp_path, cli_env(threads=1)), expect=-signal.SIGKILL)
+    log = finish(ForkedRun(args(config, cache_root, out, "--ckpt_path=last", *kill_after(kill_at), wandb=True),
+                           tmp_path), expect=-signal.SIGKILL)
     assert f"Restoring states from the checkpoint path at {preempted}" in log  # "last" is the newest
     assert "imprinted" not in log  # the trained classifier is not replaced by a fresh imprint
     killed = out / "checkpoints" / f"step={kill_at:07d}.ckpt"
     assert killed.exists()
 
-    finish(start(args(config, cache_root, out, f"--ckpt_path={killed}", wandb=True), tmp_path, cli_env(threads=1)))
+    finish(ForkedRun(args(config, cache_root, out, f"--ckpt_path={killed}", wandb=True), tmp_path))
     finish(reference)
     assert_bitwise_equal(out / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
 
@@ -141,7 +137,7 @@ def test_sigkilled_ddp_run_resumes_bitwise(config: Path, cache_root: Path, tmp_p
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=9"]
     reference = start_ddp(args(config, cache_root, ref, *ddp), tmp_path)
     # the console script, as a user runs it: rank 0 re-launches sys.argv for rank 1, and both die
-    env = cli_env(extra_pythonpath=str(REPO / "tests")) | {k: v for k, v in ddp_env().items() if k.startswith("MASTER")}
+    env = ddp_env(extra_pythonpath=str(REPO / "tests"))
     killed = subprocess.run([CLI, *args(config, cache_root, out, *ddp, *kill_after(3))], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=400, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-6000:]
@@ -180,8 +176,8 @@ def test_sigkilled_verifier_stage_resumes_bitwise(verifier_config: Path, cache_r
     mines it again where the file is gone (the sparsifier stage)."""
     ref, out = tmp_path / "reference", tmp_path / "killed"
     steps = "--trainer.max_steps=15"
-    reference = start(args(verifier_config, cache_root, ref, steps), tmp_path, cli_env(threads=1))
-    killed = start(args(verifier_config, cache_root, out, steps, *kill_after(12)), tmp_path, cli_env(threads=1))
+    reference = ForkedRun(args(verifier_config, cache_root, ref, steps), tmp_path)
+    killed = ForkedRun(args(verifier_config, cache_root, out, steps, *kill_after(12)), tmp_path)
     log = finish(killed, expect=-signal.SIGKILL)
     ckpt = out / "checkpoints" / "step=0000012.ckpt"
     assert ckpt.exists(), log[-3000:]
@@ -189,8 +185,7 @@ def test_sigkilled_verifier_stage_resumes_bitwise(verifier_config: Path, cache_r
     mines_again = verifier_config.stem == "cvnet_ds_demo"
     if mines_again:
         saved.unlink()
-    resumed = finish(start(args(verifier_config, cache_root, out, steps, f"--ckpt_path={ckpt}"), tmp_path,
-                           cli_env(threads=1)))
+    resumed = finish(ForkedRun(args(verifier_config, cache_root, out, steps, f"--ckpt_path={ckpt}"), tmp_path))
     if mines_again:
         assert "hard-negative mining, epoch 1: 80 images" in resumed
     else:

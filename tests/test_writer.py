@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import textwrap
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ForkedRun, finished
+from helpers import ForkedRun, finished, free_port
 from retrieval_lightning.errors import DataFormatError, UsageError
 from retrieval_lightning.retrieval.store import FeatureStore
 from retrieval_lightning.retrieval.writer import (
@@ -81,12 +80,6 @@ SCRIPT = textwrap.dedent(
 ).replace("N_ITEMS", str(N_ITEMS)).replace("IDENTITY)", f"{IDENTITY!r})")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _extract(script: Path, out: Path, devices: int, crash_after: int | None = None) -> int:
     """Run the script on ``devices`` ranks and return rank 0's exit code.
 
@@ -97,7 +90,7 @@ def _extract(script: Path, out: Path, devices: int, crash_after: int | None = No
     args = ["--out", str(out), "--devices", str(devices)]
     if crash_after is not None:
         args += ["--crash-after", str(crash_after)]
-    port = str(_free_port())
+    port = str(free_port())
     ranks = [ForkedRun(args, out.parent, {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                           "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(devices),
                                           "GLOO_SOCKET_IFNAME": "lo"}, script=script)
