@@ -7,7 +7,9 @@ checkpoint (rank 0 writes it) and, on resume, gives each rank its own back just 
 training batch, after everything that runs on a resume only (checkpoint loading, sanity checks).
 It also records the W&B run id and step, which :func:`retrieval_lightning.loggers.continue_wandb_run`
 reads to continue the same run, and corrects the loop state Lightning writes for a run stopped by
-``max_steps``, so that a run extended past it numbers its epochs as an uninterrupted run.
+``max_steps``, so that a run extended past it numbers its epochs as an uninterrupted run. A run stopped
+before a validation it was due to run ended (a SIGTERM inside it, a step checkpoint written just before
+it) runs that validation again when it resumes, from the random states it started with.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
@@ -60,19 +63,43 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
 class ResumeState(pl.Callback):
     """Checkpoint every rank's random states (and the W&B run id); restore them on resume. Also writes
     the loop state of a run stopped by ``max_steps`` as a resume expects it
-    (:func:`record_a_max_steps_stop_as_resumable`)."""
+    (:func:`record_a_max_steps_stop_as_resumable`), and re-runs on resume a validation that did not end
+    (:func:`rerun_an_unfinished_validation`)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
+        self._validated_step = -1  # the global step of fit's last validation that ran to its end
+        self._before_validation: dict[str, Any] | None = None  # random states a validation starts from
+        self._rerunning = False  # resumed with a validation to run again, if one is due there
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        # taken here, not in on_validation_start: Lightning draws the validation loader's seed before that
+        self._before_validation = collect_rng_states() if trainer.enable_validation else None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._rerunning and not trainer.sanity_checking:
+            self._rerunning = False
+            count_the_rerun_validations_step_once(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._rerunning = False  # no validation was due where the run resumed
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
+            self._before_validation = None
+
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         world_size = trainer.world_size if trainer is not None else 1
-        state: dict[str, Any] = {"rng": _gather(collect_rng_states(), world_size)}
+        # stopped inside a validation (SIGTERM), the resumed run runs it again: from the states it started with
+        validating = trainer is not None and trainer.validating and not trainer.sanity_checking
+        rng = self._before_validation if validating and self._before_validation is not None else collect_rng_states()
+        state: dict[str, Any] = {"rng": _gather(rng, world_size), "validated_step": self._validated_step}
         run = _wandb_run(trainer)
         if run is not None:
             state["wandb"] = {"run_id": run.id, "step": int(run.step)}
@@ -95,7 +122,43 @@ class ResumeState(pl.Callback):
                            "identical to an uninterrupted one)")
         else:
             restore_rng_states(states[trainer.global_rank])
+        validated = self._pending.get("validated_step")
+        if validated is not None:  # older checkpoints: Lightning's own choice
+            self._validated_step = validated
+            if validated != trainer.global_step:
+                self._rerunning = rerun_an_unfinished_validation(trainer)
         self._pending = None
+
+
+def rerun_an_unfinished_validation(trainer: pl.Trainer) -> bool:
+    """Have a resumed run validate first if its checkpoint's step was due a validation it never finished.
+
+    Lightning resumes a checkpoint written after a training batch by skipping the validation due after that
+    batch: one a SIGTERM stopped half-way (the on-exception checkpoint), or one that had not started (a step
+    checkpoint on a validation step, as the GLDv2 recipes write every 5,000 or 10,000 steps). Its metrics and
+    gallery were then missing from the run. Marked as stopped mid-evaluation with no batch done, the loop runs
+    that validation whole before the next training batch, if one is due here at all (Lightning decides, as for
+    an uninterrupted run); the random states restored are those it started with."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    stage = getattr(sys.modules[type(loop).__module__], "RestartStage", None)
+    if stage is None or not hasattr(loop, "_restart_stage"):  # a Lightning without mid-evaluation restarts
+        rank_zero_warn("this Lightning cannot re-run on resume a validation the checkpoint stopped before its end: "
+                       "it is skipped")
+        return False
+    loop._restart_stage = stage.RESTARTED_MID_EVALUATION
+    loop.batch_progress.current.reset()  # from its first batch: the stopped run's outputs are not in the checkpoint
+    return True
+
+
+def count_the_rerun_validations_step_once(trainer: pl.Trainer) -> None:
+    """The logger's step (``_batches_that_stepped``) as the validation re-run starts, as an uninterrupted run's.
+
+    From a checkpoint written at a training batch's end, Lightning counts that batch as it resumes (its count is
+    written before the batch adds it), and again after the validation that follows it: once too many for the
+    rest of the run. Stopped inside the validation, the checkpoint's count resumes right."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop.restarted_on_train_batch_end and not epoch_loop._should_accumulate():
+        epoch_loop._batches_that_stepped -= 1
 
 
 def record_a_max_steps_stop_as_resumable(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
