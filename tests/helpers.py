@@ -221,10 +221,13 @@ def kill_leftover_runs() -> None:
         _LIVE.discard(run)
 
 
-def start_ddp(args: list[str], cwd: Path, env: dict[str, str] | None = None, ranks: int = 2) -> list[ForkedRun]:
-    """The ranks of ``args`` (which set ``--trainer.devices=<ranks>``), each forked, as torchrun starts them."""
+def start_ddp(args: list[str], cwd: Path, env: dict[str, str] | None = None, ranks: int = 2,
+              script: Path | None = None) -> list[ForkedRun]:
+    """The ranks of ``args`` (which set ``--trainer.devices=<ranks>``), or of ``python <script> <args>``, each
+    forked, as torchrun starts them."""
     env = env or ddp_env()
-    return [ForkedRun(args, cwd, {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"}) for rank in range(ranks)]
+    return [ForkedRun(args, cwd, {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"}, script=script)
+            for rank in range(ranks)]
 
 
 def finished(runs: list[ForkedRun] | ForkedRun, expect: int | None = 0, timeout: float = 420

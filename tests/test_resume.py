@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from _validated_linear import fit as fit_validated
 from helpers import CLI, REPO, TINY_DATA, ForkedRun, ddp_env, finished, run_main, start_ddp
 
 MAX_STEPS = 12  # 80 training images, batch 8: 10 batches per epoch on 1 process, 5 per rank on 2
@@ -295,69 +296,6 @@ def test_a_sigterm_inside_a_gradient_accumulation_stops_where_the_optimiser_step
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
-        return torch.full((8,), float(item[0] if isinstance(item, tuple) else item))
-
-
-class _ValidatedLinear(pl.LightningModule):
-    """Dropout in training and validation and a shuffled validation loader: a validation re-run from other
-    random states than the uninterrupted run's gives other metrics, and the training after it other weights."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = torch.nn.Linear(8, 1)
-        self.outputs: list[torch.Tensor] = []
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return (self.layer(torch.nn.functional.dropout(batch, 0.3)) ** 2).mean() * 1e-3
-
-    def on_validation_epoch_start(self) -> None:
-        self.outputs = []
-
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.outputs.append(self.layer(torch.nn.functional.dropout(batch, 0.5, training=True)).sum())
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/sum", torch.stack(self.outputs).sum())
-        self.log("val/batches", float(len(self.outputs)))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        from datamodules.sampling import ResumableDataLoader, ShuffleSampler
-        return ResumableDataLoader(_Rows(64), batch_size=4, sampler=ShuffleSampler(64, seed=0), drop_last=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(_Rows(12), batch_size=4, shuffle=True)
-
-
-class _Validations(pl.Callback):
-    """Each validation's (global step, logger step, batches, metric), and a SIGTERM in a given one's 2nd batch."""
-
-    def __init__(self, sigterm_at_step: int = -1) -> None:
-        self.sigterm_at_step = sigterm_at_step
-        self.seen: list[tuple[int, int, float, float]] = []
-
-    def on_validation_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: object,
-                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.global_step == self.sigterm_at_step and batch_idx == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        metrics = trainer.callback_metrics
-        self.seen.append((trainer.global_step, trainer.fit_loop.epoch_loop._batches_that_stepped,
-                          float(metrics["val/batches"]), float(metrics["val/sum"])))
-
-
 @pytest.mark.parametrize("stop", ["sigterm inside the validation", "step checkpoint before it", "no validation due"])
 def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(tmp_path: Path, stop: str) -> None:
     """Lightning resumed a checkpoint written after a training batch by skipping the validation due after it
@@ -365,44 +303,39 @@ def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(t
     when a step checkpoint was written (the GLDv2 recipes write one on every validation step). It is run whole
     again, from the random states it started with: the same metrics at the same logger step, then the weights
     of an uninterrupted run. A checkpoint on a step with no validation due runs none."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
-
-    def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1) -> tuple[pl.LightningModule, list]:
-        validations = _Validations(sigterm_at_step)
-        torch.manual_seed(1)
-        trainer = pl.Trainer(default_root_dir=out, max_steps=10, val_check_interval=3, num_sanity_val_steps=0,
-                             logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                             callbacks=[ResumeState(), PreemptionCheckpoint(dirpath=out), validations,
-                                        ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=2,
-                                                        save_top_k=-1)])
-        model = _ValidatedLinear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no workers, no logger
-            try:
-                trainer.fit(model, ckpt_path=ckpt)
-            except SystemExit:  # Lightning's exit after a SIGTERM's checkpoint
-                pass
-        return model, validations.seen
-
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        uninterrupted, validated = fit(tmp_path / "whole")
-        assert [v[0] for v in validated] == [3, 6, 9]
-        if stop == "sigterm inside the validation":
-            _, stopped = fit(tmp_path / "stopped", sigterm_at_step=6)
-            assert [v[0] for v in stopped] == [3]  # the validation of step 6 stopped after its 2nd of 3 batches
-            resume_at, ckpt = 6, tmp_path / "stopped" / "on_exception.ckpt"
-        else:
-            resume_at = 6 if stop == "step checkpoint before it" else 4
-            ckpt = tmp_path / "whole" / f"step={resume_at}.ckpt"
-        assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
-        resumed, revalidated = fit(tmp_path / "resumed", ckpt)
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    uninterrupted, validated = fit_validated(tmp_path / "whole")
+    assert [v[0] for v in validated] == [3, 6, 9]
+    if stop == "sigterm inside the validation":
+        _, stopped = fit_validated(tmp_path / "stopped", sigterm_at_step=6)
+        assert [v[0] for v in stopped] == [3]  # the validation of step 6 stopped after its 2nd of 3 batches
+        resume_at, ckpt = 6, tmp_path / "stopped" / "on_exception.ckpt"
+    else:
+        resume_at = 6 if stop == "step checkpoint before it" else 4
+        ckpt = tmp_path / "whole" / f"step={resume_at}.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
+    resumed, revalidated = fit_validated(tmp_path / "resumed", ckpt)
     assert revalidated == [v for v in validated if v[0] >= resume_at]
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_ddp_run_sigterminated_in_a_validation_writes_its_checkpoint_and_runs_it_again(tmp_path: Path) -> None:
+    """2 gloo ranks; a SIGTERM in a validation, rank 1 signalled twice (the scheduler's and the one Lightning's
+    launcher forwards from rank 0). Lightning's handler broadcasts each time it runs: rank 1 waited in a
+    broadcast rank 0 never joined and the run hung without a checkpoint. Now it stops, and resumed runs that
+    validation again on both ranks: the uninterrupted run's metrics and weights."""
+    script = Path(__file__).parent / "_validated_linear.py"
+
+    def run(out: Path, *extra: str) -> dict:
+        finished(start_ddp([str(out), *extra], tmp_path, script=script), timeout=60)
+        return torch.load(out / "fit.pt", weights_only=True)
+
+    whole = run(tmp_path / "whole")
+    assert [v[0] for v in whole["seen"]] == [3, 6]  # 8 batches per rank and epoch: every 3rd batch of an epoch
+    stopped = tmp_path / "stopped"
+    assert [v[0] for v in run(stopped, "sigterm")["seen"]] == [3]
+    resumed = run(stopped, str(stopped / "on_exception.ckpt"))
+    assert resumed["seen"] == whole["seen"][1:]
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
 
 
 def test_under_ddp_only_a_stop_every_rank_takes_writes_the_exception_checkpoint(

@@ -222,17 +222,32 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     _trained = False
     _interrupted = False
     _sigterm_held = False
+    _sigterm_seen = False
     _previous_handler: Any = None
+    _lightning_sigterm: Any = None
     _pid = -1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._interrupted = self._sigterm_held = False
+        self._interrupted = self._sigterm_held = self._sigterm_seen = False
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+            if callable(self._lightning_sigterm):
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Lightning's SIGTERM handler, once per process. Under DDP it broadcasts from rank 0 each time it runs,
+        so every rank must run it as often: a rank signalled twice (by the scheduler, and by Lightning's
+        launcher, which forwards rank 0's SIGTERM to the ranks it started) waited in a broadcast no other rank
+        joined, and the run hung without its checkpoint. The flag it sets stays set: once is enough."""
+        if os.getpid() != self._pid or self._sigterm_seen:  # a DataLoader worker, or the second signal
+            return
+        self._sigterm_seen = True
+        self._lightning_sigterm(signum, frame)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the trainer stops them
@@ -243,13 +258,16 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         print("\nCtrl-C: stopping after this batch with a checkpoint to resume from (Ctrl-C again to stop at "
               "once)", file=sys.stderr, flush=True)
 
-    def _restore_sigint(self) -> None:
+    def _restore_handlers(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+        ours = signal.getsignal(signal.SIGTERM) == self._on_sigterm
+        if ours and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._lightning_sigterm)  # Lightning's teardown then puts back its own
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_sigint()  # after a stop too (Lightning ignores Ctrl-C while it shuts down)
+        self._restore_handlers()  # after a stop too (Lightning ignores Ctrl-C while it shuts down)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._trained = True

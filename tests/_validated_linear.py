@@ -1,0 +1,127 @@
+"""A tiny model that validates every 3 steps, for resume tests of validations cut short; run as a script, one
+DDP rank (started as torchrun starts it) of such a fit:
+
+    python _validated_linear.py <out dir> [<checkpoint to resume> | sigterm]
+
+``sigterm``: each rank SIGTERMs itself in the 2nd of the 3 batches of step 6's validation, rank r r+1 times (the
+scheduler's signal plus the one Lightning's launcher forwards from rank 0). Rank 0 saves what the fit validated
+and its weights to ``<out dir>/fit.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
+        return torch.full((8,), float(item[0] if isinstance(item, tuple) else item))
+
+
+class ValidatedLinear(pl.LightningModule):
+    """Dropout in training and validation and a shuffled validation loader: a validation re-run from other
+    random states than the uninterrupted run's gives other metrics, and the training after it other weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(8, 1)
+        self.outputs: list[torch.Tensor] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return (self.layer(torch.nn.functional.dropout(batch, 0.3)) ** 2).mean() * 1e-3
+
+    def on_validation_epoch_start(self) -> None:
+        self.outputs = []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.outputs.append(self.layer(torch.nn.functional.dropout(batch, 0.5, training=True)).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/sum", torch.stack(self.outputs).sum(), sync_dist=True)
+        self.log("val/batches", float(len(self.outputs)), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        from datamodules.sampling import ResumableDataLoader, ShuffleSampler
+
+        rank, ranks = self.trainer.global_rank, self.trainer.world_size
+        sampler = ShuffleSampler(64, seed=0, rank=rank, num_replicas=ranks)
+        return ResumableDataLoader(Rows(64), batch_size=4, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(Rows(12 * self.trainer.world_size), batch_size=4, shuffle=True)
+
+
+class Validations(pl.Callback):
+    """Each validation's (global step, logger step, batches, metric); ``sigterms`` SIGTERMs to this process in
+    the 2nd batch of step ``sigterm_at_step``'s validation."""
+
+    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1) -> None:
+        self.sigterm_at_step, self.sigterms = sigterm_at_step, sigterms
+        self.seen: list[tuple[int, int, float, float]] = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: object,
+                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.global_step == self.sigterm_at_step and batch_idx == 1:
+            for _ in range(self.sigterms):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        self.seen.append((trainer.global_step, trainer.fit_loop.epoch_loop._batches_that_stepped,
+                          float(metrics["val/batches"]), float(metrics["val/sum"])))
+
+
+def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms: int = 1,
+        **trainer_args: Any) -> tuple[ValidatedLinear, list[tuple[int, int, float, float]]]:
+    """10 steps, validating every 3, a step checkpoint every 2 (all kept); stopped by a SIGTERM, it returns
+    after the on-exception checkpoint is written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
+
+    validations = Validations(sigterm_at_step, sigterms)
+    torch.manual_seed(1)
+    trainer = pl.Trainer(default_root_dir=out, max_steps=10, val_check_interval=3, num_sanity_val_steps=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=[ResumeState(), PreemptionCheckpoint(dirpath=out), validations,
+                                    ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=2,
+                                                    save_top_k=-1)], **trainer_args)
+    model = ValidatedLinear()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no workers, no logger
+            trainer.fit(model, ckpt_path=ckpt)
+    except SystemExit:  # Lightning's exit after a SIGTERM's checkpoint
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return model, validations.seen
+
+
+if __name__ == "__main__":
+    out, how = Path(sys.argv[1]), (sys.argv[2:] or [""])[0]
+    rank = int(os.environ["LOCAL_RANK"])
+    sigterm = dict(sigterm_at_step=6, sigterms=rank + 1) if how == "sigterm" else {}
+    model, seen = fit(out, Path(how) if how not in ("", "sigterm") else None, **sigterm,
+                      strategy="ddp", devices=2)
+    if rank == 0:
+        torch.save({"seen": seen, "weights": model.state_dict()}, out / "fit.pt")
