@@ -1,11 +1,12 @@
-"""A tiny model that validates every 3 steps, for resume tests of validations cut short; run as a script, one
-DDP rank (started as torchrun starts it) of such a fit:
+"""A tiny model that validates every 3 steps, for tests of runs stopped by SIGTERM; run as a script, one DDP
+rank (started as torchrun starts it) of such a fit:
 
-    python _validated_linear.py <out dir> [<checkpoint to resume> | sigterm]
+    python _validated_linear.py <out dir> <checkpoint to resume, or -> [training | validation]
 
-``sigterm``: each rank SIGTERMs itself in the 2nd of the 3 batches of step 6's validation, rank r r+1 times (the
-scheduler's signal plus the one Lightning's launcher forwards from rank 0). Rank 0 saves what the fit validated
-and its weights to ``<out dir>/fit.pt``.
+``training``: SIGTERM reaches rank 0 as training step 4 starts and rank 1 after its backward pass (a signal
+reaches each rank at its own point). ``validation``: each rank SIGTERMs itself in the 2nd of the 3 batches of
+step 6's validation, rank r r+1 times (the scheduler's signal plus the one Lightning's launcher forwards from
+rank 0). Rank 0 saves what the fit validated and its weights to ``<out dir>/fit.pt``.
 """
 
 from __future__ import annotations
@@ -69,13 +70,25 @@ class ValidatedLinear(pl.LightningModule):
         return torch.utils.data.DataLoader(Rows(12 * self.trainer.world_size), batch_size=4, shuffle=True)
 
 
+Validated = tuple[int, int, float, float]  # global step, logger step, batches, metric
+
+
 class Validations(pl.Callback):
     """Each validation's (global step, logger step, batches, metric); ``sigterms`` SIGTERMs to this process in
-    the 2nd batch of step ``sigterm_at_step``'s validation."""
+    the 2nd batch of step ``sigterm_at_step``'s validation, or ``sigterm_in_training`` ("start": as training
+    step 4 starts; "backward": after its backward pass)."""
 
-    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1) -> None:
-        self.sigterm_at_step, self.sigterms = sigterm_at_step, sigterms
-        self.seen: list[tuple[int, int, float, float]] = []
+    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1, sigterm_in_training: str = "") -> None:
+        self.sigterm_at_step, self.sigterms, self.sigterm_in_training = sigterm_at_step, sigterms, sigterm_in_training
+        self.seen: list[Validated] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 4 and self.sigterm_in_training == "start":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_after_backward(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_step == 4 and self.sigterm_in_training == "backward":
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: object,
                                 batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -90,14 +103,14 @@ class Validations(pl.Callback):
 
 
 def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms: int = 1,
-        **trainer_args: Any) -> tuple[ValidatedLinear, list[tuple[int, int, float, float]]]:
+        sigterm_in_training: str = "", **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
     """10 steps, validating every 3, a step checkpoint every 2 (all kept); stopped by a SIGTERM, it returns
     after the on-exception checkpoint is written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
 
-    validations = Validations(sigterm_at_step, sigterms)
+    validations = Validations(sigterm_at_step, sigterms, sigterm_in_training)
     torch.manual_seed(1)
     trainer = pl.Trainer(default_root_dir=out, max_steps=10, val_check_interval=3, num_sanity_val_steps=0,
                          logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -118,10 +131,10 @@ def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms
 
 
 if __name__ == "__main__":
-    out, how = Path(sys.argv[1]), (sys.argv[2:] or [""])[0]
+    out, ckpt, stop = Path(sys.argv[1]), sys.argv[2], (sys.argv[3:] or [""])[0]
     rank = int(os.environ["LOCAL_RANK"])
-    sigterm = dict(sigterm_at_step=6, sigterms=rank + 1) if how == "sigterm" else {}
-    model, seen = fit(out, Path(how) if how not in ("", "sigterm") else None, **sigterm,
-                      strategy="ddp", devices=2)
+    sigterm = {"training": dict(sigterm_in_training=("start", "backward")[rank]),
+               "validation": dict(sigterm_at_step=6, sigterms=rank + 1), "": {}}[stop]
+    model, seen = fit(out, None if ckpt == "-" else Path(ckpt), **sigterm, strategy="ddp", devices=2)
     if rank == 0:
         torch.save({"seen": seen, "weights": model.state_dict()}, out / "fit.pt")

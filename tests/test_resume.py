@@ -318,22 +318,28 @@ def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(t
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
-def test_a_ddp_run_sigterminated_in_a_validation_writes_its_checkpoint_and_runs_it_again(tmp_path: Path) -> None:
-    """2 gloo ranks; a SIGTERM in a validation, rank 1 signalled twice (the scheduler's and the one Lightning's
-    launcher forwards from rank 0). Lightning's handler broadcasts each time it runs: rank 1 waited in a
-    broadcast rank 0 never joined and the run hung without a checkpoint. Now it stops, and resumed runs that
-    validation again on both ranks: the uninterrupted run's metrics and weights."""
+def test_ddp_ranks_sigterminated_at_different_points_stop_together_and_resume_exactly(tmp_path: Path) -> None:
+    """2 gloo ranks. Lightning's SIGTERM handler broadcasts from rank 0 inside the handler, into whatever
+    collective the other rank is in: a SIGTERM reaching rank 0 as a step starts and rank 1 after its backward
+    pass (its gradients' all-reduce done) hung both ranks without a checkpoint, and so did rank 1 signalled twice
+    (the scheduler's SIGTERM and the one Lightning's launcher forwards from rank 0) inside a validation. The
+    ranks now agree on the signals after each step and each validation batch: stopped in a training step, then
+    in a validation, each time with a checkpoint, the run resumes to the uninterrupted run's validations (the
+    cut one run again on both ranks) and weights."""
     script = Path(__file__).parent / "_validated_linear.py"
 
-    def run(out: Path, *extra: str) -> dict:
-        finished(start_ddp([str(out), *extra], tmp_path, script=script), timeout=60)
+    def run(out: Path, ckpt: Path | None, stop: str = "") -> dict:
+        finished(start_ddp([str(out), str(ckpt or "-"), stop], tmp_path, script=script), timeout=60)
         return torch.load(out / "fit.pt", weights_only=True)
 
-    whole = run(tmp_path / "whole")
+    whole = run(tmp_path / "whole", None)
     assert [v[0] for v in whole["seen"]] == [3, 6]  # 8 batches per rank and epoch: every 3rd batch of an epoch
-    stopped = tmp_path / "stopped"
-    assert [v[0] for v in run(stopped, "sigterm")["seen"]] == [3]
-    resumed = run(stopped, str(stopped / "on_exception.ckpt"))
+    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "on_exception.ckpt"
+    assert [v[0] for v in run(out, None, "training")["seen"]] == [3]
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 5  # after the step both ranks were signalled in
+    assert run(out, ckpt, "validation")["seen"] == []  # stopped inside step 6's validation
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 6
+    resumed = run(out, ckpt)
     assert resumed["seen"] == whole["seen"][1:]
     assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
 
@@ -348,15 +354,16 @@ def test_under_ddp_only_a_stop_every_rank_takes_writes_the_exception_checkpoint(
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import retrieval_lightning.callbacks.resume as resume
+    import retrieval_lightning.callbacks.preemption as preemption
 
     written = []
     monkeypatch.setattr(OnExceptionCheckpoint, "on_exception", lambda self, trainer, module, exc: written.append(exc))
-    monkeypatch.setattr(resume, "_reset_finished_epochs_batch_counter", lambda trainer: None)
-    callback = resume.PreemptionCheckpoint(dirpath="ckpts")
+    monkeypatch.setattr(preemption, "_reset_finished_epochs_batch_counter", lambda trainer: None)
+    callback = preemption.PreemptionCheckpoint(dirpath="ckpts")
     callback._trained = True
     for world_size, exception, writes in ((2, RuntimeError("boom"), False), (2, KeyboardInterrupt(), False),
-                                          (2, SIGTERMException(), True), (2, resume.CoordinatedStop("Ctrl-C"), True),
+                                          (2, SIGTERMException(), True),
+                                          (2, preemption.CoordinatedStop("Ctrl-C"), True),
                                           (1, RuntimeError("boom"), True)):
         written.clear()
         trainer = SimpleNamespace(world_size=world_size, global_step=5, global_rank=1)

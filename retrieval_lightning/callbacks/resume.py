@@ -14,19 +14,14 @@ it) runs that validation again when it resumes, from the random states it starte
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sys
-import threading
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -197,125 +192,3 @@ def _wandb_run(trainer: pl.Trainer | None) -> Any:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             return logger.experiment
     return None
-
-
-class PreemptionCheckpoint(OnExceptionCheckpoint):
-    """Lightning's on-exception checkpoint (SIGTERM / preemption, Ctrl-C, a crash mid-run), written only once
-    this process has trained a step (a resumed run's restored step count does not count).
-
-    Why: with this callback configured, a ``fit`` without ``--ckpt_path`` resumes from the newest of
-    ``last.ckpt`` and ``on_exception.ckpt`` (Lightning's fault-tolerant default). A run that failed
-    before its first step (a frozen head nobody trained, an unreadable image in the sanity check)
-    would otherwise leave a checkpoint of that failed start, and the corrected command would resume
-    it: the broken model back, or a loop restored mid-sanity-check that trains nothing.
-
-    So that the checkpoint is one a run resumes exactly:
-
-    - **Ctrl-C** stops at the end of the batch being trained (all ranks at the same batch), as Lightning
-      stops for SIGTERM; a checkpoint taken mid-step would hold a loader that fetched a batch the model
-      never finished. A second Ctrl-C stops at once.
-    - **SIGTERM at an epoch's end**: Lightning stops after counting the epoch as done but before resetting
-      its batch counter, so a resumed run would take the next epoch as done too and skip its data. The
-      counter is reset before the checkpoint is written.
-    """
-
-    _trained = False
-    _interrupted = False
-    _sigterm_held = False
-    _sigterm_seen = False
-    _previous_handler: Any = None
-    _lightning_sigterm: Any = None
-    _pid = -1
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trained = False
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._interrupted = self._sigterm_held = self._sigterm_seen = False
-        if threading.current_thread() is threading.main_thread():
-            self._pid = os.getpid()
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
-            if callable(self._lightning_sigterm):
-                signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        """Lightning's SIGTERM handler, once per process. Under DDP it broadcasts from rank 0 each time it runs,
-        so every rank must run it as often: a rank signalled twice (by the scheduler, and by Lightning's
-        launcher, which forwards rank 0's SIGTERM to the ranks it started) waited in a broadcast no other rank
-        joined, and the run hung without its checkpoint. The flag it sets stays set: once is enough."""
-        if os.getpid() != self._pid or self._sigterm_seen:  # a DataLoader worker, or the second signal
-            return
-        self._sigterm_seen = True
-        self._lightning_sigterm(signum, frame)
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the trainer stops them
-            return
-        if self._interrupted:  # the second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._interrupted = True
-        print("\nCtrl-C: stopping after this batch with a checkpoint to resume from (Ctrl-C again to stop at "
-              "once)", file=sys.stderr, flush=True)
-
-    def _restore_handlers(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
-        ours = signal.getsignal(signal.SIGTERM) == self._on_sigterm
-        if ours and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._lightning_sigterm)  # Lightning's teardown then puts back its own
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_handlers()  # after a stop too (Lightning ignores Ctrl-C while it shuts down)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        self._trained = True
-        accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
-        self._hold_sigterm_until_the_optimiser_steps(trainer, accumulating)
-        # only where the optimiser stepped: accumulated gradients are not in a checkpoint (every rank is at the
-        # same batch, so every rank takes part in this all-reduce or none does)
-        if not accumulating and trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
-            raise CoordinatedStop("Ctrl-C")
-
-    def _hold_sigterm_until_the_optimiser_steps(self, trainer: pl.Trainer, accumulating: bool) -> None:
-        """Lightning stops for SIGTERM after any batch, also inside a gradient accumulation, whose gradients
-        no checkpoint holds: the resumed run would step without them. A SIGTERM received while such a batch
-        trained is held until the batch that steps, as Ctrl-C is (a few micro-batches of the grace period)."""
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is None:
-            return
-        if accumulating and connector.received_sigterm:
-            connector.received_sigterm = False
-            self._sigterm_held = True
-        elif not accumulating and self._sigterm_held:
-            connector.received_sigterm = True  # Lightning stops after this batch, the one that stepped
-            self._sigterm_held = False
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
-        # from the checkpoint; its on-exception file would be newer than last.ckpt and shadow it
-        if not (self._trained and trainer.global_step > 0):
-            return
-        if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, CoordinatedStop)):
-            # one rank failed alone (an error, an unreadable image): saving is a collective the other ranks,
-            # waiting in the step's all-reduce, never join, and every rank would hang until a timeout
-            print(f"rank {trainer.global_rank}: no {self.ckpt_path} written: this rank failed alone and the others "
-                  "cannot join a checkpoint; resume from last.ckpt or the latest step checkpoint",
-                  file=sys.stderr, flush=True)
-            return
-        _reset_finished_epochs_batch_counter(trainer)
-        super().on_exception(trainer, pl_module, exception)
-
-
-class CoordinatedStop(KeyboardInterrupt):
-    """The Ctrl-C stop every rank agreed on, at the same batch (a checkpoint is then a collective they all join)."""
-
-
-def _reset_finished_epochs_batch_counter(trainer: pl.Trainer) -> None:
-    """Between an epoch counted as done and the next one's start, the batch counter still holds the finished
-    epoch's count: reset it, as the next epoch's start would, so the checkpoint resumes at that epoch's start."""
-    epochs = trainer.fit_loop.epoch_progress.current
-    batches = trainer.fit_loop.epoch_loop.batch_progress
-    if epochs.ready == epochs.completed and batches.current.ready > 0:
-        batches.reset_on_run()
