@@ -104,8 +104,8 @@ class Validations(pl.Callback):
 
 def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms: int = 1,
         sigterm_in_training: str = "", **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
-    """10 steps, validating every 3, a step checkpoint every 2 (all kept); stopped by a SIGTERM, it returns
-    after the on-exception checkpoint is written."""
+    """10 steps, validating every 3, a step checkpoint every 2 and one at each validation's end (all kept);
+    stopped by a SIGTERM, it returns after the on-exception checkpoint is written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
@@ -116,6 +116,8 @@ def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms
                          logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                          callbacks=[ResumeState(), PreemptionCheckpoint(dirpath=out), validations,
                                     ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=2,
+                                                    save_top_k=-1),
+                                    ModelCheckpoint(dirpath=out, filename="validated-{step}", monitor="val/sum",
                                                     save_top_k=-1)], **trainer_args)
     model = ValidatedLinear()
     handler = signal.getsignal(signal.SIGTERM)

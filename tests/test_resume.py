@@ -296,25 +296,30 @@ def test_a_sigterm_inside_a_gradient_accumulation_stops_where_the_optimiser_step
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
-@pytest.mark.parametrize("stop", ["sigterm inside the validation", "step checkpoint before it", "no validation due"])
+@pytest.mark.parametrize("stop", ["sigterm inside the validation", "step checkpoint before it", "no validation due",
+                                  "checkpoint after it"])
 def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(tmp_path: Path, stop: str) -> None:
     """Lightning resumed a checkpoint written after a training batch by skipping the validation due after it
     (its metrics and gallery missing from the run): one a SIGTERM stopped half-way, or one not yet started
     when a step checkpoint was written (the GLDv2 recipes write one on every validation step). It is run whole
     again, from the random states it started with: the same metrics at the same logger step, then the weights
-    of an uninterrupted run. A checkpoint on a step with no validation due runs none."""
+    of an uninterrupted run. A checkpoint on a step with no validation due, or written at the validation's end
+    (a ``ModelCheckpoint`` monitoring its metric), runs none."""
     uninterrupted, validated = fit_validated(tmp_path / "whole")
     assert [v[0] for v in validated] == [3, 6, 9]
     if stop == "sigterm inside the validation":
         _, stopped = fit_validated(tmp_path / "stopped", sigterm_at_step=6)
         assert [v[0] for v in stopped] == [3]  # the validation of step 6 stopped after its 2nd of 3 batches
         resume_at, ckpt = 6, tmp_path / "stopped" / "on_exception.ckpt"
+    elif stop == "checkpoint after it":
+        resume_at, ckpt = 6, tmp_path / "whole" / "validated-step=6.ckpt"
     else:
         resume_at = 6 if stop == "step checkpoint before it" else 4
         ckpt = tmp_path / "whole" / f"step={resume_at}.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
     resumed, revalidated = fit_validated(tmp_path / "resumed", ckpt)
-    assert revalidated == [v for v in validated if v[0] >= resume_at]
+    rerun = stop != "checkpoint after it"
+    assert revalidated == [v for v in validated if v[0] > resume_at or (v[0] == resume_at and rerun)]
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
