@@ -74,12 +74,14 @@ Validated = tuple[int, int, float, float]  # global step, logger step, batches, 
 
 
 class Validations(pl.Callback):
-    """Each validation's (global step, logger step, batches, metric); ``sigterms`` SIGTERMs to this process in
-    the 2nd batch of step ``sigterm_at_step``'s validation, or ``sigterm_in_training`` ("start": as training
+    """Each validation's (global step, logger step, batches, metric); ``sigterms`` SIGTERMs (or ``signum``) to this
+    process in the 2nd batch of step ``sigterm_at_step``'s validation, or ``sigterm_in_training`` ("start": as training
     step 4 starts; "backward": after its backward pass)."""
 
-    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1, sigterm_in_training: str = "") -> None:
+    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1, sigterm_in_training: str = "",
+                 signum: int = signal.SIGTERM) -> None:
         self.sigterm_at_step, self.sigterms, self.sigterm_in_training = sigterm_at_step, sigterms, sigterm_in_training
+        self.signum = signum
         self.seen: list[Validated] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
@@ -94,7 +96,7 @@ class Validations(pl.Callback):
                                 batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.global_step == self.sigterm_at_step and batch_idx == 1:
             for _ in range(self.sigterms):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.signum)
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -103,14 +105,15 @@ class Validations(pl.Callback):
 
 
 def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms: int = 1,
-        sigterm_in_training: str = "", **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
+        sigterm_in_training: str = "", signum: int = signal.SIGTERM, **trainer_args: Any
+        ) -> tuple[ValidatedLinear, list[Validated]]:
     """10 steps, validating every 3, a step checkpoint every 2 and one at each validation's end (all kept);
     stopped by a SIGTERM, it returns after the on-exception checkpoint is written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
 
-    validations = Validations(sigterm_at_step, sigterms, sigterm_in_training)
+    validations = Validations(sigterm_at_step, sigterms, sigterm_in_training, signum)
     torch.manual_seed(1)
     trainer = pl.Trainer(default_root_dir=out, max_steps=10, val_check_interval=3, num_sanity_val_steps=0,
                          logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -120,15 +123,16 @@ def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms
                                     ModelCheckpoint(dirpath=out, filename="validated-{step}", monitor="val/sum",
                                                     save_top_k=-1)], **trainer_args)
     model = ValidatedLinear()
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no workers, no logger
             trainer.fit(model, ckpt_path=ckpt)
-    except SystemExit:  # Lightning's exit after a SIGTERM's checkpoint
+    except SystemExit:  # Lightning's exit after a SIGTERM's or Ctrl-C's checkpoint
         pass
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for signum, handler in handlers.items():  # Lightning ignores Ctrl-C once it stopped for one
+            signal.signal(signum, handler)
     return model, validations.seen
 
 

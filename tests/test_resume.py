@@ -296,19 +296,20 @@ def test_a_sigterm_inside_a_gradient_accumulation_stops_where_the_optimiser_step
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
-@pytest.mark.parametrize("stop", ["sigterm inside the validation", "step checkpoint before it", "no validation due",
-                                  "checkpoint after it"])
+@pytest.mark.parametrize("stop", ["sigterm inside the validation", "ctrl-c inside the validation",
+                                  "step checkpoint before it", "no validation due", "checkpoint after it"])
 def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(tmp_path: Path, stop: str) -> None:
     """Lightning resumed a checkpoint written after a training batch by skipping the validation due after it
-    (its metrics and gallery missing from the run): one a SIGTERM stopped half-way, or one not yet started
+    (its metrics and gallery missing from the run): one a SIGTERM or Ctrl-C stopped half-way, or one not yet started
     when a step checkpoint was written (the GLDv2 recipes write one on every validation step). It is run whole
     again, from the random states it started with: the same metrics at the same logger step, then the weights
     of an uninterrupted run. A checkpoint on a step with no validation due, or written at the validation's end
     (a ``ModelCheckpoint`` monitoring its metric), runs none."""
     uninterrupted, validated = fit_validated(tmp_path / "whole")
     assert [v[0] for v in validated] == [3, 6, 9]
-    if stop == "sigterm inside the validation":
-        _, stopped = fit_validated(tmp_path / "stopped", sigterm_at_step=6)
+    if stop.endswith("inside the validation"):
+        signum = signal.SIGTERM if stop.startswith("sigterm") else signal.SIGINT
+        _, stopped = fit_validated(tmp_path / "stopped", sigterm_at_step=6, signum=signum)
         assert [v[0] for v in stopped] == [3]  # the validation of step 6 stopped after its 2nd of 3 batches
         resume_at, ckpt = 6, tmp_path / "stopped" / "on_exception.ckpt"
     elif stop == "checkpoint after it":

@@ -40,8 +40,9 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
       checkpoint holds accumulated gradients), or after the same batch of a validation (which the resumed
       run then runs again: :class:`~retrieval_lightning.callbacks.ResumeState`). Forwarded to the ranks
       Lightning's launcher started, as Lightning does; a second SIGTERM changes nothing.
-    - **Ctrl-C** stops at the end of the training batch being trained, on every rank; a checkpoint taken
-      mid-step would hold a loader that fetched a batch the model never finished. A second Ctrl-C stops at once.
+    - **Ctrl-C** stops at the end of the training batch being trained (one where the optimiser stepped), or of
+      the validation batch, on every rank; a checkpoint taken mid-step would hold a loader that fetched a batch
+      the model never finished. A second Ctrl-C stops at once.
     - **SIGTERM at an epoch's end**: Lightning stops after counting the epoch as done but before resetting
       its batch counter, so a resumed run would take the next epoch as done too and skip its data. The
       counter is reset before the checkpoint is written.
@@ -129,14 +130,12 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         # same batch, so every rank takes part in this all-reduce or none does)
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return
-        interrupted, terminated = self._agree(trainer)
-        if interrupted:
-            raise CoordinatedStop("Ctrl-C")
-        if terminated:
-            self._stop_for_sigterm(trainer)
+        self._stop_for_agreed_signals(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._agree(trainer)[1]:  # a SIGTERM since the epoch's last batch: stop before the next epoch's data
+        # a SIGTERM since the epoch's last batch: stop before the next epoch's data (Lightning stops once it counted
+        # the epoch as done); Ctrl-C waits for the next batch, as Lightning has not yet counted it
+        if self._agree(trainer)[1]:
             self._stop_for_sigterm(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,14 +152,24 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         self._agree_per_validation_batch = batches < float("inf") and bool((counts == batches).all())
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if self._agree_per_validation_batch and self._agree(trainer)[1]:
-            self._stop_for_sigterm(trainer)
+        if self._agree_per_validation_batch:
+            self._stop_for_agreed_signals(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
-        if not self._agree_per_validation_batch and self._agree(trainer)[1]:
-            self._stop_for_sigterm(trainer)  # before the next training batch
+        if not self._agree_per_validation_batch:
+            self._stop_for_agreed_signals(trainer)  # before the next training batch
+
+    def _stop_for_agreed_signals(self, trainer: pl.Trainer) -> None:
+        """Inside or right after a validation: Ctrl-C stops now, SIGTERM where Lightning checks next. The
+        validation cut short runs again when the run resumes (:class:`~retrieval_lightning.callbacks.ResumeState`),
+        so neither waits for the rest of a long one."""
+        interrupted, terminated = self._agree(trainer)
+        if interrupted:
+            raise CoordinatedStop("Ctrl-C")
+        if terminated:
+            self._stop_for_sigterm(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
