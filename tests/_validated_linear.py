@@ -74,29 +74,34 @@ Validated = tuple[int, int, float, float]  # global step, logger step, batches, 
 
 
 class Validations(pl.Callback):
-    """Each validation's (global step, logger step, batches, metric); ``sigterms`` SIGTERMs (or ``signum``) to this
-    process in the 2nd batch of step ``sigterm_at_step``'s validation, or ``sigterm_in_training`` ("start": as training
-    step 4 starts; "backward": after its backward pass)."""
+    """Each validation's (global step, logger step, batches, metric), and a signal (``signum``, ``times`` in a
+    row) to this process at global step ``step``: ``at`` "validation" (at the end of its batch ``batch``),
+    "step start", "after backward" (the step's gradients all-reduced) or "epoch end"."""
 
-    def __init__(self, sigterm_at_step: int = -1, sigterms: int = 1, sigterm_in_training: str = "",
+    def __init__(self, at: str = "", step: int = -1, batch: int = 1, times: int = 1,
                  signum: int = signal.SIGTERM) -> None:
-        self.sigterm_at_step, self.sigterms, self.sigterm_in_training = sigterm_at_step, sigterms, sigterm_in_training
-        self.signum = signum
+        self.at, self.step, self.batch, self.times, self.signum = at, step, batch, times, signum
         self.seen: list[Validated] = []
 
+    def _signal(self, trainer: pl.Trainer, at: str) -> None:
+        if at == self.at and trainer.global_step == self.step and not trainer.sanity_checking:
+            self.at = ""  # once
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step == 4 and self.sigterm_in_training == "start":
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._signal(trainer, "step start")
 
     def on_after_backward(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.global_step == 4 and self.sigterm_in_training == "backward":
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._signal(trainer, "after backward")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._signal(trainer, "epoch end")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: object,
                                 batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.global_step == self.sigterm_at_step and batch_idx == 1:
-            for _ in range(self.sigterms):
-                os.kill(os.getpid(), self.signum)
+        if batch_idx == self.batch:
+            self._signal(trainer, "validation")
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -104,29 +109,32 @@ class Validations(pl.Callback):
                           float(metrics["val/batches"]), float(metrics["val/sum"])))
 
 
-def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms: int = 1,
-        sigterm_in_training: str = "", signum: int = signal.SIGTERM, **trainer_args: Any
-        ) -> tuple[ValidatedLinear, list[Validated]]:
-    """10 steps, validating every 3, a step checkpoint every 2 and one at each validation's end (all kept);
-    stopped by a SIGTERM, it returns after the on-exception checkpoint is written."""
+def fit(out: Path, ckpt: Path | None = None, signal_at: dict[str, Any] | None = None, checkpoint_every: int = 2,
+        **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
+    """10 steps of 16-batch epochs, validating every 3 batches (``trainer_args`` change these), a step checkpoint
+    every ``checkpoint_every`` steps and one at each validation's end (all kept), a signal sent as
+    ``signal_at`` says (:class:`Validations`); stopped by a signal, it returns after the on-exception
+    checkpoint is written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
 
-    validations = Validations(sigterm_at_step, sigterms, sigterm_in_training, signum)
+    validations = Validations(**(signal_at or {}))
+    settings: dict[str, Any] = dict(max_steps=10, val_check_interval=3, num_sanity_val_steps=0, logger=False,
+                                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     torch.manual_seed(1)
-    trainer = pl.Trainer(default_root_dir=out, max_steps=10, val_check_interval=3, num_sanity_val_steps=0,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    trainer = pl.Trainer(default_root_dir=out, **{**settings, **trainer_args},
                          callbacks=[ResumeState(), PreemptionCheckpoint(dirpath=out), validations,
-                                    ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=2,
-                                                    save_top_k=-1),
+                                    ModelCheckpoint(dirpath=out, filename="{step}", save_top_k=-1,
+                                                    every_n_train_steps=checkpoint_every),
                                     ModelCheckpoint(dirpath=out, filename="validated-{step}", monitor="val/sum",
-                                                    save_top_k=-1)], **trainer_args)
+                                                    save_top_k=-1)])
     model = ValidatedLinear()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no workers, no logger
+            warnings.filterwarnings("always", message=".*did not end before this checkpoint")
             trainer.fit(model, ckpt_path=ckpt)
     except SystemExit:  # Lightning's exit after a SIGTERM's or Ctrl-C's checkpoint
         pass
@@ -139,8 +147,8 @@ def fit(out: Path, ckpt: Path | None = None, sigterm_at_step: int = -1, sigterms
 if __name__ == "__main__":
     out, ckpt, stop = Path(sys.argv[1]), sys.argv[2], (sys.argv[3:] or [""])[0]
     rank = int(os.environ["LOCAL_RANK"])
-    sigterm = {"training": dict(sigterm_in_training=("start", "backward")[rank]),
-               "validation": dict(sigterm_at_step=6, sigterms=rank + 1), "": {}}[stop]
-    model, seen = fit(out, None if ckpt == "-" else Path(ckpt), **sigterm, strategy="ddp", devices=2)
+    signal_at = {"training": dict(at=("step start", "after backward")[rank], step=4),
+                 "validation": dict(at="validation", step=6, times=rank + 1), "": {}}[stop]
+    model, seen = fit(out, None if ckpt == "-" else Path(ckpt), signal_at, strategy="ddp", devices=2)
     if rank == 0:
         torch.save({"seen": seen, "weights": model.state_dict()}, out / "fit.pt")

@@ -296,32 +296,63 @@ def test_a_sigterm_inside_a_gradient_accumulation_stops_where_the_optimiser_step
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 
-@pytest.mark.parametrize("stop", ["sigterm inside the validation", "ctrl-c inside the validation",
-                                  "step checkpoint before it", "no validation due", "checkpoint after it"])
-def test_a_run_stopped_before_a_validation_ended_runs_it_again_when_it_resumes(tmp_path: Path, stop: str) -> None:
-    """Lightning resumed a checkpoint written after a training batch by skipping the validation due after it
-    (its metrics and gallery missing from the run): one a SIGTERM or Ctrl-C stopped half-way, or one not yet started
-    when a step checkpoint was written (the GLDv2 recipes write one on every validation step). It is run whole
-    again, from the random states it started with: the same metrics at the same logger step, then the weights
-    of an uninterrupted run. A checkpoint on a step with no validation due, or written at the validation's end
-    (a ``ModelCheckpoint`` monitoring its metric), runs none."""
-    uninterrupted, validated = fit_validated(tmp_path / "whole")
-    assert [v[0] for v in validated] == [3, 6, 9]
-    if stop.endswith("inside the validation"):
-        signum = signal.SIGTERM if stop.startswith("sigterm") else signal.SIGINT
-        _, stopped = fit_validated(tmp_path / "stopped", sigterm_at_step=6, signum=signum)
-        assert [v[0] for v in stopped] == [3]  # the validation of step 6 stopped after its 2nd of 3 batches
-        resume_at, ckpt = 6, tmp_path / "stopped" / "on_exception.ckpt"
-    elif stop == "checkpoint after it":
-        resume_at, ckpt = 6, tmp_path / "whole" / "validated-step=6.ckpt"
+EPOCH_END_VALIDATION = dict(val_check_interval=1.0, max_steps=40, checkpoint_every=100)  # 16 batches per epoch
+EVERY_2ND_EPOCH = dict(val_check_interval=8, check_val_every_n_epoch=2, max_steps=40, checkpoint_every=8)
+STOPS = {  # how the run stops (a signal, or a checkpoint of the uninterrupted run), the step it resumes from
+    "sigterm inside a validation": ({}, dict(at="validation", step=6), 6),
+    "ctrl-c inside a validation": ({}, dict(at="validation", step=6, signum=signal.SIGINT), 6),
+    "step checkpoint before a validation": ({}, "step=6.ckpt", 6),
+    "step checkpoint, no validation due": ({}, "step=4.ckpt", 4),
+    "checkpoint at a validation's end": ({}, "validated-step=6.ckpt", 6),
+    "sigterm in a validation inside an accumulation": (dict(accumulate_grad_batches=2),
+                                                       dict(at="validation", step=4), 5),
+    "sigterm in a validation's only batch": (dict(limit_val_batches=1), dict(at="validation", step=6, batch=0), 6),
+    "sigterm at an epoch's end": (EPOCH_END_VALIDATION, dict(at="epoch end", step=16), 16),
+    "step checkpoint on an epoch's last batch, validation due": (EVERY_2ND_EPOCH, "step=32.ckpt", 32),
+    "step checkpoint on an epoch's last batch, none due": (EVERY_2ND_EPOCH, "step=16.ckpt", 16),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_resumed_run_validates_as_an_uninterrupted_one(tmp_path: Path, stop: str) -> None:
+    """A validation due after the batch a checkpoint was written at, and not ended, runs whole when the run
+    resumes (Lightning skipped it: metrics and gallery missing): cut by a SIGTERM or Ctrl-C, or not yet started
+    when a step checkpoint was written (the GLDv2 recipes write one on every validation step). It runs from
+    the random states it started with, at the uninterrupted run's logger step. None runs when none was due or
+    it had ended; Lightning decided from an epoch's last batch after rolling over to the next epoch (batch
+    index -1, the next epoch's number) and validated when nothing was due, or skipped what was. A signal
+    inside a validation after a batch that did not step the optimiser waits for the batch that does (its
+    gradients are in no checkpoint). A stop once the run's batch and validation were counted resumed one logger
+    step ahead. Every case then ends with the uninterrupted run's weights, but the last: there Lightning's
+    resume still draws the validation loader's seed from the global generator, so only which validations run
+    is checked."""
+    trainer_args, how, resume_at = STOPS[stop]
+    uninterrupted, validated = fit_validated(tmp_path / "whole", **trainer_args)
+    if isinstance(how, dict):
+        fit_validated(tmp_path / "stopped", signal_at=how, **trainer_args)
+        ckpt = tmp_path / "stopped" / "on_exception.ckpt"
     else:
-        resume_at = 6 if stop == "step checkpoint before it" else 4
-        ckpt = tmp_path / "whole" / f"step={resume_at}.ckpt"
+        ckpt = tmp_path / "whole" / how
     assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
-    resumed, revalidated = fit_validated(tmp_path / "resumed", ckpt)
-    rerun = stop != "checkpoint after it"
-    assert revalidated == [v for v in validated if v[0] > resume_at or (v[0] == resume_at and rerun)]
+    resumed, revalidated = fit_validated(tmp_path / "resumed", ckpt, **trainer_args)
+    ended = {"checkpoint at a validation's end", "sigterm in a validation's only batch", "sigterm at an epoch's end"}
+    expected = [v for v in validated if v[0] > resume_at or (v[0] == resume_at and stop not in ended)]
+    if stop.endswith("none due"):
+        assert [v[:3] for v in revalidated] == [v[:3] for v in expected] == [(24, 23, 3.0), (32, 31, 3.0)]
+        return
+    assert revalidated == expected
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_run_stopped_in_its_last_validation_says_how_to_get_its_metrics(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """At ``max_steps`` a resumed fit has nothing to train and Lightning skips its loop, that validation with it:
+    the stop and the resume say so, and which command gives the metrics."""
+    fit_validated(tmp_path / "stopped", signal_at=dict(at="validation", step=9), max_steps=9)
+    assert "this validation is the run's last (step 9)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="the validation of step 9 did not end before this checkpoint.*validate"):
+        _, revalidated = fit_validated(tmp_path / "resumed", tmp_path / "stopped" / "on_exception.ckpt", max_steps=9)
+    assert revalidated == []
 
 
 def test_ddp_ranks_sigterminated_at_different_points_stop_together_and_resume_exactly(tmp_path: Path) -> None:

@@ -152,20 +152,32 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         self._agree_per_validation_batch = batches < float("inf") and bool((counts == batches).all())
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if self._agree_per_validation_batch:
+        if self._agree_per_validation_batch and self._stops_in_this_validation(trainer):
             self._stop_for_agreed_signals(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
-        if not self._agree_per_validation_batch:
+        if not self._agree_per_validation_batch and self._stops_in_this_validation(trainer):
             self._stop_for_agreed_signals(trainer)  # before the next training batch
+
+    @staticmethod
+    def _stops_in_this_validation(trainer: pl.Trainer) -> bool:
+        """Not after a batch inside a gradient accumulation: its gradients are in no checkpoint (the signal
+        waits for the batch where the optimiser steps)."""
+        return not trainer.fit_loop.epoch_loop._should_accumulate()
 
     def _stop_for_agreed_signals(self, trainer: pl.Trainer) -> None:
         """Inside or right after a validation: Ctrl-C stops now, SIGTERM where Lightning checks next. The
         validation cut short runs again when the run resumes (:class:`~retrieval_lightning.callbacks.ResumeState`),
         so neither waits for the rest of a long one."""
         interrupted, terminated = self._agree(trainer)
+        last = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps  # Lightning skips a finished fit
+        if (interrupted or terminated) and trainer.validating and last:
+            if trainer.is_global_zero:
+                print(f"this validation is the run's last (step {trainer.global_step}): a resumed fit has nothing to "
+                      "train and does not run it; `retrieval-lightning validate` with the same --config and the "
+                      "checkpoint gives its metrics", file=sys.stderr, flush=True)
         if interrupted:
             raise CoordinatedStop("Ctrl-C")
         if terminated:
@@ -175,6 +187,9 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         # a resumed run that fails while it starts (other settings than its checkpoint's) has global_step > 0
         # from the checkpoint; its on-exception file would be newer than last.ckpt and shadow it
         if not (self._trained and trainer.global_step > 0):
+            if isinstance(exception, (SIGTERMException, CoordinatedStop)) and trainer.is_global_zero:
+                print(f"no {self.ckpt_path} written: this run had not trained a step (a checkpoint it resumed "
+                      "from still holds where it stood)", file=sys.stderr, flush=True)
             return
         if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, CoordinatedStop)):
             # one rank failed alone (an error, an unreadable image): saving is a collective the other ranks,

@@ -15,7 +15,6 @@ it) runs that validation again when it resumes, from the random states it starte
 from __future__ import annotations
 
 import random
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +24,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from retrieval_lightning.callbacks.unfinished_validation import (
+    record_as_after_the_batch,
+    run_again_on_resume,
+    validation_pending,
+    warn_if_left_unrun,
+)
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -58,15 +64,14 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
 class ResumeState(pl.Callback):
     """Checkpoint every rank's random states (and the W&B run id); restore them on resume. Also writes
     the loop state of a run stopped by ``max_steps`` as a resume expects it
-    (:func:`record_a_max_steps_stop_as_resumable`), and re-runs on resume a validation that did not end
-    (:func:`rerun_an_unfinished_validation`)."""
+    (:func:`record_a_max_steps_stop_as_resumable`), and runs again on resume a validation the checkpoint was
+    written before the end of (:mod:`retrieval_lightning.callbacks.unfinished_validation`)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
-        self._validated_step = -1  # the global step of fit's last validation that ran to its end
-        self._before_validation: dict[str, Any] | None = None  # random states a validation starts from
-        self._rerunning = False  # resumed with a validation to run again, if one is due there
+        # random states after the latest training batch, until a validation that follows it ends
+        self._before_validation: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -75,26 +80,21 @@ class ResumeState(pl.Callback):
         # taken here, not in on_validation_start: Lightning draws the validation loader's seed before that
         self._before_validation = collect_rng_states() if trainer.enable_validation else None
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._rerunning and not trainer.sanity_checking:
-            self._rerunning = False
-            count_the_rerun_validations_step_once(trainer)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        self._rerunning = False  # no validation was due where the run resumed
-
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._validated_step = trainer.global_step
-            self._before_validation = None
+            self._before_validation = None  # runs before the checkpoint callbacks (Lightning puts those last)
+
+    def _validation_pending(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and validation_pending(trainer, started=self._before_validation is not None)
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         world_size = trainer.world_size if trainer is not None else 1
-        # stopped inside a validation (SIGTERM), the resumed run runs it again: from the states it started with
-        validating = trainer is not None and trainer.validating and not trainer.sanity_checking
-        rng = self._before_validation if validating and self._before_validation is not None else collect_rng_states()
-        state: dict[str, Any] = {"rng": _gather(rng, world_size), "validated_step": self._validated_step}
+        pending = self._validation_pending()
+        # before a validation that the resumed run runs again: the states it started from
+        rng = self._before_validation if pending and self._before_validation is not None else collect_rng_states()
+        state: dict[str, Any] = {"rng": _gather(rng, world_size), "validation_pending": pending}
         run = _wandb_run(trainer)
         if run is not None:
             state["wandb"] = {"run_id": run.id, "step": int(run.step)}
@@ -106,6 +106,10 @@ class ResumeState(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         record_a_max_steps_stop_as_resumable(trainer, checkpoint)
+        if not trainer.validating and self._validation_pending():
+            record_as_after_the_batch(checkpoint)
+        else:
+            count_a_counted_batch_once(trainer, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
@@ -117,43 +121,33 @@ class ResumeState(pl.Callback):
                            "identical to an uninterrupted one)")
         else:
             restore_rng_states(states[trainer.global_rank])
-        validated = self._pending.get("validated_step")
-        if validated is not None:  # older checkpoints: Lightning's own choice
-            self._validated_step = validated
-            if validated != trainer.global_step:
-                self._rerunning = rerun_an_unfinished_validation(trainer)
+        if self._pending.get("validation_pending"):  # older checkpoints: Lightning's own choice
+            run_again_on_resume(trainer)
+        self._pending = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None and self._pending.get("validation_pending"):  # the fit loop never started
+            warn_if_left_unrun(trainer, trainer.global_step)
         self._pending = None
 
 
-def rerun_an_unfinished_validation(trainer: pl.Trainer) -> bool:
-    """Have a resumed run validate first if its checkpoint's step was due a validation it never finished.
-
-    Lightning resumes a checkpoint written after a training batch by skipping the validation due after that
-    batch: one a SIGTERM stopped half-way (the on-exception checkpoint), or one that had not started (a step
-    checkpoint on a validation step, as the GLDv2 recipes write every 5,000 or 10,000 steps). Its metrics and
-    gallery were then missing from the run. Marked as stopped mid-evaluation with no batch done, the loop runs
-    that validation whole before the next training batch, if one is due here at all (Lightning decides, as for
-    an uninterrupted run); the random states restored are those it started with."""
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    stage = getattr(sys.modules[type(loop).__module__], "RestartStage", None)
-    if stage is None or not hasattr(loop, "_restart_stage"):  # a Lightning without mid-evaluation restarts
-        rank_zero_warn("this Lightning cannot re-run on resume a validation the checkpoint stopped before its end: "
-                       "it is skipped")
-        return False
-    loop._restart_stage = stage.RESTARTED_MID_EVALUATION
-    loop.batch_progress.current.reset()  # from its first batch: the stopped run's outputs are not in the checkpoint
-    return True
-
-
-def count_the_rerun_validations_step_once(trainer: pl.Trainer) -> None:
-    """The logger's step (``_batches_that_stepped``) as the validation re-run starts, as an uninterrupted run's.
-
-    From a checkpoint written at a training batch's end, Lightning counts that batch as it resumes (its count is
-    written before the batch adds it), and again after the validation that follows it: once too many for the
-    rest of the run. Stopped inside the validation, the checkpoint's count resumes right."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if epoch_loop.restarted_on_train_batch_end and not epoch_loop._should_accumulate():
-        epoch_loop._batches_that_stepped -= 1
+def count_a_counted_batch_once(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """The logger's step (``_batches_that_stepped``) of a checkpoint written once a training batch, and the
+    validation after it, were counted: a SIGTERM that Lightning stops for after them, or at an epoch's end.
+    Lightning resumes it by skipping the validation due there and counting that batch again, so the resumed
+    run logged every step one ahead of an uninterrupted run. The count written is the one it had before."""
+    if trainer.validating or trainer.sanity_checking or getattr(trainer, "_val_check_time_interval", None) is not None:
+        return
+    loop = trainer.fit_loop.epoch_loop
+    batches = loop.batch_progress.current
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if batches.processed != batches.completed or fetcher is None or not trainer.enable_validation:
+        return  # at a batch's hooks (not yet counted), or nothing validates
+    if loop._should_accumulate() or not loop._should_check_val_fx(fetcher):
+        return  # Lightning's resume trains the next batch and counts only that one
+    state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    if state.get("_batches_that_stepped", 0) > 0:
+        state["_batches_that_stepped"] -= 1
 
 
 def record_a_max_steps_stop_as_resumable(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
