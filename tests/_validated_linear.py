@@ -112,7 +112,8 @@ class Validations(pl.Callback):
 def fit(out: Path, ckpt: Path | None = None, signal_at: dict[str, Any] | None = None, checkpoint_every: int = 2,
         **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
     """10 steps of 16-batch epochs, validating every 3 batches (``trainer_args`` change these), a step checkpoint
-    every ``checkpoint_every`` steps and one at each validation's end (all kept), a signal sent as
+    every ``checkpoint_every`` steps, one at each validation's end and one at each epoch's end (all kept), a
+    signal sent as
     ``signal_at`` says (:class:`Validations`); stopped by a signal, it returns after the on-exception
     checkpoint is written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -128,7 +129,9 @@ def fit(out: Path, ckpt: Path | None = None, signal_at: dict[str, Any] | None = 
                                     ModelCheckpoint(dirpath=out, filename="{step}", save_top_k=-1,
                                                     every_n_train_steps=checkpoint_every),
                                     ModelCheckpoint(dirpath=out, filename="validated-{step}", monitor="val/sum",
-                                                    save_top_k=-1)])
+                                                    save_top_k=-1),
+                                    ModelCheckpoint(dirpath=out, filename="epoch-{step}", every_n_epochs=1,
+                                                    save_on_train_epoch_end=True, save_top_k=-1)])
     model = ValidatedLinear()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -310,6 +310,9 @@ STOPS = {  # how the run stops (a signal, or a checkpoint of the uninterrupted r
     "sigterm at an epoch's end": (EPOCH_END_VALIDATION, dict(at="epoch end", step=16), 16),
     "step checkpoint on an epoch's last batch, validation due": (EVERY_2ND_EPOCH, "step=32.ckpt", 32),
     "step checkpoint on an epoch's last batch, none due": (EVERY_2ND_EPOCH, "step=16.ckpt", 16),
+    "checkpoint at an epoch's end": (EPOCH_END_VALIDATION, "epoch-step=16.ckpt", 16),
+    "checkpoint at an epoch's end, validating every 5 batches": (dict(EPOCH_END_VALIDATION, val_check_interval=5),
+                                                                 "epoch-step=16.ckpt", 16),
 }
 
 
@@ -323,7 +326,8 @@ def test_a_resumed_run_validates_as_an_uninterrupted_one(tmp_path: Path, stop: s
     index -1, the next epoch's number) and validated when nothing was due, or skipped what was. A signal
     inside a validation after a batch that did not step the optimiser waits for the batch that does (its
     gradients are in no checkpoint). A stop once the run's batch and validation were counted resumed one logger
-    step ahead. Every case then ends with the uninterrupted run's weights, but the last: there Lightning's
+    step ahead. A checkpoint written as an epoch ends (``every_n_epochs``) resumed inside the finished epoch and
+    skipped 15 of the next epoch's 16 batches. Every case then ends with the uninterrupted run's weights, but the last: there Lightning's
     resume still draws the validation loader's seed from the global generator, so only which validations run
     is checked."""
     trainer_args, how, resume_at = STOPS[stop]
@@ -335,7 +339,8 @@ def test_a_resumed_run_validates_as_an_uninterrupted_one(tmp_path: Path, stop: s
         ckpt = tmp_path / "whole" / how
     assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
     resumed, revalidated = fit_validated(tmp_path / "resumed", ckpt, **trainer_args)
-    ended = {"checkpoint at a validation's end", "sigterm in a validation's only batch", "sigterm at an epoch's end"}
+    ended = {"checkpoint at a validation's end", "sigterm in a validation's only batch", "sigterm at an epoch's end",
+             "checkpoint at an epoch's end"}
     expected = [v for v in validated if v[0] > resume_at or (v[0] == resume_at and stop not in ended)]
     if stop.endswith("none due"):
         assert [v[:3] for v in revalidated] == [v[:3] for v in expected] == [(24, 23, 3.0), (32, 31, 3.0)]

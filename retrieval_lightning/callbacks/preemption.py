@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
+from torch.distributed import ReduceOp
 
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):
@@ -148,8 +149,9 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
             self._agree_per_validation_batch = True
             return
         batches = float(sum(trainer.num_val_batches))
-        counts = trainer.strategy.all_gather(torch.tensor(batches, device=trainer.strategy.root_device))
-        self._agree_per_validation_batch = batches < float("inf") and bool((counts == batches).all())
+        bounds = torch.tensor([batches, -batches], dtype=torch.float64, device=trainer.strategy.root_device)
+        most, minus_least = trainer.strategy.reduce(bounds, reduce_op=ReduceOp.MAX).tolist()
+        self._agree_per_validation_batch = batches < float("inf") and most == -minus_least
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if self._agree_per_validation_batch and self._stops_in_this_validation(trainer):

@@ -14,8 +14,9 @@ it) runs that validation again when it resumes, from the random states it starte
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
@@ -108,8 +109,9 @@ class ResumeState(pl.Callback):
         record_a_max_steps_stop_as_resumable(trainer, checkpoint)
         if not trainer.validating and self._validation_pending():
             record_as_after_the_batch(checkpoint)
-        else:
-            count_a_counted_batch_once(trainer, checkpoint)
+            return
+        record_an_epoch_end_as_the_next_epochs_start(trainer, checkpoint)
+        count_a_counted_batch_once(trainer, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
@@ -131,22 +133,62 @@ class ResumeState(pl.Callback):
         self._pending = None
 
 
+def record_an_epoch_end_as_the_next_epochs_start(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written as an epoch ends (``ModelCheckpoint(every_n_epochs=...)`` saves in
+    ``on_train_epoch_end``), before Lightning counts the epoch as done, written as the next epoch's start (as
+    a SIGTERM at an epoch's end is). Lightning resumed it inside the finished epoch: the next epoch's first
+    batch was taken as the finished one's last, then another epoch began, and the rest of the next epoch's
+    data was never trained on (measured: 15 of 16 batches skipped)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if loop is None:
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    current = epochs["current"]
+    if not current["ready"] == current["started"] == current["processed"] == current["completed"] + 1:
+        return  # inside an epoch, or the epoch already counted as done
+    if not (batches["is_last_batch"] or batches["current"]["ready"] >= trainer.num_training_batches):
+        return
+    for progress in epochs.values():  # "total" and "current"
+        progress["completed"] = progress["processed"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+    checkpoint["epoch"] = current["completed"]
+
+
+@contextmanager
+def _loops_as_written(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> Iterator[None]:
+    """The fit loop's progress counters as the checkpoint holds them (where a resumed run starts), meanwhile."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress = {"epoch_progress": trainer.fit_loop.epoch_progress,
+                "epoch_loop.batch_progress": trainer.fit_loop.epoch_loop.batch_progress}
+    saved = {key: counter.state_dict() for key, counter in progress.items()}
+    try:
+        for key, counter in progress.items():
+            if key in loop:
+                counter.load_state_dict(loop[key])
+        yield
+    finally:
+        for key, counter in progress.items():
+            counter.load_state_dict(saved[key])
+
+
 def count_a_counted_batch_once(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
-    """The logger's step (``_batches_that_stepped``) of a checkpoint written once a training batch, and the
-    validation after it, were counted: a SIGTERM that Lightning stops for after them, or at an epoch's end.
-    Lightning resumes it by skipping the validation due there and counting that batch again, so the resumed
-    run logged every step one ahead of an uninterrupted run. The count written is the one it had before."""
+    """The logger's step (``_batches_that_stepped``) of a checkpoint written once a training batch was counted
+    (a SIGTERM that Lightning stops for after a batch and its validation, or at an epoch's end; an epoch-end
+    checkpoint). Where Lightning's resume takes a validation as due, it skips it and counts that batch again,
+    so the resumed run logged every step one ahead of an uninterrupted run. The count written is the one it
+    had before."""
     if trainer.validating or trainer.sanity_checking or getattr(trainer, "_val_check_time_interval", None) is not None:
         return
     loop = trainer.fit_loop.epoch_loop
-    batches = loop.batch_progress.current
     fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    if batches.processed != batches.completed or fetcher is None or not trainer.enable_validation:
+    written = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("current", {})
+    if written.get("processed") != written.get("completed") or fetcher is None or not trainer.enable_validation:
         return  # at a batch's hooks (not yet counted), or nothing validates
-    if loop._should_accumulate() or not loop._should_check_val_fx(fetcher):
-        return  # Lightning's resume trains the next batch and counts only that one
-    state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-    if state.get("_batches_that_stepped", 0) > 0:
+    with _loops_as_written(trainer, checkpoint):  # Lightning decides where the resumed run starts
+        due = not loop._should_accumulate() and loop._should_check_val_fx(fetcher)
+    state = checkpoint["loops"]["fit_loop"].get("epoch_loop.state_dict", {})
+    if due and state.get("_batches_that_stepped", 0) > 0:
         state["_batches_that_stepped"] -= 1
 
 
