@@ -327,9 +327,9 @@ def test_a_resumed_run_validates_as_an_uninterrupted_one(tmp_path: Path, stop: s
     inside a validation after a batch that did not step the optimiser waits for the batch that does (its
     gradients are in no checkpoint). A stop once the run's batch and validation were counted resumed one logger
     step ahead. A checkpoint written as an epoch ends (``every_n_epochs``) resumed inside the finished epoch and
-    skipped 15 of the next epoch's 16 batches. Every case then ends with the uninterrupted run's weights, but the last: there Lightning's
-    resume still draws the validation loader's seed from the global generator, so only which validations run
-    is checked."""
+    skipped 15 of the next epoch's 16 batches. Every case then ends with the uninterrupted run's weights, but
+    a step checkpoint on an epoch's last batch with none due: there Lightning's resume still draws the
+    validation loader's seed from the global generator, so only which validations run is checked."""
     trainer_args, how, resume_at = STOPS[stop]
     uninterrupted, validated = fit_validated(tmp_path / "whole", **trainer_args)
     if isinstance(how, dict):

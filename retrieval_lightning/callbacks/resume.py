@@ -7,9 +7,10 @@ checkpoint (rank 0 writes it) and, on resume, gives each rank its own back just 
 training batch, after everything that runs on a resume only (checkpoint loading, sanity checks).
 It also records the W&B run id and step, which :func:`retrieval_lightning.loggers.continue_wandb_run`
 reads to continue the same run, and corrects the loop state Lightning writes for a run stopped by
-``max_steps``, so that a run extended past it numbers its epochs as an uninterrupted run. A run stopped
-before a validation it was due to run ended (a SIGTERM inside it, a step checkpoint written just before
-it) runs that validation again when it resumes, from the random states it started with.
+``max_steps``, so that a run extended past it numbers its epochs as an uninterrupted run. A checkpoint
+written before the end of a validation that was due (a SIGTERM inside it, a step checkpoint just before it)
+has the resumed run run that validation whole, from the random states it started with; one written as an
+epoch ends resumes at the next epoch's start; the logger's step resumes where an uninterrupted run's is.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def record_an_epoch_end_as_the_next_epochs_start(trainer: pl.Trainer, checkpoint
     a SIGTERM at an epoch's end is). Lightning resumed it inside the finished epoch: the next epoch's first
     batch was taken as the finished one's last, then another epoch began, and the rest of the next epoch's
     data was never trained on (measured: 15 of 16 batches skipped)."""
-    loop = checkpoint.get("loops", {}).get("fit_loop")
-    if loop is None:
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    if "epoch_progress" not in loop or "epoch_loop.batch_progress" not in loop:
         return
     epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
     current = epochs["current"]
