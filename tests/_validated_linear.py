@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,15 @@ class ValidatedLinear(pl.LightningModule):
     """Dropout in training and validation and a shuffled validation loader: a validation re-run from other
     random states than the uninterrupted run's gives other metrics, and the training after it other weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, step_seconds: float = 0.0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(8, 1)
         self.outputs: list[torch.Tensor] = []
+        self.step_seconds = step_seconds  # wall time a step takes at least (time-based validation intervals)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        time.sleep(self.step_seconds)
         return (self.layer(torch.nn.functional.dropout(batch, 0.3)) ** 2).mean() * 1e-3
 
     def on_validation_epoch_start(self) -> None:
@@ -75,16 +78,17 @@ Validated = tuple[int, int, float, float]  # global step, logger step, batches, 
 
 class Validations(pl.Callback):
     """Each validation's (global step, logger step, batches, metric), and a signal (``signum``, ``times`` in a
-    row) to this process at global step ``step``: ``at`` "validation" (at the end of its batch ``batch``),
+    row) to this process at global step ``step`` (None: the first time): ``at`` "validation" (at the end of its
+    batch ``batch``),
     "step start", "after backward" (the step's gradients all-reduced) or "epoch end"."""
 
-    def __init__(self, at: str = "", step: int = -1, batch: int = 1, times: int = 1,
+    def __init__(self, at: str = "", step: int | None = -1, batch: int = 1, times: int = 1,
                  signum: int = signal.SIGTERM) -> None:
         self.at, self.step, self.batch, self.times, self.signum = at, step, batch, times, signum
         self.seen: list[Validated] = []
 
     def _signal(self, trainer: pl.Trainer, at: str) -> None:
-        if at == self.at and trainer.global_step == self.step and not trainer.sanity_checking:
+        if at == self.at and self.step in (trainer.global_step, None) and not trainer.sanity_checking:
             self.at = ""  # once
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
@@ -110,7 +114,7 @@ class Validations(pl.Callback):
 
 
 def fit(out: Path, ckpt: Path | None = None, signal_at: dict[str, Any] | None = None, checkpoint_every: int = 2,
-        **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
+        step_seconds: float = 0.0, **trainer_args: Any) -> tuple[ValidatedLinear, list[Validated]]:
     """10 steps of 16-batch epochs, validating every 3 batches (``trainer_args`` change these), a step checkpoint
     every ``checkpoint_every`` steps, one at each validation's end and one at each epoch's end (all kept), a
     signal sent as
@@ -132,7 +136,7 @@ def fit(out: Path, ckpt: Path | None = None, signal_at: dict[str, Any] | None = 
                                                     save_top_k=-1),
                                     ModelCheckpoint(dirpath=out, filename="epoch-{step}", every_n_epochs=1,
                                                     save_on_train_epoch_end=True, save_top_k=-1)])
-    model = ValidatedLinear()
+    model = ValidatedLinear(step_seconds)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with warnings.catch_warnings():

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -347,6 +348,20 @@ def test_a_resumed_run_validates_as_an_uninterrupted_one(tmp_path: Path, stop: s
         return
     assert revalidated == expected
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_validation_cut_short_runs_again_with_a_time_based_interval(tmp_path: Path) -> None:
+    """``val_check_interval`` as wall time (0.2 s; steps take 50 ms): the resumed run's clock starts when it
+    does, and its first validation came only 0.2 s later, after training on, so the one cut short never ran.
+    Which steps validate depends on the clock, so the run is compared with itself: the cut validation runs
+    first, at its step, whole."""
+    timed = dict(val_check_interval=timedelta(seconds=0.2), max_steps=12, step_seconds=0.05, checkpoint_every=100)
+    _, stopped = fit_validated(tmp_path / "stopped", signal_at=dict(at="validation", step=None), **timed)
+    ckpt = tmp_path / "stopped" / "on_exception.ckpt"
+    cut_at = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 0 < cut_at < 12 and stopped == []  # the first validation was cut
+    _, revalidated = fit_validated(tmp_path / "resumed", ckpt, **timed)
+    assert revalidated[0][0] == cut_at and revalidated[0][2] == 3.0
 
 
 def test_a_run_stopped_in_its_last_validation_says_how_to_get_its_metrics(tmp_path: Path,

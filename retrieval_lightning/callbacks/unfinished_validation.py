@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 def validation_pending(trainer: pl.Trainer, started: bool) -> bool:
     """Whether a checkpoint written now is one before the end of a validation of ``fit`` that is due: inside
     it (``started``: it began after the last training batch and has not ended), or at the end of a training
-    batch it follows. A time-based ``val_check_interval`` is not re-decided (wall time differs on resume)."""
+    batch it follows (with a time-based ``val_check_interval``, if its time is up now)."""
     if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or not trainer.enable_validation:
         return False
     if trainer.validating:
@@ -38,8 +38,6 @@ def validation_pending(trainer: pl.Trainer, started: bool) -> bool:
     fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
     if batches.processed != batches.completed + 1 or fetcher is None:
         return False  # not at a training batch's end (its hooks run between the two counts)
-    if getattr(trainer, "_val_check_time_interval", None) is not None:
-        return False
     return bool(loop._should_check_val_fx(fetcher))
 
 
@@ -66,6 +64,8 @@ def run_again_on_resume(trainer: pl.Trainer) -> None:
         return
     loop._restart_stage = stage.RESTARTED_MID_EVALUATION
     loop.batch_progress.current.reset()  # from its first batch: the stopped run's outputs are not in the checkpoint
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        trainer._last_val_time = float("-inf")  # its time was up: the resumed run's clock started just now
 
 
 def warn_if_left_unrun(trainer: pl.Trainer, step: int) -> None:
