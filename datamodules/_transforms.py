@@ -265,11 +265,17 @@ def collate_eval(items: list[dict]) -> dict:
 
 
 def eval_loaders(eval_sets: Sequence, batch_size: int, num_workers: int, pin_memory: bool = False) -> list:
-    """One ordered, unshuffled loader per EvalSet (Lightning adds the DDP sampler; the core de-duplicates)."""
+    """One ordered, unshuffled loader per EvalSet (Lightning adds the DDP sampler; the core de-duplicates).
+
+    Each has a generator of its own: a loader draws its workers' base seed from it as it starts, from torch's
+    global generator otherwise. A validation inside ``fit`` then moved the global generator by one draw per eval
+    set, and a head drawing from it while training (dropout) trained on other random numbers than in a run that
+    did not validate, or than in a resume that starts a validation loader Lightning skips (from a step
+    checkpoint on an epoch's last batch). The demo's heads draw nothing there: its weights were equal either way."""
     from torch.utils.data import DataLoader
 
     return [
         DataLoader(s.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval,
-                   num_workers=num_workers, pin_memory=pin_memory)
+                   num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
         for s in eval_sets
     ]

@@ -209,12 +209,14 @@ def test_datamodule_sets_and_loaders(rop):
     loaders = dm.test_dataloader()
     assert len(loaders) == 2 and len(dm.val_dataloader()) == 2
     indices = []
-    for batch in loaders[0]:
+    before = torch.get_rng_state()
+    for batch in loaders[0]:  # started with a generator of its own: a validation in fit moves no training draw
         assert isinstance(batch["image"], list) and batch["index"].dtype == torch.long
         assert all(t.dtype == torch.float32 and t.shape[0] == 3 and 0 <= t.min() and t.max() <= 1
                    for t in batch["image"])
         indices += batch["index"].tolist()
     assert indices == list(range(2 + N_DB))
+    assert torch.equal(torch.get_rng_state(), before)
     # The Paris query box starts at x = -3: outside the image is an error naming the file, not black padding.
     (pa_full,) = RevisitopDataModule(root=rop["root"], datasets=["rparis6k"], max_side=None,
                                      num_workers=0).eval_sets("test")
