@@ -239,61 +239,13 @@ def test_a_sigterm_inside_a_gradient_accumulation_stops_where_the_optimiser_step
     """Lightning stops for SIGTERM after any batch; inside an accumulation the checkpoint held none of the
     accumulated gradients, and the resumed run stepped without that micro-batch (not bitwise). Held until
     the batch that steps, the resumed run ends as an uninterrupted one (2 micro-batches per step, dropout)."""
-    from datamodules.sampling import ResumableDataLoader, ShuffleSampler
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from retrieval_lightning.callbacks import PreemptionCheckpoint, ResumeState
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 64
-
-        def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
-            return torch.full((8,), float(item[0]))
-
-    class Linear(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.layer = torch.nn.Linear(8, 1)
-
-        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            return (self.layer(torch.nn.functional.dropout(batch, 0.3)) ** 2).mean() * 1e-3
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-        def train_dataloader(self) -> ResumableDataLoader:
-            return ResumableDataLoader(Rows(), batch_size=4, sampler=ShuffleSampler(64, seed=0), drop_last=True)
-
-    class SigtermAfterBatch(pl.Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-            if trainer.fit_loop.total_batch_idx == 4:  # the first micro-batch of step 3
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def fit(out: Path, extra: list[pl.Callback], ckpt: Path | None = None) -> tuple[Linear, int]:
-        torch.manual_seed(1)
-        trainer = pl.Trainer(default_root_dir=out, max_steps=6, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=2,
-                             callbacks=[ResumeState(), PreemptionCheckpoint(dirpath=out), *extra,
-                                        ModelCheckpoint(dirpath=out, save_last=True)])
-        model = Linear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no workers, no logger
-            try:
-                trainer.fit(model, ckpt_path=ckpt)
-            except SystemExit:  # Lightning's exit after a SIGTERM's checkpoint
-                pass
-        return model, trainer.global_step
-
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        uninterrupted, _ = fit(tmp_path / "whole", [])
-        _, stopped_at = fit(tmp_path / "stopped", [SigtermAfterBatch()])
-        assert stopped_at == 3  # after the second micro-batch of step 3, not after its first
-        resumed, _ = fit(tmp_path / "stopped", [], tmp_path / "stopped" / "on_exception.ckpt")
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    accumulating = dict(accumulate_grad_batches=2, max_steps=6, limit_val_batches=0)
+    uninterrupted, _ = fit_validated(tmp_path / "whole", **accumulating)
+    # after the backward pass of the first micro-batch of step 3 (global step 2 while it trains)
+    fit_validated(tmp_path / "stopped", signal_at=dict(at="after backward", step=2), **accumulating)
+    ckpt = tmp_path / "stopped" / "on_exception.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # after its second micro-batch, not its first
+    resumed, _ = fit_validated(tmp_path / "resumed", ckpt, **accumulating)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 
 

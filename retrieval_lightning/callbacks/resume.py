@@ -30,6 +30,7 @@ import torch.distributed as dist
 from retrieval_lightning.callbacks.unfinished_validation import (
     record_as_after_the_batch,
     run_again_on_resume,
+    validation_due_here,
     validation_pending,
     warn_if_left_unrun,
 )
@@ -86,14 +87,10 @@ class ResumeState(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._before_validation = None  # runs before the checkpoint callbacks (Lightning puts those last)
 
-    def _validation_pending(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and validation_pending(trainer, started=self._before_validation is not None)
-
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         world_size = trainer.world_size if trainer is not None else 1
-        pending = self._validation_pending()
+        pending = trainer is not None and validation_pending(trainer, started=self._before_validation is not None)
         # before a validation that the resumed run runs again: the states it started from
         rng = self._before_validation if pending and self._before_validation is not None else collect_rng_states()
         state: dict[str, Any] = {"rng": _gather(rng, world_size), "validation_pending": pending}
@@ -108,7 +105,10 @@ class ResumeState(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         record_a_max_steps_stop_as_resumable(trainer, checkpoint)
-        if not trainer.validating and self._validation_pending():
+        # as state_dict() decided it for this checkpoint (Lightning writes the callbacks' states first): the
+        # clock of a time-based interval could decide otherwise a moment later
+        pending = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("validation_pending", False)
+        if pending and not trainer.validating:
             record_as_after_the_batch(checkpoint)
             return
         record_an_epoch_end_as_the_next_epochs_start(trainer, checkpoint)
@@ -181,13 +181,11 @@ def count_a_counted_batch_once(trainer: pl.Trainer, checkpoint: dict[str, Any]) 
     had before."""
     if trainer.validating or trainer.sanity_checking or getattr(trainer, "_val_check_time_interval", None) is not None:
         return
-    loop = trainer.fit_loop.epoch_loop
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
     written = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("current", {})
-    if written.get("processed") != written.get("completed") or fetcher is None or not trainer.enable_validation:
-        return  # at a batch's hooks (not yet counted), or nothing validates
+    if written.get("processed") != written.get("completed"):
+        return  # at a batch's hooks: not yet counted
     with _loops_as_written(trainer, checkpoint):  # Lightning decides where the resumed run starts
-        due = not loop._should_accumulate() and loop._should_check_val_fx(fetcher)
+        due = not trainer.fit_loop.epoch_loop._should_accumulate() and validation_due_here(trainer)
     state = checkpoint["loops"]["fit_loop"].get("epoch_loop.state_dict", {})
     if due and state.get("_batches_that_stepped", 0) > 0:
         state["_batches_that_stepped"] -= 1

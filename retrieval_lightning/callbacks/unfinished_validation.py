@@ -33,12 +33,17 @@ def validation_pending(trainer: pl.Trainer, started: bool) -> bool:
         return False
     if trainer.validating:
         return started
-    loop = trainer.fit_loop.epoch_loop
-    batches = loop.batch_progress.current
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    if batches.processed != batches.completed + 1 or fetcher is None:
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current
+    if batches.processed != batches.completed + 1:
         return False  # not at a training batch's end (its hooks run between the two counts)
-    return bool(loop._should_check_val_fx(fetcher))
+    return validation_due_here(trainer)
+
+
+def validation_due_here(trainer: pl.Trainer) -> bool:
+    """Lightning's own decision, from the fit loop's counters as they are now: a validation follows this batch."""
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    return fetcher is not None and trainer.enable_validation and bool(
+        trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
 
 
 def record_as_after_the_batch(checkpoint: dict[str, Any]) -> None:
