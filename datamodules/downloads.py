@@ -94,12 +94,19 @@ def gldv2_files(root: str | Path, splits: Sequence[str] = ("train", "index", "te
 def revisitop_files(root: str | Path, datasets: Sequence[str] = ("roxford5k", "rparis6k"),
                     base_url: Mapping[str, str] = REVISITOP_BASE_URLS, extract: bool = True,
                     max_archives: int | None = None, keep_archives: bool = False) -> list[RemoteFile]:
-    """Ground truth and image archives of the chosen revisitop datasets (and the 1M distractors)."""
+    """Ground truth and image archives of the chosen revisitop datasets (and the 1M distractors).
+
+    ``max_archives`` keeps the first archives of revisitop1m only: Oxford and Paris come whole
+    (their few archives are one data set each), so it is refused without revisitop1m.
+    """
     unknown = sorted(set(base_url) - set(REVISITOP_BASE_URLS))
     if unknown:
         raise UsageError(f"unknown revisitop host keys {unknown}; choose from {', '.join(REVISITOP_BASE_URLS)}")
     urls = {key: value.rstrip("/") for key, value in {**REVISITOP_BASE_URLS, **base_url}.items()}
     chosen = _choose("revisitop dataset", datasets, (*REVISITOP_IMAGE_ARCHIVES, "revisitop1m"))
+    if max_archives is not None and "revisitop1m" not in chosen:
+        raise UsageError(f"max_archives limits the revisitop1m distractor archives only, and the datasets chosen "
+                         f"({', '.join(chosen)}) do not include revisitop1m: Oxford and Paris are fetched whole")
     items: list[RemoteFile] = []
     for name in chosen:
         folder = Path(root) / "datasets" / name
@@ -142,7 +149,8 @@ def download_revisitop(root: str | Path, datasets: Sequence[str] = ("roxford5k",
 
     ``base_url`` maps host keys (``oxford``, ``paris``, ``gnd``, ``revisitop1m``) to URLs;
     keys left out keep their official value. No md5 is published for these files: integrity
-    rests on the transfer length and on the archive reading cleanly to its end.
+    rests on the transfer length and on the archive reading cleanly to its end. ``max_archives``
+    keeps the first revisitop1m archives (Oxford and Paris always come whole).
     """
     items = revisitop_files(root, datasets, base_url, extract, max_archives, keep_archives)
     return download_files(items, workers=workers, progress=progress, retries=retries,

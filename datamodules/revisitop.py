@@ -248,6 +248,11 @@ class RevisitopDataModule(L.LightningDataModule):
         self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
         if box_frame not in BOX_FRAMES:
             raise ValueError(f"box_frame must be one of {BOX_FRAMES}, got {box_frame!r}")
+        unused = [name for name, value in (("max_distractors", max_distractors), ("distractors_root", distractors_root))
+                  if value is not None]
+        if distractors is None and unused:
+            raise ValueError(f"{' and '.join(unused)} set without distractors (the revisitop1m list, "
+                             f"e.g. <root>/datasets/revisitop1m/revisitop1m.txt): the run would have no distractors")
         self._sets: list[EvalSet] | None = None
 
     @classmethod
@@ -263,7 +268,8 @@ class RevisitopDataModule(L.LightningDataModule):
         """Download Revisited Oxford/Paris (and revisitop1m) into ``root`` in the official layout.
 
         ``datasets`` is a comma-separated subset of roxford5k,rparis6k,revisitop1m; ``base_url``
-        overrides hosts by key (oxford, paris, gnd, revisitop1m).
+        overrides hosts by key (oxford, paris, gnd, revisitop1m); ``max_archives`` fetches only the
+        first N of revisitop1m's 100 archives (Oxford and Paris always come whole).
         """
         from datamodules.downloads import download_revisitop
 

@@ -211,6 +211,11 @@ def test_official_file_lists_have_the_published_counts_and_urls(tmp_path):
         gldv2_files(tmp_path, ("valid",))
     with pytest.raises(ValueError, match="unknown revisitop host keys"):
         revisitop_files(tmp_path, base_url={"oxfrod": "http://x"})
+    # max_archives cuts revisitop1m's archives only: without it among the datasets it would be silently unused
+    assert sum(".tar.gz" in item.url for item in revisitop_files(tmp_path, "rparis6k,revisitop1m", max_archives=2)) == 2
+    assert len(revisitop_files(tmp_path, "rparis6k,revisitop1m", max_archives=0)) == 4  # gnd, 2 archives, the list
+    with pytest.raises(ValueError, match=r"max_archives limits the revisitop1m .* \(rparis6k\) do not include"):
+        revisitop_files(tmp_path, "rparis6k", max_archives=0)
 
 
 def test_read_md5_list_picks_the_named_entry_and_rejects_junk(tmp_path):

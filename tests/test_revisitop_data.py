@@ -366,6 +366,10 @@ def test_zero_distractors_means_none(rop):
     assert len(read_distractor_list(rop["distractors"], 0)) == 0
     with pytest.raises(ValueError, match="max_distractors must be >= 0"):
         read_distractor_list(rop["distractors"], -1)
+    # the distractor options without the list would evaluate the plain set under its plain name: refused
+    for unused in ({"max_distractors": 1000}, {"distractors_root": str(rop["root"])}):
+        with pytest.raises(ValueError, match=f"{next(iter(unused))} set without distractors"):
+            RevisitopDataModule(root=rop["root"], datasets=["roxford5k"], num_workers=0, **unused)
 
 
 def test_large_sets_hold_names_and_paths_compactly(rop):
