@@ -146,6 +146,12 @@ class DelgLocalHead(LocalHead):
                              f"{attention_bn_momentum} and {attention_bn_eps}")
         self.attention_bn = dict(momentum=float(attention_bn_momentum), eps=float(attention_bn_eps))
         self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be one or more factors > 0, got {list(scales)}")
+        if max_keypoints is not None and max_keypoints < 0:
+            raise ValueError(f"max_keypoints must be >= 0 or None (None: every selected cell), got {max_keypoints}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
         self.max_keypoints = max_keypoints
         self.attention_threshold = attention_threshold
         self.min_side = int(min_side)

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .data.io import load_image
 from .errors import UsageError
 from .outputs import picture_path
-from .retrieval.geometry import VerificationResult, match_and_verify
+from .retrieval.geometry import REFERENCE_SETTINGS, VerificationResult, match_and_verify
 
 Features = tuple[np.ndarray, np.ndarray]  # (n, 2) float32 x, y; (n, d) descriptors
 
@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="match.png", help="PNG to write (default: match.png)")
     parser.add_argument("--num-features", type=_positive, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
-    parser.add_argument("--reference", action="store_true", help="the paper's path (KD-tree + skimage RANSAC)")
+    parser.add_argument("--reference", action="store_true",
+                        help="the paper's path (KD-tree + skimage RANSAC; a head's USAC settings do not apply)")
     parser.add_argument("--max-side", type=_pixels, help="shrink each image so its long side is at most this "
                         f"(e.g. the model's eval size; 0: full size); default: {MODEL_MAX_SIDE} with a model, "
                         "full size with SIFT")
@@ -228,7 +229,8 @@ def run_match(argv: list[str]) -> int:
         feats_a = sift_features(image_a, args.num_features)
         feats_b = sift_features(image_b, args.num_features)
         options = {}
-    if args.reference:  # the head's settings may ask for the reference path too; --reference only adds it
+    if args.reference:  # the paper's path with the head's threshold, distance and trials; its USAC settings unused
+        options = {name: value for name, value in options.items() if name in REFERENCE_SETTINGS}
         options["reference"] = True
     result = match_and_verify(*feats_a, *feats_b, seed=args.seed, **options)
     (fy_a, fx_a), (fy_b, fx_b) = factors  # drawn on the images as shown

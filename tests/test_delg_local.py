@@ -293,6 +293,32 @@ def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
         DelgLocalHead(reference=True, model="homography")
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"threshold": -5.0}, "threshold must be > 0, got -5.0"),  # OpenCV squares it: it acted as 5 px
+    ({"threshold": 0.0}, "threshold must be > 0"),  # every pair scored 0
+    ({"max_distance": -1.0}, "max_distance must be > 0"),  # squared too: it acted as 1.0
+    ({"max_iters": -1}, "max_iters must be >= 1"),
+    ({"reference": True, "reference_trials": 0}, "reference_trials must be >= 1"),
+    ({"confidence": 1.0}, r"confidence must be in \(0, 1\)"),
+    ({"max_hamming": -1}, "max_hamming must be >= 0"),
+    ({"reference": True, "ratio": 0.8}, "would ignore ratio; leave it unset"),
+    ({"reference": True, "method": "magsac", "max_iters": 50}, "would ignore method, max_iters; leave them unset"),
+    ({"reference": True, "distinct_px": 4.0}, "would ignore distinct_px"),
+    ({"max_keypoints": -1}, "max_keypoints must be >= 0 or None"),  # order[:-1] dropped the weakest cell
+    ({"scales": (0.0, 1.0)}, r"scales must be one or more factors > 0, got \[0.0, 1.0\]"),  # a 1x1 level stored
+    ({"scales": ()}, "scales must be one or more factors > 0"),
+    ({"dim": 0}, "dim must be >= 1"),
+])
+def test_settings_that_would_silently_change_scores_are_refused_when_the_head_is_built(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DelgLocalHead(**options)
+
+
+def test_reference_scoring_takes_the_settings_it_reads() -> None:
+    for options in ({}, {"distinct_px": 0.0}, {"reference_trials": 20, "threshold": 15.0, "max_distance": 0.9}):
+        DelgLocalHead(reference=True, **options)  # raw counts asked for explicitly, or what the reference path reads
+
+
 def test_extraction_under_inference_mode_equals_no_grad(lite0: Backbone) -> None:
     """``Trainer.test`` extracts under ``torch.inference_mode``, where ``aten.conv2d`` reaches the tracer undecomposed."""
     image = [torch.rand(3, 80, 96)]

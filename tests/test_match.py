@@ -168,8 +168,9 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     np.testing.assert_allclose(drawn[-1].db_points, drawn[0].db_points * np.float32([fb[1], fb[0]]), rtol=1e-6)
     assert seen["reference"] is False and seen["distinct_px"] == 1.0
     # --reference on top of a head's settings (which name `reference` too) is the reference path, not a clash
+    seen.clear()
     assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--reference", "--out", str(tmp_path / "r.png")]) == 0
-    assert seen["reference"] is True and seen["threshold"] == 12.0
+    assert seen["reference"] is True and seen["threshold"] == 12.0 and "max_iters" not in seen  # USAC's budget
 
 
 def test_a_verifier_that_does_not_explain_still_gives_its_score(pair: tuple[Path, Path, np.ndarray], tmp_path: Path,

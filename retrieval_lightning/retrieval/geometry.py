@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 
 _MIN_MATCHES = 3  # "need more than 3 matches" (DELG); homography needs at least 4 anyway
+# what reference=True reads; its matching (one-way 1-NN), RANSAC and raw count are fixed
+REFERENCE_SETTINGS = ("max_distance", "model", "threshold", "seed", "reference", "reference_trials")
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,31 @@ class MatchOptions:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if not self.distinct_px >= 0.0:
             raise ValueError(f"distinct_px must be >= 0 (0: count every inlier), got {self.distinct_px}")
-        if self.reference and self.model != "affine":
+        # OpenCV squares the thresholds: a negative one would act as its absolute value, 0 score every pair 0
+        for name, value in (("threshold", self.threshold), ("max_distance", self.max_distance)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("max_iters", self.max_iters), ("reference_trials", self.reference_trials)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.max_hamming is not None and self.max_hamming < 0:
+            raise ValueError(f"max_hamming must be >= 0 (None: below d/3), got {self.max_hamming}")
+        if self.reference:
+            self._check_reference_settings()
+
+    def _check_reference_settings(self) -> None:
+        """The official path has its own fixed choices: a setting it would ignore is refused, not dropped."""
+        if self.model != "affine":
             raise ValueError(f"reference: true fits DELG's affine model only, got model {self.model!r}")
+        ignored = {"ratio": self.ratio is not None, "method": self.method != "ransac",
+                   "max_iters": self.max_iters != 1000, "distinct_px": self.distinct_px not in (0.0, 1.0)}
+        set_ = [name for name, differs in ignored.items() if differs]
+        if set_:
+            raise ValueError(f"reference: true scores as DELG's official code (one-way 1-NN, scikit-image RANSAC "
+                             f"over reference_trials, raw inlier count) and would ignore {', '.join(set_)}; "
+                             f"leave {'them' if len(set_) > 1 else 'it'} unset, or use reference: false")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> MatchOptions:
