@@ -16,7 +16,7 @@ import sys
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ from retrieval_lightning.data.types import ImageResize
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.outputs import picture_path
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
+from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
-from retrieval_lightning.retrieval.set_files import read_image_resize, read_items
+from retrieval_lightning.retrieval.set_files import ITEMS, read_image_resize, read_items, read_query_count
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
 from retrieval_lightning.retrieval.writer import placeholder_note
 from retrieval_lightning.thumbnail_grid import Tile, draw_rows
@@ -106,19 +107,62 @@ def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
                                  "extract it again with this checkpoint and its settings")
 
 
-Ranker = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+def database_start(store: FeatureStore) -> int:
+    """The store's first database row: an eval set's queries come first (rows follow dataset order), and
+    ``extract`` records how many there are. A store without the record is searched whole (a note says so)."""
+    queries = read_query_count(store.path.parent)
+    if queries is None:
+        if (store.path.parent / ITEMS).is_file():  # an eval set's store from before the record
+            print(f"note: {store.path.parent} does not record which items are the set's queries (re-run `extract` "
+                  "to record it); every stored item is searched, queries included", file=sys.stderr)
+        return 0
+    return int(np.searchsorted(store.index, queries))
 
 
-def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.device | str = "cpu") -> Ranker:
-    """``(query descriptors, depth) -> (scores, rows)`` over the store's global descriptors: ``exact``
-    (chunked exact top-k) or a FAISS index (``faiss-flat``, ``faiss-ivfpq``, built once here)."""
-    if backend == "exact":
-        return lambda queries, depth: topk_search(queries, store, k=depth, device=device)
-    if backend.startswith("faiss-"):
-        searcher = FaissSearcher(store.kinds["global"].shape[0], index_type=backend[len("faiss-"):])
-        searcher.add(store)
-        return searcher.search
-    raise ValueError(f"unknown search backend {backend!r}; use exact, faiss-flat or faiss-ivfpq")
+@dataclass
+class Ranker:
+    """``(query descriptors, depth) -> (scores, store rows)`` over the store's database rows: exact chunked
+    top-k or a FAISS index (built once here), with the model's αQE and DBA, as evaluation ranks."""
+
+    store: FeatureStore
+    backend: str = "exact"
+    device: torch.device | str = "cpu"
+    postprocess: PostProcessConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.first_row = database_start(self.store)
+        database: np.ndarray | torch.Tensor = self.store.array("global")[self.first_row:]
+        post = self.postprocess or PostProcessConfig()
+        if post.dba:  # once per search run: N searches over N rows
+            database = database_augmentation(database, post.dba_k, post.dba_alpha, device=self.device)
+        self.database = database
+        if self.backend == "exact":
+            self._rank = lambda queries, depth: topk_search(queries, database, k=depth, device=self.device)
+        elif self.backend.startswith("faiss-"):
+            searcher = FaissSearcher(self.store.kinds["global"].shape[0], index_type=self.backend[len("faiss-"):])
+            searcher.add(database)
+            self._rank = searcher.search
+        else:
+            raise ValueError(f"unknown search backend {self.backend!r}; use exact, faiss-flat or faiss-ivfpq")
+
+    def __len__(self) -> int:
+        """Rows searched: the store's database."""
+        return len(self.database)
+
+    def __call__(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.postprocess
+        if post is not None and post.query_expansion:
+            qe_n = min(post.qe_n, len(self))
+            _, first = self._rank(queries, max(depth, qe_n))
+            queries = alpha_query_expansion(queries, self.database, first, qe_n, post.qe_alpha).to(queries.device)
+        scores, rows = self._rank(queries, depth)
+        return scores, rows + self.first_row
+
+
+def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.device | str = "cpu",
+                postprocess: PostProcessConfig | None = None) -> Ranker:
+    """A :class:`Ranker` over ``store``'s database rows (``backend``: ``exact``, ``faiss-flat``, ``faiss-ivfpq``)."""
+    return Ranker(store, backend, device, postprocess)
 
 
 def query_seed(image: torch.Tensor) -> int:
@@ -131,7 +175,8 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
            resize_factors: Sequence[tuple[float, float]] | None = None) -> list[SearchResult]:
     """Rank the store for each query image; re-rank the shortlist when the model and store allow.
 
-    ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls); ``resize_factors``:
+    ``backend`` as :func:`make_ranker` (or a ``ranker`` made once for many calls: it ranks the store's
+    database rows with the model's post-processing); ``resize_factors``:
     each image's (height, width) over its original's (:func:`load_query_sized`; 1 if not given).
     Re-ranking seeds (RANSAC's) follow each query's pixels and the database item, so a query scores the
     same alone, in a directory of others, or in another batch.
@@ -139,8 +184,9 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
     module.eval()
     queries = module.embed_batch(list(images)).float()
     config = module.rerank
-    depth = min(max(k, shortlist or config.k), len(store))
-    scores, rows = (ranker or make_ranker(store, backend, module.device))(queries, depth)
+    ranker = ranker or make_ranker(store, backend, module.device, getattr(module, "postprocess", None))
+    depth = min(max(k, shortlist or config.k), len(ranker))
+    scores, rows = ranker(queries, depth)
     prefix = module.rerank_prefix if module.rerank_head is not None else None
     reader = None
     if prefix is not None and any(kind.startswith(prefix) for kind in store.kinds):
@@ -283,7 +329,7 @@ def run_search(argv: Sequence[str]) -> int:
     resize = query_resize(store, args.max_side)
     queries = expand_queries(args.queries)
     items = read_items(store.path.parent)
-    ranker = make_ranker(store, args.backend, module.device)
+    ranker = make_ranker(store, args.backend, module.device, module.postprocess)
     drawn: list[tuple[SearchResult, torch.Tensor]] = []
     skipped: list[str] = []
     batches = range(0, len(queries), QUERY_BATCH)

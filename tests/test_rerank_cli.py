@@ -85,14 +85,17 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert "rerank" in out and (tmp_path / "s.png").stat().st_size > 1000
     table = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(table) == 3
+    # the query's own stored crop (item 0) is no result: the set's queries are left out of the search
+    import json
+
+    n_queries = json.loads((features / SET / "set.json").read_text())["queries"]
+    assert Path(query_file).is_absolute() and n_queries > 0 and all(int(r[1]) >= n_queries for r in table)
     global_scores = [float(r[2]) for r in table]
     rerank_scores = [float(r[3]) for r in table]
     assert rerank_scores == sorted(rerank_scores, reverse=True)  # lexicographic: re-ranking score first
     assert all(abs(g - s) < 2e-3 for g, s in zip(global_scores, rerank_scores))  # the head re-computes the cosine
 
     # a database image searched for is sized as the store's images were (recorded by extract): itself, at cosine 1
-    import json
-
     assert json.loads((features / SET / "image_resize.json").read_text()) == {"max_side": 96, "upscale": False}
     db_index, db_id, db_file = items[-1].split("\t")
     found = run_main(["search", str(ckpt), str(store), db_file, "--k", "1", "--out", str(tmp_path / "d.png")],

@@ -306,3 +306,70 @@ def test_search_device_names_a_device_this_torch_lacks_in_one_line() -> None:
     if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         with pytest.raises(UsageError, match="--device xpu: not available here"):
             search_device("xpu")
+
+
+def _eval_set_store(root, descriptors: np.ndarray, n_queries: int, paths: list[str] | None = None) -> FeatureStore:
+    """A store as ``extract`` leaves it: every item of an eval set (queries first), with its set files."""
+    from retrieval_lightning.data.types import EvalSet
+    from retrieval_lightning.retrieval.set_files import write_set_files
+
+    class Items(list):
+        pass
+
+    dataset = Items(range(len(descriptors)))
+    dataset.paths = paths
+    spec = EvalSet("set", dataset=dataset, n_queries=n_queries, protocol="revisitop", ground_truth=None,
+                   image_ids=[f"id{i}" for i in range(len(descriptors))])
+    store = FeatureStore.from_arrays(root / "set" / "store", {"global": descriptors})
+    write_set_files(spec, root / "set")
+    return store
+
+
+def test_search_ranks_the_database_only_with_the_models_postprocessing(tmp_path, capsys) -> None:
+    """An eval set's queries are stored too (as box crops): ``search`` ranks the database rows only, and with
+    the checkpoint's αQE and DBA as evaluation ranks (``postprocess_descriptors`` over the database)."""
+    from retrieval_lightning.search_cli import make_ranker
+
+    rng = np.random.default_rng(0)
+    descriptors = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((40, 8))), dim=1).float()
+    n_queries = 6
+    store = _eval_set_store(tmp_path, descriptors.numpy(), n_queries)
+    probes = descriptors[:n_queries] + 0.01  # each nearest to a stored query
+    database = descriptors[n_queries:]
+    for post in (None, PostProcessConfig(query_expansion=True, qe_n=3), PostProcessConfig(dba=True, dba_k=3),
+                 PostProcessConfig(query_expansion=True, dba=True)):
+        ranker = make_ranker(store, postprocess=post)
+        assert len(ranker) == 40 - n_queries
+        scores, rows = ranker(probes, 34)
+        assert (store.index[rows.numpy()] >= n_queries).all()  # no query row among the results
+        q, db = postprocess_descriptors(probes, database, post)
+        expected_scores, expected_rows = topk_search(q, db, 34)
+        assert torch.equal(rows, expected_rows + n_queries), post
+        torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+    assert capsys.readouterr().err == ""
+    # a store whose set record is missing (an extract before it existed) is searched whole, said once
+    (tmp_path / "set" / "set.json").unlink()
+    everything = make_ranker(store)
+    assert len(everything) == 40 and everything(probes, 1)[1][:, 0].tolist() == list(range(n_queries))
+    assert "does not record which items are the set's queries" in capsys.readouterr().err
+
+
+def test_item_paths_are_absolute_and_a_malformed_items_table_leaves_results_unnamed(tmp_path, capsys,
+                                                                                  monkeypatch) -> None:
+    from retrieval_lightning.errors import DataFormatError
+    from retrieval_lightning.retrieval.set_files import ITEMS, read_items, read_query_count
+
+    monkeypatch.chdir(tmp_path)
+    _eval_set_store(tmp_path, np.eye(3, dtype=np.float16), 1, paths=["jpg/a.jpg", "jpg/b.jpg", "jpg/c.jpg"])
+    table = read_items(tmp_path / "set")
+    assert table.get(2) == ("id2", str(tmp_path / "jpg" / "c.jpg"))  # found from any directory `search` runs in
+    assert read_query_count(tmp_path / "set") == 1
+    for text in ("idx\tname\n0\ta\n", "index\tid\tpath\nx\tfoo\tbar\n"):  # a header, an index not a number
+        (tmp_path / "set" / ITEMS).write_text(text)
+        assert read_items(tmp_path / "set").get(0, ("0", "")) == ("0", "")  # the index stands for the name
+        assert "is not an items table of `extract`" in capsys.readouterr().err
+    (tmp_path / "set" / ITEMS).write_bytes(b"index\tid\tpath\n0\t\xff\xfe\tx\n")  # not UTF-8: named as it reads
+    assert read_items(tmp_path / "set").get(0) == ("\ufffd\ufffd", "x")
+    (tmp_path / "set" / "set.json").write_text('{"queries": -1}')
+    with pytest.raises(DataFormatError, match="set.json: not a set record"):
+        read_query_count(tmp_path / "set")

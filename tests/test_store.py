@@ -109,6 +109,33 @@ def test_bad_inputs_are_named(tmp_path, arrays) -> None:
         FeatureStore.open(tmp_path / "c")
 
 
+@pytest.mark.parametrize(("manifest", "message"), [
+    ('{"name": "my web app", "version": 1}', r"not a feature-store manifest \(format None"),
+    ("[]", r"not a feature-store manifest \(format 'list'"),
+    ("{not json", r"not a feature-store manifest \(invalid JSON"),
+    (None, "format version 2 is not supported .* extract the store again"),
+    ("drop count", r"malformed feature-store manifest \('count' missing\)"),
+    ("drop rows", r"malformed feature-store manifest \(kind 'global' lacks rows\)"),
+])
+def test_a_manifest_of_another_program_or_version_is_one_format_error(tmp_path, arrays, manifest, message) -> None:
+    """The CLI prints a DataFormatError in one line; a KeyError or AttributeError was a traceback."""
+    from retrieval_lightning.errors import DataFormatError
+
+    FeatureStore.from_arrays(tmp_path / "c", {"global": arrays["global"]})
+    path = tmp_path / "c" / "manifest.json"
+    written = json.loads(path.read_text())
+    if manifest is None:
+        manifest = json.dumps({**written, "version": 2})
+    elif manifest == "drop count":
+        manifest = json.dumps({k: v for k, v in written.items() if k != "count"})
+    elif manifest == "drop rows":
+        written["kinds"]["global"].pop("rows")
+        manifest = json.dumps(written)
+    path.write_text(manifest)
+    with pytest.raises(DataFormatError, match=message):
+        FeatureStore.open(tmp_path / "c")
+
+
 def test_a_ragged_image_of_another_row_width_a_truncated_file_and_an_empty_store_are_named(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"kind 'loc' image 1: expected 2 rows of shape \[4\], got \[2, 1\]"):
         FeatureStore.from_arrays(tmp_path / "r", {"loc": [np.zeros((3, 4), np.float32), np.ones((2, 1), np.float32)]})

@@ -1,7 +1,10 @@
 """What ``extract`` writes beside an eval set's feature store, so ``search`` needs nothing else.
 
-``<output_dir>/<set>/items.tsv`` names every item (``index, id, path``), for the results table and
-picture; ``<output_dir>/<set>/image_resize.json`` says how the set's images were sized, so a new
+``<output_dir>/<set>/items.tsv`` names every item (``index, id, path``; absolute paths, so ``search`` finds
+them from any directory), for the results table and picture; ``<output_dir>/<set>/set.json`` how many
+of the first items are the set's queries (``search`` ranks the database only: a query is stored as its
+box crop, and GLDv2's test images are no index results); ``<output_dir>/<set>/image_resize.json`` says
+how the set's images were sized, so a new
 query is sized the same way (a query at another size than its database is another descriptor: a
 DELG demo database image searched at its stored 256 px instead of the store's 224 px scored 0.98
 against itself, with half the inliers).
@@ -12,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from array import array
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +25,7 @@ from retrieval_lightning.errors import DataFormatError
 
 ITEMS = "items.tsv"
 IMAGE_RESIZE = "image_resize.json"
+SET_RECORD = "set.json"
 
 
 def _replace_atomically(path: Path, lines: Iterable[str]) -> None:
@@ -37,13 +42,15 @@ def _item_lines(spec: EvalSet) -> Iterator[str]:
     yield "index\tid\tpath"
     for i in range(len(spec.dataset)):  # type: ignore[arg-type]
         name = spec.image_ids[i] if i < len(spec.image_ids) else str(i)
-        where = str(paths[i]) if paths is not None and i < len(paths) else ""
+        where = os.path.abspath(paths[i]) if paths is not None and i < len(paths) and paths[i] else ""
         yield f"{i}\t{name}\t{where}"
 
 
 def write_set_files(spec: EvalSet, directory: Path) -> None:
     """``items.tsv`` and, when the datamodule declares it, ``image_resize.json``, in ``directory``."""
     _replace_atomically(directory / ITEMS, _item_lines(spec))  # streamed: +1M sets have a million lines
+    record = {"name": spec.name, "items": len(spec.dataset), "queries": spec.n_queries}  # type: ignore[arg-type]
+    _replace_atomically(directory / SET_RECORD, [json.dumps(record)])
     resize = directory / IMAGE_RESIZE
     if spec.image_resize is None:
         resize.unlink(missing_ok=True)  # a stale record from another datamodule must not size queries
@@ -78,18 +85,42 @@ class ItemTable:
                 return default
             with open(self.path, "rb") as f:
                 f.seek(self._offsets[index])
-                fields = f.readline().decode("utf-8").rstrip("\r\n").split("\t")
+                fields = f.readline().decode("utf-8", errors="replace").rstrip("\r\n").split("\t")
             if len(fields) == 3 and fields[0] == str(index):
                 return fields[1], fields[2]
-            with open(self.path, newline="", encoding="utf-8") as f:
-                self._whole = {int(r["index"]): (r["id"], r["path"]) for r in csv.DictReader(f, delimiter="\t")}
+            self._whole = self._read_whole()
         return self._whole.get(index, default)
+
+    def _read_whole(self) -> dict[int, tuple[str, str]]:
+        """Every row of an edited file; a file that is no items table leaves the results unnamed (a warning),
+        not lost: they are computed before they are named."""
+        try:
+            with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+                return {int(r["index"]): (r["id"], r["path"]) for r in csv.DictReader(f, delimiter="\t")}
+        except (KeyError, ValueError, TypeError, csv.Error) as exc:
+            print(f"warning: {self.path} is not an items table of `extract` ({type(exc).__name__}: {exc}); "
+                  "results are shown by their dataset index", file=sys.stderr)
+            return {}
 
 
 def read_items(directory: Path) -> ItemTable | dict[int, tuple[str, str]]:
     """``dataset index -> (id, path)`` from ``directory/items.tsv`` (empty if there is none)."""
     path = directory / ITEMS
     return ItemTable(path) if path.is_file() else {}
+
+
+def read_query_count(directory: Path) -> int | None:
+    """How many of the set's first items are its queries, or ``None`` when ``extract`` did not record it."""
+    path = directory / SET_RECORD
+    if not path.is_file():
+        return None
+    try:
+        queries = json.loads(path.read_text(encoding="utf-8"))["queries"]
+        if not isinstance(queries, int) or queries < 0:
+            raise ValueError(f"queries must be a non-negative integer, got {queries!r}")
+        return queries
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataFormatError(f"{path}: not a set record of `extract` ({exc})") from exc
 
 
 def read_image_resize(directory: Path) -> ImageResize | None:

@@ -240,6 +240,34 @@ def _bytes_per_image(spec: KindSpec, data_bytes: int, count: int) -> float:
     return (data_bytes + 8 * (count + 1)) / max(count, 1)
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A store's manifest, checked for every key the store reads: another program's ``manifest.json``, another
+    format version or a hand-edited file is one error naming the file, not a KeyError later."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{path}: not a feature-store manifest (invalid JSON: {err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataFormatError(f"{path}: not a feature-store manifest (format {found!r}, not {FORMAT_NAME!r})")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DataFormatError(f"{path}: format version {manifest.get('version')!r} is not supported (this code "
+                              f"reads version {FORMAT_VERSION}); extract the store again with this version")
+    problems = [f"{key!r} missing" for key in ("count", "identity", "kinds") if key not in manifest]
+    kinds = manifest.get("kinds", {})
+    if not isinstance(kinds, dict):
+        problems.append("'kinds' is not a mapping")
+    else:
+        for name, entry in kinds.items():
+            missing = [key for key in ("dtype", "shape", "ragged", "rows") if not isinstance(entry, dict)
+                       or key not in entry]
+            if missing:
+                problems.append(f"kind {name!r} lacks {', '.join(missing)}")
+    if problems:
+        raise DataFormatError(f"{path}: malformed feature-store manifest ({'; '.join(problems)})")
+    return manifest
+
+
 class FeatureStore:
     """A finished store opened read-only; arrays are memory-mapped and read on demand."""
 
@@ -332,17 +360,7 @@ class FeatureStore:
             raise FileNotFoundError(
                 f"{path} is not a feature store: {MANIFEST} is missing (not written yet, or interrupted){hint}"
             )
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_path}: invalid JSON ({err})") from None
-        if manifest.get("format") != FORMAT_NAME:
-            raise ValueError(f"{manifest_path}: format is {manifest.get('format')!r}, not {FORMAT_NAME!r}")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path}: format version {manifest.get('version')!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
-            )
+        manifest = _read_manifest(manifest_path)
         if expect_identity is not None:
             diffs = identity_differences(manifest["identity"], normalize_identity(expect_identity))
             if diffs:
