@@ -36,7 +36,9 @@ class GemArcFaceHead(GlobalHead):
             pretrained backbone come from a sensible classifier rather than a random one.
     """
 
-    training_only = ("classifier.",)
+    # the classifier, and CurricularFace's running statistic t (a training state; ArcFace has none): a model
+    # trained under one margin evaluates under a config naming the other
+    training_only = ("classifier.", "margin.")
 
     def __init__(
         self,
@@ -59,6 +61,8 @@ class GemArcFaceHead(GlobalHead):
         self.gem = GeM(p=p, learn_p=learn_p)
         self.margin_kind = margin
         self.margin_m = margin_m
+        if scale is not None and not scale > 0:  # 0 leaves the loss at log C with no gradient; < 0 reverses it
+            raise ValueError(f"scale must be > 0 (None: sqrt of the descriptor size), got {scale}")
         self.requested_scale = scale
         self.p_lr_mult = p_lr_mult
         if whiten_init not in ("identity", "random"):

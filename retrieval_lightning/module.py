@@ -204,10 +204,14 @@ class RetrievalModule(pl.LightningModule):
         if self.freeze_bn:
             intended |= {id(sub) for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                          for sub in m.modules()}  # timm's BatchNormAct2d holds its activation
+        copy = self.momentum_contrast
+        if copy is not None:  # the momentum copy embeds keys in eval mode by design
+            intended |= {id(m) for part in (copy.backbone, copy.head) for m in part.modules()}
         in_eval = [m for m in self.modules() if not m.training]
         if in_eval and all(id(m) in intended for m in in_eval):
             warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start")
             parts = sorted(self.frozen) + (["the backbone's BatchNorm (freeze_bn)"] if self.freeze_bn else [])
+            parts += ["momentum_contrast's momentum copy"] if copy is not None else []
             rank_zero_info(f"in eval mode while training, as configured: {', '.join(parts)}")
 
     def _attach_rerank_heads(self) -> None:

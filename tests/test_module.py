@@ -157,6 +157,12 @@ def test_lightnings_eval_mode_warning_gives_way_only_to_what_the_config_froze(mo
     stray.heads["global"].eval()  # not frozen by the config
     stray._quiet_intended_eval_modules()
     assert len(lightning_warns(stray)) == 1 and len(said) == 1
+    from retrieval_lightning.momentum_contrast import MomentumContrastConfig
+
+    contrast = make(momentum_contrast=MomentumContrastConfig())  # its momentum copy embeds keys in eval mode
+    contrast.train()
+    contrast._quiet_intended_eval_modules()
+    assert lightning_warns(contrast) == [] and said[-1].endswith("as configured: momentum_contrast's momentum copy")
 
 
 def test_unknown_role_and_mismatched_role_are_rejected() -> None:

@@ -446,6 +446,25 @@ def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -
     eval_only.load_state_dict(checkpoint["state_dict"], strict=True)
 
 
+def test_a_model_trained_under_one_margin_evaluates_under_a_config_naming_the_other(tmp_path: Path) -> None:
+    """CurricularFace's running statistic ``t`` is a training state: a CVNet-Global checkpoint loads into an
+    ArcFace config (eval_revisitop.yaml's) and a DELG one into a CurricularFace config, with the same descriptor."""
+    torch.manual_seed(0)
+    built = {margin: RetrievalModule(Backbone("resnet18", stages=["conv5"]),
+                                     {"global": gem_arcface(dim=16, margin=margin, margin_m=0.1)}, num_classes=5)
+             for margin in ("curricularface", "arcface")}
+    x = torch.rand(3, 48, 48)
+    for source, target in (("curricularface", "arcface"), ("arcface", "curricularface")):
+        built[source].save_checkpoint(tmp_path / f"{source}.ckpt")
+        built[target].load_weights(tmp_path / f"{source}.ckpt")
+        assert torch.equal(built[target].eval().embed_image(x), built[source].eval().embed_image(x))
+        checkpoint = {"state_dict": dict(built[source].state_dict())}
+        built[target].on_load_checkpoint(checkpoint)  # `test --ckpt_path`, then Lightning's strict load
+        built[target].load_state_dict(checkpoint["state_dict"], strict=True)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        gem_arcface(scale=0.0)
+
+
 def test_match_names_a_checkpoint_without_a_reranking_head(tmp_path: Path) -> None:
     from PIL import Image
 
