@@ -26,8 +26,8 @@ from retrieval_lightning.data.io import ImageLoadError, load_image, resize_by, t
 from retrieval_lightning.data.types import ImageResize
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.outputs import picture_path
-from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
+from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
 from retrieval_lightning.retrieval.set_files import ITEMS, read_image_resize, read_items, read_query_count
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences

@@ -1,13 +1,13 @@
 """What ``extract`` writes beside an eval set's feature store, so ``search`` needs nothing else.
 
-``<output_dir>/<set>/items.tsv`` names every item (``index, id, path``; absolute paths, so ``search`` finds
-them from any directory), for the results table and picture; ``<output_dir>/<set>/set.json`` how many
-of the first items are the set's queries (``search`` ranks the database only: a query is stored as its
-box crop, and GLDv2's test images are no index results); ``<output_dir>/<set>/image_resize.json`` says
-how the set's images were sized, so a new
-query is sized the same way (a query at another size than its database is another descriptor: a
-DELG demo database image searched at its stored 256 px instead of the store's 224 px scored 0.98
-against itself, with half the inliers).
+- ``<output_dir>/<set>/items.tsv`` names every item (``index, id, path``; absolute paths, so ``search`` finds
+  them from any directory), for the results table and picture;
+- ``<output_dir>/<set>/set.json`` says how many of the first items are the set's queries (``search`` ranks
+  the database only: a query is stored as its box crop, and GLDv2's test images are no index results);
+- ``<output_dir>/<set>/image_resize.json`` says how the set's images were sized, so a new query is sized
+  the same way (a query at another size than its database is another descriptor: a DELG demo database
+  image searched at its stored 256 px instead of the store's 224 px scored 0.98 against itself, with
+  half the inliers).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _item_lines(spec: EvalSet) -> Iterator[str]:
 
 
 def write_set_files(spec: EvalSet, directory: Path) -> None:
-    """``items.tsv`` and, when the datamodule declares it, ``image_resize.json``, in ``directory``."""
+    """``items.tsv``, ``set.json`` and, when the datamodule declares it, ``image_resize.json``, in ``directory``."""
     _replace_atomically(directory / ITEMS, _item_lines(spec))  # streamed: +1M sets have a million lines
     record = {"name": spec.name, "items": len(spec.dataset), "queries": spec.n_queries}  # type: ignore[arg-type]
     _replace_atomically(directory / SET_RECORD, [json.dumps(record)])
