@@ -335,6 +335,11 @@ class RetrievalCLI(LightningCLI):
             return
         full = sys.argv
         kept, self.dropped_heads = split_dropped_heads(full[1:])
+        if self.dropped_heads and any(arg.split("=")[0] == "--print_config" for arg in kept):
+            # jsonargparse prints while parsing, before the heads are dropped: it would show them still there
+            raise UsageError(f"--print_config cannot show --model.heads.{self.dropped_heads[0]}=null applied (it "
+                             "prints the config before heads are removed); run without --print_config: the run's "
+                             "saved config.yaml has the head removed")
         sys.argv = [*full[:1], *kept]
         try:
             super().parse_arguments(parser, None)
@@ -442,6 +447,8 @@ class RetrievalCLI(LightningCLI):
             except Exception:  # noqa: BLE001 - loading the weights reports an unreadable file, with its path
                 return
         recorded = checkpoint.get("hyper_parameters")
+        if not isinstance(recorded, dict):  # import-checkpoint writes the architecture record alone
+            recorded = (checkpoint.get(ARCHITECTURE_KEY) or {}).get("module")
         if not isinstance(recorded, dict):
             return
         changes = model_setting_changes(_with_modules(recorded, checkpoint.get(ARCHITECTURE_KEY)),

@@ -185,6 +185,13 @@ def test_ckpt_path_gives_weights_and_the_config_gives_settings(cache_root: Path,
     # heads are modules, not hyper-parameters: their arguments are compared through the architecture record
     assert "model.heads.global.init_args.margin_m: 0.1 -> 0.2" in note[0]
     assert "init_args.weights" not in note[0] and "class_path" not in note[0]  # weights: the checkpoint's
+    # a checkpoint of `import-checkpoint` holds its architecture record alone (no hyper_parameters): listed too
+    torch.save({"state_dict": model.state_dict(), ARCHITECTURE_KEY: architecture_of(model)}, ckpt)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_main(["test", *base, "--model.rerank.k=3", f"--ckpt_path={ckpt}"], cwd=tmp_path)
+    note = [r.getMessage() for r in caplog.records if "--ckpt_path" in r.getMessage()]
+    assert len(note) == 1 and "model.rerank.k: 7 -> 3" in note[0] and "eval_scales: [1.0] ->" in note[0], note
 
 
 def test_a_changed_head_class_is_shown_by_its_registry_name() -> None:
@@ -435,3 +442,6 @@ def test_a_configured_head_is_dropped_by_null(tmp_path: Path) -> None:
     assert list(model.heads) == ["global"] and model.loss_weights == {"global": 1.0} and not model.detach
     with pytest.raises(UsageError, match=r"--model.heads.verifier=null: no head 'verifier' is configured"):
         run_lightning_cli([*base, "--model.heads.verifier=null"], run=False)
+    # --print_config prints while parsing, before the drop: it would show the head still there
+    with pytest.raises(UsageError, match=r"--print_config cannot show --model.heads.local=null applied"):
+        run_lightning_cli([*base, "--model.heads.local=null", "--print_config"], run=False)
