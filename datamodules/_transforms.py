@@ -104,6 +104,13 @@ class TrainTransform:
     ) -> None:
         if interpolation not in ("area", "bilinear"):
             raise ValueError(f"interpolation must be 'area' or 'bilinear', got {interpolation!r}")
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        if not 0.0 < area_range[0] <= area_range[1] <= 1.0:  # above 1 no box fits: the whole image every time
+            raise ValueError(f"the crop's area fractions (crop_area_min, max) must satisfy 0 < min <= max <= 1, "
+                             f"got {tuple(area_range)}")
+        if not 0.0 < aspect_range[0] <= aspect_range[1]:
+            raise ValueError(f"the crop's aspect range must satisfy 0 < min <= max, got {tuple(aspect_range)}")
         self.image_size = int(image_size)
         self.area_range = (float(area_range[0]), float(area_range[1]))
         self.aspect_range = (float(aspect_range[0]), float(aspect_range[1]))

@@ -30,7 +30,7 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
 from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
                                 training_batches_before)
-from retrieval_lightning.data.io import LoadPolicy, load_image_or_skip
+from retrieval_lightning.data.io import ImageLoadError, LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 
 __all__ = [
@@ -92,7 +92,9 @@ class GLDv2TrainDataset(Dataset):
             image = load_image_or_skip(self.paths[i], self.policy, max_side=self.max_side)
             if image is not None:
                 return {"image": self.transform(image, generator=generator), "label": int(self.labels[i]), "index": i}
-        raise RuntimeError(f"no readable training image near index {index} (first tried {self.paths[index]})")
+        raise ImageLoadError(f"none of the {min(len(self.paths), 50)} training images from index {index} on is "
+                             f"readable (first tried {self.paths[index]}); with a partial download, "
+                             "--data.init_args.present_only=true trains on the images present")
 
 
 def without_empty_queries(solution: dict[str, list[str]], path: str) -> dict[str, list[str]]:
@@ -301,6 +303,9 @@ class GLDv2DataModule(L.LightningDataModule):
             sampler = ClassBalancedSampler(self.train_dataset.labels, hp.balance_power, seed=hp.sampler_seed, **ranks)
         else:
             sampler = ShuffleSampler(len(self.train_dataset), seed=hp.sampler_seed, **ranks)
+        if len(sampler) < hp.batch_size:  # drop_last: no batch, and fit would end at once having trained nothing
+            raise ValueError(f"batch_size {hp.batch_size} exceeds the {len(sampler)} training images of each rank "
+                             f"(whole batches only); lower --data.init_args.batch_size")
         return ResumableDataLoader(
             self.train_dataset, batch_size=hp.batch_size, sampler=sampler,
             drop_last=True, num_workers=hp.num_workers, pin_memory=hp.pin_memory,

@@ -568,6 +568,30 @@ def test_unreadable_images_raise_or_skip(gld, tmp_path, caplog):
                                GLDv2DataModule(root=str(gld["root"])).policy)
     with pytest.raises(ImageLoadError, match=r"missing.jpg'?: file not found \(--data.init_args.on_error=skip skips"):
         hinted[0]
+    # a run of unreadable images (a partial download is stored class by class): named, with the cure
+    nothing = GLDv2TrainDataset([missing] * 3, np.array([0, 1, 2]), TrainTransform(8), LoadPolicy("skip"))
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            ImageLoadError, match=r"none of the 3 training images from index 1 on is readable .*present_only=true"):
+        nothing[1]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"image_size": 0}, "image_size must be a positive number of pixels, got 0"),  # (n, 3, 0, 0) batches
+    ({"crop_area_min": 1.5}, r"crop_area_min, max\) must satisfy 0 < min <= max <= 1, got \(1.5, 1.0\)"),  # no crop
+    ({"crop_area_min": -0.2}, r"crop_area_min, max\) must satisfy"),
+    ({"eval_max_side": 0}, "max_side must be a positive number of pixels or None"),  # 1x1 eval images
+    ({"eval_max_side": -5}, "max_side must be a positive number of pixels or None"),  # a torch internal assert
+])
+def test_options_that_would_silently_train_or_evaluate_otherwise_are_refused(gld, options, message):
+    with pytest.raises(ValueError, match=message):
+        _dm(gld, **options)
+
+
+def test_a_batch_larger_than_a_ranks_training_split_is_refused_before_fit_trains_nothing(gld):
+    dm = _dm(gld, batch_size=10_000)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"batch_size 10000 exceeds the \d+ training images of each rank"):
+        dm.train_dataloader()
 
 
 def test_constructor_signature_is_cli_friendly():

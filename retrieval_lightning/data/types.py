@@ -34,6 +34,11 @@ class ImageResize:
     max_side: int | None
     upscale: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_side is not None and (isinstance(self.max_side, bool) or not isinstance(self.max_side, int)
+                                          or self.max_side < 1):  # 0 gave 1x1 images, < 0 a torch assert
+            raise ValueError(f"max_side must be a positive number of pixels or None (full size), got {self.max_side!r}")
+
     def factor(self, height: int, width: int) -> float:
         """The resize factor of a ``height`` x ``width`` image."""
         long_side = max(height, width)
