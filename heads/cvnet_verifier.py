@@ -115,6 +115,12 @@ class CVNetVerifierHead(VerifierHead):
         self.score_dtype = score_dtype
         self.stage = stage
         self.stages = (stage,)
+        if projection != "identity" and width < 1:
+            raise ValueError(f"width must be >= 1 (the projection's channels), got {width}")
+        if batch_size < 1:  # a negative one scored nothing and returned uninitialised scores
+            raise ValueError(f"batch_size must be >= 1 (database images scored together), got {batch_size}")
+        if max_pairs < 2:  # one positive and one negative at least; smaller values were overridden
+            raise ValueError(f"max_pairs must be >= 2 (in-batch pairs: half positive, half negative), got {max_pairs}")
         self.width = int(width)
         self.batch_size = int(batch_size)
         self.max_pairs = int(max_pairs)
@@ -199,6 +205,9 @@ class CVNetVerifierHead(VerifierHead):
             chosen = torch.cat([pos[:take], neg[:take]])
         else:
             chosen = torch.cat([pos, neg])[: self.max_pairs]
+        if not len(chosen):
+            raise ValueError(f"a batch of {n} image(s) forms no pair for the verifier's loss; use a batch of two "
+                             "or more images (or pair batches: sampling: pairs)")
         return first[chosen], second[chosen], same[chosen].long()
 
     def losses(

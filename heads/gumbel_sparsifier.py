@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heads._cvnet.fast import SCALES
 from heads._sparse import codec
 from heads._sparse.fill import fill_dropped, fill_rows
 from heads._sparse.masked import Fill, accepts_db_masks, bernoulli_logprob, masked_pair_logits, plackett_luce_logprob
@@ -193,6 +194,13 @@ class GumbelSparsifierHead(SparsifierHead):
                              "(or store int8 / float16)")
         self.stages = (stage,)
         self.stage = stage
+        for name, value in (("width", width), ("num_levels", num_levels), ("hidden", hidden)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if budget_weight < 0:  # the optimiser would push the kept share away from the target
+            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
+        if negatives_per_anchor < 0:  # a slice bound: -1 meant all other-label images but the last
+            raise ValueError(f"negatives_per_anchor must be >= 0, got {negatives_per_anchor}")
         self.width, self.num_levels, self.hidden = int(width), int(num_levels), int(hidden)
         self.keep_ratio, self.budget = float(keep_ratio), (None if budget is None else int(budget))
         self.relaxation = relaxation
@@ -228,6 +236,9 @@ class GumbelSparsifierHead(SparsifierHead):
         width = getattr(verifier, "width", getattr(verifier, "proj_dim", None))
         if width is not None and int(width) != self.width:
             raise ValueError(f"sparsifier width={self.width} but the verifier projects to {width} channels")
+        levels = getattr(verifier, "num_levels", len(SCALES))
+        if levels != self.num_levels:  # fewer shared one learned offset; more were never trained
+            raise ValueError(f"sparsifier num_levels={self.num_levels} but the verifier has {levels} pyramid levels")
         super().attach(verifier)
         if hasattr(verifier, "store_norms"):
             # its entries are unit rows: the selection needs each location's norm beside them (the

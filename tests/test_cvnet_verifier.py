@@ -149,6 +149,24 @@ def test_score_dtype_chooses_the_scoring_arithmetic() -> None:
         CVNetVerifierHead(entry_dtype="bfloat16")
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": -1}, "batch_size must be >= 1"),  # scored nothing: uninitialised scores were returned
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"max_pairs": 1}, "max_pairs must be >= 2"),  # 0, 1 and -5 all trained on 2 pairs
+    ({"projection": "learned", "width": -4}, "width must be >= 1"),
+])
+def test_options_that_would_score_or_train_otherwise_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CVNetVerifierHead(**options)
+
+
+def test_a_batch_of_one_image_is_named_as_forming_no_pair() -> None:
+    head = CVNetVerifierHead(stage="conv4", projection="learned", width=4)
+    head.build({"conv4": 8}, 0)
+    with pytest.raises(ValueError, match="a batch of 1 image\\(s\\) forms no pair"):
+        head._in_batch_pairs(torch.tensor([3]))
+
+
 def test_a_pair_too_large_for_the_4d_network_is_refused_before_anything_is_allocated() -> None:
     """Phone photos at full size (4032 x 3024 px: 252 x 189 cells) would need tens of GB; 2048 px passes."""
     from retrieval_lightning.errors import UsageError

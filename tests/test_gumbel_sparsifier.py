@@ -57,6 +57,10 @@ def test_keep_count_ratio_and_budget() -> None:
     ({"tau_end": 0.0}, "tau_start and tau_end must be > 0"),
     ({"tau_start": -1.0}, "tau_start and tau_end must be > 0"),
     ({"tau_steps": -1}, "tau_steps must be >= 0"),
+    ({"hidden": 0}, "hidden must be >= 1"),  # failed at the first forward
+    ({"num_levels": 0}, "num_levels must be >= 1"),  # an IndexError in the first step
+    ({"budget_weight": -1.0}, "budget_weight must be >= 0"),  # pushed the kept share away from the target
+    ({"negatives_per_anchor": -1}, "negatives_per_anchor must be >= 0"),  # a slice: all negatives but the last
 ])
 def test_options_the_relaxation_cannot_run_with_are_refused(option: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -229,6 +233,19 @@ def test_the_concrete_budget_grows_as_the_temperature_falls(relaxation: str) -> 
             budgets.append(head.losses(features, labels)["budget"].item())
     assert budgets[0] > 0
     assert budgets[1] / budgets[0] == pytest.approx(10.0 if relaxation == "concrete" else 1.0, rel=1e-4)
+
+
+def test_a_level_count_other_than_the_verifiers_is_refused_when_attached() -> None:
+    """CVNet has 3 pyramid levels: 1 or 2 offsets were shared by the levels, more were never trained."""
+    from heads.cvnet_verifier import CVNetVerifierHead
+
+    verifier = CVNetVerifierHead(stage="conv4", projection="learned", width=P)
+    verifier.build({"conv4": 16}, 0)
+    for levels in (1, 5):
+        head = GumbelSparsifierHead(width=P, hidden=4, num_levels=levels)
+        head.build({"conv4": 16}, 0)
+        with pytest.raises(ValueError, match=f"num_levels={levels} but the verifier has 3 pyramid levels"):
+            head.attach(verifier)
 
 
 def test_a_verifier_without_projected_levels_is_refused_in_one_line() -> None:
