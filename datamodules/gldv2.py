@@ -401,7 +401,9 @@ class GLDv2DataModule(L.LightningDataModule):
             truth = {"solution": solution, "query_ids": query_ids, "db_labels": landmarks[db_pos]}
             protocol, name = "gldv2_recognition", "gldv2_holdout"
         if not query_ids:
-            raise GLDv2FormatError(f"GLDv2 eval set {name!r} has no queries (usage={self.usage!r})")
+            cause = ("holdout_num_classes and validation_split leave it none" if name == "gldv2_holdout"
+                     else f"usage={self.usage!r}")
+            raise GLDv2FormatError(f"GLDv2 eval set {name!r} has no queries ({cause})")
         dataset = EvalImageDataset(paths, self.eval_transform, self.policy, fast_decode=hp.eval_fast_decode)
         result = EvalSet(name=name, dataset=dataset, n_queries=len(query_ids), protocol=protocol,
                          ground_truth=truth, image_ids=StringArray.concat(query_ids, db_ids),

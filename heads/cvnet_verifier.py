@@ -71,7 +71,8 @@ class CVNetVerifierHead(VerifierHead):
         width: projection width P of every pyramid level (256 in CVNet; small for CPU training).
         batch_size: candidates scored together (memory grows linearly: about 0.2 GB per pair at
             768x1024 with R50).
-        max_pairs: in-batch training pairs per step (half positive, half negative when possible).
+        max_pairs: in-batch training pairs per step (half positive, half negative when possible);
+            unread with pair batches (``sampling: pairs``, every shipped recipe), which bring their own pairs.
         entry_dtype: dtype of stored levels (``float16`` on disk; ``float32`` for exact checks).
         score_dtype: arithmetic of :meth:`score`: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere),
             ``float32`` everywhere (the official tester's numbers), or ``bfloat16`` everywhere.

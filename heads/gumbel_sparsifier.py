@@ -106,7 +106,7 @@ class GumbelSparsifierHead(SparsifierHead):
             (twice fp16's bytes: keep ratio 1.0 then equals a verifier storing ``entry_dtype: float32``);
             ``int8_scale`` (``row`` or ``image``) is the scale of either integer form.
         negatives_per_anchor: in-batch negative pairs per image (positives: every image with a
-            same-label partner).
+            same-label partner); unread with pair batches (``sampling: pairs``, every shipped recipe).
         estimator: how the pair loss reaches the keep logits (:mod:`heads._sparse.masked`):
             ``straight_through`` needs a verifier whose ``pair_logits`` takes ``db_masks``;
             ``score_function`` works with any verifier; ``auto`` picks the first available.

@@ -500,6 +500,8 @@ def test_holdout_eval_set(gld):
     capped = _dm(gld, train_set="full", holdout_num_classes=2)
     (small,) = capped.eval_sets("validate")
     assert small.n_queries == 2 and len(set(small.ground_truth["db_labels"])) == 2
+    with pytest.raises(GLDv2FormatError, match=r"'gldv2_holdout' has no queries \(holdout_num_classes and "):
+        _dm(gld, train_set="full", holdout_num_classes=0).eval_sets("validate")  # usage was named, which it ignores
 
 
 def test_bad_arguments_and_missing_index_ids(gld, tmp_path):
