@@ -67,11 +67,16 @@ class _TrainState:
     val_pos: np.ndarray
 
 
+#: unreadable training images skipped in a row (``on_error: skip``) before the run stops
+SKIP_RUN = 50
+
+
 class GLDv2TrainDataset(Dataset):
     """Training images: ``{"image": float (3,S,S), "label": int, "index": int}``.
 
     With a skip policy an unreadable image is replaced by the next readable one (index order),
-    so a batch never shrinks; the policy counts and logs the skips.
+    so a batch never shrinks; the policy counts and logs the skips. :data:`SKIP_RUN` unreadable in a row stop the
+    run (a partial download: ``present_only``).
     """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: TrainTransform,
@@ -87,12 +92,12 @@ class GLDv2TrainDataset(Dataset):
         with a seed, the random crop depends on it alone, not on the process or worker state."""
         index, seed = index if isinstance(index, tuple) else (index, None)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        for step in range(min(len(self.paths), 50)):
+        for step in range(min(len(self.paths), SKIP_RUN)):
             i = (int(index) + step) % len(self.paths)
             image = load_image_or_skip(self.paths[i], self.policy, max_side=self.max_side)
             if image is not None:
                 return {"image": self.transform(image, generator=generator), "label": int(self.labels[i]), "index": i}
-        raise ImageLoadError(f"none of the {min(len(self.paths), 50)} training images from index {index} on is "
+        raise ImageLoadError(f"none of the {min(len(self.paths), SKIP_RUN)} training images from index {index} on is "
                              f"readable (first tried {self.paths[index]}); with a partial download, "
                              "--data.init_args.present_only=true trains on the images present")
 

@@ -127,12 +127,12 @@ class Ranker:
     store: FeatureStore
     backend: str = "exact"
     device: torch.device | str = "cpu"
-    postprocess: PostProcessConfig | None = None
+    postprocess: PostProcessConfig | None = None  # None: neither
 
     def __post_init__(self) -> None:
         self.first_row = database_start(self.store)
         database: np.ndarray | torch.Tensor = self.store.array("global")[self.first_row:]
-        post = self.postprocess or PostProcessConfig()
+        self.postprocess = post = self.postprocess or PostProcessConfig()
         if post.dba:  # once per search run: N searches over N rows
             database = database_augmentation(database, post.dba_k, post.dba_alpha, device=self.device)
         self.database = database
@@ -151,7 +151,7 @@ class Ranker:
 
     def __call__(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         post = self.postprocess
-        if post is not None and post.query_expansion:
+        if post.query_expansion:
             qe_n = min(post.qe_n, len(self))
             _, first = self._rank(queries, max(depth, qe_n))
             queries = alpha_query_expansion(queries, self.database, first, qe_n, post.qe_alpha).to(queries.device)

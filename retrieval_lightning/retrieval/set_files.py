@@ -130,9 +130,6 @@ def read_image_resize(directory: Path) -> ImageResize | None:
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        max_side = record["max_side"]
-        if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
-            raise ValueError(f"max_side must be a positive integer or null, got {max_side!r}")
-        return ImageResize(max_side, bool(record.get("upscale", False)))
+        return ImageResize(record["max_side"], bool(record.get("upscale", False)))  # it checks max_side
     except (ValueError, KeyError, TypeError) as exc:
         raise DataFormatError(f"{path}: not an image-resize record of `extract` ({exc})") from exc
