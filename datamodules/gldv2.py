@@ -10,6 +10,7 @@ both are re-exported here so ``from datamodules.gldv2 import read_train_csv`` ke
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,7 +28,7 @@ from datamodules.patch_shuffle import shuffle_tiles, step_permutations
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
                                       read_recognition_solution, read_retrieval_solution, read_train_clean_csv,
                                       read_train_csv, remap_labels, selected_usages, split_train_val)
-from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling
+from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling, check_pair_options
 from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
                                 training_batches_before)
 from retrieval_lightning.data.io import ImageLoadError, LoadPolicy, load_image_or_skip
@@ -211,6 +212,7 @@ class GLDv2DataModule(L.LightningDataModule):
             pairs = PairSampling(**pairs)
         if isinstance(hide_and_seek, dict):
             hide_and_seek = HideAndSeek(**hide_and_seek)
+        check_pair_options(sampling, pairs)
         self.pairs = (pairs or PairSampling()) if sampling == "pairs" else None
         self.hide_and_seek = hide_and_seek
         self._pair_miner: PairMiner | None = None
@@ -296,6 +298,7 @@ class GLDv2DataModule(L.LightningDataModule):
         hp = self.hparams
         if self.pairs is not None:
             sampler = PairBatchSampler(self.pair_miner, augmentation_seeds=True)  # crops seeded: exact resume
+            sampler.require_batches()
             return PairLoader(self.train_dataset, batch_sampler=sampler,
                               collate_fn=PairCollate(self.pairs.group_size, self.pairs.shuffled_negatives),
                               num_workers=hp.num_workers, pin_memory=hp.pin_memory,
@@ -332,7 +335,14 @@ class GLDv2DataModule(L.LightningDataModule):
                 digest.update(f"{path}\n".encode())
             identity = f"{len(self.train_dataset.paths)} images, sha256 {digest.hexdigest()}"
             self._pair_miner = PairMiner(self.train_dataset.labels, self.pairs, self._mining_dataset, identity)
+            self._pair_miner.epoch_batches = self._epoch_batches
         return self._pair_miner
+
+    def _epoch_batches(self) -> int | None:
+        """Training batches per epoch as the trainer runs them (after ``limit_train_batches``), once known."""
+        trainer = self.trainer
+        taken = trainer.num_training_batches if trainer is not None else float("inf")
+        return int(taken) if math.isfinite(taken) and taken > 0 else None
 
     def _mining_dataset(self, positions: np.ndarray) -> EvalImageDataset:
         """Deterministic (eval-transform) views of training positions, ``index`` = row in ``positions``."""

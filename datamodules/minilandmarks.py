@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.gldv2 import GLDv2DataModule
 from datamodules.hide_and_seek import HideAndSeek
-from datamodules.pairs import PairMiner, PairSampling
+from datamodules.pairs import PairMiner, PairSampling, check_pair_options
 from datamodules.minilandmarks_build import DATASET_NAME, GLDV2_SUBDIR, REVISITOP_SUBDIR, build_minilandmarks
 from datamodules.revisitop import RevisitopDataModule
 from datamodules.sampling import training_batches_before
@@ -73,6 +73,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         queries_per_landmark: int = 2,
     ) -> None:
         super().__init__()
+        check_pair_options(sampling, pairs)  # refused when made, not at the first training batch
         self.save_hyperparameters()
         self.root = root or os.path.join(default_cache_root(), "minilandmarks")
         self.photo_dirs = [Path(p) for p in (photo_dirs or [])]

@@ -133,6 +133,13 @@ class PairSampling:
         return self.groups_per_batch * self.group_size
 
 
+def check_pair_options(sampling: str, pairs: PairSampling | dict | None) -> None:
+    """Refuse pair options that would go unread: a datamodule reads ``pairs`` with ``sampling: pairs`` only."""
+    if pairs is not None and sampling != "pairs":
+        raise ValueError(f"pairs options are read only with sampling: pairs (got sampling: {sampling!r}); "
+                         f"set --data.init_args.sampling pairs, or drop pairs")
+
+
 class PairMiner:
     """Mining state: the epoch's pool and the nearest other-label images of every mined anchor.
 
@@ -163,6 +170,9 @@ class PairMiner:
         self.mined_epoch: int | None = None
         #: set by the mining callback: called with the epoch just before that epoch's groups are drawn
         self.request: Callable[[int], None] | None = None
+        #: set by the datamodule: the batches a training epoch really takes (``limit_train_batches``), or
+        #: None when unknown; the negatives' curriculum counts batches with it, as Hide-and-Seek's does
+        self.epoch_batches: Callable[[], int | None] | None = None
         self.warned_unmined = False
 
     # ---------------------------------------------------------------- protocol of the mining callback
@@ -305,6 +315,20 @@ class PairBatchSampler(BatchSampler):
         _, world = self._rank_world()
         return (self._groups_per_epoch() // world) // self.config.groups_per_batch
 
+    def require_batches(self) -> None:
+        """Refuse an epoch of no batch: ``fit`` would end at once, status 0, having trained nothing."""
+        if len(self) == 0:
+            _, world = self._rank_world()
+            raise ValueError(f"pairs: {self._groups_per_epoch()} groups per epoch over {world} rank(s) make no "
+                             f"batch of groups_per_batch={self.config.groups_per_batch} groups; lower "
+                             f"--data.init_args.pairs.groups_per_batch or raise pairs.groups_per_epoch")
+
+    def _batches_per_epoch(self) -> int:
+        """Batches an epoch takes: the trainer's count when the datamodule tells it (fewer than
+        ``len(self)`` under ``limit_train_batches``), else every batch of the sampler."""
+        taken = self.miner.epoch_batches() if self.miner.epoch_batches is not None else None
+        return len(self) if taken is None else min(int(taken), len(self))
+
     def epoch_groups(self, epoch: int) -> list[list[int]]:
         """All ranks' groups of ``epoch`` (anchors from the epoch's pool, shuffled, cycled as needed)."""
         if self.miner.request is not None:
@@ -324,7 +348,7 @@ class PairBatchSampler(BatchSampler):
         reps = -(-total // eligible.size)
         anchors = np.concatenate([rng.permutation(eligible) for _ in range(reps)])[:total]
         _, world = self._rank_world()
-        first_batch, per_batch = int(epoch) * len(self), self.config.groups_per_batch * world
+        first_batch, per_batch = int(epoch) * self._batches_per_epoch(), self.config.groups_per_batch * world
         return [self.miner.group(int(a), rng, self.config.hard_share(first_batch + i // per_batch))
                 for i, a in enumerate(anchors)]
 

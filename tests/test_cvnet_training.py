@@ -111,6 +111,29 @@ def test_share_of_mined_negatives_rises_over_the_warmup_batches() -> None:
         PairSampling(hard_start=1.5)
 
 
+def test_mined_share_counts_the_batches_an_epoch_really_takes() -> None:
+    """Under ``limit_train_batches`` an epoch takes fewer batches than the sampler holds; the curriculum
+    counts those (as Hide-and-Seek counts steps), or epoch 1 would start with the share of batch ``len``."""
+    config = PairSampling(groups_per_batch=2, negatives=2, groups_per_epoch=40, hard_start=0.0,
+                          hard_warmup_batches=8, seed=0)
+    miner = PairMiner(LABELS, config)
+    miner.set_negatives(0, np.arange(LABELS.size), np.stack([np.flatnonzero(LABELS != LABELS[a])[:2]
+                                                              for a in range(LABELS.size)]))
+    sampler = PairBatchSampler(miner)
+    shares: list[float] = []
+    miner.group = lambda anchor, rng, hard_share=1.0: shares.append(hard_share) or [anchor, anchor, 0, 0]
+    sampler.epoch_groups(1)
+    assert shares[0] == 1.0  # the sampler's 20 batches per epoch: epoch 1 starts past the warm-up
+    shares.clear()
+    miner.epoch_batches = lambda: 2  # what the trainer runs with limit_train_batches=2
+    sampler.epoch_groups(1)
+    assert shares[0] == pytest.approx(2 / 8) and shares[-1] == pytest.approx(min(1.0, (2 + 19) / 8))
+    shares.clear()
+    miner.epoch_batches = lambda: None  # not known yet (before the trainer sized the loader): every batch
+    sampler.epoch_groups(1)
+    assert shares[0] == 1.0
+
+
 @pytest.fixture(params=["one block", "blocks of 7"])
 def column_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The search over all columns at once, and over blocks of 7 columns merged (a large pool's search, whose
@@ -578,6 +601,23 @@ def test_gldv2_pair_mode_and_batch_transform(tmp_path: Path) -> None:
                              pairs=PairSampling(groups_per_batch=2, negatives=2, mining_max_side=12, crops_per_image=4))
     pooled_batch = next(iter(pooled.train_dataloader()))  # (position, crop seed) items load through the dataset
     assert torch.equal(pooled_batch["label"], batch["label"]) and pooled_batch["image"].shape == (8, 3, 16, 16)
+    dm.trainer = SimpleNamespace(num_training_batches=3)  # the curriculum's batches per epoch come from the trainer
+    assert dm.pair_miner.epoch_batches() == 3
+    dm.trainer = SimpleNamespace(num_training_batches=float("inf"))  # not sized yet
+    assert dm.pair_miner.epoch_batches() is None
+    dm.trainer = None
+    # more groups per batch than the epoch holds: no batch, so fit would end at once, status 0, untrained
+    few = GLDv2DataModule(root=str(tmp_path), train_set="full", sampling="pairs", validation_split=0.0,
+                          val_sets=[], test_sets=[], image_size=16, num_workers=0,
+                          pairs=PairSampling(groups_per_batch=31, negatives=1))
+    with pytest.raises(ValueError, match=r"30 groups per epoch .* groups_per_batch=31"):
+        few.train_dataloader()
+    # pair options with another sampling went unread: plain shuffled batches, no word said
+    with pytest.raises(ValueError, match="sampling: pairs"):
+        GLDv2DataModule(root=str(tmp_path), sampling="shuffle", pairs=PairSampling(groups_per_batch=3))
+    from datamodules.minilandmarks import MiniLandmarksDataModule
+    with pytest.raises(ValueError, match="sampling: pairs"):
+        MiniLandmarksDataModule(root=str(tmp_path / "mini"), pairs=PairSampling(groups_per_batch=3))
 
 
 def test_shuffle_tiles_permutes_whole_tiles_and_keeps_the_remainder() -> None:
