@@ -32,7 +32,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from retrieval_lightning.checkpoints import load_tensor_file
+from retrieval_lightning.checkpoints import load_tensor_file, state_dict_of
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import record_init_args
 
@@ -234,8 +234,7 @@ class Backbone(nn.Module):
             mapped = {k: mapped_full[k] for k in target}
         else:
             path = Path(os.path.expanduser(weights))
-            state = load_tensor_file(path)
-            state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
+            state = state_dict_of(load_tensor_file(path))
             state = _strip_prefix(state, ("module.", "model.", "backbone.model.", "backbone."))
             missing = [k for k in target if k not in state]
             if missing:
@@ -246,8 +245,25 @@ class Backbone(nn.Module):
             bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in target.items() if state[k].shape != v.shape]
             if bad:
                 raise WeightsMismatchError(f"{path}: shapes differ (key, file, model): {bad[:5]}")
+            self._refuse_foreign_tensors(state, path)
             mapped = {k: state[k] for k in target}
         self.model.load_state_dict(mapped, strict=True)
+
+    def _refuse_foreign_tensors(self, state: Mapping[str, Tensor], path: Path) -> None:
+        """Refuse file tensors the architecture lacks: a deeper relative's file (ResNet-101 into ResNet-50)
+        holds every key the model needs, shape for shape, and would load its first blocks silently. The
+        full timm model is the yardstick, since an ImageNet file also holds the classifier that
+        ``features_only`` drops."""
+        target = self.model.state_dict()
+        if all(k in target for k in state):
+            return
+        full = timm.create_model(self.name, pretrained=False).state_dict()
+        foreign = [k for k in state if k not in target and k not in full]
+        if foreign:
+            raise WeightsMismatchError(
+                f"{path}: {len(foreign)} tensors of the file are not part of timm {self.name!r} "
+                f"(first: {foreign[:5]}): weights of another architecture?"
+            )
 
     def _reverse_input_channels(self) -> None:
         """RGB-trained weights read BGR input: the first convolution taking the 3 image channels gets

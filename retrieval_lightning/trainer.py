@@ -292,12 +292,24 @@ class _OneEvalSet(pl.LightningDataModule):
         todo = on_rank_zero(remaining, is_zero, broadcast, f"extract {self.spec.name}: reading {out}")
         if trainer is not None:
             todo = trainer.strategy.broadcast(todo, src=0)
-        self.subset = Subset(self.spec.dataset, list(todo or []))
+        self.subset = Subset(self.spec.dataset, items_for_every_rank(list(todo or []), self._world_size()))
+
+    def _world_size(self) -> int:
+        return 1 if self.trainer is None else int(self.trainer.world_size)
 
     def predict_dataloader(self) -> DataLoader:
         t = self.template
         return DataLoader(self.subset, batch_size=t.batch_size, collate_fn=t.collate_fn, num_workers=t.num_workers,
                           shuffle=False)
+
+
+def items_for_every_rank(todo: list[int], world_size: int) -> list[int]:
+    """The items left to extract, repeated so each rank gets one when fewer are left than ranks: Lightning's
+    predict sampler refuses a rank without items (a retry of one unreadable image under DDP crashed), and
+    the merge keeps one row per dataset index."""
+    if 0 < len(todo) < world_size:
+        return (todo * world_size)[:world_size]
+    return todo
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, float]:

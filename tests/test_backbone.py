@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -87,6 +88,26 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
     torch.save({"unrelated": torch.zeros(1)}, path)
     with pytest.raises(WeightsMismatchError, match="missing"):
         Backbone("resnet18", weights=str(path))
+
+
+def test_a_deeper_relatives_weights_are_refused_not_loaded_in_part(tmp_path: Path) -> None:
+    """ResNet-34 holds every ResNet-18 tensor, shape for shape: it loaded its first blocks silently."""
+    path = tmp_path / "r34.pth"
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match=r"not part of timm 'resnet18' \(first: \['layer1.2"):
+        Backbone("resnet18", weights=str(path))
+    imagenet = timm.create_model("resnet18", pretrained=False).state_dict()  # with its classifier: fits
+    torch.save(imagenet, path)
+    assert torch.equal(Backbone("resnet18", weights=str(path)).model.state_dict()["conv1.weight"],
+                       imagenet["conv1.weight"])
+
+
+def test_an_official_model_state_file_loads_as_backbone_weights(tmp_path: Path) -> None:
+    state = Backbone("resnet18").model.state_dict()
+    path = tmp_path / "official.pyth"
+    torch.save({"model_state": state, "epoch": 3}, path)  # the layout init_from and --ckpt_path accept
+    loaded = Backbone("resnet18", weights=str(path))
+    assert torch.equal(loaded.model.state_dict()["layer4.1.bn2.running_mean"], state["layer4.1.bn2.running_mean"])
 
 
 class _Evil:

@@ -75,6 +75,25 @@ def test_killed_ddp_extraction_resumes_to_the_single_process_store(cache_root: P
     assert store_files(shard_dir / "store") == reference
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_an_item_when_fewer_are_left_than_ranks(world: int) -> None:
+    """A retry of one unreadable image under DDP: Lightning's predict sampler refused the rank left empty."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    from retrieval_lightning.trainer import items_for_every_rank
+
+    for left in range(0, 6):
+        todo = list(range(10, 10 + left))
+        items = items_for_every_rank(todo, world)
+        assert set(items) == set(todo)
+        if left >= world or left == 0:
+            assert items == todo  # nothing repeated when every rank has work anyway
+        per_rank = [[items[i] for i in UnrepeatedDistributedSampler(items, num_replicas=world, rank=r)]
+                    for r in range(world)]
+        assert all(per_rank) or not todo
+        assert sorted(set(sum(per_rank, []))) == todo
+
+
 def test_extract_reports_bytes_per_image_per_head() -> None:
     from retrieval_lightning.trainer import store_sizes
 
