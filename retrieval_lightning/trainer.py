@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
@@ -184,6 +185,7 @@ class RetrievalTrainer(pl.Trainer):
     def _evaluate(self, model: pl.LightningModule, datamodule: pl.LightningDataModule, features_dir: str,
                   eval_set: str | None, ckpt_path: str | None) -> dict[str, float]:
         self.strategy.setup_environment()  # under DDP: this process's device and the process group
+        self._save_config(model)
         if ckpt_path:
             model.load_weights(ckpt_path)
         self.weights_path = ckpt_path  # the pictures' "ckpt <name>", as test's
@@ -213,12 +215,21 @@ class RetrievalTrainer(pl.Trainer):
             width = max(map(len, metrics)) + 2
             print("\n".join(f"{name:<{width}}{value:8.2f}" for name, value in sorted(metrics.items())))
             for logger in self.loggers:
-                logger.log_metrics(metrics)
+                logger.log_metrics(metrics, step=self.global_step)  # the step the gallery is logged at
                 logger.save()
             for gallery in (c for c in self.callbacks if isinstance(c, RetrievalGallery)):
                 for path in gallery.draw(self, sets, results, "evaluate", reranked, global_results):
                     print(f"picture: {path}")
         return metrics
+
+
+    def _save_config(self, model: pl.LightningModule) -> None:
+        """Save the resolved config as Lightning's loops do (they call ``setup`` on callbacks; ``evaluate``
+        runs outside them): without it the run's W&B config, code version and config file were missing.
+        Every rank calls it: the callback synchronises them."""
+        for callback in self.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                callback.setup(self, model, "evaluate")
 
 
 def store_sizes(bytes_per_image: dict[str, float]) -> str:

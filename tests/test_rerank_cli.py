@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import REPO, TINY_DATA, ForkedRun, ddp_env, finished, read_metrics, run_ddp, run_main
 from rerank_plugin import make_rerank_distribution
@@ -187,8 +188,13 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     # alpha-QE and DBA (post-processing, not part of the store's identity) apply in both, alike
     post = [*reverse, "--model.postprocess.query_expansion=true", "--model.postprocess.dba=true",
             "--model.postprocess.qe_alpha=0", "--model.postprocess.dba_alpha=0"]
-    evaluated = run_main(["evaluate", *rerank_args(cache_root, tmp_path / "evp", *post), f"--ckpt_path={ckpt}",
-                          f"--features_dir={features}"], cwd=tmp_path).stdout
+    logged = [a for a in rerank_args(cache_root, tmp_path / "evp", *post) if a != "--trainer.logger=false"]
+    evaluated = run_main(["evaluate", *logged, f"--trainer.logger.init_args.save_dir={tmp_path / 'evp'}",
+                          f"--ckpt_path={ckpt}", f"--features_dir={features}"], cwd=tmp_path).stdout
+    # its W&B run (offline) holds the resolved config and the code version, as every other command's
+    run_dir = next((tmp_path / "evp").rglob("offline-run-*"))
+    assert yaml.safe_load((run_dir / "files" / "lightning_config.yaml").read_text())["features_dir"] == str(features)
+    assert b'"git_commit"' in next(run_dir.glob("run-*.wandb")).read_bytes()
     expanded = {line.split()[0]: float(line.split()[1]) for line in evaluated.splitlines() if line.startswith("test/")}
     run_main(["test", *rerank_args(cache_root, tmp_path / "tep", *post), f"--ckpt_path={ckpt}"], cwd=tmp_path)
     tested_post = read_metrics(tmp_path / "tep" / "metrics", "test")
