@@ -93,6 +93,9 @@ def test_fusion_orders() -> None:
     assert fuse(positions, glob, inliers, "lexicographic").tolist() == [11, 12, 10, 13]
     verifier = np.array([0.0, 0.1, 0.9, 0.0])
     assert fuse(positions, glob, verifier, "weighted", 0.5).tolist() == [12, 10, 11, 13]  # 1.15, .9, .85, .6
+    for weight in (float("nan"), float("inf")):  # NaN kept the global order silently; inf made 0 x inf = NaN
+        with pytest.raises(ValueError, match="rerank.weight must be a finite number"):
+            RerankConfig(fusion="weighted", weight=weight)
 
 
 def test_pair_seeds_depend_on_the_pair_only() -> None:
@@ -180,6 +183,10 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
                               all_gather_object=gather, progress=False)
     assert split.metrics == alone.metrics
     assert scored_here == [0, 2] and [q.query for q in other] == [1, 3]  # each rank scored its half only
+    # two ranks but no way to gather (a notebook without a process group): named before any scoring
+    with pytest.raises(ValueError, match="world_size=2 needs all_gather_object"):
+        evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,
+                          progress=False)
 
 
 def test_a_rank_whose_share_fails_stops_every_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

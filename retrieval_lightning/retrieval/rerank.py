@@ -17,6 +17,7 @@ indices only, so scores do not depend on the rank, the number of processes or th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -74,6 +75,8 @@ class RerankConfig:
             raise ValueError(f"rerank.shortlist must be one of {SHORTLIST_MODES}, got {self.shortlist!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"rerank.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if not math.isfinite(self.weight):  # NaN fused every score to NaN: the global order, silently
+            raise ValueError(f"rerank.weight must be a finite number, got {self.weight}")
 
 
 def pair_seeds(query_index: int, db_indices: Iterable[int]) -> list[int]:

@@ -193,6 +193,10 @@ def evaluate_reranked(
     and the scores are gathered (``all_gather_object``, default: the torch process group if one
     is initialised), so every rank returns the same metrics.
     """
+    gather = all_gather_object if all_gather_object is not None else torch_all_gather_object()
+    if world_size > 1 and gather is None:  # each rank would score its share and miss the others' scores
+        raise ValueError(f"evaluate_reranked: world_size={world_size} needs all_gather_object or an initialised "
+                         f"process group of that size")
     nq = eval_set.n_queries
     queries, database = descriptors[:nq].float(), descriptors[nq:]  # the database as given: maybe a memory map
     protocol = protocol_of(eval_set)
@@ -217,7 +221,6 @@ def evaluate_reranked(
         )
     except Exception as err:  # a head's refusal on this rank's queries: raised below, once every rank knows
         failure = err
-    gather = all_gather_object if all_gather_object is not None else torch_all_gather_object()
     raise_if_any_failed(failure, gather, f"re-ranking {eval_set.name}")
     everything = gather_query_scores(scored, gather)
 
