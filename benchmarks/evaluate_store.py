@@ -28,15 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _fresh_process import peak_growth_mib, start_peak
 
 N_QUERIES = 70
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build(directory: Path, n: int, dim: int, seed: int = 0) -> None:
@@ -81,7 +75,7 @@ def measure(mode: str, directory: Path) -> dict:
 
     truth = json.loads((directory / "gnd.json").read_text())
     torch.set_num_threads(2)
-    before = _status_kib("VmRSS")
+    before = start_peak()
     start = time.perf_counter()
     store = FeatureStore.open(directory / "store")
     eval_set = EvalSet("synthetic", range(len(store)), N_QUERIES, "revisitop", truth)
@@ -90,7 +84,7 @@ def measure(mode: str, directory: Path) -> dict:
         descriptors = descriptors.float().clone()  # what `test` gathers: every item's fp32 descriptor
     result = evaluate_eval_set(eval_set, descriptors)
     seconds = time.perf_counter() - start
-    return {"mode": mode, "seconds": seconds, "peak_growth_mib": (_status_kib("VmHWM") - before) / 1024,
+    return {"mode": mode, "seconds": seconds, "peak_growth_mib": peak_growth_mib(before),
             "store_mib": store.nbytes / 2**20, "metrics": result.metrics}
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
-from _fresh_process import run_variant
+from _fresh_process import peak_growth_mib, run_variant, start_peak
 
 
 def search(variant: str, pool: int, dim: int, rows: int, chunk: int) -> dict:
@@ -34,13 +33,13 @@ def search(variant: str, pool: int, dim: int, rows: int, chunk: int) -> dict:
     desc = F.normalize(torch.randn(pool, dim, generator=generator), dim=1)
     labels = torch.arange(pool) // 5
     parts = max(1, pool // rows)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = start_peak()
     start = time.perf_counter()
     table = hard_negatives.nearest_other_label(desc, labels, k=10, chunk=chunk, part=(0, parts))
     seconds = time.perf_counter() - start
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    grown = peak_growth_mib(before)
     own = hard_negatives.part_rows(pool, chunk, 0, parts)
-    return {"peak_growth_mib": grown / 1024, "seconds": seconds, "rows": int(own.numel()),
+    return {"peak_growth_mib": grown, "seconds": seconds, "rows": int(own.numel()),
             "table": table[own].tolist()}
 
 

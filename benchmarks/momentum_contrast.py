@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
-from _fresh_process import run_variant
+from _fresh_process import peak_growth_mib, run_variant, start_peak
 
 
 def step_times(steps: int, batch: int, size: int) -> dict[str, float]:
@@ -69,14 +68,14 @@ def loss_memory(variant: str, queries: int, classes: int, queue: int, dim: int) 
     q = F.normalize(torch.randn(queries, dim, generator=g), dim=-1).requires_grad_()
     labels = torch.arange(queries) % classes
     margin = CurricularFaceMargin(scale=30.0, margin=0.15).train()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = start_peak()
     start = time.perf_counter()
     loss, with_positive = mc.contrastive_loss(margin, q, labels, keys, key_labels, torch.full((queries,), -1))
     loss.backward()
     seconds = time.perf_counter() - start
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    grown = peak_growth_mib(before)
     pairs = int((labels[:, None] == key_labels[None, :]).sum())
-    return {"variant": variant, "peak_growth_mib": grown / 1024, "seconds": seconds, "pairs": pairs,
+    return {"variant": variant, "peak_growth_mib": grown, "seconds": seconds, "pairs": pairs,
             "loss": float(loss), "grad": q.grad.flatten().tolist()[:4096]}
 
 

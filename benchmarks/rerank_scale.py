@@ -5,7 +5,7 @@ descriptor and a ragged kind of ~``--rows`` fp16 rows per image (default ~1000 r
 16: the row count of DELG local features; the width is kept small so the store fits on a normal
 disk, 6.4 GB at the defaults), then re-ranks ``--queries`` queries x ``--k`` candidates through the
 core's :func:`~retrieval_lightning.retrieval.rerank.score_shortlists` with a cheap scorer.
-Printed: store size on disk, RSS growth during search + re-ranking, and their ratio (the goal is
+Printed: store size on disk (MiB), peak RSS growth during search + re-ranking, and their ratio (the goal is
 far below 1: only the shortlisted rows are paged in), plus the time per query.
 
     python benchmarks/rerank_scale.py [--images 200000] [--rows 1000] [--dim 16] [--dir /tmp/rerank_scale]
@@ -21,18 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _fresh_process import peak_growth_mib, start_peak
 
 from retrieval_lightning.retrieval.rerank import EntryReader, build_shortlists, score_shortlists
 from retrieval_lightning.retrieval.search import topk_search
 from retrieval_lightning.retrieval.store import FeatureStore, KindSpec
-
-
-def rss_mb() -> float:
-    """Current resident set size (MB) from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build_store(path: Path, images: int, rows: int, dim: int, gdim: int, seed: int = 0) -> FeatureStore:
@@ -82,15 +75,15 @@ def main() -> None:
         store = build_store(path, args.images, args.rows, args.dim, args.global_dim)
     build_s = time.perf_counter() - t0
     query_rows = [{"rows": torch.randn(args.rows, args.dim).half()} for _ in range(args.queries)]
-    size_mb = store.nbytes / 2**20
-    print(f"store: {len(store):,} images, {size_mb:,.0f} MB on disk "
+    size_mb = store.nbytes / 2**20  # MiB
+    print(f"store: {len(store):,} images, {size_mb:,.0f} MiB on disk "
           f"({store.bytes_per_image['local-rows']:,.0f} B/image ragged), built in {build_s:.1f} s")
 
     class QueryReader:
         def read(self, indices):  # queries live in memory here: only the database side is measured
             return [query_rows[int(i)] for i in indices]
 
-    rss0 = rss_mb()
+    rss0 = start_peak()
     t0 = time.perf_counter()
     queries = torch.nn.functional.normalize(torch.randn(args.queries, args.global_dim), dim=1)
     _, ranking = topk_search(queries, store, k=args.k, device="cpu")
@@ -100,13 +93,13 @@ def main() -> None:
     scored = score_shortlists(shortlists, range(args.queries), QueryReader(), EntryReader(store, "local-"),
                               cheap_scorer, progress=False)
     rerank_s = time.perf_counter() - t1
-    growth = rss_mb() - rss0
+    growth = peak_growth_mib(rss0)
     read_mb = sum(len(s.positions) for s in scored) * store.bytes_per_image["local-rows"] / 2**20
     print(f"search: {search_s:.2f} s; re-ranking {args.queries} queries x K={args.k}: {rerank_s:.2f} s "
           f"({1000 * rerank_s / args.queries:.1f} ms/query)")
-    print(f"RSS growth {growth:,.0f} MB vs store {size_mb:,.0f} MB on disk: ratio {growth / size_mb:.4f} "
-          f"(shortlisted rows: {read_mb:,.0f} MB; global descriptors scanned by the search: "
-          f"{store.bytes_per_image['global'] * len(store) / 2**20:,.0f} MB)")
+    print(f"peak RSS growth {growth:,.0f} MiB vs store {size_mb:,.0f} MiB on disk: ratio {growth / size_mb:.4f} "
+          f"(shortlisted rows: {read_mb:,.0f} MiB; global descriptors scanned by the search: "
+          f"{store.bytes_per_image['global'] * len(store) / 2**20:,.0f} MiB)")
     if not args.keep:  # only what this run wrote: --dir may hold other files
         shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):

@@ -24,13 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+from _fresh_process import start_peak, status_kib
 
 
 def build_store(directory: Path, n: int, dim: int, n_queries: int, seed: int = 0) -> None:
@@ -39,7 +33,7 @@ def build_store(directory: Path, n: int, dim: int, n_queries: int, seed: int = 0
 
     from retrieval_lightning.retrieval.store import FeatureStore, KindSpec
 
-    identity = {"synthetic": "gaussian-unit", "n": n, "dim": dim, "seed": seed}
+    identity = {"synthetic": "gaussian-unit", "n": n, "dim": dim, "seed": seed, "queries": n_queries}
     store_path = directory / "store"
     if (store_path / "manifest.json").exists() and (directory / "queries.npy").exists():
         try:
@@ -75,7 +69,7 @@ def measure(mode: str, directory: Path, k: int, repeats: int) -> dict:
     if mode in ("faiss", "ivfpq"):
         import faiss  # noqa: F401 - imported before the baseline so its libraries are not counted
 
-    baseline = _status_kib("VmRSS")
+    baseline = start_peak()
     store = FeatureStore.open(directory / "store")
     queries = np.load(directory / "queries.npy")
     database = store.array("global")
@@ -112,7 +106,7 @@ def measure(mode: str, directory: Path, k: int, repeats: int) -> dict:
             scores, indices = searcher.search(queries, k)
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     np.savez(directory / f"result_{mode}.npz", scores=scores.numpy(), indices=indices.numpy())
     result.update(
         first_s=times[0],
