@@ -222,6 +222,10 @@ class _Fetcher:
                     raise _Transient(f"server answered bytes {start}- to a request for {offset}-; starting over")
             elif response.status != 200:
                 raise DownloadError(f"{url}: unexpected HTTP {response.status} {response.reason}")
+            kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind == "text/html" and part.name.removesuffix(".part").rsplit(".", 1)[-1] not in ("html", "htm"):
+                # a maintenance or login page with status 200: without a digest it would be kept as the file
+                raise DownloadError(f"{url}: the server sent an HTML page (Content-Type: text/html), not the file")
             length = response.headers.get("Content-Length")
             expected = int(length) if length is not None else None
             if expected is not None:
@@ -229,6 +233,7 @@ class _Fetcher:
             self.progress.update(start - credited[0])
             credited[0] = start
             received = 0
+            unwritable: OSError | None = None
             with open(part, "ab" if start else "wb") as out:
                 while True:
                     try:
@@ -242,12 +247,16 @@ class _Fetcher:
                     try:
                         out.write(chunk)
                     except OSError as exc:  # a full disk or quota is not the connection: retrying cannot help
-                        raise DownloadError(f"{part}: cannot write after {start + received} bytes "
-                                            f"({exc.strerror or exc}); it is kept, and a re-run resumes it once "
-                                            "there is room") from None
+                        unwritable = exc
+                        break
                     received += len(chunk)
                     credited[0] += len(chunk)
                     self.progress.update(len(chunk))
+            if unwritable is not None:  # the bytes on disk, part of the last chunk too: where a re-run resumes
+                written = part.stat().st_size if part.exists() else start + received
+                reason = unwritable.strerror or unwritable
+                raise DownloadError(f"{part}: cannot write after {written} bytes ({reason}); it is kept, and a re-run "
+                                    "resumes it once there is room")
             if expected is not None and received < expected:
                 raise _Transient(f"connection closed after {start + received} of {start + expected} bytes")
             return start > 0
@@ -294,10 +303,13 @@ def _expected_md5(item: RemoteFile, fetcher: _Fetcher) -> str | None:
     raise AssertionError("unreachable")
 
 
-def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int) -> _Outcome:
+def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int, list_refreshed: bool = False) -> _Outcome:
     """Bring one item to its finished state: fetched, verified and, if asked, extracted."""
     done, extracted = _marker(item.dest, "done"), _marker(item.dest, "extracted")
     if item.extract_to is not None and extracted.exists():
+        if not item.keep_archive and item.dest.exists():  # kept by an earlier --keep_archives run
+            item.dest.unlink()
+            done.unlink(missing_ok=True)
         return _Outcome("skipped")
     if item.extract_to is None and done.exists() and item.dest.exists():
         return _Outcome("skipped")
@@ -347,7 +359,14 @@ def _complete(item: RemoteFile, fetcher: _Fetcher, checksum_retries: int) -> _Ou
             item.dest.unlink()
             done.unlink()
         return outcome
-    raise ChecksumError(f"{item.url}: still bad after {checksum_retries + 1} downloads ({problem}); "
+    if item.md5 is None and item.md5_dest is not None and not list_refreshed:
+        # the digest came from a saved md5 list, which may be stale (an archive republished with its list):
+        # fetch the list again once, and the archive again only if the published digest changed
+        item.md5_dest.unlink(missing_ok=True)
+        if _expected_md5(item, fetcher) != expected:
+            return _complete(item, fetcher, checksum_retries, list_refreshed=True)
+    source = f", digest from {item.md5_dest}" if item.md5 is None and item.md5_dest is not None else ""
+    raise ChecksumError(f"{item.url}: still bad after {checksum_retries + 1} downloads ({problem}{source}); "
                         f"nothing was extracted")
 
 

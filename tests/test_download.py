@@ -41,6 +41,7 @@ class _State:
         self.served: dict[str, int] = defaultdict(int)
         self.drop_first: set[str] = set()
         self.ignore_range = False
+        self.content_types: dict[str, str] = {}
         self.log: list[tuple[str, str | None]] = []
 
     def requests(self, path: str) -> list[str | None]:
@@ -77,6 +78,8 @@ class _Handler(BaseHTTPRequestHandler):
         payload = body[start:]
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(payload)))
+        if path in state.content_types:
+            self.send_header("Content-Type", state.content_types[path])
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
@@ -549,3 +552,80 @@ def test_malformed_archive_without_md5_is_refetched_and_nothing_stays_half_extra
     assert summary.refetched == [str(tmp_path / "datasets/roxford5k/oxbuild_images-v1.tgz")]
     names = sorted(p.name for p in (tmp_path / "datasets/roxford5k/jpg").iterdir())
     assert names == [f"oxford_{k:06d}.jpg" for k in range(4)]  # nothing of the bad archive was kept
+
+
+def test_a_stale_saved_md5_list_is_fetched_again_before_the_archive_is_given_up(server, tmp_path):
+    """A saved list was trusted for ever: an archive republished with its list failed every run, 3 downloads each."""
+    expected = _gldv2(server)
+    listing = tmp_path / "train/md5.images_000.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(f"{'0' * 32}  images_000.tar\n")  # well-formed, but not the published digest (any more)
+    download_gldv2(tmp_path, splits="train", base_url=f"{server.base}/google-landmark", max_archives=1, **FAST)
+    assert server.requests("/google-landmark/md5sum/train/md5.images_000.txt") == [None]
+    assert len(server.requests("/google-landmark/train/images_000.tar")) == 3 + 1  # the stale digest's, the fresh one
+    tree = _tree(tmp_path)
+    first = [rel for rel in expected if any(_image_id("train", 0, k) in rel for k in range(3))]
+    assert len(first) == 3 and all(tree.get(rel) == expected[rel] for rel in first)
+    # a list that is the server's own and still does not match: named in the error
+    server.bodies["/google-landmark/md5sum/train/md5.images_001.txt"] = [f"{'1' * 32}  images_001.tar\n".encode()]
+    with pytest.raises(ChecksumError, match=r"images_001\.tar: still bad .*digest from .*md5\.images_001\.txt"):
+        download_gldv2(tmp_path, splits="train", base_url=f"{server.base}/google-landmark", max_archives=2, **FAST)
+    assert len(server.requests("/google-landmark/train/images_001.tar")) == 3  # the list unchanged: not a 4th
+
+
+def test_archives_kept_by_an_earlier_run_go_when_a_later_run_does_not_keep_them(server, tmp_path):
+    _gldv2(server)
+    base = f"{server.base}/google-landmark"
+    download_gldv2(tmp_path, splits="train", base_url=base, max_archives=1, keep_archives=True, **FAST)
+    assert (tmp_path / "train/images_000.tar").is_file()
+    before = len(server.log)
+    download_gldv2(tmp_path, splits="train", base_url=base, max_archives=1, **FAST)
+    assert not (tmp_path / "train/images_000.tar").exists() and not (tmp_path / "train/.images_000.tar.done").exists()
+    assert len(server.log) == before  # nothing fetched again
+    assert (tmp_path / "train/.images_000.tar.extracted").is_file()
+
+
+def test_an_html_page_served_for_a_file_without_digest_is_refused_not_kept(server, tmp_path):
+    """A maintenance page with status 200 was saved as the ground-truth pickle and marked done for ever."""
+    server.bodies["/gnd.pkl"] = [b"<html>maintenance</html>", pickle.dumps({"imlist": []})]
+    server.content_types["/gnd.pkl"] = "text/html; charset=utf-8"
+    dest = tmp_path / "gnd.pkl"
+    with pytest.raises(DownloadError, match=r"gnd\.pkl: the server sent an HTML page"):
+        download_files([RemoteFile(f"{server.base}/gnd.pkl", dest)], **FAST)
+    assert not dest.exists() and not (tmp_path / ".gnd.pkl.done").exists()
+    del server.content_types["/gnd.pkl"]
+    download_files([RemoteFile(f"{server.base}/gnd.pkl", dest)], **FAST)
+    assert pickle.loads(dest.read_bytes()) == {"imlist": []}
+
+
+def test_a_full_disk_reports_the_bytes_on_disk_where_the_rerun_resumes(server, tmp_path, monkeypatch):
+    import errno
+
+    import retrieval_lightning.download as download_module
+
+    body = os.urandom(300_000)
+    server.bodies["/blob.bin"] = [body]
+    real_open = open
+
+    class Quota:  # writes 1000 bytes of the first chunk, then the disk is full
+        def __init__(self, path, mode):
+            self.file = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:1000])
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(download_module, "open", lambda path, mode="r", *a, **k: Quota(path, mode)
+                        if str(path).endswith(".part") else real_open(path, mode, *a, **k), raising=False)
+    dest = tmp_path / "blob.bin"
+    with pytest.raises(DownloadError, match=r"blob\.bin\.part: cannot write after 1000 bytes \(Disk quota"):
+        download_files([RemoteFile(f"{server.base}/blob.bin", dest)], **FAST)
+    monkeypatch.undo()
+    download_files([RemoteFile(f"{server.base}/blob.bin", dest)], **FAST)
+    assert server.requests("/blob.bin")[-1] == "bytes=1000-" and dest.read_bytes() == body
