@@ -47,6 +47,7 @@ from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postpro
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.spill import SpillConfig
+from retrieval_lightning.retrieval.store import check_kind_name
 from retrieval_lightning.retrieval.writer import (
     UNREADABLE,
     datamodule_identity,
@@ -578,9 +579,12 @@ class RetrievalModule(pl.LightningModule):
 
     def rerank_entry_kinds(self, database: bool = True) -> dict[str, EntryKind]:
         """What is stored per image: the head's kinds, rewritten by the sparsifier for database images."""
-        kinds = self._require_rerank_head().entry_kinds()
+        head = self._require_rerank_head()
+        kinds = head.entry_kinds()
+        check_entry_kinds(kinds, f"{type(head).__name__}.entry_kinds()", self.rerank_prefix)
         if database and self.sparsifier is not None:
             kinds = self.sparsifier.entry_kinds(kinds)
+            check_entry_kinds(kinds, f"{type(self.sparsifier).__name__}.entry_kinds()", self.rerank_prefix)
         return kinds
 
     @torch.no_grad()
@@ -901,11 +905,43 @@ def check_entries(entries: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, E
             check_entry_dtype(value, kind.dtype, f"{producer} entry {name!r} of image {i}")
 
 
+def check_entry_kinds(kinds: Mapping[str, EntryKind], producer: str, prefix: str) -> None:
+    """A head's declared kinds, before anything is extracted: a store is laid out from them, so a name that
+    is no file name, a shape that is no tuple of sizes or a dtype torch cannot read back failed later, as a
+    traceback (or, for ``float128``, after the whole extraction, at scoring)."""
+    if not isinstance(kinds, Mapping):
+        raise UsageError(f"{producer} returned {type(kinds).__name__}, not a dict of EntryKind")
+    for name, kind in kinds.items():
+        what = f"{producer}: kind {name!r}"
+        if not isinstance(kind, EntryKind):
+            raise UsageError(f"{what} is {type(kind).__name__}, not an EntryKind")
+        try:
+            check_kind_name(f"{prefix}{name}")
+        except ValueError as err:
+            raise UsageError(f"{what}: {err}") from None
+        shape = kind.shape
+        if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
+            raise UsageError(f"{what}: shape {shape!r} is not a tuple of sizes (one row's shape, e.g. (128,))")
+        try:
+            torch.from_numpy(np.zeros(0, dtype=np.dtype(kind.dtype)))
+        except TypeError as err:
+            raise UsageError(f"{what}: dtype {kind.dtype!r} cannot be stored and read back ({err})") from None
+
+
 def check_entry_dtype(value: Tensor, declared: str, what: str) -> None:
     """The store casts an entry to its declared dtype. Narrowing a float (float32 into ``float16``) is what
     a declaration asks for; a float into an integer kind, or integers beyond its range, would be
     truncated or wrapped without a word, so they are refused here."""
     target = np.dtype(declared)
+    if target.kind == "b":  # True for any value but 0: descriptors or counts would all become True
+        if value.is_floating_point() or value.is_complex():
+            raise UsageError(f"{what} is {value.dtype}, but entry_kinds() declares bool: the store would make every "
+                             "non-zero value True (threshold it in the head)")
+        if value.dtype != torch.bool and value.numel() and not bool(((value == 0) | (value == 1)).all()):
+            raise UsageError(f"{what} holds values other than 0 and 1, but entry_kinds() declares bool: the store "
+                             "would make every non-zero value True")
+        return
     if target.kind not in "iu":
         return
     if value.is_floating_point() or value.is_complex():

@@ -120,6 +120,11 @@ class Registry:
         if name in self._loaded:
             return self._loaded[name]  # type: ignore[return-value]
         entry = self.entry(name)
+        if not entry.entry_point.pattern.match(entry.target):  # else importlib fails inside its own parsing
+            raise PluginError(
+                f"{self.kind} plugin {name!r} from distribution {entry.distribution} {entry.version}: its "
+                f"entry-point target {entry.target!r} is not of the form module:attribute"
+            )
         try:
             obj = entry.entry_point.load()
         except Exception as exc:  # noqa: BLE001 - re-raised with the plugin named

@@ -133,6 +133,15 @@ def test_alias_of_a_broken_plugin_is_not_mistaken_for_a_missing_name(extra_path:
     assert not isinstance(err.value, AttributeError)
 
 
+def test_an_entry_point_target_not_of_the_form_module_attr_is_named_so(extra_path: Path) -> None:
+    """``module Class`` (a space for the colon) was reported as a failed import of an AttributeError from
+    inside importlib's own parsing."""
+    make_distribution(extra_path, "spaced-dist", "spaced_mod", "class Head: pass\n", {"spaced": "spaced_mod Head"})
+    with pytest.raises(PluginError, match=r"'spaced' from distribution spaced-dist 1.2.3: its entry-point target "
+                                          r"'spaced_mod Head' is not of the form module:attribute"):
+        fresh_heads().get("spaced")
+
+
 def test_a_command_naming_a_broken_plugin_stops_with_its_import_error(extra_path: Path) -> None:
     """The registry's reason (the plugin, its distribution, the import error) in one line, exit 2: not a
     warning followed by the parser's "expected a dot import path" and its usage text."""

@@ -248,6 +248,33 @@ def test_entries_the_store_would_truncate_or_wrap_are_refused() -> None:
     with pytest.raises(UsageError, match=r"entry 'keep' of image 0 holds values in \[0, 40000\], beyond int16's "
                                          r"\[-32768, 32767\]: the store would wrap them"):
         check_entries([{**fine, "keep": torch.tensor([[0, 40000]])}], kinds, "Head")
+    # bool: any non-zero value is True, so descriptors (or counts) became all True and every score equal
+    flags = {"flag": EntryKind("bool", (3,))}
+    check_entries([{"flag": torch.tensor([True, False, True])}, {"flag": torch.tensor([1, 0, 0])}], flags, "Head")
+    with pytest.raises(UsageError, match=r"'flag' of image 0 is torch.float32, but entry_kinds\(\) declares bool"):
+        check_entries([{"flag": torch.tensor([0.2, -0.7, 0.0])}], flags, "Head")
+    with pytest.raises(UsageError, match=r"'flag' of image 0 holds values other than 0 and 1"):
+        check_entries([{"flag": torch.tensor([0, 2, 1])}], flags, "Head")
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    (EntryKind("floaty", (4,)), r"kind 'descriptor': dtype 'floaty' cannot be stored"),
+    (EntryKind("float128", (4,)), r"kind 'descriptor': dtype 'float128' cannot be stored and read back"),
+    (EntryKind("float16", 4), r"kind 'descriptor': shape 4 is not a tuple of sizes"),
+])
+def test_declared_kinds_that_cannot_be_stored_are_named_before_extraction(monkeypatch: pytest.MonkeyPatch, kind,
+                                                                          message: str) -> None:
+    """A dtype numpy does not know or torch cannot read back (float128: found only when scoring, after the whole
+    extraction), a shape that is no tuple, a name that is no file name: one line naming the head, up front."""
+    module = tiny_module()
+    head = module.heads["verifier"]
+    monkeypatch.setattr(head, "entry_kinds", lambda: {**type(head).entry_kinds(head), "descriptor": kind})
+    with pytest.raises(UsageError, match=message) as err:
+        module.entry_identity()
+    assert type(head).__name__ in str(err.value)
+    monkeypatch.setattr(head, "entry_kinds", lambda: {"../descriptor": EntryKind("float16", (4,))})
+    with pytest.raises(UsageError, match=r"kind '../descriptor': feature kind name 'verifier-../descriptor' is invalid"):
+        module.rerank_entry_kinds()
 
 
 def test_a_head_scoring_the_wrong_number_of_candidates_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
