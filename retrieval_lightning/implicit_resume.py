@@ -6,7 +6,8 @@ re-runs its command), but a user who changed a setting and re-ran the same confi
 get the old run back: a finished one trains nothing, and the "new" results are the old model's.
 So the implicit resume goes ahead only when the checkpoint's architecture record (backbone, heads,
 module settings such as the optimiser) equals the model's; otherwise ``fit`` stops with one line
-naming the settings that differ. An explicit ``--ckpt_path`` is never second-guessed.
+naming the settings that differ. An explicit ``--ckpt_path`` is never second-guessed: its differences are
+listed, not refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
 from retrieval_lightning.errors import UsageError
@@ -45,15 +47,33 @@ def settings_differences(stored: dict[str, Any], current: dict[str, Any]) -> lis
             if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
+def resume_differences(model: pl.LightningModule, path: str) -> list[str]:
+    """The settings of the run that wrote ``path`` that differ from ``model``'s (none without a record)."""
+    stored = open_checkpoint(path).get(ARCHITECTURE_KEY)
+    if stored is None:
+        return []  # not this framework's record: Lightning's own loading decides
+    return settings_differences(stored, architecture_of(model))
+
+
+def _shown(differences: list[str]) -> str:
+    return "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+
+
+def note_explicit_resume(model: pl.LightningModule, path: str) -> None:
+    """``--ckpt_path last`` is asked for, so it resumes whatever differs; but say what does, as ``--ckpt_path
+    <file>`` does (the CLI lists a named file's differences while parsing; ``last`` is known only now)."""
+    differences = resume_differences(model, path)
+    if differences:
+        rank_zero_info(f"--ckpt_path last resumes {path}, whose run had other settings; the config and command "
+                       "line apply, except to what resuming restores (the optimiser's and scheduler's state, "
+                       f"learning rates included, and the tensors): {_shown(differences)}")
+
+
 def check_implicit_resume(model: pl.LightningModule, path: str) -> None:
     """Refuse to resume ``path`` implicitly when its run was made with settings other than ``model``'s."""
-    checkpoint = open_checkpoint(path)
-    stored = checkpoint.get(ARCHITECTURE_KEY)
-    if stored is None:
-        return  # not this framework's record: Lightning's own loading decides
-    differences = settings_differences(stored, architecture_of(model))
+    differences = resume_differences(model, path)
     if differences:
-        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        shown = _shown(differences)
         raise ResumeMismatchError(
             f"fit would resume {path} (Lightning resumes the last checkpoint of this directory when no --ckpt_path "
             f"is given), but that run had other settings: {shown}. Start the new run in another directory "

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.implicit_resume import check_implicit_resume, resumes_implicitly
+from retrieval_lightning.implicit_resume import check_implicit_resume, note_explicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.outputs import check_folder_can_be_made
@@ -69,6 +69,10 @@ class RetrievalTrainer(pl.Trainer):
             self._fresh_implicit_start = path is None
             if path is not None and isinstance(model, RetrievalModule):
                 check_implicit_resume(model, path)
+        elif ckpt_path == "last" and isinstance(model, RetrievalModule):  # a named file is compared by the CLI
+            path = checkpoint_to_resume(self, ckpt_path)
+            if path is not None:
+                note_explicit_resume(model, path)
         continue_wandb_run(self, ckpt_path)
         return ckpt_path
 

@@ -10,6 +10,7 @@ after a given step; the killed 2-process run is the real console script, whose r
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -381,7 +382,8 @@ def test_under_ddp_only_a_stop_every_rank_takes_writes_the_exception_checkpoint(
     assert "rank 1: no ckpts/on_exception.ckpt written: this rank failed alone" in capsys.readouterr().err
 
 
-def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path: Path) -> None:
+def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Lightning resumes this directory's last checkpoint by itself (an on-exception checkpoint is
     configured): a requeued job continues, but a changed setting must not silently get the old run."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -412,6 +414,12 @@ def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path:
         fit(4, 0.5)
     last = str(tmp_path / "checkpoints" / "last.ckpt")
     assert fit(4, 0.5, ckpt_path=last).global_step == 4  # asked for explicitly: resumed as told
+    # `--ckpt_path last`, the README's resume command: resumed as told too, and what differs is said, as for a
+    # named file (it was neither listed nor refused: a changed setting was silently applied or ignored)
+    with caplog.at_level(logging.INFO):
+        assert fit(5, 0.7, ckpt_path="last").global_step == 5
+    assert re.search(r"--ckpt_path last resumes \S*last.ckpt, whose run had other settings.*"
+                     r"module.optim.lr: 0.5 -> 0.7", caplog.text), caplog.text
 
 
 def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_path: Path) -> None:
