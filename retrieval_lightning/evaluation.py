@@ -31,6 +31,9 @@ from retrieval_lightning.retrieval.search import topk_search
 
 #: how many results per query are kept for pictures and inspection
 SHORTLIST = 10
+#: what becomes of the placeholders of unreadable images (``on_error: skip``) in the metrics, for the warnings
+PLACEHOLDER_RULE = ("a database one is ranked last for every query (it matches nothing; a positive among them is "
+                    "missed), while a query is evaluated from its blank placeholder. Fix them and evaluate again")
 #: the variant name of a single ranking used for every metric
 ALL = "all"
 #: ``EvalResult.extra`` key of each query's AP in percent per protocol suffix (``E``/``M``/``H``; revisitop),
@@ -57,9 +60,11 @@ class EvalResult:
 
 
 def _score_chunks(
-    queries: Tensor, database: Tensor, chunk: int, first: Sequence[np.ndarray] | None = None
+    queries: Tensor, database: Tensor, chunk: int, first: Sequence[np.ndarray] | None = None,
+    excluded: np.ndarray | None = None,
 ) -> Callable[[], Iterator[Tensor]]:
-    """Score chunks in database order; ``first[q]`` positions get scores above any inner product."""
+    """Score chunks in database order; ``first[q]`` positions get scores above any inner product, the
+    ``excluded`` positions (placeholders of unreadable images) -inf: ranked last, they match nothing."""
 
     def chunks() -> Iterator[Tensor]:
         q = queries.float()
@@ -75,9 +80,22 @@ def _score_chunks(
                         scores[qi, torch.from_numpy(order[inside] - start)] = torch.from_numpy(
                             (1e6 - rank).astype(np.float32)
                         )
+            if excluded is not None and excluded.size:
+                stop = start + scores.shape[1]
+                inside = excluded[(excluded >= start) & (excluded < stop)]
+                scores[:, torch.from_numpy(inside - start)] = float("-inf")
             yield scores
 
     return chunks
+
+
+def _ranked_last(scores: Tensor, topk: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Each row of a top-k search with the ``excluded`` positions moved to its end, scored -inf."""
+    out = torch.as_tensor(np.isin(topk.numpy(), excluded))
+    order = torch.sort(out.to(torch.int8), dim=1, stable=True).indices  # kept ones first, each in its order
+    scores, topk = scores.gather(1, order), topk.gather(1, order)
+    scores[out.gather(1, order)] = float("-inf")
+    return scores, topk
 
 
 def _mark(topk: Tensor, positive: list[set[int]], junk: list[set[int]]) -> Tensor:
@@ -89,12 +107,17 @@ def _mark(topk: Tensor, positive: list[set[int]], junk: list[set[int]]) -> Tenso
 
 
 def _leading(
-    queries: Tensor, database: Tensor, k: int, chunk: int, first: Sequence[np.ndarray] | None, device: Any
+    queries: Tensor, database: Tensor, k: int, chunk: int, first: Sequence[np.ndarray] | None, device: Any,
+    excluded: np.ndarray | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Top ``k`` positions per query: ``first[q]`` in order, then the global ranking without them."""
+    """Top ``k`` positions per query: ``first[q]`` in order, then the global ranking without them; the
+    ``excluded`` positions last (score -inf)."""
     extra = 0 if first is None else max((len(f) for f in first), default=0)
+    extra += 0 if excluded is None else int(excluded.size)
     scores, topk = topk_search(queries, database, k=min(k + extra, database.shape[0]), chunk_size=chunk,
                                device=device)
+    if excluded is not None and excluded.size:
+        scores, topk = _ranked_last(scores, topk, excluded)
     if first is None:
         return scores[:, :k], topk[:, :k]
     rows, score_rows = [], []
@@ -129,20 +152,21 @@ def no_exclusions(ground_truth: Any, n_queries: int) -> dict[str, list[np.ndarra
 
 def revisitop_protocol(
     queries: Tensor, database: Tensor, ground_truth: list[dict], chunk: int,
-    reranked: Rankings | None = None, device: Any = None,
+    reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
 ) -> EvalResult:
     """Revisited Oxford/Paris: mAP and mP@1/5/10 for Easy, Medium and Hard (percent)."""
     if len(ground_truth) != queries.shape[0]:
         raise ValueError(f"revisitop ground truth has {len(ground_truth)} queries, extracted {queries.shape[0]}")
     if reranked is None:
-        report = revisitop_report_from_scores(_score_chunks(queries, database, chunk), ground_truth, chunk_size=chunk)
+        report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, excluded=excluded), ground_truth,
+                                              chunk_size=chunk)
         metrics, ap_per_query = report.metrics, report.ap_per_query
         shown = None
     else:
         metrics, ap_per_query = {}, {}
         for variant, first in reranked.items():
-            report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, first), ground_truth,
-                                                  chunk_size=chunk)
+            report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, first, excluded),
+                                                  ground_truth, chunk_size=chunk)
             if variant == ALL:
                 metrics.update(report.metrics)
                 ap_per_query.update(report.ap_per_query)
@@ -151,7 +175,7 @@ def revisitop_protocol(
                 metrics.update({k: v for k, v in report.metrics.items() if k.endswith(f"_{suffix}")})
                 ap_per_query[suffix] = report.ap_per_query[suffix]
         shown = reranked.get("medium", reranked.get(ALL))
-    _, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, shown, device)
+    _, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, shown, device, excluded)
     positive = [set(g.get("easy", [])) | set(g.get("hard", [])) for g in ground_truth]
     junk = [set(g.get("junk", [])) for g in ground_truth]
     return EvalResult(metrics, topk, _mark(topk, positive, junk), {AP_PER_QUERY: ap_per_query})
@@ -159,14 +183,15 @@ def revisitop_protocol(
 
 def gldv2_retrieval_protocol(
     queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
-    reranked: Rankings | None = None, device: Any = None,
+    reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
 ) -> EvalResult:
     """GLDv2 retrieval: mAP@100 over the queries that have ground truth (percent)."""
     query_ids, db_ids, solution = ground_truth["query_ids"], ground_truth["db_ids"], ground_truth["solution"]
     k = min(100, database.shape[0])
     first = None if reranked is None else reranked[ALL]
-    _, topk = _leading(queries, database, k, chunk, first, device)
-    predictions = {qid: [db_ids[i] for i in row] for qid, row in zip(query_ids, topk.tolist())}
+    scores, topk = _leading(queries, database, k, chunk, first, device, excluded)
+    predictions = {qid: [db_ids[i] for i, s in zip(row, srow) if s > float("-inf")]  # placeholders predict nothing
+                   for qid, row, srow in zip(query_ids, topk.tolist(), scores.tolist())}
     metrics = {"mAP@100": 100.0 * gldv2_metrics.mean_average_precision(predictions, solution, max_predictions=100)}
     db_pos = {i: n for n, i in enumerate(db_ids)}
     positive = [{db_pos[x] for x in solution.get(qid, []) if x in db_pos} for qid in query_ids]
@@ -176,7 +201,7 @@ def gldv2_retrieval_protocol(
 
 def gldv2_recognition_protocol(
     queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
-    reranked: Rankings | None = None, device: Any = None,
+    reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
 ) -> EvalResult:
     """GLDv2 recognition by label transfer from the first-ranked training image: GAP and accuracy (percent).
 
@@ -184,8 +209,9 @@ def gldv2_recognition_protocol(
     """
     query_ids, db_labels, solution = ground_truth["query_ids"], ground_truth["db_labels"], ground_truth["solution"]
     first = None if reranked is None else reranked[ALL]
-    scores, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, first, device)
-    predictions = {qid: (db_labels[row[0]], float(s[0])) for qid, row, s in zip(query_ids, topk.tolist(), scores)}
+    scores, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, first, device, excluded)
+    predictions = {qid: (db_labels[row[0]], float(s[0])) for qid, row, s in zip(query_ids, topk.tolist(), scores)
+                   if float(s[0]) > float("-inf")}  # a query whose every neighbour is a placeholder predicts nothing
     metrics = {
         "GAP": 100.0 * gldv2_metrics.global_average_precision(predictions, solution),
         "top1_accuracy": 100.0 * gldv2_metrics.top1_accuracy(predictions, solution),
@@ -239,11 +265,23 @@ def check_finite(eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536) -> 
 
 def evaluate_eval_set(
     eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536,
-    reranked: Rankings | None = None, device: Any = None,
+    reranked: Rankings | None = None, device: Any = None, unreadable: Tensor | np.ndarray | None = None,
 ) -> EvalResult:
-    """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate."""
+    """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate.
+
+    ``unreadable`` flags the items that are placeholders of unreadable images (``on_error: skip``): the
+    database ones are ranked last for every query (they match nothing; a positive among them is missed)."""
     protocol = protocol_of(eval_set)
     check_finite(eval_set, descriptors, chunk)
     queries, database = descriptors[: eval_set.n_queries], descriptors[eval_set.n_queries:]
     device = device if device is not None else "cpu"
-    return protocol.evaluate(queries, database, eval_set.ground_truth, chunk, reranked=reranked, device=device)
+    excluded = unreadable_database(eval_set, unreadable)
+    return protocol.evaluate(queries, database, eval_set.ground_truth, chunk, reranked=reranked, device=device,
+                             **({"excluded": excluded} if excluded.size else {}))
+
+
+def unreadable_database(eval_set: EvalSet, unreadable: Tensor | np.ndarray | None) -> np.ndarray:
+    """Database positions whose items are placeholders of unreadable images (empty without flags)."""
+    if unreadable is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.asarray(unreadable)[eval_set.n_queries:]).astype(np.int64)

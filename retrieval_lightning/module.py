@@ -30,7 +30,7 @@ from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, chec
                                              state_dict_of)
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set
+from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set
 from retrieval_lightning.imprint import imprint_heads, is_resuming
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
@@ -765,11 +765,11 @@ class RetrievalModule(pl.LightningModule):
             del chunks
             index, gathered = gather_dedupe(self, index, spill=self.spill, desc=desc, unreadable=unreadable)
             desc = gathered["desc"].cpu()
-            skipped = int(gathered["unreadable"].sum())
+            unreadable = gathered["unreadable"].cpu()
+            skipped = int(unreadable.sum())
             if skipped:
                 rank_zero_warn(f"{prefix}: eval set {eval_set.name!r}: {skipped} of {len(eval_set.dataset)} images "
-                               "were unreadable and evaluated as blank placeholders (on_error: skip); the metrics "
-                               "count them as images that match nothing")
+                               f"were unreadable (on_error: skip): {PLACEHOLDER_RULE}")
             expected = len(eval_set.dataset)
             writer = writers.get(idx)
             if writer is not None:
@@ -783,13 +783,14 @@ class RetrievalModule(pl.LightningModule):
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
             desc = self.postprocessed(eval_set, desc)
-            result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device)
+            result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device,
+                                       unreadable=unreadable)
             self.last_eval_global[eval_set.name] = result
             self.last_eval[eval_set.name] = result
             # computed from identical gathered data on every rank: no sync needed, no rank-0-only hang
             self._log_metrics(f"{prefix}/{eval_set.name}", result.metrics)
             if writer is not None:
-                reranked = self._rerank_eval_set(writer, eval_set, desc)
+                reranked = self._rerank_eval_set(writer, eval_set, desc, unreadable)
                 self.last_eval[eval_set.name] = reranked
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
@@ -810,7 +811,8 @@ class RetrievalModule(pl.LightningModule):
             self.log(name, value, add_dataloader_idx=False, sync_dist=False)
             quiet_sync_dist_advice(name)
 
-    def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor) -> EvalResult:
+    def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor,
+                         unreadable: Tensor | None = None) -> EvalResult:
         strategy = self.trainer.strategy
         strategy.barrier()
         on_rank_zero(writer.merge, self.trainer.is_global_zero, strategy.broadcast,
@@ -819,7 +821,7 @@ class RetrievalModule(pl.LightningModule):
         return evaluate_reranked(
             self, eval_set, desc, query_store, db_store, self.rerank,
             rank=self.global_rank, world_size=self.trainer.world_size, chunk=self.search_chunk,
-            device=self.device, progress=shows_progress(self.trainer),
+            device=self.device, progress=shows_progress(self.trainer), unreadable=unreadable,
         )
 
     def _eval_is_partial(self, prefix: str) -> bool:

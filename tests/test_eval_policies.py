@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.data.types import EvalSet
-from retrieval_lightning.evaluation import NonFiniteDescriptorError, evaluate_eval_set
+from retrieval_lightning.evaluation import ALL, AP_PER_QUERY, NonFiniteDescriptorError, evaluate_eval_set
 from retrieval_lightning.head_plugins import gem_arcface
 from retrieval_lightning.module import RetrievalModule
 
@@ -64,6 +65,33 @@ def test_unreadable_placeholders_are_counted_beside_the_metrics(monkeypatch: pyt
         with pytest.warns(UserWarning, match=r"test: eval set 'toy': 2 of 8 images were unreadable"):
             module._finish_eval("test", "test")
     assert "toy" in module.last_eval
+
+
+def test_unreadable_database_placeholders_match_nothing_in_every_protocol() -> None:
+    """Placeholders were ranked like images: all alike, so one could stand first for a query (a perfect AP from
+    a missing positive). A database placeholder is now ranked last for every query, with or without re-ranking
+    (the reranked rankings never take it), and GLDv2 neither predicts nor transfers its label."""
+    toy = eval_set()
+    desc = F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    desc[2] = desc[0]  # query 0's only positive (database 0) is its exact copy: rank 1, AP 100
+    flags = torch.zeros(8, dtype=torch.bool)
+    assert evaluate_eval_set(toy, desc).extra[AP_PER_QUERY]["E"][0] == 100.0
+    flags[2] = True  # that positive was unreadable: missed, ranked 6th of 6
+    result = evaluate_eval_set(toy, desc, unreadable=flags)
+    assert result.extra[AP_PER_QUERY]["E"][0] == pytest.approx(100 * (0 / 5 + 1 / 6) / 2)  # revisitop's AP, rank 6
+    assert result.topk[0].tolist()[-1] == 0 and result.topk[1].tolist()[-1] == 0
+    reranked = evaluate_eval_set(toy, desc, reranked={ALL: [np.array([3]), np.array([4])]}, unreadable=flags)
+    assert reranked.topk[0].tolist()[0] == 3 and reranked.topk[0].tolist()[-1] == 0  # shortlists skip it: test_rerank
+
+    ids = [f"q{i}" for i in range(2)] + [f"d{i}" for i in range(6)]
+    gt = {"query_ids": ids[:2], "db_ids": ids[2:], "solution": {"q0": ["d0"], "q1": ["d1"]},
+          "db_labels": ["a", "b", "c", "d", "e", "f"]}
+    for protocol, key in (("gldv2_retrieval", "mAP@100"), ("gldv2_recognition", "GAP")):
+        gld = EvalSet("gld", TensorDataset(torch.zeros(8)), 2, protocol,
+                      {**gt, "solution": {"q0": ["a"], "q1": ["b"]}} if protocol.endswith("recognition") else gt, ids)
+        full = evaluate_eval_set(gld, desc).metrics[key]
+        missing = evaluate_eval_set(gld, desc, unreadable=flags).metrics[key]
+        assert missing < full, (protocol, full, missing)
 
 
 def test_the_eval_collate_marks_placeholders(tmp_path) -> None:

@@ -183,6 +183,14 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
                               all_gather_object=gather, progress=False)
     assert split.metrics == alone.metrics
     assert scored_here == [0, 2] and [q.query for q in other] == [1, 3]  # each rank scored its half only
+    # a placeholder of an unreadable database image is in no shortlist (it matches nothing, as globally)
+    flags = torch.zeros(len(desc), dtype=torch.bool)
+    flags[4 + 1] = True  # database position 1
+    skipped = evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, progress=False,
+                                unreadable=flags)
+    assert all(1 not in positions.tolist() for positions, _ in skipped.extra["rerank_scores"].values())
+    assert any(1 in positions.tolist() for positions, _ in alone.extra["rerank_scores"].values())
+    assert all(1 not in row for row in skipped.topk.tolist())  # last of 12: past the 10 shown
     # two ranks but no way to gather (a notebook without a process group): named before any scoring
     with pytest.raises(ValueError, match="world_size=2 needs all_gather_object"):
         evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
-from retrieval_lightning.evaluation import EvalResult, evaluate_eval_set, protocol_of
+from retrieval_lightning.evaluation import ALL, EvalResult, evaluate_eval_set, protocol_of, unreadable_database
 from retrieval_lightning.rank_zero import raise_if_any_failed
 
 from .rerank import (
@@ -186,8 +186,10 @@ def evaluate_reranked(
     chunk: int = 65536,
     device: Any = "cpu",
     progress: bool = True,
+    unreadable: Tensor | np.ndarray | None = None,
 ) -> EvalResult:
-    """Metrics of the re-ranked ranking; ``descriptors`` are the global ones, queries first.
+    """Metrics of the re-ranked ranking; ``descriptors`` are the global ones, queries first; ``unreadable``
+    flags placeholders of unreadable images, which no shortlist takes (they match nothing, as globally).
 
     Every rank must call it with the same descriptors; each re-scores its share of the queries
     and the scores are gathered (``all_gather_object``, default: the torch process group if one
@@ -201,6 +203,10 @@ def evaluate_reranked(
     queries, database = descriptors[:nq].float(), descriptors[nq:]  # the database as given: maybe a memory map
     protocol = protocol_of(eval_set)
     exclusions = protocol.exclusions(eval_set.ground_truth, nq) if config.shortlist == "protocol" else None
+    placeholders = unreadable_database(eval_set, unreadable)
+    if placeholders.size:
+        exclusions = {name: [np.union1d(skip, placeholders) for skip in per_query]
+                      for name, per_query in (exclusions or {ALL: [placeholders] * nq}).items()}
     depth = search_depth(config.k, database.shape[0], exclusions)
     _, ranking = topk_search(queries, database, k=depth, chunk_size=chunk, device=device)
     shortlists = build_shortlists(ranking, config.k, exclusions)
@@ -228,7 +234,8 @@ def evaluate_reranked(
         return (database[torch.from_numpy(np.asarray(positions, np.int64))].float() @ queries[q]).double().numpy()
 
     rankings = fused_rankings(shortlists, everything, global_score, config)
-    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, reranked=rankings, device=device)
+    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, reranked=rankings, device=device,
+                               unreadable=unreadable)
     result.extra["rerank_scores"] = {item.query: (item.positions, item.scores) for item in everything}
     return result
 

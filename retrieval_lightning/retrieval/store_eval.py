@@ -32,7 +32,7 @@ from retrieval_lightning.retrieval.rerank_eval import (
     QUERIES, RerankEntryWriter, evaluate_reranked, evaluation_mode,
 )
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError
-from retrieval_lightning.retrieval.writer import placeholder_note
+from retrieval_lightning.retrieval.writer import UNREADABLE, placeholder_note
 
 #: query images embedded at a time for their dense entries
 QUERY_BATCH = 8
@@ -56,6 +56,13 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only memory map: nothing here writes to it
         return torch.from_numpy(store.array("global"))
+
+
+def stored_unreadable(eval_set: EvalSet, store: FeatureStore) -> np.ndarray | None:
+    """The store's flags of placeholders of unreadable images, in dataset order (``None`` without any)."""
+    if UNREADABLE not in store.kinds:
+        return None
+    return np.asarray(store.array(UNREADABLE)).astype(bool)
 
 
 def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],
@@ -82,7 +89,8 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     descriptors = stored_descriptors(eval_set, store)
     descriptors = model.postprocessed(eval_set, descriptors)  # unchanged unless alpha-QE / DBA is configured
     chunk = model.search_chunk
-    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device)
+    unreadable = stored_unreadable(eval_set, store)
+    result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device, unreadable=unreadable)
     if not reranks_from_store(model, store):
         return result, None
     queries = store
@@ -92,7 +100,8 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
                      broadcast, f"{eval_set.name}: writing the queries' entries")
         queries = FeatureStore.open(directory / QUERIES / "store", expect_identity=store.identity)
     reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, rank=rank,
-                                 world_size=world_size, chunk=chunk, device=model.device, progress=progress)
+                                 world_size=world_size, chunk=chunk, device=model.device, progress=progress,
+                                 unreadable=unreadable)
     return result, reranked
 
 
