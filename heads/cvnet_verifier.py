@@ -8,7 +8,8 @@ is the probability of "same instance".
 
 Stored per image (:meth:`entry_kinds`): the three projected levels, **L2-normalised per location**,
 as ``(h_i*w_i, P)`` float16 rows (``level0``..``level2``) plus their ``(h, w)`` (``level{i}_hw``).
-A row of zeros is a dropped location: it contributes nothing (the sparsifier relies on this).
+A row of zeros is a dropped location: it contributes nothing (a sparsifier that does not fill the
+dropped locations, ``fill_sigma: 0``, relies on this).
 Scoring builds only the correlation entries the first strided 4D convolution reads
 (:mod:`heads._cvnet.fast`).
 """

@@ -268,7 +268,8 @@ class SparsifierHead(Head):
     - :meth:`sparsify` ``(entries) -> entries``: dense verifier entries of database images -> sparse
       (applied at extraction; queries stay dense);
     - :meth:`densify` ``(entries) -> entries``: back to the verifier's form (unselected positions
-      zero) right before :meth:`RerankHead.score`, without the :meth:`consumed_kinds`.
+      zero, or filled from the kept ones as ``gumbel_sparsifier``'s ``fill_sigma`` does by default)
+      right before :meth:`RerankHead.score`, without the :meth:`consumed_kinds`.
 
     :meth:`attach` is called once by the module with the verifier it serves.
     """

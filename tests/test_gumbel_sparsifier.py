@@ -50,6 +50,12 @@ def test_keep_count_ratio_and_budget() -> None:
     assert budget_counts([5, 5, 5], 10) == [4, 3, 3]  # shares 3.33 each: the first level takes the remainder
     assert budget_counts([12, 24, 48], 2) == [1, 1, 1]  # every level keeps one: more than the budget
     assert budget_counts([2, 3], 100) == [2, 3] and budget_counts([0, 4], 2) == [0, 2]
+    # a level raised to 1 is paid for by another (the R50 levels with a budget of 3 stored 4), a level held at its
+    # size gives to the others: the budget exactly, wherever it is between the levels and the locations
+    assert budget_counts([768, 1530, 3072], 3) == [1, 1, 1] and budget_counts([12, 24, 300], 10) == [1, 1, 8]
+    assert budget_counts([1, 1, 4], 3) == [1, 1, 1] and budget_counts([2, 40, 40], 60) == [2, 29, 29]
+    for budget in range(3, 200):
+        assert sum(budget_counts([3, 50, 90], budget)) == min(budget, 143), budget
 
 
 @pytest.mark.parametrize("option, message", [
@@ -143,6 +149,7 @@ def test_int4_packing_round_trips_every_code_and_halves_the_bytes() -> None:
     packed = codec.pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 14)
     assert torch.equal(codec.unpack_int4(packed), codes)
+    assert codec.unpack_int4(codec.pack_int4(codes[:0])).shape == (0, 28)  # a level that kept no row
     assert int(packed[0, 0]) == (-7 + 8) | ((-6 + 8) << 4)  # channel 0 low nibble, channel 1 high
     with pytest.raises(ValueError, match="odd"):
         codec.sparse_kinds("level0", 15, "int4", "row", "int16")
@@ -193,6 +200,11 @@ def test_topk_straight_through_is_hard_and_passes_gradients() -> None:
     # without noise it is the deterministic top-k
     plain = topk_st_mask(logits.detach(), 5, tau=0.5, noise=False)
     assert torch.equal(plain[0].nonzero().flatten(), topk_positions(logits[0].detach(), 5))
+    # tied k-th and (k+1)-th logits (no noise, or bf16 logits) still keep exactly k, the first positions of the tie
+    tied = topk_st_mask(torch.tensor([[0.5, 2.0, 2.0, -1.0, 2.0, 0.7]]), 2, tau=1.0, noise=False)
+    assert tied.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0, 0.0]]
+    coarse = topk_st_mask(torch.randn(4, 3072, generator=torch.Generator().manual_seed(1)).bfloat16(), 461, 0.5)
+    assert torch.equal(coarse.sum(1), torch.full((4,), 461.0, dtype=torch.bfloat16))
 
 
 def test_concrete_straight_through_passes_gradients() -> None:

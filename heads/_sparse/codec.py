@@ -73,7 +73,7 @@ def unpack_int4(packed: Tensor) -> Tensor:
     """Inverse of :func:`pack_int4`: (k, P/2) uint8 -> (k, P) int8 codes."""
     low = (packed & 0x0F).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=2).reshape(packed.shape[0], -1)
+    return torch.stack((low, high), dim=2).reshape(packed.shape[0], 2 * packed.shape[1])  # 0 rows too
 
 
 def encode_level(level: str, rows: Tensor, positions: Tensor, value_dtype: str, scale: str,

@@ -29,8 +29,9 @@ def keep_count(n: int, keep_ratio: float) -> int:
 
 def budget_counts(sizes: Sequence[int], budget: int) -> list[int]:
     """A per-image ``budget`` of locations shared by levels of ``sizes`` locations in proportion to their size,
-    rounded by largest remainder so that the counts add up to the budget; each non-empty level keeps at least 1
-    and at most all of its locations (where those bounds bind, the sum cannot be the budget)."""
+    rounded by largest remainder; each non-empty level keeps at least 1 and at most all of its locations. A
+    level raised to 1 (or held at its size) is paid for by (or gives to) the levels furthest above (below) their
+    share, so the counts add up to the budget whenever it lies between the non-empty levels and the locations."""
     total = sum(sizes)
     if total <= 0:
         return [0] * len(sizes)
@@ -39,7 +40,12 @@ def budget_counts(sizes: Sequence[int], budget: int) -> list[int]:
     by_remainder = sorted(range(len(sizes)), key=lambda i: (counts[i] - shares[i], i))
     for i in by_remainder[: budget - sum(counts)]:
         counts[i] += 1
-    return [min(n, max(1, c)) if n > 0 else 0 for n, c in zip(sizes, counts)]
+    counts = [min(n, max(1, c)) if n > 0 else 0 for n, c in zip(sizes, counts)]
+    while sum(counts) > budget and (over := [i for i, c in enumerate(counts) if c > 1]):
+        counts[max(over, key=lambda i: (counts[i] - shares[i], -i))] -= 1
+    while sum(counts) < budget and (room := [i for i, (c, n) in enumerate(zip(counts, sizes)) if c < n]):
+        counts[min(room, key=lambda i: (counts[i] - shares[i], i))] += 1
+    return counts
 
 
 def spread_topk(scores: Tensor, k: int, hw: tuple[int, int], spread: float) -> tuple[Tensor, Tensor]:
@@ -116,7 +122,9 @@ def topk_st_mask(logits: Tensor, k: int, tau: float, noise: bool = True,
     top = torch.topk(g.detach(), k + 1, dim=-1).values
     threshold = 0.5 * (top[..., k - 1] + top[..., k]) if k > 0 else top[..., 0] + 1.0
     soft = torch.sigmoid((g - threshold.unsqueeze(-1)) / tau)
-    hard = (g.detach() > threshold.unsqueeze(-1)).to(logits.dtype)
+    # the k first by a stable sort, not ``g > threshold``: tied k-th and (k+1)-th logits (no noise, bf16) kept none
+    order = torch.sort(g.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+    hard = torch.zeros_like(logits).scatter_(-1, order, 1.0)
     return hard + (soft - soft.detach())  # exactly 0/1 forward
 
 
