@@ -38,5 +38,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         IncompatibleCheckpointError, WeightsMismatchError, ImageLoadError, StoreIdentityError, NonFiniteDescriptorError,
         DownloadError, CorruptArchiveError, UnsafeArchiveError, UnboundedScheduleError, FileNotFoundError,
         StoreWriteError, FileExistsError, NotADirectoryError, IsADirectoryError,  # a path the user gave: it names it
+        PermissionError,
         MisconfigurationException,
     )

@@ -40,10 +40,21 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
+#: an architecture record's sections -> the command-line options that set them
+_OPTION_OF_SECTION = {"module": "model", "heads": "model.heads", "backbone": "model.backbone"}
+
+
+def _option(key: str) -> str:
+    """A record leaf's name as the option that sets it (``module.optim.lr`` -> ``model.optim.lr``)."""
+    section, _, rest = key.partition(".")
+    return f"{_OPTION_OF_SECTION[section]}.{rest}" if section in _OPTION_OF_SECTION and rest else key
+
+
 def settings_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"key: stored -> current"`` for every leaf of two architecture records that differs."""
+    """``"option: stored -> current"`` for every leaf of two architecture records that differs, named by the
+    option that sets it, as ``--ckpt_path <file>``'s listing names it."""
     a, b = dict(_leaves(stored)), dict(_leaves(current))
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+    return [f"{_option(k)}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 

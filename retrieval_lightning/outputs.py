@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import UsageError
 
 
 def check_folder_can_be_made(folder: str | os.PathLike[str], option: str) -> Path:
-    """``folder`` itself when it is a directory or can be made one: no part of it is an existing file. Checked
-    before the work, so a typo in an output path costs nothing (``mkdir`` would fail only at the end)."""
+    """``folder`` itself, made now if it is not there, and writable: no part of it is an existing file, and
+    a file can be created in it. Checked before the work, so a typo or a read-only path costs nothing
+    (``mkdir`` or the first write would fail only at the end, ``search`` after printing its results)."""
     path = Path(folder)
     for part in (path, *path.parents):
         if part.exists():
@@ -18,6 +20,12 @@ def check_folder_can_be_made(folder: str | os.PathLike[str], option: str) -> Pat
                 where = "is a file" if part == path else f"is inside {part}, a file"
                 raise UsageError(f"{option} {folder}: {where}, not a folder")
             break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
     return path
 
 

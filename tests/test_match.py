@@ -220,6 +220,26 @@ def test_an_output_path_through_a_file_is_refused_before_the_work(tmp_path: Path
         run_import(["cvnet", str(tmp_path / "missing.pyth"), str(tmp_path / "afile" / "m.ckpt")])
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch) -> None:
+    """A read-only place (permissions, a read-only mount, /sys) was a traceback with status 1 at the end of
+    the work: `search` printed its results, then lost its picture."""
+    import errno
+    import tempfile
+
+    from retrieval_lightning.errors import UsageError
+    from retrieval_lightning.outputs import check_folder_can_be_made, picture_path
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # as root, chmod would not stop the write
+    with pytest.raises(UsageError, match=r"--out .*results/x\.png: its folder .*results: cannot write there "
+                                         r"\(Permission denied\)"):
+        picture_path(tmp_path / "results" / "x.png", "search.png")
+    with pytest.raises(UsageError, match=r"--output_dir .*feat: cannot write there"):
+        check_folder_can_be_made(tmp_path / "feat", "--output_dir")
+
+
 def test_a_pair_picture_explains_only_the_marks_it_draws(tmp_path: Path) -> None:
     """The caption's legend names heat maps and lines only when the head gave them."""
     from retrieval_lightning.head import PairExplanation

@@ -209,7 +209,7 @@ def test_the_setting_is_recorded_so_an_implicit_resume_with_another_is_refused()
     plain, small, large = model(None), model(MomentumContrastConfig(queue_size=8)), model(MomentumContrastConfig())
     assert "momentum_contrast" not in architecture_of(plain)["module"]  # records from before the option still match
     assert settings_differences(architecture_of(small), architecture_of(large)) == [
-        "module.momentum_contrast.queue_size: 8 -> 16384"]
+        "model.momentum_contrast.queue_size: 8 -> 16384"]  # named by the option that sets it
 
 
 def test_pairs_in_chunks_give_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:

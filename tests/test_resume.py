@@ -409,7 +409,7 @@ def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path:
     # a fresh start: no warning about the "last" checkpoint Lightning looked for by itself
     assert not [w for w in caught if "no last checkpoint" in str(w.message)]
     assert fit(3, 0.01).global_step == 3  # the same run, continued (a requeue)
-    with pytest.raises(ResumeMismatchError, match=r"other settings: module.optim.lr: 0.01 -> 0.5\. .*"
+    with pytest.raises(ResumeMismatchError, match=r"other settings: model.optim.lr: 0.01 -> 0.5\. .*"
                                                   r"--trainer.default_root_dir.*--model.init_from"):
         fit(4, 0.5)
     last = str(tmp_path / "checkpoints" / "last.ckpt")
@@ -419,7 +419,7 @@ def test_fit_without_ckpt_path_resumes_only_a_run_of_the_same_settings(tmp_path:
     with caplog.at_level(logging.INFO):
         assert fit(5, 0.7, ckpt_path="last").global_step == 5
     assert re.search(r"--ckpt_path last resumes \S*last.ckpt, whose run had other settings.*"
-                     r"module.optim.lr: 0.5 -> 0.7", caplog.text), caplog.text
+                     r"model.optim.lr: 0.5 -> 0.7", caplog.text), caplog.text
 
 
 def test_resuming_with_another_optimiser_or_frozen_part_is_one_clear_error(tmp_path: Path) -> None:
