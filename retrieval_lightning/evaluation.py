@@ -91,7 +91,7 @@ def _score_chunks(
 
 def _ranked_last(scores: Tensor, topk: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
     """Each row of a top-k search with the ``excluded`` positions moved to its end, scored -inf."""
-    out = torch.as_tensor(np.isin(topk.numpy(), excluded))
+    out = torch.as_tensor(np.isin(topk.cpu().numpy(), excluded), device=topk.device)
     order = torch.sort(out.to(torch.int8), dim=1, stable=True).indices  # kept ones first, each in its order
     scores, topk = scores.gather(1, order), topk.gather(1, order)
     scores[out.gather(1, order)] = float("-inf")

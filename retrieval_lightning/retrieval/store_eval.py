@@ -58,7 +58,7 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
         return torch.from_numpy(store.array("global"))
 
 
-def stored_unreadable(eval_set: EvalSet, store: FeatureStore) -> np.ndarray | None:
+def stored_unreadable(store: FeatureStore) -> np.ndarray | None:
     """The store's flags of placeholders of unreadable images, in dataset order (``None`` without any)."""
     if UNREADABLE not in store.kinds:
         return None
@@ -89,7 +89,7 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     descriptors = stored_descriptors(eval_set, store)
     descriptors = model.postprocessed(eval_set, descriptors)  # unchanged unless alpha-QE / DBA is configured
     chunk = model.search_chunk
-    unreadable = stored_unreadable(eval_set, store)
+    unreadable = stored_unreadable(store)
     result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device, unreadable=unreadable)
     if not reranks_from_store(model, store):
         return result, None
