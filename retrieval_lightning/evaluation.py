@@ -27,13 +27,14 @@ from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
 from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
 from retrieval_lightning.metrics.revisitop import revisitop_report_from_scores
-from retrieval_lightning.retrieval.search import topk_search
+from retrieval_lightning.retrieval.search import excluded_last, topk_search
 
 #: how many results per query are kept for pictures and inspection
 SHORTLIST = 10
 #: what becomes of the placeholders of unreadable images (``on_error: skip``) in the metrics, for the warnings
-PLACEHOLDER_RULE = ("a database one is ranked last for every query (it matches nothing; a positive among them is "
-                    "missed), while a query is evaluated from its blank placeholder. Fix them and evaluate again")
+PLACEHOLDER_RULE = ("a database one is ranked last for every query and is no neighbour in αQE or DBA (it matches "
+                    "nothing: a positive among them counts at the end of the ranking, or not at all for GLDv2), "
+                    "while a query is evaluated from its blank placeholder. Fix them and evaluate again")
 #: the variant name of a single ranking used for every metric
 ALL = "all"
 #: ``EvalResult.extra`` key of each query's AP in percent per protocol suffix (``E``/``M``/``H``; revisitop),
@@ -91,10 +92,9 @@ def _score_chunks(
 
 def _ranked_last(scores: Tensor, topk: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
     """Each row of a top-k search with the ``excluded`` positions moved to its end, scored -inf."""
-    out = torch.as_tensor(np.isin(topk.cpu().numpy(), excluded), device=topk.device)
-    order = torch.sort(out.to(torch.int8), dim=1, stable=True).indices  # kept ones first, each in its order
+    order, moved = excluded_last(topk, excluded)
     scores, topk = scores.gather(1, order), topk.gather(1, order)
-    scores[out.gather(1, order)] = float("-inf")
+    scores[moved] = float("-inf")
     return scores, topk
 
 

@@ -30,7 +30,7 @@ from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, chec
                                              state_dict_of)
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set
+from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set, unreadable_database
 from retrieval_lightning.imprint import imprint_heads, is_resuming
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
 from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
@@ -782,7 +782,7 @@ class RetrievalModule(pl.LightningModule):
                 raise RuntimeError(
                     f"eval set {eval_set.name!r}: gathered {len(index)} unique items, expected {expected}"
                 )
-            desc = self.postprocessed(eval_set, desc)
+            desc = self.postprocessed(eval_set, desc, unreadable)
             result = evaluate_eval_set(eval_set, desc, chunk=self.search_chunk, device=self.device,
                                        unreadable=unreadable)
             self.last_eval_global[eval_set.name] = result
@@ -795,12 +795,14 @@ class RetrievalModule(pl.LightningModule):
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
 
-    def postprocessed(self, eval_set: EvalSet, desc: Tensor) -> Tensor:
-        """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without."""
+    def postprocessed(self, eval_set: EvalSet, desc: Tensor, unreadable: Tensor | np.ndarray | None = None) -> Tensor:
+        """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without. The
+        placeholders of unreadable images (``unreadable`` flags) are no one's neighbour."""
         if self.postprocess is None or not self.postprocess.enabled:
             return desc
         nq = eval_set.n_queries
         queries, database = postprocess_descriptors(desc[:nq].float(), desc[nq:], self.postprocess,
+                                                    excluded=unreadable_database(eval_set, unreadable),
                                                     chunk_size=self.search_chunk, device=self.device)
         # one array in the descriptors' dtype (a store's fp16): one copy of the database, not two in fp32
         return torch.cat([queries.to(desc.dtype), database.to(desc.dtype)])

@@ -94,6 +94,29 @@ def test_unreadable_database_placeholders_match_nothing_in_every_protocol() -> N
         assert missing < full, (protocol, full, missing)
 
 
+@pytest.mark.parametrize("config", [dict(query_expansion=True, qe_n=1, qe_alpha=0.0),
+                                    dict(dba=True, dba_k=2, dba_alpha=0.0)])
+def test_placeholders_are_no_neighbour_in_query_expansion_or_dba(config: dict) -> None:
+    """Ranked last, a placeholder still moved a query (αQE) or its neighbours (DBA) towards what it resembled."""
+    from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
+
+    toy = EvalSet("toy", TensorDataset(torch.zeros(5)), 1, "revisitop", [{"easy": [0], "hard": [], "junk": []}],
+                  [f"photo_{i}.jpg" for i in range(5)])
+    base = torch.tensor([[1, 0, 0, 0], [.5, 0, 1, 0], [.45, 1, 0, 0], [0, 0, 0, 0], [.3, 0, 0, 1]])
+    flags = torch.tensor([False, False, False, True, False])  # database 2 is a placeholder
+    cfg = PostProcessConfig(**config)
+    results = []
+    for placeholder in ([.6, 0, 1, 0], [.6, 1, 0, 0]):  # near the positive, then near the negative
+        desc = base.clone()
+        desc[3] = torch.tensor(placeholder)
+        desc = F.normalize(desc, dim=1)
+        queries, database = postprocess_descriptors(desc[:1], desc[1:], cfg,
+                                                    excluded=np.flatnonzero(flags[1:].numpy()))
+        results.append(evaluate_eval_set(toy, torch.cat([queries, database.float()]), unreadable=flags))
+    assert results[0].metrics["mAP_M"] == results[1].metrics["mAP_M"]  # (H has no positive: NaN)
+    assert torch.equal(results[0].topk, results[1].topk)
+
+
 def test_the_eval_collate_marks_placeholders(tmp_path) -> None:
     from PIL import Image
 

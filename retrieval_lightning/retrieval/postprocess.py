@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import as_tensor, topk_search
+from .search import as_tensor, excluded_last, topk_search
 from .store import FeatureStore
 
 
@@ -82,6 +82,17 @@ def alpha_query_expansion(
     return _weighted_sum(q, _rows(db, idx[:, :n]), alpha, include_self=True)
 
 
+def _nearest_kept(queries: Tensor, db: Tensor, k: int, excluded: np.ndarray | None,
+                  **search_kwargs: Any) -> Tensor:
+    """(Q, k) nearest database rows of each query, none of them ``excluded`` (placeholders of unreadable
+    images, which match nothing); ``k`` at most the rows that are not excluded."""
+    if excluded is None or not excluded.size:
+        return topk_search(queries, db, k, **search_kwargs)[1]
+    _, idx = topk_search(queries, db, min(k + int(excluded.size), db.shape[0]), **search_kwargs)
+    order, _ = excluded_last(idx, excluded)
+    return idx.gather(1, order[:, :k])  # the kept ones, in their order
+
+
 def database_augmentation(
     database: Tensor | np.ndarray | FeatureStore,
     k: int = 2,
@@ -89,16 +100,19 @@ def database_augmentation(
     chunk_rows: int = 4096,
     out: np.ndarray | Tensor | None = None,
     kind: str = "global",
+    excluded: np.ndarray | None = None,
     **search_kwargs: Any,
 ) -> np.ndarray | Tensor:
     """DBA: every row becomes normalise(Σ_{j in top-k(x)} max(x·x_j, 0)^alpha x_j), self included.
 
     Rows are processed ``chunk_rows`` at a time against the original database, so memory stays
     bounded; pass ``out`` (e.g. a writable memmap of shape (N, D)) to keep the result on disk.
-    By default the result is a numpy array in the database's dtype.
+    By default the result is a numpy array in the database's dtype. ``excluded`` rows (placeholders of
+    unreadable images) are no row's neighbour.
     """
     db = as_tensor(database, kind)
     n, dim = db.shape
+    k = min(k, n - (0 if excluded is None else int(excluded.size)))
     if out is None:
         out = np.empty((n, dim), dtype=torch.empty(0, dtype=db.dtype).numpy().dtype)
     if tuple(out.shape) != (n, dim):
@@ -106,7 +120,7 @@ def database_augmentation(
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         rows = db[start:stop].float()
-        _, idx = topk_search(rows, db, k, **search_kwargs)
+        idx = _nearest_kept(rows, db, k, excluded, **search_kwargs)
         new = _weighted_sum(rows, _rows(db, idx), alpha, include_self=False)
         if isinstance(out, Tensor):
             out[start:stop] = new.to(out.dtype)
@@ -137,10 +151,12 @@ def postprocessed_search(
 
 
 def postprocess_descriptors(
-    queries: Tensor, database: Tensor, config: PostProcessConfig | None, **search_kwargs: Any
+    queries: Tensor, database: Tensor, config: PostProcessConfig | None, excluded: np.ndarray | None = None,
+    **search_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """Evaluation's post-processing (``RetrievalModule(postprocess=...)``): DBA on the database, then
-    αQE of the queries against it; unchanged when ``config`` asks for neither.
+    αQE of the queries against it; unchanged when ``config`` asks for neither. The ``excluded`` database
+    rows (placeholders of unreadable images) are no one's neighbour in either.
 
     The database is read in chunks and stays in its own dtype (a store's fp16 memory map is never
     copied whole as fp32: 8 GB for ROxford+1M at 2048-D); DBA writes a new array of that dtype; the
@@ -148,9 +164,10 @@ def postprocess_descriptors(
     if config is None or not config.enabled:
         return queries, database
     if config.dba:
-        database = torch.as_tensor(database_augmentation(database, config.dba_k, config.dba_alpha, **search_kwargs))
+        database = torch.as_tensor(database_augmentation(database, config.dba_k, config.dba_alpha,
+                                                         excluded=excluded, **search_kwargs))
     if config.query_expansion:
-        qe_n = min(config.qe_n, database.shape[0])
-        _, top = topk_search(queries, database, qe_n, **search_kwargs)
+        qe_n = min(config.qe_n, database.shape[0] - (0 if excluded is None else int(excluded.size)))
+        top = _nearest_kept(queries, database, qe_n, excluded, **search_kwargs)
         queries = alpha_query_expansion(queries, database, top, qe_n, config.qe_alpha)
     return queries.float(), database

@@ -169,6 +169,14 @@ def topk_search(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def excluded_last(index: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The order that moves the ``excluded`` positions (placeholders of unreadable images) of each row of a
+    top-k ``index`` to its end, the rest kept in their order, and where the excluded ones then stand."""
+    out = torch.as_tensor(np.isin(index.cpu().numpy(), excluded), device=index.device)
+    order = torch.sort(out.to(torch.int8), dim=1, stable=True).indices
+    return order, out.gather(1, order)
+
+
 def query_block_rows(width: int) -> int:
     """Queries scored together against ``width`` database columns, within :data:`MAX_BLOCK_SCORES`."""
     return max(1, MAX_BLOCK_SCORES // max(width, 1))

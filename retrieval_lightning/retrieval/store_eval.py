@@ -87,9 +87,9 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     if note and rank == 0:
         warnings.warn(note, stacklevel=2)
     descriptors = stored_descriptors(eval_set, store)
-    descriptors = model.postprocessed(eval_set, descriptors)  # unchanged unless alpha-QE / DBA is configured
-    chunk = model.search_chunk
     unreadable = stored_unreadable(store)
+    descriptors = model.postprocessed(eval_set, descriptors, unreadable)  # unchanged unless αQE / DBA is on
+    chunk = model.search_chunk
     result = evaluate_eval_set(eval_set, descriptors, chunk=chunk, device=model.device, unreadable=unreadable)
     if not reranks_from_store(model, store):
         return result, None
