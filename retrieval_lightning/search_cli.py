@@ -28,10 +28,10 @@ from retrieval_lightning.errors import UsageError
 from retrieval_lightning.outputs import picture_path
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
-from retrieval_lightning.retrieval.search import FaissSearcher, topk_search
+from retrieval_lightning.retrieval.search import FaissSearcher, excluded_last, topk_search
 from retrieval_lightning.retrieval.set_files import ITEMS, read_image_resize, read_items, read_query_count
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
-from retrieval_lightning.retrieval.writer import placeholder_note
+from retrieval_lightning.retrieval.writer import placeholder_note, stored_unreadable
 from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
 
@@ -132,9 +132,13 @@ class Ranker:
     def __post_init__(self) -> None:
         self.first_row = database_start(self.store)
         database: np.ndarray | torch.Tensor = self.store.array("global")[self.first_row:]
+        flags = stored_unreadable(self.store)
+        #: database rows that are placeholders of unreadable images: never a result, nor a neighbour (αQE, DBA)
+        self.excluded = np.zeros(0, np.int64) if flags is None else np.flatnonzero(flags[self.first_row:])
         self.postprocess = post = self.postprocess or PostProcessConfig()
         if post.dba:  # once per search run: N searches over N rows
-            database = database_augmentation(database, post.dba_k, post.dba_alpha, device=self.device)
+            database = database_augmentation(database, post.dba_k, post.dba_alpha, device=self.device,
+                                             excluded=self.excluded)
         self.database = database
         if self.backend == "exact":
             self._rank = lambda queries, depth: topk_search(queries, database, k=depth, device=self.device)
@@ -146,16 +150,25 @@ class Ranker:
             raise ValueError(f"unknown search backend {self.backend!r}; use exact, faiss-flat or faiss-ivfpq")
 
     def __len__(self) -> int:
-        """Rows searched: the store's database."""
-        return len(self.database)
+        """Rows searched: the store's database, without placeholders of unreadable images."""
+        return len(self.database) - len(self.excluded)
+
+    def _kept(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``depth`` (<= ``len(self)``) results, placeholders left out."""
+        if not len(self.excluded):
+            return self._rank(queries, depth)
+        scores, rows = self._rank(queries, min(depth + len(self.excluded), len(self.database)))
+        order, _ = excluded_last(rows, self.excluded)
+        order = order[:, :depth]
+        return scores.gather(1, order), rows.gather(1, order)
 
     def __call__(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         post = self.postprocess
         if post.query_expansion:
             qe_n = min(post.qe_n, len(self))
-            _, first = self._rank(queries, max(depth, qe_n))
+            _, first = self._kept(queries, max(depth, qe_n))
             queries = alpha_query_expansion(queries, self.database, first, qe_n, post.qe_alpha).to(queries.device)
-        scores, rows = self._rank(queries, depth)
+        scores, rows = self._kept(queries, depth)
         return scores, rows + self.first_row
 
 

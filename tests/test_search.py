@@ -354,6 +354,29 @@ def test_search_ranks_the_database_only_with_the_models_postprocessing(tmp_path,
     assert "does not record which items are the set's queries" in capsys.readouterr().err
 
 
+def test_search_never_returns_a_placeholder_of_an_unreadable_image(tmp_path) -> None:
+    """The store's placeholders (``on_error: skip``) are all the same blank image: ``search`` returned them as
+    results, and used them as αQE/DBA neighbours, while the store's note said they match nothing."""
+    from retrieval_lightning.retrieval.writer import UNREADABLE
+    from retrieval_lightning.search_cli import make_ranker
+
+    rng = np.random.default_rng(1)
+    descriptors = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((20, 8))), dim=1).float()
+    flags = np.zeros(20, np.uint8)  # no set record: the whole store is the database
+    flags[[5, 9]] = 1
+    probes = descriptors[[5, 9]].clone()  # each the copy of a placeholder: its nearest row, were it searched
+    store = FeatureStore.from_arrays(tmp_path / "store", {"global": descriptors.numpy(), UNREADABLE: flags})
+    for post in (None, PostProcessConfig(query_expansion=True, qe_n=3), PostProcessConfig(dba=True, dba_k=3)):
+        ranker = make_ranker(store, postprocess=post)
+        assert len(ranker) == 18
+        scores, rows = ranker(probes, 18)
+        assert rows.shape == (2, 18) and not set(rows.flatten().tolist()) & {5, 9}, post
+        assert torch.isfinite(scores).all()
+        kept = np.setdiff1d(np.arange(20), [5, 9])
+        q, db = postprocess_descriptors(probes, descriptors[kept], post)  # the set without its placeholders
+        torch.testing.assert_close(scores, topk_search(q, db, 18)[0], atol=1e-5, rtol=0)
+
+
 def test_item_paths_are_absolute_and_a_malformed_items_table_leaves_results_unnamed(tmp_path, capsys,
                                                                                   monkeypatch) -> None:
     from retrieval_lightning.errors import DataFormatError

@@ -32,7 +32,7 @@ from retrieval_lightning.retrieval.rerank_eval import (
     QUERIES, RerankEntryWriter, evaluate_reranked, evaluation_mode,
 )
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError
-from retrieval_lightning.retrieval.writer import UNREADABLE, placeholder_note
+from retrieval_lightning.retrieval.writer import placeholder_note, stored_unreadable
 
 #: query images embedded at a time for their dense entries
 QUERY_BATCH = 8
@@ -56,13 +56,6 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only memory map: nothing here writes to it
         return torch.from_numpy(store.array("global"))
-
-
-def stored_unreadable(store: FeatureStore) -> np.ndarray | None:
-    """The store's flags of placeholders of unreadable images, in dataset order (``None`` without any)."""
-    if UNREADABLE not in store.kinds:
-        return None
-    return np.asarray(store.array(UNREADABLE)).astype(bool)
 
 
 def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],

@@ -83,6 +83,13 @@ def module_identity(
 UNREADABLE = "unreadable"
 
 
+def stored_unreadable(store: FeatureStore) -> np.ndarray | None:
+    """The store's flags of placeholders of unreadable images, row by row (``None`` in a store without them)."""
+    if UNREADABLE not in store.kinds:
+        return None
+    return np.asarray(store.array(UNREADABLE)).astype(bool).reshape(len(store))
+
+
 def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) -> str | None:
     """A warning naming the store's placeholders of images unreadable when extracted, or ``None``."""
     if UNREADABLE not in store.kinds:
