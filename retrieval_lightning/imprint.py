@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from retrieval_lightning.head import GlobalHead
 from retrieval_lightning.progress import trainer_progress
@@ -52,11 +52,18 @@ def _first_dataloader(obj: Any) -> DataLoader | None:
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
-    """Sequential loader over items ``rank, rank + world_size, ...`` of ``loader``'s dataset."""
+    """Sequential loader over items ``rank, rank + world_size, ...`` of ``loader``'s dataset.
+
+    A loader driven by a batch sampler (pair batches: groups of anchor, positive and negatives) has a
+    collate that takes whole groups only; single items are then collated plainly, as many per batch as
+    its batches hold."""
     dataset: Dataset = loader.dataset
     indices: Iterable[int] = range(rank, len(dataset), world_size)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=loader.batch_size or 1, sampler=list(indices),
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    collate, batch_size = loader.collate_fn, loader.batch_size
+    if batch_size is None:
+        collate, batch_size = default_collate, getattr(loader.batch_sampler, "batch_size", None) or 32
+    return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), collate_fn=collate,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 @torch.no_grad()

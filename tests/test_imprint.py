@@ -76,3 +76,17 @@ def test_imprint_shards_read_each_image_once_in_total() -> None:
             for _ in shard_loader(loader, rank, world_size):
                 pass
         assert data.reads == [1] * len(data)
+
+
+def test_imprinting_reads_single_items_from_a_pair_batch_loader() -> None:
+    """Pair batches come from a batch sampler whose collate takes whole groups: imprinting handed it 1-item
+    batches and stopped fit at its start (``batch of 1 items is not made of groups of 3``)."""
+    from datamodules.pairs import PairBatchSampler, PairCollate, PairMiner, PairSampling
+
+    data = Items()
+    sampler = PairBatchSampler(PairMiner([i % 3 for i in range(9)], PairSampling(groups_per_batch=2, negatives=1)))
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=PairCollate(3))
+    batches = list(shard_loader(loader, 0, 1))
+    assert [len(b["label"]) for b in batches] == [6, 3]  # as many per batch as a pair batch holds
+    assert data.reads == [1] * len(data) and torch.equal(torch.cat([b["label"] for b in batches]),
+                                                         torch.tensor([i % 3 for i in range(9)]))
