@@ -360,6 +360,13 @@ class RetrievalCLI(LightningCLI):
             apply_on="instantiate",
         )
 
+    def before_validate(self) -> None:
+        """``validate`` with the demos' ``limit_val_batches: 0`` (set for their fits) ran no batch and exited 0
+        without a metric or a word."""
+        if self.trainer.limit_val_batches == 0:
+            raise UsageError("validate evaluates nothing: trainer.limit_val_batches is 0 (the config's setting for "
+                             "fit); pass --trainer.limit_val_batches 1.0")
+
     def before_predict(self) -> None:
         """``predict`` without a prediction writer computes every descriptor and keeps none."""
         from lightning.pytorch.callbacks import BasePredictionWriter
@@ -375,8 +382,7 @@ class RetrievalCLI(LightningCLI):
         except ValueError as exc:  # Lightning's refusal of --ckpt_path best/hpc (a ValueError, so a traceback)
             if "ckpt_path=" not in str(exc) or _user_error_in(exc) is not None:
                 raise
-            raise UsageError(f"--ckpt_path: {exc} 'best' is the best checkpoint of a fit in this same process "
-                             "(finetune); give another run's checkpoint by its file") from exc
+            raise UsageError(f"--ckpt_path: {exc}; give the run's checkpoint by its file") from exc
 
     def _command_config(self) -> Any:
         """The parsed config of this run's command (the whole config without a subcommand: ``run=False``)."""
@@ -435,6 +441,10 @@ class RetrievalCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "best":  # Lightning's name for a fit earlier in the same process: never one from a command
+            raise UsageError("--ckpt_path best names the best checkpoint of a fit earlier in the same Python process; "
+                             "from the command line give the run's checkpoint by its file (ModelCheckpoint's "
+                             "best_model_path, e.g. <default_root_dir>/checkpoints/best-*.ckpt)")
         if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES:
             return
         if subcommand in _LIGHTNING_LOADS:  # extract/evaluate take plain weights files too
