@@ -292,7 +292,8 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     assert nothing.startswith("error: validate evaluates nothing: trainer.limit_val_batches is 0"), nothing
     for command in ("test", "finetune"):  # finetune ran its whole first test before Lightning refused it
         best = _fails([command, "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
-                       "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=best"], tmp_path)
+                       "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=best"],
+                      tmp_path)
         assert best.startswith("error: --ckpt_path best names the best checkpoint of a fit earlier in the same "
                                "Python process"), best
     assert wrong.startswith("error: checkpoint does not fit this model") and "missing" in wrong
