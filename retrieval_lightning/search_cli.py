@@ -28,7 +28,7 @@ from retrieval_lightning.errors import UsageError
 from retrieval_lightning.outputs import picture_path
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
 from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
-from retrieval_lightning.retrieval.search import FaissSearcher, excluded_last, topk_search
+from retrieval_lightning.retrieval.search import FaissSearcher, topk_search, topk_skipping
 from retrieval_lightning.retrieval.set_files import ITEMS, read_image_resize, read_items, read_query_count
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
 from retrieval_lightning.retrieval.writer import placeholder_note, stored_unreadable
@@ -155,12 +155,7 @@ class Ranker:
 
     def _kept(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``depth`` (<= ``len(self)``) results, placeholders left out."""
-        if not len(self.excluded):
-            return self._rank(queries, depth)
-        scores, rows = self._rank(queries, min(depth + len(self.excluded), len(self.database)))
-        order, _ = excluded_last(rows, self.excluded)
-        order = order[:, :depth]
-        return scores.gather(1, order), rows.gather(1, order)
+        return topk_skipping(self._rank, queries, depth, self.excluded, len(self.database))
 
     def __call__(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         post = self.postprocess

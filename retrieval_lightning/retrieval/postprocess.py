@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import as_tensor, excluded_last, topk_search
+from .search import as_tensor, topk_search, topk_skipping
 from .store import FeatureStore
 
 
@@ -85,12 +85,11 @@ def alpha_query_expansion(
 def _nearest_kept(queries: Tensor, db: Tensor, k: int, excluded: np.ndarray | None,
                   **search_kwargs: Any) -> Tensor:
     """(Q, k) nearest database rows of each query, none of them ``excluded`` (placeholders of unreadable
-    images, which match nothing); ``k`` at most the rows that are not excluded."""
-    if excluded is None or not excluded.size:
-        return topk_search(queries, db, k, **search_kwargs)[1]
-    _, idx = topk_search(queries, db, min(k + int(excluded.size), db.shape[0]), **search_kwargs)
-    order, _ = excluded_last(idx, excluded)
-    return idx.gather(1, order[:, :k])  # the kept ones, in their order
+    images, which match nothing)."""
+    def search(q: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+        return topk_search(q, db, depth, **search_kwargs)
+
+    return topk_skipping(search, queries, k, excluded, db.shape[0])[1]
 
 
 def database_augmentation(

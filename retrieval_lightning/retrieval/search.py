@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -175,6 +175,18 @@ def excluded_last(index: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
     out = torch.as_tensor(np.isin(index.cpu().numpy(), excluded), device=index.device)
     order = torch.sort(out.to(torch.int8), dim=1, stable=True).indices
     return order, out.gather(1, order)
+
+
+def topk_skipping(search: Callable[[Tensor, int], tuple[Tensor, Tensor]], queries: Tensor, k: int,
+                  excluded: np.ndarray | None, rows: int) -> tuple[Tensor, Tensor]:
+    """``search(queries, depth) -> (scores, index)`` over ``rows`` rows, its first ``k`` results per query
+    without the ``excluded`` rows (``k`` at most the rows that are not excluded): the search goes deeper by
+    their number and drops them."""
+    if excluded is None or not excluded.size:
+        return search(queries, k)
+    scores, index = search(queries, min(k + int(excluded.size), rows))
+    order = excluded_last(index, excluded)[0][:, :k]
+    return scores.gather(1, order), index.gather(1, order)
 
 
 def query_block_rows(width: int) -> int:
