@@ -497,6 +497,19 @@ class RetrievalModule(pl.LightningModule):
         fit_loop = self.trainer.fit_loop
         if getattr(fit_loop, "_combined_loader_states_to_load", None):
             fit_loop._load_combined_loader_states()
+        if is_resuming(self.trainer):
+            self._resync_learning_rates()
+
+    def _resync_learning_rates(self) -> None:
+        """A resumed run's optimiser comes back with the lr its old schedule set for the next step; the
+        schedule itself is rebuilt from this run's step bound. When ``max_steps`` changed, the first resumed
+        step trained at the old schedule's lr: set it from the new one (unchanged runs: the same value)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
 
     def optimizer_groups(self) -> list[dict]:
         """The parameter groups of the optimiser: the backbone's and each trained head's, split by decay."""

@@ -537,3 +537,33 @@ def test_a_run_extended_past_its_max_steps_counts_epochs_as_an_uninterrupted_one
     resumed = fit(tmp_path / "extended", 13, tmp_path / "extended" / "checkpoints" / "last.ckpt")
     assert first + resumed == fit(tmp_path / "uninterrupted", 13)
     assert resumed[0] == (stop, stop // 4)
+
+
+class LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        self.seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_a_run_resumed_with_a_larger_max_steps_trains_every_step_at_the_new_schedules_lr(tmp_path: Path) -> None:
+    """The linear decay spans the run's ``max_steps``; resumed with more steps, the schedule is rebuilt, but the
+    optimiser came back with the lr the old schedule set for the next step, and the first resumed step trained at
+    it (here 0: the old schedule had decayed to its end)."""
+    from retrieval_lightning.optim import OptimConfig
+    from test_module import _TinyData, make
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> list[tuple[int, float]]:
+        rates = LearningRates()
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", default_root_dir=tmp_path, callbacks=[rates])
+        trainer.fit(make(num_classes=3, optim=OptimConfig(lr=0.4)), datamodule=_TinyData(), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+        return rates.seen
+
+    assert [lr for _, lr in fit(3)] == pytest.approx([0.4, 0.4 * 2 / 3, 0.4 / 3])
+    resumed = fit(6, tmp_path / "stopped.ckpt")
+    assert [step for step, _ in resumed] == [3, 4, 5]
+    assert [lr for _, lr in resumed] == pytest.approx([0.4 * (1 - step / 6) for step in (3, 4, 5)])
