@@ -54,6 +54,7 @@ from retrieval_lightning.retrieval.writer import (
     identity_tag,
     items_identity,
     module_identity,
+    precision_identity,
 )
 
 DEFAULT_EVAL_SCALES = (0.7071, 1.0, 1.4142)
@@ -713,13 +714,18 @@ class RetrievalModule(pl.LightningModule):
         return module_identity(self, exclude=self.is_training_only, model_class=type(self).__name__, kinds=kinds,
                                heads=self.head_arguments(), backbone=self.backbone.feature_arguments())
 
+    def rerank_store_identity(self) -> dict[str, Any]:
+        """Identity of this run's re-ranking entries: the entries' own, the trainer's precision (entries of a
+        ``bf16-mixed`` run are not an fp32 run's) and the images (another max_side or query-box rounding)."""
+        return {**self.entry_identity(), **precision_identity(self.trainer.precision),
+                **datamodule_identity(self.trainer.datamodule)}
+
     def _start_eval(self, prefix: str, stage: str) -> None:
         self._eval_buffers.clear()
         self._rerank_writers: dict[int, RerankEntryWriter] = {}
         if not self._reranks() or self.trainer.sanity_checking:
             return
-        # the images too: entries of a run at another max_side or query-box rounding must not be reused
-        common = {**self.entry_identity(), **datamodule_identity(self.trainer.datamodule)}
+        common = self.rerank_store_identity()
         root = Path(self.rerank.store_dir or Path(self.trainer.default_root_dir) / "rerank_store")
         for idx, eval_set in enumerate(self._eval_sets(stage)):
             identity = {**common, **items_identity(eval_set)}  # entries resume by position: the same items only

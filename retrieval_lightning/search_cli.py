@@ -105,6 +105,9 @@ def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise StoreIdentityError(f"feature store {store.path} was extracted by another model or settings ({shown}); "
                                  "extract it again with this checkpoint and its settings")
+    if store.identity.get("precision"):
+        print(f"note: feature store {store.path} was extracted under trainer.precision "
+              f"{store.identity['precision']}; search describes the queries in fp32", file=sys.stderr)
 
 
 def database_start(store: FeatureStore) -> int:

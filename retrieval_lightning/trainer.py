@@ -31,6 +31,7 @@ from retrieval_lightning.retrieval.writer import (
     merge_shards,
     model_identity,
     placeholder_note,
+    precision_identity,
     remaining_subset,
 )
 
@@ -130,7 +131,7 @@ class RetrievalTrainer(pl.Trainer):
         check_folder_can_be_made(output_dir, "--output_dir")
         if ckpt_path:
             model.load_weights(ckpt_path)
-        identity = extraction_identity(model, datamodule)
+        identity = extraction_identity(model, datamodule, self.precision)
         dtypes = {"global": "float16", UNREADABLE: "uint8"}
         if getattr(model, "rerank_head", None) is not None:
             dtypes.update({model.rerank_prefix + k: v.dtype for k, v in model.rerank_entry_kinds(True).items()})
@@ -195,7 +196,7 @@ class RetrievalTrainer(pl.Trainer):
         self.weights_path = ckpt_path  # the pictures' "ckpt <name>", as test's
         model.eval()  # as `test` scores: a model built by the CLI starts in training mode
         model.to(self.strategy.root_device)  # no Lightning loop moves it: search and re-ranking on this rank's device
-        identity = extraction_identity(model, datamodule)
+        identity = extraction_identity(model, datamodule, self.precision)
         per_node = getattr(datamodule, "prepare_data_per_node", True)
         if (self.local_rank if per_node else self.global_rank) == 0:
             datamodule.prepare_data()
@@ -259,10 +260,11 @@ def _merge_set(spec: Any, out: Path, identity: dict[str, Any]) -> str:
     return str(store.path)
 
 
-def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
-    """Identity of extracted features: the model's (:func:`model_identity`) and every preprocessing
-    argument of the datamodule."""
-    return {**model_identity(model), **datamodule_identity(datamodule)}
+def extraction_identity(model: pl.LightningModule, datamodule: pl.LightningDataModule,
+                        precision: Any = "32-true") -> dict[str, Any]:
+    """Identity of extracted features: the model's (:func:`model_identity`), the trainer's precision and every
+    preprocessing argument of the datamodule."""
+    return {**model_identity(model), **precision_identity(precision), **datamodule_identity(datamodule)}
 
 
 class _OneEvalSet(pl.LightningDataModule):

@@ -14,11 +14,13 @@ import torch
 
 from helpers import ForkedRun, finished, free_port
 from retrieval_lightning.errors import DataFormatError, UsageError
-from retrieval_lightning.retrieval.store import FeatureStore
+from retrieval_lightning.retrieval.store import FeatureStore, identity_differences
 from retrieval_lightning.retrieval.writer import (
     completed_indices,
+    datamodule_identity,
     list_shards,
     merge_shards,
+    model_identity,
     module_identity,
     remaining_subset,
 )
@@ -359,3 +361,25 @@ def test_an_extraction_begun_by_an_earlier_version_is_finished_and_merged(tmp_pa
     new.close()
     store = merge_shards(tmp_path, expect_identity=current, expected_indices=range(6), progress=False)
     assert store.array(UNREADABLE).tolist() == [0, 0, 0, 0, 0, 1] and store.identity["items"] == current["items"]
+
+
+def test_features_under_autocast_are_not_an_fp32_runs_store(tmp_path: Path) -> None:
+    """A store extracted, or re-ranking entries written, under ``bf16-mixed`` hold other numbers than fp32 ones:
+    their identities differ, so neither is resumed nor reused by the other (both were the same identity); fp32
+    identities are those of stores written before the precision was recorded."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.trainer import extraction_identity
+    from test_rerank import tiny_module
+
+    module, data = tiny_module(), SimpleNamespace(hparams={"eval_max_side": 96})
+    fp32 = extraction_identity(module, data)
+    assert fp32 == {**model_identity(module), **datamodule_identity(data)}
+    assert extraction_identity(module, data, "32-true") == fp32
+    bf16 = extraction_identity(module, data, "bf16-mixed")
+    assert identity_differences(bf16, fp32) == ["'precision'='bf16-mixed' in store but not expected"]
+    rerank_identities = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module._trainer = SimpleNamespace(precision=precision, datamodule=data)
+        rerank_identities[precision] = module.rerank_store_identity()
+    assert rerank_identities["bf16-mixed"] == {**rerank_identities["32-true"], "precision": "bf16-mixed"}

@@ -155,6 +155,14 @@ def model_identity(model: Any) -> dict[str, Any]:
     return module_identity(model, exclude=getattr(model, "is_training_only", None), **extra)
 
 
+def precision_identity(precision: Any) -> dict[str, Any]:
+    """The trainer's precision as part of a store's identity: features computed under autocast (``bf16-mixed``)
+    differ from fp32 ones, so neither resumes nor reuses the other's. Absent for ``32-true``, so the identities of
+    stores written before it was recorded are unchanged."""
+    precision = str(precision)
+    return {} if precision in ("32-true", "32") else {"precision": precision}
+
+
 def identity_tag(identity: Mapping[str, Any]) -> str:
     """16 hex digits naming a store folder after its whole identity."""
     return hashlib.sha256(json.dumps(normalize_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
