@@ -429,6 +429,8 @@ class RetrievalModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
+        if self.momentum_contrast is not None:
+            self._momentum_follows_network(batch_idx)
         features = self.backbone(images)
         total = images.new_zeros(())
         for role, head in self.heads.items():
@@ -445,7 +447,7 @@ class RetrievalModule(pl.LightningModule):
                     raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         if self.momentum_contrast is not None:
-            total = total + self._momentum_contrast_loss(images, labels, features, batch_idx)
+            total = total + self._momentum_contrast_loss(images, labels, features)
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
@@ -455,13 +457,18 @@ class RetrievalModule(pl.LightningModule):
                 rank_zero_warn(mismatch)
         return total
 
-    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor],
-                                batch_idx: int) -> Tensor:
+    def _momentum_follows_network(self, batch_idx: int) -> None:
+        """The momentum copy's EMA step, once per optimiser step (its first micro-batch), before the batch's
+        forward: that forward moves BatchNorm's running statistics by this rank's images, and a copy taken after
+        it gave keys that depended on the rest of the batch, and other statistics on every DDP rank."""
+        accumulated = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if batch_idx % accumulated == 0:
+            assert self.momentum_contrast is not None
+            self.momentum_contrast.update(self.backbone, self.global_head)
+
+    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor]) -> Tensor:
         contrast = self.momentum_contrast
         assert contrast is not None
-        accumulated = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        if batch_idx % accumulated == 0:  # once per optimiser step (its first micro-batch), before its keys
-            contrast.update(self.backbone, self.global_head)
         queries = self.global_head.embed(self.head_features("global", features))
         loss, with_positive = contrast.loss(queries, labels, images, owner=self)
         self.log("train/momentum_contrast/loss", loss, batch_size=len(labels))

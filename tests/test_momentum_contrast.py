@@ -243,15 +243,34 @@ def test_the_contrast_trains_the_backbone_once_per_optimiser_step(monkeypatch: p
     module.log = lambda *args, **kwargs: None
     module.momentum_contrast.reset(module.backbone, module.global_head)
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])
-    loss = module._momentum_contrast_loss(images, labels, module.backbone(images), 0)
+    loss = module._momentum_contrast_loss(images, labels, module.backbone(images))
     loss.backward()
     assert float(loss) > 0 and module.backbone.model.conv1.weight.grad.abs().sum() > 0  # not a detached term
     updates = []
     monkeypatch.setattr(module.momentum_contrast, "update", lambda *args: updates.append(1))
     module._trainer = SimpleNamespace(accumulate_grad_batches=4)
     for batch_idx in range(8):
-        module._momentum_contrast_loss(images, labels, module.backbone(images), batch_idx)
+        module.training_step({"image": images, "label": labels}, batch_idx)
     assert len(updates) == 2  # the EMA follows optimiser steps, not micro-batches
+
+
+def test_a_key_does_not_depend_on_the_images_beside_it_in_the_batch() -> None:
+    """The copy describes images from running statistics; copied from the network after the batch's forward in
+    training mode, they held that batch's statistics: the same image, beside another one, got another key (and
+    every DDP rank copied other statistics, so the ranks' copies differed)."""
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFaceHead()}, num_classes=3,
+                             momentum_contrast=MomentumContrastConfig(queue_size=8)).train()
+    module.log = lambda *args, **kwargs: None
+    module.momentum_contrast.reset(module.backbone, module.global_head)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    image, keys = torch.rand(1, 3, 32, 32), []
+    for partner in (torch.zeros(1, 3, 32, 32), torch.rand(1, 3, 32, 32) * 4):
+        module.load_state_dict(start)
+        module.momentum_contrast._clear_queue()
+        module.training_step({"image": torch.cat([image, partner]), "label": torch.tensor([0, 1])}, 0)
+        keys.append(module.momentum_contrast.queued()[0][0])
+    torch.testing.assert_close(keys[0], keys[1], rtol=0, atol=1e-6)
 
 
 def test_a_bf16_model_keeps_an_fp32_copy_that_still_moves() -> None:
