@@ -383,3 +383,19 @@ def test_features_under_autocast_are_not_an_fp32_runs_store(tmp_path: Path) -> N
         module._trainer = SimpleNamespace(precision=precision, datamodule=data)
         rerank_identities[precision] = module.rerank_store_identity()
     assert rerank_identities["bf16-mixed"] == {**rerank_identities["32-true"], "precision": "bf16-mixed"}
+
+
+def test_a_merge_removes_the_partial_shards_of_ranks_the_resumed_run_did_not_have(tmp_path: Path) -> None:
+    """A writer clears only its own rank's partial file when it starts: a 2-process run killed mid-write and
+    resumed on 1 process left rank 1's (up to a shard of bytes) in the folder for good."""
+    from retrieval_lightning.retrieval.writer import ShardWriter
+
+    stale = tmp_path / ".shard-r0001-s000003.npz.tmp-4242"
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"x" * 100)
+    writer = ShardWriter(tmp_path, rank=0, shard_size=2, identity=IDENTITY)
+    writer.add({"index": np.arange(2), "global": np.zeros((2, 3), np.float16)})
+    writer.close()
+    assert stale.exists()  # rank 0's writer leaves rank 1's file: rank 1 may still be writing it
+    merge_shards(tmp_path, progress=False, expect_identity=IDENTITY, expected_indices=range(2))
+    assert not stale.exists()

@@ -548,7 +548,12 @@ def merge_shards(
                     dst_off = builder.offsets[kind]
                     dst_rows = _ranges(dst_off[dest], dst_off[dest + 1] - dst_off[dest])
                     builder.array(kind)[dst_rows] = data[src_rows]
-        return builder.commit()
+        store = builder.commit()
     except BaseException:
         builder.abort()
         raise
+    # every writer has finished: a killed one's partial file is rubbish now, also of a rank this run did not have
+    # (a 2-process run resumed on 1 process; each writer only clears its own rank's)
+    for stale in Path(output_dir).glob(".shard-r*-s*.npz.tmp-*"):
+        stale.unlink(missing_ok=True)
+    return store
