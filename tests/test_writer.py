@@ -14,7 +14,7 @@ import torch
 
 from helpers import ForkedRun, finished, free_port
 from retrieval_lightning.errors import DataFormatError, UsageError
-from retrieval_lightning.retrieval.store import FeatureStore, identity_differences
+from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
 from retrieval_lightning.retrieval.writer import (
     completed_indices,
     datamodule_identity,
@@ -378,6 +378,11 @@ def test_features_under_autocast_are_not_an_fp32_runs_store(tmp_path: Path) -> N
     assert extraction_identity(module, data, "32-true") == fp32
     bf16 = extraction_identity(module, data, "bf16-mixed")
     assert identity_differences(bf16, fp32) == ["'precision'='bf16-mixed' in store but not expected"]
+    FeatureStore.create(tmp_path / "store", {}, 0, bf16).commit()
+    with pytest.raises(StoreIdentityError, match=r"'precision'='bf16-mixed' in store but not expected\. The store "
+                                                  r"was extracted under trainer.precision bf16-mixed, this run is "
+                                                  r"32-true: run with --trainer.precision=bf16-mixed"):
+        FeatureStore.open(tmp_path / "store", expect_identity=fp32)
     rerank_identities = {}
     for precision in ("32-true", "bf16-mixed"):
         module._trainer = SimpleNamespace(precision=precision, datamodule=data)

@@ -127,6 +127,15 @@ def identity_differences(stored: Mapping[str, Any], expected: Mapping[str, Any],
     return diffs
 
 
+def _precision_hint(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    """How to match a store extracted under another ``trainer.precision`` (recorded when not ``32-true``)."""
+    was, now = stored.get("precision", "32-true"), expected.get("precision", "32-true")
+    if was == now:
+        return ""
+    return (f". The store was extracted under trainer.precision {was}, this run is {now}: run with "
+            f"--trainer.precision={was}, or extract again under {now}")
+
+
 def _same_length_lists(a: Any, b: Any) -> bool:
     return isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
 
@@ -367,6 +376,7 @@ class FeatureStore:
                 raise StoreIdentityError(
                     f"feature store {path} was written by a different model or config; "
                     "re-extract it or point to the right store. Differences: " + "; ".join(diffs)
+                    + _precision_hint(manifest["identity"], expect_identity)
                 )
         return FeatureStore(path, manifest)
 
