@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
+from retrieval_lightning.checkpoint_model import with_checkpoint_model
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, open_lightning_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.loggers import label_wandb_runs
@@ -487,6 +488,10 @@ def _with_modules(recorded: dict[str, Any], architecture: Any) -> dict[str, Any]
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
     args = list(sys.argv[1:] if args is None else args)
+    kept = split_dropped_heads(args)[0]
+    args, note = with_checkpoint_model(args, _config_files(kept), kept)
+    if note:
+        rank_zero_info(note)
     used = check_plugin_names(split_dropped_heads(args)[0])
     problems = register_plugin_aliases(used)
     if problems:  # a plugin this command names cannot load: say why, not the parser's "expected a class path"

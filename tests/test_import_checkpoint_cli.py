@@ -5,6 +5,7 @@ registry's one-line error."""
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,51 @@ def test_imported_checkpoint_tests_through_the_official_tester_config(cache_root
     run_main(["test", "--config", str(config), *overrides, f"--ckpt_path={ckpt}"], cwd=tmp_path)
     metrics = read_metrics(tmp_path / "metrics", "test")
     assert {"test/minilandmarks/mAP_H", "test/minilandmarks/reranked/mAP_H"} <= set(metrics)
+
+
+def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
+        cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """#9: the imported model re-ranks through ``test`` "with no other configuration": the parser wanted
+    ``model.backbone`` and ``model.heads``, which the checkpoint records. Without a model in the command line or a
+    config, the model is the checkpoint's own; ``--model.*`` still overrides it, a config's model replaces it."""
+    import logging
+
+    from retrieval_lightning.cli import run_lightning_cli
+    from retrieval_lightning.trainer import RetrievalTrainer
+
+    source = tmp_path / "CVPR2022_CVNet_R50.pyth"
+    torch.save({"model_state": random_official_state(50)}, source)
+    ckpt = tmp_path / "cvnet_r50.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(source), str(ckpt)]) == 0
+    ran: list = []
+
+    def instead_of(command: str):
+        @functools.wraps(getattr(RetrievalTrainer, command))  # the parser reads the command's options from it
+        def record(self, model, *args, **kwargs) -> None:
+            ran.append(model)
+        return record
+
+    for command in ("test", "extract"):
+        monkeypatch.setattr(RetrievalTrainer, command, instead_of(command))
+    data = ["--data=minilandmarks", f"--data.init_args.root={cache_root}", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    with caplog.at_level(logging.INFO):
+        run_lightning_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.rerank.k=7"])
+        run_lightning_cli(["extract", *data, f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'features'}"])
+    assert f"--ckpt_path {ckpt}: no model configured, so the model is the checkpoint's own (backbone resnet50, " \
+           "heads ['global', 'verifier'])" in caplog.text
+    imported = RetrievalModule.load_from_checkpoint(ckpt)
+    for model, k in zip(ran, (7, 100)):
+        assert type(model.heads["verifier"]).__name__ == "cvnet_verifier" and model.rerank.k == k  # its alias
+        assert model.backbone.feature_arguments() == imported.backbone.feature_arguments()  # BGR, its statistics
+        assert (model.eval_scales, model.eval_resize) == (imported.eval_scales, imported.eval_resize)
+        # every tensor of the checkpoint, and a classifier for the datamodule's classes (training only)
+        assert set(model.state_dict()) - set(imported.state_dict()) == {"heads.global.classifier.weight"}
+    ran.clear()
+    run_lightning_cli(["test", "--config", str(REPO / "experiments" / "demo.yaml"), *data, f"--ckpt_path={ckpt}"])
+    assert list(ran[0].heads) == ["global"]  # the config's model, not the checkpoint's
+    # a checkpoint without an architecture record cannot stand in for a model config: the parser's error
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": {}}, bare)
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["test", *data, f"--ckpt_path={bare}"])

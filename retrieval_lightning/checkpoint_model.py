@@ -1,0 +1,106 @@
+"""The model of an evaluation command taken from its ``--ckpt_path`` when no config defines one.
+
+A checkpoint of this framework records its architecture (backbone, heads and module settings): what
+``import-checkpoint`` writes for an official CVNet model is nothing else. ``test``, ``validate``, ``predict``,
+``extract`` and ``evaluate`` then need a datamodule and the checkpoint, not a model config that repeats it: the
+record is handed to the parser as the first config file, so any ``--config`` or ``--model.*`` given still
+overrides it, and the run's saved ``config.yaml`` holds the model it ran.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
+
+#: subcommands that evaluate a model whose weights ``--ckpt_path`` gives
+EVALUATING = ("test", "validate", "predict", "extract", "evaluate")
+#: module settings the parser links from elsewhere (the datamodule's class count)
+_LINKED = ("num_classes",)
+
+
+def _subcommand_position(args: Sequence[str]) -> int | None:
+    return next((i for i, arg in enumerate(args) if not arg.startswith("-")), None)
+
+
+def _last_value(args: Sequence[str], option: str) -> str | None:
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _configures_model(args: Sequence[str], config_files: Sequence[str]) -> bool:
+    """Whether the command line or a config file names the model's backbone or heads (or a whole model)."""
+    names = [arg.split("=", 1)[0] for arg in args]
+    if any(name == "--model" or name.startswith(("--model.backbone", "--model.heads")) for name in names):
+        return True
+    for path in config_files:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                config = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError):
+            return True  # the parser reports it; do not add a model on top of an unreadable config
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict) and ("backbone" in model or "heads" in model):
+            return True
+    return False
+
+
+def model_config_of(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``{"model": ...}`` as a config file writes it, from a checkpoint's architecture record (``None``
+    without a complete one)."""
+    record = checkpoint.get(ARCHITECTURE_KEY)
+    if not isinstance(record, Mapping) or not all(isinstance(record.get(k), Mapping)
+                                                  for k in ("backbone", "heads", "module")):
+        return None
+    backbone = {"class_path": record["backbone"].get("class_path"),
+                "init_args": {k: v for k, v in (record["backbone"].get("init_args") or {}).items()
+                              if k != "weights"}}  # the checkpoint holds the weights
+    module = {k: v for k, v in record["module"].items() if k not in _LINKED}
+    return {"model": {**module, "backbone": backbone, "heads": dict(record["heads"])}}
+
+
+def with_checkpoint_model(args: Sequence[str], config_files: Sequence[str],
+                          counted: Sequence[str] | None = None) -> tuple[list[str], str | None]:
+    """``args`` with the checkpoint's model as the first config file of an evaluating subcommand whose
+    command line (``counted``: ``args`` less options that define no model, such as a dropped head) and configs
+    define no model, and the note to print; unchanged otherwise."""
+    args = list(args)
+    position = _subcommand_position(args)
+    if position is None or args[position] not in EVALUATING:
+        return args, None
+    ckpt_path = _last_value(args, "--ckpt_path")
+    if not ckpt_path or not Path(ckpt_path).is_file() or _configures_model(
+            args if counted is None else counted, config_files):
+        return args, None
+    try:
+        checkpoint = open_checkpoint(ckpt_path)
+    except Exception:  # noqa: BLE001 - loading the weights later names an unreadable file
+        return args, None
+    config = model_config_of(checkpoint) if isinstance(checkpoint, dict) else None
+    if config is None:
+        return args, None
+    handle, path = tempfile.mkstemp(prefix="retrieval-lightning-model-", suffix=".yaml")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        yaml.safe_dump(config, stream, sort_keys=False)
+    pid = os.getpid()
+    # a DDP rank re-launched from this command line reads it at its start, while this process runs
+    atexit.register(lambda: os.getpid() == pid and Path(path).unlink(missing_ok=True))
+    note = (f"--ckpt_path {ckpt_path}: no model configured, so the model is the checkpoint's own (backbone "
+            f"{backbone_name(config)}, heads {sorted(config['model']['heads'])}); --model.* settings override it")
+    return [*args[:position + 1], "--config", path, *args[position + 1:]], note
+
+
+def backbone_name(config: Mapping[str, Any]) -> str:
+    return str(config["model"]["backbone"]["init_args"].get("name", config["model"]["backbone"]["class_path"]))
