@@ -22,6 +22,8 @@ from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
 
 #: subcommands that evaluate a model whose weights ``--ckpt_path`` gives
 EVALUATING = ("test", "validate", "predict", "extract", "evaluate")
+#: options that define a model's parts (a setting inside them, ``init_args.*``, only overrides one)
+_MODEL_DEFINING = re.compile(r"^--model(\.backbone(\.class_path)?|\.heads(\.[^.]+(\.class_path)?)?)?$")
 #: module settings the parser links from elsewhere (the datamodule's class count)
 _LINKED = ("num_classes",)
 
@@ -42,8 +44,7 @@ def _last_value(args: Sequence[str], option: str) -> str | None:
 
 def _configures_model(args: Sequence[str], config_files: Sequence[str]) -> bool:
     """Whether the command line or a config file names the model's backbone or heads (or a whole model)."""
-    names = [arg.split("=", 1)[0] for arg in args]
-    if any(name == "--model" or name.startswith(("--model.backbone", "--model.heads")) for name in names):
+    if any(_MODEL_DEFINING.match(arg.split("=", 1)[0]) for arg in args):
         return True
     for path in config_files:
         try:

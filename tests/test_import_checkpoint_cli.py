@@ -109,11 +109,13 @@ def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
     data = ["--data=minilandmarks", f"--data.init_args.root={cache_root}", "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}"]
     with caplog.at_level(logging.INFO):
-        run_lightning_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.rerank.k=7"])
+        run_lightning_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.rerank.k=7",
+                           "--model.heads.verifier.init_args.batch_size=8"])  # a head's setting overrides, too
         run_lightning_cli(["extract", *data, f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'features'}"])
     assert f"--ckpt_path {ckpt}: no model configured, so the model is the checkpoint's own (backbone resnet50, " \
            "heads ['global', 'verifier'])" in caplog.text
     imported = RetrievalModule.load_from_checkpoint(ckpt)
+    assert [model.heads["verifier"].batch_size for model in ran] == [8, imported.heads["verifier"].batch_size]
     for model, k in zip(ran, (7, 100)):
         assert type(model.heads["verifier"]).__name__ == "cvnet_verifier" and model.rerank.k == k  # its alias
         assert model.backbone.feature_arguments() == imported.backbone.feature_arguments()  # BGR, its statistics

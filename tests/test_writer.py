@@ -383,6 +383,11 @@ def test_features_under_autocast_are_not_an_fp32_runs_store(tmp_path: Path) -> N
                                                   r"was extracted under trainer.precision bf16-mixed, this run is "
                                                   r"32-true: run with --trainer.precision=bf16-mixed"):
         FeatureStore.open(tmp_path / "store", expect_identity=fp32)
+    # a store written before the precision was recorded may be of either: the refusal does not guess
+    FeatureStore.create(tmp_path / "older", {}, 0, fp32).commit()
+    with pytest.raises(StoreIdentityError, match=r"records no trainer.precision \(32-true, or extracted before the "
+                                                  r"precision was recorded\), this run is bf16-mixed"):
+        FeatureStore.open(tmp_path / "older", expect_identity=bf16)
     rerank_identities = {}
     for precision in ("32-true", "bf16-mixed"):
         module._trainer = SimpleNamespace(precision=precision, datamodule=data)

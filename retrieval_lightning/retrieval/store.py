@@ -132,6 +132,10 @@ def _precision_hint(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> s
     was, now = stored.get("precision", "32-true"), expected.get("precision", "32-true")
     if was == now:
         return ""
+    if "precision" not in stored:  # 32-true, or a store from before the precision was recorded
+        return (f". The store records no trainer.precision (32-true, or extracted before the precision was "
+                f"recorded), this run is {now}: extract again under {now}, or run with --trainer.precision=32-true "
+                "if it was extracted in fp32")
     return (f". The store was extracted under trainer.precision {was}, this run is {now}: run with "
             f"--trainer.precision={was}, or extract again under {now}")
 
