@@ -99,8 +99,8 @@ class GumbelSparsifierHead(SparsifierHead):
             exact anyway and the term is a regulariser: its gradient reaches the scorer and the norm weight, not
             only the per-level offsets, and holds the logits' scale against the unit Gumbel noise. Restricted to
             the offsets, the demo's eight seeds lost 3.7 points of mAP-H (docs/sparsifier_experiments.md, stop
-            47). Under ``concrete`` it is divided by the temperature, as the straight-through gradient of the pair loss grows
-            as 1 / tau: otherwise annealing tau lets the pair loss outweigh the budget and the
+            47). Under ``concrete`` it is divided by the temperature, as the straight-through gradient of the
+            pair loss grows as 1 / tau: otherwise annealing tau lets the pair loss outweigh the budget and the
             kept share drifts above the target.
         selection: ``learned``; ``norm`` (top-k by feature norm) and ``random`` are the
             baselines the sparsity benchmark compares with.
