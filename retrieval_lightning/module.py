@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, check_state_fits, load_tensor_file,
                                              state_dict_of)
+from retrieval_lightning.data.image_input import api_image
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set, unreadable_database
@@ -45,7 +46,7 @@ from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
 from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
-from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
+from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, evaluation_mode
 from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.store import check_kind_name
 from retrieval_lightning.retrieval.writer import (
@@ -561,7 +562,20 @@ class RetrievalModule(pl.LightningModule):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def embed_image(self, image: Tensor) -> Tensor:
-        """Multi-scale global descriptor of one (3, H, W) image: L2 per scale, summed, L2 (DELG)."""
+        """Multi-scale global descriptor of one (3, H, W) image: L2 per scale, summed, L2 (DELG).
+
+        Float in [0, 1] or uint8 (scaled); computed in evaluation mode (BatchNorm on its running statistics,
+        left untouched) whatever mode the model is in, then the model is put back in it."""
+        with evaluation_mode(self):
+            return self._embed(api_image(image))
+
+    @torch.no_grad()
+    def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
+        """:meth:`embed_image` of every image of a list or a (B, 3, H, W) batch, stacked."""
+        with evaluation_mode(self):
+            return torch.stack([self._embed(api_image(img, f"image {i}")) for i, img in enumerate(images)])
+
+    def _embed(self, image: Tensor) -> Tensor:
         head = self.global_head
         acc = None
         for scale in self.eval_scales:
@@ -569,9 +583,6 @@ class RetrievalModule(pl.LightningModule):
             desc = head.embed(self.backbone(x))[0].float()
             acc = desc if acc is None else acc + desc
         return F.normalize(acc, dim=-1)
-
-    def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
-        return torch.stack([self.embed_image(img) for img in images])
 
     @property
     def rerank_head(self) -> RerankHead | None:
@@ -613,13 +624,19 @@ class RetrievalModule(pl.LightningModule):
                        resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> list[dict[str, Tensor]]:
         """Per image, what is stored for the re-ranking head (after the sparsifier for database images).
 
-        ``images`` are (3, H, W) float RGB in [0, 1]; the model applies its own normalisation.
+        ``images`` are (3, H, W) float RGB in [0, 1] (or uint8, scaled); the model applies its own
+        normalisation, in evaluation mode whatever mode it is in (as :meth:`embed_image`).
         ``resize_factors`` (one (height, width) pair per image, 1 when ``None``): each image's size over
         its original's, handed to heads whose ``extract_entries`` takes them (pixel distances measured
         in the original image, as DELG's RANSAC threshold is).
         """
+        with evaluation_mode(self):
+            return self._rerank_entries(images, database, resize_factors)
+
+    def _rerank_entries(self, images: Sequence[Tensor], database: bool,
+                        resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
         head = self._require_rerank_head()
-        tensors = [img.to(self.device).float() for img in images]
+        tensors = [api_image(img, f"image {i}").to(self.device) for i, img in enumerate(images)]
         if resize_factors is not None and _accepts(head.extract_entries, "resize_factors"):
             factors = torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
             if len(factors) != len(images):
@@ -662,20 +679,26 @@ class RetrievalModule(pl.LightningModule):
         self, query_image: Tensor, candidates: Sequence[Tensor] | Sequence[Mapping[str, Tensor]],
         seeds: Sequence[int] | None = None,
     ) -> Tensor:
-        """(K,) re-ranking scores of a query image against K candidate images or stored entries."""
-        query = self.rerank_entries([query_image], database=False)[0]
-        if len(candidates) and isinstance(candidates[0], Tensor):
-            entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
-        else:
-            entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
-        entries = self.densify_entries(entries)
-        seeds = list(seeds) if seeds is not None else pair_seeds(0, range(len(entries)))
-        return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
+        """(K,) re-ranking scores of a query image against K candidate images or stored entries (images as
+        for :meth:`rerank_entries`; scored in evaluation mode)."""
+        with evaluation_mode(self):
+            query = self.rerank_entries([query_image], database=False)[0]
+            if len(candidates) and isinstance(candidates[0], Tensor):
+                entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
+            else:
+                entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
+            entries = self.densify_entries(entries)
+            seeds = list(seeds) if seeds is not None else pair_seeds(0, range(len(entries)))
+            return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
 
     @torch.no_grad()
     def explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
         """The re-ranking head's evidence for one pair (the candidate as the store would hold it,
         its kept locations marked when a sparsifier stores it); images as for :meth:`rerank_scores`."""
+        with evaluation_mode(self):
+            return self._explain_pair(query_image, candidate_image)
+
+    def _explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
         head = self._require_rerank_head()
         query = self.rerank_entries([query_image], database=False)[0]
         stored = self.rerank_entries([candidate_image], database=True)[0]

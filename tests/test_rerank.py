@@ -528,3 +528,36 @@ def test_during_fit_false_keeps_fits_validations_global_only() -> None:
         module.rerank = RerankConfig(k=5, during_fit=during_fit)
         module._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn))
         assert module._reranks() is reranks, (during_fit, fn)
+
+
+def test_the_python_api_scales_uint8_runs_in_evaluation_mode_and_refuses_what_is_no_image() -> None:
+    """Notebook inputs: torchvision's ``read_image`` gives uint8, which gave NaN descriptors (the mean and std
+    cast to uint8, zeros) and scores of a 255-times brighter image; a model left in training mode (as built)
+    gave other descriptors and scores and moved its BatchNorm statistics. RGBA or a batch of one failed deep in
+    torch."""
+    from heads.cvnet_verifier import CVNetVerifierHead
+
+    torch.manual_seed(0)
+    module = RetrievalModule(Backbone("resnet18", stages=["conv4", "conv5"]),
+                             {"global": gem_arcface(dim=16), "verifier": CVNetVerifierHead(width=8)}, eval_scales=[1.0])
+    assert module.training
+    gen = torch.Generator().manual_seed(1)
+    query, other = ((torch.rand(3, 64, 48, generator=gen) * 255).round().to(torch.uint8) for _ in range(2))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    embedded = module.embed_image(query)
+    scores = module.rerank_scores(query, [query, other])
+    explained = module.explain_pair(query, other)
+    assert module.training and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    module.eval()
+    as_float = [query.float() / 255, other.float() / 255]
+    torch.testing.assert_close(embedded, module.embed_image(as_float[0]), rtol=0, atol=0)
+    torch.testing.assert_close(module.embed_batch(torch.stack([query, other]))[0], embedded, rtol=0, atol=0)
+    torch.testing.assert_close(scores, module.rerank_scores(as_float[0], as_float), rtol=0, atol=0)
+    assert explained.score == pytest.approx(float(scores[1]), abs=1e-6)
+    for bad, said in ((torch.rand(4, 32, 32), r"image: expected 1 or 3 channels.*\(RGBA\? drop the alpha"),
+                      (torch.rand(1, 3, 32, 32), r"image: expected one \(C, H, W\) image.*\(a batch"),
+                      (torch.zeros(3, 8, 8, dtype=torch.int64), r"image: dtype torch.int64 is not an image type")):
+        with pytest.raises(ValueError, match=said):
+            module.embed_image(bad)
+    with pytest.raises(ValueError, match=r"image 1: expected 1 or 3 channels"):
+        module.rerank_scores(as_float[0], [as_float[1], torch.rand(4, 32, 32)])
