@@ -45,7 +45,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
             intervals over the queries for comparing two models; the training split is the same at any value.
         image_size: training crop size; eval_max_side: long side of evaluation images.
         crop_area_min: smallest random-resized-crop area (DELG: 0.08; the views are already
-            crops of their photo, so fine-tuning here wants larger ones).
+            crops of their photo, so fine-tuning here wants larger ones). Values below 0.1 act as 0.1:
+            DELG's crop also keeps at least 10 % of the image (``min_object_covered``).
         sampling, pairs, hide_and_seek: as :class:`~datamodules.gldv2.GLDv2DataModule`
             (``sampling: pairs`` trains a verifier on mined pair batches).
     """
