@@ -67,14 +67,23 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     assert len(err.strip().splitlines()) == 1 and not broken.exists()
 
 
+@pytest.fixture(scope="module")
+def imported_r50(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An official-layout R50 file of random weights, imported: the checkpoint the commands below run."""
+    folder = tmp_path_factory.mktemp("imported")
+    source = folder / "CVPR2022_CVNet_R50.pyth"
+    torch.save({"model_state": random_official_state(50)}, source)
+    ckpt = folder / "cvnet_r50.ckpt"
+    assert main(["import-checkpoint", "cvnet", str(source), str(ckpt)]) == 0
+    return ckpt
+
+
 @pytest.mark.slow
-def test_imported_checkpoint_tests_through_the_official_tester_config(cache_root: Path, tmp_path: Path) -> None:
+def test_imported_checkpoint_tests_through_the_official_tester_config(cache_root: Path, tmp_path: Path,
+                                                                      imported_r50: Path) -> None:
     """`test --config experiments/eval_cvnet_revisitop.yaml --ckpt_path <imported>`: the config's model
     is the importer's (every tensor fits), and the run logs global and re-ranked revisitop metrics."""
-    source = tmp_path / "CVPR2022_CVNet_R50.pyth"
-    torch.save({"model_state": random_official_state(50)}, source)
-    ckpt = tmp_path / "cvnet_r50.ckpt"
-    assert main(["import-checkpoint", "cvnet", str(source), str(ckpt)]) == 0
+    ckpt = imported_r50
     config = REPO / "experiments" / "eval_cvnet_revisitop.yaml"
     overrides = [o for o in _overrides_for(config, cache_root, tmp_path) if not o.startswith("--model.backbone")]
     run_main(["test", "--config", str(config), *overrides, f"--ckpt_path={ckpt}"], cwd=tmp_path)
@@ -83,7 +92,8 @@ def test_imported_checkpoint_tests_through_the_official_tester_config(cache_root
 
 
 def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
-        cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        cache_root: Path, tmp_path: Path, imported_r50: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """#9: the imported model re-ranks through ``test`` "with no other configuration": the parser wanted
     ``model.backbone`` and ``model.heads``, which the checkpoint records. Without a model in the command line or a
     config, the model is the checkpoint's own; ``--model.*`` still overrides it, a config's model replaces it."""
@@ -92,10 +102,7 @@ def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
     from retrieval_lightning.cli import run_lightning_cli
     from retrieval_lightning.trainer import RetrievalTrainer
 
-    source = tmp_path / "CVPR2022_CVNet_R50.pyth"
-    torch.save({"model_state": random_official_state(50)}, source)
-    ckpt = tmp_path / "cvnet_r50.ckpt"
-    assert main(["import-checkpoint", "cvnet", str(source), str(ckpt)]) == 0
+    ckpt = imported_r50
     ran: list = []
 
     def instead_of(command: str):
