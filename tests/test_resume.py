@@ -567,3 +567,45 @@ def test_a_run_resumed_with_a_larger_max_steps_trains_every_step_at_the_new_sche
     resumed = fit(6, tmp_path / "stopped.ckpt")
     assert [step for step, _ in resumed] == [3, 4, 5]
     assert [lr for _, lr in resumed] == pytest.approx([0.4 * (1 - step / 6) for step in (3, 4, 5)])
+
+
+def test_a_mid_epoch_resume_with_a_loader_that_cannot_keep_its_place_says_so(tmp_path: Path) -> None:
+    """A plain ``DataLoader`` restarts a resumed epoch from its first batch (Lightning says nothing): the run
+    then trains the epoch's first batches twice and is not the uninterrupted one (found with 3-batch epochs
+    and gradient accumulation). A ``ResumableDataLoader`` keeps its place and resumes without the warning."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from datamodules.sampling import ResumableDataLoader, ShuffleSampler
+    from retrieval_lightning.callbacks import ResumeState
+    from test_module import _TinyData, make
+
+    class Positioned(_TinyData):
+        def train_dataloader(self):
+            items = self.items
+
+            class BySeededIndex(torch.utils.data.Dataset):  # the sampler yields (index, augmentation seed)
+                def __len__(self) -> int:
+                    return len(items)
+
+                def __getitem__(self, key: tuple[int, int]) -> dict:
+                    return items[key[0]]
+
+            return ResumableDataLoader(BySeededIndex(), batch_size=4, sampler=ShuffleSampler(len(items)))
+
+    def fit(data: type, out: Path, max_steps: int, ckpt_path: Path | None = None) -> list[str]:
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", default_root_dir=out, callbacks=[ResumeState(), ModelCheckpoint(
+                                 dirpath=out, every_n_train_steps=2, save_top_k=-1)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(make(num_classes=3), datamodule=data(), ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "cannot restore its place" in str(w.message)]
+
+    said = {}
+    for data in (_TinyData, Positioned):
+        out = tmp_path / data.__name__
+        assert not fit(data, out, 2)
+        said[data] = fit(data, out, 3, out / "epoch=0-step=2.ckpt")  # 3 batches per epoch: resumed inside epoch 0
+    assert not said[Positioned]
+    assert len(said[_TinyData]) == 1 and said[_TinyData][0].startswith(
+        "resumed inside epoch 0, but the training loader (DataLoader) cannot restore its place in the epoch")

@@ -26,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader
 
 from retrieval_lightning.callbacks.unfinished_validation import (
     record_as_after_the_batch,
@@ -115,6 +117,8 @@ class ResumeState(pl.Callback):
         count_a_counted_batch_once(trainer, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path:
+            warn_if_the_loader_restarts_the_epoch(trainer)
         if self._pending is None:
             return
         states = self._pending.get("rng", [])
@@ -132,6 +136,25 @@ class ResumeState(pl.Callback):
         if self._pending is not None and self._pending.get("validation_pending"):  # the fit loop never started
             warn_if_left_unrun(trainer, trainer.global_step)
         self._pending = None
+
+
+def warn_if_the_loader_restarts_the_epoch(trainer: pl.Trainer) -> None:
+    """A run resumed inside an epoch continues from the batch after the checkpoint only when its training loader
+    keeps its place (``state_dict`` / ``load_state_dict``, as every datamodule here builds it:
+    ``datamodules.sampling.ResumableDataLoader``). A plain ``DataLoader`` starts the epoch again from its first
+    batch, without a word from Lightning: the rest of that epoch trains on the batches already seen."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    if done == 0:
+        return  # resumed at an epoch's start
+    loaders = [loader for loader in tree_flatten(trainer.train_dataloader)[0] if isinstance(loader, DataLoader)]
+    plain = sorted({type(loader).__name__ for loader in loaders
+                    if not (callable(getattr(loader, "state_dict", None))
+                            and callable(getattr(loader, "load_state_dict", None)))})
+    if plain:
+        rank_zero_warn(f"resumed inside epoch {trainer.current_epoch}, but the training loader "
+                       f"({', '.join(plain)}) cannot restore its place in the epoch: it starts the epoch again from "
+                       "its first batch, so the run is not the uninterrupted one. Build it as "
+                       "datamodules.sampling.ResumableDataLoader (or any loader with state_dict/load_state_dict)")
 
 
 def record_an_epoch_end_as_the_next_epochs_start(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
