@@ -135,8 +135,8 @@ class GLDv2DataModule(L.LightningDataModule):
     decoded at reduced size when they exceed ``eval_max_side`` (see
     :class:`~datamodules._transforms.EvalImageDataset`); ``train_max_side`` does the same before
     the random crop, whose ``crop_area_min`` (DELG: 0.08) acts as 0.1 below 0.1: DELG's crop also keeps at
-    least 10 % of the image (``min_object_covered``). ``on_error="skip"`` skips malformed CSV rows and unreadable images,
-    counting and logging them. ``sampling="pairs"`` trains a verifier: batches of (anchor,
+    least 10 % of the image (``min_object_covered``). ``on_error="skip"`` skips malformed CSV rows and
+    unreadable images, counting and logging them. ``sampling="pairs"`` trains a verifier: batches of (anchor,
     positive, hard negatives) groups (:mod:`datamodules.pairs`, options ``pairs``; ``batch_size``
     is then ``pairs.batch_size``), mined by the ``HardNegativeMining`` callback through
     :attr:`pair_miner`. ``hide_and_seek`` hides grid patches of training images, more as steps pass.
