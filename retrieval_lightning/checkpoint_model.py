@@ -32,16 +32,6 @@ def _subcommand_position(args: Sequence[str]) -> int | None:
     return next((i for i, arg in enumerate(args) if not arg.startswith("-")), None)
 
 
-def _last_value(args: Sequence[str], option: str) -> str | None:
-    value = None
-    for i, arg in enumerate(args):
-        if arg == option and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def _configures_model(args: Sequence[str], config_files: Sequence[str]) -> bool:
     """Whether the command line or a config file names the model's backbone or heads (or a whole model)."""
     if any(_MODEL_DEFINING.match(arg.split("=", 1)[0]) for arg in args):
@@ -72,16 +62,15 @@ def model_config_of(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"model": {**module, "backbone": backbone, "heads": dict(record["heads"])}}
 
 
-def with_checkpoint_model(args: Sequence[str], config_files: Sequence[str],
+def with_checkpoint_model(args: Sequence[str], ckpt_path: str | None, config_files: Sequence[str],
                           counted: Sequence[str] | None = None) -> tuple[list[str], str | None]:
-    """``args`` with the checkpoint's model as the first config file of an evaluating subcommand whose
-    command line (``counted``: ``args`` less options that define no model, such as a dropped head) and configs
-    define no model, and the note to print; unchanged otherwise."""
+    """``args`` with the checkpoint's model as the first config file of an evaluating subcommand given
+    ``--ckpt_path`` whose command line (``counted``: ``args`` less options that define no model, such as a
+    dropped head) and configs define no model, and the note to print; unchanged otherwise."""
     args = list(args)
     position = _subcommand_position(args)
     if position is None or args[position] not in EVALUATING:
         return args, None
-    ckpt_path = _last_value(args, "--ckpt_path")
     if not ckpt_path or not Path(ckpt_path).is_file() or _configures_model(
             args if counted is None else counted, config_files):
         return args, None

@@ -489,7 +489,8 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Re
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
     args = list(sys.argv[1:] if args is None else args)
     kept = split_dropped_heads(args)[0]
-    args, note = with_checkpoint_model(args, _config_files(kept), kept)
+    ckpt_paths = [value for _, value in _override(kept, "ckpt_path")]
+    args, note = with_checkpoint_model(args, ckpt_paths[-1] if ckpt_paths else None, _config_files(kept), kept)
     if note:
         rank_zero_info(note)
     used = check_plugin_names(split_dropped_heads(args)[0])

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retrieval_lightning.data.io import to_float
+
 
 def api_image(image: Any, what: str = "image") -> Tensor:
     """``image`` as a float32 (C, H, W) tensor in [0, 1], C 1 (greyscale, broadcast) or 3 (RGB); uint8 is
@@ -20,7 +22,7 @@ def api_image(image: Any, what: str = "image") -> Tensor:
     if not isinstance(image, Tensor):
         raise ValueError(f"{what}: expected a torch.Tensor (C, H, W), got {type(image).__name__}")
     if image.dtype == torch.uint8:
-        image = image.float() / 255.0
+        image = to_float(image)
     elif not image.is_floating_point():
         raise ValueError(f"{what}: dtype {image.dtype} is not an image type: give float in [0, 1] or uint8 in "
                          "[0, 255]")
