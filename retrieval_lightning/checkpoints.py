@@ -159,6 +159,7 @@ def check_state_fits(
     state: dict[str, Tensor],
     optional: Callable[[str], bool],
     source: str,
+    evaluating: bool = False,
 ) -> dict[str, Tensor]:
     """The one strictness policy of full-model loads (``test --ckpt_path``, ``extract``, ``load_from_checkpoint``).
 
@@ -166,7 +167,9 @@ def check_state_fits(
     must be in the model, except tensors ``optional(name)`` declares training-only (a classifier
     over the training classes, absent from an evaluation-only model built with ``num_classes=0``):
     those are dropped when the model lacks them and keep their initialisation when the file lacks
-    them. Returns the filtered state dict; raises :class:`IncompatibleWeightsError` otherwise.
+    them. ``evaluating`` (no training follows the load): an optional tensor of another shape (a classifier
+    over another data set's class count) is dropped too, as nothing evaluated reads it; a resumed fit
+    still needs it to fit. Returns the filtered state dict; raises :class:`IncompatibleWeightsError` otherwise.
     ``init_from`` is the partial load of a recipe's earlier stage and has its own rule (see
     :meth:`RetrievalModule.initialise_from`).
     """
@@ -175,7 +178,7 @@ def check_state_fits(
     shapes = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
+        if k in own and tuple(v.shape) != tuple(own[k].shape) and not (evaluating and optional(k))
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -186,4 +189,4 @@ def check_state_fits(
         if shapes:
             parts.append(f"{len(shapes)} shapes differ ({'; '.join(shapes[:5])})")
         raise IncompatibleWeightsError(f"{source} does not fit this model: " + "; ".join(parts))
-    return {k: v for k, v in state.items() if k in own}
+    return {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

@@ -250,7 +250,7 @@ class RetrievalModule(pl.LightningModule):
     def load_weights(self, path: str | Path) -> None:
         """Load a full model's weights under :func:`~retrieval_lightning.checkpoints.check_state_fits`."""
         state = check_state_fits(self.state_dict(), state_dict_of(load_tensor_file(path)), self.is_training_only,
-                                 str(path))
+                                 str(path), evaluating=True)
         self.load_state_dict(state, strict=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -262,9 +262,11 @@ class RetrievalModule(pl.LightningModule):
             if MOMENTUM_QUEUE_KEY in checkpoint:
                 self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
         own = self.state_dict()
-        state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint")
-        if self._trainer is not None and self.trainer.state.fn == "fit":  # after the tensors: another model's
-            self._check_optimizer_state_fits(checkpoint)  # checkpoint is named as that, not as changed groups
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint",
+                                 evaluating=not fitting)
+        if fitting:  # after the tensors: another model's checkpoint is named as that, not as changed groups
+            self._check_optimizer_state_fits(checkpoint)
         for key in [k for k in own if k not in state]:
             state[key] = own[key]  # training-only tensors the file lacks keep their initialisation
         checkpoint["state_dict"] = state

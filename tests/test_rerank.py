@@ -488,6 +488,32 @@ def test_training_only_tensors_are_optional_in_both_directions(tmp_path: Path) -
     eval_only.load_state_dict(checkpoint["state_dict"], strict=True)
 
 
+def test_a_classifier_over_another_class_count_is_no_obstacle_to_evaluation_but_is_to_a_resumed_fit(
+        tmp_path: Path) -> None:
+    """``test --data=<another data set> --ckpt_path``: the CLI builds the classifier over the evaluating
+    datamodule's classes, which nothing evaluated reads; resuming ``fit`` on other classes is still an error."""
+    torch.manual_seed(0)
+    trained = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=16)}, num_classes=7)
+    trained.save_checkpoint(tmp_path / "t.ckpt")
+    other = RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=16)}, num_classes=3)
+    own_classifier = {k: v.clone() for k, v in other.state_dict().items() if other.is_training_only(k)}
+    assert own_classifier
+    other.load_weights(tmp_path / "t.ckpt")  # extract / evaluate --ckpt_path
+    x = torch.rand(3, 48, 48)
+    assert torch.equal(other.eval().embed_image(x), trained.eval().embed_image(x))
+    for fn in ("test", "validate", "predict"):
+        other._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn))
+        checkpoint = {"state_dict": dict(trained.state_dict())}
+        other.on_load_checkpoint(checkpoint)
+        other.load_state_dict(checkpoint["state_dict"], strict=True)  # Lightning's strict load
+        assert all(torch.equal(other.state_dict()[k], v) for k, v in own_classifier.items())
+    other._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    with pytest.raises(IncompatibleWeightsError,
+                       match=r"shapes differ \(heads\.global\..*file \(7, 16\) vs model \(3, 16\)"):
+        other.on_load_checkpoint({"state_dict": dict(trained.state_dict())})
+    other._trainer = None
+
+
 def test_a_model_trained_under_one_margin_evaluates_under_a_config_naming_the_other(tmp_path: Path) -> None:
     """CurricularFace's running statistic ``t`` is a training state: a CVNet-Global checkpoint loads into an
     ArcFace config (eval_revisitop.yaml's) and a DELG one into a CurricularFace config, with the same descriptor."""
