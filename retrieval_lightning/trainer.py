@@ -209,7 +209,8 @@ class RetrievalTrainer(pl.Trainer):
             result, rescored = evaluate_store(model, spec, features_dir, {**identity, **items_identity(spec)},
                                               progress=shows_progress(self),
                                               rank=self.global_rank, world_size=self.world_size,
-                                              broadcast=self.strategy.broadcast)
+                                              broadcast=self.strategy.broadcast,
+                                              forward_context=self.precision_plugin.forward_context)
             metrics.update({f"test/{spec.name}/{k}": float(v) for k, v in result.metrics.items()})
             if rescored is not None:
                 metrics.update({f"test/{spec.name}/reranked/{k}": float(v) for k, v in rescored.metrics.items()})

@@ -640,6 +640,16 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
     replaced = write_query_entries(module, eval_set, set_dir / "query_entries", {"weights": "other"}, progress=False)
     assert replaced.identity == {"weights": "other"} and replaced.count == 2
 
+    # under `--trainer.precision bf16-mixed` the queries' entries are extracted in its autocast, as `test`'s are
+    in_autocast: list[bool] = []
+    entries = module.rerank_entries
+    monkeypatch.setattr(module, "rerank_entries", lambda *args, **kwargs: in_autocast.append(
+        torch.is_autocast_enabled("cpu")) or entries(*args, **kwargs))
+    evaluate_store(module, eval_set, tmp_path / "features", identity, progress=False,
+                   forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert in_autocast and all(in_autocast)
+    monkeypatch.undo()
+
     # under DDP rank 0 writes the query entries; when it fails, the other ranks are told instead of waiting
     import retrieval_lightning.retrieval.store_eval as store_eval
 

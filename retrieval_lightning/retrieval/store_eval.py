@@ -16,9 +16,10 @@ store (``<set>/query_entries``), and reused while the store's identity holds.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +61,9 @@ def stored_descriptors(eval_set: EvalSet, store: FeatureStore) -> torch.Tensor:
 
 def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, identity: dict[str, Any],
                    progress: bool = True, rank: int = 0, world_size: int = 1,
-                   broadcast: Callable[[Any], Any] = lambda value: value) -> tuple[EvalResult, EvalResult | None]:
+                   broadcast: Callable[[Any], Any] = lambda value: value,
+                   forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+                   ) -> tuple[EvalResult, EvalResult | None]:
     """Global metrics of ``eval_set`` from ``<features_dir>/<set>/store`` (written by ``extract``), and the
     re-ranked ones when the model re-ranks and the store holds its entries (``None`` otherwise).
 
@@ -69,7 +72,8 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
 
     The store holds every item's entries as a database image's. Without a sparsifier a query's entry
     is the same, so the shortlists are re-scored from the store, as ``test`` re-scores them from its
-    own (same pair seeds). With one, the queries' dense entries come from :func:`write_query_entries`.
+    own (same pair seeds). With one, the queries' dense entries come from :func:`write_query_entries`,
+    inside ``forward_context`` (the trainer precision's autocast, as ``test`` extracts them).
     """
     path = Path(features_dir) / eval_set.name / "store"
     if not (path / "manifest.json").is_file():
@@ -89,8 +93,9 @@ def evaluate_store(model: Any, eval_set: EvalSet, features_dir: str | Path, iden
     queries = store
     if model.sparsifier is not None:
         directory = path.parent / "query_entries"
-        on_rank_zero(lambda: write_query_entries(model, eval_set, directory, store.identity, progress), rank == 0,
-                     broadcast, f"{eval_set.name}: writing the queries' entries")
+        on_rank_zero(lambda: write_query_entries(model, eval_set, directory, store.identity, progress,
+                                                 forward_context),
+                     rank == 0, broadcast, f"{eval_set.name}: writing the queries' entries")
         queries = FeatureStore.open(directory / QUERIES / "store", expect_identity=store.identity)
     reranked = evaluate_reranked(model, eval_set, descriptors, queries, store, model.rerank, rank=rank,
                                  world_size=world_size, chunk=chunk, device=model.device, progress=progress,
@@ -106,7 +111,8 @@ def reranks_from_store(model: Any, store: FeatureStore) -> bool:
 
 
 def write_query_entries(model: Any, eval_set: EvalSet, directory: Path, identity: dict[str, Any],
-                        progress: bool = True) -> FeatureStore:
+                        progress: bool = True,
+                        forward_context: Callable[[], ContextManager[Any]] = nullcontext) -> FeatureStore:
     """The queries' entries as a query is scored (not sparsified), in ``directory/queries/store``:
     extracted from the query images on first use (resumable shards, as ``test`` writes them), reused
     afterwards; those of another store (a store extracted again with other weights) are replaced."""
@@ -117,7 +123,7 @@ def write_query_entries(model: Any, eval_set: EvalSet, directory: Path, identity
         writer = RerankEntryWriter(model, eval_set, directory, identity, sides=(QUERIES,))
     todo = np.setdiff1d(np.arange(eval_set.n_queries), writer.done[QUERIES])
     batches = range(0, len(todo), QUERY_BATCH)
-    with evaluation_mode(model):
+    with evaluation_mode(model), forward_context():
         for start in tqdm(batches, desc=f"{eval_set.name}: query entries", disable=not progress or not len(todo)):
             items = [eval_set.dataset[int(i)] for i in todo[start:start + QUERY_BATCH]]
             writer.add([item["image"] for item in items], [int(item["index"]) for item in items],
