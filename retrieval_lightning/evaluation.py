@@ -34,7 +34,7 @@ SHORTLIST = 10
 #: what becomes of the placeholders of unreadable images (``on_error: skip``) in the metrics, for the warnings
 PLACEHOLDER_RULE = ("a database one is ranked last for every query and is no neighbour in αQE or DBA (it matches "
                     "nothing: a positive among them counts at the end of the ranking, or not at all for GLDv2), "
-                    "while a query is evaluated from its blank placeholder. Fix them and evaluate again")
+                    "and a query retrieves nothing (AP 0; no GLDv2 prediction). Fix them and evaluate again")
 #: the variant name of a single ranking used for every metric
 ALL = "all"
 #: ``EvalResult.extra`` key of each query's AP in percent per protocol suffix (``E``/``M``/``H``; revisitop),
@@ -153,20 +153,23 @@ def no_exclusions(ground_truth: Any, n_queries: int) -> dict[str, list[np.ndarra
 def revisitop_protocol(
     queries: Tensor, database: Tensor, ground_truth: list[dict], chunk: int,
     reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
+    failed: np.ndarray | None = None,
 ) -> EvalResult:
-    """Revisited Oxford/Paris: mAP and mP@1/5/10 for Easy, Medium and Hard (percent)."""
+    """Revisited Oxford/Paris: mAP and mP@1/5/10 for Easy, Medium and Hard (percent); ``failed`` queries
+    (unreadable images) score AP and P@k 0."""
+    failed = () if failed is None else failed
     if len(ground_truth) != queries.shape[0]:
         raise ValueError(f"revisitop ground truth has {len(ground_truth)} queries, extracted {queries.shape[0]}")
     if reranked is None:
         report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, excluded=excluded), ground_truth,
-                                              chunk_size=chunk)
+                                              chunk_size=chunk, failed=failed)
         metrics, ap_per_query = report.metrics, report.ap_per_query
         shown = None
     else:
         metrics, ap_per_query = {}, {}
         for variant, first in reranked.items():
             report = revisitop_report_from_scores(_score_chunks(queries, database, chunk, first, excluded),
-                                                  ground_truth, chunk_size=chunk)
+                                                  ground_truth, chunk_size=chunk, failed=failed)
             if variant == ALL:
                 metrics.update(report.metrics)
                 ap_per_query.update(report.ap_per_query)
@@ -184,14 +187,17 @@ def revisitop_protocol(
 def gldv2_retrieval_protocol(
     queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
     reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
+    failed: np.ndarray | None = None,
 ) -> EvalResult:
-    """GLDv2 retrieval: mAP@100 over the queries that have ground truth (percent)."""
+    """GLDv2 retrieval: mAP@100 over the queries that have ground truth (percent); ``failed`` queries
+    (unreadable images) predict nothing."""
+    failed_ids = set() if failed is None else {ground_truth["query_ids"][int(q)] for q in failed}
     query_ids, db_ids, solution = ground_truth["query_ids"], ground_truth["db_ids"], ground_truth["solution"]
     k = min(100, database.shape[0])
     first = None if reranked is None else reranked[ALL]
     scores, topk = _leading(queries, database, k, chunk, first, device, excluded)
     predictions = {qid: [db_ids[i] for i, s in zip(row, srow) if s > float("-inf")]  # placeholders predict nothing
-                   for qid, row, srow in zip(query_ids, topk.tolist(), scores.tolist())}
+                   for qid, row, srow in zip(query_ids, topk.tolist(), scores.tolist()) if qid not in failed_ids}
     metrics = {"mAP@100": 100.0 * gldv2_metrics.mean_average_precision(predictions, solution, max_predictions=100)}
     db_pos = {i: n for n, i in enumerate(db_ids)}
     positive = [{db_pos[x] for x in solution.get(qid, []) if x in db_pos} for qid in query_ids]
@@ -202,16 +208,20 @@ def gldv2_retrieval_protocol(
 def gldv2_recognition_protocol(
     queries: Tensor, database: Tensor, ground_truth: dict, chunk: int,
     reranked: Rankings | None = None, device: Any = None, excluded: np.ndarray | None = None,
+    failed: np.ndarray | None = None,
 ) -> EvalResult:
     """GLDv2 recognition by label transfer from the first-ranked training image: GAP and accuracy (percent).
 
-    The confidence is the global similarity of that image, also after re-ranking.
+    The confidence is the global similarity of that image, also after re-ranking. ``failed`` queries
+    (unreadable images) predict nothing.
     """
+    failed_ids = set() if failed is None else {ground_truth["query_ids"][int(q)] for q in failed}
     query_ids, db_labels, solution = ground_truth["query_ids"], ground_truth["db_labels"], ground_truth["solution"]
     first = None if reranked is None else reranked[ALL]
     scores, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, first, device, excluded)
     predictions = {qid: (db_labels[row[0]], float(s[0])) for qid, row, s in zip(query_ids, topk.tolist(), scores)
-                   if float(s[0]) > float("-inf")}  # a query whose every neighbour is a placeholder predicts nothing
+                   if float(s[0]) > float("-inf")  # a query whose every neighbour is a placeholder predicts nothing
+                   and qid not in failed_ids}
     metrics = {
         "GAP": 100.0 * gldv2_metrics.global_average_precision(predictions, solution),
         "top1_accuracy": 100.0 * gldv2_metrics.top1_accuracy(predictions, solution),
@@ -270,14 +280,17 @@ def evaluate_eval_set(
     """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate.
 
     ``unreadable`` flags the items that are placeholders of unreadable images (``on_error: skip``): the
-    database ones are ranked last for every query (they match nothing; a positive among them is missed)."""
+    database ones are ranked last for every query (they match nothing; a positive among them is missed),
+    the queries retrieve nothing (a blank image's ranking would credit them with whatever it happens to find)."""
     protocol = protocol_of(eval_set)
     check_finite(eval_set, descriptors, chunk)
     queries, database = descriptors[: eval_set.n_queries], descriptors[eval_set.n_queries:]
     device = device if device is not None else "cpu"
     excluded = unreadable_database(eval_set, unreadable)
+    failed = unreadable_queries(eval_set, unreadable)
     return protocol.evaluate(queries, database, eval_set.ground_truth, chunk, reranked=reranked, device=device,
-                             **({"excluded": excluded} if excluded.size else {}))
+                             **({"excluded": excluded} if excluded.size else {}),
+                             **({"failed": failed} if failed.size else {}))
 
 
 def unreadable_database(eval_set: EvalSet, unreadable: Tensor | np.ndarray | None) -> np.ndarray:
@@ -285,3 +298,10 @@ def unreadable_database(eval_set: EvalSet, unreadable: Tensor | np.ndarray | Non
     if unreadable is None:
         return np.zeros(0, dtype=np.int64)
     return np.flatnonzero(np.asarray(unreadable)[eval_set.n_queries:]).astype(np.int64)
+
+
+def unreadable_queries(eval_set: EvalSet, unreadable: Tensor | np.ndarray | None) -> np.ndarray:
+    """Query positions whose items are placeholders of unreadable images (empty without flags)."""
+    if unreadable is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.asarray(unreadable)[:eval_set.n_queries]).astype(np.int64)

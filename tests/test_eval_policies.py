@@ -94,6 +94,37 @@ def test_unreadable_database_placeholders_match_nothing_in_every_protocol() -> N
         assert missing < full, (protocol, full, missing)
 
 
+def test_an_unreadable_query_retrieves_nothing_in_every_protocol() -> None:
+    """A query placeholder was evaluated from its blank image, whose ranking credited it with whatever it
+    happened to find (here its one positive, first: AP 100). It now scores AP and P@k 0, with or without
+    re-ranking, and predicts nothing for GLDv2; a query without positives stays out of the means."""
+    gt = [{"easy": [0], "hard": [], "junk": []}, {"easy": [1], "hard": [2], "junk": []}, {"easy": [], "hard": [],
+                                                                                            "junk": []}]
+    toy = EvalSet("toy", TensorDataset(torch.zeros(9)), 3, "revisitop", gt, [f"photo_{i}.jpg" for i in range(9)])
+    desc = F.normalize(torch.randn(9, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    desc[3], desc[4], desc[5] = desc[0], desc[1], desc[1]  # every query's positives are its exact copies: AP 100
+    flags = torch.zeros(9, dtype=torch.bool)
+    full = evaluate_eval_set(toy, desc)
+    assert full.metrics["mAP_M"] == 100.0 and full.metrics["mP@1_M"] == 100.0
+    flags[0] = flags[2] = True  # query 0 (a positive) and query 2 (no positives: not counted anyway) unreadable
+    for reranked in (None, {ALL: [np.array([0]), np.array([1, 2]), np.array([3])]}):
+        result = evaluate_eval_set(toy, desc, reranked=reranked, unreadable=flags)
+        assert result.extra[AP_PER_QUERY]["M"][0] == 0.0 and result.extra[AP_PER_QUERY]["M"][1] == 100.0
+        assert np.isnan(result.extra[AP_PER_QUERY]["M"][2])
+        assert result.metrics["mAP_M"] == 50.0 and result.metrics["mP@1_M"] == 50.0  # (0 + 100) / 2 queries
+        assert result.metrics["mAP_H"] == 100.0  # query 0 has no Hard positive: out of Hard's mean, failed or not
+    ids = [f"q{i}" for i in range(3)] + [f"d{i}" for i in range(6)]
+    desc[8] = desc[2]  # GLDv2: query 2 has ground truth too (database 5, its copy)
+    gld = {"query_ids": ids[:3], "db_ids": ids[3:], "solution": {"q0": ["d0"], "q1": ["d1", "d2"], "q2": ["d5"]}}
+    labels = {"query_ids": ids[:3], "db_labels": ["a", "b", "b", "c", "d", "e"],
+              "solution": {"q0": ["a"], "q1": ["b"], "q2": ["e"]}}
+    flags[2] = False
+    for protocol, truth, key in (("gldv2_retrieval", gld, "mAP@100"), ("gldv2_recognition", labels, "top1_accuracy")):
+        gld_set = EvalSet("gld", TensorDataset(torch.zeros(9)), 3, protocol, truth, ids)
+        assert evaluate_eval_set(gld_set, desc).metrics[key] == 100.0
+        assert evaluate_eval_set(gld_set, desc, unreadable=flags).metrics[key] == pytest.approx(200 / 3), protocol
+
+
 @pytest.mark.parametrize("config", [dict(query_expansion=True, qe_n=1, qe_alpha=0.0),
                                     dict(dba=True, dba_k=2, dba_alpha=0.0)])
 def test_placeholders_are_no_neighbour_in_query_expansion_or_dba(config: dict) -> None:

@@ -221,12 +221,15 @@ class RevisitopReport(NamedTuple):
     ap_per_query: dict[str, np.ndarray]
 
 
-def _report(per_protocol: dict, items, positions, kappas: Kappas) -> RevisitopReport:
+def _report(per_protocol: dict, items, positions, kappas: Kappas, failed: Sequence[int] = ()) -> RevisitopReport:
     kappas = _check_kappas(kappas)
     out: dict[str, float] = {}
     per_query: dict[str, np.ndarray] = {}
+    failed = np.asarray(failed, dtype=np.int64)
     for name, suffix in PROTOCOLS.items():
         aps, precisions = _query_values(items, positions, per_protocol[name], kappas)
+        counted = failed[~np.isnan(aps[failed])]  # a query without positives stays out of the means
+        aps[counted], precisions[counted] = 0.0, 0.0
         mean_ap, mean_precisions = _means(aps, precisions)
         out[f"mAP_{suffix}"] = 100.0 * mean_ap
         for k, value in zip(kappas, mean_precisions):
@@ -409,8 +412,12 @@ def revisitop_report_from_scores(
     kappas: Kappas = (1, 5, 10),
     *,
     chunk_size: int = 1 << 20,
+    failed: Sequence[int] = (),
 ) -> RevisitopReport:
-    """:func:`evaluate_revisitop_from_scores` with each query's AP as well, from the same counting pass."""
+    """:func:`evaluate_revisitop_from_scores` with each query's AP as well, from the same counting pass.
+
+    ``failed`` queries retrieved nothing (their image could not be read): AP and P@k 0 wherever a protocol
+    gives them positives, whatever their scores rank."""
     items, per_protocol = _revisitop_items(gnd_revisitop)
     positions = _score_positions(scores, items, chunk_size)
-    return _report(per_protocol, items, positions, kappas)
+    return _report(per_protocol, items, positions, kappas, failed)

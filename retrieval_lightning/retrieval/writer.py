@@ -100,7 +100,7 @@ def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) 
     shown = [names[i] if i < len(names) else f"item {int(store.index[i])}" for i in rows[:5].tolist()]
     return (f"{what}: {rows.size} of {len(store)} images were unreadable when extracted (on_error: skip) and hold "
             f"blank placeholders, e.g. {shown}; a database one is ranked last for every query (it matches nothing), "
-            "a query is evaluated from its placeholder. Fix them and run extract again: it retries them")
+            "a query retrieves nothing (AP 0). Fix them and run extract again: it retries them")
 
 
 #: datamodule arguments that do not change what is extracted (``on_error``: a readable image's features are the
