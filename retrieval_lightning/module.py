@@ -45,7 +45,7 @@ from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUE
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
-from retrieval_lightning.retrieval.rerank import RerankConfig, pair_seeds
+from retrieval_lightning.retrieval.rerank import RerankConfig, content_seed, pair_seeds
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, evaluation_mode
 from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.store import check_kind_name
@@ -682,15 +682,17 @@ class RetrievalModule(pl.LightningModule):
         seeds: Sequence[int] | None = None,
     ) -> Tensor:
         """(K,) re-ranking scores of a query image against K candidate images or stored entries (images as
-        for :meth:`rerank_entries`; scored in evaluation mode)."""
+        for :meth:`rerank_entries`; scored in evaluation mode). Without ``seeds`` a pair's seed (RANSAC's)
+        follows the query's pixels and the candidate's entries, so a pair scores the same in any list."""
         with evaluation_mode(self):
             query = self.rerank_entries([query_image], database=False)[0]
             if len(candidates) and isinstance(candidates[0], Tensor):
                 entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
             else:
                 entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
+            if seeds is None:
+                seeds = pair_seeds(content_seed(query_image), [content_seed(entry) for entry in entries])
             entries = self.densify_entries(entries)
-            seeds = list(seeds) if seeds is not None else pair_seeds(0, range(len(entries)))
             return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
 
     @torch.no_grad()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +26,7 @@ from retrieval_lightning.data.types import ImageResize
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.outputs import picture_path
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
-from retrieval_lightning.retrieval.rerank import EntryReader, fuse, pair_seeds
+from retrieval_lightning.retrieval.rerank import EntryReader, content_seed, fuse, pair_seeds
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search, topk_skipping
 from retrieval_lightning.retrieval.set_files import ITEMS, read_image_resize, read_items, read_query_count
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
@@ -178,7 +177,7 @@ def make_ranker(store: FeatureStore, backend: str = "exact", device: torch.devic
 
 def query_seed(image: torch.Tensor) -> int:
     """A query image's part of its pairs' seeds: a CRC-32 of its pixels as searched."""
-    return zlib.crc32(image.detach().cpu().contiguous().numpy().tobytes())
+    return content_seed(image)
 
 
 def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.Tensor], names: Sequence[str],

@@ -450,3 +450,30 @@ def test_keypoints_are_stored_in_the_original_images_pixels_through_every_extrac
     assert all(torch.equal(torch.as_tensor(s), x) for s, x in zip(stored, expected))
     predicted = module.predict_step(collate_eval(items), 0)["local-keypoints"]
     assert all(torch.equal(p, x) for p, x in zip(predicted, expected))
+
+
+def test_the_notebook_api_seeds_a_pair_by_its_content_not_its_place_in_the_list(monkeypatch) -> None:
+    """``rerank_scores`` seeded RANSAC by each candidate's position in the list it was given: the same pair
+    scored otherwise when the list was reordered or cut (4 of 24 pairs in a review). A pair's seed now follows
+    the query's pixels and the candidate's entries, as ``search`` seeds a query's pairs."""
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.registry import HEADS
+
+    torch.manual_seed(0)
+    backbone = Backbone("efficientnet_lite0", weights="efficientnet_lite0_package", stages=("conv4", "conv5"))
+    local = DelgLocalHead(attention_hidden=32, scales=(1.0,), max_keypoints=150, matching="one_way")
+    module = RetrievalModule(backbone.eval(), {"global": HEADS.get("gem_arcface")(), "local": local},
+                             eval_scales=[1.0]).eval()
+    query = photo("astronaut", (100, 120, 356, 376))
+    candidates = [photo("astronaut", box) for box in ((130, 140, 450, 460), (60, 80, 330, 350), (90, 60, 400, 370))]
+    seen: list[list[int]] = []
+    score = local.score
+    monkeypatch.setattr(local, "score", lambda q, c, seeds: seen.append(list(seeds)) or score(q, c, seeds))
+    scores = module.rerank_scores(query, candidates)
+    reordered = module.rerank_scores(query, candidates[::-1])
+    alone = [module.rerank_scores(query, [candidate]) for candidate in candidates]
+    from_entries = module.rerank_scores(query, module.rerank_entries(candidates))
+    assert seen[1] == seen[0][::-1] and [s[0] for s in seen[2:5]] == seen[0] and seen[5] == seen[0]
+    assert len(set(seen[0])) == 3
+    assert torch.equal(reordered.flip(0), scores) and torch.equal(torch.cat(alone), scores)
+    assert torch.equal(from_entries, scores) and scores.min() >= 10  # real matches: RANSAC's draw matters

@@ -18,6 +18,7 @@ indices only, so scores do not depend on the rank, the number of processes or th
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -77,6 +78,23 @@ class RerankConfig:
             raise ValueError(f"rerank.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if not math.isfinite(self.weight):  # NaN fused every score to NaN: the global order, silently
             raise ValueError(f"rerank.weight must be a finite number, got {self.weight}")
+
+
+def content_seed(value: Tensor | np.ndarray | Mapping[str, Any]) -> int:
+    """A CRC-32 of an image's pixels or of an entry's arrays (by key): a pair's seed that follows what is
+    scored, not where it stands in a list or which batch it came in."""
+    if isinstance(value, Mapping):
+        crc = 0
+        for key in sorted(value):
+            crc = zlib.crc32(_raw_bytes(value[key]), zlib.crc32(str(key).encode(), crc))
+        return crc
+    return zlib.crc32(_raw_bytes(value))
+
+
+def _raw_bytes(value: Any) -> bytes:
+    if isinstance(value, Tensor):  # any dtype (bf16 has no numpy type): its bytes
+        return value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return np.ascontiguousarray(np.asarray(value)).tobytes()
 
 
 def pair_seeds(query_index: int, db_indices: Iterable[int]) -> list[int]:
