@@ -15,8 +15,9 @@ import math
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -562,19 +563,31 @@ class RetrievalModule(pl.LightningModule):
         )
 
     # ------------------------------------------------------------------ inference
+    @contextmanager
+    def _api_mode(self) -> Iterator[None]:
+        """The Python API's calls: fp32 weights (a ``.double()`` / ``.half()`` model is refused by name, not
+        by a dtype clash deep in a convolution), evaluation mode for the call."""
+        other = sorted({str(p.dtype) for p in self.parameters() if p.is_floating_point()} - {str(torch.float32)})
+        if other:
+            raise UsageError(f"the model's weights are {', '.join(other)}: its layers run fp32 weights (some keep "
+                             "fp32 arithmetic for stability); call model.float(), and for speed run inside "
+                             "torch.autocast (bf16), as precision bf16-mixed does")
+        with evaluation_mode(self):
+            yield
+
     @torch.no_grad()
     def embed_image(self, image: Tensor) -> Tensor:
         """Multi-scale global descriptor of one (3, H, W) image: L2 per scale, summed, L2 (DELG).
 
         Float in [0, 1] or uint8 (scaled); computed in evaluation mode (BatchNorm on its running statistics,
         left untouched) whatever mode the model is in, then the model is put back in it."""
-        with evaluation_mode(self):
+        with self._api_mode():
             return self._embed(api_image(image))
 
     @torch.no_grad()
     def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         """:meth:`embed_image` of every image of a list or a (B, 3, H, W) batch, stacked."""
-        with evaluation_mode(self):
+        with self._api_mode():
             return torch.stack([self._embed(api_image(img, f"image {i}")) for i, img in enumerate(images)])
 
     def _embed(self, image: Tensor) -> Tensor:
@@ -632,7 +645,7 @@ class RetrievalModule(pl.LightningModule):
         its original's, handed to heads whose ``extract_entries`` takes them (pixel distances measured
         in the original image, as DELG's RANSAC threshold is).
         """
-        with evaluation_mode(self):
+        with self._api_mode():
             return self._rerank_entries(images, database, resize_factors)
 
     def _rerank_entries(self, images: Sequence[Tensor], database: bool,
@@ -684,7 +697,7 @@ class RetrievalModule(pl.LightningModule):
         """(K,) re-ranking scores of a query image against K candidate images or stored entries (images as
         for :meth:`rerank_entries`; scored in evaluation mode). Without ``seeds`` a pair's seed (RANSAC's)
         follows the query's pixels and the candidate's entries, so a pair scores the same in any list."""
-        with evaluation_mode(self):
+        with self._api_mode():
             query = self.rerank_entries([query_image], database=False)[0]
             if len(candidates) and isinstance(candidates[0], Tensor):
                 entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
@@ -699,7 +712,7 @@ class RetrievalModule(pl.LightningModule):
     def explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
         """The re-ranking head's evidence for one pair (the candidate as the store would hold it,
         its kept locations marked when a sparsifier stores it); images as for :meth:`rerank_scores`."""
-        with evaluation_mode(self):
+        with self._api_mode():
             return self._explain_pair(query_image, candidate_image)
 
     def _explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:

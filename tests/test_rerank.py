@@ -587,3 +587,10 @@ def test_the_python_api_scales_uint8_runs_in_evaluation_mode_and_refuses_what_is
             module.embed_image(bad)
     with pytest.raises(ValueError, match=r"image 1: expected 1 or 3 channels"):
         module.rerank_scores(as_float[0], [as_float[1], torch.rand(4, 32, 32)])
+    module.double()  # a model cast in a notebook failed in a convolution ("Input type ... and bias type ...")
+    for call in (lambda: module.embed_image(query), lambda: module.rerank_scores(query, [other]),
+                 lambda: module.explain_pair(query, other), lambda: module.embed_batch([query])):
+        with pytest.raises(UsageError, match=r"the model's weights are torch.float64.*call model.float\(\)"):
+            call()
+    module.float()
+    torch.testing.assert_close(module.embed_image(query), embedded, rtol=0, atol=0)
