@@ -52,18 +52,37 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
 _PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch's legacy format, or a plain pickle
 
 
+#: how torch's weights-only refusal names what it refused (an unknown class; a blocked module's function)
+_REFUSED = ("Unsupported", "WeightsUnpickler error: Unsupported", "Trying to load unsupported")
+
+
 def _unpickler_cause(exc: BaseException) -> str:
-    """The line of torch's weights-only refusal that names what was refused (not its advice paragraphs)."""
+    """The line of torch's weights-only refusal that names what was refused (not its advice paragraphs,
+    which suggest ``weights_only=False``: arbitrary code)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error: Unsupported"))]
-    return (named or lines or [type(exc).__name__])[0].split(" Please use")[0]  # not its allow-listing advice
+    named = [line for line in lines if line.startswith(_REFUSED)]
+    # torch's zip reader appends a paragraph of advice; so does its allow-listing
+    return (named or lines or [type(exc).__name__])[0].split(" Please use")[0].split(". This is an internal")[0]
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointLoadError:
+    return CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {_unpickler_cause(exc)})")
 
 
 def open_checkpoint(path: str | Path) -> dict:
     """A checkpoint's dict to read its records (architecture, hyper-parameters, callback states):
-    memory-mapped, so tensors are only read when touched, and weights-only like every load here."""
-    with torch.serialization.safe_globals(_checkpoint_globals()):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    memory-mapped when its format allows (torch's zip archive; its legacy format is read whole), so tensors
+    are only read when touched, and weights-only like every load here. :class:`CheckpointLoadError` names a
+    file that is missing, a directory, no checkpoint, corrupt or refused."""
+    path = Path(path)
+    _check_torch_file(path)
+    with path.open("rb") as f:
+        archive = f.read(4).startswith(_ZIP_MAGIC)
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", mmap=archive, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or refused
+        raise _unreadable(path, exc) from exc
 
 
 def _check_torch_file(path: Path) -> None:
@@ -83,12 +102,7 @@ def open_lightning_checkpoint(path: str | Path) -> dict:
     ``fit``/``test``/...), or :class:`CheckpointLoadError` naming it: Lightning itself would fail on a
     directory or a bare state dict with a bare ``KeyError``."""
     path = Path(path)
-    _check_torch_file(path)
-    try:
-        checkpoint = open_checkpoint(path)
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                                  f"{_unpickler_cause(exc)})") from exc
+    checkpoint = open_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointLoadError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint")
     if not isinstance(checkpoint.get("state_dict"), dict):
@@ -106,7 +120,10 @@ def load_tensor_file(path: str | Path) -> dict:
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError: truncated or corrupt header or data
+            raise CheckpointLoadError(f"{path}: not a readable .safetensors file ({exc})") from exc
     _check_torch_file(path)
     trusted = path.resolve() in _TRUSTED_FILES.get()
     try:
@@ -123,8 +140,7 @@ def load_tensor_file(path: str | Path) -> dict:
             f"state dict or .safetensors. Cause: {_unpickler_cause(exc)}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        reason = str(exc).split(". This is an internal")[0]  # torch's zip reader appends a paragraph of advice
-        raise CheckpointLoadError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(obj, dict):
         raise CheckpointLoadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj

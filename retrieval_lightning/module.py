@@ -264,8 +264,9 @@ class RetrievalModule(pl.LightningModule):
                 self.momentum_contrast.load_checkpoint_state(checkpoint[MOMENTUM_QUEUE_KEY])
         own = self.state_dict()
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only, "checkpoint",
-                                 evaluating=not fitting)
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only,
+                                 f"checkpoint {source}" if source else "checkpoint", evaluating=not fitting)
         if fitting:  # after the tensors: another model's checkpoint is named as that, not as changed groups
             self._check_optimizer_state_fits(checkpoint)
         for key in [k for k in own if k not in state]:

@@ -141,6 +141,43 @@ def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
         load_tensor_file(saved)
 
 
+class _Blocked:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_every_checkpoint_reader_names_the_file_and_reads_torchs_legacy_format(tmp_path: Path) -> None:
+    """Found by a review: a legacy-format file (``_use_new_zipfile_serialization=False``, which the readers
+    accept) was refused by the memory-mapped reader (``mmap`` needs the zip format); a truncated ``last.ckpt``
+    met by a resume and a corrupt ``.safetensors`` file gave tracebacks without the file's name; a blocked
+    module's function was "named" by torch's advice to load with ``weights_only=False``."""
+    from retrieval_lightning.checkpoints import open_checkpoint, open_lightning_checkpoint
+
+    state = {"state_dict": {"w": torch.arange(6.0)}, "epoch": 3}
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    for read in (open_checkpoint, open_lightning_checkpoint, load_tensor_file):
+        assert torch.equal(read(legacy)["state_dict"]["w"], state["state_dict"]["w"])
+    cut = tmp_path / "last.ckpt"
+    torch.save(state, cut)
+    cut.write_bytes(cut.read_bytes()[:300])  # a preempted write
+    with pytest.raises(CheckpointLoadError, match=r"last.ckpt: not a readable checkpoint \(RuntimeError: .*zip"):
+        open_checkpoint(cut)
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(weights))
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointLoadError, match=r"w.safetensors: not a readable .safetensors file \(.*"):
+        load_tensor_file(weights)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": _Blocked()}, evil)
+    for read in (open_checkpoint, load_tensor_file):
+        with pytest.raises(CheckpointLoadError, match=r"evil.ckpt: .*unsupported GLOBAL (posix|nt).system") as caught:
+            read(evil)
+        assert "weights_only set to False" not in str(caught.value)
+
+
 def test_bgr_input_order_flips_channels() -> None:
     rgb = Backbone("resnet18", mean=(0, 0, 0), std=(1, 1, 1))
     bgr = Backbone("resnet18", input_order="bgr", mean=(0, 0, 0), std=(1, 1, 1))

@@ -296,7 +296,7 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                       tmp_path)
         assert best.startswith("error: --ckpt_path best names the best checkpoint of a fit earlier in the same "
                                "Python process"), best
-    assert wrong.startswith("error: checkpoint does not fit this model") and "missing" in wrong
+    assert wrong.startswith(f"error: checkpoint {ckpt} does not fit this model") and "missing" in wrong
 
     gnd_root = tmp_path / "revisitop"
     (gnd_root / "broken" / "jpg").mkdir(parents=True)
