@@ -124,8 +124,8 @@ def test_wandb_mode_disabled_runs_without_wandb_files(cache_root: Path, tmp_path
                 *TINY_DATA, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}/wb",
                 "--trainer.callbacks=[]"], cwd=tmp_path, env=env)
     assert not list(out.rglob("offline-run-*")) and not list(out.rglob("run-*.wandb"))
-    saved = list(out.rglob("config.yaml"))
-    assert saved and "gem_arcface" in saved[0].read_text()
+    saved = list(out.rglob("config_test.yaml"))  # a test run's: a training run's config.yaml beside it stays
+    assert saved and "gem_arcface" in saved[0].read_text() and not list(out.rglob("config.yaml"))
 
 
 def test_a_run_records_the_commit_of_the_code_that_runs(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Save the resolved LightningCLI config without the ``config.yaml`` clash with W&B.
 
-Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir``; with a
+Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir`` (here ``fit``'s; an
+evaluation writes ``config_<stage>.yaml``, e.g. ``config_test.yaml``, beside it); with a
 ``WandbLogger`` that directory is shared by every run and W&B writes its own ``config.yaml``,
 so a second run fails. Here, when a W&B logger is attached, the config goes into the run's own
 directory and into ``run.config`` (so it is searchable in the W&B UI), with the version of the code
@@ -39,6 +40,9 @@ class SaveConfigToLoggers(SaveConfigCallback):
         loggers = [lg for lg in _wandb_loggers(trainer) if not _disabled(lg)]
         if not loggers:
             self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
+            # an evaluation run in a training run's directory (`test --ckpt_path`) keeps that run's config.yaml
+            name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn, `evaluate` a str
+            self.config_filename = "config.yaml" if name == "fit" else f"config_{name}.yaml"
             super().setup(trainer, pl_module, stage)
             return
         if trainer.is_global_zero:
