@@ -249,11 +249,13 @@ def _build_into(out: Path, sources: list[PhotoSource], cfg: dict[str, Any], dige
 
             results = tqdm(results, total=len(plans), desc="minilandmarks", unit="view")
         bboxes = {}
-        for p, (jpeg, bbx) in zip(plans, results):
+        for (jpeg, bbx), p in zip(results, plans):  # the bar first: zip stopping on `plans` left it at N - 1
             dest = path_of(p)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(jpeg)
             bboxes[p.key] = bbx
+        if progress:
+            results.close()
 
     _write_gldv2(gld, layout, ids, sources)
     imlist = sorted(ids[p.key] for p in layout.database)

@@ -379,7 +379,11 @@ class RetrievalCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         label_wandb_runs(self.trainer, subcommand, self.config.get(subcommand, self.config).as_dict())
         try:
-            super()._run_subcommand(subcommand)
+            with warnings.catch_warnings():
+                if subcommand != "fit":
+                    for message in EVALUATION_NOTICES:
+                        warnings.filterwarnings("ignore", message=message)
+                super()._run_subcommand(subcommand)
         except ValueError as exc:  # Lightning's refusal of --ckpt_path best/hpc (a ValueError, so a traceback)
             if "ckpt_path=" not in str(exc) or _user_error_in(exc) is not None:
                 raise
@@ -625,6 +629,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _finish_wandb_run()
+
+
+#: Lightning's warnings that are false for this framework's evaluations (every rank prints the second):
+#: the gathered descriptors are de-duplicated by dataset index, so DDP evaluates each item exactly once;
+#: an evaluation writes no checkpoint, so where the checkpoint's run kept its best ones does not matter
+EVALUATION_NOTICES = (r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(test|validate)\(\)`",
+                      r"The dirpath has changed from")
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:

@@ -218,6 +218,14 @@ def test_build_is_deterministic_and_config_sensitive(tmp_path: Path, small_photo
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")], "temporary directories left"
 
 
+def test_the_build_progress_bar_reaches_its_total(tmp_path: Path, small_photos: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The bar was wrapped around the rendered views but zipped after the plans, so it stopped at N - 1."""
+    mb.build_minilandmarks(tmp_path, [small_photos], **{**SMALL, "progress": True})
+    frames = re.findall(r"minilandmarks:.*?(\d+)/(\d+)", capsys.readouterr().err)
+    assert frames and frames[-1][0] == frames[-1][1], frames[-3:]
+
+
 def test_second_call_does_not_rebuild(tmp_path: Path, small_photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = mb.build_minilandmarks(tmp_path, [small_photos], **SMALL)
     stamp = (first / ".complete").stat().st_mtime_ns
