@@ -182,6 +182,9 @@ class RetrievalTrainer(pl.Trainer):
             eval_set: only this eval set (default: all of the datamodule's).
             ckpt_path: weights to load first, as given to ``extract`` (or give ``--model.init_from``).
         """
+        if not Path(features_dir).is_dir():  # at once, not after the launch, the weights and the data's set-up
+            raise UsageError(f"--features_dir {features_dir}: no such directory; run `retrieval-lightning extract` "
+                             f"with the same arguments and --output_dir {features_dir} first")
         launcher = self.strategy.launcher  # DDP re-launches the command for the other ranks, as for fit/test/predict
         if launcher is not None:
             return launcher.launch(self._evaluate, model, datamodule, features_dir, eval_set, ckpt_path, trainer=self)

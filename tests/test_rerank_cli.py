@@ -211,7 +211,9 @@ def test_extract_then_search_end_to_end(cache_root: Path, tmp_path: Path, plugin
     assert "'preprocessing.eval_max_side': store has 96, expected 80" in other
     missing = _fails(["evaluate", *rerank_args(cache_root, tmp_path / "ev3"), f"--ckpt_path={ckpt}",
                       f"--features_dir={tmp_path / 'none'}"], tmp_path)
-    assert "run `retrieval-lightning extract` with the same arguments" in missing
+    # said before the weights are loaded and the data set up (under DDP: before the launch)
+    assert missing.startswith(f"error: --features_dir {tmp_path / 'none'}: no such directory; run `retrieval-"
+                              "lightning extract` with the same arguments"), missing
 
     # an evaluation-only datamodule (num_classes 0) tests a trained checkpoint (issue 12 item 1)
     from test_cli import _overrides_for
