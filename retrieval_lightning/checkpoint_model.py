@@ -4,7 +4,7 @@ A checkpoint of this framework records its architecture (backbone, heads and mod
 ``import-checkpoint`` writes for an official CVNet model is nothing else. ``test``, ``validate``, ``predict``,
 ``extract`` and ``evaluate`` then need a datamodule and the checkpoint, not a model config that repeats it: the
 record is handed to the parser as the first config file, so any ``--config`` or ``--model.*`` given still
-overrides it, and the run's saved ``config.yaml`` holds the model it ran.
+overrides it, and the config the run saves (``config_<subcommand>.yaml``) holds the model it ran.
 """
 
 from __future__ import annotations

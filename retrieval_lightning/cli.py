@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retrieval_lightning.callbacks import SaveConfigToLoggers
+from retrieval_lightning.callbacks.config import TRAINING_SUBCOMMANDS, config_file_name
 from retrieval_lightning.checkpoint_model import with_checkpoint_model
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, open_lightning_checkpoint
 from retrieval_lightning.errors import UsageError, user_error_types
@@ -339,8 +340,8 @@ class RetrievalCLI(LightningCLI):
         if self.dropped_heads and any(arg.split("=")[0] == "--print_config" for arg in kept):
             # jsonargparse prints while parsing, before the heads are dropped: it would show them still there
             raise UsageError(f"--print_config cannot show --model.heads.{self.dropped_heads[0]}=null applied (it "
-                             "prints the config before heads are removed); run without --print_config: the run's "
-                             "saved config.yaml has the head removed")
+                             "prints the config before heads are removed); run without --print_config: the config "
+                             "the run saves has the head removed")
         sys.argv = [*full[:1], *kept]
         try:
             super().parse_arguments(parser, None)
@@ -378,11 +379,14 @@ class RetrievalCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         label_wandb_runs(self.trainer, subcommand, self.config.get(subcommand, self.config).as_dict())
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigToLoggers):
+                callback.config_filename = config_file_name(subcommand)
         try:
             with warnings.catch_warnings():
-                if subcommand != "fit":
-                    for message in EVALUATION_NOTICES:
-                        warnings.filterwarnings("ignore", message=message)
+                warnings.filterwarnings("ignore", message=DDP_EVALUATION_ADVICE)
+                if subcommand not in TRAINING_SUBCOMMANDS:
+                    warnings.filterwarnings("ignore", message=CHECKPOINT_DIRPATH_NOTE)
                 super()._run_subcommand(subcommand)
         except ValueError as exc:  # Lightning's refusal of --ckpt_path best/hpc (a ValueError, so a traceback)
             if "ckpt_path=" not in str(exc) or _user_error_in(exc) is not None:
@@ -631,11 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _finish_wandb_run()
 
 
-#: Lightning's warnings that are false for this framework's evaluations (every rank prints the second):
-#: the gathered descriptors are de-duplicated by dataset index, so DDP evaluates each item exactly once;
-#: an evaluation writes no checkpoint, so where the checkpoint's run kept its best ones does not matter
-EVALUATION_NOTICES = (r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(test|validate)\(\)`",
-                      r"The dirpath has changed from")
+#: Lightning's advice under DDP test / validate, false here: the gathered descriptors are de-duplicated by
+#: dataset index, so each item is evaluated exactly once
+DDP_EVALUATION_ADVICE = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(test|validate)\(\)`"
+#: ModelCheckpoint's note (every rank prints it) that a restored checkpoint's run kept its best ones elsewhere:
+#: nothing to an evaluation, which writes no checkpoint
+CHECKPOINT_DIRPATH_NOTE = r"The dirpath has changed from"
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:

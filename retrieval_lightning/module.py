@@ -706,6 +706,7 @@ class RetrievalModule(pl.LightningModule):
                 entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
             if seeds is None:
                 seeds = pair_seeds(content_seed(query_image), [content_seed(entry) for entry in entries])
+            seeds = list(seeds)
             entries = self.densify_entries(entries)
             return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
 

@@ -113,6 +113,16 @@ def test_without_an_api_key_the_logger_goes_offline_unless_disabled(tmp_path: Pa
     assert RetrievalWandbLogger(save_dir=str(tmp_path / "runs"), project="p")._offline is offline
 
 
+def test_training_subcommands_keep_the_log_directorys_config_yaml() -> None:
+    """``finetune`` (test, fit, test: its first stage a test) saves its config as ``fit`` does; the evaluating
+    subcommands beside it, so a ``test`` in a training run's directory leaves that run's config alone."""
+    from retrieval_lightning.callbacks.config import config_file_name
+
+    assert config_file_name("fit") == config_file_name("finetune") == "config.yaml"
+    assert [config_file_name(c) for c in ("test", "evaluate", "extract")] == [
+        "config_test.yaml", "config_evaluate.yaml", "config_extract.yaml"]
+
+
 @pytest.mark.slow
 def test_wandb_mode_disabled_runs_without_wandb_files(cache_root: Path, tmp_path: Path) -> None:
     """``WANDB_MODE=disabled``: the command runs (the resolved config goes to the log directory, as

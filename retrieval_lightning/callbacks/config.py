@@ -1,7 +1,8 @@
 """Save the resolved LightningCLI config without the ``config.yaml`` clash with W&B.
 
-Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir`` (here ``fit``'s; an
-evaluation writes ``config_<stage>.yaml``, e.g. ``config_test.yaml``, beside it); with a
+Lightning's ``SaveConfigCallback`` writes ``config.yaml`` into ``trainer.log_dir`` (here a training run's; an
+evaluation writes ``config_<subcommand>.yaml``, e.g. ``config_test.yaml``, beside it: see
+:func:`config_file_name`); with a
 ``WandbLogger`` that directory is shared by every run and W&B writes its own ``config.yaml``,
 so a second run fails. Here, when a W&B logger is attached, the config goes into the run's own
 directory and into ``run.config`` (so it is searchable in the W&B UI), with the version of the code
@@ -18,6 +19,16 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from retrieval_lightning.loggers import code_version
+
+
+#: subcommands that train: theirs is the log directory's ``config.yaml``
+TRAINING_SUBCOMMANDS = ("fit", "finetune")
+
+
+def config_file_name(subcommand: str) -> str:
+    """Where a subcommand saves its config without W&B: an evaluation in a training run's directory
+    (``test --ckpt_path <run>/checkpoints/last.ckpt``, even one that fails loading) keeps that run's."""
+    return "config.yaml" if subcommand in TRAINING_SUBCOMMANDS else f"config_{subcommand}.yaml"
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -40,9 +51,6 @@ class SaveConfigToLoggers(SaveConfigCallback):
         loggers = [lg for lg in _wandb_loggers(trainer) if not _disabled(lg)]
         if not loggers:
             self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
-            # an evaluation run in a training run's directory (`test --ckpt_path`) keeps that run's config.yaml
-            name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn, `evaluate` a str
-            self.config_filename = "config.yaml" if name == "fit" else f"config_{name}.yaml"
             super().setup(trainer, pl_module, stage)
             return
         if trainer.is_global_zero:
