@@ -59,6 +59,9 @@ def test_a_reranked_gallery_shows_both_rankings_and_where_each_image_stood() -> 
     assert torch.equal(rows[1][2].image, dataset[2 + 9]["image"])  # database images follow the queries
     plain = gallery_rows(dataset, 2, after, marks, max_queries=2, k=3)
     assert [row[0].caption for row in plain] == ["query 0", "query 1"] and plain[0][1].caption == "#1 db 3"
+    dataset[1]["unreadable"] = True  # on_error: skip's placeholder: its ranking is drawn, its AP counted 0
+    assert [row[0].caption for row in gallery_rows(dataset, 2, after, marks, max_queries=2, k=3)] == [
+        "query 0", "query 1\nunreadable: scored 0"]
     from retrieval_lightning.callbacks.gallery import _headline
 
     reranked, global_only = {"mAP_E": 90.0, "mAP_M": 70.25, "mP@5_M": 1.0}, {"mAP_E": 80.0, "mAP_M": 75.0}

@@ -73,7 +73,10 @@ def gallery_rows(dataset, n_queries: int, topk: Tensor, relevance: Tensor, max_q
     (``from #4``; ``from >#10`` past the global shortlist kept): what re-ranking changed is seen at a glance."""
 
     def row(r: int, label: str, order: Tensor, marks: Tensor, was: list[int] | None = None) -> list[Tile]:
-        tiles = [Tile(dataset[r]["image"], f"query {r}{label}")]
+        query = dataset[r]
+        # an unreadable query's placeholder still ranks something, which its metrics do not count
+        unreadable = "\nunreadable: scored 0" if query.get("unreadable") else ""
+        tiles = [Tile(query["image"], f"query {r}{label}{unreadable}")]
         for c in range(min(k, order.shape[1])):
             db_index = int(order[r, c])
             caption = f"#{c + 1} db {db_index}"
