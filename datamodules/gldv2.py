@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules._compact import StringArray
+from datamodules._loader_options import check_loader_options
 from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, datamodule_policy, eval_loaders
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.patch_shuffle import shuffle_tiles, step_permutations
@@ -33,6 +34,7 @@ from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableD
                                 training_batches_before)
 from retrieval_lightning.data.io import ImageLoadError, LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.errors import UsageError
 
 __all__ = [
     "EVAL_SET_KINDS",
@@ -186,6 +188,7 @@ class GLDv2DataModule(L.LightningDataModule):
         present_only: bool = False,
     ) -> None:
         super().__init__()
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         if train_set not in ("clean", "full"):
             raise ValueError(f"train_set must be 'clean' or 'full', got {train_set!r}")
         if sampling not in ("shuffle", "balanced", "pairs"):
@@ -313,7 +316,7 @@ class GLDv2DataModule(L.LightningDataModule):
         else:
             sampler = ShuffleSampler(len(self.train_dataset), seed=hp.sampler_seed, **ranks)
         if len(sampler) < hp.batch_size:  # drop_last: no batch, and fit would end at once having trained nothing
-            raise ValueError(f"batch_size {hp.batch_size} exceeds the {len(sampler)} training images of each rank "
+            raise UsageError(f"batch_size {hp.batch_size} exceeds the {len(sampler)} training images of each rank "
                              f"(whole batches only); lower --data.init_args.batch_size")
         return ResumableDataLoader(
             self.train_dataset, batch_size=hp.batch_size, sampler=sampler,

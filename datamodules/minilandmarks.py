@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from datamodules._loader_options import check_loader_options
 from datamodules.gldv2 import GLDv2DataModule
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.pairs import PairMiner, PairSampling, check_pair_options
@@ -75,6 +76,7 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         check_pair_options(sampling, pairs)  # refused when made, not at the first training batch
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.root = root or os.path.join(default_cache_root(), "minilandmarks")
         self.photo_dirs = [Path(p) for p in (photo_dirs or [])]

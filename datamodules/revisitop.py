@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules._compact import JoinedPaths, StringArray
+from datamodules._loader_options import check_loader_options
 from datamodules._transforms import BOX_FRAMES, EvalImageDataset, EvalTransform, datamodule_policy, eval_loaders
 from retrieval_lightning.errors import DataFormatError
 from retrieval_lightning.data.types import EvalSet
@@ -244,6 +245,7 @@ class RevisitopDataModule(L.LightningDataModule):
         self.datasets = list(datasets) if datasets is not None else ["roxford5k", "rparis6k"]
         if not self.datasets:
             raise ValueError("RevisitopDataModule needs at least one dataset name")
+        check_loader_options(eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.policy = datamodule_policy(on_error)
         self.transform = EvalTransform(max_side, upscale=upscale, box_rounding=box_rounding)
         if box_frame not in BOX_FRAMES:

@@ -165,6 +165,8 @@ class DelgLocalHead(LocalHead):
             distinct_px=distinct_px, reference=reference, reference_trials=reference_trials,
         )
         MatchOptions.from_kwargs(self.match_options)  # a bad value is refused when the head is built
+        if workers is not None and workers < 1:  # 0 meant every CPU and -2 one thread, silently
+            raise ValueError(f"workers must be >= 1, or null for one per CPU; got {workers}")
         self.workers = workers
         self._centres = CentreCache()
 

@@ -57,6 +57,8 @@ class GemArcFaceHead(GlobalHead):
         super().__init__()
         self.stages = (stage,)
         self.stage = stage
+        if dim is not None and dim < 1:  # 0 read as "the backbone's width", silently; < 0 failed in torch
+            raise ValueError(f"dim must be >= 1, or null for the backbone stage's channels; got {dim}")
         self.requested_dim = dim
         self.gem = GeM(p=p, learn_p=learn_p)
         self.margin_kind = margin

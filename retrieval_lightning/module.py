@@ -162,6 +162,11 @@ class RetrievalModule(pl.LightningModule):
         if stray:  # a misspelt role would train its head at the full lr, silently
             raise ValueError(f"optim.head_lr_mult names {stray}, which are not configured heads {sorted(heads)}")
         self.eval_scales = tuple(float(s) for s in eval_scales)
+        if not self.eval_scales or not all(math.isfinite(s) and s > 0 for s in self.eval_scales):
+            # [] embedded nothing; a scale <= 0 described every image from one pixel, silently
+            raise ValueError(f"eval_scales must be one or more finite factors > 0, got {list(eval_scales)}")
+        if int(search_chunk) < 1:
+            raise ValueError(f"search_chunk must be >= 1 (database rows scored at a time), got {search_chunk}")
         if eval_resize not in SCALE_RESIZES:
             raise ValueError(f"eval_resize must be one of {SCALE_RESIZES}, got {eval_resize!r}")
         self.eval_resize = eval_resize

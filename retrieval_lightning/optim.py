@@ -9,6 +9,11 @@ from typing import Any
 import torch
 
 
+#: the optimisers and learning-rate schedules ``OptimConfig`` names
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
 @dataclass
 class OptimConfig:
     """Optimiser settings.
@@ -42,6 +47,10 @@ class OptimConfig:
     reference_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:  # when the config is read, not after the data's set-up and imprinting
+            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("lr", "backbone_lr_mult", "momentum", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
@@ -124,8 +133,8 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], total_steps: float | i
     ``total_steps`` is the run's optimiser-step count (``trainer.estimated_stepping_batches``);
     linear and cosine schedules need it finite (:class:`UnboundedScheduleError` otherwise).
     """
-    if cfg.schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; use linear, cosine or constant")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use one of {SCHEDULES}")
     total = check_total_steps(cfg, total_steps)
     groups = split_decay(groups, cfg.weight_decay)
     if cfg.name == "sgd":

@@ -297,8 +297,11 @@ def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
     ({"threshold": -5.0}, "threshold must be > 0, got -5.0"),  # OpenCV squares it: it acted as 5 px
     ({"threshold": 0.0}, "threshold must be > 0"),  # every pair scored 0
     ({"max_distance": -1.0}, "max_distance must be > 0"),  # squared too: it acted as 1.0
-    ({"max_iters": -1}, "max_iters must be >= 1"),
-    ({"reference": True, "reference_trials": 0}, "reference_trials must be >= 1"),
+    ({"max_iters": -1}, r"max_iters must be in \[1, 2\^31 - 1\]"),
+    ({"max_iters": 3_000_000_000}, "max_iters must be in"),  # OpenCV's C int: it failed mid-re-ranking
+    ({"workers": 0}, "workers must be >= 1, or null"),  # 0 meant every CPU, -2 one thread
+    ({"workers": -2}, "workers must be >= 1, or null"),
+    ({"reference": True, "reference_trials": 0}, "reference_trials must be in"),
     ({"confidence": 1.0}, r"confidence must be in \(0, 1\)"),
     ({"max_hamming": -1}, "max_hamming must be >= 0"),
     ({"reference": True, "ratio": 0.8}, "would ignore ratio; leave it unset"),

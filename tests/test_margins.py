@@ -78,6 +78,16 @@ def test_gem_matches_definition_and_p1_is_average_pooling() -> None:
     learn = GeM(p=3.0, learn_p=True)
     learn(x).sum().backward()
     assert learn.p.grad is not None
+    # a large p: x^p overflowed fp32 (NaN descriptors at p = 100, blamed on the model or the images)
+    big = torch.rand(2, 3, 5, 4) * 20
+    exact = big.double().clamp(min=1e-6).pow(100).mean(dim=(2, 3)).pow(1 / 100)
+    torch.testing.assert_close(GeM(p=100.0)(big).double(), exact, rtol=1e-5, atol=0)
+    learn = GeM(p=100.0, learn_p=True)
+    learn(big).sum().backward()
+    assert torch.isfinite(learn.p.grad).all()
+    gradient = torch.autograd.functional.jacobian(lambda t: GeM(p=3.0)(t).sum(), x)
+    reference = torch.autograd.functional.jacobian(lambda t: t.pow(3).mean(dim=(2, 3)).pow(1 / 3).sum(), x)
+    torch.testing.assert_close(gradient, reference)  # the peak's own path cancels: the same gradient
 
 
 def test_curricularface_statistic_is_identical_across_ddp_ranks(tmp_path) -> None:

@@ -74,8 +74,8 @@ class MatchOptions:
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         for name, value in (("max_iters", self.max_iters), ("reference_trials", self.reference_trials)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if not 1 <= value <= 2**31 - 1:  # OpenCV takes a C int: a larger one failed mid-re-ranking
+                raise ValueError(f"{name} must be in [1, 2^31 - 1], got {value}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.max_hamming is not None and self.max_hamming < 0:

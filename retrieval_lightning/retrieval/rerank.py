@@ -78,6 +78,8 @@ class RerankConfig:
             raise ValueError(f"rerank.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if not math.isfinite(self.weight):  # NaN fused every score to NaN: the global order, silently
             raise ValueError(f"rerank.weight must be a finite number, got {self.weight}")
+        if self.shard_size < 1:  # said when the config is read, not once the entries are written
+            raise ValueError(f"rerank.shard_size must be >= 1 (images per shard file), got {self.shard_size}")
 
 
 def content_seed(value: Tensor | np.ndarray | Mapping[str, Any]) -> int:
