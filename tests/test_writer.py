@@ -400,7 +400,11 @@ def test_a_merge_removes_the_partial_shards_of_ranks_the_resumed_run_did_not_hav
     resumed on 1 process left rank 1's (up to a shard of bytes) in the folder for good."""
     from retrieval_lightning.retrieval.writer import ShardWriter
 
-    stale = tmp_path / ".shard-r0001-s000003.npz.tmp-4242"
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a pid no process has any more: its writer was killed
+    stale = tmp_path / f".shard-r0001-s000003.npz.tmp-{ended.pid}"
     tmp_path.mkdir(exist_ok=True)
     stale.write_bytes(b"x" * 100)
     writer = ShardWriter(tmp_path, rank=0, shard_size=2, identity=IDENTITY)
@@ -409,3 +413,38 @@ def test_a_merge_removes_the_partial_shards_of_ranks_the_resumed_run_did_not_hav
     assert stale.exists()  # rank 0's writer leaves rank 1's file: rank 1 may still be writing it
     merge_shards(tmp_path, progress=False, expect_identity=IDENTITY, expected_indices=range(2))
     assert not stale.exists()
+
+
+def test_a_merge_refuses_a_shard_another_run_replaced_and_leaves_a_live_writers_partial_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs writing one folder (a review): the second's ``os.replace`` of a shard the first was merging gave
+    the first's store the second's rows (other settings) without a word, and each run deleted the other's partial
+    file, so the other failed as if the disk had."""
+    import shutil
+
+    from retrieval_lightning.retrieval.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path, rank=0, shard_size=2, identity=IDENTITY)
+    writer.add({"index": np.arange(4), "global": np.zeros((4, 3), np.float16)})
+    writer.close()
+    live = tmp_path / f".shard-r0000-s000009.npz.tmp-{os.getppid()}"  # another run's shard being written
+    live.write_bytes(b"x" * 10)
+    ShardWriter(tmp_path, rank=0, shard_size=2, identity=IDENTITY)  # a new writer of rank 0 leaves it
+    assert live.exists()
+    create = FeatureStore.create
+
+    def create_while_another_run_replaces_a_shard(*args, **kwargs):
+        builder = create(*args, **kwargs)
+        shard = list_shards(tmp_path)[1]
+        shutil.copyfile(shard, tmp_path / ".other")
+        os.replace(tmp_path / ".other", shard)  # the other run's write of the same shard name
+        return builder
+
+    monkeypatch.setattr(FeatureStore, "create", create_while_another_run_replaces_a_shard)
+    with pytest.raises(UsageError, match=r"shard-r0000-s000001.npz was replaced while its folder was merged: "
+                                         r"another run is writing into"):
+        merge_shards(tmp_path, progress=False, expect_identity=IDENTITY, expected_indices=range(4))
+    assert not (tmp_path / "store").exists()
+    monkeypatch.undo()
+    store = merge_shards(tmp_path, progress=False, expect_identity=IDENTITY, expected_indices=range(4))
+    assert store.count == 4 and live.exists()  # the merge keeps a live writer's partial file too

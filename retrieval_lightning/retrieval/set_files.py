@@ -30,7 +30,7 @@ SET_RECORD = "set.json"
 
 def _replace_atomically(path: Path, lines: Iterable[str]) -> None:
     """Write ``lines`` to ``path`` through a temporary file, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two runs writing at once do not share it
     with open(tmp, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")

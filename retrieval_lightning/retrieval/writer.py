@@ -42,6 +42,7 @@ from .store import (
     identity_differences,
     normalize_identity,
 )
+from .workdirs import process_alive
 
 _SHARD_RE = re.compile(r"^shard-r(\d+)-s(\d+)\.npz$")
 _META_KEY = "__meta__"
@@ -294,7 +295,8 @@ class ShardWriter:
                 seqs.append(int(match.group(2)))
         self._seq = max(seqs) + 1
         for stale in self.output_dir.glob(f".{shard_name(self.rank, 0).split('-s')[0]}-s*.npz.tmp-*"):
-            stale.unlink(missing_ok=True)  # left by a killed writer of this rank (one writer per rank at a time)
+            if not _written_by_another_live_process(stale):  # left by a killed writer of this rank
+                stale.unlink(missing_ok=True)
         first = next(iter(list_shards(self.output_dir)), None)
         if first is not None:
             _check_identity(first, _read_meta(first)["identity"], self.identity)
@@ -484,6 +486,7 @@ def merge_shards(
     shards = list_shards(output_dir)
     if not shards:
         raise FileNotFoundError(f"no feature shards (shard-r*-s*.npz) in {output_dir}")
+    stamps = [_file_stamp(s.stat()) for s in shards]  # before the headers: a shard replaced later is seen
     metas = [_read_meta(s) for s in tqdm(shards, desc="reading shard headers", disable=not progress)]
     first = metas[0]
     identity = first["identity"] if expect_identity is None else normalize_identity(expect_identity)
@@ -532,22 +535,31 @@ def merge_shards(
                 continue
             local, dest = src_row[chosen][mine], dest_of_chosen[mine]
             try:
-                archive = np.load(shard, allow_pickle=False)
+                handle = open(shard, "rb")
             except _DAMAGED as err:
                 raise _damaged(shard, err) from None
-            with archive as z:
-                for kind, spec in kinds.items():
-                    if kind not in metas[s]["kinds"]:  # no placeholder flags (an earlier version): zeros stay
-                        continue
-                    data = _member(z, shard, kind)
-                    if not spec.ragged:
-                        builder.array(kind)[dest] = data[local]
-                        continue
-                    offsets = _member(z, shard, f"{kind}.offsets")
-                    src_rows = _ranges(offsets[local], offsets[local + 1] - offsets[local])
-                    dst_off = builder.offsets[kind]
-                    dst_rows = _ranges(dst_off[dest], dst_off[dest + 1] - dst_off[dest])
-                    builder.array(kind)[dst_rows] = data[src_rows]
+            with handle:
+                if _file_stamp(os.fstat(handle.fileno())) != stamps[s]:  # its rows would be another run's
+                    raise UsageError(f"feature shard {shard} was replaced while its folder was merged: another run "
+                                     f"is writing into {output_dir} (one run per output folder); run this one again "
+                                     "once it has finished")
+                try:
+                    archive = np.load(handle, allow_pickle=False)
+                except _DAMAGED as err:
+                    raise _damaged(shard, err) from None
+                with archive as z:
+                    for kind, spec in kinds.items():
+                        if kind not in metas[s]["kinds"]:  # no placeholder flags (an earlier version): zeros stay
+                            continue
+                        data = _member(z, shard, kind)
+                        if not spec.ragged:
+                            builder.array(kind)[dest] = data[local]
+                            continue
+                        offsets = _member(z, shard, f"{kind}.offsets")
+                        src_rows = _ranges(offsets[local], offsets[local + 1] - offsets[local])
+                        dst_off = builder.offsets[kind]
+                        dst_rows = _ranges(dst_off[dest], dst_off[dest + 1] - dst_off[dest])
+                        builder.array(kind)[dst_rows] = data[src_rows]
         store = builder.commit()
     except BaseException:
         builder.abort()
@@ -555,5 +567,18 @@ def merge_shards(
     # every writer has finished: a killed one's partial file is rubbish now, also of a rank this run did not have
     # (a 2-process run resumed on 1 process; each writer only clears its own rank's)
     for stale in Path(output_dir).glob(".shard-r*-s*.npz.tmp-*"):
-        stale.unlink(missing_ok=True)
+        if not _written_by_another_live_process(stale):
+            stale.unlink(missing_ok=True)
     return store
+
+
+def _written_by_another_live_process(tmp: Path) -> bool:
+    """Whether a partial shard ``.shard-...npz.tmp-<pid>`` is being written by another process that still runs
+    (a second run writing into the same folder; its file is not rubbish yet)."""
+    pid = tmp.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))
+
+
+def _file_stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a shard file is replaced (``os.replace`` gives a new inode) or rewritten."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
