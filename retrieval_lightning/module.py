@@ -50,6 +50,7 @@ from retrieval_lightning.retrieval.rerank import RerankConfig, content_seed, pai
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, evaluation_mode
 from retrieval_lightning.retrieval.spill import SpillConfig
 from retrieval_lightning.retrieval.store import check_kind_name
+from retrieval_lightning.retrieval.workdirs import in_use_by_another_process, mark_in_use
 from retrieval_lightning.retrieval.writer import (
     UNREADABLE,
     datamodule_identity,
@@ -777,6 +778,7 @@ class RetrievalModule(pl.LightningModule):
     def _start_eval(self, prefix: str, stage: str) -> None:
         self._eval_buffers.clear()
         self._rerank_writers: dict[int, RerankEntryWriter] = {}
+        self._release_entries()
         if not self._reranks() or self.trainer.sanity_checking:
             return
         common = self.rerank_store_identity()
@@ -786,9 +788,11 @@ class RetrievalModule(pl.LightningModule):
             tag = identity_tag(identity)
             parent = root / prefix / eval_set.name
             if self.trainer.is_global_zero and parent.is_dir():
-                for old in parent.iterdir():  # entries of earlier weights or data settings are never read again
-                    if old.is_dir() and old.name != tag:
-                        shutil.rmtree(old, ignore_errors=True)
+                for old in parent.iterdir():  # entries of earlier weights or data settings are never read again,
+                    if old.is_dir() and old.name != tag and not in_use_by_another_process(old):  # unless a run
+                        shutil.rmtree(old, ignore_errors=True)  # of other settings in this directory is using them
+            if self.trainer.is_global_zero:
+                self._entries_in_use.append(mark_in_use(parent / tag))
             self._rerank_writers[idx] = RerankEntryWriter(
                 self, eval_set, parent / tag, identity, rank=self.global_rank, shard_size=self.rerank.shard_size
             )
@@ -867,6 +871,13 @@ class RetrievalModule(pl.LightningModule):
                 self.last_eval[eval_set.name] = reranked
                 self._log_metrics(f"{prefix}/{eval_set.name}/reranked", reranked.metrics)
         self._eval_buffers.clear()
+        self._release_entries()
+
+    def _release_entries(self) -> None:
+        """Unmark the re-ranking entry folders this evaluation used (:func:`mark_in_use`)."""
+        for marker in getattr(self, "_entries_in_use", []):
+            marker.unlink(missing_ok=True)
+        self._entries_in_use: list[Path] = []
 
     def postprocessed(self, eval_set: EvalSet, desc: Tensor, unreadable: Tensor | np.ndarray | None = None) -> Tensor:
         """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without. The

@@ -5,6 +5,7 @@ global metrics under weighted fusion, 2 processes (gloo) equal 1 process on both
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -51,6 +52,16 @@ def test_rerank_head_from_another_distribution_in_test_and_ddp(cache_root: Path,
               "--data.init_args.eval_max_side=64"], cwd=tmp_path)
     again = sorted((one / "rerank_store" / "test" / SET).glob("*/database/store"))
     assert len(again) == 1 and again[0] != stores[0]  # the other images' store replaced the first
+    # ... unless another live run (other settings, the same directory) is using it: its folder is marked
+    from retrieval_lightning.retrieval.workdirs import pid_space
+
+    in_use = again[0].parent.parent / f".in-use-{pid_space()}-{os.getppid()}"
+    in_use.touch()
+    run_main(["test", *rerank_args(cache_root, one, "--model.rerank.fusion=weighted"),
+              "--data.init_args.eval_max_side=80"], cwd=tmp_path)
+    third = sorted((one / "rerank_store" / "test" / SET).glob("*/database/store"))
+    assert len(third) == 2 and again[0] in third
+    assert not list((one / "rerank_store").rglob(f".in-use-*-{os.getpid()}"))  # this run's markers are gone
 
     reversed_dir = tmp_path / "reversed"
     run_main(["test", *rerank_args(cache_root, reversed_dir, "--model.heads.verifier.init_args.sign=-1",

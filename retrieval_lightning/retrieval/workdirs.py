@@ -99,3 +99,29 @@ def replace_dir(new: Path, path: Path) -> None:
         os.replace(aside, path)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+_IN_USE = re.compile(r"^\.in-use-(.+)-(\d+)$")
+
+
+def mark_in_use(folder: Path) -> Path:
+    """Mark ``folder`` as read and written by this process until :func:`Path.unlink` of the returned marker (or
+    the process's end): :func:`in_use_by_another_process` tells a concurrent run not to delete it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".in-use-{pid_space()}-{os.getpid()}"
+    marker.touch()
+    return marker
+
+
+def in_use_by_another_process(folder: Path) -> bool:
+    """Whether another live process marked ``folder`` (:func:`mark_in_use`); a marker of another pid space
+    (a process that cannot be checked from here) counts as live."""
+    space = pid_space()
+    for entry in folder.glob(".in-use-*"):
+        match = _IN_USE.match(entry.name)
+        if match is None:
+            continue
+        owner, pid = match.group(1), int(match.group(2))
+        if owner != space or (pid != os.getpid() and process_alive(pid)):
+            return True
+    return False
