@@ -448,3 +448,17 @@ def test_a_merge_refuses_a_shard_another_run_replaced_and_leaves_a_live_writers_
     monkeypatch.undo()
     store = merge_shards(tmp_path, progress=False, expect_identity=IDENTITY, expected_indices=range(4))
     assert store.count == 4 and live.exists()  # the merge keeps a live writer's partial file too
+
+
+def test_set_files_are_written_through_a_temporary_file_of_this_process(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs finishing at once shared ``.items.tsv.tmp``: the first's rename took it, the second failed."""
+    import retrieval_lightning.retrieval.set_files as set_files
+
+    renamed: list[tuple[str, str]] = []
+    replace = os.replace
+    monkeypatch.setattr(set_files.os, "replace", lambda src, dst: renamed.append((str(src), str(dst))) or
+                        replace(src, dst))
+    set_files._replace_atomically(tmp_path / "items.tsv", ["a", "b"])
+    assert renamed == [(str(tmp_path / f".items.tsv.tmp-{os.getpid()}"), str(tmp_path / "items.tsv"))]
+    assert (tmp_path / "items.tsv").read_text() == "a\nb\n"
