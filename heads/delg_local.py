@@ -84,7 +84,7 @@ class DelgLocalHead(LocalHead):
             scoring (one-way 1-NN, scikit-image affine RANSAC over ``reference_trials`` trials, raw
             inlier count), about 100x slower, for comparing with published numbers; ``distinct_px:
             0`` keeps the fast path but counts every inlier as the official code does.
-        workers: threads verifying a shortlist (None: one per CPU).
+        workers: threads verifying a shortlist (None or 0: one per CPU).
     """
 
     training_only = ("classifier.",)  # the attention loss's classifier over the training classes
@@ -165,8 +165,8 @@ class DelgLocalHead(LocalHead):
             distinct_px=distinct_px, reference=reference, reference_trials=reference_trials,
         )
         MatchOptions.from_kwargs(self.match_options)  # a bad value is refused when the head is built
-        if workers is not None and workers < 1:  # 0 meant every CPU and -2 one thread, silently
-            raise ValueError(f"workers must be >= 1, or null for one per CPU; got {workers}")
+        if workers is not None and workers < 0:  # -2 meant one thread, silently
+            raise ValueError(f"workers must be >= 1, or null (or 0) for one per CPU; got {workers}")
         self.workers = workers
         self._centres = CentreCache()
 

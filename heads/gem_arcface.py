@@ -22,7 +22,8 @@ class GemArcFaceHead(GlobalHead):
 
     Args:
         stage: backbone stage pooled (``conv5`` in DELG and CVNet).
-        dim: descriptor size; ``None`` keeps the stage's channel count (2048 for ResNet-50).
+        dim: descriptor size; ``None`` (or 0, as checkpoints of earlier versions record it) keeps the stage's
+            channel count (2048 for ResNet-50).
         p, learn_p: GeM exponent and whether it is trained (with ``p_lr_mult`` × lr, no decay).
         margin: ``"arcface"`` or ``"curricularface"``; ``margin_m`` in radians.
         scale: logit scale; ``None`` is ``sqrt(dim)`` (DELG: 45.25 for 2048).
@@ -57,8 +58,8 @@ class GemArcFaceHead(GlobalHead):
         super().__init__()
         self.stages = (stage,)
         self.stage = stage
-        if dim is not None and dim < 1:  # 0 read as "the backbone's width", silently; < 0 failed in torch
-            raise ValueError(f"dim must be >= 1, or null for the backbone stage's channels; got {dim}")
+        if dim is not None and dim < 0:  # failed in torch, naming no option
+            raise ValueError(f"dim must be >= 1, or null (or 0) for the backbone stage's channels; got {dim}")
         self.requested_dim = dim
         self.gem = GeM(p=p, learn_p=learn_p)
         self.margin_kind = margin

