@@ -261,20 +261,14 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
     assert "unknown datamodule 'minilandmark'" in unknown_data and "'minilandmarks'" in unknown_data
     # values the classes refuse while being built (one dataclass refusal arrives wrapped in a union error)
     # (found by a review of every option: these failed with a traceback, most only after extraction, set-up or
-    # imprinting, or were taken silently: `eval_scales=[0]` described every image from one pixel)
+    # imprinting, or were taken silently: `eval_scales=[0]` described every image from one pixel; the rest of
+    # them in test_the_options_a_review_found_unchecked_are_refused_when_built)
     for override, message in [("--model.rerank.k=0", "rerank.k must be >= 1, got 0"),
                               ("--model.heads.global.init_args.margin=cos", "unknown margin 'cos'"),
                               ("--model.freeze=[verifier]", "not configured heads ['global']"),
-                              ("--model.eval_scales=[]", "eval_scales must be one or more finite factors > 0"),
                               ("--model.eval_scales=[1.0,0]", "eval_scales must be one or more finite factors > 0"),
-                              ("--model.search_chunk=0", "search_chunk must be >= 1"),
-                              ("--model.rerank.shard_size=0", "rerank.shard_size must be >= 1"),
                               ("--model.optim.name=adamx", "optim.name must be one of ('sgd', 'adamw')"),
-                              ("--model.optim.schedule=foo", "optim.schedule must be one of"),
-                              ("--model.heads.global.init_args.dim=-4", "dim must be >= 1, or null"),
-                              ("--data.init_args.batch_size=0", "--data.init_args.batch_size must be an integer >= 1"),
-                              ("--data.init_args.num_workers=-1", "--data.init_args.num_workers must be an integer >= 0"),
-                              ("--data.init_args.eval_batch_size=0", "eval_batch_size must be an integer >= 1")]:
+                              ("--data.init_args.num_workers=-1", "--data.init_args.num_workers must be an integer >= 0")]:
         refused = _fails(["test", "--config", DEMO, override, f"--data.init_args.root={cache_root}"], tmp_path)
         assert refused.startswith(f"error: the configuration cannot be built: ") and message in refused, refused
     no_set = _fails(["extract", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
@@ -379,3 +373,36 @@ def _tiny_store(path: Path) -> None:
     from retrieval_lightning.retrieval.writer import model_identity
 
     FeatureStore.from_arrays(path, {"global": np.eye(4, 16, dtype=np.float16)}, identity=model_identity(_tiny_model(0)))
+
+
+def test_the_options_a_review_found_unchecked_are_refused_when_built(tmp_path: Path) -> None:
+    """The classes refuse them when the config is built (the CLI prints such a refusal as one line, above)."""
+    from datamodules.minilandmarks import MiniLandmarksDataModule
+    from datamodules.revisitop import RevisitopDataModule
+    from retrieval_lightning.backbone import Backbone
+    from retrieval_lightning.head_plugins import gem_arcface
+    from retrieval_lightning.module import RetrievalModule
+    from retrieval_lightning.optim import OptimConfig
+    from retrieval_lightning.retrieval.rerank import RerankConfig
+
+    def module(**settings) -> RetrievalModule:
+        return RetrievalModule(Backbone("resnet18", stages=["conv5"]), {"global": gem_arcface(dim=8)}, **settings)
+
+    for build, message in [(lambda: module(eval_scales=[]), "eval_scales must be one or more finite factors > 0"),
+                           (lambda: module(eval_scales=[-1.0]), "eval_scales must be one or more finite factors"),
+                           (lambda: module(eval_scales=[float("nan")]), "eval_scales must be one or more finite"),
+                           (lambda: module(search_chunk=0), "search_chunk must be >= 1"),
+                           (lambda: RerankConfig(shard_size=0), "rerank.shard_size must be >= 1"),
+                           (lambda: OptimConfig(schedule="foo"), "optim.schedule must be one of"),
+                           (lambda: gem_arcface(dim=-4), "dim must be >= 1, or null"),
+                           (lambda: MiniLandmarksDataModule(root=str(tmp_path), batch_size=0),
+                            "--data.init_args.batch_size must be an integer >= 1"),
+                           (lambda: MiniLandmarksDataModule(root=str(tmp_path), eval_batch_size=0),
+                            "eval_batch_size must be an integer >= 1"),
+                           (lambda: RevisitopDataModule(root=str(tmp_path), num_workers=-1),
+                            "num_workers must be an integer >= 0"),
+                           (lambda: RevisitopDataModule(root=str(tmp_path), eval_batch_size=0),
+                            "eval_batch_size must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build()
+    assert module(eval_scales=[1, 2]).eval_scales == (1.0, 2.0)  # ints, as a config may give them
