@@ -75,9 +75,7 @@ def open_checkpoint(path: str | Path) -> dict:
     are only read when touched, and weights-only like every load here. :class:`CheckpointLoadError` names a
     file that is missing, a directory, no checkpoint, corrupt or refused."""
     path = Path(path)
-    _check_torch_file(path)
-    with path.open("rb") as f:
-        archive = f.read(4).startswith(_ZIP_MAGIC)
+    archive = _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             return torch.load(path, map_location="cpu", mmap=archive, weights_only=True)
@@ -85,8 +83,9 @@ def open_checkpoint(path: str | Path) -> dict:
         raise _unreadable(path, exc) from exc
 
 
-def _check_torch_file(path: Path) -> None:
-    """Refuse, naming ``path``, what cannot be a torch checkpoint: nothing there, a directory, other bytes."""
+def _check_torch_file(path: Path) -> bool:
+    """Refuse, naming ``path``, what cannot be a torch checkpoint: nothing there, a directory, other bytes.
+    Returns whether it is torch's zip archive (a pickle otherwise: torch's legacy format)."""
     if path.is_dir():
         raise CheckpointLoadError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
@@ -95,6 +94,7 @@ def _check_torch_file(path: Path) -> None:
         magic = f.read(4)
     if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
         raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
+    return magic.startswith(_ZIP_MAGIC)
 
 
 def open_lightning_checkpoint(path: str | Path) -> dict:

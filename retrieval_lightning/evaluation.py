@@ -191,7 +191,7 @@ def gldv2_retrieval_protocol(
 ) -> EvalResult:
     """GLDv2 retrieval: mAP@100 over the queries that have ground truth (percent); ``failed`` queries
     (unreadable images) predict nothing."""
-    failed_ids = set() if failed is None else {ground_truth["query_ids"][int(q)] for q in failed}
+    failed_ids = _query_ids_of(ground_truth, failed)
     query_ids, db_ids, solution = ground_truth["query_ids"], ground_truth["db_ids"], ground_truth["solution"]
     k = min(100, database.shape[0])
     first = None if reranked is None else reranked[ALL]
@@ -215,7 +215,7 @@ def gldv2_recognition_protocol(
     The confidence is the global similarity of that image, also after re-ranking. ``failed`` queries
     (unreadable images) predict nothing.
     """
-    failed_ids = set() if failed is None else {ground_truth["query_ids"][int(q)] for q in failed}
+    failed_ids = _query_ids_of(ground_truth, failed)
     query_ids, db_labels, solution = ground_truth["query_ids"], ground_truth["db_labels"], ground_truth["solution"]
     first = None if reranked is None else reranked[ALL]
     scores, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, first, device, excluded)
@@ -295,13 +295,20 @@ def evaluate_eval_set(
 
 def unreadable_database(eval_set: EvalSet, unreadable: Tensor | np.ndarray | None) -> np.ndarray:
     """Database positions whose items are placeholders of unreadable images (empty without flags)."""
-    if unreadable is None:
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.asarray(unreadable)[eval_set.n_queries:]).astype(np.int64)
+    return _flagged(unreadable, slice(eval_set.n_queries, None))
 
 
 def unreadable_queries(eval_set: EvalSet, unreadable: Tensor | np.ndarray | None) -> np.ndarray:
     """Query positions whose items are placeholders of unreadable images (empty without flags)."""
+    return _flagged(unreadable, slice(None, eval_set.n_queries))
+
+
+def _flagged(unreadable: Tensor | np.ndarray | None, part: slice) -> np.ndarray:
     if unreadable is None:
         return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.asarray(unreadable)[:eval_set.n_queries]).astype(np.int64)
+    return np.flatnonzero(np.asarray(unreadable)[part]).astype(np.int64)
+
+
+def _query_ids_of(ground_truth: dict, positions: np.ndarray | None) -> set:
+    """The GLDv2 query ids at ``positions`` (the unreadable queries: they predict nothing)."""
+    return set() if positions is None else {ground_truth["query_ids"][int(q)] for q in positions}
