@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/retrieval-lightning finetune --config experiments/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

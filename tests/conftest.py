@@ -13,7 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PHOTOS = REPO.parent / "shared" / "data" / "photos"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist every worker has a core of its own: one thread each, or the workers fight over the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
