@@ -3,53 +3,48 @@
 Training sums each head's named losses with a per-head weight. Evaluation extracts multi-scale
 global descriptors for every item of every :class:`~retrieval_lightning.data.types.EvalSet` the
 datamodule declares, gathers them from all ranks (de-duplicated by dataset index), and runs the
-set's metric protocol on every rank, so every rank logs identical values.
+set's metric protocol on every rank, so every rank logs identical values. The Python API (``embed_image``,
+``rerank_scores``, ...) is :class:`~retrieval_lightning.inference_api.InferenceAPI`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import inspect
 import math
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, check_state_fits, load_tensor_file,
                                              state_dict_of)
-from retrieval_lightning.data.image_input import api_image
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set, unreadable_database
 from retrieval_lightning.imprint import imprint_heads, is_resuming
-from retrieval_lightning.layers.scale_resize import SCALE_RESIZES, resize_to_scale
-from retrieval_lightning.head import ROLES, EntryKind, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
+from retrieval_lightning.inference_api import InferenceAPI, accepts_keyword
+from retrieval_lightning.layers.scale_resize import SCALE_RESIZES
+from retrieval_lightning.head import ROLES, GlobalHead, Head, RerankHead, SparsifierHead
 from retrieval_lightning.optim import OptimConfig, build_optimizer, split_decay
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.match import explain_local_pair, has_local_features
 from retrieval_lightning.model_record import architecture_of, build_from_architecture, head_class_path, plugin_sources
 from retrieval_lightning.momentum_contrast import CHECKPOINT_KEY as MOMENTUM_QUEUE_KEY
 from retrieval_lightning.momentum_contrast import PREFIX as MOMENTUM_PREFIX
 from retrieval_lightning.momentum_contrast import MomentumContrast, MomentumContrastConfig
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, postprocess_descriptors
-from retrieval_lightning.retrieval.rerank import RerankConfig, content_seed, pair_seeds
-from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked, evaluation_mode
+from retrieval_lightning.retrieval.rerank import RerankConfig
+from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.spill import SpillConfig
-from retrieval_lightning.retrieval.store import check_kind_name
 from retrieval_lightning.retrieval.workdirs import in_use_by_another_process, mark_in_use
 from retrieval_lightning.retrieval.writer import (
     UNREADABLE,
@@ -71,7 +66,7 @@ class FrozenUntrainedError(UsageError):
     """``freeze`` keeps a head fixed whose weights were never trained or loaded (names the tensors)."""
 
 
-class RetrievalModule(pl.LightningModule):
+class RetrievalModule(InferenceAPI, pl.LightningModule):
     """Backbone + ``heads: {role: Head}``.
 
     Args:
@@ -447,7 +442,7 @@ class RetrievalModule(pl.LightningModule):
         for role, head in self.heads.items():
             if role in self.frozen:
                 continue
-            extra = {k: batch[k] for k in ("pairs",) if k in batch and _accepts(head.losses, k)}
+            extra = {k: batch[k] for k in ("pairs",) if k in batch and accepts_keyword(head.losses, k)}
             losses = head.losses(self.head_features(role, features), labels, **extra)
             _check_losses(role, head, losses)
             for name, value in losses.items():
@@ -568,176 +563,6 @@ class RetrievalModule(pl.LightningModule):
             f"cannot resume: the checkpoint's optimiser state does not fit this run ({what}). Resume with the "
             f"checkpoint's settings, or start a new run from its weights with --model.init_from <checkpoint>"
         )
-
-    # ------------------------------------------------------------------ inference
-    @contextmanager
-    def _api_mode(self) -> Iterator[None]:
-        """The Python API's calls: fp32 weights (a ``.double()`` / ``.half()`` model is refused by name, not
-        by a dtype clash deep in a convolution), evaluation mode for the call."""
-        other = sorted({str(p.dtype) for p in self.parameters() if p.is_floating_point()} - {str(torch.float32)})
-        if other:
-            raise UsageError(f"the model's weights are {', '.join(other)}: its layers run fp32 weights (some keep "
-                             "fp32 arithmetic for stability); call model.float(), and for speed run inside "
-                             "torch.autocast (bf16), as precision bf16-mixed does")
-        with evaluation_mode(self):
-            yield
-
-    @torch.no_grad()
-    def embed_image(self, image: Tensor) -> Tensor:
-        """Multi-scale global descriptor of one (3, H, W) image: L2 per scale, summed, L2 (DELG).
-
-        Float in [0, 1] or uint8 (scaled); computed in evaluation mode (BatchNorm on its running statistics,
-        left untouched) whatever mode the model is in, then the model is put back in it."""
-        with self._api_mode():
-            return self._embed(api_image(image))
-
-    @torch.no_grad()
-    def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
-        """:meth:`embed_image` of every image of a list or a (B, 3, H, W) batch, stacked."""
-        with self._api_mode():
-            return torch.stack([self._embed(api_image(img, f"image {i}")) for i, img in enumerate(images)])
-
-    def _embed(self, image: Tensor) -> Tensor:
-        head = self.global_head
-        acc = None
-        for scale in self.eval_scales:
-            x = resize_to_scale(image[None].to(self.device), scale, self.eval_resize)
-            desc = head.embed(self.backbone(x))[0].float()
-            acc = desc if acc is None else acc + desc
-        return F.normalize(acc, dim=-1)
-
-    @property
-    def rerank_head(self) -> RerankHead | None:
-        """The configured re-ranking head (role ``local`` or ``verifier``), if any."""
-        return next((h for h in self.heads.values() if isinstance(h, RerankHead)), None)
-
-    @property
-    def sparsifier(self) -> SparsifierHead | None:
-        head = self.heads["sparsifier"] if "sparsifier" in self.heads else None
-        return head if isinstance(head, SparsifierHead) else None
-
-    def _require_rerank_head(self) -> RerankHead:
-        head = self.rerank_head
-        if head is None:
-            raise RuntimeError(f"this model has no re-ranking head (heads: {sorted(self.heads)})")
-        return head
-
-    @property
-    def rerank_prefix(self) -> str:
-        """Stores name re-ranking kinds ``<role>-<name>`` (beside ``global``)."""
-        return f"{self._require_rerank_head().role}-"
-
-    def features_at(self, images: Tensor) -> dict[str, Tensor]:
-        """The backbone as a re-ranking head sees it: (B, 3, h, w) RGB in [0, 1] -> {stage: map}."""
-        return self.backbone(images.to(self.device))
-
-    def rerank_entry_kinds(self, database: bool = True) -> dict[str, EntryKind]:
-        """What is stored per image: the head's kinds, rewritten by the sparsifier for database images."""
-        head = self._require_rerank_head()
-        kinds = head.entry_kinds()
-        check_entry_kinds(kinds, f"{type(head).__name__}.entry_kinds()", self.rerank_prefix)
-        if database and self.sparsifier is not None:
-            kinds = self.sparsifier.entry_kinds(kinds)
-            check_entry_kinds(kinds, f"{type(self.sparsifier).__name__}.entry_kinds()", self.rerank_prefix)
-        return kinds
-
-    @torch.no_grad()
-    def rerank_entries(self, images: Sequence[Tensor], database: bool = True,
-                       resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> list[dict[str, Tensor]]:
-        """Per image, what is stored for the re-ranking head (after the sparsifier for database images).
-
-        ``images`` are (3, H, W) float RGB in [0, 1] (or uint8, scaled); the model applies its own
-        normalisation, in evaluation mode whatever mode it is in (as :meth:`embed_image`).
-        ``resize_factors`` (one (height, width) pair per image, 1 when ``None``): each image's size over
-        its original's, handed to heads whose ``extract_entries`` takes them (pixel distances measured
-        in the original image, as DELG's RANSAC threshold is).
-        """
-        with self._api_mode():
-            return self._rerank_entries(images, database, resize_factors)
-
-    def _rerank_entries(self, images: Sequence[Tensor], database: bool,
-                        resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
-        head = self._require_rerank_head()
-        tensors = [api_image(img, f"image {i}").to(self.device) for i, img in enumerate(images)]
-        if resize_factors is not None and _accepts(head.extract_entries, "resize_factors"):
-            factors = torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
-            if len(factors) != len(images):
-                raise ValueError(f"{len(factors)} resize factors for {len(images)} images")
-            entries = head.extract_entries(tensors, self.features_at, resize_factors=factors)
-        else:
-            entries = head.extract_entries(tensors, self.features_at)
-        if database and self.sparsifier is not None:
-            entries = self.sparsifier.sparsify(entries)
-        producer = self.sparsifier if database and self.sparsifier is not None else head
-        if isinstance(entries, Mapping) or len(entries) != len(images):
-            got = "one mapping" if isinstance(entries, Mapping) else f"{len(entries)} entries"
-            raise UsageError(f"{type(producer).__name__} returned {got} for {len(images)} images: extract_entries "
-                             "(and a sparsifier's sparsify) return a list with one dict of tensors per image")
-        check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
-        return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
-
-    def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Stored database entries -> what the re-ranking head scores (the sparsifier's inverse)."""
-        return self.sparsifier.densify(entries) if self.sparsifier is not None else entries
-
-    @torch.no_grad()
-    def score_entries(
-        self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
-    ) -> Tensor:
-        head = self._require_rerank_head()
-        scores = head.score(query, candidates, seeds)
-        shape = tuple(torch.as_tensor(scores).shape)
-        if shape not in ((len(candidates),), (len(candidates), 1)):
-            raise UsageError(f"{type(head).__name__}.score returned scores of shape {shape} for {len(candidates)} "
-                             "candidates: it must return one score per candidate")
-        bad = (~torch.isfinite(torch.as_tensor(scores).float().reshape(-1))).nonzero().flatten().tolist()
-        if bad:  # one NaN would reorder a fused shortlist silently (search printed it as "not re-ranked")
-            raise UsageError(f"{type(head).__name__}.score returned NaN/Inf for {len(bad)} of {len(candidates)} "
-                             f"candidates (positions {bad[:10]} of the list it was given)")
-        return scores
-
-    @torch.no_grad()
-    def rerank_scores(
-        self, query_image: Tensor, candidates: Sequence[Tensor] | Sequence[Mapping[str, Tensor]],
-        seeds: Sequence[int] | None = None,
-    ) -> Tensor:
-        """(K,) re-ranking scores of a query image against K candidate images or stored entries (images as
-        for :meth:`rerank_entries`; scored in evaluation mode). Without ``seeds`` a pair's seed (RANSAC's)
-        follows the query's pixels and the candidate's entries, so a pair scores the same in any list."""
-        with self._api_mode():
-            query = self.rerank_entries([query_image], database=False)[0]
-            if len(candidates) and isinstance(candidates[0], Tensor):
-                entries = self.rerank_entries(list(candidates), database=True)  # type: ignore[arg-type]
-            else:
-                entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
-            if seeds is None:
-                seeds = pair_seeds(content_seed(query_image), [content_seed(entry) for entry in entries])
-            seeds = list(seeds)
-            entries = self.densify_entries(entries)
-            return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()
-
-    @torch.no_grad()
-    def explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
-        """The re-ranking head's evidence for one pair (the candidate as the store would hold it,
-        its kept locations marked when a sparsifier stores it); images as for :meth:`rerank_scores`."""
-        with self._api_mode():
-            return self._explain_pair(query_image, candidate_image)
-
-    def _explain_pair(self, query_image: Tensor, candidate_image: Tensor) -> PairExplanation:
-        head = self._require_rerank_head()
-        query = self.rerank_entries([query_image], database=False)[0]
-        stored = self.rerank_entries([candidate_image], database=True)[0]
-        if type(head).explain is RerankHead.explain and has_local_features(self.rerank_entry_kinds(database=False)):
-            # a local-feature head (DELG) need not explain itself: its inliers are the evidence
-            explanation = explain_local_pair(query, self.densify_entries([stored])[0], tuple(query_image.shape[-2:]),
-                                             tuple(candidate_image.shape[-2:]), getattr(head, "match_options", {}))
-        else:
-            explanation = head.explain(query, self.densify_entries([stored])[0])
-        if not math.isfinite(float(explanation.score)):  # as score_entries refuses it
-            raise UsageError(f"{type(head).__name__}.explain returned the score {explanation.score}")
-        if self.sparsifier is not None:
-            explanation.candidate_kept = self.sparsifier.kept_cells(stored)
-        return explanation
 
     # ------------------------------------------------------------------ evaluation
     def _eval_sets(self, stage: str) -> list[EvalSet]:
@@ -928,12 +753,6 @@ class RetrievalModule(pl.LightningModule):
         return out
 
 
-def _accepts(method: Any, name: str) -> bool:
-    """Whether ``method`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
-    parameters = inspect.signature(method).parameters
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
 #: the trainer precisions this module runs in: fp32 weights, with or without autocast
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -972,72 +791,3 @@ def quiet_sync_dist_advice(name: str) -> None:
         _QUIETED.add(name)
         warnings.filterwarnings("ignore", message=re.escape(f"It is recommended to use `self.log({name!r}, ..., "
                                                             "sync_dist=True)`"))
-
-
-def check_entries(entries: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, EntryKind], producer: str) -> None:
-    """Entries as their head declares them (``entry_kinds``): the same names, one row of ``shape`` per
-    image, or ``(n, *shape)`` rows for a ragged kind. A store is laid out from the declaration, so a
-    mismatch is the head's error, named here rather than as a shape clash in a shard much later."""
-    for i, entry in enumerate(entries):
-        if set(entry) != set(kinds):
-            raise UsageError(f"{producer} returned entries {sorted(entry)} for image {i}, but its entry_kinds() "
-                             f"declares {sorted(kinds)}")
-        for name, value in entry.items():
-            kind = kinds[name]
-            shape = tuple(value.shape)
-            fits = shape[1:] == tuple(kind.shape) if kind.ragged else shape == tuple(kind.shape)
-            if not fits:
-                declared = f"(n, {', '.join(map(str, kind.shape))})" if kind.ragged else str(tuple(kind.shape))
-                raise UsageError(f"{producer} entry {name!r} of image {i} has shape {shape}, but entry_kinds() "
-                                 f"declares {declared}{' (ragged)' if kind.ragged else ''}")
-            check_entry_dtype(value, kind.dtype, f"{producer} entry {name!r} of image {i}")
-
-
-def check_entry_kinds(kinds: Mapping[str, EntryKind], producer: str, prefix: str) -> None:
-    """A head's declared kinds, before anything is extracted: a store is laid out from them, so a name that
-    is no file name, a shape that is no tuple of sizes or a dtype torch cannot read back failed later, as a
-    traceback (or, for ``float128``, after the whole extraction, at scoring)."""
-    if not isinstance(kinds, Mapping):
-        raise UsageError(f"{producer} returned {type(kinds).__name__}, not a dict of EntryKind")
-    for name, kind in kinds.items():
-        what = f"{producer}: kind {name!r}"
-        if not isinstance(kind, EntryKind):
-            raise UsageError(f"{what} is {type(kind).__name__}, not an EntryKind")
-        try:
-            check_kind_name(f"{prefix}{name}")
-        except ValueError as err:
-            raise UsageError(f"{what}: {err}") from None
-        shape = kind.shape
-        if not isinstance(shape, (tuple, list)) or not all(
-                isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
-            raise UsageError(f"{what}: shape {shape!r} is not a tuple of sizes (one row's shape, e.g. (128,))")
-        try:
-            torch.from_numpy(np.zeros(0, dtype=np.dtype(kind.dtype)))
-        except TypeError as err:
-            raise UsageError(f"{what}: dtype {kind.dtype!r} cannot be stored and read back ({err})") from None
-
-
-def check_entry_dtype(value: Tensor, declared: str, what: str) -> None:
-    """The store casts an entry to its declared dtype. Narrowing a float (float32 into ``float16``) is what
-    a declaration asks for; a float into an integer kind, or integers beyond its range, would be
-    truncated or wrapped without a word, so they are refused here."""
-    target = np.dtype(declared)
-    if target.kind == "b":  # True for any value but 0: descriptors or counts would all become True
-        if value.is_floating_point() or value.is_complex():
-            raise UsageError(f"{what} is {value.dtype}, but entry_kinds() declares bool: the store would make every "
-                             "non-zero value True (threshold it in the head)")
-        if value.dtype != torch.bool and value.numel() and not bool(((value == 0) | (value == 1)).all()):
-            raise UsageError(f"{what} holds values other than 0 and 1, but entry_kinds() declares bool: the store "
-                             "would make every non-zero value True")
-        return
-    if target.kind not in "iu":
-        return
-    if value.is_floating_point() or value.is_complex():
-        raise UsageError(f"{what} is {value.dtype}, but entry_kinds() declares {declared}: the store would "
-                         "truncate it (round or quantise it in the head, or declare a float kind)")
-    if value.numel() and value.dtype != torch.bool:
-        info = np.iinfo(target)
-        low, high = int(value.min()), int(value.max())
-        if low < info.min or high > info.max:
-            raise UsageError(f"{what} holds values in [{low}, {high}], beyond {declared}'s "
-                             f"[{info.min}, {info.max}]: the store would wrap them")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval_lightning.head import ROLES, GlobalHead, Head, PairExplanation, RerankHead, SparsifierHead
-from retrieval_lightning.module import check_entries, check_entry_kinds
+from retrieval_lightning.entry_checks import check_entries, check_entry_kinds
 from retrieval_lightning.registry import HEADS
 
 STAGE_CHANNELS = {"conv1": 8, "conv2": 12, "conv3": 16, "conv4": 24, "conv5": 32}

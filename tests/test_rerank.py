@@ -245,7 +245,7 @@ def test_entries_that_differ_from_their_declared_kinds_are_named(monkeypatch: py
 def test_entries_the_store_would_truncate_or_wrap_are_refused() -> None:
     """The store casts entries to their declared dtype: float32 into a float16 kind is what the declaration asks
     for, but a float into an integer kind (truncated) or integers beyond its range (wrapped) are named."""
-    from retrieval_lightning.module import check_entries
+    from retrieval_lightning.entry_checks import check_entries
 
     kinds = {"keep": EntryKind("int16", (2,), ragged=True), "values": EntryKind("float16", (3,))}
     fine = {"keep": torch.tensor([[0, 5], [-7, 32767]]), "values": torch.rand(3, dtype=torch.float32)}
