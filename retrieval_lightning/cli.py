@@ -34,6 +34,7 @@ from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, o
 from retrieval_lightning.errors import UsageError, user_error_types
 from retrieval_lightning.loggers import label_wandb_runs
 from retrieval_lightning.module import RetrievalModule
+from retrieval_lightning.rank_errors import report_once
 from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
 from retrieval_lightning.trainer import RetrievalTrainer
 
@@ -625,11 +626,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cause is None or show_traceback:
             raise
         message = _worker_message(str(cause), type(cause).__name__).strip().splitlines()
-        if _open_progress_bars():  # the line of a bar the error stopped (Lightning's): start a new one
-            print(file=sys.stderr)
-        print(f"error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
-        for line in message[1:4]:
-            print(f"  {line}", file=sys.stderr)
+        lines = [f"error: {message[0] if message else type(cause).__name__}", *(f"  {line}" for line in message[1:4])]
+        report = report_once("\n".join(lines))  # under DDP: once, not once per rank
+        if report is not None:
+            if _open_progress_bars():  # the line of a bar the error stopped (Lightning's): start a new one
+                print(file=sys.stderr)
+            print(report, file=sys.stderr)
         return 2
     finally:
         _finish_wandb_run()

@@ -1,0 +1,78 @@
+"""Under DDP a user error raised by every rank is printed once (rank 0's), and one raised otherwise on another
+rank is printed by that rank, tagged with it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, ForkedRun, ddp_env, finished
+from retrieval_lightning import rank_errors
+
+ERROR = "error: rerank.k must be >= 1, got 0"
+
+
+@pytest.fixture
+def run_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(rank_errors.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+
+
+def as_rank(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    monkeypatch.setattr(rank_errors.rank_zero_only, "rank", rank)
+
+
+def test_another_rank_is_silent_about_rank_zeros_error_and_tags_its_own(run_env: None,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rank_errors, "WAIT_FOR_RANK_ZERO_S", 0.2)
+    as_rank(monkeypatch, 1)  # before rank 0 has reported anything: its own lines, tagged
+    assert rank_errors.report_once(ERROR + "\n  detail") == "error (rank 1): rerank.k must be >= 1, got 0\n  detail"
+    as_rank(monkeypatch, 0)
+    assert rank_errors.report_once(ERROR) == ERROR  # rank 0 prints, and records what it printed
+    as_rank(monkeypatch, 1)  # this process plays rank 1 here: its parent is rank 0's parent, as under torchrun
+    assert rank_errors.report_once(ERROR) is None
+    assert rank_errors.report_once("error: image 7 is unreadable") == "error (rank 1): image 7 is unreadable"
+    monkeypatch.setenv("MASTER_PORT", "29518")  # another run's rank 1: nothing of this run's rank 0 applies
+    assert rank_errors.report_once(ERROR) == "error (rank 1): rerank.k must be >= 1, got 0"
+
+
+def test_another_rank_waits_for_rank_zeros_report(run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 may fail a moment after the others (it was loading a checkpoint, say)."""
+    late = threading.Timer(0.3, lambda: rank_errors._record(rank_errors._run_folder(), ERROR))
+    as_rank(monkeypatch, 1)
+    late.start()
+    try:
+        assert rank_errors.report_once(ERROR) is None
+    finally:
+        late.join()
+
+
+def test_outside_ddp_nothing_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rank_errors.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    as_rank(monkeypatch, 0)
+    assert rank_errors.report_once(ERROR) == ERROR
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_two_ranks_print_a_shared_error_once_and_a_rank_only_error_tagged(tmp_path: Path) -> None:
+    """Two CLI processes started as torchrun starts a run's ranks, failing at start-up."""
+    def ranks(*overrides: str) -> list[ForkedRun]:
+        env = ddp_env()
+        return [ForkedRun(["fit", "--config", str(REPO / "experiments/demo.yaml"), override,
+                           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.logger=false",
+                           f"--data.init_args.root={tmp_path / 'data'}"], tmp_path,
+                          {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"}) for rank, override in enumerate(overrides)]
+
+    def errors(run: ForkedRun) -> list[str]:
+        return [line for line in finished(run, expect=2).stderr.splitlines() if "error" in line]
+
+    shared = "error: the configuration cannot be built: rerank.k must be >= 1, got 0"
+    assert [errors(run) for run in ranks("--model.rerank.k=0", "--model.rerank.k=0")] == [[shared], []]
+    assert [errors(run) for run in ranks("--model.rerank.k=0", "--model.rerank.shard_size=0")] == [
+        [shared], ["error (rank 1): the configuration cannot be built: rerank.shard_size must be >= 1 (images per "
+                   "shard file), got 0"]]
