@@ -221,6 +221,20 @@ def test_reference_path_runs_and_is_seeded() -> None:
     assert runs[0].inliers == runs[1].inliers >= 145
     assert runs[0].query_indices.tolist() == runs[1].query_indices.tolist()
     np.testing.assert_allclose(runs[0].model, AFFINE, atol=0.05 * np.abs(AFFINE).max())
+    # a scene where RANSAC's draws matter (40 true correspondences, 60 matched at unrelated places, 4 trials):
+    # each seed gives its own result, and the same one every time
+    q_kp, q_desc, d_kp, d_desc = scene(9, n_true=40, n_out=0)
+    rng = np.random.default_rng(1)
+    shared = unit(rng.standard_normal((60, q_desc.shape[1])))
+    q_kp, d_kp = (np.concatenate([kp, rng.uniform(0, 400, (60, 2)).astype(np.float32)]) for kp in (q_kp, d_kp))
+    q_desc, d_desc = np.concatenate([q_desc, shared]), np.concatenate([d_desc, shared])
+    found = {}
+    for seed in range(6):
+        twice = [match_and_verify(q_kp, q_desc, d_kp, d_desc, reference=True, reference_trials=4, seed=seed)
+                 for _ in range(2)]
+        assert twice[0].query_indices.tolist() == twice[1].query_indices.tolist(), seed
+        found[seed] = tuple(twice[0].query_indices.tolist())
+    assert len(set(found.values())) >= 3, found
     with pytest.raises(TypeError, match="float descriptors only"):
         match_and_verify(q_kp, np.packbits(q_desc > 0, axis=1), d_kp, np.packbits(d_desc > 0, axis=1), reference=True)
 

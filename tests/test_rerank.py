@@ -93,6 +93,8 @@ def test_fusion_orders() -> None:
     assert fuse(positions, glob, inliers, "lexicographic").tolist() == [11, 12, 10, 13]
     verifier = np.array([0.0, 0.1, 0.9, 0.0])
     assert fuse(positions, glob, verifier, "weighted", 0.5).tolist() == [12, 10, 11, 13]  # 1.15, .9, .85, .6
+    assert fuse(positions, glob, verifier, "weighted", 2.0).tolist() == [12, 11, 10, 13]  # 2.5, 1.0, .9, .6
+    assert fuse(positions, glob, verifier, "weighted", 0.1).tolist() == [10, 11, 12, 13]  # .9, .81, .79, .6
     for weight in (float("nan"), float("inf")):  # NaN kept the global order silently; inf made 0 x inf = NaN
         with pytest.raises(ValueError, match="rerank.weight must be a finite number"):
             RerankConfig(fusion="weighted", weight=weight)
