@@ -37,12 +37,41 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         helpers.start_fork_server()
 
 
+#: what ``seed_everything`` (a test's, or an in-process CLI run's) leaves in the environment, where an unseeded
+#: sampler or a later run would read it
+SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _seeding_left_as_found() -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in SEED_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(autouse=True)
 def _no_forked_run_outlives_its_test() -> Iterator[None]:
     yield
     helpers = sys.modules.get("helpers")
     if helpers is not None:
         helpers.kill_leftover_runs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A run that names no data root builds its data set under the default cache: a tmp dir here, not the
+    home directory of whoever runs the tests."""
+    saved = os.environ.get("RETRIEVAL_LIGHTNING_CACHE")
+    os.environ["RETRIEVAL_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("default_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("RETRIEVAL_LIGHTNING_CACHE", None)
+    else:
+        os.environ["RETRIEVAL_LIGHTNING_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -422,7 +422,7 @@ def test_an_accelerator_the_machine_lacks_is_named_with_what_it_has() -> None:
         assert accelerator_refusal(exc, {"trainer": {"accelerator": "cpu"}}) is None
 
 
-def test_a_configured_head_is_dropped_by_null(tmp_path: Path) -> None:
+def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path) -> None:
     """``--model.heads.local=null``: a two-head evaluation config serves the model's one-head stage (the parser
     refused it as "unknown head 'null'"); the training settings naming the head go with it; DDP re-launches
     sys.argv, so the argument stays there."""
@@ -435,7 +435,7 @@ def test_a_configured_head_is_dropped_by_null(tmp_path: Path) -> None:
         ["test", "--model.heads.global.init_args.p=3", "--model.heads", "{}", "--model.heads.x=gem_arcface"],
         ["local", "verifier"])
     base = ["--config", str(REPO / "experiments/delg_demo.yaml"), "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}"]
+            f"--data.init_args.root={cache_root}", f"--trainer.default_root_dir={tmp_path}"]
     argv = sys.argv
     model = run_lightning_cli([*base, "--model.heads.local=null"], run=False).model
     assert sys.argv is argv

@@ -19,11 +19,6 @@ from datamodules.sampling import run_seed, training_batches_before
 LABELS = np.repeat(np.arange(6), 4)
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything writes it; restored after the test
-
-
 def _groups(config: PairSampling) -> list[list[int]]:
     return PairBatchSampler(PairMiner(LABELS, config)).epoch_groups(0)
 
