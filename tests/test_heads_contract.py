@@ -30,6 +30,7 @@ def head(request: pytest.FixtureRequest) -> Head:
     instance = cls()
     instance.build(STAGE_CHANNELS, NUM_CLASSES)
     if instance.role == "sparsifier":  # a sparsifier serves a verifier: attach the first registered one it accepts
+        refusals = []
         for name in HEADS.names():
             try:  # another plugin's verifier that fails to import or build fails its own tests, not these
                 if HEADS.get(name).role != "verifier":
@@ -41,8 +42,10 @@ def head(request: pytest.FixtureRequest) -> Head:
             try:  # the sparsifier's own attach: only its refusal of a verifier is not a failure
                 instance.attach(verifier)
                 return instance
-            except ValueError:  # UsageError included: this verifier lacks what the sparsifier reads
-                continue
+            except ValueError as err:  # UsageError included: this verifier lacks what the sparsifier reads
+                refusals.append(f"{name}: {err}")
+        if cls.__module__.split(".")[0] == "heads":  # this repository's sparsifier serves its verifier
+            pytest.fail(f"built-in sparsifier {request.param!r} refused every registered verifier: {refusals}")
         pytest.skip("no registered verifier head that this sparsifier can serve")
     return instance
 
