@@ -5,11 +5,13 @@ by every rank, and each printed the same lines into the one terminal. Rank 0 now
 of the run (named by ``MASTER_ADDR`` / ``MASTER_PORT``, which no other live run on the machine shares) before
 printing; another rank that fails with the same lines prints nothing, and one that fails otherwise (an image only
 its shard holds) prints its own lines tagged with its rank. The ranks of one run are recognised by their process
-tree: Lightning's launcher starts the other ranks from rank 0, torchrun starts them all from one agent.
+tree as it was at start-up: Lightning's launcher starts the other ranks from rank 0, torchrun starts them all from
+one agent. The file is on the machine's temp dir: on several machines, the ranks of the others print the error too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -21,6 +23,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 WAIT_FOR_RANK_ZERO_S = 3.0
 #: reports older than this are removed by the next rank 0 that writes one
 STALE_AFTER_S = 3600.0
+#: this process's parent when it started: a rank Lightning launched is rank 0's child, and is re-parented when rank 0
+#: exits first (its own error printed), which must not make its report unrecognisable
+_PARENT_AT_START = os.getppid()
 
 
 def _run_folder() -> Path | None:
@@ -49,33 +54,47 @@ def report_once(text: str) -> str | None:
     return text.replace("error: ", f"error (rank {rank()}): ", 1)
 
 
+def _encoded(text: str) -> bytes:
+    """``text`` as stored and compared: a path decoded from a non-UTF-8 file name holds surrogates."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def _record(folder: Path, text: str) -> None:
+    _remove_stale(folder.parent)
+    tmp = folder / f".{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        for old in folder.parent.glob("*/*.txt"):
-            try:
+        tmp.write_bytes(_encoded(text))
+        os.replace(tmp, folder / f"{os.getpid()}-{_PARENT_AT_START}.txt")
+    except OSError:  # a report is a courtesy: the error itself must still be printed
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(root: Path) -> None:
+    """Reports (and the run folders they leave empty) older than :data:`STALE_AFTER_S`."""
+    now = time.time()
+    for folder in root.glob("*") if root.is_dir() else ():
+        try:
+            for old in folder.iterdir():
                 if now - old.stat().st_mtime > STALE_AFTER_S:
                     old.unlink()
-            except OSError:
-                pass
-        tmp = folder / f".{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / f"{os.getpid()}-{os.getppid()}.txt")
-    except OSError:  # a report is a courtesy: the error itself must still be printed
-        pass
+            if now - folder.stat().st_mtime > STALE_AFTER_S and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:  # another rank 0 removing it too, or not ours to remove
+            pass
 
 
 def _rank_zero_reported(folder: Path, text: str) -> bool:
     """Whether rank 0 of this process's run (its parent, or a process with the same parent) reported ``text``
     within :data:`WAIT_FOR_RANK_ZERO_S`."""
-    parent = str(os.getppid())
+    parent = str(_PARENT_AT_START)
     deadline = time.monotonic() + WAIT_FOR_RANK_ZERO_S
     while True:
         for report in folder.glob("*.txt"):
             if parent in report.stem.split("-"):
                 try:
-                    return report.read_text() == text
+                    return report.read_bytes() == _encoded(text)
                 except OSError:
                     return False
         if time.monotonic() >= deadline:

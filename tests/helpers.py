@@ -148,6 +148,7 @@ def _in_forked_child(args: list[str], script: str | None, cwd: str, env: dict[st
         os.close(target)
     os.environ.clear()
     os.environ.update(env)
+    tempfile.tempdir = None  # read from TMPDIR again, as at a fresh start
     sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
     os.chdir(cwd)
     import torch

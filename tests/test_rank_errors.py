@@ -39,6 +39,24 @@ def test_another_rank_is_silent_about_rank_zeros_error_and_tags_its_own(run_env:
     assert rank_errors.report_once(ERROR) == "error (rank 1): rerank.k must be >= 1, got 0"
 
 
+def test_a_rank_launched_by_rank_zero_knows_it_after_rank_zero_exits(run_env: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's launcher starts rank 1 from rank 0: rank 0 may print, exit, and leave rank 1 re-parented."""
+    import os
+
+    as_rank(monkeypatch, 0)
+    monkeypatch.setattr(rank_errors, "_PARENT_AT_START", 4242)  # as rank 0, started by some shell
+    name = os.fsdecode(b"/data/img_\xff.jpg")  # a path from a non-UTF-8 file name: a lone surrogate
+    text = f"error: image {name} is unreadable"
+    assert rank_errors.report_once(text) == text
+    as_rank(monkeypatch, 1)
+    monkeypatch.setattr(rank_errors, "_PARENT_AT_START", os.getpid())  # rank 1 was started by rank 0 ...
+    monkeypatch.setattr(rank_errors.os, "getppid", lambda: 1)  # ... which has exited since
+    monkeypatch.setattr(rank_errors, "WAIT_FOR_RANK_ZERO_S", 0.2)
+    assert rank_errors.report_once(text) is None
+    assert not list(rank_errors._run_folder().glob(".*.tmp"))
+
+
 def test_another_rank_waits_for_rank_zeros_report(run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 may fail a moment after the others (it was loading a checkpoint, say)."""
     late = threading.Timer(0.3, lambda: rank_errors._record(rank_errors._run_folder(), ERROR))
@@ -61,8 +79,11 @@ def test_outside_ddp_nothing_is_recorded(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.slow
 def test_two_ranks_print_a_shared_error_once_and_a_rank_only_error_tagged(tmp_path: Path) -> None:
     """Two CLI processes started as torchrun starts a run's ranks, failing at start-up."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
     def ranks(*overrides: str) -> list[ForkedRun]:
-        env = ddp_env()
+        env = {**ddp_env(), "TMPDIR": str(temp)}
         return [ForkedRun(["fit", "--config", str(REPO / "experiments/demo.yaml"), override,
                            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.logger=false",
                            f"--data.init_args.root={tmp_path / 'data'}"], tmp_path,
@@ -76,3 +97,4 @@ def test_two_ranks_print_a_shared_error_once_and_a_rank_only_error_tagged(tmp_pa
     assert [errors(run) for run in ranks("--model.rerank.k=0", "--model.rerank.shard_size=0")] == [
         [shared], ["error (rank 1): the configuration cannot be built: rerank.shard_size must be >= 1 (images per "
                    "shard file), got 0"]]
+    assert len(list(temp.glob("retrieval-lightning-errors/127.0.0.1-*/*.txt"))) == 2  # one report per run
