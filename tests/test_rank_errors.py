@@ -3,6 +3,7 @@ rank is printed by that rank, tagged with it."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def test_another_rank_is_silent_about_rank_zeros_error_and_tags_its_own(run_env:
 def test_a_rank_launched_by_rank_zero_knows_it_after_rank_zero_exits(run_env: None,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's launcher starts rank 1 from rank 0: rank 0 may print, exit, and leave rank 1 re-parented."""
-    import os
-
     as_rank(monkeypatch, 0)
     monkeypatch.setattr(rank_errors, "_PARENT_AT_START", 4242)  # as rank 0, started by some shell
     name = os.fsdecode(b"/data/img_\xff.jpg")  # a path from a non-UTF-8 file name: a lone surrogate
