@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, ForkedRun, ddp_env, finished
+from helpers import CLI, REPO, ForkedRun, cli_env, ddp_env, finished
 from retrieval_lightning import rank_errors
 
 ERROR = "error: rerank.k must be >= 1, got 0"
@@ -97,3 +97,19 @@ def test_two_ranks_print_a_shared_error_once_and_a_rank_only_error_tagged(tmp_pa
         [shared], ["error (rank 1): the configuration cannot be built: rerank.shard_size must be >= 1 (images per "
                    "shard file), got 0"]]
     assert len(list(temp.glob("retrieval-lightning-errors/127.0.0.1-*/*.txt"))) == 2  # one report per run
+
+
+@pytest.mark.slow
+def test_lightnings_launcher_prints_an_error_of_both_ranks_once(tmp_path: Path) -> None:
+    """The console script under ``--trainer.strategy=ddp``: rank 0 re-launches the command as rank 1 (its child),
+    and both fail at set-up on a data root without ground truth; both write to this one stderr."""
+    import subprocess
+
+    done = subprocess.run([CLI, "test", "--config", str(REPO / "experiments/eval_revisitop.yaml"),
+                           f"--data.init_args.root={tmp_path / 'none'}", "--trainer.strategy=ddp",
+                           "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.logger=false"],
+                          cwd=tmp_path, env={**cli_env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: revisitop dataset 'roxford5k': no ground truth found")
