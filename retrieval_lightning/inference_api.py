@@ -29,7 +29,6 @@ def accepts_keyword(method: Any, name: str) -> bool:
     return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-
 class InferenceAPI:
     """Embedding, re-ranking and explanation calls of a model with a ``backbone``, ``heads`` by role, a
     ``global_head`` and its ``eval_scales`` / ``eval_resize`` (a :class:`torch.nn.Module`'s ``device``,
