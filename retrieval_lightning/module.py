@@ -357,7 +357,8 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         if untrained:
             heads = ", ".join(f"{role!r} ({len(keys)} tensors, e.g. {keys[0]})" for role, keys in untrained.items())
             rank_zero_warn(f"{stage}: heads {heads} hold random weights that were never trained or loaded, so their "
-                           "metrics are of random weights; pass --ckpt_path or --model.init_from with a trained checkpoint")
+                           "metrics are of random weights; pass --ckpt_path or --model.init_from with a trained "
+                           "checkpoint")
 
     def on_test_start(self) -> None:
         self.warn_if_evaluating_random_heads("test")

@@ -38,7 +38,8 @@ def cli_env(extra_pythonpath: str | None = None, threads: int = 1) -> dict[str, 
     return env
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: int = 420) -> subprocess.CompletedProcess:
     proc = subprocess.run([CLI, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"retrieval-lightning {' '.join(args)} failed ({proc.returncode}):\n"

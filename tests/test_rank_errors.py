@@ -83,10 +83,10 @@ def test_two_ranks_print_a_shared_error_once_and_a_rank_only_error_tagged(tmp_pa
 
     def ranks(*overrides: str) -> list[ForkedRun]:
         env = {**ddp_env(), "TMPDIR": str(temp)}
-        return [ForkedRun(["fit", "--config", str(REPO / "experiments/demo.yaml"), override,
-                           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.logger=false",
-                           f"--data.init_args.root={tmp_path / 'data'}"], tmp_path,
-                          {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"}) for rank, override in enumerate(overrides)]
+        args = ["fit", "--config", str(REPO / "experiments/demo.yaml"), "--trainer.strategy=ddp",
+                "--trainer.devices=2", "--trainer.logger=false", f"--data.init_args.root={tmp_path / 'data'}"]
+        return [ForkedRun([*args, override], tmp_path, {**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"})
+                for rank, override in enumerate(overrides)]
 
     def errors(run: ForkedRun) -> list[str]:
         return [line for line in finished(run, expect=2).stderr.splitlines() if "error" in line]
