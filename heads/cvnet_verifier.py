@@ -310,7 +310,7 @@ class CVNetVerifierHead(VerifierHead):
         sparse store is explained as the verifier scores it, dropped locations as densified."""
         score = float(self.score(query, [candidate], [0])[0])
         (q, hq, wq), (d, hd, wd) = self._finest_units(query), self._finest_units(candidate)
-        corr = (q @ d.t()).clamp_min(0)  # (hq*wq, hd*wd), the 4D correlation's scale-1 channel
+        corr = (q @ d.t()).float().clamp_min(0)  # (hq*wq, hd*wd), the scale-1 channel (fp32 under autocast too)
         best_q, to_d = corr.max(dim=1)
         best_d, to_q = corr.max(dim=0)
         mutual = (to_q[to_d] == torch.arange(len(q))) & (best_q > 0)

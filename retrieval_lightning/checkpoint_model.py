@@ -62,6 +62,11 @@ def model_config_of(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"model": {**module, "backbone": backbone, "heads": dict(record["heads"])}}
 
 
+def _names_a_lightning_checkpoint(ckpt_path: str) -> bool:
+    """``--ckpt_path`` values Lightning resolves itself rather than as a file."""
+    return ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry")
+
+
 def with_checkpoint_model(args: Sequence[str], ckpt_path: str | None, config_files: Sequence[str],
                           counted: Sequence[str] | None = None) -> tuple[list[str], str | None]:
     """``args`` with the checkpoint's model as the first config file of an evaluating subcommand given
@@ -71,13 +76,12 @@ def with_checkpoint_model(args: Sequence[str], ckpt_path: str | None, config_fil
     position = _subcommand_position(args)
     if position is None or args[position] not in EVALUATING:
         return args, None
-    if not ckpt_path or not Path(ckpt_path).is_file() or _configures_model(
-            args if counted is None else counted, config_files):
+    if not ckpt_path or _configures_model(args if counted is None else counted, config_files):
         return args, None
-    try:
-        checkpoint = open_checkpoint(ckpt_path)
-    except Exception:  # noqa: BLE001 - loading the weights later names an unreadable file
-        return args, None
+    if not Path(ckpt_path).exists() and _names_a_lightning_checkpoint(ckpt_path):
+        return args, None  # "last", "best", ...: Lightning finds (or refuses) it; it holds no model for the parser
+    # a missing or unreadable file is named here: the parser would only say that no model is configured
+    checkpoint = open_checkpoint(ckpt_path)
     config = model_config_of(checkpoint) if isinstance(checkpoint, dict) else None
     if config is None:
         return args, None

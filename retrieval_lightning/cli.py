@@ -100,6 +100,8 @@ def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
         if match and (eq or step == 2) and value.strip().lower() in ("null", "none", "~"):
             dropped.append(match.group(1))
         else:
+            if match and (eq or step == 2) and match.group(1) in dropped:
+                dropped.remove(match.group(1))  # set again after its =null: the last value wins, as for any option
             kept.extend(args[i : i + step])
         i += step
     return kept, dropped
@@ -122,8 +124,9 @@ def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
             raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(config, dict):
             continue  # the parser says what a config must be
-        model = config.get("model") or {}
-        for role, spec in (model.get("heads") or {}).items():
+        model = config.get("model")  # a mapping, or another config file's path (the parser reads that one)
+        configured = model.get("heads") if isinstance(model, dict) else None
+        for role, spec in (configured.items() if isinstance(configured, dict) else ()):
             if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
                 heads[f"model.heads.{role}.class_path ({path})"] = spec["class_path"]
         spec = config.get("data")
@@ -197,8 +200,18 @@ class ConciseArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         print(f"error: {concise_parser_error(message, parser)}", file=sys.stderr)
-        print(f"  (all options: {parser.prog.replace(' [options]', '')} --help)", file=sys.stderr)
+        print(f"  (all options: {_help_command(parser, message)} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def _help_command(parser: Any, message: str) -> str:
+    """The command whose ``--help`` lists the options ``message`` is about: a subcommand's missing options
+    (``test.model.backbone``) are raised by the top parser, whose help does not list them."""
+    command = parser.prog.replace(" [options]", "")
+    named = re.search(r"\b(" + "|".join(map(re.escape, RetrievalCLI.subcommands())) + r")\.[\w.]+", message)
+    if named and named.group(1) not in command.split():
+        command = f"{command} {named.group(1)}"
+    return command
 
 
 def gloo_without_gpus(trainer: Any) -> None:

@@ -66,6 +66,8 @@ class InferenceAPI:
     def embed_batch(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         """:meth:`embed_image` of every image of a list or a (B, 3, H, W) batch, stacked."""
         with self._api_mode():
+            if len(images) == 0:
+                return torch.zeros(0, self.global_head.dim)
             return torch.stack([self._embed(api_image(img, f"image {i}")) for i, img in enumerate(images)])
 
     def _embed(self, image: Tensor) -> Tensor:
@@ -182,7 +184,8 @@ class InferenceAPI:
             else:
                 entries = [dict(c) for c in candidates]  # type: ignore[arg-type]
             if seeds is None:
-                seeds = pair_seeds(content_seed(query_image), [content_seed(entry) for entry in entries])
+                # the pixels as the model reads them: a uint8 image and its float copy are one query
+                seeds = pair_seeds(content_seed(api_image(query_image)), [content_seed(entry) for entry in entries])
             seeds = list(seeds)
             entries = self.densify_entries(entries)
             return torch.as_tensor(self.score_entries(query, entries, seeds)).float().cpu()

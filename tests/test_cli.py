@@ -445,3 +445,32 @@ def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path) 
     # --print_config prints while parsing, before the drop: it would show the head still there
     with pytest.raises(UsageError, match=r"--print_config cannot show --model.heads.local=null applied"):
         run_lightning_cli([*base, "--model.heads.local=null", "--print_config"], run=False)
+
+
+def test_cli_forms_a_code_read_found_refused_or_misreported(cache_root: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A config whose ``model`` is another file's path (a jsonargparse form) or whose heads are a list reached the
+    plugin-name check as a traceback; a head set again after its ``=null`` was dropped anyway; a mistyped
+    ``--ckpt_path`` without a model config was reported as missing model options; and a subcommand's missing
+    options pointed at the top command's help, which does not list them."""
+    from retrieval_lightning.checkpoints import CheckpointLoadError
+    from retrieval_lightning.cli import main, plugin_names_used, split_dropped_heads
+
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model: other.yaml\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("model:\n  heads: [gem_arcface]\n")
+    for config in (nested, listed):
+        assert plugin_names_used(["fit", "--config", str(config)]) == {"heads": {}, "datamodules": {}}
+    assert split_dropped_heads(["fit", "--model.heads.global=null", "--model.heads.global=gem_arcface"]) == (
+        ["fit", "--model.heads.global=gem_arcface"], [])
+    assert split_dropped_heads(["fit", "--model.heads.local=delg_local", "--model.heads.local", "null"])[1] == [
+        "local"]  # null last: dropped after parsing
+    data = ["--data=minilandmarks", f"--data.init_args.root={cache_root}", "--trainer.logger=false"]
+    with pytest.raises(CheckpointLoadError, match=r"checkpoint not found: .*lats\.ckpt"):
+        run_lightning_cli(["test", *data, f"--ckpt_path={tmp_path / 'lats.ckpt'}"])
+    with pytest.raises(SystemExit) as exited:
+        main(["test", *data])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "required: test.model.backbone" in err and "test --help)" in err, err

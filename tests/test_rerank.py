@@ -596,3 +596,20 @@ def test_the_python_api_scales_uint8_runs_in_evaluation_mode_and_refuses_what_is
             call()
     module.float()
     torch.testing.assert_close(module.embed_image(query), embedded, rtol=0, atol=0)
+    assert module.embed_batch([]).shape == (0, 16)
+    # a part the caller put in eval mode stays there (each module's mode is restored, not the model's alone)
+    module.train()
+    module.heads["verifier"].eval()
+    module.rerank_scores(query, [other])
+    assert module.training and not any(m.training for m in module.heads["verifier"].modules())
+    assert module.heads["global"].training
+    # RANSAC's seeds follow the pixels the model reads: a uint8 query and its float copy are one query
+    seen: list[list[int]] = []
+    score = module.heads["verifier"].score
+    module.heads["verifier"].score = lambda q, c, seeds: seen.append(list(seeds)) or score(q, c, seeds)
+    module.rerank_scores(query, [other])
+    module.rerank_scores(as_float[0], [other])
+    assert seen[0] == seen[1]
+    del module.heads["verifier"].score
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the speed the fp32 refusal advises: explained as well
+        assert 0 <= module.explain_pair(query, other).score <= 1

@@ -242,14 +242,16 @@ def evaluate_reranked(
 
 @contextmanager
 def evaluation_mode(model: Any) -> Iterator[None]:
-    """``model`` in evaluation mode (BatchNorm on its running statistics, as ``test`` runs it), then
-    back in the mode it was in. A model built by the CLI starts in training mode."""
-    was_training = bool(getattr(model, "training", False))
+    """``model`` in evaluation mode (BatchNorm on its running statistics, as ``test`` runs it), then each of
+    its modules back in the mode it was in (a part the caller put in eval mode stays there). A model built by
+    the CLI starts in training mode."""
+    modes = [(module, module.training) for module in model.modules()] if hasattr(model, "modules") else []
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def extract_entries(
