@@ -67,7 +67,7 @@ class InferenceAPI:
         """:meth:`embed_image` of every image of a list or a (B, 3, H, W) batch, stacked."""
         with self._api_mode():
             if len(images) == 0:
-                return torch.zeros(0, self.global_head.dim)
+                return torch.zeros(0, self.global_head.dim, device=self.device)
             return torch.stack([self._embed(api_image(img, f"image {i}")) for i, img in enumerate(images)])
 
     def _embed(self, image: Tensor) -> Tensor:
