@@ -19,7 +19,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import yaml
 
@@ -107,13 +107,38 @@ def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Short plugin names a command uses, by where they are set (config files and overrides).
+def _class_path_of(spec: Any) -> str | None:
+    """A plugin spec's class name: ``name`` or ``{class_path: name, ...}`` (None for anything else)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+        return spec["class_path"]
+    return None
 
-    Only names without a dot are plugin names; dotted import paths are left to the parser.
-    """
+
+def _inline(value: str) -> Any:
+    """An override's value as the parser reads it: an inline YAML mapping (``'{class_path: x}'``) or the string."""
+    if value.lstrip().startswith("{"):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value  # the parser says what is wrong with it
+    return value
+
+
+def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Short plugin names a command uses, by where they are set (config files and overrides, plain or as an
+    inline mapping's ``class_path``). Only names without a dot are plugin names; dotted import paths are left to
+    the parser."""
     heads: dict[str, str] = {}
     data: dict[str, str] = {}
+
+    def add_heads(configured: Any, where: Callable[[str], str]) -> None:  # where: a role's key, as shown
+        for role, spec in (configured.items() if isinstance(configured, dict) else ()):
+            name = _class_path_of(spec)
+            if name is not None:
+                heads[where(role)] = name
+
     for path in _config_files(args):
         try:
             with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
@@ -125,20 +150,22 @@ def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
         if not isinstance(config, dict):
             continue  # the parser says what a config must be
         model = config.get("model")  # a mapping, or another config file's path (the parser reads that one)
-        configured = model.get("heads") if isinstance(model, dict) else None
-        for role, spec in (configured.items() if isinstance(configured, dict) else ()):
-            if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
-                heads[f"model.heads.{role}.class_path ({path})"] = spec["class_path"]
-        spec = config.get("data")
-        if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
-            data[f"data.class_path ({path})"] = spec["class_path"]
-        elif isinstance(spec, str):
-            data[f"data ({path})"] = spec
+        add_heads(model.get("heads") if isinstance(model, dict) else None,
+                  lambda role, path=path: f"model.heads.{role}.class_path ({path})")
+        name = _class_path_of(config.get("data"))
+        if name is not None:
+            data[f"data{'' if isinstance(config['data'], str) else '.class_path'} ({path})"] = name
+    for _, value in _override(args, r"model\.heads"):
+        add_heads(_inline(value), lambda role: f"--model.heads.{role}")
     for where, value in _override(args, r"model\.heads\.[^.]+\.class_path|model\.heads\.[^.]+"):
-        heads[f"--{where}"] = value
+        name = _class_path_of(_inline(value))
+        if name is not None:
+            heads[f"--{where}"] = name
     for where, value in _override(args, r"data\.class_path|data"):
-        data[f"--{where}"] = value
-    short = lambda found: {k: v for k, v in found.items() if "." not in v and not v.startswith("{")}  # noqa: E731
+        name = _class_path_of(_inline(value))
+        if name is not None:
+            data[f"--{where}"] = name
+    short = lambda found: {k: v for k, v in found.items() if v and "." not in v and not v.startswith("{")}  # noqa: E731
     return {"heads": short(heads), "datamodules": short(data)}
 
 
@@ -609,6 +636,11 @@ def _dispatch(argv: list[str]) -> int:
         raise UsageError(f"unknown command {argv[0]!r}{f'; did you mean {close[0]!r}?' if close else '.'} "
                          f"Commands: {', '.join(known)}")
     if argv and argv[0] == "plugins":
+        if argv[1:] in (["-h"], ["--help"]):
+            print(f"usage: retrieval-lightning plugins\n{OTHER_COMMANDS['plugins']} (takes no options)")
+            return 0
+        if argv[1:]:
+            raise UsageError(f"plugins takes no arguments, got {' '.join(argv[1:])!r}")
         return print_plugins()
     if argv and argv[0] == "download":
         return run_download(argv[1:])

@@ -474,3 +474,38 @@ def test_cli_forms_a_code_read_found_refused_or_misreported(cache_root: Path, tm
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "required: test.model.backbone" in err and "test --help)" in err, err
+
+
+def test_short_plugin_names_inside_inline_mappings_and_plain_config_values(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--model.heads.verifier='{class_path: cvnet_verifier, ...}'`` (and the same for ``--data`` and a config's
+    ``verifier: cvnet_verifier``) reached the parser without the plugin's alias: "Expected a dot import path
+    string"; a misspelt name inside one was not named with the registry's suggestion."""
+    from retrieval_lightning.cli import main, plugin_names_used
+    config = tmp_path / "plain.yaml"
+    config.write_text("model:\n  heads:\n    verifier: cvnet_verifier\ndata: minilandmarks\n")
+    used = plugin_names_used([
+        "test", "--config", str(config),
+        "--model.heads.local={class_path: delg_local, init_args: {max_keypoints: 9}}",
+        "--model.heads={global: gem_arcface, other: {class_path: gumbel_sparsifier}}",
+        "--data", "{class_path: minilandmarks, init_args: {image_size: 64}}", "--model.heads.x={not yaml: [",
+        "--model.heads.y={class_path: my_pkg.Head}"])
+    assert used == {
+        "heads": {f"model.heads.verifier.class_path ({config})": "cvnet_verifier",
+                  "--model.heads.local": "delg_local", "--model.heads.global": "gem_arcface",
+                  "--model.heads.other": "gumbel_sparsifier"},
+        "datamodules": {f"data ({config})": "minilandmarks", "--data": "minilandmarks"}}
+    base = ["--config", str(REPO / "experiments/demo.yaml"), "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    model = run_lightning_cli([*base, "--model.heads.verifier={class_path: cvnet_verifier, init_args: "
+                                      "{projection: identity}}"], run=False).model
+    assert isinstance(model.heads["verifier"], HEADS.get("cvnet_verifier"))
+    assert model.heads["verifier"].projection == "identity"  # the inline init_args reached the head
+    assert main(["test", *base, "--model.heads.verifier={class_path: cvnet_verifer}"]) == 2
+    err = capsys.readouterr().err
+    assert "--model.heads.verifier: unknown head 'cvnet_verifer'; did you mean 'cvnet_verifier'" in err, err
+    # `plugins` takes no arguments: its help says so, anything else is refused (it listed the plugins regardless)
+    assert main(["plugins", "--help"]) == 0
+    assert "takes no options" in capsys.readouterr().out
+    assert main(["plugins", "--bogus"]) == 2
+    assert "plugins takes no arguments, got '--bogus'" in capsys.readouterr().err

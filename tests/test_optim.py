@@ -36,6 +36,15 @@ def test_decaying_schedule_without_step_bound_is_an_error(schedule: str, steps) 
         build_optimizer(OptimConfig(schedule=schedule), [{"params": [param]}], total_steps=steps)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_run_of_no_step_is_named_as_such(schedule: str) -> None:
+    """``max_steps=0`` was reported as an unbounded run (``max_steps=-1 with max_epochs=-1``)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(UnboundedScheduleError, match=r"trains no optimiser step .*max_steps=0") as caught:
+        build_optimizer(OptimConfig(schedule=schedule), [{"params": [param]}], total_steps=0)
+    assert "max_steps=-1" not in str(caught.value)
+
+
 def test_constant_schedule_needs_no_step_bound() -> None:
     param = torch.nn.Parameter(torch.zeros(1))
     cfg = build_optimizer(OptimConfig(lr=0.5, schedule="constant"), [{"params": [param]}], total_steps=float("inf"))
