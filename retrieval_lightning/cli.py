@@ -107,6 +107,27 @@ def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
+PRINT_CONFIG_FLAGS = ("skip_default", "skip_unset", "skip_null", "comments")
+
+
+def without_print_config(args: Sequence[str]) -> tuple[list[str], set[str]]:
+    """(the arguments without ``--print_config[=flags]``, its flags)."""
+    kept: list[str] = []
+    flags: set[str] = set()
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name != "--print_config":
+            kept.append(args[i])
+        elif eq:
+            flags.update(f for f in value.split(",") if f)
+        elif i + 1 < len(args) and set(args[i + 1].split(",")) <= set(PRINT_CONFIG_FLAGS):
+            flags.update(args[i + 1].split(","))
+            i += 1
+        i += 1
+    return kept, flags
+
+
 def _class_path_of(spec: Any) -> str | None:
     """A plugin spec's class name: ``name`` or ``{class_path: name, ...}`` (None for anything else)."""
     if isinstance(spec, str):
@@ -378,16 +399,33 @@ class RetrievalCLI(LightningCLI):
             return
         full = sys.argv
         kept, self.dropped_heads = split_dropped_heads(full[1:])
-        if self.dropped_heads and any(arg.split("=")[0] == "--print_config" for arg in kept):
-            # jsonargparse prints while parsing, before the heads are dropped: it would show them still there
-            raise UsageError(f"--print_config cannot show --model.heads.{self.dropped_heads[0]}=null applied (it "
-                             "prints the config before heads are removed); run without --print_config: the config "
-                             "the run saves has the head removed")
         sys.argv = [*full[:1], *kept]
         try:
+            if self.dropped_heads and any(arg.split("=")[0] == "--print_config" for arg in kept):
+                self._print_config_without_dropped_heads(parser)
             super().parse_arguments(parser, None)
         finally:
             sys.argv = full
+
+    def _print_config_without_dropped_heads(self, parser: LightningArgumentParser) -> NoReturn:
+        """``--print_config`` with ``--model.heads.<role>=null``: jsonargparse prints while parsing, before the
+        heads are dropped, so the config is parsed without it, the heads dropped, then printed as it would be."""
+        args, flags = without_print_config(sys.argv[1:])
+        unknown = sorted(flags - set(PRINT_CONFIG_FLAGS))
+        if unknown:
+            raise UsageError(f"--print_config: unknown flag {unknown[0]!r} (flags: {', '.join(PRINT_CONFIG_FLAGS)})")
+        saved = sys.argv
+        sys.argv = [*saved[:1], *args]
+        try:
+            super().parse_arguments(parser, None)
+        finally:
+            sys.argv = saved
+        self._drop_heads()
+        subcommand = self.config.get("subcommand")
+        print(self._parser(subcommand).dump(
+            self._command_config(), skip_unset="skip_unset" in flags or "skip_null" in flags,
+            skip_default="skip_default" in flags, with_comments="comments" in flags, skip_validation=True), end="")
+        sys.exit(0)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

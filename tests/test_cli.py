@@ -422,11 +422,12 @@ def test_an_accelerator_the_machine_lacks_is_named_with_what_it_has() -> None:
         assert accelerator_refusal(exc, {"trainer": {"accelerator": "cpu"}}) is None
 
 
-def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path) -> None:
+def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
     """``--model.heads.local=null``: a two-head evaluation config serves the model's one-head stage (the parser
     refused it as "unknown head 'null'"); the training settings naming the head go with it; DDP re-launches
     sys.argv, so the argument stays there."""
-    from retrieval_lightning.cli import split_dropped_heads
+    from retrieval_lightning.cli import split_dropped_heads, without_print_config
     from retrieval_lightning.errors import UsageError
 
     args = ["test", "--model.heads.local=null", "--model.heads.verifier", "None", "--model.heads.global.init_args.p=3",
@@ -442,9 +443,24 @@ def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path) 
     assert list(model.heads) == ["global"] and model.loss_weights == {"global": 1.0} and not model.detach
     with pytest.raises(UsageError, match=r"--model.heads.verifier=null: no head 'verifier' is configured"):
         run_lightning_cli([*base, "--model.heads.verifier=null"], run=False)
-    # --print_config prints while parsing, before the drop: it would show the head still there
-    with pytest.raises(UsageError, match=r"--print_config cannot show --model.heads.local=null applied"):
-        run_lightning_cli([*base, "--model.heads.local=null", "--print_config"], run=False)
+    # --print_config (jsonargparse prints while parsing, before the drop; it was refused): printed without the
+    # head and what names it, a config that runs as printed
+    for flag in (["--print_config"], ["--print_config=skip_null"], ["--print_config", "skip_default"]):
+        with pytest.raises(SystemExit) as exited:
+            run_lightning_cli([*base, "--model.heads.local=null", *flag], run=False)
+        assert exited.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert list(printed["model"]["heads"]) == ["global"], flag
+        assert "local" not in str(printed["model"]["loss_weights"]) + str(printed["model"].get("detach")), flag
+    assert "trainer" in printed and "data" in printed  # the whole command's config, not the model's alone
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    model = run_lightning_cli(["--config", str(tmp_path / "printed.yaml")], run=False).model
+    assert list(model.heads) == ["global"] and model.loss_weights == {"global": 1.0}
+    with pytest.raises(UsageError, match="--print_config: unknown flag 'skip_nul'"):
+        run_lightning_cli([*base, "--model.heads.local=null", "--print_config=skip_nul"], run=False)
+    assert without_print_config(["test", "--print_config", "skip_null,comments", "--x=1", "--print_config=a"]) == (
+        ["test", "--x=1"], {"skip_null", "comments", "a"})
+    assert without_print_config(["test", "--print_config", "--x", "y"]) == (["test", "--x", "y"], set())
 
 
 def test_cli_forms_a_code_read_found_refused_or_misreported(cache_root: Path, tmp_path: Path,
