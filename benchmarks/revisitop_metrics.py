@@ -4,11 +4,11 @@ Random float32 scores for 70 queries against a 1M-image database (float32 draws 
 grid, so there are plenty of exact ties) and revisitop-like ground truth (~25 easy, ~25 hard,
 ~50 junk per query, positives scored a little higher). The fast path
 (:func:`evaluate_revisitop_from_scores`: per chunk, a sort of the chunk and a ``searchsorted`` of
-the ground-truth scores into it) is timed against a reference-style loop: per query a full
+the ground-truth scores into it, queries side by side on torch's threads) is timed against a reference-style loop: per query a full
 stable argsort, membership tests per protocol and the positive-by-positive AP loop. The two
 must agree exactly.
 
-    python benchmarks/revisitop_metrics.py [--queries 70] [--database 1000000]
+    python benchmarks/revisitop_metrics.py [--queries 70] [--database 1000000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=70)
     parser.add_argument("--database", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=65536)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, which the fast path counts queries on (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     print(f"revisitop E/M/H metrics: {args.queries} queries x {args.database:,} database, float32 scores, "
           f"torch threads {torch.get_num_threads()}")

@@ -238,16 +238,21 @@ def tied_scores(rng, n_queries, n_db):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_scores_path_equals_stable_argsort_exactly(seed):
+def test_scores_path_equals_stable_argsort_exactly(seed, monkeypatch):
+    """On one counting thread and on several (queries side by side; the tests run torch on one thread)."""
+    import retrieval_lightning.metrics.revisitop as revisitop
+
     rng = np.random.default_rng(200 + seed)
     n_db, n_queries = int(rng.integers(30, 300)), 8
     scores = tied_scores(rng, n_queries, n_db) if seed % 2 == 0 else rng.random((n_queries, n_db))
     gnd = random_gnd(rng, n_queries, n_db, overlap=seed == 3)
     expected = compute_map(stable_ranks(scores), gnd)
-    for chunk_size in (7, 65536):
-        got = compute_map_from_scores(scores, gnd, chunk_size=chunk_size)
-        assert got[0] == expected[0] or (math.isnan(got[0]) and math.isnan(expected[0]))
-        np.testing.assert_array_equal(got[1], expected[1])
+    for workers in (1, 3):
+        monkeypatch.setattr(revisitop, "_counting_workers", lambda workers=workers: workers)
+        for chunk_size in (7, 65536):
+            got = compute_map_from_scores(scores, gnd, chunk_size=chunk_size)
+            assert got[0] == expected[0] or (math.isnan(got[0]) and math.isnan(expected[0]))
+            np.testing.assert_array_equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

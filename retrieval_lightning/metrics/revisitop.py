@@ -15,6 +15,7 @@ reference implementation's exactly, not just up to rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Union
 
 import numpy as np
@@ -327,8 +328,30 @@ def _item_scores(
     return [p if p is not None else np.zeros(0) for p in picked], n_db
 
 
+def _counting_workers() -> int:
+    """Threads that count queries side by side: torch's thread setting (numpy's sort and ``searchsorted``
+    release the GIL, so each thread keeps a core busy)."""
+    return max(1, torch.get_num_threads())
+
+
+def _count_in_chunk(row: np.ndarray, ids: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+    """For each item of one query: the chunk's scores that outrank it (higher, or equal at a lower index).
+
+    ``row`` is the query's chunk of scores, starting at database index ``start``."""
+    stop = start + row.size
+    ordered = np.sort(row)
+    first = np.searchsorted(ordered, values, side="left")
+    after = np.searchsorted(ordered, values, side="right")
+    counts = row.size - after  # strictly higher scores
+    counts += np.where(ids >= stop, after - first, 0)  # equal scores at lower indices
+    own = np.flatnonzero((ids >= start) & (ids < stop) & (after - first > 1))
+    for k in own:  # the item's own chunk holds other scores equal to it
+        counts[k] += np.count_nonzero(row[: ids[k] - start] == values[k])
+    return counts
+
+
 def _score_positions(
-    scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int
+    scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int, workers: int | None = None
 ) -> list[np.ndarray]:
     """Position of each item in the stable descending sort of each query's scores.
 
@@ -336,7 +359,8 @@ def _score_positions(
     own (a chunk, never the database) and the items' scores are looked up in it with
     ``searchsorted``: that counts the scores above each item and those equal to it. Equal scores
     in an earlier chunk all come first; in the item's own chunk the few equal ones before it are
-    counted directly.
+    counted directly. Queries are counted on ``workers`` threads (default: torch's thread count);
+    each query's sums run in the same order whatever the count, so the result does not depend on it.
     """
     n_queries = len(items)
     if chunk_size < 1:
@@ -347,25 +371,24 @@ def _score_positions(
         return [np.full(ids.size, -1, dtype=np.int64) for ids in items]
 
     positions = [np.zeros(ids.size, dtype=np.int64) for ids in items]
+    counted = [q for q, ids in enumerate(items) if ids.size]
+    workers = min(_counting_workers() if workers is None else max(1, workers), max(1, len(counted)))
     start = 0
-    for chunk in chunks():
-        if chunk.dtype != item_scores[0].dtype:
-            raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones were "
-                             f"{item_scores[0].dtype}")
-        stop = start + chunk.shape[1]
-        for q, (ids, values) in enumerate(zip(items, item_scores)):
-            if ids.size == 0:
-                continue
-            row = chunk[q]
-            ordered = np.sort(row)
-            first = np.searchsorted(ordered, values, side="left")
-            after = np.searchsorted(ordered, values, side="right")
-            positions[q] += row.size - after  # strictly higher scores
-            positions[q] += np.where(ids >= stop, after - first, 0)  # equal scores at lower indices
-            own = np.flatnonzero((ids >= start) & (ids < stop) & (after - first > 1))
-            for k in own:  # the item's own chunk holds other scores equal to it
-                positions[q][k] += np.count_nonzero(row[: ids[k] - start] == values[k])
-        start = stop
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for chunk in chunks():
+            if chunk.dtype != item_scores[0].dtype:
+                raise ValueError(f"score chunk at database index {start} is {chunk.dtype}, earlier ones were "
+                                 f"{item_scores[0].dtype}")
+
+            def count(q: int, chunk: np.ndarray = chunk, start: int = start) -> None:
+                positions[q] += _count_in_chunk(chunk[q], items[q], item_scores[q], start)  # q's own array
+
+            if workers == 1:
+                for q in counted:
+                    count(q)
+            else:
+                list(pool.map(count, counted))  # raises a worker's exception here
+            start += chunk.shape[1]
     if start != n_db:
         raise ValueError(f"the score source yielded {start} database items on its second pass, {n_db} on its first")
     return positions
