@@ -4,9 +4,9 @@ Random float32 scores for 70 queries against a 1M-image database (float32 draws 
 grid, so there are plenty of exact ties) and revisitop-like ground truth (~25 easy, ~25 hard,
 ~50 junk per query, positives scored a little higher). The fast path
 (:func:`evaluate_revisitop_from_scores`: per chunk, a sort of the chunk and a ``searchsorted`` of
-the ground-truth scores into it, queries side by side on torch's threads) is timed against a reference-style loop: per query a full
-stable argsort, membership tests per protocol and the positive-by-positive AP loop. The two
-must agree exactly.
+the ground-truth scores into it, queries side by side on torch's threads) is timed against a
+reference-style loop: per query a full stable argsort (one thread), membership tests per protocol
+and the positive-by-positive AP loop. The two must agree exactly.
 
     python benchmarks/revisitop_metrics.py [--queries 70] [--database 1000000] [--threads 1]
 """

@@ -31,7 +31,8 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"), key=lambda c: (_stag
 
 def test_plugins_command_lists_heads_and_datamodules(tmp_path: Path) -> None:
     out = run_main(["plugins"], cwd=tmp_path).stdout
-    lines = {line.split()[1]: line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith(" ")}
+    lines = {line.split()[1]: line.split() for line in out.splitlines()[1:]
+             if line.strip() and not line.startswith(" ")}
     assert lines["gem_arcface"][:3] == ["head", "gem_arcface", "global"]
     for name in ("minilandmarks", "gldv2", "revisitop"):
         assert lines[name][0] == "datamodule" and lines[name][3] == "retrieval-lightning"
