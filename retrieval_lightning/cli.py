@@ -4,24 +4,20 @@
 Plugins are loaded before the parser is built, so configs name heads and datamodules by their
 entry-point names (``class_path: gem_arcface``, ``class_path: minilandmarks``). The parser runs in
 ``omegaconf+`` mode: interpolations are resolved after command-line overrides are applied.
+What is read of the command line before the parser is in :mod:`retrieval_lightning.cli_args`, how
+its errors become one line in :mod:`retrieval_lightning.cli_errors`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
-import inspect
 import logging
 import os
-import re
 import sys
-import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
-
-import yaml
+from typing import Any, Mapping, NoReturn, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -31,175 +27,28 @@ from retrieval_lightning.callbacks import SaveConfigToLoggers
 from retrieval_lightning.callbacks.config import TRAINING_SUBCOMMANDS, config_file_name
 from retrieval_lightning.checkpoint_model import with_checkpoint_model
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint, open_lightning_checkpoint
-from retrieval_lightning.errors import UsageError, user_error_types
+from retrieval_lightning.cli_args import (
+    PRINT_CONFIG_FLAGS,
+    check_plugin_names,
+    config_files,
+    overrides,
+    register_plugin_aliases,
+    split_dropped_heads,
+    without_print_config,
+)
+from retrieval_lightning.cli_errors import (
+    ConciseArgumentParser,
+    accelerator_refusal,
+    innermost,
+    user_error_in,
+    worker_message,
+)
+from retrieval_lightning.errors import UsageError
 from retrieval_lightning.loggers import label_wandb_runs
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.rank_errors import report_once
-from retrieval_lightning.registry import DATAMODULES, HEADS, PluginError, describe_plugins
+from retrieval_lightning.registry import DATAMODULES, PluginError, describe_plugins
 from retrieval_lightning.trainer import RetrievalTrainer
-
-
-def register_plugin_aliases(names: Mapping[str, Iterable[str]] | None = None) -> list[str]:
-    """Create plugins' short-name aliases (all, or only ``{"heads": [...], "datamodules": [...]}``).
-
-    Returns the problems of plugins that failed to load (listing imports nothing; only the
-    aliased plugins are imported).
-    """
-    problems = []
-    for key, registry in (("heads", HEADS), ("datamodules", DATAMODULES)):
-        wanted = registry.names() if names is None else [n for n in names.get(key, ()) if n in registry.names()]
-        for name in wanted:
-            try:
-                registry.alias(name)
-            except PluginError as exc:
-                problems.append(str(exc))
-    return problems
-
-
-def _config_files(args: Sequence[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            files.append(args[i + 1])
-        elif arg.startswith(("--config=", "-c=")):
-            files.append(arg.split("=", 1)[1])
-        elif arg.startswith("-c") and len(arg) > 2 and not arg.startswith("-c="):  # -cFILE
-            files.append(arg[2:])
-    return files
-
-
-def _override(args: Sequence[str], key: str) -> list[tuple[str, str]]:
-    """Values given on the command line for keys matching ``key`` (a regex on the dotted name)."""
-    found = []
-    pattern = re.compile(rf"^--({key})$")
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        match = pattern.match(name)
-        if match and (eq or i + 1 < len(args)):
-            found.append((match.group(1), value if eq else args[i + 1]))
-    return found
-
-
-def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the arguments without ``--model.heads.<role>=null``, the roles so dropped).
-
-    Why: a config's head cannot be removed by an override otherwise (the parser wants a head there), and
-    an evaluation config of a two-head model then cannot serve the model's one-head stage.
-    """
-    kept: list[str] = []
-    dropped: list[str] = []
-    pattern = re.compile(r"^--model\.heads\.([^.=]+)$")
-    i = 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        match = pattern.match(name)
-        if match and not eq and i + 1 < len(args):
-            value, step = args[i + 1], 2
-        else:
-            step = 1
-        if match and (eq or step == 2) and value.strip().lower() in ("null", "none", "~"):
-            dropped.append(match.group(1))
-        else:
-            if match and (eq or step == 2) and match.group(1) in dropped:
-                dropped.remove(match.group(1))  # set again after its =null: the last value wins, as for any option
-            kept.extend(args[i : i + step])
-        i += step
-    return kept, dropped
-
-
-PRINT_CONFIG_FLAGS = ("skip_default", "skip_unset", "skip_null", "comments")
-
-
-def without_print_config(args: Sequence[str]) -> tuple[list[str], set[str]]:
-    """(the arguments without ``--print_config[=flags]``, its flags)."""
-    kept: list[str] = []
-    flags: set[str] = set()
-    i = 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        if name != "--print_config":
-            kept.append(args[i])
-        elif eq:
-            flags.update(f for f in value.split(",") if f)
-        elif i + 1 < len(args) and set(args[i + 1].split(",")) <= set(PRINT_CONFIG_FLAGS):
-            flags.update(args[i + 1].split(","))
-            i += 1
-        i += 1
-    return kept, flags
-
-
-def _class_path_of(spec: Any) -> str | None:
-    """A plugin spec's class name: ``name`` or ``{class_path: name, ...}`` (None for anything else)."""
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
-        return spec["class_path"]
-    return None
-
-
-def _inline(value: str) -> Any:
-    """An override's value as the parser reads it: an inline YAML mapping (``'{class_path: x}'``) or the string."""
-    if value.lstrip().startswith("{"):
-        try:
-            return yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value  # the parser says what is wrong with it
-    return value
-
-
-def plugin_names_used(args: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Short plugin names a command uses, by where they are set (config files and overrides, plain or as an
-    inline mapping's ``class_path``). Only names without a dot are plugin names; dotted import paths are left to
-    the parser."""
-    heads: dict[str, str] = {}
-    data: dict[str, str] = {}
-
-    def add_heads(configured: Any, where: Callable[[str], str]) -> None:  # where: a role's key, as shown
-        for role, spec in (configured.items() if isinstance(configured, dict) else ()):
-            name = _class_path_of(spec)
-            if name is not None:
-                heads[where(role)] = name
-
-    for path in _config_files(args):
-        try:
-            with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
-                config = yaml.safe_load(stream) or {}
-        except OSError:
-            continue  # the parser reports a missing config file itself
-        except yaml.YAMLError as exc:
-            raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
-        if not isinstance(config, dict):
-            continue  # the parser says what a config must be
-        model = config.get("model")  # a mapping, or another config file's path (the parser reads that one)
-        add_heads(model.get("heads") if isinstance(model, dict) else None,
-                  lambda role, path=path: f"model.heads.{role}.class_path ({path})")
-        name = _class_path_of(config.get("data"))
-        if name is not None:
-            data[f"data{'' if isinstance(config['data'], str) else '.class_path'} ({path})"] = name
-    for _, value in _override(args, r"model\.heads"):
-        add_heads(_inline(value), lambda role: f"--model.heads.{role}")
-    for where, value in _override(args, r"model\.heads\.[^.]+\.class_path|model\.heads\.[^.]+"):
-        name = _class_path_of(_inline(value))
-        if name is not None:
-            heads[f"--{where}"] = name
-    for where, value in _override(args, r"data\.class_path|data"):
-        name = _class_path_of(_inline(value))
-        if name is not None:
-            data[f"--{where}"] = name
-    short = lambda found: {k: v for k, v in found.items() if v and "." not in v and not v.startswith("{")}  # noqa: E731
-    return {"heads": short(heads), "datamodules": short(data)}
-
-
-def check_plugin_names(args: Sequence[str]) -> dict[str, list[str]]:
-    """Raise the registry's error (what exists, the closest name) for an unknown short name."""
-    used = plugin_names_used(args)
-    for key, registry in (("heads", HEADS), ("datamodules", DATAMODULES)):
-        for where, name in used[key].items():
-            try:
-                registry.entry(name)
-            except PluginError as exc:
-                raise PluginError(f"{where}: {exc}") from None
-    return {key: sorted(set(found.values())) for key, found in used.items()}
 
 
 def model_setting_changes(recorded: Mapping[str, Any], configured: Any) -> list[str]:
@@ -238,30 +87,6 @@ _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
-class ConciseArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, reporting a bad option as one ``error:`` line (with the closest valid name)
-    instead of the whole usage and the types it tried. Errors it raises while trying alternatives
-    internally (``exit_on_error`` off) are left to jsonargparse."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        print(f"error: {concise_parser_error(message, parser)}", file=sys.stderr)
-        print(f"  (all options: {_help_command(parser, message)} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _help_command(parser: Any, message: str) -> str:
-    """The command whose ``--help`` lists the options ``message`` is about: a subcommand's missing options
-    (``test.model.backbone``) are raised by the top parser, whose help does not list them."""
-    command = parser.prog.replace(" [options]", "")
-    named = re.search(r"\b(" + "|".join(map(re.escape, RetrievalCLI.subcommands())) + r")\.[\w.]+", message)
-    if named and named.group(1) not in command.split():
-        command = f"{command} {named.group(1)}"
-    return command
-
-
 def gloo_without_gpus(trainer: Any) -> None:
     """A DDP strategy set to NCCL on a machine without GPUs (a GPU config run on a CPU machine) falls back to gloo,
     said once, instead of every rank's ``ProcessGroupNCCL is only supported with GPUs`` traceback."""
@@ -271,119 +96,6 @@ def gloo_without_gpus(trainer: Any) -> None:
     if getattr(strategy, "_process_group_backend", None) == "nccl" and not torch.cuda.is_available():
         rank_zero_warn("trainer.strategy: process_group_backend nccl needs GPUs and this machine has none; using gloo")
         strategy._process_group_backend = "gloo"  # read when the process group starts, after this
-
-
-def accelerator_refusal(exc: BaseException, config: Any) -> UsageError | None:
-    """Lightning's refusal of an accelerator this machine lacks, naming the setting and what the machine has.
-
-    Why: a GPU config run on a CPU machine says only "No supported gpu backend found!" (``gpu``) or is a
-    ``torch_xla`` traceback (``tpu``), neither naming ``--trainer.accelerator``. None for any other error.
-    """
-    import traceback
-
-    import torch
-
-    if not any("accelerator" in Path(frame.filename).name for frame in traceback.extract_tb(exc.__traceback__)):
-        return None
-    value = (config.get("trainer") or {}).get("accelerator")
-    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UsageError(f"--trainer.accelerator={value}: {first} (this machine has {', '.join(available)}; "
-                      "--trainer.accelerator=auto picks the best of them)")
-
-
-def concise_parser_error(message: str, parser: Any) -> str:
-    """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    unknown = re.search(r"unrecognized arguments: (--?[\w.\-]+)", message)
-    if unknown:
-        name = unknown.group(1).split("=", 1)[0]
-        options = [o for action in parser._actions for o in action.option_strings]
-        close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
-        return f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else "")
-    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
-    rejected = next((re.search(r"[Oo]ption '([^']+)' is not accepted|Key '([^']+)' is not expected", line)
-                     for line in lines if re.search(r"is not accepted|is not expected", line)), None)
-    if key and rejected:
-        bad = rejected.group(1) or rejected.group(2)
-        given = re.search(r"given class_path '([\w.]+)'", message)
-        fields = _fields_of(parser, key.group(1)) + (_init_parameters(given.group(1)) if given else [])
-        close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
-        return f"{key.group(1)}: unknown option {bad!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-    missing_class = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.*(?:has no attribute|No module "
-                              r"named).*)", message)
-    if key and missing_class:  # a misspelt callback or logger class: jsonargparse's union error names neither
-        path, reason = missing_class.group(1), missing_class.group(2).strip()
-        return f"{key.group(1)}: class_path {path!r} cannot be imported ({reason})" + _close_class(path)
-    found = re.findall(r'Parser key "([^"]+)"', message)
-    keys = [k for i, k in enumerate(found) if i == 0 or k != found[i - 1]]  # two Union branches name a key twice
-    if len(keys) > 1:  # a nested option (a head's argument): its path, the class, and the innermost reason
-        given = re.search(r"given class_path '([\w.]+)'", message)
-        where = keys[0] + (f" ({given.group(1).rsplit('.', 1)[-1]})" if given else "") + "".join(
-            f", {k}" for k in keys[1:])
-        return f"{where}: {_innermost_reason(message, keys[-1])}"
-    return " ".join(lines[:2]) if lines else message
-
-
-def _close_class(class_path: str) -> str:
-    """``; did you mean '<module>.<Name>'?`` for the closest public name of the class path's module, if any."""
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
-    except (ImportError, ValueError):
-        return ""
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
-    return f"; did you mean '{module_name}.{close[0]}'?" if close else ""
-
-
-def _innermost_reason(message: str, key: str) -> str:
-    """What jsonargparse says under the last ``Parser key "<key>"`` of ``message``: its first line, or for an
-    optional (Union) option the types it expected and the value it got."""
-    raw = [line for line in message.splitlines() if line.strip()]
-    at = max(i for i, line in enumerate(raw) if line.strip().startswith(f'Parser key "{key}"'))
-    indent = len(raw[at]) - len(raw[at].lstrip())
-    block = []
-    for line in raw[at + 1:]:
-        if len(line) - len(line.lstrip()) <= indent:
-            break
-        block.append(line.strip())
-    reason = block[0] if block else raw[-1].strip()
-    if reason.startswith("Does not validate against any of the Union subtypes"):
-        expected = [m.group(1) for m in (re.match(r"- Expected an? <class '([^']+)'>", b) for b in block) if m]
-        given = next((b for b in block if b.startswith("Given value:")), "")
-        types = [t for t in expected if t != "NoneType"]
-        nullable = " (or null)" if "NoneType" in expected else ""
-        reason = f"expected {' or '.join(types) or 'another value'}{nullable}" + (
-            f". Got value: {given.split(':', 1)[1].strip()}" if given else "")
-    return re.sub(r"Expected an? <class '([^']+)'>", r"expected \1", reason)
-
-
-def _fields_of(parser: Any, dest: str) -> list[str]:
-    """Argument names of the classes an option of ``parser`` accepts (dataclass fields, ``__init__`` parameters)."""
-    action = next((a for a in parser._actions if a.dest == dest), None)
-    hint = getattr(action, "_typehint", None)
-    names: list[str] = []
-    for cls in (typing.get_args(hint) or (hint,)):
-        if dataclasses.is_dataclass(cls):
-            names += [f.name for f in dataclasses.fields(cls)]
-        elif isinstance(cls, type) and cls is not type(None):
-            names += _signature_names(cls)
-    return names
-
-
-def _init_parameters(class_path: str) -> list[str]:
-    """``__init__`` parameters of the class a ``class_path`` names (a datamodule or head plugin); none if it
-    cannot be imported, since this only words an error that is already being reported."""
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    return _signature_names(cls) if isinstance(cls, type) else []
-
-
-def _signature_names(cls: type) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 
 
 class RetrievalCLI(LightningCLI):
@@ -468,7 +180,7 @@ class RetrievalCLI(LightningCLI):
                     warnings.filterwarnings("ignore", message=CHECKPOINT_DIRPATH_NOTE)
                 super()._run_subcommand(subcommand)
         except ValueError as exc:  # Lightning's refusal of --ckpt_path best/hpc (a ValueError, so a traceback)
-            if "ckpt_path=" not in str(exc) or _user_error_in(exc) is not None:
+            if "ckpt_path=" not in str(exc) or user_error_in(exc) is not None:
                 raise
             raise UsageError(f"--ckpt_path: {exc}; give the run's checkpoint by its file") from exc
 
@@ -507,9 +219,9 @@ class RetrievalCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as exc:
-            if _user_error_in(exc) is not None:
+            if user_error_in(exc) is not None:
                 raise
-            raise UsageError(f"the configuration cannot be built: {_innermost(exc)}") from exc
+            raise UsageError(f"the configuration cannot be built: {innermost(exc)}") from exc
         except Exception as exc:
             refusal = accelerator_refusal(exc, self._command_config())
             if refusal is None:
@@ -576,8 +288,8 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Re
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
     args = list(sys.argv[1:] if args is None else args)
     kept = split_dropped_heads(args)[0]
-    ckpt_paths = [value for _, value in _override(kept, "ckpt_path")]
-    args, note = with_checkpoint_model(args, ckpt_paths[-1] if ckpt_paths else None, _config_files(kept), kept)
+    ckpt_paths = [value for _, value in overrides(kept, "ckpt_path")]
+    args, note = with_checkpoint_model(args, ckpt_paths[-1] if ckpt_paths else None, config_files(kept), kept)
     if note:
         rank_zero_info(note)
     used = check_plugin_names(split_dropped_heads(args)[0])
@@ -705,10 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except Exception as exc:
-        cause = _user_error_in(exc)
+        cause = user_error_in(exc)
         if cause is None or show_traceback:
             raise
-        message = _worker_message(str(cause), type(cause).__name__).strip().splitlines()
+        message = worker_message(str(cause), type(cause).__name__).strip().splitlines()
         lines = [f"error: {message[0] if message else type(cause).__name__}", *(f"  {line}" for line in message[1:4])]
         report = report_once("\n".join(lines))  # under DDP: once, not once per rank
         if report is not None:
@@ -740,45 +452,6 @@ def quiet_third_party_notices() -> None:
     if _not_an_advert not in logger.filters:
         logger.addFilter(_not_an_advert)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def _worker_message(text: str, type_name: str) -> str:
-    """The error's own message when a DataLoader worker raised it: PyTorch re-raises it in the main process
-    with the worker's whole traceback as its message, where the path of a bad image is on the last lines."""
-    if "Original Traceback (most recent call last)" not in text:
-        return text
-    lines = text.strip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        match = re.match(rf"^(?:[A-Za-z_][\w.]*\.)?{re.escape(type_name)}: (.*)$", lines[i])
-        if match:
-            return "\n".join([match.group(1), *lines[i + 1:]])
-    return text
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """The first exception of the chain that ``exc`` was raised from or while handling."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
-    return exc
-
-
-def _user_error_in(exc: BaseException) -> BaseException | None:
-    """``exc`` if it is a user error, else the first user error it was raised from.
-
-    Why: jsonargparse re-raises what a datamodule raises while the CLI links ``num_classes`` as a
-    ``ValueError`` "Call to compute_fn ... failed"; the user needs the cause (a missing CSV).
-    """
-    user_errors = user_error_types()
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, user_errors):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
 
 
 def _finish_wandb_run() -> None:

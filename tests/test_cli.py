@@ -216,7 +216,7 @@ def test_predict_without_a_writer_says_where_descriptors_are_written(cache_root:
 
 def test_short_config_flag_names_plugins_too(tmp_path: Path) -> None:
     """``-c`` is LightningCLI's ``--config``: its file's short plugin names must be imported as well."""
-    from retrieval_lightning.cli import plugin_names_used
+    from retrieval_lightning.cli_args import plugin_names_used
 
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  heads:\n    global:\n      class_path: gem_arcface\n"
@@ -408,7 +408,7 @@ def test_an_accelerator_the_machine_lacks_is_named_with_what_it_has() -> None:
     import lightning.pytorch as pl
     import torch
 
-    from retrieval_lightning.cli import accelerator_refusal
+    from retrieval_lightning.cli_errors import accelerator_refusal
 
     lacking = ["tpu"] + ["gpu"] * (not torch.cuda.is_available() and not torch.backends.mps.is_available())
     for accelerator in lacking:
@@ -428,7 +428,7 @@ def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path,
     """``--model.heads.local=null``: a two-head evaluation config serves the model's one-head stage (the parser
     refused it as "unknown head 'null'"); the training settings naming the head go with it; DDP re-launches
     sys.argv, so the argument stays there."""
-    from retrieval_lightning.cli import split_dropped_heads, without_print_config
+    from retrieval_lightning.cli_args import split_dropped_heads, without_print_config
     from retrieval_lightning.errors import UsageError
 
     args = ["test", "--model.heads.local=null", "--model.heads.verifier", "None", "--model.heads.global.init_args.p=3",
@@ -471,7 +471,8 @@ def test_cli_forms_a_code_read_found_refused_or_misreported(cache_root: Path, tm
     ``--ckpt_path`` without a model config was reported as missing model options; and a subcommand's missing
     options pointed at the top command's help, which does not list them."""
     from retrieval_lightning.checkpoints import CheckpointLoadError
-    from retrieval_lightning.cli import main, plugin_names_used, split_dropped_heads
+    from retrieval_lightning.cli import main
+    from retrieval_lightning.cli_args import plugin_names_used, split_dropped_heads
 
     nested = tmp_path / "nested.yaml"
     nested.write_text("model: other.yaml\n")
@@ -498,7 +499,8 @@ def test_short_plugin_names_inside_inline_mappings_and_plain_config_values(
     """``--model.heads.verifier='{class_path: cvnet_verifier, ...}'`` (and the same for ``--data`` and a config's
     ``verifier: cvnet_verifier``) reached the parser without the plugin's alias: "Expected a dot import path
     string"; a misspelt name inside one was not named with the registry's suggestion."""
-    from retrieval_lightning.cli import main, plugin_names_used
+    from retrieval_lightning.cli import main
+    from retrieval_lightning.cli_args import plugin_names_used
     config = tmp_path / "plain.yaml"
     config.write_text("model:\n  heads:\n    verifier: cvnet_verifier\ndata: minilandmarks\n")
     used = plugin_names_used([
