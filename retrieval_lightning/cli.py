@@ -373,11 +373,29 @@ OTHER_COMMANDS = {
 def _other_commands_help() -> str:
     width = max(map(len, OTHER_COMMANDS))
     return "other commands (each takes --help):\n" + "\n".join(
-        f"  {name.ljust(width)}  {text}" for name, text in OTHER_COMMANDS.items())
+        f"  {name.ljust(width)}  {text}" for name, text in OTHER_COMMANDS.items()) + (
+        f"\n  {'--version'.ljust(width)}  this package's version and torch's, lightning's, timm's, numpy's")
+
+
+def version_line() -> str:
+    """This package's version with the versions a bug report needs (the libraries that decide the numbers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "lightning", "timm", "numpy"))
+    return f"retrieval-lightning {installed('retrieval-lightning')} ({libraries}; Python {sys.version.split()[0]})"
 
 
 def _dispatch(argv: list[str]) -> int:
     lightning = sorted(RetrievalCLI.subcommands())
+    if argv in (["--version"], ["-V"]):
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_other_commands_help() + "\n")  # then LightningCLI's own usage of the training commands
     elif not argv[0].startswith("-") and argv[0] not in (*lightning, *OTHER_COMMANDS):

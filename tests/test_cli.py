@@ -256,6 +256,20 @@ def test_an_unknown_command_lists_every_command_and_the_closest(tmp_path: Path) 
     assert "import-checkpoint" in _other_commands_help() and "download" in _other_commands_help()
 
 
+def test_version_names_the_package_and_the_libraries_behind_the_numbers(capsys: pytest.CaptureFixture) -> None:
+    """``--version`` (a bug report's first line) was refused as an unknown option."""
+    import lightning
+    import torch
+
+    from retrieval_lightning.cli import main
+
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith("retrieval-lightning 0.") and f"torch {torch.__version__.split('+')[0]}" in line
+        assert f"lightning {lightning.__version__}" in line and "timm " in line, line
+
+
 @pytest.mark.parametrize(("option", "said"), [
     (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
     (["--model.optim.lrr", "0.1"], "error: model.optim: unknown option 'lrr'; did you mean 'lr'?"),
