@@ -125,7 +125,9 @@ class RetrievalCLI(LightningCLI):
         args, flags = without_print_config(sys.argv[1:])
         unknown = sorted(flags - set(PRINT_CONFIG_FLAGS))
         if unknown:
-            raise UsageError(f"--print_config: unknown flag {unknown[0]!r} (flags: {', '.join(PRINT_CONFIG_FLAGS)})")
+            needs = "; 'comments' needs ruamel.yaml installed" if "comments" in unknown else ""
+            raise UsageError(f"--print_config: unknown flag {unknown[0]!r} (flags: {', '.join(PRINT_CONFIG_FLAGS)}"
+                             f"{needs})")
         saved = sys.argv
         sys.argv = [*saved[:1], *args]
         try:

@@ -4,6 +4,7 @@ short-name aliases exist when the parser meets them), the heads it removes with 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -81,7 +82,16 @@ def split_dropped_heads(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-PRINT_CONFIG_FLAGS = ("skip_default", "skip_unset", "skip_null", "comments")
+def _yaml_with_comments() -> bool:
+    """Whether jsonargparse can print a config with comments (it needs ruamel.yaml, not a dependency)."""
+    try:
+        return importlib.util.find_spec("ruamel.yaml") is not None
+    except ImportError:  # no ruamel package at all
+        return False
+
+
+#: the flags ``--print_config=...`` takes here, as jsonargparse takes them
+PRINT_CONFIG_FLAGS = ("skip_default", "skip_unset", "skip_null", *(("comments",) if _yaml_with_comments() else ()))
 
 
 def without_print_config(args: Sequence[str]) -> tuple[list[str], set[str]]:

@@ -44,10 +44,12 @@ def _help_command(parser: Any, message: str) -> str:
     """The command whose ``--help`` lists the options ``message`` is about: a subcommand's missing options
     (``test.model.backbone``) are raised by the top parser, whose help does not list them."""
     command = parser.prog.replace(" [options]", "")
-    named = re.search(r"\b(" + "|".join(map(re.escape, _subcommands())) + r")\.[\w.]+", message)
-    if named and named.group(1) not in command.split():
-        command = f"{command} {named.group(1)}"
-    return command
+    subcommands = _subcommands()
+    if set(command.split()) & set(subcommands):
+        return command  # a subcommand's own parser (a file or value named test.x in the message is no command)
+    listed = re.search(r"arguments are required: (.*)", message)
+    named = listed and re.match(r"(" + "|".join(map(re.escape, subcommands)) + r")\.[\w.]+", listed.group(1))
+    return f"{command} {named.group(1)}" if named else command
 
 
 def accelerator_refusal(exc: BaseException, config: Any) -> UsageError | None:

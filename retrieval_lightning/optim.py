@@ -103,9 +103,9 @@ def check_total_steps(cfg: OptimConfig, total_steps: float | int | None) -> int:
         return 1 if total_steps is None or not math.isfinite(float(total_steps)) else max(1, int(total_steps))
     if total_steps is not None and 0 <= float(total_steps) < 1:
         raise UnboundedScheduleError(
-            f"the run trains no optimiser step (Lightning estimates {total_steps}: trainer.max_steps=0, "
-            "max_epochs=0, or a training loader with no batch), so there is nothing to fit. Set "
-            "trainer.max_steps >= 1, or evaluate with `test` instead"
+            f"the run trains no optimiser step (Lightning estimates {total_steps}: trainer.max_steps=0, or a "
+            "training loader with no batch), so there is nothing to fit. Set trainer.max_steps >= 1, or evaluate "
+            "with `test` instead"
         )
     if total_steps is None or not math.isfinite(float(total_steps)) or int(total_steps) < 1:
         raise UnboundedScheduleError(

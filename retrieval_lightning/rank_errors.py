@@ -5,8 +5,9 @@ by every rank, and each printed the same lines into the one terminal. Rank 0 now
 of the run (named by ``MASTER_ADDR`` / ``MASTER_PORT``, which no other live run on the machine shares) before
 printing; another rank that fails with the same lines prints nothing, and one that fails otherwise (an image only
 its shard holds) prints its own lines tagged with its rank. The ranks of one run are recognised by their process
-tree as it was at start-up: Lightning's launcher starts the other ranks from rank 0, torchrun starts them all from
-one agent. The file is on the machine's temp dir: on several machines, the ranks of the others print the error too.
+tree as it was at start-up (Lightning's launcher starts the other ranks from rank 0, torchrun starts them all
+from one agent) and by torchrun's restart count. The file is on the machine's temp dir: on several machines, the
+ranks of the others print the error too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ STALE_AFTER_S = 3600.0
 #: this process's parent when it started: a rank Lightning launched is rank 0's child, and is re-parented when rank 0
 #: exits first (its own error printed), which must not make its report unrecognisable
 _PARENT_AT_START = os.getppid()
+
+
+def _attempt() -> str:
+    """torchrun's restart of a failed run (same agent, same port) as part of a report's name: a rank of the new
+    attempt must not read the old attempt's rank 0."""
+    return f"a{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _run_folder() -> Path | None:
@@ -65,7 +72,7 @@ def _record(folder: Path, text: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(_encoded(text))
-        os.replace(tmp, folder / f"{os.getpid()}-{_PARENT_AT_START}.txt")
+        os.replace(tmp, folder / f"{os.getpid()}-{_PARENT_AT_START}-{_attempt()}.txt")
     except OSError:  # a report is a courtesy: the error itself must still be printed
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -88,15 +95,16 @@ def _remove_stale(root: Path) -> None:
 def _rank_zero_reported(folder: Path, text: str) -> bool:
     """Whether rank 0 of this process's run (its parent, or a process with the same parent) reported ``text``
     within :data:`WAIT_FOR_RANK_ZERO_S`."""
-    parent = str(_PARENT_AT_START)
+    parent, attempt = str(_PARENT_AT_START), _attempt()
     deadline = time.monotonic() + WAIT_FOR_RANK_ZERO_S
     while True:
-        for report in folder.glob("*.txt"):
-            if parent in report.stem.split("-"):
-                try:
-                    return report.read_bytes() == _encoded(text)
-                except OSError:
-                    return False
+        reports = [report for report in folder.glob("*.txt")
+                   if report.stem.split("-")[2:] == [attempt] and parent in report.stem.split("-")[:2]]
+        if reports:
+            try:
+                return any(report.read_bytes() == _encoded(text) for report in reports)
+            except OSError:
+                return False
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)

@@ -40,6 +40,27 @@ def test_another_rank_is_silent_about_rank_zeros_error_and_tags_its_own(run_env:
     assert rank_errors.report_once(ERROR) == "error (rank 1): rerank.k must be >= 1, got 0"
 
 
+def test_a_restarted_run_reads_its_own_rank_zero_not_the_failed_attempts(run_env: None,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's ``--max-restarts`` starts the ranks again from the same agent on the same port: the first
+    attempt's report (error A) stayed in the folder and was read by the second attempt's rank 1, which then hid
+    its own error A (rank 0 printed B) or printed B a second time."""
+    monkeypatch.setattr(rank_errors, "WAIT_FOR_RANK_ZERO_S", 0.2)
+    as_rank(monkeypatch, 0)
+    monkeypatch.setattr(rank_errors.os, "getpid", lambda: 1001)  # the first attempt's rank 0 ...
+    assert rank_errors.report_once("error: A") == "error: A"  # (no restart count set)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    as_rank(monkeypatch, 1)  # the second attempt's rank 1, before its rank 0 reported: the first's is not its own
+    assert rank_errors.report_once("error: A") == "error (rank 1): A"
+    as_rank(monkeypatch, 0)
+    monkeypatch.setattr(rank_errors.os, "getpid", lambda: 1002)  # ... and the second's, from the same agent
+    assert rank_errors.report_once("error: B") == "error: B"
+    assert len(list(rank_errors._run_folder().glob("*.txt"))) == 2
+    as_rank(monkeypatch, 1)
+    assert rank_errors.report_once("error: B") is None
+    assert rank_errors.report_once("error: A") == "error (rank 1): A"
+
+
 def test_a_rank_launched_by_rank_zero_knows_it_after_rank_zero_exits(run_env: None,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's launcher starts rank 1 from rank 0: rank 0 may print, exit, and leave rank 1 re-parented."""
