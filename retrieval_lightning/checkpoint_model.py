@@ -9,7 +9,7 @@ overrides it, and the config the run saves (``config_<subcommand>.yaml``) holds 
 
 from __future__ import annotations
 
-import atexit
+import hashlib
 import os
 import re
 import tempfile
@@ -85,15 +85,31 @@ def with_checkpoint_model(args: Sequence[str], ckpt_path: str | None, config_fil
     config = model_config_of(checkpoint) if isinstance(checkpoint, dict) else None
     if config is None:
         return args, None
-    handle, path = tempfile.mkstemp(prefix="retrieval-lightning-model-", suffix=".yaml")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        yaml.safe_dump(config, stream, sort_keys=False)
-    pid = os.getpid()
-    # a DDP rank re-launched from this command line reads it at its start, while this process runs
-    atexit.register(lambda: os.getpid() == pid and Path(path).unlink(missing_ok=True))
+    path = write_model_config(config)
     note = (f"--ckpt_path {ckpt_path}: no model configured, so the model is the checkpoint's own (backbone "
             f"{backbone_name(config)}, heads {sorted(config['model']['heads'])}); --model.* settings override it")
     return [*args[:position + 1], "--config", path, *args[position + 1:]], note
+
+
+def write_model_config(config: Mapping[str, Any]) -> str:
+    """The model config as a file the parser (and every DDP rank re-launched from the command line) reads: one file
+    per distinct config under the temp dir, named by its content, so runs that are killed (no exit handler runs
+    on SIGTERM) or repeated in a notebook reuse it instead of leaving one file each."""
+    text = yaml.safe_dump(dict(config), sort_keys=False)
+    uid = os.getuid() if hasattr(os, "getuid") else 0  # a shared /tmp: another user's file is not ours to replace
+    folder = Path(tempfile.gettempdir()) / f"retrieval-lightning-models-{uid}"
+    path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return str(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a reader sees the whole file or none
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return str(path)
 
 
 def backbone_name(config: Mapping[str, Any]) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import REPO, read_metrics, run_main
 from retrieval_lightning.cli import main
@@ -137,3 +138,17 @@ def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
     torch.save({"state_dict": {}}, bare)
     with pytest.raises(SystemExit):
         run_lightning_cli(["test", *data, f"--ckpt_path={bare}"])
+
+
+def test_a_checkpoints_model_config_is_one_file_per_model_not_per_run() -> None:
+    """The model config an evaluation with ``--ckpt_path`` alone reads was a new temporary file per run, removed
+    only at a normal exit: a cancelled evaluation job (SIGTERM) or each call in a notebook left one more."""
+    from retrieval_lightning.checkpoint_model import write_model_config
+
+    config = {"model": {"backbone": {"class_path": "x", "init_args": {"name": "resnet50"}}, "heads": {}}}
+    first = write_model_config(config)
+    assert write_model_config(dict(config)) == first  # the same model: the same file, written once
+    other = write_model_config({"model": {**config["model"], "eval_scales": [1.0]}})
+    assert other != first and Path(first).parent == Path(other).parent
+    assert yaml.safe_load(Path(first).read_text()) == config
+    assert not [p for p in Path(first).parent.iterdir() if p.name.startswith(".")]  # no temporary part left

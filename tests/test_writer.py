@@ -462,3 +462,23 @@ def test_set_files_are_written_through_a_temporary_file_of_this_process(tmp_path
     set_files._replace_atomically(tmp_path / "items.tsv", ["a", "b"])
     assert renamed == [(str(tmp_path / f".items.tsv.tmp-{os.getpid()}"), str(tmp_path / "items.tsv"))]
     assert (tmp_path / "items.tsv").read_text() == "a\nb\n"
+
+
+def test_an_interrupted_set_or_marker_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A Ctrl-C (or a full disk) half-way through ``items.tsv`` left its pid-named part beside the store for good:
+    about 100 bytes per item, 100 MB for the +1M distractors, once per interrupted try."""
+    import retrieval_lightning.retrieval.set_files as set_files
+    from retrieval_lightning.retrieval.workdirs import atomic_write_text
+
+    def lines():
+        yield "index\tid\tpath"
+        yield "0\ta\t/x.jpg"
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        set_files._replace_atomically(tmp_path / "items.tsv", lines())
+    (tmp_path / "marker").mkdir()
+    with pytest.raises(OSError):  # the target is a folder: the rename fails after the write
+        atomic_write_text(tmp_path / "marker", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
+

@@ -31,10 +31,14 @@ SET_RECORD = "set.json"
 def _replace_atomically(path: Path, lines: Iterable[str]) -> None:
     """Write ``lines`` to ``path`` through a temporary file, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two runs writing at once do not share it
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C half-way: no pid-named part (100 MB for +1M items) left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _item_lines(spec: EvalSet) -> Iterator[str]:
