@@ -77,7 +77,7 @@ def gldv2_files(root: str | Path, splits: Sequence[str] = ("train", "index", "te
                 base_url: str = GLDV2_BASE_URL, extract: bool = True, max_archives: int | None = None,
                 keep_archives: bool = False) -> list[RemoteFile]:
     """The GLDv2 csv files, then each split's archives with their official md5 lists."""
-    root, base = Path(root), base_url.rstrip("/")
+    root, base = Path(root).expanduser(), base_url.rstrip("/")
     chosen = _choose("GLDv2 split", splits, tuple(GLDV2_ARCHIVES))
     items = [RemoteFile(f"{base}/{rel}", root / Path(rel).name) for split in chosen for rel in GLDV2_CSVS[split]]
     for split in chosen:
@@ -109,7 +109,7 @@ def revisitop_files(root: str | Path, datasets: Sequence[str] = ("roxford5k", "r
                          f"({', '.join(chosen)}) do not include revisitop1m: Oxford and Paris are fetched whole")
     items: list[RemoteFile] = []
     for name in chosen:
-        folder = Path(root) / "datasets" / name
+        folder = Path(root).expanduser() / "datasets" / name
         if name == "revisitop1m":
             items.append(RemoteFile(f"{urls['revisitop1m']}/revisitop1m.txt", folder / "revisitop1m.txt"))
             for number in range(1, _limit(REVISITOP1M_ARCHIVES, max_archives) + 1):

@@ -205,7 +205,7 @@ class GLDv2DataModule(L.LightningDataModule):
             raise ValueError("the 'holdout' eval set needs validation_split > 0")
         self.save_hyperparameters()
         self.hparams.sampler_seed = run_seed(sampler_seed)  # resolved now: checkpoints record it
-        self.root, self.train_set, self.usage = root, train_set, usage
+        self.root, self.train_set, self.usage = os.path.expanduser(root), train_set, usage  # a config's ~/data
         self.policy = datamodule_policy(on_error)
         self.train_transform = TrainTransform(image_size, area_range=(crop_area_min, 1.0), interpolation=interpolation)
         self.eval_transform = EvalTransform(eval_max_side, upscale=eval_upscale)

@@ -78,8 +78,8 @@ class MiniLandmarksDataModule(pl.LightningDataModule):
         check_pair_options(sampling, pairs)  # refused when made, not at the first training batch
         check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        self.root = root or os.path.join(default_cache_root(), "minilandmarks")
-        self.photo_dirs = [Path(p) for p in (photo_dirs or [])]
+        self.root = os.path.expanduser(root or os.path.join(default_cache_root(), "minilandmarks"))  # a config's ~
+        self.photo_dirs = [Path(p).expanduser() for p in (photo_dirs or [])]
         missing = [str(p) for p in self.photo_dirs if not p.is_dir()]
         if missing:
             raise FileNotFoundError(f"minilandmarks photo_dirs not found: {missing}")

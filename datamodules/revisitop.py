@@ -241,7 +241,7 @@ class RevisitopDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.root = root
+        self.root = os.path.expanduser(root)  # a config's ~/data: no shell expands it there
         self.datasets = list(datasets) if datasets is not None else ["roxford5k", "rparis6k"]
         if not self.datasets:
             raise ValueError("RevisitopDataModule needs at least one dataset name")
@@ -288,8 +288,9 @@ class RevisitopDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.distractors is None:
             return StringArray(), ""
-        names = read_distractor_list(hp.distractors, hp.max_distractors)
-        return names, hp.distractors_root or os.path.join(os.path.dirname(hp.distractors), "jpg")
+        listed = os.path.expanduser(hp.distractors)
+        names = read_distractor_list(listed, hp.max_distractors)
+        return names, os.path.expanduser(hp.distractors_root or os.path.join(os.path.dirname(listed), "jpg"))
 
     def _build(self) -> list[EvalSet]:
         d_names, d_base = self._distractors()

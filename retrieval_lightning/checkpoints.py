@@ -74,7 +74,7 @@ def open_checkpoint(path: str | Path) -> dict:
     memory-mapped when its format allows (torch's zip archive; its legacy format is read whole), so tensors
     are only read when touched, and weights-only like every load here. :class:`CheckpointLoadError` names a
     file that is missing, a directory, no checkpoint, corrupt or refused."""
-    path = Path(path)
+    path = Path(path).expanduser()  # a config's ~/ckpts/x.ckpt: no shell expands it there
     archive = _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
@@ -101,7 +101,7 @@ def open_lightning_checkpoint(path: str | Path) -> dict:
     """:func:`open_checkpoint` of a file that must be a Lightning checkpoint (``--ckpt_path`` of
     ``fit``/``test``/...), or :class:`CheckpointLoadError` naming it: Lightning itself would fail on a
     directory or a bare state dict with a bare ``KeyError``."""
-    path = Path(path)
+    path = Path(path).expanduser()  # a config's ~/ckpts/x.ckpt: no shell expands it there
     checkpoint = open_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointLoadError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint")
@@ -116,7 +116,7 @@ def load_tensor_file(path: str | Path) -> dict:
 
     Lightning checkpoints (``{"state_dict": ...}``) are returned whole; callers pick what they need.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # a config's ~/ckpts/x.ckpt: no shell expands it there
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class RetrievalTrainer(pl.Trainer):
         """
         if shard_size < 1:
             raise UsageError(f"--shard_size must be >= 1 (images per shard file), got {shard_size}")
+        output_dir = os.path.expanduser(output_dir)  # a config's ~/features: no shell expands it there
         check_folder_can_be_made(output_dir, "--output_dir")
         if ckpt_path:
             model.load_weights(ckpt_path)
@@ -182,6 +184,7 @@ class RetrievalTrainer(pl.Trainer):
             eval_set: only this eval set (default: all of the datamodule's).
             ckpt_path: weights to load first, as given to ``extract`` (or give ``--model.init_from``).
         """
+        features_dir = os.path.expanduser(features_dir)
         if not Path(features_dir).is_dir():  # at once, not after the launch, the weights and the data's set-up
             raise UsageError(f"--features_dir {features_dir}: no such directory; run `retrieval-lightning extract` "
                              f"with the same arguments and --output_dir {features_dir} first")
