@@ -87,6 +87,12 @@ _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
+def datamodule_classes(datamodule: Any) -> int:
+    """``model.num_classes`` from the datamodule (0 for one that only evaluates). A module-level function, not a
+    lambda: the parser it is linked into is pickled with the trainer under ``strategy=ddp_spawn``."""
+    return int(getattr(datamodule, "num_classes", 0))
+
+
 def gloo_without_gpus(trainer: Any) -> None:
     """A DDP strategy set to NCCL on a machine without GPUs (a GPU config run on a CPU machine) falls back to gloo,
     said once, instead of every rank's ``ProcessGroupNCCL is only supported with GPUs`` traceback."""
@@ -151,7 +157,7 @@ class RetrievalCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
-            "data", "model.num_classes", compute_fn=lambda dm: int(getattr(dm, "num_classes", 0)),
+            "data", "model.num_classes", compute_fn=datamodule_classes,
             apply_on="instantiate",
         )
 

@@ -189,6 +189,12 @@ class KeptTable(NamedTuple):
     epoch: int
 
 
+def as_list(items: list) -> list:
+    """The pool loader's collate: the items as they are (their images differ in size). A module-level function,
+    not a lambda: loader workers started by 'spawn' (macOS, Windows) receive it pickled."""
+    return items
+
+
 class HardNegativeMining(pl.Callback):
     """Rebuild the datamodule's hard-negative table from the model's global descriptors (or keep the last
     one while the global model's weights and the pool are unchanged).
@@ -264,7 +270,7 @@ class HardNegativeMining(pl.Callback):
         # would shift every later global draw (a sparsifier's Gumbel noise) between a run and its resume,
         # which mines again after the random states are restored
         loader = DataLoader(share, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=lambda items: items, generator=torch.Generator().manual_seed(0))
+                            collate_fn=as_list, generator=torch.Generator().manual_seed(0))
         rows, descs = [], []
         for items in tqdm(loader, desc="hard negatives: embedding the pool", disable=not progress, leave=False):
             images = [item["image"].to(pl_module.device) for item in items]
