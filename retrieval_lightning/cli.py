@@ -40,6 +40,7 @@ from retrieval_lightning.cli_errors import (
     ConciseArgumentParser,
     accelerator_refusal,
     innermost,
+    interpolation_refusal,
     user_error_in,
     worker_message,
 )
@@ -112,6 +113,15 @@ class RetrievalCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """The command line less ``--model.heads.<role>=null`` (sys.argv keeps them: DDP re-launches it)."""
+        try:
+            self._parse_arguments(parser, args)
+        except Exception as exc:
+            refusal = interpolation_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+
+    def _parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is not None:
             super().parse_arguments(parser, args)
             return

@@ -71,6 +71,24 @@ def accelerator_refusal(exc: BaseException, config: Any) -> UsageError | None:
                       "--trainer.accelerator=auto picks the best of them)")
 
 
+def interpolation_refusal(exc: BaseException) -> UsageError | None:
+    """An ``${...}`` the parser could not resolve, in one line with how to write it (it was a traceback): keys are
+    looked up in the subcommand's config, where ``${trainer.max_steps}`` is ``fit.trainer.max_steps``."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and not isinstance(current, InterpolationResolutionError) and id(current) not in seen:
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    if not isinstance(current, InterpolationResolutionError):
+        return None
+    first = str(current).strip().splitlines()[0] if str(current).strip() else type(current).__name__
+    return UsageError(f"{first}. An interpolation is resolved inside the subcommand's config: write it relative "
+                      "to its own key (the recipes' ${....default_root_dir}) or from the subcommand "
+                      "(${fit.trainer.max_steps})")
+
+
 def concise_parser_error(message: str, parser: Any) -> str:
     """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]

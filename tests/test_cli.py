@@ -564,3 +564,30 @@ def test_short_plugin_names_inside_inline_mappings_and_plain_config_values(
     assert "takes no options" in capsys.readouterr().out
     assert main(["plugins", "--bogus"]) == 2
     assert "plugins takes no arguments, got '--bogus'" in capsys.readouterr().err
+
+
+def test_a_saved_config_reruns_into_another_directory(cache_root: Path, tmp_path: Path) -> None:
+    """The recipes derive the checkpoint folder and the logger's from ``${...default_root_dir}``; the saved config
+    held them resolved, so ``fit --config <run a>/config.yaml --trainer.default_root_dir b`` resumed run a and
+    overwrote its last.ckpt and config. The saved config keeps the recipe's templates; an unresolvable one is one
+    line saying how to write it (it was a traceback)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["--trainer.max_steps=1", "--trainer.logger=false", f"--data.init_args.root={cache_root}", *TINY_DATA]
+    run_main(["fit", "--config", str(REPO / "experiments/demo.yaml"), *common,
+              f"--trainer.default_root_dir={first}"], cwd=tmp_path)
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["trainer"]["callbacks"][0]["init_args"]["dirpath"] == "${....default_root_dir}/checkpoints"
+    before = (first / "checkpoints" / "last.ckpt").read_bytes()
+    run_main(["fit", "--config", str(first / "config.yaml"), f"--trainer.default_root_dir={second}"], cwd=tmp_path)
+    assert (second / "checkpoints" / "last.ckpt").is_file() and (second / "config.yaml").is_file()
+    assert (first / "checkpoints" / "last.ckpt").read_bytes() == before  # the first run is left as it was
+    # an override replaces a template (a list whole, from a later file); one given as a template is kept
+    from retrieval_lightning.callbacks.config import interpolation_templates
+
+    templates = interpolation_templates([str(REPO / "experiments/demo.yaml")], [
+        "fit", "--trainer.callbacks=[]", "--trainer.logger.init_args.save_dir", "${..x}"])
+    assert templates == {("trainer", "logger", "init_args", "save_dir"): ("${..x}", {})}
+    done = run_main(["fit", "--config", str(REPO / "experiments/demo.yaml"), *common, "--print_config",
+                     "--model.optim.warmup_steps=${trainer.max_steps}"], cwd=tmp_path, status=2)
+    assert done.stderr.splitlines()[0].startswith("error: Interpolation key 'trainer.max_steps' not found. "), done
+    assert "${fit.trainer.max_steps}" in done.stderr

@@ -13,12 +13,20 @@ behaviour is kept.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from retrieval_lightning.cli_args import config_files
 from retrieval_lightning.loggers import code_version
+from retrieval_lightning.retrieval.workdirs import atomic_write_text
 
 
 #: subcommands that train: theirs is the log directory's ``config.yaml``
@@ -41,6 +49,89 @@ def _disabled(logger: WandbLogger) -> bool:
     return "disabled" in (os.environ.get("WANDB_MODE"), logger._wandb_init.get("mode"))
 
 
+KeyPath = tuple  # of str (a mapping's key) and int (a list's index)
+
+
+def interpolation_templates(config_files: Sequence[str], args: Sequence[str]) -> dict[KeyPath, tuple[str, dict]]:
+    """The ``${...}`` values this command set (in its config files, then its overrides, the last one winning), by
+    key path: ``(template, {list position: class_path})``. The parser resolves them, so a saved config would hold
+    ``/runs/a/checkpoints`` where the recipe said ``${....default_root_dir}/checkpoints``, and a run of the saved
+    config with another ``--trainer.default_root_dir`` wrote into (and resumed) the first run's directory."""
+    found: dict[KeyPath, tuple[str, dict]] = {}
+
+    def forget(prefix: KeyPath) -> None:
+        for key in [k for k in found if k[: len(prefix)] == prefix]:
+            del found[key]
+
+    def walk(node: Any, path: KeyPath, classes: dict) -> None:
+        if isinstance(node, str) and "${" in node:
+            found[path] = (node, dict(classes))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, (*path, str(key)), classes)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                named = value.get("class_path") if isinstance(value, dict) else None
+                walk(value, (*path, i), {**classes, len(path): named} if isinstance(named, str) else classes)
+
+    for file in config_files:
+        try:
+            with open(file, encoding="utf-8") as stream:
+                raw = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError):
+            continue
+        for key, value in (raw.items() if isinstance(raw, dict) else ()):
+            forget((str(key),))  # a later file's value replaces the earlier one (a list whole)
+            walk(value, (str(key),), {})
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name in ("--config", "--print_config") or not (eq or i + 1 < len(args)):
+            continue
+        path = tuple(name[2:].split("."))
+        forget(path)
+        value = value if eq else args[i + 1]
+        if "${" in value:
+            found[path] = (value, {})
+    return found
+
+
+def _class_name(class_path: Any) -> str | None:
+    return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
+
+
+def restore_interpolations(config_path: str, templates: Mapping[KeyPath, tuple[str, dict]]) -> None:
+    """Put the command's ``${...}`` templates back into the saved config where its structure still holds them (a
+    list entry only if it is of the same class), so a run of the saved config re-derives them."""
+    if not templates:
+        return
+    with open(config_path, encoding="utf-8") as stream:
+        saved = yaml.safe_load(stream)
+    changed = False
+    for path, (template, classes) in templates.items():
+        node = saved
+        for depth, key in enumerate(path[:-1]):
+            if isinstance(key, int):
+                if not isinstance(node, list) or key >= len(node):
+                    break
+                node = node[key]
+                expected = classes.get(depth)
+                actual = node.get("class_path") if isinstance(node, dict) else None
+                if expected and _class_name(actual) != _class_name(expected):
+                    break  # another list than the recipe's: its entries are not the templated ones
+            elif isinstance(node, dict) and key in node:
+                node = node[key]
+            else:
+                break
+        else:
+            last = path[-1]
+            if isinstance(node, dict) and isinstance(last, str) and last in node:
+                node[last], changed = template, True
+            elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+                node[last], changed = template, True
+    if changed:
+        atomic_write_text(Path(config_path), yaml.safe_dump(saved, sort_keys=False))
+
+
 class SaveConfigToLoggers(SaveConfigCallback):
     """Resolved config → W&B ``run.config`` and ``<run dir>/lightning_config.yaml``."""
 
@@ -49,15 +140,20 @@ class SaveConfigToLoggers(SaveConfigCallback):
             return
         # a disabled W&B run (WANDB_MODE=disabled) has a run directory that is never created: log_dir as without W&B
         loggers = [lg for lg in _wandb_loggers(trainer) if not _disabled(lg)]
+        templates = interpolation_templates(config_files(sys.argv[1:]), sys.argv[1:])  # the command line as run
         if not loggers:
             self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
             super().setup(trainer, pl_module, stage)
+            path = os.path.join(trainer.log_dir or "", self.config_filename)
+            if trainer.is_global_zero and os.path.isfile(path):
+                restore_interpolations(path, templates)
             return
         if trainer.is_global_zero:
             for logger in loggers:
                 run = logger.experiment
                 path = os.path.join(run.dir, "lightning_config.yaml")
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+                restore_interpolations(path, templates)  # run.config keeps the resolved values: searchable
                 run.config.update({**self.config.as_dict(), "code": code_version()}, allow_val_change=True)
         self.already_saved = True
         trainer.strategy.barrier()
