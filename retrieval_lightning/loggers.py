@@ -135,7 +135,8 @@ def weights_source(subcommand: str, config: Mapping[str, Any]) -> dict[str, Any]
     candidates = [] if subcommand in ("fit", "finetune") else [config.get("ckpt_path")]
     candidates.append(model.get("init_from") if isinstance(model, Mapping) else None)
     for path in candidates:
-        if not path or not os.path.isfile(str(path)):
+        path = os.path.expanduser(str(path)) if path else path  # a config's ~/ckpts/x.ckpt, as the readers take it
+        if not path or not os.path.isfile(path):
             continue
         try:
             run_id = checkpoint_wandb_run(open_checkpoint(path))

@@ -584,9 +584,20 @@ def test_a_saved_config_reruns_into_another_directory(cache_root: Path, tmp_path
     # an override replaces a template (a list whole, from a later file); one given as a template is kept
     from retrieval_lightning.callbacks.config import interpolation_templates
 
-    templates = interpolation_templates([str(REPO / "experiments/demo.yaml")], [
-        "fit", "--trainer.callbacks=[]", "--trainer.logger.init_args.save_dir", "${..x}"])
+    recipe = str(REPO / "experiments/demo.yaml")
+    templates = interpolation_templates(["fit", "--config", recipe, "--trainer.callbacks=[]",
+                                         "--trainer.logger.init_args.save_dir", "${..x}"])
     assert templates == {("trainer", "logger", "init_args", "save_dir"): ("${..x}", {})}
+    # (a review's cases) an override without `init_args.` replaces the template too; a config file after an
+    # override wins over it; a second config file merges into the first, leaving its other templates in place
+    logger_dir = ("trainer", "logger", "init_args", "save_dir")
+    assert logger_dir not in interpolation_templates(["fit", "-c", recipe, "--trainer.logger.save_dir=/logs"])
+    other = tmp_path / "other.yaml"
+    other.write_text("trainer:\n  max_steps: 2\n  logger:\n    init_args:\n      save_dir: /from_other\n")
+    later = interpolation_templates(["fit", "--config", recipe, "--trainer.logger.init_args.save_dir=${..y}",
+                                     f"--config={other}"])
+    assert logger_dir not in later and ("trainer", "callbacks", 0, "init_args", "dirpath") in later
+    assert interpolation_templates(["fit", "--config", recipe, f"-c{other}"]).keys() == later.keys()
     done = run_main(["fit", "--config", str(REPO / "experiments/demo.yaml"), *common, "--print_config",
                      "--model.optim.warmup_steps=${trainer.max_steps}"], cwd=tmp_path, status=2)
     assert done.stderr.splitlines()[0].startswith("error: Interpolation key 'trainer.max_steps' not found. "), done

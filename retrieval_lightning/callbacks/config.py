@@ -24,7 +24,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from retrieval_lightning.cli_args import config_files
 from retrieval_lightning.loggers import code_version
 from retrieval_lightning.retrieval.workdirs import atomic_write_text
 
@@ -52,46 +51,81 @@ def _disabled(logger: WandbLogger) -> bool:
 KeyPath = tuple  # of str (a mapping's key) and int (a list's index)
 
 
-def interpolation_templates(config_files: Sequence[str], args: Sequence[str]) -> dict[KeyPath, tuple[str, dict]]:
-    """The ``${...}`` values this command set (in its config files, then its overrides, the last one winning), by
-    key path: ``(template, {list position: class_path})``. The parser resolves them, so a saved config would hold
-    ``/runs/a/checkpoints`` where the recipe said ``${....default_root_dir}/checkpoints``, and a run of the saved
-    config with another ``--trainer.default_root_dir`` wrote into (and resumed) the first run's directory."""
+def _without_init_args(path: KeyPath) -> KeyPath:
+    """A key path as jsonargparse also accepts it, without ``init_args`` (``--trainer.logger.save_dir``)."""
+    return tuple(key for key in path if key != "init_args")
+
+
+def _command_sources(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``("file", path)`` and ``(key, value)`` in the order given: jsonargparse applies them in that order."""
+    sources: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "-c") or (arg.startswith("-c") and not arg.startswith("--") and len(arg) > 2):
+            if eq:
+                sources.append(("file", value))
+            elif name in ("--config", "-c") and i + 1 < len(args):
+                sources.append(("file", args[i + 1]))
+                i += 1
+            else:
+                sources.append(("file", arg[2:]))  # -cFILE
+        elif name.startswith("--") and name != "--print_config" and (eq or i + 1 < len(args)):
+            sources.append((name[2:], value if eq else args[i + 1]))
+            i += 0 if eq else 1
+        i += 1
+    return sources
+
+
+def interpolation_templates(args: Sequence[str]) -> dict[KeyPath, tuple[str, dict]]:
+    """The ``${...}`` values this command line set (its config files and overrides, in their order, the last one
+    winning), by key path: ``(template, {list position: class_path})``. The parser resolves them, so a saved
+    config would hold ``/runs/a/checkpoints`` where the recipe said ``${....default_root_dir}/checkpoints``, and a
+    run of the saved config with another ``--trainer.default_root_dir`` wrote into (and resumed) the first run's
+    directory."""
     found: dict[KeyPath, tuple[str, dict]] = {}
 
-    def forget(prefix: KeyPath) -> None:
-        for key in [k for k in found if k[: len(prefix)] == prefix]:
+    def forget(prefix: KeyPath) -> None:  # a value set at ``prefix`` replaces whatever was under it
+        short = _without_init_args(prefix)
+        for key in [k for k in found if _without_init_args(k)[: len(short)] == short]:
             del found[key]
 
     def walk(node: Any, path: KeyPath, classes: dict) -> None:
-        if isinstance(node, str) and "${" in node:
-            found[path] = (node, dict(classes))
-        elif isinstance(node, dict):
+        """A config file's values: mappings merge into what came before; a list or a value replaces it."""
+        if isinstance(node, dict):
+            if "class_path" in node:
+                forget(path)  # a class given anew: its init_args are not the earlier ones
             for key, value in node.items():
                 walk(value, (*path, str(key)), classes)
+            return
+        forget(path)
+        if isinstance(node, str) and "${" in node:
+            found[path] = (node, dict(classes))
         elif isinstance(node, list):
             for i, value in enumerate(node):
                 named = value.get("class_path") if isinstance(value, dict) else None
                 walk(value, (*path, i), {**classes, len(path): named} if isinstance(named, str) else classes)
 
-    for file in config_files:
+    for source, value in _command_sources(args):
+        if source != "file":
+            path = tuple(source.split("."))
+            forget(path)
+            if value.lstrip().startswith(("{", "[")):  # an inline mapping or list: its values at their own keys
+                try:
+                    walk(yaml.safe_load(value), path, {})
+                except yaml.YAMLError:
+                    pass  # the parser says what is wrong with it
+            elif "${" in value:
+                found[path] = (value, {})
+            continue
         try:
-            with open(file, encoding="utf-8") as stream:
+            with open(os.path.expanduser(value), encoding="utf-8") as stream:
                 raw = yaml.safe_load(stream)
         except (OSError, yaml.YAMLError):
             continue
-        for key, value in (raw.items() if isinstance(raw, dict) else ()):
-            forget((str(key),))  # a later file's value replaces the earlier one (a list whole)
-            walk(value, (str(key),), {})
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if not name.startswith("--") or name in ("--config", "--print_config") or not (eq or i + 1 < len(args)):
-            continue
-        path = tuple(name[2:].split("."))
-        forget(path)
-        value = value if eq else args[i + 1]
-        if "${" in value:
-            found[path] = (value, {})
+        if isinstance(raw, dict):
+            walk(raw, (), {})
     return found
 
 
@@ -140,7 +174,7 @@ class SaveConfigToLoggers(SaveConfigCallback):
             return
         # a disabled W&B run (WANDB_MODE=disabled) has a run directory that is never created: log_dir as without W&B
         loggers = [lg for lg in _wandb_loggers(trainer) if not _disabled(lg)]
-        templates = interpolation_templates(config_files(sys.argv[1:]), sys.argv[1:])  # the command line as run
+        templates = interpolation_templates(sys.argv[1:])  # the command line as run
         if not loggers:
             self.overwrite = True  # successive subcommands (finetune: test, fit, test) share a log_dir
             super().setup(trainer, pl_module, stage)
