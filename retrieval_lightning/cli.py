@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -88,6 +89,18 @@ _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
+#: jsonargparse's earlier names of ``dump``'s options (before 4.4x), for the versions setup.cfg allows
+_EARLIER_DUMP_NAMES = {"skip_unset": "skip_none", "skip_validation": "skip_check", "with_comments": "yaml_comments"}
+
+
+def dump_options(dump: Any, **options: bool) -> dict[str, bool]:
+    """``options`` under the names this jsonargparse's ``dump`` takes (it renamed them; an older one refused the
+    new names)."""
+    accepted = inspect.signature(dump).parameters
+    return {name if name in accepted else _EARLIER_DUMP_NAMES.get(name, name): value
+            for name, value in options.items() if name in accepted or _EARLIER_DUMP_NAMES.get(name) in accepted}
+
+
 def datamodule_classes(datamodule: Any) -> int:
     """``model.num_classes`` from the datamodule (0 for one that only evaluates). A module-level function, not a
     lambda: the parser it is linked into is pickled with the trainer under ``strategy=ddp_spawn``."""
@@ -151,10 +164,11 @@ class RetrievalCLI(LightningCLI):
         finally:
             sys.argv = saved
         self._drop_heads()
-        subcommand = self.config.get("subcommand")
-        print(self._parser(subcommand).dump(
-            self._command_config(), skip_unset="skip_unset" in flags or "skip_null" in flags,
-            skip_default="skip_default" in flags, with_comments="comments" in flags, skip_validation=True), end="")
+        dump = self._parser(self.config.get("subcommand")).dump
+        options = dump_options(dump, skip_unset="skip_unset" in flags or "skip_null" in flags,
+                               skip_default="skip_default" in flags, with_comments="comments" in flags,
+                               skip_validation=True)
+        print(dump(self._command_config(), **options), end="")
         sys.exit(0)
 
     @staticmethod

@@ -458,6 +458,7 @@ def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path,
     """``--model.heads.local=null``: a two-head evaluation config serves the model's one-head stage (the parser
     refused it as "unknown head 'null'"); the training settings naming the head go with it; DDP re-launches
     sys.argv, so the argument stays there."""
+    from retrieval_lightning.cli import dump_options
     from retrieval_lightning.cli_args import PRINT_CONFIG_FLAGS, split_dropped_heads, without_print_config
     from retrieval_lightning.errors import UsageError
 
@@ -498,6 +499,15 @@ def test_a_configured_head_is_dropped_by_null(cache_root: Path, tmp_path: Path,
     assert without_print_config(["test", "--print_config", "skip_null,skip_default", "--x=1", "--print_config=a"]) == (
         ["test", "--x=1"], {"skip_null", "skip_default", "a"})
     assert without_print_config(["test", "--print_config", "--x", "y"]) == (["test", "--x", "y"], set())
+    # jsonargparse renamed dump's options; setup.cfg allows versions that take only the earlier names
+
+    def earlier_dump(cfg: object, format: str = "parser_mode", skip_none: bool = True, skip_default: bool = False,
+                     skip_check: bool = False, yaml_comments: bool = False, skip_link_targets: bool = True) -> str:
+        return ""
+
+    assert dump_options(earlier_dump, skip_unset=True, skip_default=False, with_comments=False,
+                        skip_validation=True) == {"skip_none": True, "skip_default": False, "yaml_comments": False,
+                                                  "skip_check": True}
 
 
 def test_cli_forms_a_code_read_found_refused_or_misreported(cache_root: Path, tmp_path: Path,
