@@ -108,6 +108,16 @@ class DownloadSummary:
                 f"{len(self.extracted)} extracted")
 
 
+def with_others(first: BaseException, others: Sequence[BaseException]) -> BaseException:
+    """``first``, noting the other failures (``add_note`` on Python 3.11+, in its message on 3.10)."""
+    for other in others:
+        if hasattr(first, "add_note"):
+            first.add_note(f"also failed: {other}")
+        else:
+            first.args = (f"{first.args[0] if first.args else first}; also failed: {other}", *first.args[1:])
+    return first
+
+
 def file_md5(path: Path) -> str:
     """Hex md5 of a file, read in chunks so multi-gigabyte archives fit in memory."""
     digest = hashlib.md5()
@@ -441,7 +451,5 @@ def download_files(items: Sequence[RemoteFile], workers: int = 4, progress: bool
         if outcome.extracted:
             summary.extracted.append(str(item.dest))
     if errors:
-        for other in errors[1:]:
-            errors[0].add_note(f"also failed: {other}")
-        raise errors[0]
+        raise with_others(errors[0], errors[1:])
     return summary

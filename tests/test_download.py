@@ -653,3 +653,20 @@ def test_a_host_that_never_answers_is_not_asked_again_for_every_file(server, tmp
     with pytest.raises(DownloadError):
         download_files(answered, workers=1, retries=2, **FAST)
     assert [len(server.requests(f"/busy/{i}.bin")) for i in range(3)] == [3, 3, 3]
+
+
+def test_other_failures_are_noted_on_python_without_add_note() -> None:
+    """``add_note`` is Python 3.11+; setup.cfg allows 3.10, where two failed downloads raised an AttributeError
+    in place of the first download's error."""
+    from retrieval_lightning.download import with_others
+
+    class WithoutNotes(OSError):  # an exception as Python 3.10 makes it
+        def __getattribute__(self, name: str):
+            if name == "add_note":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    first = with_others(WithoutNotes("a.tar: 404"), [OSError("b.tar: 404"), OSError("c.tar: 404")])
+    assert str(first) == "a.tar: 404; also failed: b.tar: 404; also failed: c.tar: 404"
+    noted = with_others(OSError("a.tar: 404"), [OSError("b.tar: 404")])
+    assert str(noted) == "a.tar: 404" and noted.__notes__ == ["also failed: b.tar: 404"]

@@ -419,3 +419,16 @@ def test_orient_false_keeps_the_stored_frame(tmp_path: Path) -> None:
     assert load_image(path).shape == (3, 40, 24)
     stored = load_image(path, orient=False)
     assert np.array_equal(_hwc(stored), pixels)
+
+
+def test_the_torchvision_decoder_is_found_without_its_private_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchvision.io.image._has_image_ops`` is private and not in every torchvision setup.cfg allows: its
+    absence made the import fail, so every JPEG went through PIL (nvjpeg never used) without a word."""
+    from torchvision.io import image as torchvision_image
+
+    from retrieval_lightning.data import io
+
+    assert io._image_ops_available(torchvision_image)
+    monkeypatch.delattr(torchvision_image, "_has_image_ops", raising=False)
+    assert io._image_ops_available(torchvision_image)  # the registered op answers instead
+    assert io._load_torchvision_decoder() is not None

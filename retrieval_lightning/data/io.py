@@ -38,7 +38,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -73,6 +73,18 @@ MAX_FILE_BYTES = 128 << 20
 MAX_IMAGE_PIXELS = 89_478_485
 
 
+def _image_ops_available(torchvision_image: Any) -> bool:
+    """Whether torchvision's image extension loaded: its private ``_has_image_ops`` where it has one (not every
+    version setup.cfg allows), else the registered op itself."""
+    has_ops = getattr(torchvision_image, "_has_image_ops", None)
+    if callable(has_ops):
+        return bool(has_ops())
+    try:
+        return hasattr(torch.ops.image, "decode_jpeg")
+    except Exception:  # noqa: BLE001 - an op namespace that cannot load: no extension
+        return False
+
+
 def _load_torchvision_decoder() -> Callable[..., torch.Tensor] | None:
     """Return torchvision's JPEG decoder, or None when its image extension is missing.
 
@@ -81,10 +93,10 @@ def _load_torchvision_decoder() -> Callable[..., torch.Tensor] | None:
     """
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.io.image import _has_image_ops
+        from torchvision.io import image as torchvision_image
     except ImportError:
         return None
-    if not _has_image_ops():
+    if not _image_ops_available(torchvision_image):
         return None
     warnings.filterwarnings(
         "ignore",
