@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
+from retrieval_lightning.retrieval.workdirs import atomic_write_text
 
 #: subcommands that evaluate a model whose weights ``--ckpt_path`` gives
 EVALUATING = ("test", "validate", "predict", "extract", "evaluate")
@@ -102,13 +103,7 @@ def write_model_config(config: Mapping[str, Any]) -> str:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return str(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # a reader sees the whole file or none
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)  # a reader (another rank) sees the whole file or none
     return str(path)
 
 

@@ -89,7 +89,7 @@ _LIGHTNING_LOADS = ("fit", "validate", "test", "predict", "finetune")
 _TRAINING_SETTINGS = tuple(f"model.{key}" for key in ("optim", "loss_weights", "detach", "freeze", "init_from"))
 
 
-#: jsonargparse's earlier names of ``dump``'s options (before 4.4x), for the versions setup.cfg allows
+#: jsonargparse's earlier names of ``dump``'s options (up to 4.49; setup.cfg allows 4.42 and later)
 _EARLIER_DUMP_NAMES = {"skip_unset": "skip_none", "skip_validation": "skip_check", "with_comments": "yaml_comments"}
 
 

@@ -31,16 +31,31 @@ def register_plugin_aliases(names: Mapping[str, Iterable[str]] | None = None) ->
     return problems
 
 
+def command_sources(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``("file", path)`` and ``(key, value)`` in the order given: jsonargparse applies them in that order."""
+    sources: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "-c") or (arg.startswith("-c") and not arg.startswith("--") and len(arg) > 2):
+            if eq:
+                sources.append(("file", value))
+            elif name in ("--config", "-c") and i + 1 < len(args):
+                sources.append(("file", args[i + 1]))
+                i += 1
+            else:
+                sources.append(("file", arg[2:]))  # -cFILE
+        elif name.startswith("--") and name != "--print_config" and (eq or i + 1 < len(args)):
+            sources.append((name[2:], value if eq else args[i + 1]))
+            i += 0 if eq else 1
+        i += 1
+    return sources
+
+
 def config_files(args: Sequence[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            files.append(args[i + 1])
-        elif arg.startswith(("--config=", "-c=")):
-            files.append(arg.split("=", 1)[1])
-        elif arg.startswith("-c") and len(arg) > 2 and not arg.startswith("-c="):  # -cFILE
-            files.append(arg[2:])
-    return files
+    """The config files a command line names (``--config F``, ``--config=F``, ``-c F``, ``-cF``), in order."""
+    return [value for source, value in command_sources(args) if source == "file"]
 
 
 def overrides(args: Sequence[str], key: str) -> list[tuple[str, str]]:

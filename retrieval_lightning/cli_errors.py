@@ -13,7 +13,7 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -76,12 +76,8 @@ def interpolation_refusal(exc: BaseException) -> UsageError | None:
     looked up in the subcommand's config, where ``${trainer.max_steps}`` is ``fit.trainer.max_steps``."""
     from omegaconf.errors import InterpolationResolutionError
 
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and not isinstance(current, InterpolationResolutionError) and id(current) not in seen:
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    if not isinstance(current, InterpolationResolutionError):
+    current = next((e for e in _chain(exc) if isinstance(e, InterpolationResolutionError)), None)
+    if current is None:
         return None
     first = str(current).strip().splitlines()[0] if str(current).strip() else type(current).__name__
     return UsageError(f"{first}. An interpolation is resolved inside the subcommand's config: write it relative "
@@ -196,13 +192,20 @@ def worker_message(text: str, type_name: str) -> str:
     return text
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling, and so on (a cycle ends it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def innermost(exc: BaseException) -> BaseException:
     """The first exception of the chain that ``exc`` was raised from or while handling."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
-    return exc
+    *_, first = _chain(exc)
+    return first
 
 
 def user_error_in(exc: BaseException) -> BaseException | None:

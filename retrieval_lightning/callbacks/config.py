@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from retrieval_lightning.cli_args import command_sources
 from retrieval_lightning.loggers import code_version
 from retrieval_lightning.retrieval.workdirs import atomic_write_text
 
@@ -56,28 +57,6 @@ def _without_init_args(path: KeyPath) -> KeyPath:
     return tuple(key for key in path if key != "init_args")
 
 
-def _command_sources(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``("file", path)`` and ``(key, value)`` in the order given: jsonargparse applies them in that order."""
-    sources: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name, eq, value = arg.partition("=")
-        if name in ("--config", "-c") or (arg.startswith("-c") and not arg.startswith("--") and len(arg) > 2):
-            if eq:
-                sources.append(("file", value))
-            elif name in ("--config", "-c") and i + 1 < len(args):
-                sources.append(("file", args[i + 1]))
-                i += 1
-            else:
-                sources.append(("file", arg[2:]))  # -cFILE
-        elif name.startswith("--") and name != "--print_config" and (eq or i + 1 < len(args)):
-            sources.append((name[2:], value if eq else args[i + 1]))
-            i += 0 if eq else 1
-        i += 1
-    return sources
-
-
 def interpolation_templates(args: Sequence[str]) -> dict[KeyPath, tuple[str, dict]]:
     """The ``${...}`` values this command line set (its config files and overrides, in their order, the last one
     winning), by key path: ``(template, {list position: class_path})``. The parser resolves them, so a saved
@@ -107,7 +86,7 @@ def interpolation_templates(args: Sequence[str]) -> dict[KeyPath, tuple[str, dic
                 named = value.get("class_path") if isinstance(value, dict) else None
                 walk(value, (*path, i), {**classes, len(path): named} if isinstance(named, str) else classes)
 
-    for source, value in _command_sources(args):
+    for source, value in command_sources(args):
         if source != "file":
             path = tuple(source.split("."))
             forget(path)

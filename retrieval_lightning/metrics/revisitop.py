@@ -351,7 +351,7 @@ def _count_in_chunk(row: np.ndarray, ids: np.ndarray, values: np.ndarray, start:
 
 
 def _score_positions(
-    scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int, workers: int | None = None
+    scores: ScoreSource, items: Sequence[np.ndarray], chunk_size: int
 ) -> list[np.ndarray]:
     """Position of each item in the stable descending sort of each query's scores.
 
@@ -359,7 +359,7 @@ def _score_positions(
     own (a chunk, never the database) and the items' scores are looked up in it with
     ``searchsorted``: that counts the scores above each item and those equal to it. Equal scores
     in an earlier chunk all come first; in the item's own chunk the few equal ones before it are
-    counted directly. Queries are counted on ``workers`` threads (default: torch's thread count);
+    counted directly. Queries are counted on :func:`_counting_workers` threads (torch's thread count);
     each query's sums run in the same order whatever the count, so the result does not depend on it.
     """
     n_queries = len(items)
@@ -372,7 +372,7 @@ def _score_positions(
 
     positions = [np.zeros(ids.size, dtype=np.int64) for ids in items]
     counted = [q for q, ids in enumerate(items) if ids.size]
-    workers = min(_counting_workers() if workers is None else max(1, workers), max(1, len(counted)))
+    workers = min(_counting_workers(), max(1, len(counted)))
     start = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for chunk in chunks():

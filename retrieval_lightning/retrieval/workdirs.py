@@ -12,20 +12,30 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Iterable
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old content or the new, never a part."""
+def atomic_write(path: Path, chunks: Iterable[str], fsync: bool = True) -> None:
+    """Write ``chunks`` so that readers see the old content or the new, never a part: through a temporary file of
+    this process (two runs writing at once do not share it), removed if the write fails half-way (a full disk,
+    Ctrl-C), so no part is left behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            for chunk in chunks:
+                f.write(chunk)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of a small file."""
+    atomic_write(path, [text])
 
 
 def process_alive(pid: int) -> bool:
