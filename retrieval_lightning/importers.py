@@ -13,7 +13,7 @@ import contextlib
 from typing import Callable, Sequence
 
 from retrieval_lightning.checkpoints import UnsafePickleError, trusting_pickles
-from retrieval_lightning.outputs import file_path
+from retrieval_lightning.outputs import file_path, user_path
 from retrieval_lightning.registry import Registry
 
 IMPORTERS_GROUP = "retrieval_lightning.importers"
@@ -32,8 +32,8 @@ def run_import(argv: Sequence[str]) -> int:
         description="Convert an official checkpoint into a self-contained retrieval-lightning checkpoint.",
     )
     parser.add_argument("format", help=f"one of: {', '.join(IMPORTERS.names()) or 'none installed'}")
-    parser.add_argument("source", help="the official checkpoint file")
-    parser.add_argument("output", help="where to write the converted .ckpt")
+    parser.add_argument("source", type=user_path, help="the official checkpoint file")
+    parser.add_argument("output", type=user_path, help="where to write the converted .ckpt")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle the source whole, running any code it names (files are read weights-only "
                              "otherwise): only for a file from a source you trust")

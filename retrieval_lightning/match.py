@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.io import load_image
 from .errors import UsageError
-from .outputs import picture_path
+from .outputs import picture_path, user_path
 from .retrieval.geometry import REFERENCE_SETTINGS, VerificationResult, match_and_verify
 
 Features = tuple[np.ndarray, np.ndarray]  # (n, 2) float32 x, y; (n, d) descriptors
@@ -182,11 +182,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Match two images' local features, verify them geometrically, draw the inliers "
                     "(or, with a verifier checkpoint, draw where the verifier finds the pair alike).",
     )
-    parser.add_argument("image_a", help="query image (RANSAC residuals are in its pixels)")
-    parser.add_argument("image_b", help="database image")
-    parser.add_argument("--checkpoint", help="RetrievalModule checkpoint with a re-ranking head (local or verifier)")
+    parser.add_argument("image_a", type=user_path, help="query image (RANSAC residuals are in its pixels)")
+    parser.add_argument("image_b", type=user_path, help="database image")
+    parser.add_argument("--checkpoint", type=user_path,
+                        help="RetrievalModule checkpoint with a re-ranking head (local or verifier)")
     parser.add_argument("--features", choices=("sift", "model"), help="default: model with --checkpoint, else sift")
-    parser.add_argument("--out", default="match.png", help="PNG to write (default: match.png)")
+    parser.add_argument("--out", default="match.png", type=user_path, help="PNG to write (default: match.png)")
     parser.add_argument("--num-features", type=_positive, default=1000, help="SIFT keypoints per image")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     parser.add_argument("--reference", action="store_true",

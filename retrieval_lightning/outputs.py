@@ -1,4 +1,4 @@
-"""Where commands write the files a user names on their command line."""
+"""Where commands write the files a user names on their command line, and how they read its paths."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import tempfile
 from pathlib import Path
 
 from .errors import UsageError
+
+
+def user_path(value: str) -> str:
+    """An argparse ``type`` for path arguments: ``~`` expanded as a shell would.
+
+    Why: the shell leaves ``--out=~/x.png`` (``~`` after ``=``) and a quoted ``'~/x'`` as they are, and the
+    LightningCLI subcommands already expand them; without this the argparse commands wrote to a folder named ``~``.
+    """
+    return os.path.expanduser(value)
 
 
 def check_folder_can_be_made(folder: str | os.PathLike[str], option: str) -> Path:

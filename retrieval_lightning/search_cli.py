@@ -24,7 +24,7 @@ from tqdm.std import tqdm
 from retrieval_lightning.data.io import ImageLoadError, load_image, resize_by, to_float
 from retrieval_lightning.data.types import ImageResize
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.outputs import picture_path
+from retrieval_lightning.outputs import picture_path, user_path
 from retrieval_lightning.retrieval.postprocess import PostProcessConfig, alpha_query_expansion, database_augmentation
 from retrieval_lightning.retrieval.rerank import EntryReader, content_seed, fuse, pair_seeds
 from retrieval_lightning.retrieval.search import FaissSearcher, topk_search, topk_skipping
@@ -303,14 +303,14 @@ def run_search(argv: Sequence[str]) -> int:
     from retrieval_lightning.module import RetrievalModule
 
     parser = argparse.ArgumentParser(prog="retrieval-lightning search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint of this framework (self-contained)")
-    parser.add_argument("store", help="a feature store written by `extract` (<output_dir>/<set>/store)")
-    parser.add_argument("queries", nargs="+", help="query image files, or directories of them")
+    parser.add_argument("checkpoint", type=user_path, help="a checkpoint of this framework (self-contained)")
+    parser.add_argument("store", type=user_path, help="a feature store written by `extract` (<output_dir>/<set>/store)")
+    parser.add_argument("queries", nargs="+", type=user_path, help="query image files, or directories of them")
     parser.add_argument("--k", type=int, default=10, help="results shown per query")
     parser.add_argument("--shortlist", type=int, default=None, help="re-ranked candidates (default: model's rerank.k)")
     parser.add_argument("--max-side", type=int, default=None,
                         help="longest side of the queries (default: as the store's images were sized)")
-    parser.add_argument("--out", default="search.png",
+    parser.add_argument("--out", default="search.png", type=user_path,
                         help="picture of the results (PNG; default: search.png in the current directory)")
     parser.add_argument("--backend", default="exact", choices=["exact", "faiss-flat", "faiss-ivfpq"],
                         help="global search: exact chunked top-k, or a FAISS index (pip install .[faiss])")

@@ -48,3 +48,19 @@ def test_checkpoints_and_feature_folders_under_home(home: Path) -> None:
     trainer = RetrievalTrainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(UsageError, match=f"--features_dir {home / 'nope'}: no such directory"):
         trainer.evaluate(None, None, features_dir="~/nope")  # type: ignore[arg-type]
+
+
+def test_argparse_commands_expand_home(home: Path) -> None:
+    """``--out=~/x`` and a quoted ``'~/x'`` reach the program unexpanded; search, match and import-checkpoint
+    expand them as the LightningCLI subcommands do (they looked for, or wrote into, a folder named ``~``)."""
+    from retrieval_lightning.importers import run_import
+    from retrieval_lightning.match import _parser
+    from retrieval_lightning.search_cli import run_search
+
+    args = _parser().parse_args(["~/a.jpg", "~/b.jpg", "--out=~/m.png", "--checkpoint=~/c.ckpt"])
+    assert (args.image_a, args.image_b) == (str(home / "a.jpg"), str(home / "b.jpg"))
+    assert (args.out, args.checkpoint) == (str(home / "m.png"), str(home / "c.ckpt"))
+    with pytest.raises(Exception, match=str(home / "missing.pyth")):
+        run_import(["cvnet", "~/missing.pyth", "~/out.ckpt"])
+    with pytest.raises(Exception, match=str(home / "missing.ckpt")):
+        run_search(["~/missing.ckpt", "~/store", "~/q.jpg", "--out=~/s.png"])
