@@ -124,6 +124,11 @@ class RetrievalCLI(LightningCLI):
     #: roles given as ``--model.heads.<role>=null``, left out of the parsed arguments and the model
     dropped_heads: list[str] = []
 
+    def __init__(self, *args: Any, command_line: Sequence[str] | None = None, **kwargs: Any) -> None:
+        """``command_line``: what the user ran, when the parser was given more (the checkpoint's model config)."""
+        self.command_line = list(command_line) if command_line is not None else None
+        super().__init__(*args, **kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """The command line less ``--model.heads.<role>=null`` (sys.argv keeps them: DDP re-launches it)."""
         try:
@@ -247,6 +252,8 @@ class RetrievalCLI(LightningCLI):
         margin, ``freeze`` naming a head that is not configured) is a user error, reported in one line.
         jsonargparse re-raises a dataclass's refusal as a multi-line union error, so the innermost
         exception (the one that names the value) is reported."""
+        if self.command_line is not None:  # parsed: W&B records sys.argv and DDP re-launches it, whose ranks add the
+            sys.argv = self.command_line  # checkpoint's model again; a temp file's name would be neither re-runnable
         self._drop_heads()
         try:
             super().instantiate_classes()
@@ -318,7 +325,7 @@ def _with_modules(recorded: dict[str, Any], architecture: Any) -> dict[str, Any]
 
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RetrievalCLI:
     """LightningCLI with the plugins this command names imported (lazily), checked by the registry first."""
-    args = list(sys.argv[1:] if args is None else args)
+    args = given = list(sys.argv[1:] if args is None else args)
     kept = split_dropped_heads(args)[0]
     ckpt_paths = [value for _, value in overrides(kept, "ckpt_path")]
     args, note = with_checkpoint_model(args, ckpt_paths[-1] if ckpt_paths else None, config_files(kept), kept)
@@ -342,6 +349,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Re
             args=None,
             run=run,
             auto_configure_optimizers=False,
+            command_line=[sys.argv[0], *given] if note else None,
         )
     finally:
         if not run:

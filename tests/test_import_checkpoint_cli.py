@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,25 +106,31 @@ def test_an_imported_checkpoint_evaluates_with_a_datamodule_and_no_model_config(
 
     ckpt = imported_r50
     ran: list = []
+    argvs: list = []
+    monkeypatch.setattr(sys, "argv", ["retrieval-lightning"])
 
     def instead_of(command: str):
         @functools.wraps(getattr(RetrievalTrainer, command))  # the parser reads the command's options from it
         def record(self, model, *args, **kwargs) -> None:
             ran.append(model)
+            argvs.append(sys.argv[1:])
         return record
 
     for command in ("test", "extract"):
         monkeypatch.setattr(RetrievalTrainer, command, instead_of(command))
     data = ["--data=minilandmarks", f"--data.init_args.root={cache_root}", "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}"]
+    command = ["test", *data, f"--ckpt_path={ckpt}", "--model.rerank.k=7",
+               "--model.heads.verifier.init_args.batch_size=8"]  # a head's setting overrides, too
     with caplog.at_level(logging.INFO):
-        run_lightning_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.rerank.k=7",
-                           "--model.heads.verifier.init_args.batch_size=8"])  # a head's setting overrides, too
+        run_lightning_cli(command)
         run_lightning_cli(["extract", *data, f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'features'}"])
     assert f"--ckpt_path {ckpt}: no model configured, so the model is the checkpoint's own (backbone resnet50, " \
            "heads ['global', 'verifier'])" in caplog.text
     imported = RetrievalModule.load_from_checkpoint(ckpt)
     assert [model.heads["verifier"].batch_size for model in ran] == [8, imported.heads["verifier"].batch_size]
+    # what W&B records and DDP re-launches is the command as given, not one naming a temporary model config
+    assert argvs[0] == command and not any("retrieval-lightning-models" in arg for arg in argvs[1])
     for model, k in zip(ran, (7, 100)):
         assert type(model.heads["verifier"]).__name__ == "cvnet_verifier" and model.rerank.k == k  # its alias
         assert model.backbone.feature_arguments() == imported.backbone.feature_arguments()  # BGR, its statistics
