@@ -12,7 +12,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 
 def atomic_write(path: Path, chunks: Iterable[str], fsync: bool = True) -> None:
@@ -40,6 +40,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs in this :func:`pid_space`."""
+    if os.name == "nt":  # there os.kill(pid, 0) is no probe: it sends Ctrl-C (0) to the process's console group
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,6 +49,33 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+#: Windows' OpenProcess right to read a process's exit code, its "still running" exit code, "access denied"
+_QUERY_LIMITED_INFORMATION, _STILL_ACTIVE, _ACCESS_DENIED = 0x1000, 259, 5
+
+
+def _kernel32() -> Any:
+    import ctypes
+
+    return ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+
+
+def _windows_process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs, asked of Windows: a process that opens and has no exit code yet."""
+    import ctypes
+
+    kernel32 = _kernel32()
+    handle = kernel32.OpenProcess(_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return ctypes.get_last_error() == _ACCESS_DENIED  # exists, another user's; otherwise no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # unknown: a live run's folder must not be touched
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def pid_space() -> str:
