@@ -59,7 +59,7 @@ def test_on_windows_liveness_is_asked_of_the_process_table_not_signalled(
     def no_kill(pid: int, sig: int) -> None:
         raise AssertionError(f"os.kill({pid}, {sig}) would interrupt or end the run that owns the folder")
 
-    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(workdirs, "ON_WINDOWS", True)
     monkeypatch.setattr(os, "kill", no_kill)
     monkeypatch.setattr(workdirs, "_kernel32", lambda: kernel32)
     monkeypatch.setattr(ctypes, "get_last_error", lambda: last_error, raising=False)
