@@ -44,6 +44,19 @@ AP_PER_QUERY = "ap_per_query"
 POSITIVE, NEGATIVE, JUNK = 1, 0, -1
 
 Rankings = Mapping[str, Sequence[np.ndarray]]
+#: an eval set's global descriptors: one (N, D) tensor in dataset order (queries first), or its queries and its
+#: database apart (αQE rewrites the queries only: a memory-mapped database is then used as it is, not copied)
+EvalDescriptors = Tensor | tuple[Tensor, Tensor]
+
+
+def split_descriptors(descriptors: EvalDescriptors, n_queries: int) -> tuple[Tensor, Tensor]:
+    """``(queries, database)`` of :data:`EvalDescriptors`, without copying either."""
+    if isinstance(descriptors, tuple):
+        queries, database = descriptors
+        if queries.shape[0] != n_queries:
+            raise ValueError(f"{queries.shape[0]} query descriptors for {n_queries} queries")
+        return queries, database
+    return descriptors[:n_queries], descriptors[n_queries:]
 
 
 class NonFiniteDescriptorError(ValueError):
@@ -258,12 +271,14 @@ def protocol_of(eval_set: EvalSet) -> Protocol:
     return PROTOCOLS[eval_set.protocol]
 
 
-def check_finite(eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536) -> None:
+def check_finite(eval_set: EvalSet, descriptors: EvalDescriptors, chunk: int = 65536) -> None:
     """Raise :class:`NonFiniteDescriptorError` naming the images whose descriptors hold NaN or Inf.
 
     Row chunks: a memory-mapped +1M fp16 store is checked without a full-size copy."""
-    bad = [start + i for start in range(0, descriptors.shape[0], chunk)
-           for i in torch.nonzero(~torch.isfinite(descriptors[start:start + chunk]).all(dim=1)).flatten().tolist()]
+    queries, database = split_descriptors(descriptors, eval_set.n_queries)
+    bad = [offset + start + i for offset, part in ((0, queries), (eval_set.n_queries, database))
+           for start in range(0, part.shape[0], chunk)
+           for i in torch.nonzero(~torch.isfinite(part[start:start + chunk]).all(dim=1)).flatten().tolist()]
     if not bad:
         return
     names = [eval_set.image_ids[i] if i < len(eval_set.image_ids) else f"item {i}" for i in bad[:5]]
@@ -274,17 +289,18 @@ def check_finite(eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536) -> 
 
 
 def evaluate_eval_set(
-    eval_set: EvalSet, descriptors: Tensor, chunk: int = 65536,
+    eval_set: EvalSet, descriptors: EvalDescriptors, chunk: int = 65536,
     reranked: Rankings | None = None, device: Any = None, unreadable: Tensor | np.ndarray | None = None,
 ) -> EvalResult:
-    """Split ``descriptors`` (ordered like ``eval_set.dataset``) into queries/database and evaluate.
+    """Split ``descriptors`` (ordered like ``eval_set.dataset``, or already split) into queries/database and
+    evaluate.
 
     ``unreadable`` flags the items that are placeholders of unreadable images (``on_error: skip``): the
     database ones are ranked last for every query (they match nothing; a positive among them is missed),
     the queries retrieve nothing (a blank image's ranking would credit them with whatever it happens to find)."""
     protocol = protocol_of(eval_set)
     check_finite(eval_set, descriptors, chunk)
-    queries, database = descriptors[: eval_set.n_queries], descriptors[eval_set.n_queries:]
+    queries, database = split_descriptors(descriptors, eval_set.n_queries)
     device = device if device is not None else "cpu"
     excluded = unreadable_database(eval_set, unreadable)
     failed = unreadable_queries(eval_set, unreadable)

@@ -28,7 +28,13 @@ from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, chec
                                              state_dict_of)
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.evaluation import PLACEHOLDER_RULE, EvalResult, evaluate_eval_set, unreadable_database
+from retrieval_lightning.evaluation import (
+    PLACEHOLDER_RULE,
+    EvalDescriptors,
+    EvalResult,
+    evaluate_eval_set,
+    unreadable_database,
+)
 from retrieval_lightning.imprint import imprint_heads, is_resuming
 from retrieval_lightning.inference_api import InferenceAPI, accepts_keyword
 from retrieval_lightning.layers.scale_resize import SCALE_RESIZES
@@ -705,17 +711,19 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             marker.unlink(missing_ok=True)
         self._entries_in_use: list[Path] = []
 
-    def postprocessed(self, eval_set: EvalSet, desc: Tensor, unreadable: Tensor | np.ndarray | None = None) -> Tensor:
-        """``desc`` (queries then database) after the configured alpha-QE / DBA; unchanged without. The
-        placeholders of unreadable images (``unreadable`` flags) are no one's neighbour."""
+    def postprocessed(self, eval_set: EvalSet, desc: Tensor,
+                      unreadable: Tensor | np.ndarray | None = None) -> EvalDescriptors:
+        """``desc`` (queries then database) after the configured alpha-QE / DBA, as ``(queries, database)``;
+        unchanged without. The placeholders of unreadable images (``unreadable`` flags) are no one's neighbour.
+        The two stay apart: αQE alone leaves the database as given (a store's memory map, a spilled gather's
+        file), where one tensor would copy it into every rank's memory (4 GB for ROxford+1M in fp16)."""
         if self.postprocess is None or not self.postprocess.enabled:
             return desc
         nq = eval_set.n_queries
         queries, database = postprocess_descriptors(desc[:nq].float(), desc[nq:], self.postprocess,
                                                     excluded=unreadable_database(eval_set, unreadable),
                                                     chunk_size=self.search_chunk, device=self.device)
-        # one array in the descriptors' dtype (a store's fp16): one copy of the database, not two in fp32
-        return torch.cat([queries.to(desc.dtype), database.to(desc.dtype)])
+        return queries.to(desc.dtype), database.to(desc.dtype)  # DBA's new database in the store's dtype (fp16)
 
     def _log_metrics(self, prefix: str, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
@@ -723,7 +731,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             self.log(name, value, add_dataloader_idx=False, sync_dist=False)
             quiet_sync_dist_advice(name)
 
-    def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: Tensor,
+    def _rerank_eval_set(self, writer: RerankEntryWriter, eval_set: EvalSet, desc: EvalDescriptors,
                          unreadable: Tensor | None = None) -> EvalResult:
         strategy = self.trainer.strategy
         strategy.barrier()

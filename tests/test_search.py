@@ -55,6 +55,25 @@ def test_topk_equals_full_argsort_with_many_ties(n, k, chunk_size, sub_chunk, th
     np.testing.assert_array_equal(scores.numpy(), want_scores.astype(np.float32))
 
 
+def test_exact_duplicates_tie_whatever_the_thread_count_and_blocks() -> None:
+    """Copies of one image (a web crawl has many) must tie and come out lower index first, as a stable argsort of
+    one product orders them: a matrix product's last bit depends on its shape and threads on this CPU (blocks under
+    12 rows), and the worker ranges followed the thread count, so DDP's 1-thread ranks and a 2-thread process put
+    different copies in the shortlist (found by a review). Real-valued 2048-D vectors, so products round."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 2 * 1024 + 7, 2048
+    queries = torch.nn.functional.normalize(torch.randn(70, dim, generator=gen), dim=1)
+    database = torch.randn(n, dim, generator=gen) * 1e-3
+    copies = [10, 1025, n - 6, n - 1]  # in full sub-chunks, and in the short last one
+    database[copies] = torch.nn.functional.normalize(queries.mean(0), dim=0)
+    database = database.half()
+    runs = [topk_search(queries, database, 4, num_threads=threads, chunk_size=chunk, device="cpu")
+            for threads in (1, 2, 3) for chunk in (32768, 1500)]
+    for scores, indices in runs:
+        assert (indices == torch.tensor(copies)).all()  # all tied, lowest first, in every query
+        assert torch.equal(scores, runs[0][0])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_queries_are_scored_in_blocks_within_the_budget(threads, monkeypatch) -> None:
     """GLDv2 recognition ranks 118k queries: one (Q × chunk) score block would need 20 GB. Blocks of
@@ -246,6 +265,37 @@ def test_evaluation_postprocessing_reads_an_fp16_database_in_place() -> None:
     assert augmented.dtype == torch.float16 and augmented.shape == half.shape
     reference = torch.as_tensor(database_augmentation(half.float(), 2, 3.0, device="cpu"))
     torch.testing.assert_close(augmented.float(), reference, atol=2e-3, rtol=0)
+
+
+def test_an_evaluations_query_expansion_leaves_a_memory_mapped_database_in_place(tmp_path) -> None:
+    """αQE rewrites the queries only: the evaluation's descriptors were one tensor, so the database was copied
+    whole into every rank's memory (4 GB per rank for ROxford+1M in fp16, a review measured 402 MiB for a 390 MiB
+    store). Queries and database now stay apart, and the metrics are those of the one tensor."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.data.types import EvalSet
+    from retrieval_lightning.evaluation import NonFiniteDescriptorError, evaluate_eval_set
+    from retrieval_lightning.module import RetrievalModule
+
+    rng = np.random.default_rng(3)
+    nq, n = 6, 200
+    path = tmp_path / "global.npy"
+    np.save(path, _unit(rng, (nq + n, 32)).astype(np.float16))
+    desc = torch.from_numpy(np.load(path, mmap_mode="r"))
+    truth = [{"easy": list(rng.choice(n, 4, replace=False)), "hard": [int(rng.integers(n))], "junk": []}
+             for _ in range(nq)]
+    eval_set = EvalSet("mapped", list(range(nq + n)), nq, "revisitop", truth, [f"img{i}" for i in range(nq + n)])
+    model = SimpleNamespace(postprocess=PostProcessConfig(query_expansion=True, qe_n=3), search_chunk=64,
+                            device="cpu")
+    queries, database = RetrievalModule.postprocessed(model, eval_set, desc)  # type: ignore[arg-type]
+    assert database.data_ptr() == desc[nq:].data_ptr()  # the memory map itself
+    assert queries.dtype == desc.dtype and not torch.equal(queries, desc[:nq])
+    split = evaluate_eval_set(eval_set, (queries, database), chunk=64).metrics
+    assert split == evaluate_eval_set(eval_set, torch.cat([queries, database]), chunk=64).metrics
+    broken = database.clone()
+    broken[7] = float("nan")
+    with pytest.raises(NonFiniteDescriptorError, match=r"\['img13'\]"):  # named by its dataset position
+        evaluate_eval_set(eval_set, (queries, broken), chunk=64)
 
 
 @pytest.mark.parametrize(("max_side", "upscale", "size", "factor"), [

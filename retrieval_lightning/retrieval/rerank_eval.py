@@ -26,7 +26,15 @@ import torch
 from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
-from retrieval_lightning.evaluation import ALL, EvalResult, evaluate_eval_set, protocol_of, unreadable_database
+from retrieval_lightning.evaluation import (
+    ALL,
+    EvalDescriptors,
+    EvalResult,
+    evaluate_eval_set,
+    protocol_of,
+    split_descriptors,
+    unreadable_database,
+)
 from retrieval_lightning.rank_zero import raise_if_any_failed
 
 from .rerank import (
@@ -176,7 +184,7 @@ def _store_matches(path: Path, identity: Mapping[str, Any], count: int) -> bool:
 def evaluate_reranked(
     model: RerankModel,
     eval_set: EvalSet,
-    descriptors: Tensor,
+    descriptors: EvalDescriptors,
     query_store: FeatureStore,
     db_store: FeatureStore,
     config: RerankConfig,
@@ -200,7 +208,8 @@ def evaluate_reranked(
         raise ValueError(f"evaluate_reranked: world_size={world_size} needs all_gather_object or an initialised "
                          f"process group of that size")
     nq = eval_set.n_queries
-    queries, database = descriptors[:nq].float(), descriptors[nq:]  # the database as given: maybe a memory map
+    queries, database = split_descriptors(descriptors, nq)  # the database as given: maybe a memory map
+    queries = queries.float()
     protocol = protocol_of(eval_set)
     exclusions = protocol.exclusions(eval_set.ground_truth, nq) if config.shortlist == "protocol" else None
     placeholders = unreadable_database(eval_set, unreadable)

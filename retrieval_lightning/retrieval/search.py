@@ -84,25 +84,36 @@ def _block_topk(scores: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
     return vals, cols + offset
 
 
+def _grid(lo: int, hi: int, step: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut at the multiples of ``step``."""
+    cuts = [lo, *range((lo // step + 1) * step, hi, step), hi]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def _scan(
     db: Tensor, q: Tensor, lo: int, hi: int, k: int, chunk_size: int, sub_chunk: int
 ) -> tuple[Tensor, Tensor]:
-    """Candidates (Q, <=k) of database rows [lo, hi): fp32 copies of sub-chunks, one topk per chunk."""
+    """Candidates (Q, <=k) of database rows [lo, hi): fp32 copies of sub-chunks, one topk per chunk.
+
+    A matrix product's last bit can depend on its shape (this CPU's BLAS: under 12 rows) and thread count, so
+    every product here has one shape: a short sub-chunk is padded with zero rows. Sub-chunks and chunks lie on
+    grids counted from row 0, not from ``lo``, so each row is scored in the same block whatever the worker ranges
+    are: the scores, and so the order of exact duplicates, do not depend on the thread count (DDP runs fewer).
+    """
     nq, dim = q.shape
     device = q.device
-    buf = torch.empty(min(sub_chunk, chunk_size), dim, device=device)
+    buf = torch.zeros(min(sub_chunk, chunk_size), dim, device=device)
     block = torch.empty(nq, min(chunk_size, hi - lo), device=device)
     best_s = torch.empty(nq, 0, device=device)
     best_i = torch.empty(nq, 0, dtype=torch.long, device=device)
     pending_s: list[Tensor] = []
     pending_i: list[Tensor] = []
-    for start in range(lo, hi, chunk_size):
-        stop = min(start + chunk_size, hi)
-        for a in range(start, stop, sub_chunk):
-            b = min(a + sub_chunk, stop)
-            rows = buf[: b - a]
-            rows.copy_(db[a:b], non_blocking=True)
-            block[:, a - start : b - start] = q @ rows.T
+    for start, stop in _grid(lo, hi, chunk_size):
+        for a, b in _grid(start, stop, sub_chunk):
+            buf[: b - a].copy_(db[a:b], non_blocking=True)
+            if b - a < len(buf):
+                buf[b - a:] = 0
+            block[:, a - start : b - start] = (q @ buf.T)[:, : b - a]
         vals, cols = _block_topk(block[:, : stop - start], k, start)
         pending_s.append(vals)
         pending_i.append(cols)
@@ -131,8 +142,8 @@ def topk_search(
 
     On CPU the rows are split into ``num_threads`` contiguous ranges (default: torch's intra-op
     thread count) scanned by Python threads that each run torch single-threaded: many small
-    matrix products parallelise better that way than through OpenMP. Torch's thread count is
-    restored afterwards.
+    matrix products parallelise better that way than through OpenMP, and their results do not
+    depend on the thread count. Torch's thread count is restored afterwards.
     """
     db = as_tensor(database, kind)
     if db.dim() != 2:
@@ -159,7 +170,7 @@ def topk_search(
     with torch.no_grad():
         for start in range(0, nq, rows):
             block = q[start:start + rows]
-            if workers == 1:
+            if device.type != "cpu":
                 scores, indices = _scan(db, block, 0, n, k, chunk_size, sub_chunk)
             else:
                 scores, indices = _threaded_scan(db, block, n, k, chunk_size, sub_chunk, workers)
@@ -197,7 +208,7 @@ def query_block_rows(width: int) -> int:
 def _threaded_scan(
     db: Tensor, q: Tensor, n: int, k: int, chunk_size: int, sub_chunk: int, workers: int
 ) -> tuple[Tensor, Tensor]:
-    bounds = [n * i // workers for i in range(workers + 1)]
+    bounds = [n * i // workers // sub_chunk * sub_chunk for i in range(workers)] + [n]  # on the sub-chunk grid
     results: list[tuple[Tensor, Tensor] | None] = [None] * workers
     errors: list[BaseException] = []
 
