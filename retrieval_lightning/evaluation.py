@@ -27,7 +27,7 @@ from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
 from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
 from retrieval_lightning.metrics.revisitop import revisitop_report_from_scores
-from retrieval_lightning.retrieval.search import excluded_last, topk_search
+from retrieval_lightning.retrieval.search import topk_search
 
 #: how many results per query are kept for pictures and inspection
 SHORTLIST = 10
@@ -103,14 +103,6 @@ def _score_chunks(
     return chunks
 
 
-def _ranked_last(scores: Tensor, topk: Tensor, excluded: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Each row of a top-k search with the ``excluded`` positions moved to its end, scored -inf."""
-    order, moved = excluded_last(topk, excluded)
-    scores, topk = scores.gather(1, order), topk.gather(1, order)
-    scores[moved] = float("-inf")
-    return scores, topk
-
-
 def _mark(topk: Tensor, positive: list[set[int]], junk: list[set[int]]) -> Tensor:
     marks = torch.full(topk.shape, NEGATIVE, dtype=torch.int8)
     for q, row in enumerate(topk.tolist()):
@@ -126,11 +118,8 @@ def _leading(
     """Top ``k`` positions per query: ``first[q]`` in order, then the global ranking without them; the
     ``excluded`` positions last (score -inf)."""
     extra = 0 if first is None else max((len(f) for f in first), default=0)
-    extra += 0 if excluded is None else int(excluded.size)
     scores, topk = topk_search(queries, database, k=min(k + extra, database.shape[0]), chunk_size=chunk,
-                               device=device)
-    if excluded is not None and excluded.size:
-        scores, topk = _ranked_last(scores, topk, excluded)
+                               device=device, excluded=excluded)
     if first is None:
         return scores[:, :k], topk[:, :k]
     rows, score_rows = [], []

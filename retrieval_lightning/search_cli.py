@@ -143,7 +143,8 @@ class Ranker:
                                              excluded=self.excluded)
         self.database = database
         if self.backend == "exact":
-            self._rank = lambda queries, depth: topk_search(queries, database, k=depth, device=self.device)
+            self._rank = lambda queries, depth: topk_search(queries, database, k=depth, device=self.device,
+                                                            excluded=self.excluded)
         elif self.backend.startswith("faiss-"):
             searcher = FaissSearcher(self.store.kinds["global"].shape[0], index_type=self.backend[len("faiss-"):])
             searcher.add(database)
@@ -157,6 +158,8 @@ class Ranker:
 
     def _kept(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``depth`` (<= ``len(self)``) results, placeholders left out."""
+        if self.backend == "exact":  # the exact search leaves them out itself
+            return self._rank(queries, depth)
         return topk_skipping(self._rank, queries, depth, self.excluded, len(self.database))
 
     def __call__(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

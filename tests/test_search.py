@@ -74,6 +74,45 @@ def test_exact_duplicates_tie_whatever_the_thread_count_and_blocks() -> None:
         assert torch.equal(scores, runs[0][0])
 
 
+@pytest.mark.parametrize(("threads", "chunk_size", "k"), [(1, 64, 10), (2, 50, 10), (3, 1000, 40), (2, 64, 290)])
+def test_excluded_rows_come_last_without_a_deeper_search(threads, chunk_size, k, monkeypatch) -> None:
+    """Placeholders of unreadable images: the search scores them -inf itself (after every other row, in index
+    order), where callers searched k + their number deep and dropped them (GLDv2's 118k queries then held k + 5,000
+    results each for 5,000 unreadable images: about 7 GB; a review's finding)."""
+    gen = torch.Generator().manual_seed(k)
+    database = torch.randint(-2, 3, (300, 6), generator=gen).to(torch.float16)
+    queries = torch.randint(1, 3, (9, 6), generator=gen).float()
+    excluded = np.unique(np.random.default_rng(k).choice(300, 40, replace=False))
+    reference = queries.double().numpy() @ database.double().numpy().T
+    reference[:, excluded] = -np.inf
+    want = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    scores, indices = topk_search(queries, database, k, chunk_size=chunk_size, sub_chunk=16, num_threads=threads,
+                                  device="cpu", excluded=excluded)
+    np.testing.assert_array_equal(indices.numpy(), want)
+    np.testing.assert_array_equal(scores.numpy(), np.take_along_axis(reference, want, 1).astype(np.float32))
+    assert np.isin(indices.numpy()[:, :260], excluded).sum() == 0  # 260 others first
+    with pytest.raises(ValueError, match=r"excluded rows must lie in \[0, 300\)"):
+        topk_search(queries, database, 3, excluded=np.array([300]), device="cpu")
+
+    # an evaluation with 40 unreadable database images searches its 10 results deep, not 50
+    from retrieval_lightning import evaluation
+    from retrieval_lightning.data.types import EvalSet
+
+    depths: list[int] = []
+
+    def spy(*args, **kwargs):
+        depths.append(kwargs["k"])
+        return topk_search(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "topk_search", spy)
+    eval_set = EvalSet("flagged", list(range(309)), 9, "revisitop", [{"easy": [1], "hard": [], "junk": []}] * 9)
+    unreadable = np.zeros(309, bool)
+    unreadable[9 + excluded] = True
+    result = evaluation.evaluate_eval_set(eval_set, torch.cat([queries, database.float()]), chunk=64,
+                                          unreadable=unreadable)
+    assert depths == [10] and not np.isin(np.asarray(result.topk), excluded).any()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_queries_are_scored_in_blocks_within_the_budget(threads, monkeypatch) -> None:
     """GLDv2 recognition ranks 118k queries: one (Q × chunk) score block would need 20 GB. Blocks of
@@ -84,9 +123,9 @@ def test_many_queries_are_scored_in_blocks_within_the_budget(threads, monkeypatc
     sizes: list[tuple[int, int]] = []
     scan = search._scan
 
-    def watched(db, q, lo, hi, k, chunk_size, sub_chunk):
+    def watched(db, q, lo, hi, k, chunk_size, sub_chunk, excluded):
         sizes.append((q.shape[0], min(chunk_size, hi - lo)))
-        return scan(db, q, lo, hi, k, chunk_size, sub_chunk)
+        return scan(db, q, lo, hi, k, chunk_size, sub_chunk, excluded)
 
     monkeypatch.setattr(search, "_scan", watched)
     gen = torch.Generator().manual_seed(3)

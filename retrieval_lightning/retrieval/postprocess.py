@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import as_tensor, topk_search, topk_skipping
+from .search import as_tensor, topk_search
 from .store import FeatureStore
 
 
@@ -86,10 +86,7 @@ def _nearest_kept(queries: Tensor, db: Tensor, k: int, excluded: np.ndarray | No
                   **search_kwargs: Any) -> Tensor:
     """(Q, k) nearest database rows of each query, none of them ``excluded`` (placeholders of unreadable
     images, which match nothing)."""
-    def search(q: Tensor, depth: int) -> tuple[Tensor, Tensor]:
-        return topk_search(q, db, depth, **search_kwargs)
-
-    return topk_skipping(search, queries, k, excluded, db.shape[0])[1]
+    return topk_search(queries, db, k, excluded=excluded, **search_kwargs)[1]
 
 
 def database_augmentation(

@@ -212,12 +212,13 @@ def evaluate_reranked(
     queries = queries.float()
     protocol = protocol_of(eval_set)
     exclusions = protocol.exclusions(eval_set.ground_truth, nq) if config.shortlist == "protocol" else None
+    # the search ranks placeholders last itself: only the per-query junk makes it go deeper than k
+    depth = search_depth(config.k, database.shape[0], exclusions)
     placeholders = unreadable_database(eval_set, unreadable)
-    if placeholders.size:
+    if placeholders.size:  # beyond the others they still come back (a small database): no shortlist takes them
         exclusions = {name: [np.union1d(skip, placeholders) for skip in per_query]
                       for name, per_query in (exclusions or {ALL: [placeholders] * nq}).items()}
-    depth = search_depth(config.k, database.shape[0], exclusions)
-    _, ranking = topk_search(queries, database, k=depth, chunk_size=chunk, device=device)
+    _, ranking = topk_search(queries, database, k=depth, chunk_size=chunk, device=device, excluded=placeholders)
     shortlists = build_shortlists(ranking, config.k, exclusions)
     prefix = model.rerank_prefix
     failure: Exception | None = None
