@@ -59,7 +59,9 @@ def cell_keypoints(
     Pixel-index coordinates (pixel (0, 0)'s centre is (0, 0), as OpenCV). A pixel ``u`` of the
     image resized from ``H`` to ``h`` rows has its centre at ``(u + 0.5) * H / h - 0.5`` in the
     original (the half-pixel convention of ``align_corners=False``); centres are clipped to the
-    image (a border cell's receptive field may extend into the padding).
+    image (a border cell's receptive field may extend into the padding). The official DELG divides the
+    centre by the scale instead (``32 y / s``): 0.5 / s - 0.5 pixels apart, at most 1.5 (scale 0.25),
+    against RANSAC's 20-pixel threshold.
     """
     ys, xs = centres.centres(*map_size)
     (rh, rw), (oh, ow) = resized, original
