@@ -255,7 +255,11 @@ class GumbelSparsifierHead(SparsifierHead):
 
     # ------------------------------------------------------------------ scores
     def keep_logits(self, level: Tensor, index: int) -> Tensor:
-        """Keep logits (B, h*w) of projected level ``index`` (B, P, h, w)."""
+        """Keep logits (B, h*w) of projected level ``index`` (B, P, h, w).
+
+        ``level`` is not detached: with the verifier fine-tuned along (not in ``freeze``), the budget term and the
+        straight-through gradients reach its projections too, so features and selection are trained together
+        (end to end, as CVNet-DS); with it frozen only the scorer learns."""
         level = level.float()
         unit = F.normalize(level, dim=1)
         z = _standardised(torch.log(level.norm(dim=1, keepdim=True) + 1e-6))
