@@ -17,9 +17,12 @@ from retrieval_lightning.data.io import (
     ImageLoadError,
     LoadPolicy,
     SkipPolicy,
+    apply_orientation,
+    exif_orientation,
     image_size,
     load_image,
     load_image_or_skip,
+    load_image_sized,
     to_float,
 )
 
@@ -411,6 +414,27 @@ def test_oversized_file_is_refused_before_it_is_read(tmp_path: Path, monkeypatch
     small = _save(Image.fromarray(_photo_like(40, 30)), tmp_path / "small.png")
     with pytest.raises(ImageLoadError, match=r"small\.png': file is \d+ bytes, more than the limit of 100"):
         load_image(small, max_bytes=100)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP"])
+def test_every_lossless_format_is_turned_once_and_keeps_its_stored_frame(tmp_path: Path, fmt: str,
+                                                                         orientation: int) -> None:
+    """Pillow turns a TIFF upright itself (its header size already upright, its pixels upright when decoded):
+    turned again here, a TIFF of orientation 2 - 8 came out wrong in every path (a review: 180 degrees off for 6),
+    and ``orient=False`` (revisitop's ``box_frame: stored``) gave the upright frame."""
+    pixels = _photo_like(40, 24)
+    path = _save(Image.fromarray(pixels), tmp_path / f"o.{fmt.lower()}", exif=_exif(orientation),
+                 **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(path) as img:
+        upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    np.testing.assert_array_equal(_hwc(load_image(path)), upright)
+    assert image_size(path) == (upright.shape[1], upright.shape[0])
+    stored, size = load_image_sized(path, orient=False)
+    np.testing.assert_array_equal(_hwc(stored), pixels)
+    assert size == (24, 40) and load_image_sized(path)[1] == upright.shape[:2]
+    np.testing.assert_array_equal(_hwc(apply_orientation(stored, exif_orientation(path))), upright)
+    assert tuple(load_image(path, max_side=20).shape[1:]) == ((20, 12) if orientation >= 5 else (12, 20))
 
 
 def test_orient_false_keeps_the_stored_frame(tmp_path: Path) -> None:

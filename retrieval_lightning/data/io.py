@@ -32,6 +32,7 @@ about as much as the decode itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -221,6 +222,28 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+@functools.cache
+def _pil_orients_tiffs() -> bool:
+    """Whether this Pillow turns a TIFF upright itself (its header size is then the upright one and its decode
+    upright pixels), probed once on a 1x2 TIFF of orientation 6: applied again, the image turned twice."""
+    exif = Image.Exif()
+    exif[_ORIENTATION_TAG] = 6
+    buffer = io.BytesIO()
+    Image.new("L", (2, 1)).save(buffer, format="TIFF", exif=exif.tobytes())
+    with Image.open(buffer) as probe:
+        return probe.size == (1, 2)
+
+
+def _decoded_upright(header: Image.Image) -> bool:
+    """Whether PIL gives ``header``'s size and pixels already turned per its EXIF orientation."""
+    return header.format == "TIFF" and _pil_orients_tiffs()
+
+
+def _unorient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Undo :func:`_orient`: the stored frame of an upright image (6 and 8 are each other's inverse)."""
+    return _orient(img, {6: 8, 8: 6}.get(orientation, orientation))
+
+
 def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation to a (C, H, W) tensor, matching ``ImageOps.exif_transpose``."""
     if orientation == 2:
@@ -366,7 +389,8 @@ def load_image_sized(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with the path
         header = _open_header(path_str, io.BytesIO(data))
     with header:
-        orientation = _orientation(header) if orient else 1
+        orientation = _orientation(header)
+        upright = _decoded_upright(header)  # PIL turns a TIFF itself: its size and pixels are upright already
         width, height = header.size
         _check_pixels(path_str, width, height, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
         target = _target_size(width, height, max_side)
@@ -382,7 +406,17 @@ def load_image_sized(
     img = img.to(dev)
     if target is not None and tuple(img.shape[1:]) != (target[1], target[0]):
         img = _resize(img, *target)
-    return _orient(img, orientation), ((width, height) if orientation >= 5 else (height, width))
+    if upright:
+        return (img, (height, width)) if orient else (_unorient(img, orientation), _frame_size(width, height,
+                                                                                                orientation))
+    if not orient:
+        return img, (height, width)
+    return _orient(img, orientation), _frame_size(width, height, orientation)
+
+
+def _frame_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(height, width) of a ``width`` x ``height`` image turned by ``orientation`` (5 - 8 swap the sides)."""
+    return (width, height) if orientation >= 5 else (height, width)
 
 
 def resize_by(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -420,7 +454,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     path_str = os.fspath(path)
     with _open_header(path_str, path_str) as header:
         width, height = header.size
-        orientation = _orientation(header)
+        orientation = 1 if _decoded_upright(header) else _orientation(header)
     return (height, width) if orientation >= 5 else (width, height)
 
 
