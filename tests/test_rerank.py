@@ -584,9 +584,15 @@ def test_the_python_api_scales_uint8_runs_in_evaluation_mode_and_refuses_what_is
     assert explained.score == pytest.approx(float(scores[1]), abs=1e-6)
     for bad, said in ((torch.rand(4, 32, 32), r"image: expected 1 or 3 channels.*\(RGBA\? drop the alpha"),
                       (torch.rand(1, 3, 32, 32), r"image: expected one \(C, H, W\) image.*\(a batch"),
-                      (torch.zeros(3, 8, 8, dtype=torch.int64), r"image: dtype torch.int64 is not an image type")):
+                      (torch.zeros(3, 8, 8, dtype=torch.int64), r"image: dtype torch.int64 is not an image type"),
+                      # read_image(p).float(): silently 0.85 from the right descriptor (an image-input review)
+                      (query.float(), r"image: values span \[\d+, 255\]; give a float image in \[0, 1\] \(a uint8"),
+                      (torch.full((3, 8, 8), float("nan")), r"image: holds NaN or Inf"),
+                      (torch.zeros(3, 0, 7), r"image: an empty image, shape \(3, 0, 7\)")):
         with pytest.raises(ValueError, match=said):
             module.embed_image(bad)
+        with pytest.raises(ValueError, match=said.replace("image:", "image 1:")):
+            module.rerank_scores(as_float[0], [as_float[1], bad])
     with pytest.raises(ValueError, match=r"image 1: expected 1 or 3 channels"):
         module.rerank_scores(as_float[0], [as_float[1], torch.rand(4, 32, 32)])
     module.double()  # a model cast in a notebook failed in a convolution ("Input type ... and bias type ...")
