@@ -224,10 +224,16 @@ def search(module: torch.nn.Module, store: FeatureStore, images: Sequence[torch.
     return results
 
 
+def printable(name: str) -> str:
+    """``name`` on one line: a newline or another control character in a file name is escaped (``\\n``), so the
+    table stays one row per result for whoever reads it by line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def format_results(results: Sequence[SearchResult], store: FeatureStore, items: dict[int, tuple[str, str]]) -> str:
     lines = []
     for result in results:
-        lines.append(f"query {result.query}")
+        lines.append(f"query {printable(str(result.query))}")
         head = f"{'rank':>4}  {'index':>8}  {'global':>8}" + (f"  {'rerank':>8}" if result.rerank_scores is not None else "")
         lines.append(head + "  id")
         for i, row in enumerate(result.rows):
@@ -236,7 +242,7 @@ def format_results(results: Sequence[SearchResult], store: FeatureStore, items: 
             if result.rerank_scores is not None:
                 score = result.rerank_scores[i]
                 line += f"  {'-' if np.isnan(score) else format(score, '.3f'):>8}"
-            lines.append(line + f"  {items.get(index, (str(index), ''))[0]}")
+            lines.append(line + f"  {printable(items.get(index, (str(index), ''))[0])}")
     return "\n".join(lines)
 
 
@@ -245,7 +251,7 @@ PICTURE_RESULTS = 20
 PICTURE_QUERIES = 8
 #: queries loaded and searched together
 QUERY_BATCH = 16
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def expand_queries(paths: Sequence[str]) -> list[str]:

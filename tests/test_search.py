@@ -485,3 +485,21 @@ def test_item_paths_are_absolute_and_a_malformed_items_table_leaves_results_unna
     (tmp_path / "set" / "set.json").write_text('{"queries": -1}')
     with pytest.raises(DataFormatError, match="set.json: not a set record"):
         read_query_count(tmp_path / "set")
+
+
+def test_search_prints_one_line_per_result_whatever_the_file_names(tmp_path) -> None:
+    """A newline in a query's or a result's file name split the results table (an image-input review); a folder
+    of queries skipped its GIFs, which a GIF named alone is searched as."""
+    from types import SimpleNamespace
+
+    from retrieval_lightning.search_cli import SearchResult, expand_queries, format_results
+
+    result = SearchResult("new\nline.jpg", np.array([0, 1]), np.array([0.9, 0.5]), None, np.array([0, 1]))
+    store = SimpleNamespace(index=np.array([7, 8]))
+    table = format_results([result], store, {7: ("a\tb.jpg", ""), 8: ("é ü.jpg", "")})  # type: ignore[arg-type]
+    assert table.splitlines() == ["query new\\nline.jpg", "rank     index    global  id",
+                                  "   1         7    0.9000  a\\tb.jpg", "   2         8    0.5000  é ü.jpg"]
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "q.gif")
+    assert expand_queries([str(tmp_path)]) == [str(tmp_path / "q.gif")]
