@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from retrieval_lightning.checkpoints import ARCHITECTURE_KEY, open_checkpoint
+from retrieval_lightning.model_record import resolve_head
 from retrieval_lightning.retrieval.workdirs import atomic_write_text
 
 #: subcommands that evaluate a model whose weights ``--ckpt_path`` gives
@@ -86,6 +87,8 @@ def with_checkpoint_model(args: Sequence[str], ckpt_path: str | None, config_fil
     config = model_config_of(checkpoint) if isinstance(checkpoint, dict) else None
     if config is None:
         return args, None
+    for role in config["model"]["heads"]:  # a plugin not installed: its distribution, not the parser's temp file
+        resolve_head(checkpoint, role, f"--ckpt_path {ckpt_path}")
     path = write_model_config(config)
     note = (f"--ckpt_path {ckpt_path}: no model configured, so the model is the checkpoint's own (backbone "
             f"{backbone_name(config)}, heads {sorted(config['model']['heads'])}); --model.* settings override it")

@@ -124,6 +124,19 @@ def _construct(cls: type | partial, init_args: Mapping[str, Any], what: str, sou
                                   f"from the checkpoint's arguments {dict(init_args)}: {exc}{hint}") from exc
 
 
+def resolve_head(checkpoint: Mapping[str, Any], role: str, source: str) -> type:
+    """The class of the checkpoint's head ``role``, or an error naming the distribution it came from when its
+    plugin is not installed here."""
+    spec = checkpoint[ARCHITECTURE_KEY]["heads"][role]
+    try:
+        return _resolve(spec["class_path"], f"head {role!r}")
+    except PluginError as exc:
+        origin = (checkpoint.get(PLUGINS_KEY) or {}).get(spec["class_path"])
+        hint = (f"; the checkpoint's head {spec['class_path']!r} came from distribution {origin}: install it"
+                if origin and spec["class_path"] not in HEADS.entries() else "")
+        raise CheckpointLoadError(f"{source}: head {role!r}: {exc}{hint}") from exc
+
+
 def build_from_architecture(checkpoint: Mapping[str, Any], source: str, overrides: Mapping[str, Any]) -> "RetrievalModule":
     """A fresh, unloaded module built from a checkpoint's architecture record."""
     from retrieval_lightning.module import RetrievalModule
@@ -146,16 +159,8 @@ def build_from_architecture(checkpoint: Mapping[str, Any], source: str, override
                                       "edited or cut short?): rebuild the model from its config with init_from")
     backbone_cls = _resolve(record["backbone"]["class_path"], "backbone")
     backbone = _construct(backbone_cls, record["backbone"]["init_args"], "the backbone", source)
-    heads = {}
-    for role, spec in record["heads"].items():
-        try:
-            cls = _resolve(spec["class_path"], f"head {role!r}")
-        except PluginError as exc:
-            origin = (checkpoint.get(PLUGINS_KEY) or {}).get(spec["class_path"])
-            hint = (f"; the checkpoint's head {spec['class_path']!r} came from distribution {origin}: install it"
-                    if origin and spec["class_path"] not in HEADS.entries() else "")
-            raise CheckpointLoadError(f"{source}: head {role!r}: {exc}{hint}") from exc
-        heads[role] = _construct(cls, spec["init_args"], f"head {role!r}", source)
+    heads = {role: _construct(resolve_head(checkpoint, role, source), spec["init_args"], f"head {role!r}", source)
+             for role, spec in record["heads"].items()}
     args = dict(record["module"])
     args.pop("momentum_contrast", None)  # a training device (its momentum copy is training-only): not rebuilt
     args.pop("spill", None)  # a machine's setting (a directory there), not the model's: the default unless overridden

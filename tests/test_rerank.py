@@ -448,6 +448,13 @@ def test_a_checkpoint_whose_plugin_is_not_installed_names_its_distribution(tmp_p
     with pytest.raises(CheckpointLoadError, match=r"plugin.ckpt: head 'global': unknown head 'acme_avgpool'.*"
                                                   r"came from distribution acme-retrieval-heads 0.3.0: install it"):
         RetrievalModule.load_from_checkpoint(tmp_path / "plugin.ckpt")
+    # the command line too: `test --ckpt_path` without a model config said "unknown head" of the parser's
+    # temporary model-config file (a README review)
+    from retrieval_lightning.checkpoint_model import with_checkpoint_model
+
+    with pytest.raises(CheckpointLoadError, match=r"^--ckpt_path \S*plugin.ckpt: head 'global': unknown head "
+                                                  r"'acme_avgpool'.*acme-retrieval-heads 0.3.0: install it$"):
+        with_checkpoint_model(["test", "--data=minilandmarks"], str(tmp_path / "plugin.ckpt"), [])
 
 
 def test_a_checkpoint_written_by_another_plugin_version_names_what_does_not_fit(tmp_path: Path) -> None:
