@@ -389,8 +389,8 @@ def load_image_sized(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with the path
         header = _open_header(path_str, io.BytesIO(data))
     with header:
-        orientation = _orientation(header)
         upright = _decoded_upright(header)  # PIL turns a TIFF itself: its size and pixels are upright already
+        orientation = _orientation(header) if orient or upright else 1
         width, height = header.size
         _check_pixels(path_str, width, height, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
         target = _target_size(width, height, max_side)
@@ -407,10 +407,9 @@ def load_image_sized(
     if target is not None and tuple(img.shape[1:]) != (target[1], target[0]):
         img = _resize(img, *target)
     if upright:
-        return (img, (height, width)) if orient else (_unorient(img, orientation), _frame_size(width, height,
-                                                                                                orientation))
-    if not orient:
-        return img, (height, width)
+        if orient:
+            return img, (height, width)
+        return _unorient(img, orientation), _frame_size(width, height, orientation)  # the stored frame
     return _orient(img, orientation), _frame_size(width, height, orientation)
 
 
