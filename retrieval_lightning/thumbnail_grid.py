@@ -45,12 +45,17 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _fitted(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
-    """``text``, cut short with an ellipsis where it is wider than ``width`` px."""
+    """``text``, cut in its middle with an ellipsis where it is wider than ``width`` px: file names that share a
+    long prefix (``trip_2019_photo_0001.jpg``, ``..._0002.jpg``) differ at their ends, which are kept."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    head, tail = text[: len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and draw.textlength(head + "…" + tail, font=font) > width:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "…" + tail
 
 
 def _thumbnail(image: Tensor, side: int) -> Image.Image:

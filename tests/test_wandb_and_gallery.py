@@ -104,6 +104,24 @@ def test_a_thumbnail_grid_puts_each_image_in_its_cell_inside_its_border(tmp_path
         assert wide.width > 8 * 100 and wide.height == top + row_height
 
 
+def test_long_names_keep_their_ends_and_the_gallery_says_what_borders_mean() -> None:
+    """Names sharing a long prefix were all cut to the same "oxford_trip_2019_summer_ph…"; a gallery's marks
+    (revisitop's Medium setup) were explained nowhere in the picture (a review of the pictures)."""
+    from PIL import ImageDraw
+
+    from retrieval_lightning.callbacks.gallery import border_legend
+    from retrieval_lightning.thumbnail_grid import CAPTION_PX, CELL, _fitted, _font
+
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = _font(CAPTION_PX)
+    names = [_fitted(draw, f"oxford_trip_2019_summer_photo_{i:04d}.jpg", font, CELL) for i in (1, 2)]
+    assert names[0] != names[1] and all("…" in n and draw.textlength(n, font=font) <= CELL for n in names)
+    assert names[0].startswith("oxford") and names[0].endswith("0001.jpg") and names[1].endswith("0002.jpg")
+    assert _fitted(draw, "#1 db 3", font, CELL) == "#1 db 3"
+    assert "Medium" in border_legend("revisitop") and "Medium" not in border_legend("gldv2_retrieval")
+    assert border_legend("gldv2_retrieval").startswith("borders: green correct, red wrong, grey junk")
+
+
 @pytest.mark.parametrize(("mode", "offline"), [("disabled", False), ("offline", True), ("", True)])
 def test_without_an_api_key_the_logger_goes_offline_unless_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     mode: str, offline: bool) -> None:

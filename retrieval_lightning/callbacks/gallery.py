@@ -21,7 +21,7 @@ from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.evaluation import SHORTLIST, EvalResult
 from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
-_COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#969696"}
+_COLOURS = {1: "#1a9850", 0: "#d73027", -1: "#808080"}
 #: border of a picture's wrong (other-landmark) images
 NEGATIVE_COLOUR = _COLOURS[0]
 
@@ -103,6 +103,12 @@ def draw_gallery(dataset, n_queries: int, topk: Tensor, relevance: Tensor, title
     return draw_rows(rows, title, path)
 
 
+def border_legend(protocol: str) -> str:
+    """What a gallery's borders mean, under its title: revisitop's marks are the Medium setup's."""
+    medium = " (revisitop's Medium: easy and hard correct, junk ignored)" if protocol == "revisitop" else ""
+    return f"borders: green correct, red wrong, grey junk{medium}"
+
+
 def _headline(metrics: Mapping[str, float], global_metrics: Mapping[str, float] | None = None) -> str:
     """The first three mAP values (or metrics), as ``global → re-ranked`` when both are given."""
     keys = [k for k in metrics if k.startswith("mAP")] or list(metrics)
@@ -155,7 +161,7 @@ class RetrievalGallery(pl.Callback):
             headline = _headline(result.metrics, None if before is None else before.metrics)
             if name in reranked and before is None:
                 headline = f"re-ranked, {headline}"
-            title = f"{stage} {name} ({label}): {headline}"
+            title = f"{stage} {name} ({label}): {headline}\n{border_legend(eval_set.protocol)}"
             draw_gallery(eval_set.dataset, eval_set.n_queries, result.topk, result.relevance, title, path,
                          self.max_queries, self.k, before=before)
             drawn.append(path)
