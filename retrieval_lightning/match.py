@@ -119,29 +119,39 @@ def entry_features(entry: Mapping[str, Any]) -> Features:
     return np.asarray(entry["keypoints"], np.float32), np.asarray(desc)
 
 
+#: the height a match picture draws both images at, at most (a phone photo beside a small one: both at one size)
+MATCH_HEIGHT = 960
+
+
 def draw_matches(
     image_a: np.ndarray, image_b: np.ndarray, result: VerificationResult, path: str | os.PathLike[str]
 ) -> Path:
-    """Side-by-side PNG (query left, database right) with one line per inlier correspondence."""
+    """Side-by-side PNG (query left, database right) with one line per inlier correspondence, both images at one
+    height (at most :data:`MATCH_HEIGHT`), the count in a band above them (it covered the query's corner)."""
+    from .pair_picture import panel_scale  # as a verifier's pair is drawn (matplotlib loaded only to draw)
+
     a, b = (Image.fromarray(np.asarray(im, np.uint8)).convert("RGB") for im in (image_a, image_b))
-    canvas = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), (255, 255, 255))
-    canvas.paste(a, (0, 0))
-    canvas.paste(b, (a.width, 0))
+    target = min(max(a.height, b.height), MATCH_HEIGHT)
+    scale_a, scale_b = (panel_scale(im.width, im.height, target) for im in (a, b))
+    a, b = (im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.BILINEAR)
+            for im, s in ((a, scale_a), (b, scale_b)))
+    font = ImageFont.load_default(size=max(14, round(target / 28)))  # PIL's default is 11 px at any size
+    label = f"{result.inliers} inliers / {result.matches} matches"
+    band = font.getbbox(label)[3] + 12
+    canvas = Image.new("RGB", (a.width + b.width, band + max(a.height, b.height)), (255, 255, 255))
+    canvas.paste(a, (0, band))
+    canvas.paste(b, (a.width, band))
     draw = ImageDraw.Draw(canvas)
-    width = max(1, round(max(canvas.size) / 600))
+    draw.text((8, 6), label, fill=(200, 0, 0), font=font)
+    width = max(1, round(target / 500))
     colours = _colours(len(result.query_points))
     for (xa, ya), (xb, yb), colour in zip(result.query_points, result.db_points, colours):
-        end = (float(xb) + a.width, float(yb))
-        draw.line([(float(xa), float(ya)), end], fill=colour, width=width)
-        for x, y in ((float(xa), float(ya)), end):
+        start = (float(xa) * scale_a, float(ya) * scale_a + band)
+        end = (float(xb) * scale_b + a.width, float(yb) * scale_b + band)
+        draw.line([start, end], fill=colour, width=width)
+        for x, y in (start, end):
             r = 2 * width
             draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
-    # the count on a white box, in type that scales with the picture (PIL's default is 11 px at any size)
-    font = ImageFont.load_default(size=max(12, round(canvas.height / 28)))
-    label = f"{result.inliers} inliers / {result.matches} matches"
-    left, top, right, bottom = draw.textbbox((8, 8), label, font=font)
-    draw.rectangle([left - 4, top - 4, right + 4, bottom + 4], fill=(255, 255, 255))
-    draw.text((8, 8), label, fill=(200, 0, 0), font=font)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
@@ -174,6 +184,9 @@ def _positive(text: str) -> int:
 #: CVNet's tester reads ROxford's (<= 1024 px); a phone photo at full size, with DELG's scales up to
 #: 2x, needs more memory than most machines have
 MODEL_MAX_SIDE = 1024
+#: long side of both images SIFT matches by default: OpenCV's SIFT doubles the image first, so a 12-megapixel
+#: phone photo took 3.5 GB (and its picture 7 MB); ``--max-side 0`` matches at full size
+SIFT_MAX_SIDE = 2048
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="the paper's path (KD-tree + skimage RANSAC; a head's USAC settings do not apply)")
     parser.add_argument("--max-side", type=_pixels, help="shrink each image so its long side is at most this "
                         f"(e.g. the model's eval size; 0: full size); default: {MODEL_MAX_SIDE} with a model, "
-                        "full size with SIFT")
+                        f"{SIFT_MAX_SIDE} with SIFT")
     return parser
 
 
@@ -205,7 +218,8 @@ def run_match(argv: list[str]) -> int:
     features = args.features or ("model" if args.checkpoint else "sift")
     if features == "model" and not args.checkpoint:
         raise UsageError("--features model needs --checkpoint")
-    max_side = args.max_side if args.max_side is not None else (MODEL_MAX_SIDE if features == "model" else 0)
+    max_side = args.max_side if args.max_side is not None else (MODEL_MAX_SIDE if features == "model" else
+                                                               SIFT_MAX_SIDE)
     factors: list[tuple[float, float]] = [(1.0, 1.0), (1.0, 1.0)]
     if features == "model":
         from .module import RetrievalModule

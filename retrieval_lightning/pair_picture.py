@@ -10,24 +10,34 @@ outlined; the caption under the images says what each mark means.
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .head import PairExplanation
 
 #: panels are enlarged to at least this height, so maps of small images stay legible
 MIN_PANEL_HEIGHT = 384
 HEAT_ALPHA = 0.45
+#: the widest a panel may be, in heights: a panorama is drawn lower rather than as a strip of thousands of px
+MAX_PANEL_ASPECT = 3.0
+
+
+def panel_scale(width: int, height: int, target: int) -> float:
+    """The factor that draws a ``width`` x ``height`` image ``target`` px high, or lower where it would be wider
+    than :data:`MAX_PANEL_ASPECT` heights."""
+    return min(target / height, MAX_PANEL_ASPECT * target / width)
 
 
 def _panel(image: np.ndarray, heat: np.ndarray | None, height: int) -> Image.Image:
-    """The image at ``height`` px, with ``heat`` (values in [0, 1]) blended over it cell by cell."""
+    """The image ``height`` px high (lower if very wide: :func:`panel_scale`), with ``heat`` (values in [0, 1])
+    blended over it cell by cell."""
     img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    img = img.resize((max(1, round(img.width * height / img.height)), height), Image.Resampling.BILINEAR)
+    scale = panel_scale(img.width, img.height, height)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                     Image.Resampling.BILINEAR)
     if heat is None:
         return img
     rgba = colormaps["inferno"](np.clip(np.asarray(heat, np.float32), 0.0, 1.0))
@@ -58,10 +68,21 @@ def legend(explanation: PairExplanation) -> str:
     or no correspondences)."""
     parts = []
     if explanation.query_heat is not None or explanation.candidate_heat is not None:
-        parts.append(" Heat: black 0 to yellow 1.")
+        parts.append(" Heat colours: black 0 to yellow 1.")
     if len(np.asarray(explanation.matches).reshape(-1, 4)):
-        parts.append(" Lines: blue the weakest drawn, yellow the strongest.")
+        parts.append(" Line colours: blue the weakest drawn, yellow the strongest.")
     return "".join(parts)
+
+
+def _wrapped(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> list[str]:
+    """``text`` in lines at most ``width`` px wide in ``font`` (a word wider than that has a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def draw_explanation(
@@ -77,8 +98,11 @@ def draw_explanation(
         kept = np.asarray(explanation.candidate_kept, bool)
         caption += f" White squares: the {int(kept.sum())} of {kept.size} cells the store keeps (candidate)."
     caption += legend(explanation)
-    lines = textwrap.wrap(caption, max(20, width // 7))
-    canvas = Image.new("RGB", (width, height + 14 * len(lines) + 10), (255, 255, 255))
+    font = ImageFont.load_default(size=max(14, round(height / 40)))  # PIL's default is 11 px at any size
+    pitch = round(font.size * 1.3)
+    lines = _wrapped(caption, font, width - 12)
+    height = max(a.height, b.height)
+    canvas = Image.new("RGB", (width, height + pitch * len(lines) + 10), (255, 255, 255))
     canvas.paste(a, (0, 0))
     canvas.paste(b, (a.width, 0))
     draw = ImageDraw.Draw(canvas)
@@ -87,14 +111,14 @@ def draw_explanation(
     stroke = max(1, round(height / 300))
     matches = np.asarray(explanation.matches, np.float32).reshape(-1, 4)
     for (qx, qy, cx, cy), colour in zip(matches, _line_colours(np.asarray(explanation.strengths, np.float32))):
-        start = (float(qx) * a.width, float(qy) * height)
-        end = (a.width + float(cx) * b.width, float(cy) * height)
+        start = (float(qx) * a.width, float(qy) * a.height)
+        end = (a.width + float(cx) * b.width, float(cy) * b.height)
         draw.line([start, end], fill=colour, width=stroke)
         for x, y in (start, end):
             r = 2 * stroke
             draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=stroke)
     for i, line in enumerate(lines):
-        draw.text((6, height + 5 + 14 * i), line, fill=(0, 0, 0))
+        draw.text((6, height + 5 + pitch * i), line, fill=(0, 0, 0), font=font)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")

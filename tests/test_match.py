@@ -36,11 +36,11 @@ def test_run_match_prints_inliers_and_draws(pair: tuple[Path, Path, np.ndarray],
     printed = capsys.readouterr().out
     inliers = int(printed.split("inliers: ")[1].split()[0])
     assert inliers >= 40
-    with Image.open(out) as im:
-        assert im.size == (240 + 260, 210) and im.format == "PNG"
+    with Image.open(out) as im:  # both drawn 210 px high (240 x 200 -> 252 x 210) under the count's band
+        assert im.width == 252 + 260 and 210 + 14 < im.height < 210 + 40 and im.format == "PNG"
     assert run_match([str(a), str(b), "--out", str(out), "--num-features", "300", "--max-side", "130"]) == 0
-    with Image.open(out) as im:  # both images shrunk to a long side of 130 before matching
-        assert im.size == (130 + 130, round(200 * 130 / 240))
+    with Image.open(out) as im:  # both shrunk to a long side of 130 before matching (130 x 108, 130 x 105)
+        assert im.width == 130 + round(130 * 108 / 105) and 108 + 14 < im.height < 108 + 40
 
 
 def test_sift_pair_recovers_the_warp(pair: tuple[Path, Path, np.ndarray]) -> None:
@@ -64,11 +64,34 @@ def test_draw_matches_size_and_lines(tmp_path: Path) -> None:
     assert res.inliers == 5
     path = draw_matches(a, b, res, tmp_path / "m.png")
     with Image.open(path) as im:
-        assert im.size == (60, 50)
         pixels = np.asarray(im.convert("RGB"))
-    assert pixels[:30, :40].any()  # lines drawn over the black images
-    assert pixels[30:, 40:].sum() == 0  # the lower part of b: black, no line reaches it
-    assert (pixels[30:, :40] == 255).all()  # white padding below the shorter image
+    # both images at the taller one's height (a: 30 -> 50 px high, 67 wide), the count in a band above them
+    band = pixels.shape[0] - 50
+    assert pixels.shape[1] == 67 + 20 and band > 14
+    label = pixels[:band]
+    assert (label == (200, 0, 0)).all(axis=2).any() and (label == 255).all(axis=2).mean() > 0.7
+    shown = pixels[band:]
+    assert shown[:, :67].any()  # lines drawn over the black query
+    assert shown[30:, 67:].sum() == 0  # the lower part of b: black, no line reaches it (its points are 0.5x a's)
+    assert shown[:, 67:].any()
+
+
+def test_a_large_photo_beside_a_small_one_is_drawn_at_one_height_and_a_panorama_lower(tmp_path: Path) -> None:
+    """Pasted at their own sizes, a 6000-px photo made the query a thumbnail under a label sized by the whole
+    canvas, which covered it; a very wide image made a strip thousands of px long (a review of the pictures)."""
+    from retrieval_lightning.match import MATCH_HEIGHT
+    from retrieval_lightning.pair_picture import MAX_PANEL_ASPECT
+
+    small, large = np.zeros((56, 75, 3), np.uint8), np.zeros((3000, 4000, 3), np.uint8)
+    res = match_and_verify(np.float32([[10, 10], [60, 40], [30, 50], [5, 45]]), np.eye(4, 8, dtype=np.float32),
+                           np.float32([[400, 400], [3600, 2400], [2000, 2800], [300, 2600]]),
+                           np.eye(4, 8, dtype=np.float32), threshold=50.0)
+    with Image.open(draw_matches(small, large, res, tmp_path / "big.png")) as im:
+        band = im.height - MATCH_HEIGHT
+        assert im.width == 1286 + 1280 and 0 < band < 100  # both 960 px high: 75 x 56 -> 1286 x 960
+    with Image.open(draw_matches(np.zeros((21, 320, 3), np.uint8), np.zeros((320, 21, 3), np.uint8), res,
+                                 tmp_path / "wide.png")) as im:
+        assert im.width <= MAX_PANEL_ASPECT * 320 + 21 + 1
 
 
 def test_unreadable_image_names_the_file(pair: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
@@ -117,7 +140,7 @@ def test_a_model_matches_at_1024_px_unless_told(monkeypatch: pytest.MonkeyPatch)
                  ["--checkpoint", "m.ckpt", "--max-side", "640"], [], ["--max-side", "800"]):
         with pytest.raises(KeyboardInterrupt):
             run_match(["a.jpg", "b.jpg", *args])
-    assert sizes == [match.MODEL_MAX_SIDE, None, 640, None, 800]
+    assert sizes == [match.MODEL_MAX_SIDE, None, 640, match.SIFT_MAX_SIDE, 800]
 
 
 def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[Path, Path, np.ndarray],
@@ -248,10 +271,28 @@ def test_a_pair_picture_explains_only_the_marks_it_draws(tmp_path: Path) -> None
     lines_only = PairExplanation(score=0.5, matches=np.array([[0.1, 0.2, 0.3, 0.4]]), strengths=np.ones(1))
     heat_only = PairExplanation(score=0.5, matches=np.zeros((0, 4)), strengths=np.zeros(0),
                                 query_heat=np.ones((2, 2)), candidate_heat=np.zeros((2, 2)))
-    assert "Lines" in legend(lines_only) and "Heat" not in legend(lines_only)
-    assert "Heat" in legend(heat_only) and "Lines" not in legend(heat_only)
+    assert "Line colours" in legend(lines_only) and "Heat" not in legend(lines_only)
+    assert "Heat colours" in legend(heat_only) and "Line" not in legend(heat_only)
     path = draw_explanation(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20, 3), np.uint8), heat_only,
                             tmp_path / "p.png")
     panel = max(MIN_PANEL_HEIGHT, 20)
     with Image.open(path) as picture:  # no lines to draw: two square panels over the caption
         assert picture.width == 2 * panel and picture.height > panel
+    # a panorama beside a portrait: the panorama lower (3 heights wide at most), the portrait at full height, the
+    # lines' ends on each panel's own height; the caption in type sized with the picture (was PIL's 11 px)
+    from retrieval_lightning.pair_picture import MAX_PANEL_ASPECT
+
+    wide = PairExplanation(score=0.5, matches=np.array([[0.5, 1.0, 0.5, 1.0]]), strengths=np.ones(1),
+                           caption="x " * 400)
+    path = draw_explanation(np.zeros((21, 320, 3), np.uint8), np.zeros((320, 21, 3), np.uint8), wide,
+                            tmp_path / "wide.png")
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    high = max(MIN_PANEL_HEIGHT, 320)
+    panorama, portrait = round(MAX_PANEL_ASPECT * high), round(21 * high / 320)
+    assert picture.width == panorama + portrait  # was 5876 px: the 320 x 21 image blown up to 384 px high
+    assert pixels[round(21 * panorama / 320) + 2:high, :panorama // 3].min() == 255  # white below the panorama
+    assert pixels[high - 6:high, panorama:].max() > 200  # the line ends at the portrait's foot, on the black
+    caption = pixels[high + 5:]
+    ink_rows = np.flatnonzero((caption < 128).any(axis=(1, 2)))
+    assert ink_rows.size and np.diff(ink_rows).max() >= 5  # several lines, with gaps between them
