@@ -27,6 +27,7 @@ from retrieval_lightning.backbone import Backbone
 from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, check_state_fits, load_tensor_file,
                                              state_dict_of)
 from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.ddp_training import allow_unreached_parameters, decorrelate_ranks, unreached_stages
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import (
     PLACEHOLDER_RULE,
@@ -441,7 +442,11 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         return {s: (features[s].detach() if detach else features[s]) for s in head.stages}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """The weighted sum of the trained heads' losses. Under DDP the losses are logged as the ranks' mean (one
+        all-reduce each: their names are the same on every rank); what heads watch (``training_metrics``) is
+        rank 0's, its names being the heads' own."""
         images, labels = batch["image"], batch["label"]
+        sync = self._trainer is not None and self.trainer.world_size > 1
         if self.momentum_contrast is not None:
             self._momentum_follows_network(batch_idx)
         features = self.backbone(images)
@@ -453,15 +458,15 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             losses = head.losses(self.head_features(role, features), labels, **extra)
             _check_losses(role, head, losses)
             for name, value in losses.items():
-                self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
+                self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels), sync_dist=sync)
                 total = total + self.loss_weights[role] * value
             for name, value in head.training_metrics().items():
                 if name in losses:
                     raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         if self.momentum_contrast is not None:
-            total = total + self._momentum_contrast_loss(images, labels, features)
-        self.log("train/loss", total, prog_bar=True, batch_size=len(labels))
+            total = total + self._momentum_contrast_loss(images, labels, features, sync)
+        self.log("train/loss", total, prog_bar=True, batch_size=len(labels), sync_dist=sync)
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
             mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,
@@ -479,17 +484,23 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             assert self.momentum_contrast is not None
             self.momentum_contrast.update(self.backbone, self.global_head)
 
-    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor]) -> Tensor:
+    def _momentum_contrast_loss(self, images: Tensor, labels: Tensor, features: Mapping[str, Tensor],
+                                sync: bool = False) -> Tensor:
         contrast = self.momentum_contrast
         assert contrast is not None
         queries = self.global_head.embed(self.head_features("global", features))
         loss, with_positive = contrast.loss(queries, labels, images, owner=self)
-        self.log("train/momentum_contrast/loss", loss, batch_size=len(labels))
-        self.log("train/momentum_contrast/with_positive", with_positive / max(1, len(labels)), batch_size=len(labels))
+        self.log("train/momentum_contrast/loss", loss, batch_size=len(labels), sync_dist=sync)
+        self.log("train/momentum_contrast/with_positive", with_positive / max(1, len(labels)), batch_size=len(labels),
+                 sync_dist=sync)
         return contrast.config.weight * loss
 
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
+        if stage == "fit":
+            decorrelate_ranks(self.trainer.global_rank)
+            allow_unreached_parameters(self.trainer, unreached_stages(
+                {role: head.stages for role, head in self.heads.items()}, self.frozen, self.detach))
 
     def on_fit_start(self) -> None:
         # Lightning never calls train() before fitting: apply the frozen-module / freeze_bn modes here,

@@ -125,6 +125,17 @@ def contrastive_loss(
         return (per_pair * weights).sum() / with_positive, with_positive
 
 
+def rank_share(with_positive: int, gathered_labels: Tensor, candidate_labels: Tensor, world_size: int) -> float:
+    """``n_r * W / N``: the weight of a rank's loss, its mean over its ``n_r`` queries with a positive. DDP averages
+    the W ranks' gradients, so unweighted a query on a rank with few positives counted more; weighted, the step is
+    the mean over all N queries with a positive, as one process with the whole batch takes it. N is counted from
+    the gathered labels (every rank's queries), each query's own key left out, as :func:`contrastive_loss` does."""
+    if world_size <= 1:
+        return 1.0
+    matches = (gathered_labels[:, None] == candidate_labels[None, :]).sum(dim=1) - 1
+    return with_positive * world_size / max(1, int((matches > 0).sum()))
+
+
 class MomentumContrast(nn.Module):
     """The momentum copy of a backbone and global head, the queue, and the loss."""
 
@@ -256,5 +267,7 @@ class MomentumContrast(nn.Module):
         candidate_labels = torch.cat([batch_labels, queue_labels.to(queries.device)]) if len(queue_labels) \
             else batch_labels
         value, with_positive = contrastive_loss(self.margin, queries, labels, candidates, candidate_labels, own)
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        value = value * rank_share(with_positive, batch_labels, candidate_labels, world_size)
         self._enqueue(batch_keys, batch_labels)
         return value, with_positive

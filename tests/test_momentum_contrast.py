@@ -20,6 +20,7 @@ from retrieval_lightning.momentum_contrast import (
     MomentumContrast,
     MomentumContrastConfig,
     contrastive_loss,
+    rank_share,
 )
 from heads.gem_arcface import GemArcFaceHead
 
@@ -61,6 +62,32 @@ def test_contrastive_loss_matches_a_per_pair_reference() -> None:
     assert with_positive == 4  # queries 0, 1, 2, 3 (4 and 9 have only their own key)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(margin.t) == pytest.approx(t, rel=1e-5)
+
+
+def test_under_ddp_each_ranks_loss_is_weighted_by_its_share_of_the_queries_with_a_positive() -> None:
+    """DDP averages the ranks' gradients: each rank's mean over its own queries with a positive gave a query on a
+    rank with 1 such query 1/2 of the step instead of 1/5 (a review of DDP training). Weighted by
+    ``rank_share``, the two ranks' average is the loss one process takes over the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    queries = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    keys = F.normalize(torch.cat([queries + 0.3 * torch.randn(8, 16, generator=g), torch.randn(6, 16, generator=g)]),
+                       dim=-1)
+    labels = torch.tensor([0, 7, 8, 9, 1, 1, 2, 2])  # rank 0: one query with a positive (0); rank 1: all four
+    key_labels = torch.cat([labels, torch.tensor([0, 3, 4, 5, 6, 2])])
+
+    def loss(rows: slice) -> tuple[float, int]:
+        margin = CurricularFaceMargin(scale=30.0, margin=0.15).eval()
+        value, count = contrastive_loss(margin, queries[rows], labels[rows], keys, key_labels,
+                                        torch.arange(8)[rows])
+        return float(value), count
+
+    (whole, all_count), (first, n0), (second, n1) = loss(slice(0, 8)), loss(slice(0, 4)), loss(slice(4, 8))
+    assert (all_count, n0, n1) == (5, 1, 4)
+    shares = [rank_share(n, labels, key_labels, 2) for n in (n0, n1)]
+    assert shares == [2 / 5, 8 / 5]
+    assert (shares[0] * first + shares[1] * second) / 2 == pytest.approx(whole, rel=1e-4)  # fp32 sums
+    assert (first + second) / 2 != pytest.approx(whole, rel=1e-3)  # unweighted, the ranks' mean is another loss
+    assert rank_share(n0, labels[:4], key_labels, 1) == 1.0
 
 
 def test_a_batch_without_positives_adds_nothing_and_keeps_t() -> None:
