@@ -446,7 +446,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         all-reduce each: their names are the same on every rank); what heads watch (``training_metrics``) is
         rank 0's, its names being the heads' own."""
         images, labels = batch["image"], batch["label"]
-        sync = self._trainer is not None and self.trainer.world_size > 1
+        sync = getattr(self._trainer, "world_size", 1) > 1
         if self.momentum_contrast is not None:
             self._momentum_follows_network(batch_idx)
         features = self.backbone(images)
