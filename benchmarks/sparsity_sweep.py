@@ -108,19 +108,33 @@ class SweepModel:
     def _key(image: Tensor) -> str:
         return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
+    def _unread(self) -> set[str]:
+        """What only a selection reads (the row norms): a dense store (no sparsifier) does not hold it."""
+        return self.module.sparsifier.consumed_kinds(self.verifier.entry_kinds())
+
     def rerank_entry_kinds(self, database: bool = True) -> dict:
         kinds = self.verifier.entry_kinds()
-        return self.sparsifier.entry_kinds(kinds) if database and self.sparsifier is not None else kinds
+        if database and self.sparsifier is not None:
+            return self.sparsifier.entry_kinds(kinds)
+        return {name: kind for name, kind in kinds.items() if name not in self._unread()}
 
     def rerank_entries(self, images: Sequence[Tensor], database: bool = True,
                        resize_factors: Tensor | None = None) -> list[dict[str, Tensor]]:
         keys = [self._key(img) for img in images]  # the verifier's entries do not depend on resize_factors
         todo = [i for i, k in enumerate(keys) if k not in self._entries]
-        if todo:
-            fresh = self.module.rerank_entries([images[i] for i in todo], database=False)
+        if todo:  # with the row norms every selection reads
+            fresh = self.module.dense_entries([images[i] for i in todo])
             self._entries.update({keys[i]: e for i, e in zip(todo, fresh)})
         dense = [self._entries[k] for k in keys]
-        return self.sparsifier.sparsify(dense) if database and self.sparsifier is not None else dense
+        if database and self.sparsifier is not None:
+            return self.sparsifier.sparsify(dense)
+        unread = self._unread()
+        return [{k: v for k, v in e.items() if k not in unread} for e in dense]
+
+    def selection_input(self, image: Tensor) -> dict[str, Tensor]:
+        """One image's dense entry with the row norms, as the sweep's selections read it."""
+        self.rerank_entries([image])
+        return self._entries[self._key(image)]
 
     def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         return self.sparsifier.densify(entries) if self.sparsifier is not None else entries
@@ -564,7 +578,7 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
                              squeeze=False)
     for row, db in enumerate(chosen):
         image = eval_set.dataset[nq + db]["image"]
-        entry = model.rerank_entries([image], database=False)[0]  # the dense entry the sweep already made
+        entry = model.selection_input(image)  # the dense entry the sweep already made
         level = sorted(k for k in entry if k.endswith("_hw"))[-1][: -len("_hw")]  # the finest level
         h, w = (int(v) for v in entry[f"{level}_hw"])
         height, width = image.shape[1:]
@@ -580,8 +594,8 @@ def plot_kept(model: SweepModel, trained: Any, eval_set: Any, path: Path, images
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"{selection}: {len(kept)} of {h * w} cells", fontsize=9)
-    fig.suptitle(f"kept locations at keep ratio {trained.keep_ratio:g}, finest level ({h}x{w} at "
-                 f"{max(height, width)} px); database images of the first queries' landmarks", fontsize=9)
+    fig.suptitle(f"kept locations at keep ratio {trained.keep_ratio:g}, finest level (the cell counts: the "
+                 "first row's image); database images of the first queries' landmarks", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

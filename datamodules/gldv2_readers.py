@@ -129,8 +129,18 @@ def _width_error(columns: dict[str, int], row: list[str]) -> str:
     return f"expected {len(columns)} fields as the header ({','.join(columns)}), got {len(row)}: {row!r}"
 
 
+#: the longest image id taken (GLDv2's are 16 hex characters): a row whose ids ran together is one "valid" id, and
+#: the id table pads every id to the longest (one 2,016-character id made 24 MiB of ids 3 GiB, silently)
+MAX_ID_CHARS = 64
+
+
 def _valid_id(image_id: str) -> bool:
-    return len(image_id) >= 3 and image_id.isascii() and image_id.isalnum()
+    return 3 <= len(image_id) <= MAX_ID_CHARS and image_id.isascii() and image_id.isalnum()
+
+
+def _shown(image_id: str) -> str:
+    """An id for an error line: a long one cut, with its length."""
+    return repr(image_id) if len(image_id) <= 40 else f"{image_id[:40]!r}... ({len(image_id)} characters)"
 
 
 def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
@@ -152,7 +162,7 @@ def read_train_csv(path: str, on_error: str = "raise") -> TrainTable:
                 continue
             image_id = row[i_id]
             if not _valid_id(image_id):
-                errors(line, f"bad image id {image_id!r} (alphanumeric, >= 3 chars)")
+                errors(line, f"bad image id {_shown(image_id)} (alphanumeric, 3 - {MAX_ID_CHARS} characters)")
                 continue
             try:
                 landmark = int(row[i_lm])
@@ -208,7 +218,8 @@ def read_train_clean_csv(path: str, on_error: str = "raise") -> TrainTable:
             images = row[i_im].split()
             bad = [x for x in images if not _valid_id(x)] or (["<none>"] if not images else [])
             if bad:
-                errors(line, f"bad image id(s) {bad[:3]!r} for landmark {landmark}")
+                errors(line, f"bad image id(s) {', '.join(map(_shown, bad[:3]))} for landmark {landmark} "
+                             f"(alphanumeric, 3 - {MAX_ID_CHARS} characters)")
                 continue
             dup = [x for x in images if x in seen]
             if dup or len(set(images)) != len(images):

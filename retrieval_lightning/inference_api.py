@@ -105,13 +105,17 @@ class InferenceAPI:
         return self.backbone(images.to(self.device))
 
     def rerank_entry_kinds(self, database: bool = True) -> dict[str, EntryKind]:
-        """What is stored per image: the head's kinds, rewritten by the sparsifier for database images."""
+        """What is stored per image: the head's kinds, rewritten by the sparsifier for database images; for a
+        query (scored dense) without what only the sparsifier's selection reads (its ``consumed_kinds``)."""
         head = self._require_rerank_head()
         kinds = head.entry_kinds()
         check_entry_kinds(kinds, f"{type(head).__name__}.entry_kinds()", self.rerank_prefix)
-        if database and self.sparsifier is not None:
+        if self.sparsifier is not None and database:
             kinds = self.sparsifier.entry_kinds(kinds)
             check_entry_kinds(kinds, f"{type(self.sparsifier).__name__}.entry_kinds()", self.rerank_prefix)
+        elif self.sparsifier is not None:
+            consumed = self.sparsifier.consumed_kinds(kinds)
+            kinds = {name: kind for name, kind in kinds.items() if name not in consumed}
         return kinds
 
     @torch.no_grad()
@@ -128,19 +132,38 @@ class InferenceAPI:
         with self._api_mode():
             return self._rerank_entries(images, database, resize_factors)
 
-    def _rerank_entries(self, images: Sequence[Tensor], database: bool,
-                        resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
+    @torch.no_grad()
+    def dense_entries(self, images: Sequence[Tensor],
+                      resize_factors: Tensor | Sequence[Sequence[float]] | None = None) -> list[dict[str, Tensor]]:
+        """The re-ranking head's own entries of ``images``, before any sparsifier, with what only a sparsifier's
+        selection reads (the verifier's row norms): the input of :meth:`SparsifierHead.sparsify`, for experiments
+        with other selections (``benchmarks/sparsity_sweep.py``). Arguments as :meth:`rerank_entries`."""
+        with self._api_mode():
+            entries = self._head_entries(images, resize_factors)
+            head = self._require_rerank_head()
+            check_entries(entries, head.entry_kinds(), type(head).__name__)
+            return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
+
+    def _head_entries(self, images: Sequence[Tensor],
+                      resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
         head = self._require_rerank_head()
         tensors = [api_image(img, f"image {i}").to(self.device) for i, img in enumerate(images)]
         if resize_factors is not None and accepts_keyword(head.extract_entries, "resize_factors"):
             factors = torch.as_tensor(resize_factors, dtype=torch.float64).cpu().reshape(-1, 2)
             if len(factors) != len(images):
                 raise ValueError(f"{len(factors)} resize factors for {len(images)} images")
-            entries = head.extract_entries(tensors, self.features_at, resize_factors=factors)
-        else:
-            entries = head.extract_entries(tensors, self.features_at)
+            return head.extract_entries(tensors, self.features_at, resize_factors=factors)
+        return head.extract_entries(tensors, self.features_at)
+
+    def _rerank_entries(self, images: Sequence[Tensor], database: bool,
+                        resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
+        head = self._require_rerank_head()
+        entries = self._head_entries(images, resize_factors)
         if database and self.sparsifier is not None:
             entries = self.sparsifier.sparsify(entries)
+        elif self.sparsifier is not None and not isinstance(entries, Mapping):  # a query: scored dense
+            consumed = self.sparsifier.consumed_kinds(head.entry_kinds())
+            entries = [{k: v for k, v in e.items() if k not in consumed} for e in entries]
         producer = self.sparsifier if database and self.sparsifier is not None else head
         if isinstance(entries, Mapping) or len(entries) != len(images):
             got = "one mapping" if isinstance(entries, Mapping) else f"{len(entries)} entries"

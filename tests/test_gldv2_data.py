@@ -131,6 +131,17 @@ def test_malformed_rows_name_file_and_row(tmp_path, caplog):
     empty = _write(tmp_path / "clean2.csv", "landmark_id,images\n1,aaaaaaaa\n2,\n")
     with pytest.raises(GLDv2FormatError, match=r"clean2\.csv: row 3: bad image id"):
         read_train_clean_csv(empty)
+    # ids that ran together (separators lost) are one long "id": the id table padded every id to it (24 MiB of
+    # ids became 3 GiB, silently; a review at GLDv2 scale)
+    joined = _write(tmp_path / "joined.csv", "landmark_id,images\n1,aaaaaaaa\n2," + "0123456789abcdef" * 126 + "\n")
+    with pytest.raises(GLDv2FormatError, match=r"joined\.csv: row 3: bad image id\(s\) '0123456789abcdef0123456789abcdef"
+                                               r"01234567'\.\.\. \(2016 characters\) for landmark 2 \(alphanumeric, "
+                                               r"3 - 64 characters\)"):
+        read_train_clean_csv(joined)
+    long_train = _write(tmp_path / "long.csv", "id,url,landmark_id\n" + "f" * 65 + ",http://a,1\n")
+    with pytest.raises(GLDv2FormatError, match=r"long\.csv: row 2: bad image id 'f{40}'\.\.\. \(65 characters\)"):
+        read_train_csv(long_train)
+    assert read_train_csv(_write(tmp_path / "ok.csv", "id,url,landmark_id\n" + "f" * 64 + ",http://a,1\n")).ids
 
 
 def test_a_stray_quote_or_a_repeated_id_in_train_csv_is_an_error_not_wrong_labels(tmp_path, caplog):

@@ -330,6 +330,25 @@ def test_keep_ratio_one_reproduces_dense_scores_through_the_module(fill_sigma: f
     assert (fewer - dense).abs().max() > 1e-4  # sparsity does reach the verifier
 
 
+def test_a_querys_entry_holds_no_row_norms_and_dense_entries_keep_them() -> None:
+    """The row norms the verifier stores for the sparsifier's selection were in every query's entry too (4 bytes
+    per location in every query store; a review of the sparse store): a query is scored dense and nothing reads
+    them there. ``dense_entries`` gives the head's own entries with them, what a selection reads."""
+    module = verifier_module(keep_ratio=0.5)
+    images = photos(2)
+    norms = {f"level{i}_norm" for i in range(3)}
+    query_kinds = module.rerank_entry_kinds(database=False)
+    assert not norms & set(query_kinds) and {"level0", "level0_hw"} <= set(query_kinds)
+    query = module.rerank_entries(images[:1], database=False)[0]
+    assert set(query) == set(query_kinds)
+    dense = module.dense_entries(images)
+    assert norms <= set(dense[0]) and torch.equal(dense[0]["level0"], query["level0"])
+    stored = module.heads["sparsifier"].sparsify(dense[1:])  # what the selection makes of them: the store's entry
+    assert all(torch.equal(a, b) for a, b in zip(stored[0].values(), module.rerank_entries(images[1:])[0].values()))
+    with torch.no_grad():
+        assert torch.equal(module.rerank_scores(images[0], images[1:]), module.rerank_scores(images[0], stored))
+
+
 def query_database_and_masks(photo_seed: int, mask_seed: int):
     """The verifier of :func:`verifier_module`, one query's projected levels, two database images' and
     0/1 masks keeping about 30 % of their cells."""
