@@ -135,7 +135,7 @@ def test_malformed_rows_name_file_and_row(tmp_path, caplog):
     # ids became 3 GiB, silently; a review at GLDv2 scale)
     joined = _write(tmp_path / "joined.csv",
                     "landmark_id,images\n1,aaaaaaaa\n2," + "0123456789abcdef" * 126 + "\n")
-    with pytest.raises(GLDv2FormatError, match=r"joined\.csv: row 3: bad image id\(s\) '0123456789abcdef0123456789abcdef"
+    with pytest.raises(GLDv2FormatError, match=r"joined\.csv: row 3: bad image id\(s\) '(0123456789abcdef){2}"
                                                r"01234567'\.\.\. \(2016 characters\) for landmark 2 \(alphanumeric, "
                                                r"3 - 64 characters\)"):
         read_train_clean_csv(joined)
