@@ -110,7 +110,8 @@ class SweepModel:
 
     def _unread(self) -> set[str]:
         """What only a selection reads (the row norms): a dense store (no sparsifier) does not hold it."""
-        return self.module.sparsifier.consumed_kinds(self.verifier.entry_kinds())
+        sparsifier = self.module.sparsifier
+        return set() if sparsifier is None else sparsifier.consumed_kinds(self.verifier.entry_kinds())
 
     def rerank_entry_kinds(self, database: bool = True) -> dict:
         kinds = self.verifier.entry_kinds()
