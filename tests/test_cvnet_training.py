@@ -156,6 +156,28 @@ def test_nearest_other_label_looks_past_a_crowded_label() -> None:
     assert table[0].tolist() == [1, 32, 31]
 
 
+def test_rows_of_a_crowded_label_look_further_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each row short of k labels searched the whole pool alone (0.46 s per row at 1.3M images; a review at GLDv2
+    scale): they now look 16x further together, pass after pass, with the same table as a brute-force search."""
+    generator = torch.Generator().manual_seed(1)
+    labels = np.array([7] * 40 + list(range(40)))  # 40 near-duplicates of one landmark, then 40 other landmarks
+    desc = torch.randn(80, 6, generator=generator)
+    desc[:40] = desc[0] + 0.01 * torch.randn(40, 6, generator=generator)
+    desc = F.normalize(desc, dim=1)
+    calls: list[int] = []
+    search = hard_negatives._nearest_columns
+
+    def counted(queries, *args):
+        calls.append(len(queries))
+        return search(queries, *args)
+
+    monkeypatch.setattr(hard_negatives, "_nearest_columns", counted)
+    monkeypatch.setattr(hard_negatives, "WIDEN", 2)
+    table = nearest_other_label(desc, torch.as_tensor(labels), k=4, distinct=True, chunk=64)
+    np.testing.assert_array_equal(table.numpy(), _brute_nearest(desc.numpy(), labels, 4))
+    assert calls[0] == 64 and len(calls) <= 6 and max(calls[1:]) > 1  # was one search per crowded row
+
+
 @pytest.mark.usefixtures("column_blocks")
 @pytest.mark.parametrize("distinct", [False, True])
 def test_nearest_other_label_breaks_ties_by_the_lower_row_on_every_device(distinct: bool) -> None:
