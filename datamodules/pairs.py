@@ -370,23 +370,31 @@ class PairBatchSampler(BatchSampler):
             out.append([(int(p), self.crop_seed(p, int(c))) for p, c in zip(group, crops)])
         return out
 
-    def with_seeds(self, groups: list[list[int]], epoch: int) -> list[list[tuple[int, int]]]:
+    def with_seeds(self, groups: list[list[int]], epoch: int,
+                   places: Sequence[int] | None = None) -> list[list[tuple[int, int]]]:
         """``(position, augmentation_seed)`` items without a crop pool: one seed per place of the epoch,
         a function of ``(seed, epoch, place)`` alone. Without it a crop came from the loader worker's random
-        state, which a run resumed mid-epoch restarts: it redrew the epoch's first crops."""
+        state, which a run resumed mid-epoch restarts: it redrew the epoch's first crops. ``places``: only the
+        groups at those places (a rank's share; the items of all of them took 1 GB per rank at 1.3M groups)."""
         rng = np.random.default_rng([self.config.seed, int(epoch), 3])
         seeds = rng.integers(0, 2**62, size=(len(groups), max((len(g) for g in groups), default=0)))
-        return [[(int(p), int(s)) for p, s in zip(group, row)] for group, row in zip(groups, seeds)]
+        places = range(len(groups)) if places is None else places
+        return [[(int(p), int(s)) for p, s in zip(groups[i], seeds[i])] for i in places]
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         rank, world = self._rank_world()
         epoch = self._current_epoch()
         groups: list = self.epoch_groups(epoch)
-        if self.config.crops_per_image:
-            groups = self.with_crops(groups, epoch)
+        places = range(rank, world * (len(groups) // world), world)  # this rank's share
+        if self.config.crops_per_image:  # one random stream over all groups: drawn for all, then shared
+            crops = self.with_crops(groups, epoch)
+            mine = [crops[i] for i in places]
+            del crops
         elif self.augmentation_seeds:
-            groups = self.with_seeds(groups, epoch)
-        mine = groups[rank::world][: len(groups) // world]
+            mine = self.with_seeds(groups, epoch, places)
+        else:
+            mine = [groups[i] for i in places]
+        del groups  # the other ranks' groups: not held while this epoch's batches are drawn
         gpb = self.config.groups_per_batch
         first, self.skip = self.skip * gpb, 0
         for start in range(first, len(mine) - gpb + 1, gpb):
