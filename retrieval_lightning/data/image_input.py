@@ -46,7 +46,7 @@ def api_image(image: Any, what: str = "image") -> Tensor:
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"{what}: an empty image, shape {tuple(image.shape)}")
     image = image.float()
-    low, high = float(image.min()), float(image.max())
+    low, high = torch.stack(torch.aminmax(image)).tolist()  # one pass, one device sync (NaN propagates)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{what}: holds NaN or Inf values")
     if low < -VALUE_SLACK or high > 1 + VALUE_SLACK:

@@ -38,6 +38,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, [text])
 
 
+ON_WINDOWS = os.name == "nt"
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs in this :func:`pid_space`."""
     if ON_WINDOWS:  # there os.kill(pid, 0) is no probe: it sends Ctrl-C (0) to the process's console group
@@ -51,7 +54,6 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-ON_WINDOWS = os.name == "nt"
 #: Windows' OpenProcess right to read a process's exit code, its "still running" exit code, "access denied"
 _QUERY_LIMITED_INFORMATION, _STILL_ACTIVE, _ACCESS_DENIED = 0x1000, 259, 5
 
