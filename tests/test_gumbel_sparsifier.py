@@ -116,14 +116,14 @@ def test_codec_round_trip(value_dtype: str, scale: str, tmp_path) -> None:
         t = sparse[name]
         assert str(t.dtype).removeprefix("torch.") == kind.dtype, name
         assert tuple(t.shape[1:] if kind.ragged else t.shape) == kind.shape, name
-    # through the feature store and back, bit for bit, at the bytes the codec predicts
-    store = FeatureStore.from_arrays(tmp_path / "s", {n: [sparse[n].numpy()] if kinds[n].ragged
-                                                      else sparse[n].numpy()[None] for n in kinds})
+    # through the feature store (as predict_step writes an entry: one tensor per image and kind) and back, bit
+    # for bit, at the bytes the codec predicts
+    store = FeatureStore.from_arrays(tmp_path / "s", {n: [sparse[n].numpy()] for n in kinds})
     for name in kinds:
         back = store.get(name, [0])[0]
         assert np.array_equal(back, sparse[name].numpy()) and back.dtype == sparse[name].numpy().dtype, name
     rows = {n: len(sparse[n]) for n in kinds if kinds[n].ragged}
-    extra = 8 * len(rows)  # a one-image store holds two int64 offsets per ragged kind, the codec counts one
+    extra = 8 * len(kinds)  # a one-image store holds two int64 offsets per kind, the codec counts one
     assert sum(store.bytes_per_image.values()) == pytest.approx(codec.bytes_per_image(kinds, rows) + extra)
     dense = head.densify([sparse])[0]
     for i in range(3):
@@ -628,6 +628,13 @@ def test_evaluate_scores_a_sparse_store_with_the_queries_dense(tmp_path: Path,
         shards.add(module.predict_step(batch, 0))
     shards.close()
     store = merge_shards(set_dir, expect_identity=identity, expected_indices=range(9))
+    # the bytes the head predicts without extracting are the store's own (the photos are of one size)
+    verifier_kinds = module.heads["verifier"].entry_kinds()
+    sizes = [len(module.dense_entries(images[:1])[0][name])
+             for name in module.heads["sparsifier"].dense_levels(verifier_kinds)]
+    entry_kinds = [k for k in store.kinds if k.startswith(module.rerank_prefix)]
+    entry_bytes = sum(store.bytes_per_image[k] for k in entry_kinds) - 8 * len(entry_kinds) / 9  # n + 1 offsets
+    assert module.heads["sparsifier"].stored_bytes(verifier_kinds, sizes) == pytest.approx(entry_bytes)
 
     for part in module.modules():  # as the CLI builds it: training mode (BatchNorm would use batch statistics)
         part.training = True

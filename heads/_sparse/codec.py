@@ -113,11 +113,13 @@ def decode_level(level: str, parts: dict[str, Tensor], hw: Tensor, dtype: torch.
     return dense.to(dtype)
 
 
-def bytes_per_image(kinds: dict[str, EntryKind], rows: dict[str, float], ragged_overhead: int = 8) -> float:
-    """Stored bytes of one image: fixed kinds' row bytes, ragged kinds' ``rows * row bytes`` plus
-    the store's int64 offset per ragged kind (``retrieval_lightning.retrieval.store`` layout)."""
+def bytes_per_image(kinds: dict[str, EntryKind], rows: dict[str, float], offset_bytes: int = 8) -> float:
+    """Stored bytes of one image's re-ranking entry: ragged kinds' ``rows * row bytes``, fixed kinds'
+    bytes, and the store's int64 offset for every kind (``retrieval_lightning.retrieval.store``
+    layout): an entry reaches the store one tensor per image, so a fixed kind (``level0_hw``) is
+    kept with an offset too, as the store's own ``bytes_per_image`` counts it."""
     total = 0.0
     for name, kind in kinds.items():
         row = np.dtype(kind.dtype).itemsize * int(np.prod(kind.shape, dtype=np.int64))
-        total += row * rows[name] + ragged_overhead if kind.ragged else row
+        total += (row * rows[name] if kind.ragged else row) + offset_bytes
     return total
