@@ -482,3 +482,18 @@ def test_an_interrupted_set_or_marker_write_leaves_no_temporary_file(tmp_path: P
         atomic_write_text(tmp_path / "marker", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
 
+
+
+def test_a_plugin_datamodules_own_loader_arguments_leave_the_store_identity() -> None:
+    """The core's list of loader arguments is the usual names; a plugin datamodule's own (``workers``) would
+    make every store of another worker count another model's, unless it declares them."""
+    from retrieval_lightning.retrieval.writer import datamodule_identity
+
+    class FolderData:
+        def __init__(self, workers: int, max_side: int, declare: bool) -> None:
+            self.hparams = {"workers": workers, "max_side": max_side}
+            self.loader_only_arguments = ("workers",) if declare else ()
+
+    assert datamodule_identity(FolderData(2, 512, True)) == datamodule_identity(FolderData(8, 512, True))
+    assert datamodule_identity(FolderData(2, 512, False)) != datamodule_identity(FolderData(8, 512, False))
+    assert datamodule_identity(FolderData(2, 512, True)) != datamodule_identity(FolderData(2, 640, True))

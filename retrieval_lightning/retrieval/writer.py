@@ -104,18 +104,20 @@ def placeholder_note(store: FeatureStore, what: str, names: Sequence[str] = ()) 
             "a query retrieves nothing (AP 0). Fix them and run extract again: it retries them")
 
 
-#: datamodule arguments that do not change what is extracted (``on_error``: a readable image's features are the
-#: same either way, and an unreadable one's placeholder is marked, so a run after the first one's error resumes)
-NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "persistent_workers",
-                     "download", "on_error"}
+#: the usual loader arguments, which do not change what is extracted (``on_error``: a readable image's features
+#: are the same either way, and an unreadable one's placeholder is marked, so a run after the first one's error
+#: resumes); a datamodule names its own others in ``loader_only_arguments``
+NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "on_error"}
 
 
 def datamodule_identity(datamodule: Any) -> dict[str, Any]:
     """What a datamodule contributes to a store identity: its class and every argument that changes the
     images a model sees (a ``max_side``, a query-box rounding), so features of other images are not reused.
-    A datamodule names its arguments that only shape training (crops, sampling) in ``training_only_arguments``:
-    a store extracted under one training recipe is evaluated under another."""
-    skip = NOT_PREPROCESSING | set(getattr(datamodule, "training_only_arguments", ()))
+    A datamodule names its arguments that only shape training (crops, sampling) in ``training_only_arguments``,
+    so a store extracted under one training recipe is evaluated under another, and any loader argument of
+    its own beyond :data:`NOT_PREPROCESSING` (a ``workers``, a ``cache_dir``) in ``loader_only_arguments``."""
+    skip = (NOT_PREPROCESSING | set(getattr(datamodule, "training_only_arguments", ()))
+            | set(getattr(datamodule, "loader_only_arguments", ())))
     hparams = dict(getattr(datamodule, "hparams", {}) or {})
     args = {k: v for k, v in hparams.items() if k not in skip}
     return {
