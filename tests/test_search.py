@@ -284,6 +284,14 @@ def test_postprocessing_is_off_by_default_and_applies_when_asked() -> None:
     _, every = topk_search(queries, small, 3, device="cpu")
     want = topk_search(alpha_query_expansion(queries, small, every, 3, 3.0), small, 2, device="cpu")
     assert torch.equal(postprocessed_search(queries, small, 2, wide, device="cpu")[1], want[1])
+    # placeholders (rows of unreadable images) are no one's neighbour: as if they were not there at all
+    placeholders = np.array([7, 100])
+    copied = database.copy()
+    copied[placeholders] = queries[:2]  # each the nearest row of a query
+    kept = np.setdiff1d(np.arange(len(database)), placeholders)
+    _, without = postprocessed_search(queries, database[kept], 10, both, device="cpu")
+    _, got = postprocessed_search(queries, copied, 10, both, excluded=placeholders, device="cpu")
+    assert torch.equal(got, torch.as_tensor(kept)[without])
     with pytest.raises(ValueError, match="qe_n"):
         PostProcessConfig(qe_n=0)
 

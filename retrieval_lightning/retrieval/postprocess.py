@@ -131,19 +131,15 @@ def postprocessed_search(
     k: int,
     config: PostProcessConfig | None = None,
     kind: str = "global",
+    excluded: np.ndarray | None = None,
     **search_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`~.search.topk_search` with DBA before and αQE after, as ``config`` asks."""
-    config = config or PostProcessConfig()
-    db: Any = as_tensor(database, kind)
-    if config.dba:
-        db = database_augmentation(db, config.dba_k, config.dba_alpha, **search_kwargs)
-    if not config.query_expansion:
-        return topk_search(queries, db, k, **search_kwargs)
-    qe_n = min(config.qe_n, len(db))  # a database smaller than qe_n expands with all of it
-    _, indices = topk_search(queries, db, max(k, qe_n), **search_kwargs)
-    expanded = alpha_query_expansion(queries, db, indices, qe_n, config.qe_alpha)
-    return topk_search(expanded, db, k, **search_kwargs)
+    """:func:`~.search.topk_search` after :func:`postprocess_descriptors` (DBA, then αQE), as ``config``
+    asks: the evaluation's post-processing as one search. ``excluded`` database rows are never returned
+    and no one's neighbour."""
+    expanded, db = postprocess_descriptors(torch.as_tensor(np.asarray(queries)) if not isinstance(queries, Tensor)
+                                           else queries, as_tensor(database, kind), config, excluded, **search_kwargs)
+    return topk_search(expanded, db, k, excluded=excluded, **search_kwargs)
 
 
 def postprocess_descriptors(
