@@ -26,6 +26,7 @@ from torch import Tensor
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
 from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
+from retrieval_lightning.metrics.revisitop import protocol_gnd
 from retrieval_lightning.metrics.revisitop import revisitop_report_from_scores
 from retrieval_lightning.retrieval.search import topk_search
 
@@ -136,15 +137,9 @@ def _leading(
 
 
 def revisitop_exclusions(ground_truth: list[dict], n_queries: int) -> dict[str, list[np.ndarray]]:
-    """Per protocol, the junk a shortlist skips: Easy junk ∪ hard, Medium junk, Hard junk ∪ easy."""
-    out: dict[str, list[np.ndarray]] = {"easy": [], "medium": [], "hard": []}
-    for g in ground_truth:
-        easy, hard = np.asarray(g.get("easy", []), np.int64), np.asarray(g.get("hard", []), np.int64)
-        junk = np.asarray(g.get("junk", []), np.int64)
-        out["easy"].append(np.union1d(junk, hard))
-        out["medium"].append(junk)
-        out["hard"].append(np.union1d(junk, easy))
-    return out
+    """Per protocol, the junk a shortlist skips (Easy: junk ∪ hard, Medium: junk, Hard: junk ∪ easy), read by
+    the metrics' own :func:`protocol_gnd`, so a shortlist skips exactly what the metric ignores."""
+    return {protocol: [g["junk"] for g in protocol_gnd(ground_truth, protocol)] for protocol in REVISITOP_SUFFIX}
 
 
 def no_exclusions(ground_truth: Any, n_queries: int) -> dict[str, list[np.ndarray]]:
@@ -181,8 +176,9 @@ def revisitop_protocol(
                 ap_per_query[suffix] = report.ap_per_query[suffix]
         shown = reranked.get("medium", reranked.get(ALL))
     _, topk = _leading(queries, database, min(SHORTLIST, database.shape[0]), chunk, shown, device, excluded)
-    positive = [set(g.get("easy", [])) | set(g.get("hard", [])) for g in ground_truth]
-    junk = [set(g.get("junk", [])) for g in ground_truth]
+    medium = protocol_gnd(ground_truth, "medium")  # the picture's marks: Medium's positives and junk
+    positive = [set(g["ok"].tolist()) for g in medium]
+    junk = [set(g["junk"].tolist()) for g in medium]
     return EvalResult(metrics, topk, _mark(topk, positive, junk), {AP_PER_QUERY: ap_per_query})
 
 
