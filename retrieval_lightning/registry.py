@@ -143,9 +143,6 @@ class Registry:
         self._loaded[name] = obj
         return obj  # type: ignore[return-value]
 
-    def load_all(self) -> dict[str, type]:
-        return {name: self.get(name) for name in self.names()}
-
     def alias(self, name: str) -> type:
         """A subclass of the plugin class importable as ``<alias_module>.<name>``.
 

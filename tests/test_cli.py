@@ -75,7 +75,7 @@ def _overrides_for(config: Path, cache_root: Path, tmp_path: Path) -> list[str]:
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
+        "--trainer.callbacks+=retrieval_lightning.callbacks.MetricsToJson",
         f"--trainer.callbacks.output_dir={tmp_path}/metrics",
     ]
     if data == "minilandmarks":

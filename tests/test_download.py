@@ -645,7 +645,7 @@ def test_a_host_that_never_answers_is_not_asked_again_for_every_file(server, tmp
     with pytest.raises(DownloadError, match=r"0\.tar: failed after 3 attempts: URLError") as failed:
         download_files(items, workers=1, retries=2, **FAST)
     notes = failed.value.__notes__
-    assert len(notes) == 5 and all(re.search(rf"\d\.tar: not tried, 127.0.0.1:\d+ did not answer an earlier file's 3 "
+    assert len(notes) == 5 and all(re.search(r"\d\.tar: not tried, 127.0.0.1:\d+ did not answer an earlier file's 3 "
                                              r"attempts \(URLError.*refused", note) for note in notes), notes
     answered = [RemoteFile(f"{server.base}/busy/{i}.bin", tmp_path / "up" / f"{i}.bin") for i in range(3)]
     for i in range(3):

@@ -3,7 +3,6 @@ by its short name, with no change to the core."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest

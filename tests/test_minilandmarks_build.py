@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np

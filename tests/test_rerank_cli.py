@@ -270,7 +270,7 @@ def test_cli_errors_are_one_line_with_status_2(cache_root: Path, tmp_path: Path)
                               ("--model.optim.name=adamx", "optim.name must be one of ('sgd', 'adamw')"),
                               ("--data.init_args.num_workers=-1", "--data.init_args.num_workers must be an integer >= 0")]:
         refused = _fails(["test", "--config", DEMO, override, f"--data.init_args.root={cache_root}"], tmp_path)
-        assert refused.startswith(f"error: the configuration cannot be built: ") and message in refused, refused
+        assert refused.startswith("error: the configuration cannot be built: ") and message in refused, refused
     no_set = _fails(["extract", "--config", DEMO, f"--data.init_args.root={cache_root}", *TINY_DATA,
                      "--trainer.logger=false", f"--output_dir={tmp_path / 'features'}", "--eval_set=roxford5k"],
                     tmp_path)

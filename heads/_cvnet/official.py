@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from heads.cvnet_verifier import CVNetVerifierHead

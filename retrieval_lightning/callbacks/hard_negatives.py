@@ -247,9 +247,6 @@ class HardNegativeMining(pl.Callback):
         self.pictures: list[Path] = []
         self._kept: KeptTable | None = None
 
-    def _due(self, epoch: int) -> bool:
-        return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every_n_epochs == 0
-
     def table_epoch(self, epoch: int) -> int | None:
         """The mining epoch whose table serves ``epoch``: the latest due one (``None`` before ``first_epoch``)."""
         if epoch < self.first_epoch:
