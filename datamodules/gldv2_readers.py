@@ -289,8 +289,9 @@ def _parse_retrieval(field: str) -> list[str]:
     if field.strip() == "None":
         return []
     images = field.split()
-    if not all(_valid_id(x) for x in images):
-        raise ValueError("index ids must be alphanumeric with >= 3 chars")
+    bad = next((x for x in images if not _valid_id(x)), None)
+    if bad is not None:
+        raise ValueError(f"index id {_shown(bad)} is not 3 to {MAX_ID_CHARS} ASCII letters and digits")
     return images
 
 

@@ -97,7 +97,8 @@ class PairSampling:
     def __post_init__(self) -> None:
         self.seed = run_seed(self.seed)
         if self.groups_per_batch < 1 or self.negatives < 1:
-            raise ValueError("PairSampling needs groups_per_batch >= 1 and negatives >= 1")
+            raise ValueError(f"PairSampling needs groups_per_batch >= 1 and negatives >= 1, got groups_per_batch="
+                             f"{self.groups_per_batch!r} and negatives={self.negatives!r}")
         for name in ("pool_size", "groups_per_epoch"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -35,7 +35,8 @@ def training_loader(trainer: pl.Trainer) -> DataLoader:
         loaders = loaders.flattened
     found = _first_dataloader(loaders)
     if found is None:
-        raise RuntimeError("imprinting needs a map-style training DataLoader (a dataset with __len__)")
+        raise RuntimeError("imprinting needs a map-style training DataLoader (a dataset with __len__), found "
+                           f"{type(loaders).__name__}")
     return found
 
 

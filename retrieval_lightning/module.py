@@ -586,7 +586,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
     def _eval_sets(self, stage: str) -> list[EvalSet]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_sets"):
-            raise RuntimeError("evaluation needs a datamodule with eval_sets(stage)")
+            raise RuntimeError(f"evaluation needs a datamodule with eval_sets(stage); {type(datamodule).__name__} has none")
         return datamodule.eval_sets(stage)
 
     def _reranks(self) -> bool:

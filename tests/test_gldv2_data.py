@@ -184,6 +184,9 @@ def test_solutions_usage_and_ignored(gld, tmp_path):
         read_recognition_solution(bad, "Public")
     with pytest.raises(ValueError, match="usage"):
         read_recognition_solution(rec, "public")
+    bad_image = _write(tmp_path / "bad_image.csv", "id,images,Usage\nabcdef012,abcdef013 ab-cd1 abcdef014,Public\n")
+    with pytest.raises(GLDv2FormatError, match=r"row 2: .*index id 'ab-cd1' is not 3 to 64 ASCII letters and digits"):
+        read_retrieval_solution(bad_image, "Public")
 
 
 def test_read_id_csv_and_image_path(gld):

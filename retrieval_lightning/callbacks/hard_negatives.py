@@ -238,7 +238,8 @@ class HardNegativeMining(pl.Callback):
                  batch_size: int = 16, num_workers: int = 0, chunk: int = 1024, picture_anchors: int = 4,
                  picture_negatives: int = 5, output_dir: str | None = None) -> None:
         if every_n_epochs < 1 or first_epoch < 0:
-            raise ValueError("HardNegativeMining needs every_n_epochs >= 1 and first_epoch >= 0")
+            raise ValueError(f"HardNegativeMining needs every_n_epochs >= 1 and first_epoch >= 0, got every_n_epochs="
+                             f"{every_n_epochs!r} and first_epoch={first_epoch!r}")
         self.every_n_epochs, self.first_epoch = int(every_n_epochs), int(first_epoch)
         self.multiscale = bool(multiscale)
         self.batch_size, self.num_workers, self.chunk = int(batch_size), int(num_workers), int(chunk)
@@ -257,8 +258,9 @@ class HardNegativeMining(pl.Callback):
     def _miner(trainer: pl.Trainer) -> Any:
         miner = getattr(trainer.datamodule, "pair_miner", None) if trainer.datamodule is not None else None
         if miner is None:
-            raise UsageError("HardNegativeMining needs a datamodule exposing `pair_miner` (gldv2 / minilandmarks "
-                             "with sampling: pairs); take it out of trainer.callbacks for other sampling")
+            raise UsageError("HardNegativeMining needs a datamodule exposing `pair_miner` (with sampling: pairs), "
+                             f"{type(trainer.datamodule).__name__} has none; take it out of trainer.callbacks for "
+                             "other sampling")
         return miner
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
