@@ -101,7 +101,7 @@ def dump_options(dump: Any, **options: bool) -> dict[str, bool]:
             for name, value in options.items() if name in accepted or _EARLIER_DUMP_NAMES.get(name) in accepted}
 
 
-def datamodule_classes(datamodule: Any) -> int:
+def datamodule_num_classes(datamodule: Any) -> int:
     """``model.num_classes`` from the datamodule (0 for one that only evaluates). A module-level function, not a
     lambda: the parser it is linked into is pickled with the trainer under ``strategy=ddp_spawn``."""
     return int(getattr(datamodule, "num_classes", 0))
@@ -186,7 +186,7 @@ class RetrievalCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
-            "data", "model.num_classes", compute_fn=datamodule_classes,
+            "data", "model.num_classes", compute_fn=datamodule_num_classes,
             apply_on="instantiate",
         )
 
@@ -403,10 +403,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 #: the commands outside LightningCLI's parser, for the top-level help and the unknown-command error
 OTHER_COMMANDS = {
     "plugins": "heads and datamodules installed, with role, distribution and version",
-    "download": "download a datamodule's data (gldv2, revisitop)",
+    "download": "download a datamodule's data (those with a download(): see download --help)",
     "search": "query images against an extracted feature store",
     "match": "inliers between two images (SIFT, or a checkpoint's local features / verifier), drawn",
-    "import-checkpoint": "convert an official checkpoint (cvnet) into this framework's",
+    "import-checkpoint": "convert an official checkpoint into this framework's (formats: see its --help)",
 }
 
 

@@ -3,8 +3,9 @@
 A :class:`Protocol` is registered in :data:`PROTOCOLS` under the name an ``EvalSet.protocol``
 carries. It has two functions:
 
-- ``evaluate(queries (Q, D), database (N, D), ground_truth, chunk, reranked=None, device=None)
-  -> EvalResult``: scores are inner products computed chunk by chunk over the database, so no
+- ``evaluate(queries (Q, D), database (N, D), ground_truth, chunk, reranked=None, device=None,
+  excluded=None, failed=None) -> EvalResult``: ``excluded`` database rows and ``failed`` queries are
+  the placeholders of unreadable images (ranked last; retrieving nothing). Scores are inner products computed chunk by chunk over the database, so no
   Q×N matrix is ever held. ``reranked`` (from :mod:`retrieval_lightning.retrieval.rerank`) maps a
   *variant* to one array per query of database positions that come first, in that order; the rest
   of the database follows in global order. Without it the metrics are the global-only ones.

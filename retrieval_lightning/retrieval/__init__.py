@@ -6,6 +6,13 @@
 - :mod:`.store`: the on-disk, memory-mapped :class:`FeatureStore` and its manifest.
 - :mod:`.search`: exact chunked top-k (:func:`topk_search`) and the optional FAISS backend.
 - :mod:`.postprocess`: αQE and DBA, off by default (:class:`PostProcessConfig`).
+- :mod:`.spill`: gathered arrays in one memory-mapped file per machine instead of a copy per rank.
+- :mod:`.store_eval`: metrics from the descriptors ``extract`` stored; :mod:`.set_files`: what it writes
+  beside them for ``search``; :mod:`.workdirs`: the hidden folders a store is built in.
+- :mod:`.rerank`: shortlist → re-ranking head's scores → fusion; :mod:`.rerank_eval`: the same for a whole
+  eval set, through per-rank entry stores.
+- :mod:`.geometry`: local-feature matching and RANSAC; :mod:`.geometry_reference`: the official DELG
+  verification, the baseline it is compared with.
 """
 
 from __future__ import annotations
