@@ -136,7 +136,7 @@ class Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "index": i}
+        return {"image": self.images[i], "index": i, "unreadable": i in getattr(self, "unreadable", ())}
 
 
 def tiny_eval_set() -> EvalSet:
@@ -193,6 +193,14 @@ def test_notebook_path_reproduces_global_metrics_and_split_ranks_agree(tmp_path:
     assert all(1 not in positions.tolist() for positions, _ in skipped.extra["rerank_scores"].values())
     assert any(1 in positions.tolist() for positions, _ in alone.extra["rerank_scores"].values())
     assert all(1 not in row for row in skipped.topk.tolist())  # last of 12: past the 10 shown
+    # the notebook path marks a placeholder in its stores, and the re-ranking reads the marks there
+    eval_set.dataset.unreadable = {4 + 1}
+    _, marked_q, marked_db = extract_entries(module, eval_set, tmp_path / "marked", module.entry_identity(),
+                                             progress=False)
+    from_stores = evaluate_reranked(module, eval_set, desc, marked_q, marked_db, module.rerank, progress=False)
+    assert from_stores.extra["rerank_scores"].keys() == skipped.extra["rerank_scores"].keys()
+    for q, (positions, scores) in skipped.extra["rerank_scores"].items():
+        assert np.array_equal(from_stores.extra["rerank_scores"][q][0], positions)
     # two ranks but no way to gather (a notebook without a process group): named before any scoring
     with pytest.raises(ValueError, match="world_size=2 needs all_gather_object"):
         evaluate_reranked(module, eval_set, desc, qstore, dbstore, module.rerank, rank=0, world_size=2,

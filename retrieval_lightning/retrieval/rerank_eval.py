@@ -197,7 +197,8 @@ def evaluate_reranked(
     unreadable: Tensor | np.ndarray | None = None,
 ) -> EvalResult:
     """Metrics of the re-ranked ranking; ``descriptors`` are the global ones, queries first; ``unreadable``
-    flags placeholders of unreadable images, which no shortlist takes (they match nothing, as globally).
+    flags placeholders of unreadable images, which no shortlist takes (they match nothing, as globally);
+    without it, the entry stores' own placeholder marks (:func:`extract_entries` writes them).
 
     Every rank must call it with the same descriptors; each re-scores its share of the queries
     and the scores are gathered (``all_gather_object``, default: the torch process group if one
@@ -208,6 +209,8 @@ def evaluate_reranked(
         raise ValueError(f"evaluate_reranked: world_size={world_size} needs all_gather_object or an initialised "
                          f"process group of that size")
     nq = eval_set.n_queries
+    if unreadable is None:
+        unreadable = stored_placeholders(len(eval_set.dataset), query_store, db_store)  # type: ignore[arg-type]
     queries, database = split_descriptors(descriptors, nq)  # the database as given: maybe a memory map
     queries = queries.float()
     protocol = protocol_of(eval_set)
@@ -264,6 +267,16 @@ def evaluation_mode(model: Any) -> Iterator[None]:
             module.training = training
 
 
+def stored_placeholders(n_items: int, *stores: FeatureStore) -> np.ndarray:
+    """Flags over an eval set's ``n_items`` positions of the items the ``stores`` hold as placeholders of
+    unreadable images (``on_error: skip``)."""
+    flags = np.zeros(n_items, dtype=bool)
+    for store in stores:
+        if UNREADABLE in store.kinds:
+            flags[np.asarray(store.index)[np.asarray(store.array(UNREADABLE), dtype=bool)]] = True
+    return flags
+
+
 def extract_entries(
     model: Any,
     eval_set: EvalSet,
@@ -272,7 +285,9 @@ def extract_entries(
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[Tensor, FeatureStore, FeatureStore]:
-    """Notebook path without a Trainer: global descriptors and entry stores of a whole eval set."""
+    """Notebook path without a Trainer: global descriptors and entry stores of a whole eval set; the
+    placeholders of unreadable images (``on_error: skip``) are marked in the stores, which
+    :func:`evaluate_reranked` reads."""
     from tqdm.auto import tqdm
 
     writer = RerankEntryWriter(model, eval_set, directory, identity)
@@ -284,7 +299,8 @@ def extract_entries(
             images = [item["image"] for item in items]
             descriptors.append(model.embed_batch(images).cpu())
             writer.add(images, [item["index"] for item in items],
-                       [item.get("resize_factor", (1.0, 1.0)) for item in items])
+                       [item.get("resize_factor", (1.0, 1.0)) for item in items],
+                       [bool(item.get("unreadable", False)) for item in items])
     writer.close()
     writer.merge()
     query_store, db_store = writer.open()
