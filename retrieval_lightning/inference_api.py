@@ -76,6 +76,9 @@ class InferenceAPI:
         for scale in self.eval_scales:
             x = resize_to_scale(image[None].to(self.device), scale, self.eval_resize)
             desc = head.embed(self.backbone(x))[0].float()
+            if desc.shape != (head.dim,):  # stores and gathers are laid out from dim
+                raise UsageError(f"{type(head).__name__}.embed gave a descriptor of shape {tuple(desc.shape)} per "
+                                 f"image, but its dim is {head.dim}")
             acc = desc if acc is None else acc + desc
         return F.normalize(acc, dim=-1)
 
@@ -141,6 +144,7 @@ class InferenceAPI:
         with self._api_mode():
             entries = self._head_entries(images, resize_factors)
             head = self._require_rerank_head()
+            entries = _entry_list(entries, head, len(images))
             check_entries(entries, head.entry_kinds(), type(head).__name__)
             return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 
@@ -165,32 +169,39 @@ class InferenceAPI:
             consumed = self.sparsifier.consumed_kinds(head.entry_kinds())
             entries = [{k: v for k, v in e.items() if k not in consumed} for e in entries]
         producer = self.sparsifier if database and self.sparsifier is not None else head
-        if isinstance(entries, Mapping) or len(entries) != len(images):
-            got = "one mapping" if isinstance(entries, Mapping) else f"{len(entries)} entries"
-            raise UsageError(f"{type(producer).__name__} returned {got} for {len(images)} images: extract_entries "
-                             "(and a sparsifier's sparsify) return a list with one dict of tensors per image")
+        entries = _entry_list(entries, producer, len(images))
         check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
         return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 
     def densify_entries(self, entries: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Stored database entries -> what the re-ranking head scores (the sparsifier's inverse)."""
-        return self.sparsifier.densify(entries) if self.sparsifier is not None else entries
+        """Stored database entries -> what the re-ranking head scores (the sparsifier's inverse), checked
+        against the head's kinds: a plugin's ``densify`` mistake is named here, not as a shape clash deep
+        inside the head's scoring."""
+        if self.sparsifier is None:
+            return entries
+        dense = _entry_list(self.sparsifier.densify(entries), self.sparsifier, len(entries), "densify")
+        check_entries(dense, self.rerank_entry_kinds(database=False), f"{type(self.sparsifier).__name__}.densify")
+        return dense
 
     @torch.no_grad()
     def score_entries(
         self, query: Mapping[str, Tensor], candidates: Sequence[Mapping[str, Tensor]], seeds: Sequence[int]
     ) -> Tensor:
         head = self._require_rerank_head()
-        scores = head.score(query, candidates, seeds)
-        shape = tuple(torch.as_tensor(scores).shape)
-        if shape not in ((len(candidates),), (len(candidates), 1)):
-            raise UsageError(f"{type(head).__name__}.score returned scores of shape {shape} for {len(candidates)} "
-                             "candidates: it must return one score per candidate")
-        bad = (~torch.isfinite(torch.as_tensor(scores).float().reshape(-1))).nonzero().flatten().tolist()
+        returned = head.score(query, candidates, seeds)
+        try:
+            scores = torch.as_tensor(returned)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise UsageError(f"{type(head).__name__}.score returned {type(returned).__name__}, not a tensor of "
+                             f"scores ({err})") from None
+        if tuple(scores.shape) not in ((len(candidates),), (len(candidates), 1)):
+            raise UsageError(f"{type(head).__name__}.score returned scores of shape {tuple(scores.shape)} for "
+                             f"{len(candidates)} candidates: it must return one score per candidate")
+        bad = (~torch.isfinite(scores.float().reshape(-1))).nonzero().flatten().tolist()
         if bad:  # one NaN would reorder a fused shortlist silently (search printed it as "not re-ranked")
             raise UsageError(f"{type(head).__name__}.score returned NaN/Inf for {len(bad)} of {len(candidates)} "
                              f"candidates (positions {bad[:10]} of the list it was given)")
-        return scores
+        return scores.reshape(len(candidates))  # (K,) as documented, also from a head returning (K, 1)
 
     @torch.no_grad()
     def rerank_scores(
@@ -235,3 +246,13 @@ class InferenceAPI:
         if self.sparsifier is not None:
             explanation.candidate_kept = self.sparsifier.kept_cells(stored)
         return explanation
+
+
+def _entry_list(entries: Any, producer: Any, n: int, method: str = "extract_entries") -> list[Any]:
+    """A head's returned entries as the list of ``n`` dicts the contract asks for, or its mistake named."""
+    if not isinstance(entries, (list, tuple)) or len(entries) != n:
+        got = (f"{len(entries)} entries" if isinstance(entries, (list, tuple))
+               else f"one {type(entries).__name__}")
+        raise UsageError(f"{type(producer).__name__}.{method} returned {got} for {n} images: extract_entries, a "
+                         "sparsifier's sparsify and densify return a list with one dict of tensors per image")
+    return list(entries)

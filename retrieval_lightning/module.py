@@ -140,6 +140,9 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         if not heads:
             raise ValueError("RetrievalModule needs at least one head")
         for role, head in heads.items():
+            if isinstance(head, nn.Module) and "_parameters" not in vars(head):  # read as a missing attribute
+                raise UsageError(f"head {type(head).__name__} ({role!r}) was not initialised as a module: its "
+                                 "__init__ must call super().__init__() first")
             if role not in ROLES:
                 raise ValueError(f"heads key {role!r} is not a role; roles are {ROLES}")
             if head.role != role:

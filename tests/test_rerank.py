@@ -322,11 +322,25 @@ def test_a_head_scoring_nan_or_returning_too_few_entries_is_named(monkeypatch: p
     with pytest.raises(UsageError, match=r"CosineRerankHead.explain returned the score nan"):
         module.explain_pair(images[0], images[1])  # what match draws
     monkeypatch.setattr(head, "extract_entries", lambda imgs, at: real_extract(imgs, at)[:-1])
-    with pytest.raises(UsageError, match="CosineRerankHead returned 2 entries for 3 images"):
+    with pytest.raises(UsageError, match="CosineRerankHead.extract_entries returned 2 entries for 3 images"):
         module.rerank_entries(images)
     monkeypatch.setattr(head, "extract_entries", lambda imgs, at: real_extract(imgs, at)[0])
-    with pytest.raises(UsageError, match="CosineRerankHead returned one mapping for 3 images"):
+    with pytest.raises(UsageError, match="CosineRerankHead.extract_entries returned one dict for 3 images"):
         module.rerank_entries(images)
+    monkeypatch.setattr(head, "extract_entries", lambda imgs, at: iter(real_extract(imgs, at)))
+    with pytest.raises(UsageError, match="CosineRerankHead.extract_entries returned one list_iterator for 3 images"):
+        module.dense_entries(images)
+    monkeypatch.setattr(head, "extract_entries", real_extract)
+    # a score of another type is named; (K, 1) is taken and given back as the documented (K,)
+    monkeypatch.setattr(head, "score", lambda q, c, s: {"scores": [0.0] * len(c)})
+    with pytest.raises(UsageError, match="CosineRerankHead.score returned dict, not a tensor of scores"):
+        module.score_entries(entries[0], entries, [0, 1, 2])
+    monkeypatch.setattr(head, "score", lambda q, c, s: torch.zeros(len(c), 1))
+    assert module.rerank_scores(images[0], images).shape == (3,)
+    # a global head whose descriptors are not of its dim
+    monkeypatch.setattr(type(module.global_head), "dim", property(lambda self: 7))
+    with pytest.raises(UsageError, match=r"embed gave a descriptor of shape \(\d+,\) per image, but its dim is 7"):
+        module.embed_image(images[0])
 
 
 def test_fit_refuses_to_train_a_head_that_implements_no_losses() -> None:
