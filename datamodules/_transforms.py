@@ -1,4 +1,4 @@
-"""Image transforms and collation shared by the built-in datamodules.
+"""Image transforms shared by the built-in datamodules (their loaders: :mod:`retrieval_lightning.data.loaders`).
 
 Training follows the DELG recipe (``_ImageNetCrop`` in tensorflow/models ``research/delf``
 ``googlelandmarks.py``): a random box as TF's ``sample_distorted_bounding_box`` draws it
@@ -255,34 +255,3 @@ class EvalImageDataset(Dataset):
             crop = apply_orientation(crop, exif_orientation(path)).contiguous()
         factor = self.transform.resize.factor(*image.shape[1:])  # a crop is scaled by its whole image's factor
         return {"image": crop, "index": index, "resize_factor": (factor, factor)}
-
-
-def collate_eval(items: list[dict]) -> dict:
-    """Batch variable-size eval items: ``{"image": list[Tensor], "index": LongTensor, "unreadable": BoolTensor,
-    "resize_factor": (B, 2) float64}`` (``unreadable``: the placeholders of images skipped under ``on_error:
-    skip``, counted by the core; ``resize_factor``: each image's (height, width) as given over its original's,
-    1 where an item does not say)."""
-    return {
-        "image": [item["image"] for item in items],
-        "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
-        "unreadable": torch.tensor([bool(item.get("unreadable", False)) for item in items]),
-        "resize_factor": torch.tensor([list(item.get("resize_factor", (1.0, 1.0))) for item in items],
-                                      dtype=torch.float64).reshape(len(items), 2),
-    }
-
-
-def eval_loaders(eval_sets: Sequence, batch_size: int, num_workers: int, pin_memory: bool = False) -> list:
-    """One ordered, unshuffled loader per EvalSet (Lightning adds the DDP sampler; the core de-duplicates).
-
-    Each has a generator of its own: a loader draws its workers' base seed from it as it starts, from torch's
-    global generator otherwise. A validation inside ``fit`` then moved the global generator by one draw per eval
-    set, and a head drawing from it while training (dropout) trained on other random numbers than in a run that
-    did not validate, or than in a resume that starts a validation loader Lightning skips (from a step
-    checkpoint on an epoch's last batch). The demo's heads draw nothing there: its weights were equal either way."""
-    from torch.utils.data import DataLoader
-
-    return [
-        DataLoader(s.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval,
-                   num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
-        for s in eval_sets
-    ]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules._compact import StringArray
 from datamodules._loader_options import check_loader_options
-from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, datamodule_policy, eval_loaders
+from datamodules._transforms import EvalImageDataset, EvalTransform, TrainTransform, datamodule_policy
 from datamodules.hide_and_seek import HideAndSeek
 from datamodules.patch_shuffle import shuffle_tiles, step_permutations
 from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, TrainTable, image_path, read_id_csv,
@@ -32,6 +32,7 @@ from datamodules.gldv2_readers import (USAGES, GLDv2FormatError, ImagePaths, Tra
 from datamodules.pairs import PairBatchSampler, PairCollate, PairLoader, PairMiner, PairSampling, check_pair_options
 from datamodules.sampling import (ClassBalancedSampler, EpochSampler, ResumableDataLoader, ShuffleSampler, run_seed,
                                 training_batches_before)
+from retrieval_lightning.data.loaders import eval_loaders
 from retrieval_lightning.data.io import ImageLoadError, LoadPolicy, load_image_or_skip
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.errors import UsageError

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
 from datamodules.sampling import PositionedDataLoader, mixed_seed, run_seed
+from retrieval_lightning.errors import UsageError
 
 
 @dataclass
@@ -162,10 +163,12 @@ class PairMiner:
         self.members = {int(c): order[s:s + n] for c, s, n in zip(uniq, starts, counts)}
         self.classes = uniq
         self.has_positive = (counts >= 2)[np.searchsorted(uniq, self.labels)]
-        if int((counts >= 2).sum()) == 0:
-            raise ValueError("pair sampling needs at least one label with two images")
+        if int((counts >= 2).sum()) == 0:  # a one-line error, not a traceback from the mining callback
+            raise UsageError(f"pair sampling needs at least one label with two images (positives): the training "
+                             f"set has {self.labels.size} images of {uniq.size} labels, one image each")
         if uniq.size < 2:
-            raise ValueError("pair sampling needs at least two labels (negatives are other labels)")
+            raise UsageError(f"pair sampling needs at least two labels (negatives are other labels): the training "
+                             f"set has {self.labels.size} images, all of label {int(uniq[0])}")
         self._table_pos = np.zeros(0, dtype=np.int64)  # mined anchors, sorted
         self._table = np.zeros((0, self.table_width), dtype=np.int64)
         self.mined_epoch: int | None = None

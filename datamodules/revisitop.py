@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from datamodules._compact import JoinedPaths, StringArray
 from datamodules._loader_options import check_loader_options
-from datamodules._transforms import BOX_FRAMES, EvalImageDataset, EvalTransform, datamodule_policy, eval_loaders
+from datamodules._transforms import BOX_FRAMES, EvalImageDataset, EvalTransform, datamodule_policy
+from retrieval_lightning.data.loaders import eval_loaders
 from retrieval_lightning.errors import DataFormatError
 from retrieval_lightning.data.types import EvalSet
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.errors import DataFormatError, UsageError
 from retrieval_lightning.metrics import gldv2 as gldv2_metrics
 from retrieval_lightning.metrics.revisitop import PROTOCOLS as REVISITOP_SUFFIX
 from retrieval_lightning.metrics.revisitop import protocol_gnd
@@ -234,27 +235,77 @@ def gldv2_recognition_protocol(
     return EvalResult(metrics, topk, marks)
 
 
+def check_revisitop_ground_truth(ground_truth: Any, n_queries: int, n_database: int) -> None:
+    """One entry per query, each readable by :func:`protocol_gnd` (``easy`` and ``hard`` lists, optional ``junk``),
+    every index inside the database."""
+    if not isinstance(ground_truth, Sequence) or len(ground_truth) != n_queries:
+        size = len(ground_truth) if isinstance(ground_truth, Sequence) else type(ground_truth).__name__
+        raise ValueError(f"revisitop ground truth must be a list of one entry per query ({n_queries}), got {size}")
+    medium = protocol_gnd(ground_truth, "medium")  # ok = easy + hard, and junk: every index named
+    for q, entry in enumerate(medium):
+        high = max(int(entry["ok"].max(initial=-1)), int(entry["junk"].max(initial=-1)))
+        if high >= n_database:
+            raise ValueError(f"query {q} names database index {high}, but the database holds {n_database} images "
+                             "(indices count from 0, the first database item)")
+
+
+def _gldv2_ground_truth_checker(database_key: str) -> Callable[[Any, int, int], None]:
+    def check(ground_truth: Any, n_queries: int, n_database: int) -> None:
+        missing = [k for k in ("solution", "query_ids", database_key)
+                   if not isinstance(ground_truth, Mapping) or k not in ground_truth]
+        if missing:
+            raise ValueError(f"GLDv2 ground truth must be a dict with 'solution', 'query_ids' and {database_key!r}; "
+                             f"missing {missing}")
+        for key, n in (("query_ids", n_queries), (database_key, n_database)):
+            if len(ground_truth[key]) != n:
+                raise ValueError(f"{key!r} holds {len(ground_truth[key])} entries for {n} items")
+    return check
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """A metric protocol: how to evaluate, and which items each shortlist variant skips."""
+    """A metric protocol: how to evaluate, which items each shortlist variant skips, and how its ground truth is
+    checked before anything is embedded (``check(ground_truth, n_queries, n_database)`` raising ValueError)."""
 
     evaluate: Callable[..., EvalResult]
     exclusions: Callable[[Any, int], dict[str, list[np.ndarray]]]
+    check: Callable[[Any, int, int], None]
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "revisitop": Protocol(revisitop_protocol, revisitop_exclusions),
-    "gldv2_retrieval": Protocol(gldv2_retrieval_protocol, no_exclusions),
-    "gldv2_recognition": Protocol(gldv2_recognition_protocol, no_exclusions),
+    "revisitop": Protocol(revisitop_protocol, revisitop_exclusions, check_revisitop_ground_truth),
+    "gldv2_retrieval": Protocol(gldv2_retrieval_protocol, no_exclusions, _gldv2_ground_truth_checker("db_ids")),
+    "gldv2_recognition": Protocol(gldv2_recognition_protocol, no_exclusions,
+                                  _gldv2_ground_truth_checker("db_labels")),
 }
 
 
 def protocol_of(eval_set: EvalSet) -> Protocol:
     if eval_set.protocol not in PROTOCOLS:
-        raise ValueError(
+        raise UsageError(
             f"eval set {eval_set.name!r} asks for protocol {eval_set.protocol!r}; known: {sorted(PROTOCOLS)}"
         )
     return PROTOCOLS[eval_set.protocol]
+
+
+def checked_eval_sets(sets: Any, owner: Any) -> list[EvalSet]:
+    """A datamodule's ``eval_sets(stage)``, checked before anything is embedded: a list of :class:`EvalSet`, each
+    of a known protocol with ground truth that protocol reads (a malformed one surfaced after the whole set was
+    embedded, hours at GLDv2 scale)."""
+    name = type(owner).__name__
+    if not isinstance(sets, (list, tuple)) or not all(isinstance(s, EvalSet) for s in sets):
+        got = type(sets).__name__ if not isinstance(sets, (list, tuple)) else \
+            f"a list holding {sorted({type(s).__name__ for s in sets})}"
+        raise UsageError(f"{name}.eval_sets(stage) must return a list of EvalSet, got {got}")
+    for eval_set in sets:
+        try:
+            protocol_of(eval_set).check(eval_set.ground_truth, eval_set.n_queries, eval_set.n_database)
+        except UsageError:
+            raise
+        except (ValueError, TypeError, KeyError) as err:
+            raise DataFormatError(f"eval set {eval_set.name!r} of {name}: its {eval_set.protocol} ground truth is "
+                                  f"malformed: {err}") from None
+    return list(sets)
 
 
 def check_finite(eval_set: EvalSet, descriptors: EvalDescriptors, chunk: int = 65536) -> None:

@@ -65,7 +65,8 @@ class Head(nn.Module):
     """Base class of every head; subclasses set ``role`` and ``stages``."""
 
     role: ClassVar[str] = ""
-    #: backbone stages read, by name (``conv4``, ``conv5``, ...); may be overridden per instance
+    #: backbone stages read, by name (``conv4``, ``conv5``, ...); may be overridden per instance (a sparsifier,
+    #: whose input is the verifier's entries, may read none)
     stages: tuple[str, ...] = ("conv5",)
     #: state-dict prefixes (inside the head) that exist only for training, e.g. a classifier over the
     #: training classes: a model built for evaluation (``num_classes=0``) loads checkpoints without them
@@ -250,7 +251,15 @@ class RerankHead(Head):
 
 
 class LocalHead(RerankHead):
-    """Local features (keypoints, descriptors) scored by geometric verification (DELG)."""
+    """Local features (keypoints, descriptors) scored by geometric verification (DELG).
+
+    Entries named ``keypoints`` ((n, 2) in the original image's pixels, ordered as ``heads/delg_local.py`` stores
+    them) and ``descriptors`` ((n, d) unit rows) or ``descriptor_bits`` (packed sign bits) are the core's
+    convention: ``match`` and :meth:`RetrievalModule.explain_pair` then draw the inliers of
+    :func:`retrieval_lightning.retrieval.geometry.match_and_verify` under the head's ``match_options`` (a dict of
+    its keyword arguments), unless the head overrides :meth:`RerankHead.explain`. Its :meth:`RerankHead.score` is
+    its own: :func:`retrieval_lightning.retrieval.geometry.verify_shortlist` scores a shortlist by inlier counts
+    with the same options (``heads/delg_local.py`` uses it)."""
 
     role: ClassVar[str] = "local"
 

@@ -222,6 +222,7 @@ def run_match(argv: list[str]) -> int:
                                                                SIFT_MAX_SIDE)
     factors: list[tuple[float, float]] = [(1.0, 1.0), (1.0, 1.0)]
     if features == "model":
+        from .head import RerankHead
         from .module import RetrievalModule
 
         (tensor_a, factors[0]), (tensor_b, factors[1]) = (model_image(path, max_side or None)
@@ -233,8 +234,10 @@ def run_match(argv: list[str]) -> int:
         if module.rerank_head is None:
             raise UsageError(f"{args.checkpoint} has no re-ranking head (heads: {', '.join(sorted(module.heads))}); "
                              "match needs a local head or a verifier, or no --checkpoint for SIFT")
-        if not has_local_features(module.rerank_entry_kinds(database=False)):
-            return _explain(module, tensor_a, tensor_b, image_a, image_b, args.out)  # a head that explains its scores
+        explains_itself = type(module.rerank_head).explain is not RerankHead.explain
+        if explains_itself or not has_local_features(module.rerank_entry_kinds(database=False)):
+            # a head that explains its scores (as RetrievalModule.explain_pair asks it: its inliers may not be them)
+            return _explain(module, tensor_a, tensor_b, image_a, image_b, args.out)
         # keypoints in the original images' pixels, as re-ranking measures RANSAC's threshold
         feats_a, feats_b = model_features(module, tensor_a, factors[0]), model_features(module, tensor_b, factors[1])
         # the head's own matching settings: the inliers drawn are the score its re-ranking gives

@@ -28,11 +28,20 @@ from retrieval_lightning.checkpoints import (ARCHITECTURE_KEY, PLUGINS_KEY, chec
                                              state_dict_of)
 from retrieval_lightning.data.types import EvalSet
 from retrieval_lightning.ddp_training import allow_unreached_parameters, decorrelate_ranks, unreached_stages
+from retrieval_lightning.divergence import (
+    TrainingDivergedError,
+    check_finite_descriptors,
+    check_finite_weights,
+    check_labels,
+    check_loss,
+    non_finite_tensors,
+)
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import (
     PLACEHOLDER_RULE,
     EvalDescriptors,
     EvalResult,
+    checked_eval_sets,
     evaluate_eval_set,
     unreadable_database,
 )
@@ -263,6 +272,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         """Load a full model's weights under :func:`~retrieval_lightning.checkpoints.check_state_fits`."""
         state = check_state_fits(self.state_dict(), state_dict_of(load_tensor_file(path)), self.is_training_only,
                                  str(path), evaluating=True)
+        check_finite_weights(state, str(path))
         self.load_state_dict(state, strict=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,6 +288,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         state = check_state_fits(own, checkpoint["state_dict"], self.is_training_only,
                                  f"checkpoint {source}" if source else "checkpoint", evaluating=not fitting)
+        check_finite_weights(state, f"checkpoint {source}" if source else "the checkpoint")
         if fitting:  # after the tensors: another model's checkpoint is named as that, not as changed groups
             self._check_optimizer_state_fits(checkpoint)
         for key in [k for k in own if k not in state]:
@@ -381,6 +392,12 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         self.warn_if_evaluating_random_heads("extract")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = non_finite_tensors(checkpoint["state_dict"])
+        if bad:  # before ModelCheckpoint writes or rotates anything: the last finite checkpoint stays
+            raise TrainingDivergedError(
+                f"training diverged by step {self.global_step}: the weights hold NaN/Inf ({', '.join(bad[:5])}), so "
+                "no checkpoint of them is written and the run's latest checkpoint is its last finite one: resume or "
+                "--model.init_from it with a lower learning rate or a gradient clip (--trainer.gradient_clip_val)")
         checkpoint[ARCHITECTURE_KEY] = architecture_of(self)
         checkpoint[PLUGINS_KEY] = plugin_sources(self)
         if self.momentum_contrast is not None:
@@ -409,22 +426,28 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         return module.eval()
 
     def initialise_from(self, path: str) -> None:
-        """Copy every fitting tensor of a checkpoint; a shape conflict is an error naming the key."""
+        """Copy every fitting tensor of a checkpoint; a shape conflict is an error naming the key, except in a
+        training-only tensor (a classifier over another training set's classes: fine-tuning on other landmarks),
+        which keeps its initialisation, said in a warning."""
         state = state_dict_of(load_tensor_file(path))
         own = self.state_dict()
-        conflicts = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ]
+        differ = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        conflicts = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                     for k in differ if not self.is_training_only(k)]
         if conflicts:
             raise IncompatibleCheckpointError(f"{path} does not fit this model: " + "; ".join(conflicts[:8]))
-        matched = {k: v for k, v in state.items() if k in own}
+        if differ:
+            rank_zero_warn(f"init_from {path}: training-only tensors of another shape keep their initialisation "
+                           "(a classifier over another training set's classes; imprinted at fit start if its head "
+                           "imprints): " + "; ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model "
+                                                     f"{tuple(own[k].shape)}" for k in differ[:8]))
+        matched = {k: v for k, v in state.items() if k in own and k not in differ}
         if not matched:
             raise IncompatibleCheckpointError(
                 f"{path}: no tensor name matches this model (checkpoint keys start {list(state)[:3]}, "
                 f"model keys start {list(own)[:3]})"
             )
+        check_finite_weights(matched, str(path))
         self.load_state_dict(matched, strict=False)
         skipped = len(own) - len(matched)
         if skipped:
@@ -444,6 +467,11 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         detach = role in self.detach
         return {s: (features[s].detach() if detach else features[s]) for s in head.stages}
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._trainer is not None and self.trainer.training and isinstance(batch, Mapping) and "label" in batch:
+            check_labels(batch["label"], self.num_classes)
+        return batch
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """The weighted sum of the trained heads' losses. Under DDP the losses are logged as the ranks' mean (one
         all-reduce each: their names are the same on every rank); what heads watch (``training_metrics``) is
@@ -454,6 +482,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             self._momentum_follows_network(batch_idx)
         features = self.backbone(images)
         total = images.new_zeros(())
+        named: dict[str, Tensor] = {}
         for role, head in self.heads.items():
             if role in self.frozen:
                 continue
@@ -462,6 +491,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
             _check_losses(role, head, losses)
             for name, value in losses.items():
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels), sync_dist=sync)
+                named[f"train/{role}/{name}"] = value
                 total = total + self.loss_weights[role] * value
             for name, value in head.training_metrics().items():
                 if name in losses:
@@ -470,6 +500,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         if self.momentum_contrast is not None:
             total = total + self._momentum_contrast_loss(images, labels, features, sync)
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels), sync_dist=sync)
+        check_loss(total, named, int(getattr(self._trainer, "global_step", 0)), sync)
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
             mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,
@@ -590,7 +621,7 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_sets"):
             raise RuntimeError(f"evaluation needs a datamodule with eval_sets(stage); {type(datamodule).__name__} has none")
-        return datamodule.eval_sets(stage)
+        return checked_eval_sets(datamodule.eval_sets(stage), datamodule)
 
     def _reranks(self) -> bool:
         if self.rerank_head is None or not self.rerank.enabled:
@@ -625,11 +656,16 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
         self._eval_buffers.clear()
         self._rerank_writers: dict[int, RerankEntryWriter] = {}
         self._release_entries()
+        sets = self._eval_sets(stage)  # checked before anything is embedded
+        loaders = self.trainer.num_test_batches if stage == "test" else self.trainer.num_val_batches
+        if len(loaders) != len(sets):  # each loader is the eval set of its position
+            raise UsageError(f"{type(self.trainer.datamodule).__name__} gives {len(loaders)} {prefix} loaders for "
+                             f"{len(sets)} eval sets ({[s.name for s in sets]}): one loader per eval set, in order")
         if not self._reranks() or self.trainer.sanity_checking:
             return
         common = self.rerank_store_identity()
         root = Path(self.rerank.store_dir or Path(self.trainer.default_root_dir) / "rerank_store")
-        for idx, eval_set in enumerate(self._eval_sets(stage)):
+        for idx, eval_set in enumerate(sets):
             identity = {**common, **items_identity(eval_set)}  # entries resume by position: the same items only
             tag = identity_tag(identity)
             parent = root / prefix / eval_set.name
@@ -766,7 +802,9 @@ class RetrievalModule(InferenceAPI, pl.LightningModule):
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per-item outputs for the feature store: dataset index, fp16 global descriptor, re-ranking entries."""
-        out: dict[str, Any] = {"index": batch["index"], "global": self.embed_batch(batch["image"]).half()}
+        descriptors = self.embed_batch(batch["image"])
+        check_finite_descriptors(descriptors, batch["index"], "extract")
+        out: dict[str, Any] = {"index": batch["index"], "global": descriptors.half()}
         # placeholders of unreadable images (on_error: skip) are marked, so a re-run of extract retries them
         out[UNREADABLE] = torch.as_tensor(batch.get("unreadable", torch.zeros(len(batch["index"]))), dtype=torch.uint8)
         if self.rerank_head is not None:

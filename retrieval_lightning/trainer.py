@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
+from retrieval_lightning.evaluation import checked_eval_sets
 from retrieval_lightning.implicit_resume import check_implicit_resume, note_explicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
@@ -209,7 +210,7 @@ class RetrievalTrainer(pl.Trainer):
         self.strategy.barrier()
         datamodule.setup("predict")
         metrics: dict[str, float] = {}
-        sets = choose_eval_sets(datamodule.eval_sets("predict"), eval_set)
+        sets = choose_eval_sets(checked_eval_sets(datamodule.eval_sets("predict"), datamodule), eval_set)
         results, global_results, reranked = {}, {}, set()
         for spec in sets:
             result, rescored = evaluate_store(model, spec, features_dir, {**identity, **items_identity(spec)},

@@ -421,7 +421,7 @@ def test_keypoints_are_stored_in_the_original_images_pixels_through_every_extrac
     """An eval image shrunk to ``eval_max_side`` carries its resize factor; DELG maps its keypoints back
     by it, as the official extractor does, so RANSAC's threshold is in original pixels. The same through
     the head, the module, the notebook extraction into a store and the ``extract`` command's predict step."""
-    from datamodules._transforms import collate_eval
+    from retrieval_lightning.data.loaders import collate_eval
     from retrieval_lightning.data.types import EvalSet
     from retrieval_lightning.module import RetrievalModule
     from retrieval_lightning.registry import HEADS

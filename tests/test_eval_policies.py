@@ -151,7 +151,8 @@ def test_placeholders_are_no_neighbour_in_query_expansion_or_dba(config: dict) -
 def test_the_eval_collate_marks_placeholders(tmp_path) -> None:
     from PIL import Image
 
-    from datamodules._transforms import EvalImageDataset, EvalTransform, collate_eval
+    from datamodules._transforms import EvalImageDataset, EvalTransform
+    from retrieval_lightning.data.loaders import collate_eval
     from retrieval_lightning.data.io import LoadPolicy
 
     good = tmp_path / "good.png"

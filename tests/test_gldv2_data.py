@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from datamodules._transforms import TrainTransform, collate_eval, sample_crop_box
+from datamodules._transforms import TrainTransform, sample_crop_box
+from retrieval_lightning.data.loaders import collate_eval
 from datamodules.sampling import ShuffleSampler
 from datamodules.gldv2 import (
     ClassBalancedSampler,

@@ -196,6 +196,40 @@ def test_a_model_pair_is_verified_with_the_heads_matching_settings(pair: tuple[P
     assert seen["reference"] is True and seen["threshold"] == 12.0 and "max_iters" not in seen  # USAC's budget
 
 
+def test_a_local_head_that_explains_itself_is_asked_by_match(pair: tuple[Path, Path, np.ndarray], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A local head whose score is not an inlier count explains itself, as ``explain_pair`` asks it: ``match``
+    decided by the entries' names alone and drew inliers captioned as if they were the score."""
+    import retrieval_lightning.match as match
+    from heads.delg_local import DelgLocalHead
+    from retrieval_lightning.head import PairExplanation
+    from retrieval_lightning.module import RetrievalModule
+
+    class OwnScore(DelgLocalHead):
+        def explain(self, query, candidate):
+            return PairExplanation(score=0.25, matches=np.zeros((0, 4)), strengths=np.zeros(0), caption="own")
+
+    class Loaded:
+        rerank_head = OwnScore()
+        heads = {"local": rerank_head}
+
+        def eval(self) -> None:
+            pass
+
+        def rerank_entry_kinds(self, database: bool = True) -> dict:
+            return self.rerank_head.entry_kinds()
+
+        def explain_pair(self, a, b) -> PairExplanation:
+            return self.rerank_head.explain({}, {})
+
+    monkeypatch.setattr(RetrievalModule, "load_from_checkpoint", staticmethod(lambda path: Loaded()))
+    monkeypatch.setattr(match, "match_and_verify", lambda *a, **k: pytest.fail("inliers matched for the picture"))
+    a, b, _ = pair
+    assert run_match([str(a), str(b), "--checkpoint", "m.ckpt", "--out", str(tmp_path / "m.png")]) == 0
+    assert "score: 0.2500" in capsys.readouterr().out and (tmp_path / "m.png").is_file()
+
+
 def test_a_verifier_that_does_not_explain_still_gives_its_score(pair: tuple[Path, Path, np.ndarray], tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """A plugin verifier without ``explain``: match printed only an error, not the score it was asked for."""

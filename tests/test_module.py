@@ -207,8 +207,14 @@ def test_init_from_copies_fitting_tensors_and_rejects_shape_conflicts(tmp_path: 
     torch.save({"state_dict": source.state_dict()}, path)
     target = make(init_from=str(path))
     torch.testing.assert_close(target.heads["global"].whiten.weight, source.heads["global"].whiten.weight)
-    with pytest.raises(IncompatibleCheckpointError, match="classifier.weight"):
-        make(num_classes=7, init_from=str(path))
+    # another training set's classes (fine-tuning on other landmarks): the classifier, training-only, keeps its
+    # initialisation, said; every other tensor is copied
+    with pytest.warns(UserWarning, match=r"classifier.weight: checkpoint \(4, \d+\) vs model \(7, \d+\)"):
+        other = make(num_classes=7, init_from=str(path))
+    torch.testing.assert_close(other.heads["global"].whiten.weight, source.heads["global"].whiten.weight)
+    assert other.heads["global"].classifier.weight.shape[0] == 7
+    with pytest.raises(IncompatibleCheckpointError, match="whiten.weight"):  # a tensor evaluation uses: refused
+        make(init_from=str(path), head={"dim": 64})
     torch.save({"state_dict": {"unrelated.weight": torch.zeros(1)}}, path)
     with pytest.raises(IncompatibleCheckpointError, match="no tensor name matches"):
         make(init_from=str(path))

@@ -401,7 +401,7 @@ def test_items_carry_their_resize_factor_per_axis_and_batches_stack_them(tmp_pat
     """Heads measuring pixel distances in the original image (DELG's RANSAC threshold) read each image's
     size as given over its original's: per axis for a whole image (the rounded sides), the whole image's
     factor for a query crop (scaled by it)."""
-    from datamodules._transforms import collate_eval
+    from retrieval_lightning.data.loaders import collate_eval
 
     directory = tmp_path / "rfac"
     _make_dataset(str(directory), "rfac", [(60, 40)], [[5.0, 2.0, 45.0, 30.0]], 3)

@@ -24,6 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 from torch.distributed import ReduceOp
 
+from retrieval_lightning.divergence import TrainingDivergedError, non_finite_tensors
+
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):
     """Lightning's on-exception checkpoint (SIGTERM / preemption, Ctrl-C, a crash mid-run), written only once
@@ -193,6 +195,12 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                 print(f"no {self.ckpt_path} written: this run had not trained a step (a checkpoint it resumed "
                       "from still holds where it stood)", file=sys.stderr, flush=True)
             return
+        if isinstance(exception, TrainingDivergedError) or (
+                pl_module is not None and non_finite_tensors(dict(pl_module.named_parameters()))):
+            if trainer.is_global_zero:  # a diverged state resumed diverges again; the last finite one is kept
+                print(f"no {self.ckpt_path} written: the run diverged (NaN/Inf), and its latest checkpoint is "
+                      "its last finite state", file=sys.stderr, flush=True)
+            return
         if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, CoordinatedStop)):
             # one rank failed alone (an error, an unreadable image): saving is a collective the other ranks,
             # waiting in the step's all-reduce, never join, and every rank would hang until a timeout
@@ -201,11 +209,31 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                   file=sys.stderr, flush=True)
             return
         _reset_finished_epochs_batch_counter(trainer)
+        if not isinstance(exception, (SIGTERMException, CoordinatedStop)):
+            _rewind_unapplied_batch(trainer)
         super().on_exception(trainer, pl_module, exception)
 
 
 class CoordinatedStop(KeyboardInterrupt):
     """The Ctrl-C stop every rank agreed on, at the same batch (a checkpoint is then a collective they all join)."""
+
+
+def _rewind_unapplied_batch(trainer: pl.Trainer) -> None:
+    """An error inside a step (a head's bug, an out-of-memory) comes after its batch was fetched and before the
+    optimiser applied it: the loaders would be saved one batch on, and the resumed run would never train on that
+    batch. Loaders that can (a ``rewind(batches)`` method, as the shipped datamodules' have) step back."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:
+        return
+    progress = fit_loop.epoch_loop.batch_progress.current
+    unapplied = progress.ready - progress.processed
+    combined = getattr(fit_loop, "_combined_loader", None)
+    if unapplied <= 0 or combined is None:
+        return
+    for loader in combined.flattened:
+        rewind = getattr(loader, "rewind", None)
+        if callable(rewind):
+            rewind(unapplied)
 
 
 def _reset_finished_epochs_batch_counter(trainer: pl.Trainer) -> None:

@@ -1,12 +1,16 @@
-"""Sample and ground-truth types: the only thing datamodules and the core agree on.
+"""Sample and ground-truth types: what datamodules and the core agree on (the README's "Writing a datamodule
+plugin" lists the attributes too).
 
 Images travel as float32 RGB tensors in [0, 1] of shape (3, H, W); normalisation belongs to
 the backbone (ImageNet statistics, BGR for CVNet weights), so datamodules stay model-agnostic.
 
-Training items are dicts ``{"image": (3,H,W) float, "label": int, "index": int}``.
-Evaluation items are dicts ``{"image": (3,H,W) float, "index": int}`` where ``index`` is the
-item's position in its :class:`EvalSet` dataset, so results gathered from DDP ranks (whose
-sampler pads with repeats) can be de-duplicated.
+Training batches are dicts ``{"image": (B,3,H,W) float, "label": (B,) int in 0 .. num_classes - 1, "index": (B,)}``
+(:class:`TrainSample` per item); a datamodule that mines pair batches adds ``"pairs"``: (M, 3) rows ``(i, j, same)``
+of batch positions. Evaluation items are dicts ``{"image": (3,H,W) float, "index": int}`` where ``index`` is the
+item's position in its :class:`EvalSet` dataset, so results gathered from DDP ranks (whose sampler pads with
+repeats) can be de-duplicated; optional ``"resize_factor"`` (the image's (height, width) over its original's:
+local heads measure pixel distances in the original) and ``"unreadable"`` (a placeholder of an image skipped under
+``on_error: skip``). :func:`retrieval_lightning.data.loaders.eval_loaders` batches them as the core reads them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from torch.utils.data import Dataset
 
 
 class TrainSample(TypedDict):
+    """One training item: an image, its class (0 .. num_classes - 1) and its position in the dataset."""
+
     image: Tensor
     label: int
     index: int
