@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heads._delg.extraction import cell_keypoints, pack_signs, resize
-from heads._delg.receptive_field import trace_centres
+from heads._delg.receptive_field import AxisMap, CellCentres, trace_centres
 from heads.delg_local import DelgLocalHead
 from retrieval_lightning.backbone import Backbone
 
@@ -92,6 +92,17 @@ def test_keypoints_in_original_pixels_through_the_pyramid() -> None:
         measured = gradient_centroids(lambda x: backbone(resized(x))["conv4"], size, cells)
         predicted = np.stack([keypoints[c].numpy() for c in cells])
         assert np.abs(measured - predicted).max() < 2.0 / scale, (scale, measured, predicted)
+
+
+def test_cell_centres_map_to_the_original_by_pixel_centres() -> None:
+    """A resized pixel u has its centre at (u + 0.5) * H / h - 0.5 in the original (align_corners=False), on both
+    axes, clipped to the image: cells at 7.5 + 16 i of a 50x40 resize of a 100x120 original."""
+    centres = CellCentres(AxisMap(16.0, 7.5), AxisMap(16.0, 7.5))
+    keypoints = cell_keypoints(centres, (4, 3), (50, 40), (100, 120)).view(4, 3, 2).double()
+    want_y = [min((7.5 + 16 * i + 0.5) * 2.0 - 0.5, 99.0) for i in range(4)]  # 15.5, 47.5, 79.5, 99 (clipped)
+    want_x = [min((7.5 + 16 * j + 0.5) * 3.0 - 0.5, 119.0) for j in range(3)]  # 23.5, 71.5, 119 (clipped)
+    assert keypoints[:, 0, 1].tolist() == pytest.approx(want_y) and keypoints[0, :, 0].tolist() == pytest.approx(want_x)
+    assert keypoints[2, 1].tolist() == pytest.approx([want_x[1], want_y[2]])
 
 
 def photo(name: str, box: tuple[int, int, int, int], size: int = 192) -> torch.Tensor:

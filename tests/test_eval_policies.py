@@ -180,3 +180,30 @@ def test_lightnings_sync_dist_advice_is_silenced_only_for_the_evaluation_metrics
         warnings.warn(advice("val/roxford5k/mAP_M"), PossibleUserWarning)
         warnings.warn(advice("val/my_own_metric"), PossibleUserWarning)
     assert [str(w.message) for w in caught] == [advice("val/my_own_metric")]
+
+
+def _fan(n: int) -> torch.Tensor:
+    """Unit vectors at angles 0, then n database rows at strictly growing angles below pi: row i ranks i + 1."""
+    angles = torch.cat([torch.zeros(1), torch.linspace(0.01, 3.0, n)]).double()
+    return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+
+
+def test_gldv2_retrieval_scores_the_first_hundred_predictions() -> None:
+    """mAP@100 reads 100 predictions deep: a positive ranked 12th adds 1/12, one ranked 103rd nothing (AP over
+    min(#truth, 100) = 2)."""
+    ids = ["q0"] + [f"d{i}" for i in range(105)]
+    gt = {"query_ids": ids[:1], "db_ids": ids[1:], "solution": {"q0": ["d11", "d102"]}}
+    gld = EvalSet("gld", TensorDataset(torch.zeros(106)), 1, "gldv2_retrieval", gt, ids)
+    result = evaluate_eval_set(gld, _fan(105))
+    assert result.metrics["mAP@100"] == pytest.approx(100.0 * (1 / 12) / 2)
+
+
+def test_a_gldv2_positive_that_is_a_placeholder_is_never_predicted() -> None:
+    """A database placeholder comes back from a small database's search (score -inf) but is no prediction: the
+    query's one positive was unreadable, so its AP is 0, not that of the positive found last."""
+    ids = ["q0"] + [f"d{i}" for i in range(4)]
+    gt = {"query_ids": ids[:1], "db_ids": ids[1:], "solution": {"q0": ["d0"]}}
+    gld = EvalSet("gld", TensorDataset(torch.zeros(5)), 1, "gldv2_retrieval", gt, ids)
+    assert evaluate_eval_set(gld, _fan(4)).metrics["mAP@100"] == 100.0
+    flags = torch.tensor([False, True, False, False, False])
+    assert evaluate_eval_set(gld, _fan(4), unreadable=flags).metrics["mAP@100"] == 0.0

@@ -58,6 +58,12 @@ def test_keep_count_ratio_and_budget() -> None:
         assert sum(budget_counts([3, 50, 90], budget)) == min(budget, 143), budget
 
 
+def test_keep_count_rounds_to_the_nearest_count() -> None:
+    """round(keep_ratio * n), not its floor: 2.9 locations keep 3, 2.2 keep 2, 0.4 keep the minimum 1."""
+    assert [keep_count(10, r) for r in (0.29, 0.22, 0.04, 0.96)] == [3, 2, 1, 10]
+    assert keep_count(3072, 0.1) == 307 and keep_count(1530, 0.1) == 153 and keep_count(768, 0.0999) == 77
+
+
 @pytest.mark.parametrize("option, message", [
     ({"budget": 0}, "budget must be at least 1"),
     ({"tau_end": 0.0}, "tau_start and tau_end must be > 0"),

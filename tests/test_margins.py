@@ -136,3 +136,25 @@ def test_a_margin_in_degrees_is_refused() -> None:
     for kind in ("arcface", "curricularface"):
         with pytest.raises(ValueError, match=r"margin must be in radians.*28.6 degrees would be 0.4992"):
             build_margin(kind, 45.25, 28.6)
+
+
+def test_curricularface_target_beyond_pi_minus_m_falls_back_to_a_subtracted_margin() -> None:
+    """theta_y > pi - m (target cosine below cos(pi - m)): cos(theta + m) would no longer fall with theta, so the
+    target logit is cos(theta_y) - sin(pi - m) * m, lower than the plain cosine."""
+    m, s = 0.5, 2.0
+    head = CurricularFaceMargin(scale=s, margin=m).train()
+    cos = torch.tensor([[-0.95, 0.1, -0.2]])
+    out = head(cos, torch.tensor([0]))
+    assert float(out[0, 0]) == pytest.approx(s * (-0.95 - math.sin(math.pi - m) * m), abs=1e-5)
+    assert float(out[0, 0]) < s * -0.95
+
+
+def test_the_default_logit_scale_is_the_square_root_of_the_descriptor_size() -> None:
+    from heads.gem_arcface import GemArcFaceHead
+
+    head = GemArcFaceHead(dim=16)
+    head.build({"conv5": 32}, 5)
+    assert head.margin.scale == pytest.approx(4.0)
+    head = GemArcFaceHead(dim=16, scale=30.0)
+    head.build({"conv5": 32}, 5)
+    assert head.margin.scale == 30.0

@@ -100,6 +100,18 @@ def test_fusion_orders() -> None:
             RerankConfig(fusion="weighted", weight=weight)
 
 
+def test_fused_ties_keep_the_global_order() -> None:
+    """Equal fused scores keep the shortlist's (global) order in both fusions: 0.5 + 0.5 * 0.5 = 0.75 + 0.5 * 0
+    exactly, and equal inlier counts fall back to the global score, then to the input order."""
+    positions = np.array([10, 11, 12, 13])
+    glob = np.array([0.5, 0.75, 0.5, 0.25])
+    verifier = np.array([0.5, 0.0, 0.5, 0.0])
+    assert fuse(positions, glob, verifier, "weighted", 0.5).tolist() == [10, 11, 12, 13]
+    assert fuse(positions[::-1], glob[::-1], verifier[::-1], "weighted", 0.5).tolist() == [12, 11, 10, 13]
+    same = np.array([0.5, 0.5, 0.5, 0.5])
+    assert fuse(positions, same, np.array([4.0, 4.0, 4.0, 9.0]), "lexicographic").tolist() == [13, 10, 11, 12]
+
+
 def test_pair_seeds_depend_on_the_pair_only() -> None:
     a = pair_seeds(7, [1, 2, 3])
     assert a == [pair_seeds(7, [i])[0] for i in (1, 2, 3)]

@@ -14,7 +14,7 @@ from retrieval_lightning.retrieval.postprocess import (
     postprocess_descriptors,
     postprocessed_search,
 )
-from retrieval_lightning.retrieval.search import FaissSearcher, IncompleteSearchError, topk_search
+from retrieval_lightning.retrieval.search import FaissSearcher, IncompleteSearchError, topk_search, topk_skipping
 from retrieval_lightning.retrieval.store import FeatureStore
 
 
@@ -511,3 +511,30 @@ def test_search_prints_one_line_per_result_whatever_the_file_names(tmp_path) -> 
 
     Image.new("RGB", (4, 4)).save(tmp_path / "q.gif")
     assert expand_queries([str(tmp_path)]) == [str(tmp_path / "q.gif")]
+
+
+def test_query_expansion_gives_a_dissimilar_neighbour_no_weight() -> None:
+    """max(similarity, 0) ** alpha: a listed neighbour on the far side of the query adds nothing, whatever alpha's
+    parity (without the clamp an odd alpha pushed the query away from it, an even one pulled it towards it)."""
+    database = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.6, 0.0, 0.8]], dtype=np.float32)
+    queries = np.array([[0.8, 0.6, 0.0]], dtype=np.float32)
+    for alpha in (2.0, 3.0):
+        expanded = alpha_query_expansion(queries, database, np.array([[0, 1, 2]]), n=3, alpha=alpha).numpy()[0]
+        want = queries[0].astype(np.float64) + 0.8 ** alpha * database[0] + 0.96 ** alpha * database[1]  # row 2: -0.48
+        np.testing.assert_allclose(expanded, want / np.linalg.norm(want), atol=1e-6)
+
+
+def test_a_search_that_cannot_leave_rows_out_goes_deeper_by_their_number() -> None:
+    """topk_skipping (the FAISS path): the excluded rows are the best-scoring ones here, so a search only k deep
+    would return fewer than k others; it must return what topk_search(excluded=...) returns."""
+    rng = np.random.default_rng(7)
+    database = torch.from_numpy(_unit(rng, (60, 8)))
+    queries = torch.from_numpy(_unit(rng, (4, 8)))
+    excluded = np.unique(topk_search(queries, database, 3, device="cpu")[1].numpy())  # every query's best three
+    for k in (1, 5):
+        want = topk_search(queries, database, k, device="cpu", excluded=excluded)
+        got = topk_skipping(lambda q, depth: topk_search(q, database, depth, device="cpu"), queries, k, excluded,
+                            len(database))
+        assert got[1].shape == (4, k) and not np.isin(got[1].numpy(), excluded).any()
+        np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
