@@ -38,6 +38,7 @@ def test_import_checkpoint_command_gives_a_model_that_reranks(tmp_path: Path, ca
     entries = module.rerank_entries(candidates)
     assert torch.allclose(module.rerank_scores(query, entries), scores)
 
+    capsys.readouterr()  # what the import printed (on a loaded machine, a progress bar shown after its delay)
     assert main(["import-checkpoint", "cvnt", str(source), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown checkpoint importer 'cvnt'; did you mean 'cvnet'?")
