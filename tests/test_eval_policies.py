@@ -169,7 +169,7 @@ def test_lightnings_sync_dist_advice_is_silenced_only_for_the_evaluation_metrics
 
     from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-    from retrieval_lightning.module import quiet_sync_dist_advice
+    from retrieval_lightning.eval_loop import quiet_sync_dist_advice
 
     def advice(name: str) -> str:  # Lightning's wording (trainer/connectors/logger_connector/result.py)
         return (f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)` when logging on epoch level in "

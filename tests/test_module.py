@@ -282,7 +282,7 @@ def test_a_precision_that_casts_the_weights_is_refused_before_anything_runs() ->
 
 def test_fit_refuses_a_frozen_head_whose_weights_nothing_trained_or_loaded(tmp_path: Path) -> None:
     """A later recipe stage run without ``init_from`` (or from the wrong stage) would train around noise."""
-    from retrieval_lightning.module import FrozenUntrainedError
+    from retrieval_lightning.untrained_checks import FrozenUntrainedError
 
     random_whitening = {"whiten_init": "random"}
     with pytest.raises(FrozenUntrainedError, match=r"'global': 2 tensors \(heads.global.whiten.weight, "
