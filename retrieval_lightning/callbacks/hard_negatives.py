@@ -59,7 +59,7 @@ from retrieval_lightning.errors import UsageError
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero, raise_if_any_failed
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.retrieval.rerank import torch_all_gather_object
+from retrieval_lightning.distributed import torch_all_gather_object
 from retrieval_lightning.thumbnail_grid import Tile, draw_rows
 
 

@@ -25,7 +25,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 
@@ -36,6 +35,7 @@ from retrieval_lightning.callbacks.unfinished_validation import (
     validation_pending,
     warn_if_left_unrun,
 )
+from retrieval_lightning.distributed import gather_objects
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -59,11 +59,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * world_size
-        dist.all_gather_object(out, obj)  # every rank saves its checkpoint dict together (Lightning)
-        return out
-    return [obj]
+    """Every rank's ``obj`` (every rank saves its checkpoint dict together, as Lightning does)."""
+    return gather_objects(obj) if world_size > 1 else [obj]
 
 
 class ResumeState(pl.Callback):

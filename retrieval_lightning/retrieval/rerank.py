@@ -279,18 +279,3 @@ def gather_query_scores(local: list[QueryScores], all_gather_object: Callable[[A
     parts = [local] if all_gather_object is None else all_gather_object(local)
     merged = [item for part in parts for item in part]
     return sorted(merged, key=lambda item: item.query)
-
-
-def torch_all_gather_object() -> Callable[[Any], list[Any]] | None:
-    """``all_gather_object`` over the default process group, or ``None`` when running alone."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-
-    def gather(obj: Any) -> list[Any]:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-
-    return gather

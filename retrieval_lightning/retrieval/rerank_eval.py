@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from retrieval_lightning.data.types import EvalSet
+from retrieval_lightning.distributed import torch_all_gather_object
 from retrieval_lightning.evaluation import (
     ALL,
     EvalDescriptors,
@@ -46,7 +47,6 @@ from .rerank import (
     score_shortlists,
     search_depth,
     split_queries,
-    torch_all_gather_object,
 )
 from .search import topk_search
 from .store import MANIFEST, FeatureStore, normalize_identity

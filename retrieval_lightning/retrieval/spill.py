@@ -33,7 +33,7 @@ from torch import Tensor
 
 from retrieval_lightning.rank_zero import raise_if_any_failed
 
-from .rerank import torch_all_gather_object
+from retrieval_lightning.distributed import torch_all_gather_object
 from .workdirs import pid_space, process_alive
 
 _FILES = itertools.count()
