@@ -37,14 +37,14 @@ from retrieval_lightning.model_record import head_class_path
 from retrieval_lightning.retrieval.postprocess import postprocess_descriptors
 from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
 from retrieval_lightning.retrieval.workdirs import in_use_by_another_process, mark_in_use
-from retrieval_lightning.retrieval.writer import (
-    UNREADABLE,
+from retrieval_lightning.retrieval.identity import (
     datamodule_identity,
     identity_tag,
     items_identity,
     module_identity,
     precision_identity,
 )
+from retrieval_lightning.retrieval.writer import UNREADABLE
 
 
 

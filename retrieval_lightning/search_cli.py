@@ -96,7 +96,7 @@ def adopt_store_evaluation(module: torch.nn.Module, store: FeatureStore) -> None
 def check_store_matches(module: torch.nn.Module, store: FeatureStore) -> None:
     """Refuse a store whose images were described otherwise than this model describes the queries: other
     weights, scales, backbone normalisation or head settings (the database's own preprocessing aside)."""
-    from retrieval_lightning.retrieval.writer import model_identity
+    from retrieval_lightning.retrieval.identity import model_identity
 
     expected = model_identity(module)
     diffs = identity_differences({k: store.identity.get(k) for k in expected}, expected)

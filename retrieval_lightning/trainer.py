@@ -25,15 +25,17 @@ from retrieval_lightning.report import format_before_after
 from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store import normalize_identity
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
+from retrieval_lightning.retrieval.identity import (
+    datamodule_identity,
+    items_identity,
+    model_identity,
+    precision_identity,
+)
 from retrieval_lightning.retrieval.writer import (
     UNREADABLE,
     FeatureStoreWriter,
-    datamodule_identity,
-    items_identity,
     merge_shards,
-    model_identity,
     placeholder_note,
-    precision_identity,
     remaining_subset,
 )
 

@@ -153,7 +153,8 @@ def test_a_store_of_another_image_list_is_refused_not_continued(tmp_path: Path) 
 
     import retrieval_lightning.trainer as trainer_module
     from retrieval_lightning.retrieval.store import StoreIdentityError
-    from retrieval_lightning.retrieval.writer import ShardWriter, items_identity
+    from retrieval_lightning.retrieval.identity import items_identity
+    from retrieval_lightning.retrieval.writer import ShardWriter
 
     before = SimpleNamespace(name="set", dataset=list(range(4)), n_queries=1, image_ids=["q", "b", "c", "d"])
     after = SimpleNamespace(name="set", dataset=list(range(5)), n_queries=1, image_ids=["q", "a", "b", "c", "d"])

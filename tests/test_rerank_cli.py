@@ -370,7 +370,7 @@ def _tiny_store(path: Path) -> None:
     import numpy as np
 
     from retrieval_lightning.retrieval.store import FeatureStore
-    from retrieval_lightning.retrieval.writer import model_identity
+    from retrieval_lightning.retrieval.identity import model_identity
 
     FeatureStore.from_arrays(path, {"global": np.eye(4, 16, dtype=np.float16)}, identity=model_identity(_tiny_model(0)))
 

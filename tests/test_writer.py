@@ -15,15 +15,8 @@ import torch
 from helpers import ForkedRun, finished, free_port
 from retrieval_lightning.errors import DataFormatError, UsageError
 from retrieval_lightning.retrieval.store import FeatureStore, StoreIdentityError, identity_differences
-from retrieval_lightning.retrieval.writer import (
-    completed_indices,
-    datamodule_identity,
-    list_shards,
-    merge_shards,
-    model_identity,
-    module_identity,
-    remaining_subset,
-)
+from retrieval_lightning.retrieval.identity import datamodule_identity, model_identity, module_identity
+from retrieval_lightning.retrieval.writer import completed_indices, list_shards, merge_shards, remaining_subset
 
 N_ITEMS = 30
 IDENTITY = {"model": "tiny-sine", "version": 1}
@@ -230,7 +223,7 @@ def test_a_store_identity_skips_the_arguments_that_shape_only_training(tmp_path:
     from datamodules.gldv2 import GLDv2DataModule
     from datamodules.minilandmarks import MiniLandmarksDataModule
     from datamodules.pairs import PairSampling
-    from retrieval_lightning.retrieval.writer import datamodule_identity
+    from retrieval_lightning.retrieval.identity import datamodule_identity
 
     base = datamodule_identity(GLDv2DataModule(root=str(tmp_path)))
     training = GLDv2DataModule(root=str(tmp_path), image_size=256, crop_area_min=0.1, sampling="pairs",
@@ -487,7 +480,7 @@ def test_an_interrupted_set_or_marker_write_leaves_no_temporary_file(tmp_path: P
 def test_a_plugin_datamodules_own_loader_arguments_leave_the_store_identity() -> None:
     """The core's list of loader arguments is the usual names; a plugin datamodule's own (``workers``) would
     make every store of another worker count another model's, unless it declares them."""
-    from retrieval_lightning.retrieval.writer import datamodule_identity
+    from retrieval_lightning.retrieval.identity import datamodule_identity
 
     class FolderData:
         def __init__(self, workers: int, max_side: int, declare: bool) -> None:

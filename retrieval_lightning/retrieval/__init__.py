@@ -3,7 +3,8 @@
 - :mod:`.gather`: all-gather per-sample results across ranks, de-duplicate by dataset index.
 - :mod:`.writer`: Lightning prediction writer producing atomic, resumable per-rank shards, and
   the merge into a store.
-- :mod:`.store`: the on-disk, memory-mapped :class:`FeatureStore` and its manifest.
+- :mod:`.store`: the on-disk, memory-mapped :class:`FeatureStore` and its manifest; :mod:`.identity`: what a
+  store's identity (model, preprocessing, items, precision) is made of.
 - :mod:`.search`: exact chunked top-k (:func:`topk_search`) and the optional FAISS backend.
 - :mod:`.postprocess`: αQE and DBA, off by default (:class:`PostProcessConfig`).
 - :mod:`.spill`: gathered arrays in one memory-mapped file per machine instead of a copy per rank.
@@ -39,7 +40,7 @@ _EXPORTS = {
     "completed_indices": "writer",
     "list_shards": "writer",
     "merge_shards": "writer",
-    "module_identity": "writer",
+    "module_identity": "identity",
     "remaining_subset": "writer",
 }
 
