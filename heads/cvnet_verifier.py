@@ -231,6 +231,10 @@ class CVNetVerifierHead(VerifierHead):
 
     # ---- re-ranking --------------------------------------------------------------------------------
     def entry_kinds(self) -> dict[str, EntryKind]:
+        """The stored form a sparsifier rewrites: per pyramid level ``level<i>`` ((h*w, width) unit rows, row-major
+        over the level's grid; a zero row contributes nothing to a correlation, so a dropped location may be a
+        zero row), ``level<i>_hw`` (h, w), and with ``store_norms`` (which a sparsifier selecting by norm sets)
+        ``level<i>_norm``, each location's norm before normalisation."""
         kinds = {f"level{i}": EntryKind(self.entry_dtype, (self.width,), ragged=True) for i in range(len(SCALES))}
         kinds.update({f"level{i}_hw": EntryKind("int32", (2,)) for i in range(len(SCALES))})
         if self.store_norms:

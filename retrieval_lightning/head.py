@@ -278,7 +278,11 @@ class SparsifierHead(Head):
       (applied at extraction; queries stay dense);
     - :meth:`densify` ``(entries) -> entries``: back to the verifier's form (unselected positions
       zero, or filled from the kept ones as ``gumbel_sparsifier``'s ``fill_sigma`` does by default)
-      right before :meth:`RerankHead.score`, without the :meth:`consumed_kinds`.
+      right before :meth:`RerankHead.score`, without the :meth:`consumed_kinds` (checked against the
+      verifier's kinds).
+
+    The verifier's stored layout it rewrites is the verifier's own: ``cvnet_verifier``'s is in its
+    ``entry_kinds`` docstring.
 
     :meth:`attach` is called once by the module with the verifier it serves.
     """

@@ -504,3 +504,17 @@ def test_checkpoints_recording_zero_for_the_default_dim_and_workers_still_load(t
     module.save_checkpoint(tmp_path / "zeros.ckpt")
     loaded = RetrievalModule.load_from_checkpoint(tmp_path / "zeros.ckpt")
     assert loaded.heads["global"].dim == 512 and loaded.heads["local"].workers == 0
+
+
+def test_the_heads_matching_defaults_are_the_cores() -> None:
+    """DelgLocalHead repeats MatchOptions' fields as constructor arguments (plain config values): their defaults
+    must stay the core's, or `match` with SIFT and a default head would verify differently."""
+    import dataclasses
+    import inspect
+
+    from retrieval_lightning.retrieval.geometry import MatchOptions
+
+    signature = inspect.signature(DelgLocalHead.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(MatchOptions) if f.name != "seed"}  # a pair's own
+    assert set(DelgLocalHead().match_options) == set(fields)
+    assert {name: signature[name].default for name in fields} == fields
