@@ -61,6 +61,18 @@ def _no_forked_run_outlives_its_test() -> Iterator[None]:
         helpers.kill_leftover_runs()
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_bar_outlives_its_test() -> Iterator[None]:
+    """A run stopped by an error in this process leaves Lightning's bar registered (a real run's process ends
+    there), and the CLI, seeing an open bar, starts its error line on a new line: the next test's output differs."""
+    yield
+    from tqdm.std import tqdm
+
+    instances = getattr(tqdm, "_instances", None)
+    if instances:
+        instances.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _default_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A run that names no data root builds its data set under the default cache: a tmp dir here, not the
