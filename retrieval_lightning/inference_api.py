@@ -168,8 +168,9 @@ class InferenceAPI:
         elif self.sparsifier is not None and not isinstance(entries, Mapping):  # a query: scored dense
             consumed = self.sparsifier.consumed_kinds(head.entry_kinds())
             entries = [{k: v for k, v in e.items() if k not in consumed} for e in entries]
-        producer = self.sparsifier if database and self.sparsifier is not None else head
-        entries = _entry_list(entries, producer, len(images))
+        sparse = database and self.sparsifier is not None
+        producer = self.sparsifier if sparse else head
+        entries = _entry_list(entries, producer, len(images), "sparsify" if sparse else "extract_entries")
         check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
         return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 
