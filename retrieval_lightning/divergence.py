@@ -30,8 +30,12 @@ def non_finite_tensors(state: Mapping[str, Tensor]) -> list[str]:
     names = [name for name, t in state.items() if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
     if not names:
         return []
-    flags = torch.stack([torch.isfinite(state[name]).all().to(device="cpu", non_blocking=True) for name in names])
-    return [name for name, finite in zip(names, flags.tolist()) if not finite]
+    checks = [torch.isfinite(state[name]).all() for name in names]
+    try:
+        flags = torch.stack(checks).tolist()  # one sync when the tensors share a device
+    except RuntimeError:  # tensors on several devices
+        flags = [bool(check) for check in checks]
+    return [name for name, finite in zip(names, flags) if not finite]
 
 
 def check_finite_weights(state: Mapping[str, Tensor], what: str) -> None:
