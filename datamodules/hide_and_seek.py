@@ -56,8 +56,9 @@ class HideAndSeek:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"HideAndSeek.{name} must be a probability in [0, 1], got {value}")
         if self.grid < 1 or self.warmup_steps < 0 or self.delay_steps < 0:
-            raise ValueError(f"HideAndSeek needs grid >= 1, warmup_steps >= 0 and delay_steps >= 0, got grid={self.grid!r}, "
-                             f"warmup_steps={self.warmup_steps!r}, delay_steps={self.delay_steps!r}")
+            raise ValueError(f"HideAndSeek needs grid >= 1, warmup_steps >= 0 and delay_steps >= 0, got "
+                             f"grid={self.grid!r}, warmup_steps={self.warmup_steps!r}, "
+                             f"delay_steps={self.delay_steps!r}")
         if len(self.fill) != 3:
             raise ValueError(f"HideAndSeek.fill must be an RGB triple, got {self.fill}")
 

@@ -42,6 +42,7 @@ from retrieval_lightning.cli_errors import (
     accelerator_refusal,
     innermost,
     interpolation_refusal,
+    peer_stopped,
     user_error_in,
     worker_message,
 )
@@ -476,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(argv)
     except Exception as exc:
         cause = user_error_in(exc)
+        if cause is None and peer_stopped(exc) and not show_traceback:
+            rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+            print(f"error{f' (rank {rank})' if rank else ''}: stopped: another rank of this run failed (its error "
+                  "is printed above or below)", file=sys.stderr)
+            return 1
         if cause is None or show_traceback:
             raise
         message = worker_message(str(cause), type(cause).__name__).strip().splitlines()

@@ -208,6 +208,19 @@ def innermost(exc: BaseException) -> BaseException:
     return first
 
 
+#: what a collective says on a rank whose peer has stopped (gloo; NCCL once its watchdog aborts the communicator)
+PEER_GONE = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer",
+             "NCCL communicator was aborted")
+
+
+def peer_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is this rank's collective failing because another rank of the run stopped (its own error,
+    printed by that rank, is the one to read): this rank's traceback would only bury it."""
+    text = str(exc)
+    return type(exc).__name__ in ("RuntimeError", "DistBackendError", "DistNetworkError") and \
+        any(pattern in text for pattern in PEER_GONE)
+
+
 def user_error_in(exc: BaseException) -> BaseException | None:
     """``exc`` if it is a user error, else the first user error it was raised from.
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from retrieval_lightning.distributed import gather_objects
 from retrieval_lightning.errors import UsageError
 
 
@@ -48,30 +49,62 @@ def check_finite_weights(state: Mapping[str, Tensor], what: str) -> None:
             "rate or a gradient clip (--trainer.gradient_clip_val)")
 
 
-def check_labels(labels: Tensor, num_classes: int) -> None:
-    """Training labels index the classifier (``num_classes`` > 0): a plugin datamodule's own ids, or a -1 for
-    "unknown", otherwise hit it as an index error deep in a margin (a device-side assert on a GPU). Checked on
-    the CPU batch, before it moves to the device: no sync."""
-    if num_classes <= 0 or not isinstance(labels, Tensor) or not labels.numel():
+def check_labels(labels: Tensor, num_classes: int, synced: bool = False) -> None:
+    """Training labels index the classifier: with ``num_classes`` > 0 they must be 0 .. num_classes - 1 (a plugin
+    datamodule's own ids, or -1 for "unknown", hit it as an index error deep in a margin, a device-side assert on
+    a GPU). Under DDP (``synced``) the flag is all-reduced, so every rank stops with the same line even when one
+    rank's batch alone holds the bad label (that rank raising alone left the others in a collective)."""
+    if num_classes <= 0 or not isinstance(labels, Tensor):
         return
-    low, high = (int(v) for v in labels.aminmax())
-    if low < 0 or high >= num_classes:
-        raise UsageError(f"training labels run from {low} to {high}, but the classifier has num_classes "
-                         f"{num_classes}: a datamodule gives labels 0 .. num_classes - 1")
+    labels = labels.detach()
+    if labels.numel():
+        low, high = labels.aminmax()
+        bad = ((low < 0) | (high >= num_classes)).float().reshape(1)
+    else:
+        low = high = None
+        bad = torch.zeros(1, device=labels.device)
+    if synced and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        return
+    mine = None if low is None or not (int(low) < 0 or int(high) >= num_classes) else (int(low), int(high))
+    every_rank = gather_objects(mine) if synced else [mine]
+    shown = "; ".join((f"rank {rank}: " if len(every_rank) > 1 else "") + f"from {got[0]} to {got[1]}"
+                      for rank, got in enumerate(every_rank) if got is not None)
+    raise UsageError(f"training labels run {shown}, but the classifier has num_classes {num_classes}: a datamodule "
+                     "gives labels 0 .. num_classes - 1")
 
 
-def check_loss(total: Tensor, losses: Mapping[str, Tensor], step: int, synced: bool) -> None:
+#: under ``16-mixed`` the loss scaler skips a step whose gradients overflow, and a loss that overflowed once is
+#: such a step: so many non-finite losses in a row are taken before the run counts as diverged
+FP16_TOLERATED_STEPS = 50
+
+
+def check_loss(total: Tensor, losses: Mapping[str, Tensor], step: int, synced: bool, precision: str = "32-true",
+               non_finite_before: int = 0) -> int:
     """The step's loss is finite, with one device sync (the progress bar reads the loss every step anyway) and
-    under DDP one all-reduce, so every rank stops at the same step: a rank's NaN reaches every rank's weights."""
-    finite = torch.isfinite(total.detach()).all().float().reshape(1)
+    under DDP one all-reduce, so every rank stops at the same step: a rank's NaN reaches every rank's weights.
+    Returns the count of non-finite steps in a row (``16-mixed`` tolerates :data:`FP16_TOLERATED_STEPS`)."""
+    here = torch.isfinite(total.detach()).all().float().reshape(1)
+    finite = here.clone()
     if synced and dist.is_available() and dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        shown = ", ".join(f"{name} = {float(value.detach()):.4g}" for name, value in losses.items())
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: the loss is not finite ({shown}); no checkpoint of this state is "
-            "written, so the run's latest step checkpoint (or last.ckpt) is its last finite one: resume or "
-            "--model.init_from it with a lower learning rate or a gradient clip (--trainer.gradient_clip_val)")
+    if finite.item():
+        return 0
+    in_a_row = non_finite_before + 1
+    if precision == "16-mixed" and in_a_row <= FP16_TOLERATED_STEPS:
+        return in_a_row
+    mine = {name: float(value.detach()) for name, value in losses.items()}
+    every_rank = gather_objects((bool(here.item()), mine)) if synced else [(False, mine)]
+    # one message, the same on every rank (so it is printed once): the losses of the ranks whose loss is not finite
+    shown = "; ".join((f"rank {rank}: " if len(every_rank) > 1 else "") +
+                      ", ".join(f"{name} = {value:.4g}" for name, value in values.items())
+                      for rank, (finite, values) in enumerate(every_rank) if not finite)
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: the loss is not finite ({shown}"
+        f"{f'; {in_a_row} steps in a row under 16-mixed' if in_a_row > 1 else ''}); no checkpoint of this state "
+        "is written, so the run's latest step checkpoint (or last.ckpt) is its last finite one: resume or "
+        "--model.init_from it with a lower learning rate or a gradient clip (--trainer.gradient_clip_val)")
 
 
 def check_finite_descriptors(descriptors: Tensor, indices: Sequence[int] | Tensor, what: str) -> None:
@@ -79,6 +112,8 @@ def check_finite_descriptors(descriptors: Tensor, indices: Sequence[int] | Tenso
     finite = torch.isfinite(descriptors.detach()).reshape(len(descriptors), -1).all(dim=1).cpu()
     if not bool(finite.all()):
         bad = [int(i) for i, ok in zip(torch.as_tensor(indices).reshape(-1).tolist(), finite.tolist()) if not ok]
-        raise NonFiniteWeightsError(
+        from retrieval_lightning.evaluation import NonFiniteDescriptorError  # what evaluation raises for them
+
+        raise NonFiniteDescriptorError(
             f"{what}: the descriptors of {len(bad)} images (dataset indices {bad[:5]}) hold NaN/Inf: the "
             "model diverged (its weights or a precision overflow); extract with a model that evaluates")

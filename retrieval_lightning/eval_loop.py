@@ -54,7 +54,8 @@ class EvaluationLoop:
     def _eval_sets(self, stage: str) -> list[EvalSet]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_sets"):
-            raise RuntimeError(f"evaluation needs a datamodule with eval_sets(stage); {type(datamodule).__name__} has none")
+            owner = "no datamodule was given" if datamodule is None else f"{type(datamodule).__name__} has none"
+            raise RuntimeError(f"evaluation needs a datamodule with eval_sets(stage); {owner}")
         return checked_eval_sets(datamodule.eval_sets(stage), datamodule)
 
     def _reranks(self) -> bool:
@@ -237,7 +238,8 @@ class EvaluationLoop:
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per-item outputs for the feature store: dataset index, fp16 global descriptor, re-ranking entries."""
         descriptors = self.embed_batch(batch["image"])
-        check_finite_descriptors(descriptors, batch["index"], "extract")
+        if getattr(self._trainer, "world_size", 1) == 1:  # at once; under DDP rank 0 checks the merged store, as
+            check_finite_descriptors(descriptors, batch["index"], "extract")  # one rank raising alone would hang
         out: dict[str, Any] = {"index": batch["index"], "global": descriptors.half()}
         # placeholders of unreadable images (on_error: skip) are marked, so a re-run of extract retries them
         out[UNREADABLE] = torch.as_tensor(batch.get("unreadable", torch.zeros(len(batch["index"]))), dtype=torch.uint8)

@@ -1,12 +1,12 @@
 """Metric protocols: from gathered descriptors of an :class:`EvalSet` to logged metrics.
 
 A :class:`Protocol` is registered in :data:`PROTOCOLS` under the name an ``EvalSet.protocol``
-carries. It has two functions:
+carries. It has two functions, and a third that checks a ground truth before anything is embedded:
 
 - ``evaluate(queries (Q, D), database (N, D), ground_truth, chunk, reranked=None, device=None,
   excluded=None, failed=None) -> EvalResult``: ``excluded`` database rows and ``failed`` queries are
-  the placeholders of unreadable images (ranked last; retrieving nothing). Scores are inner products computed chunk by chunk over the database, so no
-  Q×N matrix is ever held. ``reranked`` (from :mod:`retrieval_lightning.retrieval.rerank`) maps a
+  the placeholders of unreadable images (ranked last; retrieving nothing). Scores are inner products
+  computed chunk by chunk over the database, so no Q×N matrix is ever held. ``reranked`` (from :mod:`retrieval_lightning.retrieval.rerank`) maps a
   *variant* to one array per query of database positions that come first, in that order; the rest
   of the database follows in global order. Without it the metrics are the global-only ones.
 - ``exclusions(ground_truth, n_queries) -> {variant: [positions per query]}``: the database items
@@ -269,7 +269,7 @@ class Protocol:
 
     evaluate: Callable[..., EvalResult]
     exclusions: Callable[[Any, int], dict[str, list[np.ndarray]]]
-    check: Callable[[Any, int, int], None]
+    check: Callable[[Any, int, int], None] = lambda ground_truth, n_queries, n_database: None
 
 
 PROTOCOLS: dict[str, Protocol] = {

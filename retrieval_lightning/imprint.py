@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from retrieval_lightning.divergence import check_labels
 from retrieval_lightning.head import GlobalHead
 from retrieval_lightning.progress import trainer_progress
 
@@ -77,6 +78,7 @@ def imprint_head(module: pl.LightningModule, head: GlobalHead, num_classes: int)
     counts = torch.zeros(num_classes, device=module.device)
     loader = shard_loader(training_loader(trainer), trainer.global_rank, trainer.world_size)
     for batch in trainer_progress(loader, trainer, f"imprinting the {head.role} head", total=len(loader)):
+        check_labels(batch["label"], num_classes)  # before the device's index_add_ (a device-side assert on a GPU)
         images, labels = batch["image"].to(module.device), batch["label"].to(module.device)
         features = module.backbone(images)
         pooled = head.pool({s: f for s, f in features.items() if s in head.stages})

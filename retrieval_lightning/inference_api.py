@@ -162,10 +162,10 @@ class InferenceAPI:
     def _rerank_entries(self, images: Sequence[Tensor], database: bool,
                         resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
         head = self._require_rerank_head()
-        entries = self._head_entries(images, resize_factors)
+        entries = _entry_list(self._head_entries(images, resize_factors), head, len(images))
         if database and self.sparsifier is not None:
             entries = self.sparsifier.sparsify(entries)
-        elif self.sparsifier is not None and not isinstance(entries, Mapping):  # a query: scored dense
+        elif self.sparsifier is not None:  # a query: scored dense
             consumed = self.sparsifier.consumed_kinds(head.entry_kinds())
             entries = [{k: v for k, v in e.items() if k not in consumed} for e in entries]
         sparse = database and self.sparsifier is not None

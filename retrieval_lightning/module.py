@@ -361,17 +361,13 @@ class RetrievalModule(InferenceAPI, UntrainedChecks, EvaluationLoop, pl.Lightnin
         detach = role in self.detach
         return {s: (features[s].detach() if detach else features[s]) for s in head.stages}
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self._trainer is not None and self.trainer.training and isinstance(batch, Mapping) and "label" in batch:
-            check_labels(batch["label"], self.num_classes)
-        return batch
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """The weighted sum of the trained heads' losses. Under DDP the losses are logged as the ranks' mean (one
         all-reduce each: their names are the same on every rank); what heads watch (``training_metrics``) is
         rank 0's, its names being the heads' own."""
         images, labels = batch["image"], batch["label"]
         sync = getattr(self._trainer, "world_size", 1) > 1
+        check_labels(labels, self.num_classes, sync)  # before any head indexes a classifier with them
         if self.momentum_contrast is not None:
             self._momentum_follows_network(batch_idx)
         features = self.backbone(images)
@@ -392,9 +388,13 @@ class RetrievalModule(InferenceAPI, UntrainedChecks, EvaluationLoop, pl.Lightnin
                     raise UsageError(f"{type(head).__name__} watches {name!r}, which is also one of its losses")
                 self.log(f"train/{role}/{name}", value, prog_bar=False, batch_size=len(labels))
         if self.momentum_contrast is not None:
-            total = total + self._momentum_contrast_loss(images, labels, features, sync)
+            contrast = self._momentum_contrast_loss(images, labels, features, sync)
+            named["train/momentum_contrast/loss (weighted)"] = contrast
+            total = total + contrast
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels), sync_dist=sync)
-        check_loss(total, named, int(getattr(self._trainer, "global_step", 0)), sync)
+        self._non_finite_steps = check_loss(total, named, int(getattr(self._trainer, "global_step", 0)), sync,
+                                            str(getattr(self._trainer, "precision", "32-true")),
+                                            getattr(self, "_non_finite_steps", 0))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
             mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,

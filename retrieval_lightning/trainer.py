@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
-from retrieval_lightning.evaluation import checked_eval_sets
+from retrieval_lightning.evaluation import NonFiniteDescriptorError, check_finite, checked_eval_sets
 from retrieval_lightning.implicit_resume import check_implicit_resume, note_explicit_resume, resumes_implicitly
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
@@ -22,6 +23,7 @@ from retrieval_lightning.outputs import check_folder_can_be_made
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.report import format_before_after
+from retrieval_lightning.retrieval.search import as_tensor
 from retrieval_lightning.retrieval.set_files import write_set_files
 from retrieval_lightning.retrieval.store import normalize_identity
 from retrieval_lightning.retrieval.store_eval import choose_eval_sets, evaluate_store
@@ -262,6 +264,11 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
 def _merge_set(spec: Any, out: Path, identity: dict[str, Any]) -> str:
     """Rank 0's part of ``extract`` for one eval set: its shards merged into a store, with its item files."""
     store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)), overwrite=True)
+    try:  # NaN rows of a diverged model (under DDP not refused in the step: a rank raising alone would hang)
+        check_finite(spec, as_tensor(store, "global"))
+    except NonFiniteDescriptorError as err:
+        shutil.rmtree(store.path, ignore_errors=True)  # no store of them for `search` or `evaluate` to find
+        raise NonFiniteDescriptorError(f"extract: {err}; the store was not kept") from None
     write_set_files(spec, out)
     print(f"{spec.name}: {len(store)} images -> {store.path} ({store_sizes(store.bytes_per_image)})")
     note = placeholder_note(store, f"extract {spec.name}", spec.image_ids)
@@ -300,6 +307,9 @@ class _OneEvalSet(pl.LightningDataModule):
         self.inner.setup("predict")
         sets = self.inner.eval_sets("predict")
         loaders = self.inner.predict_dataloader()
+        if len(loaders) != len(sets):  # each loader is the eval set of its position
+            raise UsageError(f"{type(self.inner).__name__} gives {len(loaders)} predict loaders for {len(sets)} eval "
+                             f"sets ({[s.name for s in sets]}): one loader per eval set, in order")
         names = {s.name for s in choose_eval_sets(sets, self.name)}
         chosen = [(s, dl) for s, dl in zip(sets, loaders) if s.name in names]
         self.n_sets = len(chosen)

@@ -120,3 +120,16 @@ def test_a_loader_count_other_than_the_eval_sets_is_named(tmp_path) -> None:
     with pytest.raises(UsageError, match=r"TwoLoaders gives 2 test loaders for 1 eval sets \(\['folder'\]\): one "
                                          r"loader per eval set, in order"):
         trainer.test(module, datamodule=TwoLoaders())
+
+
+def test_extract_names_a_predict_loader_count_other_than_the_eval_sets(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import retrieval_lightning.trainer as trainer_module
+
+    spec = SimpleNamespace(name="folder", dataset=list(range(5)), n_queries=2, image_ids=[])
+    inner = SimpleNamespace(setup=lambda stage: None, eval_sets=lambda stage: [spec],
+                            predict_dataloader=lambda: [None, None], prepare_data_per_node=True)
+    one = trainer_module._OneEvalSet(inner, 0, None, tmp_path, {}, SimpleNamespace(output_dir=None))
+    with pytest.raises(UsageError, match=r"SimpleNamespace gives 2 predict loaders for 1 eval sets \(\['folder'\]\)"):
+        one.setup("predict")

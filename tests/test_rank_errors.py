@@ -134,3 +134,29 @@ def test_lightnings_launcher_prints_an_error_of_both_ranks_once(tmp_path: Path) 
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert errors[0].startswith("error: revisitop dataset 'roxford5k': no ground truth found")
+
+
+def test_a_rank_stopped_by_another_ranks_failure_prints_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """When one rank fails alone (a label only its batch holds), the others' collective fails with gloo's "connection
+    closed by peer" and printed ~120 lines of traceback around the one error line that mattered."""
+    import retrieval_lightning.cli as cli
+
+    def peer_gone(argv):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:41727")
+
+    monkeypatch.setattr(cli, "_dispatch", peer_gone)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli.main(["fit"]) == 1
+    assert capsys.readouterr().err == ("error (rank 1): stopped: another rank of this run failed (its error is "
+                                       "printed above or below)\n")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(["fit", "--traceback"])
+
+    def own_bug(argv):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cli, "_dispatch", own_bug)
+    with pytest.raises(RuntimeError, match="mat1"):  # a failure of this rank's own keeps its traceback
+        cli.main(["fit"])

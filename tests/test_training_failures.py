@@ -121,6 +121,13 @@ def test_labels_outside_the_classifier_are_named_in_one_line(tmp_path: Path) -> 
                          enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(UsageError, match=r"training labels run from 0 to 7, but the classifier has num_classes 5"):
         trainer.fit(module, torch.utils.data.DataLoader(items, batch_size=4))
+    # the imprinting pass at fit start (the demo recipes imprint) reads the labels first
+    imprinting = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(imprint=True)},
+                                 num_classes=5)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"training labels run from 0 to 7, but the classifier has num_classes 5"):
+        trainer.fit(imprinting, torch.utils.data.DataLoader(items, batch_size=4))
 
 
 def test_init_from_another_class_count_with_an_imprinted_classifier(tmp_path: Path) -> None:
@@ -150,7 +157,8 @@ def test_no_checkpoint_or_store_takes_non_finite_weights_or_descriptors() -> Non
     """Weights that turned NaN in the step a checkpoint is due (an optimiser step on Inf gradients) are not
     written, so ModelCheckpoint neither writes them nor rotates the last finite file away; ``extract`` refuses
     NaN descriptors before a store takes them (it wrote a whole store of NaN, and ``search`` ranked it)."""
-    from retrieval_lightning.divergence import NonFiniteWeightsError, TrainingDivergedError
+    from retrieval_lightning.divergence import TrainingDivergedError
+    from retrieval_lightning.evaluation import NonFiniteDescriptorError
 
     torch.manual_seed(0)
     module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=3).eval()
@@ -161,5 +169,73 @@ def test_no_checkpoint_or_store_takes_non_finite_weights_or_descriptors() -> Non
         module.heads["global"].whiten.weight[0, 0] = float("inf")
     with pytest.raises(TrainingDivergedError, match=r"weights hold NaN/Inf \(heads\.global\.whiten\.weight\)"):
         module.on_save_checkpoint({"state_dict": module.state_dict()})
-    with pytest.raises(NonFiniteWeightsError, match=r"extract: the descriptors of 2 images \(dataset indices \[5, 6\]\)"):
+    with pytest.raises(NonFiniteDescriptorError, match=r"extract: the descriptors of 2 images \(dataset indices "
+                                                       r"\[5, 6\]\)"):
         module.predict_step({"image": images, "index": torch.tensor([5, 6])}, 0)
+
+
+def test_under_ddp_the_merged_store_is_refused_once_for_every_rank(tmp_path: Path) -> None:
+    """Under DDP a rank refusing NaN descriptors in its step would raise alone and leave the others waiting at the
+    barrier, so rank 0 checks the merged store instead (its errors reach every rank) and keeps no store of NaN."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import retrieval_lightning.trainer as trainer_module
+    from retrieval_lightning.evaluation import NonFiniteDescriptorError
+    from retrieval_lightning.retrieval.writer import ShardWriter
+
+    rows = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    rows[4, 1] = np.nan
+    for rank in range(2):  # each rank's shard, as the two processes write them
+        writer = ShardWriter(tmp_path / "set", rank, 8, {"model": 1}, {"global": "float16"})
+        writer.add({"index": np.arange(rank, 6, 2), "global": rows[rank::2]})
+        writer.close()
+    spec = SimpleNamespace(name="set", dataset=list(range(6)), n_queries=2, image_ids=[f"img{i}" for i in range(6)])
+    with pytest.raises(NonFiniteDescriptorError, match=r"1 descriptor\(s\) contain NaN/Inf, e.g. \['img4'\].*the store "
+                                                       r"was not kept"):
+        trainer_module._merge_set(spec, tmp_path / "set", {"model": 1})
+    assert not (tmp_path / "set" / "store").exists()
+
+
+def test_the_divergence_line_is_the_same_on_every_rank_and_16_mixed_tolerates_skipped_steps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP each rank printed its own losses (rank 0 a finite one, saying the loss was not finite): the line
+    now names the ranks whose loss is not finite, the same on every rank, so it is printed once. Under 16-mixed the
+    loss scaler skips an overflowing step, so a few non-finite losses in a row do not end the run."""
+    import retrieval_lightning.divergence as divergence
+    from retrieval_lightning.divergence import FP16_TOLERATED_STEPS, TrainingDivergedError, check_loss
+
+    monkeypatch.setattr(divergence.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(divergence.dist, "all_reduce", lambda tensor, op: tensor.zero_())  # another rank's NaN
+    monkeypatch.setattr(divergence, "gather_objects",
+                        lambda mine: [mine, (False, {"train/global/arcface": float("nan")})])
+    finite = torch.tensor(1.79)
+    with pytest.raises(TrainingDivergedError, match=r"at step 3: the loss is not finite \(rank 1: "
+                                                    r"train/global/arcface = nan\)"):
+        check_loss(finite, {"train/global/arcface": finite}, 3, synced=True)
+    monkeypatch.undo()
+    nan = torch.tensor(float("nan"))
+    assert [check_loss(nan, {"l": nan}, 3, False, "16-mixed", n) for n in (0, 1)] == [1, 2]
+    assert check_loss(torch.tensor(0.5), {"l": torch.tensor(0.5)}, 4, False, "16-mixed", 7) == 0
+    with pytest.raises(TrainingDivergedError, match=f"{FP16_TOLERATED_STEPS + 1} steps in a row under 16-mixed"):
+        check_loss(nan, {"l": nan}, 9, False, "16-mixed", FP16_TOLERATED_STEPS)
+    with pytest.raises(TrainingDivergedError, match=r"\(l = nan\)"):
+        check_loss(nan, {"l": nan}, 3, False, "bf16-mixed", 0)
+
+
+def test_a_bad_label_on_one_ranks_batch_stops_every_rank_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A label only one rank's batch holds (labels counted from 1) raised on that rank alone, and the others, in
+    the forward's collective, died with a gloo traceback: the flag is all-reduced and the line names the rank."""
+    import retrieval_lightning.divergence as divergence
+    from retrieval_lightning.divergence import check_labels
+
+    monkeypatch.setattr(divergence.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(divergence.dist, "all_reduce", lambda tensor, op: tensor.fill_(1.0))  # another rank's
+    monkeypatch.setattr(divergence, "gather_objects", lambda mine: [mine, (1, 10)])
+    with pytest.raises(UsageError, match=r"training labels run rank 1: from 1 to 10, but the classifier has "
+                                         r"num_classes 10"):
+        check_labels(torch.tensor([1, 2, 9]), 10, synced=True)  # this rank's labels are fine
+    monkeypatch.undo()
+    check_labels(torch.tensor([0, 9]), 10)
+    check_labels(torch.tensor([5, 70]), 0)  # no classifier: labels are ids

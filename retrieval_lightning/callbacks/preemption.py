@@ -204,9 +204,10 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, CoordinatedStop)):
             # one rank failed alone (an error, an unreadable image): saving is a collective the other ranks,
             # waiting in the step's all-reduce, never join, and every rank would hang until a timeout
-            print(f"rank {trainer.global_rank}: no {self.ckpt_path} written: this rank failed alone and the others "
-                  "cannot join a checkpoint; resume from last.ckpt or the latest step checkpoint",
-                  file=sys.stderr, flush=True)
+            if trainer.is_global_zero:
+                print(f"no {self.ckpt_path} written: under DDP an error (not a preemption or a Ctrl-C every rank "
+                      "agreed on) writes none, saving being a collective a failed rank cannot join; resume from "
+                      "last.ckpt or the latest step checkpoint", file=sys.stderr, flush=True)
             return
         _reset_finished_epochs_batch_counter(trainer)
         if not isinstance(exception, (SIGTERMException, CoordinatedStop)):

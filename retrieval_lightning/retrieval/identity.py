@@ -37,7 +37,8 @@ def module_identity(
 #: the usual loader arguments, which do not change what is extracted (``on_error``: a readable image's features
 #: are the same either way, and an unreadable one's placeholder is marked, so a run after the first one's error
 #: resumes); a datamodule names its own others in ``loader_only_arguments``
-NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "on_error"}
+NOT_PREPROCESSING = {"num_workers", "batch_size", "eval_batch_size", "root", "pin_memory", "persistent_workers",
+                     "download", "on_error"}
 
 
 def datamodule_identity(datamodule: Any) -> dict[str, Any]:

@@ -137,6 +137,8 @@ def postprocessed_search(
     """:func:`~.search.topk_search` after :func:`postprocess_descriptors` (DBA, then αQE), as ``config``
     asks: the evaluation's post-processing as one search. ``excluded`` database rows are never returned
     and no one's neighbour."""
+    if excluded is not None:  # a list, or repeats, would miscount the rows left
+        excluded = np.unique(np.asarray(excluded, dtype=np.int64))
     expanded, db = postprocess_descriptors(torch.as_tensor(np.asarray(queries)) if not isinstance(queries, Tensor)
                                            else queries, as_tensor(database, kind), config, excluded, **search_kwargs)
     return topk_search(expanded, db, k, excluded=excluded, **search_kwargs)
