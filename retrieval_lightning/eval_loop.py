@@ -30,13 +30,10 @@ from retrieval_lightning.evaluation import (
     evaluate_eval_set,
     unreadable_database,
 )
+from retrieval_lightning.model_record import head_class_path
 from retrieval_lightning.progress import shows_progress
 from retrieval_lightning.rank_zero import on_rank_zero
 from retrieval_lightning.retrieval.gather import gather_dedupe
-from retrieval_lightning.model_record import head_class_path
-from retrieval_lightning.retrieval.postprocess import postprocess_descriptors
-from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
-from retrieval_lightning.retrieval.workdirs import in_use_by_another_process, mark_in_use
 from retrieval_lightning.retrieval.identity import (
     datamodule_identity,
     identity_tag,
@@ -44,8 +41,10 @@ from retrieval_lightning.retrieval.identity import (
     module_identity,
     precision_identity,
 )
+from retrieval_lightning.retrieval.postprocess import postprocess_descriptors
+from retrieval_lightning.retrieval.rerank_eval import RerankEntryWriter, evaluate_reranked
+from retrieval_lightning.retrieval.workdirs import in_use_by_another_process, mark_in_use
 from retrieval_lightning.retrieval.writer import UNREADABLE
-
 
 
 class EvaluationLoop:

@@ -15,7 +15,6 @@ from retrieval_lightning.errors import UsageError
 from retrieval_lightning.head import Head
 
 
-
 class FrozenUntrainedError(UsageError):
     """``freeze`` keeps a head fixed whose weights were never trained or loaded (names the tensors)."""
 
