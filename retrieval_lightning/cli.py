@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
@@ -47,6 +48,7 @@ from retrieval_lightning.cli_errors import (
     worker_message,
 )
 from retrieval_lightning.errors import UsageError
+from retrieval_lightning.launched_ranks import stop_launched_ranks
 from retrieval_lightning.loggers import label_wandb_runs
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.rank_errors import report_once
@@ -473,9 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_traceback = "--traceback" in argv or os.environ.get("RETRIEVAL_LIGHTNING_TRACEBACK") == "1"
     argv = [a for a in argv if a != "--traceback"]
     quiet_third_party_notices()
+    stopping: threading.Thread | None = None
     try:
         return _dispatch(argv)
     except Exception as exc:
+        # the ranks this process launched stop too (given a moment to stop by themselves) while it reports
+        stopping = threading.Thread(target=stop_launched_ranks, daemon=True)
+        stopping.start()
         cause = user_error_in(exc)
         if cause is None and peer_stopped(exc) and not show_traceback:
             rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
@@ -493,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report, file=sys.stderr)
         return 2
     finally:
+        if stopping is not None:
+            stopping.join()
         _finish_wandb_run()
 
 

@@ -17,6 +17,7 @@ from retrieval_lightning.callbacks.gallery import RetrievalGallery
 from retrieval_lightning.errors import UsageError
 from retrieval_lightning.evaluation import NonFiniteDescriptorError, check_finite, checked_eval_sets
 from retrieval_lightning.implicit_resume import check_implicit_resume, note_explicit_resume, resumes_implicitly
+from retrieval_lightning.launched_ranks import remember_launcher
 from retrieval_lightning.loggers import checkpoint_to_resume, continue_wandb_run
 from retrieval_lightning.module import RetrievalModule
 from retrieval_lightning.outputs import check_folder_can_be_made
@@ -44,6 +45,10 @@ from retrieval_lightning.retrieval.writer import (
 
 class RetrievalTrainer(pl.Trainer):
     """A ``Trainer`` with the retrieval-specific subcommands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        remember_launcher(self)  # so a failure of this process stops the ranks it launches
 
     def fit(
         self,

@@ -160,3 +160,25 @@ def test_a_rank_stopped_by_another_ranks_failure_prints_one_line(monkeypatch: py
     monkeypatch.setattr(cli, "_dispatch", own_bug)
     with pytest.raises(RuntimeError, match="mat1"):  # a failure of this rank's own keeps its traceback
         cli.main(["fit"])
+
+
+def test_the_ranks_a_failed_process_launched_are_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning kills the ranks it launched only on Ctrl-C: when rank 0 failed alone in `test` or `extract` (no
+    collective in every batch), rank 1 went on embedding its shard, holding its GPU, after the command returned.
+    A rank that stops by itself within the grace period is left to do so; one still running is killed."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from retrieval_lightning import launched_ranks
+
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launcher = SimpleNamespace(procs=[quick, stuck])
+    monkeypatch.setattr(launched_ranks, "_LAUNCHERS", [launcher])
+    start = time.monotonic()
+    assert launched_ranks.stop_launched_ranks(grace_s=3.0) == 1
+    assert quick.returncode == 0 and stuck.returncode is not None and stuck.returncode < 0
+    assert time.monotonic() - start < 10
+    launched_ranks.remember_launcher(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # one process: none
