@@ -69,7 +69,7 @@ def check_labels(labels: Tensor, num_classes: int, synced: bool = False) -> None
         return
     mine = None if low is None or not (int(low) < 0 or int(high) >= num_classes) else (int(low), int(high))
     every_rank = gather_objects(mine) if synced else [mine]
-    shown = "; ".join((f"rank {rank}: " if len(every_rank) > 1 else "") + f"from {got[0]} to {got[1]}"
+    shown = "; ".join(f"from {got[0]} to {got[1]}" + (f" on rank {rank}" if len(every_rank) > 1 else "")
                       for rank, got in enumerate(every_rank) if got is not None)
     raise UsageError(f"training labels run {shown}, but the classifier has num_classes {num_classes}: a datamodule "
                      "gives labels 0 .. num_classes - 1")

@@ -233,7 +233,7 @@ def test_a_bad_label_on_one_ranks_batch_stops_every_rank_with_one_line(monkeypat
     monkeypatch.setattr(divergence.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(divergence.dist, "all_reduce", lambda tensor, op: tensor.fill_(1.0))  # another rank's
     monkeypatch.setattr(divergence, "gather_objects", lambda mine: [mine, (1, 10)])
-    with pytest.raises(UsageError, match=r"training labels run rank 1: from 1 to 10, but the classifier has "
+    with pytest.raises(UsageError, match=r"training labels run from 1 to 10 on rank 1, but the classifier has "
                                          r"num_classes 10"):
         check_labels(torch.tensor([1, 2, 9]), 10, synced=True)  # this rank's labels are fine
     monkeypatch.undo()
