@@ -115,19 +115,13 @@ def test_labels_outside_the_classifier_are_named_in_one_line(tmp_path: Path) -> 
     an index RuntimeError from margins.py naming neither (a device-side assert on a GPU)."""
     torch.manual_seed(0)
     items = [{"image": torch.rand(3, 64, 64), "label": label, "index": i} for i, label in enumerate([0, 1, 2, 7])]
-    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(imprint=False)},
-                             num_classes=5)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.raises(UsageError, match=r"training labels run from 0 to 7, but the classifier has num_classes 5"):
-        trainer.fit(module, torch.utils.data.DataLoader(items, batch_size=4))
-    # the imprinting pass at fit start (the demo recipes imprint) reads the labels first
-    imprinting = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(imprint=True)},
+    for imprint in (False, True):  # the imprinting pass at fit start (the demo recipes imprint) reads them first
+        module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(imprint=imprint)},
                                  num_classes=5)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.raises(UsageError, match=r"training labels run from 0 to 7, but the classifier has num_classes 5"):
-        trainer.fit(imprinting, torch.utils.data.DataLoader(items, batch_size=4))
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)
+        with pytest.raises(UsageError, match=r"training labels run from 0 to 7, but the classifier has num_classes 5"):
+            trainer.fit(module, torch.utils.data.DataLoader(items, batch_size=4))
 
 
 def test_init_from_another_class_count_with_an_imprinted_classifier(tmp_path: Path) -> None:
