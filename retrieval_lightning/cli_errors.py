@@ -88,11 +88,17 @@ def interpolation_refusal(exc: BaseException) -> UsageError | None:
 def concise_parser_error(message: str, parser: Any) -> str:
     """The line of a jsonargparse error that names the bad option, with "did you mean" when a valid one is close."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    unknown = re.search(r"unrecognized arguments: (--?[\w.\-]+)", message)
+    unknown = re.search(r"unrecognized arguments: (--?[^\s=]+)", message)
     if unknown:
-        name = unknown.group(1).split("=", 1)[0]
+        name = unknown.group(1)
         options = [o for action in parser._actions for o in action.option_strings]
-        close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+        listed = re.match(r"(--?[\w.\-]+)\[", name)
+        if listed and listed.group(1) in options:  # "did you mean --trainer.callbacks?" of --trainer.callbacks[0].x
+            base = listed.group(1)
+            return (f"unknown option {name}: list items are not indexed on the command line ({base}+=<class> "
+                    f"appends one, {base}.<argument>=<value> reaches the last one only): to change another, edit "
+                    "the config")
+        close = difflib.get_close_matches(name, [o for o in options if o != name], n=1, cutoff=0.75)
         return f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else "")
     key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
     rejected = next((re.search(r"[Oo]ption '([^']+)' is not accepted|Key '([^']+)' is not expected", line)

@@ -288,6 +288,11 @@ def test_version_names_the_package_and_the_libraries_behind_the_numbers(capsys: 
 
 @pytest.mark.parametrize(("option", "said"), [
     (["--trainer.max_stepz", "3"], "error: unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
+    # a list item by index (the error said "did you mean --trainer.callbacks?", the option it had given)
+    (["--trainer.callbacks[0].init_args.every_n_train_steps=2"],
+     "error: unknown option --trainer.callbacks[0].init_args.every_n_train_steps: list items are not indexed on the "
+     "command line (--trainer.callbacks+=<class> appends one, --trainer.callbacks.<argument>=<value> reaches the last "
+     "one only): to change another, edit the config"),
     (["--model.optim.lrr", "0.1"], "error: model.optim: unknown option 'lrr'; did you mean 'lr'?"),
     # The datamodule's class is only known from its class_path: its parameters come from the plugin named there.
     (["--data.init_args.eval_batch_sise", "3"],
