@@ -440,6 +440,7 @@ class RetrievalModule(InferenceAPI, UntrainedChecks, EvaluationLoop, pl.Lightnin
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()
             self.warn_if_sparsifier_learns_on_a_random_verifier()
+            self.warn_if_one_class_trains_a_classifier()
         if self.momentum_contrast is not None:
             if not is_resuming(self.trainer):  # the copy starts as the network (after init_from)
                 self.momentum_contrast.reset(self.backbone, self.global_head)

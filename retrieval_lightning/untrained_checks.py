@@ -63,6 +63,16 @@ class UntrainedChecks:
                            f"{', '.join(keys[:2])}, ... never trained or loaded): the sparsifier stage starts from "
                            "the verifier stage's checkpoint (--model.init_from <ckpt>)")
 
+    def warn_if_one_class_trains_a_classifier(self) -> None:
+        """A classifier over one class has a loss of 0 whatever it sees (a softmax over one logit): a run on a
+        training set of one label trained nothing and said nothing. Warned, as a head without a classifier
+        (training-only tensors) may still learn from it."""
+        classifiers = [role for role, head in self.heads.items()
+                       if role not in self.frozen and head.training_only and self.num_classes == 1]
+        if classifiers:
+            rank_zero_warn(f"the training set has one class: the classifier of {classifiers} has a loss of 0 on "
+                           "every batch (a softmax over one logit) and trains nothing; train on two or more labels")
+
     def check_trained_heads_have_losses(self) -> None:
         """Refuse, before the first step, to train a head that has no ``losses`` (a parameter-free verifier)."""
         missing = [f"{type(head).__name__} ({role!r})" for role, head in self.heads.items()

@@ -233,3 +233,21 @@ def test_a_bad_label_on_one_ranks_batch_stops_every_rank_with_one_line(monkeypat
     monkeypatch.undo()
     check_labels(torch.tensor([0, 9]), 10)
     check_labels(torch.tensor([5, 70]), 0)  # no classifier: labels are ids
+
+
+def test_a_one_class_training_set_is_said_to_train_no_classifier() -> None:
+    """A softmax over one class has a loss of 0 on every batch: a run on a one-landmark training set trained
+    nothing (train/loss=0.000 at every step) and exited 0 without a word."""
+    import warnings
+
+    torch.manual_seed(0)
+    one = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=1)
+    with pytest.warns(UserWarning, match=r"one class: the classifier of \['global'\] has a loss of 0"):
+        one.warn_if_one_class_trains_a_classifier()
+    two = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=2)
+    frozen = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace()}, num_classes=1,
+                             freeze=["global"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two.warn_if_one_class_trains_a_classifier()
+        frozen.warn_if_one_class_trains_a_classifier()
