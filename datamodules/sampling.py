@@ -186,10 +186,11 @@ class PositionedDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
 
-    def rewind(self, batches: int) -> None:
-        """Count the last ``batches`` batches as not yet given: an error stopped their step before the optimiser
-        applied it, so the checkpoint written on that error resumes with them (the core calls this)."""
-        self._yielded = max(0, self._yielded - int(batches))
+    def rewind_to(self, batches: int) -> None:
+        """Count only the epoch's first ``batches`` batches as given: an error stopped the step of those after
+        them before the optimiser applied it (in the step, or moving the batch to the device), so the checkpoint
+        written on that error resumes with them (the core calls this)."""
+        self._yielded = min(self._yielded, max(0, int(batches)))
 
 
 class ResumableDataLoader(PositionedDataLoader):

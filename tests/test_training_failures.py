@@ -251,3 +251,23 @@ def test_a_one_class_training_set_is_said_to_train_no_classifier() -> None:
         warnings.simplefilter("error")
         two.warn_if_one_class_trains_a_classifier()
         frozen.warn_if_one_class_trains_a_classifier()
+
+
+def test_an_error_moving_a_batch_to_the_device_rewinds_it_too() -> None:
+    """An out-of-memory moving a batch to the device comes before Lightning counts the batch as ready: rewinding
+    by the ready-but-unprocessed count missed it, and the resumed run skipped that batch."""
+    from types import SimpleNamespace
+
+    from datamodules.sampling import ResumableDataLoader
+    from retrieval_lightning.callbacks.preemption import _rewind_unapplied_batch
+
+    loader = ResumableDataLoader(list(range(10)), batch_size=2)
+    batches = iter(loader)
+    for _ in range(4):  # three trained, the fourth fetched when the transfer failed
+        next(batches)
+    progress = SimpleNamespace(ready=3, started=3, processed=3, completed=3)
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=progress)),
+                               _combined_loader=SimpleNamespace(flattened=[loader, [1, 2]]))
+    assert loader.state_dict()["batches"] == 4
+    _rewind_unapplied_batch(SimpleNamespace(fit_loop=fit_loop))
+    assert loader.state_dict()["batches"] == 3

@@ -220,21 +220,19 @@ class CoordinatedStop(KeyboardInterrupt):
 
 
 def _rewind_unapplied_batch(trainer: pl.Trainer) -> None:
-    """An error inside a step (a head's bug, an out-of-memory) comes after its batch was fetched and before the
-    optimiser applied it: the loaders would be saved one batch on, and the resumed run would never train on that
-    batch. Loaders that can (a ``rewind(batches)`` method, as the shipped datamodules' have) step back."""
+    """An error inside a step (a head's bug, an out-of-memory in the step or moving the batch to the device) comes
+    after its batch was fetched and before the optimiser applied it: the loaders would be saved one batch on, and
+    the resumed run would never train on that batch. Loaders that can (a ``rewind_to(batches)`` method, as the
+    shipped datamodules' have) go back to the epoch's processed batches."""
     fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is None:
-        return
-    progress = fit_loop.epoch_loop.batch_progress.current
-    unapplied = progress.ready - progress.processed
     combined = getattr(fit_loop, "_combined_loader", None)
-    if unapplied <= 0 or combined is None:
+    if fit_loop is None or combined is None:
         return
+    processed = fit_loop.epoch_loop.batch_progress.current.processed
     for loader in combined.flattened:
-        rewind = getattr(loader, "rewind", None)
-        if callable(rewind):
-            rewind(unapplied)
+        rewind_to = getattr(loader, "rewind_to", None)
+        if callable(rewind_to):
+            rewind_to(processed)
 
 
 def _reset_finished_epochs_batch_counter(trainer: pl.Trainer) -> None:
