@@ -436,6 +436,8 @@ class RetrievalModule(InferenceAPI, UntrainedChecks, EvaluationLoop, pl.Lightnin
         self.train(self.training)
         self._quiet_intended_eval_modules()
         self._fitted_here = True
+        if self.trainer.limit_train_batches == 0:  # Lightning then ends fit without a word, exit status 0
+            rank_zero_warn("trainer.limit_train_batches is 0: fit trains nothing")
         if not is_resuming(self.trainer):  # a resumed run restores every tensor from its checkpoint
             self.check_frozen_heads_are_trained()
             self.warn_if_frozen_backbone_is_random()

@@ -271,3 +271,14 @@ def test_an_error_moving_a_batch_to_the_device_rewinds_it_too() -> None:
     assert loader.state_dict()["batches"] == 4
     _rewind_unapplied_batch(SimpleNamespace(fit_loop=fit_loop))
     assert loader.state_dict()["batches"] == 3
+
+
+def test_fit_with_no_training_batches_says_so(tmp_path: Path) -> None:
+    """``limit_train_batches=0``: Lightning ends fit without training and without a word (exit status 0)."""
+    items = [{"image": torch.rand(3, 64, 64), "label": i % 2, "index": i} for i in range(4)]
+    module = RetrievalModule(Backbone("resnet18", stages=("conv5",)), {"global": GemArcFace(imprint=False)},
+                             num_classes=2)
+    trainer = pl.Trainer(max_steps=1, limit_train_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="trainer.limit_train_batches is 0: fit trains nothing"):
+        trainer.fit(module, torch.utils.data.DataLoader(items, batch_size=4))
