@@ -187,9 +187,10 @@ class PositionedDataLoader(DataLoader):
         self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
 
     def rewind_to(self, batches: int) -> None:
-        """Count only the epoch's first ``batches`` batches as given: an error stopped the step of those after
-        them before the optimiser applied it (in the step, or moving the batch to the device), so the checkpoint
-        written on that error resumes with them (the core calls this)."""
+        """Count only the epoch's first ``batches`` batches (those Lightning processed) as given: an error stopped
+        the step of those after them (in the step, or moving the batch to the device), so the checkpoint written
+        on that error resumes with them (the core calls this). Under gradient accumulation the processed
+        micro-batches of an unfinished optimiser step count as given, though no step applied them."""
         self._yielded = min(self._yielded, max(0, int(batches)))
 
 

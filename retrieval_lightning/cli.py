@@ -44,6 +44,7 @@ from retrieval_lightning.cli_errors import (
     innermost,
     interpolation_refusal,
     peer_stopped,
+    this_rank,
     user_error_in,
     worker_message,
 )
@@ -484,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping.start()
         cause = user_error_in(exc)
         if cause is None and peer_stopped(exc) and not show_traceback:
-            rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+            rank = this_rank()
             print(f"error{f' (rank {rank})' if rank else ''}: stopped: another rank of this run failed (its error "
                   "is printed above or below)", file=sys.stderr)
             return 1

@@ -221,10 +221,22 @@ PEER_GONE = ("Connection closed by peer", "remote worker crashing", "Connection 
 
 def peer_stopped(exc: BaseException) -> bool:
     """Whether ``exc`` is this rank's collective failing because another rank of the run stopped (its own error,
-    printed by that rank, is the one to read): this rank's traceback would only bury it."""
-    text = str(exc)
-    return type(exc).__name__ in ("RuntimeError", "DistBackendError", "DistNetworkError") and \
-        any(pattern in text for pattern in PEER_GONE)
+    printed by that rank, is the one to read): this rank's traceback would only bury it. Only under DDP: in one
+    process a "connection reset by peer" is an error of its own (a download)."""
+    import torch.distributed as dist
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized())
+    return distributed and type(exc).__name__ in ("RuntimeError", "DistBackendError", "DistNetworkError") and \
+        any(pattern in str(exc) for pattern in PEER_GONE)
+
+
+def this_rank() -> str | None:
+    """This process's global rank, when it is one of several (for an error line)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_rank())
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
 
 
 def user_error_in(exc: BaseException) -> BaseException | None:

@@ -8,7 +8,7 @@ and ``extract`` refuses non-finite descriptors before they reach a store.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,22 @@ def check_finite_weights(state: Mapping[str, Tensor], what: str) -> None:
             "rate or a gradient clip (--trainer.gradient_clip_val)")
 
 
+def labels_outside(labels: Tensor, num_classes: int) -> tuple[int, int] | None:
+    """(lowest, highest) of ``labels`` when some fall outside 0 .. num_classes - 1 (``num_classes`` > 0), else None."""
+    if num_classes <= 0 or not isinstance(labels, Tensor) or not labels.numel():
+        return None
+    low, high = (int(v) for v in labels.detach().aminmax())
+    return (low, high) if low < 0 or high >= num_classes else None
+
+
+def raise_labels_outside(every_rank: Sequence[tuple[int, int] | None], num_classes: int) -> None:
+    """The one line, the same on every rank, naming the label ranges outside the classifier (rank by rank)."""
+    shown = "; ".join(f"from {got[0]} to {got[1]}" + (f" on rank {rank}" if len(every_rank) > 1 else "")
+                      for rank, got in enumerate(every_rank) if got is not None)
+    raise UsageError(f"training labels run {shown}, but the classifier has num_classes {num_classes}: a datamodule "
+                     "gives labels 0 .. num_classes - 1")
+
+
 def check_labels(labels: Tensor, num_classes: int, synced: bool = False) -> None:
     """Training labels index the classifier: with ``num_classes`` > 0 they must be 0 .. num_classes - 1 (a plugin
     datamodule's own ids, or -1 for "unknown", hit it as an index error deep in a margin, a device-side assert on
@@ -61,18 +77,12 @@ def check_labels(labels: Tensor, num_classes: int, synced: bool = False) -> None
         low, high = labels.aminmax()
         bad = ((low < 0) | (high >= num_classes)).float().reshape(1)
     else:
-        low = high = None
         bad = torch.zeros(1, device=labels.device)
     if synced and dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if not bad.item():
-        return
-    mine = None if low is None or not (int(low) < 0 or int(high) >= num_classes) else (int(low), int(high))
-    every_rank = gather_objects(mine) if synced else [mine]
-    shown = "; ".join(f"from {got[0]} to {got[1]}" + (f" on rank {rank}" if len(every_rank) > 1 else "")
-                      for rank, got in enumerate(every_rank) if got is not None)
-    raise UsageError(f"training labels run {shown}, but the classifier has num_classes {num_classes}: a datamodule "
-                     "gives labels 0 .. num_classes - 1")
+    if bad.item():
+        mine = labels_outside(labels, num_classes)
+        raise_labels_outside(gather_objects(mine) if synced else [mine], num_classes)
 
 
 #: under ``16-mixed`` the loss scaler skips a step whose gradients overflow, and a loss that overflowed once is
@@ -81,10 +91,11 @@ FP16_TOLERATED_STEPS = 50
 
 
 def check_loss(total: Tensor, losses: Mapping[str, Tensor], step: int, synced: bool, precision: str = "32-true",
-               non_finite_before: int = 0) -> int:
+               non_finite_before: int = 0, state_finite: Callable[[], bool] | None = None) -> int:
     """The step's loss is finite, with one device sync (the progress bar reads the loss every step anyway) and
     under DDP one all-reduce, so every rank stops at the same step: a rank's NaN reaches every rank's weights.
-    Returns the count of non-finite steps in a row (``16-mixed`` tolerates :data:`FP16_TOLERATED_STEPS`)."""
+    Returns the count of non-finite steps in a row (``16-mixed`` tolerates :data:`FP16_TOLERATED_STEPS` while
+    ``state_finite()``, e.g. the BatchNorm statistics the overflowing forward updated, holds on every rank)."""
     here = torch.isfinite(total.detach()).all().float().reshape(1)
     finite = here.clone()
     if synced and dist.is_available() and dist.is_initialized():
@@ -93,7 +104,11 @@ def check_loss(total: Tensor, losses: Mapping[str, Tensor], step: int, synced: b
         return 0
     in_a_row = non_finite_before + 1
     if precision == "16-mixed" and in_a_row <= FP16_TOLERATED_STEPS:
-        return in_a_row
+        intact = torch.tensor([float(state_finite() if state_finite is not None else True)], device=here.device)
+        if synced and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(intact, op=dist.ReduceOp.MIN)  # one decision for every rank
+        if intact.item():
+            return in_a_row
     mine = {name: float(value.detach()) for name, value in losses.items()}
     every_rank = gather_objects((bool(here.item()), mine)) if synced else [(False, mine)]
     # one message, the same on every rank (so it is printed once): the losses of the ranks whose loss is not finite

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from retrieval_lightning.divergence import check_labels
+from retrieval_lightning.distributed import gather_objects
+from retrieval_lightning.divergence import labels_outside, raise_labels_outside
 from retrieval_lightning.head import GlobalHead
 from retrieval_lightning.progress import trainer_progress
 
@@ -77,13 +78,21 @@ def imprint_head(module: pl.LightningModule, head: GlobalHead, num_classes: int)
     sums = torch.zeros(num_classes, head.dim, device=module.device)
     counts = torch.zeros(num_classes, device=module.device)
     loader = shard_loader(training_loader(trainer), trainer.global_rank, trainer.world_size)
+    outside: tuple[int, int] | None = None  # labels outside the classifier, named once every rank has its pass done
     for batch in trainer_progress(loader, trainer, f"imprinting the {head.role} head", total=len(loader)):
-        check_labels(batch["label"], num_classes)  # before the device's index_add_ (a device-side assert on a GPU)
+        bad = labels_outside(batch["label"], num_classes)  # before the device's index_add_ (a device-side assert)
+        if bad is not None:
+            outside = bad if outside is None else (min(outside[0], bad[0]), max(outside[1], bad[1]))
+            continue
         images, labels = batch["image"].to(module.device), batch["label"].to(module.device)
         features = module.backbone(images)
         pooled = head.pool({s: f for s, f in features.items() if s in head.stages})
         sums.index_add_(0, labels, F.normalize(pooled.float(), dim=-1))
         counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+    # every rank reaches this reduce (the ranks' shards may differ by a batch): one rank raising alone in its loop
+    # left the others waiting in it
+    if trainer.strategy.reduce(torch.tensor(float(outside is not None), device=module.device), reduce_op="sum"):
+        raise_labels_outside(gather_objects(outside) if trainer.world_size > 1 else [outside], num_classes)
     sums = trainer.strategy.reduce(sums, reduce_op="sum")
     counts = trainer.strategy.reduce(counts, reduce_op="sum")
     head.imprint(sums, counts)

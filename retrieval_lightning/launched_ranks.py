@@ -30,8 +30,15 @@ def remember_launcher(trainer: Any) -> None:
 def stop_launched_ranks(grace_s: float = GRACE_S) -> int:
     """Wait up to ``grace_s`` for the ranks this process launched, then kill those still running; returns how
     many were killed."""
-    live = [proc for launcher in list(_LAUNCHERS) for proc in getattr(launcher, "procs", [])
-            if isinstance(proc, subprocess.Popen) and proc.poll() is None]
+    procs = []
+    for launcher in list(_LAUNCHERS):
+        mine = getattr(launcher, "procs", None)
+        if isinstance(mine, list):
+            procs += mine
+            # Lightning's watcher reads this very list and, seeing a child end with an error, SIGKILLs every
+            # process, this one too (exit 137, its W&B run unfinished): it watches nothing once emptied
+            mine.clear()
+    live = [proc for proc in procs if isinstance(proc, subprocess.Popen) and proc.poll() is None]
     deadline = time.monotonic() + grace_s
     killed = 0
     for proc in live:

@@ -394,7 +394,8 @@ class RetrievalModule(InferenceAPI, UntrainedChecks, EvaluationLoop, pl.Lightnin
         self.log("train/loss", total, prog_bar=True, batch_size=len(labels), sync_dist=sync)
         self._non_finite_steps = check_loss(total, named, int(getattr(self._trainer, "global_step", 0)), sync,
                                             str(getattr(self._trainer, "precision", "32-true")),
-                                            getattr(self, "_non_finite_steps", 0))
+                                            getattr(self, "_non_finite_steps", 0),
+                                            lambda: not non_finite_tensors(dict(self.named_buffers())))
         if not self._batch_checked and self.optim.reference_batch is not None and self._trainer is not None:
             self._batch_checked = True
             mismatch = self.optim.batch_mismatch(len(labels), self.trainer.world_size,

@@ -312,6 +312,8 @@ class _OneEvalSet(pl.LightningDataModule):
         self.inner.setup("predict")
         sets = self.inner.eval_sets("predict")
         loaders = self.inner.predict_dataloader()
+        if not isinstance(loaders, (list, tuple)):  # one DataLoader: its len() counts batches
+            loaders = [loaders]
         if len(loaders) != len(sets):  # each loader is the eval set of its position
             raise UsageError(f"{type(self.inner).__name__} gives {len(loaders)} predict loaders for {len(sets)} eval "
                              f"sets ({[s.name for s in sets]}): one loader per eval set, in order")

@@ -147,7 +147,10 @@ def test_a_rank_stopped_by_another_ranks_failure_prints_one_line(monkeypatch: py
                            "[127.0.0.1]:41727")
 
     monkeypatch.setattr(cli, "_dispatch", peer_gone)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # one process: an error of its own
+        cli.main(["fit"])
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["fit"]) == 1
     assert capsys.readouterr().err == ("error (rank 1): stopped: another rank of this run failed (its error is "
                                        "printed above or below)\n")
@@ -179,6 +182,7 @@ def test_the_ranks_a_failed_process_launched_are_stopped(monkeypatch: pytest.Mon
     monkeypatch.setattr(launched_ranks, "_LAUNCHERS", [launcher])
     start = time.monotonic()
     assert launched_ranks.stop_launched_ranks(grace_s=3.0) == 1
+    assert launcher.procs == []  # Lightning's watcher reads this list: emptied, it kills no one for the exit codes
     assert quick.returncode == 0 and stuck.returncode is not None and stuck.returncode < 0
     assert time.monotonic() - start < 10
     launched_ranks.remember_launcher(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # one process: none

@@ -216,6 +216,9 @@ def test_the_divergence_line_is_the_same_on_every_rank_and_16_mixed_tolerates_sk
         check_loss(nan, {"l": nan}, 9, False, "16-mixed", FP16_TOLERATED_STEPS)
     with pytest.raises(TrainingDivergedError, match=r"\(l = nan\)"):
         check_loss(nan, {"l": nan}, 3, False, "bf16-mixed", 0)
+    # an overflowing forward that left NaN in the BatchNorm statistics is no skipped step: they stay NaN
+    with pytest.raises(TrainingDivergedError, match=r"\(l = nan\)"):
+        check_loss(nan, {"l": nan}, 3, False, "16-mixed", 0, state_finite=lambda: False)
 
 
 def test_a_bad_label_on_one_ranks_batch_stops_every_rank_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
