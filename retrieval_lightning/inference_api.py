@@ -163,14 +163,13 @@ class InferenceAPI:
                         resize_factors: Tensor | Sequence[Sequence[float]] | None) -> list[dict[str, Tensor]]:
         head = self._require_rerank_head()
         entries = _entry_list(self._head_entries(images, resize_factors), head, len(images))
+        producer: Any = head
         if database and self.sparsifier is not None:
-            entries = self.sparsifier.sparsify(entries)
+            producer = self.sparsifier
+            entries = _entry_list(self.sparsifier.sparsify(entries), producer, len(images), "sparsify")
         elif self.sparsifier is not None:  # a query: scored dense
             consumed = self.sparsifier.consumed_kinds(head.entry_kinds())
             entries = [{k: v for k, v in e.items() if k not in consumed} for e in entries]
-        sparse = database and self.sparsifier is not None
-        producer = self.sparsifier if sparse else head
-        entries = _entry_list(entries, producer, len(images), "sparsify" if sparse else "extract_entries")
         check_entries(entries, self.rerank_entry_kinds(database), type(producer).__name__)
         return [{k: v.detach().cpu() for k, v in e.items()} for e in entries]
 

@@ -161,7 +161,9 @@ class RetrievalTrainer(pl.Trainer):
             spec = plan.spec
             self.strategy.barrier()
             set_identity = plan.identity_of_set
-            merged = on_rank_zero(lambda: _merge_set(spec, Path(output_dir) / spec.name, set_identity),
+            # one process checked every batch's descriptors in its step; several leave it to the merged store
+            unchecked = self.world_size > 1
+            merged = on_rank_zero(lambda: _merge_set(spec, Path(output_dir) / spec.name, set_identity, unchecked),
                                   self.is_global_zero, self.strategy.broadcast, f"merging {spec.name}'s shards")
             if merged is not None:
                 stores[spec.name] = merged
@@ -266,11 +268,13 @@ def store_sizes(bytes_per_image: dict[str, float]) -> str:
     return f"total {sum(groups.values()):.0f} B/image: {parts}"
 
 
-def _merge_set(spec: Any, out: Path, identity: dict[str, Any]) -> str:
-    """Rank 0's part of ``extract`` for one eval set: its shards merged into a store, with its item files."""
+def _merge_set(spec: Any, out: Path, identity: dict[str, Any], check_rows: bool = True) -> str:
+    """Rank 0's part of ``extract`` for one eval set: its shards merged into a store, with its item files;
+    ``check_rows``: refuse NaN descriptors there (under DDP the steps do not: a rank raising alone would hang)."""
     store = merge_shards(out, expect_identity=identity, expected_indices=range(len(spec.dataset)), overwrite=True)
-    try:  # NaN rows of a diverged model (under DDP not refused in the step: a rank raising alone would hang)
-        check_finite(spec, as_tensor(store, "global"))
+    try:
+        if check_rows:
+            check_finite(spec, as_tensor(store, "global"))
     except NonFiniteDescriptorError as err:
         shutil.rmtree(store.path, ignore_errors=True)  # no store of them for `search` or `evaluate` to find
         raise NonFiniteDescriptorError(f"extract: {err}; the store was not kept") from None

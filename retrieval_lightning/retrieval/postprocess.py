@@ -139,8 +139,8 @@ def postprocessed_search(
     and no one's neighbour."""
     if excluded is not None:  # a list, or repeats, would miscount the rows left
         excluded = np.unique(np.asarray(excluded, dtype=np.int64))
-    expanded, db = postprocess_descriptors(torch.as_tensor(np.asarray(queries)) if not isinstance(queries, Tensor)
-                                           else queries, as_tensor(database, kind), config, excluded, **search_kwargs)
+    expanded, db = postprocess_descriptors(torch.as_tensor(queries), as_tensor(database, kind), config, excluded,
+                                           **search_kwargs)
     return topk_search(expanded, db, k, excluded=excluded, **search_kwargs)
 
 
